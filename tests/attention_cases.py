@@ -1,0 +1,74 @@
+"""Random paged-attention problems and a float64 oracle, shared by every backend's tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PagedCase:
+    q: torch.Tensor  # [T, Hq, D]
+    k_cache: torch.Tensor  # [N, S, Hkv, D]
+    v_cache: torch.Tensor
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    scale: float
+
+    def to(self, device: str | torch.device) -> PagedCase:
+        return PagedCase(*(getattr(self, f).to(device) for f in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q")), self.scale)
+
+
+def make_case(
+    q_lens: list[int],
+    kv_lens: list[int],
+    num_q_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    block_size: int = 4,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    spare_blocks: int = 3,
+) -> PagedCase:
+    """Sequences with ``kv_lens`` keys each, the last ``q_lens`` of them queried; blocks scattered."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in kv_lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    perm = torch.randperm(num_blocks, generator=g).tolist()  # scattered, non-monotone block ids
+    table = torch.zeros(len(kv_lens), max(blocks_per_seq), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        table[i, :n] = torch.tensor(perm[used : used + n])
+        used += n
+    # Fill the whole cache, unused slots included, with noise: kernels must never read it.
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(sum(q_lens), num_q_heads, head_dim, generator=g).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return PagedCase(q, k_cache, v_cache, table, torch.tensor(kv_lens, dtype=torch.int32), cu, head_dim**-0.5)
+
+
+def naive_attention(case: PagedCase) -> torch.Tensor:
+    """float64 attention over K/V gathered token by token: the oracle."""
+    block_size, num_kv_heads, _ = case.k_cache.shape[1:]
+    group = case.q.shape[1] // num_kv_heads
+    out = torch.zeros(case.q.shape, dtype=torch.float64)
+    cu = case.cu_seqlens_q.tolist()
+    for i, kv_len in enumerate(case.seq_lens.tolist()):
+        q_len = cu[i + 1] - cu[i]
+        slots = [(int(case.block_table[i, p // block_size]), p % block_size) for p in range(kv_len)]
+        k = torch.stack([case.k_cache[b, o] for b, o in slots]).double()  # [L, Hkv, D]
+        v = torch.stack([case.v_cache[b, o] for b, o in slots]).double()
+        for t in range(q_len):
+            visible = kv_len - q_len + t + 1
+            for h in range(case.q.shape[1]):
+                kh = h // group
+                s = (k[:visible, kh] @ case.q[cu[i] + t, h].double()) * case.scale
+                out[cu[i] + t, h] = s.softmax(0) @ v[:visible, kh]
+    return out
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]

@@ -1,0 +1,1 @@
+"""Trellis: prefix-cached (RadixAttention) LLM inference for PyTorch on the hardware you own."""

@@ -1,0 +1,112 @@
+"""A preallocated pool of fixed-size KV blocks shared by every session.
+
+One tensor holds the K and V of every layer: ``kv[num_layers, 2, num_blocks, block_size,
+num_kv_heads, head_dim]``. A block id names the same block in every layer, so a session's
+block list is valid for the whole model. The pool only counts references; who holds them
+(the radix tree, live sessions) is the business of the layers above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OutOfBlocksError(RuntimeError):
+    """The pool cannot satisfy an allocation, even after evicting what may be evicted."""
+
+
+def check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1) or block_size > 256:
+        raise ValueError(f"block_size must be a power of two between 1 and 256, got {block_size!r}")
+
+
+class BlockPool:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        check_block_size(block_size)
+        if not isinstance(num_blocks, int) or num_blocks <= 0:
+            raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # Unused slots are never read (kernels stop at seq_len), so no need to zero the memory.
+        self.kv = torch.empty(
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        self.ref_counts = [0] * num_blocks
+        # Pop from the end: low block ids are handed out first, which keeps tests readable.
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @staticmethod
+    def bytes_per_block(block_size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V caches of one layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    def can_alloc(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        """Take ``n`` free blocks, each with a reference count of one."""
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
+        if n > len(self._free):
+            raise OutOfBlocksError(
+                f"KV pool exhausted: {n} blocks requested, {len(self._free)} free of {self.num_blocks} "
+                f"(block size {self.block_size}); raise num_blocks or the KV memory budget"
+            )
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self.ref_counts[b] = 1
+        return blocks
+
+    def incref(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.ref_counts[b] <= 0:
+                raise RuntimeError(f"incref of free block {b}")
+            self.ref_counts[b] += 1
+
+    def decref(self, blocks: list[int]) -> None:
+        """Drop one reference from each block; a block whose count reaches zero is free again."""
+        for b in blocks:
+            if self.ref_counts[b] <= 0:
+                raise RuntimeError(f"decref of free block {b} (double free)")
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self._free.append(b)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's K/V in every layer (copy-on-write of a shared partial block)."""
+        self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def check_integrity(self) -> None:
+        """free + referenced == total, no negative count, no block both free and referenced."""
+        free = set(self._free)
+        if len(free) != len(self._free):
+            raise AssertionError("a block is on the free list twice")
+        referenced = {b for b, c in enumerate(self.ref_counts) if c > 0}
+        if any(c < 0 for c in self.ref_counts):
+            raise AssertionError("negative reference count")
+        if free & referenced:
+            raise AssertionError(f"blocks both free and referenced: {sorted(free & referenced)[:8]}")
+        if len(free) + len(referenced) != self.num_blocks:
+            raise AssertionError(
+                f"free ({len(free)}) + referenced ({len(referenced)}) != total ({self.num_blocks})"
+            )

@@ -1,0 +1,202 @@
+"""Sessions over the block pool and the radix cache: admit, grow, commit, release.
+
+A session (``Sequence``) holds one pool reference on each of its blocks and a lock on the
+deepest radix node covering its committed prefix. Every method here keeps the accounting
+invariant ``pool ref count == tree refs + session refs`` for every block, and an allocation
+that cannot be satisfied raises ``OutOfBlocksError`` before anything is changed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from trellis.cache.block_pool import BlockPool, OutOfBlocksError
+from trellis.cache.radix import RadixCache, RadixNode
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One session's view of the KV cache."""
+
+    token_ids: list[int]  # every token of the session; the first ``num_cached`` have K/V in the cache
+    block_ids: list[int] = field(default_factory=list)  # block i holds tokens [i*bs, (i+1)*bs)
+    num_cached: int = 0
+    num_prefix_hit: int = 0  # tokens served by the radix cache at admission
+    node: RadixNode | None = None  # locked radix node covering the committed blocks
+    num_committed_blocks: int = 0
+    released: bool = False
+
+    @property
+    def num_new(self) -> int:
+        """Tokens whose K/V the next forward must compute."""
+        return len(self.token_ids) - self.num_cached
+
+
+class KVCacheManager:
+    """The paged KV cache with prefix sharing: what ``model.prefix_cache`` is.
+
+    Thread-safe: one re-entrant lock serialises every change. Sessions abandoned by a garbage
+    collected handle are queued by ``release_later`` and released at the next call.
+    """
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.radix = RadixCache(pool)
+        self.block_size = pool.block_size
+        self.lock = threading.RLock()
+        self.live: set[Sequence] = set()
+        self._pending: deque[Sequence] = deque()
+
+    # --- session lifecycle ---------------------------------------------------------------
+
+    def admit(self, tokens: Seq[int], max_reuse: int | None = None) -> Sequence:
+        """Start a session over ``tokens``, taking the longest cached prefix (at most
+        ``max_reuse`` tokens, and never all of them) and blocks for the rest."""
+        with self.lock:
+            self._drain()
+            if len(tokens) == 0:
+                raise ValueError("cannot start a session with an empty prompt")
+            limit = len(tokens) - 1 if max_reuse is None else min(max_reuse, len(tokens) - 1)
+            match = self.radix.match(tokens, max_tokens=limit)
+            self.pool.incref(match.blocks)
+            self.radix.lock(match.node)
+            seq = Sequence(list(tokens), list(match.blocks), node=match.node)
+            seq.num_cached = seq.num_prefix_hit = len(match.blocks) * self.block_size
+            seq.num_committed_blocks = len(match.blocks)
+            self.live.add(seq)
+            try:
+                self.reserve(seq)
+            except OutOfBlocksError:
+                self.release(seq, commit=False)
+                raise
+            self.radix.record_lookup(len(tokens), seq.num_prefix_hit)
+            return seq
+
+    def append(self, seq: Sequence, tokens: Seq[int]) -> None:
+        """Add tokens to a session and make room for their K/V."""
+        with self.lock:
+            if seq.released:
+                raise RuntimeError("session already released")
+            before = len(seq.token_ids)
+            seq.token_ids.extend(tokens)
+            try:
+                self.reserve(seq)
+            except OutOfBlocksError:
+                del seq.token_ids[before:]
+                raise
+
+    def reserve(self, seq: Sequence, extra_tokens: int = 0) -> None:
+        """Ensure ``seq`` has blocks for all its tokens plus ``extra_tokens``."""
+        with self.lock:
+            needed = -(-(len(seq.token_ids) + extra_tokens) // self.block_size) - len(seq.block_ids)
+            if needed > 0:
+                seq.block_ids.extend(self.allocate(needed))
+
+    def mark_computed(self, seq: Sequence) -> None:
+        """Record that the forward wrote K/V for all of ``seq``'s tokens, and share its full blocks."""
+        with self.lock:
+            seq.num_cached = len(seq.token_ids)
+            self.commit(seq)
+
+    def commit(self, seq: Sequence) -> None:
+        """Insert the session's full, computed blocks into the radix tree so later prompts hit them."""
+        with self.lock:
+            full = seq.num_cached // self.block_size
+            if full <= seq.num_committed_blocks:
+                return
+            node = self.radix.insert(seq.token_ids[: full * self.block_size], seq.block_ids[:full])
+            self.radix.lock(node)
+            self.radix.unlock(seq.node)
+            seq.node, seq.num_committed_blocks = node, full
+
+    def release(self, seq: Sequence, commit: bool = True) -> None:
+        """End a session: share its full blocks (unless ``commit`` is False) and drop its references."""
+        with self.lock:
+            if seq.released:
+                return
+            if commit:
+                self.commit(seq)
+            self.radix.unlock(seq.node)
+            self.pool.decref(seq.block_ids)
+            seq.released = True
+            self.live.discard(seq)
+
+    def release_later(self, seqs: Seq[Sequence]) -> None:
+        """Queue sessions for release; safe from a finalizer or another thread."""
+        self._pending.extend(seqs)
+
+    def fork(self, seq: Sequence) -> Sequence:
+        """A copy of ``seq`` that shares its full blocks and owns a copy of its partial tail block."""
+        with self.lock:
+            self._drain()
+            full = seq.num_cached // self.block_size
+            tail = seq.block_ids[full:]
+            new_tail = self.allocate(len(tail))
+            for src, dst in zip(tail, new_tail):
+                self.pool.copy_block(src, dst)
+            self.pool.incref(seq.block_ids[:full])
+            self.radix.lock(seq.node)
+            child = Sequence(
+                list(seq.token_ids),
+                seq.block_ids[:full] + new_tail,
+                num_cached=seq.num_cached,
+                num_prefix_hit=seq.num_prefix_hit,
+                node=seq.node,
+                num_committed_blocks=seq.num_committed_blocks,
+            )
+            self.live.add(child)
+            return child
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` blocks, evicting unlocked cached prefixes if the pool is short.
+
+        Checks first that eviction can cover the shortfall, so a failed request evicts nothing.
+        """
+        with self.lock:
+            short = n - self.pool.num_free
+            if short > 0:
+                evictable = self.radix.evictable_blocks()
+                if evictable < short:
+                    raise OutOfBlocksError(
+                        f"KV cache full: {n} blocks of {self.block_size} tokens needed, {self.pool.num_free} free "
+                        f"and {evictable} evictable of {self.pool.num_blocks} "
+                        f"({len(self.live)} live sessions hold the rest); "
+                        "use a larger num_blocks / kv_cache_memory or a shorter prompt"
+                    )
+                self.radix.evict(short)
+            return self.pool.alloc(n)
+
+    def _drain(self) -> None:
+        while self._pending:
+            self.release(self._pending.popleft())
+
+    # --- whole-cache operations ----------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every cached prefix (live sessions keep working)."""
+        with self.lock:
+            self._drain()
+            self.radix.reset()
+            for seq in self.live:
+                seq.node, seq.num_committed_blocks = self.radix.root, 0
+                self.radix.lock(seq.node)
+
+    def stats(self) -> dict[str, float | int]:
+        with self.lock:
+            self._drain()
+            return {**self.radix.stats(), "live_sessions": len(self.live)}
+
+    def check_integrity(self) -> None:
+        """Every block's count equals its tree refs plus its session refs; see RadixCache.check_integrity."""
+        with self.lock:
+            self.radix.check_integrity()
+            expected = self.radix.tree_block_refs()
+            for seq in self.live:
+                for b in seq.block_ids:
+                    expected[b] = expected.get(b, 0) + 1
+            for b, count in enumerate(self.pool.ref_counts):
+                if count != expected.get(b, 0):
+                    raise AssertionError(f"block {b}: ref count {count}, expected {expected.get(b, 0)}")

@@ -1,0 +1,228 @@
+"""A radix tree over token ids whose edges hold whole KV blocks (RadixAttention).
+
+Every edge carries a whole number of blocks, so only full blocks are ever shared; a
+prompt's partial tail block always belongs to its session. The tree holds one reference on
+each of its blocks. Sessions lock the path to their deepest node; eviction only takes
+blocks from unlocked leaves, least recently used first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from trellis.cache.block_pool import BlockPool
+
+
+class RadixNode:
+    __slots__ = ("parent", "tokens", "blocks", "children", "lock_count", "last_access")
+
+    def __init__(self, parent: RadixNode | None, tokens: tuple[int, ...], blocks: list[int]) -> None:
+        self.parent = parent
+        self.tokens = tokens  # the edge's tokens, len(blocks) * block_size of them
+        self.blocks = blocks
+        self.children: dict[tuple[int, ...], RadixNode] = {}  # keyed by the child's first block of tokens
+        self.lock_count = 0
+        self.last_access = 0
+
+
+@dataclass
+class PrefixMatch:
+    blocks: list[int]  # the cached blocks of the prefix, in order
+    node: RadixNode  # the deepest node; its path from the root is exactly the matched prefix
+
+    def num_tokens(self, block_size: int) -> int:
+        return len(self.blocks) * block_size
+
+
+class RadixCache:
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self._clock = itertools.count(1)
+        self.root = RadixNode(None, (), [])
+        self.root.lock_count = 1  # the root is never evicted
+        self.lookup_tokens = 0
+        self.hit_tokens = 0
+        self.evicted_blocks = 0
+
+    # --- lookup and insertion -------------------------------------------------------------
+
+    def match(self, tokens: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
+        """Longest cached prefix of ``tokens`` in whole blocks, at most ``max_tokens`` long.
+
+        By default at most ``len(tokens) - 1`` tokens, so a caller always has one token left to
+        compute logits from. Takes no references: lock the node and incref the blocks to keep them.
+        """
+        limit = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens))
+        node, blocks = self._walk(tokens, max(limit, 0) // self.block_size)
+        return PrefixMatch(blocks, node)
+
+    def record_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """Count one admitted lookup in the hit-rate statistics."""
+        self.lookup_tokens += num_tokens
+        self.hit_tokens += num_hit
+
+    def insert(self, tokens: Sequence[int], blocks: list[int]) -> RadixNode:
+        """Cache ``blocks`` as the K/V of ``tokens`` (whole blocks only); returns the deepest node.
+
+        Where the tree already holds a prefix, it keeps its own blocks and the caller keeps
+        ownership of its duplicates. The tree takes one reference on each block it adopts.
+        """
+        if len(tokens) != len(blocks) * self.block_size:
+            raise ValueError(
+                f"insert needs whole blocks: {len(tokens)} tokens for {len(blocks)} blocks of {self.block_size}"
+            )
+        node, matched = self._walk(tokens, len(blocks))
+        n = len(matched)
+        if n < len(blocks):
+            new_blocks = list(blocks[n:])
+            child = RadixNode(node, tuple(tokens[n * self.block_size :]), new_blocks)
+            child.last_access = next(self._clock)
+            node.children[self._key(child.tokens)] = child
+            self.pool.incref(new_blocks)
+            node = child
+        return node
+
+    def _key(self, tokens: Sequence[int], start: int = 0) -> tuple[int, ...]:
+        return tuple(tokens[start : start + self.block_size])
+
+    def _walk(self, tokens: Sequence[int], max_blocks: int) -> tuple[RadixNode, list[int]]:
+        """Follow ``tokens`` down the tree for at most ``max_blocks`` blocks, splitting an edge
+        where the match ends inside it, so that the returned node ends exactly there."""
+        bs = self.block_size
+        node, blocks, done = self.root, [], 0
+        now = next(self._clock)
+        while done < max_blocks:
+            child = node.children.get(self._key(tokens, done * bs))
+            if child is None:
+                break
+            n = 1  # the key matched the first block
+            while n < len(child.blocks) and done + n < max_blocks:
+                lo = (done + n) * bs
+                if tuple(tokens[lo : lo + bs]) != child.tokens[n * bs : (n + 1) * bs]:
+                    break
+                n += 1
+            if n < len(child.blocks):
+                child = self._split(child, n)
+            child.last_access = now
+            blocks.extend(child.blocks[:n])
+            done += n
+            node = child
+            if n < len(child.blocks):
+                break
+        return node, blocks
+
+    def _split(self, node: RadixNode, n_blocks: int) -> RadixNode:
+        """Cut ``node``'s edge after ``n_blocks`` blocks; returns the new upper node."""
+        bs = self.block_size
+        upper = RadixNode(node.parent, node.tokens[: n_blocks * bs], node.blocks[:n_blocks])
+        upper.lock_count = node.lock_count
+        upper.last_access = node.last_access
+        node.parent.children[self._key(upper.tokens)] = upper
+        node.tokens = node.tokens[n_blocks * bs :]
+        node.blocks = node.blocks[n_blocks:]
+        node.parent = upper
+        upper.children[self._key(node.tokens)] = node
+        return upper
+
+    # --- locking and eviction ------------------------------------------------------------
+
+    def lock(self, node: RadixNode) -> None:
+        """Pin ``node`` and its ancestors against eviction (one count per live session)."""
+        while node is not None:
+            node.lock_count += 1
+            node = node.parent
+
+    def unlock(self, node: RadixNode) -> None:
+        while node is not None:
+            if node.lock_count <= 0:
+                raise RuntimeError("unlock of a radix node that is not locked")
+            node.lock_count -= 1
+            node = node.parent
+
+    def evictable_blocks(self) -> int:
+        """Blocks that eviction could return to the pool right now."""
+        return sum(
+            1 for node in self._nodes() if node.lock_count == 0 for b in node.blocks if self.pool.ref_counts[b] == 1
+        )
+
+    def evict(self, num_blocks: int) -> int:
+        """Free at least ``num_blocks`` blocks from unlocked leaves, least recently used first,
+        block by block from the end of each leaf. Returns how many blocks were freed."""
+        heap = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and n.lock_count == 0]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_blocks and heap:
+            _, _, leaf = heapq.heappop(heap)
+            key = self._key(leaf.tokens)
+            while leaf.blocks and freed < num_blocks:
+                block = leaf.blocks.pop()
+                leaf.tokens = leaf.tokens[: -self.block_size]
+                freed += self.pool.ref_counts[block] == 1
+                self.pool.decref([block])
+                self.evicted_blocks += 1
+            if not leaf.blocks:
+                parent = leaf.parent
+                del parent.children[key]
+                if parent is not self.root and not parent.children and parent.lock_count == 0:
+                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return freed
+
+    def reset(self) -> None:
+        """Drop every cached prefix. Live sessions keep their own references and stay valid."""
+        for node in self._nodes():
+            self.pool.decref(node.blocks)
+        self.root = RadixNode(None, (), [])
+        self.root.lock_count = 1
+
+    # --- introspection -------------------------------------------------------------------
+
+    def _nodes(self):
+        """Every node except the root."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def stats(self) -> dict[str, float | int]:
+        nodes = list(self._nodes())
+        return {
+            "lookup_tokens": self.lookup_tokens,
+            "hit_tokens": self.hit_tokens,
+            "hit_rate": self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0,
+            "cached_blocks": sum(len(n.blocks) for n in nodes),
+            "free_blocks": self.pool.num_free,
+            "total_blocks": self.pool.num_blocks,
+            "evicted_blocks": self.evicted_blocks,
+            "nodes": len(nodes),
+            "leaves": sum(1 for n in nodes if not n.children),
+            "block_size": self.block_size,
+        }
+
+    def tree_block_refs(self) -> dict[int, int]:
+        refs: dict[int, int] = {}
+        for node in self._nodes():
+            for b in node.blocks:
+                refs[b] = refs.get(b, 0) + 1
+        return refs
+
+    def check_integrity(self) -> None:
+        """Tree shape and reference accounting; raises AssertionError on the first violation."""
+        self.pool.check_integrity()
+        bs = self.block_size
+        for node in self._nodes():
+            if not node.blocks or len(node.tokens) != len(node.blocks) * bs:
+                raise AssertionError(f"edge of {len(node.tokens)} tokens holds {len(node.blocks)} blocks")
+            if node.parent.children.get(self._key(node.tokens)) is not node:
+                raise AssertionError("child not reachable under its own key")
+            if node.lock_count < 0 or node.lock_count > node.parent.lock_count:
+                raise AssertionError("lock count not monotone along the path")
+        for block, count in self.tree_block_refs().items():
+            if count != 1:
+                raise AssertionError(f"block {block} appears {count} times in the tree")
+            if self.pool.ref_counts[block] < 1:
+                raise AssertionError(f"tree block {block} has no reference")

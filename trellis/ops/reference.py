@@ -1,0 +1,56 @@
+"""The pure-PyTorch paged attention: the specification, the test oracle and the MPS path.
+
+Shapes (T packed query tokens, B sequences, N blocks of S tokens):
+  q, out            [T, Hq, D]
+  k_cache, v_cache  [N, S, Hkv, D]
+  block_table       [B, max_blocks] int32   block ids of each sequence, in order
+  seq_lens          [B] int32               K/V length of each sequence after this step
+  cu_seqlens_q      [B+1] int32             query tokens of sequence i are q[cu[i]:cu[i+1]]
+  slot_mapping      [T] int64               where token t's K/V go: block * S + offset
+
+Masking is bottom-right causal: query i of a sequence with q_len new tokens and kv_len keys
+sees keys 0 .. kv_len - q_len + i. Scores and softmax are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    group = q.shape[1] // num_kv_heads
+    cu = cu_seqlens_q.tolist()
+    for i, kv_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = cu[i], cu[i + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        blocks = block_table[i, : -(-kv_len // block_size)].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len].float()  # [L, Hkv, D]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len].float()  # [L, Hkv, D]
+        qi = q[q_start:q_end].float().view(q_len, num_kv_heads, group, head_dim)  # [Q, Hkv, G, D]
+        scores = torch.einsum("qhgd,khd->hgqk", qi, k) * scale  # [Hkv, G, Q, L]
+        query_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        key_pos = torch.arange(kv_len, device=q.device)
+        scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        o = torch.einsum("hgqk,khd->qhgd", probs, v)  # [Q, Hkv, G, D]
+        out[q_start:q_end] = o.reshape(q_len, -1, head_dim).to(out.dtype)
