@@ -1,0 +1,84 @@
+"""Bad arguments raise a clear exception and leave the cache and the model working."""
+
+import pytest
+import torch
+
+from tests.models import tiny_config, tiny_pair
+from trellis.cache.block_pool import OutOfBlocksError
+from trellis.models.llama import TrellisLlama
+
+
+def warm(model, ref):
+    ids = torch.arange(3, 23)[None]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=4, do_sample=False))
+    return ids
+
+
+def still_works(model, ref, ids, before):
+    after = model.prefix_cache.stats()
+    assert after["cached_blocks"] == before["cached_blocks"] and after["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
+                       ref.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("block_size", [0, -1, 3, 100, 512])
+def test_block_size_must_be_a_power_of_two(block_size):
+    with pytest.raises(ValueError, match="block_size must be a power of two between 1 and 256"):
+        TrellisLlama(tiny_config(), block_size=block_size)
+    _, model = tiny_pair()
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        model.configure_cache(block_size=block_size)
+
+
+@pytest.mark.parametrize("bad", [dict(num_blocks=0), dict(num_blocks=-3), dict(kv_cache_memory=0),
+                                 dict(backend="fpga")])
+def test_bad_cache_settings(bad):
+    _, model = tiny_pair()
+    with pytest.raises(ValueError):
+        model.configure_cache(**bad)
+
+
+def test_empty_prompt():
+    ref, model = tiny_pair()
+    ids = warm(model, ref)
+    before = model.prefix_cache.stats()
+    with pytest.raises(ValueError, match="no tokens"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="row 1 of the batch has no tokens"):
+        model(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    still_works(model, ref, ids, before)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 256, 10_000])
+def test_token_ids_outside_the_vocabulary(bad_id):
+    ref, model = tiny_pair()
+    ids = warm(model, ref)
+    before = model.prefix_cache.stats()
+    bad = torch.tensor([[5, 6, bad_id, 7]])
+    with pytest.raises(ValueError, match=f"token id {bad_id} is outside the vocabulary"):
+        model(bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate(bad, max_new_tokens=2)
+    still_works(model, ref, ids, before)
+
+
+def test_prompt_that_cannot_fit_in_the_pool():
+    ref, model = tiny_pair(num_blocks=12)  # 48 tokens of KV
+    ids = warm(model, ref)
+    before = model.prefix_cache.stats()
+    with pytest.raises(OutOfBlocksError, match="KV cache full"):
+        model(torch.arange(3, 103)[None])
+    with pytest.raises(OutOfBlocksError, match="KV cache full"):
+        model.generate(torch.arange(3, 103)[None], max_new_tokens=2)
+    still_works(model, ref, ids, before)
+
+
+def test_foreign_past_key_values_and_inputs_embeds_are_refused():
+    ref, model = tiny_pair()
+    ids = torch.arange(3, 10)[None]
+    with pytest.raises(TypeError, match="PagedKVCache"):
+        model(ids, past_key_values=ref(ids).past_key_values)
+    with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
+        model(inputs_embeds=torch.zeros(1, 3, 64))

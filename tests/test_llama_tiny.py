@@ -1,0 +1,178 @@
+"""TrellisLlama against plain transformers (sdpa) on tiny random-init Llama configs."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from tests.models import tiny_config, tiny_pair
+from trellis.models.llama import TrellisLlama
+from trellis.models.paged_cache import PagedKVCache
+
+ATOL = 1e-4
+
+
+def prompt(seed: int, n: int, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_is_a_llama_for_causal_lm():
+    _, model = tiny_pair()
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config._attn_implementation == "trellis"
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 17, 64])
+def test_full_logits_match(length):
+    ref, model = tiny_pair()
+    ids = prompt(length, length)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+    model.prefix_cache.check_integrity()
+
+
+def test_logits_with_a_cache_hit_match_and_skip_the_prefix():
+    ref, model = tiny_pair()
+    system = prompt(0, 21)
+    ids = torch.cat([system, prompt(1, 6)], dim=1)
+    with torch.no_grad():
+        model(system, use_cache=False)
+        hits = model.prefix_cache.stats()["hit_tokens"]
+        out = model(ids, logits_to_keep=3)
+        assert model.prefix_cache.stats()["hit_tokens"] - hits == 20  # 5 full blocks of 4
+        torch.testing.assert_close(out.logits, ref(ids).logits[:, -3:], atol=ATOL, rtol=0)
+    model.prefix_cache.check_integrity()
+
+
+def test_greedy_generate_matches_cold_and_warm():
+    ref, model = tiny_pair()
+    system = prompt(0, 30)
+    expected = {}
+    for q in range(3):
+        ids = torch.cat([system, prompt(10 + q, 5)], dim=1)
+        expected[q] = ref.generate(ids, max_new_tokens=12, do_sample=False)
+    for q in range(3):  # the first call is cold, the next ones hit the shared system prompt
+        ids = torch.cat([system, prompt(10 + q, 5)], dim=1)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected[q])
+    stats = model.prefix_cache.stats()
+    assert stats["hit_tokens"] >= 2 * 28 and stats["live_sessions"] == 0
+    # A repeat of the whole first turn hits its answer too.
+    ids = torch.cat([system, prompt(10, 5)], dim=1)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected[0])
+    model.prefix_cache.check_integrity()
+
+
+def test_left_padded_batch_matches_each_prompt_alone():
+    ref, model = tiny_pair()
+    prompts = [prompt(20, 9)[0], prompt(21, 14)[0], prompt(22, 5)[0]]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref_out = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref_out)
+    for i, p in enumerate(prompts):
+        alone = ref.generate(p[None], max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(out[i, width:], alone[0, len(p):])
+    model.prefix_cache.check_integrity()
+
+
+def test_padded_forward_logits_match_on_real_positions():
+    ref, model = tiny_pair()
+    ids = torch.cat([prompt(30, 10), prompt(31, 10)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    ids[1, :4] = 0
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        want_0 = ref(ids[:1]).logits
+        want_1 = ref(ids[1:, 4:]).logits
+    torch.testing.assert_close(got[0], want_0[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1, 4:], want_1[0], atol=ATOL, rtol=0)
+    assert torch.all(got[1, :4] == 0)
+
+
+def test_manual_decoding_loop_through_past_key_values():
+    ref, model = tiny_pair()
+    ids = prompt(40, 11)
+    with torch.no_grad():
+        out = model(ids)
+        ref_out = ref(ids)
+        assert isinstance(out.past_key_values, PagedKVCache)
+        for _ in range(6):
+            nxt = out.logits[:, -1:].argmax(-1)
+            torch.testing.assert_close(out.logits[:, -1], ref_out.logits[:, -1], atol=ATOL, rtol=0)
+            out = model(nxt, past_key_values=out.past_key_values)
+            ref_out = ref(nxt, past_key_values=ref_out.past_key_values)
+    assert model.prefix_cache.stats()["live_sessions"] == 1
+    del out
+    assert model.prefix_cache.stats()["live_sessions"] == 0  # released when the handle is dropped
+    model.prefix_cache.check_integrity()
+
+
+def test_beam_search_matches():
+    ref, model = tiny_pair()
+    ids = prompt(50, 13)
+    want = ref.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False), want)
+    model.prefix_cache.check_integrity()
+
+
+def test_sampling_with_a_seed_matches():
+    ref, model = tiny_pair()
+    ids = prompt(60, 9)
+    torch.manual_seed(7)
+    want = ref.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, temperature=0.8)
+    torch.manual_seed(7)
+    assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, temperature=0.8), want)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 8, 32, 256])
+def test_block_sizes(block_size):
+    ref, model = tiny_pair(block_size=block_size)
+    ids = prompt(70, 40)
+    want = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    for _ in range(2):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+    model.prefix_cache.check_integrity()
+
+
+def test_dtype_and_device_change_rebuild_the_cache():
+    _, model = tiny_pair()
+    ids = prompt(80, 12)
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    old = model.prefix_cache
+    model.to(torch.bfloat16)
+    assert model.prefix_cache is not old and model.prefix_cache.pool.kv.dtype == torch.bfloat16
+    assert model.prefix_cache.stats()["cached_blocks"] == 0
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+
+
+def test_load_state_dict_drops_stale_prefixes():
+    ref, model = tiny_pair()
+    ids = prompt(90, 12)
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert model.prefix_cache.stats()["cached_blocks"] > 0
+    model.load_state_dict(ref.state_dict())
+    assert model.prefix_cache.stats()["cached_blocks"] == 0
+
+
+def test_other_attn_implementation_behaves_as_plain_llama():
+    ref, _ = tiny_pair()
+    plain = TrellisLlama._from_config(tiny_config(), attn_implementation="sdpa").eval()
+    plain.load_state_dict(ref.state_dict())
+    ids = prompt(100, 10)
+    assert torch.equal(plain.generate(ids, max_new_tokens=5, do_sample=False),
+                       ref.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+def test_save_and_reload(tmp_path):
+    ref, model = tiny_pair()
+    model.save_pretrained(tmp_path)
+    again = TrellisLlama.from_pretrained(tmp_path, device="cpu", block_size=8)
+    assert again.config._attn_implementation == "trellis" and again.prefix_cache.block_size == 8
+    ids = prompt(110, 10)
+    assert torch.equal(again.generate(ids, max_new_tokens=5, do_sample=False),
+                       ref.generate(ids, max_new_tokens=5, do_sample=False))

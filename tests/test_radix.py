@@ -1,0 +1,228 @@
+"""The radix cache and the session manager: unit tests and property tests (hypothesis).
+
+Every test ends with ``check_integrity()``: free + referenced == total, each block's count is
+its tree references plus its session references, no block twice in the tree.
+"""
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from trellis.cache.block_pool import BlockPool, OutOfBlocksError
+from trellis.cache.manager import KVCacheManager
+
+BS = 4
+
+
+def make_manager(num_blocks=32, block_size=BS):
+    return KVCacheManager(BlockPool(num_blocks, block_size, num_layers=1, num_kv_heads=1, head_dim=4))
+
+
+def run_session(manager, tokens):
+    seq = manager.admit(tokens)
+    manager.mark_computed(seq)
+    manager.release(seq)
+    return seq
+
+
+def test_shared_prefix_is_taken_by_refcount():
+    m = make_manager()
+    system = list(range(100, 112))  # 3 blocks
+    first = run_session(m, system + [1, 2, 3])
+    second = m.admit(system + [7, 8])
+    assert second.num_prefix_hit == 12
+    assert second.block_ids[:3] == first.block_ids[:3]
+    assert all(m.pool.ref_counts[b] == 2 for b in second.block_ids[:3])  # tree + session
+    m.check_integrity()
+    m.release(second)
+    s = m.stats()
+    assert s["lookup_tokens"] == 15 + 14 and s["hit_tokens"] == 12
+    assert s["hit_rate"] == pytest.approx(12 / 29)
+    m.check_integrity()
+
+
+def test_match_never_covers_the_whole_prompt_and_only_full_blocks():
+    m = make_manager()
+    tokens = list(range(16))  # exactly 4 blocks
+    run_session(m, tokens)
+    assert m.radix.stats()["cached_blocks"] == 4
+    again = m.admit(tokens)
+    assert again.num_prefix_hit == 12  # one token must be left to compute
+    assert again.num_new == 4
+    partial = m.admit(tokens[:10])
+    assert partial.num_prefix_hit == 8
+    m.release(again)
+    m.release(partial)
+    m.check_integrity()
+
+
+def test_divergence_inside_an_edge_splits_it_at_a_block_boundary():
+    m = make_manager()
+    run_session(m, list(range(20)))  # one edge of 5 blocks (16 tokens cached + partial)
+    b = list(range(10)) + [99] * 10  # diverges inside block 2
+    seq = m.admit(b)
+    assert seq.num_prefix_hit == 8
+    m.mark_computed(seq)
+    m.release(seq)
+    s = m.stats()
+    assert s["nodes"] == 3 and s["leaves"] == 2
+    m.check_integrity()
+
+
+def test_lru_eviction_spares_locked_and_recent_prefixes():
+    m = make_manager(num_blocks=12)
+    old = list(range(0, 8))
+    recent = list(range(50, 58))
+    run_session(m, old + [1])  # caches 2 blocks
+    run_session(m, recent + [1])  # caches 2 blocks
+    live = m.admit(recent + [2])  # locks `recent`
+    assert m.pool.num_free == 12 - 4 - 1
+    big = m.admit(list(range(200, 236)))  # 9 blocks, 7 free: must evict `old` only
+    assert m.stats()["evicted_blocks"] == 2
+    assert m.radix.match(old + [1]).blocks == []
+    m.release(big)
+    again = m.admit(recent + [3])  # the pool is full: evicts part of `big`, the least recent
+    assert again.num_prefix_hit == 8
+    m.release(again)
+    m.release(live)
+    m.check_integrity()
+
+
+def test_request_that_cannot_fit_fails_cleanly_without_evicting():
+    m = make_manager(num_blocks=6)
+    run_session(m, list(range(8)) + [0])
+    before = m.stats()
+    with pytest.raises(OutOfBlocksError, match="KV cache full"):
+        m.admit(list(range(300, 330)))
+    assert m.stats()["cached_blocks"] == before["cached_blocks"]
+    assert m.stats()["live_sessions"] == 0
+    assert m.admit(list(range(8)) + [5]).num_prefix_hit == 8
+    m.check_integrity()
+
+
+def test_release_later_is_drained_at_next_call():
+    m = make_manager()
+    seq = m.admit(list(range(9)))
+    m.mark_computed(seq)
+    m.release_later([seq])
+    assert m.stats()["live_sessions"] == 0
+    assert seq.released
+    m.check_integrity()
+
+
+def test_fork_shares_full_blocks_and_copies_the_tail():
+    m = make_manager()
+    seq = m.admit(list(range(10)))
+    m.mark_computed(seq)
+    child = m.fork(seq)
+    assert child.block_ids[:2] == seq.block_ids[:2]
+    assert child.block_ids[2] != seq.block_ids[2]
+    m.check_integrity()
+    m.release(seq)
+    m.release(child)
+    m.check_integrity()
+
+
+def test_reset_keeps_live_sessions_valid():
+    m = make_manager()
+    run_session(m, list(range(9)))
+    live = m.admit(list(range(9)))
+    m.reset()
+    assert m.stats()["cached_blocks"] == 0
+    m.check_integrity()
+    m.append(live, [1, 2, 3, 4, 5])
+    m.mark_computed(live)
+    m.release(live)
+    assert m.stats()["cached_blocks"] == 3
+    m.check_integrity()
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Random admit / grow / finish / abort / evict / reset against a simple model.
+
+    The model records, for each block id, which token prefix its K/V were computed for; every
+    prefix hit must return blocks whose recorded prefix is exactly the prompt's. With a pool too
+    big to evict, hits must also be as long as the longest committed prefix.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.m = None
+
+    @rule(num_blocks=st.sampled_from([6, 12, 400]))
+    @precondition(lambda self: self.m is None)
+    def create(self, num_blocks):
+        self.m = make_manager(num_blocks=num_blocks)
+        self.evicting = num_blocks < 400
+        self.content = {}  # block id -> token prefix its K/V belong to
+        self.committed = set()  # token prefixes (whole blocks) inserted into the tree
+        self.live = []
+
+    def record(self, seq):
+        for i in range(len(seq.token_ids) // BS):
+            self.content[seq.block_ids[i]] = tuple(seq.token_ids[: (i + 1) * BS])
+
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=24))
+    @precondition(lambda self: self.m is not None)
+    def admit(self, tokens):
+        try:
+            seq = self.m.admit(tokens)
+        except OutOfBlocksError:
+            return
+        hit = seq.num_prefix_hit
+        for i in range(hit // BS):
+            assert self.content[seq.block_ids[i]] == tuple(tokens[: (i + 1) * BS])
+        if not self.evicting:
+            expect = max((len(p) for p in self.committed if len(p) <= len(tokens) - 1 and tuple(tokens[: len(p)]) == p), default=0)
+            assert hit == expect
+        self.m.mark_computed(seq)
+        self.record(seq)
+        self.commit_model(seq)
+        self.live.append(seq)
+
+    def commit_model(self, seq):
+        for i in range(1, len(seq.token_ids) // BS + 1):
+            self.committed.add(tuple(seq.token_ids[: i * BS]))
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.m is not None and self.live)
+    def grow(self, data):
+        seq = data.draw(st.sampled_from(self.live))
+        tokens = data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=6))
+        try:
+            self.m.append(seq, tokens)
+        except OutOfBlocksError:
+            return
+        self.m.mark_computed(seq)
+        self.record(seq)
+        self.commit_model(seq)
+
+    @rule(data=st.data(), commit=st.booleans())
+    @precondition(lambda self: self.m is not None and self.live)
+    def finish(self, data, commit):
+        seq = data.draw(st.sampled_from(self.live))
+        self.live.remove(seq)
+        self.m.release(seq, commit=commit)
+
+    @rule(n=st.integers(1, 8))
+    @precondition(lambda self: self.m is not None)
+    def evict(self, n):
+        self.m.radix.evict(n)
+        if not self.evicting:
+            self.committed = {p for p in self.committed if self.m.radix.match(list(p) + [0]).num_tokens(BS) == len(p)}
+
+    @rule()
+    @precondition(lambda self: self.m is not None)
+    def reset(self):
+        self.m.reset()
+        self.committed = set()
+
+    @invariant()
+    def integrity(self):
+        if self.m is not None:
+            self.m.check_integrity()
+
+
+CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestCacheMachine = CacheMachine.TestCase

@@ -1,0 +1,93 @@
+"""The ``trellis`` command: ``trellis demo`` runs a short chat on the embedded model and shows
+the prefix cache at work (time to first token, prompt and cached tokens, hit rate)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+SYSTEM_PROMPT = (
+    "You are Trellis, a concise assistant running entirely on the user's own computer. "
+    "Answer in two or three short sentences. Be factual and friendly. If you are not sure, say so. "
+    "Never invent citations. Prefer plain words over jargon, and give one concrete example when it helps. "
+    "The user is curious about science, history and how computers work."
+)
+QUESTIONS = (
+    "What is a radix tree?",
+    "Why is the sky blue?",
+    "Who built the first mechanical computer?",
+    "How does caching make programs faster?",
+)
+
+
+class FirstTokenTimer(BaseStreamer):
+    """Records when ``generate()`` emits its first new token (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from trellis.models.embedded import embedded_model_dir
+    from trellis.models.llama import TrellisLlama
+
+    started = time.perf_counter()
+    path = args.model or embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = TrellisLlama.from_pretrained(
+        path, dtype=getattr(torch, args.dtype), device=args.device, block_size=args.block_size
+    )
+    print(f"loaded {path} on {model.device} ({model.dtype}, block size {args.block_size}) "
+          f"in {time.perf_counter() - started:.1f} s\n")
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for question in args.questions or QUESTIONS:
+        messages.append({"role": "user", "content": question})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"].to(model.device)
+        hits_before = model.prefix_cache.stats()["hit_tokens"]
+        timer = FirstTokenTimer()
+        start = time.perf_counter()
+        output = model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=timer,
+                                pad_token_id=tokenizer.eos_token_id)
+        elapsed = time.perf_counter() - start
+        stats = model.prefix_cache.stats()
+        answer = tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": answer})
+        new_tokens = output.shape[1] - prompt.shape[1]
+        print(f"user: {question}\nassistant: {answer}")
+        print(f"  [ttft {1000 * (timer.first_token_at - start):.0f} ms | prompt {prompt.shape[1]} tokens, "
+              f"cached {stats['hit_tokens'] - hits_before} | {new_tokens} new tokens in {elapsed:.2f} s | "
+              f"cache hit rate so far {stats['hit_rate']:.0%}, {stats['cached_blocks']} blocks cached]\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="trellis", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="chat with the embedded model and watch the prefix cache")
+    demo.add_argument("--model", help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    demo.add_argument("--block-size", type=int, default=32)
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--questions", nargs="*", help="user questions, asked in turn")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        run_demo(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The per-forward description of a packed batch over the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trellis.cache.manager import Sequence
+
+
+@dataclass
+class PagedBatch:
+    """What one forward computes: the new tokens of each sequence, packed end to end.
+
+    ``kv`` is the whole pool ``[num_layers, 2, num_blocks, block_size, Hkv, D]``; the attention
+    of layer ``l`` writes the new K/V into ``kv[l]`` and reads each sequence through its block table.
+    """
+
+    input_ids: torch.Tensor  # [T] int64, the new tokens of every sequence, packed
+    positions: torch.Tensor  # [T] int64, each token's position in its sequence
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32, K/V length of each sequence after this forward
+    cu_seqlens_q: torch.Tensor  # [B+1] int32, sequence i's tokens are [cu[i], cu[i+1])
+    slot_mapping: torch.Tensor  # [T] int64, where each new token's K/V go
+    kv: torch.Tensor
+    backend: str | None = None  # None: the fastest backend for the device
+
+    @property
+    def last_token_index(self) -> torch.Tensor:
+        """[B] index of each sequence's last new token in the packed dimension."""
+        return self.cu_seqlens_q[1:].long() - 1
+
+
+def build_batch(seqs: list[Sequence], kv: torch.Tensor, backend: str | None = None) -> PagedBatch:
+    """Pack the uncomputed tokens of ``seqs`` (each must have blocks reserved for them)."""
+    block_size = kv.shape[3]
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    cu = [0]
+    for seq in seqs:
+        start, end = seq.num_cached, len(seq.token_ids)
+        ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        slots.extend(seq.block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
+        cu.append(len(ids))
+    max_blocks = max(len(seq.block_ids) for seq in seqs)
+    table = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
+    device = kv.device
+    return PagedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        block_table=torch.tensor(table, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([len(seq.token_ids) for seq in seqs], dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        kv=kv,
+        backend=backend,
+    )

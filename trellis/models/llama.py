@@ -1,0 +1,331 @@
+"""``TrellisLlama``: ``LlamaForCausalLM`` with paged attention over a radix prefix cache.
+
+Every forward packs the uncomputed tokens of each batch row into one ``[1, T]`` sequence and
+hands the model a ``PagedBatch`` (a keyword argument that transformers passes through to the
+attention function). The attention function writes the new K/V into the pool and attends
+over each row's blocks. A fresh prompt first takes its longest cached prefix from the radix
+tree, so only the suffix runs through the model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence as Seq
+
+import torch
+from transformers import LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import AttentionInterface
+
+from trellis import ops
+from trellis.cache.block_pool import BlockPool, check_block_size
+from trellis.cache.manager import KVCacheManager, Sequence
+from trellis.engine.batch import PagedBatch, build_batch
+from trellis.models.paged_cache import PagedKVCache
+
+ATTN_IMPLEMENTATION = "trellis"
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, Hq, T, D]
+    key: torch.Tensor,  # [1, Hkv, T, D]
+    value: torch.Tensor,  # [1, Hkv, T, D]
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    paged_batch: PagedBatch | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if paged_batch is None:
+        raise RuntimeError(
+            "the 'trellis' attention needs the PagedBatch that TrellisLlama.forward builds; "
+            "call it through TrellisLlama, or load the model with another attn_implementation"
+        )
+    q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
+    k = key[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
+    v = value[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
+    k_cache, v_cache = paged_batch.kv[module.layer_idx]  # each [N, S, Hkv, D]
+    ops.store_kv(k, v, k_cache, v_cache, paged_batch.slot_mapping, backend=paged_batch.backend)
+    out = ops.paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        paged_batch.block_table,
+        paged_batch.seq_lens,
+        paged_batch.cu_seqlens_q,
+        scaling,
+        backend=paged_batch.backend,
+    )
+    return out.unsqueeze(0), None  # [1, T, Hq, D]
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """Masking is implicit in the paged batch (bottom-right causal per sequence); padding never
+    reaches the model because TrellisLlama drops padded positions before packing."""
+    return None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA, then MPS, then CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_kv_cache_memory(device: torch.device) -> int:
+    """Bytes for the KV pool when the user sets neither ``num_blocks`` nor ``kv_cache_memory``:
+    half the free memory of a CUDA device, else a quarter of free RAM, at most 4 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 8 << 30
+    return min(available // 4, 4 << 30)
+
+
+class TrellisLlama(LlamaForCausalLM):
+    """A drop-in ``LlamaForCausalLM`` whose successive calls reuse cached prompt prefixes.
+
+    ``model.prefix_cache`` is the paged KV cache (``stats()``, ``reset()``); it is created on
+    first use for the model's device and dtype, and rebuilt (empty) if either changes.
+    """
+
+    def __init__(self, config, block_size: int = 32, num_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, backend: str | None = None) -> None:
+        super().__init__(config)
+        self.configure_cache(block_size=block_size, num_blocks=num_blocks,
+                             kv_cache_memory=kv_cache_memory, backend=backend)
+        self._forward_lock = threading.RLock()
+        # New weights make every cached K/V stale.
+        self.register_load_state_dict_post_hook(lambda module, keys: module.reset_prefix_cache())
+
+    def configure_cache(self, block_size: int = 32, num_blocks: int | None = None,
+                        kv_cache_memory: int | None = None, backend: str | None = None) -> None:
+        """Set the KV pool's geometry; takes effect (with an empty cache) at the next forward."""
+        check_block_size(block_size)
+        if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks <= 0):
+            raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        if kv_cache_memory is not None and kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
+        self.block_size, self.num_blocks, self.kv_cache_memory, self.backend = (
+            block_size, num_blocks, kv_cache_memory, backend)
+        self._kv_manager: KVCacheManager | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, block_size: int = 32,
+                        num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                        backend: str | None = None, device: str | torch.device = "auto", **kwargs):
+        """Load like ``LlamaForCausalLM.from_pretrained`` (local dirs, hub ids, ``gguf_file=``, ``dtype=``).
+
+        With no path, loads the embedded SmolLM2-135M-Instruct. ``device="auto"`` picks CUDA,
+        then MPS, then CPU (ignored when ``device_map`` is given).
+        """
+        check_block_size(block_size)
+        if pretrained_model_name_or_path is None:
+            from trellis.models.embedded import embedded_model_dir
+
+            pretrained_model_name_or_path = embedded_model_dir()
+        kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.configure_cache(block_size=block_size, num_blocks=num_blocks,
+                              kv_cache_memory=kv_cache_memory, backend=backend)
+        if "device_map" not in kwargs:
+            model.to(resolve_device(device))
+        return model.eval()
+
+    # --- the KV cache ----------------------------------------------------------------------
+
+    @property
+    def prefix_cache(self) -> KVCacheManager:
+        device, dtype = self.device, self.dtype
+        manager = self._kv_manager
+        if manager is None or manager.pool.kv.device != device or manager.pool.kv.dtype != dtype:
+            manager = self._kv_manager = KVCacheManager(self._new_pool(device, dtype))
+        return manager
+
+    def reset_prefix_cache(self) -> None:
+        if self._kv_manager is not None:
+            self._kv_manager.reset()
+
+    def _new_pool(self, device: torch.device, dtype: torch.dtype) -> BlockPool:
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        geometry = (cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim)
+        num_blocks = self.num_blocks
+        if num_blocks is None:
+            budget = self.kv_cache_memory or default_kv_cache_memory(device)
+            num_blocks = max(1, budget // BlockPool.bytes_per_block(self.block_size, *geometry, dtype))
+        return BlockPool(num_blocks, self.block_size, *geometry, dtype=dtype, device=device)
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: PagedKVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """As ``LlamaForCausalLM.forward``, over the paged cache.
+
+        Positions count each row's real tokens (padding takes none), as ``generate()`` does.
+        Logits at padded positions are zero. A fresh prompt reuses its cached prefix up to the
+        first position whose logits are asked for (``logits_to_keep``; 0 means all of them).
+        """
+        if self.config._attn_implementation != ATTN_IMPLEMENTATION:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("TrellisLlama keys its prefix cache on token ids: pass input_ids, not inputs_embeds")
+        if past_key_values is not None and not isinstance(past_key_values, PagedKVCache):
+            raise TypeError(f"past_key_values must be a PagedKVCache from this model, got {type(past_key_values).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        with self._forward_lock:
+            manager = self.prefix_cache
+            cache = past_key_values if past_key_values is not None else PagedKVCache(manager)
+            if cache.manager is not manager:
+                raise RuntimeError("this past_key_values belongs to an earlier KV pool (the model's device, dtype "
+                                   "or cache settings changed since); start a new generation")
+            num_cols = input_ids.shape[1]
+            real = self._real_token_mask(input_ids, attention_mask)  # [B, S] bool
+            keep_cols = self._logit_columns(logits_to_keep, num_cols, input_ids.device)  # [K]
+            rows = [row[mask].tolist() for row, mask in zip(input_ids, real)]
+            fresh = cache.is_empty
+            if fresh:
+                # Reuse at most the real tokens before the first column whose logits are wanted.
+                first_kept = int(keep_cols.min()) if len(keep_cols) else num_cols
+                reusable = real[:, :first_kept].sum(1).tolist()
+                cache.seqs[:] = self._admit(manager, rows, reusable)
+            else:
+                self._extend(manager, cache.seqs, rows)
+            seqs = cache.seqs
+            skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in seqs], device=input_ids.device)
+            try:
+                batch = build_batch(seqs, manager.pool.kv, self.backend)
+                hidden = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+                                    paged_batch=batch, use_cache=False, **kwargs).last_hidden_state[0]  # [T, H]
+            except BaseException:
+                self._undo(manager, seqs, rows, fresh)
+                raise
+            for seq in seqs:
+                manager.mark_computed(seq)
+            cache.seen_columns += num_cols
+            logits = self._gather_logits(hidden, real, keep_cols, batch.cu_seqlens_q[:-1].long(), skipped)
+            if not use_cache:
+                cache.release()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+
+    def _real_token_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            real = attention_mask[:, -input_ids.shape[1]:].bool()
+        ids = input_ids[real]
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        return real
+
+    @staticmethod
+    def _logit_columns(logits_to_keep: int | torch.Tensor, num_cols: int, device: torch.device) -> torch.Tensor:
+        if isinstance(logits_to_keep, torch.Tensor):
+            return logits_to_keep.to(device=device, dtype=torch.long).flatten()
+        keep = num_cols if logits_to_keep == 0 else min(logits_to_keep, num_cols)
+        return torch.arange(num_cols - keep, num_cols, device=device)
+
+    @staticmethod
+    def _admit(manager: KVCacheManager, rows: list[list[int]], reusable: list[int]) -> list[Sequence]:
+        for i, row in enumerate(rows):
+            if not row:
+                raise ValueError(f"row {i} of the batch has no tokens (empty prompt or all padding)")
+        seqs: list[Sequence] = []
+        try:
+            for row, reuse in zip(rows, reusable):
+                seqs.append(manager.admit(row, max_reuse=reuse))
+        except BaseException:
+            for seq in seqs:
+                manager.release(seq, commit=False)
+            raise
+        return seqs
+
+    @staticmethod
+    def _extend(manager: KVCacheManager, seqs: list[Sequence], rows: list[list[int]]) -> None:
+        if len(rows) != len(seqs):
+            raise ValueError(f"batch of {len(rows)} rows continues a cache of {len(seqs)} sequences")
+        done = 0
+        try:
+            for seq, row in zip(seqs, rows):
+                manager.append(seq, row)
+                done += 1
+        except BaseException:
+            TrellisLlama._undo(manager, seqs[:done], rows[:done], fresh=False)
+            raise
+
+    @staticmethod
+    def _undo(manager: KVCacheManager, seqs: list[Sequence], rows: list[list[int]], fresh: bool) -> None:
+        """Roll back a forward that failed: nothing it started may stay half-done in the cache."""
+        with manager.lock:
+            for seq, row in zip(seqs, rows):
+                if fresh:
+                    manager.release(seq, commit=False)
+                else:
+                    del seq.token_ids[len(seq.token_ids) - len(row):]
+            if fresh:
+                seqs.clear()
+
+    def _gather_logits(self, hidden: torch.Tensor, real: torch.Tensor, keep_cols: torch.Tensor,
+                       row_starts: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K, V]`` for the kept columns; zero where a column is padding."""
+        rank = real.long().cumsum(1) - 1  # [B, S] index of each real token among its row's new tokens
+        packed = row_starts[:, None] + rank - skipped[:, None]  # [B, S] its index in the packed batch
+        kept_real = real[:, keep_cols]  # [B, K]
+        index = packed[:, keep_cols][kept_real]  # [R]
+        logits_real = self.lm_head(hidden[index])  # [R, V]
+        logits = logits_real.new_zeros(real.shape[0], len(keep_cols), logits_real.shape[-1])
+        logits[kept_real] = logits_real
+        return logits
+
+    # --- generation ------------------------------------------------------------------------
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """``LlamaForCausalLM.generate`` over the paged cache; prompts reuse cached prefixes, and
+        each finished row's full blocks (prompt and answer) are cached for the next turn."""
+        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+        if (self.config._attn_implementation != ATTN_IMPLEMENTATION or kwargs.get("past_key_values") is not None
+                or use_cache is False):
+            return super().generate(inputs, generation_config, **kwargs)
+        with self._forward_lock:
+            cache = PagedKVCache(self.prefix_cache)
+            result = None
+            try:
+                result = super().generate(inputs, generation_config, past_key_values=cache, **kwargs)
+                return result
+            finally:
+                if getattr(result, "past_key_values", None) is not cache:
+                    cache.release()

@@ -1,0 +1,55 @@
+"""The handle through which transformers' ``generate()`` carries Trellis sessions between steps."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers.cache_utils import Cache
+
+from trellis.cache.manager import KVCacheManager, Sequence
+
+
+class PagedKVCache(Cache):
+    """One paged session per batch row; the K/V themselves live in the shared block pool.
+
+    It stands where transformers expects ``past_key_values``. Releasing it (explicitly, or when
+    it is garbage collected) shares the sessions' full blocks with the radix cache and returns
+    the rest to the pool.
+    """
+
+    is_compileable = False
+
+    def __init__(self, manager: KVCacheManager) -> None:
+        super().__init__(layers=[])
+        self.manager = manager
+        self.seqs: list[Sequence] = []
+        self.seen_columns = 0  # width of the (padded) inputs consumed so far, as transformers counts
+        # The finalizer only queues the release: it may run inside another cache operation.
+        self._finalizer = weakref.finalize(self, manager.release_later, self.seqs)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def release(self) -> None:
+        """End every session now: share their full blocks, free the rest."""
+        if self._finalizer.detach() is None:
+            return
+        with self.manager.lock:
+            for seq in self.seqs:
+                self.manager.release(seq)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i continues from row ``beam_idx[i]`` (shared blocks, copied tail)."""
+        with self.manager.lock:
+            forks = [self.manager.fork(self.seqs[i]) for i in beam_idx.tolist()]
+            for seq in self.seqs:
+                self.manager.release(seq, commit=False)
+            self.seqs[:] = forks
