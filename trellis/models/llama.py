@@ -224,14 +224,10 @@ class TrellisLlama(LlamaForCausalLM):
             seqs = cache.seqs
             skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in seqs], device=input_ids.device)
             try:
-                batch = build_batch(seqs, manager.pool.kv, self.backend)
-                hidden = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
-                                    paged_batch=batch, use_cache=False, **kwargs).last_hidden_state[0]  # [T, H]
+                hidden, batch = self.forward_paged(seqs, **kwargs)
             except BaseException:
                 self._undo(manager, seqs, rows, fresh)
                 raise
-            for seq in seqs:
-                manager.mark_computed(seq)
             cache.seen_columns += num_cols
             logits = self._gather_logits(hidden, real, keep_cols, batch.cu_seqlens_q[:-1].long(), skipped)
             if not use_cache:
@@ -240,6 +236,22 @@ class TrellisLlama(LlamaForCausalLM):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+
+    def forward_paged(self, seqs: list[Sequence], **kwargs) -> tuple[torch.Tensor, PagedBatch]:
+        """One packed forward over the uncomputed tokens of ``seqs`` (their blocks already reserved).
+
+        Writes their K/V into the pool, marks them computed and shares their full blocks with the
+        radix cache. Returns the final hidden states ``[T, H]`` of the new tokens, packed, and the
+        batch (sequence i's tokens are ``hidden[cu_seqlens_q[i]:cu_seqlens_q[i+1]]``); apply
+        ``lm_head`` to the rows whose logits you need. The engine and the scorers build on this.
+        """
+        manager = self.prefix_cache
+        batch = build_batch(seqs, manager.pool.kv, self.backend)
+        hidden = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+                            paged_batch=batch, use_cache=False, **kwargs).last_hidden_state[0]  # [T, H]
+        for seq in seqs:
+            manager.mark_computed(seq)
+        return hidden, batch
 
     def _real_token_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
