@@ -162,8 +162,7 @@ class KVCacheManager:
                 if evictable < short:
                     raise OutOfBlocksError(
                         f"KV cache full: {n} blocks of {self.block_size} tokens needed, {self.pool.num_free} free "
-                        f"and {evictable} evictable of {self.pool.num_blocks} "
-                        f"({len(self.live)} live sessions hold the rest); "
+                        f"and {evictable} evictable of {self.pool.num_blocks} ({len(self.live)} live sessions); "
                         "use a larger num_blocks / kv_cache_memory or a shorter prompt"
                     )
                 self.radix.evict(short)

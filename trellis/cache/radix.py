@@ -146,13 +146,13 @@ class RadixCache:
     def evictable_blocks(self) -> int:
         """Blocks that eviction could return to the pool right now."""
         return sum(
-            1 for node in self._nodes() if node.lock_count == 0 for b in node.blocks if self.pool.ref_counts[b] == 1
+            1 for node in self.nodes() if node.lock_count == 0 for b in node.blocks if self.pool.ref_counts[b] == 1
         )
 
     def evict(self, num_blocks: int) -> int:
         """Free at least ``num_blocks`` blocks from unlocked leaves, least recently used first,
         block by block from the end of each leaf. Returns how many blocks were freed."""
-        heap = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and n.lock_count == 0]
+        heap = [(n.last_access, id(n), n) for n in self.nodes() if not n.children and n.lock_count == 0]
         heapq.heapify(heap)
         freed = 0
         while freed < num_blocks and heap:
@@ -173,15 +173,15 @@ class RadixCache:
 
     def reset(self) -> None:
         """Drop every cached prefix. Live sessions keep their own references and stay valid."""
-        for node in self._nodes():
+        for node in self.nodes():
             self.pool.decref(node.blocks)
         self.root = RadixNode(None, (), [])
         self.root.lock_count = 1
 
     # --- introspection -------------------------------------------------------------------
 
-    def _nodes(self):
-        """Every node except the root."""
+    def nodes(self):
+        """Every node except the root, each before its children."""
         stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
@@ -189,7 +189,7 @@ class RadixCache:
             stack.extend(node.children.values())
 
     def stats(self) -> dict[str, float | int]:
-        nodes = list(self._nodes())
+        nodes = list(self.nodes())
         return {
             "lookup_tokens": self.lookup_tokens,
             "hit_tokens": self.hit_tokens,
@@ -205,7 +205,7 @@ class RadixCache:
 
     def tree_block_refs(self) -> dict[int, int]:
         refs: dict[int, int] = {}
-        for node in self._nodes():
+        for node in self.nodes():
             for b in node.blocks:
                 refs[b] = refs.get(b, 0) + 1
         return refs
@@ -214,7 +214,7 @@ class RadixCache:
         """Tree shape and reference accounting; raises AssertionError on the first violation."""
         self.pool.check_integrity()
         bs = self.block_size
-        for node in self._nodes():
+        for node in self.nodes():
             if not node.blocks or len(node.tokens) != len(node.blocks) * bs:
                 raise AssertionError(f"edge of {len(node.tokens)} tokens holds {len(node.blocks)} blocks")
             if node.parent.children.get(self._key(node.tokens)) is not node:

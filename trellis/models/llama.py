@@ -10,6 +10,7 @@ tree, so only the suffix runs through the model.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Sequence as Seq
 
@@ -22,6 +23,7 @@ from transformers.modeling_utils import AttentionInterface
 from trellis import ops
 from trellis.cache.block_pool import BlockPool, check_block_size
 from trellis.cache.manager import KVCacheManager, Sequence
+from trellis.cache.persist import load_prefix_cache, save_prefix_cache, weights_fingerprint
 from trellis.engine.batch import PagedBatch, build_batch
 from trellis.models.paged_cache import PagedKVCache
 
@@ -109,8 +111,6 @@ class TrellisLlama(LlamaForCausalLM):
         self.configure_cache(block_size=block_size, num_blocks=num_blocks,
                              kv_cache_memory=kv_cache_memory, backend=backend)
         self._forward_lock = threading.RLock()
-        # New weights make every cached K/V stale.
-        self.register_load_state_dict_post_hook(lambda module, keys: module.reset_prefix_cache())
 
     def configure_cache(self, block_size: int = 32, num_blocks: int | None = None,
                         kv_cache_memory: int | None = None, backend: str | None = None) -> None:
@@ -125,6 +125,7 @@ class TrellisLlama(LlamaForCausalLM):
         self.block_size, self.num_blocks, self.kv_cache_memory, self.backend = (
             block_size, num_blocks, kv_cache_memory, backend)
         self._kv_manager: KVCacheManager | None = None
+        self._kv_key: tuple | None = None  # what the cached K/V were computed with
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, block_size: int = 32,
@@ -152,15 +153,36 @@ class TrellisLlama(LlamaForCausalLM):
 
     @property
     def prefix_cache(self) -> KVCacheManager:
-        device, dtype = self.device, self.dtype
-        manager = self._kv_manager
-        if manager is None or manager.pool.kv.device != device or manager.pool.kv.dtype != dtype:
-            manager = self._kv_manager = KVCacheManager(self._new_pool(device, dtype))
-        return manager
+        """The paged KV cache. Rebuilt empty whenever the K/V it holds would be stale: a new
+        device or dtype, weights changed in place or replaced (``load_state_dict``, edits), or
+        another PEFT adapter state. Handles (``past_key_values``) of the old cache are refused."""
+        key = (self.device, self.dtype, self._weights_state())
+        if self._kv_manager is None or key != self._kv_key:
+            self._kv_manager = KVCacheManager(self._new_pool(self.device, self.dtype))
+            self._kv_key = key
+        return self._kv_manager
 
-    def reset_prefix_cache(self) -> None:
-        if self._kv_manager is not None:
-            self._kv_manager.reset()
+    def _weights_state(self) -> int:
+        """Changes whenever a parameter is replaced or modified in place (its version counter),
+        or a PEFT adapter is switched, enabled or disabled."""
+        state: list = [(p.data_ptr(), p._version) for p in self.parameters()]
+        if "peft" in sys.modules:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            state += [(tuple(m.active_adapters), m.disable_adapters) for m in self.modules()
+                      if isinstance(m, BaseTunerLayer)]
+        return hash(tuple(state))
+
+    def save_prefix_cache(self, path: str | os.PathLike) -> int:
+        """Save every cached prefix (tree + K/V) to a safetensors file; returns the blocks saved."""
+        with self._forward_lock:
+            return save_prefix_cache(self.prefix_cache, path, weights_fingerprint(self))
+
+    def load_prefix_cache(self, path: str | os.PathLike) -> int:
+        """Add the prefixes of a file written by ``save_prefix_cache`` for these same weights, dtype
+        and block size; anything else is refused with ``PrefixCacheFileError``, changing nothing."""
+        with self._forward_lock:
+            return load_prefix_cache(self.prefix_cache, path, weights_fingerprint(self))
 
     def _new_pool(self, device: torch.device, dtype: torch.dtype) -> BlockPool:
         cfg = self.config
@@ -207,7 +229,7 @@ class TrellisLlama(LlamaForCausalLM):
             manager = self.prefix_cache
             cache = past_key_values if past_key_values is not None else PagedKVCache(manager)
             if cache.manager is not manager:
-                raise RuntimeError("this past_key_values belongs to an earlier KV pool (the model's device, dtype "
+                raise RuntimeError("this past_key_values belongs to an earlier KV cache (the model's device, dtype, weights "
                                    "or cache settings changed since); start a new generation")
             num_cols = input_ids.shape[1]
             real = self._real_token_mask(input_ids, attention_mask)  # [B, S] bool
