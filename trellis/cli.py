@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -51,8 +52,13 @@ def run_demo(args: argparse.Namespace) -> None:
     model = TrellisLlama.from_pretrained(
         path, dtype=getattr(torch, args.dtype), device=args.device, block_size=args.block_size
     )
-    print(f"loaded {path} on {model.device} ({model.dtype}, block size {args.block_size}) "
-          f"in {time.perf_counter() - started:.1f} s\n")
+    print(f"loaded {path} on {model.device} ({model.dtype}, {model.attention_backend()} kernels, "
+          f"block size {args.block_size}) "
+          f"in {time.perf_counter() - started:.1f} s")
+    if args.prefix_cache and Path(args.prefix_cache).is_file():
+        blocks = model.load_prefix_cache(args.prefix_cache)
+        print(f"warm start: {blocks} cached blocks loaded from {args.prefix_cache}")
+    print()
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for question in args.questions or QUESTIONS:
         messages.append({"role": "user", "content": question})
@@ -72,6 +78,9 @@ def run_demo(args: argparse.Namespace) -> None:
         print(f"  [ttft {1000 * (timer.first_token_at - start):.0f} ms | prompt {prompt.shape[1]} tokens, "
               f"cached {stats['hit_tokens'] - hits_before} | {new_tokens} new tokens in {elapsed:.2f} s | "
               f"cache hit rate so far {stats['hit_rate']:.0%}, {stats['cached_blocks']} blocks cached]\n")
+    if args.prefix_cache:
+        blocks = model.save_prefix_cache(args.prefix_cache)
+        print(f"saved {blocks} cached blocks to {args.prefix_cache}: the next run starts warm")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--block-size", type=int, default=32)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--questions", nargs="*", help="user questions, asked in turn")
+    demo.add_argument("--prefix-cache", metavar="FILE",
+                      help="load cached prefixes from FILE if it exists, and save them there at the end")
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(args)

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence as Seq
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
@@ -98,6 +98,28 @@ def default_kv_cache_memory(device: torch.device) -> int:
     return min(available // 4, 4 << 30)
 
 
+def _load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaConfig:
+    """The checkpoint's config, refusing a missing GGUF file or a model that is not a Llama."""
+    gguf_file = kwargs.get("gguf_file")
+    if gguf_file is not None and os.path.isdir(name_or_path):
+        gguf_path = os.path.join(name_or_path, gguf_file)
+        if not os.path.isfile(gguf_path):
+            raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    hub_args = {k: kwargs[k] for k in ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+                if k in kwargs}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **hub_args)
+    except (OSError, ValueError):
+        raise
+    except Exception as exc:  # the GGUF reader fails with assorted errors on a damaged file
+        raise ValueError(f"cannot read the model config of {name_or_path} ({gguf_file or 'config.json'}): {exc}") from exc
+    if config.model_type != "llama":
+        raise ValueError(
+            f"{name_or_path} holds a {config.model_type!r} model; TrellisLlama serves Llama-architecture models only"
+        )
+    return config
+
+
 class TrellisLlama(LlamaForCausalLM):
     """A drop-in ``LlamaForCausalLM`` whose successive calls reuse cached prompt prefixes.
 
@@ -141,13 +163,20 @@ class TrellisLlama(LlamaForCausalLM):
             from trellis.models.embedded import embedded_model_dir
 
             pretrained_model_name_or_path = embedded_model_dir()
+        if kwargs.get("config") is None:
+            kwargs["config"] = _load_llama_config(pretrained_model_name_or_path, kwargs)
         kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model.configure_cache(block_size=block_size, num_blocks=num_blocks,
                               kv_cache_memory=kv_cache_memory, backend=backend)
         if "device_map" not in kwargs:
             model.to(resolve_device(device))
+        model.attention_backend()  # load (or build) the kernels now rather than in the first request
         return model.eval()
+
+    def attention_backend(self) -> str:
+        """The kernels this model's attention runs on: the configured backend, else the fastest for its device."""
+        return self.backend or ops.default_backend(self.device)
 
     # --- the KV cache ----------------------------------------------------------------------
 
@@ -224,6 +253,12 @@ class TrellisLlama(LlamaForCausalLM):
             raise TypeError(f"past_key_values must be a PagedKVCache from this model, got {type(past_key_values).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]
+                                           or attention_mask.shape[1] < input_ids.shape[1]):
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover input_ids of "
+                             f"shape {tuple(input_ids.shape)}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         with self._forward_lock:
             manager = self.prefix_cache
@@ -236,6 +271,8 @@ class TrellisLlama(LlamaForCausalLM):
             keep_cols = self._logit_columns(logits_to_keep, num_cols, input_ids.device)  # [K]
             rows = [row[mask].tolist() for row, mask in zip(input_ids, real)]
             fresh = cache.is_empty
+            past = [0] * len(rows) if fresh else [len(seq.token_ids) for seq in cache.seqs]
+            self._check_positions(max((p + len(r) for p, r in zip(past, rows)), default=0))
             if fresh:
                 # Reuse at most the real tokens before the first column whose logits are wanted.
                 first_kept = int(keep_cols.min()) if len(keep_cols) else num_cols
@@ -285,6 +322,12 @@ class TrellisLlama(LlamaForCausalLM):
         if bad.any():
             raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary [0, {self.config.vocab_size})")
         return real
+
+    def _check_positions(self, length: int) -> None:
+        limit = self.config.max_position_embeddings
+        if length > limit:
+            raise ValueError(f"a sequence of {length} tokens exceeds the model's {limit} positions "
+                             "(max_position_embeddings)")
 
     @staticmethod
     def _logit_columns(logits_to_keep: int | torch.Tensor, num_cols: int, device: torch.device) -> torch.Tensor:
@@ -354,6 +397,8 @@ class TrellisLlama(LlamaForCausalLM):
         if (self.config._attn_implementation != ATTN_IMPLEMENTATION or kwargs.get("past_key_values") is not None
                 or use_cache is False):
             return super().generate(inputs, generation_config, **kwargs)
+        self._check_generation_length(inputs if inputs is not None else kwargs.get("input_ids"),
+                                      kwargs.get("attention_mask"), generation_config, kwargs)
         with self._forward_lock:
             cache = PagedKVCache(self.prefix_cache)
             result = None
@@ -363,3 +408,27 @@ class TrellisLlama(LlamaForCausalLM):
             finally:
                 if getattr(result, "past_key_values", None) is not cache:
                     cache.release()
+
+    def _check_generation_length(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                                 generation_config, kwargs: dict) -> None:
+        """Refuse up front a prompt that ``max_new_tokens`` would carry past the model's positions."""
+        max_new = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+        if input_ids is None or max_new is None or input_ids.dim() != 2:
+            return
+        longest = int(attention_mask.sum(1).max()) if attention_mask is not None else input_ids.shape[1]
+        self._check_positions(longest + max_new)
+
+    def generate_batch(self, inputs: list[list[int]], generation_config=None, continuous_batching_config=None,
+                       record_timestamps: bool = False, progress_bar: bool = False, persistent_manager: bool = False,
+                       warmup: bool = True, **kwargs):
+        """transformers' continuous-batching ``generate_batch`` (same call, same ``{request_id: output}``
+        result) served by the Trellis engine over the prefix cache; each output also carries ``ttft``,
+        ``num_cached_tokens`` and ``decode_time``. ``persistent_manager`` and ``warmup`` have nothing
+        to do here: the cache always persists in ``prefix_cache``."""
+        if self.config._attn_implementation != ATTN_IMPLEMENTATION:
+            return super().generate_batch(inputs, generation_config, continuous_batching_config, record_timestamps,
+                                          progress_bar, persistent_manager, warmup, **kwargs)
+        from trellis.engine.api import generate_batch
+
+        return generate_batch(self, inputs, generation_config, continuous_batching_config, record_timestamps,
+                              progress_bar, **kwargs)

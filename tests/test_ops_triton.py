@@ -1,0 +1,148 @@
+"""The Triton kernels against the float64 oracle.
+
+Without a GPU the launchers run directly on CPU tensors in Triton's interpreter (``conftest.py``
+sets ``TRITON_INTERPRET=1``), in fp32 and fp16. With one, the same cases run on CUDA through
+``ops.paged_attention(..., backend="triton")``, plus bf16, an 8k-token decode and ``opcheck``.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tests.attention_cases import PagedCase, make_case, naive_attention, tolerance  # noqa: E402
+from trellis import ops  # noqa: E402
+from trellis.ops import triton_kernels  # noqa: E402
+from trellis.ops.triton_decode import decode_attention  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, *([torch.bfloat16] if CUDA else [])]
+
+SHAPES = {  # (q_lens, kv_lens)
+    "cold_prefill": ([7, 5], [7, 5]),
+    "extend_over_prefix": ([3, 9], [11, 20]),
+    "extend_many_query_blocks": ([70], [150]),  # > one 64-query block, tiles both phases
+    "decode": ([1, 1, 1], [1, 17, 33]),
+    "mixed": ([1, 6, 1, 4], [9, 6, 40, 13]),
+    "idle_sequence_decode": ([1, 0, 1], [5, 9, 20]),
+    "idle_sequence_extend": ([3, 0, 2], [5, 9, 20]),
+}
+
+
+def args(case: PagedCase) -> tuple:
+    return case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.scale
+
+
+def triton_attention(case: PagedCase) -> torch.Tensor:
+    case = case.to(DEVICE)
+    out = torch.zeros_like(case.q)  # rows of idle sequences stay 0, as the oracle's
+    if CUDA:
+        ops.paged_attention(*args(case), out=out, backend="triton")
+    else:
+        triton_kernels.paged_attention(*args(case), out)
+    return out.cpu()
+
+
+def assert_matches_oracle(out: torch.Tensor, case: PagedCase) -> None:
+    tol = tolerance(case.q.dtype)
+    torch.testing.assert_close(out.double(), naive_attention(case), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 64, 256])
+def test_shapes_and_block_sizes(shape, block_size):
+    case = make_case(*SHAPES[shape], block_size=block_size)
+    assert_matches_oracle(triton_attention(case), case)
+
+
+@pytest.mark.parametrize("shape", ["extend_over_prefix", "decode", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes(shape, dtype):
+    case = make_case(*SHAPES[shape], block_size=16, dtype=dtype)
+    assert_matches_oracle(triton_attention(case), case)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (9, 3), (32, 4), (8, 1)])
+@pytest.mark.parametrize("shape", ["decode", "mixed"])
+def test_gqa_groups(heads, shape):
+    case = make_case(*SHAPES[shape], num_q_heads=heads[0], num_kv_heads=heads[1], block_size=8, dtype=torch.float16)
+    assert_matches_oracle(triton_attention(case), case)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("shape", ["decode", "mixed"])
+def test_head_dims(head_dim, shape):
+    case = make_case(*SHAPES[shape], head_dim=head_dim, block_size=16)
+    assert_matches_oracle(triton_attention(case), case)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
+def test_split_k_decode(num_splits):
+    # 8 slices of a 7-key context leave most of them empty; 300 keys cross several tiles per slice.
+    case = make_case([1, 1, 1, 1], [300, 7, 129, 64], num_q_heads=9, num_kv_heads=3, block_size=16).to(DEVICE)
+    out = torch.empty_like(case.q)
+    decode_attention(*args(case), out, num_splits=num_splits)
+    assert_matches_oracle(out.cpu(), case.to("cpu"))
+
+
+def test_store_kv_from_strided_views():
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 3, 16
+    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    # K and V as views of a fused projection [T, Hq + 2 * Hkv, D]: token stride 12 * D.
+    qkv = torch.randn(5, 6 + 2 * num_kv_heads, head_dim, device=DEVICE).half()
+    k, v = qkv[:, 6:9], qkv[:, 9:]
+    slots = torch.tensor([5 * 8 + 7, 0, 13, 14, 22], dtype=torch.int64, device=DEVICE)
+    triton_kernels.store_kv(k, v, k_cache, v_cache, slots)
+    k_expected, v_expected = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    ops.store_kv(k, v, k_expected, v_expected, slots, backend="reference")
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+def test_bad_arguments_name_the_problem():
+    case = make_case([2], [5], head_dim=8).to(DEVICE)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        triton_kernels.paged_attention(*args(case), torch.empty_like(case.q))
+    case = make_case([2], [5], dtype=torch.float64).to(DEVICE)
+    with pytest.raises(ValueError, match="the Triton kernels take"):
+        triton_kernels.paged_attention(*args(case), torch.empty_like(case.q))
+
+
+@pytest.mark.skipif(CUDA, reason="CPU tensors only reach the kernels under the interpreter")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    case = make_case([1], [5])
+    monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        triton_kernels.paged_attention(*args(case), torch.empty_like(case.q))
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter runs only where there is no GPU")
+def test_interpreter_refuses_bf16():
+    case = make_case([1], [5], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="no bf16"):
+        triton_kernels.paged_attention(*args(case), torch.empty_like(case.q))
+
+
+def test_load_registers_only_with_cuda():
+    assert triton_kernels.load() == CUDA
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_8k_context(dtype):
+    case = make_case([1, 1], [8192, 3000], num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=32, dtype=dtype)
+    assert triton_kernels.decode_splits(2, 8, 8192, torch.device("cuda")) > 1
+    assert_matches_oracle(triton_attention(case), case)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_opcheck_on_cuda():
+    assert triton_kernels.load()
+    case = make_case([3, 1], [9, 14], dtype=torch.float16).to("cuda")
+    torch.library.opcheck(torch.ops.trellis.paged_attention.default, (*args(case), torch.empty_like(case.q)))
+    k = torch.randn(5, 2, 16, device="cuda").half()
+    slots = torch.randperm(case.k_cache.shape[0] * case.k_cache.shape[1], device="cuda")[:5]
+    torch.library.opcheck(
+        torch.ops.trellis.store_kv.default, (k, k.clone(), case.k_cache.clone(), case.v_cache.clone(), slots)
+    )

@@ -1,0 +1,169 @@
+"""Memory pressure, bad input, threads, and random interleavings: caching never changes an answer."""
+
+import json
+import random
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.models import smollm2_dir, tiny_config, tiny_pair
+from tests.test_radix import make_manager
+from trellis.cache.block_pool import OutOfBlocksError
+from trellis.models.llama import TrellisLlama
+
+SYSTEMS = [torch.arange(3, 3 + n) for n in (13, 22)]
+
+
+def session_prompt(i: int) -> torch.Tensor:
+    suffix = torch.randint(40, 250, (3 + i % 5,), generator=torch.Generator().manual_seed(i))
+    return torch.cat([SYSTEMS[i % 2], suffix])[None]
+
+
+def test_stream_under_memory_pressure_matches_transformers():
+    ref, model = tiny_pair(num_blocks=24)  # 96 tokens: room for about three sessions' worth of prefixes
+    for i in range(14):
+        ids = session_prompt(i)
+        got = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(got, ref.generate(ids, max_new_tokens=6, do_sample=False)), f"session {i}"
+        model.prefix_cache.check_integrity()
+    stats = model.prefix_cache.stats()
+    assert stats["evicted_blocks"] > 0 and stats["hit_tokens"] > 0
+
+
+def test_prompt_plus_new_tokens_beyond_the_positions_is_refused():
+    ref, model = tiny_pair(config=tiny_config(max_position_embeddings=32))
+    with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
+        model.generate(torch.arange(3, 23)[None], max_new_tokens=20)
+    with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
+        model(torch.arange(3, 40)[None])
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+    ids = torch.arange(3, 23)[None]
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                       ref.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_caller_tensors_of_the_wrong_kind_are_refused():
+    _, model = tiny_pair()
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="does not cover input_ids"):
+        model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3))
+    model.prefix_cache.check_integrity()
+
+
+def test_missing_gguf_and_non_llama_checkpoints_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        TrellisLlama.from_pretrained(smollm2_dir(), gguf_file="nope.gguf", device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    with pytest.raises(ValueError, match="holds a 'gpt2' model; TrellisLlama serves Llama-architecture models only"):
+        TrellisLlama.from_pretrained(tmp_path, device="cpu")
+    (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="garbage.gguf"):
+        TrellisLlama.from_pretrained(tmp_path, gguf_file="garbage.gguf", device="cpu")
+
+
+def test_threads_get_the_same_answers_as_sequential_calls():
+    _, model = tiny_pair()
+    prompts = [session_prompt(i) for i in range(8)]
+    sequential = [model.generate(p, max_new_tokens=6, do_sample=False) for p in prompts]
+    model.prefix_cache.reset()
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            results[i] = model.generate(prompts[i], max_new_tokens=6, do_sample=False)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(8):
+        assert torch.equal(results[i], sequential[i])
+    model.prefix_cache.check_integrity()
+
+
+def test_soak_ten_thousand_random_cache_operations():
+    rng = random.Random(0)
+    m = make_manager(num_blocks=64)
+    live = []
+    for step in range(10_000):
+        op = rng.random()
+        try:
+            if op < 0.35 or not live:
+                prefix = [rng.randrange(3)] * rng.randrange(0, 20)
+                seq = m.admit(prefix + [rng.randrange(50) for _ in range(rng.randrange(1, 10))])
+                m.mark_computed(seq)
+                live.append(seq)
+            elif op < 0.65:
+                seq = rng.choice(live)
+                m.append(seq, [rng.randrange(50) for _ in range(rng.randrange(1, 6))])
+                m.mark_computed(seq)
+            elif op < 0.9:
+                m.release(live.pop(rng.randrange(len(live))), commit=rng.random() < 0.8)
+            elif op < 0.97:
+                m.radix.evict(rng.randrange(1, 6))
+            else:
+                m.reset()
+        except OutOfBlocksError:
+            m.release(live.pop(0))
+        if step % 1000 == 0:
+            m.check_integrity()
+    for seq in live:
+        m.release(seq)
+    m.check_integrity()
+    assert m.pool.num_free + m.stats()["cached_blocks"] == m.pool.num_blocks  # nothing leaked
+
+
+def step(model, ids, **kwargs):
+    """Logits and cache handle of one forward, holding no other reference to its output."""
+    out = model(ids, **kwargs)
+    return out.logits, out.past_key_values
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["admit", "extend", "finish", "abort"]), st.integers(0, 7)),
+                min_size=4, max_size=16))
+def test_random_interleavings_match_a_cache_free_run(ops):
+    """Sessions admitted, extended token by token, finished or abandoned in random order; every
+    logit row equals plain transformers over the session's whole token sequence."""
+    ref, model = tiny_pair(num_blocks=40)
+    live: list[tuple[torch.Tensor, object]] = []  # (tokens so far, past_key_values)
+    with torch.no_grad():
+        for op, arg in ops:
+            if op == "admit" or not live:
+                ids = session_prompt(arg)
+                try:
+                    logits, cache = step(model, ids, logits_to_keep=1)
+                except OutOfBlocksError:
+                    continue
+                torch.testing.assert_close(logits[:, -1], ref(ids).logits[:, -1], atol=1e-4, rtol=0)
+                live.append((ids, cache))
+            elif op == "extend":
+                k = arg % len(live)
+                ids, cache = live[k]
+                nxt = torch.tensor([[40 + arg]])
+                try:
+                    logits, _ = step(model, nxt, past_key_values=cache)
+                except OutOfBlocksError:
+                    continue
+                ids = torch.cat([ids, nxt], dim=1)
+                torch.testing.assert_close(logits[:, -1], ref(ids).logits[:, -1], atol=1e-4, rtol=0)
+                live[k] = (ids, cache)
+            elif op == "finish":
+                live.pop(arg % len(live))[1].release()
+            else:  # abandoned: the handle is dropped and released when garbage collected
+                live.pop(arg % len(live))
+            cache = None  # keep no local reference: an abandoned handle must become unreachable
+            model.prefix_cache.check_integrity()
+    for _, cache in live:
+        cache.release()
+    model.prefix_cache.check_integrity()
+    assert model.prefix_cache.stats()["live_sessions"] == 0
