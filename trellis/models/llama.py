@@ -12,112 +12,19 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Sequence as Seq
 
 import torch
-from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import AttentionInterface
 
 from trellis import ops
 from trellis.cache.block_pool import BlockPool, check_block_size
 from trellis.cache.manager import KVCacheManager, Sequence
 from trellis.cache.persist import load_prefix_cache, save_prefix_cache, weights_fingerprint
 from trellis.engine.batch import PagedBatch, build_batch
+from trellis.models.attention import ATTN_IMPLEMENTATION
+from trellis.models.loading import default_kv_cache_memory, load_llama_config, resolve_device
 from trellis.models.paged_cache import PagedKVCache
-
-ATTN_IMPLEMENTATION = "trellis"
-
-
-def paged_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,  # [1, Hq, T, D]
-    key: torch.Tensor,  # [1, Hkv, T, D]
-    value: torch.Tensor,  # [1, Hkv, T, D]
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    paged_batch: PagedBatch | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    if paged_batch is None:
-        raise RuntimeError(
-            "the 'trellis' attention needs the PagedBatch that TrellisLlama.forward builds; "
-            "call it through TrellisLlama, or load the model with another attn_implementation"
-        )
-    q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
-    k = key[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
-    v = value[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
-    k_cache, v_cache = paged_batch.kv[module.layer_idx]  # each [N, S, Hkv, D]
-    ops.store_kv(k, v, k_cache, v_cache, paged_batch.slot_mapping, backend=paged_batch.backend)
-    out = ops.paged_attention(
-        q,
-        k_cache,
-        v_cache,
-        paged_batch.block_table,
-        paged_batch.seq_lens,
-        paged_batch.cu_seqlens_q,
-        scaling,
-        backend=paged_batch.backend,
-    )
-    return out.unsqueeze(0), None  # [1, T, Hq, D]
-
-
-def _no_mask(*args, **kwargs) -> None:
-    """Masking is implicit in the paged batch (bottom-right causal per sequence); padding never
-    reaches the model because TrellisLlama drops padded positions before packing."""
-    return None
-
-
-AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA, then MPS, then CPU."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_kv_cache_memory(device: torch.device) -> int:
-    """Bytes for the KV pool when the user sets neither ``num_blocks`` nor ``kv_cache_memory``:
-    half the free memory of a CUDA device, else a quarter of free RAM, at most 4 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 8 << 30
-    return min(available // 4, 4 << 30)
-
-
-def _load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaConfig:
-    """The checkpoint's config, refusing a missing GGUF file or a model that is not a Llama."""
-    gguf_file = kwargs.get("gguf_file")
-    if gguf_file is not None and os.path.isdir(name_or_path):
-        gguf_path = os.path.join(name_or_path, gguf_file)
-        if not os.path.isfile(gguf_path):
-            raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    hub_args = {k: kwargs[k] for k in ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder")
-                if k in kwargs}
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, **hub_args)
-    except (OSError, ValueError):
-        raise
-    except Exception as exc:  # the GGUF reader fails with assorted errors on a damaged file
-        raise ValueError(f"cannot read the model config of {name_or_path} ({gguf_file or 'config.json'}): {exc}") from exc
-    if config.model_type != "llama":
-        raise ValueError(
-            f"{name_or_path} holds a {config.model_type!r} model; TrellisLlama serves Llama-architecture models only"
-        )
-    return config
 
 
 class TrellisLlama(LlamaForCausalLM):
@@ -164,7 +71,7 @@ class TrellisLlama(LlamaForCausalLM):
 
             pretrained_model_name_or_path = embedded_model_dir()
         if kwargs.get("config") is None:
-            kwargs["config"] = _load_llama_config(pretrained_model_name_or_path, kwargs)
+            kwargs["config"] = load_llama_config(pretrained_model_name_or_path, kwargs)
         kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model.configure_cache(block_size=block_size, num_blocks=num_blocks,
