@@ -1,0 +1,170 @@
+"""Throughput and allocations per op vs the shared-prefix fraction φ (the seed's first figure).
+
+Per φ and system: ``--repeats`` timed ops, then one more op under the PyTorch profiler for its
+allocations (count and bytes of the tensor allocations of PyTorch's CPU allocator, where the
+activations and every KV cache live), plus the fresh KV blocks each paged system took from its
+pool. Also checks item 4: the KV blocks Trellis holds for N sessions equal the shared blocks once
+plus each session's own tail, next to the bytes of transformers' per-session caches.
+
+    python benchmarks/bench_throughput.py [--quick] [--json PATH] [--plot PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import (
+    COLORS,
+    LABELS,
+    SEED_BLOCK,
+    Series,
+    Workload,
+    by_system,
+    caption,
+    describe,
+    finish,
+    load_model,
+    markdown_table,
+    mean_std,
+    parser,
+    pm,
+)
+from systems import System, systems, warm_up
+from tqdm.auto import tqdm
+
+from trellis.cache.block_pool import BlockPool
+from trellis.models.llama import TrellisLlama
+
+PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    if args.quick:
+        return {"L": 128, "D": 8, "N": 2, "phis": [0.0, 0.5, 0.9], "repeats": args.repeats or 1, "target_D": 4}
+    return {"L": 512, "D": 64, "N": 4, "phis": list(PHIS), "repeats": args.repeats or 1, "target_D": 16}
+
+
+def expected_blocks(w: Workload) -> int:
+    """Shared blocks once, plus each session's own blocks for its suffix and answer (K/V of all but the last token)."""
+    shared = w.shared // SEED_BLOCK
+    return shared + w.N * (-(-(w.L + w.D - 1) // SEED_BLOCK) - shared)
+
+
+def measure(system: System, w: Workload, repeats: int, allocations: bool) -> dict:
+    ops = [system.op(w) for _ in range(repeats)]
+    last = ops[-1]
+    point = {"system": system.name, "phi": w.phi, "realized_phi": w.realized_phi, "shared_tokens": w.shared,
+             "L": w.L, "D": w.D, "N": w.N, "seconds": [op.seconds for op in ops],
+             "tokens_per_s": [op.tokens_per_s for op in ops],
+             "session_tokens_per_s": [op.session_tokens_per_s for op in ops], "fresh_blocks": last.fresh_blocks,
+             "live_blocks": last.live_blocks, "kv_bytes": last.kv_bytes}
+    if last.live_blocks is not None:
+        point["expected_live_blocks"] = expected_blocks(w)
+    if allocations:
+        tally = system.allocations(w)
+        point.update(alloc_count=tally.count, alloc_bytes=tally.bytes)
+    return point
+
+
+def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
+    s = settings(args)
+    every = systems(model)
+    warm_up(every)
+    grid = [(phi, system) for phi in s["phis"] for system in every]
+    points = [measure(system, Workload(s["L"], s["D"], s["N"], phi), s["repeats"], allocations=True)
+              for phi, system in tqdm(grid, desc="throughput vs phi", unit="point")]
+    checks = [(phi, system) for phi in (0.0, 0.9) for system in every]
+    targets = [measure(system, Workload(s["L"], s["target_D"], 4, phi), s["repeats"], allocations=False)
+               for phi, system in tqdm(checks, desc="target check", unit="point")]
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    block_bytes = BlockPool.bytes_per_block(SEED_BLOCK, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
+                                            model.dtype)
+    return {"info": describe(model, args.model), "settings": s, "block_bytes": block_bytes, "points": points,
+            "targets": targets}
+
+
+def speed_table(points: list[dict], key: str = "tokens_per_s") -> str:
+    groups = by_system(points)
+    rows = []
+    for tr, gb, gen in zip(groups["trellis"], groups["hf_generate_batch"], groups["hf_generate"]):
+        speed = {p["system"]: mean_std(p[key])[0] for p in (tr, gb, gen)}
+        rows.append([f"{tr['realized_phi']:.3f}", pm(tr[key]), pm(gb[key]), pm(gen[key]),
+                     f"{speed['trellis'] / speed['hf_generate']:.2f}×",
+                     f"{speed['trellis'] / speed['hf_generate_batch']:.2f}×"])
+    return markdown_table(["φ", "Trellis", "generate_batch", "generate()", "Trellis / generate()",
+                           "Trellis / generate_batch"], rows)
+
+
+def tables(result: dict) -> str:
+    groups = by_system(result["points"])
+    tr, gb, gen = groups["trellis"], groups["hf_generate_batch"], groups["hf_generate"]
+    first, target = tr[0], result["targets"][0]
+
+    def alloc(p: dict) -> str:
+        return f"{p['alloc_bytes'] / 2**20:,.0f} MiB ({p['alloc_count']:,})"
+
+    block = result["block_bytes"]
+    memory_rows = [[f"{a['realized_phi']:.3f}", str(a["shared_tokens"] // SEED_BLOCK),
+                    f"{a['live_blocks']} (expected {a['expected_live_blocks']})",
+                    f"{a['live_blocks'] * block / 2**20:.1f}", f"{c['kv_bytes'] / 2**20:.1f}",
+                    f"{c['kv_bytes'] / (a['live_blocks'] * block):.2f}×"] for a, c in zip(tr, gen)]
+    return "\n\n".join([
+        f"Throughput, generated tokens/s per op (mean ± std), L={first['L']}, D={first['D']}, N={first['N']}",
+        speed_table(result["points"]),
+        "Tokens/s of the N sessions alone, once the prefix is warm (warm-up excluded)",
+        speed_table(result["points"], "session_tokens_per_s"),
+        "Allocations per op: tensor bytes (count) from PyTorch's CPU allocator; fresh 32-token KV blocks",
+        markdown_table(["φ", "Trellis", "generate_batch", "generate()", "Trellis fresh blocks",
+                        "generate_batch fresh blocks"],
+                       [[f"{a['realized_phi']:.3f}", alloc(a), alloc(b), alloc(c), str(a["fresh_blocks"]),
+                         str(b["fresh_blocks"])] for a, b, c in zip(tr, gb, gen)]),
+        f"KV memory held for N={first['N']} sessions (L={first['L']}, D={first['D']})",
+        markdown_table(["φ", "shared blocks", "Trellis blocks held", "Trellis KV MiB",
+                        "generate() KV MiB (N caches)", "generate() / Trellis"], memory_rows),
+        f"Target check: N={target['N']}, L={target['L']}, D={target['D']}, tokens/s per op (warm-up included)",
+        speed_table(result["targets"]),
+        "Target check, tokens/s of the N sessions once the prefix is warm (warm-up excluded)",
+        speed_table(result["targets"], "session_tokens_per_s"),
+    ])
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    blocks_axis = right.twinx()
+    for name, pts in by_system(result["points"]).items():
+        speed = Series()
+        for p in pts:
+            speed.add(p["realized_phi"], p["tokens_per_s"])
+        left.errorbar(speed.x, speed.mean, yerr=speed.std, marker="o", capsize=3, color=COLORS[name],
+                      label=LABELS[name])
+        right.plot(speed.x, [p["alloc_bytes"] / 2**20 for p in pts], marker="o", color=COLORS[name],
+                   label=LABELS[name])
+        if pts[0]["fresh_blocks"] is not None:
+            blocks_axis.plot(speed.x, [p["fresh_blocks"] for p in pts], marker="s", ls="--", alpha=0.6,
+                             color=COLORS[name], label=f"{LABELS[name]}: fresh KV blocks")
+    s = result["settings"]
+    left.set(xlabel="shared prefix fraction φ", ylabel="generated tokens / s (per op)",
+             title=f"Throughput, L={s['L']}, D={s['D']}, N={s['N']}")
+    right.set(xlabel="shared prefix fraction φ", ylabel="MiB allocated per op (solid)", title="Allocations per op")
+    blocks_axis.set_ylabel("fresh KV blocks per op (dashed)")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8, loc="lower left")
+    blocks_axis.legend(fontsize=8, loc="upper right")
+    fig.suptitle(caption(result["info"]), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    model = load_model(args)
+    finish(run(model, args), args, "throughput", plot, tables)
+
+
+if __name__ == "__main__":
+    main()

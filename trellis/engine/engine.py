@@ -1,0 +1,179 @@
+"""Continuous batching of many sessions over one model's block pool and radix cache."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.generation.continuous_batching.requests import RequestStatus
+
+from trellis.cache.block_pool import OutOfBlocksError
+from trellis.cache.manager import KVCacheManager
+from trellis.engine.sampling import SamplingParams, sample
+from trellis.engine.session import Session
+
+if TYPE_CHECKING:
+    from trellis.models.llama import TrellisLlama
+
+
+class Engine:
+    """Serves sessions of one ``TrellisLlama`` together, one packed forward per step.
+
+    A step admits waiting sessions (FIFO) and runs one forward over the prompt suffixes of the
+    newly admitted (their cached prefixes are skipped) and the last token of every running
+    session, then samples a token for each. Sessions join as soon as blocks allow and leave as
+    soon as they finish, releasing their blocks; their full blocks (prompt and answer) stay in
+    the radix cache for the next turn.
+
+    Admission takes the session's cached prefix and reserves blocks for every token it may
+    compute (prompt + ``max_new_tokens - 1``), evicting unused cached prefixes if needed. So a
+    running session never runs out of blocks and is never preempted: a session that does not fit
+    waits for running ones to finish. One that could never fit is refused when it is added.
+    """
+
+    def __init__(self, model: TrellisLlama, max_batch_tokens: int = 4096, max_running: int = 256) -> None:
+        if max_batch_tokens < 1 or max_running < 1:
+            raise ValueError("max_batch_tokens and max_running must be positive")
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens  # prefill tokens admitted per step (one prompt always fits)
+        self.max_running = max_running
+        self.waiting: deque[Session] = deque()
+        self.running: list[Session] = []
+        self._ids = itertools.count()
+        self._manager: KVCacheManager | None = None  # the cache the running sessions live in
+        self.fresh_blocks = 0  # blocks admissions took from the pool rather than from the cache
+        self.peak_live_blocks = 0  # most distinct blocks held by running sessions at once
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def add(self, prompt: Seq[int], params: SamplingParams | None = None, request_id: str | None = None) -> Session:
+        """Queue a session; raises ``OutOfBlocksError`` if the pool could never hold it."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise ValueError("cannot generate from an empty prompt")
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise ValueError(f"prompt has a token id outside the vocabulary [0, {vocab})")
+        session = Session(request_id or f"req_{next(self._ids)}", prompt, params)
+        self.model._check_positions(session.kv_tokens)
+        pool = self.model.prefix_cache.pool
+        needed = -(-session.kv_tokens // pool.block_size)
+        if needed > pool.num_blocks:
+            raise OutOfBlocksError(
+                f"request {session.request_id} can never fit: {len(prompt)} prompt tokens + {params.max_new_tokens} "
+                f"new tokens need {needed} blocks of {pool.block_size}, the pool has {pool.num_blocks}; "
+                "raise num_blocks / kv_cache_memory or lower max_new_tokens"
+            )
+        session.generator = params.make_generator(self.model.device)
+        self.waiting.append(session)
+        return session
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self, on_finish: Callable[[Session], None] | None = None) -> None:
+        """Step until every queued session has finished."""
+        while self.has_work:
+            for session in self.step():
+                if on_finish is not None:
+                    on_finish(session)
+
+    def generate(self, prompts: Iterable[Seq[int]], params: SamplingParams | None = None) -> list[Session]:
+        """Run ``prompts`` to completion together; the sessions, in order."""
+        sessions = [self.add(p, params) for p in prompts]
+        self.run()
+        return sessions
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[Session]:
+        """Admit what fits, run one forward, sample; returns the sessions that finished."""
+        with self.model._forward_lock, torch.no_grad():  # one forward at a time on the shared pool
+            manager = self.model.prefix_cache
+            if self.running and manager is not self._manager:
+                reason = "the model's KV cache was rebuilt (new weights, dtype, device or cache settings)"
+                self.abort(reason)
+                raise RuntimeError(f"{reason} while sessions were running; they were failed")
+            self._manager = manager
+            self._admit(manager)
+            if not self.running:
+                return []
+            sessions = list(self.running)
+            try:
+                hidden, batch = self.model.forward_paged([s.seq for s in sessions])  # [T, H]
+            except BaseException as exc:
+                self.abort(f"forward failed: {exc!r}")
+                raise
+            logits = self.model.lm_head(hidden[batch.last_token_index])  # [B, V]
+            tokens, logprobs = sample(logits, [s.params for s in sessions], [s.generator for s in sessions])
+            now = time.perf_counter()
+            finished = []
+            for session, token, logprob in zip(sessions, tokens, logprobs):
+                if session.add_token(token, logprob, now):
+                    manager.release(session.seq)  # full blocks, prompt and answer, go to the radix cache
+                    session.status, session.finished_time = RequestStatus.FINISHED, now
+                    finished.append(session)
+                else:
+                    manager.append(session.seq, [token])  # blocks reserved at admission: allocates nothing
+                    session.status = RequestStatus.DECODING
+            self.running = [s for s in self.running if s.status != RequestStatus.FINISHED]
+            return finished
+
+    def _admit(self, manager: KVCacheManager) -> None:
+        budget = self.max_batch_tokens - len(self.running)  # each running session adds one token
+        admitted = 0
+        with manager.lock:
+            while self.waiting and len(self.running) < self.max_running:
+                session = self.waiting[0]
+                hit_blocks = len(manager.radix.match(session.prompt).blocks)
+                if len(session.prompt) - hit_blocks * manager.block_size > budget and (admitted or self.running):
+                    break  # next step: this forward is full
+                if not self._try_admit(manager, session, hit_blocks):
+                    if self.running:
+                        break  # wait: running sessions will free blocks as they finish
+                    raise OutOfBlocksError(
+                        f"request {session.request_id} does not fit in the KV pool even after eviction, and this "
+                        f"engine runs nothing that could free blocks ({len(manager.live)} sessions held elsewhere, "
+                        f"{manager.pool.num_free} of {manager.pool.num_blocks} blocks free)"
+                    )
+                self.waiting.popleft()
+                self.running.append(session)
+                budget -= session.seq.num_new
+                admitted += 1
+            live = {b for s in self.running for b in s.seq.block_ids}
+            self.peak_live_blocks = max(self.peak_live_blocks, len(live))
+
+    def _try_admit(self, manager: KVCacheManager, session: Session, hit_blocks: int) -> bool:
+        """Take the session's cached prefix and reserve all its blocks, or change nothing."""
+        needed = -(-session.kv_tokens // manager.block_size) - hit_blocks
+        # Optimistic (the matched blocks may be among the evictable ones): the reservation decides.
+        if needed > manager.pool.num_free + manager.radix.evictable_blocks():
+            return False
+        try:
+            seq = manager.admit(session.prompt)
+        except OutOfBlocksError:
+            return False
+        try:
+            manager.reserve(seq, extra_tokens=session.kv_tokens - len(session.prompt))
+        except OutOfBlocksError:
+            manager.release(seq, commit=False)
+            return False
+        session.seq, session.num_cached_tokens = seq, seq.num_prefix_hit
+        session.status, session.admitted_time = RequestStatus.PREFILLING, time.perf_counter()
+        self.fresh_blocks += len(seq.block_ids) - seq.num_prefix_hit // manager.block_size
+        return True
+
+    def abort(self, reason: str) -> None:
+        """Fail every session not yet finished and give its blocks back, committing nothing."""
+        for session in self.running:
+            self._manager.release(session.seq, commit=False)
+        for session in [*self.running, *self.waiting]:
+            session.status, session.error = RequestStatus.FAILED, reason
+            self.running, self.waiting = [], deque()

@@ -1,0 +1,107 @@
+"""Choosing each session's next token: greedy, or sampling with temperature, top-k and top-p.
+
+The semantics follow transformers' logits warpers (temperature, then top-k, then top-p, always
+keeping the most likely token), so a request behaves as it would under ``generate()``. Each
+session samples from its own ``torch.Generator``: its tokens depend on its seed only, not on
+which other sessions happen to share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one session generates. ``top_k=0`` and ``top_p=1.0`` disable those filters."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting any of these
+    seed: int | None = None  # None: drawn from torch's global RNG (so ``torch.manual_seed`` fixes it)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be positive when sampling, got {self.temperature!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @classmethod
+    def from_generation_config(cls, config: GenerationConfig, seed: int | None = None) -> SamplingParams:
+        """The settings of a transformers ``GenerationConfig`` that decide the tokens; its
+        ``eos_token_id`` (an int or a list; negative ids mean none) become the stop tokens."""
+        eos = config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(
+            max_new_tokens=config.max_new_tokens if config.max_new_tokens is not None else 20,
+            do_sample=bool(config.do_sample),
+            temperature=config.temperature if config.temperature is not None else 1.0,
+            top_k=config.top_k or 0,
+            top_p=config.top_p if config.top_p is not None else 1.0,
+            stop_token_ids=tuple(int(t) for t in eos if t >= 0),
+            seed=seed,
+        )
+
+    def make_generator(self, device: torch.device) -> torch.Generator | None:
+        """The session's private RNG (None for greedy decoding, which needs none)."""
+        if not self.do_sample:
+            return None
+        seed = self.seed if self.seed is not None else int(torch.randint(2**62, ()))
+        return torch.Generator(device=device).manual_seed(seed)
+
+
+def filter_logits(
+    logits: torch.Tensor,  # [B, V]
+    temperature: torch.Tensor,  # [B] float
+    top_k: torch.Tensor,  # [B] int64, 0 = no limit
+    top_p: torch.Tensor,  # [B] float, 1.0 = no limit
+) -> torch.Tensor:
+    """Temperature-scaled logits with the tokens outside each row's top-k / top-p set to -inf."""
+    scaled = logits.float() / temperature[:, None]  # [B, V]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
+    rank = torch.arange(scaled.shape[-1], device=scaled.device)  # [V]
+    limit = torch.where(top_k > 0, top_k, scaled.shape[-1])  # [B]
+    removed = rank[None, :] >= limit[:, None]  # [B, V]
+    probs = sorted_logits.masked_fill(removed, float("-inf")).softmax(dim=-1)  # [B, V]
+    # A token stays if the tokens ranked above it hold less than top_p of the mass: the first always does.
+    # top_p = 1 keeps everything (a float cumsum may reach 1 before the last token).
+    mass_above = probs.cumsum(dim=-1) - probs  # [B, V]
+    removed |= (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
+    kept = sorted_logits.masked_fill(removed, float("-inf"))  # [B, V]
+    return torch.full_like(scaled, float("-inf")).scatter(-1, order, kept)  # [B, V]
+
+
+def sample(
+    logits: torch.Tensor,  # [B, V], the last position of each session
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> tuple[list[int], list[float]]:
+    """The next token of each row and its log-probability under the distribution it was drawn from."""
+    tokens = logits.argmax(dim=-1)  # [B]
+    logprobs = logits.float().log_softmax(dim=-1)  # [B, V]
+    sampled = [i for i, p in enumerate(params) if p.do_sample]
+    if sampled:
+        device = logits.device
+        rows = torch.tensor(sampled, device=device)  # [S]
+        filtered = filter_logits(
+            logits[rows],
+            torch.tensor([params[i].temperature for i in sampled], device=device),
+            torch.tensor([params[i].top_k for i in sampled], device=device),
+            torch.tensor([params[i].top_p for i in sampled], device=device),
+        )  # [S, V]
+        probs = filtered.softmax(dim=-1)  # [S, V]
+        for j, i in enumerate(sampled):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+        logprobs[rows] = probs.log()
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [B]
+    return tokens.tolist(), chosen.tolist()

@@ -1,0 +1,82 @@
+"""One generation request as the engine runs it, and the result it hands back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
+
+from trellis.cache.manager import Sequence
+from trellis.engine.sampling import SamplingParams
+
+
+@dataclass
+class TrellisGenerationOutput(GenerationOutput):
+    """transformers' ``GenerationOutput`` (so code written for its ``generate_batch`` reads it
+    unchanged) plus what prefix caching changes: times in seconds, counts in tokens."""
+
+    ttft: float = -1.0  # from submission to the first generated token (queueing + prefill)
+    num_cached_tokens: int = 0  # prompt tokens served from the radix cache instead of being prefilled
+    decode_time: float = 0.0  # from the first generated token to the last
+
+
+@dataclass(eq=False)
+class Session:
+    """A prompt, how to continue it, and its progress: waiting, then running (prefill, decode), then finished.
+
+    ``seq`` is the session's paged KV sequence while it runs: admission takes the cached prefix of
+    ``prompt`` and reserves blocks for every token the session may still compute.
+    """
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    seq: Sequence | None = None
+    status: RequestStatus = RequestStatus.PENDING
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was chosen
+    created_time: float = field(default_factory=time.perf_counter)
+    admitted_time: float = -1.0
+    finished_time: float = -1.0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens whose K/V the session may compute: the prompt and all but its last generated token."""
+        return len(self.prompt) + self.params.max_new_tokens - 1
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.created_time if self.token_times else -1.0
+
+    @property
+    def decode_time(self) -> float:
+        return self.token_times[-1] - self.token_times[0] if self.token_times else 0.0
+
+    def add_token(self, token: int, logprob: float, now: float) -> bool:
+        """Record a generated token; True when the session is done (stop token or token budget)."""
+        self.generated.append(token)
+        self.logprobs.append(logprob)
+        self.token_times.append(now)
+        return token in self.params.stop_token_ids or len(self.generated) >= self.params.max_new_tokens
+
+    def to_output(self, record_timestamps: bool = False, return_logprobs: bool = False) -> TrellisGenerationOutput:
+        return TrellisGenerationOutput(
+            request_id=self.request_id,
+            prompt_ids=list(self.prompt),
+            generated_tokens=list(self.generated),
+            logprobs=list(self.logprobs) if return_logprobs else [],
+            error=self.error,
+            status=self.status,
+            created_time=self.created_time,
+            lifespan=(self.admitted_time, self.finished_time),
+            timestamps=list(self.token_times) if record_timestamps else None,
+            ttft=self.ttft,
+            num_cached_tokens=self.num_cached_tokens,
+            decode_time=self.decode_time,
+        )
