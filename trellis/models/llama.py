@@ -27,6 +27,27 @@ from trellis.models.loading import default_kv_cache_memory, load_llama_config, r
 from trellis.models.paged_cache import PagedKVCache
 
 
+# Bumped whenever any module or parameter is registered anywhere (a replaced parameter, an
+# added adapter), so that TrellisLlama re-walks its parameters only when they may have changed.
+_registrations = [0]
+
+
+def _count_registration(*args) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def _peft_tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    if "peft" not in sys.modules:  # no adapters without peft; never import it ourselves
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
 class TrellisLlama(LlamaForCausalLM):
     """A drop-in ``LlamaForCausalLM`` whose successive calls reuse cached prompt prefixes.
 
@@ -55,6 +76,7 @@ class TrellisLlama(LlamaForCausalLM):
             block_size, num_blocks, kv_cache_memory, backend)
         self._kv_manager: KVCacheManager | None = None
         self._kv_key: tuple | None = None  # what the cached K/V were computed with
+        self._watched_epoch = -1  # see _weights_state
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, block_size: int = 32,
@@ -100,13 +122,14 @@ class TrellisLlama(LlamaForCausalLM):
 
     def _weights_state(self) -> int:
         """Changes whenever a parameter is replaced or modified in place (its version counter),
-        or a PEFT adapter is switched, enabled or disabled."""
-        state: list = [(p.data_ptr(), p._version) for p in self.parameters()]
-        if "peft" in sys.modules:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            state += [(tuple(m.active_adapters), m.disable_adapters) for m in self.modules()
-                      if isinstance(m, BaseTunerLayer)]
+        or a PEFT adapter is switched, enabled or disabled. Cheap enough for every forward: the
+        parameter list is only re-walked after some module or parameter was registered."""
+        if self._watched_epoch != _registrations[0]:
+            self._watched_params = list(self.parameters())
+            self._watched_adapters = _peft_tuner_layers(self)
+            self._watched_epoch = _registrations[0]
+        state = [(p.data_ptr(), p._version) for p in self._watched_params]
+        state += [(tuple(m.active_adapters), m.disable_adapters) for m in self._watched_adapters]
         return hash(tuple(state))
 
     def save_prefix_cache(self, path: str | os.PathLike) -> int:
