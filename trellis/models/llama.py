@@ -26,7 +26,6 @@ from trellis.models.attention import ATTN_IMPLEMENTATION
 from trellis.models.loading import default_kv_cache_memory, load_llama_config, resolve_device
 from trellis.models.paged_cache import PagedKVCache
 
-
 # Bumped whenever any module or parameter is registered anywhere (a replaced parameter, an
 # added adapter), so that TrellisLlama re-walks its parameters only when they may have changed.
 _registrations = [0]
