@@ -75,11 +75,13 @@ def test_bad_arguments_name_the_problem():
     case = make_case([2], [5])
     with pytest.raises(ValueError, match="block_table must be int32"):
         ops.paged_attention(
-            case.q, case.k_cache, case.v_cache, case.block_table.long(), case.seq_lens, case.cu_seqlens_q, case.scale
+            case.q, case.k_cache, case.v_cache, case.block_table.long(), case.seq_lens, case.cu_seqlens_q, case.scale,
+            backend="reference",
         )
     with pytest.raises(ValueError, match="not a multiple of KV heads"):
         ops.paged_attention(
-            case.q[:, :3], case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.scale
+            case.q[:, :3].contiguous(), case.k_cache, case.v_cache, case.block_table, case.seq_lens,
+            case.cu_seqlens_q, case.scale, backend="reference",
         )
     with pytest.raises(ValueError, match="unknown backend"):
         ops.paged_attention(

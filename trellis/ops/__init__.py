@@ -3,8 +3,9 @@
 The ops are registered with ``torch.library``; the pure-PyTorch reference serves every device
 (it is registered as CompositeExplicitAutograd), and compiled backends register for their own
 dispatch key when they load: the C++ kernels for CPU, the Triton kernels for CUDA. The functions
-below check their arguments, load the best backend for the device on first use, and let a
-caller (or ``TRELLIS_BACKEND=reference|cpp|triton``) force one. See ``reference.py`` for shapes.
+below load the best backend for the device on first use, let a caller (or
+``TRELLIS_BACKEND=reference|cpp|triton``) force one, and check arguments with clear errors
+(the compiled launchers check their own). See ``reference.py`` for shapes.
 """
 
 from __future__ import annotations
@@ -56,16 +57,22 @@ def load_backend(name: str) -> bool:
     return _loaded[name]
 
 
+_defaults: dict[tuple[str | None, str], str] = {}  # (TRELLIS_BACKEND, device type) -> backend
+
+
 def default_backend(device: torch.device) -> str:
-    """The fastest backend that works on ``device``: ``TRELLIS_BACKEND`` if set, else by device type."""
-    forced = os.environ.get("TRELLIS_BACKEND")
-    if forced:
-        check_backend(forced, device)
-        return forced
-    for name, (_, device_type) in _COMPILED_BACKENDS.items():
-        if device.type == device_type and load_backend(name):
-            return name
-    return "reference"
+    """The fastest backend that works on ``device``: ``TRELLIS_BACKEND`` if set, else by device type.
+    Resolved once per device type (this sits on the per-layer path)."""
+    key = (os.environ.get("TRELLIS_BACKEND") or None, device.type)
+    if key not in _defaults:
+        forced, _ = key
+        if forced:
+            check_backend(forced, device)
+        _defaults[key] = forced or next(
+            (name for name, (_, kind) in _COMPILED_BACKENDS.items() if kind == device.type and load_backend(name)),
+            "reference",
+        )
+    return _defaults[key]
 
 
 def check_backend(name: str, device: torch.device) -> None:
@@ -96,10 +103,10 @@ def store_kv(
     backend: str | None = None,
 ) -> None:
     """Write new K/V ``[T, Hkv, D]`` into the paged caches at ``slot_mapping[T]`` (int64)."""
-    _check_store_kv(k, v, k_cache, v_cache, slot_mapping)
     if _resolve(backend, k.device) == "reference":
+        _check_store_kv(k, v, k_cache, v_cache, slot_mapping)
         reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
-    else:
+    else:  # the compiled launchers check their own arguments
         torch.ops.trellis.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -117,10 +124,10 @@ def paged_attention(
     """Attention of packed queries ``q[T, Hq, D]`` over each sequence's paged K/V; returns ``out``."""
     if out is None:
         out = torch.empty_like(q)
-    _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
     if _resolve(backend, q.device) == "reference":
+        _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
         reference.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out)
-    else:
+    else:  # the compiled launchers check their own arguments
         torch.ops.trellis.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out)
     return out
 

@@ -1,0 +1,224 @@
+// The math of one key tile of paged attention, in fp32, vectorised with at::vec.
+//
+// Layout: a work item has `rows` query rows (query tokens x the query heads of one KV head).
+// Rows run along the SIMD lanes: Q is held transposed and scores come out as st[key][ldq], so
+// K rows are used as they lie in the cache (broadcast, no transposes), the online softmax is
+// vertical, and P @ V broadcasts one probability against a chunk of a V row.
+//   - Row vectors (ldq = rows rounded up to whole vectors): qt[D][ldq].
+//   - Paired, for at most half a vector of rows (decode with small GQA groups): ldq = VL/2 and
+//     a vector holds two key slots. qt[D/2][VL] has lane 2r+b = q[r][2m+b], K is broadcast two
+//     adjacent elements at a time, and each lane sums every other d; adding the lane pairs
+//     gives st[key][row] for two keys. This halves the multiply-adds when rows would fill
+//     only half the lanes.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace trellis {
+
+using Vec = at::vec::Vectorized<float>;
+
+constexpr int kKeyTile = 32;        // keys per tile
+constexpr int kMaxRowVecs = 4;      // row vectors per score micro-kernel call
+constexpr int kAccRegs = Vec::size() >= 16 ? 16 : 8;  // accumulators that fit the register file
+constexpr int kPvRows = 8;          // rows per P @ V micro-kernel call
+
+// Calls f(std::integral_constant<int, R>{}) for the runtime count 1 <= r <= Max.
+template <int Max, typename F>
+inline void with_count(int64_t r, const F& f) {
+  if constexpr (Max > 1) {
+    if (r < Max) return with_count<Max - 1>(r, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+// ldq for `rows` query rows: half a vector (paired layout) or whole vectors.
+inline int64_t score_stride(int64_t rows, int64_t head_dim) {
+  if (2 * rows <= Vec::size() && head_dim % 2 == 0) return Vec::size() / 2;
+  return (rows + Vec::size() - 1) / Vec::size() * Vec::size();
+}
+
+// Where q[r][d] goes in qt for the layout of `ldq`.
+inline int64_t qt_index(int64_t r, int64_t d, int64_t ldq) {
+  return ldq < Vec::size() ? d / 2 * Vec::size() + 2 * r + d % 2 : d * ldq + r;
+}
+
+// Lanes of per-row statistics (running max and sum, limits): both key slots in the paired layout.
+inline int64_t stat_lanes(int64_t ldq) { return std::max<int64_t>(ldq, Vec::size()); }
+
+// `n` elements of storage type T -> fp32 (a copy for fp32).
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec x;
+    if constexpr (std::is_same_v<T, float>) {
+      x = Vec::loadu(src + i);
+    } else {
+      at::vec::load_to_float(src + i, x);
+    }
+    x.store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// st[b][v] = sum_d k[b][d] * qt[d][v] for KB keys (rows `ldk` apart) and NR row vectors. Only
+// `valid` rows exist: the others repeat the last one (their scores are never read).
+template <int NR, int KB>
+inline void qk_block(const float* qt, int64_t ldq, const float* k, int64_t ldk, int64_t valid, int64_t head_dim,
+                     float* st) {
+  const float* kb_row[KB];
+  for (int b = 0; b < KB; ++b) kb_row[b] = k + std::min<int64_t>(b, valid - 1) * ldk;
+  Vec acc[KB][NR];
+  for (int b = 0; b < KB; ++b)
+    for (int r = 0; r < NR; ++r) acc[b][r] = Vec(0.f);
+  for (int64_t d = 0; d < head_dim; ++d) {
+    Vec q[NR];
+    for (int r = 0; r < NR; ++r) q[r] = Vec::loadu(qt + d * ldq + r * Vec::size());
+    for (int b = 0; b < KB; ++b) {
+      const Vec kb(kb_row[b][d]);
+      for (int r = 0; r < NR; ++r) acc[b][r] = at::vec::fmadd(kb, q[r], acc[b][r]);
+    }
+  }
+  for (int b = 0; b < KB; ++b)
+    for (int r = 0; r < NR; ++r) acc[b][r].store(st + b * ldq + r * Vec::size());
+}
+
+template <int NR>
+inline void qk_keys(const float* qt, int64_t ldq, const float* k, int64_t ldk, int64_t n, int64_t head_dim, float* st) {
+  constexpr int KB = std::min(8, kAccRegs / NR);
+  for (int64_t j = 0; j < n; j += KB) qk_block<NR, KB>(qt, ldq, k + j * ldk, ldk, n - j, head_dim, st + j * ldq);
+}
+
+// The paired layout: st[b][:] for KB keys (KB even), two keys per output vector.
+template <int KB>
+inline void qk_pairs(const float* qt, const float* k, int64_t ldk, int64_t valid, int64_t head_dim, float* st) {
+  const float* kb_row[KB];
+  for (int b = 0; b < KB; ++b) kb_row[b] = k + std::min<int64_t>(b, valid - 1) * ldk;
+  Vec acc[KB];
+  for (int b = 0; b < KB; ++b) acc[b] = Vec(0.f);
+  for (int64_t d = 0; d < head_dim; d += 2) {
+    const Vec q = Vec::loadu(qt + d / 2 * Vec::size());
+    for (int b = 0; b < KB; ++b) {
+      double pair;  // k[d], k[d + 1], broadcast as one 64-bit element
+      std::memcpy(&pair, kb_row[b] + d, sizeof(pair));
+      acc[b] = at::vec::fmadd(at::vec::cast<float>(at::vec::Vectorized<double>(pair)), q, acc[b]);
+    }
+  }
+  for (int b = 0; b < KB; b += 2) {
+    const auto [even, odd] = at::vec::deinterleave2(acc[b], acc[b + 1]);
+    (even + odd).store(st + b * Vec::size() / 2);
+  }
+}
+
+// Scores st[key][row] = q_row . k_key for the tile's `n` keys, every row.
+inline void qk_scores(const float* qt, int64_t ldq, const float* k, int64_t ldk, int64_t n, int64_t head_dim,
+                      float* st) {
+  if (ldq < Vec::size()) {
+    constexpr int KB = 8;
+    for (int64_t j = 0; j < n; j += KB) qk_pairs<KB>(qt, k + j * ldk, ldk, n - j, head_dim, st + j * ldq);
+    return;
+  }
+  const int64_t vecs = ldq / Vec::size();
+  for (int64_t v0 = 0; v0 < vecs; v0 += kMaxRowVecs) {
+    const float* q = qt + v0 * Vec::size();
+    float* s = st + v0 * Vec::size();
+    with_count<kMaxRowVecs>(vecs - v0, [&](auto nr) { qk_keys<decltype(nr)::value>(q, ldq, k, ldk, n, head_dim, s); });
+  }
+}
+
+// [x[VL/2:], x[:VL/2]]
+inline Vec halves_swapped(const Vec& x) {
+  float twice[2 * Vec::size()];
+  x.store(twice);
+  x.store(twice + Vec::size());
+  return Vec::loadu(twice + Vec::size() / 2);
+}
+
+// Online softmax over one tile, lane by lane: masks keys at or past each row's `limit` (causal,
+// absolute key positions as floats) when `masked`, turns st into probabilities against the
+// running max m, updates the running sum l, and returns in `alpha` the factor that moves the
+// row's accumulator to the new max. In the paired layout m, l, alpha and limit have a lane per
+// (row, key slot): the slots' maxima are merged every tile, so both copies of a row agree on
+// m and alpha, and the row's sum is l[r] + l[r + VL/2].
+inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool masked, const float* limit, float* m,
+                         float* l, float* alpha) {
+  const Vec neg_inf(-std::numeric_limits<float>::infinity());
+  const bool paired = ldq < Vec::size();
+  const int slots = paired ? 2 : 1;  // keys per vector
+  const Vec slot = paired ? Vec::blendv(Vec(0.f), Vec(1.f), Vec::arange(0.f, 1.f) >= Vec(ldq)) : Vec(0.f);
+  masked = masked || n % slots != 0;  // an odd tile leaves the last vector's second slot empty
+  const Vec tile_end(static_cast<float>(key0 + n));
+  for (int64_t c = 0; c < stat_lanes(ldq); c += Vec::size()) {
+    const Vec lim = at::vec::minimum(Vec::loadu(limit + c), tile_end);
+    Vec tile_max = neg_inf;
+    for (int64_t j = 0; j < n; j += slots) {
+      float* ptr = st + j * ldq + c;
+      Vec s = Vec::loadu(ptr);
+      if (masked) {
+        s = Vec::blendv(s, neg_inf, Vec(static_cast<float>(key0 + j)) + slot >= lim);
+        s.store(ptr);
+      }
+      tile_max = at::vec::maximum(tile_max, s);
+    }
+    if (paired) tile_max = at::vec::maximum(tile_max, halves_swapped(tile_max));
+    const Vec m_old = Vec::loadu(m + c);
+    const Vec m_new = at::vec::maximum(m_old, tile_max);
+    // A row with no visible key yet keeps m = -inf; subtract 0 then so exp gives 0, not NaN.
+    const Vec m_sub = Vec::blendv(m_new, Vec(0.f), m_new == neg_inf);
+    Vec sum(0.f);
+    for (int64_t j = 0; j < n; j += slots) {
+      float* ptr = st + j * ldq + c;
+      const Vec p = (Vec::loadu(ptr) - m_sub).exp_u20();
+      p.store(ptr);
+      sum = sum + p;
+    }
+    const Vec a = (m_old - m_sub).exp_u20();
+    (Vec::loadu(l + c) * a + sum).store(l + c);
+    m_new.store(m + c);
+    a.store(alpha + c);
+  }
+}
+
+// acc[i][:] += sum_j pt[j][i] * v[j][:] for RB rows; V rows are `ldv` apart.
+template <int RB>
+inline void pv_rows(const float* pt, int64_t ldq, const float* v, int64_t ldv, int64_t n, int64_t head_dim,
+                    float* acc) {
+  int64_t c = 0;
+  for (; c + Vec::size() <= head_dim; c += Vec::size()) {
+    Vec a[RB];
+    for (int i = 0; i < RB; ++i) a[i] = Vec::loadu(acc + i * head_dim + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec vj = Vec::loadu(v + j * ldv + c);
+      const float* p = pt + j * ldq;
+      for (int i = 0; i < RB; ++i) a[i] = at::vec::fmadd(Vec(p[i]), vj, a[i]);
+    }
+    for (int i = 0; i < RB; ++i) a[i].store(acc + i * head_dim + c);
+  }
+  for (; c < head_dim; ++c)  // head_dim not a multiple of the vector width
+    for (int i = 0; i < RB; ++i)
+      for (int64_t j = 0; j < n; ++j) acc[i * head_dim + c] += pt[j * ldq + i] * v[j * ldv + c];
+}
+
+// acc[rows][D] = acc * alpha (per row) + P @ V over the tile's `n` keys.
+inline void pv_accumulate(const float* pt, int64_t ldq, const float* alpha, const float* v, int64_t ldv, int64_t n,
+                          int64_t rows, int64_t head_dim, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (alpha[r] == 1.f) continue;
+    const Vec a(alpha[r]);
+    at::vec::map([a](Vec x) { return x * a; }, acc + r * head_dim, acc + r * head_dim, head_dim);
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += kPvRows) {
+    const float* p = pt + r0;
+    float* o = acc + r0 * head_dim;
+    with_count<kPvRows>(rows - r0, [&](auto rb) { pv_rows<decltype(rb)::value>(p, ldq, v, ldv, n, head_dim, o); });
+  }
+}
+
+}  // namespace trellis

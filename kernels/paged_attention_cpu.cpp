@@ -1,0 +1,305 @@
+// trellis::paged_attention on CPU (see trellis/ops/reference.py for the spec): argument checks,
+// one work item's walk over its key tiles (fp32 online softmax, attention_tile.h), the merge
+// of split items, and the registration for the CPU dispatch key. work_plan.h cuts the work.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "attention_tile.h"
+#include "kv_cache_layout.h"
+#include "work_plan.h"
+
+namespace trellis {
+namespace {
+
+constexpr int64_t kMaxRows = kMaxRowVecs * Vec::size();  // query rows (tokens x query heads) per work item
+constexpr int64_t kStagedBytes = 32 * 1024;  // fp32 bytes of K (and of V) one staged tile may hold
+constexpr int64_t kMinParallelWork = 1 << 18;  // ~20 us of work on one core
+
+template <typename T>
+struct Problem {
+  const T* q;        // [T, Hq, D]
+  const T* k_cache;  // [N, S, Hkv, D]
+  const T* v_cache;
+  T* out;            // [T, Hq, D]
+  const int32_t* block_table;  // [B, max_blocks]
+  int64_t max_blocks, q_heads, kv_heads, group, head_dim, block_size;
+  float scale;
+  int64_t partial_rows;  // rows of one split slot
+  float* partial_out;    // [partials, partial_rows, D]
+  float* partial_lse;    // [partials, partial_rows]
+
+  // Row `r` of KV head `h` in an item: token r / group, query head h * group + r % group.
+  int64_t q_offset(const WorkItem& w, int64_t h, int64_t r) const {
+    return ((w.q_begin + r / group) * q_heads + h * group + r % group) * head_dim;
+  }
+};
+
+// Per-thread scratch, grown on demand and kept across calls. Per KV head of the item: Q^T
+// (D x ldq floats), the output accumulator [rows][D], the running max and sum [lanes]. The
+// scores [kKeyTile][ldq], and the staged tile as fp32, [kKeyTile][heads][D] for K and for V.
+struct Workspace {
+  std::vector<float> qt, acc, m, l, st, alpha, limit, k, v;
+
+  void reserve(int64_t heads, int64_t ldq, int64_t lanes, int64_t head_dim) {
+    grow(qt, heads * head_dim * ldq);
+    grow(acc, heads * ldq * head_dim);
+    grow(m, heads * lanes);
+    grow(l, heads * lanes);
+    grow(st, kKeyTile * ldq);
+    grow(alpha, lanes);
+    grow(limit, lanes);
+    grow(k, kKeyTile * heads * head_dim);
+    grow(v, kKeyTile * heads * head_dim);
+  }
+  static void grow(std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  }
+};
+
+// Copies (as fp32) the K/V rows of heads h0 .. h0+heads of the n keys from cache slot `slot`
+// on (one block) into the staged tile [n][heads][D], and prefetches (into L2) those of the
+// `next_n` keys from slot `next`. Decode reads every byte of K/V once, from DRAM, so this is
+// where its time goes: each key's heads are read as one run, key after key, which keeps the
+// reads sequential within a block; the prefetch covers the jump to the next block, which a
+// scattered block table makes unguessable, and interleaving it with the copy keeps the memory
+// system busy without stalling on a burst. (Reading the cache in place instead saves the copy,
+// about 20% on cache-resident data, but costs more than that once the data comes from DRAM,
+// which in a model is every call: the other layers evict it.)
+template <typename T>
+void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int64_t next_n, int64_t h0,
+                int64_t heads, Workspace& ws) {
+  const int64_t run = heads * p.head_dim, ld = p.kv_heads * p.head_dim;
+  const int64_t run_bytes = run * static_cast<int64_t>(sizeof(T)), ld_bytes = ld * static_cast<int64_t>(sizeof(T));
+  const T* k = p.k_cache + (slot * p.kv_heads + h0) * p.head_dim;
+  const T* v = p.v_cache + (slot * p.kv_heads + h0) * p.head_dim;
+  const char* k_next = reinterpret_cast<const char*>(p.k_cache + (next * p.kv_heads + h0) * p.head_dim);
+  const char* v_next = reinterpret_cast<const char*>(p.v_cache + (next * p.kv_heads + h0) * p.head_dim);
+  for (int64_t j = 0; j < std::max(n, next_n); ++j) {
+    for (int64_t byte = 0; j < next_n && byte < run_bytes; byte += 64) {
+      __builtin_prefetch(k_next + j * ld_bytes + byte, 0, 2);
+      __builtin_prefetch(v_next + j * ld_bytes + byte, 0, 2);
+    }
+    if (j < n) {
+      to_float(k + j * ld, ws.k.data() + j * run, run);
+      to_float(v + j * ld, ws.v.data() + j * run, run);
+    }
+  }
+}
+
+// How one item's rows sit in the workspace (see attention_tile.h for ldq and lanes).
+struct ItemLayout {
+  int64_t heads, rows, ldq, lanes;
+
+  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim)
+      : heads(w.kv_heads), rows(w.q_tokens * group), ldq(score_stride(rows, head_dim)), lanes(stat_lanes(ldq)) {}
+};
+
+// Q^T per head, pre-scaled (padding lanes zero), each lane's causal limit (padding lanes take
+// the last row's), and fresh running statistics.
+template <typename T>
+void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Workspace& ws) {
+  const int64_t D = p.head_dim;
+  std::fill(ws.qt.begin(), ws.qt.begin() + L.heads * D * L.ldq, 0.f);
+  for (int64_t hi = 0; hi < L.heads; ++hi) {
+    float* qt = ws.qt.data() + hi * D * L.ldq;
+    for (int64_t r = 0; r < L.rows; ++r) {
+      const T* q = p.q + p.q_offset(w, w.kv_head + hi, r);
+      for (int64_t d = 0; d < D; ++d) qt[qt_index(r, d, L.ldq)] = p.scale * static_cast<float>(q[d]);
+    }
+  }
+  for (int64_t lane = 0; lane < L.lanes; ++lane)
+    ws.limit[lane] = static_cast<float>(w.first_limit + std::min(lane % L.ldq, L.rows - 1) / p.group);
+  std::fill(ws.m.begin(), ws.m.begin() + L.heads * L.lanes, -std::numeric_limits<float>::infinity());
+  std::fill(ws.l.begin(), ws.l.begin() + L.heads * L.lanes, 0.f);
+  std::fill(ws.acc.begin(), ws.acc.begin() + L.heads * L.rows * D, 0.f);
+}
+
+// The item's key range, tile by tile. Tiles never cross a block (with blocks of at least
+// kKeyTile keys they are whole tiles), so a tile's rows are evenly spaced in the cache.
+template <typename T>
+void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Workspace& ws) {
+  const int64_t D = p.head_dim;
+  const int32_t* blocks = p.block_table + w.seq * p.max_blocks;
+  auto tile_keys = [&](int64_t key) {
+    return std::min<int64_t>({kKeyTile, w.kv_end - key, p.block_size - key % p.block_size});
+  };
+  auto slot = [&](int64_t key) { return blocks[key / p.block_size] * p.block_size + key % p.block_size; };
+  for (int64_t key0 = w.kv_begin, n = 0; key0 < w.kv_end; key0 += n) {
+    n = tile_keys(key0);
+    const int64_t next = key0 + n, next_n = next < w.kv_end ? tile_keys(next) : 0;
+    const bool masked = key0 + n > w.first_limit;  // some row's causal limit falls in this tile
+    stage_tile(p, slot(key0), n, next_n > 0 ? slot(next) : 0, next_n, w.kv_head, L.heads, ws);
+    for (int64_t hi = 0; hi < L.heads; ++hi) {  // head hi's key j: staged row j, offset hi * D
+      float *m = ws.m.data() + hi * L.lanes, *l = ws.l.data() + hi * L.lanes;
+      qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
+      softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), m, l, ws.alpha.data());
+      pv_accumulate(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, L.rows, D,
+                    ws.acc.data() + hi * L.rows * D);
+    }
+  }
+}
+
+// Normalised rows to `out`, or (split items) to the split scratch with their log-sum-exps.
+template <typename T>
+void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, const Workspace& ws) {
+  const int64_t D = p.head_dim;
+  for (int64_t i = 0; i < L.heads * L.rows; ++i) {  // i = hi * rows + r
+    const int64_t hi = i / L.rows, r = i % L.rows;
+    const float* lane_sums = ws.l.data() + hi * L.lanes;
+    const float l = L.lanes > L.ldq ? lane_sums[r] + lane_sums[r + L.ldq] : lane_sums[r];  // paired: 2 slots
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // l == 0: a split wholly past this row's causal limit
+    const float* acc = ws.acc.data() + i * D;
+    if (w.partial < 0) {
+      T* o = p.out + p.q_offset(w, w.kv_head + hi, r);
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+    } else {
+      const int64_t slot = w.partial * p.partial_rows + i;
+      for (int64_t d = 0; d < D; ++d) p.partial_out[slot * D + d] = acc[d] * inv;
+      p.partial_lse[slot] = l > 0.f ? ws.m[hi * L.lanes + r] + std::log(l) : -INFINITY;
+    }
+  }
+}
+
+template <typename T>
+void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
+  const ItemLayout layout(w, p.group, p.head_dim);
+  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim);
+  begin_item(p, w, layout, ws);
+  attend_tiles(p, w, layout, ws);
+  finish_item(p, w, layout, ws);
+}
+
+// out = sum_s exp(lse_s - max) * o_s / sum_s exp(lse_s - max), per row.
+template <typename T>
+void merge_splits(const Problem<T>& p, const SplitGroup& g, std::vector<float>& row) {
+  const WorkItem& w = g.base;
+  const int64_t D = p.head_dim, rows = w.q_tokens * p.group;
+  row.resize(D);
+  for (int64_t i = 0; i < w.kv_heads * rows; ++i) {
+    float max_lse = -INFINITY;
+    for (int64_t s = 0; s < g.count; ++s)
+      max_lse = std::max(max_lse, p.partial_lse[(g.first_partial + s) * p.partial_rows + i]);
+    std::fill(row.begin(), row.end(), 0.f);
+    float total = 0.f;
+    for (int64_t s = 0; s < g.count; ++s) {
+      const int64_t slot = (g.first_partial + s) * p.partial_rows + i;
+      const float weight = std::exp(p.partial_lse[slot] - max_lse);
+      total += weight;
+      const Vec wv(weight);
+      at::vec::map2([wv](Vec acc, Vec o) { return at::vec::fmadd(wv, o, acc); }, row.data(), row.data(),
+                    p.partial_out + slot * D, D);
+    }
+    T* o = p.out + p.q_offset(w, w.kv_head + i / rows, i % rows);
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(row[d] / total);
+  }
+}
+
+// Runs f(i) for i in [0, n) on `threads` threads, each taking the next index from a shared counter.
+template <typename F>
+void parallel_pull(int64_t n, int64_t threads, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(n, threads), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i);
+  });
+}
+
+void check_arguments(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                     const at::Tensor& out) {
+  check_kv_cache(k_cache, v_cache);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "paged_attention supports float32, float16 and bfloat16, got ", dtype);
+  TORCH_CHECK(q.dim() == 3, "q must be [T, Hq, D], got ", q.sizes());
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == dtype, "out must match q in shape and dtype");
+  TORCH_CHECK(k_cache.scalar_type() == dtype, "q dtype ", dtype, " != cache dtype ", k_cache.scalar_type());
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "q head_dim ", q.size(2), " != cache head_dim ", k_cache.size(3));
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads ", q.size(1), " not a multiple of KV heads ",
+              k_cache.size(2));
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.is_contiguous(),
+              "block_table must be a contiguous int32 [B, max_blocks]");
+  const int64_t batch = block_table.size(0);
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == batch,
+              "seq_lens must be int32 [", batch, "]");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == batch + 1,
+              "cu_seqlens_q must be int32 [", batch + 1, "]");
+  for (const at::Tensor* t : {&q, &block_table, &seq_lens, &cu_seqlens_q, &out})
+    TORCH_CHECK(t->device().is_cpu(), "paged_attention tensors must all be on the CPU");
+}
+
+// The per-sequence values the kernel trusts: query ranges, lengths, and every used block id.
+void check_sequences(const int32_t* cu, const int32_t* kv_lens, const int32_t* table, int64_t batch,
+                     int64_t max_blocks, int64_t block_size, int64_t num_blocks, int64_t tokens) {
+  TORCH_CHECK(cu[0] == 0 && cu[batch] == tokens, "cu_seqlens_q must run from 0 to T = ", tokens);
+  for (int64_t s = 0; s < batch; ++s) {
+    const int64_t q_len = cu[s + 1] - cu[s], kv_len = kv_lens[s];
+    TORCH_CHECK(q_len >= 0 && q_len <= kv_len, "sequence ", s, ": ", q_len, " queries but seq_lens = ", kv_len);
+    TORCH_CHECK(kv_len <= max_blocks * block_size, "sequence ", s, ": seq_lens = ", kv_len,
+                " exceeds its block table (", max_blocks, " blocks of ", block_size, ")");
+    const int64_t used = q_len > 0 ? (kv_len + block_size - 1) / block_size : 0;
+    for (int64_t b = 0; b < used; ++b) {
+      const int32_t id = table[s * max_blocks + b];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "block_table[", s, ", ", b, "] = ", id, " is outside the cache (",
+                  num_blocks, " blocks)");
+    }
+  }
+}
+
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
+         const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, double scale, const at::Tensor& out) {
+  const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
+  const int32_t* kv_lens = seq_lens.const_data_ptr<int32_t>();
+  const int64_t batch = block_table.size(0), kv_heads = k_cache.size(2), group = q.size(1) / kv_heads;
+  check_sequences(cu, kv_lens, block_table.const_data_ptr<int32_t>(), batch, block_table.size(1), k_cache.size(1),
+                  k_cache.size(0), q.size(0));
+  // Waking threads costs microseconds (milliseconds when another process holds a core): small
+  // calls, e.g. decode over short contexts, run on the calling thread.
+  int64_t work = 0;  // query-key pairs x query heads x head_dim, causal masking aside
+  for (int64_t s = 0; s < batch; ++s) work += static_cast<int64_t>(cu[s + 1] - cu[s]) * kv_lens[s];
+  work *= q.size(1) * q.size(2);
+  const int64_t threads = work < kMinParallelWork ? 1 : at::get_num_threads();
+  const int64_t max_heads = std::max<int64_t>(1, kStagedBytes / (kKeyTile * q.size(2) * sizeof(float)));
+  const WorkPlan plan = plan_work(cu, kv_lens, batch, kv_heads, group, kMaxRows, max_heads, kKeyTile, threads);
+
+  Problem<T> p{q.const_data_ptr<T>(), k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(), out.data_ptr<T>(),
+               block_table.const_data_ptr<int32_t>(), block_table.size(1), q.size(1), kv_heads, group, q.size(2),
+               k_cache.size(1), static_cast<float>(scale), plan.partial_rows, nullptr, nullptr};
+  at::Tensor scratch;
+  if (plan.partials > 0) {  // [partials, partial_rows, D] outputs, then [partials, partial_rows] log-sum-exps
+    scratch = at::empty({plan.partials * p.partial_rows * (p.head_dim + 1)}, q.options().dtype(at::kFloat));
+    p.partial_out = scratch.data_ptr<float>();
+    p.partial_lse = p.partial_out + plan.partials * p.partial_rows * p.head_dim;
+  }
+  parallel_pull(static_cast<int64_t>(plan.items.size()), threads, [&](int64_t i) {
+    thread_local Workspace ws;
+    run_item(p, plan.items[i], ws);
+  });
+  parallel_pull(static_cast<int64_t>(plan.splits.size()), threads, [&](int64_t i) {
+    thread_local std::vector<float> row;
+    merge_splits(p, plan.splits[i], row);
+  });
+}
+
+void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                         double scale, const at::Tensor& out) {
+  check_arguments(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out);
+  switch (q.scalar_type()) {
+    case at::kFloat: return run<float>(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out);
+    case at::kHalf: return run<at::Half>(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out);
+    default: return run<at::BFloat16>(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trellis, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }
+
+}  // namespace trellis

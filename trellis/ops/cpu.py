@@ -1,0 +1,113 @@
+"""The C++ CPU kernels (``kernels/*.cpp``): found prebuilt or compiled with ninja, then registered.
+
+``load()`` makes ``trellis::store_kv`` and ``trellis::paged_attention`` run the C++ kernels for
+CPU tensors. It uses a library built ahead of time by setup.py (``cpp_extension()``) when one
+for this CPU is installed in the package, otherwise compiles the sources once with
+``torch.utils.cpp_extension.load`` (cached by torch under ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``; ninja rebuilds when a source or header changes). A prebuilt
+library wins over the sources: rebuild or delete it after editing ``kernels/``. Importing this
+module builds nothing.
+
+The kernels are compiled for the SIMD level PyTorch itself picked for this machine
+(``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, or portable code). That level is
+part of the library's name, so a cache shared between machines never hands one of them
+instructions it lacks, and ``ATEN_CPU_CAPABILITY=avx2`` selects (and builds) the AVX2 variant.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from setuptools import Extension
+
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+SOURCES = ("store_kv_cpu.cpp", "paged_attention_cpu.cpp")
+
+# at::vec picks its implementation from these macros; the -m flags let the compiler emit it.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def capability() -> str:
+    """The SIMD level the kernels are built for: ``AVX512``, ``AVX2`` or ``DEFAULT``."""
+    level = torch.backends.cpu.get_cpu_capability()
+    return level if level in _ISA_FLAGS else "DEFAULT"
+
+
+def library_name() -> str:
+    return f"trellis_cpu_{capability().lower()}"
+
+
+def build_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for this machine's SIMD level."""
+    # at::parallel_for is inlined from the OpenMP build of ATen: without -fopenmp it runs serially.
+    # Linking -fopenmp resolves to the libgomp torch already loaded (same soname), so one thread pool.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    return ["-O3", *_ISA_FLAGS.get(capability(), []), *openmp], openmp
+
+
+def cpp_extension() -> Extension:
+    """The ahead-of-time build, for setup.py run from the repository root::
+
+    ext_modules=[cpp_extension()], cmdclass={"build_ext": torch.utils.cpp_extension.BuildExtension}
+    """
+    from torch.utils.cpp_extension import CppExtension
+
+    compile_flags, link_flags = build_flags()
+    return CppExtension(
+        f"trellis.ops.{library_name()}",
+        [f"kernels/{source}" for source in SOURCES],
+        extra_compile_args=compile_flags,
+        extra_link_args=link_flags,
+    )
+
+
+def _prebuilt_library() -> Path | None:
+    return next(iter(sorted(Path(__file__).parent.glob(f"{library_name()}*.so"))), None)
+
+
+class BuildToolsMissing(RuntimeError):
+    """No prebuilt library and no way to build one here (compiler, ninja or sources missing)."""
+
+
+def _jit_build() -> None:
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise BuildToolsMissing(f"no C++ compiler ({compiler!r} not found; install g++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        raise BuildToolsMissing("ninja not found (pip install ninja)")
+    sources = [KERNEL_DIR / source for source in SOURCES]
+    if not all(source.is_file() for source in sources):
+        raise BuildToolsMissing(f"kernel sources not found in {KERNEL_DIR} and no prebuilt {library_name()} library")
+    compile_flags, link_flags = build_flags()
+    cpp_extension.load(
+        name=library_name(),
+        sources=[str(source) for source in sources],
+        extra_cflags=compile_flags,
+        extra_ldflags=link_flags,
+        is_python_module=False,  # the library registers the kernels with the dispatcher as it loads
+        verbose=os.environ.get("TRELLIS_VERBOSE_BUILD") == "1",
+    )
+
+
+@functools.cache
+def load() -> bool:
+    """Register the C++ kernels for CPU tensors; raises with the reason if they cannot be built."""
+    prebuilt = _prebuilt_library()
+    if prebuilt is not None:
+        torch.ops.load_library(str(prebuilt))
+    else:
+        _jit_build()
+    return True
