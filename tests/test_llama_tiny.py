@@ -1,5 +1,7 @@
 """TrellisLlama against plain transformers (sdpa) on tiny random-init Llama configs."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -175,4 +177,14 @@ def test_save_and_reload(tmp_path):
     assert again.config._attn_implementation == "trellis" and again.prefix_cache.block_size == 8
     ids = prompt(110, 10)
     assert torch.equal(again.generate(ids, max_new_tokens=5, do_sample=False),
+                       ref.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+def test_deepcopy_gets_its_own_empty_cache():
+    ref, model = tiny_pair()
+    ids = prompt(120, 10)
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    twin = copy.deepcopy(model)
+    assert twin.prefix_cache is not model.prefix_cache and twin.prefix_cache.stats()["cached_blocks"] == 0
+    assert torch.equal(twin.generate(ids, max_new_tokens=5, do_sample=False),
                        ref.generate(ids, max_new_tokens=5, do_sample=False))

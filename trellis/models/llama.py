@@ -61,6 +61,18 @@ class TrellisLlama(LlamaForCausalLM):
                              kv_cache_memory=kv_cache_memory, backend=backend)
         self._forward_lock = threading.RLock()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the weights and settings, not the lock or the cache."""
+        state = self.__dict__.copy()
+        for transient in ("_forward_lock", "_kv_manager", "_kv_key", "_watched_params", "_watched_adapters"):
+            state.pop(transient, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._forward_lock = threading.RLock()
+        self._kv_manager, self._kv_key, self._watched_epoch = None, None, -1
+
     def configure_cache(self, block_size: int = 32, num_blocks: int | None = None,
                         kv_cache_memory: int | None = None, backend: str | None = None) -> None:
         """Set the KV pool's geometry; takes effect (with an empty cache) at the next forward."""
