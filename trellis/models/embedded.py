@@ -65,7 +65,11 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # A GGUF-loaded model cannot be saved as is; a fresh model with its weights can.
-    fresh = LlamaForCausalLM(loaded.config)
+    config = loaded.config
+    # The weights are plain floats now; a stale GGUF quantization note would make later loads ask for the GGUF.
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out_dir)

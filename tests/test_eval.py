@@ -1,0 +1,275 @@
+"""trellis.eval against plain transformers: the token-level scorer on tiny random Llamas, the
+string-level API and the lm-eval adapter on the embedded SmolLM2."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.models import smollm2_dir, smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_pair
+from trellis.cache.block_pool import OutOfBlocksError
+from trellis.eval import generate_until, loglikelihood, loglikelihood_rolling, score_continuations
+from trellis.eval.requests import encode_pair, rolling_windows
+
+ATOL = 1e-4
+
+
+def plain_scores(ref, requests, max_length=None):
+    """Per-request scoring with plain transformers, truncated on the left as lm-eval does."""
+    max_length = max_length or ref.config.max_position_embeddings
+    scores = []
+    for context, continuation in requests:
+        whole = (list(context) + list(continuation))[-(max_length + 1):]
+        with torch.no_grad():
+            logits = ref(torch.tensor([whole[:-1]])).logits[0, -len(continuation):]  # [C, V]
+        target = torch.tensor(continuation)
+        logprobs = torch.log_softmax(logits, -1).gather(1, target[:, None])  # [C, 1]
+        scores.append((logprobs.sum().item(), bool((logits.argmax(-1) == target).all())))
+    return scores
+
+
+def assert_scores_match(got, want):
+    assert len(got) == len(want)
+    for (logprob, greedy), (want_logprob, want_greedy) in zip(got, want):
+        assert abs(logprob - want_logprob) <= ATOL, (logprob, want_logprob)
+        assert greedy == want_greedy
+
+
+def tokens(rng, n):
+    return [rng.randrange(3, 256) for _ in range(n)]
+
+
+def multiple_choice(ref, seed=0):
+    """Documents sharing a preamble, 4 answers each (1 to 5 tokens), and a greedy answer."""
+    rng = random.Random(seed)
+    preamble = tokens(rng, 37)
+    requests = []
+    for _ in range(4):
+        context = preamble + tokens(rng, rng.randrange(1, 12))
+        requests += [(context, tokens(rng, rng.randrange(1, 6))) for _ in range(4)]
+    with torch.no_grad():
+        greedy = ref.generate(torch.tensor([preamble]), max_new_tokens=4, do_sample=False)[0, len(preamble):]
+    return requests + [(preamble, greedy.tolist()), ([5], [7])]
+
+
+# --- the token-level scorer on tiny random Llamas --------------------------------------------
+
+
+@pytest.mark.parametrize("max_batch_tokens", [8, 2048])
+def test_scores_match_plain_transformers_cold_and_warm(max_batch_tokens):
+    ref, model = tiny_pair()
+    requests = multiple_choice(ref)
+    want = plain_scores(ref, requests)
+    assert want[-2][1]  # the greedy answer is recognised as such
+    for _ in range(2):  # the second pass finds every context cached
+        assert_scores_match(score_continuations(model, requests, max_batch_tokens=max_batch_tokens), want)
+        model.prefix_cache.check_integrity()
+    stats = model.prefix_cache.stats()
+    assert stats["live_sessions"] == 0 and stats["hit_tokens"] > 0
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 32])
+def test_long_requests_lose_context_on_the_left(block_size):
+    ref, model = tiny_pair(block_size=block_size)
+    requests = multiple_choice(ref, seed=1)
+    assert_scores_match(score_continuations(model, requests, max_length=20), plain_scores(ref, requests, 20))
+    model.prefix_cache.check_integrity()
+
+
+def test_shared_preamble_is_computed_once():
+    ref, model = tiny_pair()
+    rng = random.Random(2)
+    preamble = tokens(rng, 64)  # 16 blocks of 4
+    documents = [preamble + tokens(rng, 6) for _ in range(5)]
+    requests = [(document, tokens(rng, 3)) for document in documents for _ in range(4)]
+    computed = []
+    forward_paged = model.forward_paged
+    model.forward_paged = lambda seqs: computed.append(sum(s.num_new for s in seqs)) or forward_paged(seqs)
+    assert_scores_match(score_continuations(model, requests), plain_scores(ref, requests))
+    # The preamble once, then each document's own 6 tokens and each answer's 2 tokens past its context.
+    assert sum(computed) == 64 + 5 * 6 + 20 * 2
+    stats = model.prefix_cache.stats()
+    assert stats["hit_tokens"] == 4 * 64
+    model.prefix_cache.check_integrity()
+
+
+def test_rejects_empty_parts_and_overlong_continuations():
+    _, model = tiny_pair()
+    with pytest.raises(ValueError, match="must both be non-empty"):
+        score_continuations(model, [([3, 4], [])])
+    with pytest.raises(ValueError, match="must both be non-empty"):
+        score_continuations(model, [([], [3])])
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        score_continuations(model, [([3], [4] * 9)], max_length=8)
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_a_full_pool_raises_and_leaves_the_cache_intact():
+    ref, model = tiny_pair(num_blocks=12)
+    small = [([3, 4, 5, 6, 7], [8, 9])]
+    assert_scores_match(score_continuations(model, small), plain_scores(ref, small))
+    before = model.prefix_cache.stats()
+    with pytest.raises(OutOfBlocksError):
+        score_continuations(model, [(list(range(3, 60)), [8, 9])])
+    after = model.prefix_cache.stats()
+    assert after["live_sessions"] == 0 and after["cached_blocks"] <= before["cached_blocks"]
+    model.prefix_cache.check_integrity()
+    assert_scores_match(score_continuations(model, small), plain_scores(ref, small))
+
+
+def test_rolling_windows_score_every_token_once():
+    for n in (0, 1, 5, 16, 17, 40):
+        for max_length in (1, 4, 16):
+            seq = list(range(100, 100 + n))
+            start = 0
+            for i, (context, cont) in enumerate(rolling_windows(seq, 1, max_length)):
+                assert cont == seq[start:start + len(cont)]
+                assert context == ([1] if i == 0 else seq[start - len(context):start])
+                # The model sees context + cont but the last: max_length tokens once past the first window.
+                assert len(context) + len(cont) - 1 == (max_length if i else len(cont))
+                start += len(cont)
+            assert start == n
+
+
+def test_rolling_windows_are_lm_evals():
+    utils = pytest.importorskip("lm_eval.utils")
+    for n in (0, 1, 63, 64, 65, 200):
+        for max_length in (1, 7, 64):
+            seq = list(range(100, 100 + n))
+            want = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(seq, 1, max_length, 1)]
+            assert rolling_windows(seq, 1, max_length) == [(list(c), list(x)) for c, x in want]
+
+
+# --- the string-level API on the embedded SmolLM2 ----------------------------------------------
+
+PASSAGE = ("The lighthouse on Gull Point was built in 1871 from granite quarried on the island itself. "
+           "Its lamp burned whale oil until 1890, then kerosene, and since 1931 it has run on electricity. "
+           "The last keeper, Ada Moreau, left in 1957, when the light was automated.\n")
+QUESTION = "Question: What fuel did the lamp burn before kerosene?\nAnswer:"
+ANSWERS = [" whale oil", " coal", " electricity", " natural gas"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return smollm2_trellis(num_blocks=128), smollm2_tokenizer(), smollm2_reference()
+
+
+def test_encode_pair_moves_trailing_spaces_to_the_continuation():
+    tok = smollm2_tokenizer()
+    context, continuation = encode_pair(tok, "Answer: ", "Paris")
+    assert (context, continuation) == encode_pair(tok, "Answer:", " Paris")
+    assert context + continuation == tok.encode("Answer: Paris")
+    assert encode_pair(tok, "", "Paris") == ([tok.bos_token_id], tok.encode("Paris"))
+
+
+def test_smollm2_loglikelihood_matches_plain_transformers(smollm2):
+    model, tok, ref = smollm2
+    requests = [(PASSAGE + QUESTION, answer) for answer in ANSWERS]
+    requests += [(PASSAGE + "Question: Who was the last keeper?\nAnswer: ", "Ada Moreau"), ("", "Gull Point"),
+                 (PASSAGE + "The light was automated in", " 1957")]
+    want = plain_scores(ref, [encode_pair(tok, *r) for r in requests])
+    for _ in range(2):  # cold, then with every context cached
+        assert_scores_match(loglikelihood(model, tok, requests), want)
+    model.prefix_cache.check_integrity()
+
+
+def test_smollm2_rolling_loglikelihood_matches_plain_transformers(smollm2):
+    model, tok, ref = smollm2
+    texts = [PASSAGE, "", "Short text."]
+    want = [sum(lp for lp, _ in plain_scores(ref, rolling_windows(tok.encode(t), tok.bos_token_id, 32)))
+            for t in texts]
+    got = loglikelihood_rolling(model, tok, texts, max_length=32)
+    assert got[1] == 0.0
+    for g, w in zip(got, want):
+        assert abs(g - w) <= ATOL
+    model.prefix_cache.check_integrity()
+
+
+def test_smollm2_generate_until_matches_plain_greedy(smollm2):
+    model, tok, ref = smollm2
+    prompts = [PASSAGE + "Question: Who was the last keeper?\nAnswer:", "The capital of France is"]
+    got = generate_until(model, tok, [(p, {"until": ["\n", "."], "max_gen_toks": 10}) for p in prompts])
+    for prompt, completion in zip(prompts, got):
+        ids = torch.tensor([tok.encode(prompt)])
+        full = tok.decode(ref.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:],
+                          skip_special_tokens=True)
+        assert completion == full.split("\n")[0].split(".")[0]
+    assert got[1] == " Paris" and got[0]
+
+
+# --- the lm-eval adapter -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness(smollm2):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    import trellis.eval.lm_eval_adapter  # noqa: F401  (registers the model)
+
+    model, tok, ref = smollm2
+    ours = get_model("trellis")(pretrained=model, tokenizer=tok)
+    theirs = get_model("hf")(pretrained=ref, tokenizer=tok, batch_size=1)
+    return ours, theirs
+
+
+def instances(request_type, arguments):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type, {}, args, i) for i, args in enumerate(arguments)]
+
+
+def test_trellis_is_registered_with_lm_eval():
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    from trellis.eval.lm_eval_adapter import TrellisLM
+
+    assert get_model("trellis") is TrellisLM
+    assert get_model("hf").__name__ == "HFLM"  # lm-eval's own models stay reachable
+
+
+def test_adapter_loglikelihood_matches_lm_evals_hf_backend(harness):
+    ours, theirs = harness
+    requests = instances("loglikelihood", [(PASSAGE + QUESTION, a) for a in ANSWERS] + [("", "Gull Point")])
+    assert_scores_match(ours.loglikelihood(requests), theirs.loglikelihood(requests))
+
+
+def test_adapter_rolling_and_generation_match_lm_evals_hf_backend(harness):
+    ours, theirs = harness
+    rolling = instances("loglikelihood_rolling", [(PASSAGE,), ("Short text.",)])
+    for g, w in zip(ours.loglikelihood_rolling(rolling), theirs.loglikelihood_rolling(rolling)):
+        assert abs(g - w) <= ATOL
+    gen = instances("generate_until", [(PASSAGE + "Question: Who was the last keeper?\nAnswer:",
+                                        {"until": ["\n"], "max_gen_toks": 8})])
+    assert ours.generate_until(gen) == theirs.generate_until(gen)
+
+
+def test_adapter_loads_from_a_path_with_cache_settings():
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    import trellis.eval.lm_eval_adapter  # noqa: F401
+
+    lm = get_model("trellis").create_from_arg_string(f"pretrained={smollm2_dir()},block_size=16,num_blocks=64",
+                                                     {"device": "cpu"})
+    assert lm.trellis_model.prefix_cache.block_size == 16 and lm.trellis_model.prefix_cache.pool.num_blocks == 64
+    assert lm.trellis_model.device.type == "cpu"
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_runs_a_local_task():
+    """``trellis-lm-eval`` (``lm_eval`` with the model registered) on the sample reading set."""
+    pytest.importorskip("lm_eval")
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "trellis.eval.lm_eval_adapter", "--model", "trellis", "--model_args",
+               f"pretrained={smollm2_dir()},dtype=float32", "--device", "cpu", "--tasks", "trellis_reading_mc",
+               "--include_path", "scripts/data/lm_eval", "--limit", "2"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trellis_reading_mc" in done.stdout and "acc_norm" in done.stdout

@@ -1,0 +1,82 @@
+"""``generate_until``: completions cut at stop strings, as lm-evaluation-harness asks for them.
+
+Generation goes through ``TrellisLlama.generate``, so prompts that share a prefix (a few-shot
+preamble) take it from the radix cache instead of prefilling it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from trellis.eval.scoring import default_max_length
+from trellis.models.llama import TrellisLlama
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default
+
+
+def generate_until(
+    model: TrellisLlama,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Iterable[tuple[str, dict]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """A completion for each ``(context, gen_kwargs)`` request, cut before its first stop string.
+
+    ``gen_kwargs`` as lm-eval writes them: ``until`` (a stop string or a list of them),
+    ``max_gen_toks`` (default 256), and any ``generate()`` argument. Decoding is greedy unless
+    ``do_sample`` is true or a positive ``temperature`` is given. A context longer than
+    ``max_length - max_gen_toks`` tokens loses tokens on the left.
+    """
+    requests = list(requests)
+    max_length = max_length or default_max_length(model)
+    completions = [""] * len(requests)
+    by_kwargs: dict[str, list[int]] = {}
+    for i, (_, gen_kwargs) in enumerate(requests):
+        by_kwargs.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
+    with tqdm(total=len(requests), desc="generating", disable=not progress) as bar:
+        for indices in by_kwargs.values():
+            kwargs = dict(requests[indices[0]][1])
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
+            if max_new >= max_length:
+                raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in max_length {max_length}")
+            kwargs.setdefault("do_sample", kwargs.get("temperature", 0.0) > 0)
+            if not kwargs["do_sample"]:
+                kwargs.pop("temperature", None)
+            # Longest first: rows of similar length pad less.
+            indices.sort(key=lambda i: -len(requests[i][0]))
+            for start in range(0, len(indices), batch_size):
+                batch = indices[start:start + batch_size]
+                rows = [tokenizer.encode(requests[i][0])[-(max_length - max_new):] for i in batch]
+                output, width = _generate(model, tokenizer, rows, max_new, until, kwargs)
+                for i, row in zip(batch, output[:, width:]):
+                    completions[i] = _cut(tokenizer.decode(row, skip_special_tokens=True), until)
+                bar.update(len(batch))
+    return completions
+
+
+def _generate(model: TrellisLlama, tokenizer: PreTrainedTokenizerBase, rows: list[list[int]], max_new: int,
+              until: list[str], kwargs: dict) -> tuple[torch.Tensor, int]:
+    """Left-pad ``rows`` and generate; returns the output ids and the padded prompt width."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=model.device)  # [B, S]
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=model.device)  # [B, S]
+    output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad,
+                            stop_strings=until or None, tokenizer=tokenizer, **kwargs)
+    return output, width
+
+
+def _cut(text: str, until: list[str]) -> str:
+    """The text before the first occurrence of any stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text

@@ -1,0 +1,97 @@
+"""The lm-evaluation-harness model ``trellis``: lm-eval's HF backend with prefix-reusing scoring.
+
+Importing this module registers the model with lm-eval. lm-eval 0.4 discovers no models from
+other packages, so the ``trellis-lm-eval`` command (this module's ``main``) is ``lm_eval`` with
+the model registered; it takes the same arguments::
+
+    trellis-lm-eval --model trellis --model_args pretrained=PATH,block_size=32 --tasks arc_easy
+
+From Python, import this module, then call ``lm_eval.simple_evaluate(model="trellis", ...)``.
+Log-likelihood requests go through ``score_continuations`` (each context computed once, its
+continuations scored on top); ``generate_until`` is HFLM's, over ``TrellisLlama.generate``.
+"""
+
+from __future__ import annotations
+
+try:
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as exc:
+    raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install 'trellis[eval]'") from exc
+from transformers import PreTrainedModel
+
+from trellis.eval.loglikelihood import rolling_loglikelihood
+from trellis.eval.scoring import score_continuations
+from trellis.models.embedded import embedded_model_dir
+from trellis.models.llama import TrellisLlama
+from trellis.models.loading import resolve_device
+
+
+@register_model("trellis")
+class TrellisLM(HFLM):
+    """``model_args``: anything HFLM takes (``pretrained`` defaults to the embedded SmolLM2), plus
+    the KV cache settings ``block_size``, ``num_blocks``, ``kv_cache_memory`` (bytes) and
+    ``kernel_backend`` (reference, cpp, triton), and ``max_batch_tokens``, the new tokens one
+    scoring forward packs. ``device`` defaults to auto: CUDA, then MPS, then CPU."""
+
+    AUTO_MODEL_CLASS = TrellisLlama
+
+    def __init__(
+        self,
+        pretrained: str | PreTrainedModel | None = None,
+        device: str | None = "auto",
+        block_size: int = 32,
+        num_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        kernel_backend: str | None = None,
+        max_batch_tokens: int = 2048,
+        **kwargs,
+    ) -> None:
+        # Read by _create_model, which HFLM.__init__ calls when it loads from a path.
+        self._cache_settings = {"block_size": block_size, "num_blocks": num_blocks,
+                                "kv_cache_memory": kv_cache_memory, "backend": kernel_backend}
+        self.max_batch_tokens = max_batch_tokens
+        pretrained = str(embedded_model_dir()) if pretrained is None else pretrained
+        super().__init__(pretrained=pretrained, device=str(resolve_device(device or "auto")), **kwargs)
+        if not isinstance(self.trellis_model, TrellisLlama):
+            raise TypeError(f"the trellis model needs a TrellisLlama, got {type(self.trellis_model).__name__}")
+
+    def _create_model(self, pretrained: str, **kwargs) -> None:
+        super()._create_model(pretrained, **kwargs, **self._cache_settings)
+
+    @property
+    def trellis_model(self) -> TrellisLlama:
+        """The TrellisLlama under any PEFT wrapper."""
+        model = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
+                              disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
+        token_requests = [(context, continuation) for _, context, continuation in requests]
+        results = score_continuations(self.trellis_model, token_requests, self.max_length, self.max_batch_tokens,
+                                      progress=not disable_tqdm and self.rank == 0)
+        for (request, _, _), result in zip(requests, results):
+            if request is not None:
+                self.cache_hook.add_partial("loglikelihood", request, result)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        texts = [request.args[0] for request in requests]
+        totals = rolling_loglikelihood(self.trellis_model, [self.tok_encode(text) for text in texts],
+                                       self.prefix_token_id, self.max_length, self.max_batch_tokens,
+                                       progress=not disable_tqdm and self.rank == 0)
+        for text, total in zip(texts, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return totals
+
+
+def main() -> None:
+    """``lm_eval``'s command line with the ``trellis`` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

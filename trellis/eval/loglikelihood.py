@@ -1,0 +1,63 @@
+"""The string-level scoring API: ``loglikelihood`` and ``loglikelihood_rolling`` (perplexity)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+
+from transformers import PreTrainedTokenizerBase
+
+from trellis.eval.requests import encode_pair, prefix_token_id, rolling_windows
+from trellis.eval.scoring import default_max_length, score_continuations
+from trellis.models.llama import TrellisLlama
+
+
+def loglikelihood(
+    model: TrellisLlama,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Iterable[tuple[str, str]],
+    max_length: int | None = None,
+    max_batch_tokens: int = 2048,
+    progress: bool = False,
+) -> list[tuple[float, bool]]:
+    """``(log P(continuation | context), is_greedy)`` for each ``(context, continuation)`` string
+    pair, tokenized as lm-evaluation-harness does (see ``requests.encode_pair``). Requests with
+    the same context share one prefill; see ``score_continuations`` for the other arguments."""
+    tokenized = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
+    return score_continuations(model, tokenized, max_length, max_batch_tokens, progress)
+
+
+def loglikelihood_rolling(
+    model: TrellisLlama,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Iterable[str],
+    max_length: int | None = None,
+    max_batch_tokens: int = 2048,
+    progress: bool = False,
+) -> list[float]:
+    """The log-likelihood of each whole text (every token scored once, in windows of at most
+    ``max_length`` tokens, as lm-eval's ``loglikelihood_rolling``); an empty text scores 0."""
+    token_lists = [tokenizer.encode(text) for text in texts]
+    return rolling_loglikelihood(model, token_lists, prefix_token_id(tokenizer), max_length, max_batch_tokens,
+                                 progress)
+
+
+def rolling_loglikelihood(
+    model: TrellisLlama,
+    token_lists: Seq[list[int]],
+    prefix_token: int,
+    max_length: int | None = None,
+    max_batch_tokens: int = 2048,
+    progress: bool = False,
+) -> list[float]:
+    """``loglikelihood_rolling`` over token ids; ``prefix_token`` conditions each first token."""
+    max_length = max_length or default_max_length(model)
+    windows, owners = [], []
+    for i, tokens in enumerate(token_lists):
+        for window in rolling_windows(tokens, prefix_token, max_length):
+            windows.append(window)
+            owners.append(i)
+    totals = [0.0] * len(token_lists)
+    for i, (logprob, _) in zip(owners, score_continuations(model, windows, max_length, max_batch_tokens, progress)):
+        totals[i] += logprob
+    return totals
