@@ -17,6 +17,7 @@ from pathlib import Path
 from common import (
     COLORS,
     LABELS,
+    PHIS,
     SEED_BLOCK,
     Series,
     Workload,
@@ -35,8 +36,6 @@ from tqdm.auto import tqdm
 
 from trellis.cache.block_pool import BlockPool
 from trellis.models.llama import TrellisLlama
-
-PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def settings(args: argparse.Namespace) -> dict:

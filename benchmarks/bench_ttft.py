@@ -15,6 +15,7 @@ from pathlib import Path
 from common import (
     COLORS,
     LABELS,
+    PHIS,
     SEED_BLOCK,
     Series,
     Workload,
@@ -32,8 +33,6 @@ from systems import systems, warm_up
 from tqdm.auto import tqdm
 
 from trellis.models.llama import TrellisLlama
-
-PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def run(model: TrellisLlama, args: argparse.Namespace) -> dict:

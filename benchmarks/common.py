@@ -27,6 +27,7 @@ from trellis import ops
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 
+PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # the seed's grid of shared-prefix fractions
 SEED_BLOCK = 32  # φ is quantised to the seed's 32-token blocks, whatever the cache's block size
 RESULTS = Path(__file__).resolve().parent / "results"
 COLORS = {"trellis": "tab:blue", "hf_generate_batch": "tab:orange", "hf_generate": "tab:gray"}
