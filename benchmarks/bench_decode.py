@@ -14,9 +14,8 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaForCausalLM
-
 from common import describe, load_model, parser
+from transformers import LlamaForCausalLM
 
 
 def ms_per_step(model: LlamaForCausalLM, prompt: torch.Tensor, steps: int) -> float:
