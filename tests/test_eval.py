@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,26 @@ def test_scores_match_plain_transformers_cold_and_warm(max_batch_tokens):
         model.prefix_cache.check_integrity()
     stats = model.prefix_cache.stats()
     assert stats["live_sessions"] == 0 and stats["hit_tokens"] > 0
+
+
+def test_threads_scoring_at_once_get_the_sequential_scores():
+    ref, model = tiny_pair()
+    batches = [multiple_choice(ref, seed) for seed in range(4)]
+    want = [plain_scores(ref, requests) for requests in batches]
+    got: dict[int, list] = {}
+
+    def worker(i: int) -> None:
+        got[i] = score_continuations(model, batches[i], max_batch_tokens=16)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert_scores_match(got[i], want[i])
+    model.prefix_cache.check_integrity()
+    assert model.prefix_cache.stats()["live_sessions"] == 0
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 32])
