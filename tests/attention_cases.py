@@ -72,3 +72,18 @@ def naive_attention(case: PagedCase) -> torch.Tensor:
 
 def tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def opcheck_both_ops() -> None:
+    """``torch.library.opcheck`` on both ops, through the dispatcher (whatever kernel serves CPU)."""
+    case = make_case([3, 1], [9, 14])
+    out = torch.empty_like(case.q)
+    torch.library.opcheck(
+        torch.ops.trellis.paged_attention.default,
+        (case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.scale, out),
+    )
+    k = torch.randn(5, 2, 16)
+    slots = torch.randperm(case.k_cache.shape[0] * case.k_cache.shape[1])[:5]
+    torch.library.opcheck(
+        torch.ops.trellis.store_kv.default, (k, k.clone(), case.k_cache.clone(), case.v_cache.clone(), slots)
+    )

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tests.attention_cases import PagedCase, make_case, naive_attention, tolerance
+from tests.attention_cases import PagedCase, make_case, naive_attention, opcheck_both_ops, tolerance
 from trellis import ops
 from trellis.ops import cpu
 
@@ -143,17 +143,7 @@ def test_store_kv_matches_reference(dtype):
 
 
 def test_opcheck():
-    case = make_case([3, 1], [9, 14])
-    out = torch.empty_like(case.q)
-    torch.library.opcheck(
-        torch.ops.trellis.paged_attention.default,
-        (case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.scale, out),
-    )
-    k = torch.randn(5, 2, 16)
-    slots = torch.randperm(case.k_cache.shape[0] * case.k_cache.shape[1])[:5]
-    torch.library.opcheck(
-        torch.ops.trellis.store_kv.default, (k, k.clone(), case.k_cache.clone(), case.v_cache.clone(), slots)
-    )
+    opcheck_both_ops()  # the C++ kernels are registered for CPU by now (module fixture)
 
 
 def call_kernel(case: PagedCase, **changes: torch.Tensor) -> None:
