@@ -90,6 +90,23 @@ def test_threads_get_the_same_answers_as_sequential_calls():
     model.prefix_cache.check_integrity()
 
 
+def test_threads_arriving_together_share_one_cache():
+    _, model = tiny_pair()
+    barrier = threading.Barrier(8)
+    seen: list = []
+
+    def worker() -> None:
+        barrier.wait()
+        seen.append(model.prefix_cache)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 8 and all(cache is seen[0] for cache in seen)
+
+
 def test_soak_ten_thousand_random_cache_operations():
     rng = random.Random(0)
     m = make_manager(num_blocks=64)

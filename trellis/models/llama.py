@@ -59,18 +59,19 @@ class TrellisLlama(LlamaForCausalLM):
         super().__init__(config)
         self.configure_cache(block_size=block_size, num_blocks=num_blocks,
                              kv_cache_memory=kv_cache_memory, backend=backend)
-        self._forward_lock = threading.RLock()
+        self._forward_lock, self._cache_lock = threading.RLock(), threading.Lock()
 
     def __getstate__(self) -> dict:
         """Copies and pickles carry the weights and settings, not the lock or the cache."""
         state = self.__dict__.copy()
-        for transient in ("_forward_lock", "_kv_manager", "_kv_key", "_watched_params", "_watched_adapters"):
+        for transient in ("_forward_lock", "_cache_lock", "_kv_manager", "_kv_key", "_watched_params",
+                          "_watched_adapters"):
             state.pop(transient, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._forward_lock = threading.RLock()
+        self._forward_lock, self._cache_lock = threading.RLock(), threading.Lock()
         self._kv_manager, self._kv_key, self._watched_epoch = None, None, -1
 
     def configure_cache(self, block_size: int = 32, num_blocks: int | None = None,
@@ -125,11 +126,12 @@ class TrellisLlama(LlamaForCausalLM):
         """The paged KV cache. Rebuilt empty whenever the K/V it holds would be stale: a new
         device or dtype, weights changed in place or replaced (``load_state_dict``, edits), or
         another PEFT adapter state. Handles (``past_key_values``) of the old cache are refused."""
-        key = (self.device, self.dtype, self._weights_state())
-        if self._kv_manager is None or key != self._kv_key:
-            self._kv_manager = KVCacheManager(self._new_pool(self.device, self.dtype))
-            self._kv_key = key
-        return self._kv_manager
+        with self._cache_lock:  # threads arriving together must get one and the same cache
+            key = (self.device, self.dtype, self._weights_state())
+            if self._kv_manager is None or key != self._kv_key:
+                self._kv_manager = KVCacheManager(self._new_pool(self.device, self.dtype))
+                self._kv_key = key
+            return self._kv_manager
 
     def _weights_state(self) -> int:
         """Changes whenever a parameter is replaced or modified in place (its version counter),
