@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from trellis.model_options import add_model_arguments, load_model
+
 SYSTEM_PROMPT = (
     "You are Trellis, a concise assistant running entirely on the user's own computer. "
     "Answer in two or three short sentences. Be factual and friendly. If you are not sure, say so. "
@@ -41,20 +43,10 @@ class FirstTokenTimer(BaseStreamer):
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
-    from trellis.models.embedded import embedded_model_dir
-    from trellis.models.llama import TrellisLlama
-
     started = time.perf_counter()
-    path = args.model or embedded_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = TrellisLlama.from_pretrained(
-        path, dtype=getattr(torch, args.dtype), device=args.device, block_size=args.block_size
-    )
-    print(f"loaded {path} on {model.device} ({model.dtype}, {model.attention_backend()} kernels, "
-          f"block size {args.block_size}) "
-          f"in {time.perf_counter() - started:.1f} s")
+    model, tokenizer = load_model(args)
+    print(f"loaded {model.name_or_path} on {model.device} ({model.dtype}, {model.attention_backend()} kernels, "
+          f"block size {args.block_size}) in {time.perf_counter() - started:.1f} s")
     if args.prefix_cache and Path(args.prefix_cache).is_file():
         blocks = model.load_prefix_cache(args.prefix_cache)
         print(f"warm start: {blocks} cached blocks loaded from {args.prefix_cache}")
@@ -87,10 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="trellis", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="chat with the embedded model and watch the prefix cache")
-    demo.add_argument("--model", help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
-    demo.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
-    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    demo.add_argument("--block-size", type=int, default=32)
+    add_model_arguments(demo)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--questions", nargs="*", help="user questions, asked in turn")
     demo.add_argument("--prefix-cache", metavar="FILE",

@@ -52,10 +52,6 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
-
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V caches of one layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
         return self.kv[layer_idx, 0], self.kv[layer_idx, 1]

@@ -156,8 +156,8 @@ class KVCacheManager:
         Checks first that eviction can cover the shortfall, so a failed request evicts nothing.
         """
         with self.lock:
-            short = n - self.pool.num_free
-            if short > 0:
+            if not self.pool.can_alloc(n):
+                short = n - self.pool.num_free
                 evictable = self.radix.evictable_blocks()
                 if evictable < short:
                     raise OutOfBlocksError(

@@ -1,28 +1,15 @@
-"""Model and tokenizer loading shared by the evaluation scripts and benchmarks."""
+"""The model options of the evaluation scripts and benchmarks: the shared ones, plus batching."""
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from trellis import model_options
+from trellis.model_options import load_model
 
-from trellis.models.embedded import embedded_model_dir
-from trellis.models.llama import TrellisLlama
+__all__ = ["add_model_arguments", "load_model"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--block-size", type=int, default=32, help="KV cache block size in tokens")
+    model_options.add_model_arguments(parser)
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="new tokens packed into one forward")
-
-
-def load_model(args: argparse.Namespace) -> tuple[TrellisLlama, PreTrainedTokenizerBase]:
-    """The model and tokenizer that ``add_model_arguments``' options name."""
-    path = args.model or embedded_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = TrellisLlama.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
-                                         block_size=args.block_size)
-    return model, tokenizer
