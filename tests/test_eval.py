@@ -109,7 +109,7 @@ def test_shared_preamble_is_computed_once():
     requests = [(document, tokens(rng, 3)) for document in documents for _ in range(4)]
     computed = []
     forward_paged = model.forward_paged
-    model.forward_paged = lambda seqs: computed.append(sum(s.num_new for s in seqs)) or forward_paged(seqs)
+    model.forward_paged = lambda manager, seqs: computed.append(sum(s.num_new for s in seqs)) or forward_paged(manager, seqs)
     assert_scores_match(score_continuations(model, requests), plain_scores(ref, requests))
     # The preamble once, then each document's own 6 tokens and each answer's 2 tokens past its context.
     assert sum(computed) == 64 + 5 * 6 + 20 * 2

@@ -42,6 +42,25 @@ def test_load_state_dict_and_parameter_replacement_drop_the_cache():
     assert model.prefix_cache.stats()["cached_blocks"] == 0
 
 
+def test_moving_existing_modules_in_drops_the_cache():
+    _, model = tiny_pair()
+    warm(model)
+    layers = model.model.layers
+    layers[0], layers[1] = layers[1], layers[0]  # no new parameter anywhere, only new places
+    assert model.prefix_cache.stats()["cached_blocks"] == 0
+
+
+def test_forwards_do_not_rewalk_the_parameters():
+    """transformers slices model.layers into a new ModuleList on every forward; that must not
+    count as a change to the model (re-walking its parameters each step costs ~1 ms)."""
+    _, model = tiny_pair()
+    warm(model)
+    epoch = model._watched_epoch
+    warm(model)
+    assert model._watched_epoch == epoch
+    assert model.prefix_cache.stats()["cached_blocks"] > 0
+
+
 def test_a_live_handle_is_refused_after_the_weights_change():
     _, model = tiny_pair()
     with torch.no_grad():

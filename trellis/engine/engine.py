@@ -107,7 +107,7 @@ class Engine:
                 return []
             sessions = list(self.running)
             try:
-                hidden, batch = self.model.forward_paged([s.seq for s in sessions])  # [T, H]
+                hidden, batch = self.model.forward_paged(manager, [s.seq for s in sessions])  # [T, H]
             except BaseException as exc:
                 self.abort(f"forward failed: {exc!r}")
                 raise

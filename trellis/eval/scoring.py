@@ -123,7 +123,7 @@ def _score_chunk(model: TrellisLlama, manager: KVCacheManager, chunk: list[_Grou
             lone = continuations[group.members[0]][:-1] if len(group.members) == 1 else []
             sessions.append(manager.admit(group.context + lone, max_reuse=len(group.context) - 1))
         contexts = list(sessions)
-        hidden, batch = model.forward_paged(contexts)
+        hidden, batch = model.forward_paged(manager, contexts)
         rows, targets, owners = [], [], []
         for group, end in zip(chunk, batch.cu_seqlens_q[1:].tolist()):
             if len(group.members) == 1:
@@ -149,7 +149,7 @@ def _score_chunk(model: TrellisLlama, manager: KVCacheManager, chunk: list[_Grou
                     manager.append(fork, continuations[i][:-1])
                     forks.append((i, fork))
         for part in _packed(forks, budget):
-            hidden, _ = model.forward_paged([fork for _, fork in part])
+            hidden, _ = model.forward_paged(manager, [fork for _, fork in part])
             owners = [i for i, _ in part for _ in continuations[i][1:]]
             _add_scores(model, hidden, [t for i, _ in part for t in continuations[i][1:]], owners, scores)
     finally:

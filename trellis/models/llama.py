@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import weakref
 
 import torch
 from transformers import LlamaForCausalLM
@@ -26,13 +27,18 @@ from trellis.models.attention import ATTN_IMPLEMENTATION
 from trellis.models.loading import default_kv_cache_memory, load_llama_config, resolve_device
 from trellis.models.paged_cache import PagedKVCache
 
-# Bumped whenever any module or parameter is registered anywhere (a replaced parameter, an
-# added adapter), so that TrellisLlama re-walks its parameters only when they may have changed.
+# Bumped whenever a module or parameter is registered into a module of some TrellisLlama (a
+# replaced parameter, an added adapter), so that it re-walks its parameters only when they may
+# have changed. Registrations elsewhere are ignored: a layer under construction, or the throwaway
+# ModuleList that transformers slices from ``model.layers`` on every forward, can only reach a
+# model by being attached to one of its modules, which is itself a counted registration.
 _registrations = [0]
+_watched_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
-def _count_registration(*args) -> None:
-    _registrations[0] += 1
+def _count_registration(parent: torch.nn.Module, name: str, value) -> None:
+    if parent in _watched_modules:
+        _registrations[0] += 1
 
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
@@ -138,6 +144,7 @@ class TrellisLlama(LlamaForCausalLM):
         or a PEFT adapter is switched, enabled or disabled. Cheap enough for every forward: the
         parameter list is only re-walked after some module or parameter was registered."""
         if self._watched_epoch != _registrations[0]:
+            _watched_modules.update(self.modules())
             self._watched_params = list(self.parameters())
             self._watched_adapters = _peft_tuner_layers(self)
             self._watched_epoch = _registrations[0]
@@ -226,7 +233,7 @@ class TrellisLlama(LlamaForCausalLM):
             seqs = cache.seqs
             skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in seqs], device=input_ids.device)
             try:
-                hidden, batch = self.forward_paged(seqs, **kwargs)
+                hidden, batch = self.forward_paged(manager, seqs, **kwargs)
             except BaseException:
                 self._undo(manager, seqs, rows, fresh)
                 raise
@@ -239,15 +246,15 @@ class TrellisLlama(LlamaForCausalLM):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
-    def forward_paged(self, seqs: list[Sequence], **kwargs) -> tuple[torch.Tensor, PagedBatch]:
-        """One packed forward over the uncomputed tokens of ``seqs`` (their blocks already reserved).
+    def forward_paged(self, manager: KVCacheManager, seqs: list[Sequence], **kwargs) -> tuple[torch.Tensor, PagedBatch]:
+        """One packed forward over the uncomputed tokens of ``seqs``, sessions of ``manager`` (the
+        ``prefix_cache`` they were admitted to) with their blocks already reserved.
 
         Writes their K/V into the pool, marks them computed and shares their full blocks with the
         radix cache. Returns the final hidden states ``[T, H]`` of the new tokens, packed, and the
         batch (sequence i's tokens are ``hidden[cu_seqlens_q[i]:cu_seqlens_q[i+1]]``); apply
         ``lm_head`` to the rows whose logits you need. The engine and the scorers build on this.
         """
-        manager = self.prefix_cache
         batch = build_batch(seqs, manager.pool.kv, self.backend)
         hidden = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                             paged_batch=batch, use_cache=False, **kwargs).last_hidden_state[0]  # [T, H]
