@@ -11,7 +11,7 @@ def make_pool(num_blocks=8, block_size=4):
 def test_layout_and_alloc_free_cycle():
     pool = make_pool()
     assert pool.kv.shape == (2, 2, 8, 4, 2, 8)
-    k, v = pool.layer(1)
+    k, v = pool.layers[1]
     assert k.shape == (8, 4, 2, 8) and k.is_contiguous() and v.data_ptr() != k.data_ptr()
     blocks = pool.alloc(3)
     assert len(set(blocks)) == 3 and pool.num_free == 5

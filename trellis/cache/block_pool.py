@@ -40,6 +40,8 @@ class BlockPool:
         self.kv = torch.empty(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
+        # Views made once: attention asks for its layer's caches on every forward.
+        self.layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)]
         self.ref_counts = [0] * num_blocks
         # Pop from the end: low block ids are handed out first, which keeps tests readable.
         self._free = list(range(num_blocks - 1, -1, -1))
@@ -51,10 +53,6 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         return len(self._free)
-
-    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K and V caches of one layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
-        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
 
     def can_alloc(self, n: int) -> bool:
         return n <= len(self._free)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trellis import ops
+from trellis.cache.block_pool import BlockPool
 from trellis.cache.manager import Sequence
 
 
@@ -13,8 +15,8 @@ from trellis.cache.manager import Sequence
 class PagedBatch:
     """What one forward computes: the new tokens of each sequence, packed end to end.
 
-    ``kv`` is the whole pool ``[num_layers, 2, num_blocks, block_size, Hkv, D]``; the attention
-    of layer ``l`` writes the new K/V into ``kv[l]`` and reads each sequence through its block table.
+    The attention of layer ``l`` writes the new K/V into ``kv_layers[l]`` (the pool's K and V
+    caches of that layer) and reads each sequence through its block table.
     """
 
     input_ids: torch.Tensor  # [T] int64, the new tokens of every sequence, packed
@@ -23,8 +25,8 @@ class PagedBatch:
     seq_lens: torch.Tensor  # [B] int32, K/V length of each sequence after this forward
     cu_seqlens_q: torch.Tensor  # [B+1] int32, sequence i's tokens are [cu[i], cu[i+1])
     slot_mapping: torch.Tensor  # [T] int64, where each new token's K/V go
-    kv: torch.Tensor
-    backend: str | None = None  # None: the fastest backend for the device
+    kv_layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V caches [N, S, Hkv, D]
+    backend: str  # the kernels, resolved and checked once per batch
 
     @property
     def last_token_index(self) -> torch.Tensor:
@@ -32,9 +34,10 @@ class PagedBatch:
         return self.cu_seqlens_q[1:].long() - 1
 
 
-def build_batch(seqs: list[Sequence], kv: torch.Tensor, backend: str | None = None) -> PagedBatch:
-    """Pack the uncomputed tokens of ``seqs`` (each must have blocks reserved for them)."""
-    block_size = kv.shape[3]
+def build_batch(seqs: list[Sequence], pool: BlockPool, backend: str | None = None) -> PagedBatch:
+    """Pack the uncomputed tokens of ``seqs`` (each must have blocks reserved for them in ``pool``);
+    ``backend`` None means the fastest for the pool's device."""
+    block_size = pool.block_size
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -47,7 +50,7 @@ def build_batch(seqs: list[Sequence], kv: torch.Tensor, backend: str | None = No
         cu.append(len(ids))
     max_blocks = max(len(seq.block_ids) for seq in seqs)
     table = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
-    device = kv.device
+    device = pool.kv.device
     return PagedBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
@@ -55,6 +58,6 @@ def build_batch(seqs: list[Sequence], kv: torch.Tensor, backend: str | None = No
         seq_lens=torch.tensor([len(seq.token_ids) for seq in seqs], dtype=torch.int32, device=device),
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        kv=kv,
-        backend=backend,
+        kv_layers=pool.layers,
+        backend=ops.resolve_backend(backend, device),
     )

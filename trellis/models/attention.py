@@ -1,4 +1,4 @@
-"""The ``"trellis"`` attention and mask functions, registered with transformers.
+"""The ``"trellis"`` attention function, registered with transformers.
 
 transformers looks attention up by name; plugging in here keeps its Llama model unchanged.
 """
@@ -6,7 +6,6 @@ transformers looks attention up by name; plugging in here keeps its Llama model 
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from trellis import ops
@@ -34,7 +33,7 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
     k = key[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
     v = value[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
-    k_cache, v_cache = paged_batch.kv[module.layer_idx]  # each [N, S, Hkv, D]
+    k_cache, v_cache = paged_batch.kv_layers[module.layer_idx]  # each [N, S, Hkv, D]
     ops.store_kv(k, v, k_cache, v_cache, paged_batch.slot_mapping, backend=paged_batch.backend)
     out = ops.paged_attention(
         q,
@@ -49,11 +48,7 @@ def paged_attention_forward(
     return out.unsqueeze(0), None  # [1, T, Hq, D]
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Masking is implicit in the paged batch (bottom-right causal per sequence); padding never
-    reaches the model because TrellisLlama drops padded positions before packing."""
-    return
-
-
+# No mask function is registered on purpose: masking is implicit in the paged batch (bottom-right
+# causal per sequence, padding dropped before packing), and an attention implementation without
+# one makes transformers skip mask preparation altogether (which else costs ~0.15 ms a forward).
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)

@@ -217,16 +217,17 @@ class TrellisLlama(LlamaForCausalLM):
                 raise RuntimeError("this past_key_values belongs to an earlier KV cache (the model's device, dtype, weights "
                                    "or cache settings changed since); start a new generation")
             num_cols = input_ids.shape[1]
-            real = self._real_token_mask(input_ids, attention_mask)  # [B, S] bool
+            real = self._padding_mask(input_ids, attention_mask)  # [B, S] bool, None if nothing is padding
             keep_cols = self._logit_columns(logits_to_keep, num_cols, input_ids.device)  # [K]
-            rows = [row[mask].tolist() for row, mask in zip(input_ids, real)]
+            rows = input_ids.tolist() if real is None else [row[mask].tolist() for row, mask in zip(input_ids, real)]
+            self._check_token_ids(rows)
             fresh = cache.is_empty
             past = [0] * len(rows) if fresh else [len(seq.token_ids) for seq in cache.seqs]
             self._check_positions(max((p + len(r) for p, r in zip(past, rows)), default=0))
             if fresh:
                 # Reuse at most the real tokens before the first column whose logits are wanted.
                 first_kept = int(keep_cols.min()) if len(keep_cols) else num_cols
-                reusable = real[:, :first_kept].sum(1).tolist()
+                reusable = [first_kept] * len(rows) if real is None else real[:, :first_kept].sum(1).tolist()
                 cache.seqs[:] = self._admit(manager, rows, reusable)
             else:
                 self._extend(manager, cache.seqs, rows)
@@ -255,23 +256,27 @@ class TrellisLlama(LlamaForCausalLM):
         batch (sequence i's tokens are ``hidden[cu_seqlens_q[i]:cu_seqlens_q[i+1]]``); apply
         ``lm_head`` to the rows whose logits you need. The engine and the scorers build on this.
         """
-        batch = build_batch(seqs, manager.pool.kv, self.backend)
+        batch = build_batch(seqs, manager.pool, self.backend)
         hidden = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                             paged_batch=batch, use_cache=False, **kwargs).last_hidden_state[0]  # [T, H]
         for seq in seqs:
             manager.mark_computed(seq)
         return hidden, batch
 
-    def _real_token_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _padding_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Which tokens are real ``[B, S]``; None when all are (the common case, given fast paths)."""
         if attention_mask is None:
-            real = torch.ones_like(input_ids, dtype=torch.bool)
-        else:
-            real = attention_mask[:, -input_ids.shape[1]:].bool()
-        ids = input_ids[real]
-        bad = (ids < 0) | (ids >= self.config.vocab_size)
-        if bad.any():
-            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary [0, {self.config.vocab_size})")
-        return real
+            return None
+        real = attention_mask[:, -input_ids.shape[1]:].bool()
+        return None if real.all() else real
+
+    def _check_token_ids(self, rows: list[list[int]]) -> None:
+        vocab = self.config.vocab_size
+        for row in rows:
+            if row and not (0 <= min(row) and max(row) < vocab):
+                bad = next(t for t in row if not 0 <= t < vocab)
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
 
     def _check_positions(self, length: int) -> None:
         limit = self.config.max_position_embeddings
@@ -326,9 +331,11 @@ class TrellisLlama(LlamaForCausalLM):
             if fresh:
                 seqs.clear()
 
-    def _gather_logits(self, hidden: torch.Tensor, real: torch.Tensor, keep_cols: torch.Tensor,
+    def _gather_logits(self, hidden: torch.Tensor, real: torch.Tensor | None, keep_cols: torch.Tensor,
                        row_starts: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, K, V]`` for the kept columns; zero where a column is padding."""
+        if real is None:  # row i's column c is packed token row_starts[i] + c - skipped[i]
+            return self.lm_head(hidden[(row_starts - skipped)[:, None] + keep_cols])
         rank = real.long().cumsum(1) - 1  # [B, S] index of each real token among its row's new tokens
         packed = row_starts[:, None] + rank - skipped[:, None]  # [B, S] its index in the packed batch
         kept_real = real[:, keep_cols]  # [B, K]

@@ -87,10 +87,16 @@ def check_backend(name: str, device: torch.device) -> None:
         raise RuntimeError(f"the {name} backend could not be loaded on this machine")
 
 
-def _resolve(backend: str | None, device: torch.device) -> str:
+_usable: set[tuple[str, str]] = set()  # (backend, device type) pairs that passed check_backend
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend to run on ``device``: ``backend`` once checked usable there, else the default."""
     if backend is None:
         return default_backend(device)
-    check_backend(backend, device)
+    if (backend, device.type) not in _usable:  # checked once per pair: this sits on the per-layer path
+        check_backend(backend, device)
+        _usable.add((backend, device.type))
     return backend
 
 
@@ -103,7 +109,7 @@ def store_kv(
     backend: str | None = None,
 ) -> None:
     """Write new K/V ``[T, Hkv, D]`` into the paged caches at ``slot_mapping[T]`` (int64)."""
-    if _resolve(backend, k.device) == "reference":
+    if resolve_backend(backend, k.device) == "reference":
         _check_store_kv(k, v, k_cache, v_cache, slot_mapping)
         reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
     else:  # the compiled launchers check their own arguments
@@ -124,7 +130,7 @@ def paged_attention(
     """Attention of packed queries ``q[T, Hq, D]`` over each sequence's paged K/V; returns ``out``."""
     if out is None:
         out = torch.empty_like(q)
-    if _resolve(backend, q.device) == "reference":
+    if resolve_backend(backend, q.device) == "reference":
         _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
         reference.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out)
     else:  # the compiled launchers check their own arguments
