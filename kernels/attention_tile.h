@@ -69,7 +69,8 @@ inline void to_float(const T* src, float* dst, int64_t n) {
 }
 
 // st[b][v] = sum_d k[b][d] * qt[d][v] for KB keys (rows `ldk` apart) and NR row vectors. Only
-// `valid` rows exist: the others repeat the last one (their scores are never read).
+// `valid` keys exist: the others repeat the last one, and only valid keys' scores are stored
+// (KB need not divide a tile: storing them all would run past the end of st).
 template <int NR, int KB>
 inline void qk_block(const float* qt, int64_t ldq, const float* k, int64_t ldk, int64_t valid, int64_t head_dim,
                      float* st) {
@@ -86,7 +87,7 @@ inline void qk_block(const float* qt, int64_t ldq, const float* k, int64_t ldk, 
       for (int r = 0; r < NR; ++r) acc[b][r] = at::vec::fmadd(kb, q[r], acc[b][r]);
     }
   }
-  for (int b = 0; b < KB; ++b)
+  for (int b = 0; b < KB && b < valid; ++b)
     for (int r = 0; r < NR; ++r) acc[b][r].store(st + b * ldq + r * Vec::size());
 }
 
@@ -111,7 +112,7 @@ inline void qk_pairs(const float* qt, const float* k, int64_t ldk, int64_t valid
       acc[b] = at::vec::fmadd(at::vec::cast<float>(at::vec::Vectorized<double>(pair)), q, acc[b]);
     }
   }
-  for (int b = 0; b < KB; b += 2) {
+  for (int b = 0; b < KB && b < valid; b += 2) {  // a vector per key pair; an odd tile's last slot is masked
     const auto [even, odd] = at::vec::deinterleave2(acc[b], acc[b + 1]);
     (even + odd).store(st + b * Vec::size() / 2);
   }

@@ -1,5 +1,9 @@
 """Parity with plain transformers on the real SmolLM2-135M-Instruct weights (the embedded model)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis
@@ -42,3 +46,25 @@ def test_padded_batch_matches():
     want = ref.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(got, want)
     model.prefix_cache.check_integrity()
+
+
+def test_prompt_lengths_that_once_corrupted_the_heap():
+    """35..47-token prompts give the C++ kernel's work items 33..48 query rows (9 heads in groups
+    of 3); on AVX-512 a score block then stored 3 keys past the end of its tile. The corruption
+    was silent until a later free() aborted the process, so this runs in a child process."""
+    code = """
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tests.models import smollm2_trellis
+model = smollm2_trellis(num_blocks=64)
+with torch.no_grad():
+    for q_len in (35, 44, 47):
+        model.configure_cache(num_blocks=64)
+        model(torch.arange(3, 3 + q_len)[None])
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
