@@ -4,7 +4,9 @@ The same manual decoding loop runs for every system on one model object (the pee
 transformers' sdpa attention, so all share the very same weight memory): a prompt of L tokens, then
 D single-token steps through ``past_key_values``. Systems take turns in a rotating order, and the
 figure is the median milliseconds per step over every step of every repeat, which keeps a burst
-of load from another process out of the comparison.
+of load from another process out of the comparison. "trellis cpp, packed" also runs Trellis'
+linear layers on oneDNN-prepacked weights (``TrellisLlama.pack_weights``); the others run
+transformers' own ``nn.Linear``.
 
     .venv/bin/python benchmarks/bench_decode.py [--quick] [--json PATH] [--model smollm2|tinyllama]
 """
@@ -20,8 +22,9 @@ from common import describe, load_model, parser
 from systems import attention
 from transformers import LlamaForCausalLM
 
-SYSTEMS = {"transformers sdpa": ("sdpa", None), "trellis reference": ("trellis", "reference"),
-           "trellis cpp": ("trellis", "cpp")}  # name -> (attention implementation, Trellis backend)
+# name -> (attention implementation, Trellis backend, packed linear weights)
+SYSTEMS = {"transformers sdpa": ("sdpa", None, False), "trellis reference": ("trellis", "reference", False),
+           "trellis cpp": ("trellis", "cpp", False), "trellis cpp, packed": ("trellis", "cpp", True)}
 
 
 def step_times_ms(model: LlamaForCausalLM, prompt: torch.Tensor, steps: int) -> list[float]:
@@ -44,25 +47,30 @@ def main() -> None:
     contexts, steps, repeats = ([512], 16, 2) if args.quick else ([128, 512, 1024, 2048], 32, args.repeats or 4)
     names = list(SYSTEMS)
     rows = []
-    print(f"{describe(model, args.model)}\n{'L':>6} " + " ".join(f"{name:>20}" for name in names) + "   cpp/sdpa")
-    for implementation, backend in SYSTEMS.values():  # untimed: first-call costs (kernel builds, allocator)
+    print(f"{describe(model, args.model)}\n{'L':>6} " + " ".join(f"{name:>20}" for name in names)
+          + "   sdpa/cpp  sdpa/packed")
+    for implementation, backend, packed in SYSTEMS.values():  # untimed: first-call costs (builds, allocator)
         with attention(model, implementation):
-            model.configure_cache(backend=backend)
+            if backend is not None:
+                model.pack_weights(packed)
+                model.configure_cache(backend=backend)
             step_times_ms(model, torch.arange(3, 67)[None], 4)
     for length in contexts:
         prompt = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                implementation, backend = SYSTEMS[name]
+                implementation, backend, packed = SYSTEMS[name]
                 with attention(model, implementation):
-                    if backend is not None:
-                        model.configure_cache(backend=backend)  # also a fresh, empty cache
+                    if backend is not None:  # Trellis: packed weights or not, and a fresh, empty cache
+                        model.pack_weights(packed)  # (packing happens in the untimed prompt forward)
+                        model.configure_cache(backend=backend)
                     times[name] += step_times_ms(model, prompt, steps)
         row = {"L": length, **{name: statistics.median(t) for name, t in times.items()}}
         rows.append(row)
         print(f"{length:>6} " + " ".join(f"{row[n]:>17.1f} ms" for n in names)
-              + f"   {row['transformers sdpa'] / row['trellis cpp']:.3f}x faster")
+              + f"   {row['transformers sdpa'] / row['trellis cpp']:.3f}x  "
+              f"{row['transformers sdpa'] / row['trellis cpp, packed']:.3f}x")
     if args.json:
         args.json.write_text(json.dumps({"info": describe(model, args.model), "steps": steps, "repeats": repeats,
                                          "statistic": "median ms per step", "rows": rows}, indent=1))

@@ -7,17 +7,20 @@ pool. Also checks item 4: the KV blocks Trellis holds for N sessions equal the s
 plus each session's own tail, next to the bytes of transformers' per-session caches.
 
     python benchmarks/bench_throughput.py [--quick] [--json PATH] [--plot PATH]
+    python benchmarks/bench_throughput.py --targets-only [--repeats 3]   # the issue's N=4, D=16 check alone
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from common import (
     COLORS,
     LABELS,
     PHIS,
+    RESULTS,
     SEED_BLOCK,
     Series,
     Workload,
@@ -73,15 +76,29 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
     grid = [(phi, system) for phi in s["phis"] for system in every]
     points = [measure(system, Workload(s["L"], s["D"], s["N"], phi), s["repeats"], allocations=True)
               for phi, system in tqdm(grid, desc="throughput vs phi", unit="point")]
-    checks = [(phi, system) for phi in (0.0, 0.9) for system in every]
-    targets = [measure(system, Workload(s["L"], s["target_D"], 4, phi), s["repeats"], allocations=False)
-               for phi, system in tqdm(checks, desc="target check", unit="point")]
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     block_bytes = BlockPool.bytes_per_block(SEED_BLOCK, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
                                             model.dtype)
     return {"info": describe(model, args.model), "settings": s, "block_bytes": block_bytes, "points": points,
-            "targets": targets}
+            "targets": target_check(every, s)}
+
+
+def target_check(every: list[System], s: dict) -> list[dict]:
+    """N=4 sessions at φ=0 and φ=0.9 with the target's decode budget, every system."""
+    checks = [(phi, system) for phi in (0.0, 0.9) for system in every]
+    return [measure(system, Workload(s["L"], s["target_D"], 4, phi), s["repeats"], allocations=False)
+            for phi, system in tqdm(checks, desc="target check", unit="point")]
+
+
+def target_tables(result: dict) -> str:
+    target = result["targets"][0]
+    return "\n\n".join([
+        f"Target check: N={target['N']}, L={target['L']}, D={target['D']}, tokens/s per op (warm-up included)",
+        speed_table(result["targets"]),
+        "Target check, tokens/s of the N sessions once the prefix is warm (warm-up excluded)",
+        speed_table(result["targets"], "session_tokens_per_s"),
+    ])
 
 
 def speed_table(points: list[dict], key: str = "tokens_per_s") -> str:
@@ -99,7 +116,7 @@ def speed_table(points: list[dict], key: str = "tokens_per_s") -> str:
 def tables(result: dict) -> str:
     groups = by_system(result["points"])
     tr, gb, gen = groups["trellis"], groups["hf_generate_batch"], groups["hf_generate"]
-    first, target = tr[0], result["targets"][0]
+    first = tr[0]
 
     def alloc(p: dict) -> str:
         return f"{p['alloc_bytes'] / 2**20:,.0f} MiB ({p['alloc_count']:,})"
@@ -122,10 +139,7 @@ def tables(result: dict) -> str:
         f"KV memory held for N={first['N']} sessions (L={first['L']}, D={first['D']})",
         markdown_table(["φ", "shared blocks", "Trellis blocks held", "Trellis KV MiB",
                         "generate() KV MiB (N caches)", "generate() / Trellis"], memory_rows),
-        f"Target check: N={target['N']}, L={target['L']}, D={target['D']}, tokens/s per op (warm-up included)",
-        speed_table(result["targets"]),
-        "Target check, tokens/s of the N sessions once the prefix is warm (warm-up excluded)",
-        speed_table(result["targets"], "session_tokens_per_s"),
+        target_tables(result),
     ])
 
 
@@ -160,9 +174,20 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--targets-only", action="store_true", help="only the N=4, D=16 target check (no figure)")
+    args = p.parse_args()
     model = load_model(args)
-    finish(run(model, args), args, "throughput", plot, tables)
+    if not args.targets_only:
+        finish(run(model, args), args, "throughput", plot, tables)
+        return
+    every = systems(model)
+    warm_up(every)
+    result = {"info": describe(model, args.model), "settings": settings(args),
+              "targets": target_check(every, settings(args))}
+    path = args.json or RESULTS / f"throughput_targets{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}\n\n{target_tables(result)}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from transformers import LlamaConfig
 from trellis import ops
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
+from trellis.models.packed_linear import PackedLinear
 
 PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # the seed's grid of shared-prefix fractions
 SEED_BLOCK = 32  # φ is quantised to the seed's 32-token blocks, whatever the cache's block size
@@ -53,6 +54,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=ops.BACKENDS, help="Trellis attention backend (default: the fastest here)")
     p.add_argument("--repeats", type=int, help="timed ops per point")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument("--pack-weights", action="store_true",
+                   help="Trellis runs its linear layers on oneDNN-prepacked weights (the peers never do)")
     return p
 
 
@@ -67,6 +70,8 @@ def load_model(args: argparse.Namespace) -> TrellisLlama:
         torch.manual_seed(0)
         model = TrellisLlama._from_config(LlamaConfig(**TINYLLAMA), attn_implementation="trellis").eval()
         model.configure_cache(backend=backend)
+    if args.pack_weights:
+        model.pack_weights()
     model.generation_config.eos_token_id = None  # no stop token: every session generates exactly D tokens
     # transformers' continuous batching warns at every call about the persistent manager the peer needs.
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
@@ -84,6 +89,7 @@ def describe(model: TrellisLlama, model_name: str) -> dict:
                   "tinyllama": "TinyLlama-1.1B shape, random init (timing only)"}[model_name],
         "dtype": str(model.dtype).removeprefix("torch."),
         "trellis_backend": model.backend or ops.default_backend(model.device),
+        "packed_weights": any(isinstance(m, PackedLinear) for m in model.modules()),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_average": os.getloadavg(),  # other processes on the machine add noise to every timing

@@ -26,13 +26,17 @@ MAX_BATCH_TOKENS = 4096  # per forward, for both continuous-batching systems
 @contextlib.contextmanager
 def attention(model: TrellisLlama, implementation: str) -> Iterator[TrellisLlama]:
     """The same weights under another attention implementation (TrellisLlama then behaves as a
-    plain ``LlamaForCausalLM``: ``generate`` and ``generate_batch`` are transformers' own)."""
+    plain ``LlamaForCausalLM``: ``generate`` and ``generate_batch`` are transformers' own), and
+    with transformers' own linear layers if Trellis' were packed (repacked on Trellis' next use)."""
     previous = model.config._attn_implementation
+    packed = implementation != "trellis" and model.pack_weights(False) > 0
     model.set_attn_implementation(implementation)
     try:
         yield model
     finally:
         model.set_attn_implementation(previous)
+        if packed:
+            model.pack_weights()
 
 
 @dataclass

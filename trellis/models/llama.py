@@ -25,6 +25,7 @@ from trellis.cache.persist import load_prefix_cache, save_prefix_cache, weights_
 from trellis.engine.batch import PagedBatch, build_batch
 from trellis.models.attention import ATTN_IMPLEMENTATION
 from trellis.models.loading import default_kv_cache_memory, load_llama_config, resolve_device
+from trellis.models.packed_linear import pack_linears
 from trellis.models.paged_cache import PagedKVCache
 
 # Bumped whenever a module or parameter is registered into a module of some TrellisLlama (a
@@ -99,11 +100,13 @@ class TrellisLlama(LlamaForCausalLM):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, block_size: int = 32,
                         num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                        backend: str | None = None, device: str | torch.device = "auto", **kwargs):
+                        backend: str | None = None, device: str | torch.device = "auto", pack_weights: bool = False,
+                        **kwargs):
         """Load like ``LlamaForCausalLM.from_pretrained`` (local dirs, hub ids, ``gguf_file=``, ``dtype=``).
 
         With no path, loads the embedded SmolLM2-135M-Instruct. ``device="auto"`` picks CUDA,
-        then MPS, then CPU (ignored when ``device_map`` is given).
+        then MPS, then CPU (ignored when ``device_map`` is given). ``pack_weights``: see
+        ``pack_weights()``.
         """
         check_block_size(block_size)
         if pretrained_model_name_or_path is None:
@@ -119,7 +122,21 @@ class TrellisLlama(LlamaForCausalLM):
         if "device_map" not in kwargs:
             model.to(resolve_device(device))
         model.attention_backend()  # load (or build) the kernels now rather than in the first request
+        if pack_weights:
+            model.pack_weights()
         return model.eval()
+
+    def pack_weights(self, enabled: bool = True) -> int:
+        """Run the linear layers on CPU over oneDNN-prepacked copies of their weights (fp32
+        inference): ~1.5× faster decode, at the cost of a second copy of those weights in memory
+        and logits that differ from transformers' by fp32 reassociation (~1e-4 relative).
+        ``enabled=False`` restores plain ``nn.Linear``. Returns the number of layers changed.
+        Cached K/V are dropped when anything changes: they were computed by the other matmuls."""
+        changed = pack_linears(self, enabled)
+        if changed:
+            with self._cache_lock:
+                self._kv_manager = None
+        return changed
 
     def attention_backend(self) -> str:
         """The kernels this model's attention runs on: the configured backend, else the fastest for its device."""
