@@ -32,8 +32,9 @@ from trellis.models.loading import resolve_device
 class TrellisLM(HFLM):
     """``model_args``: anything HFLM takes (``pretrained`` defaults to the embedded SmolLM2), plus
     the KV cache settings ``block_size``, ``num_blocks``, ``kv_cache_memory`` (bytes) and
-    ``kernel_backend`` (reference, cpp, triton), and ``max_batch_tokens``, the new tokens one
-    scoring forward packs. ``device`` defaults to auto: CUDA, then MPS, then CPU."""
+    ``kernel_backend`` (reference, cpp, triton), ``max_batch_tokens``, the new tokens one
+    scoring forward packs, and ``pack_weights`` (``TrellisLlama.pack_weights``). ``device``
+    defaults to auto: CUDA, then MPS, then CPU."""
 
     AUTO_MODEL_CLASS = TrellisLlama
 
@@ -46,6 +47,7 @@ class TrellisLM(HFLM):
         kv_cache_memory: int | None = None,
         kernel_backend: str | None = None,
         max_batch_tokens: int = 2048,
+        pack_weights: bool = False,
         **kwargs,
     ) -> None:
         # Read by _create_model, which HFLM.__init__ calls when it loads from a path.
@@ -56,6 +58,8 @@ class TrellisLM(HFLM):
         super().__init__(pretrained=pretrained, device=str(resolve_device(device or "auto")), **kwargs)
         if not isinstance(self.trellis_model, TrellisLlama):
             raise TypeError(f"the trellis model needs a TrellisLlama, got {type(self.trellis_model).__name__}")
+        if pack_weights:
+            self.trellis_model.pack_weights()
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         super()._create_model(pretrained, **kwargs, **self._cache_settings)
