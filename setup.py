@@ -1,11 +1,12 @@
-"""Packaging lives in pyproject.toml. This file only adds the optional ahead-of-time build of
-the C++ CPU kernels: ``TRELLIS_BUILD_CPP=1 pip install --no-build-isolation .`` (torch must
-already be installed). Without it the kernels are compiled with ninja on first use."""
+"""Packaging lives in pyproject.toml. This file adds what it cannot say: the C++ sources in
+``kernels/`` ship inside the package as ``trellis/kernels/`` (so an installed, non-editable copy
+can still compile them with ninja on first use), and the optional ahead-of-time build of those
+kernels: ``TRELLIS_BUILD_CPP=1 pip install --no-build-isolation .`` (torch must already be installed)."""
 
 import importlib.util
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("TRELLIS_BUILD_CPP") == "1":
@@ -18,4 +19,10 @@ if os.environ.get("TRELLIS_BUILD_CPP") == "1":
     ext_modules = [cpu.cpp_extension()]  # trellis/ops/trellis_cpu_<simd>*.so, which cpu.load() finds
     cmdclass = {"build_ext": BuildExtension}
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=[*find_packages(include=["trellis", "trellis.*"]), "trellis.kernels"],
+    package_dir={"trellis.kernels": "kernels"},
+    package_data={"trellis": ["py.typed"], "trellis.kernels": ["*.cpp", "*.h"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -28,7 +28,10 @@ import torch
 if TYPE_CHECKING:
     from setuptools import Extension
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+# The sources: kernels/ in a checkout (editable installs too), trellis/kernels/ in an installed wheel.
+KERNEL_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "kernels",
+                               Path(__file__).resolve().parents[1] / "kernels") if d.is_dir()),
+                  Path(__file__).resolve().parents[2] / "kernels")
 SOURCES = ("store_kv_cpu.cpp", "paged_attention_cpu.cpp")
 
 # at::vec picks its implementation from these macros; the -m flags let the compiler emit it.
