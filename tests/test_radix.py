@@ -57,6 +57,20 @@ def test_match_never_covers_the_whole_prompt_and_only_full_blocks():
     m.check_integrity()
 
 
+def test_cached_tokens_peeks_without_splitting_or_touching():
+    m = make_manager()
+    run_session(m, list(range(20)))  # one edge of 5 blocks
+    other = run_session(m, [50] * 9)  # a second, more recent prefix (2 blocks)
+    before = {id(n): n.last_access for n in m.radix.nodes()}
+    probes = [list(range(10)) + [99] * 10, list(range(20)), list(range(16)), [7] * 9, list(range(3))]
+    peeked = [m.radix.cached_tokens(p) for p in probes] + [m.radix.cached_tokens(list(range(20)), max_tokens=20)]
+    assert peeked == [8, 16, 12, 0, 0, 20]
+    assert {id(n): n.last_access for n in m.radix.nodes()} == before  # no split, no LRU touch
+    assert peeked[:5] == [m.radix.match(p).num_tokens(BS) for p in probes]
+    assert other.released
+    m.check_integrity()
+
+
 def test_divergence_inside_an_edge_splits_it_at_a_block_boundary():
     m = make_manager()
     run_session(m, list(range(20)))  # one edge of 5 blocks (16 tokens cached + partial)

@@ -60,6 +60,23 @@ class RadixCache:
         node, blocks = self._walk(tokens, max(limit, 0) // self.block_size)
         return PrefixMatch(blocks, node)
 
+    def cached_tokens(self, tokens: Sequence[int], max_tokens: int | None = None) -> int:
+        """How many tokens ``match`` would serve now, without its side effects: no edge is split
+        and no node's LRU time is touched (for planning, e.g. before admission)."""
+        limit = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens))
+        max_blocks, bs = max(limit, 0) // self.block_size, self.block_size
+        node, done = self.root, 0
+        while done < max_blocks and (child := node.children.get(self._key(tokens, done * bs))) is not None:
+            n = 1  # the key matched the first block
+            while n < len(child.blocks) and done + n < max_blocks and (
+                    tuple(tokens[(done + n) * bs : (done + n + 1) * bs]) == child.tokens[n * bs : (n + 1) * bs]):
+                n += 1
+            done += n
+            if n < len(child.blocks):
+                break
+            node = child
+        return done * bs
+
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count one admitted lookup in the hit-rate statistics."""
         self.lookup_tokens += num_tokens

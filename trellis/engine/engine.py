@@ -132,7 +132,7 @@ class Engine:
         with manager.lock:
             while self.waiting and len(self.running) < self.max_running:
                 session = self.waiting[0]
-                hit_blocks = len(manager.radix.match(session.prompt).blocks)
+                hit_blocks = manager.radix.cached_tokens(session.prompt) // manager.block_size
                 if len(session.prompt) - hit_blocks * manager.block_size > budget and (admitted or self.running):
                     break  # next step: this forward is full
                 if not self._try_admit(manager, session, hit_blocks):

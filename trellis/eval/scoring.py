@@ -100,7 +100,7 @@ def _chunks(groups: list[_Group], manager: KVCacheManager, continuations: list[l
 def _cached_tokens(manager: KVCacheManager, tokens: list[int]) -> int:
     """How many leading tokens admitting ``tokens`` would take from the cache now."""
     with manager.lock:
-        return manager.radix.match(tokens).num_tokens(manager.block_size)
+        return manager.radix.cached_tokens(tokens)
 
 
 def _shared_tokens(earlier: list[int], tokens: list[int], block_size: int) -> int:
