@@ -180,11 +180,13 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=24))
     @precondition(lambda self: self.m is not None)
     def admit(self, tokens):
+        peeked = self.m.radix.cached_tokens(tokens)
         try:
             seq = self.m.admit(tokens)
         except OutOfBlocksError:
             return
         hit = seq.num_prefix_hit
+        assert hit == peeked  # the peek predicts admission exactly
         for i in range(hit // BS):
             assert self.content[seq.block_ids[i]] == tuple(tokens[: (i + 1) * BS])
         if not self.evicting:
