@@ -56,26 +56,18 @@ class RadixCache:
         By default at most ``len(tokens) - 1`` tokens, so a caller always has one token left to
         compute logits from. Takes no references: lock the node and incref the blocks to keep them.
         """
-        limit = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens))
-        node, blocks = self._walk(tokens, max(limit, 0) // self.block_size)
+        node, blocks = self._walk(tokens, self._match_blocks(tokens, max_tokens))
         return PrefixMatch(blocks, node)
 
     def cached_tokens(self, tokens: Sequence[int], max_tokens: int | None = None) -> int:
         """How many tokens ``match`` would serve now, without its side effects: no edge is split
         and no node's LRU time is touched (for planning, e.g. before admission)."""
+        _, blocks = self._walk(tokens, self._match_blocks(tokens, max_tokens), peek=True)
+        return len(blocks) * self.block_size
+
+    def _match_blocks(self, tokens: Sequence[int], max_tokens: int | None) -> int:
         limit = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens))
-        max_blocks, bs = max(limit, 0) // self.block_size, self.block_size
-        node, done = self.root, 0
-        while done < max_blocks and (child := node.children.get(self._key(tokens, done * bs))) is not None:
-            n = 1  # the key matched the first block
-            while n < len(child.blocks) and done + n < max_blocks and (
-                    tuple(tokens[(done + n) * bs : (done + n + 1) * bs]) == child.tokens[n * bs : (n + 1) * bs]):
-                n += 1
-            done += n
-            if n < len(child.blocks):
-                break
-            node = child
-        return done * bs
+        return max(limit, 0) // self.block_size
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count one admitted lookup in the hit-rate statistics."""
@@ -106,12 +98,14 @@ class RadixCache:
     def _key(self, tokens: Sequence[int], start: int = 0) -> tuple[int, ...]:
         return tuple(tokens[start : start + self.block_size])
 
-    def _walk(self, tokens: Sequence[int], max_blocks: int) -> tuple[RadixNode, list[int]]:
+    def _walk(self, tokens: Sequence[int], max_blocks: int, peek: bool = False) -> tuple[RadixNode, list[int]]:
         """Follow ``tokens`` down the tree for at most ``max_blocks`` blocks, splitting an edge
-        where the match ends inside it, so that the returned node ends exactly there."""
+        where the match ends inside it, so that the returned node ends exactly there, and marking
+        the path as used. With ``peek`` nothing changes: no split, no LRU time, and the node
+        returned is the deepest one matched whole."""
         bs = self.block_size
         node, blocks, done = self.root, [], 0
-        now = next(self._clock)
+        now = None if peek else next(self._clock)
         while done < max_blocks:
             child = node.children.get(self._key(tokens, done * bs))
             if child is None:
@@ -122,14 +116,15 @@ class RadixCache:
                 if tuple(tokens[lo : lo + bs]) != child.tokens[n * bs : (n + 1) * bs]:
                     break
                 n += 1
-            if n < len(child.blocks):
-                child = self._split(child, n)
-            child.last_access = now
             blocks.extend(child.blocks[:n])
             done += n
-            node = child
             if n < len(child.blocks):
-                break
+                if peek:
+                    break
+                child = self._split(child, n)
+            if not peek:
+                child.last_access = now
+            node = child
         return node, blocks
 
     def _split(self, node: RadixNode, n_blocks: int) -> RadixNode:
