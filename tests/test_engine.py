@@ -148,6 +148,17 @@ def test_a_session_that_can_never_fit_is_refused_and_nothing_changes():
     model.prefix_cache.check_integrity()
 
 
+@pytest.mark.parametrize("bad_id", [-1, 256])
+def test_a_prompt_with_a_token_outside_the_vocabulary_is_refused_and_nothing_changes(bad_id):
+    _, model = tiny_pair()
+    model.generate_batch([PROMPTS[0]], max_new_tokens=2)
+    before = model.prefix_cache.stats()
+    with pytest.raises(ValueError, match=f"token id {bad_id} is outside the vocabulary"):
+        model.generate_batch([PROMPTS[1], [5, bad_id, 7]], max_new_tokens=2)
+    assert model.prefix_cache.stats() == before
+    model.prefix_cache.check_integrity()
+
+
 def test_blocks_held_outside_the_engine_give_a_clear_error_not_a_hang():
     _, model = tiny_pair(num_blocks=8)
     holder = model.prefix_cache.admit(tokens(30, 25))  # 7 of the 8 blocks

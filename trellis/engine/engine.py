@@ -55,11 +55,9 @@ class Engine:
         """Queue a session; raises ``OutOfBlocksError`` if the pool could never hold it."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
         if not prompt:
             raise ValueError("cannot generate from an empty prompt")
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise ValueError(f"prompt has a token id outside the vocabulary [0, {vocab})")
+        self.model._check_token_ids([prompt])
         session = Session(request_id or f"req_{next(self._ids)}", prompt, params)
         self.model._check_positions(session.kv_tokens)
         pool = self.model.prefix_cache.pool
