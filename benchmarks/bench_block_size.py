@@ -20,13 +20,13 @@ from common import (
     Series,
     Workload,
     by_system,
-    caption,
     describe,
     finish,
     load_model,
     markdown_table,
     parser,
     pm,
+    save_figure,
 )
 from systems import Trellis, systems, warm_up
 from tqdm.auto import tqdm
@@ -109,10 +109,7 @@ def plot(result: dict, path: Path) -> None:
               title=f"TTFT at φ={s['phi']} (error bars: L ∈ {s['lengths']})")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
-    fig.suptitle(caption(result["info"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, result["info"], path)
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from common import (
     Series,
     Workload,
     by_system,
-    caption,
     describe,
     finish,
     load_model,
@@ -33,6 +32,7 @@ from common import (
     mean_std,
     parser,
     pm,
+    save_figure,
 )
 from systems import System, systems, warm_up
 from tqdm.auto import tqdm
@@ -167,10 +167,7 @@ def plot(result: dict, path: Path) -> None:
     left.legend(fontsize=8)
     right.legend(fontsize=8, loc="lower left")
     blocks_axis.legend(fontsize=8, loc="upper right")
-    fig.suptitle(caption(result["info"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, result["info"], path)
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from common import (
     Series,
     Workload,
     by_system,
-    caption,
     describe,
     finish,
     load_model,
@@ -28,6 +27,7 @@ from common import (
     mean_std,
     parser,
     pm,
+    save_figure,
 )
 from systems import systems, warm_up
 from tqdm.auto import tqdm
@@ -94,10 +94,7 @@ def plot(result: dict, path: Path) -> None:
     hits.set(ylabel="cache hit rate (dashed)", ylim=(0, 1.05))
     handles = [h for axis in (left, hits) for h in axis.get_legend_handles_labels()[0]]
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=3)
-    fig.suptitle(caption(result["info"]), fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, result["info"], path, rect=(0, 0.12, 1, 1))
 
 
 def main() -> None:

@@ -155,6 +155,16 @@ def finish(result: dict, args: argparse.Namespace, stem: str, plot: Callable[[di
     print(tables(result))
 
 
+def save_figure(fig, info: dict, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    """Caption ``fig`` with the machine and model, lay it out within ``rect``, write it, free it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(caption(info), fontsize=8)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def by_system(points: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for p in points:

@@ -28,7 +28,7 @@ def cpp_kernels():
         pytest.skip(f"the C++ kernels cannot be built here: {exc}")
 
 
-def attend(case: PagedCase, backend: str = "cpp") -> torch.Tensor:
+def attend(case: PagedCase, backend: str = "cpp", out: torch.Tensor | None = None) -> torch.Tensor:
     return ops.paged_attention(
         case.q,
         case.k_cache,
@@ -37,6 +37,7 @@ def attend(case: PagedCase, backend: str = "cpp") -> torch.Tensor:
         case.seq_lens,
         case.cu_seqlens_q,
         case.scale,
+        out=out,
         backend=backend,
     )
 
@@ -115,17 +116,7 @@ def test_thread_counts_agree():
 def test_zero_length_sequences_are_skipped():
     case = make_case([0, 2, 0], [5, 9, 0 + 1], block_size=4)
     out = torch.full_like(case.q, 7.0)
-    ops.paged_attention(
-        case.q,
-        case.k_cache,
-        case.v_cache,
-        case.block_table,
-        case.seq_lens,
-        case.cu_seqlens_q,
-        case.scale,
-        out=out,
-        backend="cpp",
-    )
+    attend(case, out=out)
     torch.testing.assert_close(out.double(), naive_attention(case), atol=2e-5, rtol=2e-5)
 
 
