@@ -184,7 +184,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def caption(info: dict) -> str:
-    return f"{info['model']}, {info['dtype']}, Trellis backend {info['trellis_backend']}; {info['machine']}"
+    packed = ", packed linear weights" if info.get("packed_weights") else ""
+    return f"{info['model']}, {info['dtype']}, Trellis backend {info['trellis_backend']}{packed}; {info['machine']}"
 
 
 @dataclass
