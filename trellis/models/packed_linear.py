@@ -2,9 +2,9 @@
 
 A plain ``nn.Linear`` hands its ``[out, in]`` weight to the BLAS, which re-packs it into the
 layout its micro-kernel wants on every call. ``PackedLinear`` keeps one copy already in oneDNN's
-blocked layout: on SmolLM2 this makes a decode step ~1.5× and a prefill ~1.2× faster on a 2-core
-CPU. The price is a second copy of every linear weight in memory, and logits that differ from
-the BLAS's by fp32 reassociation (~1e-4 relative), which is why it is opt-in
+blocked layout: on SmolLM2 this makes a decode step 1.3–1.5× and a prefill ~1.2× faster on a
+2-core CPU. The price is a second copy of every linear weight in memory, and logits that differ
+from the BLAS's by fp32 reassociation (~6e-5 relative), which is why it is opt-in
 (``TrellisLlama.from_pretrained(..., pack_weights=True)``).
 
 The module stays an ``nn.Linear`` in every other respect: same parameters and state dict, plain
