@@ -96,9 +96,9 @@ def trellis_backend(model: TrellisLlama, tokenizer: PreTrainedTokenizerBase, max
 def count_trellis_tokens(model: TrellisLlama, counter: list[int]) -> None:
     forward_paged = model.forward_paged
 
-    def counted(seqs, **kwargs):
+    def counted(manager, seqs, **kwargs):
         counter[0] += sum(seq.num_new for seq in seqs)
-        return forward_paged(seqs, **kwargs)
+        return forward_paged(manager, seqs, **kwargs)
 
     model.forward_paged = counted
 
