@@ -4,9 +4,9 @@ The same manual decoding loop runs for every system on one model object (the pee
 transformers' sdpa attention, so all share the very same weight memory): a prompt of L tokens, then
 D single-token steps through ``past_key_values``. Systems take turns in a rotating order, and the
 figure is the median milliseconds per step over every step of every repeat, which keeps a burst
-of load from another process out of the comparison. "trellis cpp, packed" also runs Trellis'
-linear layers on oneDNN-prepacked weights (``TrellisLlama.pack_weights``); the others run
-transformers' own ``nn.Linear``.
+of load from another process out of the comparison. Trellis runs with each linear kernel
+(``TrellisLlama.set_linear_kernel``): "blas" is transformers' own ``nn.Linear``, so the first two
+Trellis rows differ from transformers in attention alone.
 
     .venv/bin/python benchmarks/bench_decode.py [--quick] [--json PATH] [--model smollm2|tinyllama]
 """
@@ -22,9 +22,11 @@ from common import describe, load_model, parser
 from systems import attention
 from transformers import LlamaForCausalLM
 
-# name -> (attention implementation, Trellis backend, packed linear weights)
-SYSTEMS = {"transformers sdpa": ("sdpa", None, False), "trellis reference": ("trellis", "reference", False),
-           "trellis cpp": ("trellis", "cpp", False), "trellis cpp, packed": ("trellis", "cpp", True)}
+# name -> (attention implementation, Trellis backend, Trellis linear kernel)
+SYSTEMS = {"transformers sdpa": ("sdpa", None, None), "trellis reference, blas": ("trellis", "reference", "blas"),
+           "trellis cpp, blas": ("trellis", "cpp", "blas"), "trellis cpp, onednn": ("trellis", "cpp", "onednn"),
+           "trellis cpp, packed": ("trellis", "cpp", "packed")}
+SPEEDUPS = ["trellis cpp, blas", "trellis cpp, onednn", "trellis cpp, packed"]  # over transformers, printed
 
 
 def step_times_ms(model: LlamaForCausalLM, prompt: torch.Tensor, steps: int) -> list[float]:
@@ -47,12 +49,12 @@ def main() -> None:
     contexts, steps, repeats = ([512], 16, 2) if args.quick else ([128, 512, 1024, 2048], 32, args.repeats or 4)
     names = list(SYSTEMS)
     rows = []
-    print(f"{describe(model, args.model)}\n{'L':>6} " + " ".join(f"{name:>20}" for name in names)
-          + "   sdpa/cpp  sdpa/packed")
-    for implementation, backend, packed in SYSTEMS.values():  # untimed: first-call costs (builds, allocator)
+    print(f"{describe(model, args.model)}\n{'L':>6} " + " ".join(f"{name:>22}" for name in names)
+          + "".join(f"  sdpa/{name.removeprefix('trellis ')}" for name in SPEEDUPS))
+    for implementation, backend, kernel in SYSTEMS.values():  # untimed: first-call costs (builds, allocator)
         with attention(model, implementation):
             if backend is not None:
-                model.pack_weights(packed)
+                model.set_linear_kernel(kernel)
                 model.configure_cache(backend=backend)
             step_times_ms(model, torch.arange(3, 67)[None], 4)
     for length in contexts:
@@ -60,22 +62,22 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                implementation, backend, packed = SYSTEMS[name]
+                implementation, backend, kernel = SYSTEMS[name]
                 with attention(model, implementation):
-                    if backend is not None:  # Trellis: packed weights or not, and a fresh, empty cache
-                        model.pack_weights(packed)  # (packing happens in the untimed prompt forward)
+                    if backend is not None:  # Trellis: its linear kernel, and a fresh, empty cache
+                        model.set_linear_kernel(kernel)  # (packing happens in the untimed prompt forward)
                         model.configure_cache(backend=backend)
                     times[name] += step_times_ms(model, prompt, steps)
         row = {"L": length, **{name: statistics.median(t) for name, t in times.items()}}
         rows.append(row)
-        print(f"{length:>6} " + " ".join(f"{row[n]:>17.1f} ms" for n in names)
-              + f"   {row['transformers sdpa'] / row['trellis cpp']:.3f}x  "
-              f"{row['transformers sdpa'] / row['trellis cpp, packed']:.3f}x")
+        print(f"{length:>6} " + " ".join(f"{row[n]:>19.1f} ms" for n in names)
+              + "".join(f"  {row['transformers sdpa'] / row[name]:>{len(name) - 3}.3f}x" for name in SPEEDUPS))
     if args.json:
         args.json.write_text(json.dumps({"info": describe(model, args.model), "steps": steps, "repeats": repeats,
                                          "statistic": "median ms per step", "rows": rows}, indent=1))
-    print(f"median speed-up of trellis cpp over transformers: "
-          f"{statistics.median(r['transformers sdpa'] / r['trellis cpp'] for r in rows):.3f}x")
+    for name in SPEEDUPS:
+        print(f"median speed-up of {name} over transformers: "
+              f"{statistics.median(r['transformers sdpa'] / r[name] for r in rows):.3f}x")
 
 
 if __name__ == "__main__":

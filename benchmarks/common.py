@@ -24,9 +24,9 @@ import transformers
 from transformers import LlamaConfig
 
 from trellis import ops
+from trellis.models.cpu_linear import LINEAR_KERNELS
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
-from trellis.models.packed_linear import PackedLinear
 
 PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # the seed's grid of shared-prefix fractions
 SEED_BLOCK = 32  # φ is quantised to the seed's 32-token blocks, whatever the cache's block size
@@ -54,8 +54,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=ops.BACKENDS, help="Trellis attention backend (default: the fastest here)")
     p.add_argument("--repeats", type=int, help="timed ops per point")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
-    p.add_argument("--pack-weights", action="store_true",
-                   help="Trellis runs its linear layers on oneDNN-prepacked weights (the peers never do)")
+    p.add_argument("--linear-kernel", choices=LINEAR_KERNELS,
+                   help="what runs Trellis' linear layers (default: Trellis' default here); the peers always "
+                        "run transformers' own (blas)")
     return p
 
 
@@ -70,8 +71,8 @@ def load_model(args: argparse.Namespace) -> TrellisLlama:
         torch.manual_seed(0)
         model = TrellisLlama._from_config(LlamaConfig(**TINYLLAMA), attn_implementation="trellis").eval()
         model.configure_cache(backend=backend)
-    if args.pack_weights:
-        model.pack_weights()
+    if args.linear_kernel:
+        model.set_linear_kernel(args.linear_kernel)
     model.generation_config.eos_token_id = None  # no stop token: every session generates exactly D tokens
     # transformers' continuous batching warns at every call about the persistent manager the peer needs.
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
@@ -89,7 +90,7 @@ def describe(model: TrellisLlama, model_name: str) -> dict:
                   "tinyllama": "TinyLlama-1.1B shape, random init (timing only)"}[model_name],
         "dtype": str(model.dtype).removeprefix("torch."),
         "trellis_backend": model.backend or ops.default_backend(model.device),
-        "packed_weights": any(isinstance(m, PackedLinear) for m in model.modules()),
+        "trellis_linear_kernel": model.linear_kernel,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_average": os.getloadavg(),  # other processes on the machine add noise to every timing
@@ -184,8 +185,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def caption(info: dict) -> str:
-    packed = ", packed linear weights" if info.get("packed_weights") else ""
-    return f"{info['model']}, {info['dtype']}, Trellis backend {info['trellis_backend']}{packed}; {info['machine']}"
+    return (f"{info['model']}, {info['dtype']}, Trellis attention {info['trellis_backend']}, Trellis linear "
+            f"{info['trellis_linear_kernel']}; {info['machine']}")
 
 
 @dataclass

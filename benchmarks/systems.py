@@ -27,16 +27,16 @@ MAX_BATCH_TOKENS = 4096  # per forward, for both continuous-batching systems
 def attention(model: TrellisLlama, implementation: str) -> Iterator[TrellisLlama]:
     """The same weights under another attention implementation (TrellisLlama then behaves as a
     plain ``LlamaForCausalLM``: ``generate`` and ``generate_batch`` are transformers' own), and
-    with transformers' own linear layers if Trellis' were packed (repacked on Trellis' next use)."""
-    previous = model.config._attn_implementation
-    packed = implementation != "trellis" and model.pack_weights(False) > 0
+    for the peers with transformers' own linear layers ("blas"), whatever Trellis' are."""
+    previous, kernel = model.config._attn_implementation, model.linear_kernel
+    if implementation != "trellis":
+        model.set_linear_kernel("blas")
     model.set_attn_implementation(implementation)
     try:
         yield model
     finally:
         model.set_attn_implementation(previous)
-        if packed:
-            model.pack_weights()
+        model.set_linear_kernel(kernel)
 
 
 @dataclass

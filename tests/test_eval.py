@@ -277,10 +277,10 @@ def test_adapter_loads_from_a_path_with_cache_settings():
     import trellis.eval.lm_eval_adapter  # noqa: F401
 
     lm = get_model("trellis").create_from_arg_string(
-        f"pretrained={smollm2_dir()},block_size=16,num_blocks=64,pack_weights=True", {"device": "cpu"})
+        f"pretrained={smollm2_dir()},block_size=16,num_blocks=64,linear_kernel=packed", {"device": "cpu"})
     assert lm.trellis_model.prefix_cache.block_size == 16 and lm.trellis_model.prefix_cache.pool.num_blocks == 64
     assert lm.trellis_model.device.type == "cpu"
-    assert type(lm.trellis_model.lm_head).__name__ == "PackedLinear"
+    assert lm.trellis_model.linear_kernel == "packed" and lm.trellis_model.lm_head.prepack
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ class TrellisLM(HFLM):
     """``model_args``: anything HFLM takes (``pretrained`` defaults to the embedded SmolLM2), plus
     the KV cache settings ``block_size``, ``num_blocks``, ``kv_cache_memory`` (bytes) and
     ``kernel_backend`` (reference, cpp, triton), ``max_batch_tokens``, the new tokens one
-    scoring forward packs, and ``pack_weights`` (``TrellisLlama.pack_weights``). ``device``
+    scoring forward packs, and ``linear_kernel`` (``TrellisLlama.set_linear_kernel``). ``device``
     defaults to auto: CUDA, then MPS, then CPU."""
 
     AUTO_MODEL_CLASS = TrellisLlama
@@ -47,7 +47,7 @@ class TrellisLM(HFLM):
         kv_cache_memory: int | None = None,
         kernel_backend: str | None = None,
         max_batch_tokens: int = 2048,
-        pack_weights: bool = False,
+        linear_kernel: str | None = None,
         **kwargs,
     ) -> None:
         # Read by _create_model, which HFLM.__init__ calls when it loads from a path.
@@ -58,8 +58,8 @@ class TrellisLM(HFLM):
         super().__init__(pretrained=pretrained, device=str(resolve_device(device or "auto")), **kwargs)
         if not isinstance(self.trellis_model, TrellisLlama):
             raise TypeError(f"the trellis model needs a TrellisLlama, got {type(self.trellis_model).__name__}")
-        if pack_weights:
-            self.trellis_model.pack_weights()
+        if linear_kernel is not None:
+            self.trellis_model.set_linear_kernel(linear_kernel)
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         super()._create_model(pretrained, **kwargs, **self._cache_settings)

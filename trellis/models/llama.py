@@ -23,9 +23,9 @@ from trellis.cache.block_pool import BlockPool, check_block_size
 from trellis.cache.manager import KVCacheManager, Sequence
 from trellis.cache.persist import load_prefix_cache, save_prefix_cache, weights_fingerprint
 from trellis.engine.batch import PagedBatch, build_batch
+from trellis.models import cpu_linear
 from trellis.models.attention import ATTN_IMPLEMENTATION
 from trellis.models.loading import default_kv_cache_memory, load_llama_config, resolve_device
-from trellis.models.packed_linear import pack_linears
 from trellis.models.paged_cache import PagedKVCache
 
 # Bumped whenever a module or parameter is registered into a module of some TrellisLlama (a
@@ -67,6 +67,7 @@ class TrellisLlama(LlamaForCausalLM):
         self.configure_cache(block_size=block_size, num_blocks=num_blocks,
                              kv_cache_memory=kv_cache_memory, backend=backend)
         self._forward_lock, self._cache_lock = threading.RLock(), threading.Lock()
+        self.set_linear_kernel(cpu_linear.default_linear_kernel())
 
     def __getstate__(self) -> dict:
         """Copies and pickles carry the weights and settings, not the lock or the cache."""
@@ -100,13 +101,13 @@ class TrellisLlama(LlamaForCausalLM):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, block_size: int = 32,
                         num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                        backend: str | None = None, device: str | torch.device = "auto", pack_weights: bool = False,
-                        **kwargs):
+                        backend: str | None = None, device: str | torch.device = "auto",
+                        linear_kernel: str | None = None, **kwargs):
         """Load like ``LlamaForCausalLM.from_pretrained`` (local dirs, hub ids, ``gguf_file=``, ``dtype=``).
 
         With no path, loads the embedded SmolLM2-135M-Instruct. ``device="auto"`` picks CUDA,
-        then MPS, then CPU (ignored when ``device_map`` is given). ``pack_weights``: see
-        ``pack_weights()``.
+        then MPS, then CPU (ignored when ``device_map`` is given). ``linear_kernel``: see
+        ``set_linear_kernel()``; by default oneDNN where it runs.
         """
         check_block_size(block_size)
         if pretrained_model_name_or_path is None:
@@ -122,20 +123,18 @@ class TrellisLlama(LlamaForCausalLM):
         if "device_map" not in kwargs:
             model.to(resolve_device(device))
         model.attention_backend()  # load (or build) the kernels now rather than in the first request
-        if pack_weights:
-            model.pack_weights()
+        if linear_kernel is not None:
+            model.set_linear_kernel(linear_kernel)
         return model.eval()
 
-    def pack_weights(self, enabled: bool = True) -> int:
-        """Run the linear layers on CPU over oneDNN-prepacked copies of their weights (fp32
-        inference): 1.3–1.5× faster decode on SmolLM2, at the cost of a second copy of those weights
-        in memory and logits that differ from transformers' by fp32 reassociation (~6e-5 relative).
-        ``enabled=False`` restores plain ``nn.Linear``. Returns the number of layers changed.
-        Cached K/V are dropped when anything changes: they were computed by the other matmuls."""
-        changed = pack_linears(self, enabled)
-        if changed:
-            with self._cache_lock:
-                self._kv_manager = None
+    def set_linear_kernel(self, kind: str) -> int:
+        """What runs the linear layers in CPU fp32 inference (elsewhere it is always ``F.linear``):
+        ``"blas"`` (transformers' path), ``"onednn"`` (the default on x86: faster, no extra memory)
+        or ``"packed"`` (oneDNN over a second, prepacked copy of the weights). See
+        ``trellis.models.cpu_linear``. Returns the number of layers changed. The KV cache starts
+        empty afterwards: its K/V were computed by the other matmuls."""
+        changed = cpu_linear.set_linear_kernel(self, kind)
+        self.linear_kernel = kind
         return changed
 
     def attention_backend(self) -> str:
@@ -147,10 +146,10 @@ class TrellisLlama(LlamaForCausalLM):
     @property
     def prefix_cache(self) -> KVCacheManager:
         """The paged KV cache. Rebuilt empty whenever the K/V it holds would be stale: a new
-        device or dtype, weights changed in place or replaced (``load_state_dict``, edits), or
-        another PEFT adapter state. Handles (``past_key_values``) of the old cache are refused."""
+        device, dtype or linear kernel, weights changed in place or replaced (``load_state_dict``,
+        edits), or another PEFT adapter state. Handles (``past_key_values``) of the old cache are refused."""
         with self._cache_lock:  # threads arriving together must get one and the same cache
-            key = (self.device, self.dtype, self._weights_state())
+            key = (self.device, self.dtype, self.linear_kernel, self._weights_state())
             if self._kv_manager is None or key != self._kv_key:
                 self._kv_manager = KVCacheManager(self._new_pool(self.device, self.dtype))
                 self._kv_key = key

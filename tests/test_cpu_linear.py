@@ -1,0 +1,154 @@
+"""The linear kernels of CPU inference (blas, onednn, packed): same results as nn.Linear up to fp32
+reassociation, kept current when weights change, invisible to state dicts, copies and training."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
+from trellis.models import cpu_linear
+from trellis.models.cpu_linear import OneDNNLinear, linear_kernel_of, set_linear_kernel
+from trellis.models.llama import TrellisLlama
+
+needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="no oneDNN on this machine or build")
+ONEDNN_KINDS = ["onednn", "packed"]
+IDS = torch.arange(3, 40)[None]
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ONEDNN_KINDS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (7, 48), (2, 5, 48), (0, 48), (48,)])
+def test_matches_nn_linear(kind, bias, shape):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 40, bias=bias)
+    layer = copy.deepcopy(plain)
+    assert set_linear_kernel(layer, kind) == 1 and type(layer) is OneDNNLinear and linear_kernel_of(layer) == kind
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+        layer.double(), plain.double()  # not fp32: F.linear, exactly
+        assert torch.equal(layer(x.double()), plain(x.double()))
+
+
+@needs_onednn
+def test_non_contiguous_input():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 40)
+    layer = copy.deepcopy(plain)
+    set_linear_kernel(layer, "onednn")
+    x = torch.randn(7, 3, 48).transpose(0, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_repacks_when_the_weight_changes():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    set_linear_kernel(layer, "packed")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(2)  # in place: the version counter moves
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight = torch.nn.Parameter(torch.randn(8, 16))  # replaced: a new data pointer
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert not torch.allclose(before, layer(x))
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ONEDNN_KINDS)
+def test_training_takes_the_plain_path_and_gets_gradients(kind):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    set_linear_kernel(layer, kind)
+    layer(torch.randn(3, 16)).sum().backward()
+    assert layer.weight.grad is not None and layer._packed is None
+
+
+def test_subclasses_of_linear_are_left_alone():
+    class Adapter(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(Adapter(4, 4), torch.nn.ReLU())
+    assert set_linear_kernel(model, "blas") == 0 and type(model[0]) is Adapter
+
+
+def test_bad_kinds_are_refused_and_nothing_changes(monkeypatch):
+    _, model = tiny_pair()
+    kind = model.linear_kernel
+    with pytest.raises(ValueError, match="unknown linear kernel 'mkl'"):
+        model.set_linear_kernel("mkl")
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs oneDNN on an x86-64 CPU"):
+        model.set_linear_kernel("packed")
+    assert model.linear_kernel == kind and linear_kernel_of(model.lm_head) == kind
+    assert cpu_linear.default_linear_kernel() == "blas"
+
+
+@needs_onednn
+def test_onednn_is_the_default_where_it_runs():
+    model = TrellisLlama(tiny_config())
+    assert model.linear_kernel == "onednn" and type(model.lm_head) is OneDNNLinear and not model.lm_head.prepack
+    assert all(linear_kernel_of(m) in (None, "onednn") for m in model.modules())
+
+
+@needs_onednn
+def test_model_state_dict_copies_pickles_and_switching_back():
+    _, model = tiny_pair()
+    keys = set(model.state_dict())
+    assert model.set_linear_kernel("packed") == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
+    with torch.no_grad():
+        model(IDS)  # packs
+    assert set(model.state_dict()) == keys
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    assert clone.linear_kernel == "packed" and clone.lm_head.prepack and clone.lm_head._packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(clone(IDS).logits, model(IDS).logits)
+    assert model.set_linear_kernel("blas") == 15 and type(model.lm_head) is torch.nn.Linear
+    assert "_packed" not in model.lm_head.__dict__ and "prepack" not in model.lm_head.__dict__
+    assert model.set_linear_kernel("blas") == 0
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", cpu_linear.LINEAR_KERNELS)
+def test_tiny_model_matches_transformers_with_cache_hits(kind):
+    ref, model = tiny_pair()
+    model.set_linear_kernel(kind)
+    with torch.no_grad():
+        expected = ref(IDS).logits
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(model(IDS, logits_to_keep=1).logits, expected[:, -1:], rtol=0, atol=1e-4)
+    assert model.prefix_cache.stats()["hit_tokens"] > 0
+    assert torch.equal(model.generate(IDS, max_new_tokens=12, do_sample=False),
+                       ref.generate(IDS, max_new_tokens=12, do_sample=False))
+
+
+@needs_onednn
+def test_switching_kernels_drops_the_cache_and_refuses_its_handles():
+    _, model = tiny_pair()
+    with torch.no_grad():
+        out = model(IDS)
+        model.set_linear_kernel("packed")
+        assert model.prefix_cache.stats()["cached_blocks"] == 0
+        with pytest.raises(RuntimeError, match="earlier KV cache"):
+            model(IDS[:, :1], past_key_values=out.past_key_values)
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ONEDNN_KINDS)
+def test_smollm2_greedy_tokens_match_transformers(kind):
+    tok, ref = smollm2_tokenizer(), smollm2_reference()
+    model = smollm2_trellis(num_blocks=64, linear_kernel=kind)
+    assert model.linear_kernel == kind
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    expected = ref.generate(ids, max_new_tokens=24, do_sample=False)
+    for _ in range(2):  # cold, then with the prompt cached
+        assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), expected)
+    with torch.no_grad():  # fp32 reassociation across 30 layers: ~1e-4 of the logits' scale
+        got, want = model(ids).logits, ref(ids).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max() * 10

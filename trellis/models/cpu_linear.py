@@ -1,0 +1,96 @@
+"""Which library runs the linear layers of CPU inference: the BLAS, or oneDNN.
+
+PyTorch's x86 wheels hand ``F.linear`` in fp32 to MKL, which on this project's reference machine
+(an AMD EPYC with AVX-512, 2 cores) streams a decode step's weights at ~12 GB/s and runs small
+batches (2–64 rows) slower per row than one. oneDNN's JIT kernels, fed the very same ``[out, in]``
+weight, are faster at every batch size that matters to serving, with no extra memory:
+
+    kind       weights                                  SmolLM2, 2 threads (see README)
+    "blas"     the parameter, through F.linear          transformers' own path
+    "onednn"   the parameter, through oneDNN            the default where oneDNN runs (x86)
+    "packed"   a second copy in oneDNN's blocked layout  a little faster again; +1 copy of the weights
+
+Logits move by fp32 reassociation only (~1e-4 of their scale on SmolLM2; greedy tokens agree).
+An ``OneDNNLinear`` is an ``nn.Linear`` in every other respect: the same parameters and state
+dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
+copy is made on first use and again whenever the weight is replaced or changed in place.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.nn.functional as F
+
+LINEAR_KERNELS = ("blas", "onednn", "packed")
+
+
+def onednn_available() -> bool:
+    """oneDNN's linear ops are in this PyTorch build and JIT-compile for this CPU (x86-64)."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def default_linear_kernel() -> str:
+    return "onednn" if onednn_available() else "blas"
+
+
+class OneDNNLinear(torch.nn.Linear):
+    prepack = False  # the "packed" kind; set per instance by set_linear_kernel
+    # (weight data_ptr, weight version, packed weight); never in the state dict, copies or pickles
+    _packed: tuple[int, int, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32
+                or x.dtype != torch.float32 or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
+            return F.linear(x, weight, self.bias)
+        if self.prepack:
+            weight = self._packed_weight()
+        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+
+    def _packed_weight(self) -> torch.Tensor:
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None or self._packed[:2] != key:
+            # The batch-size hint only tunes the blocking; 64 serves decode and prefill alike.
+            self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64))
+        return self._packed[2]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_packed", None)  # oneDNN's opaque tensors cannot be copied; repacked on use
+        return state
+
+
+def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
+    """Run every plain ``nn.Linear`` of ``model`` on ``kind`` (one of ``LINEAR_KERNELS``); returns
+    how many layers changed. Subclasses of ``nn.Linear`` (adapter layers, quantized layers) are left
+    alone: their forward is not plain ``F.linear``. An adapter's base layer, a plain ``nn.Linear``,
+    is included."""
+    if kind not in LINEAR_KERNELS:
+        raise ValueError(f"unknown linear kernel {kind!r}; choose one of {LINEAR_KERNELS}")
+    if kind != "blas" and not onednn_available():
+        raise RuntimeError(f"the {kind!r} linear kernel needs oneDNN on an x86-64 CPU (torch.backends.mkldnn), "
+                           f"which this machine or PyTorch build lacks; use 'blas'")
+    changed = 0
+    for module in model.modules():
+        current = linear_kernel_of(module)
+        if current is None or current == kind:
+            continue
+        module.__dict__.pop("_packed", None)  # frees a packed copy
+        module.__dict__.pop("prepack", None)
+        module.__class__ = torch.nn.Linear if kind == "blas" else OneDNNLinear
+        if kind == "packed":
+            module.prepack = True
+        changed += 1
+    return changed
+
+
+def linear_kernel_of(module: torch.nn.Module) -> str | None:
+    """The kind a linear layer runs on; None for anything but a plain ``nn.Linear`` or ``OneDNNLinear``."""
+    if type(module) is torch.nn.Linear:
+        return "blas"
+    if type(module) is OneDNNLinear:
+        return "packed" if module.prepack else "onednn"
+    return None
