@@ -29,8 +29,9 @@ def test_matches_nn_linear(kind, bias, shape):
     x = torch.randn(shape)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
-        layer.double(), plain.double()  # not fp32: F.linear, exactly
-        assert torch.equal(layer(x.double()), plain(x.double()))
+        layer.double(), plain.double()  # not fp32: F.linear, exactly (over the weight in its layout)
+        assert torch.equal(layer(x.double()), torch.nn.functional.linear(x.double(), layer.weight, layer.bias))
+        torch.testing.assert_close(layer(x.double()), plain(x.double()))
 
 
 @needs_onednn
@@ -111,6 +112,57 @@ def test_model_state_dict_copies_pickles_and_switching_back():
     assert model.set_linear_kernel("blas") == 15 and type(model.lm_head) is torch.nn.Linear
     assert "_packed" not in model.lm_head.__dict__ and "prepack" not in model.lm_head.__dict__
     assert model.set_linear_kernel("blas") == 0
+
+
+def _input_major(weight: torch.Tensor) -> bool:
+    return weight.t().is_contiguous() and not weight.is_contiguous()
+
+
+@needs_onednn
+def test_onednn_stores_weights_input_major_and_other_kinds_row_major():
+    _, model = tiny_pair()
+    layer = model.model.layers[0].mlp.up_proj
+    param, values = layer.weight, layer.weight.detach().clone()
+    model.set_linear_kernel("onednn")
+    assert _input_major(layer.weight) and layer.weight is param and torch.equal(layer.weight, values)
+    assert all(_input_major(m.weight) for m in model.modules() if linear_kernel_of(m))
+    for kind in ("packed", "blas", "onednn", "blas"):
+        model.set_linear_kernel(kind)
+        assert _input_major(layer.weight) == (kind == "onednn") and torch.equal(layer.weight, values)
+    assert layer.weight is param  # optimizers and hooks holding the parameter still see it
+
+
+@needs_onednn
+def test_a_tied_lm_head_keeps_the_embedding_row_major():
+    model = TrellisLlama(tiny_config(tie_word_embeddings=True))
+    model.set_linear_kernel("onednn")
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.is_contiguous()
+    assert _input_major(model.model.layers[0].self_attn.q_proj.weight)
+
+
+@needs_onednn
+def test_loaded_and_saved_weights_keep_their_values(tmp_path):
+    ref, model = tiny_pair()
+    model.set_linear_kernel("onednn")
+    model.save_pretrained(tmp_path)  # safetensors takes contiguous tensors only: transformers copies
+    loaded = TrellisLlama.from_pretrained(tmp_path, device="cpu")
+    assert loaded.linear_kernel == "onednn" and _input_major(loaded.model.layers[1].mlp.down_proj.weight)
+    for (name, a), b in zip(ref.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, ref(IDS).logits, rtol=0, atol=1e-4)
+
+
+@needs_onednn
+def test_a_replaced_row_major_weight_is_still_right():
+    layer = torch.nn.Linear(16, 8)
+    set_linear_kernel(layer, "onednn")
+    layer.weight = torch.nn.Parameter(torch.randn(8, 16))  # row-major: the slower oneDNN path, same result
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    set_linear_kernel(layer, "onednn")
+    assert _input_major(layer.weight)
 
 
 @needs_onednn

@@ -58,8 +58,8 @@ class TrellisLM(HFLM):
         super().__init__(pretrained=pretrained, device=str(resolve_device(device or "auto")), **kwargs)
         if not isinstance(self.trellis_model, TrellisLlama):
             raise TypeError(f"the trellis model needs a TrellisLlama, got {type(self.trellis_model).__name__}")
-        if linear_kernel is not None:
-            self.trellis_model.set_linear_kernel(linear_kernel)
+        model = self.trellis_model
+        model.set_linear_kernel(linear_kernel or model.linear_kernel)  # also lays out the weights as loaded
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         super()._create_model(pretrained, **kwargs, **self._cache_settings)

@@ -2,23 +2,33 @@
 
 PyTorch's x86 wheels hand ``F.linear`` in fp32 to MKL, which on this project's reference machine
 (an AMD EPYC with AVX-512, 2 cores) streams a decode step's weights at ~12 GB/s and runs small
-batches (2–64 rows) slower per row than one. oneDNN's JIT kernels, fed the very same ``[out, in]``
-weight, are faster at every batch size that matters to serving, with no extra memory:
+batches (2–64 rows) slower per row than one. oneDNN's JIT kernels are faster at every batch size
+that matters to serving:
 
-    kind       weights                                  SmolLM2, 2 threads (see README)
-    "blas"     the parameter, through F.linear          transformers' own path
-    "onednn"   the parameter, through oneDNN            the default where oneDNN runs (x86)
-    "packed"   a second copy in oneDNN's blocked layout  a little faster again; +1 copy of the weights
+    kind       weights                                        SmolLM2, 2 threads (see README)
+    "blas"     the parameter, through F.linear                transformers' own path
+    "onednn"   the parameter, stored input-major, via oneDNN  the default where oneDNN runs (x86)
+    "packed"   a second copy in oneDNN's blocked layout       a little faster again; +1 copy
+
+"Input-major": the ``[out, in]`` parameter keeps its shape and values but its storage is the
+transpose's, ``[in, out]`` row-major (strides ``(1, out)``). That is the layout oneDNN's matmul
+reads directly; a row-major ``[out, in]`` weight it re-blocks into a scratch buffer on every call
+of more than one row, which makes 4- to 64-row matmuls (a decode step of several sessions, a
+chat turn's extend) ~10 % slower on SmolLM2. No memory is added: the storage is replaced, one
+layer at a time. A weight that is shared with another module (a tied LM head and
+embedding) keeps its layout, so that embedding lookups stay row reads.
 
 Logits move by fp32 reassociation only (~1e-4 of their scale on SmolLM2; greedy tokens agree).
 An ``OneDNNLinear`` is an ``nn.Linear`` in every other respect: the same parameters and state
 dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
-copy is made on first use and again whenever the weight is replaced or changed in place.
+copy is made on first use and again whenever the weight is replaced or changed in place; a
+replaced weight stays correct in any layout (``set_linear_kernel`` again restores the fast one).
 """
 
 from __future__ import annotations
 
 import platform
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -64,27 +74,42 @@ class OneDNNLinear(torch.nn.Linear):
 
 
 def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
-    """Run every plain ``nn.Linear`` of ``model`` on ``kind`` (one of ``LINEAR_KERNELS``); returns
-    how many layers changed. Subclasses of ``nn.Linear`` (adapter layers, quantized layers) are left
-    alone: their forward is not plain ``F.linear``. An adapter's base layer, a plain ``nn.Linear``,
-    is included."""
+    """Run every plain ``nn.Linear`` of ``model`` on ``kind`` (one of ``LINEAR_KERNELS``) and give
+    its CPU fp32 weight the layout that kind reads fastest; returns how many layers changed kind.
+    Idempotent: calling it again after weights were loaded or replaced only fixes their layout.
+    Subclasses of ``nn.Linear`` (adapter layers, quantized layers) are left alone: their forward is
+    not plain ``F.linear``. An adapter's base layer, a plain ``nn.Linear``, is included."""
     if kind not in LINEAR_KERNELS:
         raise ValueError(f"unknown linear kernel {kind!r}; choose one of {LINEAR_KERNELS}")
     if kind != "blas" and not onednn_available():
         raise RuntimeError(f"the {kind!r} linear kernel needs oneDNN on an x86-64 CPU (torch.backends.mkldnn), "
                            f"which this machine or PyTorch build lacks; use 'blas'")
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     changed = 0
     for module in model.modules():
         current = linear_kernel_of(module)
-        if current is None or current == kind:
+        if current is None:
             continue
-        module.__dict__.pop("_packed", None)  # frees a packed copy
-        module.__dict__.pop("prepack", None)
-        module.__class__ = torch.nn.Linear if kind == "blas" else OneDNNLinear
-        if kind == "packed":
-            module.prepack = True
-        changed += 1
+        if current != kind:
+            module.__dict__.pop("_packed", None)  # frees a packed copy
+            module.__dict__.pop("prepack", None)
+            module.__class__ = torch.nn.Linear if kind == "blas" else OneDNNLinear
+            if kind == "packed":
+                module.prepack = True
+            changed += 1
+        if uses[id(module.weight)] == 1:
+            _set_layout(module.weight, input_major=kind == "onednn")
     return changed
+
+
+def _set_layout(weight: torch.nn.Parameter, input_major: bool) -> None:
+    """Store a CPU fp32 ``[out, in]`` weight input-major (``[in, out]`` row-major) or row-major."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+        return
+    if input_major and not weight.t().is_contiguous():
+        weight.data = weight.data.t().contiguous().t()
+    elif not input_major and not weight.is_contiguous():
+        weight.data = weight.data.contiguous()
 
 
 def linear_kernel_of(module: torch.nn.Module) -> str | None:

@@ -123,16 +123,16 @@ class TrellisLlama(LlamaForCausalLM):
         if "device_map" not in kwargs:
             model.to(resolve_device(device))
         model.attention_backend()  # load (or build) the kernels now rather than in the first request
-        if linear_kernel is not None:
-            model.set_linear_kernel(linear_kernel)
+        model.set_linear_kernel(linear_kernel or model.linear_kernel)  # also lays out the loaded weights
         return model.eval()
 
     def set_linear_kernel(self, kind: str) -> int:
         """What runs the linear layers in CPU fp32 inference (elsewhere it is always ``F.linear``):
-        ``"blas"`` (transformers' path), ``"onednn"`` (the default on x86: faster, no extra memory)
-        or ``"packed"`` (oneDNN over a second, prepacked copy of the weights). See
-        ``trellis.models.cpu_linear``. Returns the number of layers changed. The KV cache starts
-        empty afterwards: its K/V were computed by the other matmuls."""
+        ``"blas"`` (transformers' path), ``"onednn"`` (the default on x86: faster, no extra memory;
+        the weights are stored input-major) or ``"packed"`` (oneDNN over a second, prepacked copy
+        of the weights). See ``trellis.models.cpu_linear``. Returns the number of layers that
+        changed kind. The KV cache starts empty afterwards: its K/V were computed by the other
+        matmuls."""
         changed = cpu_linear.set_linear_kernel(self, kind)
         self.linear_kernel = kind
         return changed
