@@ -26,7 +26,7 @@ from trellis.engine.batch import PagedBatch, build_batch
 from trellis.models import cpu_linear
 from trellis.models.attention import ATTN_IMPLEMENTATION
 from trellis.models.loading import default_kv_cache_memory, load_llama_config, resolve_device
-from trellis.models.paged_cache import PagedKVCache
+from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 
 # Bumped whenever a module or parameter is registered into a module of some TrellisLlama (a
 # replaced parameter, an added adapter), so that it re-walks its parameters only when they may
@@ -209,10 +209,11 @@ class TrellisLlama(LlamaForCausalLM):
         Logits at padded positions are zero. A fresh prompt reuses its cached prefix up to the
         first position whose logits are asked for (``logits_to_keep``; 0 means all of them).
         """
+        past_key_values = take_cache_argument(past_key_values, kwargs)
         if self.config._attn_implementation != ATTN_IMPLEMENTATION:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **{CACHE_ARG: past_key_values}, **kwargs)
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("TrellisLlama keys its prefix cache on token ids: pass input_ids, not inputs_embeds")
         if past_key_values is not None and not isinstance(past_key_values, PagedKVCache):
@@ -261,7 +262,7 @@ class TrellisLlama(LlamaForCausalLM):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache if use_cache else None})
 
     def forward_paged(self, manager: KVCacheManager, seqs: list[Sequence], **kwargs) -> tuple[torch.Tensor, PagedBatch]:
         """One packed forward over the uncomputed tokens of ``seqs``, sessions of ``manager`` (the
@@ -367,8 +368,8 @@ class TrellisLlama(LlamaForCausalLM):
         """``LlamaForCausalLM.generate`` over the paged cache; prompts reuse cached prefixes, and
         each finished row's full blocks (prompt and answer) are cached for the next turn."""
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-        if (self.config._attn_implementation != ATTN_IMPLEMENTATION or kwargs.get("past_key_values") is not None
-                or use_cache is False):
+        if (self.config._attn_implementation != ATTN_IMPLEMENTATION or use_cache is False
+                or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None):
             return super().generate(inputs, generation_config, **kwargs)
         self._check_generation_length(inputs if inputs is not None else kwargs.get("input_ids"),
                                       kwargs.get("attention_mask"), generation_config, kwargs)
@@ -376,10 +377,10 @@ class TrellisLlama(LlamaForCausalLM):
             cache = PagedKVCache(self.prefix_cache)
             result = None
             try:
-                result = super().generate(inputs, generation_config, past_key_values=cache, **kwargs)
+                result = super().generate(inputs, generation_config, **{CACHE_ARG: cache}, **kwargs)
                 return result
             finally:
-                if getattr(result, "past_key_values", None) is not cache:
+                if getattr(result, CACHE_ARG, None) is not cache:
                     cache.release()
 
     def _check_generation_length(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,

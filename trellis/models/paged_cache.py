@@ -6,14 +6,29 @@ import weakref
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trellis.cache.manager import KVCacheManager, Sequence
+
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``
+# (the old name still works there, with a deprecation warning); earlier 5.x releases know only
+# the old name. Trellis hands the cache to transformers under the name it expects.
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def take_cache_argument(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache a caller passed under either name (``generate()`` in transformers 5.24+ passes
+    ``cache``); removes ``cache`` from ``kwargs``."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 class PagedKVCache(Cache):
     """One paged session per batch row; the K/V themselves live in the shared block pool.
 
-    It stands where transformers expects ``past_key_values``. Releasing it (explicitly, or when
+    It stands where transformers expects its cache (``cache``, formerly ``past_key_values``). Releasing it (explicitly, or when
     it is garbage collected) shares the sessions' full blocks with the radix cache and returns
     the rest to the pool.
     """
