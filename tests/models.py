@@ -14,12 +14,11 @@ from trellis.models.llama import TrellisLlama
 
 def tiny_config(**overrides) -> LlamaConfig:
     # A large init range gives peaked logits, so greedy choices are not decided by rounding noise.
-    settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-                    bos_token_id=2)
-    settings.update(overrides)
-    return LlamaConfig(**settings)
+    settings = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                "initializer_range": 0.2, "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1,
+                "bos_token_id": 2}
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def tiny_pair(seed: int = 0, config: LlamaConfig | None = None, **cache_settings) -> tuple[LlamaForCausalLM, TrellisLlama]:

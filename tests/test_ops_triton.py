@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.attention_cases import PagedCase, make_case, naive_attention, tolerance  # noqa: E402
-from trellis import ops  # noqa: E402
-from trellis.ops import triton_kernels  # noqa: E402
-from trellis.ops.triton_decode import decode_attention  # noqa: E402
+from tests.attention_cases import PagedCase, make_case, naive_attention, tolerance
+from trellis import ops
+from trellis.ops import triton_kernels
+from trellis.ops.triton_decode import decode_attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -70,7 +70,7 @@ def test_damaged_or_missing_file_is_refused(tmp_path):
     _, model = tiny_pair()
     path = saved(tmp_path, model)
     with safe_open(path, framework="pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a mapping
     tensors["kv"][0, 0, 0, 0, 0, 0] += 1.0
     damaged = tmp_path / "damaged.safetensors"
     save_file(tensors, damaged, metadata=metadata)

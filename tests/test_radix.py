@@ -86,7 +86,7 @@ def test_divergence_inside_an_edge_splits_it_at_a_block_boundary():
 
 def test_lru_eviction_spares_locked_and_recent_prefixes():
     m = make_manager(num_blocks=12)
-    old = list(range(0, 8))
+    old = list(range(8))
     recent = list(range(50, 58))
     run_session(m, old + [1])  # caches 2 blocks
     run_session(m, recent + [1])  # caches 2 blocks

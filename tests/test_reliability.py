@@ -76,7 +76,7 @@ def test_threads_get_the_same_answers_as_sequential_calls():
     def worker(i: int) -> None:
         try:
             results[i] = model.generate(prompts[i], max_new_tokens=6, do_sample=False)
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 -- surfaced below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]

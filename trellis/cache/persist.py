@@ -74,7 +74,7 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, model_fi
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 -- safe_open is not a mapping
     except (SafetensorError, OSError) as exc:
         raise PrefixCacheFileError(f"cannot read prefix cache file {path}: {exc}") from exc
     expected = _header(manager, model_fingerprint)

@@ -17,7 +17,7 @@ from trellis.cache.block_pool import BlockPool
 
 
 class RadixNode:
-    __slots__ = ("parent", "tokens", "blocks", "children", "lock_count", "last_access")
+    __slots__ = ("blocks", "children", "last_access", "lock_count", "parent", "tokens")
 
     def __init__(self, parent: RadixNode | None, tokens: tuple[int, ...], blocks: list[int]) -> None:
         self.parent = parent

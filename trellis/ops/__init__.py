@@ -51,7 +51,7 @@ def load_backend(name: str) -> bool:
         module_name, _ = _COMPILED_BACKENDS[name]
         try:
             _loaded[name] = importlib.import_module(module_name).load()
-        except Exception as exc:  # a missing compiler or Triton must not break inference
+        except Exception as exc:  # noqa: BLE001 -- a missing compiler or Triton must not break inference
             warnings.warn(f"trellis: the {name} backend is unavailable ({exc}); using the PyTorch reference")
             _loaded[name] = False
     return _loaded[name]
