@@ -32,8 +32,8 @@ def test_block_size_must_be_a_power_of_two(block_size):
         model.configure_cache(block_size=block_size)
 
 
-@pytest.mark.parametrize("bad", [dict(num_blocks=0), dict(num_blocks=-3), dict(kv_cache_memory=0),
-                                 dict(backend="fpga")])
+@pytest.mark.parametrize("bad", [{"num_blocks": 0}, {"num_blocks": -3}, {"kv_cache_memory": 0},
+                                 {"backend": "fpga"}])
 def test_bad_cache_settings(bad):
     _, model = tiny_pair()
     with pytest.raises(ValueError):
@@ -80,5 +80,8 @@ def test_foreign_past_key_values_and_inputs_embeds_are_refused():
     ids = torch.arange(3, 10)[None]
     with pytest.raises(TypeError, match="PagedKVCache"):
         model(ids, past_key_values=ref(ids).past_key_values)
+    handle = model(ids).past_key_values
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, :1], past_key_values=handle, cache=handle)
     with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
         model(inputs_embeds=torch.zeros(1, 3, 64))
