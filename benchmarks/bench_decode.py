@@ -2,9 +2,10 @@
 
 The same manual decoding loop runs for every system on one model object (the peer switches it to
 transformers' sdpa attention, so all share the very same weight memory): a prompt of L tokens, then
-D single-token steps through ``past_key_values``. Systems take turns in a rotating order, and the
-figure is the median milliseconds per step over every step of every repeat, which keeps a burst
-of load from another process out of the comparison. Trellis runs with each linear kernel
+D single-token steps through the returned cache (``past_key_values``, named ``cache`` from
+transformers 5.24 on). Systems take turns in a rotating order, and the figure is the median
+milliseconds per step over every step of every repeat, which keeps a burst of load from another
+process out of the comparison. Trellis runs with each linear kernel
 (``TrellisLlama.set_linear_kernel``): "blas" is transformers' own ``nn.Linear``, so the first two
 Trellis rows differ from transformers in attention alone.
 
@@ -22,6 +23,8 @@ from common import describe, load_model, parser
 from systems import attention
 from transformers import LlamaForCausalLM
 
+from trellis.models.paged_cache import CACHE_ARG
+
 # name -> (attention implementation, Trellis backend, Trellis linear kernel)
 SYSTEMS = {"transformers sdpa": ("sdpa", None, None), "trellis reference, blas": ("trellis", "reference", "blas"),
            "trellis cpp, blas": ("trellis", "cpp", "blas"), "trellis cpp, onednn": ("trellis", "cpp", "onednn"),
@@ -36,7 +39,7 @@ def step_times_ms(model: LlamaForCausalLM, prompt: torch.Tensor, steps: int) -> 
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             start = time.perf_counter()
-            out = model(nxt, past_key_values=out.past_key_values, logits_to_keep=1)
+            out = model(nxt, logits_to_keep=1, **{CACHE_ARG: out[CACHE_ARG]})
             nxt = out.logits[:, -1:].argmax(-1)
             times.append(1000 * (time.perf_counter() - start))
     return times

@@ -19,6 +19,7 @@ from transformers.generation.continuous_batching.continuous_api import Continuou
 from trellis.engine.engine import Engine
 from trellis.engine.sampling import SamplingParams
 from trellis.models.llama import TrellisLlama
+from trellis.models.paged_cache import CACHE_ARG
 
 MAX_BATCH_TOKENS = 4096  # per forward, for both continuous-batching systems
 
@@ -153,7 +154,7 @@ class HFGenerate(System):
             for ids in prompts:
                 out = self.model.generate(ids, max_new_tokens=w.D, do_sample=False, return_dict_in_generate=True)
                 generated += out.sequences.shape[1] - ids.shape[1]
-                kv_bytes += sum(t.nbytes for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+                kv_bytes += sum(t.nbytes for layer in out[CACHE_ARG].layers for t in (layer.keys, layer.values))
             seconds = time.perf_counter() - start
         return OpResult(seconds, seconds, generated, kv_bytes=kv_bytes)
 
@@ -170,8 +171,8 @@ class HFGenerateBatch(System):
     page is 256 tokens; here it gets the same block size as Trellis, its best case for sharing).
 
     A request that finishes in its prefill step never registers its pages for sharing (transformers
-    5.23 marks completed pages only for requests still running), so its warm-up request decodes
-    two tokens where Trellis' decodes one.
+    5.23 and 5.24 mark completed pages only for requests still running), so its warm-up request
+    decodes two tokens where Trellis' decodes one.
     """
 
     name = "hf_generate_batch"
@@ -218,15 +219,17 @@ class HFGenerateBatch(System):
         tally = Allocations()
         loop = ContinuousBatchingManager._run_generation_loop
 
-        def profiled_loop(manager: ContinuousBatchingManager) -> None:
+        def profiled_loop(manager: ContinuousBatchingManager, *args, **kwargs) -> None:
             with profiled(tally):
-                loop(manager)
+                loop(manager, *args, **kwargs)
 
         ContinuousBatchingManager._run_generation_loop = profiled_loop
         try:
             self.op(w, block_size)
         finally:
             ContinuousBatchingManager._run_generation_loop = loop
+        if not tally.count:  # the loop failed in its thread, unseen here
+            raise RuntimeError("no allocations seen in transformers' generation thread")
         return tally
 
 
