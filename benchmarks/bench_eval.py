@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import describe
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from trellis.eval import loglikelihood
@@ -145,8 +145,8 @@ def main() -> None:
         run(workloads(args.fewshot)["reading-1q"][:2])
 
     results = []
-    print(f"{platform.machine()} {torch.get_num_threads()} threads | {args.model or 'SmolLM2-135M-Instruct'} "
-          f"{args.dtype} on {model.device} | torch {torch.__version__} | best of {args.repeats}\n")
+    info = {**describe(model, args.model or "smollm2"), "device": str(model.device)}
+    print(f"{info} | best of {args.repeats}\n")
     print("| workload | requests | backend | time s | req/s | tokens | speedup vs plain | vs lm-eval-hf "
           "| hit rate | max abs dlogp | greedy |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -172,9 +172,7 @@ def main() -> None:
             results.append({"workload": workload, "requests": len(requests),
                             **{k: v for k, v in row.items() if k != "scores"}, "max_abs_dlogp": diff})
     if args.json:
-        args.json.write_text(json.dumps({"machine": platform.machine(), "threads": torch.get_num_threads(),
-                                         "dtype": args.dtype, "device": str(model.device), "results": results},
-                                        indent=2))
+        args.json.write_text(json.dumps({"info": info, "repeats": args.repeats, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

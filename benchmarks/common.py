@@ -86,8 +86,9 @@ def describe(model: TrellisLlama, model_name: str) -> dict:
     return {
         "machine": f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, "
                    f"torch threads {torch.get_num_threads()}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD level torch's kernels use
         "model": {"smollm2": "SmolLM2-135M-Instruct (real weights)",
-                  "tinyllama": "TinyLlama-1.1B shape, random init (timing only)"}[model_name],
+                  "tinyllama": "TinyLlama-1.1B shape, random init (timing only)"}.get(model_name, model_name),
         "dtype": str(model.dtype).removeprefix("torch."),
         "trellis_backend": model.backend or ops.default_backend(model.device),
         "trellis_linear_kernel": model.linear_kernel,
