@@ -6,6 +6,7 @@ import torch
 from tests.models import tiny_config, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.models.llama import TrellisLlama
+from trellis.models.paged_cache import CACHE_ARG
 
 
 def warm(model, ref):
@@ -75,13 +76,33 @@ def test_prompt_that_cannot_fit_in_the_pool():
     still_works(model, ref, ids, before)
 
 
+@pytest.mark.skipif(CACHE_ARG != "cache", reason="before transformers 5.24 the cache has one name")
+def test_a_cache_under_both_names_is_refused():
+    _, model = tiny_pair()
+    ids = torch.arange(3, 10)[None]
+    handle = model(ids).past_key_values
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, :1], past_key_values=handle, cache=handle)
+    assert len(handle.seqs[0].token_ids) == ids.shape[1]  # the session is unchanged
+    model.prefix_cache.check_integrity()
+
+
 def test_foreign_past_key_values_and_inputs_embeds_are_refused():
     ref, model = tiny_pair()
     ids = torch.arange(3, 10)[None]
     with pytest.raises(TypeError, match="PagedKVCache"):
         model(ids, past_key_values=ref(ids).past_key_values)
-    handle = model(ids).past_key_values
-    with pytest.raises(ValueError, match="not both"):
-        model(ids[:, :1], past_key_values=handle, cache=handle)
     with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
         model(inputs_embeds=torch.zeros(1, 3, 64))
+
+
+def test_assisted_decoding_is_refused_cleanly():
+    # Checking a draft needs a cache that can be cropped back; a paged session cannot be.
+    ref, model = tiny_pair()
+    ids = torch.arange(3, 40)[None]
+    with pytest.raises(ValueError, match="cropped"):
+        model.generate(ids, max_new_tokens=5, do_sample=False, assistant_model=tiny_pair(seed=1)[0])
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
+                       ref.generate(ids, max_new_tokens=5, do_sample=False))

@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 
 from tests.models import tiny_config, tiny_pair
 from trellis.models.llama import TrellisLlama
-from trellis.models.paged_cache import PagedKVCache
+from trellis.models.paged_cache import CACHE_ARG, PagedKVCache
 
 ATOL = 1e-4
 
@@ -106,12 +106,33 @@ def test_manual_decoding_loop_through_past_key_values():
         for step in range(6):
             nxt = out.logits[:, -1:].argmax(-1)
             torch.testing.assert_close(out.logits[:, -1], ref_out.logits[:, -1], atol=ATOL, rtol=0)
-            name = ("past_key_values", "cache")[step % 2]  # the cache's old name and transformers 5.24's
+            name = ("past_key_values", CACHE_ARG)[step % 2]  # the old name and the installed release's
             out = model(nxt, **{name: out.past_key_values})
             ref_out = ref(nxt, past_key_values=ref_out.past_key_values)
     assert model.prefix_cache.stats()["live_sessions"] == 1
     del out
     assert model.prefix_cache.stats()["live_sessions"] == 0  # released when the handle is dropped
+    model.prefix_cache.check_integrity()
+
+
+def test_generate_continues_from_its_returned_cache():
+    """A second ``generate()`` given the first one's cache and the whole conversation so far runs
+    only the tokens the cache lacks, as transformers does with its own cache."""
+    ref, model = tiny_pair()
+    ids = prompt(5, 37)
+    want = ref.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    got = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    handle = got[CACHE_ARG]
+    assert isinstance(handle, PagedKVCache)
+    assert torch.equal(got.sequences, want.sequences)
+    assert model.prefix_cache.stats()["live_sessions"] == 1  # held by the returned handle
+    more = torch.cat([got.sequences, prompt(6, 10)], 1)
+    want_more = ref.generate(more, max_new_tokens=5, do_sample=False, **{CACHE_ARG: want[CACHE_ARG]})
+    got_more = model.generate(more, max_new_tokens=5, do_sample=False, **{CACHE_ARG: handle})
+    assert torch.equal(got_more, want_more)
+    assert len(handle.seqs[0].token_ids) == want_more.shape[1] - 1  # the last token is never fed back
+    del got, handle
+    assert model.prefix_cache.stats()["live_sessions"] == 0
     model.prefix_cache.check_integrity()
 
 

@@ -18,7 +18,10 @@ CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ el
 
 def take_cache_argument(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
     """The cache a caller passed under either name (``generate()`` in transformers 5.24+ passes
-    ``cache``); removes ``cache`` from ``kwargs``."""
+    ``cache``); removes ``cache`` from ``kwargs``. Before 5.24 ``cache`` is no cache argument
+    (continuous batching passes its paged cache to the attention under that name) and stays."""
+    if CACHE_ARG != "cache":
+        return past_key_values
     cache = kwargs.pop("cache", None)
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
@@ -28,12 +31,26 @@ def take_cache_argument(past_key_values: Cache | None, kwargs: dict) -> Cache | 
 class PagedKVCache(Cache):
     """One paged session per batch row; the K/V themselves live in the shared block pool.
 
-    It stands where transformers expects its cache (``cache``, formerly ``past_key_values``). Releasing it (explicitly, or when
-    it is garbage collected) shares the sessions' full blocks with the radix cache and returns
-    the rest to the pool.
+    It stands where transformers expects its cache (``cache``, formerly ``past_key_values``).
+    Releasing it (explicitly, or when it is garbage collected) shares the sessions' full blocks
+    with the radix cache and returns the rest to the pool.
     """
 
     is_compileable = False
+    # A paged session cannot be rolled back (see ``crop``): transformers then neither defers its
+    # stop checks on MPS nor starts assisted decoding.
+    is_croppable = False
+
+    # transformers derives these per-layer flags from ``self.layers``, which is empty here (the
+    # K/V live in the pool), and ``all([])`` would call this cache all linear attention: then
+    # ``generate()`` continuing from it would not skip the tokens it already holds.
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.manager.pool.layers)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.manager.pool.layers)
 
     def __init__(self, manager: KVCacheManager) -> None:
         super().__init__(layers=[])
@@ -60,6 +77,12 @@ class PagedKVCache(Cache):
         with self.manager.lock:
             for seq in self.seqs:
                 self.manager.release(seq)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Rolling sessions back is not supported: refused unless nothing is removed."""
+        if tokens_to_remove != 0:
+            raise ValueError("a Trellis paged session cannot be cropped (rolled back), so assisted or speculative "
+                             "decoding is not supported; use a plain LlamaForCausalLM for it")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i continues from row ``beam_idx[i]`` (shared blocks, copied tail)."""
