@@ -108,7 +108,7 @@ def test_manual_decoding_loop_through_past_key_values():
             torch.testing.assert_close(out.logits[:, -1], ref_out.logits[:, -1], atol=ATOL, rtol=0)
             name = ("past_key_values", CACHE_ARG)[step % 2]  # the old name and the installed release's
             out = model(nxt, **{name: out.past_key_values})
-            ref_out = ref(nxt, past_key_values=ref_out.past_key_values)
+            ref_out = ref(nxt, **{CACHE_ARG: ref_out[CACHE_ARG]})
     assert model.prefix_cache.stats()["live_sessions"] == 1
     del out
     assert model.prefix_cache.stats()["live_sessions"] == 0  # released when the handle is dropped
