@@ -15,9 +15,9 @@ transpose's, ``[in, out]`` row-major (strides ``(1, out)``). That is the layout 
 reads directly; a row-major ``[out, in]`` weight it re-blocks into a scratch buffer on every call
 of more than one row, which makes 4- to 64-row matmuls (a decode step of several sessions, a
 chat turn's extend) ~10 % slower on SmolLM2. (On an AVX2-only EPYC the layout helps decode too,
-but 512-row matmuls run ~10 % slower over it: see the README.) No memory is added: the storage is replaced, one
-layer at a time. A weight that is shared with another module (a tied LM head and
-embedding) keeps its layout, so that embedding lookups stay row reads.
+but 512-row matmuls run 10-20 % slower over it: see the README.) No memory is added: the storage
+is replaced, one layer at a time. A weight that is shared with another module (a tied LM head
+and embedding) keeps its layout, so that embedding lookups stay row reads.
 
 Logits move by fp32 reassociation only (~1e-4 of their scale on SmolLM2; greedy tokens agree).
 An ``OneDNNLinear`` is an ``nn.Linear`` in every other respect: the same parameters and state
