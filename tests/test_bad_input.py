@@ -96,13 +96,17 @@ def test_foreign_past_key_values_and_inputs_embeds_are_refused():
         model(inputs_embeds=torch.zeros(1, 3, 64))
 
 
-def test_assisted_decoding_is_refused_cleanly():
-    # Checking a draft needs a cache that can be cropped back; a paged session cannot be.
-    ref, model = tiny_pair()
-    ids = torch.arange(3, 40)[None]
-    with pytest.raises(ValueError, match="cropped"):
-        model.generate(ids, max_new_tokens=5, do_sample=False, assistant_model=tiny_pair(seed=1)[0])
-    assert model.prefix_cache.stats()["live_sessions"] == 0
+def test_crop_refuses_what_it_cannot_do_and_changes_nothing():
+    _, model = tiny_pair()
+    out = model.generate(torch.arange(3, 13)[None], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    handle = out[CACHE_ARG]
+    tokens, columns = list(handle.seqs[0].token_ids), handle.get_seq_length()
+    with pytest.raises(ValueError, match="minus the number of tokens"):
+        handle.crop(2)  # transformers' old absolute-length convention
+    with pytest.raises(ValueError, match=f"shortest row holds {len(tokens)}"):
+        handle.crop(-len(tokens) - 1)
+    assert handle.seqs[0].token_ids == tokens and handle.get_seq_length() == columns
+    handle.crop(-4)
+    assert handle.seqs[0].token_ids == tokens[:-4] and handle.get_seq_length() == columns - 4
+    handle.release()
     model.prefix_cache.check_integrity()
-    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
-                       ref.generate(ids, max_new_tokens=5, do_sample=False))

@@ -68,3 +68,14 @@ with torch.no_grad():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
                          cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_prompt_lookup_decoding_matches_plain_greedy():
+    """Drafts copied from the prompt are verified in one forward and the rejected ones cropped
+    off the paged session; a text to repeat makes most drafts right and some wrong."""
+    ref, model = smollm2_reference(), smollm2_trellis(num_blocks=128)
+    ids = chat("Repeat exactly: the quick brown fox jumps over the lazy dog, then the slow grey cat sleeps "
+               "under the old red car.")
+    want = ref.generate(ids, max_new_tokens=32, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=32, do_sample=False, prompt_lookup_num_tokens=8), want)
+    model.prefix_cache.check_integrity()

@@ -136,6 +136,25 @@ def test_generate_continues_from_its_returned_cache():
     model.prefix_cache.check_integrity()
 
 
+@pytest.mark.parametrize("draft", ["prompt_lookup", "assistant_model"])
+def test_speculative_decoding_matches_and_rolls_back_rejected_drafts(draft, monkeypatch):
+    """Assisted and prompt-lookup decoding verify drafts in one forward, then crop the rejected
+    tokens off the cache; the greedy tokens must be transformers' plain greedy ones."""
+    ref, model = tiny_pair()
+    head = prompt(9, 30)
+    ids = torch.cat([head, head[:, :20], head], 1)  # repeats: prompt lookup finds drafts
+    want = ref.generate(ids, max_new_tokens=40, do_sample=False)
+    removed = []
+    crop = PagedKVCache.crop
+    monkeypatch.setattr(PagedKVCache, "crop", lambda self, n: (removed.append(-n), crop(self, n)))
+    kwargs = {"prompt_lookup_num_tokens": 5} if draft == "prompt_lookup" else {"assistant_model": tiny_pair(seed=1)[0]}
+    for _ in range(2):  # cold, then over the blocks the first run (rejected drafts included) cached
+        assert torch.equal(model.generate(ids, max_new_tokens=40, do_sample=False, **kwargs), want)
+        assert model.prefix_cache.stats()["live_sessions"] == 0
+        model.prefix_cache.check_integrity()
+    assert sum(removed) > 0  # drafts were rejected and rolled back
+
+
 def test_beam_search_matches():
     ref, model = tiny_pair()
     ids = prompt(50, 13)

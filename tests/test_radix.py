@@ -138,6 +138,53 @@ def test_fork_shares_full_blocks_and_copies_the_tail():
     m.check_integrity()
 
 
+def test_truncate_copies_a_tail_block_the_tree_shares():
+    m = make_manager(num_blocks=8)
+    seq = m.admit(list(range(10)))
+    m.mark_computed(seq)  # blocks 0 and 1 are now in the tree too
+    blocks = list(seq.block_ids)
+    m.truncate([seq], [6])  # the new end falls inside block 1: the next forward writes it
+    assert seq.token_ids == list(range(6)) and seq.num_cached == 6
+    assert seq.block_ids[0] == blocks[0] and seq.block_ids[1] not in blocks
+    assert m.pool.ref_counts[blocks[1]] == 1 and m.pool.ref_counts[blocks[2]] == 0  # the tree's; freed
+    assert seq.num_committed_blocks == 1
+    m.check_integrity()
+    m.append(seq, [50, 51])
+    m.mark_computed(seq)
+    m.release(seq)
+    assert m.radix.match(list(range(9))).blocks == blocks[:2]  # the tree's prefix is intact
+    assert m.radix.match([0, 1, 2, 3, 4, 5, 50, 51, 0]).num_tokens(BS) == 8
+    m.check_integrity()
+
+
+def test_truncate_to_a_block_boundary_or_an_unshared_block_copies_nothing():
+    m = make_manager(num_blocks=8)
+    seq = m.admit(list(range(10)))
+    m.mark_computed(seq)
+    blocks = list(seq.block_ids)
+    m.truncate([seq], [9])  # inside block 2, which only the session holds
+    m.truncate([seq], [8])
+    assert seq.block_ids == blocks[:2] and seq.num_committed_blocks == 2 and m.pool.num_free == 6
+    m.truncate([seq], [0])
+    assert seq.block_ids == [] and seq.node is m.radix.root and m.stats()["cached_blocks"] == 2
+    m.check_integrity()
+    m.release(seq)
+    m.check_integrity()
+
+
+def test_truncate_that_cannot_get_its_copy_changes_nothing():
+    m = make_manager(num_blocks=3)
+    seq = m.admit(list(range(10)))
+    m.mark_computed(seq)
+    before = (list(seq.token_ids), list(seq.block_ids), seq.node, seq.num_cached)
+    with pytest.raises(OutOfBlocksError):
+        m.truncate([seq], [6])
+    assert (seq.token_ids, seq.block_ids, seq.node, seq.num_cached) == before
+    with pytest.raises(ValueError, match="cannot truncate"):
+        m.truncate([seq], [11])
+    m.check_integrity()
+
+
 def test_reset_keeps_live_sessions_valid():
     m = make_manager()
     run_session(m, list(range(9)))
@@ -213,6 +260,20 @@ class CacheMachine(RuleBasedStateMachine):
         self.m.mark_computed(seq)
         self.record(seq)
         self.commit_model(seq)
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.m is not None and self.live)
+    def truncate(self, data):
+        seq = data.draw(st.sampled_from(self.live))
+        length = data.draw(st.integers(0, len(seq.token_ids)))
+        before = (list(seq.token_ids), list(seq.block_ids))
+        try:
+            self.m.truncate([seq], [length])
+        except OutOfBlocksError:
+            assert (seq.token_ids, seq.block_ids) == before
+            return
+        assert seq.token_ids == before[0][:length] and seq.block_ids[: length // BS] == before[1][: length // BS]
+        assert len(seq.block_ids) == -(-length // BS)
 
     @rule(data=st.data(), commit=st.booleans())
     @precondition(lambda self: self.m is not None and self.live)

@@ -1,4 +1,4 @@
-"""Sessions over the block pool and the radix cache: admit, grow, commit, release.
+"""Sessions over the block pool and the radix cache: admit, grow, commit, roll back, release.
 
 A session (``Sequence``) holds one pool reference on each of its blocks and a lock on the
 deepest radix node covering its committed prefix. Every method here keeps the accounting
@@ -108,6 +108,45 @@ class KVCacheManager:
             if full <= seq.num_committed_blocks:
                 return
             node = self.radix.insert(seq.token_ids[: full * self.block_size], seq.block_ids[:full])
+            self.radix.lock(node)
+            self.radix.unlock(seq.node)
+            seq.node, seq.num_committed_blocks = node, full
+
+    def truncate(self, seqs: Seq[Sequence], lengths: Seq[int]) -> None:
+        """Roll each session back to its first ``lengths[i]`` tokens (rejected speculative drafts).
+
+        Blocks past the new end are dropped. The block a new end falls inside is written again
+        by the next forward, so if anyone else holds it (the radix tree, which cached it full,
+        or a fork) the session takes a private copy first (copy-on-write): what the tree caches
+        is the K/V of the tokens it was cached with, and stays valid for them. The copies are
+        allocated before anything changes, so a full pool changes nothing.
+        """
+        with self.lock:
+            for seq, length in zip(seqs, lengths, strict=True):
+                if seq.released:
+                    raise RuntimeError("session already released")
+                if not 0 <= length <= len(seq.token_ids):
+                    raise ValueError(f"cannot truncate a session of {len(seq.token_ids)} tokens to {length}")
+            shared_tails = [seq for seq, length in zip(seqs, lengths)
+                            if length % self.block_size and self.pool.ref_counts[seq.block_ids[length // self.block_size]] > 1]
+            copies = dict(zip(map(id, shared_tails), self.allocate(len(shared_tails))))
+            for seq, length in zip(seqs, lengths):
+                self._truncate(seq, length, copies.get(id(seq)))
+
+    def _truncate(self, seq: Sequence, length: int, copy: int | None) -> None:
+        full, partial = divmod(length, self.block_size)
+        dropped = seq.block_ids[full + (partial > 0):]
+        if copy is not None:
+            self.pool.copy_block(seq.block_ids[full], copy)
+            dropped.append(seq.block_ids[full])
+            seq.block_ids[full] = copy
+        del seq.block_ids[full + (partial > 0):], seq.token_ids[length:]
+        self.pool.decref(dropped)
+        seq.num_cached = min(seq.num_cached, length)
+        if full < seq.num_committed_blocks:
+            # Lock only the committed blocks still in the session's prefix; the tree holds them
+            # (the old lock kept them), and the match splits an edge to end exactly there.
+            node = self.radix.match(seq.token_ids, max_tokens=full * self.block_size).node
             self.radix.lock(node)
             self.radix.unlock(seq.node)
             seq.node, seq.num_committed_blocks = node, full

@@ -37,9 +37,7 @@ class PagedKVCache(Cache):
     """
 
     is_compileable = False
-    # A paged session cannot be rolled back (see ``crop``): transformers then neither defers its
-    # stop checks on MPS nor starts assisted decoding.
-    is_croppable = False
+    is_croppable = True  # see ``crop``: assisted and prompt-lookup decoding roll rejected drafts back
 
     # transformers derives these per-layer flags from ``self.layers``, which is empty here (the
     # K/V live in the pool), and ``all([])`` would call this cache all linear attention: then
@@ -79,10 +77,18 @@ class PagedKVCache(Cache):
                 self.manager.release(seq)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Rolling sessions back is not supported: refused unless nothing is removed."""
-        if tokens_to_remove != 0:
-            raise ValueError("a Trellis paged session cannot be cropped (rolled back), so assisted or speculative "
-                             "decoding is not supported; use a plain LlamaForCausalLM for it")
+        """Remove the last ``-tokens_to_remove`` tokens of every row (transformers passes a negative
+        count, as to its own caches); ``KVCacheManager.truncate`` does the rollback."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}")
+        remove = -tokens_to_remove
+        if remove == 0:
+            return
+        shortest = min((len(seq.token_ids) for seq in self.seqs), default=0)
+        if remove > shortest:
+            raise ValueError(f"cannot crop {remove} tokens from a cache whose shortest row holds {shortest}")
+        self.manager.truncate(self.seqs, [len(seq.token_ids) - remove for seq in self.seqs])
+        self.seen_columns -= remove
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i continues from row ``beam_idx[i]`` (shared blocks, copied tail)."""
