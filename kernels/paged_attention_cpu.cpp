@@ -56,8 +56,14 @@ struct Workspace {
     grow(k, kKeyTile * heads * head_dim);
     grow(v, kKeyTile * heads * head_dim);
   }
+  // The sanitized test build (TRELLIS_EXACT_WORKSPACE, with libstdc++'s vector annotations) sizes
+  // each buffer to exactly this item's need, so an access past it is caught after a larger item too.
   static void grow(std::vector<float>& v, int64_t n) {
+#ifdef TRELLIS_EXACT_WORKSPACE
+    v.resize(n);
+#else
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+#endif
   }
 };
 

@@ -1,10 +1,14 @@
-"""The C++ CPU kernels (kernels/*.cpp) against the float64 oracle, the reference, and themselves."""
+"""The C++ CPU kernels (kernels/*.cpp) against the float64 oracle, the reference, and themselves;
+then all of that again over the kernels built with AddressSanitizer, in a child process."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from tests.attention_cases import PagedCase, make_case, naive_attention, opcheck_both_ops, tolerance
 from trellis import ops
@@ -20,12 +24,33 @@ BLOCK_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+# Set for the child run of test_kernels_pass_under_address_sanitizer: where to build the
+# sanitized kernels, which then stand in for the usual ones.
+ASAN_BUILD_DIR = "TRELLIS_TEST_ASAN_BUILD_DIR"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def cpp_kernels():
-    try:
-        cpu.load()
-    except cpu.BuildToolsMissing as exc:
-        pytest.skip(f"the C++ kernels cannot be built here: {exc}")
+    build_dir = os.environ.get(ASAN_BUILD_DIR)
+    if build_dir is None:
+        try:
+            cpu.load()
+        except cpu.BuildToolsMissing as exc:
+            pytest.skip(f"the C++ kernels cannot be built here: {exc}")
+        yield
+        return
+    compile_flags, link_flags = cpu.build_flags()
+    # -O1 -g for readable reports. Workspace vectors are sized exactly per item, and libstdc++'s
+    # annotations report an access between a vector's size and its capacity.
+    sanitize = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-D_GLIBCXX_SANITIZE_VECTOR",
+                "-DTRELLIS_EXACT_WORKSPACE"]
+    cpp_extension.load(name=f"{cpu.library_name()}_asan", sources=[str(cpu.KERNEL_DIR / s) for s in cpu.SOURCES],
+                       extra_cflags=[*(f for f in compile_flags if f != "-O3"), *sanitize],
+                       extra_ldflags=[*link_flags, "-fsanitize=address"], build_directory=build_dir,
+                       is_python_module=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "load", lambda: True)  # the cpp backend is now the sanitized library
+        yield
 
 
 def attend(case: PagedCase, backend: str = "cpp", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,6 +97,14 @@ def test_head_dims(head_dim):
     # 8, 9 and 24 are not whole AVX-512 vectors: the scalar tail of P @ V runs; 9 is odd, so the
     # paired layout (two elements of d per lane pair) is off.
     assert_matches_oracle(make_case([1, 5], [30, 70], head_dim=head_dim, block_size=16))
+
+
+@pytest.mark.parametrize("q_len", range(33, 49))
+def test_smollm2_prompt_lengths(q_len):
+    # SmolLM2's heads (9 query heads over 3 KV heads, head_dim 64): work items of 99-144 query
+    # rows, where a score tile once overran its workspace on AVX-512; cold and over a prefix.
+    assert_matches_oracle(make_case([q_len, q_len], [q_len, 100 + q_len], num_q_heads=9, num_kv_heads=3,
+                                    head_dim=64, block_size=32))
 
 
 def test_long_extend_spans_many_query_tiles():
@@ -186,3 +219,36 @@ def test_store_kv_rejects_slots_outside_the_cache():
 def test_import_builds_nothing():
     code = "import sys, trellis, trellis.ops; assert 'trellis.ops.cpu' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kernels_pass_under_address_sanitizer(request, tmp_path):
+    """Every other test of this file, over the kernels built with -fsanitize=address: a read or
+    write past a workspace, the cache or an output aborts the run with a report, where the
+    optimised build may corrupt the heap silently (as it once did; see test_llama_smollm2)."""
+    if os.environ.get(ASAN_BUILD_DIR):
+        pytest.skip("this is the sanitized run")
+    # Python is not built with the sanitizer, so its runtime is preloaded; libstdc++ right after it,
+    # or the runtime cannot find the real __cxa_throw when a kernel's argument check throws.
+    runtime = [compiler_library(name) for name in ("libasan.so", "libstdc++.so")]
+    if not sys.platform.startswith("linux") or None in runtime:
+        pytest.skip("no AddressSanitizer runtime for the C++ compiler here")
+    cache = getattr(request.config, "cache", None)  # ninja then rebuilds only what changed
+    build_dir = cache.mkdir(f"{cpu.library_name()}_asan") if cache is not None else tmp_path
+    env = {**os.environ, ASAN_BUILD_DIR: str(build_dir), "ASAN_OPTIONS": "detect_leaks=0",  # Python's own
+           "LD_PRELOAD": " ".join(filter(None, [*runtime, os.environ.get("LD_PRELOAD")]))}
+    # --capture=no: a report is written to fd 2 just before the process aborts.
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "--capture=no", "-p", "no:cacheprovider", __file__,
+                          "-k", "not address_sanitizer"], env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=900, check=False)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    assert "AddressSanitizer" not in run.stderr
+
+
+def compiler_library(name: str) -> str | None:
+    """The path of one of the C++ compiler's runtime libraries, if it has it."""
+    try:
+        found = subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={name}"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return found if os.path.isabs(found) and os.path.exists(found) else None
