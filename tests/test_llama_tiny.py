@@ -136,7 +136,7 @@ def test_generate_continues_from_its_returned_cache():
     model.prefix_cache.check_integrity()
 
 
-@pytest.mark.parametrize("draft", ["prompt_lookup", "assistant_model"])
+@pytest.mark.parametrize("draft", ["prompt_lookup", "assistant_model", "trellis_assistant"])
 def test_speculative_decoding_matches_and_rolls_back_rejected_drafts(draft, monkeypatch):
     """Assisted and prompt-lookup decoding verify drafts in one forward, then crop the rejected
     tokens off the cache; the greedy tokens must be transformers' plain greedy ones."""
@@ -147,12 +147,17 @@ def test_speculative_decoding_matches_and_rolls_back_rejected_drafts(draft, monk
     removed = []
     crop = PagedKVCache.crop
     monkeypatch.setattr(PagedKVCache, "crop", lambda self, n: (removed.append(-n), crop(self, n)))
-    kwargs = {"prompt_lookup_num_tokens": 5} if draft == "prompt_lookup" else {"assistant_model": tiny_pair(seed=1)[0]}
+    assistants = {"assistant_model": 0, "trellis_assistant": 1}  # a plain Llama, or a TrellisLlama (its cache is cropped too)
+    kwargs = ({"prompt_lookup_num_tokens": 5} if draft == "prompt_lookup"
+              else {"assistant_model": tiny_pair(seed=1)[assistants[draft]]})
     for _ in range(2):  # cold, then over the blocks the first run (rejected drafts included) cached
         assert torch.equal(model.generate(ids, max_new_tokens=40, do_sample=False, **kwargs), want)
         assert model.prefix_cache.stats()["live_sessions"] == 0
         model.prefix_cache.check_integrity()
     assert sum(removed) > 0  # drafts were rejected and rolled back
+    if draft == "trellis_assistant":
+        assert kwargs["assistant_model"].prefix_cache.stats()["live_sessions"] == 0
+        kwargs["assistant_model"].prefix_cache.check_integrity()
 
 
 def test_beam_search_matches():
