@@ -134,13 +134,14 @@ class KVCacheManager:
                 self._truncate(seq, length, copies.get(id(seq)))
 
     def _truncate(self, seq: Sequence, length: int, copy: int | None) -> None:
-        full, partial = divmod(length, self.block_size)
-        dropped = seq.block_ids[full + (partial > 0):]
-        if copy is not None:
+        full = length // self.block_size
+        kept = -(-length // self.block_size)
+        dropped = seq.block_ids[kept:]
+        if copy is not None:  # the partial tail block: the session's own copy replaces the shared one
             self.pool.copy_block(seq.block_ids[full], copy)
             dropped.append(seq.block_ids[full])
             seq.block_ids[full] = copy
-        del seq.block_ids[full + (partial > 0):], seq.token_ids[length:]
+        del seq.block_ids[kept:], seq.token_ids[length:]
         self.pool.decref(dropped)
         seq.num_cached = min(seq.num_cached, length)
         if full < seq.num_committed_blocks:
