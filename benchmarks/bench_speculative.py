@@ -5,8 +5,8 @@ n-gram of the prompt, checks them in one forward and crops the rejected ones off
 greedy tokens are those of plain greedy decoding. Trellis' paged sessions roll back with
 copy-on-write (``KVCacheManager.truncate``). Two chat tasks on SmolLM2: copying a passage (most
 drafts are right) and answering a question (few are). Every system starts from an empty cache and
-generates D tokens (the stop token is switched off); systems take turns in a rotating order; the figure is the
-median seconds per ``generate()`` call, prefill included.
+generates D tokens (the stop token is switched off); systems take turns in a rotating order; the
+figure is the median seconds per ``generate()`` call, prefill included.
 
     .venv/bin/python benchmarks/bench_speculative.py [--quick] [--repeats 3] [--json PATH]
 """
@@ -22,6 +22,8 @@ from common import describe, load_model, parser
 from systems import attention
 from transformers import AutoTokenizer
 
+from trellis.models.llama import TrellisLlama
+
 PASSAGE = ("A radix tree stores strings by their shared beginnings: each edge carries a run of symbols, and "
            "a node branches only where two stored strings first differ. Looking a string up walks down from "
            "the root, comparing one edge at a time, so the cost depends on the length of the string and not "
@@ -35,7 +37,7 @@ SYSTEMS = {"transformers greedy": ("sdpa", None), "transformers prompt lookup": 
            "trellis greedy": ("trellis", None), "trellis prompt lookup": ("trellis", 10)}
 
 
-def timed_generate(model, ids: torch.Tensor, new_tokens: int, lookup: int | None) -> tuple[float, list[int]]:
+def timed_generate(model: TrellisLlama, ids: torch.Tensor, new_tokens: int, lookup: int | None) -> tuple[float, list[int]]:
     if model.config._attn_implementation == "trellis":
         model.prefix_cache.reset()  # every system starts cold
     extra = {} if lookup is None else {"prompt_lookup_num_tokens": lookup}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from tests.attention_cases import PagedCase, make_case, naive_attention, opcheck_both_ops, tolerance
 from trellis import ops
@@ -27,29 +26,24 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Set for the child run of test_kernels_pass_under_address_sanitizer: where to build the
 # sanitized kernels, which then stand in for the usual ones.
 ASAN_BUILD_DIR = "TRELLIS_TEST_ASAN_BUILD_DIR"
+# -O1 -g for readable reports. Workspace vectors are sized exactly per item, and libstdc++'s
+# annotations report an access between a vector's size and its capacity.
+SANITIZE_CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-D_GLIBCXX_SANITIZE_VECTOR",
+                   "-DTRELLIS_EXACT_WORKSPACE"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cpp_kernels():
     build_dir = os.environ.get(ASAN_BUILD_DIR)
-    if build_dir is None:
+    with pytest.MonkeyPatch.context() as patch:
         try:
-            cpu.load()
+            if build_dir is None:
+                cpu.load()
+            else:
+                cpu.jit_build(f"{cpu.library_name()}_asan", SANITIZE_CFLAGS, ["-fsanitize=address"], build_dir)
+                patch.setattr(cpu, "load", lambda: True)  # the cpp backend is now the sanitized library
         except cpu.BuildToolsMissing as exc:
             pytest.skip(f"the C++ kernels cannot be built here: {exc}")
-        yield
-        return
-    compile_flags, link_flags = cpu.build_flags()
-    # -O1 -g for readable reports. Workspace vectors are sized exactly per item, and libstdc++'s
-    # annotations report an access between a vector's size and its capacity.
-    sanitize = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-D_GLIBCXX_SANITIZE_VECTOR",
-                "-DTRELLIS_EXACT_WORKSPACE"]
-    cpp_extension.load(name=f"{cpu.library_name()}_asan", sources=[str(cpu.KERNEL_DIR / s) for s in cpu.SOURCES],
-                       extra_cflags=[*(f for f in compile_flags if f != "-O3"), *sanitize],
-                       extra_ldflags=[*link_flags, "-fsanitize=address"], build_directory=build_dir,
-                       is_python_module=False)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu, "load", lambda: True)  # the cpp backend is now the sanitized library
         yield
 
 

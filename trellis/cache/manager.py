@@ -127,11 +127,12 @@ class KVCacheManager:
                     raise RuntimeError("session already released")
                 if not 0 <= length <= len(seq.token_ids):
                     raise ValueError(f"cannot truncate a session of {len(seq.token_ids)} tokens to {length}")
-            shared_tails = [seq for seq, length in zip(seqs, lengths)
-                            if length % self.block_size and self.pool.ref_counts[seq.block_ids[length // self.block_size]] > 1]
-            copies = dict(zip(map(id, shared_tails), self.allocate(len(shared_tails))))
-            for seq, length in zip(seqs, lengths):
-                self._truncate(seq, length, copies.get(id(seq)))
+            shared_tail = [length % self.block_size > 0
+                           and self.pool.ref_counts[seq.block_ids[length // self.block_size]] > 1
+                           for seq, length in zip(seqs, lengths)]
+            copies = iter(self.allocate(sum(shared_tail)))
+            for seq, length, shared in zip(seqs, lengths, shared_tail):
+                self._truncate(seq, length, next(copies) if shared else None)
 
     def _truncate(self, seq: Sequence, length: int, copy: int | None) -> None:
         full = length // self.block_size

@@ -20,6 +20,7 @@ import functools
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,7 +84,11 @@ class BuildToolsMissing(RuntimeError):
     """No prebuilt library and no way to build one here (compiler, ninja or sources missing)."""
 
 
-def _jit_build() -> None:
+def jit_build(name: str | None = None, extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = (),
+              build_directory: str | None = None) -> None:
+    """Compile the sources with ninja (cached by torch; see the module docstring) and load the
+    library. ``name`` and the extra flags make a variant (the tests' sanitized build): the flags
+    come after the usual ones, so a later ``-O`` wins."""
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
@@ -96,10 +101,11 @@ def _jit_build() -> None:
         raise BuildToolsMissing(f"kernel sources not found in {KERNEL_DIR} and no prebuilt {library_name()} library")
     compile_flags, link_flags = build_flags()
     cpp_extension.load(
-        name=library_name(),
+        name=name or library_name(),
         sources=[str(source) for source in sources],
-        extra_cflags=compile_flags,
-        extra_ldflags=link_flags,
+        extra_cflags=[*compile_flags, *extra_cflags],
+        extra_ldflags=[*link_flags, *extra_ldflags],
+        build_directory=build_directory,
         is_python_module=False,  # the library registers the kernels with the dispatcher as it loads
         verbose=os.environ.get("TRELLIS_VERBOSE_BUILD") == "1",
     )
@@ -112,5 +118,5 @@ def load() -> bool:
     if prebuilt is not None:
         torch.ops.load_library(str(prebuilt))
     else:
-        _jit_build()
+        jit_build()
     return True
