@@ -94,13 +94,13 @@ def trellis_backend(model: TrellisLlama, tokenizer: PreTrainedTokenizerBase, max
 
 
 def count_trellis_tokens(model: TrellisLlama, counter: list[int]) -> None:
-    forward_paged = model.forward_paged
+    forward = model.runner.forward
 
     def counted(manager, seqs, **kwargs):
         counter[0] += sum(seq.num_new for seq in seqs)
-        return forward_paged(manager, seqs, **kwargs)
+        return forward(manager, seqs, **kwargs)
 
-    model.forward_paged = counted
+    model.runner.forward = counted
 
 
 def measure(name: str, run: Callable[[list], Scores], requests: list, counter: list[int],

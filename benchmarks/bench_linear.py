@@ -17,7 +17,7 @@ import time
 import torch
 from common import describe, load_model, parser
 
-from trellis.models.cpu_linear import OneDNNLinear, _set_layout
+from trellis.runner.cpu_linear import OneDNNLinear, _set_layout
 
 # name -> (module class, prepacked, input-major weights)
 KINDS = {"F.linear (blas)": (torch.nn.Linear, False, False), "oneDNN, row-major": (OneDNNLinear, False, False),

@@ -24,9 +24,9 @@ import transformers
 from transformers import LlamaConfig
 
 from trellis import ops
-from trellis.models.cpu_linear import LINEAR_KERNELS
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
+from trellis.runner import LINEAR_KERNELS
 
 PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # the seed's grid of shared-prefix fractions
 SEED_BLOCK = 32  # φ is quantised to the seed's 32-token blocks, whatever the cache's block size
@@ -90,7 +90,7 @@ def describe(model: TrellisLlama, model_name: str) -> dict:
         "model": {"smollm2": "SmolLM2-135M-Instruct (real weights)",
                   "tinyllama": "TinyLlama-1.1B shape, random init (timing only)"}.get(model_name, model_name),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "trellis_backend": model.backend or ops.default_backend(model.device),
+        "trellis_backend": model.attention_backend(),
         "trellis_linear_kernel": model.linear_kernel,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -120,7 +120,7 @@ class Trellis(System):
 
     def _engine(self, w: Workload, block_size: int) -> Engine:
         self.model.configure_cache(block_size=block_size, num_blocks=w.pool_blocks(block_size),
-                                   backend=self.model.backend)  # a fresh, empty pool
+                                   backend=self.model.runner.settings.backend)  # a fresh, empty pool
         return Engine(self.model, max_batch_tokens=MAX_BATCH_TOKENS)
 
     def op(self, w: Workload, block_size: int = SEED_BLOCK) -> OpResult:

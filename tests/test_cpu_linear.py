@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
-from trellis.models import cpu_linear
-from trellis.models.cpu_linear import OneDNNLinear, linear_kernel_of, set_linear_kernel
 from trellis.models.llama import TrellisLlama
+from trellis.runner import cpu_linear
+from trellis.runner.cpu_linear import OneDNNLinear, linear_kernel_of, set_linear_kernel
 
 needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="no oneDNN on this machine or build")
 ONEDNN_KINDS = ["onednn", "packed"]

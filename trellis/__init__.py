@@ -1,8 +1,11 @@
 """Trellis: prefix-cached (RadixAttention) LLM inference for PyTorch on the hardware you own."""
 
-from trellis.cache.block_pool import BlockPool, OutOfBlocksError
-from trellis.cache.manager import KVCacheManager
-from trellis.cache.radix import RadixCache
-from trellis.models.llama import TrellisLlama
+from trellis.cache import BlockPool, KVCacheManager, OutOfBlocksError, PrefixCacheFileError, RadixCache
+from trellis.engine import Engine, SamplingParams
+from trellis.eval import generate_until, loglikelihood, loglikelihood_rolling, score_continuations
+from trellis.models import TrellisLlama
+from trellis.runner import PagedModelRunner
 
-__all__ = ["BlockPool", "KVCacheManager", "OutOfBlocksError", "RadixCache", "TrellisLlama"]
+__all__ = ["BlockPool", "Engine", "KVCacheManager", "OutOfBlocksError", "PagedModelRunner", "PrefixCacheFileError",
+           "RadixCache", "SamplingParams", "TrellisLlama", "generate_until", "loglikelihood", "loglikelihood_rolling",
+           "score_continuations"]

@@ -8,9 +8,9 @@ import argparse
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from trellis.models.cpu_linear import LINEAR_KERNELS
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
+from trellis.runner import LINEAR_KERNELS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

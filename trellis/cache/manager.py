@@ -1,6 +1,6 @@
 """Sessions over the block pool and the radix cache: admit, grow, commit, roll back, release.
 
-A session (``Sequence``) holds one pool reference on each of its blocks and a lock on the
+A session (``PagedSequence``) holds one pool reference on each of its blocks and a lock on the
 deepest radix node covering its committed prefix. Every method here keeps the accounting
 invariant ``pool ref count == tree refs + session refs`` for every block, and an allocation
 that cannot be satisfied raises ``OutOfBlocksError`` before anything is changed.
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
 from trellis.cache.radix import RadixCache, RadixNode
+from trellis.utils import cdiv
 
 
 @dataclass(eq=False)
-class Sequence:
-    """One session's view of the KV cache."""
+class PagedSequence:
+    """One session's view of the paged KV cache."""
 
     token_ids: list[int]  # every token of the session; the first ``num_cached`` have K/V in the cache
     block_ids: list[int] = field(default_factory=list)  # block i holds tokens [i*bs, (i+1)*bs)
@@ -35,6 +36,15 @@ class Sequence:
         return len(self.token_ids) - self.num_cached
 
 
+@dataclass(frozen=True)
+class AdmissionCost:
+    """What admitting a prompt would take now (``KVCacheManager.admission_cost``)."""
+
+    cached_tokens: int  # leading prompt tokens the radix cache would serve
+    new_blocks: int  # blocks to allocate for the rest (and any reserved room)
+    fits: bool  # free plus evictable blocks cover ``new_blocks`` (optimistic: a matched block may count as evictable)
+
+
 class KVCacheManager:
     """The paged KV cache with prefix sharing: what ``model.prefix_cache`` is.
 
@@ -47,35 +57,67 @@ class KVCacheManager:
         self.radix = RadixCache(pool)
         self.block_size = pool.block_size
         self.lock = threading.RLock()
-        self.live: set[Sequence] = set()
-        self._pending: deque[Sequence] = deque()
+        self.live: set[PagedSequence] = set()
+        self._pending: deque[PagedSequence] = deque()
 
     # --- session lifecycle ---------------------------------------------------------------
 
-    def admit(self, tokens: Seq[int], max_reuse: int | None = None) -> Sequence:
+    def admission_cost(self, tokens: Sequence[int], extra_tokens: int = 0, max_reuse: int | None = None) -> AdmissionCost:
+        """What ``admit(tokens, max_reuse, extra_tokens)`` would take now; changes nothing (no edge
+        split, no LRU touch), so it is safe for planning which sessions to admit."""
+        with self.lock:
+            self._drain()
+            cached = self.radix.cached_tokens(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
+            new_blocks = cdiv(len(tokens) + extra_tokens, self.block_size) - cached // self.block_size
+            return AdmissionCost(cached, new_blocks, new_blocks <= self.pool.num_free + self.radix.evictable_blocks())
+
+    def can_ever_hold(self, num_tokens: int) -> bool:
+        """Whether an empty cache could hold one session of ``num_tokens`` tokens."""
+        return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
+
+    def admit(self, tokens: Sequence[int], max_reuse: int | None = None, extra_tokens: int = 0) -> PagedSequence:
         """Start a session over ``tokens``, taking the longest cached prefix (at most
-        ``max_reuse`` tokens, and never all of them) and blocks for the rest."""
+        ``max_reuse`` tokens, and never all of them) and blocks for the rest, plus room for
+        ``extra_tokens`` more. All or nothing: ``OutOfBlocksError`` leaves the cache as it was."""
         with self.lock:
             self._drain()
             if len(tokens) == 0:
                 raise ValueError("cannot start a session with an empty prompt")
-            limit = len(tokens) - 1 if max_reuse is None else min(max_reuse, len(tokens) - 1)
-            match = self.radix.match(tokens, max_tokens=limit)
+            match = self.radix.match(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
             self.pool.incref(match.blocks)
             self.radix.lock(match.node)
-            seq = Sequence(list(tokens), list(match.blocks), node=match.node)
+            seq = PagedSequence(list(tokens), list(match.blocks), node=match.node)
             seq.num_cached = seq.num_prefix_hit = len(match.blocks) * self.block_size
             seq.num_committed_blocks = len(match.blocks)
             self.live.add(seq)
             try:
-                self.reserve(seq)
+                self.reserve(seq, extra_tokens)
             except OutOfBlocksError:
                 self.release(seq, commit=False)
                 raise
             self.radix.record_lookup(len(tokens), seq.num_prefix_hit)
             return seq
 
-    def append(self, seq: Sequence, tokens: Seq[int]) -> None:
+    @staticmethod
+    def _reuse_limit(tokens: Sequence[int], max_reuse: int | None) -> int:
+        return len(tokens) - 1 if max_reuse is None else min(max_reuse, len(tokens) - 1)
+
+    def admit_batch(self, rows: Sequence[Sequence[int]], max_reuse: Sequence[int]) -> list[PagedSequence]:
+        """``admit`` each row (row ``i`` reusing at most ``max_reuse[i]`` cached tokens); all or nothing."""
+        for i, row in enumerate(rows):
+            if not row:
+                raise ValueError(f"row {i} of the batch has no tokens (empty prompt or all padding)")
+        seqs: list[PagedSequence] = []
+        with self.lock:
+            try:
+                for row, reuse in zip(rows, max_reuse, strict=True):
+                    seqs.append(self.admit(row, max_reuse=reuse))
+            except BaseException:
+                self.rollback_batch(seqs)
+                raise
+        return seqs
+
+    def append(self, seq: PagedSequence, tokens: Sequence[int]) -> None:
         """Add tokens to a session and make room for their K/V."""
         with self.lock:
             if seq.released:
@@ -88,20 +130,48 @@ class KVCacheManager:
                 del seq.token_ids[before:]
                 raise
 
-    def reserve(self, seq: Sequence, extra_tokens: int = 0) -> None:
+    def extend_batch(self, seqs: Sequence[PagedSequence], rows: Sequence[Sequence[int]]) -> None:
+        """``append`` row ``i`` to session ``i``; all or nothing."""
+        if len(rows) != len(seqs):
+            raise ValueError(f"batch of {len(rows)} rows continues a cache of {len(seqs)} sequences")
+        with self.lock:
+            done = 0
+            try:
+                for seq, row in zip(seqs, rows):
+                    self.append(seq, row)
+                    done += 1
+            except BaseException:
+                self.rollback_batch(seqs[:done], [len(row) for row in rows[:done]])
+                raise
+
+    def rollback_batch(self, seqs: Sequence[PagedSequence], appended: Sequence[int] | None = None) -> None:
+        """Undo a step whose forward failed, so nothing it started stays half-done: with
+        ``appended`` None the sessions were admitted by it and are released uncommitted;
+        otherwise session ``i`` loses its last ``appended[i]`` (uncomputed) tokens."""
+        with self.lock:
+            if appended is None:
+                for seq in seqs:
+                    self.release(seq, commit=False)
+                return
+            for seq, count in zip(seqs, appended, strict=True):
+                if count > seq.num_new:
+                    raise ValueError(f"cannot roll back {count} tokens, {seq.num_new} are uncomputed")
+                del seq.token_ids[len(seq.token_ids) - count:]
+
+    def reserve(self, seq: PagedSequence, extra_tokens: int = 0) -> None:
         """Ensure ``seq`` has blocks for all its tokens plus ``extra_tokens``."""
         with self.lock:
-            needed = -(-(len(seq.token_ids) + extra_tokens) // self.block_size) - len(seq.block_ids)
+            needed = cdiv(len(seq.token_ids) + extra_tokens, self.block_size) - len(seq.block_ids)
             if needed > 0:
                 seq.block_ids.extend(self.allocate(needed))
 
-    def mark_computed(self, seq: Sequence) -> None:
+    def mark_computed(self, seq: PagedSequence) -> None:
         """Record that the forward wrote K/V for all of ``seq``'s tokens, and share its full blocks."""
         with self.lock:
             seq.num_cached = len(seq.token_ids)
             self.commit(seq)
 
-    def commit(self, seq: Sequence) -> None:
+    def commit(self, seq: PagedSequence) -> None:
         """Insert the session's full, computed blocks into the radix tree so later prompts hit them."""
         with self.lock:
             full = seq.num_cached // self.block_size
@@ -112,7 +182,7 @@ class KVCacheManager:
             self.radix.unlock(seq.node)
             seq.node, seq.num_committed_blocks = node, full
 
-    def truncate(self, seqs: Seq[Sequence], lengths: Seq[int]) -> None:
+    def truncate(self, seqs: Sequence[PagedSequence], lengths: Sequence[int]) -> None:
         """Roll each session back to its first ``lengths[i]`` tokens (rejected speculative drafts).
 
         Blocks past the new end are dropped. The block a new end falls inside is written again
@@ -134,9 +204,9 @@ class KVCacheManager:
             for seq, length, shared in zip(seqs, lengths, shared_tail):
                 self._truncate(seq, length, next(copies) if shared else None)
 
-    def _truncate(self, seq: Sequence, length: int, copy: int | None) -> None:
+    def _truncate(self, seq: PagedSequence, length: int, copy: int | None) -> None:
         full = length // self.block_size
-        kept = -(-length // self.block_size)
+        kept = cdiv(length, self.block_size)
         dropped = seq.block_ids[kept:]
         if copy is not None:  # the partial tail block: the session's own copy replaces the shared one
             self.pool.copy_block(seq.block_ids[full], copy)
@@ -153,7 +223,7 @@ class KVCacheManager:
             self.radix.unlock(seq.node)
             seq.node, seq.num_committed_blocks = node, full
 
-    def release(self, seq: Sequence, commit: bool = True) -> None:
+    def release(self, seq: PagedSequence, commit: bool = True) -> None:
         """End a session: share its full blocks (unless ``commit`` is False) and drop its references."""
         with self.lock:
             if seq.released:
@@ -165,11 +235,11 @@ class KVCacheManager:
             seq.released = True
             self.live.discard(seq)
 
-    def release_later(self, seqs: Seq[Sequence]) -> None:
+    def release_later(self, seqs: Sequence[PagedSequence]) -> None:
         """Queue sessions for release; safe from a finalizer or another thread."""
         self._pending.extend(seqs)
 
-    def fork(self, seq: Sequence) -> Sequence:
+    def fork(self, seq: PagedSequence) -> PagedSequence:
         """A copy of ``seq`` that shares its full blocks and owns a copy of its partial tail block."""
         with self.lock:
             self._drain()
@@ -180,7 +250,7 @@ class KVCacheManager:
                 self.pool.copy_block(src, dst)
             self.pool.incref(seq.block_ids[:full])
             self.radix.lock(seq.node)
-            child = Sequence(
+            child = PagedSequence(
                 list(seq.token_ids),
                 seq.block_ids[:full] + new_tail,
                 num_cached=seq.num_cached,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from collections.abc import Sequence as Seq
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from transformers.generation.continuous_batching.requests import RequestStatus
@@ -16,13 +14,14 @@ from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
 from trellis.engine.sampling import SamplingParams, sample
 from trellis.engine.session import Session
-
-if TYPE_CHECKING:
-    from trellis.models.llama import TrellisLlama
+from trellis.runner import PagedModelRunner, runner_of
+from trellis.utils import cdiv
 
 
 class Engine:
-    """Serves sessions of one ``TrellisLlama`` together, one packed forward per step.
+    """Serves sessions of one model together, one packed forward per step.
+
+    ``model`` is a ``TrellisLlama`` or its ``PagedModelRunner``; the engine runs it through the runner.
 
     A step admits waiting sessions (FIFO) and runs one forward over the prompt suffixes of the
     newly admitted (their cached prefixes are skipped) and the last token of every running
@@ -36,10 +35,10 @@ class Engine:
     waits for running ones to finish. One that could never fit is refused when it is added.
     """
 
-    def __init__(self, model: TrellisLlama, max_batch_tokens: int = 4096, max_running: int = 256) -> None:
+    def __init__(self, model: object, max_batch_tokens: int = 4096, max_running: int = 256) -> None:
         if max_batch_tokens < 1 or max_running < 1:
             raise ValueError("max_batch_tokens and max_running must be positive")
-        self.model = model
+        self.runner: PagedModelRunner = runner_of(model)
         self.max_batch_tokens = max_batch_tokens  # prefill tokens admitted per step (one prompt always fits)
         self.max_running = max_running
         self.waiting: deque[Session] = deque()
@@ -51,24 +50,23 @@ class Engine:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def add(self, prompt: Seq[int], params: SamplingParams | None = None, request_id: str | None = None) -> Session:
+    def add(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Session:
         """Queue a session; raises ``OutOfBlocksError`` if the pool could never hold it."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("cannot generate from an empty prompt")
-        self.model._check_token_ids([prompt])
+        self.runner.check_token_ids([prompt])
         session = Session(request_id or f"req_{next(self._ids)}", prompt, params)
-        self.model._check_positions(session.kv_tokens)
-        pool = self.model.prefix_cache.pool
-        needed = -(-session.kv_tokens // pool.block_size)
-        if needed > pool.num_blocks:
+        self.runner.check_positions(session.kv_tokens)
+        manager = self.runner.prefix_cache
+        if not manager.can_ever_hold(session.kv_tokens):
             raise OutOfBlocksError(
                 f"request {session.request_id} can never fit: {len(prompt)} prompt tokens + {params.max_new_tokens} "
-                f"new tokens need {needed} blocks of {pool.block_size}, the pool has {pool.num_blocks}; "
-                "raise num_blocks / kv_cache_memory or lower max_new_tokens"
+                f"new tokens need {cdiv(session.kv_tokens, manager.block_size)} blocks of {manager.block_size}, the "
+                f"pool has {manager.stats()['total_blocks']}; raise num_blocks / kv_cache_memory or lower max_new_tokens"
             )
-        session.generator = params.make_generator(self.model.device)
+        session.generator = params.make_generator(self.runner.device)
         self.waiting.append(session)
         return session
 
@@ -83,7 +81,7 @@ class Engine:
                 if on_finish is not None:
                     on_finish(session)
 
-    def generate(self, prompts: Iterable[Seq[int]], params: SamplingParams | None = None) -> list[Session]:
+    def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams | None = None) -> list[Session]:
         """Run ``prompts`` to completion together; the sessions, in order."""
         sessions = [self.add(p, params) for p in prompts]
         self.run()
@@ -93,8 +91,8 @@ class Engine:
 
     def step(self) -> list[Session]:
         """Admit what fits, run one forward, sample; returns the sessions that finished."""
-        with self.model._forward_lock, torch.no_grad():  # one forward at a time on the shared pool
-            manager = self.model.prefix_cache
+        with self.runner.lock, torch.no_grad():  # one forward at a time on the shared pool
+            manager = self.runner.prefix_cache
             if self.running and manager is not self._manager:
                 reason = "the model's KV cache was rebuilt (new weights, dtype, device or cache settings)"
                 self.abort(reason)
@@ -105,11 +103,11 @@ class Engine:
                 return []
             sessions = list(self.running)
             try:
-                hidden, batch = self.model.forward_paged(manager, [s.seq for s in sessions])  # [T, H]
+                hidden, batch = self.runner.forward(manager, [s.seq for s in sessions])  # [T, H]
             except BaseException as exc:
                 self.abort(f"forward failed: {exc!r}")
                 raise
-            logits = self.model.lm_head(hidden[batch.last_token_index])  # [B, V]
+            logits = self.runner.logits(hidden[batch.last_token_index])  # [B, V]
             tokens, logprobs = sample(logits, [s.params for s in sessions], [s.generator for s in sessions])
             now = time.perf_counter()
             finished = []
@@ -130,16 +128,18 @@ class Engine:
         with manager.lock:
             while self.waiting and len(self.running) < self.max_running:
                 session = self.waiting[0]
-                hit_blocks = manager.radix.cached_tokens(session.prompt) // manager.block_size
-                if len(session.prompt) - hit_blocks * manager.block_size > budget and (admitted or self.running):
+                extra = session.kv_tokens - len(session.prompt)  # room for its answer, reserved up front
+                cost = manager.admission_cost(session.prompt, extra_tokens=extra)
+                if len(session.prompt) - cost.cached_tokens > budget and (admitted or self.running):
                     break  # next step: this forward is full
-                if not self._try_admit(manager, session, hit_blocks):
+                if not (cost.fits and self._try_admit(manager, session, extra)):
                     if self.running:
                         break  # wait: running sessions will free blocks as they finish
+                    stats = manager.stats()
                     raise OutOfBlocksError(
                         f"request {session.request_id} does not fit in the KV pool even after eviction, and this "
-                        f"engine runs nothing that could free blocks ({len(manager.live)} sessions held elsewhere, "
-                        f"{manager.pool.num_free} of {manager.pool.num_blocks} blocks free)"
+                        f"engine runs nothing that could free blocks ({stats['live_sessions']} sessions held "
+                        f"elsewhere, {stats['free_blocks']} of {stats['total_blocks']} blocks free)"
                     )
                 self.waiting.popleft()
                 self.running.append(session)
@@ -148,20 +148,11 @@ class Engine:
             live = {b for s in self.running for b in s.seq.block_ids}
             self.peak_live_blocks = max(self.peak_live_blocks, len(live))
 
-    def _try_admit(self, manager: KVCacheManager, session: Session, hit_blocks: int) -> bool:
+    def _try_admit(self, manager: KVCacheManager, session: Session, extra_tokens: int) -> bool:
         """Take the session's cached prefix and reserve all its blocks, or change nothing."""
-        needed = -(-session.kv_tokens // manager.block_size) - hit_blocks
-        # Optimistic (the matched blocks may be among the evictable ones): the reservation decides.
-        if needed > manager.pool.num_free + manager.radix.evictable_blocks():
-            return False
         try:
-            seq = manager.admit(session.prompt)
+            seq = manager.admit(session.prompt, extra_tokens=extra_tokens)
         except OutOfBlocksError:
-            return False
-        try:
-            manager.reserve(seq, extra_tokens=session.kv_tokens - len(session.prompt))
-        except OutOfBlocksError:
-            manager.release(seq, commit=False)
             return False
         session.seq, session.num_cached_tokens = seq, seq.num_prefix_hit
         session.status, session.admitted_time = RequestStatus.PREFILLING, time.perf_counter()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
-from trellis.cache.manager import Sequence
+from trellis.cache.manager import PagedSequence
 from trellis.engine.sampling import SamplingParams
 
 
@@ -34,7 +34,7 @@ class Session:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
-    seq: Sequence | None = None
+    seq: PagedSequence | None = None
     status: RequestStatus = RequestStatus.PENDING
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

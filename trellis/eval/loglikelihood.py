@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from collections.abc import Sequence as Seq
+from collections.abc import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -44,7 +43,7 @@ def loglikelihood_rolling(
 
 def rolling_loglikelihood(
     model: TrellisLlama,
-    token_lists: Seq[list[int]],
+    token_lists: Sequence[list[int]],
     prefix_token: int,
     max_length: int | None = None,
     max_batch_tokens: int = 2048,

@@ -12,15 +12,15 @@ runs the whole context again for every answer.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from collections.abc import Sequence as Seq
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from trellis.cache.manager import KVCacheManager, Sequence
+from trellis.cache.manager import KVCacheManager, PagedSequence
 from trellis.models.llama import TrellisLlama
+from trellis.runner import PagedModelRunner, runner_of
 
 LM_HEAD_ROWS = 256  # rows per lm_head matmul: keeps the [rows, vocab] logits small
 
@@ -40,7 +40,7 @@ def default_max_length(model: TrellisLlama) -> int:
 
 def score_continuations(
     model: TrellisLlama,
-    requests: Seq[tuple[Seq[int], Seq[int]]],
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     max_length: int | None = None,
     max_batch_tokens: int = 2048,
     progress: bool = False,
@@ -65,12 +65,13 @@ def score_continuations(
         groups.setdefault(tuple(context), _Group(context)).members.append(i)
         continuations.append(continuation)
     scores: list[list] = [[0.0, True] for _ in continuations]  # [log-prob, greedy] per request
-    manager = model.prefix_cache
+    runner = runner_of(model)
+    manager = runner.prefix_cache
     ordered = [groups[key] for key in sorted(groups)]  # contexts sharing a prefix become neighbours
     with torch.inference_mode(), tqdm(total=len(scores), desc="scoring", disable=not progress) as bar:
         for chunk in _chunks(ordered, manager, continuations, max_batch_tokens):
-            with model._forward_lock:  # one forward at a time on the shared pool, as the engine does
-                _score_chunk(model, manager, chunk, continuations, scores, max_batch_tokens)
+            with runner.lock:  # one forward at a time on the shared pool, as the engine does
+                _score_chunk(runner, manager, chunk, continuations, scores, max_batch_tokens)
             bar.update(sum(len(group.members) for group in chunk))
     return [(logprob, greedy) for logprob, greedy in scores]
 
@@ -87,7 +88,7 @@ def _chunks(groups: list[_Group], manager: KVCacheManager, continuations: list[l
         tokens = 0
         while pending:
             group = pending[0]
-            cached = _cached_tokens(manager, group.context)
+            cached = manager.admission_cost(group.context).cached_tokens
             cost = len(group.context) - cached + sum(len(continuations[i]) - 1 for i in group.members)
             if chunk and (tokens + cost > budget
                           or _shared_tokens(chunk[-1].context, group.context, manager.block_size) > cached):
@@ -95,12 +96,6 @@ def _chunks(groups: list[_Group], manager: KVCacheManager, continuations: list[l
             chunk.append(pending.popleft())
             tokens += cost
         yield chunk
-
-
-def _cached_tokens(manager: KVCacheManager, tokens: list[int]) -> int:
-    """How many leading tokens admitting ``tokens`` would take from the cache now."""
-    with manager.lock:
-        return manager.radix.cached_tokens(tokens)
 
 
 def _shared_tokens(earlier: list[int], tokens: list[int], block_size: int) -> int:
@@ -113,9 +108,9 @@ def _shared_tokens(earlier: list[int], tokens: list[int], block_size: int) -> in
     return n // block_size * block_size
 
 
-def _score_chunk(model: TrellisLlama, manager: KVCacheManager, chunk: list[_Group], continuations: list[list[int]],
+def _score_chunk(runner: PagedModelRunner, manager: KVCacheManager, chunk: list[_Group], continuations: list[list[int]],
                  scores: list[list], budget: int) -> None:
-    sessions: list[Sequence] = []
+    sessions: list[PagedSequence] = []
     try:
         # Prefill each context, and a lone continuation along with its context. A context's last
         # position predicts the first token of its continuations: admission must leave it to compute.
@@ -123,7 +118,7 @@ def _score_chunk(model: TrellisLlama, manager: KVCacheManager, chunk: list[_Grou
             lone = continuations[group.members[0]][:-1] if len(group.members) == 1 else []
             sessions.append(manager.admit(group.context + lone, max_reuse=len(group.context) - 1))
         contexts = list(sessions)
-        hidden, batch = model.forward_paged(manager, contexts)
+        hidden, batch = runner.forward(manager, contexts)
         rows, targets, owners = [], [], []
         for group, end in zip(chunk, batch.cu_seqlens_q[1:].tolist()):
             if len(group.members) == 1:
@@ -135,10 +130,10 @@ def _score_chunk(model: TrellisLlama, manager: KVCacheManager, chunk: list[_Grou
                 rows += [end - 1] * len(group.members)
                 targets += [continuations[i][0] for i in group.members]
                 owners += group.members
-        _add_scores(model, hidden[rows], targets, owners, scores)
+        _add_scores(runner, hidden[rows], targets, owners, scores)
 
         # The rest of a shared context's continuations: their tokens but the last, each on a fork.
-        forks: list[tuple[int, Sequence]] = []
+        forks: list[tuple[int, PagedSequence]] = []
         for group, context in zip(chunk, contexts):
             if len(group.members) == 1:
                 continue  # its continuation ran with the context
@@ -149,17 +144,17 @@ def _score_chunk(model: TrellisLlama, manager: KVCacheManager, chunk: list[_Grou
                     manager.append(fork, continuations[i][:-1])
                     forks.append((i, fork))
         for part in _packed(forks, budget):
-            hidden, _ = model.forward_paged(manager, [fork for _, fork in part])
+            hidden, _ = runner.forward(manager, [fork for _, fork in part])
             owners = [i for i, _ in part for _ in continuations[i][1:]]
-            _add_scores(model, hidden, [t for i, _ in part for t in continuations[i][1:]], owners, scores)
+            _add_scores(runner, hidden, [t for i, _ in part for t in continuations[i][1:]], owners, scores)
     finally:
         for seq in sessions:
             manager.release(seq)
 
 
-def _packed(forks: list[tuple[int, Sequence]], budget: int) -> Iterator[list[tuple[int, Sequence]]]:
+def _packed(forks: list[tuple[int, PagedSequence]], budget: int) -> Iterator[list[tuple[int, PagedSequence]]]:
     """Consecutive forks with about ``budget`` new tokens per forward."""
-    part: list[tuple[int, Sequence]] = []
+    part: list[tuple[int, PagedSequence]] = []
     tokens = 0
     for item in forks:
         if part and tokens + item[1].num_new > budget:
@@ -171,14 +166,14 @@ def _packed(forks: list[tuple[int, Sequence]], budget: int) -> Iterator[list[tup
         yield part
 
 
-def _add_scores(model: TrellisLlama, hidden: torch.Tensor, targets: list[int], owners: list[int],
+def _add_scores(runner: PagedModelRunner, hidden: torch.Tensor, targets: list[int], owners: list[int],
                 scores: list[list]) -> None:
     """Add the log-probability of ``targets[r]`` under the logits of ``hidden[r]`` to the score of
     request ``owners[r]``, and clear its greedy flag unless the target is the argmax."""
     target = torch.tensor(targets, device=hidden.device)  # [R]
     logprobs, greedy = [], []
     for h, t in zip(hidden.split(LM_HEAD_ROWS), target.split(LM_HEAD_ROWS)):
-        logits = model.lm_head(h).float()  # [r, V]
+        logits = runner.logits(h).float()  # [r, V]
         # log_softmax, not logsumexp: the same rounding as transformers and lm-eval's HF backend.
         logprobs.append(torch.log_softmax(logits, -1).gather(1, t[:, None])[:, 0])  # [r]
         greedy.append(logits.argmax(-1) == t)  # [r]

@@ -1,4 +1,4 @@
-"""Where a model runs and what it is: device choice, the KV memory budget, the Llama check."""
+"""Where a model runs and what it is: device choice and the Llama check."""
 
 from __future__ import annotations
 
@@ -17,19 +17,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def default_kv_cache_memory(device: torch.device) -> int:
-    """Bytes for the KV pool when the user sets neither ``num_blocks`` nor ``kv_cache_memory``:
-    half the free memory of a CUDA device, else a quarter of free RAM, at most 4 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 8 << 30
-    return min(available // 4, 4 << 30)
 
 
 def load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaConfig:

@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from trellis.cache.manager import KVCacheManager, Sequence
+from trellis.cache.manager import KVCacheManager, PagedSequence
 
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``
 # (the old name still works there, with a deprecation warning); earlier 5.x releases know only
@@ -53,7 +53,7 @@ class PagedKVCache(Cache):
     def __init__(self, manager: KVCacheManager) -> None:
         super().__init__(layers=[])
         self.manager = manager
-        self.seqs: list[Sequence] = []
+        self.seqs: list[PagedSequence] = []
         self.seen_columns = 0  # width of the (padded) inputs consumed so far, as transformers counts
         # The finalizer only queues the release: it may run inside another cache operation.
         self._finalizer = weakref.finalize(self, manager.release_later, self.seqs)

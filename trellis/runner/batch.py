@@ -1,14 +1,16 @@
-"""The per-forward description of a packed batch over the paged KV cache."""
+"""One forward's packed batch over the paged KV cache, built on the host once per step."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
 from trellis import ops
 from trellis.cache.block_pool import BlockPool
-from trellis.cache.manager import Sequence
+from trellis.cache.manager import PagedSequence
 
 
 @dataclass
@@ -27,6 +29,8 @@ class PagedBatch:
     slot_mapping: torch.Tensor  # [T] int64, where each new token's K/V go
     kv_layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V caches [N, S, Hkv, D]
     backend: str  # the kernels, resolved and checked once per batch
+    max_q_len: int  # host facts every layer's attention needs, known here without a device read
+    max_kv_len: int
 
     @property
     def last_token_index(self) -> torch.Tensor:
@@ -34,7 +38,7 @@ class PagedBatch:
         return self.cu_seqlens_q[1:].long() - 1
 
 
-def build_batch(seqs: list[Sequence], pool: BlockPool, backend: str | None = None) -> PagedBatch:
+def build_batch(seqs: Sequence[PagedSequence], pool: BlockPool, backend: str | None = None) -> PagedBatch:
     """Pack the uncomputed tokens of ``seqs`` (each must have blocks reserved for them in ``pool``);
     ``backend`` None means the fastest for the pool's device."""
     block_size = pool.block_size
@@ -50,14 +54,17 @@ def build_batch(seqs: list[Sequence], pool: BlockPool, backend: str | None = Non
         cu.append(len(ids))
     max_blocks = max(len(seq.block_ids) for seq in seqs)
     table = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
+    seq_lens = [len(seq.token_ids) for seq in seqs]
     device = pool.kv.device
     return PagedBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         block_table=torch.tensor(table, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([len(seq.token_ids) for seq in seqs], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         kv_layers=pool.layers,
         backend=ops.resolve_backend(backend, device),
+        max_q_len=max(end - start for start, end in pairwise(cu)),
+        max_kv_len=max(seq_lens),
     )

@@ -9,7 +9,7 @@ import torch
 from transformers.modeling_utils import AttentionInterface
 
 from trellis import ops
-from trellis.engine.batch import PagedBatch
+from trellis.runner.batch import PagedBatch
 
 ATTN_IMPLEMENTATION = "trellis"
 
@@ -27,8 +27,8 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     if paged_batch is None:
         raise RuntimeError(
-            "the 'trellis' attention needs the PagedBatch that TrellisLlama.forward builds; "
-            "call it through TrellisLlama, or load the model with another attn_implementation"
+            "the 'trellis' attention needs the PagedBatch that PagedModelRunner builds; "
+            "call the model through TrellisLlama, or load it with another attn_implementation"
         )
     q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
     k = key[0].transpose(0, 1).contiguous()  # [T, Hkv, D]

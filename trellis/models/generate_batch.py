@@ -1,20 +1,16 @@
-"""transformers' continuous-batching ``generate_batch``, served by the Trellis engine."""
+"""transformers' continuous-batching ``generate_batch``, served by the Trellis engine (the façade's
+``TrellisLlama.generate_batch``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
-from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaForCausalLM
 
-from trellis.engine.engine import Engine
-from trellis.engine.sampling import SamplingParams
-from trellis.engine.session import TrellisGenerationOutput
-
-if TYPE_CHECKING:
-    from trellis.models.llama import TrellisLlama
+from trellis.engine import Engine, SamplingParams, TrellisGenerationOutput
+from trellis.runner import runner_of
 
 # Settings that change the tokens and that the engine does not implement, with their neutral value.
 _UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "min_new_tokens": None,
@@ -22,8 +18,8 @@ _UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty":
 
 
 def generate_batch(
-    model: TrellisLlama,
-    inputs: Seq[Seq[int]],
+    model: LlamaForCausalLM,
+    inputs: Sequence[Sequence[int]],
     generation_config: GenerationConfig | None = None,
     continuous_batching_config: ContinuousBatchingConfig | None = None,
     record_timestamps: bool = False,
@@ -45,8 +41,9 @@ def generate_batch(
         if getattr(config, name, neutral) not in (neutral, None):
             raise ValueError(f"the Trellis engine does not support {name}={getattr(config, name)!r}")
     cb = continuous_batching_config or ContinuousBatchingConfig()
-    engine = Engine(model, max_batch_tokens=cb.max_batch_tokens or 4096, max_running=cb.max_requests_per_batch or 256)
-    with model._forward_lock:  # the whole call: concurrent calls run one after the other, as generate()'s do
+    runner = runner_of(model)
+    engine = Engine(runner, max_batch_tokens=cb.max_batch_tokens or 4096, max_running=cb.max_requests_per_batch or 256)
+    with runner.lock:  # the whole call: concurrent calls run one after the other, as generate()'s do
         try:
             sessions = [engine.add(prompt, _params(config, cb.seed, i, len(prompt))) for i, prompt in enumerate(inputs)]
             with tqdm(total=len(sessions), disable=not progress_bar, desc=f"Solving {len(sessions)} requests",
