@@ -1,5 +1,9 @@
 """Stale K/V are never served: weights, dtype, device or adapter changes drop the cache."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers.integrations.peft
@@ -109,3 +113,17 @@ def test_peft_adapter_switches_drop_the_cache():
     model.enable_adapters()
     model.set_adapter("a")
     torch.testing.assert_close(model(IDS, logits_to_keep=1).logits, with_a, atol=1e-5, rtol=0)
+
+
+def test_the_watchers_hooks_are_installed_with_the_first_model_not_at_import():
+    """Importing Trellis changes nothing process-wide; building a model installs the two
+    module registration hooks the weights watcher counts on (once, however many models)."""
+    script = (
+        "import torch.nn.modules.module as m, trellis\n"
+        "from tests.models import tiny_pair\n"
+        "hooks = lambda: (len(m._global_parameter_registration_hooks), len(m._global_module_registration_hooks))\n"
+        "assert hooks() == (0, 0), hooks()\n"
+        "tiny_pair(); tiny_pair()\n"
+        "assert hooks() == (1, 1), hooks()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])

@@ -115,6 +115,55 @@ def test_request_that_cannot_fit_fails_cleanly_without_evicting():
     m.check_integrity()
 
 
+def test_admission_cost_predicts_admit_and_changes_nothing():
+    m = make_manager(num_blocks=8)
+    run_session(m, list(range(9)))  # caches 2 blocks
+    prompt = list(range(8)) + [50, 51, 52]
+    cost = m.admission_cost(prompt, extra_tokens=6)  # 17 tokens: 5 blocks, 2 of them cached
+    assert (cost.cached_tokens, cost.new_blocks, cost.fits) == (8, 3, True)
+    assert m.admission_cost(prompt, max_reuse=5).cached_tokens == 4
+    assert not m.admission_cost(list(range(100, 140))).fits  # 10 blocks: more than free + evictable
+    assert m.stats()["lookup_tokens"] == 9  # a peek is no lookup
+    seq = m.admit(prompt, extra_tokens=6)
+    assert seq.num_prefix_hit == 8 and len(seq.block_ids) == 5
+    m.release(seq)
+    m.check_integrity()
+
+
+def test_admit_batch_is_all_or_nothing():
+    m = make_manager(num_blocks=6)
+    run_session(m, list(range(9)))
+    before = m.stats()
+    with pytest.raises(OutOfBlocksError):
+        m.admit_batch([list(range(9)), list(range(200, 220))], max_reuse=[8, 0])  # the second cannot fit
+    assert m.stats()["live_sessions"] == 0 and m.stats()["cached_blocks"] == before["cached_blocks"]
+    with pytest.raises(ValueError, match="row 1 .* no tokens"):
+        m.admit_batch([[1, 2], []], max_reuse=[0, 0])
+    seqs = m.admit_batch([list(range(9)), [7, 7, 7]], max_reuse=[4, 0])
+    assert [s.num_prefix_hit for s in seqs] == [4, 0]
+    m.rollback_batch(seqs)  # a failed first step: released without committing
+    assert all(s.released for s in seqs) and m.stats()["live_sessions"] == 0
+    m.check_integrity()
+
+
+def test_extend_batch_rolls_back_every_row_when_one_cannot_grow():
+    m = make_manager(num_blocks=4)
+    first, second = m.admit_batch([[1, 2, 3], [4, 5, 6]], max_reuse=[0, 0])
+    for seq in (first, second):
+        m.mark_computed(seq)
+    with pytest.raises(OutOfBlocksError):
+        m.extend_batch([first, second], [[9] * 5, [9] * 9])  # 2 + 3 blocks: the pool has 4
+    assert first.token_ids == [1, 2, 3] and second.token_ids == [4, 5, 6]
+    m.extend_batch([first, second], [[8], [9, 9]])
+    m.rollback_batch([first, second], [1, 2])  # a failed step drops its uncomputed tokens
+    assert first.token_ids == [1, 2, 3] and second.token_ids == [4, 5, 6]
+    with pytest.raises(ValueError, match="uncomputed"):
+        m.rollback_batch([first], [1])
+    m.release(first)
+    m.release(second)
+    m.check_integrity()
+
+
 def test_release_later_is_drained_at_next_call():
     m = make_manager()
     seq = m.admit(list(range(9)))
@@ -228,12 +277,16 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.m is not None)
     def admit(self, tokens):
         peeked = self.m.radix.cached_tokens(tokens)
+        cost = self.m.admission_cost(tokens)
+        assert cost.cached_tokens == peeked
         try:
             seq = self.m.admit(tokens)
         except OutOfBlocksError:
             return
+        assert cost.fits  # a cost that does not fit is never admitted
         hit = seq.num_prefix_hit
         assert hit == peeked  # the peek predicts admission exactly
+        assert len(seq.block_ids) - hit // BS == cost.new_blocks
         for i in range(hit // BS):
             assert self.content[seq.block_ids[i]] == tuple(tokens[: (i + 1) * BS])
         if not self.evicting:
