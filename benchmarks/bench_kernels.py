@@ -6,7 +6,9 @@ machine's measured memory-read bandwidth, one row per configuration.
 Decode reads each sequence's whole K/V once per step, so its figure of merit is GB/s of K/V
 read, as a share of what a plain ``x.sum()`` over a large tensor reads per second here. Extend
 (new tokens over a cached prefix) is compute-bound: TFLOP/s counts 4 * D flops per visible
-(query, key) pair and query head. Block tables are random permutations (scattered blocks).
+(query, key) pair and query head. Block tables are random permutations (scattered blocks). Each
+configuration is planned once (``ops.plan_attention``, as a model plans once per forward) and
+timed per layer (``ops.run_attention``).
 Times are medians over repeated calls (``--stat min`` for the fastest call: on a machine other
 processes share, a thread that loses its core stalls the others at the join, and the median
 then measures the scheduler). The load average is printed for that reason.
@@ -20,6 +22,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,12 +99,25 @@ def make_problem(config: Config, dtype: torch.dtype, device: torch.device) -> Pr
     )
 
 
-def paged(problem: Problem, backend: str):
-    out = torch.empty_like(problem.q)
+def plan(problem: Problem, config: Config, backend: str) -> ops.AttentionPlan:
     p = problem
-    return lambda: ops.paged_attention(
-        p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, p.cu_seqlens_q, p.scale, out=out, backend=backend
+    return ops.plan_attention(
+        p.block_table,
+        p.seq_lens,
+        p.cu_seqlens_q,
+        num_tokens=p.q.shape[0],
+        num_q_heads=p.q.shape[1],
+        k_cache=p.k_cache,
+        max_q_len=config.new_tokens,
+        max_kv_len=config.context,
+        backend=backend,
     )
+
+
+def paged(problem: Problem, config: Config, backend: str):
+    out = torch.empty_like(problem.q)
+    p, attention_plan = problem, plan(problem, config, backend)
+    return lambda: ops.run_attention(attention_plan, p.q, p.k_cache, p.v_cache, p.scale, out=out)
 
 
 def gather_sdpa(problem: Problem, config: Config):
@@ -161,27 +177,40 @@ def flops(config: Config) -> int:
     return 4 * head_dim * num_q_heads * visible * config.batch
 
 
-def call_overhead(device: torch.device, backend: str) -> tuple[float, float]:
-    """(public API, torch.ops) microseconds for one layer's decode step, store_kv + paged_attention,
-    on a tiny problem (B=1, 32 keys, SmolLM2 heads): what a 30-layer model pays per token."""
-    problem = make_problem(Config("SmolLM2", 1, 32, 1), torch.float32, device)
-    p, out = problem, torch.empty_like(problem.q)
+# entry point -> its key in the JSON rows (benchmarks/report.py reads the first two)
+ROW_KEYS = {
+    "trellis.ops": "call_pair_us_public",
+    "torch.ops.trellis": "call_pair_us_torch_ops",
+    "torch.ops.trellis_cpp": "call_pair_us_trellis_cpp",
+}
+
+
+def call_overhead(device: torch.device, backend: str) -> dict[str, float]:
+    """Microseconds for one layer's decode step, store_kv + paged attention with a plan, on a tiny
+    problem (B=1, 32 keys, SmolLM2 heads), by entry point: what a 30-layer model pays per token.
+    ``torch.ops.trellis`` on CPU goes through the Python kernel that forwards to the C++ library."""
+    config = Config("SmolLM2", 1, 32, 1)
+    p = make_problem(config, torch.float32, device)
+    out, attention_plan = torch.empty_like(p.q), plan(p, config, backend)
     k = torch.randn(1, *p.k_cache.shape[2:], device=device)  # [T, Hkv, D]
     slots = torch.tensor([31], device=device)
+    attention_args = (p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, p.cu_seqlens_q, p.scale, out)
 
     def public() -> None:
         ops.store_kv(k, k, p.k_cache, p.v_cache, slots, backend=backend)
-        ops.paged_attention(
-            p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, p.cu_seqlens_q, p.scale, out=out, backend=backend
-        )
+        ops.run_attention(attention_plan, p.q, p.k_cache, p.v_cache, p.scale, out=out)
 
-    def direct() -> None:
-        torch.ops.trellis.store_kv(k, k, p.k_cache, p.v_cache, slots)
-        torch.ops.trellis.paged_attention(
-            p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, p.cu_seqlens_q, p.scale, out
-        )
+    def through(namespace) -> Callable[[], None]:
+        def call() -> None:
+            namespace.store_kv(k, k, p.k_cache, p.v_cache, slots)
+            namespace.paged_attention(*attention_args, attention_plan.backend_plan)
 
-    return tuple(call_seconds(fn, device, 0.3, "min", max_calls=2000) * 1e6 for fn in (public, direct))
+        return call
+
+    entries = {"trellis.ops": public, "torch.ops.trellis": through(torch.ops.trellis)}
+    if backend == "cpp":
+        entries["torch.ops.trellis_cpp"] = through(torch.ops.trellis_cpp)
+    return {name: call_seconds(fn, device, 0.3, "min", max_calls=2000) * 1e6 for name, fn in entries.items()}
 
 
 def backends_for(device: torch.device) -> list[str]:
@@ -208,7 +237,7 @@ def bench_device(device: torch.device, dtype: torch.dtype, quick: bool, stat: st
     rows = []
     for config in configs(quick):
         problem = make_problem(config, dtype, device)
-        methods = {name: paged(problem, name) for name in backends}
+        methods = {name: paged(problem, config, name) for name in backends}
         methods["gather+sdpa"] = gather_sdpa(problem, config)
         line = f"{config.model} {config.kind} B={config.batch} L={config.context} new={config.new_tokens}"
         line = f"{line:<32}"
@@ -237,14 +266,12 @@ def bench_device(device: torch.device, dtype: torch.dtype, quick: bool, stat: st
         print(f"{line}{seconds['gather+sdpa'] / best:>9.1f}x", flush=True)
         del problem, methods
     for name in [name for name in backends if name != "reference"]:  # what torch.ops reaches here
-        public, direct = call_overhead(device, name)
+        entries = call_overhead(device, name)
         print(
-            f"{name}: one layer's decode call pair (store_kv + paged_attention, 32 keys): "
-            f"{public:.1f} us through trellis.ops, {direct:.1f} us through torch.ops.trellis"
+            f"{name}: one layer's decode call pair (store_kv + paged attention, 32 keys): "
+            + ", ".join(f"{us:.1f} us through {entry}" for entry, us in entries.items())
         )
-        rows.append(
-            {"device": device.type, "method": name, "call_pair_us_public": public, "call_pair_us_torch_ops": direct}
-        )
+        rows.append({"device": device.type, "method": name, **{ROW_KEYS[e]: us for e, us in entries.items()}})
     return rows
 
 

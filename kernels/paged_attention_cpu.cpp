@@ -1,24 +1,24 @@
 // trellis::paged_attention on CPU (see trellis/ops/reference.py for the spec): argument checks,
 // one work item's walk over its key tiles (fp32 online softmax, attention_tile.h), the merge
-// of split items, and the registration for the CPU dispatch key. work_plan.h cuts the work.
+// of split items, the plan op, and the registration for the CPU dispatch key of trellis_cpp::
+// (the C++ library's own namespace; trellis/ops/schema.py defines it). attention_plan.h plans
+// the work, once per forward when the caller passes a plan.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
+#include <optional>
 #include <vector>
 
+#include "attention_plan.h"
 #include "attention_tile.h"
 #include "kv_cache_layout.h"
 #include "work_plan.h"
 
 namespace trellis {
 namespace {
-
-constexpr int64_t kMaxRows = kMaxRowVecs * Vec::size();  // query rows (tokens x query heads) per work item
-constexpr int64_t kStagedBytes = 32 * 1024;  // fp32 bytes of K (and of V) one staged tile may hold
-constexpr int64_t kMinParallelWork = 1 << 18;  // ~20 us of work on one core
 
 template <typename T>
 struct Problem {
@@ -214,8 +214,8 @@ void parallel_pull(int64_t n, int64_t threads, const F& f) {
   });
 }
 
+// The arguments every call checks (the batch description: check_sequence_tensors).
 void check_arguments(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
                      const at::Tensor& out) {
   check_kv_cache(k_cache, v_cache);
   const auto dtype = q.scalar_type();
@@ -228,52 +228,13 @@ void check_arguments(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(q.size(2) == k_cache.size(3), "q head_dim ", q.size(2), " != cache head_dim ", k_cache.size(3));
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads ", q.size(1), " not a multiple of KV heads ",
               k_cache.size(2));
-  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.is_contiguous(),
-              "block_table must be a contiguous int32 [B, max_blocks]");
-  const int64_t batch = block_table.size(0);
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == batch,
-              "seq_lens must be int32 [", batch, "]");
-  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == batch + 1,
-              "cu_seqlens_q must be int32 [", batch + 1, "]");
-  for (const at::Tensor* t : {&q, &block_table, &seq_lens, &cu_seqlens_q, &out})
-    TORCH_CHECK(t->device().is_cpu(), "paged_attention tensors must all be on the CPU");
-}
-
-// The per-sequence values the kernel trusts: query ranges, lengths, and every used block id.
-void check_sequences(const int32_t* cu, const int32_t* kv_lens, const int32_t* table, int64_t batch,
-                     int64_t max_blocks, int64_t block_size, int64_t num_blocks, int64_t tokens) {
-  TORCH_CHECK(cu[0] == 0 && cu[batch] == tokens, "cu_seqlens_q must run from 0 to T = ", tokens);
-  for (int64_t s = 0; s < batch; ++s) {
-    const int64_t q_len = cu[s + 1] - cu[s], kv_len = kv_lens[s];
-    TORCH_CHECK(q_len >= 0 && q_len <= kv_len, "sequence ", s, ": ", q_len, " queries but seq_lens = ", kv_len);
-    TORCH_CHECK(kv_len <= max_blocks * block_size, "sequence ", s, ": seq_lens = ", kv_len,
-                " exceeds its block table (", max_blocks, " blocks of ", block_size, ")");
-    const int64_t used = q_len > 0 ? (kv_len + block_size - 1) / block_size : 0;
-    for (int64_t b = 0; b < used; ++b) {
-      const int32_t id = table[s * max_blocks + b];
-      TORCH_CHECK(id >= 0 && id < num_blocks, "block_table[", s, ", ", b, "] = ", id, " is outside the cache (",
-                  num_blocks, " blocks)");
-    }
-  }
+  TORCH_CHECK(q.device().is_cpu() && out.device().is_cpu(), "paged_attention tensors must all be on the CPU");
 }
 
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
-         const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, double scale, const at::Tensor& out) {
-  const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
-  const int32_t* kv_lens = seq_lens.const_data_ptr<int32_t>();
-  const int64_t batch = block_table.size(0), kv_heads = k_cache.size(2), group = q.size(1) / kv_heads;
-  check_sequences(cu, kv_lens, block_table.const_data_ptr<int32_t>(), batch, block_table.size(1), k_cache.size(1),
-                  k_cache.size(0), q.size(0));
-  // Waking threads costs microseconds (milliseconds when another process holds a core): small
-  // calls, e.g. decode over short contexts, run on the calling thread.
-  int64_t work = 0;  // query-key pairs x query heads x head_dim, causal masking aside
-  for (int64_t s = 0; s < batch; ++s) work += static_cast<int64_t>(cu[s + 1] - cu[s]) * kv_lens[s];
-  work *= q.size(1) * q.size(2);
-  const int64_t threads = work < kMinParallelWork ? 1 : at::get_num_threads();
-  const int64_t max_heads = std::max<int64_t>(1, kStagedBytes / (kKeyTile * q.size(2) * sizeof(float)));
-  const WorkPlan plan = plan_work(cu, kv_lens, batch, kv_heads, group, kMaxRows, max_heads, kKeyTile, threads);
-
+         double scale, const at::Tensor& out, const WorkPlan& plan) {
+  const int64_t kv_heads = k_cache.size(2), group = q.size(1) / kv_heads;
   Problem<T> p{q.const_data_ptr<T>(), k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(), out.data_ptr<T>(),
                block_table.const_data_ptr<int32_t>(), block_table.size(1), q.size(1), kv_heads, group, q.size(2),
                k_cache.size(1), static_cast<float>(scale), plan.partial_rows, nullptr, nullptr};
@@ -283,11 +244,11 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
     p.partial_out = scratch.data_ptr<float>();
     p.partial_lse = p.partial_out + plan.partials * p.partial_rows * p.head_dim;
   }
-  parallel_pull(static_cast<int64_t>(plan.items.size()), threads, [&](int64_t i) {
+  parallel_pull(static_cast<int64_t>(plan.items.size()), plan.threads, [&](int64_t i) {
     thread_local Workspace ws;
     run_item(p, plan.items[i], ws);
   });
-  parallel_pull(static_cast<int64_t>(plan.splits.size()), threads, [&](int64_t i) {
+  parallel_pull(static_cast<int64_t>(plan.splits.size()), plan.threads, [&](int64_t i) {
     thread_local std::vector<float> row;
     merge_splits(p, plan.splits[i], row);
   });
@@ -295,17 +256,49 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
 
 void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
-                         double scale, const at::Tensor& out) {
-  check_arguments(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out);
+                         double scale, const at::Tensor& out, const std::optional<at::Tensor>& plan) {
+  check_arguments(q, k_cache, v_cache, out);
+  check_sequence_tensors(block_table, seq_lens, cu_seqlens_q);
+  const PlanFacts facts = facts_of(q.size(0), q.size(1), k_cache, block_table, seq_lens, cu_seqlens_q);
+  WorkPlan work;
+  if (plan.has_value()) work = decode_plan(*plan, facts);  // refuses a plan made for other tensors
+  if (!plan.has_value() || !facts.tracked()) work = make_plan(facts, block_table, seq_lens, cu_seqlens_q);
   switch (q.scalar_type()) {
-    case at::kFloat: return run<float>(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out);
-    case at::kHalf: return run<at::Half>(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out);
-    default: return run<at::BFloat16>(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out);
+    case at::kFloat: return run<float>(q, k_cache, v_cache, block_table, scale, out, work);
+    case at::kHalf: return run<at::Half>(q, k_cache, v_cache, block_table, scale, out, work);
+    default: return run<at::BFloat16>(q, k_cache, v_cache, block_table, scale, out, work);
   }
+}
+
+// Validates the sequences and cuts their work, for every layer of one forward. max_q_len and
+// max_kv_len are not needed here, but must be right: the Triton backend sizes its grid by them.
+at::Tensor plan_paged_attention_cpu(const at::Tensor& k_cache, const at::Tensor& block_table,
+                                    const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, int64_t num_q_heads,
+                                    int64_t max_q_len, int64_t max_kv_len) {
+  check_sequence_tensors(block_table, seq_lens, cu_seqlens_q);
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got ", k_cache.sizes());
+  TORCH_CHECK(num_q_heads > 0 && num_q_heads % k_cache.size(2) == 0, "query heads ", num_q_heads,
+              " not a multiple of KV heads ", k_cache.size(2));
+  const int64_t batch = block_table.size(0);
+  const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
+  const int32_t* kv_lens = seq_lens.const_data_ptr<int32_t>();
+  const PlanFacts facts = facts_of(cu[batch], num_q_heads, k_cache, block_table, seq_lens, cu_seqlens_q);
+  const WorkPlan work = make_plan(facts, block_table, seq_lens, cu_seqlens_q);
+  int64_t longest_q = 0, longest_kv = 0;
+  for (int64_t s = 0; s < batch; ++s) {
+    longest_q = std::max<int64_t>(longest_q, cu[s + 1] - cu[s]);
+    longest_kv = std::max<int64_t>(longest_kv, kv_lens[s]);
+  }
+  TORCH_CHECK(max_q_len == longest_q && max_kv_len == longest_kv, "max_q_len, max_kv_len = ", max_q_len, ", ",
+              max_kv_len, " but the longest query and context are ", longest_q, ", ", longest_kv);
+  return encode_plan(facts, work);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(trellis, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }
+TORCH_LIBRARY_IMPL(trellis_cpp, CPU, m) {
+  m.impl("paged_attention", &paged_attention_cpu);
+  m.impl("plan_paged_attention", &plan_paged_attention_cpu);
+}
 
 }  // namespace trellis

@@ -1,5 +1,6 @@
-// trellis::store_kv on CPU: copy each new token's K/V rows [Hkv, D] into its cache slot.
-// A plain byte copy, so every dtype works; slots are checked against the cache size.
+// trellis::store_kv on CPU (registered as trellis_cpp::store_kv): copy each new token's K/V rows
+// [Hkv, D] into its cache slot. A plain byte copy, so every dtype works; slots are checked
+// against the cache size.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -59,6 +60,6 @@ void store_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(trellis, CPU, m) { m.impl("store_kv", &store_kv_cpu); }
+TORCH_LIBRARY_IMPL(trellis_cpp, CPU, m) { m.impl("store_kv", &store_kv_cpu); }
 
 }  // namespace trellis

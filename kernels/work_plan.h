@@ -40,6 +40,7 @@ struct SplitGroup {
 struct WorkPlan {
   std::vector<WorkItem> items;
   std::vector<SplitGroup> splits;
+  int64_t threads = 1;       // the threads the work was cut for
   int64_t partials = 0;      // split items
   int64_t partial_rows = 0;  // query rows of the largest split item
 };
@@ -49,6 +50,7 @@ struct WorkPlan {
 inline WorkPlan plan_work(const int32_t* cu_seqlens_q, const int32_t* seq_lens, int64_t batch, int64_t kv_heads,
                           int64_t group, int64_t max_rows, int64_t max_heads, int64_t key_tile, int64_t threads) {
   WorkPlan plan;
+  plan.threads = threads;
   const int64_t tile_tokens = std::max<int64_t>(1, max_rows / group);
   std::vector<WorkItem> base;
   for (int64_t s = 0; s < batch; ++s) {

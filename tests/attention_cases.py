@@ -6,6 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
+from trellis import ops
+from trellis.utils import cdiv
+
+SHAPES = {  # (q_lens, kv_lens): the batches every backend is tested on
+    "cold_prefill": ([7, 5], [7, 5]),
+    "extend_over_prefix": ([3, 9], [11, 20]),
+    "decode": ([1, 1, 1], [1, 17, 33]),
+    "mixed": ([1, 6, 1, 4], [9, 6, 40, 13]),
+}
+
 
 @dataclass
 class PagedCase:
@@ -18,7 +28,29 @@ class PagedCase:
     scale: float
 
     def to(self, device: str | torch.device) -> PagedCase:
-        return PagedCase(*(getattr(self, f).to(device) for f in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q")), self.scale)
+        tensors = (self.q, self.k_cache, self.v_cache, self.block_table, self.seq_lens, self.cu_seqlens_q)
+        return PagedCase(*(t.to(device) for t in tensors), self.scale)
+
+    def next_layer(self, seed: int) -> PagedCase:
+        """Another layer of the same forward: the same sequences, new random q and caches."""
+        g = torch.Generator().manual_seed(seed)
+        fresh = [torch.randn(t.shape, generator=g).to(t.dtype).to(t.device) for t in (self.q, self.k_cache, self.v_cache)]
+        return PagedCase(*fresh, self.block_table, self.seq_lens, self.cu_seqlens_q, self.scale)
+
+    def plan(self, backend: str | None = None) -> ops.AttentionPlan:
+        """``ops.plan_attention`` for this batch, with the host numbers a model knows."""
+        q_lens = (self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).tolist()
+        return ops.plan_attention(
+            self.block_table,
+            self.seq_lens,
+            self.cu_seqlens_q,
+            num_tokens=self.q.shape[0],
+            num_q_heads=self.q.shape[1],
+            k_cache=self.k_cache,
+            max_q_len=max(q_lens, default=0),
+            max_kv_len=max(self.seq_lens.tolist(), default=0),
+            backend=backend,
+        )
 
 
 def make_case(
@@ -34,7 +66,7 @@ def make_case(
 ) -> PagedCase:
     """Sequences with ``kv_lens`` keys each, the last ``q_lens`` of them queried; blocks scattered."""
     g = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [-(-n // block_size) for n in kv_lens]
+    blocks_per_seq = [cdiv(n, block_size) for n in kv_lens]
     num_blocks = sum(blocks_per_seq) + spare_blocks
     perm = torch.randperm(num_blocks, generator=g).tolist()  # scattered, non-monotone block ids
     table = torch.zeros(len(kv_lens), max(blocks_per_seq), dtype=torch.int32)
@@ -74,13 +106,20 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
 
 
-def opcheck_both_ops() -> None:
-    """``torch.library.opcheck`` on both ops, through the dispatcher (whatever kernel serves CPU)."""
+def opcheck_ops() -> None:
+    """``torch.library.opcheck`` on the three ops, through the dispatcher (whatever kernel serves CPU)."""
     case = make_case([3, 1], [9, 14])
+    args = (case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.scale)
+    plan_args = (case.k_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.q.shape[1], 3, 14)
     out = torch.empty_like(case.q)
+    torch.library.opcheck(torch.ops.trellis.paged_attention.default, (*args, out, None))
+    # A plan records the addresses of the tensors it was made for, and opcheck runs ops on copies
+    # (a C++ plan refuses them): only the checks that can hold.
+    plan_checks = ("test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.trellis.plan_paged_attention.default, plan_args, test_utils=plan_checks)
+    plan = torch.ops.trellis.plan_paged_attention(*plan_args)
     torch.library.opcheck(
-        torch.ops.trellis.paged_attention.default,
-        (case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.scale, out),
+        torch.ops.trellis.paged_attention.default, (*args, out, plan), test_utils=("test_autograd_registration",)
     )
     k = torch.randn(5, 2, 16)
     slots = torch.randperm(case.k_cache.shape[0] * case.k_cache.shape[1])[:5]

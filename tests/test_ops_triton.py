@@ -1,8 +1,8 @@
 """The Triton kernels against the float64 oracle.
 
-Without a GPU the launchers run directly on CPU tensors in Triton's interpreter (``conftest.py``
-sets ``TRITON_INTERPRET=1``), in fp32 and fp16. With one, the same cases run on CUDA through
-``ops.paged_attention(..., backend="triton")``, plus bf16, an 8k-token decode and ``opcheck``.
+Without a GPU the launchers run on CPU tensors in Triton's interpreter (``conftest.py`` sets
+``TRITON_INTERPRET=1``), in fp32 and fp16. With one, the same cases run on CUDA, plus bf16, an
+8k-token decode and ``opcheck``. Both through ``ops.paged_attention(..., backend="triton")``.
 """
 
 import pytest
@@ -10,21 +10,19 @@ import torch
 
 pytest.importorskip("triton")
 
+from tests.attention_cases import SHAPES as COMMON_SHAPES
 from tests.attention_cases import PagedCase, make_case, naive_attention, tolerance
 from trellis import ops
-from trellis.ops import triton_kernels
-from trellis.ops.triton_decode import decode_attention
+from trellis.ops import triton as triton_backend
+from trellis.ops.triton.decode import decode_attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16, *([torch.bfloat16] if CUDA else [])]
 
 SHAPES = {  # (q_lens, kv_lens)
-    "cold_prefill": ([7, 5], [7, 5]),
-    "extend_over_prefix": ([3, 9], [11, 20]),
+    **COMMON_SHAPES,
     "extend_many_query_blocks": ([70], [150]),  # > one 64-query block, tiles both phases
-    "decode": ([1, 1, 1], [1, 17, 33]),
-    "mixed": ([1, 6, 1, 4], [9, 6, 40, 13]),
     "idle_sequence_decode": ([1, 0, 1], [5, 9, 20]),
     "idle_sequence_extend": ([3, 0, 2], [5, 9, 20]),
 }
@@ -37,10 +35,7 @@ def args(case: PagedCase) -> tuple:
 def triton_attention(case: PagedCase) -> torch.Tensor:
     case = case.to(DEVICE)
     out = torch.zeros_like(case.q)  # rows of idle sequences stay 0, as the oracle's
-    if CUDA:
-        ops.paged_attention(*args(case), out=out, backend="triton")
-    else:
-        triton_kernels.paged_attention(*args(case), out)
+    ops.paged_attention(*args(case), out=out, backend="triton")
     return out.cpu()
 
 
@@ -94,7 +89,7 @@ def test_store_kv_from_strided_views():
     qkv = torch.randn(5, 6 + 2 * num_kv_heads, head_dim, device=DEVICE).half()
     k, v = qkv[:, 6:9], qkv[:, 9:]
     slots = torch.tensor([5 * 8 + 7, 0, 13, 14, 22], dtype=torch.int64, device=DEVICE)
-    triton_kernels.store_kv(k, v, k_cache, v_cache, slots)
+    triton_backend.store_kv(k, v, k_cache, v_cache, slots)
     k_expected, v_expected = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     ops.store_kv(k, v, k_expected, v_expected, slots, backend="reference")
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
@@ -103,44 +98,49 @@ def test_store_kv_from_strided_views():
 def test_bad_arguments_name_the_problem():
     case = make_case([2], [5], head_dim=8).to(DEVICE)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
-        triton_kernels.paged_attention(*args(case), torch.empty_like(case.q))
+        triton_backend.paged_attention(*args(case), torch.empty_like(case.q))
     case = make_case([2], [5], dtype=torch.float64).to(DEVICE)
     with pytest.raises(ValueError, match="the Triton kernels take"):
-        triton_kernels.paged_attention(*args(case), torch.empty_like(case.q))
+        triton_backend.paged_attention(*args(case), torch.empty_like(case.q))
 
 
 @pytest.mark.skipif(CUDA, reason="CPU tensors only reach the kernels under the interpreter")
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     case = make_case([1], [5])
-    monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
+    monkeypatch.setattr(triton_backend, "INTERPRETED", False)
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        triton_kernels.paged_attention(*args(case), torch.empty_like(case.q))
+        triton_backend.paged_attention(*args(case), torch.empty_like(case.q))
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter runs only where there is no GPU")
 def test_interpreter_refuses_bf16():
     case = make_case([1], [5], dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="no bf16"):
-        triton_kernels.paged_attention(*args(case), torch.empty_like(case.q))
+        triton_backend.paged_attention(*args(case), torch.empty_like(case.q))
 
 
 def test_load_registers_only_with_cuda():
-    assert triton_kernels.load() == CUDA
+    assert triton_backend.load()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("trellis::paged_attention", "CUDA") == CUDA
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_8k_context(dtype):
     case = make_case([1, 1], [8192, 3000], num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=32, dtype=dtype)
-    assert triton_kernels.decode_splits(2, 8, 8192, torch.device("cuda")) > 1
+    assert triton_backend.decode_splits(2, 8, 8192, torch.device("cuda")) > 1
     assert_matches_oracle(triton_attention(case), case)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_opcheck_on_cuda():
-    assert triton_kernels.load()
+    assert triton_backend.load()
     case = make_case([3, 1], [9, 14], dtype=torch.float16).to("cuda")
-    torch.library.opcheck(torch.ops.trellis.paged_attention.default, (*args(case), torch.empty_like(case.q)))
+    plan_args = (case.k_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.q.shape[1], 3, 14)
+    torch.library.opcheck(torch.ops.trellis.plan_paged_attention.default, plan_args)
+    plan = torch.ops.trellis.plan_paged_attention(*plan_args)
+    for with_plan in (None, plan):
+        torch.library.opcheck(torch.ops.trellis.paged_attention.default, (*args(case), torch.empty_like(case.q), with_plan))
     k = torch.randn(5, 2, 16, device="cuda").half()
     slots = torch.randperm(case.k_cache.shape[0] * case.k_cache.shape[1], device="cuda")[:5]
     torch.library.opcheck(

@@ -10,11 +10,16 @@ Shapes (T packed query tokens, B sequences, N blocks of S tokens):
 
 Masking is bottom-right causal: query i of a sequence with q_len new tokens and kv_len keys
 sees keys 0 .. kv_len - q_len + i. Scores and softmax are computed in fp32.
+
+A plan (``plan_paged_attention``) only saves a backend work that every layer of a forward would
+repeat; the reference needs none, and ignores one.
 """
 
 from __future__ import annotations
 
 import torch
+
+from trellis.utils import cdiv
 
 
 def store_kv(
@@ -34,6 +39,7 @@ def paged_attention(
     cu_seqlens_q: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    plan: torch.Tensor | None = None,
 ) -> None:
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     group = q.shape[1] // num_kv_heads
@@ -43,7 +49,7 @@ def paged_attention(
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        blocks = block_table[i, : -(-kv_len // block_size)].long()
+        blocks = block_table[i, : cdiv(kv_len, block_size)].long()
         k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len].float()  # [L, Hkv, D]
         v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len].float()  # [L, Hkv, D]
         qi = q[q_start:q_end].float().view(q_len, num_kv_heads, group, head_dim)  # [Q, Hkv, G, D]
@@ -54,3 +60,15 @@ def paged_attention(
         probs = scores.softmax(dim=-1)
         o = torch.einsum("hgqk,khd->qhgd", probs, v)  # [Q, Hkv, G, D]
         out[q_start:q_end] = o.reshape(q_len, -1, head_dim).to(out.dtype)
+
+
+def plan_paged_attention(
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    num_q_heads: int,
+    max_q_len: int,
+    max_kv_len: int,
+) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64)  # no plan

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trellis.ops.triton_paged import LOG2E, attend_tile, paged_kv_offsets
+from trellis.ops.triton.tile import LOG2E, attend_tile, paged_kv_offsets
 
 # (BLOCK_M, BLOCK_N, num_warps) by element size, then head dim (16 and 32 use 64's): the largest
 # tiles that ptxas compiles for sm_80 and sm_90 with at most 32 bytes of stack (no real spilling).
@@ -100,7 +100,7 @@ def extend_attention(
 ) -> None:
     """Paged attention for any mix of query lengths; ``max_q_len`` sizes the grid.
 
-    Arguments as in ``trellis.ops.reference``, already checked by ``triton_kernels``.
+    Arguments as in ``trellis.ops.reference``, already checked by ``trellis.ops.triton``.
     """
     num_q_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = k_cache.shape[1:3]

@@ -1,12 +1,15 @@
-"""The C++ CPU kernels (``kernels/*.cpp``): found prebuilt or compiled with ninja, then registered.
+"""The ``cpp`` backend: the C++ CPU kernels (``kernels/*.cpp``), found prebuilt or compiled with ninja.
 
-``load()`` makes ``trellis::store_kv`` and ``trellis::paged_attention`` run the C++ kernels for
-CPU tensors. It uses a library built ahead of time by setup.py (``cpp_extension()``) when one
-for this CPU is installed in the package, otherwise compiles the sources once with
-``torch.utils.cpp_extension.load`` (cached by torch under ``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``; ninja rebuilds when a source or header changes). A prebuilt
-library wins over the sources: rebuild or delete it after editing ``kernels/``. Importing this
-module builds nothing.
+``load()`` loads the library, which implements the ``trellis_cpp::`` ops (``schema.py``) for CPU
+tensors; ``KERNELS`` (``torch.ops.trellis_cpp``) is how Trellis calls them. It uses a library
+built ahead of time by setup.py (``cpp_extension()``) when one for this CPU is installed in the
+package, otherwise compiles the sources once with ``torch.utils.cpp_extension.load`` (cached by
+torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; ninja rebuilds when
+a source or header changes). A prebuilt library wins over the sources: rebuild or delete it
+after editing ``kernels/``. Importing this module builds nothing.
+
+The sources are the package ``trellis.kernels``: setup.py maps it to ``kernels/``, which an
+editable install and a wheel both serve (``pip install -e .`` in a checkout).
 
 The kernels are compiled for the SIMD level PyTorch itself picked for this machine
 (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, or portable code). That level is
@@ -17,6 +20,7 @@ instructions it lacks, and ``ATEN_CPU_CAPABILITY=avx2`` selects (and builds) the
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import os
 import shutil
 import sys
@@ -29,10 +33,8 @@ import torch
 if TYPE_CHECKING:
     from setuptools import Extension
 
-# The sources: kernels/ in a checkout (editable installs too), trellis/kernels/ in an installed wheel.
-KERNEL_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "kernels",
-                               Path(__file__).resolve().parents[1] / "kernels") if d.is_dir()),
-                  Path(__file__).resolve().parents[2] / "kernels")
+# The library's ops, callable once load() returned True (schema.py defines them).
+KERNELS = torch.ops.trellis_cpp
 SOURCES = ("store_kv_cpu.cpp", "paged_attention_cpu.cpp")
 
 # at::vec picks its implementation from these macros; the -m flags let the compiler emit it.
@@ -49,7 +51,7 @@ def capability() -> str:
 
 
 def library_name() -> str:
-    return f"trellis_cpu_{capability().lower()}"
+    return f"trellis_cpp_{capability().lower()}"
 
 
 def build_flags() -> tuple[list[str], list[str]]:
@@ -76,12 +78,21 @@ def cpp_extension() -> Extension:
     )
 
 
-def _prebuilt_library() -> Path | None:
+def prebuilt_library() -> Path | None:
     return next(iter(sorted(Path(__file__).parent.glob(f"{library_name()}*.so"))), None)
 
 
 class BuildToolsMissing(RuntimeError):
     """No prebuilt library and no way to build one here (compiler, ninja or sources missing)."""
+
+
+def kernel_dir() -> Path:
+    """The C++ sources: package ``trellis.kernels``, i.e. ``kernels/`` in a checkout installed with
+    ``pip install -e .``, ``trellis/kernels/`` in a wheel (not found on a bare ``PYTHONPATH``)."""
+    try:
+        return Path(str(importlib.resources.files("trellis.kernels")))
+    except ModuleNotFoundError as exc:
+        raise BuildToolsMissing("kernel sources not found: install Trellis (in a checkout: pip install -e .)") from exc
 
 
 def jit_build(name: str | None = None, extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = (),
@@ -96,9 +107,10 @@ def jit_build(name: str | None = None, extra_cflags: Sequence[str] = (), extra_l
         raise BuildToolsMissing(f"no C++ compiler ({compiler!r} not found; install g++ or set CXX)")
     if not cpp_extension.is_ninja_available():
         raise BuildToolsMissing("ninja not found (pip install ninja)")
-    sources = [KERNEL_DIR / source for source in SOURCES]
+    directory = kernel_dir()
+    sources = [directory / source for source in SOURCES]
     if not all(source.is_file() for source in sources):
-        raise BuildToolsMissing(f"kernel sources not found in {KERNEL_DIR} and no prebuilt {library_name()} library")
+        raise BuildToolsMissing(f"kernel sources not found in {directory} and no prebuilt {library_name()} library")
     compile_flags, link_flags = build_flags()
     cpp_extension.load(
         name=name or library_name(),
@@ -111,10 +123,14 @@ def jit_build(name: str | None = None, extra_cflags: Sequence[str] = (), extra_l
     )
 
 
+def runs_on(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
 @functools.cache
 def load() -> bool:
-    """Register the C++ kernels for CPU tensors; raises with the reason if they cannot be built."""
-    prebuilt = _prebuilt_library()
+    """Load the C++ kernels (``KERNELS``); raises with the reason if they cannot be built."""
+    prebuilt = prebuilt_library()
     if prebuilt is not None:
         torch.ops.load_library(str(prebuilt))
     else:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trellis.ops.triton_paged import LOG2E, attend_tile, paged_kv_offsets
+from trellis.ops.triton.tile import LOG2E, attend_tile, paged_kv_offsets
 
 # (TILE_N, num_warps) by element size, then head dim (16 and 32 use 64's): tiles that ptxas
 # compiles for sm_80 and sm_90 without spilling registers. Not yet timed on a GPU.
@@ -121,7 +121,7 @@ def decode_attention(
 ) -> None:
     """Paged attention when every ``q_len`` is 0 or 1, each context cut into ``num_splits`` slices.
 
-    Arguments as in ``trellis.ops.reference``, already checked by ``triton_kernels``.
+    Arguments as in ``trellis.ops.reference``, already checked by ``trellis.ops.triton``.
     """
     batch = seq_lens.shape[0]
     num_q_heads, head_dim = q.shape[1:]

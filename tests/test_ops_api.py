@@ -1,0 +1,157 @@
+"""The public ops API on every backend: a plan made once serves every layer; ``torch.ops.trellis``
+on CPU tensors runs the C++ kernels after a plain ``import trellis``; the Triton launch with a plan
+reads nothing back from the device."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.attention_cases import SHAPES, make_case, naive_attention, opcheck_ops, tolerance
+from trellis import ops
+from trellis.ops import cpp
+
+ROOT = Path(__file__).parents[1]
+# (backend, dtype): the Triton kernels run in the interpreter here (no bf16 there), or on CUDA.
+BACKEND_DTYPES = [
+    ("reference", torch.float32),
+    ("cpp", torch.float32),
+    ("cpp", torch.float16),
+    ("triton", torch.float32),
+    ("triton", torch.float16),
+]
+
+
+def require_backend(name: str) -> torch.device:
+    """The device ``name`` runs on here; skip (fail in CI, which builds the C++ backend) if none."""
+    device = torch.device("cuda" if name == "triton" and torch.cuda.is_available() else "cpu")
+    try:
+        ops.check_backend(name, device)
+    except (ValueError, RuntimeError) as exc:
+        if name == "cpp" and os.environ.get("CI"):
+            raise
+        pytest.skip(f"no {name} backend here: {exc}")
+    return device
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_one_plan_serves_every_layer(shape, backend, dtype):
+    device = require_backend(backend)
+    case = make_case(*SHAPES[shape], block_size=4, dtype=dtype)
+    plan = case.to(device).plan(backend)
+    for layer in (case, case.next_layer(1), case.next_layer(2)):
+        on_device = layer.to(device)
+        out = torch.zeros_like(on_device.q)
+        ops.run_attention(plan, on_device.q, on_device.k_cache, on_device.v_cache, layer.scale, out=out)
+        tol = tolerance(dtype)
+        torch.testing.assert_close(out.cpu().double(), naive_attention(layer), atol=tol, rtol=tol)
+
+
+def test_run_refuses_a_q_the_plan_does_not_fit():
+    case = make_case([2, 1], [5, 9])
+    plan = case.plan("reference")
+    with pytest.raises(ValueError, match="does not fit the plan"):
+        ops.run_attention(plan, case.q[:2], case.k_cache, case.v_cache, case.scale)
+
+
+def test_cpp_plan_refuses_another_block_table():
+    require_backend("cpp")
+    case = make_case([2, 1], [5, 9])
+    plan = replace(case.plan("cpp"), block_table=case.block_table.clone())
+    with pytest.raises(RuntimeError, match="the plan was made for another block_table tensor"):
+        ops.run_attention(plan, case.q, case.k_cache, case.v_cache, case.scale)
+
+
+@pytest.mark.parametrize("shape", ["decode", "mixed"])
+def test_triton_run_reads_nothing_back(shape, monkeypatch):
+    """Per layer, the launcher reads only the plan (host memory), never a batch tensor."""
+    device = require_backend("triton")
+    from trellis.ops import triton as triton_backend
+
+    case = make_case(*SHAPES[shape], block_size=4).to(device)
+    plan = case.plan("triton")
+    layers = (case, case.next_layer(1), case.next_layer(2))
+    max_q_len, num_splits = plan.backend_plan.tolist()
+    launches: list[dict] = []
+    for kernel in ("decode_attention", "extend_attention"):
+        monkeypatch.setattr(triton_backend, kernel, lambda *args, **numbers: launches.append(numbers))
+    reads: list[torch.Tensor] = []
+    for name in ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, recording(getattr(torch.Tensor, name), reads))
+    for layer in layers:
+        ops.run_attention(plan, layer.q, layer.k_cache, layer.v_cache, layer.scale)
+    monkeypatch.undo()
+    assert reads and all(t is plan.backend_plan for t in reads), [tuple(t.shape) for t in reads]
+    expected = {"num_splits": num_splits} if shape == "decode" else {"max_q_len": max_q_len}
+    assert launches == [expected] * 3
+
+
+def recording(method, reads: list):
+    def read(self, *args, **kwargs):
+        reads.append(self)
+        return method(self, *args, **kwargs)
+
+    return read
+
+
+def test_opcheck():
+    opcheck_ops()
+
+
+# What a fresh process sees after a plain `import trellis`: which kernels torch.ops.trellis ran.
+DIRECT_CALLS = """
+import json, torch, trellis
+registered = torch._C._dispatch_has_kernel_for_dispatch_key("trellis::paged_attention", "CPU")
+from tests.attention_cases import make_case, naive_attention
+case = make_case([3, 1], [9, 14])
+out = torch.empty_like(case.q)
+k = torch.randn(5, 2, 16)
+slots = torch.randperm(case.k_cache.shape[0] * case.k_cache.shape[1])[:5]
+k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    torch.ops.trellis.paged_attention(
+        case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.scale, out
+    )
+    torch.ops.trellis.store_kv(k, 2 * k, k_cache, v_cache, slots)
+print(json.dumps({
+    "registered_by_import": registered,
+    "cpp_loaded": trellis.ops.load_backend("cpp"),  # loaded by the calls above, or failed there
+    "ops": sorted({event.name for event in profile.events() if "trellis" in event.name}),
+    "attention_error": (out.double() - naive_attention(case)).abs().max().item(),
+    "stored": torch.equal(k_cache.flatten(0, 1)[slots], k) and torch.equal(v_cache.flatten(0, 1)[slots], 2 * k),
+}))
+"""
+
+
+def direct_calls(**env: str) -> tuple[dict, str]:
+    child = [sys.executable, "-c", DIRECT_CALLS]
+    run = subprocess.run(child, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.splitlines()[-1]), run.stderr
+
+
+def test_torch_ops_on_cpu_run_the_cpp_kernels_after_import():
+    result, stderr = direct_calls()
+    assert result["registered_by_import"]
+    if not result["cpp_loaded"]:
+        message = f"the C++ kernels could not be built: {stderr[-2000:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI builds them: the reference serving there would hide a broken build
+        pytest.skip(message)
+    assert {"trellis_cpp::paged_attention", "trellis_cpp::store_kv"} <= set(result["ops"]), result["ops"]
+    assert result["attention_error"] <= 2e-5 and result["stored"]
+
+
+def test_torch_ops_on_cpu_fall_back_to_the_reference_without_a_compiler(tmp_path):
+    if cpp.prebuilt_library() is not None:
+        pytest.skip("a prebuilt C++ library is installed: it needs no compiler")
+    result, stderr = direct_calls(CXX=str(tmp_path / "no-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert not result["cpp_loaded"]
+    assert stderr.count("the cpp backend is unavailable") == 1, stderr
+    assert not any(name.startswith("trellis_cpp::") for name in result["ops"])
+    assert result["attention_error"] <= 2e-5 and result["stored"]

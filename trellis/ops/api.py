@@ -1,0 +1,141 @@
+"""The calls Trellis makes: ``store_kv``; ``plan_attention`` once per forward and ``run_attention``
+in every layer (FlashInfer's plan/run split); ``paged_attention``, both in one call.
+
+Each resolves the backend (``backends.py``), checks what the backend does not check itself (the
+reference checks nothing: ``checks.py`` does it here), and calls the backend's op function.
+Shapes and semantics: ``reference.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trellis.ops.backends import kernels, resolve_backend
+from trellis.ops.checks import check_paged_attention, check_plan, check_store_kv
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    backend: str | None = None,
+) -> None:
+    """Write new K/V ``[T, Hkv, D]`` into the paged caches at ``slot_mapping[T]`` (int64)."""
+    name = resolve_backend(backend, k.device)
+    if name == "reference":
+        check_store_kv(k, v, k_cache, v_cache, slot_mapping)
+    kernels(name).store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What every layer of one forward shares: the batch description, checked once, and the backend's
+    own plan (the C++ work items; Triton's launch numbers).
+
+    Valid for one forward: the C++ backend refuses it once ``block_table``, ``seq_lens`` or
+    ``cu_seqlens_q`` changed in place, and it divides the work for ``torch.get_num_threads()``
+    at planning time.
+    """
+
+    backend: str
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    num_tokens: int
+    num_q_heads: int
+    max_q_len: int
+    max_kv_len: int
+    backend_plan: torch.Tensor | None  # CPU int64, opaque; None for the reference
+
+
+def plan_attention(
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    num_tokens: int,
+    num_q_heads: int,
+    k_cache: torch.Tensor,
+    max_q_len: int,
+    max_kv_len: int,
+    backend: str | None = None,
+) -> AttentionPlan:
+    """Plan the attention of one forward over the sequences ``block_table [B, max_blocks]``,
+    ``seq_lens [B]``, ``cu_seqlens_q [B+1]`` (int32).
+
+    ``k_cache`` is one layer's K cache ``[N, S, Hkv, D]`` (every layer's has its geometry).
+    ``num_tokens`` (``cu_seqlens_q[-1]``), ``max_q_len`` and ``max_kv_len`` (the longest query
+    and context) are host numbers the caller knows: planning reads nothing back from the device.
+    The C++ backend validates the sequences here (every block id the kernel will read), once.
+    """
+    name = resolve_backend(backend, k_cache.device)
+    backend_plan = None
+    if name == "reference":
+        check_plan(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads)
+    else:
+        backend_plan = kernels(name).plan_paged_attention(
+            k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len
+        )
+    return AttentionPlan(
+        name, block_table, seq_lens, cu_seqlens_q, num_tokens, num_q_heads, max_q_len, max_kv_len, backend_plan
+    )
+
+
+def run_attention(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer's attention of ``q [T, Hq, D]`` over its caches, as ``plan`` describes; returns ``out``.
+
+    Checks only what is cheap (shapes, dtypes; the C++ kernel that the tensors are the planned ones).
+    """
+    if q.dim() != 3 or q.shape[0] != plan.num_tokens or q.shape[1] != plan.num_q_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the plan: [{plan.num_tokens}, {plan.num_q_heads}, D]")
+    sequences = (plan.block_table, plan.seq_lens, plan.cu_seqlens_q)
+    return _attend(plan.backend, q, k_cache, v_cache, scale, out, sequences, plan.backend_plan)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries ``q[T, Hq, D]`` over each sequence's paged K/V; returns ``out``.
+
+    One call: the backend plans it too (Triton reads the longest query and context back from the
+    device for that). A model plans once per forward instead: ``plan_attention``, ``run_attention``.
+    """
+    name = resolve_backend(backend, q.device)
+    return _attend(name, q, k_cache, v_cache, scale, out, (block_table, seq_lens, cu_seqlens_q), None)
+
+
+def _attend(
+    backend: str,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None,
+    sequences: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # block_table, seq_lens, cu_seqlens_q
+    backend_plan: torch.Tensor | None,
+) -> torch.Tensor:
+    if out is None:
+        out = torch.empty_like(q)
+    if backend == "reference":
+        check_paged_attention(q, k_cache, v_cache, *sequences, out)
+    kernels(backend).paged_attention(q, k_cache, v_cache, *sequences, scale, out, backend_plan)
+    return out

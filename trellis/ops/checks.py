@@ -1,0 +1,107 @@
+"""Argument checks with clear errors (``ValueError``), for the reference path and the Triton launchers.
+
+They read only shapes, dtypes and devices, never tensor values: no device sync. (The C++ kernels
+check their own arguments, values included, with the same messages.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def require(cond: bool, *message: object) -> None:
+    """Raise ``ValueError(message)`` unless ``cond``; the parts are joined only then (per-layer path)."""
+    if not cond:
+        raise ValueError("".join(map(str, message)))
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    require(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got ", tuple(k_cache.shape))
+    require(k_cache.shape == v_cache.shape, "k_cache and v_cache shapes differ")
+    require(k_cache.dtype == v_cache.dtype, "k_cache and v_cache dtypes differ")
+    require(k_cache.is_contiguous() and v_cache.is_contiguous(), "k_cache and v_cache must be contiguous")
+
+
+def check_store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    check_cache(k_cache, v_cache)
+    require(
+        k.shape == v.shape and k.dim() == 3,
+        "k and v must both be [T, Hkv, D], got ",
+        tuple(k.shape),
+        ", ",
+        tuple(v.shape),
+    )
+    require(
+        k.shape[1:] == k_cache.shape[2:], "k heads/dim ", tuple(k.shape[1:]), " != cache ", tuple(k_cache.shape[2:])
+    )
+    require(slot_mapping.dtype == torch.int64 and slot_mapping.shape == (k.shape[0],), "slot_mapping must be int64 [T]")
+    require(
+        k.dtype == k_cache.dtype and v.dtype == k_cache.dtype, "k/v dtype ", k.dtype, " != cache dtype ", k_cache.dtype
+    )
+    require(
+        len({t.device for t in (k, v, k_cache, v_cache, slot_mapping)}) == 1,
+        "store_kv tensors are on different devices",
+    )
+
+
+def check_sequences(block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor) -> None:
+    """The batch description's dtypes and shapes (its values are the kernels' to trust or check)."""
+    require(block_table.dtype == torch.int32 and block_table.dim() == 2, "block_table must be int32 [B, max_blocks]")
+    batch = block_table.shape[0]
+    require(seq_lens.dtype == torch.int32 and seq_lens.shape == (batch,), "seq_lens must be int32 [", batch, "]")
+    require(
+        cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.shape == (batch + 1,),
+        "cu_seqlens_q must be int32 [",
+        batch + 1,
+        "]",
+    )
+
+
+def check_plan(
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    num_q_heads: int,
+) -> None:
+    """The arguments of ``plan_paged_attention`` (its ``max_q_len``/``max_kv_len`` are trusted)."""
+    check_sequences(block_table, seq_lens, cu_seqlens_q)
+    require(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got ", tuple(k_cache.shape))
+    require(
+        num_q_heads > 0 and num_q_heads % k_cache.shape[2] == 0,
+        "query heads ",
+        num_q_heads,
+        " not a multiple of KV heads ",
+        k_cache.shape[2],
+    )
+    require(
+        len({t.device for t in (k_cache, block_table, seq_lens, cu_seqlens_q)}) == 1,
+        "plan_paged_attention tensors are on different devices",
+    )
+
+
+def check_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    check_cache(k_cache, v_cache)
+    require(q.dim() == 3, "q must be [T, Hq, D], got ", tuple(q.shape))
+    require(q.shape[2] == k_cache.shape[3], "q head_dim ", q.shape[2], " != cache head_dim ", k_cache.shape[3])
+    require(
+        q.shape[1] % k_cache.shape[2] == 0, "query heads ", q.shape[1], " not a multiple of KV heads ", k_cache.shape[2]
+    )
+    require(q.dtype == k_cache.dtype, "q dtype ", q.dtype, " != cache dtype ", k_cache.dtype)
+    require(out.shape == q.shape and out.dtype == q.dtype, "out must match q in shape and dtype")
+    require(q.is_contiguous() and out.is_contiguous(), "q and out must be contiguous")
+    check_sequences(block_table, seq_lens, cu_seqlens_q)
+    require(
+        len({t.device for t in (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)}) == 1,
+        "paged_attention tensors are on different devices",
+    )

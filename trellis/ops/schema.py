@@ -1,0 +1,61 @@
+"""The op schema, defined with ``torch.library`` (shapes and semantics: ``reference.py``)::
+
+    store_kv(k, v, k_cache!, v_cache!, slot_mapping)                                   new K/V into the cache
+    paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out!, plan=None)
+    plan_paged_attention(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len)
+        -> plan: what every layer of one forward shares, precomputed by the backend (a CPU int64
+           tensor, opaque; empty where the backend needs none)
+
+One schema text, two namespaces: ``trellis::``, the public ops, and ``trellis_cpp::``, which the
+C++ library implements for CPU as it loads (its own namespace, so that loading it never collides
+with a kernel registered for ``trellis::``). Both have fake implementations, so ``torch.compile``
+and ``torch.library.opcheck`` work. The reference serves ``trellis::`` on every device
+(CompositeExplicitAutograd) unless a kernel is registered for the device's dispatch key:
+``backends.py`` registers one for CPU (the C++ kernels), the Triton backend for CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trellis.ops import reference
+
+SCHEMAS = {
+    "store_kv": "(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+    "paged_attention": (
+        "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, "
+        "float scale, Tensor(a!) out, Tensor? plan=None) -> ()"
+    ),
+    "plan_paged_attention": (
+        "(Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, int num_q_heads, "
+        "int max_q_len, int max_kv_len) -> Tensor"
+    ),
+}
+
+
+def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping) -> None:
+    return None
+
+
+def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out, plan=None) -> None:
+    return None
+
+
+def _plan_paged_attention_fake(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len):
+    # Its length depends on the values of the sequence tensors.
+    return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+
+_FAKES = {
+    "store_kv": _store_kv_fake,
+    "paged_attention": _paged_attention_fake,
+    "plan_paged_attention": _plan_paged_attention_fake,
+}
+
+_libraries = {namespace: torch.library.Library(namespace, "DEF") for namespace in ("trellis", "trellis_cpp")}
+for _namespace, _library in _libraries.items():
+    for _name, _schema in SCHEMAS.items():
+        _library.define(_name + _schema)
+        torch.library.register_fake(f"{_namespace}::{_name}", _FAKES[_name], lib=_library)
+for _name in SCHEMAS:
+    _libraries["trellis"].impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
