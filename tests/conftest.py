@@ -1,9 +1,25 @@
-"""Without a GPU, the Triton kernels run in Triton's CPU interpreter, which must be chosen before
-the kernels are defined, i.e. before any test imports ``trellis.ops.triton_*``."""
+"""Shared test set-up.
 
+Without a GPU, the Triton kernels run in Triton's CPU interpreter, which must be chosen before
+the kernels are defined, i.e. before any test imports ``trellis.ops.triton``.
+
+``installed(name)`` imports a package the project installs for its tests (lm-eval, peft): a test
+that needs one skips where it is missing, except in CI (``CI=true``), where a missing package
+means a broken set-up and the test fails instead of passing silently without coverage.
+"""
+
+import importlib
 import os
+from types import ModuleType
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
+
+
+def installed(name: str) -> ModuleType:
+    return importlib.import_module(name) if IN_CI else pytest.importorskip(name)

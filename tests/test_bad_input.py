@@ -87,13 +87,18 @@ def test_a_cache_under_both_names_is_refused():
     model.prefix_cache.check_integrity()
 
 
-def test_foreign_past_key_values_and_inputs_embeds_are_refused():
+def test_foreign_past_key_values_and_ambiguous_inputs_are_refused():
     ref, model = tiny_pair()
     ids = torch.arange(3, 10)[None]
     with pytest.raises(TypeError, match="PagedKVCache"):
         model(ids, past_key_values=ref(ids).past_key_values)
-    with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
-        model(inputs_embeds=torch.zeros(1, 3, 64))
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=torch.zeros(1, 7, 64))
+    with pytest.raises(ValueError, match="4D attention masks are not supported"):
+        model(ids, attention_mask=torch.ones(1, 1, 7, 7))
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        model(ids, output_attentions=True)
+    model.prefix_cache.check_integrity()
 
 
 def test_crop_refuses_what_it_cannot_do_and_changes_nothing():

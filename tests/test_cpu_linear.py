@@ -201,6 +201,6 @@ def test_smollm2_greedy_tokens_match_transformers(kind):
     expected = ref.generate(ids, max_new_tokens=24, do_sample=False)
     for _ in range(2):  # cold, then with the prompt cached
         assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), expected)
-    with torch.no_grad():  # fp32 reassociation across 30 layers: ~1e-4 of the logits' scale
+    with torch.no_grad():  # fp32 reassociation across 30 layers: measured 1.1e-4 to 1.3e-4 (|logits| up to ~39)
         got, want = model(ids).logits, ref(ids).logits
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max() * 10
+    assert (got - want).abs().max() <= 5e-4

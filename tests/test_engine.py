@@ -1,12 +1,13 @@
 """The continuous-batching engine and ``TrellisLlama.generate_batch`` against per-prompt transformers."""
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
 from transformers import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
@@ -23,6 +24,28 @@ def tokens(seed: int, n: int) -> list[int]:
 def reference(ref, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     out = ref.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
     return out[0, len(prompt):].tolist()
+
+
+def run_in_threads(calls: list[Callable[[], object]], timeout: float = 300.0) -> list[object]:
+    """Run each call in its own thread, all at once; their results, once every one has returned."""
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # noqa: BLE001 -- reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+    assert not errors, errors
+    assert sorted(results) == list(range(len(calls)))
+    return [results[i] for i in range(len(calls))]
 
 
 SYSTEM = tokens(0, 30)
@@ -95,33 +118,51 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
     other = model.generate_batch(PROMPTS, do_sample=True, max_new_tokens=12,
                                  continuous_batching_config=ContinuousBatchingConfig(seed=12))
     assert [r.generated_tokens for r in first.values()] != [r.generated_tokens for r in other.values()]
+    for i, prompt in enumerate(PROMPTS):  # request i samples with seed + i
+        alone = model.generate_batch([prompt], do_sample=True, max_new_tokens=12,
+                                     continuous_batching_config=ContinuousBatchingConfig(seed=11 + i))
+        assert alone["req_0"].generated_tokens == first[f"req_{i}"].generated_tokens
     model.prefix_cache.check_integrity()
 
 
-def test_filters_match_transformers_warpers():
-    logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(0)) * 3
-    for top_k, top_p in ((5, 1.0), (0, 0.7), (20, 0.5), (1, 1.0), (0, 1.0)):
-        want = logits.clone()
-        if top_k:
-            want = TopKLogitsWarper(top_k)(None, want)
-        if top_p < 1:
-            want = TopPLogitsWarper(top_p)(None, want)
-        got = filter_logits(logits, torch.ones(6), torch.full((6,), top_k), torch.full((6,), top_p))
-        assert torch.equal(got.isinf(), want.isinf())
+def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """transformers' sampling distribution: its warpers in generate()'s order, then softmax."""
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(dim=-1)
 
 
-def test_top_k_and_top_p_restrict_the_support():
-    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    logits = probs.log()[None].repeat(2, 1)  # [2, 4]
-    params = [SamplingParams(do_sample=True, top_k=2), SamplingParams(do_sample=True, top_p=0.6)]
-    generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
-    seen = [set(), set()]
-    for _ in range(200):
+# (temperature, top_k, top_p) per row: one batch mixes them, so a row must use its own.
+WARPS = [(0.5, 5, 1.0), (1.7, 0, 0.7), (0.8, 20, 0.5), (2.0, 1, 1.0), (1.3, 0, 1.0), (3.0, 0, 0.9)]
+
+
+def test_filters_give_transformers_warpers_distribution():
+    logits = torch.randn(len(WARPS), 100, generator=torch.Generator().manual_seed(0)) * 3  # [B, V]
+    temperature, top_k, top_p = (torch.tensor(column) for column in zip(*WARPS))
+    got = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # [B, V]
+    for row, warp in enumerate(WARPS):
+        torch.testing.assert_close(got[row], warped_probs(logits[row : row + 1], *warp)[0])
+
+
+def test_sampling_draws_from_transformers_warped_distribution():
+    """Each draw reports the log-probability transformers' warpers give its token, and the draws'
+    frequencies follow that distribution."""
+    logits = torch.randn(len(WARPS), 10, generator=torch.Generator().manual_seed(1)) * 2  # [B, V]
+    params = [SamplingParams(do_sample=True, temperature=t, top_k=k, top_p=p) for t, k, p in WARPS]
+    generators = [torch.Generator().manual_seed(row) for row in range(len(WARPS))]
+    want = torch.cat([warped_probs(logits[row : row + 1], *warp) for row, warp in enumerate(WARPS)])  # [B, V]
+    want_logprobs = want.log().tolist()
+    draws = 1500
+    counts = torch.zeros_like(want)
+    for _ in range(draws):
         picked, logprobs = sample(logits, params, generators)
-        for row, token in enumerate(picked):
-            seen[row].add(token)
-        assert logprobs[0] == pytest.approx(torch.log(probs[picked[0]] / 0.7).item(), abs=1e-5)
-    assert seen == [{0, 1}, {0, 1}]
+        for row, (token, logprob) in enumerate(zip(picked, logprobs)):
+            assert abs(logprob - want_logprobs[row][token]) < 1e-5
+            counts[row, token] += 1
+    assert (counts / draws - want).abs().max() < 0.055  # over 4 standard deviations at p = 0.5
 
 
 def test_admission_waits_for_blocks_and_completes():
@@ -232,16 +273,55 @@ def test_a_cache_rebuilt_under_running_sessions_fails_them_cleanly():
 
 def test_concurrent_calls_from_threads_match_sequential_ones():
     ref, model = tiny_pair()
-    results = {}
 
-    def call(i: int) -> None:
-        results[i] = model.generate_batch([PROMPTS[i], PROMPTS[(i + 1) % 4]], max_new_tokens=6)
+    def call(i: int) -> Callable[[], list[list[int]]]:
+        prompts = [PROMPTS[i], PROMPTS[(i + 1) % 4]]
+        return lambda: [r.generated_tokens for r in model.generate_batch(prompts, max_new_tokens=6).values()]
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, out in results.items():
-        assert [r.generated_tokens for r in out.values()] == [reference(ref, PROMPTS[j % 4], 6) for j in (i, i + 1)]
+    for i, got in enumerate(run_in_threads([call(i) for i in range(4)])):
+        assert got == [reference(ref, PROMPTS[j % 4], 6) for j in (i, i + 1)]
     model.prefix_cache.check_integrity()
+
+
+def test_an_engine_stepping_in_one_thread_while_generate_runs_in_another():
+    ref, model = tiny_pair()
+    engine = Engine(model)
+    sessions = [engine.add(p, SamplingParams(max_new_tokens=8)) for p in PROMPTS[:3]]
+
+    def step_engine() -> list[list[int]]:
+        engine.run()
+        return [s.generated for s in sessions]
+
+    def call_generate() -> list[list[int]]:
+        return [model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p) :].tolist()
+                for p in PROMPTS[1:]]
+
+    stepped, generated = run_in_threads([step_engine, call_generate])
+    assert stepped == [reference(ref, p, 8) for p in PROMPTS[:3]]
+    assert generated == [reference(ref, p, 8) for p in PROMPTS[1:]]
+    model.prefix_cache.check_integrity()
+
+
+def test_eviction_of_cached_prefixes_while_sessions_decode():
+    """A small pool full of cached prefixes: sessions admitted while others decode evict them, and
+    every session still gives transformers' greedy tokens."""
+    ref, model = tiny_pair(num_blocks=16)
+    warm = [tokens(60 + i, 12) for i in range(4)]  # 3 blocks each: 12 of the 16 blocks end up cached
+    model.generate_batch(warm, max_new_tokens=1)
+    assert model.prefix_cache.stats()["cached_blocks"] == 12
+    engine = Engine(model)
+    first = [engine.add(warm[3] + tokens(70, 6), SamplingParams(max_new_tokens=12)),  # hits warm[3]: 8 blocks
+             engine.add(tokens(71, 5), SamplingParams(max_new_tokens=8))]  # 3 blocks
+    engine.step()
+    later = [engine.add(tokens(72 + i, 9), SamplingParams(max_new_tokens=6)) for i in range(3)]  # 4 blocks each
+    evicted_while_decoding = False
+    while engine.has_work:
+        decoding = [s for s in engine.running if s.status == RequestStatus.DECODING]
+        evicted = model.prefix_cache.stats()["evicted_blocks"]
+        engine.step()
+        evicted_while_decoding |= bool(decoding) and model.prefix_cache.stats()["evicted_blocks"] > evicted
+        model.prefix_cache.check_integrity()
+    assert evicted_while_decoding
+    assert first[0].num_cached_tokens == 12
+    for s in first + later:
+        assert s.status == RequestStatus.FINISHED and s.generated == reference(ref, s.prompt, s.params.max_new_tokens)

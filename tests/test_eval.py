@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import installed
 from tests.models import smollm2_dir, smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.eval import generate_until, loglikelihood, loglikelihood_rolling, score_continuations
@@ -157,7 +158,7 @@ def test_rolling_windows_score_every_token_once():
 
 
 def test_rolling_windows_are_lm_evals():
-    utils = pytest.importorskip("lm_eval.utils")
+    utils = installed("lm_eval.utils")
     for n in (0, 1, 63, 64, 65, 200):
         for max_length in (1, 7, 64):
             seq = list(range(100, 100 + n))
@@ -227,7 +228,7 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
 
 @pytest.fixture(scope="module")
 def harness(smollm2):
-    pytest.importorskip("lm_eval")
+    installed("lm_eval")
     from lm_eval.api.registry import get_model
 
     import trellis.eval.lm_eval_adapter  # noqa: F401  (registers the model)
@@ -245,7 +246,7 @@ def instances(request_type, arguments):
 
 
 def test_trellis_is_registered_with_lm_eval():
-    pytest.importorskip("lm_eval")
+    installed("lm_eval")
     from lm_eval.api.registry import get_model
 
     from trellis.eval.lm_eval_adapter import TrellisLM
@@ -272,7 +273,7 @@ def test_adapter_rolling_and_generation_match_lm_evals_hf_backend(harness):
 
 
 def test_adapter_loads_from_a_path_with_cache_settings():
-    pytest.importorskip("lm_eval")
+    installed("lm_eval")
     from lm_eval.api.registry import get_model
 
     import trellis.eval.lm_eval_adapter  # noqa: F401
@@ -287,7 +288,7 @@ def test_adapter_loads_from_a_path_with_cache_settings():
 @pytest.mark.slow
 def test_lm_eval_command_line_runs_a_local_task():
     """``trellis-lm-eval`` (``lm_eval`` with the model registered) on the sample reading set."""
-    pytest.importorskip("lm_eval")
+    installed("lm_eval")
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "trellis.eval.lm_eval_adapter", "--model", "trellis", "--model_args",
                f"pretrained={smollm2_dir()},dtype=float32", "--device", "cpu", "--tasks", "trellis_reading_mc",

@@ -1,22 +1,46 @@
-"""Stale K/V are never served: weights, dtype, device or adapter changes drop the cache."""
+"""Stale K/V are never served: a change to anything a forward reads (weights, buffers, settings,
+adapters, dtype, device) drops the cache, and ``reset()`` drops what no key can see."""
 
+import gc
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import transformers.integrations.peft
-from packaging.version import Version
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from tests.conftest import installed
 from tests.models import tiny_pair
+from trellis.cache.block_pool import BlockPool
+from trellis.cache.manager import KVCacheManager
+from trellis.models.paged_cache import CACHE_ARG
+from trellis.runner import cpu_linear
+from trellis.runner.weights_watcher import WeightsWatcher
 
 IDS = torch.arange(3, 30)[None]
+ATOL = 1e-4
+KERNELS = [kind for kind in cpu_linear.LINEAR_KERNELS if kind == "blas" or cpu_linear.onednn_available()]
 
 
-def warm(model):
-    model.generate(IDS, max_new_tokens=3, do_sample=False)
+def warm(model, ids=IDS):
+    model.generate(ids, max_new_tokens=3, do_sample=False)
     assert model.prefix_cache.stats()["cached_blocks"] > 0
+
+
+def on_both(ref, model, edit: Callable[[torch.nn.Module], None]) -> None:
+    with torch.no_grad():
+        for m in (ref, model):
+            edit(m)
+
+
+def assert_answers_match(ref, model, ids=IDS):
+    """The last logits of ``ids`` (whose prefix a warm-up cached) equal transformers'."""
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, logits_to_keep=1).logits, ref(ids).logits[:, -1:], atol=ATOL, rtol=0)
+    model.prefix_cache.check_integrity()
 
 
 def test_reset_empties_the_cache():
@@ -84,46 +108,303 @@ def test_device_or_dtype_change_rebuilds_the_pool():
     assert model.prefix_cache.stats()["cached_blocks"] == 0
 
 
-def _import_peft_usable_by_transformers():
-    """peft, skipping the test when it is missing or when transformers' adapter integration
-    refuses its version (transformers 5.24 asks for peft 0.22, not yet released)."""
-    peft = pytest.importorskip("peft")
-    needed = getattr(transformers.integrations.peft, "MIN_PEFT_VERSION", "0")
-    if Version(peft.__version__) < Version(needed):
-        pytest.skip(f"transformers {transformers.__version__} needs peft >= {needed}, have {peft.__version__}")
-    return peft
-
-
 def test_peft_adapter_switches_drop_the_cache():
-    peft = _import_peft_usable_by_transformers()
-    ref, model = tiny_pair()
+    """Switching, disabling and re-enabling adapters through peft itself (transformers' own
+    ``add_adapter`` needs a newer peft than the pinned one; it ends in the same tuner layers)."""
+    peft = installed("peft")
+    ref, base = tiny_pair()
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model.add_adapter(config, adapter_name="a")
-    model.add_adapter(config, adapter_name="b")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, config, adapter_name="a")
+    model.add_adapter("b", config)
     model.set_adapter("a")
-    warm(model)
-    with_a = model(IDS, logits_to_keep=1).logits
-    model.set_adapter("b")
-    assert model.prefix_cache.stats()["cached_blocks"] == 0
-    warm(model)
-    model.disable_adapters()
-    assert model.prefix_cache.stats()["cached_blocks"] == 0
+    warm(base)
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS, logits_to_keep=1).logits, ref(IDS).logits[:, -1:], atol=1e-4, rtol=0)
-    model.enable_adapters()
+        with_a = model(input_ids=IDS, logits_to_keep=1).logits
+    model.set_adapter("b")
+    assert base.prefix_cache.stats()["cached_blocks"] == 0
+    warm(base)
+    with model.disable_adapter(), torch.no_grad():
+        assert base.prefix_cache.stats()["cached_blocks"] == 0
+        torch.testing.assert_close(model(input_ids=IDS, logits_to_keep=1).logits, ref(IDS).logits[:, -1:],
+                                   atol=1e-4, rtol=0)
     model.set_adapter("a")
-    torch.testing.assert_close(model(IDS, logits_to_keep=1).logits, with_a, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS, logits_to_keep=1).logits, with_a, atol=1e-5, rtol=0)
 
 
 def test_the_watchers_hooks_are_installed_with_the_first_model_not_at_import():
-    """Importing Trellis changes nothing process-wide; building a model installs the two
+    """Importing Trellis changes nothing process-wide; building a model installs the three
     module registration hooks the weights watcher counts on (once, however many models)."""
     script = (
         "import torch.nn.modules.module as m, trellis\n"
         "from tests.models import tiny_pair\n"
-        "hooks = lambda: (len(m._global_parameter_registration_hooks), len(m._global_module_registration_hooks))\n"
-        "assert hooks() == (0, 0), hooks()\n"
+        "hooks = lambda: (len(m._global_parameter_registration_hooks), len(m._global_buffer_registration_hooks),\n"
+        "                 len(m._global_module_registration_hooks))\n"
+        "assert hooks() == (0, 0, 0), hooks()\n"
         "tiny_pair(); tiny_pair()\n"
-        "assert hooks() == (1, 1), hooks()\n"
+        "assert hooks() == (1, 1, 1), hooks()\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])
+
+
+# --- issue #15: everything the K/V depend on is in the key -----------------------------------
+
+
+def test_an_in_place_buffer_edit_drops_the_cache():
+    """A linear RoPE rescale, in place on the ``inv_freq`` buffer (case 1)."""
+    ref, model = tiny_pair()
+    warm(model)
+    on_both(ref, model, lambda m: m.model.rotary_emb.inv_freq.div_(4))
+    assert model.prefix_cache.stats()["cached_blocks"] == 0
+    assert_answers_match(ref, model)
+
+
+def test_a_replaced_buffer_drops_the_cache():
+    ref, model = tiny_pair()
+    warm(model)
+    on_both(ref, model, lambda m: setattr(m.model.rotary_emb, "inv_freq", m.model.rotary_emb.inv_freq / 4))
+    assert_answers_match(ref, model)
+
+
+def test_buffers_replaced_by_a_dtype_round_trip_are_watched():
+    """``model.to()`` puts new buffers into their modules' dicts, with no registration."""
+    ref, model = tiny_pair()
+    warm(model)
+    on_both(ref, model, lambda m: m.to(torch.bfloat16).to(torch.float32))  # every value rounded to bf16
+    assert_answers_match(ref, model)
+    on_both(ref, model, lambda m: m.model.rotary_emb.inv_freq.div_(4))  # the new buffer, in place
+    assert_answers_match(ref, model)
+
+
+def _scale_attention(m):
+    for layer in m.model.layers:
+        layer.self_attn.scaling *= 0.5
+
+
+def _norm_eps(m):
+    for module in m.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.5
+
+
+@pytest.mark.parametrize("edit", [_scale_attention, _norm_eps, lambda m: setattr(m.config, "num_hidden_layers", 1)],
+                         ids=["attention scale", "norm eps", "layer count"])
+def test_a_setting_the_forward_reads_drops_the_cache(edit):
+    ref, model = tiny_pair()
+    warm(model)
+    on_both(ref, model, edit)
+    assert_answers_match(ref, model)
+
+
+def test_longrope_rewriting_its_inv_freq_every_forward_keeps_the_cache():
+    """LongRoPE's forward rewrites ``inv_freq`` (from the sequence length): no change of the model."""
+    config = tiny_pair()[0].config
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                              "long_factor": [2.0] * 8, "original_max_position_embeddings": 16, "factor": 32.0}
+    ref, model = tiny_pair(config=config)
+    with torch.no_grad():
+        expected = ref.generate(IDS, max_new_tokens=4, do_sample=False)
+        assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False), expected)
+        assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False), expected)
+    assert model.prefix_cache.stats()["hit_tokens"] > 0
+
+
+def lora_pair(kernel: str = "blas"):
+    """The tiny pair with the same random LoRA adapter on the attention projections."""
+    peft = installed("peft")
+    ref, model = tiny_pair()
+    model.set_linear_kernel(kernel)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+    for m in (ref, model):
+        peft.inject_adapter_in_model(config, m)
+    model.load_state_dict(ref.state_dict())
+    return ref, model
+
+
+def lora_layers(m):
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in m.modules() if isinstance(module, LoraLayer)]
+
+
+LORA_EDITS = {"set_scale": lambda layer: layer.set_scale("default", 3.0), "scale_layer": lambda layer: layer.scale_layer(0.5),
+              "disable": lambda layer: layer.enable_adapters(False), "merge": lambda layer: layer.merge()}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("edit", LORA_EDITS)
+def test_peft_adapter_state_is_in_the_key(edit, kernel):
+    """A LoRA rescale (case 2), disabling, or merging into the base weights (which peft writes
+    through ``.data``, unseen: the rebuilt cache drops the packed copies too)."""
+    ref, model = lora_pair(kernel)
+    warm(model)
+    for m in (ref, model):
+        for layer in lora_layers(m):
+            LORA_EDITS[edit](layer)
+    assert model.prefix_cache.stats()["cached_blocks"] == 0
+    assert_answers_match(ref, model)
+
+
+def _new_storage_twice(weight: torch.nn.Parameter) -> None:
+    """The last storage can land at the first one's address, with the version counter (the
+    parameter's, kept across ``.data`` assignment) unchanged."""
+    weight.data = weight.data * 3
+    weight.data = weight.data.clone()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_weight_given_new_storage_drops_the_cache(kernel):
+    """Case 3: ``(data_ptr, _version)`` is no identity. One weight at a time, so that any reused
+    address would leave the whole model's pointers and versions as they were."""
+    ref, model = tiny_pair()
+    model.set_linear_kernel(kernel)
+    warm(model)
+    for name, _ in ref.named_parameters():
+        on_both(ref, model, lambda m, name=name: _new_storage_twice(m.get_parameter(name)))
+        assert_answers_match(ref, model)
+
+
+def test_the_watcher_sees_a_storage_replaced_at_the_same_address():
+    """Whatever the allocator does; among these tries the last storage usually lands at the first
+    one's address (same data pointer, same version)."""
+    reused = 0
+    for size in (16, 64, 256) * 5:
+        layer = torch.nn.Linear(size, size)
+        watcher = WeightsWatcher(layer)
+        before, identity = watcher.state(), (layer.weight.data_ptr(), layer.weight._version)
+        layer.weight.data = layer.weight.data * 3
+        layer.weight.data = layer.weight.data.clone()
+        assert watcher.state() != before
+        reused += (layer.weight.data_ptr(), layer.weight._version) == identity
+    if not reused:
+        pytest.skip("this allocator never gave the new storage the old address")
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="no oneDNN on this machine or build")
+def test_a_packed_copy_follows_a_storage_replaced_at_the_same_address():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64)
+    cpu_linear.set_linear_kernel(layer, "packed")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data = layer.weight.data * 3
+        layer.weight.data = layer.weight.data.clone()
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("edit", ["mul", "copy"])
+def test_edits_through_data_are_served_fresh_after_reset(edit, kernel):
+    """Case 4: ``p.data`` has a version counter of its own, so writes through it cannot be seen;
+    ``prefix_cache.reset()`` (documented for them) drops the cached K/V and the packed copies."""
+    ref, model = tiny_pair()
+    model.set_linear_kernel(kernel)
+    warm(model)
+
+    def through_data(m):
+        for weight in (m.model.layers[0].self_attn.k_proj.weight, m.lm_head.weight):
+            weight.data.mul_(1.5) if edit == "mul" else weight.data.copy_(weight.detach() * 1.5)
+
+    on_both(ref, model, through_data)
+    model.prefix_cache.reset()
+    assert model.prefix_cache.stats()["cached_blocks"] == 0
+    assert_answers_match(ref, model)
+
+
+# --- issue #15 case 11: a dropped handle's blocks are free for the next decision ------------
+
+
+def test_a_dropped_generate_output_frees_its_blocks_for_generate_batch():
+    _, model = tiny_pair(num_blocks=8)
+    out = model.generate(IDS, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    del out
+    gc.collect()
+    result = model.generate_batch([list(range(100, 130))], max_new_tokens=3, do_sample=False)
+    assert len(result["req_0"].generated_tokens) == 3
+    model.prefix_cache.check_integrity()
+
+
+def test_a_dropped_handle_frees_its_blocks_for_a_growing_session():
+    _, model = tiny_pair(num_blocks=8)
+    with torch.no_grad():
+        kept = getattr(model(IDS[:, :8]), CACHE_ARG)  # 2 blocks
+        dropped = model(IDS[:, 8:28])  # 5 blocks, locked while its session lives
+        del dropped
+        gc.collect()
+        model(IDS[:, :16], **{CACHE_ARG: kept})  # 2 more blocks: 1 free, the rest only once released
+    model.prefix_cache.check_integrity()
+
+
+@pytest.mark.parametrize("decide", [
+    lambda m, seq: m.pool.decref(m.allocate(1)), lambda m, seq: m.admission_cost([1, 2, 3]), lambda m, seq: m.admit([1, 2, 3]),
+    lambda m, seq: m.fork(seq), lambda m, seq: m.truncate([seq], [5]), lambda m, seq: m.can_ever_hold(4),
+    lambda m, seq: m.stats(), lambda m, seq: m.append(seq, [9] * 8), lambda m, seq: m.reset(),
+], ids=["allocate", "admission_cost", "admit", "fork", "truncate", "can_ever_hold", "stats", "append", "reset"])
+def test_released_handles_are_drained_before_any_decision(decide):
+    manager = KVCacheManager(BlockPool(16, 4, num_layers=1, num_kv_heads=1, head_dim=4))
+    kept, dropped = manager.admit(list(range(10))), manager.admit(list(range(20, 30)))
+    manager.release_later([dropped])
+    decide(manager, kept)
+    assert dropped.released and dropped not in manager.live
+    manager.check_integrity()
+
+
+# --- property: any interleaving of changes and generations answers as transformers ----------
+
+PROMPTS = [IDS, IDS[:, :17], torch.cat([IDS, torch.arange(40, 46)[None]], dim=1)]  # sharing prefixes
+
+
+def _weight(m, i: int) -> torch.nn.Parameter:
+    layer = m.model.layers[i % 2]
+    return [layer.self_attn.k_proj.weight, layer.mlp.up_proj.weight, layer.input_layernorm.weight, m.lm_head.weight][i]
+
+
+def _replace(m, i):
+    owner = [m.model.layers[i % 2].self_attn.k_proj, m.lm_head][i % 2]
+    owner.weight = torch.nn.Parameter(owner.weight.detach() * 0.8)
+
+
+def _assign_data(m, i):
+    weight = _weight(m, i)
+    weight.data = weight.data * 1.25
+    if i % 2:
+        weight.data = weight.data.clone()  # the second storage may take the first one's address
+
+
+CHANGES: dict[str, Callable] = {  # (ref, model, i): the same change on both, or a cache operation on model
+    "nothing": lambda ref, model, i: None,
+    "in place": lambda ref, model, i: on_both(ref, model, lambda m: _weight(m, i).mul_(1.2)),
+    "buffer": lambda ref, model, i: on_both(ref, model, lambda m: m.model.rotary_emb.inv_freq.mul_(0.5 + i / 4)),
+    "replace": lambda ref, model, i: on_both(ref, model, lambda m: _replace(m, i)),
+    ".data =": lambda ref, model, i: on_both(ref, model, lambda m: _assign_data(m, i)),
+    "dtype": lambda ref, model, i: on_both(ref, model, lambda m: m.to([torch.bfloat16, torch.float16][i % 2]).float()),
+    ".data edit, reset": lambda ref, model, i: (on_both(ref, model, lambda m: _weight(m, i).data.mul_(0.9)),
+                                                model.prefix_cache.reset()),
+    "reset": lambda ref, model, i: model.prefix_cache.reset(),
+    "kernel": lambda ref, model, i: model.set_linear_kernel(KERNELS[i % len(KERNELS)]),
+}
+
+
+def assert_generation_matches(ref, model, ids):
+    """Greedy tokens and every step's logits, the first being the prompt's last, as transformers'."""
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+    with torch.no_grad():
+        got, want = model.generate(ids, **kwargs), ref.generate(ids, **kwargs)
+    for got_logits, want_logits in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(got_logits, want_logits, atol=ATOL, rtol=0)
+    assert torch.equal(got.sequences, want.sequences)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(sorted(CHANGES)), st.integers(0, 3), st.integers(0, len(PROMPTS) - 1)),
+                min_size=1, max_size=5))
+def test_interleaved_changes_and_generations_answer_as_transformers(steps):
+    ref, model = tiny_pair()
+    warm(model)
+    for change, i, prompt in steps:
+        CHANGES[change](ref, model, i)
+        assert_generation_matches(ref, model, PROMPTS[prompt])
+    gc.collect()
+    model.prefix_cache.check_integrity()

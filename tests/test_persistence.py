@@ -1,13 +1,26 @@
-"""Saving the prefix cache to safetensors and loading it back, and refusing what does not fit."""
+"""Saving the prefix cache to safetensors and loading it back, and refusing what does not fit.
+
+A loaded file must never change an answer: it is refused unless it was saved by the very same
+computation (every weight and buffer, the config, the dtype and the linear kernel), and unless
+its tree is one that ``save_prefix_cache`` could have written, checksum or not.
+"""
+
+import functools
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.models import tiny_pair
+from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
-from trellis.cache.persist import PrefixCacheFileError
+from trellis.cache.persist import FORMAT, PrefixCacheFileError, _checksum, model_fingerprint
+from trellis.runner import cpu_linear
 
 SYSTEM = torch.arange(3, 43)[None]  # 40 tokens: 10 blocks of 4
 
@@ -23,6 +36,38 @@ def saved(tmp_path, model):
     path = tmp_path / "prefixes.safetensors"
     assert model.save_prefix_cache(path) == model.prefix_cache.stats()["cached_blocks"]
     return path
+
+
+def read(path):
+    with safe_open(path, framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a mapping
+
+
+def write_signed(path, metadata, tensors):
+    """Write a file as a crafted one would be: whatever its tensors, with a valid checksum."""
+    save_file(tensors, path, metadata={**metadata, "checksum": _checksum(tensors)})
+    return path
+
+
+def picture(manager):
+    """Everything a refused load must leave as it was: the tree, the reference counts, the cached K/V."""
+    def path_of(node):
+        return () if node.parent is None else path_of(node.parent) + node.tokens
+
+    return (manager.stats(), sorted((path_of(n), tuple(n.blocks), n.lock_count) for n in manager.radix.nodes()),
+            list(manager.pool.ref_counts), manager.pool.kv.clone())
+
+
+def assert_same_picture(a, b):
+    assert a[:3] == b[:3]
+    referenced = torch.tensor([count > 0 for count in a[2]])  # what free blocks hold does not matter
+    assert torch.equal(a[3][:, :, referenced], b[3][:, :, referenced])
+
+
+def assert_nothing_leaked(manager):
+    manager.check_integrity()
+    stats = manager.stats()
+    assert stats["live_sessions"] == 0 and stats["free_blocks"] + stats["cached_blocks"] == stats["total_blocks"]
 
 
 def test_round_trip_survives_a_restart(tmp_path):
@@ -66,11 +111,100 @@ def test_other_weights_dtype_or_block_size_are_refused(tmp_path):
         assert m.prefix_cache.stats()["cached_blocks"] == 0
 
 
+@pytest.mark.parametrize("change", [{"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+                                    {"rms_norm_eps": 1e-3}, {"hidden_act": "gelu"}])
+def test_same_weights_under_another_config_are_refused(tmp_path, change):
+    _, model = tiny_pair()
+    path = saved(tmp_path, model)
+    _, other = tiny_pair(config=tiny_config(**change))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(PrefixCacheFileError, match="model="):
+        other.load_prefix_cache(path)
+    assert other.prefix_cache.stats()["cached_blocks"] == 0
+
+
+def test_a_weight_outside_any_sample_or_a_buffer_changed_is_refused(tmp_path):
+    _, model = tiny_pair()
+    path = saved(tmp_path, model)
+    _, retrained = tiny_pair()
+    with torch.no_grad():
+        retrained.model.embed_tokens.weight[5, 1] += 0.5  # one element: every byte counts, not a sample
+    with pytest.raises(PrefixCacheFileError, match="model="):
+        retrained.load_prefix_cache(path)
+    _, other_rope = tiny_pair()
+    other_rope.model.rotary_emb.inv_freq[1] *= 1.001  # a non-persistent buffer: not in the state dict
+    with pytest.raises(PrefixCacheFileError, match="model="):
+        other_rope.load_prefix_cache(path)
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="needs oneDNN")
+def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp_path):
+    _, model = tiny_pair()
+    model.set_linear_kernel("onednn")
+    path = saved(tmp_path, model)
+    _, blas = tiny_pair()
+    blas.set_linear_kernel("blas")
+    with pytest.raises(PrefixCacheFileError, match="model="):
+        blas.load_prefix_cache(path)
+    # The same values hash the same whatever their strides (oneDNN stores weights input-major).
+    assert not model.model.layers[0].mlp.up_proj.weight.is_contiguous()
+    assert blas.model.layers[0].mlp.up_proj.weight.is_contiguous()
+    assert model_fingerprint(model, {}, "k") == model_fingerprint(blas, {}, "k")
+
+
+def test_another_format_version_is_refused(tmp_path):
+    _, model = tiny_pair()
+    metadata, tensors = read(saved(tmp_path, model))
+    old = write_signed(tmp_path / "old.safetensors", {**metadata, "format": "trellis-prefix-cache/1"}, tensors)
+    with pytest.raises(PrefixCacheFileError, match=f"format 'trellis-prefix-cache/1'.*{FORMAT}"):
+        model.load_prefix_cache(old)
+
+
+def test_negative_block_counts_with_the_right_sum_are_refused(tmp_path):
+    _, model = tiny_pair()
+    metadata, tensors = read(saved(tmp_path, model))
+    counts = tensors["node_num_blocks"]
+    assert counts[0] == 10 and counts[1] == 1  # the system prompt, then its continuations
+    counts[0] += 2
+    counts[1] -= 2  # -1: node 1 would overlap node 0
+    crafted = write_signed(tmp_path / "crafted.safetensors", metadata, tensors)
+    _, fresh = tiny_pair()
+    with pytest.raises(PrefixCacheFileError, match="at least one block"):
+        fresh.load_prefix_cache(crafted)
+    assert fresh.prefix_cache.stats()["cached_blocks"] == 0
+    fresh.prefix_cache.check_integrity()
+
+
+def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, monkeypatch):
+    _, model = tiny_pair()
+    path = saved(tmp_path, model)
+    _, target = tiny_pair()
+    target.generate(torch.cat([SYSTEM[:, :24], torch.tensor([[200] * 20])], dim=1), max_new_tokens=3,
+                    do_sample=False)  # shares 6 blocks with the file: loading splits that edge
+    manager = target.prefix_cache
+    before = picture(manager)
+    insert, calls = manager.radix.insert, []
+
+    def insert_then_fail(tokens, blocks):
+        calls.append(len(tokens))
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return insert(tokens, blocks)
+
+    monkeypatch.setattr(manager.radix, "insert", insert_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        target.load_prefix_cache(path)
+    assert_same_picture(picture(manager), before)
+    assert_nothing_leaked(manager)
+    monkeypatch.undo()
+    assert target.load_prefix_cache(path) == model.prefix_cache.stats()["cached_blocks"]
+    assert_nothing_leaked(manager)
+
+
 def test_damaged_or_missing_file_is_refused(tmp_path):
     _, model = tiny_pair()
     path = saved(tmp_path, model)
-    with safe_open(path, framework="pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a mapping
+    metadata, tensors = read(path)
     tensors["kv"][0, 0, 0, 0, 0, 0] += 1.0
     damaged = tmp_path / "damaged.safetensors"
     save_file(tensors, damaged, metadata=metadata)
@@ -97,3 +231,180 @@ def test_file_larger_than_the_pool_is_refused_whole(tmp_path):
         small.load_prefix_cache(path)
     assert small.prefix_cache.stats() == before
     small.prefix_cache.check_integrity()
+
+
+# --- fuzzing: damaged files (bytes flipped) and crafted ones (edited tensors, valid checksum) ---------
+
+
+def node_slices(tensors):
+    """Each node's parent and its slice of blocks in the file."""
+    parents, counts = tensors["node_parent"].tolist(), tensors["node_num_blocks"].tolist()
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return parents, [slice(s, s + n) for s, n in zip(starts, counts)]
+
+
+def with_nodes(tensors, bs, order, parents, slices):
+    """The file's tensors with nodes ``order`` (indices into the old lists; ``parents`` already renumbered)."""
+    blocks = torch.tensor([b for i in order for b in range(slices[i].start, slices[i].stop)], dtype=torch.int64)
+    return {"kv": tensors["kv"].index_select(2, blocks),
+            "tokens": tensors["tokens"].view(-1, bs).index_select(0, blocks).reshape(-1),
+            "node_parent": torch.tensor(parents, dtype=torch.int64),
+            "node_num_blocks": torch.tensor([slices[i].stop - slices[i].start for i in order], dtype=torch.int64)}
+
+
+def reordered(tensors, bs, rng):
+    """A harmless edit: the same tree, its nodes listed in another order with parents first."""
+    parents, slices = node_slices(tensors)
+    order, pending = [], list(range(len(parents)))
+    while pending:
+        i = rng.choice([i for i in pending if parents[i] == -1 or parents[i] in order])
+        order.append(i)
+        pending.remove(i)
+    return with_nodes(tensors, bs, order, [-1 if parents[i] < 0 else order.index(parents[i]) for i in order], slices)
+
+
+def crafted(tensors, bs, vocab, rng):
+    """One edit that ``save_prefix_cache`` could never have written."""
+    t = {name: value.clone() for name, value in tensors.items()}
+    n = len(t["node_parent"])
+    kind = rng.choice(["count", "parent", "truncate", "token", "sibling", "kv", "dtype", "names"])
+    if kind == "count":  # a count below one, the total kept
+        i, j = rng.sample(range(n), 2)
+        shift = int(t["node_num_blocks"][i]) - rng.choice([0, -1, -3])
+        t["node_num_blocks"][i] -= shift
+        t["node_num_blocks"][j] += shift
+    elif kind == "parent":  # a parent listed after its child, itself, or below -1
+        i = rng.randrange(n)
+        t["node_parent"][i] = rng.choice([i, max(i, n - 1), -2, n + 5])
+    elif kind == "truncate":
+        t["tokens"] = t["tokens"][: -rng.randint(1, 2 * bs)].clone()
+    elif kind == "token":
+        t["tokens"][rng.randrange(len(t["tokens"]))] = rng.choice([-1, vocab, vocab + 1000, -(2**40)])
+    elif kind == "sibling":  # a copy of a node under the same parent: two children with one key
+        parents, slices = node_slices(t)
+        i = rng.randrange(n)
+        return with_nodes(t, bs, [*range(n), i], [*parents, parents[i]], slices)
+    elif kind == "kv":
+        t["kv"] = t["kv"][:, :, 1:].clone() if rng.random() < 0.5 else t["kv"].to(torch.float16)
+    elif kind == "dtype":
+        name = rng.choice(["tokens", "node_parent", "node_num_blocks"])
+        t[name] = t[name].to(rng.choice([torch.int32, torch.float64]))
+    elif rng.random() < 0.5:
+        del t[rng.choice(sorted(t))]
+    else:
+        t["extra"] = torch.zeros(3)
+    return t
+
+
+def assert_serves_fresh_kv(model, fresh_kv):
+    """Every cached path holds the K/V that ``fresh_kv`` computes for its tokens."""
+    manager = model.prefix_cache
+    for leaf in [n for n in manager.radix.nodes() if not n.children]:
+        tokens, node = (), leaf
+        while node.parent is not None:
+            tokens, node = node.tokens + tokens, node.parent
+        blocks = manager.radix.match(tokens, max_tokens=len(tokens)).blocks
+        got = manager.pool.kv.index_select(2, torch.tensor(blocks)).flatten(2, 3)  # [L, 2, T, Hkv, D]
+        torch.testing.assert_close(got, fresh_kv(tokens), atol=1e-4, rtol=1e-4)
+
+
+def plain_transformers_kv(ref):
+    """K/V of a token path as plain transformers computes them, ``[L, 2, T, Hkv, D]``; memoised."""
+    @functools.cache
+    def kv(tokens):
+        with torch.no_grad():
+            cache = ref(torch.tensor([tokens]), use_cache=True).past_key_values
+        return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).transpose(2, 3)
+
+    return kv
+
+
+def test_fuzzed_files_are_refused_whole_or_serve_the_right_kv(tmp_path):
+    ref, model = tiny_pair()
+    path = saved(tmp_path, model)
+    metadata, tensors = read(path)
+    bs, vocab = model.prefix_cache.block_size, model.config.vocab_size
+    _, target = tiny_pair(num_blocks=24)
+    target.generate(torch.cat([SYSTEM[:, :24], torch.tensor([[200] * 20])], dim=1), max_new_tokens=3,
+                    do_sample=False)  # cached already: loads split its edge, and evict to make room
+    manager, fresh_kv = target.prefix_cache, plain_transformers_kv(ref)
+    rng = random.Random(15)
+    refusals, loaded = [], 0
+    for attempt in range(600):
+        file = tmp_path / f"fuzz{attempt}.safetensors"
+        if attempt % 3 == 0:  # damage: bytes flipped anywhere, checksum left as it was
+            data = bytearray(path.read_bytes())
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            file.write_bytes(bytes(data))
+        else:
+            edited = reordered(tensors, bs, rng)
+            if attempt % 3 == 1:
+                edited = crafted(edited, bs, vocab, rng)
+            write_signed(file, metadata, edited)
+        before = picture(manager)
+        try:
+            target.load_prefix_cache(file)
+        except (PrefixCacheFileError, OutOfBlocksError) as exc:
+            assert_same_picture(picture(manager), before)
+            refusals.append(str(exc))
+        else:
+            assert_serves_fresh_kv(target, fresh_kv)
+            loaded += 1
+        assert_nothing_leaked(manager)
+        file.unlink()
+    assert len(refusals) >= 390 and loaded >= 195  # bytes flipped and tensors edited are refused, reorders load
+    for problem in ("damaged", "holds tensors", "1-D int64", "kv is", "at least one block", "an earlier node",
+                    "blocks of K/V", "outside the vocabulary", "earlier sibling"):
+        assert any(problem in message for message in refusals), f"no edit was refused for {problem!r}"
+
+
+# --- the real model, across processes -------------------------------------------------------------------
+
+CHILD = """
+import json, sys
+import torch
+from tests.models import smollm2_trellis
+
+cache_file, ids_file, out_file = sys.argv[1:]
+ids = torch.tensor(json.loads(open(ids_file).read()))
+model = smollm2_trellis(num_blocks=64)
+loaded = model.load_prefix_cache(cache_file)
+with torch.no_grad():
+    logits = model(ids, logits_to_keep=8).logits
+torch.save({"loaded": loaded, "hit_tokens": model.prefix_cache.stats()["hit_tokens"], "logits": logits}, out_file)
+"""
+
+
+def smollm2_chat(question):
+    system = ("You are a careful assistant who answers questions about geography, history and science. Keep "
+              "answers short and precise, say when you do not know something, and never guess. Prefer plain "
+              "words to jargon, give one example when it helps the reader, and end with a one-line summary.")
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return smollm2_tokenizer().apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)["input_ids"]
+
+
+@pytest.mark.slow
+def test_smollm2_prefix_cache_reloaded_in_a_new_process_matches_transformers(tmp_path):
+    model = smollm2_trellis(num_blocks=64)
+    with torch.no_grad():
+        model(smollm2_chat("What is the capital of France?"))
+    cache_file = tmp_path / "smollm2.safetensors"
+    saved_blocks = model.save_prefix_cache(cache_file)
+    ids = smollm2_chat("Who was Ada Lovelace?")
+    ids_file, out_file = tmp_path / "ids.json", tmp_path / "out.pt"
+    ids_file.write_text(json.dumps(ids.tolist()))
+    run = subprocess.run([sys.executable, "-c", CHILD, str(cache_file), str(ids_file), str(out_file)],
+                         capture_output=True, text=True, timeout=300, check=False, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    child = torch.load(out_file)
+    assert child["loaded"] == saved_blocks
+    first = smollm2_chat("What is the capital of France?")[0]
+    shared = next(i for i, (a, b) in enumerate(zip(first.tolist(), ids[0].tolist())) if a != b)
+    assert child["hit_tokens"] == shared // 32 * 32 >= 64  # the system prompt came from the file
+    with torch.no_grad():
+        want = smollm2_reference()(ids).logits[:, -8:]
+        here = model(ids, logits_to_keep=8).logits  # the same hit on the cache that was saved
+    assert (child["logits"] - want).abs().max() <= 1e-4
+    torch.testing.assert_close(child["logits"], here, atol=1e-6, rtol=0)

@@ -49,7 +49,7 @@ def test_caller_tensors_of_the_wrong_kind_are_refused():
     _, model = tiny_pair()
     with pytest.raises(TypeError, match="integer token ids"):
         model(torch.ones(1, 4))
-    with pytest.raises(ValueError, match="does not cover input_ids"):
+    with pytest.raises(ValueError, match="does not cover the input"):
         model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3))
     model.prefix_cache.check_integrity()
 

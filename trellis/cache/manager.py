@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
@@ -29,6 +29,9 @@ class PagedSequence:
     node: RadixNode | None = None  # locked radix node covering the committed blocks
     num_committed_blocks: int = 0
     released: bool = False
+    # False once any of its K/V were computed in a way a later prompt of the same tokens would
+    # not reproduce (caller-given positions, embeddings instead of token ids): never cached.
+    shareable: bool = True
 
     @property
     def num_new(self) -> int:
@@ -49,7 +52,8 @@ class KVCacheManager:
     """The paged KV cache with prefix sharing: what ``model.prefix_cache`` is.
 
     Thread-safe: one re-entrant lock serialises every change. Sessions abandoned by a garbage
-    collected handle are queued by ``release_later`` and released at the next call.
+    collected handle are queued by ``release_later`` and released before anything else decides
+    from the pool's occupancy (admitting, allocating, forking, truncating, ``stats``).
     """
 
     def __init__(self, pool: BlockPool) -> None:
@@ -59,6 +63,8 @@ class KVCacheManager:
         self.lock = threading.RLock()
         self.live: set[PagedSequence] = set()
         self._pending: deque[PagedSequence] = deque()
+        # Run by ``reset``: the owner drops what it derived alongside the cached K/V (packed weights).
+        self.on_reset: list[Callable[[], None]] = []
 
     # --- session lifecycle ---------------------------------------------------------------
 
@@ -73,17 +79,27 @@ class KVCacheManager:
 
     def can_ever_hold(self, num_tokens: int) -> bool:
         """Whether an empty cache could hold one session of ``num_tokens`` tokens."""
-        return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
+        with self.lock:
+            self._drain()
+            return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
 
     def admit(self, tokens: Sequence[int], max_reuse: int | None = None, extra_tokens: int = 0) -> PagedSequence:
         """Start a session over ``tokens``, taking the longest cached prefix (at most
         ``max_reuse`` tokens, and never all of them) and blocks for the rest, plus room for
-        ``extra_tokens`` more. All or nothing: ``OutOfBlocksError`` leaves the cache as it was."""
+        ``extra_tokens`` more. All or nothing: ``OutOfBlocksError`` leaves the cache as it was
+        (a matched edge may be split, which changes no cached content)."""
+        with self.lock:
+            seq = self._admit(tokens, max_reuse, extra_tokens)
+            self._count_admitted([seq])
+            return seq
+
+    def _admit(self, tokens: Sequence[int], max_reuse: int | None, extra_tokens: int) -> PagedSequence:
+        """``admit`` without the bookkeeping of a success (LRU time, hit statistics)."""
         with self.lock:
             self._drain()
             if len(tokens) == 0:
                 raise ValueError("cannot start a session with an empty prompt")
-            match = self.radix.match(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
+            match = self.radix.match(tokens, max_tokens=self._reuse_limit(tokens, max_reuse), touch=False)
             self.pool.incref(match.blocks)
             self.radix.lock(match.node)
             seq = PagedSequence(list(tokens), list(match.blocks), node=match.node)
@@ -95,8 +111,13 @@ class KVCacheManager:
             except OutOfBlocksError:
                 self.release(seq, commit=False)
                 raise
-            self.radix.record_lookup(len(tokens), seq.num_prefix_hit)
             return seq
+
+    def _count_admitted(self, seqs: Sequence[PagedSequence]) -> None:
+        """Admissions that stand: their prefixes become the most recently used, and count as hits."""
+        for seq in seqs:
+            self.radix.touch(seq.node)
+            self.radix.record_lookup(len(seq.token_ids), seq.num_prefix_hit)
 
     @staticmethod
     def _reuse_limit(tokens: Sequence[int], max_reuse: int | None) -> int:
@@ -111,10 +132,11 @@ class KVCacheManager:
         with self.lock:
             try:
                 for row, reuse in zip(rows, max_reuse, strict=True):
-                    seqs.append(self.admit(row, max_reuse=reuse))
+                    seqs.append(self._admit(row, reuse, 0))
             except BaseException:
                 self.rollback_batch(seqs)
                 raise
+            self._count_admitted(seqs)
         return seqs
 
     def append(self, seq: PagedSequence, tokens: Sequence[int]) -> None:
@@ -175,7 +197,7 @@ class KVCacheManager:
         """Insert the session's full, computed blocks into the radix tree so later prompts hit them."""
         with self.lock:
             full = seq.num_cached // self.block_size
-            if full <= seq.num_committed_blocks:
+            if full <= seq.num_committed_blocks or not seq.shareable:
                 return
             node = self.radix.insert(seq.token_ids[: full * self.block_size], seq.block_ids[:full])
             self.radix.lock(node)
@@ -192,6 +214,7 @@ class KVCacheManager:
         allocated before anything changes, so a full pool changes nothing.
         """
         with self.lock:
+            self._drain()
             for seq, length in zip(seqs, lengths, strict=True):
                 if seq.released:
                     raise RuntimeError("session already released")
@@ -257,6 +280,7 @@ class KVCacheManager:
                 num_prefix_hit=seq.num_prefix_hit,
                 node=seq.node,
                 num_committed_blocks=seq.num_committed_blocks,
+                shareable=seq.shareable,
             )
             self.live.add(child)
             return child
@@ -267,6 +291,7 @@ class KVCacheManager:
         Checks first that eviction can cover the shortfall, so a failed request evicts nothing.
         """
         with self.lock:
+            self._drain()
             if not self.pool.can_alloc(n):
                 short = n - self.pool.num_free
                 evictable = self.radix.evictable_blocks()
@@ -286,13 +311,15 @@ class KVCacheManager:
     # --- whole-cache operations ----------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget every cached prefix (live sessions keep working)."""
+        """Forget every cached prefix (live sessions keep working), then run ``on_reset``."""
         with self.lock:
             self._drain()
             self.radix.reset()
             for seq in self.live:
                 seq.node, seq.num_committed_blocks = self.radix.root, 0
                 self.radix.lock(seq.node)
+            for callback in self.on_reset:
+                callback()
 
     def stats(self) -> dict[str, float | int]:
         with self.lock:

@@ -1,15 +1,25 @@
 """Save the radix tree and its blocks to a safetensors file, and load them back.
 
-A file records what its K/V are valid for (the model's weights fingerprint, dtype, block size
-and KV geometry) and a checksum; loading refuses any mismatch or damage before touching the
-cache, and allocates every block it needs in one request, so it either applies fully or not at
-all. Prefixes already cached are kept; the file's duplicates of them are dropped.
+A file records what its K/V are valid for (``model_fingerprint``: every weight and buffer, the
+config and the kernels that computed them; the dtype, block size and KV geometry) and a checksum
+of its tensors. Loading checks every header field, every tensor's name, dtype and shape, and the
+tree itself (what ``save_prefix_cache`` could have written) before touching the cache; then it
+allocates every block it needs in one request, and undoes what it did if anything later fails
+(only the colder prefixes evicted to make room stay evicted), so it applies fully or not at all
+and never leaks a block. Prefixes already cached are kept; the file's duplicates of them are dropped.
+
+Layout: ``kv [L, 2, n, S, Hkv, D]`` (the file's n blocks), ``tokens int64 [n * S]``, and per node,
+parents before children, ``node_parent int64 [N]`` (-1: the root) and ``node_num_blocks int64 [N]``
+(its edge: the next blocks of ``kv`` and ``tokens``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,46 +27,90 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from trellis.cache.manager import KVCacheManager
+from trellis.cache.radix import RadixCache, RadixNode
 
-FORMAT = "trellis-prefix-cache/1"
+FORMAT = "trellis-prefix-cache/2"
+TENSORS = ("kv", "tokens", "node_parent", "node_num_blocks")
 
 
 class PrefixCacheFileError(ValueError):
     """A saved prefix cache that does not fit this model or cache, or is damaged."""
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+# --- what a file's K/V are valid for -------------------------------------------------------------
+
+
+def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], linear_kernel: str) -> str:
+    """An exact identity of the computation that produced a model's K/V: every byte of every
+    tensor of ``module``'s state dict and of every buffer, persistent or not (RoPE's ``inv_freq``
+    is not in the state dict), with its name, dtype and shape; ``config``, the settings that shape
+    the computation (JSON-serialisable); and ``linear_kernel``, since kernels round differently.
+
+    Tensors hash by value, not layout (oneDNN stores weights input-major). A tensor shared under
+    two names (tied embeddings) is read once. SmolLM2-135M in fp32 (538 MB): ~0.8 s on the 2-core
+    reference machine, paid at each save and load.
+    """
+    tensors = {**module.state_dict(), **dict(module.named_buffers())}
+    unique = {_storage_key(t): t for t in tensors.values()}
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # hashlib releases the GIL
+        digests = dict(zip(unique, pool.map(_tensor_digest, unique.values())))
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        tensor = tensors[name]
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(digests[_storage_key(tensor)])
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(f"linear_kernel={linear_kernel}".encode())
     return digest.hexdigest()
 
 
-def _header(manager: KVCacheManager, model_fingerprint: str) -> dict[str, str]:
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Equal for two views of the same values."""
+    return tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()
+
+
+def _tensor_digest(tensor: torch.Tensor) -> bytes:
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)  # a copy only if strided
+    return hashlib.sha256(data.numpy()).digest()
+
+
+def _header(manager: KVCacheManager, fingerprint: str) -> dict[str, str]:
     num_layers, _, _, block_size, num_kv_heads, head_dim = manager.pool.kv.shape
     return {
-        "format": FORMAT,
+        "format": FORMAT,  # first: another version is refused as such, whatever its other fields
         "dtype": str(manager.pool.kv.dtype),
         "block_size": str(block_size),
         "geometry": f"layers={num_layers},kv_heads={num_kv_heads},head_dim={head_dim}",
-        "model": model_fingerprint,  # last: a dtype change also changes the weights' fingerprint
+        "model": fingerprint,  # last: a dtype change also changes the model's fingerprint
     }
 
 
-def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, model_fingerprint: str) -> int:
-    """Write every cached prefix to ``path`` (atomically); returns the number of blocks saved."""
+def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# --- save ----------------------------------------------------------------------------------------
+
+
+def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: str) -> int:
+    """Write every cached prefix to ``path`` (atomically); returns the number of blocks saved.
+    ``fingerprint``: the ``model_fingerprint`` of the model that computed the cache."""
     with manager.lock:
         nodes = list(manager.radix.nodes())  # parents before children
         index = {id(node): i for i, node in enumerate(nodes)}
         blocks = [b for node in nodes for b in node.blocks]
+        kv = manager.pool.kv
         tensors = {
-            "kv": manager.pool.kv[:, :, blocks].cpu(),  # [L, 2, n, S, Hkv, D]
-            "tokens": torch.tensor([t for node in nodes for t in node.tokens], dtype=torch.int64),
+            "kv": kv.index_select(2, torch.tensor(blocks, dtype=torch.int64, device=kv.device)).cpu(),  # [L, 2, n, S, Hkv, D]
+            "tokens": torch.tensor([t for node in nodes for t in node.tokens], dtype=torch.int64),  # [n * S]
             "node_parent": torch.tensor([index.get(id(node.parent), -1) for node in nodes], dtype=torch.int64),
             "node_num_blocks": torch.tensor([len(node.blocks) for node in nodes], dtype=torch.int64),
         }
-        metadata = {**_header(manager, model_fingerprint), "checksum": _checksum(tensors)}
+        metadata = {**_header(manager, fingerprint), "checksum": _checksum(tensors)}
     path = Path(path)
     staging = path.with_name(f".{path.name}.tmp")
     save_file(tensors, staging, metadata=metadata)
@@ -64,56 +118,130 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, model_fi
     return len(blocks)
 
 
-def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, model_fingerprint: str) -> int:
+# --- load ----------------------------------------------------------------------------------------
+
+
+def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: str, vocab_size: int) -> int:
     """Add the prefixes saved in ``path`` to the cache; returns the number of blocks loaded.
 
-    Raises ``PrefixCacheFileError`` for a file of another model, dtype, block size or geometry,
-    or a damaged one, and ``OutOfBlocksError`` if the pool cannot hold it; either way the cache
-    is unchanged.
+    ``fingerprint``: this model's ``model_fingerprint``; ``vocab_size``: token ids must be below it.
+    Raises ``PrefixCacheFileError`` for a file of another format, model, dtype, block size or
+    geometry, or a damaged or inconsistent one, and ``OutOfBlocksError`` if the pool cannot hold
+    it; either way the cache is unchanged. Any other failure (an interrupt) undoes the load,
+    except the eviction of colder prefixes that made room for it.
     """
+    metadata, tensors = _read(path)
+    _check_header(metadata, _header(manager, fingerprint), path)
+    if metadata["checksum"] != _checksum(tensors):
+        raise PrefixCacheFileError(f"prefix cache file {path} is damaged (checksum mismatch)")
+    _check_shapes(tensors, manager, path)
+    paths = _node_paths(tensors, manager.block_size, vocab_size, path)
+    with manager.lock:
+        blocks = manager.allocate(tensors["kv"].shape[2])  # all or nothing
+        before = _tree_state(manager.radix)
+        try:
+            kv = manager.pool.kv
+            kv.index_copy_(2, torch.tensor(blocks, dtype=torch.int64, device=kv.device), tensors["kv"].to(kv.device))
+            for path_tokens, path_blocks in paths:
+                manager.radix.insert(path_tokens, [blocks[i] for i in path_blocks])
+        except BaseException:
+            _restore_tree(before)
+            # Freshly allocated blocks have no holder but us and, once adopted, the tree.
+            manager.pool.decref([b for b in blocks if manager.pool.ref_counts[b] > 1])
+            manager.pool.decref(blocks)
+            raise
+        manager.pool.decref(blocks)  # the tree holds what it adopted; duplicates of cached prefixes go back
+    return len(blocks)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 -- safe_open is not a mapping
     except (SafetensorError, OSError) as exc:
         raise PrefixCacheFileError(f"cannot read prefix cache file {path}: {exc}") from exc
-    expected = _header(manager, model_fingerprint)
+    if sorted(tensors) != sorted(TENSORS):
+        raise PrefixCacheFileError(f"prefix cache file {path} holds tensors {sorted(tensors)}, expected {sorted(TENSORS)}")
+    return metadata, tensors
+
+
+def _check_header(metadata: Mapping[str, str], expected: Mapping[str, str], path: str | os.PathLike) -> None:
+    if metadata.get("format") != FORMAT:
+        raise PrefixCacheFileError(f"prefix cache file {path} has format {metadata.get('format')!r}; this version "
+                                   f"of trellis reads only {FORMAT!r} (save the cache again)")
     for key, value in expected.items():
         if metadata.get(key) != value:
             raise PrefixCacheFileError(
                 f"prefix cache file {path} is for {key}={metadata.get(key)!r}, this cache needs {value!r}"
             )
-    if set(tensors) != {"kv", "tokens", "node_parent", "node_num_blocks"} or metadata.get("checksum") != _checksum(tensors):
-        raise PrefixCacheFileError(f"prefix cache file {path} is damaged (checksum mismatch)")
+    if sorted(metadata) != sorted([*expected, "checksum"]):
+        raise PrefixCacheFileError(f"prefix cache file {path} has header fields {sorted(metadata)}, "
+                                   f"expected {sorted([*expected, 'checksum'])}")
 
-    bs = manager.block_size
+
+def _check_shapes(tensors: Mapping[str, torch.Tensor], manager: KVCacheManager, path: str | os.PathLike) -> None:
+    for name in ("tokens", "node_parent", "node_num_blocks"):
+        if tensors[name].dtype != torch.int64 or tensors[name].dim() != 1:
+            raise PrefixCacheFileError(f"prefix cache file {path}: {name} must be a 1-D int64 tensor, "
+                                       f"not {tensors[name].dtype} of shape {list(tensors[name].shape)}")
+    if len(tensors["node_parent"]) != len(tensors["node_num_blocks"]):
+        raise PrefixCacheFileError(f"prefix cache file {path}: {len(tensors['node_parent'])} node parents for "
+                                   f"{len(tensors['node_num_blocks'])} node block counts")
+    kv, pool = tensors["kv"], manager.pool.kv
+    if kv.dtype != pool.dtype or kv.dim() != 6 or kv.shape[:2] != pool.shape[:2] or kv.shape[3:] != pool.shape[3:]:
+        expected = [*pool.shape[:2], "n", *pool.shape[3:]]
+        raise PrefixCacheFileError(f"prefix cache file {path}: kv is {kv.dtype} of shape {list(kv.shape)}, "
+                                   f"this cache needs {pool.dtype} of shape {expected}")
+
+
+def _node_paths(tensors: Mapping[str, torch.Tensor], block_size: int, vocab_size: int,
+                path: str | os.PathLike) -> list[tuple[list[int], list[int]]]:
+    """Each node's full token path and the indices of its blocks in the file's ``kv``, after
+    checking that the tree is one ``save_prefix_cache`` could have written."""
     parents, counts = tensors["node_parent"].tolist(), tensors["node_num_blocks"].tolist()
-    tokens, kv = tensors["tokens"].tolist(), tensors["kv"]
-    if any(not -1 <= p < i for i, p in enumerate(parents)) or sum(counts) * bs != len(tokens) or kv.shape[2] != sum(counts):
-        raise PrefixCacheFileError(f"prefix cache file {path} has an inconsistent tree")
-    with manager.lock:
-        blocks = manager.allocate(sum(counts))  # all or nothing
-        manager.pool.kv[:, :, blocks] = kv.to(manager.pool.kv.device)
-        paths: list[tuple[list[int], list[int]]] = []  # each node's full token path and blocks
-        start = 0
-        for parent, n in zip(parents, counts):
-            path_tokens, path_blocks = paths[parent] if parent >= 0 else ([], [])
-            own = slice(start, start + n)
-            paths.append((path_tokens + tokens[own.start * bs : own.stop * bs], path_blocks + blocks[own]))
-            start += n
-        for path_tokens, path_blocks in paths:
-            manager.radix.insert(path_tokens, path_blocks)
-        manager.pool.decref(blocks)  # the tree holds what it adopted; duplicates of cached prefixes go back
-    return len(blocks)
+    tokens, num_blocks = tensors["tokens"].tolist(), tensors["kv"].shape[2]
+
+    def refuse(problem: str) -> PrefixCacheFileError:
+        return PrefixCacheFileError(f"prefix cache file {path} has an inconsistent tree: {problem}")
+
+    for i, (parent, count) in enumerate(zip(parents, counts)):
+        if count < 1:
+            raise refuse(f"node {i} owns {count} blocks; every node owns at least one block")
+        if not -1 <= parent < i:
+            raise refuse(f"node {i} has parent {parent}; a parent is -1 (the root) or an earlier node")
+    if not sum(counts) * block_size == len(tokens) == num_blocks * block_size:
+        raise refuse(f"the nodes own {sum(counts)} blocks of {block_size} tokens, the file holds {len(tokens)} "
+                     f"tokens and {num_blocks} blocks of K/V")
+    if tokens and not (0 <= min(tokens) and max(tokens) < vocab_size):
+        bad = next(t for t in tokens if not 0 <= t < vocab_size)
+        raise refuse(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    paths: list[tuple[list[int], list[int]]] = []
+    keys: set[tuple[int, tuple[int, ...]]] = set()  # (parent, first block of tokens) of every node
+    start = 0
+    for i, (parent, count) in enumerate(zip(parents, counts)):
+        own = tokens[start * block_size : (start + count) * block_size]
+        key = (parent, tuple(own[:block_size]))
+        if key in keys:  # the radix tree's key: siblings must diverge in their first block
+            raise refuse(f"node {i} starts with the same block of tokens as an earlier sibling")
+        keys.add(key)
+        path_tokens, path_blocks = paths[parent] if parent >= 0 else ([], [])
+        paths.append((path_tokens + own, path_blocks + list(range(start, start + count))))
+        start += count
+    return paths
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap identity of a model's weights: each parameter's name, shape, dtype and a strided
-    sample of its bytes (about 4k values per tensor)."""
-    digest = hashlib.sha256()
-    for name, param in model.state_dict().items():
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].cpu().contiguous()
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
+# Undoing insertions: ``RadixCache.insert`` only adds nodes, splits edges and touches LRU times,
+# so restoring every existing node's links and edge puts the tree back as it was.
+_NodeState = tuple[RadixNode, RadixNode | None, tuple[int, ...], list[int], dict, int]
+
+
+def _tree_state(radix: RadixCache) -> list[_NodeState]:
+    return [(node, node.parent, node.tokens, list(node.blocks), dict(node.children), node.last_access)
+            for node in [radix.root, *radix.nodes()]]
+
+
+def _restore_tree(state: list[_NodeState]) -> None:
+    for node, parent, tokens, blocks, children, last_access in state:
+        node.parent, node.tokens, node.blocks, node.children, node.last_access = (
+            parent, tokens, blocks, children, last_access)

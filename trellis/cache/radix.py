@@ -50,14 +50,23 @@ class RadixCache:
 
     # --- lookup and insertion -------------------------------------------------------------
 
-    def match(self, tokens: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
+    def match(self, tokens: Sequence[int], max_tokens: int | None = None, touch: bool = True) -> PrefixMatch:
         """Longest cached prefix of ``tokens`` in whole blocks, at most ``max_tokens`` long.
 
         By default at most ``len(tokens) - 1`` tokens, so a caller always has one token left to
         compute logits from. Takes no references: lock the node and incref the blocks to keep them.
+        ``touch`` marks the path as used now (LRU); a caller that may still fail passes False and
+        calls ``touch`` once it has succeeded.
         """
-        node, blocks = self._walk(tokens, self._match_blocks(tokens, max_tokens))
+        node, blocks = self._walk(tokens, self._match_blocks(tokens, max_tokens), touch=touch)
         return PrefixMatch(blocks, node)
+
+    def touch(self, node: RadixNode) -> None:
+        """Mark ``node`` and its ancestors as used now (the LRU order eviction follows)."""
+        now = next(self._clock)
+        while node is not self.root:
+            node.last_access = now
+            node = node.parent
 
     def cached_tokens(self, tokens: Sequence[int], max_tokens: int | None = None) -> int:
         """How many tokens ``match`` would serve now, without its side effects: no edge is split
@@ -98,14 +107,15 @@ class RadixCache:
     def _key(self, tokens: Sequence[int], start: int = 0) -> tuple[int, ...]:
         return tuple(tokens[start : start + self.block_size])
 
-    def _walk(self, tokens: Sequence[int], max_blocks: int, peek: bool = False) -> tuple[RadixNode, list[int]]:
+    def _walk(self, tokens: Sequence[int], max_blocks: int, peek: bool = False,
+              touch: bool = True) -> tuple[RadixNode, list[int]]:
         """Follow ``tokens`` down the tree for at most ``max_blocks`` blocks, splitting an edge
-        where the match ends inside it, so that the returned node ends exactly there, and marking
-        the path as used. With ``peek`` nothing changes: no split, no LRU time, and the node
-        returned is the deepest one matched whole."""
+        where the match ends inside it, so that the returned node ends exactly there, and (with
+        ``touch``) marking the path as used. With ``peek`` nothing changes: no split, no LRU time,
+        and the node returned is the deepest one matched whole."""
         bs = self.block_size
         node, blocks, done = self.root, [], 0
-        now = None if peek else next(self._clock)
+        now = next(self._clock) if touch and not peek else None
         while done < max_blocks:
             child = node.children.get(self._key(tokens, done * bs))
             if child is None:
@@ -122,7 +132,7 @@ class RadixCache:
                 if peek:
                     break
                 child = self._split(child, n)
-            if not peek:
+            if now is not None:
                 child.last_access = now
             node = child
         return node, blocks

@@ -12,7 +12,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
-from trellis.engine.sampling import SamplingParams, sample
+from trellis.engine.sampling import LogitsProcessor, SamplingParams, sample
 from trellis.engine.session import Session
 from trellis.runner import PagedModelRunner, runner_of
 from trellis.utils import cdiv
@@ -50,14 +50,18 @@ class Engine:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def add(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Session:
-        """Queue a session; raises ``OutOfBlocksError`` if the pool could never hold it."""
+    def add(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
+            logits_processor: LogitsProcessor | None = None) -> Session:
+        """Queue a session; raises ``OutOfBlocksError`` if the pool could never hold it.
+
+        ``logits_processor`` (one per session: it may keep state) turns the session's logits into the
+        scores its tokens are chosen from, warpers included (see ``sample``)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("cannot generate from an empty prompt")
         self.runner.check_token_ids([prompt])
-        session = Session(request_id or f"req_{next(self._ids)}", prompt, params)
+        session = Session(request_id or f"req_{next(self._ids)}", prompt, params, logits_processor=logits_processor)
         self.runner.check_positions(session.kv_tokens)
         manager = self.runner.prefix_cache
         if not manager.can_ever_hold(session.kv_tokens):
@@ -103,12 +107,13 @@ class Engine:
                 return []
             sessions = list(self.running)
             try:
-                hidden, batch = self.runner.forward(manager, [s.seq for s in sessions])  # [T, H]
+                step = self.runner.forward(manager, [s.seq for s in sessions])
             except BaseException as exc:
                 self.abort(f"forward failed: {exc!r}")
                 raise
-            logits = self.runner.logits(hidden[batch.last_token_index])  # [B, V]
-            tokens, logprobs = sample(logits, [s.params for s in sessions], [s.generator for s in sessions])
+            logits = self.runner.logits(step.hidden[step.batch.last_token_index])  # [B, V]
+            row_scores = [s.process_logits if s.logits_processor else None for s in sessions]
+            tokens, logprobs = sample(logits, [s.params for s in sessions], [s.generator for s in sessions], row_scores)
             now = time.perf_counter()
             finished = []
             for session, token, logprob in zip(sessions, tokens, logprobs):

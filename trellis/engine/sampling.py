@@ -1,17 +1,27 @@
-"""Choosing each session's next token: greedy, or sampling with temperature, top-k and top-p.
+"""Choosing each session's next token: greedy, or sampling with temperature, top-k and top-p, or
+from the scores of the session's own logits processor.
 
 The semantics follow transformers' logits warpers (temperature, then top-k, then top-p, always
-keeping the most likely token), so a request behaves as it would under ``generate()``. Each
-session samples from its own ``torch.Generator``: its tokens depend on its seed only, not on
-which other sessions happen to share its batch.
+keeping the most likely token), so a request behaves as it would under ``generate()``. Sessions
+without a processor (the common case) are filtered together in one batched pass; a session with
+one runs it on its own row, as ``generate()`` runs its ``LogitsProcessorList``. Each session
+samples from its own ``torch.Generator``: its tokens depend on its seed only, not on which other
+sessions happen to share its batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+
+# A session's logits processor, with transformers' contract: (input_ids [1, L] int64, scores [1, V]
+# float32) -> scores [1, V]; it may modify ``scores`` in place.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Scores of one row from its logits: [1, V] float32 -> [1, V] (the session binds its own token ids).
+RowScores = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -85,11 +95,18 @@ def sample(
     logits: torch.Tensor,  # [B, V], the last position of each session
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    row_scores: Sequence[RowScores | None] = (),  # per row, or empty: no row has a processor
 ) -> tuple[list[int], list[float]]:
-    """The next token of each row and its log-probability under the distribution it was drawn from."""
+    """The next token of each row and its log-probability under the distribution it was chosen from.
+
+    A row with ``row_scores`` takes the argmax of its scores, or (``do_sample``) samples from their
+    softmax: its processor includes the warpers, so ``temperature``/``top_k``/``top_p`` of its params
+    are not applied again. The other rows use ``params`` alone.
+    """
     tokens = logits.argmax(dim=-1)  # [B]
     logprobs = logits.float().log_softmax(dim=-1)  # [B, V]
-    sampled = [i for i, p in enumerate(params) if p.do_sample]
+    processed = {i for i, scores in enumerate(row_scores) if scores is not None}
+    sampled = [i for i, p in enumerate(params) if p.do_sample and i not in processed]
     if sampled:
         device = logits.device
         rows = torch.tensor(sampled, device=device)  # [S]
@@ -103,5 +120,15 @@ def sample(
         for j, i in enumerate(sampled):
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
         logprobs[rows] = probs.log()
+    for i in processed:
+        # A copy: processors may write in place, and ``logits`` may already be float32.
+        scores = row_scores[i](logits[i : i + 1].to(torch.float32, copy=True))[0]  # [V]
+        if params[i].do_sample:
+            probs = scores.softmax(dim=-1)  # [V]
+            tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+            logprobs[i] = probs.log()
+        else:
+            tokens[i] = scores.argmax()
+            logprobs[i] = scores.log_softmax(dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [B]
     return tokens.tolist(), chosen.tolist()

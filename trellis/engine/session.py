@@ -9,7 +9,7 @@ import torch
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
 from trellis.cache.manager import PagedSequence
-from trellis.engine.sampling import SamplingParams
+from trellis.engine.sampling import LogitsProcessor, SamplingParams
 
 
 @dataclass
@@ -28,12 +28,14 @@ class Session:
 
     ``seq`` is the session's paged KV sequence while it runs: admission takes the cached prefix of
     ``prompt`` and reserves blocks for every token the session may still compute.
+    ``logits_processor`` (optional) is this session's own: it sees the session's tokens only.
     """
 
     request_id: str
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
+    logits_processor: LogitsProcessor | None = None
     seq: PagedSequence | None = None
     status: RequestStatus = RequestStatus.PENDING
     generated: list[int] = field(default_factory=list)
@@ -57,6 +59,12 @@ class Session:
     @property
     def decode_time(self) -> float:
         return self.token_times[-1] - self.token_times[0] if self.token_times else 0.0
+
+    def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits_processor`` on this session's logits [1, V], given the prompt and every token generated
+        so far, as ``generate()`` calls it on an unpadded row."""
+        input_ids = torch.tensor([self.prompt + self.generated], device=logits.device)  # [1, L]
+        return self.logits_processor(input_ids, logits)
 
     def add_token(self, token: int, logprob: float, now: float) -> bool:
         """Record a generated token; True when the session is done (stop token or token budget)."""

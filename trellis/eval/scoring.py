@@ -68,7 +68,9 @@ def score_continuations(
     runner = runner_of(model)
     manager = runner.prefix_cache
     ordered = [groups[key] for key in sorted(groups)]  # contexts sharing a prefix become neighbours
-    with torch.inference_mode(), tqdm(total=len(scores), desc="scoring", disable=not progress) as bar:
+    # no_grad, not inference_mode: a step's attention plan is checked against its batch tensors'
+    # version counters, which inference tensors lack (the C++ kernel would plan in every layer).
+    with torch.no_grad(), tqdm(total=len(scores), desc="scoring", disable=not progress) as bar:
         for chunk in _chunks(ordered, manager, continuations, max_batch_tokens):
             with runner.lock:  # one forward at a time on the shared pool, as the engine does
                 _score_chunk(runner, manager, chunk, continuations, scores, max_batch_tokens)
@@ -118,9 +120,9 @@ def _score_chunk(runner: PagedModelRunner, manager: KVCacheManager, chunk: list[
             lone = continuations[group.members[0]][:-1] if len(group.members) == 1 else []
             sessions.append(manager.admit(group.context + lone, max_reuse=len(group.context) - 1))
         contexts = list(sessions)
-        hidden, batch = runner.forward(manager, contexts)
+        step = runner.forward(manager, contexts)
         rows, targets, owners = [], [], []
-        for group, end in zip(chunk, batch.cu_seqlens_q[1:].tolist()):
+        for group, end in zip(chunk, step.batch.cu_seqlens_q[1:].tolist()):
             if len(group.members) == 1:
                 i = group.members[0]
                 rows += range(end - len(continuations[i]), end)
@@ -130,7 +132,7 @@ def _score_chunk(runner: PagedModelRunner, manager: KVCacheManager, chunk: list[
                 rows += [end - 1] * len(group.members)
                 targets += [continuations[i][0] for i in group.members]
                 owners += group.members
-        _add_scores(runner, hidden[rows], targets, owners, scores)
+        _add_scores(runner, step.hidden[rows], targets, owners, scores)
 
         # The rest of a shared context's continuations: their tokens but the last, each on a fork.
         forks: list[tuple[int, PagedSequence]] = []
@@ -144,7 +146,7 @@ def _score_chunk(runner: PagedModelRunner, manager: KVCacheManager, chunk: list[
                     manager.append(fork, continuations[i][:-1])
                     forks.append((i, fork))
         for part in _packed(forks, budget):
-            hidden, _ = runner.forward(manager, [fork for _, fork in part])
+            hidden = runner.forward(manager, [fork for _, fork in part]).hidden
             owners = [i for i, _ in part for _ in continuations[i][1:]]
             _add_scores(runner, hidden, [t for i, _ in part for t in continuations[i][1:]], owners, scores)
     finally:

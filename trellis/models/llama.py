@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trellis.cache.manager import KVCacheManager
-from trellis.cache.persist import load_prefix_cache, save_prefix_cache, weights_fingerprint
+from trellis.cache.persist import load_prefix_cache, model_fingerprint, save_prefix_cache
 from trellis.models.loading import load_llama_config, resolve_device
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner, cpu_linear
@@ -34,6 +34,14 @@ class TrellisLlama(LlamaForCausalLM):
         super().__init__(config)
         self.runner = PagedModelRunner(self, CacheSettings(block_size, num_blocks, kv_cache_memory, backend))
         self.set_linear_kernel(cpu_linear.default_linear_kernel())
+        # Input-major weights (the oneDNN kernel's layout) are transposed views: a state dict for
+        # others to save or load (safetensors refuses non-contiguous tensors) gets plain copies.
+        self._register_state_dict_hook(_contiguous_state_dict)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, *args, **kwargs) -> str:
+        """However the model is built (``TrellisLlama(config)``, ``_from_config``, ``from_pretrained``),
+        it runs paged attention unless another implementation is asked for by name."""
+        return super()._check_and_adjust_attn_implementation(attn_implementation or ATTN_IMPLEMENTATION, *args, **kwargs)
 
     def __getstate__(self) -> dict:
         """Copies and pickles carry the weights and settings, not the runner's locks or cache."""
@@ -65,20 +73,21 @@ class TrellisLlama(LlamaForCausalLM):
         ``set_linear_kernel()``; by default oneDNN where it runs.
         """
         settings = CacheSettings(block_size, num_blocks, kv_cache_memory, backend)  # checked before loading
-        if pretrained_model_name_or_path is None:
+        if pretrained_model_name_or_path is None and kwargs.get("state_dict") is None:
             from trellis.models.embedded import embedded_model_dir
 
             pretrained_model_name_or_path = embedded_model_dir()
         if kwargs.get("config") is None:
             kwargs["config"] = load_llama_config(pretrained_model_name_or_path, kwargs)
-        kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading info)
         model.runner.configure(settings)
         if "device_map" not in kwargs:
             model.to(resolve_device(device))
         model.attention_backend()  # load (or build) the kernels now rather than in the first request
         model.set_linear_kernel(linear_kernel or model.linear_kernel)  # also lays out the loaded weights
-        return model.eval()
+        model.eval()
+        return loaded
 
     def set_linear_kernel(self, kind: str) -> int:
         """What runs the linear layers in CPU fp32 inference (elsewhere it is always ``F.linear``):
@@ -109,13 +118,24 @@ class TrellisLlama(LlamaForCausalLM):
     def save_prefix_cache(self, path: str | os.PathLike) -> int:
         """Save every cached prefix (tree + K/V) to a safetensors file; returns the blocks saved."""
         with self.runner.lock:
-            return save_prefix_cache(self.prefix_cache, path, weights_fingerprint(self))
+            return save_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint())
 
     def load_prefix_cache(self, path: str | os.PathLike) -> int:
-        """Add the prefixes of a file written by ``save_prefix_cache`` for these same weights, dtype
-        and block size; anything else is refused with ``PrefixCacheFileError``, changing nothing."""
+        """Add the prefixes of a file written by ``save_prefix_cache`` for this same computation:
+        the same weights and buffers (every byte), K/V-relevant config, dtype, linear kernel and
+        block size. Anything else, or a damaged or inconsistent file, is refused with
+        ``PrefixCacheFileError``, changing nothing."""
         with self.runner.lock:
-            return load_prefix_cache(self.prefix_cache, path, weights_fingerprint(self))
+            return load_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint(), self.config.vocab_size)
+
+    def _prefix_cache_fingerprint(self) -> str:
+        # Every config field that changes K/V; rope_theta / rope_scaling are transformers 4's rope_parameters.
+        fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+                  "attention_bias", "mlp_bias", "pretraining_tp", "rope_parameters", "rope_theta", "rope_scaling",
+                  "max_position_embeddings")  # the last feeds RoPE scaling (dynamic, YaRN, LongRoPE)
+        config = {name: getattr(self.config, name, None) for name in fields}
+        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, self.linear_kernel)
 
     # --- forward ---------------------------------------------------------------------------
 
@@ -130,31 +150,35 @@ class TrellisLlama(LlamaForCausalLM):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """As ``LlamaForCausalLM.forward``, over the paged cache.
 
-        Positions count each row's real tokens (padding takes none), as ``generate()`` does.
-        Logits at padded positions are zero. A fresh prompt reuses its cached prefix up to the
-        first position whose logits are asked for (``logits_to_keep``; 0 means all of them).
+        Positions count each row's real tokens (padding takes none), as ``generate()`` does;
+        other ``position_ids`` are honoured. Logits and hidden states at padded positions are
+        zero. A fresh prompt reuses its cached prefix up to the first position whose logits are
+        asked for (``logits_to_keep``; 0 means all of them), or none of it when every position's
+        hidden states are asked for, the positions are the caller's, the input is
+        ``inputs_embeds`` or the forward records gradients (training): those sessions compute
+        every token and, except for a training forward, are never shared with later prompts.
         """
         past_key_values = take_cache_argument(past_key_values, kwargs)
         if self.config._attn_implementation != ATTN_IMPLEMENTATION:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                    logits_to_keep=logits_to_keep, **{CACHE_ARG: past_key_values}, **kwargs)
-        if inputs_embeds is not None or input_ids is None:
-            raise ValueError("TrellisLlama keys its prefix cache on token ids: pass input_ids, not inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, PagedKVCache):
-            raise TypeError(f"past_key_values must be a PagedKVCache from this model, got {type(past_key_values).__name__}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]
-                                           or attention_mask.shape[1] < input_ids.shape[1]):
-            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover input_ids of "
-                             f"shape {tuple(input_ids.shape)}")
+        return_dict = kwargs.pop("return_dict", None)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        output_attentions = kwargs.pop("output_attentions", None)
+        if self.config.output_attentions if output_attentions is None else output_attentions:
+            raise ValueError("TrellisLlama's paged attention kernels never form the attention weights: "
+                             "output_attentions is not supported (load the model with attn_implementation='eager')")
+        inputs = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_key_values)
+        num_rows, num_cols = inputs.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules()):
+            use_cache = False  # as transformers: checkpointed layers run twice, a cache would see them twice
         runner = self.runner
         with runner.lock:
             manager = runner.prefix_cache
@@ -162,36 +186,92 @@ class TrellisLlama(LlamaForCausalLM):
             if cache.manager is not manager:
                 raise RuntimeError("this past_key_values belongs to an earlier KV cache (the model's device, dtype, weights "
                                    "or cache settings changed since); start a new generation")
-            num_cols = input_ids.shape[1]
-            real = self._padding_mask(input_ids, attention_mask)  # [B, S] bool, None if nothing is padding
-            keep_cols = self._logit_columns(logits_to_keep, num_cols, input_ids.device)  # [K]
-            rows = input_ids.tolist() if real is None else [row[mask].tolist() for row, mask in zip(input_ids, real)]
-            runner.check_token_ids(rows)
+            real = self._padding_mask(attention_mask, num_cols)  # [B, S] bool, None if nothing is padding
+            keep_cols = self._logit_columns(logits_to_keep, num_cols, inputs.device)  # [K]
+            if inputs_embeds is None:
+                rows = input_ids.tolist() if real is None else [row[mask].tolist() for row, mask in zip(input_ids, real)]
+                runner.check_token_ids(rows)
+                embeds = None
+            else:  # no token ids: the sessions count their tokens with a placeholder id and are never shared
+                counts = [num_cols] * num_rows if real is None else real.sum(1).tolist()
+                rows = [[-1] * n for n in counts]
+                embeds = inputs_embeds.flatten(0, 1) if real is None else inputs_embeds[real]  # [T, H], packed
             fresh = cache.is_empty
-            past = [0] * len(rows) if fresh else [len(seq.token_ids) for seq in cache.seqs]
+            past = [0] * num_rows if fresh else [len(seq.token_ids) for seq in cache.seqs]
             runner.check_positions(max((p + len(r) for p, r in zip(past, rows)), default=0))
+            positions = self._caller_positions(position_ids, real, past, num_rows, num_cols)
             reusable = None
             if fresh:
-                # Reuse at most the real tokens before the first column whose logits are wanted.
-                first_kept = int(keep_cols.min()) if len(keep_cols) else num_cols
-                reusable = [first_kept] * len(rows) if real is None else real[:, :first_kept].sum(1).tolist()
-            hidden, batch = runner.forward_rows(manager, cache.seqs, rows, reusable, **kwargs)
-            skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in cache.seqs], device=input_ids.device)
+                # Reuse at most the real tokens before the first column whose outputs are wanted.
+                first_kept = 0 if output_hidden_states else int(keep_cols.min()) if len(keep_cols) else num_cols
+                reusable = [first_kept] * num_rows if real is None else real[:, :first_kept].sum(1).tolist()
+            step = runner.forward_rows(manager, cache.seqs, rows, reusable, positions=positions, inputs_embeds=embeds,
+                                       output_hidden_states=output_hidden_states, **kwargs)
+            skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in cache.seqs], device=inputs.device)
             cache.seen_columns += num_cols
-            logits = runner.select_logits(hidden, batch, real, keep_cols, skipped)
+            logits = runner.unpack(step.hidden, step.batch, real, keep_cols, skipped, runner.logits)
+            hidden_states = step.hidden_states  # [1, T, H] each: one unpadded row's own, on the autograd graph
+            if hidden_states is not None and (num_rows > 1 or real is not None):
+                every_col = torch.arange(num_cols, device=inputs.device)
+                hidden_states = tuple(runner.unpack(h[0], step.batch, real, every_col, skipped) for h in hidden_states)
             if not use_cache:
                 cache.release()
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache if use_cache else None})
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states,
+                                        **{CACHE_ARG: cache if use_cache else None})
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     @staticmethod
-    def _padding_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None, cache: object) -> torch.Tensor:
+        """The input (token ids ``[B, S]`` or embeddings ``[B, S, H]``), refusing what cannot be served."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if cache is not None and not isinstance(cache, PagedKVCache):
+            raise TypeError(f"past_key_values must be a PagedKVCache from this model, got {type(cache).__name__}")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        elif inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must be [batch, seq_len, hidden], got shape {tuple(inputs_embeds.shape)}")
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"custom {attention_mask.dim()}D attention masks are not supported: the paged attention is "
+                             "causal within each row; pass a 2D padding mask [batch, seq_len]")
+        if attention_mask is not None and (attention_mask.shape[0] != inputs.shape[0]
+                                           or attention_mask.shape[1] < inputs.shape[1]):
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the input of "
+                             f"shape {tuple(inputs.shape[:2])}")
+        return inputs
+
+    @staticmethod
+    def _caller_positions(position_ids: torch.Tensor | None, real: torch.Tensor | None, past: list[int],
+                          num_rows: int, num_cols: int) -> list[list[int]] | None:
+        """The caller's positions of each row's real tokens, or None where they are Trellis' own
+        (each row's real tokens counted on from its past, as ``generate()`` also passes them)."""
+        if position_ids is None:
+            return None
+        if position_ids.dim() != 2 or position_ids.shape[1] != num_cols or position_ids.shape[0] not in (1, num_rows):
+            raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} do not match the input "
+                             f"({num_rows}, {num_cols})")
+        given = position_ids.expand(num_rows, num_cols).to("cpu", torch.long)  # [B, S]
+        rank = torch.arange(num_cols).expand(num_rows, num_cols) if real is None else real.cpu().long().cumsum(1) - 1
+        own = torch.tensor(past)[:, None] + rank  # [B, S]
+        mask = torch.ones_like(given, dtype=torch.bool) if real is None else real.cpu()
+        if torch.equal(given[mask], own[mask]):
+            return None
+        return [row[row_mask].tolist() for row, row_mask in zip(given, mask)]
+
+    @staticmethod
+    def _padding_mask(attention_mask: torch.Tensor | None, num_cols: int) -> torch.Tensor | None:
         """Which tokens are real ``[B, S]``; None when all are (the common case, given fast paths)."""
         if attention_mask is None:
             return None
-        real = attention_mask[:, -input_ids.shape[1]:].bool()
+        real = attention_mask[:, -num_cols:].bool()
         return None if real.all() else real
 
     @staticmethod
@@ -207,6 +287,10 @@ class TrellisLlama(LlamaForCausalLM):
         """``LlamaForCausalLM.generate`` over the paged cache; prompts reuse cached prefixes, and
         each finished row's full blocks (prompt and answer) are cached for the next turn."""
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+        if implementation is not None and self.config._attn_implementation == ATTN_IMPLEMENTATION and use_cache:
+            raise ValueError(f"TrellisLlama keeps its K/V in the paged prefix cache, not in a {implementation!r} cache; "
+                             "drop cache_implementation, or load the model with attn_implementation='sdpa'")
         if (self.config._attn_implementation != ATTN_IMPLEMENTATION or use_cache is False
                 or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None):
             return super().generate(inputs, generation_config, **kwargs)
@@ -245,3 +329,10 @@ class TrellisLlama(LlamaForCausalLM):
 
         return generate_batch(self, inputs, generation_config, continuous_batching_config, record_timestamps,
                               progress_bar, **kwargs)
+
+
+def _contiguous_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> dict:
+    for name, tensor in state_dict.items():
+        if not tensor.is_contiguous():
+            state_dict[name] = tensor.contiguous()
+    return state_dict

@@ -68,6 +68,16 @@ class PagedKVCache(Cache):
     def is_empty(self) -> bool:
         return not self.seqs
 
+    def __deepcopy__(self, memo: dict) -> PagedKVCache:
+        """An independent handle over the same K/V: each session forked (full blocks shared, the
+        partial tail block copied), as transformers' recipe of reusing one prefilled prompt
+        cache for several continuations expects of ``copy.deepcopy``."""
+        copy = PagedKVCache(self.manager)
+        with self.manager.lock:
+            copy.seqs.extend(self.manager.fork(seq) for seq in self.seqs)
+        copy.seen_columns = self.seen_columns
+        return copy
+
     def release(self) -> None:
         """End every session now: share their full blocks, free the rest."""
         if self._finalizer.detach() is None:

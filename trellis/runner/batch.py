@@ -18,7 +18,8 @@ class PagedBatch:
     """What one forward computes: the new tokens of each sequence, packed end to end.
 
     The attention of layer ``l`` writes the new K/V into ``kv_layers[l]`` (the pool's K and V
-    caches of that layer) and reads each sequence through its block table.
+    caches of that layer) and reads each sequence through its block table, as ``plan`` (made
+    once for every layer) says.
     """
 
     input_ids: torch.Tensor  # [T] int64, the new tokens of every sequence, packed
@@ -28,9 +29,9 @@ class PagedBatch:
     cu_seqlens_q: torch.Tensor  # [B+1] int32, sequence i's tokens are [cu[i], cu[i+1])
     slot_mapping: torch.Tensor  # [T] int64, where each new token's K/V go
     kv_layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V caches [N, S, Hkv, D]
-    backend: str  # the kernels, resolved and checked once per batch
-    max_q_len: int  # host facts every layer's attention needs, known here without a device read
-    max_kv_len: int
+    plan: ops.AttentionPlan  # the attention of every layer, planned once (backend resolved and checked)
+    host_cu_seqlens_q: list[int]  # cu_seqlens_q and seq_lens as the host built them
+    host_seq_lens: list[int]
 
     @property
     def last_token_index(self) -> torch.Tensor:
@@ -38,33 +39,43 @@ class PagedBatch:
         return self.cu_seqlens_q[1:].long() - 1
 
 
-def build_batch(seqs: Sequence[PagedSequence], pool: BlockPool, backend: str | None = None) -> PagedBatch:
-    """Pack the uncomputed tokens of ``seqs`` (each must have blocks reserved for them in ``pool``);
-    ``backend`` None means the fastest for the pool's device."""
+def build_batch(seqs: Sequence[PagedSequence], pool: BlockPool, num_q_heads: int, backend: str | None = None,
+                positions: Sequence[Sequence[int]] | None = None) -> PagedBatch:
+    """Pack the uncomputed tokens of ``seqs`` (each must have blocks reserved for them in ``pool``)
+    and plan their attention; ``backend`` None means the fastest for the pool's device. Sequence
+    ``i``'s new tokens sit at ``positions[i]``, by default right after its computed ones."""
     block_size = pool.block_size
     ids: list[int] = []
-    positions: list[int] = []
+    packed_positions: list[int] = []
     slots: list[int] = []
     cu = [0]
-    for seq in seqs:
+    for i, seq in enumerate(seqs):
         start, end = seq.num_cached, len(seq.token_ids)
         ids.extend(seq.token_ids[start:end])
-        positions.extend(range(start, end))
+        packed_positions.extend(range(start, end) if positions is None else positions[i])
         slots.extend(seq.block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
         cu.append(len(ids))
+    if len(packed_positions) != len(ids):
+        raise ValueError(f"{len(packed_positions)} positions for {len(ids)} new tokens")
     max_blocks = max(len(seq.block_ids) for seq in seqs)
     table = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
     seq_lens = [len(seq.token_ids) for seq in seqs]
     device = pool.kv.device
+    block_table = torch.tensor(table, dtype=torch.int32, device=device)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=device)
+    plan = ops.plan_attention(block_table, seq_lens_t, cu_seqlens_q, num_tokens=len(ids), num_q_heads=num_q_heads,
+                              k_cache=pool.layers[0][0], max_q_len=max(end - start for start, end in pairwise(cu)),
+                              max_kv_len=max(seq_lens), backend=backend)
     return PagedBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        block_table=torch.tensor(table, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        positions=torch.tensor(packed_positions, dtype=torch.int64, device=device),
+        block_table=block_table,
+        seq_lens=seq_lens_t,
+        cu_seqlens_q=cu_seqlens_q,
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         kv_layers=pool.layers,
-        backend=ops.resolve_backend(backend, device),
-        max_q_len=max(end - start for start, end in pairwise(cu)),
-        max_kv_len=max(seq_lens),
+        plan=plan,
+        host_cu_seqlens_q=cu,
+        host_seq_lens=seq_lens,
     )

@@ -19,16 +19,20 @@ but 512-row matmuls run 10-20 % slower over it: see the README.) No memory is ad
 is replaced, one layer at a time. A weight that is shared with another module (a tied LM head
 and embedding) keeps its layout, so that embedding lookups stay row reads.
 
-Logits move by fp32 reassociation only (~1e-4 of their scale on SmolLM2; greedy tokens agree).
+Logits move by fp32 reassociation only (at most ~1.3e-4 on SmolLM2, whose logits reach ~39; greedy tokens agree).
 An ``OneDNNLinear`` is an ``nn.Linear`` in every other respect: the same parameters and state
 dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
-copy is made on first use and again whenever the weight is replaced or changed in place; a
-replaced weight stays correct in any layout (``set_linear_kernel`` again restores the fast one).
+copy is made on first use and again whenever the weight is replaced (another storage, held
+weakly: a new one at the old address is not mistaken for it) or changed in place (its version
+counter); a replaced weight stays correct in any layout (``set_linear_kernel`` again restores
+the fast one). Writes that bypass the version counter (``weight.data.copy_(w)``) are not seen:
+``drop_packed`` (which ``model.prefix_cache.reset()`` calls) makes every copy afresh.
 """
 
 from __future__ import annotations
 
 import platform
+import weakref
 from collections import Counter
 
 import torch
@@ -49,24 +53,30 @@ def default_linear_kernel() -> str:
 
 class OneDNNLinear(torch.nn.Linear):
     prepack = False  # the "packed" kind; set per instance by set_linear_kernel
-    # (weight data_ptr, weight version, packed weight); never in the state dict, copies or pickles
-    _packed: tuple[int, int, torch.Tensor] | None = None
+    # (weight storage (weakly), data_ptr and version, packed weight); never in state dicts, copies or pickles
+    _packed: tuple[weakref.ref, int, int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
+        # Under torch.compile, F.linear: the compiler picks its own GEMMs (Inductor cannot lower
+        # the oneDNN op over an input-major weight).
         if (x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32
-                or x.dtype != torch.float32 or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
+                or x.dtype != torch.float32 or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+                or torch.compiler.is_compiling()):
             return F.linear(x, weight, self.bias)
         if self.prepack:
             weight = self._packed_weight()
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
     def _packed_weight(self) -> torch.Tensor:
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._packed is None or self._packed[:2] != key:
+        weight = self.weight
+        storage, key = weight.untyped_storage(), (weight.data_ptr(), weight._version)
+        packed = self._packed
+        if packed is None or packed[0]() is not storage or packed[1:3] != key:
             # The batch-size hint only tunes the blocking; 64 serves decode and prefill alike.
-            self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64))
-        return self._packed[2]
+            packed = (weakref.ref(storage), *key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64))
+            self._packed = packed
+        return packed[3]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -101,6 +111,13 @@ def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
         if uses[id(module.weight)] == 1:
             _set_layout(module.weight, input_major=kind == "onednn")
     return changed
+
+
+def drop_packed(model: torch.nn.Module) -> None:
+    """Free every packed copy in ``model``; each is made again, from the weight as it is, on first use."""
+    for module in model.modules():
+        if type(module) is OneDNNLinear:
+            module.__dict__.pop("_packed", None)
 
 
 def _set_layout(weight: torch.nn.Parameter, input_major: bool) -> None:

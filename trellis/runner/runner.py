@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,8 @@ from trellis.runner import cpu_linear
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch, build_batch
 from trellis.runner.weights_watcher import WeightsWatcher
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled attention kernels take
 
 
 @dataclass(frozen=True)
@@ -103,21 +105,48 @@ class PagedModelRunner:
             return changed
 
     def attention_backend(self) -> str:
-        """The kernels attention runs on: the configured backend, else the fastest for the device."""
-        return self.settings.backend or ops.default_backend(self.device)
+        """The kernels attention runs on: the configured backend, else the fastest for the device
+        and dtype (the compiled kernels take fp32, fp16 and bf16; the reference any float)."""
+        return self._configured_backend() or ops.default_backend(self.device)
+
+    def _configured_backend(self) -> str | None:
+        if self.settings.backend is None and self.model.dtype not in _KERNEL_DTYPES:
+            return "reference"
+        return self.settings.backend
 
     # --- the KV cache ------------------------------------------------------------------------
 
     @property
     def prefix_cache(self) -> KVCacheManager:
         """The paged KV cache. Rebuilt empty whenever the K/V it holds would be stale: a new
-        device, dtype, linear kernel or cache settings, weights changed in place or replaced, or
-        another PEFT adapter state. Sessions of the old cache can no longer run."""
+        device, dtype, linear kernel or cache settings; a parameter or buffer (RoPE's
+        ``inv_freq``) changed in place, replaced or given another storage; a module added or
+        moved; an RMSNorm eps, attention or RoPE scale or config field changed; another PEFT
+        adapter state (active, enabled, merged, scale). Sessions of the old cache can no longer run.
+
+        Edits it cannot see, because they bypass the tensor's version counter: in-place writes
+        through ``.data`` (``p.data.mul_(2)``, ``p.data.copy_(w)``), NumPy (``p.detach().numpy()``),
+        DLPack or a raw pointer. After one, call ``prefix_cache.reset()``: it forgets the cached
+        prefixes and every copy derived from the weights (the packed linear kernel's). See
+        ``weights_watcher``.
+        """
         with self._cache_lock:
             key = (self.device, self.model.dtype, self.linear_kernel, self.weights_watcher.state())
             if self._manager is None or key != self._manager_key:
+                # peft merges adapters into their base weights through ``.data``, unseen by the
+                # packed copies' own key; merging changes the key. (Repacking every layer instead
+                # would take seconds on SmolLM2.)
+                for layer in self.weights_watcher.adapter_layers:
+                    cpu_linear.drop_packed(layer)
                 self._manager, self._manager_key = KVCacheManager(self._new_pool()), key
+                self._manager.on_reset.append(self._forget_derived_state)
             return self._manager
+
+    def _forget_derived_state(self) -> None:
+        """What ``prefix_cache.reset()`` forgets besides the cached prefixes: the packed weight
+        copies, and the watcher's listing of the model (taken afresh at the next key)."""
+        cpu_linear.drop_packed(self.model)
+        self.weights_watcher.forget()
 
     def _new_pool(self) -> BlockPool:
         cfg, settings = self.config, self.settings
@@ -146,65 +175,97 @@ class PagedModelRunner:
 
     # --- forwards ----------------------------------------------------------------------------
 
-    def forward(self, manager: KVCacheManager, seqs: Sequence[PagedSequence], **kwargs) -> tuple[torch.Tensor, PagedBatch]:
+    def forward(self, manager: KVCacheManager, seqs: Sequence[PagedSequence],
+                positions: Sequence[Sequence[int]] | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> StepOutput:
         """One packed forward over the uncomputed tokens of ``seqs``, sessions of ``manager`` (the
         ``prefix_cache`` they were admitted to) with their blocks already reserved.
 
         Writes their K/V into the pool, marks them computed and shares their full blocks with the
-        radix cache. Returns the final hidden states ``[T, H]`` of the new tokens, packed, and the
-        batch (sequence i's tokens are ``hidden[cu_seqlens_q[i]:cu_seqlens_q[i+1]]``); ``logits``
-        turns the rows you need into logits. ``kwargs`` go to transformers' decoder.
+        radix cache. Sequence ``i``'s new tokens sit at positions ``positions[i]`` (default: right
+        after its computed ones) and are embedded by the model, or taken from ``inputs_embeds``
+        (``[T, H]``, packed). ``kwargs`` go to transformers' decoder (``output_hidden_states``).
         """
         if self.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(f"the model runs {self.config._attn_implementation!r} attention, not the paged "
                                f"{ATTN_IMPLEMENTATION!r} one; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
         with self.lock:
-            batch = build_batch(seqs, manager.pool, self.settings.backend)
-            hidden = self.model.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
-                                      paged_batch=batch, use_cache=False, **kwargs).last_hidden_state[0]  # [T, H]
+            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self._configured_backend(), positions)
+            tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
+            out = self.model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False,
+                                   **kwargs)
             for seq in seqs:
                 manager.mark_computed(seq)
-            return hidden, batch
+            return StepOutput(out.last_hidden_state[0], batch, out.hidden_states)
 
     def forward_rows(self, manager: KVCacheManager, seqs: list[PagedSequence], rows: Sequence[Sequence[int]],
-                     max_reuse: Sequence[int] | None = None, **kwargs) -> tuple[torch.Tensor, PagedBatch]:
+                     max_reuse: Sequence[int] | None = None, positions: Sequence[Sequence[int]] | None = None,
+                     inputs_embeds: torch.Tensor | None = None, **kwargs) -> StepOutput:
         """Run ``rows`` as the next tokens of ``seqs`` (row ``i`` continues session ``i``); an empty
         ``seqs`` is filled, in place, with sessions admitted over ``rows``, row ``i`` reusing at most
-        ``max_reuse[i]`` cached tokens. A failure leaves ``seqs`` and the cache as they were."""
+        ``max_reuse[i]`` cached tokens. A failure leaves ``seqs`` and the cache as they were.
+
+        Caller-given ``positions`` or ``inputs_embeds`` (``rows`` then only count the tokens) make
+        K/V that a later prompt of the same token ids would not reproduce: those sessions reuse
+        nothing and are never cached. So does a forward that tracks gradients, whose attention must
+        see every key as a function of the parameters.
+        """
+        private = positions is not None or inputs_embeds is not None
         with self.lock:
             fresh = not seqs
             if fresh:
+                if private or self.tracks_gradients():
+                    max_reuse = [0] * len(rows)
                 seqs[:] = manager.admit_batch(rows, max_reuse if max_reuse is not None else [len(r) for r in rows])
             else:
                 manager.extend_batch(seqs, rows)
+            if private:
+                for seq in seqs:
+                    seq.shareable = False
             try:
-                return self.forward(manager, seqs, **kwargs)
+                return self.forward(manager, seqs, positions, inputs_embeds, **kwargs)
             except BaseException:
                 manager.rollback_batch(seqs, None if fresh else [len(row) for row in rows])
                 if fresh:
                     seqs.clear()
                 raise
 
+    def tracks_gradients(self) -> bool:
+        """Whether a forward now would record autograd history (training, or inference outside no_grad)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, H]`` final hidden states to ``[R, V]`` logits."""
         return self.model.lm_head(hidden)
 
-    def select_logits(self, hidden: torch.Tensor, batch: PagedBatch, real: torch.Tensor | None, keep_cols: torch.Tensor,
-                      skipped: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, K, V]`` of a padded ``[B, S]`` input at columns ``keep_cols`` ``[K]``, from the
-        packed ``hidden`` of its real tokens (``real`` ``[B, S]`` bool, None if all are real); row
-        ``i``'s first ``skipped[i]`` real tokens were served by the cache. Zero where padding."""
+    def unpack(self, packed: torch.Tensor, batch: PagedBatch, real: torch.Tensor | None, cols: torch.Tensor,
+               skipped: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The rows ``[B, K, X]`` of a padded ``[B, S]`` input at columns ``cols`` ``[K]``, from
+        ``packed`` ``[T, X]`` values of its new real tokens (``real`` ``[B, S]`` bool, None if all are
+        real), each passed through ``transform`` (e.g. ``logits``) first; row ``i``'s first
+        ``skipped[i]`` real tokens were served by the cache. Zero where padding."""
+        transform = transform or (lambda rows: rows)
         row_starts = batch.cu_seqlens_q[:-1].long()  # [B]
         if real is None:  # row i's column c is packed token row_starts[i] + c - skipped[i]
-            return self.logits(hidden[(row_starts - skipped)[:, None] + keep_cols])
+            return transform(packed[(row_starts - skipped)[:, None] + cols])
         rank = real.long().cumsum(1) - 1  # [B, S] index of each real token among its row's new tokens
-        packed = row_starts[:, None] + rank - skipped[:, None]  # [B, S] its index in the packed batch
-        kept_real = real[:, keep_cols]  # [B, K]
-        index = packed[:, keep_cols][kept_real]  # [R]
-        logits_real = self.logits(hidden[index])  # [R, V]
-        logits = logits_real.new_zeros(real.shape[0], len(keep_cols), logits_real.shape[-1])
-        logits[kept_real] = logits_real
-        return logits
+        index_of = row_starts[:, None] + rank - skipped[:, None]  # [B, S] its index in the packed batch
+        kept_real = real[:, cols]  # [B, K]
+        values = transform(packed[index_of[:, cols][kept_real]])  # [R, X]
+        out = values.new_zeros(real.shape[0], len(cols), values.shape[-1])
+        out[kept_real] = values
+        return out
+
+
+@dataclass
+class StepOutput:
+    """What one forward returns: the final hidden states ``[T, H]`` of the new tokens, packed
+    (sequence i's are ``hidden[cu_seqlens_q[i]:cu_seqlens_q[i+1]]``; ``logits`` turns the rows you
+    need into logits), the batch, and every layer's input and the final output when asked for."""
+
+    hidden: torch.Tensor
+    batch: PagedBatch
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # each [1, T, H], as the decoder returned them
 
 
 def runner_of(model: object) -> PagedModelRunner:
