@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from tests.conftest import IN_CI
 from tests.models import tiny_config, tiny_pair
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache
@@ -234,3 +235,21 @@ def test_deepcopy_gets_its_own_empty_cache():
     assert twin.prefix_cache is not model.prefix_cache and twin.prefix_cache.stats()["cached_blocks"] == 0
     assert torch.equal(twin.generate(ids, max_new_tokens=5, do_sample=False),
                        ref.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+def test_a_cpu_model_runs_the_compiled_kernels():
+    """A silent fall-back to the reference would leave a green suite without C++ coverage: on the
+    CPU the model's attention runs the C++ kernels (where they cannot be built this skips, except
+    in CI, where Trellis builds them)."""
+    ref, model = tiny_pair()
+    if model.attention_backend() != "cpp":
+        if IN_CI:
+            pytest.fail(f"the model runs the {model.attention_backend()} attention backend: the C++ kernels did not load")
+        pytest.skip("the C++ kernels cannot be built here")
+    ids = torch.arange(3, 30)[None]
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        logits = model(ids).logits
+    ran = {event.name for event in profile.events()}
+    assert {"trellis_cpp::paged_attention", "trellis_cpp::store_kv"} <= ran
+    with torch.no_grad():
+        assert (logits - ref(ids).logits).abs().max() <= ATOL

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tests.conftest import installed
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.persist import FORMAT, PrefixCacheFileError, _checksum, model_fingerprint
@@ -150,6 +151,25 @@ def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp
     assert not model.model.layers[0].mlp.up_proj.weight.is_contiguous()
     assert blas.model.layers[0].mlp.up_proj.weight.is_contiguous()
     assert model_fingerprint(model, {}, "k") == model_fingerprint(blas, {}, "k")
+
+
+def test_another_adapter_state_is_refused(tmp_path):
+    """LoRA weights are parameters; which adapter runs, and at what scale, is not: both are in the
+    fingerprint, so a file saved under one adapter does not load under another."""
+    peft = installed("peft")
+    _, base = tiny_pair()
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, config, adapter_name="a")
+    model.add_adapter("b", config)
+    model.set_adapter("a")
+    path = saved(tmp_path, base)
+    model.set_adapter("b")
+    with pytest.raises(PrefixCacheFileError, match="model="):
+        base.load_prefix_cache(path)
+    model.set_adapter("a")
+    assert base.load_prefix_cache(path) > 0
+    base.prefix_cache.check_integrity()
 
 
 def test_another_format_version_is_refused(tmp_path):

@@ -42,15 +42,17 @@ class PrefixCacheFileError(ValueError):
 
 def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], linear_kernel: str) -> str:
     """An exact identity of the computation that produced a model's K/V: every byte of every
-    tensor of ``module``'s state dict and of every buffer, persistent or not (RoPE's ``inv_freq``
-    is not in the state dict), with its name, dtype and shape; ``config``, the settings that shape
+    parameter and buffer, persistent or not (RoPE's ``inv_freq`` is not in the state dict), with
+    its name, dtype and shape; ``config``, the settings that shape
     the computation (JSON-serialisable); and ``linear_kernel``, since kernels round differently.
 
     Tensors hash by value, not layout (oneDNN stores weights input-major). A tensor shared under
     two names (tied embeddings) is read once. SmolLM2-135M in fp32 (538 MB): ~0.8 s on the 2-core
     reference machine, paid at each save and load.
     """
-    tensors = {**module.state_dict(), **dict(module.named_buffers())}
+    # Parameters and buffers by their state-dict names, read in place (no state-dict copies).
+    tensors = {name: t.detach() for name, t in (*module.named_parameters(remove_duplicate=False),
+                                                *module.named_buffers(remove_duplicate=False))}
     unique = {_storage_key(t): t for t in tensors.values()}
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # hashlib releases the GIL
         digests = dict(zip(unique, pool.map(_tensor_digest, unique.values())))

@@ -135,7 +135,9 @@ class TrellisLlama(LlamaForCausalLM):
                   "attention_bias", "mlp_bias", "pretraining_tp", "rope_parameters", "rope_theta", "rope_scaling",
                   "max_position_embeddings")  # the last feeds RoPE scaling (dynamic, YaRN, LongRoPE)
         config = {name: getattr(self.config, name, None) for name in fields}
-        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, self.linear_kernel)
+        self.prefix_cache  # noqa: B018 -- brings the watcher's view of the adapters up to date
+        adapters = repr(self.runner.weights_watcher.adapter_state())  # which adapters run, and their scales
+        return model_fingerprint(self, {**config, "dtype": str(self.dtype), "adapters": adapters}, self.linear_kernel)
 
     # --- forward ---------------------------------------------------------------------------
 

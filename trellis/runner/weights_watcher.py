@@ -146,6 +146,11 @@ class WeightsWatcher:
         """The model's peft tuner layers as of the last ``state()``."""
         return self._adapters
 
+    def adapter_state(self) -> tuple:
+        """Each peft tuner layer's active, disabled and merged adapters and scales (what the
+        adapters' weights alone do not say), as of the last ``state()``."""
+        return tuple(map(_adapter_state, self._adapters))
+
     def forget(self) -> None:
         """List the model again at the next ``state()`` (``prefix_cache.reset()`` calls it)."""
         self._epoch = -1
