@@ -1,0 +1,417 @@
+"""Render the measured results under ``benchmarks/results/`` into the docs.
+
+    python benchmarks/report.py           # rewrite the generated parts of docs/benchmarks.md and README.md
+    python benchmarks/report.py --check   # exit 1 if either differs from what the JSON gives
+
+The generated parts sit between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers:
+``results`` in docs/benchmarks.md (one subsection per machine directory: ``results/`` itself and
+each folder under it), ``headline`` in README.md (one table, from ``HEADLINE_MACHINE``).
+Everything else in those files is written by hand. Standard library only: no torch, no Trellis.
+
+Tables show what the benchmark scripts print: ``mean ± std`` over the repetitions, and ratios
+of the means. The README's headline uses medians, which one stray repetition cannot move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
+HEADLINE_MACHINE = "avx2"  # the machine directory whose results the README quotes
+SIMD = {"AVX512": "AVX-512", "AVX2": "AVX2", "DEFAULT": "portable code"}  # torch's CPU capability names
+PEERS = ("trellis", "hf_generate_batch", "hf_generate")
+Results = dict[str, dict]  # file name -> its JSON, for one machine directory
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values)
+
+
+def pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± std`` of ``values * scale`` (the value alone when there is one)."""
+    scaled = [v * scale for v in values]
+    if len(scaled) == 1:
+        return f"{scaled[0]:.{digits}f}"
+    return f"{mean(scaled):.{digits}f} ± {statistics.stdev(scaled):.{digits}f}"
+
+
+def times(a: float, b: float) -> str:
+    return f"{a / b:.2f}×"
+
+
+def mib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:,.0f} MiB"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def source(name: str, directory: Path) -> str:
+    """A link from docs/ to a results file."""
+    return f"[`{name}`](../{(directory / name).relative_to(ROOT).as_posix()})"
+
+
+def by_system(points: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for p in points:
+        out.setdefault(p["system"], []).append(p)
+    return out
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def load(directory: Path) -> Results:
+    """The JSON files directly in ``directory``. A combined suite file (``bench_prefix.py --json``)
+    is split into its parts, and a part equal to a file of its own is dropped as a duplicate."""
+    files = {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    for name, data in list(files.items()):
+        if {"throughput", "ttft", "block_size"} <= data.keys():
+            del files[name]
+            for part, result in data.items():
+                if files.get(f"{part}.json") != result:
+                    files[f"{name} ({part})"] = result
+    return files
+
+
+def infos(results: Results) -> list[dict]:
+    """What each file records about its run (the benchmarks' ``describe``; the kernels' ``machine``)."""
+    found = []
+    for data in results.values():
+        info = data.get("info") or data.get("machine")
+        if isinstance(info, dict):
+            found.append(info)
+    return found
+
+
+def machine(results: Results) -> str:
+    """``CPU, SIMD level, cores`` as the JSON records them."""
+    described = {i["machine"] for i in infos(results) if isinstance(i.get("machine"), str) and "cores" in i["machine"]}
+    cpu = ", ".join(sorted({", ".join(m.split(", ")[1:3]) for m in described}))  # "AMD EPYC, 2 cores"
+    simd = sorted({SIMD.get(i["cpu_capability"], i["cpu_capability"]) for i in infos(results) if "cpu_capability" in i})
+    name, _, cores = cpu.rpartition(", ")
+    return ", ".join([name, *simd, cores])
+
+
+def versions(results: Results, key: str) -> str:
+    return ", ".join(sorted({i[key] for i in infos(results) if isinstance(i.get(key), str)}))
+
+
+# --- one function per kind of table ----------------------------------------------------------
+
+
+def ttft_table(data: dict) -> str:
+    groups = by_system(data["points"])
+    cold = mean(groups["trellis"][0]["ttft"])
+    rows = []
+    for tr, gb, gen in zip(*(groups[s] for s in PEERS)):
+        rows.append([f"{tr['realized_phi']:.3f}", pm(tr["ttft"], 1e3, 0), f"{mean(tr['hit_rate']):.3f}",
+                     pm(gb["ttft"], 1e3, 0), f"{mean(gb['hit_rate']):.3f}", pm(gen["ttft"], 1e3, 0),
+                     f"{mean(tr['ttft']) / cold:.3f}", times(mean(gen["ttft"]), mean(tr["ttft"]))])
+    s = data["settings"]
+    return (f"Time to first token, ms (mean ± std of {s['repeats']}), L={s['L']}, Trellis linear kernel "
+            f"`{data['info']['trellis_linear_kernel']}`; hit-rate ceiling {data['hit_rate_ceiling']:.4f}.\n\n"
+            + table(["φ", "Trellis", "Trellis hit rate", "generate_batch", "generate_batch hit rate", "generate()",
+                     "Trellis TTFT / TTFT(φ=0)", "generate() / Trellis"], rows))
+
+
+def speed_rows(points: list[dict], key: str) -> list[list[str]]:
+    groups = by_system(points)
+    rows = []
+    for tr, gb, gen in zip(*(groups[s] for s in PEERS)):
+        rows.append([f"{tr['realized_phi']:.3f}", pm(tr[key]), pm(gb[key]), pm(gen[key]),
+                     times(mean(tr[key]), mean(gen[key])), times(mean(tr[key]), mean(gb[key]))])
+    return rows
+
+
+def throughput_table(data: dict) -> str:
+    s, header = data["settings"], ["φ", "Trellis", "generate_batch", "generate()", "Trellis / generate()",
+                                   "Trellis / generate_batch"]
+    return (f"Throughput, generated tokens/s per op (mean ± std of {s['repeats']}), L={s['L']}, D={s['D']}, "
+            f"N={s['N']}; an op includes the warm-up.\n\n" + table(header, speed_rows(data["points"], "tokens_per_s"))
+            + "\n\nThe same ops, tokens/s of the N sessions alone (the warm-up left out).\n\n"
+            + table(header, speed_rows(data["points"], "session_tokens_per_s")))
+
+
+def allocations_table(data: dict) -> str:
+    groups = by_system(data["points"])
+
+    def alloc(p: dict) -> str:
+        return f"{mib(p['alloc_bytes'])} ({p['alloc_count']:,})"
+
+    rows = [[f"{tr['realized_phi']:.3f}", alloc(tr), alloc(gb), alloc(gen), str(tr["fresh_blocks"]),
+             str(gb["fresh_blocks"])] for tr, gb, gen in zip(*(groups[s] for s in PEERS))]
+    return ("Allocations per op: bytes (count) of tensor allocations by PyTorch's CPU allocator; fresh 32-token "
+            "KV blocks taken from the pool.\n\n"
+            + table(["φ", "Trellis", "generate_batch", "generate()", "Trellis fresh blocks",
+                     "generate_batch fresh blocks"], rows))
+
+
+def kv_memory_table(data: dict) -> str:
+    groups, block = by_system(data["points"]), data["block_bytes"]
+    rows = []
+    for tr, gen in zip(groups["trellis"], groups["hf_generate"]):
+        held = tr["live_blocks"] * block
+        rows.append([f"{tr['realized_phi']:.3f}", str(tr["shared_tokens"] // 32),
+                     f"{tr['live_blocks']} (expected {tr['expected_live_blocks']})", f"{held / 2**20:.1f}",
+                     f"{gen['kv_bytes'] / 2**20:.1f}", times(gen["kv_bytes"], held)])
+    n = data["settings"]["N"]
+    return (f"KV memory held for the N={n} sessions at their peak; expected = shared + N · "
+            "(⌈(L + D − 1)/32⌉ − shared) blocks.\n\n"
+            + table(["φ", "shared blocks", "Trellis blocks held", "Trellis KV MiB", f"generate() KV MiB ({n} caches)",
+                     "generate() / Trellis"], rows))
+
+
+def targets_table(results: Results, directory: Path) -> str:
+    """The N=4, D=16 check (``bench_throughput.py --targets-only``, and the suite's own pass), every run."""
+    rows = []
+    for name, data in results.items():
+        if "targets" not in data:
+            continue
+        groups = by_system(data["targets"])
+        for tr, gb, gen in zip(*(groups[s] for s in PEERS)):
+            per_op, warm = (mean(tr[k]) for k in ("tokens_per_s", "session_tokens_per_s"))
+            rows.append([source(name.split(" ")[0], directory), f"`{data['info']['trellis_linear_kernel']}`",
+                         str(len(tr["tokens_per_s"])), f"{tr['realized_phi']:.3f}", pm(tr["tokens_per_s"]),
+                         pm(gb["tokens_per_s"]), pm(gen["tokens_per_s"]), times(per_op, mean(gen["tokens_per_s"])),
+                         times(per_op, mean(gb["tokens_per_s"])), times(warm, mean(gen["session_tokens_per_s"]))])
+    return ("N=4 sessions, L=512, D=16, tokens/s per op (mean ± std); the last column leaves the warm-up out. "
+            "The peers always run transformers' own linear layers.\n\n"
+            + table(["file", "Trellis linear kernel", "ops", "φ", "Trellis", "generate_batch", "generate()",
+                     "Trellis / generate()", "Trellis / generate_batch", "warm: Trellis / generate()"], rows))
+
+
+def block_size_table(data: dict) -> str:
+    groups, s = by_system(data["points"]), data["settings"]
+    rows = []
+    for size in s["block_sizes"]:
+        at = {name: [p for p in points if p["block_size"] == size] for name, points in groups.items()}
+        tr = at["trellis"]
+        rows.append([str(size), pm([p["leaves"] for p in tr]), pm([p["nodes"] for p in tr]),
+                     pm([p["cached_blocks"] for p in tr]), pm([p["ttft"] for p in tr], 1e3, 0),
+                     pm([p["hit_rate"] for p in tr], digits=3), pm([p["ttft"] for p in at["hf_generate_batch"]], 1e3, 0),
+                     pm([p["ttft"] for p in at["hf_generate"]], 1e3, 0)])
+    return (f"Block size B (mean ± std over L ∈ {{{', '.join(map(str, s['lengths']))}}}; the tree after a warm-up "
+            f"and N={s['N']} sessions of D={s['D']} at φ={s['phi']}; TTFT in ms at φ={s['phi']}).\n\n"
+            + table(["B", "leaves", "nodes", "cached blocks", "Trellis TTFT", "Trellis hit rate",
+                     "generate_batch TTFT", "generate() TTFT"], rows))
+
+
+def decode_table(data: dict) -> str:
+    names = [k for k in data["rows"][0] if k != "L"]
+    ours = [n for n in names if n.startswith("trellis cpp")]
+    rows = [[str(r["L"]), *(f"{r[n]:.1f}" for n in names), *(times(r["transformers sdpa"], r[n]) for n in ours)]
+            for r in data["rows"]]
+    return (f"Decode, {data['statistic']} ({data['steps']} steps × {data['repeats']} repeats per system) after an "
+            "L-token prompt.\n\n"
+            + table(["L", *names, *(f"sdpa / {n.removeprefix('trellis ')}" for n in ours)], rows))
+
+
+def linear_table(data: dict) -> str:
+    names = [k for k in data["rows"][0] if k != "rows"]
+    rows = [[str(r["rows"]), *(f"{r[n]:.1f}" for n in names)] for r in data["rows"]]
+    return (f"All of the model's decoder linear layers at M rows, {data['statistic']}.\n\n"
+            + table(["rows", *names], rows))
+
+
+def speculative_table(data: dict) -> str:
+    names = [k for k in data["rows"][0] if k not in ("task", "prompt_tokens")]
+    rows = [[r["task"], str(r["prompt_tokens"]), *(f"{r[n]:.2f}" for n in names),
+             times(r["transformers greedy"], r["transformers prompt lookup"]),
+             times(r["trellis greedy"], r["trellis prompt lookup"]),
+             times(r["transformers prompt lookup"], r["trellis prompt lookup"])] for r in data["rows"]]
+    return (f"Greedy decoding with and without prompt lookup (10 draft tokens), D={data['new_tokens']}, "
+            f"{data['statistic']} over {data['repeats']} repeats, prefill included.\n\n"
+            + table(["task", "prompt tokens", *names, "prompt lookup speed-up, transformers", "Trellis",
+                     "Trellis / transformers, prompt lookup"], rows))
+
+
+def eval_table(data: dict) -> str:
+    best: dict[str, dict[str, dict]] = {}
+    for r in data["results"]:
+        best.setdefault(r["workload"], {})[r["backend"]] = r
+    rows = []
+    for workload, b in best.items():
+        plain, hf, ours, warm = b["plain"], b["lm-eval-hf"], b["trellis"], b["trellis-warm"]
+        rows.append([f"`{workload}`", str(plain["requests"]), f"{plain['seconds']:.1f}", f"{hf['seconds']:.1f}",
+                     f"{ours['seconds']:.1f}", times(plain["seconds"], ours["seconds"]),
+                     times(hf["seconds"], ours["seconds"]), f"{ours['hit_rate']:.0%}",
+                     f"{plain['tokens']} / {ours['tokens']}", f"{warm['seconds']:.2f}", f"{warm['hit_rate']:.0%}",
+                     f"{max(r['max_abs_dlogp'] for r in b.values()):.1e}"])
+    meta = data.get("info", data)  # older files keep threads and dtype at the top level
+    return (f"Multiple-choice scoring, seconds (best of the runs), {meta['threads']} torch thread(s), "
+            f"{meta['dtype']}.\n\n"
+            + table(["workload", "requests", "plain transformers", "lm-eval HF", "Trellis", "vs plain", "vs lm-eval",
+                     "context tokens from cache", "tokens computed (plain / Trellis)", "Trellis, contexts cached",
+                     "its hit rate", "max abs Δ log-prob vs plain"], rows))
+
+
+def kernels_table(data: dict) -> str:
+    cells: dict[tuple, dict[str, dict]] = {}
+    overhead = ""
+    for r in data["rows"]:
+        if "call_pair_us_torch_ops" in r:
+            overhead = (f" One layer's decode call pair (`store_kv` + `paged_attention`, {r['method']}): "
+                        f"{r['call_pair_us_public']:.1f} µs through `trellis.ops`, {r['call_pair_us_torch_ops']:.1f} µs "
+                        "through `torch.ops.trellis`.")
+            continue
+        cells.setdefault((r["model"], r["kind"], r["batch"], r["context"], r["new_tokens"]), {})[r["method"]] = r
+    rows = []
+    for (model, kind, batch, context, new), m in cells.items():
+        cpp, sdpa = m["cpp"], m["gather+sdpa"]
+        merit = (f"{cpp['kv_gbps']:.1f} GB/s ({cpp['pct_read_bandwidth']:.0f} %)" if kind == "decode"
+                 else f"{cpp['tflops']:.3f} TFLOP/s")
+        rows.append([f"{model} {kind}", str(batch), str(context), str(new), f"{m['reference']['us']:,.0f}",
+                     f"{cpp['us']:,.0f}", f"{sdpa['us']:,.0f}", merit, times(sdpa["us"], cpp["us"])])
+    first, info = data["rows"][0], data["machine"]
+    return (f"Paged attention alone, µs per call ({first['stat']}), {first['dtype'].removeprefix('torch.')}, "
+            f"{info['threads']} torch thread(s); measured read bandwidth {first['read_bandwidth_gbps']:.1f} GB/s.{overhead}\n\n"
+            + table(["configuration", "sequences", "context", "new tokens", "reference", "cpp", "gather + SDPA",
+                     "cpp: KV read (% of bandwidth) or compute", "SDPA / cpp"], rows))
+
+
+def kind_of(data: dict) -> str:
+    if "results" in data:
+        return "eval"
+    if "rows" in data:
+        first = data["rows"][0]
+        return ("kernels" if "method" in first else "decode" if "transformers sdpa" in first
+                else "linear" if "F.linear (blas)" in first else "speculative")
+    if "points" in data:
+        first = data["points"][0]
+        return "block_size" if "block_size" in first else "throughput" if "tokens_per_s" in first else "ttft"
+    return "targets"
+
+
+# kind -> (section title, renderers of one file); the N=4 targets are one table over every file.
+SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
+    "throughput": ("Throughput, allocations and KV memory vs φ", [throughput_table, allocations_table, kv_memory_table]),
+    "targets": ("Four sessions, short answers", []),
+    "ttft": ("Time to first token vs φ", [ttft_table]),
+    "block_size": ("Block size", [block_size_table]),
+    "decode": ("Decode step", [decode_table]),
+    "linear": ("Linear layers", [linear_table]),
+    "speculative": ("Prompt-lookup decoding", [speculative_table]),
+    "eval": ("Scoring with shared contexts", [eval_table]),
+    "kernels": ("Attention kernels", [kernels_table]),
+}
+
+
+def machine_section(directory: Path) -> str:
+    results = load(directory)
+    where = directory.relative_to(ROOT).as_posix() + "/"
+    parts = [f"### {machine(results)} (`{where}`)",
+             f"torch {versions(results, 'torch')}; transformers {versions(results, 'transformers')}; "
+             f"{versions(results, 'model')}, {versions(results, 'dtype')}; Trellis attention "
+             f"`{versions(results, 'trellis_backend')}`. Figures: "
+             + ", ".join(f"[`{p.name}`](../{p.relative_to(ROOT).as_posix()})" for p in sorted(directory.glob("*.png")))
+             + "."]
+    kinds = {name: kind_of(data) for name, data in results.items()}
+    for kind, (title, renderers) in SECTIONS.items():
+        names = [n for n, k in kinds.items() if k == kind]
+        if kind == "targets" and any("targets" in data for data in results.values()):
+            parts += [f"#### {title}", targets_table(results, directory)]
+        for name in names if renderers else []:
+            parts.append(f"#### {title}: {source(name.split(' ')[0], directory)}")
+            parts += [render(results[name]) for render in renderers]
+    return "\n\n".join(parts)
+
+
+def results_section() -> str:
+    machines = [RESULTS, *sorted(p for p in RESULTS.iterdir() if p.is_dir())]
+    return "\n\n".join(machine_section(m) for m in machines)
+
+
+# --- the README's headline -------------------------------------------------------------------
+
+
+def median_of(points: list[dict], system: str, phi: float, key: str) -> float:
+    return statistics.median(next(p for p in points if p["system"] == system and p["phi"] == phi)[key])
+
+
+def headline() -> str:
+    directory = RESULTS / HEADLINE_MACHINE
+    results = load(directory)
+    ttft, tput = results["ttft_onednn.json"]["points"], results["throughput.json"]["points"]
+    decode, spec = results["decode.json"]["rows"][-1], results["speculative.json"]["rows"][0]
+    n, length, d = (results["throughput.json"]["settings"][k] for k in ("N", "L", "D"))
+
+    def row(what: str, ours: float, theirs: float, unit: str, digits: int, faster: float, file: str) -> list[str]:
+        return [what, f"{ours:.{digits}f} {unit}", f"{theirs:.{digits}f} {unit}", f"{faster:.2f}×",
+                f"[`{file}`](benchmarks/results/{HEADLINE_MACHINE}/{file})"]
+
+    def shared(points: list[dict], phi: float) -> int:
+        point = next(p for p in points if p["phi"] == phi)
+        return round(point["realized_phi"] * point["L"])
+
+    rows = []
+    for phi in (0.0, 0.9):
+        ours, theirs = median_of(ttft, "trellis", phi, "ttft"), median_of(ttft, "hf_generate", phi, "ttft")
+        cached = f"{shared(ttft, phi)} tokens cached" if shared(ttft, phi) else "nothing cached"
+        rows.append(row(f"Time to first token, {ttft[0]['L']}-token prompt, {cached}", 1e3 * ours, 1e3 * theirs,
+                        "ms", 0, theirs / ours, "ttft_onednn.json"))
+    for phi in (0.0, 0.9):
+        ours, theirs = (median_of(tput, s, phi, "tokens_per_s") for s in ("trellis", "hf_generate"))
+        common = f"sharing a {shared(tput, phi)}-token prefix" if shared(tput, phi) else "sharing nothing"
+        rows.append(row(f"{n} sessions: {length}-token prompts {common}, {d} new tokens each", ours, theirs,
+                        "tokens/s", 1, ours / theirs, "throughput.json"))
+    rows.append(row(f"One decode step at a {decode['L']}-token context", decode["trellis cpp, onednn"],
+                    decode["transformers sdpa"], "ms", 1, decode["transformers sdpa"] / decode["trellis cpp, onednn"],
+                    "decode.json"))
+    rows.append(row(f"Copy a passage from a {spec['prompt_tokens']}-token prompt with prompt-lookup decoding, "
+                    f"{results['speculative.json']['new_tokens']} tokens", spec["trellis prompt lookup"],
+                    spec["transformers prompt lookup"], "s", 2,
+                    spec["transformers prompt lookup"] / spec["trellis prompt lookup"], "speculative.json"))
+    return (f"Measured on {machine(results)} (2 torch threads), SmolLM2-135M-Instruct in fp32, torch "
+            f"{versions(results, 'torch')}, transformers {versions(results, 'transformers')}. Each row compares "
+            "Trellis with plain transformers in the same run: `generate()` with its default cache, or the same "
+            "decoding loop with sdpa attention. Throughput counts a whole op: a fresh pipeline, the shared prefix "
+            "warmed, all sessions run. Medians of the repetitions.\n\n"
+            + table(["workload", "Trellis", "transformers", "Trellis speed-up", "data"], rows))
+
+
+# --- writing and checking --------------------------------------------------------------------
+
+
+def splice(text: str, name: str, body: str) -> str:
+    """``text`` with the part between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced by ``body``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    pattern = re.compile(rf"{re.escape(begin)}\n.*?{re.escape(end)}", re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"no {begin} / {end} markers found")
+    return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text, count=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a document is out of date; write nothing")
+    args = parser.parse_args()
+    stale = []
+    for path, name, body in ((DOC, "results", results_section()), (README, "headline", headline())):
+        text = path.read_text()
+        rendered = splice(text, name, body)
+        if rendered != text:
+            stale.append(path.relative_to(ROOT).as_posix())
+            if not args.check:
+                path.write_text(rendered)
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}; run python benchmarks/report.py", file=sys.stderr)
+        return 1
+    print(f"rewrote {', '.join(stale)}" if stale and not args.check else "up to date")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
