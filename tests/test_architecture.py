@@ -24,7 +24,9 @@ LAYERS = {
     "trellis.models": 4,
     "trellis.model_options": 5,
     "trellis.eval": 6,
+    "trellis.serve": 6,
     "trellis.cli": 7,
+    "trellis.__main__": 8,
 }
 
 

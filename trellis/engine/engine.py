@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 import torch
 from transformers.generation.continuous_batching.requests import RequestStatus
@@ -13,9 +15,17 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
 from trellis.engine.sampling import LogitsProcessor, SamplingParams, sample
-from trellis.engine.session import Session
+from trellis.engine.scheduler import Scheduler, fork_blocks
+from trellis.engine.session import Session, TokenLogprobs
 from trellis.runner import PagedModelRunner, runner_of
+from trellis.runner.runner import StepOutput
 from trellis.utils import cdiv
+
+LM_HEAD_ROWS = 256  # rows per lm_head matmul when scoring prompt tokens: keeps the [rows, vocab] logits small
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is full; the request was not queued."""
 
 
 class Engine:
@@ -23,60 +33,102 @@ class Engine:
 
     ``model`` is a ``TrellisLlama`` or its ``PagedModelRunner``; the engine runs it through the runner.
 
-    A step admits waiting sessions (FIFO) and runs one forward over the prompt suffixes of the
-    newly admitted (their cached prefixes are skipped) and the last token of every running
-    session, then samples a token for each. Sessions join as soon as blocks allow and leave as
-    soon as they finish, releasing their blocks; their full blocks (prompt and answer) stay in
-    the radix cache for the next turn.
+    A step admits waiting sessions and runs one forward over a token budget: the next token of every
+    decoding session and prompt chunks of the sessions being prefilled, their cached prefixes
+    skipped (see ``Scheduler`` for chunked prefill, in-batch prefix caching and fair admission).
+    Then each session whose prompt is complete samples a token. Sessions join as soon as blocks
+    allow and leave as soon as they finish, releasing their blocks; their full blocks (prompt and
+    answer) stay in the radix cache for the next turn.
 
     Admission takes the session's cached prefix and reserves blocks for every token it may
     compute (prompt + ``max_new_tokens - 1``), evicting unused cached prefixes if needed. So a
     running session never runs out of blocks and is never preempted: a session that does not fit
     waits for running ones to finish. One that could never fit is refused when it is added.
+
+    Threads: ``add`` and ``cancel`` may be called from any thread while another one steps; every
+    other method belongs to the stepping thread. ``max_waiting`` bounds the sessions queued and
+    not yet running (``add`` raises ``QueueFullError`` beyond it).
     """
 
-    def __init__(self, model: object, max_batch_tokens: int = 4096, max_running: int = 256) -> None:
-        if max_batch_tokens < 1 or max_running < 1:
-            raise ValueError("max_batch_tokens and max_running must be positive")
+    def __init__(self, model: object, max_batch_tokens: int = 4096, max_running: int = 256,
+                 max_waiting: int | None = None, max_overtakes: int = 16) -> None:
+        if max_waiting is not None and max_waiting < 1:
+            raise ValueError("max_waiting must be positive (or None: unbounded)")
         self.runner: PagedModelRunner = runner_of(model)
-        self.max_batch_tokens = max_batch_tokens  # prefill tokens admitted per step (one prompt always fits)
-        self.max_running = max_running
+        self.scheduler = Scheduler(max_batch_tokens, max_running, max_overtakes)
+        self.max_waiting = max_waiting
         self.waiting: deque[Session] = deque()
         self.running: list[Session] = []
+        self._inbox: deque[Session] = deque()  # added by any thread, moved to ``waiting`` by the stepping one
+        self._inbox_lock = threading.Lock()
         self._ids = itertools.count()
         self._manager: KVCacheManager | None = None  # the cache the running sessions live in
         self.fresh_blocks = 0  # blocks admissions took from the pool rather than from the cache
         self.peak_live_blocks = 0  # most distinct blocks held by running sessions at once
 
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.scheduler.max_batch_tokens
+
+    @property
+    def max_running(self) -> int:
+        return self.scheduler.max_running
+
     # --- requests ----------------------------------------------------------------------------
 
     def add(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
-            logits_processor: LogitsProcessor | None = None) -> Session:
-        """Queue a session; raises ``OutOfBlocksError`` if the pool could never hold it.
+            logits_processor: LogitsProcessor | None = None, n: int = 1) -> Session:
+        """Queue a session; raises ``OutOfBlocksError`` if the pool could never hold it, ``QueueFullError``
+        if ``max_waiting`` sessions already wait.
 
         ``logits_processor`` (one per session: it may keep state) turns the session's logits into the
-        scores its tokens are chosen from, warpers included (see ``sample``)."""
+        scores its tokens are chosen from, warpers included (see ``sample``). ``n > 1`` asks for more
+        choices: the returned session's ``forks``, which start from its computed prompt (sharing its
+        blocks) and sample with seeds ``seed + 1``, ``seed + 2``, ... when ``seed`` is set."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("cannot generate from an empty prompt")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if n > 1 and logits_processor is not None:
+            raise ValueError("a logits processor may keep state per session: it cannot serve n > 1 choices")
         self.runner.check_token_ids([prompt])
-        session = Session(request_id or f"req_{next(self._ids)}", prompt, params, logits_processor=logits_processor)
+        request_id = request_id or f"req_{next(self._ids)}"
+        session = Session(request_id, prompt, params, logits_processor=logits_processor)
         self.runner.check_positions(session.kv_tokens)
+        session.forks = [Session(f"{request_id}_{i}", prompt, params if params.seed is None
+                                 else replace(params, seed=params.seed + i), created_time=session.created_time)
+                         for i in range(1, n)]
         manager = self.runner.prefix_cache
-        if not manager.can_ever_hold(session.kv_tokens):
+        needed = cdiv(session.kv_tokens, manager.block_size) + fork_blocks(session, manager.block_size)
+        if needed > manager.pool.num_blocks:
             raise OutOfBlocksError(
-                f"request {session.request_id} can never fit: {len(prompt)} prompt tokens + {params.max_new_tokens} "
-                f"new tokens need {cdiv(session.kv_tokens, manager.block_size)} blocks of {manager.block_size}, the "
-                f"pool has {manager.stats()['total_blocks']}; raise num_blocks / kv_cache_memory or lower max_new_tokens"
+                f"request {request_id} can never fit: {len(prompt)} prompt tokens + {params.max_new_tokens} "
+                f"new tokens{f' in {n} choices' if n > 1 else ''} need {needed} blocks of {manager.block_size}, "
+                f"the pool has {manager.pool.num_blocks}; raise num_blocks / kv_cache_memory or lower max_new_tokens"
             )
-        session.generator = params.make_generator(self.runner.device)
-        self.waiting.append(session)
+        for s in [session, *session.forks]:
+            s.generator = s.params.make_generator(self.runner.device)
+        with self._inbox_lock:
+            if self.max_waiting is not None and len(self._inbox) + len(self.waiting) >= self.max_waiting:
+                raise QueueFullError(f"{self.max_waiting} requests are already waiting; try again shortly")
+            self._inbox.append(session)
         return session
+
+    def cancel(self, session: Session) -> None:
+        """Stop a session at the next step, from any thread; its forks end with it unless they have
+        started. A running session's blocks return to the pool; its computed full blocks stay in the
+        radix cache."""
+        session.cancel_requested = True
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._inbox or self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inbox) + len(self.waiting)
 
     def run(self, on_finish: Callable[[Session], None] | None = None) -> None:
         """Step until every queued session has finished."""
@@ -94,7 +146,8 @@ class Engine:
     # --- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[Session]:
-        """Admit what fits, run one forward, sample; returns the sessions that finished."""
+        """Admit what fits, run one forward, sample; returns the sessions that ended in this step
+        (finished, cancelled or failed), forks included."""
         with self.runner.lock, torch.no_grad():  # one forward at a time on the shared pool
             manager = self.runner.prefix_cache
             if self.running and manager is not self._manager:
@@ -102,72 +155,151 @@ class Engine:
                 self.abort(reason)
                 raise RuntimeError(f"{reason} while sessions were running; they were failed")
             self._manager = manager
-            self._admit(manager)
-            if not self.running:
-                return []
-            sessions = list(self.running)
+            with self._inbox_lock:
+                self.waiting.extend(self._inbox)
+                self._inbox.clear()
+            ended = self._drop_cancelled(manager)
+            before = {id(s) for s in self.running}
             try:
-                step = self.runner.forward(manager, [s.seq for s in sessions])
+                sessions = self.scheduler.schedule(self.waiting, self.running, manager)
+            except BaseException:
+                self._count_admitted(manager, before)
+                raise
+            self._count_admitted(manager, before)
+            if not sessions:
+                return ended
+            try:
+                steps = self._forward(manager, sessions, ended)
             except BaseException as exc:
                 self.abort(f"forward failed: {exc!r}")
                 raise
-            logits = self.runner.logits(step.hidden[step.batch.last_token_index])  # [B, V]
-            row_scores = [s.process_logits if s.logits_processor else None for s in sessions]
-            tokens, logprobs = sample(logits, [s.params for s in sessions], [s.generator for s in sessions], row_scores)
-            now = time.perf_counter()
-            finished = []
-            for session, token, logprob in zip(sessions, tokens, logprobs):
-                if session.add_token(token, logprob, now):
-                    manager.release(session.seq)  # full blocks, prompt and answer, go to the radix cache
-                    session.status, session.finished_time = RequestStatus.FINISHED, now
-                    finished.append(session)
-                else:
-                    manager.append(session.seq, [token])  # blocks reserved at admission: allocates nothing
-                    session.status = RequestStatus.DECODING
-            self.running = [s for s in self.running if s.status != RequestStatus.FINISHED]
-            return finished
+            for part, step in steps:
+                ended += self._complete(manager, part, step)
+            self.running = [s for s in self.running if not s.done]
+            return ended
 
-    def _admit(self, manager: KVCacheManager) -> None:
-        budget = self.max_batch_tokens - len(self.running)  # each running session adds one token
-        admitted = 0
-        with manager.lock:
-            while self.waiting and len(self.running) < self.max_running:
-                session = self.waiting[0]
-                extra = session.kv_tokens - len(session.prompt)  # room for its answer, reserved up front
-                cost = manager.admission_cost(session.prompt, extra_tokens=extra)
-                if len(session.prompt) - cost.cached_tokens > budget and (admitted or self.running):
-                    break  # next step: this forward is full
-                if not (cost.fits and self._try_admit(manager, session, extra)):
-                    if self.running:
-                        break  # wait: running sessions will free blocks as they finish
-                    stats = manager.stats()
-                    raise OutOfBlocksError(
-                        f"request {session.request_id} does not fit in the KV pool even after eviction, and this "
-                        f"engine runs nothing that could free blocks ({stats['live_sessions']} sessions held "
-                        f"elsewhere, {stats['free_blocks']} of {stats['total_blocks']} blocks free)"
-                    )
-                self.waiting.popleft()
-                self.running.append(session)
-                budget -= session.seq.num_new
-                admitted += 1
-            live = {b for s in self.running for b in s.seq.block_ids}
-            self.peak_live_blocks = max(self.peak_live_blocks, len(live))
+    def _count_admitted(self, manager: KVCacheManager, before: set[int]) -> None:
+        now = time.perf_counter()
+        for session in self.running:
+            if id(session) not in before:
+                session.admitted_time = now
+                self.fresh_blocks += len(session.seq.block_ids) - session.seq.num_prefix_hit // manager.block_size
+        live = {b for s in self.running for b in s.seq.block_ids}
+        self.peak_live_blocks = max(self.peak_live_blocks, len(live))
 
-    def _try_admit(self, manager: KVCacheManager, session: Session, extra_tokens: int) -> bool:
-        """Take the session's cached prefix and reserve all its blocks, or change nothing."""
+    def _drop_cancelled(self, manager: KVCacheManager) -> list[Session]:
+        ended = []
+        for session in [s for s in self.waiting if s.cancel_requested]:
+            self.waiting.remove(session)
+            ended += self._end(session, "cancelled")
+        for session in [s for s in self.running if s.cancel_requested]:
+            manager.release(session.seq)  # its computed full blocks stay cached
+            ended += self._end(session, "cancelled")
+        self.running = [s for s in self.running if not s.done]
+        return ended
+
+    def _end(self, session: Session, reason: str, error: str | None = None) -> list[Session]:
+        """Mark a session (and its forks that have not started) ended; their blocks are already released."""
+        ended = [session, *(f for f in session.forks if f.seq is None and not f.done)]
+        for s in ended:
+            s.status = RequestStatus.FAILED if error else RequestStatus.FINISHED
+            s.finish_reason, s.error, s.finished_time = reason, error, time.perf_counter()
+        return ended
+
+    def _forward(self, manager: KVCacheManager, sessions: list[Session],
+                 ended: list[Session]) -> list[tuple[list[Session], StepOutput]]:
+        """One forward over ``sessions``. If it fails, each session runs alone, so an error that one
+        request causes fails that request only."""
         try:
-            seq = manager.admit(session.prompt, extra_tokens=extra_tokens)
-        except OutOfBlocksError:
-            return False
-        session.seq, session.num_cached_tokens = seq, seq.num_prefix_hit
-        session.status, session.admitted_time = RequestStatus.PREFILLING, time.perf_counter()
-        self.fresh_blocks += len(seq.block_ids) - seq.num_prefix_hit // manager.block_size
-        return True
+            return [(sessions, self.runner.forward(manager, [s.seq for s in sessions]))]
+        except Exception as exc:  # noqa: BLE001 -- isolated below; a second failure fails its session
+            if len(sessions) == 1:
+                manager.release(sessions[0].seq, commit=False)
+                ended += self._end(sessions[0], "error", f"forward failed: {exc!r}")
+                return []
+        steps = []
+        for session in sessions:
+            try:
+                steps.append(([session], self.runner.forward(manager, [session.seq])))
+            except Exception as exc:  # noqa: BLE001 -- this session's own failure
+                manager.release(session.seq, commit=False)
+                ended += self._end(session, "error", f"forward failed: {exc!r}")
+        return steps
+
+    def _complete(self, manager: KVCacheManager, sessions: list[Session], step: StepOutput) -> list[Session]:
+        """Score prompt tokens, start forks, sample a token for each session whose prompt is computed."""
+        cu = step.batch.host_cu_seqlens_q
+        rows, owners, ended = [], [], []
+        for i, session in enumerate(sessions):
+            if session.params.prompt_logprobs is not None and session.status == RequestStatus.PREFILLING:
+                self._score_prompt(session, step.hidden[cu[i]:cu[i + 1]])
+            if len(session.seq.token_ids) < len(session.prompt):
+                continue  # a prompt chunk: no token to sample yet
+            rows.append(cu[i + 1] - 1)
+            owners.append(session)
+            if session.status == RequestStatus.PREFILLING:
+                for fork in session.forks:
+                    if fork.cancel_requested and not fork.done:
+                        ended += self._end(fork, "cancelled")
+                    if fork.done:
+                        continue
+                    try:
+                        fork.seq = manager.fork(session.seq)  # full blocks shared, the rest copied
+                    except OutOfBlocksError as exc:  # only if blocks were taken outside this engine
+                        ended += self._end(fork, "error", str(exc))
+                        continue
+                    fork.num_cached_tokens, fork.admitted_time = session.num_cached_tokens, session.admitted_time
+                    fork.status = RequestStatus.PREFILLING
+                    self.running.append(fork)
+                    rows.append(cu[i + 1] - 1)
+                    owners.append(fork)
+        if not owners:
+            return ended
+        logits = self.runner.logits(step.hidden[rows])  # [B, V]
+        row_scores = [s.process_logits if s.logits_processor else None for s in owners]
+        tokens, logprobs = sample(logits, [s.params for s in owners], [s.generator for s in owners], row_scores)
+        now = time.perf_counter()
+        for row, (session, token, logprob) in enumerate(zip(owners, tokens, logprobs)):
+            if session.params.logprobs is not None:
+                session.token_logprobs += token_logprobs(logits[row : row + 1], [token], session.params.logprobs)
+            if session.add_token(token, logprob, now):
+                manager.release(session.seq)  # full blocks, prompt and answer, go to the radix cache
+                session.status, session.finished_time = RequestStatus.FINISHED, now
+                ended.append(session)
+            else:
+                manager.append(session.seq, [token])  # blocks reserved at admission: allocates nothing
+                session.status = RequestStatus.DECODING
+        return ended
+
+    def _score_prompt(self, session: Session, hidden: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens this chunk's positions predict (``hidden`` [C, H])."""
+        end = len(session.seq.token_ids)
+        start = end - hidden.shape[0]
+        targets = session.prompt[start + 1 : end + 1]  # the last prompt position predicts no prompt token
+        for offset in range(0, len(targets), LM_HEAD_ROWS):
+            rows = hidden[offset : offset + min(LM_HEAD_ROWS, len(targets) - offset)]  # [r, H]
+            chunk = targets[offset : offset + rows.shape[0]]
+            session.prompt_logprobs += token_logprobs(self.runner.logits(rows), chunk, session.params.prompt_logprobs)
 
     def abort(self, reason: str) -> None:
         """Fail every session not yet finished and give its blocks back, committing nothing."""
+        with self._inbox_lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
         for session in self.running:
             self._manager.release(session.seq, commit=False)
         for session in [*self.running, *self.waiting]:
-            session.status, session.error = RequestStatus.FAILED, reason
-            self.running, self.waiting = [], deque()
+            self._end(session, "error", reason)
+        self.running, self.waiting = [], deque()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:
+    """Row ``r``'s log-probability of ``tokens[r]`` and its ``top`` most likely tokens (``logits`` [R, V])."""
+    logprobs = logits.float().log_softmax(dim=-1)  # [R, V]; fp32, as transformers and lm-eval score
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()  # [R]
+    best = logprobs.topk(top, dim=-1) if top else None
+    out = []
+    for r, (token, logprob) in enumerate(zip(tokens, chosen)):
+        alternatives = () if best is None else tuple(zip(best.indices[r].tolist(), best.values[r].tolist()))
+        out.append(TokenLogprobs(int(token), logprob, alternatives))
+    return out

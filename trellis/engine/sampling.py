@@ -35,6 +35,12 @@ class SamplingParams:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting any of these
     seed: int | None = None  # None: drawn from torch's global RNG (so ``torch.manual_seed`` fixes it)
+    # Log-probabilities under the model's own distribution (before the filters above), each with this
+    # many most likely alternatives: of every generated token, and of every prompt token after the
+    # first. Prompt log-probabilities need every prompt position's logits, so such a session reuses
+    # no cached prefix (its blocks are still cached for later sessions).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -45,6 +51,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or a number of alternatives >= 0, got {value!r}")
 
     @classmethod
     def from_generation_config(cls, config: GenerationConfig, seed: int | None = None) -> SamplingParams:

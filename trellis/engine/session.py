@@ -22,13 +22,26 @@ class TrellisGenerationOutput(GenerationOutput):
     decode_time: float = 0.0  # from the first generated token to the last
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model's distribution (before temperature, top-k and
+    top-p) and the ``top`` most likely tokens there, as ``(token id, log-probability)``."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(eq=False)
 class Session:
     """A prompt, how to continue it, and its progress: waiting, then running (prefill, decode), then finished.
 
     ``seq`` is the session's paged KV sequence while it runs: admission takes the cached prefix of
-    ``prompt`` and reserves blocks for every token the session may still compute.
-    ``logits_processor`` (optional) is this session's own: it sees the session's tokens only.
+    ``prompt`` and reserves blocks for every token the session may still compute. A long prompt
+    enters ``seq`` chunk by chunk (chunked prefill): the session is ``PREFILLING`` until all of it is
+    computed. ``logits_processor`` (optional) is this session's own: it sees the session's tokens only.
+    ``forks`` are the other choices of an ``n > 1`` request: they start as forks of this session
+    once its prompt is computed, sharing its blocks.
     """
 
     request_id: str
@@ -46,6 +59,16 @@ class Session:
     finished_time: float = -1.0
     num_cached_tokens: int = 0
     error: str | None = None
+    finish_reason: str | None = None  # "stop" (a stop token), "length", "cancelled" or "error"
+    cancel_requested: bool = False  # set by Engine.cancel from any thread; honoured at the next step
+    forks: list[Session] = field(default_factory=list)
+    overtaken: int = 0  # sessions admitted ahead of this one while it waited (fair admission)
+    token_logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, if params.logprobs
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.., if params.prompt_logprobs
+
+    @property
+    def done(self) -> bool:
+        return self.status in (RequestStatus.FINISHED, RequestStatus.FAILED)
 
     @property
     def kv_tokens(self) -> int:
@@ -71,7 +94,11 @@ class Session:
         self.generated.append(token)
         self.logprobs.append(logprob)
         self.token_times.append(now)
-        return token in self.params.stop_token_ids or len(self.generated) >= self.params.max_new_tokens
+        if token in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
 
     def to_output(self, record_timestamps: bool = False, return_logprobs: bool = False) -> TrellisGenerationOutput:
         return TrellisGenerationOutput(

@@ -1,0 +1,498 @@
+"""``trellis serve`` end to end: a real uvicorn server on 127.0.0.1 and the official ``openai``
+client, as a user would run them. Most tests use a tiny random Llama with a character-level
+tokenizer (fast, and every token decodes to one character); a few use the embedded SmolLM2.
+Greedy outputs are compared with ``TrellisLlama.generate`` on the same prompt."""
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx2 as httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from tests.conftest import installed
+from tests.models import smollm2_dir, smollm2_tokenizer, smollm2_trellis, tiny_pair
+from trellis.serve import ServeConfig, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = ("You are the assistant of a small team. Answer briefly and plainly; say so when you do not know. "
+          "Prefer examples over theory.")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, ids matching ``tiny_config`` (pad 0, eos 1, bos 2), with a ChatML template."""
+    specials = ["<pad>", "<|im_end|>", "<s>", "<|im_start|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + [chr(c) for c in range(161, 256) if c != 173]
+    chars += [chr(c) for c in range(0x391, 0x3D0)]
+    vocab = {t: i for i, t in enumerate(specials + chars[: 256 - len(specials)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<s>",
+                                   additional_special_tokens=["<|im_start|>"], chat_template=CHATML)
+
+
+class Server:
+    """An app served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             timeout=120, **kwargs)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the server did not stop"
+        assert not self.app.state.bridge.ready
+
+
+@contextmanager
+def serving(model, tokenizer, **settings) -> Iterator[Server]:
+    server = Server(create_app(model, tokenizer, ServeConfig(**{"model_name": "tiny", **settings})))
+    try:
+        yield server
+    finally:
+        server.stop()
+    model.prefix_cache.check_integrity()
+    assert model.prefix_cache.stats()["live_sessions"] == 0  # nothing leaked
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A server of a tiny random model; ``expected(prompt, n)`` is ``TrellisLlama.generate``'s greedy text."""
+    _, model = tiny_pair(num_blocks=1024)
+    _, twin = tiny_pair()  # same weights, its own cache
+    tok = char_tokenizer()
+
+    def expected(prompt: list[int], max_new_tokens: int) -> str:
+        out = twin.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+        return tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+    with serving(model, tok, max_tokens=400) as server:
+        yield SimpleNamespace(server=server, model=model, tok=tok, expected=expected)
+
+
+def chat_ids(tok, question: str, system: str = SYSTEM) -> list[int]:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def messages(question: str, system: str = SYSTEM) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def test_chat_greedy_equals_generate_streamed_or_not(tiny):
+    server, tok, expected = tiny.server, tiny.tok, tiny.expected
+    client = server.client()
+    want = expected(chat_ids(tok, "What is a radix tree?"), 24)
+    reply = client.chat.completions.create(model="tiny", messages=messages("What is a radix tree?"), max_tokens=24,
+                                           temperature=0)
+    assert reply.choices[0].message.content == want and reply.object == "chat.completion"
+    assert reply.usage.prompt_tokens == len(chat_ids(tok, "What is a radix tree?"))
+    assert reply.usage.completion_tokens == 24 and reply.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages("What is a radix tree?"),
+                                                 max_tokens=24, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-2].choices[0].finish_reason == "length"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == 24
+    assert usage.prompt_tokens_details.cached_tokens > 0  # the first call cached the prompt
+
+
+def test_completions_take_strings_and_token_ids_one_or_many(tiny):
+    server, tok, expected = tiny.server, tiny.tok, tiny.expected
+    client = server.client()
+    prompts = [tok("Once upon a time")["input_ids"], tok("The radix tree")["input_ids"]]
+    reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0)
+    assert [c.text for c in reply.choices] == [expected(p, 12) for p in prompts]
+    assert [c.index for c in reply.choices] == [0, 1] and reply.usage.prompt_tokens == sum(map(len, prompts))
+    one = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, echo=True)
+    assert one.choices[0].text == "Once upon a time" + expected(prompts[0], 12)
+    default = client.completions.create(model="tiny", prompt="The radix tree", temperature=0)
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    streamed = client.completions.create(model="tiny", prompt="The radix tree", max_tokens=12, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected(prompts[1], 12)
+
+
+def test_stop_strings_cut_the_text_as_openai_does(tiny):
+    server, tok, expected = tiny.server, tiny.tok, tiny.expected
+    client = server.client()
+    full = expected(chat_ids(tok, "Tell me a story."), 40)
+    stop = full[12:14]
+    want = full[: full.index(stop)]
+    reply = client.chat.completions.create(model="tiny", messages=messages("Tell me a story."), max_tokens=40,
+                                           temperature=0, stop=[stop, "never there"])
+    assert reply.choices[0].message.content == want and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens < 40
+    streamed = client.chat.completions.create(model="tiny", messages=messages("Tell me a story."), max_tokens=40,
+                                              temperature=0, stop=stop, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs_in_both_formats(tiny):
+    server, tok = tiny.server, tiny.tok
+    client = server.client()
+    reply = client.chat.completions.create(model="tiny", messages=messages("Hi"), max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    for e in content:  # greedy: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token and e.logprob == e.top_logprobs[0].logprob
+    ids = tok("abc")["input_ids"]
+    text = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    lp = text.choices[0].logprobs
+    assert lp.tokens[:3] == ["a", "b", "c"] and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(lp.token_logprobs) == 6 and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == list(range(6))
+    assert text.usage.prompt_tokens_details.cached_tokens == 0  # prompt log-probabilities compute every position
+
+
+def test_n_choices_share_the_prompt(tiny):
+    server, tok, expected = tiny.server, tiny.tok, tiny.expected
+    client = server.client()
+    ids = chat_ids(tok, "Pick a number.")
+    reply = client.chat.completions.create(model="tiny", messages=messages("Pick a number."), max_tokens=8,
+                                           temperature=0, n=3)
+    assert [c.message.content for c in reply.choices] == [expected(ids, 8)] * 3
+    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 24
+    sampled = client.chat.completions.create(model="tiny", messages=messages("Pick a number."), max_tokens=8,
+                                             temperature=1.0, seed=3, n=3)
+    again = client.chat.completions.create(model="tiny", messages=messages("Pick a number."), max_tokens=8,
+                                           temperature=1.0, seed=3, n=3)
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in sampled.choices}) > 1
+
+
+# --- many clients ------------------------------------------------------------------------------
+
+
+def test_sixteen_concurrent_clients_share_the_system_prompt(tiny):
+    server, model, tok, expected = tiny.server, tiny.model, tiny.tok, tiny.expected
+    questions = [f"Question {i}: what is {i} times {i + 3}?" for i in range(16)]
+    model.prefix_cache.reset()  # nobody has computed the system prompt yet
+
+    async def ask_all() -> list:
+        client = server.async_client()
+        calls = [client.chat.completions.create(model="tiny", messages=messages(q), max_tokens=16, temperature=0)
+                 for q in questions]
+        return await asyncio.gather(*calls)
+
+    replies = asyncio.run(ask_all())
+    client = server.client()
+    for question, reply in zip(questions, replies):
+        alone = client.chat.completions.create(model="tiny", messages=messages(question), max_tokens=16, temperature=0)
+        assert reply.choices[0].message.content == alone.choices[0].message.content
+        assert reply.choices[0].message.content == expected(chat_ids(tok, question), 16)
+    prompts = [chat_ids(tok, q) for q in questions]
+    common = next(i for i in range(len(prompts[0])) if len({tuple(p[: i + 1]) for p in prompts}) > 1)
+    cached = sorted(r.usage.prompt_tokens_details.cached_tokens for r in replies)
+    assert cached[0] == 0  # only one computed the shared system prompt: the others took its blocks
+    assert cached[1] >= common // 4 * 4 > 100
+
+
+def cancelled_choices(server: Server) -> float:
+    metrics = httpx.get(f"{server.url}/metrics").text
+    found = re.search(r'^trellis_choices_finished_total\{finish_reason="cancelled"\} (\S+)', metrics, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_disconnects_frees_its_blocks(tiny):
+    server, model, tok = tiny.server, tiny.model, tiny.tok
+    engine = server.app.state.engine
+    before = cancelled_choices(server)
+    question = "Count to 30 thousand."  # greedy: no stop token in its first 320 tokens
+    stream = server.client().chat.completions.create(model="tiny", messages=messages(question), max_tokens=300,
+                                                     temperature=0, stream=True)
+    for _, _ in zip(range(3), stream):
+        pass
+    assert engine.running
+    stream.close()
+    wait_until(lambda: not engine.running and model.prefix_cache.stats()["live_sessions"] == 0)
+    assert cancelled_choices(server) == before + 1
+    ids = chat_ids(tok, question)
+    assert model.prefix_cache.admission_cost(ids + [5]).cached_tokens >= len(ids) // 4 * 4  # the prefix stays cached
+    with pytest.raises(httpx.TimeoutException):  # a client waiting for a JSON answer gives up
+        httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": "story 14", "max_tokens": 400, "temperature": 0},
+                   timeout=0.3)
+    wait_until(lambda: not engine.running and model.prefix_cache.stats()["live_sessions"] == 0)
+    assert cancelled_choices(server) == before + 2
+    model.prefix_cache.check_integrity()
+
+
+# --- limits and bad input ----------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+HELLO = [{"role": "user", "content": "hello"}]
+BAD_REQUESTS = [
+    (CHAT, b'{"messages": [', 400, "not valid JSON"),
+    (CHAT, b"[1, 2]", 400, "must be a JSON object"),
+    (CHAT, {"messages": HELLO, "frequency_penalty": 0.5}, 400, "unknown or unsupported parameter 'frequency_penalty'"),
+    (CHAT, {"messages": HELLO, "max_tokens": "ten"}, 400, "max_tokens"),
+    (CHAT, {"messages": HELLO, "stream": "yes"}, 400, "stream"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    (CHAT, {"messages": HELLO, "temperature": 2.5}, 400, "temperature"),
+    (CHAT, {"messages": HELLO, "top_p": 0}, 400, "top_p"),
+    (CHAT, {"messages": HELLO, "n": 0}, 400, "n"),
+    (CHAT, {"messages": HELLO, "n": 50}, 400, "at most 8 choices"),
+    (CHAT, {"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": HELLO, "max_tokens": 100000}, 400, "exceeds this server's limit of 400"),
+    (CHAT, {"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs requires logprobs"),
+    (CHAT, {"messages": HELLO, "stop": ["x"] * 20}, 400, "stop"),
+    (CHAT, {"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (CHAT, {"messages": HELLO, "model": "gpt-4"}, 404, "does not exist"),
+    (COMPLETIONS, {"prompt": ""}, 400, "empty prompt"),
+    (COMPLETIONS, {"prompt": []}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": [5, "a"]}, 400, "prompt must be"),
+    (COMPLETIONS, {"prompt": [5, 999]}, 400, "token id 999 is outside the vocabulary"),
+    (COMPLETIONS, {"prompt": [5] * 600}, 400, "context of 512 tokens"),
+    (COMPLETIONS, {"prompt": [5] * 300, "max_tokens": 300}, 400, "exceeds the model's 512 positions"),
+    (COMPLETIONS, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    (COMPLETIONS, b"x" * (5 << 20), 413, "exceeds this server's limit"),
+]
+
+
+def test_bad_requests_get_a_4xx_with_a_message_and_disturb_nothing(tiny):
+    server, model = tiny.server, tiny.model
+    client = server.client()
+    client.completions.create(model="tiny", prompt="warm", max_tokens=2)
+    before = model.prefix_cache.stats()
+    for path, body, status, message in BAD_REQUESTS:
+        content = body if isinstance(body, bytes) else None
+        reply = httpx.post(f"{server.url}{path}", content=content, json=None if content else body, timeout=30)
+        assert reply.status_code == status, (body, reply.text)
+        error = reply.json()["error"]
+        assert message in error["message"] and error["type"], (body, error)
+    assert httpx.get(f"{server.url}/v1/nothing").status_code == 404
+    assert httpx.get(f"{server.url}{CHAT}").status_code == 405
+    assert model.prefix_cache.stats() == before
+    model.prefix_cache.check_integrity()
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=HELLO, temperature=-1)
+    assert client.completions.create(model="tiny", prompt="still here", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_overload_gets_503_and_the_server_keeps_serving():
+    _, model = tiny_pair(num_blocks=64)
+    tok = char_tokenizer()
+    with serving(model, tok, max_running=1, max_waiting=1, api_key="secret") as server:
+        client = server.client(api_key="secret")
+
+        async def burst() -> list:
+            aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="secret", max_retries=0)
+            calls = [aclient.completions.create(model="tiny", prompt=f"request {i}", max_tokens=150, temperature=0)
+                     for i in range(5)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(burst())
+        refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+        served = [r for r in results if not isinstance(r, Exception)]
+        assert len(refused) + len(served) == 5 and refused and served
+        assert all(r.status_code == 503 and r.response.headers["retry-after"] == "1" for r in refused)
+        assert all(r.choices[0].finish_reason in ("stop", "length") and r.choices[0].text for r in served)
+        assert client.completions.create(model="tiny", prompt="after", max_tokens=3).usage.completion_tokens == 3
+        with pytest.raises(openai.BadRequestError, match="can never fit"):  # 64 blocks of 4 tokens: 256 tokens
+            client.completions.create(model="tiny", prompt=[5] * 200, max_tokens=100)
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="wrong").models.list()
+        assert httpx.get(f"{server.url}/metrics").status_code == 401
+        assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+        assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_an_engine_error_fails_that_request_only(tiny):
+    server, model = tiny.server, tiny.model
+    runner = server.app.state.engine.runner
+    poison = tiny.tok("poison")["input_ids"]
+    forward = runner.forward
+
+    def failing_forward(manager, seqs, *args, **kwargs):
+        if any(seq.token_ids[: len(poison)] == poison for seq in seqs):
+            raise RuntimeError("injected failure")
+        return forward(manager, seqs, *args, **kwargs)
+
+    async def both() -> list:
+        client = server.async_client()
+        return await asyncio.gather(
+            client.completions.create(model="tiny", prompt="poison", max_tokens=5, temperature=0),
+            client.completions.create(model="tiny", prompt="healthy", max_tokens=5, temperature=0),
+            return_exceptions=True)
+
+    runner.forward = failing_forward
+    try:
+        failed, served = asyncio.run(both())
+    finally:
+        del runner.forward
+    assert isinstance(failed, openai.InternalServerError) and "injected failure" in failed.message
+    assert served.usage.completion_tokens == 5 and served.choices[0].text == tiny.expected(
+        tiny.tok("healthy")["input_ids"], 5)
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_stopping_the_server_mid_stream_leaks_nothing():
+    _, model = tiny_pair()
+    tok = char_tokenizer()
+    with serving(model, tok) as server:
+        stream = server.client().completions.create(model="tiny", prompt="a long story", max_tokens=400, stream=True)
+        next(iter(stream))
+        server.server.should_exit = True  # what Ctrl-C does; serving() then joins and checks for leaks
+        with suppress(openai.APIError, httpx.HTTPError):  # the stream ends: finished within the grace period,
+            for _ in stream:                                # or cut off
+                pass
+
+
+def test_metrics_describe_traffic_latency_and_the_cache(tiny):
+    server = tiny.server
+    client = server.client()
+    for _ in range(2):
+        client.chat.completions.create(model="tiny", messages=messages("metrics?"), max_tokens=4, temperature=0)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("trellis_prompt_tokens_total", "trellis_cached_prompt_tokens_total", "trellis_prefix_cache_hit_rate",
+                 "trellis_generation_tokens_total", "trellis_requests_running", "trellis_requests_waiting",
+                 "trellis_kv_cache_evicted_blocks_total", "trellis_time_to_first_token_seconds_bucket",
+                 "trellis_inter_token_latency_seconds_bucket", "trellis_e2e_request_latency_seconds_count"):
+        assert re.search(rf"^{name}(\{{[^}}]*\}})? ", text, re.MULTILINE), name
+    for state in ("free", "cached", "live"):
+        assert f'trellis_kv_cache_blocks{{state="{state}"}}' in text
+    hit_rate = float(re.search(r"^trellis_prefix_cache_hit_rate (\S+)", text, re.MULTILINE).group(1))
+    assert 0 < hit_rate < 1
+
+
+# --- the embedded SmolLM2 --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model = smollm2_trellis(num_blocks=256)
+    tok = smollm2_tokenizer()
+    with serving(model, tok, model_name="smollm2") as server:
+        yield SimpleNamespace(server=server, model=model, tok=tok)
+
+
+def test_smollm2_chat_equals_generate(smollm2):
+    server, tok = smollm2.server, smollm2.tok
+    twin = smollm2_trellis(num_blocks=64)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"]
+    out = twin.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)
+    reply = server.client().chat.completions.create(model="smollm2", messages=question, max_tokens=10, temperature=0)
+    assert reply.choices[0].message.content == tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_lm_eval_local_completions_scores_as_trellis_eval(smollm2):
+    installed("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    from trellis.eval import loglikelihood
+
+    server, tok = smollm2.server, smollm2.tok
+    docs = [json.loads(line) for line in (ROOT / "scripts" / "data" / "reading_mc.jsonl").read_text().splitlines()[:2]]
+    # The sample task's requests (trellis_reading_mc: its context, then " " + each choice), and an empty context.
+    pairs = [(doc["context"], " " + choice) for doc in docs for choice in doc["choices"]] + [("", "The sky is blue")]
+    lm = get_model("local-completions")(base_url=f"{server.url}/v1/completions", model="smollm2",
+                                        tokenizer=str(smollm2_dir()), tokenizer_backend="huggingface",
+                                        max_retries=1, timeout=120)
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    want = loglikelihood(smollm2_trellis(num_blocks=64), tok, pairs)
+    for (logprob, greedy), (want_logprob, want_greedy) in zip(got, want, strict=True):
+        assert logprob == pytest.approx(want_logprob, abs=1e-4) and greedy == want_greedy
+
+
+def test_the_command_serves_and_stops_cleanly(tmp_path):
+    """``python -m trellis serve`` on a tiny saved model: answers, then exits on SIGINT."""
+    model = tiny_pair()[1]
+    model.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "trellis", "serve", "--model", str(tmp_path), "--port", str(port),
+               "--num-blocks", "128", "--block-size", "4", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _healthy(port) or process.poll() is not None, timeout=120)
+        assert process.poll() is None, process.stdout.read()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        name = client.models.list().data[0].id
+        assert client.completions.create(model=name, prompt="hi", max_tokens=3).usage.completion_tokens == 3
+        process.send_signal(2)  # SIGINT, as Ctrl-C
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = process.stdout.read()
+    assert f"serving {tmp_path.name} on http://127.0.0.1:{port}/v1" in output and "Traceback" not in output
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_binding_beyond_loopback_without_a_key_warns(monkeypatch, caplog):
+    from trellis.serve import server as server_module
+
+    monkeypatch.setattr(server_module.uvicorn, "run", lambda app, **kwargs: None)
+    _, model = tiny_pair()
+    with caplog.at_level("WARNING", logger="trellis.serve"):
+        server_module.serve(model, char_tokenizer(), ServeConfig(), host="0.0.0.0")
+        assert "without --api-key" in caplog.text
+        caplog.clear()
+        server_module.serve(model, char_tokenizer(), ServeConfig(api_key="key"), host="0.0.0.0")
+        for host in ("127.0.0.1", "::1", "localhost"):
+            server_module.serve(model, char_tokenizer(), ServeConfig(), host=host)
+        assert "without --api-key" not in caplog.text

@@ -1,0 +1,5 @@
+"""``python -m trellis``: the ``trellis`` command."""
+
+from trellis.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""What one engine step computes: which waiting sessions join, and how many tokens each session runs.
+
+Three rules shape a step, all within a token budget (``max_batch_tokens``):
+
+- **Chunked prefill.** Every decoding session runs its next token. The rest of the budget goes to
+  prompts, oldest first: a prompt longer than what is left is prefilled over several steps, a
+  chunk at a time, so running sessions keep decoding while it arrives. A chunk ends on a block
+  boundary where it can, so each step's full blocks enter the radix cache at once.
+- **In-batch prefix caching.** A waiting session whose uncached prefix shares a whole block with
+  the prompt of a session being prefilled waits: once that prompt is computed, its blocks are in
+  the cache and the waiting session takes them instead of computing them a second time.
+- **Fair admission.** Waiting sessions are admitted first come, first served, except that one
+  that must wait (not enough free blocks, or held back by the rule above) can be overtaken by
+  later ones that can start now; at most ``max_overtakes`` times, after which nothing is admitted
+  ahead of it. No session waits forever behind a stream of cache hits.
+
+Admission reserves every block a session may need (prompt, answer, and the forks of an ``n > 1``
+request), so a running session never runs out of blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers.generation.continuous_batching.requests import RequestStatus
+
+from trellis.cache.block_pool import OutOfBlocksError
+from trellis.cache.manager import AdmissionCost, KVCacheManager
+from trellis.engine.session import Session
+from trellis.utils import cdiv
+
+LOOKAHEAD = 8  # waiting sessions that must wait, passed over in one step before admission stops looking
+
+
+@dataclass
+class Scheduler:
+    """Plans engine steps. ``max_batch_tokens``: tokens one forward computes (decode tokens
+    included; a prompt chunk gets at least one block's worth); ``max_running``: sessions running at
+    once; ``max_overtakes``: how many later sessions may be admitted ahead of a waiting one."""
+
+    max_batch_tokens: int = 4096
+    max_running: int = 256
+    max_overtakes: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_overtakes < 0:
+            raise ValueError("max_batch_tokens and max_running must be positive, max_overtakes non-negative")
+
+    def schedule(self, waiting: deque[Session], running: list[Session], manager: KVCacheManager) -> list[Session]:
+        """Give each running session its tokens for the next forward (a decode token, or its next
+        prompt chunk appended to ``seq``), admit what fits from ``waiting`` into ``running``, and
+        return the sessions that have tokens to compute, in ``running`` order."""
+        decoding = [s for s in running if s.status == RequestStatus.DECODING]
+        budget = max(self.max_batch_tokens - len(decoding), manager.block_size)
+        for session in running:
+            if session.status == RequestStatus.PREFILLING and budget > 0:
+                start = len(session.seq.token_ids)
+                end = chunk_end(start, len(session.prompt), budget, manager.block_size)
+                manager.append(session.seq, session.prompt[start:end])  # blocks reserved at admission
+                budget -= end - start
+        self._admit(waiting, running, manager, budget)
+        return [s for s in running if s.seq.num_new > 0]
+
+    def _admit(self, waiting: deque[Session], running: list[Session], manager: KVCacheManager, budget: int) -> None:
+        passed_over: list[Session] = []
+        with manager.lock:
+            for session in list(waiting):
+                if budget <= 0 or width(running) + 1 + len(session.forks) > self.max_running:
+                    break
+                reuse = 0 if session.params.prompt_logprobs is not None else None
+                extra = session.params.max_new_tokens - 1
+                cost = manager.admission_cost(session.prompt, extra_tokens=extra, max_reuse=reuse)
+                held_back = reuse is None and computing_shared_blocks(running, session, cost, manager.block_size)
+                if held_back or not self._try_admit(manager, session, cost, running, budget, reuse):
+                    if not held_back and not running:
+                        stats = manager.stats()
+                        raise OutOfBlocksError(
+                            f"request {session.request_id} does not fit in the KV pool even after eviction, and this "
+                            f"engine runs nothing that could free blocks ({stats['live_sessions']} sessions held "
+                            f"elsewhere, {stats['free_blocks']} of {stats['total_blocks']} blocks free)"
+                        )
+                    passed_over.append(session)
+                    if session.overtaken >= self.max_overtakes or len(passed_over) >= LOOKAHEAD:
+                        break  # it has waited long enough: nothing more goes ahead of it
+                    continue
+                waiting.remove(session)
+                running.append(session)
+                budget -= session.seq.num_new
+                for earlier in passed_over:
+                    earlier.overtaken += 1
+                if any(earlier.overtaken >= self.max_overtakes for earlier in passed_over):
+                    break  # one that waits has been overtaken enough: nothing more goes ahead of it
+
+    def _try_admit(self, manager: KVCacheManager, session: Session, cost: AdmissionCost, running: list[Session],
+                   budget: int, reuse: int | None) -> bool:
+        """Take the session's cached prefix, its first prompt chunk and all its blocks, or change nothing."""
+        bs = manager.block_size
+        forks = fork_blocks(session, bs)
+        if not cost.fits:
+            return False
+        if forks or promised_blocks(running, bs):  # blocks promised to forks are not for others to take
+            available = manager.pool.num_free + manager.radix.evictable_blocks()
+            if cost.new_blocks + forks + promised_blocks(running, bs) > available:
+                return False
+        prompt = session.prompt
+        end = chunk_end(cost.cached_tokens, len(prompt), budget, bs)
+        try:
+            seq = manager.admit(prompt[:end], max_reuse=reuse,
+                                extra_tokens=len(prompt) - end + session.params.max_new_tokens - 1)
+        except OutOfBlocksError:
+            return False
+        session.seq, session.num_cached_tokens = seq, seq.num_prefix_hit
+        session.status = RequestStatus.PREFILLING
+        return True
+
+
+def chunk_end(start: int, prompt_len: int, budget: int, block_size: int) -> int:
+    """Where a prompt chunk that starts at ``start`` ends: as far as ``budget`` allows, cut back to
+    a block boundary unless that leaves nothing."""
+    end = min(prompt_len, start + budget)
+    if end < prompt_len and end // block_size * block_size > start:
+        end = end // block_size * block_size
+    return end
+
+
+def width(running: Sequence[Session]) -> int:
+    """Sessions running, counting the forks a prefilling session will start."""
+    return sum(1 + (len(s.forks) if s.status == RequestStatus.PREFILLING else 0) for s in running)
+
+
+def fork_blocks(session: Session, block_size: int) -> int:
+    """Blocks the session's forks take when they start: each copies the leader's blocks past its
+    full prompt blocks (the partial tail, and the room reserved for the answer)."""
+    per_fork = cdiv(session.kv_tokens, block_size) - len(session.prompt) // block_size
+    return per_fork * len(session.forks)
+
+
+def promised_blocks(running: Sequence[Session], block_size: int) -> int:
+    """Blocks the forks of sessions still prefilling will take."""
+    return sum(fork_blocks(s, block_size) for s in running if s.status == RequestStatus.PREFILLING)
+
+
+def computing_shared_blocks(running: Sequence[Session], session: Session, cost: AdmissionCost, block_size: int) -> bool:
+    """Whether a prompt being prefilled will compute whole blocks of ``session``'s prompt that the
+    cache does not hold yet (and that admission could take: never all of the prompt)."""
+    prompt = session.prompt
+    for other in running:
+        if other.status != RequestStatus.PREFILLING:
+            continue
+        limit = min(len(other.prompt), len(prompt) - 1)
+        if limit // block_size * block_size <= cost.cached_tokens:
+            continue
+        shared = 0
+        while shared < limit and other.prompt[shared] == prompt[shared]:
+            shared += 1
+        if shared // block_size * block_size > cost.cached_tokens:
+            return True
+    return False

@@ -1,0 +1,75 @@
+"""One choice's text as its tokens arrive: incremental detokenization and OpenAI's stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+CONTEXT_TOKENS = 6  # prompt tokens decoded along with the answer, so its first word keeps its leading space
+
+
+class TextStream:
+    """Turns generated tokens into text deltas and ends the text at the first stop string.
+
+    Tokens are decoded in a window that starts a few tokens back (vLLM's incremental
+    detokenization), so a character split across tokens is released only once complete. As OpenAI
+    does, the text ends just before the first stop string, which is not included; the text that
+    could still be the start of one is held back until it is known not to be.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = (), context: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self._hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may begin a stop string
+        self._ids = list(context[-CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._pending = ""  # decoded, not released yet
+        self.text = ""  # released so far
+        self.num_tokens = 0  # generated tokens consumed, up to the one that completed a stop string
+        self.stopped = False  # a stop string was found
+
+    def add(self, tokens: Sequence[int]) -> str:
+        """Take new tokens; returns the text they release (maybe empty)."""
+        released = ""
+        for token in tokens:
+            if self.stopped:
+                break
+            self._ids.append(int(token))
+            self.num_tokens += 1
+            self._pending += self._decode_new()
+            released += self._release()
+        return released
+
+    def finish(self) -> str:
+        """The text still held back, once no more tokens will come."""
+        if self.stopped:
+            return ""
+        tail = self._decode(self._prefix_offset, len(self._ids))[len(self._decode(self._prefix_offset,
+                                                                                     self._read_offset)):]
+        self._read_offset = self._prefix_offset = len(self._ids)
+        released, self._pending = self._pending + tail, ""
+        self.text += released
+        return released
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self._ids[start:end], skip_special_tokens=True)
+
+    def _decode_new(self) -> str:
+        prefix = self._decode(self._prefix_offset, self._read_offset)
+        full = self._decode(self._prefix_offset, len(self._ids))
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):  # nothing new, or a character still incomplete
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return full[len(prefix):]
+
+    def _release(self) -> str:
+        found = [i for i in (self._pending.find(s) for s in self.stop) if i >= 0]
+        if found:
+            released, self._pending, self.stopped = self._pending[:min(found)], "", True
+        else:
+            cut = max(len(self._pending) - self._hold, 0)
+            released, self._pending = self._pending[:cut], self._pending[cut:]
+        self.text += released
+        return released
