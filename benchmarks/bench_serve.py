@@ -55,7 +55,7 @@ SYSTEM_PROMPT = " ".join([
     "When a question is ambiguous, answer the most likely reading and name the other one.",
     "When code helps, give a short Python snippet with no more than five lines.",
     "Use metric units, ISO dates and 24-hour times. Keep a friendly, direct tone.",
-] * 4)
+] * 3)
 TOPICS = ["a radix tree", "a B-tree", "copy-on-write", "a page table", "TCP slow start", "a bloom filter",
           "garbage collection", "a mutex", "register allocation", "gradient descent", "a hash join", "RAID 5",
           "consistent hashing", "a write-ahead log", "branch prediction", "an LRU cache", "a trie", "MVCC",
@@ -280,6 +280,9 @@ def table(rows: list[dict]) -> str:
                            "cached prompt share"], out)
 
 
+COLORS = {"trellis_http": "tab:blue", "trellis_engine": "tab:green", "transformers_serve": "tab:orange"}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -287,20 +290,22 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    systems = sorted({r["system"] for r in result["runs"]})
-    for system in systems:
+    for system in dict.fromkeys(r["system"] for r in result["runs"]):
         rows = [r for r in result["runs"] if r["system"] == system]
-        ks = [r["clients"] for r in rows]
-        axes[0].plot(ks, [r["ttft_p50_ms"] for r in rows], "o-", label=f"{system} p50")
-        axes[0].plot(ks, [r["ttft_p99_ms"] for r in rows], "x--", label=f"{system} p99")
-        axes[1].plot(ks, [r["itl_p50_ms"] for r in rows], "o-", label=f"{system} p50")
-        axes[2].plot(ks, [r["tokens_per_s"] for r in rows], "o-", label=system)
-    for ax, title in zip(axes, ("time to first token (ms)", "inter-token latency p50 (ms)", "generated tokens/s")):
+        ks, color = [r["clients"] for r in rows], COLORS.get(system)
+        axes[0].plot(ks, [r["ttft_p50_ms"] for r in rows], "o-", color=color, label=f"{system} p50")
+        axes[0].plot(ks, [r["ttft_p99_ms"] for r in rows], "x--", color=color, label=f"{system} p99")
+        axes[1].plot(ks, [r["itl_p50_ms"] for r in rows], "o-", color=color, label=f"{system} p50")
+        axes[1].plot(ks, [r["itl_p99_ms"] for r in rows], "x--", color=color, label=f"{system} p99")
+        axes[2].plot(ks, [r["tokens_per_s"] for r in rows], "o-", color=color, label=system)
+    for ax, title in zip(axes, ("time to first token (ms)", "inter-token latency (ms)", "generated tokens/s")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(result["settings"]["clients"], [str(k) for k in result["settings"]["clients"]])
         ax.set_xlabel("concurrent clients K")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=6)
     axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
     fig.suptitle(caption(result["environment"]), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
