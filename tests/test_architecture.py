@@ -23,6 +23,7 @@ LAYERS = {
     "trellis.engine": 3,
     "trellis.models": 4,
     "trellis.model_options": 5,
+    "trellis.grid": 5,
     "trellis.eval": 6,
     "trellis.serve": 6,
     "trellis.cli": 7,

@@ -5,14 +5,23 @@ serve`` serves a model over an OpenAI-compatible HTTP API."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
+from trellis.engine import Engine, SamplingParams
+from trellis.grid import (Endpoint, GridError, GridOptions, GridRunner, LocalGrid, run_stage, start_coordinator,
+                          start_stage)
 from trellis.model_options import add_model_arguments, load_model
-from trellis.models.embedded import EMBEDDED_NAME
+from trellis.models.embedded import EMBEDDED_NAME, embedded_model_dir
+from trellis.runner import LINEAR_KERNELS
 from trellis.serve import ServeConfig, serve
 
 SYSTEM_PROMPT = (
@@ -137,6 +146,144 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
+# --- trellis grid ------------------------------------------------------------------------------
+
+def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = True) -> None:
+    """The options every rank of a grid takes (``GridOptions``), and where the rank sits."""
+    defaults = GridOptions()
+    parser.add_argument("--model", help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--gguf-file", help="a GGUF file inside --model")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=defaults.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="KV cache block size in tokens")
+    if pool_options:
+        parser.add_argument("--num-blocks", type=int, help="KV pool size in blocks, on every stage (default: what "
+                                                            "every stage's --kv-cache-memory holds)")
+        parser.add_argument("--kv-cache-memory", type=parse_bytes, help="KV bytes per stage, e.g. 1GiB")
+    parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS)
+    parser.add_argument("--layers", help="each stage's layers, e.g. 0-10,11-29 (default: in proportion to each "
+                                         "stage's free memory, the embedding and LM head counted on stage 0)")
+    parser.add_argument("--micro-batches", type=int, help="steps in flight at once (default: one per stage)")
+    parser.add_argument("--threads", type=int, help="torch threads of this process")
+    parser.add_argument("--step-timeout", type=float, default=defaults.step_timeout,
+                        help="seconds a step may take on the other stages before the grid fails")
+    parser.add_argument("--start-timeout", type=float, default=defaults.start_timeout,
+                        help="seconds to wait for every stage to join and load")
+    where = parser.add_argument_group("where this rank sits (default: torchrun's environment, else rank 0)")
+    where.add_argument("--stages", type=int, help="start a grid of this many processes on this machine")
+    where.add_argument("--rank", type=int)
+    where.add_argument("--world-size", type=int, help="stages in the grid, on all machines")
+    where.add_argument("--master-addr", default="127.0.0.1", help="the coordinator's address (rank 0)")
+    where.add_argument("--master-port", type=int, default=29500)
+
+
+def grid_options(args: argparse.Namespace) -> GridOptions:
+    names = GridOptions.__dataclass_fields__
+    return GridOptions(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def grid_endpoint(args: argparse.Namespace) -> Endpoint:
+    if args.stages is not None:
+        return Endpoint(0, args.stages, "127.0.0.1", args.master_port)
+    if args.rank is not None or args.world_size is not None:
+        if args.rank is None or args.world_size is None:
+            raise ValueError("give both --rank and --world-size (or --stages for a grid on this machine)")
+        return Endpoint(args.rank, args.world_size, args.master_addr, args.master_port)
+    endpoint = Endpoint.from_env()
+    if endpoint is None:
+        raise ValueError("where is this rank? give --stages N (one machine), --rank and --world-size, or launch "
+                         "with torchrun")
+    return endpoint
+
+
+@contextlib.contextmanager
+def grid_coordinator(args: argparse.Namespace) -> Iterator[GridRunner | None]:
+    """This process's part of the grid: the coordinator's runner, or None after serving as a stage
+    (a rank other than 0 under torchrun or --rank)."""
+    options, endpoint = grid_options(args), grid_endpoint(args)
+    if endpoint.rank != 0:
+        code = run_stage(start_stage(options, endpoint))
+        yield None
+        sys.exit(code)
+    if args.stages is not None:
+        with LocalGrid(options, args.stages, port=endpoint.master_port) as runner:
+            yield runner
+        return
+    runner = start_coordinator(options, endpoint)
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
+def run_grid_generate(args: argparse.Namespace) -> None:
+    with grid_coordinator(args) as runner:
+        if runner is None:
+            return
+        print(runner.placement.describe(), flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(args.model or embedded_model_dir())
+        engine = Engine(runner)
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        for question in args.questions or QUESTIONS:
+            prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": question}],
+                                                   add_generation_prompt=True, return_dict=False)
+            started = time.perf_counter()
+            session = engine.add(prompt, SamplingParams(max_new_tokens=args.max_new_tokens))
+            engine.run()
+            elapsed = time.perf_counter() - started
+            answer = tokenizer.decode(session.generated, skip_special_tokens=True).strip()
+            print(f"user: {question}\nassistant: {answer}\n  [{len(prompt)} prompt tokens, "
+                  f"{session.num_cached_tokens} cached | {len(session.generated)} new tokens in {elapsed:.2f} s]",
+                  flush=True)
+
+
+def run_grid_serve(args: argparse.Namespace, config: ServeConfig) -> None:
+    with grid_coordinator(args) as runner:
+        if runner is None:
+            return
+        tokenizer = AutoTokenizer.from_pretrained(args.model or embedded_model_dir())
+        print(runner.placement.describe(), flush=True)
+        print(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 from a grid of "
+              f"{runner.link.world_size} stages ({runner.model.dtype}, {runner.settings.num_blocks} KV blocks of "
+              f"{runner.settings.block_size} tokens)", flush=True)
+        serve(runner.model, tokenizer, config, host=args.host, port=args.port, log_level=args.log_level,
+              stop_when=lambda: runner.failure is not None)
+        if runner.failure is not None:
+            raise SystemExit(f"trellis grid: the grid failed: {runner.failure}")
+
+
+def add_grid_parser(commands: argparse._SubParsersAction) -> None:
+    grid = commands.add_parser(
+        "grid", help="one model served by several processes or machines, each holding a range of layers",
+        description="Run one model over a grid of stages (torch.distributed: gloo on CPU, NCCL on CUDA). "
+                    "One machine: 'trellis grid serve --stages 2'. Several: rank 0 runs 'trellis grid serve "
+                    "--world-size W --master-addr ADDR', every other machine 'trellis grid stage --rank R "
+                    "--world-size W --master-addr ADDR' with the same model options; or launch either with torchrun.")
+    commands_of_grid = grid.add_subparsers(dest="grid_command", required=True)
+    server = commands_of_grid.add_parser("serve", help="serve the grid over the OpenAI-compatible HTTP API")
+    add_grid_arguments(server, pool_options=False)
+    add_serve_arguments(server)
+    generate = commands_of_grid.add_parser("generate", help="answer a few chat questions on the grid")
+    add_grid_arguments(generate)
+    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--questions", nargs="*", help="user questions, each asked after the system prompt")
+    stage = commands_of_grid.add_parser("stage", help="serve one stage (rank >= 1) until the coordinator stops")
+    add_grid_arguments(stage)
+
+
+def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.grid_command == "stage":
+            sys.exit(run_stage(start_stage(grid_options(args), grid_endpoint(args))))
+        if args.grid_command == "generate":
+            run_grid_generate(args)
+        else:
+            run_grid_serve(args, serve_config(args))
+    except (ValueError, GridError) as exc:
+        parser.exit(2, f"trellis grid: {exc}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="trellis", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
                                              "Concurrent clients share one engine and its prefix cache.")
     add_model_arguments(server)
     add_serve_arguments(server)
+    add_grid_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(args)
@@ -161,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             server.error(str(exc))
         run_serve(args, config)
+    elif args.command == "grid":
+        run_grid(args, parser)
 
 
 if __name__ == "__main__":

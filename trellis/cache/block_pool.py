@@ -2,7 +2,8 @@
 
 One tensor holds the K and V of every layer: ``kv[num_layers, 2, num_blocks, block_size,
 num_kv_heads, head_dim]``. A block id names the same block in every layer, so a session's
-block list is valid for the whole model. The pool only counts references; who holds them
+block list is valid for the whole model. A pool may hold a contiguous range of the model's layers
+only (one stage of a grid, ``first_layer`` on): ``layers[l]`` is layer ``l``'s K and V either way. The pool only counts references; who holds them
 (the radix tree, live sessions) is the business of the layers above.
 """
 
@@ -30,6 +31,7 @@ class BlockPool:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        first_layer: int = 0,
     ) -> None:
         check_block_size(block_size)
         if not isinstance(num_blocks, int) or num_blocks <= 0:
@@ -40,8 +42,10 @@ class BlockPool:
         self.kv = torch.empty(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
-        # Views made once: attention asks for its layer's caches on every forward.
-        self.layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)]
+        # Views made once, keyed by the model's layer index: attention asks for its layer's caches
+        # on every forward.
+        self.first_layer = first_layer
+        self.layers = {first_layer + i: (self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)}
         self.ref_counts = [0] * num_blocks
         # Pop from the end: low block ids are handed out first, which keeps tests readable.
         self._free = list(range(num_blocks - 1, -1, -1))

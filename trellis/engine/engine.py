@@ -18,7 +18,7 @@ from trellis.engine.sampling import LogitsProcessor, SamplingParams, sample
 from trellis.engine.scheduler import Scheduler, fork_blocks
 from trellis.engine.session import Session, TokenLogprobs
 from trellis.runner import PagedModelRunner, runner_of
-from trellis.runner.runner import StepOutput
+from trellis.runner.runner import PendingStep, StepOutput
 from trellis.utils import cdiv
 
 LM_HEAD_ROWS = 256  # rows per lm_head matmul when scoring prompt tokens: keeps the [rows, vocab] logits small
@@ -45,6 +45,12 @@ class Engine:
     running session never runs out of blocks and is never preempted: a session that does not fit
     waits for running ones to finish. One that could never fit is refused when it is added.
 
+    Pipelining: a runner whose ``pipeline_depth`` is above one (a grid of stages) gets that many
+    lanes: disjoint groups of running sessions, each with one forward in flight. A step finishes
+    its lane's previous forward (samples its tokens), schedules the lane again and submits it, then
+    the next step turns to the next lane, so every stage of the grid has a micro-batch to work on.
+    New sessions spread over the lanes evenly. With depth one, a step runs its forward to the end.
+
     Threads: ``add`` and ``cancel`` may be called from any thread while another one steps; every
     other method belongs to the stepping thread. ``max_waiting`` bounds the sessions queued and
     not yet running (``add`` raises ``QueueFullError`` beyond it).
@@ -58,7 +64,10 @@ class Engine:
         self.scheduler = Scheduler(max_batch_tokens, max_running, max_overtakes)
         self.max_waiting = max_waiting
         self.waiting: deque[Session] = deque()
-        self.running: list[Session] = []
+        depth = self.runner.pipeline_depth
+        self.lanes: list[list[Session]] = [[] for _ in range(depth)]  # running sessions, by lane
+        self._in_flight: list[tuple[list[Session], PendingStep] | None] = [None] * depth  # each lane's forward
+        self._next_lane = 0
         self._inbox: deque[Session] = deque()  # added by any thread, moved to ``waiting`` by the stepping one
         self._inbox_lock = threading.Lock()
         self._ids = itertools.count()
@@ -73,6 +82,11 @@ class Engine:
     @property
     def max_running(self) -> int:
         return self.scheduler.max_running
+
+    @property
+    def running(self) -> list[Session]:
+        """The sessions admitted and not yet ended, of every lane."""
+        return [s for lane in self.lanes for s in lane]
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -124,7 +138,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._inbox or self.waiting or self.running)
+        return bool(self._inbox or self.waiting or any(self.lanes) or any(self._in_flight))
 
     @property
     def num_waiting(self) -> int:
@@ -147,7 +161,8 @@ class Engine:
 
     def step(self) -> list[Session]:
         """Admit what fits, run one forward, sample; returns the sessions that ended in this step
-        (finished, cancelled or failed), forks included."""
+        (finished, cancelled or failed), forks included. (Pipelined: finish this lane's forward,
+        then schedule and submit its next one.)"""
         with self.runner.lock, torch.no_grad():  # one forward at a time on the shared pool
             manager = self.runner.prefix_cache
             if self.running and manager is not self._manager:
@@ -158,15 +173,27 @@ class Engine:
             with self._inbox_lock:
                 self.waiting.extend(self._inbox)
                 self._inbox.clear()
-            ended = self._drop_cancelled(manager)
-            before = {id(s) for s in self.running}
+            lane = self._next_lane
+            self._next_lane = (lane + 1) % len(self.lanes)
+            ended = self._finish(manager, lane)
+            ended += self._drop_cancelled(manager, lane)
+            running = self.lanes[lane]
+            others = [s for other in self.lanes if other is not running for s in other]
+            # An even share of the sessions for each lane, so that every stage gets work.
+            share = cdiv(len(running) + len(others) + len(self.waiting), len(self.lanes)) - len(running)
+            before = {id(s) for s in running}
             try:
-                sessions = self.scheduler.schedule(self.waiting, self.running, manager)
-            except BaseException:
-                self._count_admitted(manager, before)
-                raise
-            self._count_admitted(manager, before)
+                sessions = self.scheduler.schedule(self.waiting, running, manager, others, max_admit=max(share, 0))
+            finally:
+                self._count_admitted(manager, running, before)
             if not sessions:
+                return ended
+            if len(self.lanes) > 1:
+                try:
+                    self._in_flight[lane] = (sessions, self.runner.submit(manager, [s.seq for s in sessions]))
+                except BaseException as exc:
+                    self.abort(f"forward failed: {exc!r}")
+                    raise
                 return ended
             try:
                 steps = self._forward(manager, sessions, ended)
@@ -174,28 +201,46 @@ class Engine:
                 self.abort(f"forward failed: {exc!r}")
                 raise
             for part, step in steps:
-                ended += self._complete(manager, part, step)
-            self.running = [s for s in self.running if not s.done]
+                ended += self._complete(manager, part, step, running)
+            running[:] = [s for s in running if not s.done]
             return ended
 
-    def _count_admitted(self, manager: KVCacheManager, before: set[int]) -> None:
+    def _finish(self, manager: KVCacheManager, lane: int) -> list[Session]:
+        """Wait for the lane's forward in flight, if any, and sample its sessions' tokens."""
+        flight, self._in_flight[lane] = self._in_flight[lane], None
+        if flight is None:
+            return []
+        sessions, pending = flight
+        try:
+            step = pending.result()
+        except BaseException as exc:
+            self.abort(f"forward failed: {exc!r}")
+            raise
+        running = self.lanes[lane]
+        ended = self._complete(manager, sessions, step, running)
+        running[:] = [s for s in running if not s.done]
+        return ended
+
+    def _count_admitted(self, manager: KVCacheManager, running: list[Session], before: set[int]) -> None:
         now = time.perf_counter()
-        for session in self.running:
+        for session in running:
             if id(session) not in before:
                 session.admitted_time = now
                 self.fresh_blocks += len(session.seq.block_ids) - session.seq.num_prefix_hit // manager.block_size
         live = {b for s in self.running for b in s.seq.block_ids}
         self.peak_live_blocks = max(self.peak_live_blocks, len(live))
 
-    def _drop_cancelled(self, manager: KVCacheManager) -> list[Session]:
+    def _drop_cancelled(self, manager: KVCacheManager, lane: int) -> list[Session]:
+        """End the cancelled sessions that wait, and those of ``lane`` (which has no forward in flight)."""
         ended = []
         for session in [s for s in self.waiting if s.cancel_requested]:
             self.waiting.remove(session)
             ended += self._end(session, "cancelled")
-        for session in [s for s in self.running if s.cancel_requested]:
+        running = self.lanes[lane]
+        for session in [s for s in running if s.cancel_requested]:
             manager.release(session.seq)  # its computed full blocks stay cached
             ended += self._end(session, "cancelled")
-        self.running = [s for s in self.running if not s.done]
+        running[:] = [s for s in running if not s.done]
         return ended
 
     def _end(self, session: Session, reason: str, error: str | None = None) -> list[Session]:
@@ -226,8 +271,10 @@ class Engine:
                 ended += self._end(session, "error", f"forward failed: {exc!r}")
         return steps
 
-    def _complete(self, manager: KVCacheManager, sessions: list[Session], step: StepOutput) -> list[Session]:
-        """Score prompt tokens, start forks, sample a token for each session whose prompt is computed."""
+    def _complete(self, manager: KVCacheManager, sessions: list[Session], step: StepOutput,
+                  running: list[Session]) -> list[Session]:
+        """Score prompt tokens, start forks (into ``running``, the sessions' lane), sample a token for
+        each session whose prompt is computed."""
         cu = step.batch.host_cu_seqlens_q
         rows, owners, ended = [], [], []
         for i, session in enumerate(sessions):
@@ -250,7 +297,7 @@ class Engine:
                         continue
                     fork.num_cached_tokens, fork.admitted_time = session.num_cached_tokens, session.admitted_time
                     fork.status = RequestStatus.PREFILLING
-                    self.running.append(fork)
+                    running.append(fork)
                     rows.append(cu[i + 1] - 1)
                     owners.append(fork)
         if not owners:
@@ -286,11 +333,21 @@ class Engine:
         with self._inbox_lock:
             self.waiting.extend(self._inbox)
             self._inbox.clear()
-        for session in self.running:
+        for lane, flight in enumerate(self._in_flight):
+            if flight is not None:
+                self._in_flight[lane] = None
+                try:  # a forward still in flight must land before its blocks are handed out again
+                    flight[1].result()
+                except Exception:  # noqa: BLE001 -- its sessions fail below either way
+                    pass
+        running = self.running
+        for session in running:
             self._manager.release(session.seq, commit=False)
-        for session in [*self.running, *self.waiting]:
+        for session in [*running, *self.waiting]:
             self._end(session, "error", reason)
-        self.running, self.waiting = [], deque()
+        for lane in self.lanes:
+            lane.clear()
+        self.waiting = deque()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:

@@ -48,10 +48,13 @@ class Scheduler:
         if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_overtakes < 0:
             raise ValueError("max_batch_tokens and max_running must be positive, max_overtakes non-negative")
 
-    def schedule(self, waiting: deque[Session], running: list[Session], manager: KVCacheManager) -> list[Session]:
+    def schedule(self, waiting: deque[Session], running: list[Session], manager: KVCacheManager,
+                 others: Sequence[Session] = (), max_admit: int | None = None) -> list[Session]:
         """Give each running session its tokens for the next forward (a decode token, or its next
-        prompt chunk appended to ``seq``), admit what fits from ``waiting`` into ``running``, and
-        return the sessions that have tokens to compute, in ``running`` order."""
+        prompt chunk appended to ``seq``), admit what fits from ``waiting`` into ``running`` (at
+        most ``max_admit``), and return the sessions that have tokens to compute, in ``running``
+        order. ``others``: sessions running elsewhere on the same cache (the engine's other lanes),
+        which count towards ``max_running`` and whose prompts and forks are taken into account."""
         decoding = [s for s in running if s.status == RequestStatus.DECODING]
         budget = max(self.max_batch_tokens - len(decoding), manager.block_size)
         for session in running:
@@ -60,21 +63,25 @@ class Scheduler:
                 end = chunk_end(start, len(session.prompt), budget, manager.block_size)
                 manager.append(session.seq, session.prompt[start:end])  # blocks reserved at admission
                 budget -= end - start
-        self._admit(waiting, running, manager, budget)
+        self._admit(waiting, running, others, manager, budget, max_admit)
         return [s for s in running if s.seq.num_new > 0]
 
-    def _admit(self, waiting: deque[Session], running: list[Session], manager: KVCacheManager, budget: int) -> None:
+    def _admit(self, waiting: deque[Session], running: list[Session], others: Sequence[Session],
+               manager: KVCacheManager, budget: int, max_admit: int | None) -> None:
         passed_over: list[Session] = []
+        admitted = 0
         with manager.lock:
             for session in list(waiting):
-                if budget <= 0 or width(running) + 1 + len(session.forks) > self.max_running:
+                if (budget <= 0 or width([*running, *others]) + 1 + len(session.forks) > self.max_running
+                        or admitted == max_admit):
                     break
                 reuse = 0 if session.params.prompt_logprobs is not None else None
                 extra = session.params.max_new_tokens - 1
                 cost = manager.admission_cost(session.prompt, extra_tokens=extra, max_reuse=reuse)
-                held_back = reuse is None and computing_shared_blocks(running, session, cost, manager.block_size)
-                if held_back or not self._try_admit(manager, session, cost, running, budget, reuse):
-                    if not held_back and not running:
+                held_back = reuse is None and computing_shared_blocks([*running, *others], session, cost,
+                                                                      manager.block_size)
+                if held_back or not self._try_admit(manager, session, cost, [*running, *others], budget, reuse):
+                    if not held_back and not running and not others:
                         stats = manager.stats()
                         raise OutOfBlocksError(
                             f"request {session.request_id} does not fit in the KV pool even after eviction, and this "
@@ -87,6 +94,7 @@ class Scheduler:
                     continue
                 waiting.remove(session)
                 running.append(session)
+                admitted += 1
                 budget -= session.seq.num_new
                 for earlier in passed_over:
                     earlier.overtaken += 1

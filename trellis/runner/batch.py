@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -28,7 +29,7 @@ class PagedBatch:
     seq_lens: torch.Tensor  # [B] int32, K/V length of each sequence after this forward
     cu_seqlens_q: torch.Tensor  # [B+1] int32, sequence i's tokens are [cu[i], cu[i+1])
     slot_mapping: torch.Tensor  # [T] int64, where each new token's K/V go
-    kv_layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V caches [N, S, Hkv, D]
+    kv_layers: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer index -> its K and V caches [N, S, Hkv, D]
     plan: ops.AttentionPlan  # the attention of every layer, planned once (backend resolved and checked)
     host_cu_seqlens_q: list[int]  # cu_seqlens_q and seq_lens as the host built them
     host_seq_lens: list[int]
@@ -59,23 +60,34 @@ def build_batch(seqs: Sequence[PagedSequence], pool: BlockPool, num_q_heads: int
         raise ValueError(f"{len(packed_positions)} positions for {len(ids)} new tokens")
     max_blocks = max(len(seq.block_ids) for seq in seqs)
     table = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
-    seq_lens = [len(seq.token_ids) for seq in seqs]
     device = pool.kv.device
-    block_table = torch.tensor(table, dtype=torch.int32, device=device)
+    as_tensor = functools.partial(torch.tensor, device=device)
+    return plan_batch(as_tensor(ids, dtype=torch.int64), as_tensor(packed_positions, dtype=torch.int64),
+                      as_tensor(slots, dtype=torch.int64), as_tensor(table, dtype=torch.int32), cu,
+                      [len(seq.token_ids) for seq in seqs], pool, num_q_heads, backend)
+
+
+def plan_batch(input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+               cu_seqlens_q: list[int], seq_lens: list[int], pool: BlockPool, num_q_heads: int,
+               backend: str | None = None) -> PagedBatch:
+    """A batch from its packed tensors (on the pool's device) and its host-side sequence bounds,
+    with attention planned for ``pool`` (which may hold a range of the model's layers only)."""
+    device = pool.kv.device
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=device)
-    plan = ops.plan_attention(block_table, seq_lens_t, cu_seqlens_q, num_tokens=len(ids), num_q_heads=num_q_heads,
-                              k_cache=pool.layers[0][0], max_q_len=max(end - start for start, end in pairwise(cu)),
+    cu_t = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=device)
+    plan = ops.plan_attention(block_table, seq_lens_t, cu_t, num_tokens=input_ids.shape[0], num_q_heads=num_q_heads,
+                              k_cache=pool.layers[pool.first_layer][0],
+                              max_q_len=max(end - start for start, end in pairwise(cu_seqlens_q)),
                               max_kv_len=max(seq_lens), backend=backend)
     return PagedBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(packed_positions, dtype=torch.int64, device=device),
+        input_ids=input_ids,
+        positions=positions,
         block_table=block_table,
         seq_lens=seq_lens_t,
-        cu_seqlens_q=cu_seqlens_q,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        cu_seqlens_q=cu_t,
+        slot_mapping=slot_mapping,
         kv_layers=pool.layers,
         plan=plan,
-        host_cu_seqlens_q=cu,
+        host_cu_seqlens_q=cu_seqlens_q,
         host_seq_lens=seq_lens,
     )

@@ -71,6 +71,9 @@ class PagedModelRunner:
     interleave with another thread's (it is re-entrant; the methods here take it too).
     """
 
+    pipeline_depth = 1  # steps worth keeping in flight at once (a grid's stages each work on one)
+    failure: str | None = None  # why the runner can run nothing more (a grid that lost a stage)
+
     def __init__(self, model: LlamaForCausalLM, settings: CacheSettings | None = None) -> None:
         self.model = model
         self.settings = settings or CacheSettings()
@@ -198,6 +201,12 @@ class PagedModelRunner:
                 manager.mark_computed(seq)
             return StepOutput(out.last_hidden_state[0], batch, out.hidden_states)
 
+    def submit(self, manager: KVCacheManager, seqs: Sequence[PagedSequence]) -> PendingStep:
+        """Start ``forward(manager, seqs)``; its ``result()`` is the step's output. Here the forward
+        runs at once; a grid returns while later stages still work, so that ``pipeline_depth``
+        steps can be in flight together. The sessions count as computed once ``result()`` returns."""
+        return PendingStep(self.forward(manager, seqs))
+
     def forward_rows(self, manager: KVCacheManager, seqs: list[PagedSequence], rows: Sequence[Sequence[int]],
                      max_reuse: Sequence[int] | None = None, positions: Sequence[Sequence[int]] | None = None,
                      inputs_embeds: torch.Tensor | None = None, **kwargs) -> StepOutput:
@@ -266,6 +275,16 @@ class StepOutput:
     hidden: torch.Tensor
     batch: PagedBatch
     hidden_states: tuple[torch.Tensor, ...] | None = None  # each [1, T, H], as the decoder returned them
+
+
+class PendingStep:
+    """A forward started by ``submit``."""
+
+    def __init__(self, output: StepOutput) -> None:
+        self._output = output
+
+    def result(self) -> StepOutput:
+        return self._output
 
 
 def runner_of(model: object) -> PagedModelRunner:

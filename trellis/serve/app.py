@@ -117,6 +117,8 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
     async def health() -> Response:
         if not bridge.ready:
             return JSONResponse({"status": "unavailable"}, 503)
+        if bridge.engine.runner.failure is not None:  # a grid that lost a stage
+            return JSONResponse({"status": "failed", "error": bridge.engine.runner.failure}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", dependencies=[Depends(authorized)])

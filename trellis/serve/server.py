@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 import uvicorn
 from transformers import PreTrainedTokenizerBase
@@ -13,6 +16,7 @@ from trellis.serve.config import ServeConfig
 
 log = logging.getLogger("trellis.serve")
 
+STOP_DELAY_S = 2  # between a fatal model failure and the shutdown it causes
 GRACEFUL_SHUTDOWN_S = 10  # in-flight requests get this long to finish on Ctrl-C; then they are cancelled
 
 
@@ -26,9 +30,27 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeConfig, host: str = "127.0.0.1",
-          port: int = 8000, log_level: str = "info") -> None:
-    """Serve until interrupted (Ctrl-C, SIGTERM); shuts down cleanly, cancelling what is still running."""
+          port: int = 8000, log_level: str = "info", stop_when: Callable[[], bool] | None = None) -> None:
+    """Serve until interrupted (Ctrl-C, SIGTERM), or until ``stop_when()`` turns true (a grid that
+    lost a stage); shuts down cleanly, cancelling what is still running."""
     if config.api_key is None and not is_loopback(host):
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
     app = create_app(model, tokenizer, config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    if stop_when is not None:
+        threading.Thread(target=_stop_when, args=(server, stop_when), name="trellis-serve-watch", daemon=True).start()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for: the shutdown was clean
+        pass
+
+
+def _stop_when(server: uvicorn.Server, condition: Callable[[], bool], poll_s: float = 0.5) -> None:
+    while not server.should_exit:
+        if condition():
+            log.error("stopping the server: its model can serve nothing more")
+            time.sleep(STOP_DELAY_S)  # the requests in flight get their errors first
+            server.should_exit = True
+            return
+        time.sleep(poll_s)

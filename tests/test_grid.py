@@ -1,0 +1,260 @@
+"""The grid: stages in separate processes over loopback (gloo, one thread each) compute what one
+process does — the same greedy tokens, scores and prefix hits — and fail cleanly when a stage
+dies, hangs or differs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from tests.models import smollm2_dir, smollm2_tokenizer, tiny_config
+from trellis import Engine, SamplingParams
+from trellis.cli import SYSTEM_PROMPT
+from trellis.cache.manager import KVCacheManager
+from trellis.eval.scoring import score_continuations
+from trellis.grid import GridError, GridOptions, LocalGrid, parse_layers, split_by_memory
+from trellis.grid.transport import StepPlan
+from trellis.models.llama import TrellisLlama
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(tiny_config(num_hidden_layers=6)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def other_tiny_dir(tmp_path_factory) -> str:
+    torch.manual_seed(1)  # same shapes, other weights
+    path = tmp_path_factory.mktemp("other")
+    LlamaForCausalLM(tiny_config(num_hidden_layers=6)).save_pretrained(path)
+    return str(path)
+
+
+def shared_prefix_prompts(n: int, prefix_len: int, suffix_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, vocab, (prefix_len,), generator=g).tolist()
+    return [prefix + torch.randint(3, vocab, (suffix_len,), generator=g).tolist() for _ in range(n)]
+
+
+def run_engine(runner_or_model, prompts, max_new_tokens: int) -> tuple[list[list[int]], dict]:
+    engine = Engine(runner_or_model, max_batch_tokens=64)  # small: chunked prefill crosses the grid too
+    sessions = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
+    assert all(s.error is None for s in sessions), [s.error for s in sessions]
+    return [s.generated for s in sessions], engine
+
+
+def options(path: str, **overrides) -> GridOptions:
+    settings = {"block_size": BLOCK, "num_blocks": 256, "threads": 1, "step_timeout": 20, "start_timeout": 120}
+    return GridOptions(model=path, **{**settings, **overrides})
+
+
+# --- placement and messages ------------------------------------------------------------------
+
+def test_parse_layers():
+    assert [list(r) for r in parse_layers("0-1,2-5", 6, 2).ranges] == [[0, 1], [2, 3, 4, 5]]
+    assert parse_layers("0,1-5", 6, 2).spec() == "0-0,1-5"
+    for spec, error in [("0-2,3-4", "covers layers 0-4"), ("0-2,4-5", "starting at layer 3"), ("0-5", "names 1"),
+                        ("0-x,3-5", "not a range"), ("3-2,3-5", "non-empty")]:
+        with pytest.raises(ValueError, match=error):
+            parse_layers(spec, 6, 2)
+
+
+def test_split_by_memory_weighs_the_embedding_and_the_memory():
+    # SmolLM2 in fp32: 14 MB a layer, 113 MB of tied embedding on stage 0.
+    assert split_by_memory(30, 14_000_000, 113_000_000, [1, 1]).spec() == "0-10,11-29"
+    assert split_by_memory(8, 10, 0, [1, 1]).spec() == "0-3,4-7"
+    assert split_by_memory(8, 10, 0, [3, 1]).spec() == "0-5,6-7"
+    assert split_by_memory(3, 10, 10_000, [1, 1, 1]).spec() == "0-0,1-1,2-2"  # every stage keeps a layer
+    with pytest.raises(ValueError, match="each stage needs a layer"):
+        split_by_memory(2, 10, 0, [1, 1, 1])
+
+
+def test_step_plan_round_trip():
+    plan = StepPlan(torch.tensor([5, 6, 7]), torch.tensor([0, 1, 9]), torch.tensor([0, 1, 13]),
+                    torch.tensor([[0, 0, 0], [1, 2, 3]], dtype=torch.int32), [2, 10], [0, 2, 3], [(3, 4), (7, 9)])
+    header, payload = plan.encode()
+    assert StepPlan.payload_size(header) == payload.numel()
+    back = StepPlan.decode(header, payload, torch.device("cpu"))
+    for name in ("input_ids", "positions", "slot_mapping", "block_table"):
+        assert torch.equal(getattr(back, name), getattr(plan, name)), name
+    assert (back.seq_lens, back.cu_seqlens_q, back.copies) == (plan.seq_lens, plan.cu_seqlens_q, plan.copies)
+    assert back.block_table.dtype == torch.int32
+
+
+# --- the same answers as one process -----------------------------------------------------------
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_tiny_grid_matches_one_process(tiny_dir, stages):
+    prompts = shared_prefix_prompts(4, 22, 5, 256)
+    single = TrellisLlama.from_pretrained(tiny_dir, device="cpu", block_size=BLOCK, num_blocks=256)
+    want, _ = run_engine(single, prompts, 10)
+    want_again, _ = run_engine(single, prompts, 10)  # the second round hits the cache
+    hits = single.prefix_cache.stats()["hit_tokens"]
+    requests = [(p[:20], p[20:]) for p in prompts]
+    want_scores = score_continuations(single, requests)
+    reference = LlamaForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    want_hf = reference.generate(torch.tensor([prompts[0]]), max_new_tokens=6, do_sample=False)
+
+    with LocalGrid(options(tiny_dir), stages=stages) as runner:
+        assert len(runner.placement.ranges) == stages
+        got, engine = run_engine(runner, prompts, 10)
+        assert got == want
+        got_again, _ = run_engine(runner, prompts, 10)
+        assert got_again == want_again == want
+        assert runner.prefix_cache.stats()["hit_tokens"] == hits  # with micro-batches, as in one process
+        got_scores = score_continuations(runner.model, requests)
+        assert [g for _, g in got_scores] == [g for _, g in want_scores]
+        assert [s for s, _ in got_scores] == pytest.approx([s for s, _ in want_scores], abs=1e-4)
+        # transformers' generate() on the coordinator's model runs on the grid too.
+        out = runner.model.generate(torch.tensor([prompts[0]]), max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, want_hf)
+        assert engine.peak_live_blocks > 0
+        runner.prefix_cache.pool.check_integrity()
+
+
+def test_prefix_hits_count_as_in_one_process(tiny_dir):
+    prompts = shared_prefix_prompts(4, 30, 3, 256, seed=3)
+    single = TrellisLlama.from_pretrained(tiny_dir, device="cpu", block_size=BLOCK, num_blocks=256)
+    run_engine(single, prompts, 4)
+    run_engine(single, prompts[:2], 4)
+    with LocalGrid(options(tiny_dir, micro_batches=1), stages=2) as runner:
+        run_engine(runner, prompts, 4)
+        run_engine(runner, prompts[:2], 4)
+        grid, one = runner.prefix_cache.stats(), single.prefix_cache.stats()
+        assert {k: grid[k] for k in ("lookup_tokens", "hit_tokens", "cached_blocks")} == \
+            {k: one[k] for k in ("lookup_tokens", "hit_tokens", "cached_blocks")}
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_smollm2_grid_matches_one_process(stages):
+    tokenizer = smollm2_tokenizer()
+    system = SYSTEM_PROMPT  # about 90 tokens: whole blocks to share
+    prompts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                             add_generation_prompt=True, return_dict=False)
+               for q in ("What is a radix tree?", "Name a prime number.", "Why is the sky blue?")]
+    single = TrellisLlama.from_pretrained(smollm2_dir(), dtype=torch.float32, device="cpu", num_blocks=64)
+    want, _ = run_engine(single, prompts, 12)
+    hits = single.prefix_cache.stats()["hit_tokens"]
+    assert hits > 0  # the shared system prompt
+    with LocalGrid(GridOptions(num_blocks=64, threads=1, step_timeout=60), stages=stages) as runner:
+        got, _ = run_engine(runner, prompts, 12)
+        assert got == want
+        assert runner.prefix_cache.stats()["hit_tokens"] == hits
+
+
+# --- failures --------------------------------------------------------------------------------
+
+def manager_is_clean(manager: KVCacheManager) -> None:
+    manager.pool.check_integrity()
+    assert manager.stats()["live_sessions"] == 0
+    cached = manager.stats()["cached_blocks"]
+    assert manager.pool.num_free == manager.pool.num_blocks - cached  # only the radix tree holds blocks
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_lost_stage_fails_the_requests_in_time_and_a_new_grid_serves(tiny_dir, how):
+    prompts = shared_prefix_prompts(3, 14, 3, 256, seed=5)
+    grid = LocalGrid(options(tiny_dir, step_timeout=3), stages=2)
+    runner = grid.__enter__()
+    try:
+        engine = Engine(runner)
+        sessions = [engine.add(p, SamplingParams(max_new_tokens=200)) for p in prompts]
+        for _ in range(6):
+            engine.step()
+        cached_before = runner.prefix_cache.stats()["cached_blocks"]
+        manager = runner.prefix_cache
+        stage = grid.processes[0]
+        os.kill(stage.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(GridError):
+            while engine.has_work:
+                engine.step()
+        assert time.monotonic() - started < 3 + 5
+        assert all(s.error and "failed" in s.error for s in sessions)
+        manager_is_clean(manager)
+        assert manager.stats()["cached_blocks"] <= cached_before + len(prompts) * 2  # nothing past the lost step
+        assert runner.failure is not None
+        with pytest.raises(GridError, match="restart"):
+            engine.add(prompts[0], SamplingParams(max_new_tokens=2))
+    finally:
+        if how == "hung":
+            os.kill(grid.processes[0].pid, signal.SIGKILL)
+        grid.stop(timeout=10)
+    with LocalGrid(options(tiny_dir), stages=2) as runner:  # a restarted grid serves again
+        single = TrellisLlama.from_pretrained(tiny_dir, device="cpu", block_size=BLOCK, num_blocks=256)
+        assert run_engine(runner, prompts, 5)[0] == run_engine(single, prompts, 5)[0]
+
+
+def test_lost_step_caches_nothing(tiny_dir):
+    """The blocks of a step that never came back are neither cached nor leaked."""
+    grid = LocalGrid(options(tiny_dir, step_timeout=3), stages=2)
+    runner = grid.__enter__()
+    try:
+        manager = runner.prefix_cache
+        prompt = shared_prefix_prompts(1, 16, 0, 256, seed=9)[0]
+        os.kill(grid.processes[0].pid, signal.SIGKILL)
+        grid.processes[0].wait()
+        with pytest.raises(GridError):
+            runner.forward_rows(manager, [], [prompt])
+        assert manager.stats()["cached_blocks"] == 0
+        manager_is_clean(manager)
+    finally:
+        grid.stop(timeout=10)
+
+
+@pytest.mark.parametrize("field,value,named", [("dtype", "bfloat16", "dtype"), ("block_size", 8, "block_size")])
+def test_a_mismatched_stage_is_refused(tiny_dir, field, value, named):
+    grid = LocalGrid(options(tiny_dir), stages=2, stage_options=dataclasses.replace(options(tiny_dir), **{field: value}))
+    with pytest.raises(GridError, match=named):
+        grid.__enter__()
+    assert grid.stop(timeout=30) == [2]  # the stage refused too (the command's usage-error status)
+
+
+def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):
+    grid = LocalGrid(options(tiny_dir), stages=2, stage_options=options(other_tiny_dir))
+    with pytest.raises(GridError, match="model_digest"):
+        grid.__enter__()
+    assert grid.stop(timeout=30) == [2]
+
+
+def test_grid_refuses_what_it_cannot_compute(tiny_dir):
+    with LocalGrid(options(tiny_dir), stages=2) as runner:
+        with pytest.raises(ValueError, match="fixed when the grid starts"):
+            runner.configure(runner.settings)
+        with pytest.raises(ValueError, match="output_hidden_states"):
+            runner.model(torch.tensor([[5, 6, 7]]), output_hidden_states=True)
+        runner.model.requires_grad_(True)
+        with pytest.raises(ValueError, match="inference only"):
+            runner.model(torch.tensor([[5, 6, 7]]))
+        runner.model.requires_grad_(False)
+        out = runner.model(torch.tensor([[5, 6, 7]]))  # and still serves
+        assert out.logits.shape == (1, 3, 256)
+
+
+def test_grid_cli_under_torchrun():
+    """``torchrun ... -m trellis grid generate``: rank 1 becomes a stage, rank 0 answers as one process does."""
+    question = "What is 2 + 2?"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trellis",
+               "grid", "generate", "--max-new-tokens", "8", "--threads", "1", "--questions", question]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = smollm2_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                            {"role": "user", "content": question}], add_generation_prompt=True, return_dict=False)
+    single = TrellisLlama.from_pretrained(smollm2_dir(), dtype=torch.float32, device="cpu", num_blocks=64)
+    want = tokenizer.decode(run_engine(single, [prompt], 8)[0][0], skip_special_tokens=True).strip()
+    assert f"assistant: {want}\n" in result.stdout
+    assert "stage 1: layers" in result.stdout

@@ -1,0 +1,311 @@
+"""Starting a grid: the rendezvous, the start-up handshake, and each rank's part.
+
+Every rank connects to one ``torch.distributed.TCPStore`` (rank 0 hosts it at ``master_addr:
+master_port``, or torchrun's agent does), publishes who it is — Trellis, torch and transformers
+versions, a digest of the model files, dtype, block size, device, free memory — and waits for the
+coordinator's verdict. The coordinator refuses a grid whose stages differ, naming the difference;
+otherwise it places the layers (``--layers`` or in proportion to free memory), agrees the pool
+size (the most blocks every stage can hold for its layers) and publishes both. Then every rank
+loads its share of the model and joins the gloo (CPU) or NCCL (CUDA) process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from trellis.cache.block_pool import BlockPool
+from trellis.grid.placement import Placement, parse_layers, split_by_memory
+from trellis.grid.runner import GridRunner
+from trellis.grid.stage import StageWorker, free_memory, load_stage_model
+from trellis.grid.transport import GridError, Link
+from trellis.models.embedded import embedded_model_dir
+from trellis.models.loading import load_llama_config, resolve_device
+from trellis.runner.runner import CacheSettings, default_kv_cache_memory
+
+log = logging.getLogger("trellis.grid")
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class GridOptions:
+    """What every rank of one grid is started with (the handshake checks they agree)."""
+
+    model: str | None = None  # a checkpoint directory; None: the embedded SmolLM2
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    block_size: int = 32
+    num_blocks: int | None = None  # default: what every stage's KV budget holds
+    kv_cache_memory: int | None = None  # bytes of KV per stage; default: default_kv_cache_memory
+    linear_kernel: str | None = None
+    layers: str | None = None  # "0-10,11-29"; default: in proportion to free memory
+    micro_batches: int | None = None  # steps in flight; default: one per stage
+    threads: int | None = None  # torch threads of this process
+    step_timeout: float = 60.0  # seconds a step may take on the other stages before the grid fails
+    start_timeout: float = 300.0  # seconds to wait for every stage to join and load
+
+    @property
+    def model_path(self) -> str:
+        return self.model or str(embedded_model_dir())
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        return dtype
+
+    def load_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+@dataclass
+class Endpoint:
+    """Where this rank sits and how to reach the rendezvous."""
+
+    rank: int
+    world_size: int
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @staticmethod
+    def from_env() -> Endpoint | None:
+        """The endpoint torchrun (or any ``env://`` launcher) gives this process, if any."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return None
+        return Endpoint(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                        os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")))
+
+
+@dataclass(frozen=True)
+class StageIdentity:
+    """What must agree across the stages for the grid to compute what one process would."""
+
+    trellis: str
+    torch: str
+    transformers: str
+    model_digest: str
+    dtype: str
+    block_size: int
+    device_type: str
+    free_memory: int = field(compare=False)
+    kv_budget: int = field(compare=False)
+    host: str = field(compare=False)
+
+    def differences(self, other: StageIdentity) -> list[str]:
+        mine, theirs = asdict(self), asdict(other)
+        names = [f.name for f in self.__dataclass_fields__.values() if f.compare]
+        return [f"{name}: {mine[name]} on the coordinator, {theirs[name]} here" for name in names
+                if mine[name] != theirs[name]]
+
+
+def model_digest(path: str, gguf_file: str | None = None) -> str:
+    """BLAKE2b of the checkpoint's config and weight files (names, sizes and bytes)."""
+    root = Path(path)
+    files = [root / gguf_file] if gguf_file else sorted(
+        p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    digest = hashlib.blake2b(digest_size=16)
+    for file in files:
+        digest.update(f"{file.name}:{file.stat().st_size}:".encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def identity(options: GridOptions, device: torch.device) -> StageIdentity:
+    return StageIdentity(
+        trellis=importlib.metadata.version("trellis"), torch=torch.__version__, transformers=transformers.__version__,
+        model_digest=model_digest(options.model_path, options.gguf_file), dtype=options.dtype,
+        block_size=options.block_size, device_type=device.type, free_memory=free_memory(device),
+        kv_budget=options.kv_cache_memory or default_kv_cache_memory(device), host=os.uname().nodename)
+
+
+def connect(endpoint: Endpoint, timeout: float) -> dist.Store:
+    """The rendezvous store, namespaced per launch attempt (torchrun restarts reuse its store)."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
+    store = dist.TCPStore(endpoint.master_addr, endpoint.master_port, endpoint.world_size,
+                          is_master=endpoint.rank == 0 and not agent_store,
+                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    return dist.PrefixStore(f"trellis-grid/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def process_group(store: dist.Store, endpoint: Endpoint, device: torch.device, timeout: float) -> dist.ProcessGroup:
+    """This grid's own process group (not the global default one): gloo on CPU, NCCL on CUDA."""
+    wait = datetime.timedelta(seconds=timeout)
+    if device.type == "cuda":
+        return dist.ProcessGroupNCCL(store, endpoint.rank, endpoint.world_size, dist.ProcessGroupNCCL.Options())
+    return dist.ProcessGroupGloo(store, endpoint.rank, endpoint.world_size, wait)
+
+
+def kv_bytes_per_block(config, block_size: int, num_layers: int, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return BlockPool.bytes_per_block(block_size, num_layers, config.num_key_value_heads, head_dim, dtype)
+
+
+def plan_grid(options: GridOptions, config, identities: list[StageIdentity]) -> tuple[Placement, int]:
+    """The coordinator's decision: the layers of each stage and the blocks of every pool."""
+    world = len(identities)
+    if options.layers:
+        placement = parse_layers(options.layers, config.num_hidden_layers, world)
+    else:
+        dtype_bytes = torch.empty((), dtype=options.torch_dtype).element_size()
+        hidden, inter = config.hidden_size, config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        attn = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+        layer_bytes = (attn + 3 * hidden * inter + 2 * hidden) * dtype_bytes
+        heads = 1 if config.tie_word_embeddings else 2
+        placement = split_by_memory(config.num_hidden_layers, layer_bytes,
+                                    heads * config.vocab_size * hidden * dtype_bytes,
+                                    [s.free_memory for s in identities])
+    num_blocks = options.num_blocks or min(
+        s.kv_budget // kv_bytes_per_block(config, options.block_size, len(r), options.torch_dtype)
+        for s, r in zip(identities, placement.ranges))
+    if num_blocks < 1:
+        raise GridError("a stage's KV budget cannot hold one block; raise --kv-cache-memory")
+    return placement, num_blocks
+
+
+def start_coordinator(options: GridOptions, endpoint: Endpoint) -> GridRunner:
+    """Rank 0: check the stages, place the layers, load stage 0 and return the grid's runner
+    (which ``model.runner`` also becomes, so ``generate`` runs on the grid)."""
+    if endpoint.world_size < 2:
+        raise ValueError("a grid needs at least 2 stages")
+    device = resolve_device(options.device)
+    _set_threads(options)
+    store = connect(endpoint, options.start_timeout)
+    mine = identity(options, device)
+    store.set("identity/0", json.dumps(asdict(mine)))
+    try:
+        stages = [mine] + [StageIdentity(**json.loads(store.get(f"identity/{r}")))
+                           for r in range(1, endpoint.world_size)]
+    except RuntimeError as exc:  # the store's timeout
+        raise GridError(f"not every stage joined within {options.start_timeout:.0f} s: {exc}") from exc
+    problems = [f"stage {r} ({s.host}): " + "; ".join(diff) for r, s in enumerate(stages[1:], 1)
+                if (diff := mine.differences(s))]
+    config = load_llama_config(options.model_path, options.load_kwargs())
+    try:
+        if problems:
+            raise GridError("the stages differ, so the grid would not compute what one model does:\n  "
+                            + "\n  ".join(problems))
+        placement, num_blocks = plan_grid(options, config, stages)
+    except (GridError, ValueError) as exc:
+        store.set("plan", json.dumps({"error": str(exc)}))
+        raise GridError(str(exc)) from exc
+    store.set("plan", json.dumps({"layers": placement.spec(), "num_blocks": num_blocks}))
+    log.info("grid of %d stages, %d KV blocks of %d tokens each:\n%s", endpoint.world_size, num_blocks,
+             options.block_size, placement.describe())
+    model = load_stage_model(options.model_path, placement.ranges[0], first=True, last=False,
+                             dtype=options.torch_dtype, device=device, linear_kernel=options.linear_kernel,
+                             **options.load_kwargs())
+    model.requires_grad_(False)
+    group = process_group(store, endpoint, device, options.start_timeout)
+    link = Link(group, 0, endpoint.world_size, config.hidden_size, options.torch_dtype, device, options.step_timeout)
+    settings = CacheSettings(options.block_size, num_blocks=num_blocks)
+    runner = GridRunner(model, settings, link, placement, options.micro_batches or endpoint.world_size)
+    model.runner = runner
+    return runner
+
+
+def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
+    """Rank ≥ 1: report to the coordinator, load this stage's layers, join the process group."""
+    device = resolve_device(options.device)
+    _set_threads(options)
+    store = connect(endpoint, options.start_timeout)
+    store.set(f"identity/{endpoint.rank}", json.dumps(asdict(identity(options, device))))
+    try:
+        plan = json.loads(store.get("plan"))
+    except RuntimeError as exc:
+        raise GridError(f"the coordinator did not answer within {options.start_timeout:.0f} s: {exc}") from exc
+    if "error" in plan:
+        raise GridError(f"the coordinator refused this grid: {plan['error']}")
+    config = load_llama_config(options.model_path, options.load_kwargs())
+    layers = parse_layers(plan["layers"], config.num_hidden_layers, endpoint.world_size).ranges[endpoint.rank]
+    last = endpoint.rank == endpoint.world_size - 1
+    model = load_stage_model(options.model_path, layers, first=False, last=last, dtype=options.torch_dtype,
+                             device=device, linear_kernel=options.linear_kernel, **options.load_kwargs())
+    model.requires_grad_(False)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pool = BlockPool(plan["num_blocks"], options.block_size, len(layers), config.num_key_value_heads, head_dim,
+                     dtype=options.torch_dtype, device=device, first_layer=layers.start)
+    log.info("stage %d of %d: layers %d-%d, %d KV blocks", endpoint.rank, endpoint.world_size, layers.start,
+             layers.stop - 1, plan["num_blocks"])
+    group = process_group(store, endpoint, device, options.start_timeout)
+    link = Link(group, endpoint.rank, endpoint.world_size, config.hidden_size, options.torch_dtype, device,
+                options.step_timeout)
+    return StageWorker(model, pool, link)
+
+
+def _set_threads(options: GridOptions) -> None:
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+
+
+def stage_command(options: GridOptions, endpoint: Endpoint) -> list[str]:
+    """The ``trellis grid stage`` command line that starts ``endpoint``'s rank with ``options``."""
+    command = [sys.executable, "-m", "trellis", "grid", "stage", "--rank", str(endpoint.rank), "--world-size",
+               str(endpoint.world_size), "--master-addr", endpoint.master_addr, "--master-port", str(endpoint.master_port)]
+    for name, value in asdict(options).items():
+        if value is not None:
+            command += [f"--{name.replace('_', '-')}", str(value)]
+    return command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalGrid:
+    """A grid of ``stages`` processes on this machine: the coordinator in this process, the other
+    stages as ``trellis grid stage`` child processes over loopback (``stage_options`` lets them
+    differ, e.g. in threads). ``with LocalGrid(...) as runner:`` stops them all at the end."""
+
+    def __init__(self, options: GridOptions, stages: int, stage_options: GridOptions | None = None,
+                 port: int | None = None) -> None:
+        self.options, self.stage_options = options, stage_options or options
+        self.endpoint = Endpoint(0, stages, "127.0.0.1", port or free_port())
+        self.processes: list[subprocess.Popen] = []
+        self.runner: GridRunner | None = None
+
+    def __enter__(self) -> GridRunner:
+        for rank in range(1, self.endpoint.world_size):
+            endpoint = Endpoint(rank, self.endpoint.world_size, self.endpoint.master_addr, self.endpoint.master_port)
+            self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint)))
+        try:
+            self.runner = start_coordinator(self.options, self.endpoint)
+        except BaseException:
+            self.stop()
+            raise
+        return self.runner
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 30.0) -> list[int | None]:
+        """Close the grid and wait for the stage processes; their exit statuses."""
+        if self.runner is not None:
+            self.runner.close()
+        for process in self.processes:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return [p.returncode for p in self.processes]

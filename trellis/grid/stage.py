@@ -1,0 +1,162 @@
+"""One stage's share of the model, and the loop that serves it on ranks 1..W-1.
+
+A stage model is a ``TrellisLlama`` whose decoder holds only the stage's layers, each keeping its
+index in the whole model (attention finds its K/V in the stage's pool by that index). Stage 0
+keeps the embedding and the LM head, the last stage the final norm; elsewhere the norm is the
+identity. From a safetensors checkpoint a stage reads only its own tensors; other formats (GGUF)
+are loaded whole and cut down, so loading peaks at the whole model's size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from trellis.cache.block_pool import BlockPool
+from trellis.grid.transport import PING, STOP, GridError, Link, StepPlan
+from trellis.models.llama import TrellisLlama
+from trellis.models.loading import load_llama_config
+from trellis.runner.batch import plan_batch
+
+log = logging.getLogger("trellis.grid")
+
+IDLE_TIMEOUT_S = 600.0  # a stage that hears nothing (not even the coordinator's pings) this long exits
+
+
+def stage_state_dict(path: str, layers: range, first: bool, last: bool, load_kwargs: dict) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors a stage holds, named as in a model of ``len(layers)`` layers."""
+    wanted = (lambda name: stage_name(name, layers, first, last))
+    files = safetensors_files(path) if not load_kwargs.get("gguf_file") else None
+    state: dict[str, torch.Tensor] = {}
+    if files is not None:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if (local := wanted(name)) is not None:
+                        state[local] = f.get_tensor(name)
+        return state
+    whole = TrellisLlama.from_pretrained(path, device="cpu", **load_kwargs)  # GGUF and friends: whole, then cut
+    for name, tensor in whole.state_dict().items():
+        if (local := wanted(name)) is not None:
+            state[local] = tensor.clone()
+    return state
+
+
+def stage_name(name: str, layers: range, first: bool, last: bool) -> str | None:
+    """``name`` (a tensor of the whole model) as the stage model calls it, or None if not its own."""
+    if name.startswith("model.layers."):
+        index, _, rest = name.removeprefix("model.layers.").partition(".")
+        return f"model.layers.{int(index) - layers.start}.{rest}" if int(index) in layers else None
+    if name.startswith("model.embed_tokens.") or name.startswith("lm_head."):
+        return name if first else None
+    if name.startswith("model.norm."):
+        return name if last else None
+    return name  # buffers and anything else: every stage
+
+
+def safetensors_files(path: str) -> list[Path] | None:
+    """The safetensors files of a checkpoint directory, or None if it has none."""
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = root / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: torch.dtype, device: torch.device,
+                     linear_kernel: str | None = None, **load_kwargs) -> TrellisLlama:
+    """The model of one stage: its layers (and the embedding and LM head on the first, the final
+    norm on the last), loaded from ``path`` without the rest of the weights where the format allows."""
+    config = load_llama_config(path, load_kwargs)
+    stage_config = copy.deepcopy(config)
+    stage_config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        stage_config.layer_types = list(config.layer_types)[layers.start:layers.stop]
+    state = stage_state_dict(path, layers, first, last, {"dtype": dtype, **load_kwargs})
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the other stages' tensors are missing on purpose
+    try:
+        model = TrellisLlama.from_pretrained(None, config=stage_config, state_dict=state, dtype=dtype, device=device,
+                                             linear_kernel=linear_kernel)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    del state
+    for offset, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = layers.start + offset  # its K/V sit under its index in the whole model
+    if not last:
+        model.model.norm = torch.nn.Identity()
+    if not first:
+        model.model.embed_tokens = None  # never read: later stages take activations
+        model.lm_head = None
+    return model
+
+
+def stage_forward(model: TrellisLlama, plan: StepPlan, pool: BlockPool, hidden: torch.Tensor | None = None,
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a stage's layers over one step: the tokens of ``plan`` (the first stage) or ``hidden``
+    ``[T, H]`` from the stage before; returns ``[T, H]``."""
+    batch = plan_batch(plan.input_ids, plan.positions, plan.slot_mapping, plan.block_table, plan.cu_seqlens_q,
+                       plan.seq_lens, pool, model.config.num_attention_heads, model.runner.attention_backend())
+    embeds = hidden if hidden is not None else inputs_embeds
+    tokens = {"input_ids": batch.input_ids[None]} if embeds is None else {"inputs_embeds": embeds[None]}
+    out = model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False)
+    return out.last_hidden_state[0]
+
+
+class StageWorker:
+    """Serves one stage (rank ≥ 1): takes each step's plan and activations from the stage before,
+    passes the plan on, runs its layers, and sends the activations on (the last stage: back to
+    the coordinator), until the coordinator says stop."""
+
+    def __init__(self, model: TrellisLlama, pool: BlockPool, link: Link) -> None:
+        self.model, self.pool, self.link = model, pool, link
+        self.is_last = link.next == 0
+        self.steps = 0
+
+    def serve(self) -> None:
+        with torch.inference_mode():
+            while True:
+                header, payload = self.link.recv_plan(IDLE_TIMEOUT_S)
+                kind = header[0].item()
+                if not self.is_last:
+                    self.link.send_plan(header, payload)  # the next stage plans while this one computes
+                if kind == STOP:
+                    self.link.close()
+                    return
+                if kind == PING:
+                    continue
+                plan = StepPlan.decode(header, payload, self.pool.kv.device)
+                for src, dst in plan.copies:
+                    self.pool.copy_block(src, dst)
+                hidden = self.link.recv_hidden(len(plan.input_ids))
+                self.link.send_hidden(stage_forward(self.model, plan, self.pool, hidden))
+                self.steps += 1
+
+
+def run_stage(worker: StageWorker) -> int:
+    """Serve until stopped; the process's exit status: 0 when the coordinator stopped the grid."""
+    try:
+        worker.serve()
+    except GridError as exc:
+        log.error("%s; this stage exits (restart the grid)", exc)
+        return 1
+    log.info("stage stopped after %d steps", worker.steps)
+    return 0
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for weights and KV on ``device``: CUDA's free memory, else available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
