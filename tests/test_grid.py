@@ -4,6 +4,7 @@ dies, hangs or differs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import httpx2 as httpx
+import openai
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -138,17 +141,25 @@ def test_prefix_hits_count_as_in_one_process(tiny_dir):
             {k: one[k] for k in ("lookup_tokens", "hit_tokens", "cached_blocks")}
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_smollm2_grid_matches_one_process(stages):
+@pytest.fixture(scope="module")
+def smollm2_answers() -> tuple[list[list[int]], list[list[int]], int]:
+    """Chat prompts sharing a system prompt of about 90 tokens (whole blocks to share), and one
+    process's greedy answers and prefix hits."""
     tokenizer = smollm2_tokenizer()
-    system = SYSTEM_PROMPT  # about 90 tokens: whole blocks to share
-    prompts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
-                                             add_generation_prompt=True, return_dict=False)
+    prompts = [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                              {"role": "user", "content": q}], add_generation_prompt=True,
+                                             return_dict=False)
                for q in ("What is a radix tree?", "Name a prime number.", "Why is the sky blue?")]
     single = TrellisLlama.from_pretrained(smollm2_dir(), dtype=torch.float32, device="cpu", num_blocks=64)
     want, _ = run_engine(single, prompts, 12)
     hits = single.prefix_cache.stats()["hit_tokens"]
-    assert hits > 0  # the shared system prompt
+    assert hits > 0
+    return prompts, want, hits
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_smollm2_grid_matches_one_process(smollm2_answers, stages):
+    prompts, want, hits = smollm2_answers
     with LocalGrid(GridOptions(num_blocks=64, threads=1, step_timeout=60), stages=stages) as runner:
         got, _ = run_engine(runner, prompts, 12)
         assert got == want
@@ -179,11 +190,12 @@ def test_a_lost_stage_fails_the_requests_in_time_and_a_new_grid_serves(tiny_dir,
         stage = grid.processes[0]
         os.kill(stage.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         started = time.monotonic()
-        with pytest.raises(GridError):
+        with contextlib.suppress(GridError):  # the engine raises it, or fails each session with it
             while engine.has_work:
                 engine.step()
         assert time.monotonic() - started < 3 + 5
-        assert all(s.error and "failed" in s.error for s in sessions)
+        assert all(s.error and "GridError" in s.error and "stage 1" in s.error for s in sessions), \
+            [s.error for s in sessions]
         manager_is_clean(manager)
         assert manager.stats()["cached_blocks"] <= cached_before + len(prompts) * 2  # nothing past the lost step
         assert runner.failure is not None
@@ -258,3 +270,35 @@ def test_grid_cli_under_torchrun():
     want = tokenizer.decode(run_engine(single, [prompt], 8)[0][0], skip_special_tokens=True).strip()
     assert f"assistant: {want}\n" in result.stdout
     assert "stage 1: layers" in result.stdout
+
+
+def test_the_server_on_a_grid_answers_and_reports_a_lost_stage(tiny_dir):
+    from tests.test_serve import Server, char_tokenizer
+    from trellis.serve import ServeConfig, create_app
+
+    tok = char_tokenizer()
+    question = [{"role": "user", "content": "What is a radix tree?"}]
+    single = TrellisLlama.from_pretrained(tiny_dir, device="cpu", block_size=BLOCK, num_blocks=256)
+    prompt = tok.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
+    want = tok.decode(run_engine(single, [prompt], 8)[0][0], skip_special_tokens=True)
+    grid = LocalGrid(options(tiny_dir, step_timeout=3), stages=2)
+    runner = grid.__enter__()
+    server = Server(create_app(runner.model, tok, ServeConfig(model_name="tiny")))
+    try:
+        client = server.client()
+        answer = client.chat.completions.create(model="tiny", messages=question, max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content == want
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        os.kill(grid.processes[0].pid, signal.SIGKILL)
+        grid.processes[0].wait()
+        with pytest.raises(openai.APIError):
+            client.chat.completions.create(model="tiny", messages=question, max_tokens=8, temperature=0)
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(f"{server.url}/health")).status_code == 200:
+            assert time.monotonic() < deadline, "/health did not report the lost stage"
+            time.sleep(0.1)
+        assert health.status_code == 503 and "stage" in health.json()["error"]
+        manager_is_clean(runner._manager)  # its prefix_cache property refuses a failed grid
+    finally:
+        server.stop()
+        grid.stop(timeout=10)

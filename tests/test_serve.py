@@ -486,7 +486,7 @@ def _healthy(port: int) -> bool:
 def test_binding_beyond_loopback_without_a_key_warns(monkeypatch, caplog):
     from trellis.serve import server as server_module
 
-    monkeypatch.setattr(server_module.uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setattr(server_module.uvicorn.Server, "run", lambda self, sockets=None: None)
     _, model = tiny_pair()
     with caplog.at_level("WARNING", logger="trellis.serve"):
         server_module.serve(model, char_tokenizer(), ServeConfig(), host="0.0.0.0")

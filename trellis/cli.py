@@ -163,7 +163,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
     parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS)
     parser.add_argument("--layers", help="each stage's layers, e.g. 0-10,11-29 (default: in proportion to each "
                                          "stage's free memory, the embedding and LM head counted on stage 0)")
-    parser.add_argument("--micro-batches", type=int, help="steps in flight at once (default: one per stage)")
+    parser.add_argument("--micro-batches", type=int, help="steps in flight at once (default: one per machine of the grid)")
     parser.add_argument("--threads", type=int, help="torch threads of this process")
     parser.add_argument("--step-timeout", type=float, default=defaults.step_timeout,
                         help="seconds a step may take on the other stages before the grid fails")

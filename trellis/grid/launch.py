@@ -54,7 +54,7 @@ class GridOptions:
     kv_cache_memory: int | None = None  # bytes of KV per stage; default: default_kv_cache_memory
     linear_kernel: str | None = None
     layers: str | None = None  # "0-10,11-29"; default: in proportion to free memory
-    micro_batches: int | None = None  # steps in flight; default: one per stage
+    micro_batches: int | None = None  # steps in flight; default: one per machine
     threads: int | None = None  # torch threads of this process
     step_timeout: float = 60.0  # seconds a step may take on the other stages before the grid fails
     start_timeout: float = 300.0  # seconds to wait for every stage to join and load
@@ -153,6 +153,13 @@ def process_group(store: dist.Store, endpoint: Endpoint, device: torch.device, t
     return dist.ProcessGroupGloo(store, endpoint.rank, endpoint.world_size, wait)
 
 
+def default_micro_batches(stages: list[StageIdentity]) -> int:
+    """One step in flight per machine. Stages that share a machine share its cores and memory
+    bandwidth: more micro-batches there would only split each decode step's batch, and every
+    extra micro-batch reads all of a stage's weights again (decode is memory-bound)."""
+    return len({s.host for s in stages})
+
+
 def kv_bytes_per_block(config, block_size: int, num_layers: int, dtype: torch.dtype) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return BlockPool.bytes_per_block(block_size, num_layers, config.num_key_value_heads, head_dim, dtype)
@@ -186,7 +193,7 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint) -> GridRunner:
     (which ``model.runner`` also becomes, so ``generate`` runs on the grid)."""
     if endpoint.world_size < 2:
         raise ValueError("a grid needs at least 2 stages")
-    device = resolve_device(options.device)
+    device = stage_device(options)
     _set_threads(options)
     store = connect(endpoint, options.start_timeout)
     mine = identity(options, device)
@@ -217,14 +224,20 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint) -> GridRunner:
     group = process_group(store, endpoint, device, options.start_timeout)
     link = Link(group, 0, endpoint.world_size, config.hidden_size, options.torch_dtype, device, options.step_timeout)
     settings = CacheSettings(options.block_size, num_blocks=num_blocks)
-    runner = GridRunner(model, settings, link, placement, options.micro_batches or endpoint.world_size)
+    runner = GridRunner(model, settings, link, placement, options.micro_batches or default_micro_batches(stages))
     model.runner = runner
+    kv_bytes = num_blocks * kv_bytes_per_block(config, options.block_size, len(placement.ranges[0]), options.torch_dtype)
+    runner.stage_memory = [{"weight_bytes": weight_bytes(model), "kv_bytes": kv_bytes}] + [
+        json.loads(store.get(f"loaded/{r}")) for r in range(1, endpoint.world_size)]
+    for r, memory in enumerate(runner.stage_memory):
+        log.info("stage %d holds %.0f MB of weights and %.0f MB of KV pool", r, memory["weight_bytes"] / 1e6,
+                 memory["kv_bytes"] / 1e6)
     return runner
 
 
 def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     """Rank ≥ 1: report to the coordinator, load this stage's layers, join the process group."""
-    device = resolve_device(options.device)
+    device = stage_device(options)
     _set_threads(options)
     store = connect(endpoint, options.start_timeout)
     store.set(f"identity/{endpoint.rank}", json.dumps(asdict(identity(options, device))))
@@ -246,9 +259,26 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     log.info("stage %d of %d: layers %d-%d, %d KV blocks", endpoint.rank, endpoint.world_size, layers.start,
              layers.stop - 1, plan["num_blocks"])
     group = process_group(store, endpoint, device, options.start_timeout)
+    store.set(f"loaded/{endpoint.rank}", json.dumps({"weight_bytes": weight_bytes(model), "kv_bytes": pool.kv.nbytes}))
     link = Link(group, endpoint.rank, endpoint.world_size, config.hidden_size, options.torch_dtype, device,
                 options.step_timeout)
     return StageWorker(model, pool, link)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct parameter and buffer storages a stage holds (a tied head counted once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
+def stage_device(options: GridOptions) -> torch.device:
+    """The device of this rank: ``--device``, with one GPU per local rank on a CUDA machine."""
+    device = resolve_device(options.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _set_threads(options: GridOptions) -> None:
@@ -283,11 +313,13 @@ class LocalGrid:
         self.endpoint = Endpoint(0, stages, "127.0.0.1", port or free_port())
         self.processes: list[subprocess.Popen] = []
         self.runner: GridRunner | None = None
+        self._threads = torch.get_num_threads()  # the coordinator's --threads last as long as the grid
 
     def __enter__(self) -> GridRunner:
         for rank in range(1, self.endpoint.world_size):
             endpoint = Endpoint(rank, self.endpoint.world_size, self.endpoint.master_addr, self.endpoint.master_port)
-            self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint)))
+            # A session of their own: Ctrl-C reaches the coordinator only, which then stops them in order.
+            self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint), start_new_session=True))
         try:
             self.runner = start_coordinator(self.options, self.endpoint)
         except BaseException:
@@ -302,6 +334,7 @@ class LocalGrid:
         """Close the grid and wait for the stage processes; their exit statuses."""
         if self.runner is not None:
             self.runner.close()
+        torch.set_num_threads(self._threads)
         for process in self.processes:
             try:
                 process.wait(timeout)

@@ -72,6 +72,7 @@ class GridRunner(PagedModelRunner):
         super().__init__(model, settings)
         self.link, self.placement = link, placement
         self.pipeline_depth = micro_batches
+        self.stage_memory: list[dict[str, int]] = []  # per stage: bytes of weights and of KV pool, at start
         self.steps = 0
         self._in_flight: deque[GridStep] = deque()
         self._last_sent = time.monotonic()

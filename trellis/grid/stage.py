@@ -122,7 +122,9 @@ class StageWorker:
         self.steps = 0
 
     def serve(self) -> None:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the C++ attention checks its plan against the tensors' version
+        # counters, which inference tensors lack (it would plan again in every layer).
+        with torch.no_grad():
             while True:
                 header, payload = self.link.recv_plan(IDLE_TIMEOUT_S)
                 kind = header[0].item()
@@ -148,6 +150,9 @@ def run_stage(worker: StageWorker) -> int:
     except GridError as exc:
         log.error("%s; this stage exits (restart the grid)", exc)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; this stage exits, and the grid with it")
+        return 130
     log.info("stage stopped after %d steps", worker.steps)
     return 0
 

@@ -108,8 +108,8 @@ class Link:
         try:
             return operation()
         except RuntimeError as exc:
-            raise GridError(f"stage {self.rank}: the link to stage {self.next} or {self.prev} failed: "
-                            f"{str(exc).splitlines()[0][:300]}") from exc
+            peers = " or ".join(f"stage {r}" for r in sorted({self.next, self.prev}))
+            raise GridError(f"stage {self.rank}: the link to {peers} failed: {str(exc).splitlines()[0][:300]}") from exc
 
     # --- plans --------------------------------------------------------------------------------
 
