@@ -1,11 +1,13 @@
 """Linear layers alone: one pass over all of a model's decoder linear layers at M rows, per kind.
 
-Every layer gets its own weights of the model's shapes (so they stream from memory as in a
-forward), run as transformers does (``F.linear``, MKL on x86), through oneDNN over row-major
-weights, through oneDNN over input-major weights (the ``onednn`` kind) and over a prepacked copy
-(``packed``). Kinds take turns within each repetition; the figure is the median ms per pass.
+Every layer gets its own weights of the model's shapes and dtype (so they stream from memory as
+in a forward), run as transformers does (``F.linear``), through oneDNN over row-major weights,
+over input-major weights and over a prepacked copy; the label in parentheses names the Trellis
+kind that runs each variant in this dtype. Kinds take turns within each repetition; the figure
+is the median ms per pass. Each shape's share of the pass is timed too, the LM head (not part of
+the pass) included, as ``shapes``: ``{"out x in": {variant: ms}}``.
 
-    .venv/bin/python benchmarks/bench_linear.py [--rows 1 4 64 512] [--repeats 7] [--threads N] [--json PATH]
+    .venv/bin/python benchmarks/bench_linear.py [--rows 1 4 64 512] [--repeats 7] [--threads N] [--dtype D] [--json PATH]
 """
 
 from __future__ import annotations
@@ -17,21 +19,27 @@ import time
 import torch
 from common import describe, load_model, parser
 
-from trellis.runner.cpu_linear import OneDNNLinear, _set_layout
-
-# name -> (module class, prepacked, input-major weights)
-KINDS = {"F.linear (blas)": (torch.nn.Linear, False, False), "oneDNN, row-major": (OneDNNLinear, False, False),
-         "oneDNN, input-major (onednn)": (OneDNNLinear, False, True), "oneDNN, prepacked (packed)": (OneDNNLinear, True, False)}
+from trellis.runner.cpu_linear import OneDNNLinear, _set_layout, input_major
 
 
-def layers_of_kind(shapes: list[tuple[int, int]], cls: type, prepack: bool, input_major: bool) -> list[torch.nn.Linear]:
+def variants(dtype: torch.dtype) -> dict[str, tuple[type, bool, bool]]:
+    """label -> (module class, prepacked, input-major weights); "onednn" runs the layout ``input_major`` picks."""
+    onednn_input_major = input_major(dtype)
+    return {"F.linear (blas)": (torch.nn.Linear, False, False),
+            "oneDNN, row-major" + ("" if onednn_input_major else " (onednn)"): (OneDNNLinear, False, False),
+            "oneDNN, input-major" + (" (onednn)" if onednn_input_major else ""): (OneDNNLinear, False, True),
+            "oneDNN, prepacked (packed)": (OneDNNLinear, True, False)}
+
+
+def layers_of_kind(shapes: list[tuple[int, int]], dtype: torch.dtype, cls: type, prepack: bool,
+                   input_major_weights: bool) -> list[torch.nn.Linear]:
     layers = []
     for out_features, in_features in shapes:
-        layer = torch.nn.Linear(in_features, out_features, bias=False)
+        layer = torch.nn.Linear(in_features, out_features, bias=False, dtype=dtype)
         layer.__class__ = cls
         if prepack:
             layer.prepack = True
-        _set_layout(layer.weight, input_major)
+        _set_layout(layer.weight, input_major_weights)
         layers.append(layer)
     return layers
 
@@ -39,34 +47,56 @@ def layers_of_kind(shapes: list[tuple[int, int]], cls: type, prepack: bool, inpu
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 512])
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the thread's CPU clock (with --threads 1 only): on a machine shared with other "
+                        "jobs, time spent preempted does not count")
     args = p.parse_args()
+    if args.cpu_time and args.threads != 1:
+        p.error("--cpu-time needs --threads 1 (other threads' time, spinning included, would not be seen)")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     model = load_model(args)
     block = model.model.layers[0]
     per_layer = [(m.out_features, m.in_features) for m in (block.self_attn.q_proj, block.self_attn.k_proj,
                  block.self_attn.v_proj, block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj,
                  block.mlp.down_proj)]
-    shapes = per_layer * model.config.num_hidden_layers
-    layers = {name: layers_of_kind(shapes, *kind) for name, kind in KINDS.items()}
+    head = (model.lm_head.out_features, model.lm_head.in_features)
+    # shape -> how many layers of it a pass runs; the LM head is timed apart, not in the pass
+    counts = {shape: per_layer.count(shape) * model.config.num_hidden_layers for shape in dict.fromkeys(per_layer)}
+    kinds = variants(model.dtype)
+    layers = {name: {shape: layers_of_kind([shape] * n, model.dtype, *kind) for shape, n in {**counts, head: 1}.items()}
+              for name, kind in kinds.items()}
     info = describe(model, args.model)
-    print(f"{info}\n{len(shapes)} linear layers, median ms per pass\n")
-    print("| rows | " + " | ".join(KINDS) + " |\n|---|" + "---|" * len(KINDS))
+    print(f"{info}\n{sum(counts.values())} linear layers, median ms per pass\n")
+    print("| rows | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
     rows = []
     with torch.no_grad():
         for m in args.rows:
-            x = {n: torch.randn(m, n) for n in {in_features for _, in_features in shapes}}
-            times: dict[str, list[float]] = {name: [] for name in KINDS}
+            x = {n: torch.randn(m, n, dtype=model.dtype) for _, n in counts | {head: 1}}
+            times = {name: {shape: [] for shape in layers[name]} for name in kinds}
             for rep in range((args.repeats or 7) + 1):  # the first repetition warms up (packing, JIT)
-                for name, kind_layers in layers.items():
-                    start = time.perf_counter()
-                    for layer in kind_layers:
-                        layer(x[layer.in_features])
-                    if rep:
-                        times[name].append(1000 * (time.perf_counter() - start))
-            row = {"rows": m, **{name: statistics.median(t) for name, t in times.items()}}
+                for name, by_shape in layers.items():
+                    for shape, kind_layers in by_shape.items():
+                        start = clock()
+                        for layer in kind_layers:
+                            layer(x[shape[1]])
+                        if rep:
+                            times[name][shape].append(1000 * (clock() - start))
+            # A pass's time per repetition is the sum over its shapes, timed back to back.
+            passes = {name: [sum(t[shape][r] for shape in counts) for r in range(len(t[head]))]
+                      for name, t in times.items()}
+            row = {"rows": m, **{name: statistics.median(t) for name, t in passes.items()},
+                   "shapes": {f"{o}x{i}": {name: statistics.median(times[name][(o, i)]) for name in kinds}
+                              for o, i in layers[next(iter(kinds))]}}
             rows.append(row)
-            print(f"| {m} | " + " | ".join(f"{row[name]:.1f}" for name in KINDS) + " |", flush=True)
+            print(f"| {m} | " + " | ".join(f"{row[name]:.1f}" for name in kinds) + " |", flush=True)
+    print("\nper shape (ms for all layers of the shape in a pass; the LM head once)\n")
+    print("| rows | shape | " + " | ".join(kinds) + " |\n|---|---|" + "---|" * len(kinds))
+    for row in rows:
+        for shape, by_kind in row["shapes"].items():
+            print(f"| {row['rows']} | {shape} | " + " | ".join(f"{by_kind[name]:.2f}" for name in kinds) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"info": info, "statistic": "median ms per pass", "rows": rows}, indent=1))
+        statistic = "median ms per pass" + (" (thread CPU time)" if args.cpu_time else "")
+        args.json.write_text(json.dumps({"info": info, "statistic": statistic, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

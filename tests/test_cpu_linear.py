@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
 from trellis.models.llama import TrellisLlama
@@ -14,7 +15,21 @@ from trellis.runner.cpu_linear import OneDNNLinear, linear_kernel_of, set_linear
 
 needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="no oneDNN on this machine or build")
 ONEDNN_KINDS = ["onednn", "packed"]
+needs_onednn_bf16 = pytest.mark.skipif(torch.bfloat16 not in cpu_linear.onednn_dtypes(),
+                                       reason="oneDNN does not compute bf16 on this CPU")
 IDS = torch.arange(3, 40)[None]
+
+
+class RecordOps(TorchDispatchMode):
+    """The ops a block of code runs, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 @needs_onednn
@@ -32,6 +47,38 @@ def test_matches_nn_linear(kind, bias, shape):
         layer.double(), plain.double()  # not fp32: F.linear, exactly (over the weight in its layout)
         assert torch.equal(layer(x.double()), torch.nn.functional.linear(x.double(), layer.weight, layer.bias))
         torch.testing.assert_close(layer(x.double()), plain(x.double()))
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("kind", ONEDNN_KINDS)
+def test_bf16_runs_on_onednn_within_rounding_of_nn_linear(kind):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 40, dtype=torch.bfloat16)
+    layer = copy.deepcopy(plain)
+    set_linear_kernel(layer, kind)
+    x = torch.randn(7, 48, dtype=torch.bfloat16)
+    exact = torch.nn.functional.linear(x.double(), plain.weight.double(), plain.bias.double())
+    with torch.no_grad(), RecordOps() as ops:
+        got = layer(x)
+    assert "mkldnn._linear_pointwise.default" in ops.names and got.dtype == torch.bfloat16
+    # Both accumulate in fp32 and round once: the same error as nn.Linear's, to within a rounding step.
+    assert (got.double() - exact).abs().max() <= 2 * (plain(x).double() - exact).abs().max() + 1e-3
+    layer.half()  # fp16: F.linear under every kind (oneDNN's fp16 is the slower here)
+    with torch.no_grad(), RecordOps() as ops:
+        assert torch.equal(layer(x.half()), torch.nn.functional.linear(x.half(), layer.weight, layer.bias))
+    assert "mkldnn._linear_pointwise.default" not in ops.names
+
+
+@needs_onednn_bf16
+def test_onednn_keeps_bf16_weights_row_major():
+    """Input-major pays in fp32 only (cpu_linear.input_major); set_linear_kernel also lays out
+    weights that ``.to()`` converted with their fp32 strides."""
+    _, model = tiny_pair()
+    model.set_linear_kernel("onednn")
+    model.to(torch.bfloat16)
+    assert _input_major(model.model.layers[0].mlp.up_proj.weight)  # .to() keeps strides
+    model.set_linear_kernel("onednn")
+    assert all(m.weight.is_contiguous() for m in model.modules() if linear_kernel_of(m))
 
 
 @needs_onednn
@@ -95,6 +142,12 @@ def test_onednn_is_the_default_where_it_runs():
     model = TrellisLlama(tiny_config())
     assert model.linear_kernel == "onednn" and type(model.lm_head) is OneDNNLinear and not model.lm_head.prepack
     assert all(linear_kernel_of(m) in (None, "onednn") for m in model.modules())
+
+
+@needs_onednn_bf16
+def test_packed_is_the_bf16_default_where_onednn_computes_it():
+    assert TrellisLlama._from_config(tiny_config(), dtype=torch.bfloat16).linear_kernel == "packed"
+    assert TrellisLlama._from_config(tiny_config(), dtype=torch.float16).linear_kernel == "onednn"  # F.linear
 
 
 @needs_onednn

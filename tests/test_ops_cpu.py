@@ -123,6 +123,17 @@ def test_split_keys_match_unsplit(q_len):
     assert_matches_oracle(alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_caches_are_accumulated_in_fp32(dtype):
+    """fp16 / bf16 K/V are read into fp32, and the softmax and P @ V accumulate in fp32 over the
+    whole context: the output is the float64 oracle over the same inputs, rounded once (within
+    one unit in the last place). Accumulating 8k keys in the storage dtype would be off by many."""
+    case = make_case([1, 5], [8192, 3000], num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=32, dtype=dtype)
+    expected = naive_attention(case)
+    error = (attend(case).double() - expected).abs()
+    assert (error <= expected.abs() * torch.finfo(dtype).eps + 1e-6).all(), error.max()
+
+
 def test_thread_counts_agree():
     # A mixed batch: the decode items hold both KV heads, the extend items one; with 3 threads
     # the long decodes are split as well.

@@ -11,5 +11,5 @@ __all__ = ["add_model_arguments", "load_model"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    model_options.add_model_arguments(parser)
+    model_options.add_model_arguments(parser, default_dtype="float32")
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="new tokens packed into one forward")

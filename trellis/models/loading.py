@@ -1,11 +1,18 @@
-"""Where a model runs and what it is: device choice and the Llama check."""
+"""Where a model runs and what it is: device and dtype choice, and the Llama check."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, LlamaConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU features (torch.cpu.get_capabilities' names) that compute bf16 dot products natively: x86's
+# AVX512_BF16 and AMX-BF16, ARM's FEAT_BF16 (BFDOT/BFMMLA). Without them bf16 is converted to fp32
+# in every multiply, and slower than fp32 itself.
+NATIVE_BF16 = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512_BF16", "bf16": "ARM BF16", "sve_bf16": "SVE BF16"}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -17,6 +24,39 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """A dtype to load a model in (``"auto"``: transformers' choice, the checkpoint's), and why."""
+
+    dtype: torch.dtype | str
+    reason: str
+
+
+def preferred_dtype(device: str | torch.device) -> DtypeChoice:
+    """The dtype that runs fastest on ``device`` without changing what the model computes more
+    than rounding: bf16 on a CPU with native bf16 dot products, fp32 on other CPUs; elsewhere
+    (CUDA, MPS) transformers' own ``"auto"``, the checkpoint's dtype. ``TrellisLlama.from_pretrained``
+    keeps transformers' meaning of ``dtype``; pass it ``preferred_dtype(device).dtype`` to opt in."""
+    device = resolve_device(device)
+    if device.type != "cpu":
+        return DtypeChoice("auto", f"on {device.type}, the checkpoint's dtype (transformers' dtype='auto')")
+    capabilities = torch.cpu.get_capabilities()
+    native = [name for key, name in NATIVE_BF16.items() if capabilities.get(key)]
+    if native:
+        return DtypeChoice(torch.bfloat16, f"this CPU computes bf16 dot products natively ({', '.join(native)})")
+    return DtypeChoice(torch.float32, "this CPU has no native bf16 dot products (AVX512_BF16, AMX-BF16 or ARM BF16), "
+                                      "so bf16 would be slower than fp32")
+
+
+def choose_dtype(name: str, device: str | torch.device) -> DtypeChoice:
+    """``name``: ``"auto"`` (``preferred_dtype``) or one of ``DTYPES``; anything else is refused."""
+    if name == "auto":
+        return preferred_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose 'auto' or one of {', '.join(DTYPES)}")
+    return DtypeChoice(DTYPES[name], "asked for")
 
 
 def load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaConfig:

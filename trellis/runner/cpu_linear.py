@@ -20,6 +20,13 @@ is replaced, one layer at a time. A weight that is shared with another module (a
 and embedding) keeps its layout, so that embedding lookups stay row reads.
 
 Logits move by fp32 reassociation only (at most ~1.3e-4 on SmolLM2, whose logits reach ~39; greedy tokens agree).
+
+bf16 runs on oneDNN too where oneDNN computes it (``onednn_dtypes``), with fp32 accumulation.
+There the layouts rank otherwise (docs/dtypes.md, an AMX Xeon): input-major is slower than
+row-major at 1 and 4 rows, so ``"onednn"`` keeps bf16 weights row-major (``input_major``), where
+it runs about as fast as ``F.linear`` (itself oneDNN in bf16); the blocked copy of ``"packed"`` is
+15-30 % faster at 1 to 64 rows, and the bf16 default. fp16 stays on ``F.linear`` under every kind.
+
 An ``OneDNNLinear`` is an ``nn.Linear`` in every other respect: the same parameters and state
 dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
 copy is made on first use and again whenever the weight is replaced (another storage, held
@@ -31,6 +38,7 @@ the fast one). Writes that bypass the version counter (``weight.data.copy_(w)``)
 
 from __future__ import annotations
 
+import functools
 import platform
 import weakref
 from collections import Counter
@@ -47,8 +55,30 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def default_linear_kernel() -> str:
-    return "onednn" if onednn_available() else "blas"
+@functools.cache
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes whose linear layers run on oneDNN here: fp32, and bf16 where oneDNN computes it
+    on this CPU (from AVX-512 on; natively with AVX512_BF16 or AMX). Not fp16: even with
+    AVX512_FP16, oneDNN's fp16 decode step is slower than ``F.linear``'s (docs/dtypes.md)."""
+    if not onednn_available():
+        return (torch.float32,)
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
+def input_major(dtype: torch.dtype) -> bool:
+    """Whether the ``"onednn"`` kind stores weights of ``dtype`` input-major (else row-major).
+    fp32 only: in bf16, oneDNN reads input-major weights slower at 1 and 4 rows (TinyLlama's
+    layers at one row: 375 ms against 270 row-major, one thread; docs/dtypes.md)."""
+    return dtype == torch.float32
+
+
+def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
+    """The kind ``dtype`` runs fastest on here. bf16 defaults to ``"packed"``: oneDNN reads its
+    blocked layout 15-30 % faster than any plain one at 1 to 64 rows (docs/dtypes.md), and the copy
+    costs what fp32 weights would (the parameter stays, for state dicts and training)."""
+    if not onednn_available():
+        return "blas"
+    return "packed" if dtype == torch.bfloat16 and dtype in onednn_dtypes() else "onednn"
 
 
 class OneDNNLinear(torch.nn.Linear):
@@ -60,8 +90,8 @@ class OneDNNLinear(torch.nn.Linear):
         weight = self.weight
         # Under torch.compile, F.linear: the compiler picks its own GEMMs (Inductor cannot lower
         # the oneDNN op over an input-major weight).
-        if (x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32
-                or x.dtype != torch.float32 or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        if (x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype not in onednn_dtypes()
+                or x.dtype != weight.dtype or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
                 or torch.compiler.is_compiling()):
             return F.linear(x, weight, self.bias)
         if self.prepack:
@@ -86,7 +116,7 @@ class OneDNNLinear(torch.nn.Linear):
 
 def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
     """Run every plain ``nn.Linear`` of ``model`` on ``kind`` (one of ``LINEAR_KERNELS``) and give
-    its CPU fp32 weight the layout that kind reads fastest; returns how many layers changed kind.
+    its CPU weight the layout that kind reads fastest in its dtype; returns how many layers changed kind.
     Idempotent: calling it again after weights were loaded or replaced only fixes their layout.
     Subclasses of ``nn.Linear`` (adapter layers, quantized layers) are left alone: their forward is
     not plain ``F.linear``. An adapter's base layer, a plain ``nn.Linear``, is included."""
@@ -109,7 +139,7 @@ def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
                 module.prepack = True
             changed += 1
         if uses[id(module.weight)] == 1:
-            _set_layout(module.weight, input_major=kind == "onednn")
+            _set_layout(module.weight, input_major=kind == "onednn" and input_major(module.weight.dtype))
     return changed
 
 
@@ -121,8 +151,9 @@ def drop_packed(model: torch.nn.Module) -> None:
 
 
 def _set_layout(weight: torch.nn.Parameter, input_major: bool) -> None:
-    """Store a CPU fp32 ``[out, in]`` weight input-major (``[in, out]`` row-major) or row-major."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+    """Store a CPU ``[out, in]`` weight input-major (``[in, out]`` row-major) or row-major. Any
+    dtype: ``.to()`` keeps an fp32 weight's input-major strides in the dtype it converts to."""
+    if weight.device.type != "cpu" or weight.dim() != 2:
         return
     if input_major and not weight.t().is_contiguous():
         weight.data = weight.data.t().contiguous().t()

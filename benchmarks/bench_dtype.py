@@ -1,0 +1,94 @@
+"""One session's decode step by dtype: the same model in fp32 and bf16 (fp16 with ``--dtypes``),
+Trellis with each linear kernel beside plain transformers (sdpa, ``F.linear``) in the same dtype.
+
+Each dtype gets its own model (TinyLlama's random weights are drawn in fp32 and rounded, so every
+dtype runs the same model). A measurement is bench_decode's loop: an L-token prompt, then D
+single-token steps; the (dtype, system) pairs take turns in a rotating order, and the figure is
+the median ms per step over every step of every repeat, which keeps a burst of load from another
+process out of the comparison. ``--threads 1 --cpu-time`` counts the thread's CPU time instead:
+on a machine shared with other jobs, time spent preempted then does not count.
+
+    .venv/bin/python benchmarks/bench_dtype.py [--model smollm2|tinyllama] [--dtypes float32 bfloat16] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from common import attention, describe, load_model, parser
+
+from trellis.models.paged_cache import CACHE_ARG
+from trellis.runner import LINEAR_KERNELS
+
+# name -> (attention implementation, Trellis linear kernel); Trellis runs its C++ attention kernels
+SYSTEMS = {"transformers sdpa": ("sdpa", None), **{f"trellis {kind}": ("trellis", kind) for kind in LINEAR_KERNELS}}
+
+
+def step_times_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int, clock: Callable[[], float]) -> list[float]:
+    """bench_decode's loop, on ``clock``: the prompt (untimed), then ``steps`` greedy single-token steps."""
+    times = []
+    with torch.no_grad():
+        out = model(prompt, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            start = clock()
+            out = model(nxt, logits_to_keep=1, **{CACHE_ARG: out[CACHE_ARG]})
+            nxt = out.logits[:, -1:].argmax(-1)
+            times.append(1000 * (clock() - start))
+    return times
+
+
+def measure(model: torch.nn.Module, system: str, prompt: torch.Tensor, steps: int,
+            clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    implementation, kernel = SYSTEMS[system]
+    with attention(model, implementation):
+        if kernel is not None:  # Trellis: its linear kernel, and a fresh, empty cache
+            model.set_linear_kernel(kernel)  # (packing happens in the untimed prompt forward)
+            model.configure_cache(backend="cpp")
+        return step_times_ms(model, prompt, steps, clock)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed steps")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the thread's CPU clock (with --threads 1 only): on a machine shared with other "
+                        "jobs, time spent preempted does not count")
+    args = p.parse_args()
+    if args.cpu_time and args.threads != 1:
+        p.error("--cpu-time needs --threads 1 (other threads' time, spinning included, would not be seen)")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    repeats = 1 if args.quick else args.repeats or 5
+    models = {dtype: load_model(argparse.Namespace(**{**vars(args), "dtype": dtype})) for dtype in args.dtypes}
+    pairs = [(dtype, system) for dtype in args.dtypes for system in SYSTEMS]
+    prompt = torch.randint(3, models[args.dtypes[0]].config.vocab_size, (1, args.context),
+                           generator=torch.Generator().manual_seed(0))
+    for dtype, system in pairs:  # untimed: first-call costs (kernel builds, the allocator, packing)
+        measure(models[dtype], system, prompt[:, :64], 2)
+    times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+    for r in range(repeats):
+        for pair in pairs[r % len(pairs):] + pairs[:r % len(pairs)]:
+            times[pair] += measure(models[pair[0]], pair[1], prompt, args.steps, clock)
+    rows = [{"dtype": dtype, **{system: statistics.median(times[dtype, system]) for system in SYSTEMS}}
+            for dtype in args.dtypes]
+    info = {**describe(models[args.dtypes[0]], args.model), "dtype": args.dtypes,  # a list: one row each
+            "linear_kernel": "each", "trellis_linear_kernel": "each"}
+    statistic = "median ms per step" + (" (thread CPU time)" if args.cpu_time else "")
+    print(f"{info}\n{statistic} after a {args.context}-token prompt ({args.steps} steps x {repeats} repeats)\n")
+    print("| dtype | " + " | ".join(SYSTEMS) + " |\n|---|" + "---|" * len(SYSTEMS))
+    for row in rows:
+        print(f"| {row['dtype']} | " + " | ".join(f"{row[s]:.1f}" for s in SYSTEMS) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "context": args.context, "steps": args.steps, "repeats": repeats,
+                                         "statistic": statistic, "dtypes": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
