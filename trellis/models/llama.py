@@ -16,6 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.persist import load_prefix_cache, model_fingerprint, save_prefix_cache
+from trellis.models.gguf_quantized import keep_gguf_quantized, quantized_gguf
 from trellis.models.loading import load_llama_config, resolve_device
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner, cpu_linear
@@ -33,7 +34,7 @@ class TrellisLlama(LlamaForCausalLM):
                  kv_cache_memory: int | None = None, backend: str | None = None) -> None:
         super().__init__(config)
         self.runner = PagedModelRunner(self, CacheSettings(block_size, num_blocks, kv_cache_memory, backend))
-        self.set_linear_kernel(cpu_linear.default_linear_kernel())
+        self.set_linear_kernel(cpu_linear.default_linear_kernel(self.dtype))  # from_pretrained: the dtype it loads
         # Input-major weights (the oneDNN kernel's layout) are transposed views: a state dict for
         # others to save or load (safetensors refuses non-contiguous tensors) gets plain copies.
         self._register_state_dict_hook(_contiguous_state_dict)
@@ -65,14 +66,18 @@ class TrellisLlama(LlamaForCausalLM):
     def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, block_size: int = 32,
                         num_blocks: int | None = None, kv_cache_memory: int | None = None,
                         backend: str | None = None, device: str | torch.device = "auto",
-                        linear_kernel: str | None = None, **kwargs):
+                        linear_kernel: str | None = None, keep_quantized: bool = False, **kwargs):
         """Load like ``LlamaForCausalLM.from_pretrained`` (local dirs, hub ids, ``gguf_file=``, ``dtype=``).
 
         With no path, loads the embedded SmolLM2-135M-Instruct. ``device="auto"`` picks CUDA,
         then MPS, then CPU (ignored when ``device_map`` is given). ``linear_kernel``: see
-        ``set_linear_kernel()``; by default oneDNN where it runs.
+        ``set_linear_kernel()``; by default oneDNN where it runs (``packed`` in bf16).
+        ``keep_quantized=True`` keeps the
+        GGUF's Q8_0 / Q4_0 / Q4_1 linear weights quantized and runs them on Trellis' kernels; with
+        no path, the embedded model's (see ``trellis.models.gguf_quantized``).
         """
         settings = CacheSettings(block_size, num_blocks, kv_cache_memory, backend)  # checked before loading
+        quantized_from = quantized_gguf(pretrained_model_name_or_path, kwargs) if keep_quantized else None
         if pretrained_model_name_or_path is None and kwargs.get("state_dict") is None:
             from trellis.models.embedded import embedded_model_dir
 
@@ -81,6 +86,8 @@ class TrellisLlama(LlamaForCausalLM):
             kwargs["config"] = load_llama_config(pretrained_model_name_or_path, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading info)
+        if quantized_from is not None:
+            keep_gguf_quantized(model, quantized_from)
         model.runner.configure(settings)
         if "device_map" not in kwargs:
             model.to(resolve_device(device))
@@ -90,12 +97,12 @@ class TrellisLlama(LlamaForCausalLM):
         return loaded
 
     def set_linear_kernel(self, kind: str) -> int:
-        """What runs the linear layers in CPU fp32 inference (elsewhere it is always ``F.linear``):
-        ``"blas"`` (transformers' path), ``"onednn"`` (the default on x86: faster, no extra memory;
-        the weights are stored input-major) or ``"packed"`` (oneDNN over a second, prepacked copy
-        of the weights). See ``trellis.runner.cpu_linear``. Returns the number of layers that
-        changed kind. The KV cache starts empty afterwards: its K/V were computed by the other
-        matmuls."""
+        """What runs the linear layers in CPU fp32 and bf16 inference (elsewhere it is always
+        ``F.linear``): ``"blas"`` (transformers' path), ``"onednn"`` (the fp32 default on x86: no
+        extra memory; fp32 weights are stored input-major) or ``"packed"`` (oneDNN over a second,
+        prepacked copy of the weights; the bf16 default on x86). See ``trellis.runner.cpu_linear``.
+        Returns the number of layers that changed kind. The KV cache starts empty afterwards: its
+        K/V were computed by the other matmuls."""
         return self.runner.set_linear_kernel(kind)
 
     @property

@@ -4,13 +4,15 @@
     plan = plan_attention(block_table, seq_lens, cu_seqlens_q, ...)      once per forward
     out = run_attention(plan, q, k_cache, v_cache, scale)                in every layer
     out = paged_attention(q, k_cache, v_cache, block_table, ...)         plan and run, in one call
+    y = quant_linear(x, weight, qtype)                                   x @ W^T, W in GGUF blocks
 
 The modules: ``api`` (these calls), ``schema`` (the ``torch.library`` ops, ``torch.ops.trellis.*``),
-``checks``, ``backends`` (the registry), ``reference`` (the spec: shapes and semantics), ``cpp``,
-``triton``. Importing builds and loads nothing: a backend loads on first use.
+``checks``, ``backends`` (the registry), ``reference`` (the spec: shapes and semantics), ``quant``
+(GGUF block formats and their spec), ``cpp``, ``triton``. Importing builds and loads nothing: a
+backend loads on first use.
 """
 
-from trellis.ops.api import AttentionPlan, paged_attention, plan_attention, run_attention, store_kv
+from trellis.ops.api import AttentionPlan, paged_attention, plan_attention, quant_linear, run_attention, store_kv
 from trellis.ops.backends import BACKENDS, check_backend, default_backend, load_backend, resolve_backend
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "load_backend",
     "paged_attention",
     "plan_attention",
+    "quant_linear",
     "resolve_backend",
     "run_attention",
     "store_kv",

@@ -1,5 +1,6 @@
 """The calls Trellis makes: ``store_kv``; ``plan_attention`` once per forward and ``run_attention``
-in every layer (FlashInfer's plan/run split); ``paged_attention``, both in one call.
+in every layer (FlashInfer's plan/run split); ``paged_attention``, both in one call; and
+``quant_linear``, a linear layer over GGUF-quantized weights (``quant.py``).
 
 Each resolves the backend (``backends.py``), checks what the backend does not check itself (the
 reference checks nothing: ``checks.py`` does it here), and calls the backend's op function.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trellis.ops import quant
 from trellis.ops.backends import kernels, resolve_backend
 from trellis.ops.checks import check_paged_attention, check_plan, check_store_kv
 
@@ -139,3 +141,14 @@ def _attend(
         check_paged_attention(q, k_cache, v_cache, *sequences, out)
     kernels(backend).paged_attention(q, k_cache, v_cache, *sequences, scale, out, backend_plan)
     return out
+
+
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str, backend: str | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T -> [..., N]`` for ``W`` held as GGUF blocks: ``weight`` uint8
+    ``[N, K / 32 * block bytes]`` of ``qtype`` (``Q8_0``, ``Q4_0``, ``Q4_1``; see ``quant.py``).
+    ``x`` fp32 or bf16, accumulated in fp32, returned in ``x``'s dtype. The C++ kernel on CPU; the
+    reference (dequantize, then ``F.linear``) on other devices, and where the backend is ``reference``."""
+    if resolve_backend(backend, x.device) == "cpp":
+        return kernels("cpp").quant_linear(x, weight, qtype)
+    quant.check_quant_linear(x, weight, qtype)
+    return quant.quant_linear(x, weight, qtype)

@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 
 from trellis.ops import reference
-from trellis.ops.schema import SCHEMAS
+from trellis.ops.schema import REFERENCES, SCHEMAS
 
 # backend name -> (module, the device type it serves by default)
 _COMPILED = {"cpp": ("trellis.ops.cpp", "cpu"), "triton": ("trellis.ops.triton", "cuda")}
@@ -102,7 +102,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 def _forward_on_cpu(name: str) -> Callable[..., object]:
     def kernel(*args: object) -> object:
-        return getattr(kernels("cpp") if load_backend("cpp") else reference, name)(*args)
+        return (getattr(kernels("cpp"), name) if load_backend("cpp") else REFERENCES[name])(*args)
 
     return kernel
 

@@ -5,20 +5,22 @@
     plan_paged_attention(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len)
         -> plan: what every layer of one forward shares, precomputed by the backend (a CPU int64
            tensor, opaque; empty where the backend needs none)
+    quant_linear(x, weight, qtype) -> y                x @ W^T, W in GGUF blocks (quant.py)
 
 One schema text, two namespaces: ``trellis::``, the public ops, and ``trellis_cpp::``, which the
 C++ library implements for CPU as it loads (its own namespace, so that loading it never collides
 with a kernel registered for ``trellis::``). Both have fake implementations, so ``torch.compile``
 and ``torch.library.opcheck`` work. The reference serves ``trellis::`` on every device
 (CompositeExplicitAutograd) unless a kernel is registered for the device's dispatch key:
-``backends.py`` registers one for CPU (the C++ kernels), the Triton backend for CUDA.
+``backends.py`` registers one for CPU (the C++ kernels), the Triton backend for CUDA (attention
+only: ``quant_linear`` runs its reference there).
 """
 
 from __future__ import annotations
 
 import torch
 
-from trellis.ops import reference
+from trellis.ops import quant, reference
 
 SCHEMAS = {
     "store_kv": "(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
@@ -30,6 +32,7 @@ SCHEMAS = {
         "(Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, int num_q_heads, "
         "int max_q_len, int max_kv_len) -> Tensor"
     ),
+    "quant_linear": "(Tensor x, Tensor weight, str qtype) -> Tensor",
 }
 
 
@@ -46,11 +49,18 @@ def _plan_paged_attention_fake(k_cache, block_table, seq_lens, cu_seqlens_q, num
     return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
+def _quant_linear_fake(x, weight, qtype):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 _FAKES = {
     "store_kv": _store_kv_fake,
     "paged_attention": _paged_attention_fake,
     "plan_paged_attention": _plan_paged_attention_fake,
+    "quant_linear": _quant_linear_fake,
 }
+REFERENCES = {"store_kv": reference.store_kv, "paged_attention": reference.paged_attention,
+               "plan_paged_attention": reference.plan_paged_attention, "quant_linear": quant.quant_linear}
 
 _libraries = {namespace: torch.library.Library(namespace, "DEF") for namespace in ("trellis", "trellis_cpp")}
 for _namespace, _library in _libraries.items():
@@ -58,4 +68,4 @@ for _namespace, _library in _libraries.items():
         _library.define(_name + _schema)
         torch.library.register_fake(f"{_namespace}::{_name}", _FAKES[_name], lib=_library)
 for _name in SCHEMAS:
-    _libraries["trellis"].impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+    _libraries["trellis"].impl(_name, REFERENCES[_name], "CompositeExplicitAutograd")

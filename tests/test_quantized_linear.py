@@ -1,0 +1,253 @@
+"""GGUF-quantized linear layers: the PyTorch dequantization against gguf's (bit for bit), the C++
+kernel against a float64 matmul of those weights (each format, decode and prefill row counts,
+bf16), what the op refuses, ``QuantizedLinear``, and models loaded with ``keep_quantized=True``
+against transformers' own dequantized load of the same GGUF: a tiny random Llama written here
+(Q8_0 and Q4_0, grouped-query heads) and the embedded SmolLM2 (Q4_1, Q8_0 LM head)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from trellis import TrellisLlama, ops
+from trellis.models.embedded import embedded_model_dir
+from trellis.ops import cpp, quant
+from trellis.runner.quantized_linear import QuantizedLinear
+
+gguf = pytest.importorskip("gguf")
+
+QTYPES = quant.QTYPES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_kernels():
+    try:
+        cpp.load()
+    except cpp.BuildToolsMissing as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the C++ kernels cannot be built here: {exc}")
+
+
+def quantized(out_features: int, in_features: int, qtype: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, gguf's own dequantization of them) for a random weight."""
+    weight = np.random.default_rng(seed).standard_normal((out_features, in_features)).astype(np.float32)
+    kind = gguf.GGMLQuantizationType[qtype]
+    blocks = gguf.quants.quantize(weight, kind)
+    return torch.from_numpy(blocks.copy()), torch.from_numpy(gguf.quants.dequantize(blocks, kind).copy())
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_matches_gguf_bit_for_bit(qtype):
+    blocks, expected = quantized(37, 320, qtype)
+    assert torch.equal(quant.dequantize(blocks, qtype), expected)
+
+
+def check_close(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Within fp32 summation error of the exact product: ~K ulps of the sum of |terms|."""
+    exact = x.double() @ weight.double().T
+    magnitude = x.double().abs() @ weight.double().abs().T
+    assert ((y.double() - exact).abs() <= 1e-6 * x.shape[-1] * magnitude + 1e-30).all()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 8, 33, 512])
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 32), (77, 96), (130, 576)])
+def test_kernel_matches_the_dequantized_matmul(qtype, rows, out_features, in_features):
+    if rows == 512 and out_features * in_features > 20000:
+        pytest.skip("covered by the smaller shapes; keeps the file fast")
+    blocks, weight = quantized(out_features, in_features, qtype, seed=rows)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    y = ops.quant_linear(x, blocks, qtype)
+    assert y.shape == (rows, out_features) and y.dtype == torch.float32
+    check_close(y, x, weight)
+    check_close(ops.quant_linear(x, blocks, qtype, backend="reference"), x, weight)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows", [2, 40])  # the decode path and the blocked path; K spans chunks
+def test_kernel_over_long_rows(qtype, rows):
+    blocks, weight = quantized(50, 1056, qtype)
+    x = torch.randn(rows, 1056)
+    check_close(ops.quant_linear(x, blocks, qtype), x, weight)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_bf16_activations_and_leading_dims(qtype):
+    blocks, weight = quantized(48, 128, qtype)
+    x = torch.randn(2, 5, 128).to(torch.bfloat16)
+    y = ops.quant_linear(x, blocks, qtype)
+    assert y.shape == (2, 5, 48) and y.dtype == torch.bfloat16
+    exact = (x.double() @ weight.double().T).float()
+    torch.testing.assert_close(y.float(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
+    empty = ops.quant_linear(torch.empty(0, 128), blocks, qtype)
+    assert empty.shape == (0, 48)
+
+
+def test_op_schema_and_fake_kernel():
+    blocks, _ = quantized(40, 64, "Q4_0")
+    torch.library.opcheck(torch.ops.trellis.quant_linear.default, (torch.randn(3, 64), blocks, "Q4_0"))
+    compiled = torch.compile(lambda x: torch.ops.trellis.quant_linear(x, blocks, "Q4_0") * 2, backend="eager",
+                             fullgraph=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(compiled(x), 2 * ops.quant_linear(x, blocks, "Q4_0"))
+
+
+BAD_INPUTS = [  # (x, weight, qtype, error, message)
+    (torch.randn(2, 64, dtype=torch.float16), "Q4_0", "Q4_0", TypeError, "x must be float32 or bfloat16"),
+    (torch.randn(2, 64), torch.zeros(4, 36), "Q4_0", TypeError, "weight must be uint8"),
+    (torch.randn(2, 64), "Q4_0", "Q5_0", ValueError, "unsupported qtype 'Q5_0'"),
+    (torch.randn(2, 64), "Q4_0", "Q8_0", ValueError, "do not hold 64 Q8_0 weights"),
+    (torch.randn(2, 48), torch.zeros(4, 27, dtype=torch.uint8), "Q4_0", ValueError, "must be a multiple of 32"),
+    (torch.randn(2, 64), torch.zeros(4, 2, 18, dtype=torch.uint8), "Q4_0", ValueError, "weight must be [out_features"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize(("x", "weight", "qtype", "error", "message"), BAD_INPUTS)
+def test_bad_input_is_refused_by_name(backend, x, weight, qtype, error, message):
+    if isinstance(weight, str):
+        weight, _ = quantized(4, 64, weight)
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(")):
+        ops.quant_linear(x, weight, qtype, backend=backend)
+
+
+def test_quantized_linear_module():
+    blocks, weight = quantized(24, 64, "Q8_0")
+    bias = torch.randn(24)
+    layer = QuantizedLinear(64, 24, "Q8_0", blocks, bias)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ weight.T + bias)
+    assert torch.equal(layer.dequantized_weight(), weight)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # gradients reach the input through the dequantized weight
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, 64))
+    layer.to(torch.bfloat16)
+    assert layer.weight_blocks.dtype == torch.uint8 and "weight_blocks" in layer.state_dict()
+    with pytest.raises(ValueError, match="expected input with 64 features"):
+        layer(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="holds 24 rows, not out_features=25"):
+        QuantizedLinear(64, 25, "Q8_0", blocks)
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+TINY = {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 96}
+
+
+def write_tiny_gguf(path, seed: int = 0) -> None:
+    """A random Llama with Q8_0 attention, Q4_0 MLP, an F32 untied LM head, permuted q/k rows as
+    llama.cpp's converter writes them."""
+    rng = np.random.default_rng(seed)
+    hidden, heads, kv_heads = TINY["hidden"], TINY["heads"], TINY["kv_heads"]
+    head_dim = hidden // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(TINY["layers"])
+    writer.add_feed_forward_length(TINY["intermediate"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(TINY["vocab"])
+
+    def permute(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp's convert_hf_to_gguf permutation
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    def add(name: str, shape: tuple[int, ...], qtype: str | None, n_head: int | None = None) -> None:
+        w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if n_head is not None:
+            w = permute(w, n_head)
+        if qtype is None:
+            writer.add_tensor(name, w)
+        else:
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+
+    add("token_embd.weight", (TINY["vocab"], hidden), None)
+    add("output.weight", (TINY["vocab"], hidden), None)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    for i in range(TINY["layers"]):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
+        add(f"blk.{i}.attn_q.weight", (hidden, hidden), "Q8_0", heads)
+        add(f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden), "Q8_0", kv_heads)
+        add(f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden), "Q4_1")
+        add(f"blk.{i}.attn_output.weight", (hidden, hidden), "Q8_0")
+        add(f"blk.{i}.ffn_gate.weight", (TINY["intermediate"], hidden), "Q4_0")
+        add(f"blk.{i}.ffn_up.weight", (TINY["intermediate"], hidden), "Q4_0")
+        add(f"blk.{i}.ffn_down.weight", (hidden, TINY["intermediate"]), "Q4_0")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def quantized_layers(model: torch.nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def assert_same_weights(model: torch.nn.Module, reference: torch.nn.Module, expected_layers: int) -> None:
+    layers = quantized_layers(model)
+    assert len(layers) == expected_layers
+    modules = dict(reference.named_modules())
+    for name, layer in layers.items():  # the blocks hold exactly the weights transformers dequantized
+        assert torch.equal(layer.dequantized_weight(), modules[name].weight), name
+
+
+def test_tiny_gguf_kept_quantized_matches_transformers(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = TrellisLlama.from_pretrained(tmp_path, gguf_file="tiny.gguf", keep_quantized=True, device="cpu")
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    assert_same_weights(model, reference, 7 * TINY["layers"])  # the F32 LM head stays as loaded
+    assert {m.qtype for m in quantized_layers(model).values()} == {"Q8_0", "Q4_0", "Q4_1"}
+    ids = torch.randint(0, TINY["vocab"], (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_keep_quantized_needs_a_gguf(tmp_path):
+    with pytest.raises(ValueError, match="keep_quantized=True keeps the quantized weights of a GGUF"):
+        TrellisLlama.from_pretrained(embedded_model_dir(), keep_quantized=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The embedded SmolLM2 with its GGUF's Q4_1 layers and Q8_0 LM head kept; and transformers'
+    dequantized load of the same GGUF (the one-time conversion of the embedded model)."""
+    model = TrellisLlama.from_pretrained(keep_quantized=True, device="cpu")
+    reference = LlamaForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32).eval()
+    return model, reference
+
+
+def test_embedded_model_kept_quantized_matches_transformers(smollm2):
+    model, reference = smollm2
+    assert_same_weights(model, reference, 7 * model.config.num_hidden_layers + 1)
+    assert model.lm_head.qtype == "Q8_0" and model.model.layers[0].mlp.up_proj.qtype == "Q4_1"
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 378, 3458, 282, 4649]])
+    with torch.no_grad():
+        logits, expected = model(prompt).logits, reference(prompt).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-3 * expected.abs().max().item())
+    settings = {"max_new_tokens": 12, "do_sample": False}
+    assert torch.equal(model.generate(prompt, **settings), reference.generate(prompt, **settings))
+
+
+def test_embedded_model_prefix_hit_gives_the_same_answer(smollm2):
+    model, _ = smollm2
+    model.prefix_cache.reset()
+    prompt = torch.randint(100, 40000, (1, 70), generator=torch.Generator().manual_seed(1))
+    settings = {"max_new_tokens": 8, "do_sample": False}
+    cold = model.generate(prompt, **settings)
+    warm = model.generate(prompt, **settings)
+    assert model.prefix_cache.stats()["hit_tokens"] >= 64
+    assert torch.equal(cold, warm)
+    state = model.runner.weights_watcher.state()
+    model.model.layers[0].mlp.up_proj.weight_blocks[0, 4] ^= 1  # one nibble of one block, in place
+    assert model.runner.weights_watcher.state() != state  # the cache would be rebuilt, not reused
+    model.model.layers[0].mlp.up_proj.weight_blocks[0, 4] ^= 1

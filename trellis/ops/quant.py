@@ -1,0 +1,76 @@
+"""GGUF block-quantized weights and ``y = x @ W^T`` over them: the formats, the checks, and the
+pure-PyTorch dequantization, which is the specification, the test oracle and the path of devices
+without a kernel (it matches ``gguf.quants.dequantize`` bit for bit).
+
+A weight of ``out_features x in_features`` lies as ggml stores it: each row is ``in_features / 32``
+blocks of 32 consecutive weights, rows one after another, as a uint8 tensor
+``[out_features, in_features / 32 * block_bytes]``. Per block (little-endian)::
+
+    Q8_0  fp16 d, int8 q[32]            w_i = d * q_i          34 bytes (1.06 per weight)
+    Q4_0  fp16 d, nibbles[16]           w_i = d * (n_i - 8)    18 bytes (0.56 per weight)
+    Q4_1  fp16 d, fp16 m, nibbles[16]   w_i = d * n_i + m      20 bytes (0.63 per weight)
+
+where ``n_i`` is the low nibble of byte ``i`` for ``i < 16`` and the high nibble of byte
+``i - 16`` otherwise. Activations are fp32 or bf16, and the product is computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trellis.ops.checks import require
+
+BLOCK = 32  # weights per block, in every format
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+QTYPES = tuple(BLOCK_BYTES)
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def row_bytes(in_features: int, qtype: str) -> int:
+    """Bytes of one weight row of ``in_features`` weights in ``qtype``."""
+    return in_features // BLOCK * BLOCK_BYTES[qtype]
+
+
+def check_weight(weight: torch.Tensor, qtype: str, in_features: int) -> None:
+    """Raise (``ValueError``, ``TypeError``) unless ``weight`` holds rows of ``in_features`` ``qtype`` weights."""
+    require(qtype in BLOCK_BYTES, f"unsupported qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
+    if weight.dtype != torch.uint8:
+        raise TypeError(f"quant_linear: weight must be uint8 blocks, got {weight.dtype}")
+    require(weight.dim() == 2, "quant_linear: weight must be [out_features, blocks * bytes per block], got ",
+            tuple(weight.shape))
+    require(in_features % BLOCK == 0, f"quant_linear: in_features (x.shape[-1] = {in_features}) must be a multiple "
+            f"of {BLOCK}")
+    require(weight.shape[1] == row_bytes(in_features, qtype), f"quant_linear: weight rows of {weight.shape[1]} bytes "
+            f"do not hold {in_features} {qtype} weights ({row_bytes(in_features, qtype)} bytes)")
+
+
+def check_quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str) -> None:
+    """The arguments of ``quant_linear``, with the C++ kernel's errors (it checks its own)."""
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"quant_linear: x must be float32 or bfloat16, got {x.dtype}")
+    require(x.dim() >= 1, "quant_linear: x must have at least one dimension")
+    check_weight(weight, qtype, x.shape[-1])
+    require(x.device == weight.device, f"quant_linear: x is on {x.device} but weight on {weight.device}")
+
+
+def dequantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The fp32 weight ``[out_features, in_features]`` that the blocks ``weight`` hold."""
+    out_features, num_bytes = weight.shape
+    size = BLOCK_BYTES[qtype]
+    blocks = weight.reshape(out_features, num_bytes // size, size)  # [N, K/32, bytes]
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, K/32, 1]
+    if qtype == "Q8_0":
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()  # [N, K/32, 32]
+        return (d * q).reshape(out_features, -1)
+    packed = blocks[..., size - BLOCK // 2:]  # [N, K/32, 16]
+    nibbles = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # [N, K/32, 32]: low halves, then high
+    if qtype == "Q4_0":
+        return (d * (nibbles - 8)).reshape(out_features, -1)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float()  # [N, K/32, 1]
+    return (d * nibbles + m).reshape(out_features, -1)
+
+
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """``x [..., K] @ dequantize(weight)^T -> [..., N]`` in fp32, returned in ``x``'s dtype."""
+    return F.linear(x.float(), dequantize(weight, qtype)).to(x.dtype)
