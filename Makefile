@@ -1,12 +1,15 @@
 # Two entry points for a fresh Linux machine: `make demo` and `make test`. Both create the
 # virtual environment .venv on first use (CPU torch from `pip install torch==2.13.0`) and are
 # idempotent: a second run reuses it.
+# `make gpu-check` runs on a CUDA machine with no network and no .venv: the machine's own Python
+# (GPU_PYTHON), torch, Triton and transformers, Trellis from this checkout (docs/testing.md).
 PYTHON ?= python3
+GPU_PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.trellis-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean gpu-check gpu-check-selftest
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +26,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-selftest: setup
+	$(BIN)/python scripts/gpu_check.py --self-test $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

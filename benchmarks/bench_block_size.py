@@ -41,7 +41,7 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
     lengths = [64, 128] if args.quick else [256, 384, 512]
     sizes = [8, 32, 128] if args.quick else list(BLOCK_SIZES)
     n, d = (2, 4) if args.quick else (4, 16)
-    every = systems(model)
+    every = systems(model, ttft=True)
     warm_up(every)
     trellis = next(s for s in every if isinstance(s, Trellis))
     points = []

@@ -8,14 +8,18 @@ Workloads, from the sample data in scripts/data (every answer scored as " " + ch
 Backends, same weights (SmolLM2-135M-Instruct by default, fp32):
   plain        LlamaForCausalLM (sdpa), one forward per request over its context and
                continuation, logits only where the continuation is scored
+  plain-batched  the same, --batch-size requests per forward: sorted by length (longest first),
+               right-padded under an attention mask, the LM head only where continuations are scored
   lm-eval-hf   lm-eval's HFLM (batch_size 1, its default) on the same Instance objects
+  lm-eval-hf-batched  HFLM with batch_size=--batch-size (these workloads are not rolling, which
+               is where lm-eval's batching has its known bug)
   trellis      trellis.eval.loglikelihood with an empty prefix cache; "trellis-warm" repeats
                it with the contexts still cached (a second task over the same documents)
 Each time is the best of --repeats interleaved runs (the machine may be shared). "tokens" is
 what ran through the model; "max |dlogp|" and "greedy" compare each backend's results with plain's.
 
     python benchmarks/bench_eval.py [--repeats 3] [--fewshot 10] [--workloads reading-1q ...]
-                                    [--skip-lm-eval] [--threads N] [--json PATH]
+                                    [--batch-size 8] [--skip-lm-eval] [--threads N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -51,6 +55,14 @@ def workloads(fewshot: int) -> dict[str, list[tuple[str, str]]]:
     }
 
 
+def score(logits: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+    """Log-likelihood of ``continuation`` under ``logits`` ([C, V], one row per continuation token), and
+    whether it is the greedy continuation."""
+    target = torch.tensor(continuation, device=logits.device)
+    logprobs = torch.log_softmax(logits.float(), -1).gather(1, target[:, None])  # [C, 1]
+    return logprobs.sum().item(), bool((logits.argmax(-1) == target).all())
+
+
 def plain_backend(ref: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, counter: list[int]):
     def run(requests: list[tuple[str, str]]) -> Scores:
         scores = []
@@ -58,19 +70,45 @@ def plain_backend(ref: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, cou
             for context, continuation in (encode_pair(tokenizer, *r) for r in requests):
                 ids = context + continuation[:-1]
                 counter[0] += len(ids)
-                logits = ref(torch.tensor([ids]), logits_to_keep=len(continuation)).logits[0]  # [C, V]
-                target = torch.tensor(continuation)
-                logprobs = torch.log_softmax(logits, -1).gather(1, target[:, None])  # [C, 1]
-                scores.append((logprobs.sum().item(), bool((logits.argmax(-1) == target).all())))
+                logits = ref(torch.tensor([ids], device=ref.device), logits_to_keep=len(continuation)).logits[0]
+                scores.append(score(logits, continuation))  # logits: [C, V]
         return scores
     return run
 
 
-def lm_eval_backend(ref: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, counter: list[int]):
+def plain_batched_backend(ref: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, counter: list[int],
+                          batch_size: int):
+    """``batch_size`` requests per forward, longest first (so a batch pads little), right-padded under an
+    attention mask; the LM head runs only on the positions that score a continuation token."""
+    def run(requests: list[tuple[str, str]]) -> Scores:
+        encoded = [encode_pair(tokenizer, *r) for r in requests]
+        order = sorted(range(len(encoded)), key=lambda i: -sum(map(len, encoded[i])))
+        scores: list[tuple[float, bool] | None] = [None] * len(encoded)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                inputs = [encoded[i][0] + encoded[i][1][:-1] for i in batch]
+                width = max(map(len, inputs))
+                ids = torch.zeros(len(batch), width, dtype=torch.long)  # [b, T]; padding is masked out
+                mask = torch.zeros_like(ids)
+                for row, tokens in enumerate(inputs):
+                    ids[row, :len(tokens)], mask[row, :len(tokens)] = torch.tensor(tokens), 1
+                counter[0] += ids.numel()
+                hidden = ref.model(input_ids=ids.to(ref.device), attention_mask=mask.to(ref.device)).last_hidden_state
+                for row, i in enumerate(batch):
+                    context, continuation = encoded[i]
+                    scored = hidden[row, len(context) - 1:len(context) - 1 + len(continuation)]  # [C, H]
+                    scores[i] = score(ref.lm_head(scored), continuation)
+        return scores
+    return run
+
+
+def lm_eval_backend(ref: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, counter: list[int],
+                    batch_size: int = 1):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=ref, tokenizer=tokenizer, batch_size=1)
+    lm = HFLM(pretrained=ref, tokenizer=tokenizer, batch_size=batch_size)
     call = lm._model_call
 
     def counted(inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -122,6 +160,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fewshot", type=int, default=10, help="solved examples in the shared few-shot prefix")
     parser.add_argument("--workloads", nargs="*", help="run only these workloads (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="requests per forward of the batched peers")
     parser.add_argument("--skip-lm-eval", action="store_true", help="leave out lm-eval's HF backend")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -134,9 +173,11 @@ def main() -> None:
     ref = LlamaForCausalLM.from_pretrained(args.model or embedded_model_dir(), attn_implementation="sdpa",
                                            dtype=model.dtype).to(model.device).eval()
     counter = [0]
-    backends = {"plain": (plain_backend(ref, tokenizer, counter), None)}
+    backends = {"plain": (plain_backend(ref, tokenizer, counter), None),
+                "plain-batched": (plain_batched_backend(ref, tokenizer, counter, args.batch_size), None)}
     if not args.skip_lm_eval:
         backends["lm-eval-hf"] = (lm_eval_backend(ref, tokenizer, counter), None)
+        backends["lm-eval-hf-batched"] = (lm_eval_backend(ref, tokenizer, counter, args.batch_size), None)
     count_trellis_tokens(model, counter)
     backends["trellis"] = (trellis_backend(model, tokenizer, args.max_batch_tokens, cold=True), model)
     backends["trellis-warm"] = (trellis_backend(model, tokenizer, args.max_batch_tokens, cold=False), model)
@@ -145,7 +186,7 @@ def main() -> None:
         run(workloads(args.fewshot)["reading-1q"][:2])
 
     results = []
-    info = {**describe(model, args.model or "smollm2"), "device": str(model.device)}
+    info = {**describe(model, args.model or "smollm2"), "device": str(model.device), "batch_size": args.batch_size}
     print(f"{info} | best of {args.repeats}\n")
     print("| workload | requests | backend | time s | req/s | tokens | speedup vs plain | vs lm-eval-hf "
           "| hit rate | max abs dlogp | greedy |")

@@ -29,11 +29,10 @@ from common import (
     finish,
     load_model,
     markdown_table,
-    mean_std,
     parser,
-    pm,
     save_figure,
 )
+from report import allocations_table, kv_memory_table, present, speed_header, speed_rows, throughput_table
 from systems import System, systems, warm_up
 from tqdm.auto import tqdm
 
@@ -102,45 +101,13 @@ def target_tables(result: dict) -> str:
 
 
 def speed_table(points: list[dict], key: str = "tokens_per_s") -> str:
-    groups = by_system(points)
-    rows = []
-    for tr, gb, gen in zip(groups["trellis"], groups["hf_generate_batch"], groups["hf_generate"]):
-        speed = {p["system"]: mean_std(p[key])[0] for p in (tr, gb, gen)}
-        rows.append([f"{tr['realized_phi']:.3f}", pm(tr[key]), pm(gb[key]), pm(gen[key]),
-                     f"{speed['trellis'] / speed['hf_generate']:.2f}×",
-                     f"{speed['trellis'] / speed['hf_generate_batch']:.2f}×"])
-    return markdown_table(["φ", "Trellis", "generate_batch", "generate()", "Trellis / generate()",
-                           "Trellis / generate_batch"], rows)
+    return markdown_table(speed_header(present(by_system(points))), speed_rows(points, key))
 
 
 def tables(result: dict) -> str:
-    groups = by_system(result["points"])
-    tr, gb, gen = groups["trellis"], groups["hf_generate_batch"], groups["hf_generate"]
-    first = tr[0]
-
-    def alloc(p: dict) -> str:
-        return f"{p['alloc_bytes'] / 2**20:,.0f} MiB ({p['alloc_count']:,})"
-
-    block = result["block_bytes"]
-    memory_rows = [[f"{a['realized_phi']:.3f}", str(a["shared_tokens"] // SEED_BLOCK),
-                    f"{a['live_blocks']} (expected {a['expected_live_blocks']})",
-                    f"{a['live_blocks'] * block / 2**20:.1f}", f"{c['kv_bytes'] / 2**20:.1f}",
-                    f"{c['kv_bytes'] / (a['live_blocks'] * block):.2f}×"] for a, c in zip(tr, gen)]
-    return "\n\n".join([
-        f"Throughput, generated tokens/s per op (mean ± std), L={first['L']}, D={first['D']}, N={first['N']}",
-        speed_table(result["points"]),
-        "Tokens/s of the N sessions alone, once the prefix is warm (warm-up excluded)",
-        speed_table(result["points"], "session_tokens_per_s"),
-        "Allocations per op: tensor bytes (count) from PyTorch's CPU allocator; fresh 32-token KV blocks",
-        markdown_table(["φ", "Trellis", "generate_batch", "generate()", "Trellis fresh blocks",
-                        "generate_batch fresh blocks"],
-                       [[f"{a['realized_phi']:.3f}", alloc(a), alloc(b), alloc(c), str(a["fresh_blocks"]),
-                         str(b["fresh_blocks"])] for a, b, c in zip(tr, gb, gen)]),
-        f"KV memory held for N={first['N']} sessions (L={first['L']}, D={first['D']})",
-        markdown_table(["φ", "shared blocks", "Trellis blocks held", "Trellis KV MiB",
-                        "generate() KV MiB (N caches)", "generate() / Trellis"], memory_rows),
-        target_tables(result),
-    ])
+    """What the docs show (``report.py`` renders both), and the target check."""
+    return "\n\n".join([throughput_table(result), allocations_table(result), kv_memory_table(result),
+                          target_tables(result)])
 
 
 def plot(result: dict, path: Path) -> None:

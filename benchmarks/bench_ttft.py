@@ -23,12 +23,10 @@ from common import (
     describe,
     finish,
     load_model,
-    markdown_table,
-    mean_std,
     parser,
-    pm,
     save_figure,
 )
+from report import ttft_table as tables  # the table the docs show
 from systems import systems, warm_up
 from tqdm.auto import tqdm
 
@@ -39,7 +37,7 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
     L = 128 if args.quick else 512
     phis = [0.0, 0.5, 0.9] if args.quick else list(PHIS)
     repeats = args.repeats or (1 if args.quick else 3)
-    every = systems(model)
+    every = systems(model, ttft=True)
     warm_up(every)
     points = [{"system": s.name, "phi": phi, "realized_phi": Workload(L, 1, 1, phi).realized_phi, "L": L, "ttft": [],
                "hit_rate": []} for phi in phis for s in every]
@@ -51,26 +49,6 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
         point["hit_rate"].append(probe.hit_rate)
     return {"info": describe(model, args.model), "settings": {"L": L, "phis": phis, "repeats": repeats},
             "hit_rate_ceiling": (L / SEED_BLOCK - 1) / (L / SEED_BLOCK), "points": points}
-
-
-def tables(result: dict) -> str:
-    groups = by_system(result["points"])
-    cold = mean_std(groups["trellis"][0]["ttft"])[0]  # Trellis at the smallest φ (0 in both grids)
-    rows = []
-    for tr, gb, gen in zip(groups["trellis"], groups["hf_generate_batch"], groups["hf_generate"]):
-        ttft = {p["system"]: mean_std(p["ttft"])[0] for p in (tr, gb, gen)}
-        rows.append([f"{tr['realized_phi']:.3f}", pm(tr["ttft"], 1e3, 0), f"{mean_std(tr['hit_rate'])[0]:.3f}",
-                     pm(gb["ttft"], 1e3, 0), f"{mean_std(gb['hit_rate'])[0]:.3f}", pm(gen["ttft"], 1e3, 0),
-                     f"{ttft['trellis'] / cold:.3f}",
-                     f"{ttft['hf_generate'] / ttft['trellis']:.2f}×"])
-    s = result["settings"]
-    title = (f"Time to first token (ms, mean ± std of {s['repeats']}), L={s['L']}; hit-rate ceiling "
-             f"{result['hit_rate_ceiling']:.4f}")
-    return "\n\n".join([
-        title,
-        markdown_table(["φ", "Trellis TTFT", "Trellis hit rate", "generate_batch TTFT", "generate_batch hit rate",
-                        "generate() TTFT", "Trellis TTFT / TTFT(φ=0)", "generate() / Trellis"], rows),
-    ])
 
 
 def plot(result: dict, path: Path) -> None:

@@ -15,7 +15,9 @@ import logging
 import os
 import platform
 import statistics
-from collections.abc import Callable
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +32,12 @@ from trellis.runner import LINEAR_KERNELS
 
 PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # the seed's grid of shared-prefix fractions
 SEED_BLOCK = 32  # φ is quantised to the seed's 32-token blocks, whatever the cache's block size
-RESULTS = Path(__file__).resolve().parent / "results"
-COLORS = {"trellis": "tab:blue", "hf_generate_batch": "tab:orange", "hf_generate": "tab:gray"}
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+COLORS = {"trellis": "tab:blue", "hf_generate_batch": "tab:orange", "hf_generate": "tab:gray",
+          "hf_generate_batched": "tab:green"}
 LABELS = {"trellis": "Trellis engine", "hf_generate_batch": "transformers generate_batch",
-          "hf_generate": "transformers generate()"}
+          "hf_generate": "transformers generate()", "hf_generate_batched": "transformers generate(), batched"}
 
 # TinyLlama-1.1B's shape, random weights: the seed's model, for timing only.
 TINYLLAMA = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
@@ -54,6 +58,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=ops.BACKENDS, help="Trellis attention backend (default: the fastest here)")
     p.add_argument("--repeats", type=int, help="timed ops per point")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the model's dtype, for every system")
     p.add_argument("--linear-kernel", choices=LINEAR_KERNELS,
                    help="what runs Trellis' linear layers (default: Trellis' default here); the peers always "
                         "run transformers' own (blas)")
@@ -64,38 +70,121 @@ def load_model(args: argparse.Namespace) -> TrellisLlama:
     """One model serves all three systems: the peers switch it to transformers' own attention."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    name, backend = args.model, args.backend
+    name, backend, dtype = args.model, args.backend, getattr(torch, args.dtype)
     if name == "smollm2":
-        model = TrellisLlama.from_pretrained(embedded_model_dir(), dtype=torch.float32, device="cpu", backend=backend)
+        model = TrellisLlama.from_pretrained(embedded_model_dir(), dtype=dtype, device="cpu", backend=backend)
     else:
-        torch.manual_seed(0)
-        model = TrellisLlama._from_config(LlamaConfig(**TINYLLAMA), attn_implementation="trellis").eval()
+        torch.manual_seed(0)  # initialised in fp32 whatever the dtype: every dtype runs the same weights, rounded
+        model = TrellisLlama._from_config(LlamaConfig(**TINYLLAMA), attn_implementation="trellis").to(dtype).eval()
         model.configure_cache(backend=backend)
-    if args.linear_kernel:
-        model.set_linear_kernel(args.linear_kernel)
+    model.set_linear_kernel(args.linear_kernel or model.linear_kernel)  # also lays out weights converted by .to()
     model.generation_config.eos_token_id = None  # no stop token: every session generates exactly D tokens
     # transformers' continuous batching warns at every call about the persistent manager the peer needs.
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
     return model
 
 
-def describe(model: TrellisLlama, model_name: str) -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``), else what ``platform`` knows."""
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
-        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    return platform.processor() or platform.machine()
+
+
+def trellis_commit() -> str | None:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it; else ``TRELLIS_COMMIT``
+    (a copied tree without ``.git``, as on a GPU machine), else None: a table must be traceable to the
+    code that measured it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("TRELLIS_COMMIT")
+
+
+def environment(dtype: torch.dtype | str | None, linear_kernel: str | None) -> dict:
+    """What every results JSON records about its run, so each table can be checked against its file:
+    versions, the machine, threads, dtype and linear kernel (None where the benchmark runs no linear layer)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
-        "machine": f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, "
+        "machine": f"{platform.system()} {platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, "
                    f"torch threads {torch.get_num_threads()}",
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD level torch's kernels use
-        "model": {"smollm2": "SmolLM2-135M-Instruct (real weights)",
-                  "tinyllama": "TinyLlama-1.1B shape, random init (timing only)"}.get(model_name, model_name),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "trellis_backend": model.attention_backend(),
-        "trellis_linear_kernel": model.linear_kernel,
+        "gpu": gpu,
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "linear_kernel": linear_kernel,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "trellis_commit": trellis_commit(),
         "load_average": os.getloadavg(),  # other processes on the machine add noise to every timing
     }
+
+
+def describe(model: TrellisLlama, model_name: str) -> dict:
+    return {
+        **environment(model.dtype, model.linear_kernel),
+        "model": {"smollm2": "SmolLM2-135M-Instruct (real weights)",
+                  "tinyllama": "TinyLlama-1.1B shape, random init (timing only)"}.get(model_name, model_name),
+        "trellis_backend": model.attention_backend(),
+        "trellis_linear_kernel": model.linear_kernel,
+    }
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+clock = time.perf_counter  # every timed region of the model benchmarks reads this (a test swaps it for a log)
+
+
+def call_seconds(fn: Callable[[], object], device: torch.device, min_seconds: float, stat: str = "median",
+                 max_calls: int = 50) -> float:
+    """Seconds per call of ``fn`` (one untimed call first), the median or the fastest.
+
+    On CUDA, Triton's ``do_bench``: CUDA events around each call and the L2 cache flushed before it,
+    so a K/V that fits in L2 is still read from memory, as in a model whose layers each bring their own."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=max(int(min_seconds * 1e3), 25), return_mode=stat) / 1e3
+    fn()
+    times: list[float] = []
+    start = clock()
+    while len(times) < 3 or (clock() - start < min_seconds and len(times) < max_calls):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return statistics.median(times) if stat == "median" else min(times)
+
+
+@contextlib.contextmanager
+def attention(model: TrellisLlama, implementation: str) -> Iterator[TrellisLlama]:
+    """The same weights under another attention implementation (TrellisLlama then behaves as a
+    plain ``LlamaForCausalLM``: ``generate`` and ``generate_batch`` are transformers' own), and
+    for the peers with transformers' own linear layers ("blas"), whatever Trellis' are. Entering
+    and leaving relayout the weights when Trellis' kernel is oneDNN's: keep it outside timed regions."""
+    previous, kernel = model.config._attn_implementation, model.linear_kernel
+    if implementation != "trellis":
+        model.set_linear_kernel("blas")
+    model.set_attn_implementation(implementation)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+        model.set_linear_kernel(kernel)
 
 
 # --- the workload ---------------------------------------------------------------------------------

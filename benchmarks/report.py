@@ -28,7 +28,10 @@ DOC = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 HEADLINE_MACHINE = "avx2"  # the machine directory whose results the README quotes
 SIMD = {"AVX512": "AVX-512", "AVX2": "AVX2", "DEFAULT": "portable code"}  # torch's CPU capability names
-PEERS = ("trellis", "hf_generate_batch", "hf_generate")
+PEERS = ("trellis", "hf_generate_batch", "hf_generate", "hf_generate_batched")  # column order
+HEADERS = {"trellis": "Trellis", "hf_generate_batch": "generate_batch", "hf_generate": "generate()",
+           "hf_generate_batched": "generate() batched"}
+RATIOS = ("hf_generate", "hf_generate_batched", "hf_generate_batch")  # the order of the Trellis / peer columns
 Results = dict[str, dict]  # file name -> its JSON, for one machine directory
 
 # --- formatting ------------------------------------------------------------------------------
@@ -75,9 +78,10 @@ def by_system(points: list[dict]) -> dict[str, list[dict]]:
 
 
 def load(directory: Path) -> Results:
-    """The JSON files directly in ``directory``. A combined suite file (``bench_prefix.py --json``)
+    """The JSON files directly in ``directory``, but ``*_quick.json``. A combined suite file (``bench_prefix.py --json``)
     is split into its parts, and a part equal to a file of its own is dropped as a duplicate."""
-    files = {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    files = {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))
+             if not p.stem.endswith("_quick")}  # --quick runs, which git ignores too
     for name, data in list(files.items()):
         if {"throughput", "ttft", "block_size"} <= data.keys():
             del files[name]
@@ -103,7 +107,8 @@ def machine(results: Results) -> str:
     cpu = ", ".join(sorted({", ".join(m.split(", ")[1:3]) for m in described}))  # "AMD EPYC, 2 cores"
     simd = sorted({SIMD.get(i["cpu_capability"], i["cpu_capability"]) for i in infos(results) if "cpu_capability" in i})
     name, _, cores = cpu.rpartition(", ")
-    return ", ".join([name, *simd, cores])
+    gpus = sorted({i["gpu"] for i in infos(results) if i.get("gpu")})  # a GPU check's machine
+    return ", ".join([*gpus, name, *simd, cores])
 
 
 def versions(results: Results, key: str) -> str:
@@ -113,11 +118,17 @@ def versions(results: Results, key: str) -> str:
 # --- one function per kind of table ----------------------------------------------------------
 
 
+def present(names: list[str] | set[str]) -> list[str]:
+    """The systems of ``PEERS`` among ``names``, in column order (files before the batched
+    ``generate()`` peer have three)."""
+    return [s for s in PEERS if s in names]
+
+
 def ttft_table(data: dict) -> str:
     groups = by_system(data["points"])
     cold = mean(groups["trellis"][0]["ttft"])
     rows = []
-    for tr, gb, gen in zip(*(groups[s] for s in PEERS)):
+    for tr, gb, gen in zip(*(groups[s] for s in PEERS[:3])):
         rows.append([f"{tr['realized_phi']:.3f}", pm(tr["ttft"], 1e3, 0), f"{mean(tr['hit_rate']):.3f}",
                      pm(gb["ttft"], 1e3, 0), f"{mean(gb['hit_rate']):.3f}", pm(gen["ttft"], 1e3, 0),
                      f"{mean(tr['ttft']) / cold:.3f}", times(mean(gen["ttft"]), mean(tr["ttft"]))])
@@ -128,18 +139,24 @@ def ttft_table(data: dict) -> str:
                      "Trellis TTFT / TTFT(φ=0)", "generate() / Trellis"], rows))
 
 
+def speed_header(names: list[str]) -> list[str]:
+    return ["φ", *(HEADERS[n] for n in names), *(f"Trellis / {HEADERS[n]}" for n in RATIOS if n in names)]
+
+
 def speed_rows(points: list[dict], key: str) -> list[list[str]]:
     groups = by_system(points)
+    names = present(groups)
     rows = []
-    for tr, gb, gen in zip(*(groups[s] for s in PEERS)):
-        rows.append([f"{tr['realized_phi']:.3f}", pm(tr[key]), pm(gb[key]), pm(gen[key]),
-                     times(mean(tr[key]), mean(gen[key])), times(mean(tr[key]), mean(gb[key]))])
+    for at_phi in zip(*(groups[s] for s in names)):
+        by = dict(zip(names, at_phi))
+        ours = mean(by["trellis"][key])
+        rows.append([f"{by['trellis']['realized_phi']:.3f}", *(pm(by[n][key]) for n in names),
+                     *(times(ours, mean(by[n][key])) for n in RATIOS if n in names)])
     return rows
 
 
 def throughput_table(data: dict) -> str:
-    s, header = data["settings"], ["φ", "Trellis", "generate_batch", "generate()", "Trellis / generate()",
-                                   "Trellis / generate_batch"]
+    s, header = data["settings"], speed_header(present(by_system(data["points"])))
     return (f"Throughput, generated tokens/s per op (mean ± std of {s['repeats']}), L={s['L']}, D={s['D']}, "
             f"N={s['N']}; an op includes the warm-up.\n\n" + table(header, speed_rows(data["points"], "tokens_per_s"))
             + "\n\nThe same ops, tokens/s of the N sessions alone (the warm-up left out).\n\n"
@@ -148,16 +165,19 @@ def throughput_table(data: dict) -> str:
 
 def allocations_table(data: dict) -> str:
     groups = by_system(data["points"])
+    names = present(groups)
 
     def alloc(p: dict) -> str:
         return f"{mib(p['alloc_bytes'])} ({p['alloc_count']:,})"
 
-    rows = [[f"{tr['realized_phi']:.3f}", alloc(tr), alloc(gb), alloc(gen), str(tr["fresh_blocks"]),
-             str(gb["fresh_blocks"])] for tr, gb, gen in zip(*(groups[s] for s in PEERS))]
+    rows = []
+    for at_phi in zip(*(groups[s] for s in names)):
+        by = dict(zip(names, at_phi))
+        rows.append([f"{by['trellis']['realized_phi']:.3f}", *(alloc(by[n]) for n in names),
+                     str(by["trellis"]["fresh_blocks"]), str(by["hf_generate_batch"]["fresh_blocks"])])
     return ("Allocations per op: bytes (count) of tensor allocations by PyTorch's CPU allocator; fresh 32-token "
             "KV blocks taken from the pool.\n\n"
-            + table(["φ", "Trellis", "generate_batch", "generate()", "Trellis fresh blocks",
-                     "generate_batch fresh blocks"], rows))
+            + table(["φ", *(HEADERS[n] for n in names), "Trellis fresh blocks", "generate_batch fresh blocks"], rows))
 
 
 def kv_memory_table(data: dict) -> str:
@@ -176,22 +196,24 @@ def kv_memory_table(data: dict) -> str:
 
 
 def targets_table(results: Results, directory: Path) -> str:
-    """The N=4, D=16 check (``bench_throughput.py --targets-only``, and the suite's own pass), every run."""
+    """The N=4, D=16 check (``bench_throughput.py --targets-only``, and the suite's own pass), every run;
+    a peer a file lacks (the batched ``generate()`` came later) is shown as —."""
+    files = {name: by_system(data["targets"]) for name, data in results.items() if "targets" in data}
+    names = present({s for groups in files.values() for s in groups})
     rows = []
-    for name, data in results.items():
-        if "targets" not in data:
-            continue
-        groups = by_system(data["targets"])
-        for tr, gb, gen in zip(*(groups[s] for s in PEERS)):
+    for name, groups in files.items():
+        for at_phi in zip(*(groups[s] for s in present(groups))):
+            by = dict(zip(present(groups), at_phi))
+            tr = by["trellis"]
             per_op, warm = (mean(tr[k]) for k in ("tokens_per_s", "session_tokens_per_s"))
-            rows.append([source(name.split(" ")[0], directory), f"`{data['info']['trellis_linear_kernel']}`",
-                         str(len(tr["tokens_per_s"])), f"{tr['realized_phi']:.3f}", pm(tr["tokens_per_s"]),
-                         pm(gb["tokens_per_s"]), pm(gen["tokens_per_s"]), times(per_op, mean(gen["tokens_per_s"])),
-                         times(per_op, mean(gb["tokens_per_s"])), times(warm, mean(gen["session_tokens_per_s"]))])
+            rows.append([source(name.split(" ")[0], directory), f"`{results[name]['info']['trellis_linear_kernel']}`",
+                         str(len(tr["tokens_per_s"])), f"{tr['realized_phi']:.3f}",
+                         *(pm(by[n]["tokens_per_s"]) if n in by else "—" for n in names),
+                         *(times(per_op, mean(by[n]["tokens_per_s"])) if n in by else "—" for n in RATIOS if n in names),
+                         times(warm, mean(by["hf_generate"]["session_tokens_per_s"]))])
     return ("N=4 sessions, L=512, D=16, tokens/s per op (mean ± std); the last column leaves the warm-up out. "
             "The peers always run transformers' own linear layers.\n\n"
-            + table(["file", "Trellis linear kernel", "ops", "φ", "Trellis", "generate_batch", "generate()",
-                     "Trellis / generate()", "Trellis / generate_batch", "warm: Trellis / generate()"], rows))
+            + table(["file", "Trellis linear kernel", "ops", *speed_header(names), "warm: Trellis / generate()"], rows))
 
 
 def block_size_table(data: dict) -> str:
@@ -221,10 +243,24 @@ def decode_table(data: dict) -> str:
 
 
 def linear_table(data: dict) -> str:
-    names = [k for k in data["rows"][0] if k != "rows"]
+    names = [k for k in data["rows"][0] if k not in ("rows", "shapes")]
     rows = [[str(r["rows"]), *(f"{r[n]:.1f}" for n in names)] for r in data["rows"]]
-    return (f"All of the model's decoder linear layers at M rows, {data['statistic']}.\n\n"
-            + table(["rows", *names], rows))
+    text = (f"All of the model's decoder linear layers at M rows ({data['info']['model']}, {data['info']['dtype']}, "
+            f"{data['info']['machine'].rpartition(', ')[2]}), {data['statistic']}.\n\n" + table(["rows", *names], rows))
+    if "shapes" not in data["rows"][0]:  # files from before the per-shape timings
+        return text
+    by_shape = [[str(r["rows"]), f"`{shape}`", *(f"{t[n]:.2f}" for n in names)]
+                for r in data["rows"] for shape, t in r["shapes"].items()]
+    return (text + "\n\nEach shape's share: all the layers of that shape in a pass (the LM head, not in the pass, "
+            "once), ms.\n\n" + table(["rows", "shape (out x in)", *names], by_shape))
+
+
+def dtypes_table(data: dict) -> str:
+    systems = [k for k in data["dtypes"][0] if k != "dtype"]
+    rows = [[f"`{r['dtype']}`", *(f"{r[s]:.1f}" for s in systems)] for r in data["dtypes"]]
+    return (f"One session's decode step after a {data['context']}-token prompt by dtype ({data['info']['model']}, "
+            f"{data['info']['machine'].rpartition(', ')[2]}), {data['statistic']} ({data['steps']} steps × "
+            f"{data['repeats']} repeats per system and dtype, in turns).\n\n" + table(["dtype", *systems], rows))
 
 
 def speculative_table(data: dict) -> str:
@@ -240,52 +276,131 @@ def speculative_table(data: dict) -> str:
 
 
 def eval_table(data: dict) -> str:
+    """Files before the batched peers (``plain-batched``, ``lm-eval-hf-batched``) have no batched columns."""
     best: dict[str, dict[str, dict]] = {}
     for r in data["results"]:
         best.setdefault(r["workload"], {})[r["backend"]] = r
+    batched = [b for b in ("plain-batched", "lm-eval-hf-batched") if any(b in by for by in best.values())]
     rows = []
     for workload, b in best.items():
         plain, hf, ours, warm = b["plain"], b["lm-eval-hf"], b["trellis"], b["trellis-warm"]
+        peers = [r for name, r in b.items() if not name.startswith("trellis")]
+        fastest = min(peers, key=lambda r: r["seconds"])
         rows.append([f"`{workload}`", str(plain["requests"]), f"{plain['seconds']:.1f}", f"{hf['seconds']:.1f}",
-                     f"{ours['seconds']:.1f}", times(plain["seconds"], ours["seconds"]),
-                     times(hf["seconds"], ours["seconds"]), f"{ours['hit_rate']:.0%}",
-                     f"{plain['tokens']} / {ours['tokens']}", f"{warm['seconds']:.2f}", f"{warm['hit_rate']:.0%}",
-                     f"{max(r['max_abs_dlogp'] for r in b.values()):.1e}"])
+                     *(f"{b[name]['seconds']:.1f}" for name in batched), f"{ours['seconds']:.1f}",
+                     times(plain["seconds"], ours["seconds"]), times(hf["seconds"], ours["seconds"]),
+                     *([f"{times(fastest['seconds'], ours['seconds'])} ({fastest['backend']})"] if batched else []),
+                     f"{ours['hit_rate']:.0%}", f"{plain['tokens']} / {ours['tokens']}", f"{warm['seconds']:.2f}",
+                     f"{warm['hit_rate']:.0%}", f"{max(r['max_abs_dlogp'] for r in b.values()):.1e}"])
     meta = data.get("info", data)  # older files keep threads and dtype at the top level
+    batch = f", batched peers {meta['batch_size']} requests per forward" if batched else ""
     return (f"Multiple-choice scoring, seconds (best of the runs), {meta['threads']} torch thread(s), "
-            f"{meta['dtype']}.\n\n"
-            + table(["workload", "requests", "plain transformers", "lm-eval HF", "Trellis", "vs plain", "vs lm-eval",
-                     "context tokens from cache", "tokens computed (plain / Trellis)", "Trellis, contexts cached",
-                     "its hit rate", "max abs Δ log-prob vs plain"], rows))
+            f"{meta['dtype']}{batch}.\n\n"
+            + table(["workload", "requests", "plain transformers", "lm-eval HF",
+                     *({"plain-batched": "plain, batched", "lm-eval-hf-batched": "lm-eval HF, batched"}[n]
+                       for n in batched), "Trellis", "vs plain", "vs lm-eval",
+                     *(["vs the fastest peer"] if batched else []), "context tokens from cache",
+                     "tokens computed (plain / Trellis)", "Trellis, contexts cached", "its hit rate",
+                     "max abs Δ log-prob vs plain"], rows))
+
+
+BASELINES = {"gather+sdpa": "gather + SDPA", "sdpa": "SDPA, contiguous K/V", "sdpa fold": "SDPA, query groups folded",
+             "sdpa flash": "SDPA flash"}
 
 
 def kernels_table(data: dict) -> str:
+    """Files before the contiguous-K/V baselines have gather + SDPA alone, and read bandwidth under older keys."""
     cells: dict[tuple, dict[str, dict]] = {}
     overhead = ""
     for r in data["rows"]:
         if "call_pair_us_torch_ops" in r:
-            overhead = (f" One layer's decode call pair (`store_kv` + `paged_attention`, {r['method']}): "
-                        f"{r['call_pair_us_public']:.1f} µs through `trellis.ops`, {r['call_pair_us_torch_ops']:.1f} µs "
-                        "through `torch.ops.trellis`.")
+            if r["method"] == "cpp":
+                overhead = (f" One layer's decode call pair (`store_kv` + `paged_attention`, {r['method']}): "
+                            f"{r['call_pair_us_public']:.1f} µs through `trellis.ops`, "
+                            f"{r['call_pair_us_torch_ops']:.1f} µs through `torch.ops.trellis`.")
             continue
-        cells.setdefault((r["model"], r["kind"], r["batch"], r["context"], r["new_tokens"]), {})[r["method"]] = r
+        cells.setdefault((r["device"], r["model"], r["kind"], r["batch"], r["context"], r["new_tokens"]),
+                         {})[r["method"]] = r
+    devices = {key[0] for key in cells}
     rows = []
-    for (model, kind, batch, context, new), m in cells.items():
-        cpp, sdpa = m["cpp"], m["gather+sdpa"]
-        merit = (f"{cpp['kv_gbps']:.1f} GB/s ({cpp['pct_read_bandwidth']:.0f} %)" if kind == "decode"
-                 else f"{cpp['tflops']:.3f} TFLOP/s")
-        rows.append([f"{model} {kind}", str(batch), str(context), str(new), f"{m['reference']['us']:,.0f}",
-                     f"{cpp['us']:,.0f}", f"{sdpa['us']:,.0f}", merit, times(sdpa["us"], cpp["us"])])
+    for (device, model, kind, batch, context, new), m in cells.items():
+        kernel = "cpp" if "cpp" in m else "triton"
+        ours, compared = m[kernel], [b for b in BASELINES if b in m]
+        pct = ours.get("pct_bandwidth", ours.get("pct_read_bandwidth"))
+        merit = f"{ours['kv_gbps']:.1f} GB/s ({pct:.0f} %)" if kind == "decode" else f"{ours['tflops']:.3f} TFLOP/s"
+        strongest = min(compared, key=lambda b: m[b]["us"])
+        lead = times(m[strongest]["us"], ours["us"]) + ("" if compared == ["gather+sdpa"] else f" ({strongest})")
+        rows.append([f"{model} {kind}" + (f" ({device})" if len(devices) > 1 else ""), str(batch), str(context),
+                     str(new), f"{m['reference']['us']:,.0f}", f"{ours['us']:,.0f}",
+                     *(f"{m[b]['us']:,.0f}" for b in compared), merit, lead])
     first, info = data["rows"][0], data["machine"]
+    kernel = "cpp" if any("cpp" in m for m in cells.values()) else "triton"
+    compared = [b for b in BASELINES if any(b in m for m in cells.values())]
+    if compared == ["gather+sdpa"]:
+        bandwidth, lead = f"measured read bandwidth {first['read_bandwidth_gbps']:.1f} GB/s", "SDPA / cpp"
+    else:
+        bandwidth = f"measured {first['bandwidth_method']} bandwidth {first['bandwidth_gbps']:.1f} GB/s"
+        lead = f"strongest baseline / {kernel}"
     return (f"Paged attention alone, µs per call ({first['stat']}), {first['dtype'].removeprefix('torch.')}, "
-            f"{info['threads']} torch thread(s); measured read bandwidth {first['read_bandwidth_gbps']:.1f} GB/s.{overhead}\n\n"
-            + table(["configuration", "sequences", "context", "new tokens", "reference", "cpp", "gather + SDPA",
-                     "cpp: KV read (% of bandwidth) or compute", "SDPA / cpp"], rows))
+            f"{info['threads']} torch thread(s); {bandwidth}.{overhead}\n\n"
+            + table(["configuration", "sequences", "context", "new tokens", "reference", kernel,
+                     *(BASELINES[b] for b in compared), f"{kernel}: KV read (% of bandwidth) or compute", lead], rows))
+
+
+E2E_METRICS = {"ttft_cold_s": "TTFT, cold prompt", "ttft_cached_s": "TTFT, prefix cached",
+               "decode_tokens_per_s": "one session's decode, tokens/s", "sessions_tokens_per_s": "N sessions, tokens/s"}
+
+
+def e2e_summary(result: dict) -> dict[str, tuple[float | None, float | None]]:
+    """``bench_e2e.py``'s metrics -> (Trellis, transformers), medians of the repetitions."""
+    tr, hf = (result["systems"][s] for s in ("trellis", "transformers"))
+    rows: dict[str, tuple[float | None, float | None]] = {}
+    for key in E2E_METRICS:
+        values = (tr[key], hf[key])
+        rows[key] = tuple(statistics.median(v) if isinstance(v, list) else v for v in values)
+    return rows
+
+
+def e2e_table(result: dict) -> str:
+    s, info = result["settings"], result["info"]
+    rows = []
+    for key, (ours, theirs) in e2e_summary(result).items():
+        if ours is None or theirs is None:
+            rows.append([E2E_METRICS[key], "—", "—", "decode too short to time"])
+            continue
+        is_time = key.startswith("ttft")  # lower is better; the rest are rates
+        shown = (f"{1e3 * ours:.1f} ms", f"{1e3 * theirs:.1f} ms") if is_time else (f"{ours:.1f}", f"{theirs:.1f}")
+        rows.append([E2E_METRICS[key], *shown, times(theirs, ours) if is_time else times(ours, theirs)])
+    return (f"{info['model']}, {info['dtype']} on {info['device']}, Trellis attention `{info['trellis_backend']}`: "
+            f"a {s['prompt']}-token prompt ({s['shared_tokens']} tokens cached for the second TTFT), {s['decode']} "
+            f"decoded tokens; N={s['sessions']} sessions of {s['session_decode']} tokens at φ={s['session_phi']:.2f}; "
+            f"medians of {s['repeats']}.\n\n" + table(["metric", "Trellis", "transformers", "Trellis lead"], rows))
+
+
+def gpu_check_table(data: dict) -> str:
+    """``scripts/gpu_check.py``: each step's outcome, then what the steps measured."""
+    steps = data["steps"]
+    status = [[name, "passed" if step["ok"] else "timed out" if step["timed_out"] else f"failed (exit {step['rc']})",
+               f"{step['seconds']:.0f}"] for name, step in steps.items()]
+    parts = [table(["step", "outcome", "seconds"], status)]
+    tests = steps.get("tests", {}).get("result")
+    if tests:
+        parts.append(f"CUDA tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
+                     f"{tests['skipped']} skipped" + (f": {', '.join(tests['failed'])}." if tests["failed"] else "."))
+    if steps.get("kernels", {}).get("result"):
+        parts.append(kernels_table(steps["kernels"]["result"]))
+    if steps.get("e2e", {}).get("result"):
+        parts.append(e2e_table(steps["e2e"]["result"]))
+    return "\n\n".join(parts)
 
 
 def kind_of(data: dict) -> str:
+    if data.get("what") == "gpu_check":
+        return "gpu_check"
     if "results" in data:
         return "eval"
+    if "dtypes" in data:
+        return "dtypes"
     if "rows" in data:
         first = data["rows"][0]
         return ("kernels" if "method" in first else "decode" if "transformers sdpa" in first
@@ -304,9 +419,11 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "block_size": ("Block size", [block_size_table]),
     "decode": ("Decode step", [decode_table]),
     "linear": ("Linear layers", [linear_table]),
+    "dtypes": ("Decode step by dtype", [dtypes_table]),
     "speculative": ("Prompt-lookup decoding", [speculative_table]),
     "eval": ("Scoring with shared contexts", [eval_table]),
     "kernels": ("Attention kernels", [kernels_table]),
+    "gpu_check": ("GPU check", [gpu_check_table]),
 }
 
 

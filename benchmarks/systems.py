@@ -1,20 +1,36 @@
-"""The three systems measured side by side on the same weights, and how an op is timed and its
-allocations counted: Trellis' engine, transformers' ``generate_batch`` and per-session ``generate()``."""
+"""The systems measured side by side on the same weights, and how an op is timed and its
+allocations counted: Trellis' engine, transformers' continuous batching (``generate_batch``'s
+manager), per-session ``generate()`` and one batched ``generate()`` call.
+
+Every system is timed over the same work: from a fresh pipeline to the last session's last token.
+Switching the shared model to the peers' attention and linear layers (a weight relayout when
+Trellis' linear kernel is oneDNN's) and tearing a pipeline down (transformers' manager stop, its
+``gc.collect()``) happen outside the timed region, as building Trellis' kernels does."""
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import common
 import torch
-from common import SEED_BLOCK, Workload
+from common import SEED_BLOCK, Workload, attention
 from torch.profiler import ProfilerActivity, profile
 from transformers import ContinuousBatchingConfig, GenerationConfig
-from transformers.generation.continuous_batching.cache import PagedAttentionCache
-from transformers.generation.continuous_batching.cache_allocators.cache_pool import CachePool
-from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+
+# transformers' continuous-batching internals move between releases (5.17 has no cache_allocators):
+# imported for that peer only, so the other systems run on any release the library supports.
+try:
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    from transformers.generation.continuous_batching.cache_allocators.cache_pool import CachePool
+    from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+    from transformers.generation.continuous_batching.requests import GenerationOutput
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+except ImportError as error:
+    MISSING_INTERNALS: ImportError | None = error
+else:
+    MISSING_INTERNALS = None
 
 from trellis.engine.engine import Engine
 from trellis.engine.sampling import SamplingParams
@@ -22,22 +38,6 @@ from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
 
 MAX_BATCH_TOKENS = 4096  # per forward, for both continuous-batching systems
-
-
-@contextlib.contextmanager
-def attention(model: TrellisLlama, implementation: str) -> Iterator[TrellisLlama]:
-    """The same weights under another attention implementation (TrellisLlama then behaves as a
-    plain ``LlamaForCausalLM``: ``generate`` and ``generate_batch`` are transformers' own), and
-    for the peers with transformers' own linear layers ("blas"), whatever Trellis' are."""
-    previous, kernel = model.config._attn_implementation, model.linear_kernel
-    if implementation != "trellis":
-        model.set_linear_kernel("blas")
-    model.set_attn_implementation(implementation)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(previous)
-        model.set_linear_kernel(kernel)
 
 
 @dataclass
@@ -96,6 +96,7 @@ class System:
     """One way of serving the workload; each ``op`` starts from a fresh pipeline."""
 
     name: str
+    probes_ttft = True  # False where a one-request probe would be another system's call
 
     def __init__(self, model: TrellisLlama) -> None:
         self.model = model
@@ -125,13 +126,13 @@ class Trellis(System):
 
     def op(self, w: Workload, block_size: int = SEED_BLOCK) -> OpResult:
         prefix, prompts = w.prefix(), [w.prompt(i) for i in range(w.N)]
-        start = time.perf_counter()
+        start = common.clock()
         engine = self._engine(w, block_size)
         if prefix:
             engine.generate([prefix], SamplingParams(max_new_tokens=1))
-        warm = time.perf_counter()
+        warm = common.clock()
         sessions = engine.generate(prompts, SamplingParams(max_new_tokens=w.D))
-        end = time.perf_counter()
+        end = common.clock()
         return OpResult(end - start, end - warm, sum(len(s.generated) for s in sessions),
                         fresh_blocks=engine.fresh_blocks,
                         live_blocks=engine.peak_live_blocks, leaves=self.model.prefix_cache.stats()["leaves"])
@@ -143,27 +144,56 @@ class Trellis(System):
         return Probe(probe.ttft, probe.num_cached_tokens / len(probe.prompt))
 
 
+def cache_bytes(out) -> int:
+    """Bytes of the K and V tensors of the DynamicCache a ``generate()`` call returned."""
+    return sum(t.nbytes for layer in out[CACHE_ARG].layers for t in (layer.keys, layer.values))
+
+
 class HFGenerate(System):
+    """transformers ``generate()``, one call per session (its default cache: no reuse)."""
+
     name = "hf_generate"
 
     def op(self, w: Workload, block_size: int = SEED_BLOCK) -> OpResult:
-        prompts = [torch.tensor([w.prompt(i)]) for i in range(w.N)]  # no reuse: nothing to warm
+        prompts = [torch.tensor([w.prompt(i)], device=self.model.device) for i in range(w.N)]  # nothing to warm
         generated = kv_bytes = 0
         with attention(self.model, "sdpa"):
-            start = time.perf_counter()
+            start = common.clock()
             for ids in prompts:
                 out = self.model.generate(ids, max_new_tokens=w.D, do_sample=False, return_dict_in_generate=True)
                 generated += out.sequences.shape[1] - ids.shape[1]
-                kv_bytes += sum(t.nbytes for layer in out[CACHE_ARG].layers for t in (layer.keys, layer.values))
-            seconds = time.perf_counter() - start
+                kv_bytes += cache_bytes(out)
+            seconds = common.clock() - start
         return OpResult(seconds, seconds, generated, kv_bytes=kv_bytes)
 
     def ttft(self, w: Workload, block_size: int = SEED_BLOCK) -> Probe:
-        ids = torch.tensor([w.prompt(1)])
+        ids = torch.tensor([w.prompt(1)], device=self.model.device)
         with attention(self.model, "sdpa"):
-            start = time.perf_counter()
+            start = common.clock()
             self.model.generate(ids, max_new_tokens=1, do_sample=False)
-            return Probe(time.perf_counter() - start, 0.0)
+            return Probe(common.clock() - start, 0.0)
+
+
+class HFGenerateBatched(HFGenerate):
+    """transformers ``generate()``, one call over the N prompts: what a user with N prompts at hand
+    writes. The seed's prompts all have L tokens, so the batch needs no padding. Its TTFT probe
+    (one request) is ``HFGenerate``'s call, so it is not probed again."""
+
+    name = "hf_generate_batched"
+    probes_ttft = False
+
+    def op(self, w: Workload, block_size: int = SEED_BLOCK) -> OpResult:
+        ids = torch.tensor([w.prompt(i) for i in range(w.N)], device=self.model.device)  # [N, L]
+        with attention(self.model, "sdpa"):
+            start = common.clock()
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=w.D, do_sample=False,
+                                      return_dict_in_generate=True)
+            seconds = common.clock() - start
+        generated = out.sequences[:, ids.shape[1]:].numel()
+        return OpResult(seconds, seconds, generated, kv_bytes=cache_bytes(out))
+
+    def ttft(self, w: Workload, block_size: int = SEED_BLOCK) -> Probe:
+        raise NotImplementedError("one request: the same call as HFGenerate.ttft")
 
 
 class HFGenerateBatch(System):
@@ -177,40 +207,62 @@ class HFGenerateBatch(System):
 
     name = "hf_generate_batch"
 
+    def __init__(self, model: TrellisLlama) -> None:
+        if MISSING_INTERNALS is not None:
+            raise RuntimeError(f"this transformers release lacks what the generate_batch peer uses: {MISSING_INTERNALS}")
+        super().__init__(model)
+
     @contextlib.contextmanager
-    def _pipeline(self, w: Workload, block_size: int) -> Iterator[Callable[..., dict]]:
-        """A fresh manager kept alive across calls, so the warmed prefix stays in its cache."""
+    def _manager(self, w: Workload, block_size: int) -> Iterator[ContinuousBatchingManager]:
+        """A fresh, started manager (``generate_batch``'s, with the same configuration), kept running
+        across the warm-up and the sessions so the warmed pages stay shared. Its stop, which waits
+        for the generation thread and runs ``gc.collect()``, is on the way out: callers read the
+        clock before it, as they do before a Trellis engine is dropped."""
         config = ContinuousBatchingConfig(page_size=block_size, num_blocks=w.pool_blocks(block_size),
                                           max_batch_tokens=MAX_BATCH_TOKENS, max_requests_per_batch=256)
+        generation = GenerationConfig(do_sample=False, eos_token_id=None)
+        hints = WorkloadHints(max_prompt_length=w.L, max_generated_length=w.D, num_requests=w.N)
+        manager = self.model.init_continuous_batching(generation, config, hints)
+        manager.start()
+        try:
+            yield manager
+        finally:
+            manager.stop(block=True)
+            manager.destroy()
 
-        def run(prompts: list[list[int]], max_new_tokens: int, **kwargs) -> dict:
-            generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
-            return self.model.generate_batch(prompts, generation, config, persistent_manager=True, warmup=False,
-                                             **kwargs)
-
-        with attention(self.model, "sdpa"):
-            try:
-                yield run
-            finally:
-                self.model.destroy_cached_continuous_batching_manager()
+    @staticmethod
+    def _run(manager: ContinuousBatchingManager, prompts: list[list[int]], max_new_tokens: int,
+             record_timestamps: bool = False) -> list[GenerationOutput]:
+        """Submit ``prompts`` and wait for all of them to finish, as ``generate_batch`` does."""
+        ids = manager.add_requests(prompts, max_new_tokens=max_new_tokens, record_timestamps=record_timestamps)
+        done: dict[str, GenerationOutput] = {}
+        while len(done) < len(ids):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(f"transformers' continuous batching failed a request: {result.error}")
+                done[result.request_id] = result
+            elif result is None and not manager.is_running():
+                raise RuntimeError("transformers' generation thread stopped before the requests finished")
+        return [done[i] for i in ids]
 
     def op(self, w: Workload, block_size: int = SEED_BLOCK) -> OpResult:
         prefix, prompts = w.prefix(), [w.prompt(i) for i in range(w.N)]
-        with cache_counters() as counts:
-            start = time.perf_counter()
-            with self._pipeline(w, block_size) as run:
+        with attention(self.model, "sdpa"), cache_counters() as counts:
+            start = common.clock()
+            with self._manager(w, block_size) as manager:
                 if prefix:
-                    run([prefix], 2)
-                warm = time.perf_counter()
-                out = run(prompts, w.D)
-                end = time.perf_counter()
-        return OpResult(end - start, end - warm, sum(len(r.generated_tokens) for r in out.values()),
+                    self._run(manager, [prefix], 2)
+                warm = common.clock()
+                out = self._run(manager, prompts, w.D)
+                end = common.clock()
+        return OpResult(end - start, end - warm, sum(len(r.generated_tokens) for r in out),
                         fresh_blocks=counts["fresh_blocks"])
 
     def ttft(self, w: Workload, block_size: int = SEED_BLOCK) -> Probe:
-        with cache_counters() as counts, self._pipeline(w, block_size) as run:
-            run([w.prompt(0)], 2)
-            (result,) = run([w.prompt(1)], 1, record_timestamps=True).values()
+        with attention(self.model, "sdpa"), cache_counters() as counts, self._manager(w, block_size) as manager:
+            self._run(manager, [w.prompt(0)], 2)
+            (result,) = self._run(manager, [w.prompt(1)], 1, record_timestamps=True)
         return Probe(result.timestamps[0] - result.created_time, counts["hit_tokens"] / w.L)
 
     def allocations(self, w: Workload, block_size: int = SEED_BLOCK) -> Allocations:
@@ -257,8 +309,10 @@ def cache_counters() -> Iterator[dict[str, int]]:
         CachePool.get_free_blocks, PagedAttentionCache.search_prefix_match = get_free_blocks, search_prefix_match
 
 
-def systems(model: TrellisLlama) -> list[System]:
-    return [Trellis(model), HFGenerateBatch(model), HFGenerate(model)]
+def systems(model: TrellisLlama, ttft: bool = False) -> list[System]:
+    """Every system, or (``ttft``) those with a TTFT probe of their own."""
+    every = [Trellis(model), HFGenerateBatch(model), HFGenerate(model), HFGenerateBatched(model)]
+    return [s for s in every if s.probes_ttft or not ttft]
 
 
 def warm_up(all_systems: list[System]) -> None:

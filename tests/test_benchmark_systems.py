@@ -1,20 +1,31 @@
-"""The benchmarks' three systems on a tiny model: each serves the seed's workload, and the counts
-the README reports (fresh blocks, blocks held, cache bytes, hit rates) follow the seed's definitions.
+"""The benchmarks' systems on a tiny model: each serves the seed's workload, and the counts the
+README reports (fresh blocks, blocks held, cache bytes, hit rates) follow the seed's definitions;
+every system's timed region holds the same work; the kernel benchmark's SDPA baselines and the
+eval benchmark's batched peers compute what the unbatched reference computes.
 
 Timings are not checked here (they belong to the benchmarks); this keeps the benchmark code
 working across transformers releases, whose continuous batching is one of the peers.
 """
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.models import tiny_config, tiny_pair
+from tests.conftest import installed
+from tests.models import smollm2_tokenizer, tiny_config, tiny_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # scripts, not a package
+import bench_kernels
+import common
+from bench_eval import DATA, lm_eval_backend, plain_backend, plain_batched_backend
 from common import SEED_BLOCK, Workload
-from systems import HFGenerate, HFGenerateBatch, Trellis
+from systems import HFGenerate, HFGenerateBatch, HFGenerateBatched, Trellis, systems
+from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+
+from trellis.eval.multiple_choice import choice_requests, read_questions
 
 L, D, N = 128, 4, 3
 
@@ -66,8 +77,82 @@ def test_transformers_generate_keeps_one_full_cache_per_session(model):
     assert HFGenerate(model).ttft(w).hit_rate == 0.0
 
 
+def test_one_batched_generate_call_serves_every_session(model):
+    w = Workload(L=L, D=D, N=N, phi=0.5)
+    result = HFGenerateBatched(model).op(w)
+    single = HFGenerate(model).op(w)
+    assert result.generated == single.generated == N * D
+    assert result.kv_bytes == single.kv_bytes  # one cache of N rows: the same K/V as N caches of one
+    # A one-request TTFT probe would be HFGenerate's call again.
+    assert [s.name for s in systems(model, ttft=True)] == ["trellis", "hf_generate_batch", "hf_generate"]
+
+
+def test_timed_regions_leave_out_relayout_and_teardown(model, monkeypatch):
+    """Switching the shared model to the peers' layers (a relayout under oneDNN) and stopping
+    transformers' manager (a thread join and gc.collect()) happen outside every timed region."""
+    events: list[str] = []
+    monkeypatch.setattr(common, "clock", lambda: events.append("clock") or time.perf_counter())
+    set_kernel, stop = type(model).set_linear_kernel, ContinuousBatchingManager.stop
+    monkeypatch.setattr(type(model), "set_linear_kernel",
+                        lambda self, kind: events.append("relayout") or set_kernel(self, kind))
+    monkeypatch.setattr(ContinuousBatchingManager, "stop",
+                        lambda self, *args, **kwargs: events.append("stop") or stop(self, *args, **kwargs))
+    for system in systems(model):
+        events.clear()
+        system.op(Workload(L=64, D=2, N=2, phi=0.5))
+        first, last = events.index("clock"), len(events) - 1 - events[::-1].index("clock")
+        assert not {"relayout", "stop"} & set(events[first:last]), (system.name, events)
+        assert ("relayout" in events) == (system.name != "trellis"), system.name
+        if isinstance(system, HFGenerateBatch):
+            assert "stop" in events[last:]  # the patch sees the stop, after the clock
+
+
 def test_allocations_are_counted_for_every_system(model):
     w = Workload(L=L, D=2, N=2, phi=0.5)
-    for system in (Trellis(model), HFGenerateBatch(model), HFGenerate(model)):
+    for system in systems(model):
         tally = system.allocations(w)
         assert tally.count > 0 and tally.bytes > 0, system.name
+
+
+@pytest.mark.parametrize("config", [bench_kernels.Config("SmolLM2", 2, 96, 1), bench_kernels.Config("SmolLM2", 2, 96, 32),
+                                    bench_kernels.Config("TinyLlama", 3, 70, 5)], ids=str)
+def test_kernel_baselines_compute_paged_attention(config):
+    """Every SDPA baseline of bench_kernels computes the paged reference's attention (in its own layout)."""
+    torch.manual_seed(0)
+    problem = bench_kernels.make_problem(config, torch.float32, torch.device("cpu"))
+    expected = bench_kernels.paged(problem, config, "reference")()  # [T, Hq, D]
+    num_q_heads, num_kv_heads, head_dim = bench_kernels.MODELS[config.model]
+    b, q, t, groups = config.batch, config.new_tokens, config.batch * config.new_tokens, num_q_heads // num_kv_heads
+    as_tokens = {
+        "gather+sdpa": lambda o: o.transpose(1, 2).reshape(t, num_q_heads, head_dim),  # [B, Hq, Q, D]
+        "sdpa": lambda o: o.reshape(t, num_q_heads, head_dim),  # transformers returns [B, Q, Hq, D]
+        "sdpa fold": lambda o: o.view(b, num_kv_heads, groups, q, head_dim).permute(0, 3, 1, 2, 4)
+        .reshape(t, num_q_heads, head_dim),  # [B, Hkv, G·Q, D]
+    }
+    methods = bench_kernels.baselines(torch.device("cpu"), torch.float32)
+    assert methods.keys() == as_tokens.keys()
+    for name, make in methods.items():
+        torch.testing.assert_close(as_tokens[name](make(problem, config)()), expected, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_batched_eval_peers_score_as_the_unbatched_one():
+    """bench_eval's batched forward (sorted, right-padded) and lm-eval's HF backend at batch_size > 1
+    give the per-request forward's log-likelihoods and greedy flags."""
+    ref = tiny_pair(config=tiny_config(vocab_size=49152, max_position_embeddings=1024))[0]
+    tokenizer = smollm2_tokenizer()
+    requests = choice_requests(read_questions(DATA / "reading_mc.jsonl")[:2])
+    requests += choice_requests(read_questions(DATA / "trivia_mc.jsonl")[:2])  # shorter contexts: real padding
+    counter = [0]
+    expected = plain_backend(ref, tokenizer, counter)(requests)
+    unpadded = counter[0]
+    counter[0] = 0
+    peers = {"plain-batched": plain_batched_backend(ref, tokenizer, counter, batch_size=3)}
+    installed("lm_eval")
+    peers["lm-eval-hf-batched"] = lm_eval_backend(ref, tokenizer, [0], batch_size=3)
+    for name, run in peers.items():
+        scores = run(requests)
+        assert [greedy for _, greedy in scores] == [greedy for _, greedy in expected], name
+        torch.testing.assert_close([ll for ll, _ in scores], [ll for ll, _ in expected], atol=1e-4, rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert counter[0] >= unpadded  # padded batches count their padding as computed
