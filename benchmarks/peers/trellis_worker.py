@@ -1,0 +1,74 @@
+"""bench_peers' Trellis worker (the main .venv): the embedded SmolLM2 in fp32 or bf16 from the
+converted safetensors, or with the GGUF's linear weights kept quantized; Trellis' engine with its
+default kernels, a fresh pool per op as in ``systems.Trellis``.
+
+    .venv/bin/python benchmarks/peers/trellis_worker.py --variant fp32|bf16|gguf --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, systems
+
+import protocol
+import torch
+from common import environment, load_model
+from systems import MAX_BATCH_TOKENS
+
+from trellis.engine.engine import Engine
+from trellis.engine.sampling import SamplingParams
+from trellis.models.embedded import EMBEDDED_GGUF, embedded_model_dir
+from trellis.models.llama import TrellisLlama
+
+BLOCK_SIZE = 32
+POOL_BLOCKS = 256  # 8192 tokens: every session of the largest request at once
+
+
+class TrellisWorker(protocol.Worker):
+    def __init__(self, variant: str, threads: int) -> None:
+        self.variant = variant
+        if variant == "gguf":
+            torch.set_num_threads(threads)
+            self.model = TrellisLlama.from_pretrained(keep_quantized=True, device="cpu")
+            self.model.generation_config.eos_token_id = None
+        else:
+            dtype = {"fp32": "float32", "bf16": "bfloat16"}[variant]
+            self.model = load_model(argparse.Namespace(model="smollm2", threads=threads, backend=None, dtype=dtype,
+                                                       linear_kernel=None))
+        self.engine: Engine | None = None
+
+    def info(self) -> dict:
+        return {**environment(self.model.dtype, self.model.linear_kernel),
+                "model": f"{EMBEDDED_GGUF} kept quantized" if self.variant == "gguf"
+                else f"{embedded_model_dir()} (safetensors)",
+                "attention_backend": self.model.attention_backend(), "block_size": BLOCK_SIZE}
+
+    def reset(self) -> None:
+        self.model.configure_cache(block_size=BLOCK_SIZE, num_blocks=POOL_BLOCKS,
+                                   backend=self.model.runner.settings.backend)  # a fresh, empty pool
+        self.engine = Engine(self.model, max_batch_tokens=MAX_BATCH_TOKENS)
+
+    def _run(self, prompts: list[list[int]], max_new_tokens: int):
+        return self.engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[int, int]]:
+        return [(s.num_cached_tokens, len(s.generated)) for s in self._run(prompts, max_new_tokens)]
+
+    def token_times(self, prompt: list[int], max_new_tokens: int) -> list[float]:
+        (session,) = self._run([prompt], max_new_tokens)
+        return list(session.token_times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", choices=("fp32", "bf16", "gguf"), required=True)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    protocol.serve(lambda: TrellisWorker(args.variant, args.threads))
+
+
+if __name__ == "__main__":
+    main()

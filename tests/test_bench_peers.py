@@ -1,0 +1,77 @@
+"""bench_peers' pure parts: the workers' shared measurements (over a fake system), the requests every
+system gets, the rotation and the summary. The peers themselves run only in the benchmark."""
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # scripts, not a package
+sys.path.insert(0, str(BENCHMARKS / "peers"))
+import bench_peers
+import protocol
+from common import Workload
+
+
+class FakeSystem(protocol.Worker):
+    """Caches every prompt it saw; each generated token takes one tick of a fake clock."""
+
+    def __init__(self, ticks: list[float]) -> None:
+        self.ticks, self.seen, self.resets = ticks, [], 0
+
+    def reset(self) -> None:
+        self.seen, self.resets = [], self.resets + 1
+
+    def generate(self, prompts, max_new_tokens):
+        out = []
+        for p in prompts:
+            out.append((max((protocol.common_prefix(s, p) for s in self.seen), default=0), max_new_tokens))
+            self.seen.append(p)
+        self.ticks[0] += max_new_tokens
+        return out
+
+    def token_times(self, prompt, max_new_tokens):
+        return [float(i * i) for i in range(max_new_tokens)]
+
+
+def test_worker_measurements(monkeypatch):
+    ticks = [0.0]
+    monkeypatch.setattr(protocol, "clock", lambda: ticks[0])
+    system = FakeSystem(ticks)
+    op = system.op([1, 2], [[1, 2, 3], [1, 2, 4]], 5)
+    assert op == {"seconds": 6.0, "session_seconds": 5.0, "generated": 10, "cached_tokens": [2, 2]}
+    assert system.ttft([7, 8, 9], [7, 8, 1]) == {"cold": 1.0, "probe": 1.0, "probe_cached_tokens": 2}
+    assert system.decode([1], 4) == {"token_seconds": [1.0, 3.0, 5.0]}
+    assert system.resets == 3  # every measurement starts from an empty cache
+
+
+def test_every_system_gets_the_workloads_token_ids():
+    op16, op64, ttft, decode = bench_peers.tasks(L=128, N=3, phi=0.9, decode_budgets=(16, 64), decode_tokens=8)
+    w = Workload(L=128, D=16, N=3, phi=0.9)
+    assert op16["prefix"] == w.prefix() and op16["prompts"] == [w.prompt(i) for i in range(3)]
+    assert op64["max_new_tokens"] == 64 and op64["prompts"] == op16["prompts"]
+    assert protocol.common_prefix(ttft["warm"], ttft["probe"]) >= w.shared and len(ttft["probe"]) == 128
+    assert decode["max_new_tokens"] == 9 and len(decode["prompt"]) == 128
+
+
+def test_rotation_and_summary():
+    assert [bench_peers.rotated(["a", "b", "c"], r) for r in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    runs = [{"system": "trellis_fp32", "task": "op", "max_new_tokens": 16, "seconds": s, "session_seconds": s / 2,
+             "generated": 64} for s in (1.0, 2.0, 4.0)]
+    runs += [{"system": "vllm_fp32", "task": "op", "max_new_tokens": 16, "seconds": 3.0, "session_seconds": 2.0,
+              "generated": 64}]
+    runs += [{"system": "trellis_fp32", "task": "decode", "token_seconds": [0.01, 0.02, 0.05]},
+             {"system": "trellis_fp32", "task": "decode", "token_seconds": [0.03, 0.04]}]
+    runs += [{"system": s, "task": "ttft", "cold": 1.0, "probe": p, "probe_cached_tokens": 448}
+             for s, p in (("trellis_fp32", 0.2), ("vllm_fp32", 0.3))]
+    summary = bench_peers.summarize(runs)
+    assert summary["trellis_fp32"]["op_D16"] == {"seconds": 2.0, "session_seconds": 1.0, "tokens_per_s": 32.0}
+    assert abs(summary["trellis_fp32"]["decode_ms_per_token"] - 30.0) < 1e-9  # the median of every step
+    systems = {"trellis_fp32": {"label": "Trellis fp32", "weights": "float32"},
+               "vllm_fp32": {"label": "vLLM CPU fp32", "weights": "float32"}}
+    result = {"summary": summary, "systems": systems, "unavailable": {"llamacpp": "not set up"},
+              "workload": {"L": 512, "N": 4, "realized_phi": 0.875, "decode_budgets": [16]}}
+    summary["vllm_fp32"]["decode_ms_per_token"] = 10.0
+    ratios = dict(bench_peers.ratios(result))
+    assert ratios["N=4 φ=0.9 D16 s/op, vllm_fp32 / trellis_fp32 (target ≥ 1.5)"] == 1.5
+    assert "Not run: llamacpp: not set up" in bench_peers.tables(result)
