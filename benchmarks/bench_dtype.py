@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import attention, describe, load_model, parser
+from common import add_cpu_time_option, attention, chosen_clock, describe, load_model, parser
 
 from trellis.models.paged_cache import CACHE_ARG
 from trellis.runner import LINEAR_KERNELS
@@ -58,13 +58,9 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"))
     p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed steps")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
-    p.add_argument("--cpu-time", action="store_true",
-                   help="time with the thread's CPU clock (with --threads 1 only): on a machine shared with other "
-                        "jobs, time spent preempted does not count")
+    add_cpu_time_option(p)
     args = p.parse_args()
-    if args.cpu_time and args.threads != 1:
-        p.error("--cpu-time needs --threads 1 (other threads' time, spinning included, would not be seen)")
-    clock = time.thread_time if args.cpu_time else time.perf_counter
+    clock = chosen_clock(args, p)
     repeats = 1 if args.quick else args.repeats or 5
     models = {dtype: load_model(argparse.Namespace(**{**vars(args), "dtype": dtype})) for dtype in args.dtypes}
     pairs = [(dtype, system) for dtype in args.dtypes for system in SYSTEMS]

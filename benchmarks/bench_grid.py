@@ -31,7 +31,7 @@ import torch
 from common import RESULTS, Workload, environment, markdown_table
 
 from trellis import Engine, SamplingParams
-from trellis.grid import GridOptions, LocalGrid
+from trellis.grid import GridOptions, GridRunner, LocalGrid
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 
@@ -87,11 +87,12 @@ def measure(runner_or_model, settings: dict, seed: int) -> dict:
     out["ttft_phi09_s"] = probes
     w = Workload(L, settings["decode_tokens"], 1, 0.0, seed=seed + 400)
     runner = engine.runner
-    bytes_before, steps_before = getattr(runner, "link", None) and runner.link.bytes_sent, getattr(runner, "steps", 0)
+    grid = isinstance(runner, GridRunner)
+    bytes_before, steps_before = (runner.link.bytes_sent, runner.steps) if grid else (0, 0)
     (session,) = engine.generate([w.prompt(0)], SamplingParams(max_new_tokens=w.D))
     times = session.token_times
     out["decode_ms_per_token"] = 1000 * (times[-1] - times[0]) / (len(times) - 1)
-    if hasattr(runner, "link"):
+    if grid:
         steps = runner.steps - steps_before
         out["bytes_per_step_coordinator"] = (runner.link.bytes_sent - bytes_before) / steps  # prefill step included
     return out
@@ -142,7 +143,8 @@ def ping_pong(rank: int, port: int, sizes: tuple[int, ...], hidden: int, rounds:
 
 
 def run_child(args_list: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True, timeout=1800)
+    out = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True, timeout=1800,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(f"bench_grid child {args_list} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -181,7 +183,7 @@ def predict(single: dict, grid2: dict, loopback: tuple[float, float], settings: 
             if model != "SmolLM2-135M" and network == "loopback":
                 continue
 
-            def hops(tokens: int, with_handoff: bool = True) -> float:
+            def hops(tokens: int, with_handoff: bool = True, latency=latency, hidden=hidden, bandwidth=bandwidth) -> float:
                 return stages * (latency + tokens * hidden * 4 / bandwidth + (handoff if with_handoff else 0.0))
 
             rows.append({

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
-from common import describe, load_model, parser
+from common import add_cpu_time_option, chosen_clock, describe, load_model, parser
 
 from trellis.runner.cpu_linear import OneDNNLinear, _set_layout, input_major
 
@@ -47,13 +46,9 @@ def layers_of_kind(shapes: list[tuple[int, int]], dtype: torch.dtype, cls: type,
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 512])
-    p.add_argument("--cpu-time", action="store_true",
-                   help="time with the thread's CPU clock (with --threads 1 only): on a machine shared with other "
-                        "jobs, time spent preempted does not count")
+    add_cpu_time_option(p)
     args = p.parse_args()
-    if args.cpu_time and args.threads != 1:
-        p.error("--cpu-time needs --threads 1 (other threads' time, spinning included, would not be seen)")
-    clock = time.thread_time if args.cpu_time else time.perf_counter
+    clock = chosen_clock(args, p)
     model = load_model(args)
     block = model.model.layers[0]
     per_layer = [(m.out_features, m.in_features) for m in (block.self_attn.q_proj, block.self_attn.k_proj,

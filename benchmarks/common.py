@@ -66,6 +66,19 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_cpu_time_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the thread's CPU clock (with --threads 1 only): on a machine shared with other "
+                        "jobs, time spent preempted does not count")
+
+
+def chosen_clock(args: argparse.Namespace, p: argparse.ArgumentParser) -> Callable[[], float]:
+    """The clock ``--cpu-time`` asks for: the thread's CPU time, else wall time."""
+    if args.cpu_time and args.threads != 1:
+        p.error("--cpu-time needs --threads 1 (other threads' time, spinning included, would not be seen)")
+    return time.thread_time if args.cpu_time else time.perf_counter
+
+
 def load_model(args: argparse.Namespace) -> TrellisLlama:
     """One model serves all three systems: the peers switch it to transformers' own attention."""
     if args.threads:

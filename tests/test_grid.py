@@ -20,8 +20,8 @@ from transformers import LlamaForCausalLM
 
 from tests.models import smollm2_dir, smollm2_tokenizer, tiny_config
 from trellis import Engine, SamplingParams
-from trellis.cli import SYSTEM_PROMPT
 from trellis.cache.manager import KVCacheManager
+from trellis.cli import SYSTEM_PROMPT
 from trellis.eval.scoring import score_continuations
 from trellis.grid import GridError, GridOptions, LocalGrid, parse_layers, split_by_memory
 from trellis.grid.transport import StepPlan
@@ -261,7 +261,7 @@ def test_grid_cli_under_torchrun():
     question = "What is 2 + 2?"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trellis",
                "grid", "generate", "--max-new-tokens", "8", "--threads", "1", "--questions", question]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     tokenizer = smollm2_tokenizer()
     prompt = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},

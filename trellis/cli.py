@@ -17,8 +17,16 @@ from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from trellis.engine import Engine, SamplingParams
-from trellis.grid import (Endpoint, GridError, GridOptions, GridRunner, LocalGrid, run_stage, start_coordinator,
-                          start_stage)
+from trellis.grid import (
+    Endpoint,
+    GridError,
+    GridOptions,
+    GridRunner,
+    LocalGrid,
+    run_stage,
+    start_coordinator,
+    start_stage,
+)
 from trellis.model_options import add_model_arguments, load_model
 from trellis.models.embedded import EMBEDDED_NAME, embedded_model_dir
 from trellis.runner import LINEAR_KERNELS

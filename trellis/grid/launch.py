@@ -67,7 +67,7 @@ class GridOptions:
     def torch_dtype(self) -> torch.dtype:
         dtype = getattr(torch, self.dtype, None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {self.dtype!r}")
+            raise ValueError(f"unknown dtype {self.dtype!r}")  # noqa: TRY004 -- a bad name, not a bad type
         return dtype
 
     def load_kwargs(self) -> dict:

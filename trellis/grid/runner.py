@@ -26,7 +26,7 @@ from trellis.cache.manager import KVCacheManager, PagedSequence
 from trellis.grid.placement import Placement
 from trellis.grid.transport import PING, STOP, GridError, Link, StepPlan
 from trellis.runner.batch import PagedBatch, build_batch
-from trellis.runner.runner import CacheSettings, PagedModelRunner, PendingStep, StepOutput
+from trellis.runner.runner import CacheSettings, PagedModelRunner, PendingStep, StepOutput, run_decoder
 
 log = logging.getLogger("trellis.grid")
 
@@ -121,9 +121,7 @@ class GridRunner(PagedModelRunner):
             self._check_alive()
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self._configured_backend(),
                                 positions)
-            tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
-            hidden = self.model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch,
-                                      use_cache=False).last_hidden_state[0]
+            hidden = run_decoder(self.model, batch, inputs_embeds).last_hidden_state[0]
             # Sent only once stage 0 has computed: a step that fails here leaves the ring untouched.
             plan = StepPlan(batch.input_ids, batch.positions, batch.slot_mapping, batch.block_table,
                             batch.host_seq_lens, batch.host_cu_seqlens_q, manager.pool.take_copies())

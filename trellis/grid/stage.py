@@ -24,6 +24,7 @@ from trellis.grid.transport import PING, STOP, GridError, Link, StepPlan
 from trellis.models.llama import TrellisLlama
 from trellis.models.loading import load_llama_config
 from trellis.runner.batch import plan_batch
+from trellis.runner.runner import run_decoder
 
 log = logging.getLogger("trellis.grid")
 
@@ -38,7 +39,7 @@ def stage_state_dict(path: str, layers: range, first: bool, last: bool, load_kwa
     if files is not None:
         for file in files:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 -- a safe_open handle, not a dict
                     if (local := wanted(name)) is not None:
                         state[local] = f.get_tensor(name)
         return state
@@ -54,7 +55,7 @@ def stage_name(name: str, layers: range, first: bool, last: bool) -> str | None:
     if name.startswith("model.layers."):
         index, _, rest = name.removeprefix("model.layers.").partition(".")
         return f"model.layers.{int(index) - layers.start}.{rest}" if int(index) in layers else None
-    if name.startswith("model.embed_tokens.") or name.startswith("lm_head."):
+    if name.startswith(("model.embed_tokens.", "lm_head.")):
         return name if first else None
     if name.startswith("model.norm."):
         return name if last else None
@@ -99,16 +100,12 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
     return model
 
 
-def stage_forward(model: TrellisLlama, plan: StepPlan, pool: BlockPool, hidden: torch.Tensor | None = None,
-                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Run a stage's layers over one step: the tokens of ``plan`` (the first stage) or ``hidden``
-    ``[T, H]`` from the stage before; returns ``[T, H]``."""
+def stage_forward(model: TrellisLlama, plan: StepPlan, pool: BlockPool, hidden: torch.Tensor) -> torch.Tensor:
+    """Run a stage's layers over one step, from the activations ``hidden`` ``[T, H]`` of the stage
+    before; returns ``[T, H]``."""
     batch = plan_batch(plan.input_ids, plan.positions, plan.slot_mapping, plan.block_table, plan.cu_seqlens_q,
                        plan.seq_lens, pool, model.config.num_attention_heads, model.runner.attention_backend())
-    embeds = hidden if hidden is not None else inputs_embeds
-    tokens = {"input_ids": batch.input_ids[None]} if embeds is None else {"inputs_embeds": embeds[None]}
-    out = model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False)
-    return out.last_hidden_state[0]
+    return run_decoder(model, batch, hidden).last_hidden_state[0]
 
 
 class StageWorker:

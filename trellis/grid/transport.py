@@ -101,7 +101,7 @@ class Link:
     def _reap(self) -> None:
         """Finish sends that are done (a gloo send completes once its bytes are written)."""
         for work, _ in self._sends:
-            self._call(lambda: work.wait(self.timeout))
+            self._call(lambda work=work: work.wait(self.timeout))
         self._sends.clear()
 
     def _call(self, operation):

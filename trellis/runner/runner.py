@@ -194,9 +194,7 @@ class PagedModelRunner:
                                f"{ATTN_IMPLEMENTATION!r} one; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
         with self.lock:
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self._configured_backend(), positions)
-            tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
-            out = self.model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False,
-                                   **kwargs)
+            out = run_decoder(self.model, batch, inputs_embeds, **kwargs)
             for seq in seqs:
                 manager.mark_computed(seq)
             return StepOutput(out.last_hidden_state[0], batch, out.hidden_states)
@@ -275,6 +273,13 @@ class StepOutput:
     hidden: torch.Tensor
     batch: PagedBatch
     hidden_states: tuple[torch.Tensor, ...] | None = None  # each [1, T, H], as the decoder returned them
+
+
+def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None, **kwargs):
+    """transformers' decoder (``model.model``) over a packed batch: its tokens, or ``inputs_embeds``
+    ``[T, H]`` in their place; attention reads the batch. ``kwargs`` go to the decoder."""
+    tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
+    return model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False, **kwargs)
 
 
 class PendingStep:
