@@ -31,16 +31,21 @@ import torch
 from common import RESULTS, Workload, environment, markdown_table
 
 from trellis import Engine, SamplingParams
-from trellis.grid import GridOptions, GridRunner, LocalGrid
+from trellis.grid import GridOptions, GridRunner, LocalGrid, shared_host_environment
+from trellis.grid.launch import SHARED_HOST_SPIN_COUNT
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 
-# (label, stages, threads per process, micro-batches): one process with every core, then grids.
-# On one machine a grid's default is one micro-batch, every process with every core: the stages
-# take turns. Two micro-batches of one thread each overlap the stages, as two machines would.
-CONFIGS = [("1 process", 1, None, None), ("2 stages (default: 2 threads each, 1 micro-batch)", 2, None, None),
-           ("2 stages, 1 thread each, 2 micro-batches", 2, 1, 2),
-           ("3 stages (default: 2 threads each, 1 micro-batch)", 3, None, None)]
+# (label, stages, threads per process, micro-batches, short OpenMP spin): one process with every
+# core, then grids. On one machine a grid's default is one micro-batch, every process with every
+# core and a short spin (shared_host_environment): the stages take turns. Two micro-batches of one
+# thread each overlap the stages, as two machines would. The last row is one process with the
+# grid's short spin, so the grid's setting is not compared against a process without it.
+CONFIGS = [("1 process", 1, None, None, False),
+           ("2 stages (default: 2 threads each, 1 micro-batch)", 2, None, None, True),
+           ("2 stages, 1 thread each, 2 micro-batches", 2, 1, 2, True),
+           ("3 stages (default: 2 threads each, 1 micro-batch)", 3, None, None, True),
+           (f"1 process, GOMP_SPINCOUNT={SHARED_HOST_SPIN_COUNT}", 1, None, None, True)]
 PING_SIZES = (1, 4, 64, 512)  # tokens of SmolLM2 activations (576 floats each)
 
 # Networks for the model on paper: one-way latency (s) and usable bandwidth (bytes/s), assumed.
@@ -98,20 +103,23 @@ def measure(runner_or_model, settings: dict, seed: int) -> dict:
     return out
 
 
-def child(label: str, stages: int, threads: int | None, micro_batches: int | None, settings: dict) -> dict:
+def child(label: str, stages: int, threads: int | None, micro_batches: int | None, short_spin: bool,
+          settings: dict) -> dict:
     """One configuration, measured in this (fresh) process."""
     model_dir = str(embedded_model_dir())
     if stages == 1:
         if threads:
             torch.set_num_threads(threads)
         model = TrellisLlama.from_pretrained(model_dir, dtype=torch.float32, device="cpu", num_blocks=256)
-        result = {"label": label, "stages": 1, "threads": torch.get_num_threads(), **measure(model, settings, 0)}
+        result = {"label": label, "stages": 1, "threads": torch.get_num_threads(),
+                  "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"), **measure(model, settings, 0)}
         result["peak_rss_bytes"], result["rss_bytes"] = [rss()], [rss(field="VmRSS")]
         return result
     grid = LocalGrid(GridOptions(num_blocks=256, threads=threads, micro_batches=micro_batches, step_timeout=120), stages)
     with grid as runner:
         result = {"label": label, "stages": stages, "threads": threads or torch.get_num_threads(),
                   "micro_batches": runner.pipeline_depth, "layers": runner.placement.spec(),
+                  "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
                   "stage_memory": runner.stage_memory, **measure(runner, settings, 0)}
         pids = ["self"] + [p.pid for p in grid.processes]
         result["peak_rss_bytes"] = [rss(pid) for pid in pids]
@@ -142,9 +150,9 @@ def ping_pong(rank: int, port: int, sizes: tuple[int, ...], hidden: int, rounds:
     return {"one_way_s": one_way, "hidden": hidden}
 
 
-def run_child(args_list: list[str]) -> dict:
+def run_child(args_list: list[str], env: dict[str, str] | None = None) -> dict:
     out = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True, timeout=1800,
-                         check=False)
+                         check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"bench_grid child {args_list} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -256,7 +264,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(*json.loads(args.child), settings)))
         return
-    configs = [run_child(["--child", json.dumps(list(c)), *(["--quick"] if args.quick else [])]) for c in CONFIGS]
+    configs = [run_child(["--child", json.dumps(list(c)), *(["--quick"] if args.quick else [])],
+                         shared_host_environment() if c[-1] else None) for c in CONFIGS]
     port = 29000 + os.getpid() % 1000
     partner = subprocess.Popen([sys.executable, __file__, "--ping", "1", str(port), *(["--quick"] if args.quick else [])],
                                stdout=subprocess.DEVNULL)

@@ -19,11 +19,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from tests.models import smollm2_dir, smollm2_tokenizer, tiny_config
-from trellis import Engine, SamplingParams
+from trellis import Engine, SamplingParams, cli
 from trellis.cache.manager import KVCacheManager
 from trellis.cli import SYSTEM_PROMPT
 from trellis.eval.scoring import score_continuations
-from trellis.grid import GridError, GridOptions, LocalGrid, parse_layers, split_by_memory
+from trellis.grid import GridError, GridOptions, LocalGrid, parse_layers, shared_host_environment, split_by_memory
+from trellis.grid.launch import SHARED_HOST_SPIN_COUNT
 from trellis.grid.transport import StepPlan
 from trellis.models.llama import TrellisLlama
 
@@ -254,6 +255,30 @@ def test_grid_refuses_what_it_cannot_compute(tiny_dir):
         runner.model.requires_grad_(False)
         out = runner.model(torch.tensor([[5, 6, 7]]))  # and still serves
         assert out.logits.shape == (1, 3, 256)
+
+
+def test_stages_sharing_the_machine_spin_briefly(tiny_dir, monkeypatch):
+    """A stage that handed its step on must not keep a core spinning while the next one computes."""
+    assert shared_host_environment({})["GOMP_SPINCOUNT"] == SHARED_HOST_SPIN_COUNT
+    assert shared_host_environment({"OMP_WAIT_POLICY": "active"}) == {"OMP_WAIT_POLICY": "active"}  # the user's choice
+    assert shared_host_environment({"GOMP_SPINCOUNT": "7"}) == {"GOMP_SPINCOUNT": "7"}
+    grid = LocalGrid(options(tiny_dir), stages=2)
+    with grid, open(f"/proc/{grid.processes[0].pid}/environ", "rb") as environ:
+        stage_env = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+    assert stage_env[b"GOMP_SPINCOUNT"] == os.environ.get("GOMP_SPINCOUNT", SHARED_HOST_SPIN_COUNT).encode()
+    # `trellis grid ... --stages N` starts again with the short spin (libgomp read the setting at load).
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["trellis", "grid", "serve", "--stages", "2"])
+    cli.restart_with_short_spin()
+    ((argv, env),) = calls
+    assert argv[1:] == ["-m", "trellis", "grid", "serve", "--stages", "2"]
+    assert env["GOMP_SPINCOUNT"] == SHARED_HOST_SPIN_COUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    cli.restart_with_short_spin()
+    assert len(calls) == 1  # set already: no restart
 
 
 def test_grid_cli_under_torchrun():

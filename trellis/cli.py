@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from trellis.grid import (
     GridRunner,
     LocalGrid,
     run_stage,
+    shared_host_environment,
     start_coordinator,
     start_stage,
 )
@@ -292,6 +294,15 @@ def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.exit(2, f"trellis grid: {exc}\n")
 
 
+def restart_with_short_spin() -> None:
+    """Run this command again in a fresh process with a short OpenMP spin, since its stages will
+    share the machine (``shared_host_environment``); libgomp read the setting when torch loaded."""
+    environ = shared_host_environment()
+    if environ != os.environ:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "trellis", *sys.argv[1:]], environ)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="trellis", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
             server.error(str(exc))
         run_serve(args, config)
     elif args.command == "grid":
+        if argv is None and args.grid_command != "stage" and args.stages:
+            restart_with_short_spin()
         run_grid(args, parser)
 
 

@@ -7,11 +7,18 @@ prefix hit saves work on every stage. Steps travel the ring over ``torch.distrib
 point-to-point messages (gloo on CPU, NCCL on CUDA). See docs/grid.md.
 """
 
-from trellis.grid.launch import Endpoint, GridOptions, LocalGrid, start_coordinator, start_stage
+from trellis.grid.launch import (
+    Endpoint,
+    GridOptions,
+    LocalGrid,
+    shared_host_environment,
+    start_coordinator,
+    start_stage,
+)
 from trellis.grid.placement import Placement, parse_layers, split_by_memory
 from trellis.grid.runner import GridRunner
 from trellis.grid.stage import run_stage
 from trellis.grid.transport import GridError
 
 __all__ = ["Endpoint", "GridError", "GridOptions", "GridRunner", "LocalGrid", "Placement", "parse_layers",
-           "run_stage", "split_by_memory", "start_coordinator", "start_stage"]
+           "run_stage", "shared_host_environment", "split_by_memory", "start_coordinator", "start_stage"]

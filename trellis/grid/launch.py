@@ -40,6 +40,14 @@ log = logging.getLogger("trellis.grid")
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 
+# Stages on one machine take turns on its cores. After each parallel region, libgomp's worker
+# threads spin for GOMP_SPINCOUNT iterations (300,000 by default, ~10 ms here) before they sleep,
+# so a stage that has handed its step on keeps a core busy while the next stage computes. A short
+# spin (~0.3 ms) keeps a stage's own back-to-back regions warm and frees the cores at a hand-over
+# (docs/grid.md has the measurements). libgomp reads it when it loads, so it is set per process.
+SHARED_HOST_SPIN_COUNT = "10000"
+OPENMP_WAIT_SETTINGS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
 
 @dataclass
 class GridOptions:
@@ -153,6 +161,23 @@ def process_group(store: dist.Store, endpoint: Endpoint, device: torch.device, t
     return dist.ProcessGroupGloo(store, endpoint.rank, endpoint.world_size, wait)
 
 
+def shared_host_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default: this process's) for a grid process that shares its machine with other
+    stages: a short OpenMP spin, unless the user chose a wait setting."""
+    environ = dict(os.environ if environ is None else environ)
+    if not any(name in environ for name in OPENMP_WAIT_SETTINGS):
+        environ["GOMP_SPINCOUNT"] = SHARED_HOST_SPIN_COUNT
+    return environ
+
+
+def warn_if_spinning(stages: list[StageIdentity]) -> None:
+    """Warn when this process shares its machine with other stages under libgomp's long default spin."""
+    if len({s.host for s in stages}) < len(stages) and not any(name in os.environ for name in OPENMP_WAIT_SETTINGS):
+        log.warning("stages share a machine, and this process's OpenMP threads spin for ~10 ms after each step, "
+                    "slowing the next stage; start it with GOMP_SPINCOUNT=%s (the trellis grid command does)",
+                    SHARED_HOST_SPIN_COUNT)
+
+
 def default_micro_batches(stages: list[StageIdentity]) -> int:
     """One step in flight per machine. Stages that share a machine share its cores and memory
     bandwidth: more micro-batches there would only split each decode step's batch, and every
@@ -203,6 +228,7 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint) -> GridRunner:
                            for r in range(1, endpoint.world_size)]
     except RuntimeError as exc:  # the store's timeout
         raise GridError(f"not every stage joined within {options.start_timeout:.0f} s: {exc}") from exc
+    warn_if_spinning(stages)
     problems = [f"stage {r} ({s.host}): " + "; ".join(diff) for r, s in enumerate(stages[1:], 1)
                 if (diff := mine.differences(s))]
     config = load_llama_config(options.model_path, options.load_kwargs())
@@ -319,7 +345,8 @@ class LocalGrid:
         for rank in range(1, self.endpoint.world_size):
             endpoint = Endpoint(rank, self.endpoint.world_size, self.endpoint.master_addr, self.endpoint.master_port)
             # A session of their own: Ctrl-C reaches the coordinator only, which then stops them in order.
-            self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint), start_new_session=True))
+            self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint), start_new_session=True,
+                                                   env=shared_host_environment()))
         try:
             self.runner = start_coordinator(self.options, self.endpoint)
         except BaseException:
