@@ -5,8 +5,9 @@
 //                            Q4_0  fp16 d, nibbles[16]          w_i = d * (n_i - 8)    18 bytes
 //                            Q4_1  fp16 d, fp16 m, nibbles[16]  w_i = d * n_i + m      20 bytes
 // n_i is the low nibble of byte i for i < 16, the high nibble of byte i - 16 otherwise. The
-// weights are those the reference dequantizes, except that the compiler may fuse Q4_1's
-// multiply and add (one rounding fewer); the matmuls differ from it by summation order.
+// weights are those the reference dequantizes, except that Q4_1's multiply and add are fused
+// (one rounding fewer: explicitly on AVX-512, by the compiler elsewhere); the matmuls differ
+// from it by summation order.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -64,6 +65,15 @@ inline float sum(Reg v) {
 }
 #endif
 
+// A hint to fetch the cache line at `p` into L1; never faults, whatever the address.
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
 enum class QType { Q8_0, Q4_0, Q4_1 };
 
 constexpr int kBlock = 32;                             // weights per block, in every format
@@ -71,14 +81,27 @@ constexpr int kBlockRegs = kBlock / kLanes;           // registers per block: 2 
 
 constexpr int64_t block_bytes(QType q) { return q == QType::Q8_0 ? 34 : q == QType::Q4_0 ? 18 : 20; }
 
+// fp16 -> fp32 through a table of every half's value (256 KB, of which a layer's scales touch a
+// few KB), as llama.cpp does: a scalar load, which the broadcast of a scale rides on, where F16C
+// moves the bits into a vector register, converts and broadcasts (three vector uops per block).
+struct Fp16Table {
+  float value[1 << 16];
+  Fp16Table() {
+    for (uint32_t bits = 0; bits < (1u << 16); ++bits) {
+#ifdef __F16C__
+      value[bits] = _cvtsh_ss(static_cast<unsigned short>(bits));
+#else
+      value[bits] = c10::detail::fp16_ieee_to_fp32_value(static_cast<uint16_t>(bits));
+#endif
+    }
+  }
+};
+inline const Fp16Table kFp16;
+
 inline float fp16_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, sizeof bits);
-#ifdef __F16C__
-  return _cvtsh_ss(bits);
-#else
-  return c10::detail::fp16_ieee_to_fp32_value(bits);
-#endif
+  return kFp16.value[bits];
 }
 
 // The 32 weights of one block, in order, into `w` (kBlockRegs registers).
@@ -95,32 +118,33 @@ inline void load_block<QType::Q8_0>(const uint8_t* block, Reg* w) {
   w[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))));
 }
 
-// Nibbles 0-15 (low halves) and 16-31 (high halves) as int32 lanes.
-inline void nibbles(const uint8_t* qs, __m512i& lo, __m512i& hi) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  lo = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask));
-  hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+// The 32 weights of a 4-bit block as table[n_i], where `table` holds the block's 16 possible
+// weights w(0) .. w(15): vpermps picks lanes by the low 4 bits of each index, so bytes 0-15
+// widened to int32 index the low nibbles and, shifted right by 4, the high ones. Two permutes
+// and one table per block, where converting the nibbles took a mask, two int-to-float
+// conversions and two scalings; the weights are the same values.
+inline void nibble_weights(const uint8_t* qs, __m512 table, Reg* w) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  w[0] = _mm512_permutexvar_ps(bytes, table);
+  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+}
+
+// 0 - offset, 1 - offset, ..., 15 - offset.
+inline __m512 nibble_values(float offset) {
+  return _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(offset));
 }
 
 template <>
 inline void load_block<QType::Q4_0>(const uint8_t* block, Reg* w) {
-  const __m512 d = _mm512_set1_ps(fp16_at(block));
-  const __m512i eight = _mm512_set1_epi32(8);
-  __m512i lo, hi;
-  nibbles(block + 2, lo, hi);
-  w[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)));
-  w[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)));
+  // d * (n - 8) is exact in fp32 (an 11-bit by 4-bit product).
+  nibble_weights(block + 2, _mm512_mul_ps(_mm512_set1_ps(fp16_at(block)), nibble_values(8)), w);
 }
 
 template <>
 inline void load_block<QType::Q4_1>(const uint8_t* block, Reg* w) {
-  const __m512 d = _mm512_set1_ps(fp16_at(block));
-  const __m512 m = _mm512_set1_ps(fp16_at(block + 2));
-  __m512i lo, hi;
-  nibbles(block + 4, lo, hi);
-  w[0] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), m);
-  w[1] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)), m);
+  // d * n + m with one rounding (fused), as the compiler fused the multiply and add before.
+  nibble_weights(block + 4, _mm512_fmadd_ps(_mm512_set1_ps(fp16_at(block)), nibble_values(0),
+                                            _mm512_set1_ps(fp16_at(block + 2))), w);
 }
 
 #elif defined(CPU_CAPABILITY_AVX2)

@@ -7,6 +7,9 @@ against transformers' own dequantized load of the same GGUF: a tiny random Llama
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +77,33 @@ def test_kernel_over_long_rows(qtype, rows):
     blocks, weight = quantized(50, 1056, qtype)
     x = torch.randn(rows, 1056)
     check_close(ops.quant_linear(x, blocks, qtype), x, weight)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_kernel_decode_path_at_every_row_count(qtype, rows):
+    # Each row count has its own variant (weight rows per step: 4, 3 or 2, and one at a time for
+    # the rest: 131 = 4 * 32 + 3); a thread's prefetch runs past the end of the weight.
+    blocks, weight = quantized(131, 352, qtype, seed=rows)
+    x = torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
+    check_close(ops.quant_linear(x, blocks, qtype), x, weight)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_kernels_at_lower_simd_levels(capability):
+    """The kernel tests of this file again, over the kernels built for AVX2 and for no SIMD
+    extension (ATEN_CPU_CAPABILITY), in a child process: a run uses its machine's best level."""
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        pytest.skip("this is the child run")
+    if cpp.capability() == capability.upper():
+        pytest.skip(f"{capability} is this machine's own level: the other tests cover it")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    check = f"from trellis.ops import cpp; assert cpp.capability() == {capability.upper()!r}, cpp.capability()"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "kernel and not simd_levels"], env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=900, check=False)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
