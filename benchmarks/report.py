@@ -242,6 +242,18 @@ def decode_table(data: dict) -> str:
             + table(["L", *names, *(f"sdpa / {n.removeprefix('trellis ')}" for n in ours)], rows))
 
 
+def step_table(data: dict) -> str:
+    extend = "extend_ms" in data["rows"][0]  # files from before the extend timing lack it
+    rows = [[r["config"], r["path"], *(f"{r[k]:.2f}" for k in ("step_ms", "matmul_ms", "attention_ms", "other_ms")),
+             f"{r['ops']:.0f}", *([f"{r['extend_ms']:.1f}"] if extend else [])] for r in data["rows"]]
+    return (f"One session's decode step at a {data['context']}-token context, {data['info']['threads']} threads, "
+            f"{data['statistic']} ({data['steps']} steps × {data['repeats']} repeats); its parts from a profiled "
+            "run (bench_step.py)"
+            + (f"; extend: the forward of {data['suffix']} new tokens after a cached prefix" if extend else "")
+            + ".\n\n" + table(["config", "decoder path", "step ms", "matmuls ms", "attention ms", "other ms", "ops / step",
+                     *(["extend ms"] if extend else [])], rows))
+
+
 def linear_table(data: dict) -> str:
     names = [k for k in data["rows"][0] if k not in ("rows", "shapes")]
     rows = [[str(r["rows"]), *(f"{r[n]:.1f}" for n in names)] for r in data["rows"]]
@@ -403,7 +415,8 @@ def kind_of(data: dict) -> str:
         return "dtypes"
     if "rows" in data:
         first = data["rows"][0]
-        return ("kernels" if "method" in first else "decode" if "transformers sdpa" in first
+        return ("kernels" if "method" in first else "step" if "other_ms" in first
+                else "decode" if "transformers sdpa" in first
                 else "linear" if "F.linear (blas)" in first else "speculative")
     if "points" in data:
         first = data["points"][0]
@@ -418,6 +431,7 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "ttft": ("Time to first token vs φ", [ttft_table]),
     "block_size": ("Block size", [block_size_table]),
     "decode": ("Decode step", [decode_table]),
+    "step": ("Where a decode step goes", [step_table]),
     "linear": ("Linear layers", [linear_table]),
     "dtypes": ("Decode step by dtype", [dtypes_table]),
     "speculative": ("Prompt-lookup decoding", [speculative_table]),

@@ -247,9 +247,16 @@ def test_a_cpu_model_runs_the_compiled_kernels():
             pytest.fail(f"the model runs the {model.attention_backend()} attention backend: the C++ kernels did not load")
         pytest.skip("the C++ kernels cannot be built here")
     ids = torch.arange(3, 30)[None]
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        logits = model(ids).logits
-    ran = {event.name for event in profile.events()}
-    assert {"trellis_cpp::paged_attention", "trellis_cpp::store_kv"} <= ran
-    with torch.no_grad():
-        assert (logits - ref(ids).logits).abs().max() <= ATOL
+    # The lean decoder path (fused ops), then transformers' forward with the attention function.
+    kernels = {True: {"trellis_cpp::paged_attention", "trellis_cpp::rope_store_kv", "trellis_cpp::add_rms_norm",
+                      "trellis_cpp::silu_mul"},
+               False: {"trellis_cpp::paged_attention", "trellis_cpp::store_kv"}}
+    for lean, expected in kernels.items():
+        model.runner.use_lean_decoder = lean
+        model.configure_cache(num_blocks=256)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            logits = model(ids).logits
+        ran = {event.name for event in profile.events()}
+        assert expected <= ran
+        with torch.no_grad():
+            assert (logits - ref(ids).logits).abs().max() <= ATOL

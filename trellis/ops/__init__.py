@@ -5,6 +5,9 @@
     out = run_attention(plan, q, k_cache, v_cache, scale)                in every layer
     out = paged_attention(q, k_cache, v_cache, block_table, ...)         plan and run, in one call
     y = quant_linear(x, weight, qtype)                                   x @ W^T, W in GGUF blocks
+    y = add_rms_norm(x, residual, weight, eps)                           x += residual; RMSNorm(x)
+    q = rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) RoPE, then store_kv
+    y = silu_mul(gate, up)                                               silu(gate) * up
 
 The modules: ``api`` (these calls), ``schema`` (the ``torch.library`` ops, ``torch.ops.trellis.*``),
 ``checks``, ``backends`` (the registry), ``reference`` (the spec: shapes and semantics), ``quant``
@@ -12,12 +15,23 @@ The modules: ``api`` (these calls), ``schema`` (the ``torch.library`` ops, ``tor
 backend loads on first use.
 """
 
-from trellis.ops.api import AttentionPlan, paged_attention, plan_attention, quant_linear, run_attention, store_kv
+from trellis.ops.api import (
+    AttentionPlan,
+    add_rms_norm,
+    paged_attention,
+    plan_attention,
+    quant_linear,
+    rope_store_kv,
+    run_attention,
+    silu_mul,
+    store_kv,
+)
 from trellis.ops.backends import BACKENDS, check_backend, default_backend, load_backend, resolve_backend
 
 __all__ = [
     "BACKENDS",
     "AttentionPlan",
+    "add_rms_norm",
     "check_backend",
     "default_backend",
     "load_backend",
@@ -25,6 +39,8 @@ __all__ = [
     "plan_attention",
     "quant_linear",
     "resolve_backend",
+    "rope_store_kv",
     "run_attention",
+    "silu_mul",
     "store_kv",
 ]

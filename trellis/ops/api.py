@@ -1,6 +1,7 @@
 """The calls Trellis makes: ``store_kv``; ``plan_attention`` once per forward and ``run_attention``
-in every layer (FlashInfer's plan/run split); ``paged_attention``, both in one call; and
-``quant_linear``, a linear layer over GGUF-quantized weights (``quant.py``).
+in every layer (FlashInfer's plan/run split); ``paged_attention``, both in one call;
+``quant_linear``, a linear layer over GGUF-quantized weights (``quant.py``); and the fused small
+ops of a decoder layer, ``add_rms_norm``, ``rope_store_kv`` and ``silu_mul``.
 
 Each resolves the backend (``backends.py``), checks what the backend does not check itself (the
 reference checks nothing: ``checks.py`` does it here), and calls the backend's op function.
@@ -13,9 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from trellis.ops import quant
+from trellis.ops import quant, reference
 from trellis.ops.backends import kernels, resolve_backend
-from trellis.ops.checks import check_paged_attention, check_plan, check_store_kv
+from trellis.ops.checks import (
+    check_add_rms_norm,
+    check_paged_attention,
+    check_plan,
+    check_rope_store_kv,
+    check_silu_mul,
+    check_store_kv,
+)
 
 
 def store_kv(
@@ -152,3 +160,39 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str, backend: str
         return kernels("cpp").quant_linear(x, weight, qtype)
     quant.check_quant_linear(x, weight, qtype)
     return quant.quant_linear(x, weight, qtype)
+
+
+# --- the small ops of a decoder layer, fused (reference.py: each as transformers computes it) ------
+# fp32, bf16 and fp16; the C++ kernels on CPU, the reference elsewhere. Rows are tokens.
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 backend: str | None = None) -> torch.Tensor:
+    """``x += residual`` in place when ``residual`` is given (the residual stream, ``[T, H]``),
+    then transformers' ``LlamaRMSNorm`` of ``x`` with ``weight [H]`` (``x``'s dtype): returns
+    ``weight * (x_fp32 * rsqrt(mean(x_fp32**2) + eps)).to(x.dtype)``, a new ``[T, H]``."""
+    if resolve_backend(backend, x.device) == "cpp":
+        return kernels("cpp").add_rms_norm(x, residual, weight, eps)
+    check_add_rms_norm(x, residual, weight)
+    return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                  backend: str | None = None) -> torch.Tensor:
+    """Rotary embeddings on ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` with ``cos``, ``sin`` ``[T, D]``
+    (as ``LlamaRotaryEmbedding`` returns them, so every rope scaling works), then ``store_kv`` of the
+    rotated ``k`` and of ``v`` at ``slot_mapping [T]``. Returns the rotated ``q``, a new contiguous
+    ``[T, Hq, D]``; ``q``, ``k`` and ``v`` are left as they were."""
+    if resolve_backend(backend, q.device) == "cpp":
+        return kernels("cpp").rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    check_rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return reference.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate``, ``up`` ``[T, I]``, rounded as ``LlamaMLP`` rounds it; a new ``[T, I]``."""
+    if resolve_backend(backend, gate.device) == "cpp":
+        return kernels("cpp").silu_mul(gate, up)
+    check_silu_mul(gate, up)
+    return reference.silu_mul(gate, up)

@@ -105,3 +105,35 @@ def check_paged_attention(
         len({t.device for t in (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)}) == 1,
         "paged_attention tensors are on different devices",
     )
+
+
+_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused decoder-layer kernels take
+
+
+def check_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
+    require(x.dim() == 2, "add_rms_norm: x must be [T, H], got ", tuple(x.shape))
+    require(x.dtype in _NORM_DTYPES, "add_rms_norm: x must be float32, bfloat16 or float16, got ", x.dtype)
+    require(weight.shape == (x.shape[1],), "add_rms_norm: weight must be [", x.shape[1], "], got ", tuple(weight.shape))
+    require(weight.dtype == x.dtype, "add_rms_norm: weight dtype ", weight.dtype, " != x dtype ", x.dtype)
+    if residual is not None:
+        require(residual.shape == x.shape, "add_rms_norm: residual ", tuple(residual.shape), " != x ", tuple(x.shape))
+        require(residual.dtype == x.dtype, "add_rms_norm: residual dtype ", residual.dtype, " != x dtype ", x.dtype)
+
+
+def check_rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    require(q.dim() == 3, "rope_store_kv: q must be [T, Hq, D], got ", tuple(q.shape))
+    require(k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:], "rope_store_kv: k ", tuple(k.shape),
+            " does not fit q ", tuple(q.shape))
+    require(q.shape[2] % 2 == 0, "rope_store_kv: head_dim ", q.shape[2], " must be even")
+    require(cos.shape == sin.shape == (q.shape[0], q.shape[2]), "rope_store_kv: cos and sin must both be [",
+            q.shape[0], ", ", q.shape[2], "], got ", tuple(cos.shape), ", ", tuple(sin.shape))
+    require(len({t.dtype for t in (q, k, v, cos, sin)}) == 1, "rope_store_kv: q, k, v, cos, sin and the caches "
+            "must share a dtype")
+    check_store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def check_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> None:
+    require(gate.dim() == 2, "silu_mul: gate must be [T, H], got ", tuple(gate.shape))
+    require(gate.shape == up.shape, "silu_mul: gate ", tuple(gate.shape), " != up ", tuple(up.shape))
+    require(gate.dtype == up.dtype, "silu_mul: gate dtype ", gate.dtype, " != up dtype ", up.dtype)

@@ -72,3 +72,35 @@ def plan_paged_attention(
     max_kv_len: int,
 ) -> torch.Tensor:
     return torch.empty(0, dtype=torch.int64)  # no plan
+
+
+# --- the small ops of a decoder layer, as transformers' Llama modules compute them -----------------
+# (x, residual [T, H]; q [T, Hq, D]; k, v [T, Hkv, D]; cos, sin [T, D] as LlamaRotaryEmbedding makes them)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x += residual`` in place (if given), then LlamaRMSNorm of ``x``, its dtype casts included."""
+    if residual is not None:
+        x.add_(residual)
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return weight * (hidden * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """RoPE (``apply_rotary_pos_emb``) on ``q`` and ``k``; the rotated ``k`` and ``v`` written into
+    the caches at ``slot_mapping`` (``store_kv``). Returns the rotated ``q``, contiguous."""
+    cos, sin = cos[:, None], sin[:, None]  # [T, 1, D]: one rotation per token, every head
+    store_kv(k * cos + _rotate_half(k) * sin, v, k_cache, v_cache, slot_mapping)
+    return (q * cos + _rotate_half(q) * sin).contiguous()
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, LlamaMLP's activation."""
+    return torch.nn.functional.silu(gate) * up

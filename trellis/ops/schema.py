@@ -7,13 +7,20 @@
            tensor, opaque; empty where the backend needs none)
     quant_linear(x, weight, qtype) -> y                x @ W^T, W in GGUF blocks (quant.py)
 
+and the small ops of a decoder layer, fused (a decode step makes ~40 of them per layer otherwise)::
+
+    add_rms_norm(x!, residual, weight, eps) -> y        x += residual (if given); y = RMSNorm(x)
+    rope_store_kv(q, k, v, cos, sin, k_cache!, v_cache!, slot_mapping) -> q_rotated
+                                                        RoPE on q and k; rotated k and v into the cache
+    silu_mul(gate, up) -> y                             silu(gate) * up
+
 One schema text, two namespaces: ``trellis::``, the public ops, and ``trellis_cpp::``, which the
 C++ library implements for CPU as it loads (its own namespace, so that loading it never collides
 with a kernel registered for ``trellis::``). Both have fake implementations, so ``torch.compile``
 and ``torch.library.opcheck`` work. The reference serves ``trellis::`` on every device
 (CompositeExplicitAutograd) unless a kernel is registered for the device's dispatch key:
 ``backends.py`` registers one for CPU (the C++ kernels), the Triton backend for CUDA (attention
-only: ``quant_linear`` runs its reference there).
+only: ``quant_linear`` and the decoder-layer ops run their reference there).
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ SCHEMAS = {
         "int max_q_len, int max_kv_len) -> Tensor"
     ),
     "quant_linear": "(Tensor x, Tensor weight, str qtype) -> Tensor",
+    "add_rms_norm": "(Tensor(a!) x, Tensor? residual, Tensor weight, float eps) -> Tensor",
+    "rope_store_kv": (
+        "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping) -> Tensor"
+    ),
+    "silu_mul": "(Tensor gate, Tensor up) -> Tensor",
 }
 
 
@@ -53,14 +66,31 @@ def _quant_linear_fake(x, weight, qtype):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return x.new_empty(x.shape)
+
+
+def _rope_store_kv_fake(q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
+    return q.new_empty(q.shape)
+
+
+def _silu_mul_fake(gate, up):
+    return gate.new_empty(gate.shape)
+
+
 _FAKES = {
     "store_kv": _store_kv_fake,
     "paged_attention": _paged_attention_fake,
     "plan_paged_attention": _plan_paged_attention_fake,
     "quant_linear": _quant_linear_fake,
+    "add_rms_norm": _add_rms_norm_fake,
+    "rope_store_kv": _rope_store_kv_fake,
+    "silu_mul": _silu_mul_fake,
 }
 REFERENCES = {"store_kv": reference.store_kv, "paged_attention": reference.paged_attention,
-               "plan_paged_attention": reference.plan_paged_attention, "quant_linear": quant.quant_linear}
+               "plan_paged_attention": reference.plan_paged_attention, "quant_linear": quant.quant_linear,
+               "add_rms_norm": reference.add_rms_norm, "rope_store_kv": reference.rope_store_kv,
+               "silu_mul": reference.silu_mul}
 
 _libraries = {namespace: torch.library.Library(namespace, "DEF") for namespace in ("trellis", "trellis_cpp")}
 for _namespace, _library in _libraries.items():

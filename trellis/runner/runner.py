@@ -3,9 +3,10 @@ step at a time.
 
 The runner owns what every caller of the model shares: the KV cache (rebuilt empty whenever its
 K/V would be stale), the input checks, packing a step's new tokens into one ``[1, T]`` sequence,
-the forward itself (transformers' decoder, whose attention is the registered ``"trellis"``
-function reading the step's ``PagedBatch``), picking logits, and the lock that keeps forwards on
-the shared pool one at a time. The engine, the eval scorers and the Hugging Face façade
+the forward itself (the lean decoder path of ``decoder.py`` where the model is eligible, else
+transformers' decoder, whose attention is the registered ``"trellis"`` function reading the
+step's ``PagedBatch``), picking logits, and the lock that keeps forwards on the shared pool one
+at a time. The engine, the eval scorers and the Hugging Face façade
 (``TrellisLlama``) all run the model through it.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import LlamaForCausalLM
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from trellis import ops
 from trellis.cache.block_pool import BlockPool, check_block_size
@@ -25,6 +27,7 @@ from trellis.cache.manager import KVCacheManager, PagedSequence
 from trellis.runner import cpu_linear
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch, build_batch
+from trellis.runner.decoder import LeanDecoder
 from trellis.runner.weights_watcher import WeightsWatcher
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled attention kernels take
@@ -83,6 +86,10 @@ class PagedModelRunner:
         self._manager: KVCacheManager | None = None
         self._manager_key: tuple | None = None  # what the cached K/V were computed with
         self.weights_watcher = WeightsWatcher(model)
+        self.lean = LeanDecoder(model)
+        # The lean decoder path (decoder.py): None runs it for bf16, fp16 and quantized models, and
+        # transformers' forward for fp32 ones (bit-for-bit transformers' op order); True or False forces it.
+        self.use_lean_decoder: bool | None = None
 
     # --- settings ----------------------------------------------------------------------------
 
@@ -275,9 +282,16 @@ class StepOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # each [1, T, H], as the decoder returned them
 
 
-def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None, **kwargs):
-    """transformers' decoder (``model.model``) over a packed batch: its tokens, or ``inputs_embeds``
-    ``[T, H]`` in their place; attention reads the batch. ``kwargs`` go to the decoder."""
+def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+    """The decoder (``model.model``) over a packed batch: its tokens, or ``inputs_embeds`` ``[T, H]``
+    in their place; attention reads the batch. The lean path (``decoder.py``) where the model's
+    runner finds it eligible and ``kwargs`` ask for nothing; else transformers' forward, given ``kwargs``."""
+    runner = getattr(model, "runner", None)
+    if isinstance(runner, PagedModelRunner) and runner.use_lean_decoder is not False and not any(kwargs.values()):
+        hidden = runner.lean.run(batch, inputs_embeds, exact_models=runner.use_lean_decoder is True)  # [T, H] or None
+        if hidden is not None:
+            return BaseModelOutputWithPast(last_hidden_state=hidden[None])
     tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
     return model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False, **kwargs)
 

@@ -79,6 +79,19 @@ def _install_hooks() -> None:
         _hooks_installed = True
 
 
+def watch_registrations(modules: list[torch.nn.Module]) -> None:
+    """Count registrations into ``modules`` from now on (``registration_count``)."""
+    _install_hooks()
+    _watched_modules.update(modules)
+
+
+def registration_count() -> int:
+    """A count that changes whenever a module, parameter or buffer is registered into a module of
+    a watched model (or of ``watch_registrations``): one number to read to notice that a model's
+    structure may have changed."""
+    return _registrations[0]
+
+
 def _peft_tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if "peft" not in sys.modules:  # no adapters without peft; never import it ourselves
         return []

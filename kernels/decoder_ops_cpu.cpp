@@ -1,0 +1,243 @@
+// The small ops of a Llama decoder layer, fused, on CPU (registered as trellis_cpp::add_rms_norm,
+// trellis_cpp::rope_store_kv and trellis_cpp::silu_mul; trellis/ops/reference.py is the spec).
+// Each replaces a chain of ATen ops (RMSNorm alone is six), and so that many dispatcher calls and
+// OpenMP regions, in every layer of a decode step, where a row is a few hundred values.
+//
+// The arithmetic follows transformers' Llama modules step by step, rounding to the storage dtype
+// where they do (bf16 and fp16: every op's result; fp32 math in between), so the results match
+// them up to the order of the RMSNorm sum and the multiply-adds the compiler may fuse.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "kv_cache_layout.h"
+
+namespace trellis {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// x as the storage dtype T would hold it (a no-op for float).
+template <typename T>
+inline float round_to(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+// A per-thread fp32 row buffer of at least n floats, kept across calls.
+float* scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// Rows per parallel task: about `bytes_per_task` of work each, so that a decode step's single
+// row (or a few) runs on the calling thread and never wakes the pool.
+int64_t grain_for(int64_t row_bytes, int64_t bytes_per_task = 64 << 10) {
+  return std::max<int64_t>(1, bytes_per_task / std::max<int64_t>(1, row_bytes));
+}
+
+void check_dtype(const char* op, const at::Tensor& t, const char* name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
+                   " must be float32, bfloat16 or float16, got ", dtype);
+}
+
+void check_rows(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be [T, H], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " must have a contiguous last dim");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+}
+
+// --- add_rms_norm -------------------------------------------------------------------------------
+
+// transformers' LlamaRMSNorm of one row, after `stream += update` (rounded to T, as `residual +
+// hidden_states` is): weight * T(x * rsqrt(mean(x^2) + eps)), x = stream in fp32.
+template <typename T>
+void norm_row(T* stream, const T* update, const T* weight, T* out, int64_t h, float eps) {
+  float* x = scratch(h);
+  for (int64_t i = 0; i < h; ++i) {
+    float value = static_cast<float>(stream[i]);
+    if (update != nullptr) {
+      value = round_to<T>(value + static_cast<float>(update[i]));
+      stream[i] = static_cast<T>(value);
+    }
+    x[i] = value;
+  }
+  Vec squares(0.0f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= h; i += Vec::size()) {
+    const Vec v = Vec::loadu(x + i);
+    squares = squares + v * v;
+  }
+  if (i < h) {
+    const Vec v = Vec::loadu(x + i, h - i);  // the lanes past h load as 0
+    squares = squares + v * v;
+  }
+  float lanes[Vec::size()];
+  squares.store(lanes);
+  float sum = 0.0f;
+  for (const float lane : lanes) sum += lane;
+  const float inv_rms = 1.0f / std::sqrt(sum / static_cast<float>(h) + eps);
+  for (int64_t j = 0; j < h; ++j) {
+    out[j] = static_cast<T>(static_cast<float>(weight[j]) * round_to<T>(x[j] * inv_rms));
+  }
+}
+
+at::Tensor add_rms_norm_cpu(const at::Tensor& stream, const std::optional<at::Tensor>& update,
+                            const at::Tensor& weight, double eps) {
+  constexpr const char* op = "add_rms_norm";
+  check_rows(op, stream, "x");
+  check_dtype(op, stream, "x");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == stream.size(1), op, ": weight must be [",
+                    stream.size(1), "], got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == stream.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+                   " != x dtype ", stream.scalar_type());
+  TORCH_CHECK_VALUE(weight.device().is_cpu(), op, ": weight must be a CPU tensor");
+  if (update.has_value()) {
+    check_rows(op, *update, "residual");
+    TORCH_CHECK_VALUE(update->sizes() == stream.sizes(), op, ": residual ", update->sizes(), " != x ",
+                      stream.sizes());
+    TORCH_CHECK_TYPE(update->scalar_type() == stream.scalar_type(), op, ": residual dtype ",
+                     update->scalar_type(), " != x dtype ", stream.scalar_type());
+  }
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty(stream.sizes(), stream.options());
+  const int64_t rows = stream.size(0), h = stream.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, stream.scalar_type(), "add_rms_norm", [&] {
+    scalar_t* x = stream.data_ptr<scalar_t>();
+    const scalar_t* u = update.has_value() ? update->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t x_stride = stream.stride(0), u_stride = update.has_value() ? update->stride(0) : 0;
+    at::parallel_for(0, rows, grain_for(h * stream.element_size()), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        norm_row(x + r * x_stride, u == nullptr ? nullptr : u + r * u_stride, w.const_data_ptr<scalar_t>(),
+                 out.data_ptr<scalar_t>() + r * h, h, static_cast<float>(eps));
+      }
+    });
+  });
+  return out;
+}
+
+// --- rope_store_kv ------------------------------------------------------------------------------
+
+// One head's row rotated as transformers' apply_rotary_pos_emb does: x * cos + rotate_half(x) * sin,
+// rotate_half(x) = cat(-x[D/2:], x[:D/2]); each product and the sum rounded to T.
+template <typename T>
+inline void rotate_row(const T* x, const T* cos, const T* sin, T* out, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) {
+    const float rotated = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
+    const float a = round_to<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
+    const float b = round_to<T>(rotated * static_cast<float>(sin[i]));
+    out[i] = static_cast<T>(a + b);
+  }
+}
+
+at::Tensor rope_store_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                             const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& slot_mapping) {
+  constexpr const char* op = "rope_store_kv";
+  check_kv_cache(k_cache, v_cache);
+  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(), op,
+                    ": q must be [T, Hq, D] and k, v both [T, Hkv, D], got ", q.sizes(), ", ", k.sizes(), ", ",
+                    v.sizes());
+  const int64_t tokens = q.size(0), q_heads = q.size(1), kv_heads = k.size(1), d = q.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == tokens && k.size(2) == d, op, ": k ", k.sizes(), " does not fit q ", q.sizes());
+  TORCH_CHECK_VALUE(d % 2 == 0, op, ": head_dim ", d, " must be even");
+  TORCH_CHECK_VALUE(kv_heads == k_cache.size(2) && d == k_cache.size(3), op, ": k heads/dim ", k.sizes().slice(1),
+                    " != cache ", k_cache.sizes().slice(2));
+  TORCH_CHECK_VALUE(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == tokens && cos.size(1) == d, op,
+                    ": cos and sin must both be [", tokens, ", ", d, "], got ", cos.sizes(), ", ", sin.sizes());
+  TORCH_CHECK_VALUE(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                        slot_mapping.size(0) == tokens,
+                    op, ": slot_mapping must be int64 [T]");
+  check_dtype(op, q, "q");
+  for (const at::Tensor* t : {&k, &v, &cos, &sin, &k_cache}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": q, k, v, cos, sin and the caches must share a dtype, ",
+                     "got ", t->scalar_type(), " beside q's ", q.scalar_type());
+  }
+  for (const at::Tensor* t : {&q, &k, &v, &cos, &sin, &slot_mapping}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": tensors must all be on the CPU");
+  }
+  // Rows are read with a contiguous head_dim and adjacent heads (a projection's output viewed as
+  // [T, H, D], or a column slice of a fused one); anything else is copied once here.
+  auto rows = [](const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous(); };
+  const at::Tensor qc = rows(q), kc = rows(k), vc = rows(v), cc = cos.contiguous(), sc = sin.contiguous();
+  const at::Tensor slots = slot_mapping.contiguous();
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  at::Tensor q_out = at::empty({tokens, q_heads, d}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rope_store_kv", [&] {
+    const int64_t row_bytes = (q_heads + 2 * kv_heads) * d * static_cast<int64_t>(sizeof(scalar_t));
+    at::parallel_for(0, tokens, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        TORCH_CHECK_VALUE(slot[t] >= 0 && slot[t] < num_slots, "slot_mapping[", t, "] = ", slot[t],
+                          " is outside the cache (", num_slots, " slots)");
+        const scalar_t* c = cc.const_data_ptr<scalar_t>() + t * d;
+        const scalar_t* s = sc.const_data_ptr<scalar_t>() + t * d;
+        const scalar_t* qt = qc.const_data_ptr<scalar_t>() + t * qc.stride(0);
+        for (int64_t h = 0; h < q_heads; ++h) {
+          rotate_row(qt + h * d, c, s, q_out.data_ptr<scalar_t>() + (t * q_heads + h) * d, d);
+        }
+        const scalar_t* kt = kc.const_data_ptr<scalar_t>() + t * kc.stride(0);
+        scalar_t* k_dst = k_cache.data_ptr<scalar_t>() + slot[t] * kv_heads * d;
+        for (int64_t h = 0; h < kv_heads; ++h) rotate_row(kt + h * d, c, s, k_dst + h * d, d);
+        const scalar_t* vt = vc.const_data_ptr<scalar_t>() + t * vc.stride(0);
+        std::copy(vt, vt + kv_heads * d, v_cache.data_ptr<scalar_t>() + slot[t] * kv_heads * d);
+      }
+    });
+  });
+  return q_out;
+}
+
+// --- silu_mul -----------------------------------------------------------------------------------
+
+// silu(gate) * up as LlamaMLP computes it: silu in fp32 (x / (1 + exp(-x)), vectorized as
+// ATen's), rounded to T, times up, rounded to T.
+template <typename T>
+void silu_mul_row(const T* gate, const T* up, T* out, int64_t n) {
+  float* g = scratch(n);
+  for (int64_t i = 0; i < n; ++i) g[i] = static_cast<float>(gate[i]);
+  const Vec one(1.0f);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t lanes = std::min<int64_t>(Vec::size(), n - i);
+    const Vec x = Vec::loadu(g + i, lanes);
+    (x / (one + x.neg().exp())).store(g + i, lanes);
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(round_to<T>(g[i]) * static_cast<float>(up[i]));
+}
+
+at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
+  constexpr const char* op = "silu_mul";
+  check_rows(op, gate, "gate");
+  check_rows(op, up, "up");
+  check_dtype(op, gate, "gate");
+  TORCH_CHECK_VALUE(gate.sizes() == up.sizes(), op, ": gate ", gate.sizes(), " != up ", up.sizes());
+  TORCH_CHECK_TYPE(gate.scalar_type() == up.scalar_type(), op, ": gate dtype ", gate.scalar_type(), " != up dtype ",
+                   up.scalar_type());
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  const int64_t rows = gate.size(0), n = gate.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "silu_mul", [&] {
+    at::parallel_for(0, rows, grain_for(3 * n * gate.element_size()), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        silu_mul_row(gate.const_data_ptr<scalar_t>() + r * gate.stride(0),
+                     up.const_data_ptr<scalar_t>() + r * up.stride(0), out.data_ptr<scalar_t>() + r * n, n);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trellis_cpp, CPU, m) {
+  m.impl("add_rms_norm", &add_rms_norm_cpu);
+  m.impl("rope_store_kv", &rope_store_kv_cpu);
+  m.impl("silu_mul", &silu_mul_cpu);
+}
+
+}  // namespace trellis

@@ -1,0 +1,224 @@
+"""The lean decoder path (trellis/runner/decoder.py) against transformers and against the fallback
+(transformers' own decoder forward, ``runner.use_lean_decoder = False``): same greedy tokens, logits
+within fp32 tolerance, cache hits; fp32 models run it on request only (``use_lean_decoder = True``);
+and the fallback wherever the lean path could not reproduce transformers (hooks, adapters, another
+activation, gradients, hidden states)."""
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tests.conftest import installed
+from tests.models import smollm2_reference, smollm2_trellis, tiny_config, tiny_pair
+from trellis.models.llama import TrellisLlama
+
+ATOL = 1e-4
+
+
+def prompt(seed: int, n: int, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def lean_steps(model: TrellisLlama) -> Iterator[list[bool]]:
+    """Records, for each decoder call, whether the lean path ran it."""
+    lean, ran = model.runner.lean, []
+    run = lean.run
+
+    def recording(*args, **kwargs):
+        hidden = run(*args, **kwargs)
+        ran.append(hidden is not None)
+        return hidden
+
+    lean.run = recording
+    try:
+        yield ran
+    finally:
+        del lean.run
+
+
+@contextlib.contextmanager
+def fallback(model: TrellisLlama) -> Iterator[None]:
+    model.runner.use_lean_decoder = False
+    try:
+        yield
+    finally:
+        model.runner.use_lean_decoder = True
+
+
+def test_tiny_matches_transformers_and_the_fallback_with_cache_hits():
+    ref, model = tiny_pair()
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    system = prompt(0, 21)
+    with torch.no_grad(), lean_steps(model) as ran:
+        for q in range(3):
+            ids = torch.cat([system, prompt(10 + q, 6)], dim=1)
+            hits = model.prefix_cache.stats()["hit_tokens"]
+            got = model(ids, logits_to_keep=2).logits
+            if q > 0:
+                assert model.prefix_cache.stats()["hit_tokens"] - hits == 20  # 5 full blocks of 4
+            torch.testing.assert_close(got, ref(ids).logits[:, -2:], atol=ATOL, rtol=0)
+            with fallback(model):
+                torch.testing.assert_close(got, model(ids, logits_to_keep=2).logits, atol=1e-5, rtol=0)
+            assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False),
+                               ref.generate(ids, max_new_tokens=10, do_sample=False))
+    assert ran and all(ran)
+    assert model.runner.lean.checks == 1  # the verdict is cached
+    model.prefix_cache.check_integrity()
+
+
+def test_padded_batch_and_inputs_embeds():
+    ref, model = tiny_pair()
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ids = torch.cat([prompt(1, 9), prompt(2, 9)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    embeds = ref.model.embed_tokens(ids).detach()
+    kept = embeds.clone()
+    with torch.no_grad(), lean_steps(model) as ran:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, ref(inputs_embeds=embeds).logits, atol=ATOL,
+                                   rtol=0)
+    assert all(ran) and torch.equal(embeds, kept)  # the caller's embeddings are not the residual stream
+
+
+@pytest.mark.parametrize("where", ["layer", "attention", "norm", "linear", "decoder"])
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_a_hook_falls_back_and_runs(where, kind):
+    ref, model = tiny_pair()
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    module = {"layer": model.model.layers[1], "attention": model.model.layers[0].self_attn,
+              "norm": model.model.norm, "linear": model.model.layers[0].mlp.down_proj, "decoder": model.model}[where]
+    calls = []
+    def hook(*args) -> None:
+        calls.append(1)
+
+    ids = prompt(3, 12)
+    with torch.no_grad(), lean_steps(model) as ran:
+        model(ids)  # lean, and the verdict cached
+        handle = module.register_forward_hook(hook) if kind == "forward" else module.register_forward_pre_hook(hook)
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+        assert calls
+        handle.remove()
+        model(ids)
+    assert ran == [True, False, True]
+
+
+def test_a_global_hook_falls_back():
+    _, model = tiny_pair()
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad(), lean_steps(model) as ran:
+            model(prompt(3, 5))
+    finally:
+        handle.remove()
+    assert ran == [False] and calls
+
+
+def test_hidden_states_gradients_and_other_activations_fall_back():
+    ref, model = tiny_pair()
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ids = prompt(4, 10)
+    with lean_steps(model) as ran:
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)  # installs transformers' capture hooks for good
+            assert len(out.hidden_states) == 3
+            model(ids)  # the (idle) capture hooks leave it lean
+        model(ids).logits.sum().backward()  # records gradients: transformers' forward
+    assert ran == [True, False]  # output_hidden_states never reached the lean path
+    ref, model = tiny_pair(config=tiny_config(hidden_act="gelu"))
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    with torch.no_grad(), lean_steps(model) as ran:
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+    assert ran == [False]
+
+
+def test_replaced_modules_are_checked_again():
+    ref, model = tiny_pair()
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ids = prompt(5, 8)
+    with torch.no_grad(), lean_steps(model) as ran:
+        model(ids)
+        # A subclass of the norm: not what the lean path reproduces.
+        model.model.layers[0].input_layernorm = type("MyNorm", (torch.nn.Module,), {
+            "forward": lambda self, x: x})()
+        model(ids)
+        model.model.layers[0].input_layernorm = copy.deepcopy(ref.model.layers[0].input_layernorm)
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+    assert ran == [True, False, True]
+
+
+def test_peft_adapters_fall_back():
+    peft = installed("peft")
+    ref, model = tiny_pair()
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    tuned_ref = peft.get_peft_model(ref, copy.deepcopy(lora))
+    torch.manual_seed(0)
+    tuned = peft.get_peft_model(model, copy.deepcopy(lora))
+    ids = prompt(6, 9)
+    with torch.no_grad(), lean_steps(model) as ran:
+        torch.testing.assert_close(tuned(ids).logits, tuned_ref(ids).logits, atol=ATOL, rtol=0)
+    assert ran == [False]
+
+
+def test_bf16_lean_matches_the_fallback():
+    _, model = tiny_pair()
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    model.to(torch.bfloat16)
+    ids = prompt(7, 24)
+    with torch.no_grad(), lean_steps(model) as ran:
+        lean = model(ids).logits.float()
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+        with fallback(model):
+            transformers_path = model(ids).logits.float()
+            assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
+    # bf16 roundings of the RMSNorm differ now and then by one unit: a few units of the logits' scale
+    torch.testing.assert_close(lean, transformers_path, atol=0.05 * transformers_path.abs().max().item(), rtol=0)
+    assert ran[:2] == [True, True]
+
+
+def test_smollm2_matches_transformers_and_the_fallback():
+    ref, model = smollm2_reference(), smollm2_trellis(num_blocks=64)
+    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ids = torch.randint(3, 49152, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), lean_steps(model) as ran:
+        got = model(ids, logits_to_keep=1).logits
+        torch.testing.assert_close(got, ref(ids).logits[:, -1:], atol=2e-4, rtol=0)
+        with fallback(model):
+            torch.testing.assert_close(got, model(ids, logits_to_keep=1).logits, atol=1e-4, rtol=0)
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                           ref.generate(ids, max_new_tokens=8, do_sample=False))
+    assert all(ran)
+
+
+def test_smollm2_keep_quantized_lean_matches_the_fallback():
+    model = TrellisLlama.from_pretrained(keep_quantized=True, device="cpu", num_blocks=64)
+    ids = torch.randint(3, 49152, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), lean_steps(model) as ran:
+        got = model(ids, logits_to_keep=1).logits
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+        with fallback(model):
+            torch.testing.assert_close(got, model(ids, logits_to_keep=1).logits, atol=1e-4, rtol=0)
+            assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
+    assert ran[0]
+
+
+def test_fp32_models_run_transformers_forward_unless_asked():
+    """fp32 weights with plain linear layers keep transformers' op order by default; bf16 runs lean."""
+    _, model = tiny_pair()
+    with torch.no_grad(), lean_steps(model) as ran:
+        model(prompt(3, 9))
+    assert ran == [False] and model.runner.lean.exact
+    model.to(torch.bfloat16)
+    with torch.no_grad(), lean_steps(model) as ran:
+        model(prompt(3, 9))
+    assert ran == [True] and not model.runner.lean.exact

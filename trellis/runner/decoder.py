@@ -1,0 +1,192 @@
+"""The decoder layers run directly over a packed batch: the lean path of ``run_decoder``.
+
+transformers' Llama forward spends about 20 ms of a SmolLM2 decode step on CPU outside the
+matmuls: per layer, its Python and some 40 small ATen ops (RMSNorm as six, rotate-half RoPE, the
+attention function's transposes and copies, residual adds, SiLU and the product), each a
+dispatcher call and often an OpenMP region. ``LeanDecoder`` walks ``model.model.layers`` itself
+and calls, per layer, the seven linear modules as they are (``nn.Linear``, ``OneDNNLinear``,
+``QuantizedLinear``: weights, layouts and quantization unchanged), ``run_attention`` with the
+step's plan, and three fused ops: ``add_rms_norm`` (twice), ``rope_store_kv`` and ``silu_mul``.
+Each fused op rounds as transformers' modules do, so the results are transformers' up to fp32
+summation order (docs/decode-step.md).
+
+It runs only a model whose forward it reproduces exactly (``_check``: transformers' own Llama
+classes, no hooks, no adapters, no overridden forward, SiLU, norms in the model's dtype, on the
+CPU), and only for a step that asks for nothing else (no gradients, no hidden states or attention
+weights). Anything else runs transformers' forward, so hooks and adapters keep working. The
+verdict is cached: a step reads a registration count, a hook counter, the modules' hook counts,
+classes and instance forwards, and a few settings (``_state``), and checks the model again when
+any of them changed.
+"""
+
+from __future__ import annotations
+
+from itertools import chain, repeat
+
+import torch
+from torch.utils.hooks import RemovableHandle
+from transformers.activations import SiLUActivation
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+from trellis import ops
+from trellis.runner.attention import ATTN_IMPLEMENTATION
+from trellis.runner.batch import PagedBatch
+from trellis.runner.cpu_linear import OneDNNLinear
+from trellis.runner.quantized_linear import QuantizedLinear
+from trellis.runner.weights_watcher import registration_count, watch_registrations
+
+_LINEARS = (torch.nn.Linear, OneDNNLinear, QuantizedLinear)  # called as they are; any other kind (adapters) is not
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused ops take (fp64 is transformers')
+_NN = torch.nn.modules.module
+_GLOBAL_HOOKS = (_NN._global_forward_hooks, _NN._global_forward_pre_hooks)
+
+
+def _capture_hook(hook: object) -> bool:
+    """transformers' output-capturing hook (installed for good once hidden states were asked for):
+    it records only while a forward asks for outputs, and those forwards are not lean."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
+class LeanDecoder:
+    """The lean forward of one model's decoder (``model.model``), when the model is eligible."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._key: tuple | None = None  # what the verdict was reached on (``_state``)
+        self._eligible = False
+        # fp32 weights, no quantized layers: the model transformers answers to within 1e-4 today,
+        # which the fused ops' summation order can exceed (1.2e-4 measured); lean only on request.
+        self.exact = False
+        self.checks = 0  # how often the model was checked (tests check it stays rare)
+        self._layers: list[torch.nn.Module] = []  # the decoder layers a forward runs
+        self._modules: list[torch.nn.Module] = []  # every module a lean forward runs or skips
+        self._first_norm: dict = {}  # the first norm's parameters: ``_state`` reads the weights' dtype there
+        self._module_dicts: list[dict] = []  # their __dict__s: a forward set on an instance lands there
+        self._hook_tables: list[dict] = []  # their forward (pre-)hooks, and the global ones
+
+    def run(self, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None,
+            exact_models: bool = False) -> torch.Tensor | None:
+        """The decoder's final hidden states ``[T, H]`` over ``batch`` (its tokens, or
+        ``inputs_embeds`` ``[T, H]``), or None where the lean path does not apply. A model of fp32
+        weights and plain linear layers runs it only when ``exact_models`` (``exact``)."""
+        if torch.is_grad_enabled() or not self.eligible() or (self.exact and not exact_models):
+            return None
+        decoder = self.model.model
+        if inputs_embeds is None:
+            if decoder.embed_tokens is None:
+                return None
+            hidden = decoder.embed_tokens(batch.input_ids)  # [T, H], a new tensor: the residual stream
+        else:
+            hidden = inputs_embeds.clone()  # the stream is updated in place; the caller's stays as it was
+        cos, sin = decoder.rotary_emb(hidden[None], position_ids=batch.positions[None])  # each [1, T, D]
+        cos, sin = cos[0], sin[0]
+        backend = batch.plan.backend  # every op on the kernels attention runs on
+        update = None  # what the last sublayer adds to the stream
+        for layer in self._layers:
+            x = _norm(layer.input_layernorm, hidden, update, backend)  # [T, H]
+            update = _attention(layer.self_attn, x, cos, sin, batch)
+            x = _norm(layer.post_attention_layernorm, hidden, update, backend)
+            mlp = layer.mlp
+            update = mlp.down_proj(ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x), backend=backend))
+        if isinstance(decoder.norm, torch.nn.Identity):  # a grid stage before the last
+            return hidden if update is None else hidden.add_(update)
+        return _norm(decoder.norm, hidden, update, backend)
+
+    # --- eligibility --------------------------------------------------------------------------
+
+    def eligible(self) -> bool:
+        """Whether the lean forward reproduces transformers' for this model now (cached)."""
+        if self._key != self._state():
+            self._eligible = self._check()
+            self._key = self._state()
+            self.checks += 1
+        return self._eligible
+
+    def _state(self) -> tuple:
+        """What the verdict was reached on, in tens of µs on SmolLM2: the registration count (modules
+        and parameters replaced, adapters injected), the hook handle counter and the number of
+        hooks (a hook added anywhere, or removed here), the modules' classes, forwards set on
+        instances, the settings a step reads, and the dtype and device of the weights (``.to()``)."""
+        config = vars(self.model.config)
+        weight = self._first_norm.get("weight")
+        return (registration_count(), RemovableHandle.next_id, sum(map(len, self._hook_tables)),
+                tuple(map(type, self._modules)), any(map(dict.__contains__, self._module_dicts, repeat("forward"))),
+                config.get("output_hidden_states"), config.get("output_attentions"),
+                config.get("_attn_implementation_internal"), config.get("num_hidden_layers"),
+                None if weight is None else (weight.dtype, weight.device))
+
+    def _check(self) -> bool:
+        """List the modules a lean forward runs and check each is what it reproduces."""
+        model, config = self.model, self.model.config
+        decoder = getattr(model, "model", None)
+        self._layers, self._modules, self._module_dicts, self._hook_tables, self._first_norm = [], [], [], [], {}
+        if type(decoder) is not LlamaModel:
+            return False
+        layers = list(decoder.layers)[: config.num_hidden_layers]  # as transformers slices them
+        modules = [m for layer in layers for m in layer.modules()] + [decoder, decoder.layers, decoder.rotary_emb,
+                                                                      decoder.norm]
+        if decoder.embed_tokens is not None:
+            modules.append(decoder.embed_tokens)
+        watch_registrations(modules)
+        self._layers, self._modules, self._module_dicts = layers, modules, [vars(m) for m in modules]
+        self._hook_tables = [*_GLOBAL_HOOKS, *chain.from_iterable((m._forward_hooks, m._forward_pre_hooks)
+                                                                  for m in modules)]
+        if not layers or not all(map(_stock_layer, layers)) or type(decoder.norm) not in (LlamaRMSNorm,
+                                                                                           torch.nn.Identity):
+            return False
+        self._first_norm = layers[0].input_layernorm._parameters
+        weight = self._first_norm["weight"]
+        self.exact = weight.dtype == torch.float32 and not any(
+            isinstance(m, QuantizedLinear) for layer in layers for m in layer.modules())
+        norms = [*chain.from_iterable((la.input_layernorm, la.post_attention_layernorm) for la in layers),
+                 *([] if isinstance(decoder.norm, torch.nn.Identity) else [decoder.norm])]
+        hooks = chain.from_iterable(table.values() for table in self._hook_tables)
+        return (
+            config._attn_implementation == ATTN_IMPLEMENTATION
+            and (getattr(config, "pretraining_tp", 1) or 1) <= 1
+            and weight.device.type == "cpu"
+            and weight.dtype in _FUSED_DTYPES
+            and all(n.weight.dtype == weight.dtype for n in norms)  # the fused ops take one dtype
+            and type(decoder.rotary_emb) is LlamaRotaryEmbedding
+            and type(decoder.embed_tokens) in (torch.nn.Embedding, type(None))
+            and all(map(_capture_hook, hooks))
+            and not any("forward" in d for d in self._module_dicts)
+        )
+
+
+def _stock_layer(layer: torch.nn.Module) -> bool:
+    """A transformers Llama decoder layer as built, with linear layers of the kinds called as they are."""
+    if type(layer) is not LlamaDecoderLayer or type(layer.self_attn) is not LlamaAttention \
+            or type(layer.mlp) is not LlamaMLP or type(layer.mlp.act_fn) is not SiLUActivation:
+        return False
+    if type(layer.input_layernorm) is not LlamaRMSNorm or type(layer.post_attention_layernorm) is not LlamaRMSNorm:
+        return False
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return all(type(linear) in _LINEARS for linear in linears)
+
+
+def _norm(norm: LlamaRMSNorm, hidden: torch.Tensor, update: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """``hidden += update`` (the residual add), then ``norm(hidden)``."""
+    return ops.add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon, backend=backend)
+
+
+def _attention(attn: LlamaAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               batch: PagedBatch) -> torch.Tensor:
+    """``LlamaAttention`` over the paged cache for ``x [T, H]``: returns ``o_proj``'s output ``[T, H]``."""
+    tokens, head_dim = x.shape[0], attn.head_dim
+    q = attn.q_proj(x).view(tokens, -1, head_dim)  # [T, Hq, D]
+    k = attn.k_proj(x).view(tokens, -1, head_dim)  # [T, Hkv, D]
+    v = attn.v_proj(x).view(tokens, -1, head_dim)  # [T, Hkv, D]
+    k_cache, v_cache = batch.kv_layers[attn.layer_idx]  # each [N, S, Hkv, D]
+    plan = batch.plan
+    q = ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping, backend=plan.backend)
+    out = ops.run_attention(plan, q, k_cache, v_cache, attn.scaling)  # [T, Hq, D]
+    return attn.o_proj(out.view(tokens, -1))
