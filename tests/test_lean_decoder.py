@@ -22,6 +22,13 @@ def prompt(seed: int, n: int, vocab: int = 256) -> torch.Tensor:
     return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def lean_pair(**kwargs) -> tuple:
+    """``tiny_pair`` with the lean path asked for (an fp32 model runs it on request only)."""
+    ref, model = tiny_pair(**kwargs)
+    model.runner.use_lean_decoder = True
+    return ref, model
+
+
 @contextlib.contextmanager
 def lean_steps(model: TrellisLlama) -> Iterator[list[bool]]:
     """Records, for each decoder call, whether the lean path ran it."""
@@ -50,8 +57,7 @@ def fallback(model: TrellisLlama) -> Iterator[None]:
 
 
 def test_tiny_matches_transformers_and_the_fallback_with_cache_hits():
-    ref, model = tiny_pair()
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ref, model = lean_pair()
     system = prompt(0, 21)
     with torch.no_grad(), lean_steps(model) as ran:
         for q in range(3):
@@ -71,8 +77,7 @@ def test_tiny_matches_transformers_and_the_fallback_with_cache_hits():
 
 
 def test_padded_batch_and_inputs_embeds():
-    ref, model = tiny_pair()
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ref, model = lean_pair()
     ids = torch.cat([prompt(1, 9), prompt(2, 9)])
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -90,8 +95,7 @@ def test_padded_batch_and_inputs_embeds():
 @pytest.mark.parametrize("where", ["layer", "attention", "norm", "linear", "decoder"])
 @pytest.mark.parametrize("kind", ["forward", "pre"])
 def test_a_hook_falls_back_and_runs(where, kind):
-    ref, model = tiny_pair()
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ref, model = lean_pair()
     module = {"layer": model.model.layers[1], "attention": model.model.layers[0].self_attn,
               "norm": model.model.norm, "linear": model.model.layers[0].mlp.down_proj, "decoder": model.model}[where]
     calls = []
@@ -110,8 +114,7 @@ def test_a_hook_falls_back_and_runs(where, kind):
 
 
 def test_a_global_hook_falls_back():
-    _, model = tiny_pair()
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    _, model = lean_pair()
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: calls.append(1))
     try:
@@ -123,8 +126,7 @@ def test_a_global_hook_falls_back():
 
 
 def test_hidden_states_gradients_and_other_activations_fall_back():
-    ref, model = tiny_pair()
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ref, model = lean_pair()
     ids = prompt(4, 10)
     with lean_steps(model) as ran:
         with torch.no_grad():
@@ -133,16 +135,14 @@ def test_hidden_states_gradients_and_other_activations_fall_back():
             model(ids)  # the (idle) capture hooks leave it lean
         model(ids).logits.sum().backward()  # records gradients: transformers' forward
     assert ran == [True, False]  # output_hidden_states never reached the lean path
-    ref, model = tiny_pair(config=tiny_config(hidden_act="gelu"))
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ref, model = lean_pair(config=tiny_config(hidden_act="gelu"))
     with torch.no_grad(), lean_steps(model) as ran:
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
     assert ran == [False]
 
 
 def test_replaced_modules_are_checked_again():
-    ref, model = tiny_pair()
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ref, model = lean_pair()
     ids = prompt(5, 8)
     with torch.no_grad(), lean_steps(model) as ran:
         model(ids)
@@ -157,8 +157,7 @@ def test_replaced_modules_are_checked_again():
 
 def test_peft_adapters_fall_back():
     peft = installed("peft")
-    ref, model = tiny_pair()
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    ref, model = lean_pair()
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     torch.manual_seed(0)
     tuned_ref = peft.get_peft_model(ref, copy.deepcopy(lora))
@@ -171,8 +170,7 @@ def test_peft_adapters_fall_back():
 
 
 def test_bf16_lean_matches_the_fallback():
-    _, model = tiny_pair()
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
+    _, model = lean_pair()
     model.to(torch.bfloat16)
     ids = prompt(7, 24)
     with torch.no_grad(), lean_steps(model) as ran:

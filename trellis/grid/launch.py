@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -161,18 +162,23 @@ def process_group(store: dist.Store, endpoint: Endpoint, device: torch.device, t
     return dist.ProcessGroupGloo(store, endpoint.rank, endpoint.world_size, wait)
 
 
+def wait_setting_chosen(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` sets how OpenMP threads wait (then Trellis leaves it as it is)."""
+    return any(name in environ for name in OPENMP_WAIT_SETTINGS)
+
+
 def shared_host_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """``environ`` (default: this process's) for a grid process that shares its machine with other
     stages: a short OpenMP spin, unless the user chose a wait setting."""
     environ = dict(os.environ if environ is None else environ)
-    if not any(name in environ for name in OPENMP_WAIT_SETTINGS):
+    if not wait_setting_chosen(environ):
         environ["GOMP_SPINCOUNT"] = SHARED_HOST_SPIN_COUNT
     return environ
 
 
 def warn_if_spinning(stages: list[StageIdentity]) -> None:
     """Warn when this process shares its machine with other stages under libgomp's long default spin."""
-    if len({s.host for s in stages}) < len(stages) and not any(name in os.environ for name in OPENMP_WAIT_SETTINGS):
+    if len({s.host for s in stages}) < len(stages) and not wait_setting_chosen(os.environ):
         log.warning("stages share a machine, and this process's OpenMP threads spin for ~10 ms after each step, "
                     "slowing the next stage; start it with GOMP_SPINCOUNT=%s (the trellis grid command does)",
                     SHARED_HOST_SPIN_COUNT)
