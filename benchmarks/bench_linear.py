@@ -2,8 +2,10 @@
 
 Every layer gets its own weights of the model's shapes and dtype (so they stream from memory as
 in a forward), run as transformers does (``F.linear``), through oneDNN over row-major weights,
-over input-major weights and over a prepacked copy; the label in parentheses names the Trellis
-kind that runs each variant in this dtype. Kinds take turns within each repetition; the figure
+over input-major weights and over a prepacked copy, and in bf16 through Trellis' streaming kernel
+(``quant_linear``, qtype ``"BF16"``, over the row-major parameter), which the oneDNN kinds run at
+up to ``OneDNNLinear.streamed_rows`` rows; the label in parentheses names the Trellis kind that
+runs each variant in this dtype. Kinds take turns within each repetition; the figure
 is the median ms per pass. Each shape's share of the pass is timed too, the LM head (not part of
 the pass) included, as ``shapes``: ``{"out x in": {variant: ms}}``.
 
@@ -21,23 +23,29 @@ from common import add_cpu_time_option, chosen_clock, describe, load_model, pars
 from trellis.runner.cpu_linear import OneDNNLinear, _set_layout, input_major
 
 
-def variants(dtype: torch.dtype) -> dict[str, tuple[type, bool, bool]]:
-    """label -> (module class, prepacked, input-major weights); "onednn" runs the layout ``input_major`` picks."""
-    onednn_input_major = input_major(dtype)
-    return {"F.linear (blas)": (torch.nn.Linear, False, False),
-            "oneDNN, row-major" + ("" if onednn_input_major else " (onednn)"): (OneDNNLinear, False, False),
-            "oneDNN, input-major" + (" (onednn)" if onednn_input_major else ""): (OneDNNLinear, False, True),
-            "oneDNN, prepacked (packed)": (OneDNNLinear, True, False)}
+def variants(dtype: torch.dtype) -> dict[str, tuple[type, bool, bool, int]]:
+    """label -> (module class, prepacked, input-major weights, rows streamed); "onednn" runs the
+    layout ``input_major`` picks. Every oneDNN variant runs oneDNN at every row count."""
+    onednn_input_major, streams = input_major(dtype), dtype == torch.bfloat16
+    few = f" above {OneDNNLinear.streamed_rows} rows" if streams else ""
+    out = {"F.linear (blas)": (torch.nn.Linear, False, False, 0),
+           "oneDNN, row-major" + ("" if onednn_input_major else f" (onednn{few})"): (OneDNNLinear, False, False, 0),
+           "oneDNN, input-major" + (" (onednn)" if onednn_input_major else ""): (OneDNNLinear, False, True, 0),
+           f"oneDNN, prepacked (packed{few})": (OneDNNLinear, True, False, 0)}
+    if streams:
+        out[f"Trellis streaming (onednn, packed up to {OneDNNLinear.streamed_rows} rows)"] = \
+            (OneDNNLinear, False, False, 1 << 30)
+    return out
 
 
 def layers_of_kind(shapes: list[tuple[int, int]], dtype: torch.dtype, cls: type, prepack: bool,
-                   input_major_weights: bool) -> list[torch.nn.Linear]:
+                   input_major_weights: bool, streamed_rows: int) -> list[torch.nn.Linear]:
     layers = []
     for out_features, in_features in shapes:
         layer = torch.nn.Linear(in_features, out_features, bias=False, dtype=dtype)
         layer.__class__ = cls
-        if prepack:
-            layer.prepack = True
+        if cls is OneDNNLinear:
+            layer.prepack, layer.streamed_rows = prepack, streamed_rows
         _set_layout(layer.weight, input_major_weights)
         layers.append(layer)
     return layers

@@ -4,6 +4,7 @@
 // Per block, little-endian:  Q8_0  fp16 d, int8 q[32]           w_i = d * q_i          34 bytes
 //                            Q4_0  fp16 d, nibbles[16]          w_i = d * (n_i - 8)    18 bytes
 //                            Q4_1  fp16 d, fp16 m, nibbles[16]  w_i = d * n_i + m      20 bytes
+//                            BF16  bf16 w[32]                   w_i (exact in fp32)    64 bytes
 // n_i is the low nibble of byte i for i < 16, the high nibble of byte i - 16 otherwise. The
 // weights are those the reference dequantizes, except that Q4_1's multiply and add are fused
 // (one rounding fewer: explicitly on AVX-512, by the compiler elsewhere); the matmuls differ
@@ -74,12 +75,14 @@ inline void prefetch(const void* p) {
 #endif
 }
 
-enum class QType { Q8_0, Q4_0, Q4_1 };
+enum class QType { Q8_0, Q4_0, Q4_1, BF16 };
 
 constexpr int kBlock = 32;                             // weights per block, in every format
 constexpr int kBlockRegs = kBlock / kLanes;           // registers per block: 2 (AVX-512), 4 (AVX2, portable)
 
-constexpr int64_t block_bytes(QType q) { return q == QType::Q8_0 ? 34 : q == QType::Q4_0 ? 18 : 20; }
+constexpr int64_t block_bytes(QType q) {
+  return q == QType::Q8_0 ? 34 : q == QType::Q4_0 ? 18 : q == QType::Q4_1 ? 20 : 64;
+}
 
 // fp16 -> fp32 through a table of every half's value (256 KB, of which a layer's scales touch a
 // few KB), as llama.cpp does: a scalar load, which the broadcast of a scale rides on, where F16C
@@ -147,6 +150,14 @@ inline void load_block<QType::Q4_1>(const uint8_t* block, Reg* w) {
                                             _mm512_set1_ps(fp16_at(block + 2))), w);
 }
 
+// A bf16 is the high half of the fp32 of the same value: widen each to 32 bits and shift.
+template <>
+inline void load_block<QType::BF16>(const uint8_t* block, Reg* w) {
+  const __m256i* h = reinterpret_cast<const __m256i*>(block);
+  w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(h)), 16));
+  w[1] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(h + 1)), 16));
+}
+
 #elif defined(CPU_CAPABILITY_AVX2)
 
 // Bytes 0-7 and 8-15 of `bytes` as int32 lanes, signed or not.
@@ -195,13 +206,27 @@ inline void load_block<QType::Q4_1>(const uint8_t* block, Reg* w) {
   for (int i = 0; i < 4; ++i) w[i] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q[i])), m);
 }
 
+template <>
+inline void load_block<QType::BF16>(const uint8_t* block, Reg* w) {
+  const __m128i* h = reinterpret_cast<const __m128i*>(block);
+  for (int i = 0; i < 4; ++i)
+    w[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h + i)), 16));
+}
+
 #else  // portable: through a small buffer
 
 template <QType Q>
 inline void load_block(const uint8_t* block, Reg* w) {
   float out[kBlock];
-  const float d = fp16_at(block);
-  if constexpr (Q == QType::Q8_0) {
+  const float d = Q == QType::BF16 ? 0.0f : fp16_at(block);
+  if constexpr (Q == QType::BF16) {
+    for (int i = 0; i < kBlock; ++i) {
+      uint16_t half;
+      std::memcpy(&half, block + 2 * i, sizeof half);
+      const uint32_t bits = static_cast<uint32_t>(half) << 16;
+      std::memcpy(out + i, &bits, sizeof bits);
+    }
+  } else if constexpr (Q == QType::Q8_0) {
     const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
     for (int i = 0; i < kBlock; ++i) out[i] = d * static_cast<float>(q[i]);
   } else {

@@ -220,7 +220,8 @@ QType parse_qtype(c10::string_view name) {
   if (name == "Q8_0") return QType::Q8_0;
   if (name == "Q4_0") return QType::Q4_0;
   if (name == "Q4_1") return QType::Q4_1;
-  TORCH_CHECK_VALUE(false, "unsupported qtype '", name, "'; choose one of Q8_0, Q4_0, Q4_1");
+  if (name == "BF16") return QType::BF16;
+  TORCH_CHECK_VALUE(false, "unsupported qtype '", name, "'; choose one of Q8_0, Q4_0, Q4_1, BF16");
 }
 
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c10::string_view qtype) {
@@ -251,8 +252,10 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c10::
       run<QType::Q8_0>(p);
     } else if (q == QType::Q4_0) {
       run<QType::Q4_0>(p);
-    } else {
+    } else if (q == QType::Q4_1) {
       run<QType::Q4_1>(p);
+    } else {
+      run<QType::BF16>(p);
     }
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
+from trellis import ops
 from trellis.models.llama import TrellisLlama
 from trellis.runner import cpu_linear
 from trellis.runner.cpu_linear import OneDNNLinear, linear_kernel_of, set_linear_kernel
@@ -58,15 +59,42 @@ def test_bf16_runs_on_onednn_within_rounding_of_nn_linear(kind):
     set_linear_kernel(layer, kind)
     x = torch.randn(7, 48, dtype=torch.bfloat16)
     exact = torch.nn.functional.linear(x.double(), plain.weight.double(), plain.bias.double())
-    with torch.no_grad(), RecordOps() as ops:
+    with torch.no_grad(), RecordOps() as recorded:
         got = layer(x)
-    assert "mkldnn._linear_pointwise.default" in ops.names and got.dtype == torch.bfloat16
+    assert "mkldnn._linear_pointwise.default" in recorded.names and got.dtype == torch.bfloat16
     # Both accumulate in fp32 and round once: the same error as nn.Linear's, to within a rounding step.
     assert (got.double() - exact).abs().max() <= 2 * (plain(x).double() - exact).abs().max() + 1e-3
     layer.half()  # fp16: F.linear under every kind (oneDNN's fp16 is the slower here)
-    with torch.no_grad(), RecordOps() as ops:
+    with torch.no_grad(), RecordOps() as recorded:
         assert torch.equal(layer(x.half()), torch.nn.functional.linear(x.half(), layer.weight, layer.bias))
-    assert "mkldnn._linear_pointwise.default" not in ops.names
+    assert "mkldnn._linear_pointwise.default" not in recorded.names
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("kind", ONEDNN_KINDS)
+def test_bf16_rows_up_to_four_stream_through_trellis_kernel(kind):
+    """A decode step's few rows read the weight with quant_linear's BF16 streaming kernel (exactly
+    its result), more rows go to oneDNN; a layer with a bias, or whose width is not whole 32-weight
+    blocks, stays on oneDNN."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 40, bias=False, dtype=torch.bfloat16)
+    set_linear_kernel(layer, kind)
+    exact = lambda x: torch.nn.functional.linear(x.double(), layer.weight.double())
+    for rows, streamed in [(1, True), (layer.streamed_rows, True), (layer.streamed_rows + 1, False)]:
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        with torch.no_grad(), RecordOps() as recorded:
+            got = layer(x)
+        assert ("trellis_cpp.quant_linear.default" in recorded.names) == streamed
+        assert ("mkldnn._linear_pointwise.default" in recorded.names) == (not streamed)
+        assert got.dtype == torch.bfloat16 and (got.double() - exact(x)).abs().max() <= 1e-2
+        if streamed:
+            assert torch.equal(got, ops.quant_linear(x, layer.weight.view(torch.uint8), "BF16"))
+    for other in (torch.nn.Linear(64, 40, dtype=torch.bfloat16), torch.nn.Linear(48, 40, bias=False,
+                                                                                 dtype=torch.bfloat16)):
+        set_linear_kernel(other, kind)
+        with torch.no_grad(), RecordOps() as recorded:
+            other(torch.randn(1, other.in_features, dtype=torch.bfloat16))
+        assert "trellis_cpp.quant_linear.default" not in recorded.names
 
 
 @needs_onednn_bf16
@@ -138,16 +166,21 @@ def test_bad_kinds_are_refused_and_nothing_changes(monkeypatch):
 
 
 @needs_onednn
-def test_onednn_is_the_default_where_it_runs():
+def test_the_fp32_default_follows_the_cpu_vendor(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
     model = TrellisLlama(tiny_config())
     assert model.linear_kernel == "onednn" and type(model.lm_head) is OneDNNLinear and not model.lm_head.prepack
     assert all(linear_kernel_of(m) in (None, "onednn") for m in model.modules())
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")  # MKL's own CPUs
+    expected = "blas" if torch.backends.mkl.is_available() else "onednn"
+    assert cpu_linear.default_linear_kernel() == expected == TrellisLlama(tiny_config()).linear_kernel
 
 
 @needs_onednn_bf16
 def test_packed_is_the_bf16_default_where_onednn_computes_it():
     assert TrellisLlama._from_config(tiny_config(), dtype=torch.bfloat16).linear_kernel == "packed"
-    assert TrellisLlama._from_config(tiny_config(), dtype=torch.float16).linear_kernel == "onednn"  # F.linear
+    fp16 = TrellisLlama._from_config(tiny_config(), dtype=torch.float16)
+    assert fp16.linear_kernel == cpu_linear.default_linear_kernel(torch.float32)  # fp32's kind: F.linear in fp16
 
 
 @needs_onednn
@@ -198,7 +231,7 @@ def test_loaded_and_saved_weights_keep_their_values(tmp_path):
     ref, model = tiny_pair()
     model.set_linear_kernel("onednn")
     model.save_pretrained(tmp_path)  # safetensors takes contiguous tensors only: transformers copies
-    loaded = TrellisLlama.from_pretrained(tmp_path, device="cpu")
+    loaded = TrellisLlama.from_pretrained(tmp_path, device="cpu", linear_kernel="onednn")
     assert loaded.linear_kernel == "onednn" and _input_major(loaded.model.layers[1].mlp.down_proj.weight)
     for (name, a), b in zip(ref.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name

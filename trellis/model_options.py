@@ -23,8 +23,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "a
                              "float32 on other CPUs, the checkpoint's dtype on a GPU")
     parser.add_argument("--block-size", type=int, default=32, help="KV cache block size in tokens")
     parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS,
-                        help="what runs the linear layers on CPU in fp32 and bf16: blas, onednn (the fp32 default on "
-                             "x86) or packed (a second copy of the weights; the bf16 default on x86)")
+                        help="what runs the linear layers on CPU in fp32 and bf16: blas (the fp32 default on Intel), "
+                             "onednn (the fp32 default on other x86 CPUs) or packed (a second copy of the weights; "
+                             "the bf16 default on x86)")
 
 
 def load_model(args: argparse.Namespace) -> tuple[TrellisLlama, PreTrainedTokenizerBase]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trellis.ops.quant import QTYPES
+from trellis.ops.quant import QUANTIZED_QTYPES
 from trellis.runner.quantized_linear import QuantizedLinear
 
 # GGUF tensor name within block i -> the linear layer under model.model.layers[i]
@@ -65,7 +65,7 @@ def keep_gguf_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Coun
 
     def replace(parent: torch.nn.Module, attribute: str, name: str, num_heads: int | None = None) -> None:
         tensor = tensors.get(name)
-        if tensor is None or tensor.tensor_type.name not in QTYPES:
+        if tensor is None or tensor.tensor_type.name not in QUANTIZED_QTYPES:
             return
         linear = getattr(parent, attribute)
         blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # a copy, out of the memory map

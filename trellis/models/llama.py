@@ -71,7 +71,8 @@ class TrellisLlama(LlamaForCausalLM):
 
         With no path, loads the embedded SmolLM2-135M-Instruct. ``device="auto"`` picks CUDA,
         then MPS, then CPU (ignored when ``device_map`` is given). ``linear_kernel``: see
-        ``set_linear_kernel()``; by default oneDNN where it runs (``packed`` in bf16).
+        ``set_linear_kernel()``; by default the fastest for the CPU and the loaded dtype
+        (``cpu_linear.default_linear_kernel``: ``blas`` in fp32 on Intel, ``onednn`` on AMD, ``packed`` in bf16).
         ``keep_quantized=True`` keeps the
         GGUF's Q8_0 / Q4_0 / Q4_1 linear weights quantized and runs them on Trellis' kernels; with
         no path, the embedded model's (see ``trellis.models.gguf_quantized``).
@@ -98,9 +99,10 @@ class TrellisLlama(LlamaForCausalLM):
 
     def set_linear_kernel(self, kind: str) -> int:
         """What runs the linear layers in CPU fp32 and bf16 inference (elsewhere it is always
-        ``F.linear``): ``"blas"`` (transformers' path), ``"onednn"`` (the fp32 default on x86: no
-        extra memory; fp32 weights are stored input-major) or ``"packed"`` (oneDNN over a second,
-        prepacked copy of the weights; the bf16 default on x86). See ``trellis.runner.cpu_linear``.
+        ``F.linear``): ``"blas"`` (transformers' path; the fp32 default on Intel CPUs), ``"onednn"``
+        (the fp32 default on other x86 CPUs: no extra memory; fp32 weights are stored input-major)
+        or ``"packed"`` (oneDNN over a second, prepacked copy of the weights; the bf16 default on
+        x86). See ``trellis.runner.cpu_linear``.
         Returns the number of layers that changed kind. The KV cache starts empty afterwards: its
         K/V were computed by the other matmuls."""
         return self.runner.set_linear_kernel(kind)

@@ -1,14 +1,15 @@
 """Which library runs the linear layers of CPU inference: the BLAS, or oneDNN.
 
-PyTorch's x86 wheels hand ``F.linear`` in fp32 to MKL, which on this project's reference machine
-(an AMD EPYC with AVX-512, 2 cores) streams a decode step's weights at ~12 GB/s and runs small
-batches (2–64 rows) slower per row than one. oneDNN's JIT kernels are faster at every batch size
-that matters to serving:
+PyTorch's x86 wheels hand ``F.linear`` in fp32 to MKL, which takes its tuned code paths on
+Intel CPUs only. On AMD EPYC machines (AVX-512 and AVX2, 2 cores) MKL streams a decode step's
+weights at ~12 GB/s and runs small batches (2–64 rows) slower per row than one, and oneDNN's JIT
+kernels are faster at every batch size that matters to serving; on an AMX Xeon MKL is the faster
+of the two at 1, 4 and 512 rows (docs/cpu-linear.md). So the fp32 default follows the vendor:
 
-    kind       weights                                        SmolLM2, 2 threads (see README)
-    "blas"     the parameter, through F.linear                transformers' own path
-    "onednn"   the parameter, stored input-major, via oneDNN  the default where oneDNN runs (x86)
-    "packed"   a second copy in oneDNN's blocked layout       a little faster again; +1 copy
+    kind       weights                                        fp32 default
+    "blas"     the parameter, through F.linear                Intel CPUs (transformers' own path)
+    "onednn"   the parameter, stored input-major, via oneDNN  other x86 CPUs (AMD)
+    "packed"   a second copy in oneDNN's blocked layout       (bf16's default); +1 copy
 
 "Input-major": the ``[out, in]`` parameter keeps its shape and values but its storage is the
 transpose's, ``[in, out]`` row-major (strides ``(1, out)``). That is the layout oneDNN's matmul
@@ -25,7 +26,10 @@ bf16 runs on oneDNN too where oneDNN computes it (``onednn_dtypes``), with fp32 
 There the layouts rank otherwise (docs/dtypes.md, an AMX Xeon): input-major is slower than
 row-major at 1 and 4 rows, so ``"onednn"`` keeps bf16 weights row-major (``input_major``), where
 it runs about as fast as ``F.linear`` (itself oneDNN in bf16); the blocked copy of ``"packed"`` is
-15-30 % faster at 1 to 64 rows, and the bf16 default. fp16 stays on ``F.linear`` under every kind.
+15-30 % faster at 1 to 64 rows, and the bf16 default. Up to ``OneDNNLinear.streamed_rows`` rows (a decode
+step) both oneDNN kinds instead stream the row-major bf16 parameter through Trellis' own kernel
+(``ops.quant_linear`` with qtype ``"BF16"``: fp32 accumulation, one rounding, as oneDNN). fp16
+stays on ``F.linear`` under every kind.
 
 An ``OneDNNLinear`` is an ``nn.Linear`` in every other respect: the same parameters and state
 dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
@@ -45,6 +49,9 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+
+from trellis import ops
+from trellis.ops import quant
 
 LINEAR_KERNELS = ("blas", "onednn", "packed")
 
@@ -72,17 +79,42 @@ def input_major(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+@functools.cache
+def cpu_vendor() -> str:
+    """The x86 CPU's vendor string (``"GenuineIntel"``, ``"AuthenticAMD"``); "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # Windows names the vendor here
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        if vendor in processor:
+            return vendor
+    return "GenuineIntel" if platform.system() == "Darwin" and platform.machine() == "x86_64" else ""  # an Intel Mac
+
+
 def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
     """The kind ``dtype`` runs fastest on here. bf16 defaults to ``"packed"``: oneDNN reads its
     blocked layout 15-30 % faster than any plain one at 1 to 64 rows (docs/dtypes.md), and the copy
-    costs what fp32 weights would (the parameter stays, for state dicts and training)."""
+    costs what fp32 weights would (the parameter stays, for state dicts and training). Other
+    dtypes default to ``"blas"`` on Intel CPUs, where MKL runs them (fp32), and to ``"onednn"``
+    on other x86 CPUs, where MKL's generic code is the slower (module docstring)."""
     if not onednn_available():
         return "blas"
-    return "packed" if dtype == torch.bfloat16 and dtype in onednn_dtypes() else "onednn"
+    if dtype == torch.bfloat16 and dtype in onednn_dtypes():
+        return "packed"
+    return "blas" if cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
 
 
 class OneDNNLinear(torch.nn.Linear):
     prepack = False  # the "packed" kind; set per instance by set_linear_kernel
+    # Up to this many rows, bf16 matmuls stream the parameter through Trellis' kernel
+    # (``ops.quant_linear``, qtype ``"BF16"``): at one to four rows it reads the weights 1.2-1.6x
+    # faster than oneDNN's packed matmul (docs/dtypes.md); past that oneDNN (AMX where present) wins.
+    streamed_rows = 4
     # (weight storage (weakly), data_ptr and version, packed weight); never in state dicts, copies or pickles
     _packed: tuple[weakref.ref, int, int, torch.Tensor] | None = None
 
@@ -94,9 +126,18 @@ class OneDNNLinear(torch.nn.Linear):
                 or x.dtype != weight.dtype or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
                 or torch.compiler.is_compiling()):
             return F.linear(x, weight, self.bias)
+        if weight.dtype == torch.bfloat16 and x.numel() <= self.streamed_rows * self.in_features and self._streams(weight):
+            return ops.quant_linear(x, weight.view(torch.uint8), "BF16")
         if self.prepack:
             weight = self._packed_weight()
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+
+    def _streams(self, weight: torch.Tensor) -> bool:
+        """Whether a bf16 matmul of a few rows can stream ``weight`` through Trellis' kernel: a
+        row-major weight of whole 32-weight blocks, no bias (oneDNN adds it before rounding), and
+        the C++ kernels loaded."""
+        return (self.bias is None and weight.is_contiguous() and self.in_features % quant.BLOCK == 0
+                and ops.default_backend(weight.device) == "cpp")
 
     def _packed_weight(self) -> torch.Tensor:
         weight = self.weight
