@@ -4,8 +4,11 @@
 // OpenMP regions, in every layer of a decode step, where a row is a few hundred values.
 //
 // The arithmetic follows transformers' Llama modules step by step, rounding to the storage dtype
-// where they do (bf16 and fp16: every op's result; fp32 math in between), so the results match
-// them up to the order of the RMSNorm sum and the multiply-adds the compiler may fuse.
+// where they do (bf16 and fp16: every op's result; fp32 math in between). The extension is built
+// without floating-point contraction (cpp.py), so a product and a sum round apart, as ATen's
+// separate ops do. In fp32 the RMSNorm's mean of squares is ATen's own reduction too, so fp32
+// results are transformers' bit for bit; in bf16 and fp16 the kernel sums the squares in its own
+// order (a difference far below those dtypes' rounding).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -55,10 +58,31 @@ void check_rows(const char* op, const at::Tensor& t, const char* name) {
 
 // --- add_rms_norm -------------------------------------------------------------------------------
 
+// mean(x^2) over a row of n floats, summed in SIMD lanes, then across them.
+inline float mean_of_squares(const float* x, int64_t n) {
+  Vec squares(0.0f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec v = Vec::loadu(x + i);
+    squares = squares + v * v;
+  }
+  if (i < n) {
+    const Vec v = Vec::loadu(x + i, n - i);  // the lanes past n load as 0
+    squares = squares + v * v;
+  }
+  float lanes[Vec::size()];
+  squares.store(lanes);
+  float sum = 0.0f;
+  for (const float lane : lanes) sum += lane;
+  return sum / static_cast<float>(n);
+}
+
 // transformers' LlamaRMSNorm of one row, after `stream += update` (rounded to T, as `residual +
-// hidden_states` is): weight * T(x * rsqrt(mean(x^2) + eps)), x = stream in fp32.
+// hidden_states` is): weight * T(x * rsqrt(mean(x^2) + eps)), x = stream in fp32. `mean_square`
+// is the row's mean of x^2 when the caller has it (fp32: ATen's), else the row sums it here.
 template <typename T>
-void norm_row(T* stream, const T* update, const T* weight, T* out, int64_t h, float eps) {
+void norm_row(T* stream, const T* update, const T* weight, T* out, int64_t h, float eps,
+              const float* mean_square) {
   float* x = scratch(h);
   for (int64_t i = 0; i < h; ++i) {
     float value = static_cast<float>(stream[i]);
@@ -68,24 +92,27 @@ void norm_row(T* stream, const T* update, const T* weight, T* out, int64_t h, fl
     }
     x[i] = value;
   }
-  Vec squares(0.0f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= h; i += Vec::size()) {
-    const Vec v = Vec::loadu(x + i);
-    squares = squares + v * v;
-  }
-  if (i < h) {
-    const Vec v = Vec::loadu(x + i, h - i);  // the lanes past h load as 0
-    squares = squares + v * v;
-  }
-  float lanes[Vec::size()];
-  squares.store(lanes);
-  float sum = 0.0f;
-  for (const float lane : lanes) sum += lane;
-  const float inv_rms = 1.0f / std::sqrt(sum / static_cast<float>(h) + eps);
+  const float inv_rms = 1.0f / std::sqrt((mean_square != nullptr ? *mean_square : mean_of_squares(x, h)) + eps);
   for (int64_t j = 0; j < h; ++j) {
     out[j] = static_cast<T>(static_cast<float>(weight[j]) * round_to<T>(x[j] * inv_rms));
   }
+}
+
+// In fp32: `stream += update` on every row first, then ATen's mean of squares over the rows (the
+// reduction transformers runs, in its order), then each row normalised.
+void add_rms_norm_fp32(const at::Tensor& stream, const std::optional<at::Tensor>& update, const at::Tensor& w,
+                       at::Tensor& out, double eps) {
+  const int64_t rows = stream.size(0), h = stream.size(1);
+  if (update.has_value()) stream.add_(*update);
+  const at::Tensor mean_square = stream.pow(2).mean(-1).contiguous();
+  const float* ms = mean_square.const_data_ptr<float>();
+  float* x = stream.data_ptr<float>();
+  at::parallel_for(0, rows, grain_for(h * sizeof(float)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      norm_row<float>(x + r * stream.stride(0), nullptr, w.const_data_ptr<float>(), out.data_ptr<float>() + r * h, h,
+                      static_cast<float>(eps), ms + r);
+    }
+  });
 }
 
 at::Tensor add_rms_norm_cpu(const at::Tensor& stream, const std::optional<at::Tensor>& update,
@@ -107,15 +134,19 @@ at::Tensor add_rms_norm_cpu(const at::Tensor& stream, const std::optional<at::Te
   }
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty(stream.sizes(), stream.options());
+  if (stream.scalar_type() == at::kFloat) {
+    add_rms_norm_fp32(stream, update, w, out, eps);
+    return out;
+  }
   const int64_t rows = stream.size(0), h = stream.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, stream.scalar_type(), "add_rms_norm", [&] {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(stream.scalar_type(), "add_rms_norm", [&] {
     scalar_t* x = stream.data_ptr<scalar_t>();
     const scalar_t* u = update.has_value() ? update->const_data_ptr<scalar_t>() : nullptr;
     const int64_t x_stride = stream.stride(0), u_stride = update.has_value() ? update->stride(0) : 0;
     at::parallel_for(0, rows, grain_for(h * stream.element_size()), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         norm_row(x + r * x_stride, u == nullptr ? nullptr : u + r * u_stride, w.const_data_ptr<scalar_t>(),
-                 out.data_ptr<scalar_t>() + r * h, h, static_cast<float>(eps));
+                 out.data_ptr<scalar_t>() + r * h, h, static_cast<float>(eps), nullptr);
       }
     });
   });
@@ -196,18 +227,23 @@ at::Tensor rope_store_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at:
 
 // --- silu_mul -----------------------------------------------------------------------------------
 
-// silu(gate) * up as LlamaMLP computes it: silu in fp32 (x / (1 + exp(-x)), vectorized as
-// ATen's), rounded to T, times up, rounded to T.
+// silu(gate) * up as LlamaMLP computes it: silu in fp32 (x / (1 + exp(-x))), rounded to T, times
+// up, rounded to T. The row is split as ATen's elementwise loop splits it (pairs of vectors, then
+// the scalar formula with std::exp for the rest), so each element takes the same exp as in F.silu
+// (vectorised and scalar exp can differ in the last bit); F.silu sees a whole contiguous [T, n]
+// as one run, so its rows split alike where n is a multiple of two vectors (every Llama's width).
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* out, int64_t n) {
   float* g = scratch(n);
   for (int64_t i = 0; i < n; ++i) g[i] = static_cast<float>(gate[i]);
   const Vec one(1.0f);
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const int64_t lanes = std::min<int64_t>(Vec::size(), n - i);
-    const Vec x = Vec::loadu(g + i, lanes);
-    (x / (one + x.neg().exp())).store(g + i, lanes);
+  const int64_t vectorized = n / (2 * Vec::size()) * (2 * Vec::size());  // whole pairs of vectors
+  int64_t i = 0;
+  for (; i < vectorized; i += Vec::size()) {
+    const Vec x = Vec::loadu(g + i);
+    (x / (one + x.neg().exp())).store(g + i);
   }
+  for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i]));
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(round_to<T>(g[i]) * static_cast<float>(up[i]));
 }
 

@@ -1,8 +1,8 @@
 """The lean decoder path (trellis/runner/decoder.py) against transformers and against the fallback
 (transformers' own decoder forward, ``runner.use_lean_decoder = False``): same greedy tokens, logits
-within fp32 tolerance, cache hits; fp32 models run it on request only (``use_lean_decoder = True``);
-and the fallback wherever the lean path could not reproduce transformers (hooks, adapters, another
-activation, gradients, hidden states)."""
+within fp32 tolerance, cache hits; in fp32 the fallback's logits bit for bit; and the fallback
+wherever the lean path could not reproduce transformers (hooks, adapters, another activation,
+gradients, hidden states)."""
 
 import contextlib
 import copy
@@ -20,13 +20,6 @@ ATOL = 1e-4
 
 def prompt(seed: int, n: int, vocab: int = 256) -> torch.Tensor:
     return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def lean_pair(**kwargs) -> tuple:
-    """``tiny_pair`` with the lean path asked for (an fp32 model runs it on request only)."""
-    ref, model = tiny_pair(**kwargs)
-    model.runner.use_lean_decoder = True
-    return ref, model
 
 
 @contextlib.contextmanager
@@ -57,7 +50,7 @@ def fallback(model: TrellisLlama) -> Iterator[None]:
 
 
 def test_tiny_matches_transformers_and_the_fallback_with_cache_hits():
-    ref, model = lean_pair()
+    ref, model = tiny_pair()
     system = prompt(0, 21)
     with torch.no_grad(), lean_steps(model) as ran:
         for q in range(3):
@@ -67,7 +60,7 @@ def test_tiny_matches_transformers_and_the_fallback_with_cache_hits():
             if q > 0:
                 assert model.prefix_cache.stats()["hit_tokens"] - hits == 20  # 5 full blocks of 4
             torch.testing.assert_close(got, ref(ids).logits[:, -2:], atol=ATOL, rtol=0)
-            with fallback(model):
+            with fallback(model):  # over K/V the lean path cached: matmuls of other row counts
                 torch.testing.assert_close(got, model(ids, logits_to_keep=2).logits, atol=1e-5, rtol=0)
             assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False),
                                ref.generate(ids, max_new_tokens=10, do_sample=False))
@@ -77,7 +70,7 @@ def test_tiny_matches_transformers_and_the_fallback_with_cache_hits():
 
 
 def test_padded_batch_and_inputs_embeds():
-    ref, model = lean_pair()
+    ref, model = tiny_pair()
     ids = torch.cat([prompt(1, 9), prompt(2, 9)])
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -95,7 +88,7 @@ def test_padded_batch_and_inputs_embeds():
 @pytest.mark.parametrize("where", ["layer", "attention", "norm", "linear", "decoder"])
 @pytest.mark.parametrize("kind", ["forward", "pre"])
 def test_a_hook_falls_back_and_runs(where, kind):
-    ref, model = lean_pair()
+    ref, model = tiny_pair()
     module = {"layer": model.model.layers[1], "attention": model.model.layers[0].self_attn,
               "norm": model.model.norm, "linear": model.model.layers[0].mlp.down_proj, "decoder": model.model}[where]
     calls = []
@@ -114,7 +107,7 @@ def test_a_hook_falls_back_and_runs(where, kind):
 
 
 def test_a_global_hook_falls_back():
-    _, model = lean_pair()
+    _, model = tiny_pair()
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: calls.append(1))
     try:
@@ -126,7 +119,7 @@ def test_a_global_hook_falls_back():
 
 
 def test_hidden_states_gradients_and_other_activations_fall_back():
-    ref, model = lean_pair()
+    ref, model = tiny_pair()
     ids = prompt(4, 10)
     with lean_steps(model) as ran:
         with torch.no_grad():
@@ -135,14 +128,14 @@ def test_hidden_states_gradients_and_other_activations_fall_back():
             model(ids)  # the (idle) capture hooks leave it lean
         model(ids).logits.sum().backward()  # records gradients: transformers' forward
     assert ran == [True, False]  # output_hidden_states never reached the lean path
-    ref, model = lean_pair(config=tiny_config(hidden_act="gelu"))
+    ref, model = tiny_pair(config=tiny_config(hidden_act="gelu"))
     with torch.no_grad(), lean_steps(model) as ran:
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
     assert ran == [False]
 
 
 def test_replaced_modules_are_checked_again():
-    ref, model = lean_pair()
+    ref, model = tiny_pair()
     ids = prompt(5, 8)
     with torch.no_grad(), lean_steps(model) as ran:
         model(ids)
@@ -157,7 +150,7 @@ def test_replaced_modules_are_checked_again():
 
 def test_peft_adapters_fall_back():
     peft = installed("peft")
-    ref, model = lean_pair()
+    ref, model = tiny_pair()
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     torch.manual_seed(0)
     tuned_ref = peft.get_peft_model(ref, copy.deepcopy(lora))
@@ -170,7 +163,7 @@ def test_peft_adapters_fall_back():
 
 
 def test_bf16_lean_matches_the_fallback():
-    _, model = lean_pair()
+    _, model = tiny_pair()
     model.to(torch.bfloat16)
     ids = prompt(7, 24)
     with torch.no_grad(), lean_steps(model) as ran:
@@ -186,13 +179,13 @@ def test_bf16_lean_matches_the_fallback():
 
 def test_smollm2_matches_transformers_and_the_fallback():
     ref, model = smollm2_reference(), smollm2_trellis(num_blocks=64)
-    model.runner.use_lean_decoder = True  # fp32: lean on request only
     ids = torch.randint(3, 49152, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), lean_steps(model) as ran:
         got = model(ids, logits_to_keep=1).logits
         torch.testing.assert_close(got, ref(ids).logits[:, -1:], atol=2e-4, rtol=0)
+        model.prefix_cache.reset()  # the same computation from an empty cache: the same matmuls
         with fallback(model):
-            torch.testing.assert_close(got, model(ids, logits_to_keep=1).logits, atol=1e-4, rtol=0)
+            assert torch.equal(got, model(ids, logits_to_keep=1).logits)  # fp32: transformers' forward, bit for bit
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
                            ref.generate(ids, max_new_tokens=8, do_sample=False))
     assert all(ran)
@@ -210,13 +203,14 @@ def test_smollm2_keep_quantized_lean_matches_the_fallback():
     assert ran[0]
 
 
-def test_fp32_models_run_transformers_forward_unless_asked():
-    """fp32 weights with plain linear layers keep transformers' op order by default; bf16 runs lean."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_dtype_runs_lean_unless_turned_off(dtype):
     _, model = tiny_pair()
+    model.to(dtype)
     with torch.no_grad(), lean_steps(model) as ran:
         model(prompt(3, 9))
-    assert ran == [False] and model.runner.lean.exact
-    model.to(torch.bfloat16)
-    with torch.no_grad(), lean_steps(model) as ran:
-        model(prompt(3, 9))
-    assert ran == [True] and not model.runner.lean.exact
+        model.runner.use_lean_decoder = False
+        model(prompt(3, 9))  # transformers' forward, without asking the lean path
+    assert ran == [True]
+
+

@@ -59,7 +59,10 @@ def build_flags() -> tuple[list[str], list[str]]:
     # at::parallel_for is inlined from the OpenMP build of ATen: without -fopenmp it runs serially.
     # Linking -fopenmp resolves to the libgomp torch already loaded (same soname), so one thread pool.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    return ["-O3", *_ISA_FLAGS.get(capability(), []), *openmp], openmp
+    # No floating-point contraction: a product and a sum round apart, as in ATen's separate ops,
+    # so the fused decoder ops give transformers' fp32 results bit for bit. The kernels that
+    # want fused multiply-adds (attention, quant_linear) ask for them explicitly (at::vec::fmadd).
+    return ["-O3", "-ffp-contract=off", *_ISA_FLAGS.get(capability(), []), *openmp], openmp
 
 
 def cpp_extension() -> Extension:

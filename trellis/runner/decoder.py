@@ -7,8 +7,8 @@ dispatcher call and often an OpenMP region. ``LeanDecoder`` walks ``model.model.
 and calls, per layer, the seven linear modules as they are (``nn.Linear``, ``OneDNNLinear``,
 ``QuantizedLinear``: weights, layouts and quantization unchanged), ``run_attention`` with the
 step's plan, and three fused ops: ``add_rms_norm`` (twice), ``rope_store_kv`` and ``silu_mul``.
-Each fused op rounds as transformers' modules do, so the results are transformers' up to fp32
-summation order (docs/decode-step.md).
+Each fused op rounds as transformers' modules do: in fp32 the results are transformers' bit for
+bit, in bf16 and fp16 up to the order of the RMSNorm's sum of squares (docs/decode-step.md).
 
 It runs only a model whose forward it reproduces exactly (``_check``: transformers' own Llama
 classes, no hooks, no adapters, no overridden forward, SiLU, norms in the model's dtype, on the
@@ -61,9 +61,6 @@ class LeanDecoder:
         self.model = model
         self._key: tuple | None = None  # what the verdict was reached on (``_state``)
         self._eligible = False
-        # fp32 weights, no quantized layers: the model transformers answers to within 1e-4 today,
-        # which the fused ops' summation order can exceed (1.2e-4 measured); lean only on request.
-        self.exact = False
         self.checks = 0  # how often the model was checked (tests check it stays rare)
         self._layers: list[torch.nn.Module] = []  # the decoder layers a forward runs
         self._modules: list[torch.nn.Module] = []  # every module a lean forward runs or skips
@@ -71,12 +68,10 @@ class LeanDecoder:
         self._module_dicts: list[dict] = []  # their __dict__s: a forward set on an instance lands there
         self._hook_tables: list[dict] = []  # their forward (pre-)hooks, and the global ones
 
-    def run(self, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None,
-            exact_models: bool = False) -> torch.Tensor | None:
+    def run(self, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
         """The decoder's final hidden states ``[T, H]`` over ``batch`` (its tokens, or
-        ``inputs_embeds`` ``[T, H]``), or None where the lean path does not apply. A model of fp32
-        weights and plain linear layers runs it only when ``exact_models`` (``exact``)."""
-        if torch.is_grad_enabled() or not self.eligible() or (self.exact and not exact_models):
+        ``inputs_embeds`` ``[T, H]``), or None where the lean path does not apply."""
+        if torch.is_grad_enabled() or not self.eligible():
             return None
         decoder = self.model.model
         if inputs_embeds is None:
@@ -143,8 +138,6 @@ class LeanDecoder:
             return False
         self._first_norm = layers[0].input_layernorm._parameters
         weight = self._first_norm["weight"]
-        self.exact = weight.dtype == torch.float32 and not any(
-            isinstance(m, QuantizedLinear) for layer in layers for m in layer.modules())
         norms = [*chain.from_iterable((la.input_layernorm, la.post_attention_layernorm) for la in layers),
                  *([] if isinstance(decoder.norm, torch.nn.Identity) else [decoder.norm])]
         hooks = chain.from_iterable(table.values() for table in self._hook_tables)

@@ -87,9 +87,9 @@ class PagedModelRunner:
         self._manager_key: tuple | None = None  # what the cached K/V were computed with
         self.weights_watcher = WeightsWatcher(model)
         self.lean = LeanDecoder(model)
-        # The lean decoder path (decoder.py): None runs it for bf16, fp16 and quantized models, and
-        # transformers' forward for fp32 ones (bit-for-bit transformers' op order); True or False forces it.
-        self.use_lean_decoder: bool | None = None
+        # The lean decoder path (decoder.py) wherever the model is eligible; False runs transformers'
+        # decoder forward for every step.
+        self.use_lean_decoder = True
 
     # --- settings ----------------------------------------------------------------------------
 
@@ -288,8 +288,8 @@ def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch
     in their place; attention reads the batch. The lean path (``decoder.py``) where the model's
     runner finds it eligible and ``kwargs`` ask for nothing; else transformers' forward, given ``kwargs``."""
     runner = getattr(model, "runner", None)
-    if isinstance(runner, PagedModelRunner) and runner.use_lean_decoder is not False and not any(kwargs.values()):
-        hidden = runner.lean.run(batch, inputs_embeds, exact_models=runner.use_lean_decoder is True)  # [T, H] or None
+    if isinstance(runner, PagedModelRunner) and runner.use_lean_decoder and not any(kwargs.values()):
+        hidden = runner.lean.run(batch, inputs_embeds)  # [T, H], or None where the model is not eligible
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden[None])
     tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
