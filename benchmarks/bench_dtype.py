@@ -8,7 +8,13 @@ the median ms per step over every step of every repeat, which keeps a burst of l
 process out of the comparison. ``--threads 1 --cpu-time`` counts the thread's CPU time instead:
 on a machine shared with other jobs, time spent preempted then does not count.
 
-    .venv/bin/python benchmarks/bench_dtype.py [--model smollm2|tinyllama] [--dtypes float32 bfloat16] [--json PATH]
+``--quantized Q4_0`` adds the fp32 model with its decoder's linear layers quantized to that GGUF
+format and its LM head to Q8_0 (the embedded GGUF's layout), run by Trellis' quantized kernels
+(``QuantizedLinear``; fp32 activations): the issue-18 targets compare each dtype's Trellis
+default (the ``default`` column) against fp32's.
+
+    .venv/bin/python benchmarks/bench_dtype.py [--model smollm2|tinyllama] [--dtypes float32 bfloat16]
+        [--quantized Q4_0] [--json PATH]
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import statistics
 import time
 from collections.abc import Callable
 
+import gguf
 import torch
 from common import add_cpu_time_option, attention, chosen_clock, describe, load_model, parser
 
+from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
 from trellis.runner import LINEAR_KERNELS
+from trellis.runner.quantized_linear import QuantizedLinear
 
 # name -> (attention implementation, Trellis linear kernel); Trellis runs its C++ attention kernels
 SYSTEMS = {"transformers sdpa": ("sdpa", None), **{f"trellis {kind}": ("trellis", kind) for kind in LINEAR_KERNELS}}
@@ -45,17 +54,40 @@ def step_times_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int, cloc
 
 def measure(model: torch.nn.Module, system: str, prompt: torch.Tensor, steps: int,
             clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    implementation, kernel = SYSTEMS[system]
+    implementation, kernel = SYSTEMS.get(system, ("trellis", None))  # "trellis quantized": no linear kernel
     with attention(model, implementation):
-        if kernel is not None:  # Trellis: its linear kernel, and a fresh, empty cache
-            model.set_linear_kernel(kernel)  # (packing happens in the untimed prompt forward)
+        if implementation == "trellis":  # its linear kernel, and a fresh, empty cache
+            if kernel is not None:
+                model.set_linear_kernel(kernel)  # (packing happens in the untimed prompt forward)
             model.configure_cache(backend="cpp")
         return step_times_ms(model, prompt, steps, clock)
+
+
+def quantized_model(args: argparse.Namespace, qtype: str) -> TrellisLlama:
+    """The fp32 model with every decoder linear layer's weight quantized to ``qtype`` by gguf's
+    quantizer and its LM head to Q8_0, each a ``QuantizedLinear`` over those blocks."""
+    model = load_model(argparse.Namespace(**{**vars(args), "dtype": "float32"}))
+
+    def quantize(parent: torch.nn.Module, name: str, kind: str) -> None:
+        linear = getattr(parent, name)
+        blocks = gguf.quants.quantize(linear.weight.detach().contiguous().numpy(), gguf.GGMLQuantizationType[kind])
+        setattr(parent, name, QuantizedLinear.from_linear(linear, kind, torch.from_numpy(blocks)))
+
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                quantize(parent, name, qtype)
+    quantize(model, "lm_head", "Q8_0")  # an untied copy when the head shares the embedding's weight
+    model.prefix_cache.reset()
+    return model
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--quantized", nargs="*", default=[], choices=("Q4_0", "Q4_1", "Q8_0"),
+                   help="also the fp32 model with its linear layers in these GGUF formats (Q8_0 LM head)")
     p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed steps")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
     add_cpu_time_option(p)
@@ -63,24 +95,34 @@ def main() -> None:
     clock = chosen_clock(args, p)
     repeats = 1 if args.quick else args.repeats or 5
     models = {dtype: load_model(argparse.Namespace(**{**vars(args), "dtype": dtype})) for dtype in args.dtypes}
-    pairs = [(dtype, system) for dtype in args.dtypes for system in SYSTEMS]
+    defaults = {dtype: f"trellis {model.linear_kernel}" for dtype, model in models.items()}  # before measure() switches
+    for qtype in args.quantized:
+        models[qtype] = quantized_model(args, qtype)
+        defaults[qtype] = "trellis quantized"
+    # (row, system): every system for a dtype; the quantized models' layers take no linear kernel
+    pairs = [(row, system) for row in models for system in (SYSTEMS if row in args.dtypes else [defaults[row]])]
     prompt = torch.randint(3, models[args.dtypes[0]].config.vocab_size, (1, args.context),
                            generator=torch.Generator().manual_seed(0))
-    for dtype, system in pairs:  # untimed: first-call costs (kernel builds, the allocator, packing)
-        measure(models[dtype], system, prompt[:, :64], 2)
+    for row, system in pairs:  # untimed: first-call costs (kernel builds, the allocator, packing)
+        measure(models[row], system, prompt[:, :64], 2)
     times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
     for r in range(repeats):
         for pair in pairs[r % len(pairs):] + pairs[:r % len(pairs)]:
             times[pair] += measure(models[pair[0]], pair[1], prompt, args.steps, clock)
-    rows = [{"dtype": dtype, **{system: statistics.median(times[dtype, system]) for system in SYSTEMS}}
-            for dtype in args.dtypes]
-    info = {**describe(models[args.dtypes[0]], args.model), "dtype": args.dtypes,  # a list: one row each
+    rows = [{"dtype": row, **{system: statistics.median(times[row, system]) for (r, system) in pairs if r == row},
+             "default": statistics.median(times[row, defaults[row]]), "default_kernel": defaults[row]}
+            for row in models]
+    info = {**describe(models[args.dtypes[0]], args.model), "dtype": list(models),  # a list: one row each
             "linear_kernel": "each", "trellis_linear_kernel": "each"}
     statistic = "median ms per step" + (" (thread CPU time)" if args.cpu_time else "")
     print(f"{info}\n{statistic} after a {args.context}-token prompt ({args.steps} steps x {repeats} repeats)\n")
-    print("| dtype | " + " | ".join(SYSTEMS) + " |\n|---|" + "---|" * len(SYSTEMS))
+    columns = [*SYSTEMS, "default"]
+    print("| dtype | " + " | ".join(columns) + " | default vs fp32 |\n|---|" + "---|" * (len(columns) + 1))
+    fp32 = next((row["default"] for row in rows if row["dtype"] == "float32"), None)
     for row in rows:
-        print(f"| {row['dtype']} | " + " | ".join(f"{row[s]:.1f}" for s in SYSTEMS) + " |")
+        cells = [f"{row[c]:.1f}" if c in row else "" for c in columns]
+        ratio = f"{fp32 / row['default']:.2f}x" if fp32 else ""
+        print(f"| {row['dtype']} | " + " | ".join(cells) + f" | {ratio} |")
     if args.json:
         args.json.write_text(json.dumps({"info": info, "context": args.context, "steps": args.steps, "repeats": repeats,
                                          "statistic": statistic, "dtypes": rows}, indent=1))

@@ -268,11 +268,19 @@ def linear_table(data: dict) -> str:
 
 
 def dtypes_table(data: dict) -> str:
-    systems = [k for k in data["dtypes"][0] if k != "dtype"]
-    rows = [[f"`{r['dtype']}`", *(f"{r[s]:.1f}" for s in systems)] for r in data["dtypes"]]
+    """Rows of every dtype's systems; a quantized row (``--quantized``) has only Trellis' default,
+    and files from ``--quantized`` runs name each row's default and its ratio to fp32's."""
+    # a quantized row's one system is its default
+    systems = list(dict.fromkeys(k for r in data["dtypes"] for k in r
+                                 if k not in ("dtype", "default_kernel", "trellis quantized")))
+    fp32 = next((r.get("default") for r in data["dtypes"] if r["dtype"] == "float32"), None)
+    columns = ["dtype", *systems] + (["default vs fp32's"] if fp32 and "default" in systems else [])
+    rows = [[f"`{r['dtype']}`", *(f"{r[s]:.1f}" if s in r else "" for s in systems)]
+            + ([f"{fp32 / r['default']:.2f}× ({r['default_kernel']})"] if len(columns) > len(systems) + 1 else [])
+            for r in data["dtypes"]]
     return (f"One session's decode step after a {data['context']}-token prompt by dtype ({data['info']['model']}, "
             f"{data['info']['machine'].rpartition(', ')[2]}), {data['statistic']} ({data['steps']} steps × "
-            f"{data['repeats']} repeats per system and dtype, in turns).\n\n" + table(["dtype", *systems], rows))
+            f"{data['repeats']} repeats per system and dtype, in turns).\n\n" + table(columns, rows))
 
 
 def speculative_table(data: dict) -> str:
