@@ -42,8 +42,9 @@ from trellis.models.llama import TrellisLlama
 
 def settings(args: argparse.Namespace) -> dict:
     if args.quick:
-        return {"L": 128, "D": 8, "N": 2, "phis": [0.0, 0.5, 0.9], "repeats": args.repeats or 1, "target_D": 4}
-    return {"L": 512, "D": 64, "N": 4, "phis": list(PHIS), "repeats": args.repeats or 1, "target_D": 16}
+        return {"L": 128, "D": 8, "N": 2, "phis": args.phis or [0.0, 0.5, 0.9], "repeats": args.repeats or 1,
+                "target_D": 4}
+    return {"L": 512, "D": 64, "N": 4, "phis": args.phis or list(PHIS), "repeats": args.repeats or 1, "target_D": 16}
 
 
 def expected_blocks(w: Workload) -> int:
@@ -140,6 +141,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--targets-only", action="store_true", help="only the N=4, D=16 target check (no figure)")
+    p.add_argument("--phis", type=float, nargs="+", help="the φ values (default: the seed's grid, PHIS)")
     args = p.parse_args()
     model = load_model(args)
     if not args.targets_only:

@@ -35,7 +35,7 @@ from trellis.models.llama import TrellisLlama
 
 def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
     L = 128 if args.quick else 512
-    phis = [0.0, 0.5, 0.9] if args.quick else list(PHIS)
+    phis = args.phis or ([0.0, 0.5, 0.9] if args.quick else list(PHIS))
     repeats = args.repeats or (1 if args.quick else 3)
     every = systems(model, ttft=True)
     warm_up(every)
@@ -76,7 +76,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--phis", type=float, nargs="+", help="the φ values (default: the seed's grid, PHIS)")
+    args = p.parse_args()
     model = load_model(args)
     finish(run(model, args), args, "ttft", plot, tables)
 
