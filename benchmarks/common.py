@@ -29,7 +29,6 @@ from trellis import ops
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 from trellis.runner import LINEAR_KERNELS
-from trellis.runner.cpu_linear import default_linear_kernel
 
 PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # the seed's grid of shared-prefix fractions
 SEED_BLOCK = 32  # φ is quantised to the seed's 32-token blocks, whatever the cache's block size
@@ -91,9 +90,8 @@ def load_model(args: argparse.Namespace) -> TrellisLlama:
         torch.manual_seed(0)  # initialised in fp32 whatever the dtype: every dtype runs the same weights, rounded
         model = TrellisLlama._from_config(LlamaConfig(**TINYLLAMA), attn_implementation="trellis").to(dtype).eval()
         model.configure_cache(backend=backend)
-    # the dtype's default kind (a model converted by .to() keeps the kind of the dtype it was built in);
-    # this also lays out the converted weights
-    model.set_linear_kernel(args.linear_kernel or default_linear_kernel(model.dtype))
+    if args.linear_kernel:  # else the dtype's default, which .to() already set
+        model.set_linear_kernel(args.linear_kernel)
     model.generation_config.eos_token_id = None  # no stop token: every session generates exactly D tokens
     # transformers' continuous batching warns at every call about the persistent manager the peer needs.
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)

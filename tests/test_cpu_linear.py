@@ -98,15 +98,34 @@ def test_bf16_rows_up_to_four_stream_through_trellis_kernel(kind):
 
 
 @needs_onednn_bf16
+def test_the_kind_follows_the_dtype_unless_chosen():
+    model = TrellisLlama(tiny_config())
+    fp32_default = cpu_linear.default_linear_kernel(torch.float32)
+    assert model.linear_kernel == fp32_default and not model.runner.linear_kernel_chosen
+    model.to(torch.bfloat16)  # bf16's default, packed, not fp32's
+    assert model.linear_kernel == "packed" and linear_kernel_of(model.lm_head) == "packed"
+    model.float()
+    assert model.linear_kernel == fp32_default == linear_kernel_of(model.model.layers[0].mlp.up_proj)
+    model.set_linear_kernel("onednn")  # chosen: kept through conversions and copies
+    model.to(torch.bfloat16)
+    copied = copy.deepcopy(model)
+    assert model.linear_kernel == copied.linear_kernel == "onednn" and copied.runner.linear_kernel_chosen
+    assert all(m.weight.is_contiguous() for m in model.modules() if linear_kernel_of(m))  # bf16's layout
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, copied(IDS).logits)
+
+
+@needs_onednn_bf16
 def test_onednn_keeps_bf16_weights_row_major():
-    """Input-major pays in fp32 only (cpu_linear.input_major); set_linear_kernel also lays out
-    weights that ``.to()`` converted with their fp32 strides."""
+    """Input-major pays in fp32 only (cpu_linear.input_major): converting the model lays out the
+    weights that ``.to()`` converted with their fp32 strides, and converting back restores them."""
     _, model = tiny_pair()
     model.set_linear_kernel("onednn")
+    assert _input_major(model.model.layers[0].mlp.up_proj.weight)
     model.to(torch.bfloat16)
-    assert _input_major(model.model.layers[0].mlp.up_proj.weight)  # .to() keeps strides
-    model.set_linear_kernel("onednn")
     assert all(m.weight.is_contiguous() for m in model.modules() if linear_kernel_of(m))
+    model.float()
+    assert _input_major(model.model.layers[0].mlp.up_proj.weight)
 
 
 @needs_onednn

@@ -59,7 +59,10 @@ class TrellisLM(HFLM):
         if not isinstance(self.trellis_model, TrellisLlama):
             raise TypeError(f"the trellis model needs a TrellisLlama, got {type(self.trellis_model).__name__}")
         model = self.trellis_model
-        model.set_linear_kernel(linear_kernel or model.linear_kernel)  # also lays out the weights as loaded
+        if linear_kernel is not None:
+            model.set_linear_kernel(linear_kernel)  # also lays out the weights as loaded
+        else:
+            model.runner.follow_dtype()
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         super()._create_model(pretrained, **kwargs, **self._cache_settings)

@@ -19,7 +19,7 @@ from trellis.cache.persist import load_prefix_cache, model_fingerprint, save_pre
 from trellis.models.gguf_quantized import keep_gguf_quantized, quantized_gguf
 from trellis.models.loading import load_llama_config, resolve_device
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
-from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner, cpu_linear
+from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
 
 
 class TrellisLlama(LlamaForCausalLM):
@@ -34,7 +34,7 @@ class TrellisLlama(LlamaForCausalLM):
                  kv_cache_memory: int | None = None, backend: str | None = None) -> None:
         super().__init__(config)
         self.runner = PagedModelRunner(self, CacheSettings(block_size, num_blocks, kv_cache_memory, backend))
-        self.set_linear_kernel(cpu_linear.default_linear_kernel(self.dtype))  # from_pretrained: the dtype it loads
+        self.runner.follow_dtype()  # from_pretrained: the dtype it loads
         # Input-major weights (the oneDNN kernel's layout) are transposed views: a state dict for
         # others to save or load (safetensors refuses non-contiguous tensors) gets plain copies.
         self._register_state_dict_hook(_contiguous_state_dict)
@@ -48,14 +48,23 @@ class TrellisLlama(LlamaForCausalLM):
         """Copies and pickles carry the weights and settings, not the runner's locks or cache."""
         state = self.__dict__.copy()
         runner = state.pop("runner")
-        state["_runner_state"] = (runner.settings, runner.linear_kernel)
+        state["_runner_state"] = (runner.settings, runner.linear_kernel, runner.linear_kernel_chosen)
         return state
 
     def __setstate__(self, state: dict) -> None:
-        settings, linear_kernel = state.pop("_runner_state")
+        settings, linear_kernel, chosen = state.pop("_runner_state")
         super().__setstate__(state)
         self.runner = PagedModelRunner(self, settings)
-        self.runner.linear_kernel = linear_kernel  # the copied layers already run on it
+        # the copied layers already run on it
+        self.runner.linear_kernel, self.runner.linear_kernel_chosen = linear_kernel, chosen
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.bfloat16()``, ``.float()``, ...: the linear kernel follows the new dtype
+        unless the user chose one (``set_linear_kernel``), and the weights take its layout."""
+        super()._apply(fn, recurse)
+        if "runner" in self.__dict__:  # not while transformers builds the model
+            self.runner.follow_dtype()
+        return self
 
     def configure_cache(self, block_size: int = 32, num_blocks: int | None = None,
                         kv_cache_memory: int | None = None, backend: str | None = None) -> None:
@@ -93,7 +102,10 @@ class TrellisLlama(LlamaForCausalLM):
         if "device_map" not in kwargs:
             model.to(resolve_device(device))
         model.attention_backend()  # load (or build) the kernels now rather than in the first request
-        model.set_linear_kernel(linear_kernel or model.linear_kernel)  # also lays out the loaded weights
+        if linear_kernel is not None:
+            model.set_linear_kernel(linear_kernel)  # also lays out the loaded weights
+        else:
+            model.runner.follow_dtype()  # the loaded dtype's default, the loaded weights laid out
         model.eval()
         return loaded
 
@@ -102,9 +114,10 @@ class TrellisLlama(LlamaForCausalLM):
         ``F.linear``): ``"blas"`` (transformers' path; the fp32 default on Intel CPUs), ``"onednn"``
         (the fp32 default on other x86 CPUs: no extra memory; fp32 weights are stored input-major)
         or ``"packed"`` (oneDNN over a second, prepacked copy of the weights; the bf16 default on
-        x86). See ``trellis.runner.cpu_linear``.
-        Returns the number of layers that changed kind. The KV cache starts empty afterwards: its
-        K/V were computed by the other matmuls."""
+        x86). See ``trellis.runner.cpu_linear``. A kind set here is kept when the model changes
+        dtype; without one, the kind follows the dtype (``.to(torch.bfloat16)`` moves an fp32
+        model to bf16's default). Returns the number of layers that changed kind. The KV cache
+        starts empty afterwards: its K/V were computed by the other matmuls."""
         return self.runner.set_linear_kernel(kind)
 
     @property

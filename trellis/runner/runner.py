@@ -81,6 +81,8 @@ class PagedModelRunner:
         self.model = model
         self.settings = settings or CacheSettings()
         self.linear_kernel = cpu_linear.linear_kernel_of(model.lm_head) or "blas"
+        # Whether the user chose ``linear_kernel``; if not, it follows the model's dtype (follow_dtype).
+        self.linear_kernel_chosen = False
         self.lock = threading.RLock()
         self._cache_lock = threading.Lock()  # threads asking for the cache together get one and the same
         self._manager: KVCacheManager | None = None
@@ -106,13 +108,23 @@ class PagedModelRunner:
         with self.lock, self._cache_lock:
             self.settings, self._manager = settings, None
 
-    def set_linear_kernel(self, kind: str) -> int:
-        """What runs the linear layers in CPU fp32 inference (see ``cpu_linear``); the cache starts
-        empty afterwards (its K/V came from other matmuls). Returns the layers that changed kind."""
+    def set_linear_kernel(self, kind: str, chosen: bool = True) -> int:
+        """What runs the linear layers in CPU fp32 and bf16 inference (see ``cpu_linear``); the
+        cache starts empty afterwards (its K/V came from other matmuls). Returns the layers that
+        changed kind. ``chosen``: the user's choice, kept when the model changes dtype; else the
+        default, which ``follow_dtype`` replaces with the new dtype's."""
         with self.lock:
             changed = cpu_linear.set_linear_kernel(self.model, kind)
-            self.linear_kernel = kind
+            self.linear_kernel, self.linear_kernel_chosen = kind, chosen
             return changed
+
+    def follow_dtype(self) -> None:
+        """After the model's dtype may have changed (``.to()``, loading): the default kind for that
+        dtype, unless the user chose one (fp32's default on Intel, MKL, is not bf16's), and the
+        weights laid out as the kind reads them in that dtype."""
+        chosen = self.linear_kernel_chosen
+        kind = self.linear_kernel if chosen else cpu_linear.default_linear_kernel(self.model.dtype)
+        self.set_linear_kernel(kind, chosen=chosen)
 
     def attention_backend(self) -> str:
         """The kernels attention runs on: the configured backend, else the fastest for the device
