@@ -11,11 +11,14 @@
 // order (a difference far below those dtypes' rounding).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <optional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kv_cache_layout.h"
@@ -25,10 +28,47 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
+// The dtypes the ops take (check_dtype): fp32, bf16, fp16.
+#define TRELLIS_DISPATCH_DTYPES(TYPE, NAME, ...)                                             \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                   \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
 // x as the storage dtype T would hold it (a no-op for float).
 template <typename T>
 inline float round_to(float x) {
   return static_cast<float>(static_cast<T>(x));
+}
+
+// The same three for a whole vector: Vec::size() values of T as floats, a vector rounded to T
+// and back, and a vector stored as T. Every loop below runs these over whole vectors and its
+// scalar twin over the tail; the two round alike (round to nearest even).
+template <typename T>
+inline Vec load_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec x;
+    at::vec::load_to_float(p, x);
+    return x;
+  }
+}
+
+template <typename T>
+inline Vec round_vec(const Vec& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(x, x)));
+  }
+}
+
+template <typename T>
+inline void store_as(T* p, const Vec& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    x.store(p);
+  } else {
+    at::vec::convert_from_float<T>(x, x).store(p, Vec::size());
+  }
 }
 
 // A per-thread fp32 row buffer of at least n floats, kept across calls.
@@ -84,7 +124,16 @@ template <typename T>
 void norm_row(T* stream, const T* update, const T* weight, T* out, int64_t h, float eps,
               const float* mean_square) {
   float* x = scratch(h);
-  for (int64_t i = 0; i < h; ++i) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= h; i += Vec::size()) {
+    Vec value = load_float(stream + i);
+    if (update != nullptr) {
+      value = round_vec<T>(value + load_float(update + i));
+      store_as(stream + i, value);
+    }
+    value.store(x + i);
+  }
+  for (; i < h; ++i) {
     float value = static_cast<float>(stream[i]);
     if (update != nullptr) {
       value = round_to<T>(value + static_cast<float>(update[i]));
@@ -93,7 +142,12 @@ void norm_row(T* stream, const T* update, const T* weight, T* out, int64_t h, fl
     x[i] = value;
   }
   const float inv_rms = 1.0f / std::sqrt((mean_square != nullptr ? *mean_square : mean_of_squares(x, h)) + eps);
-  for (int64_t j = 0; j < h; ++j) {
+  const Vec inv(inv_rms);
+  int64_t j = 0;
+  for (; j + Vec::size() <= h; j += Vec::size()) {
+    store_as(out + j, load_float(weight + j) * round_vec<T>(Vec::loadu(x + j) * inv));
+  }
+  for (; j < h; ++j) {
     out[j] = static_cast<T>(static_cast<float>(weight[j]) * round_to<T>(x[j] * inv_rms));
   }
 }
@@ -160,12 +214,24 @@ at::Tensor add_rms_norm_cpu(const at::Tensor& stream, const std::optional<at::Te
 template <typename T>
 inline void rotate_row(const T* x, const T* cos, const T* sin, T* out, int64_t d) {
   const int64_t half = d / 2;
-  for (int64_t i = 0; i < d; ++i) {
-    const float rotated = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
-    const float a = round_to<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
-    const float b = round_to<T>(rotated * static_cast<float>(sin[i]));
-    out[i] = static_cast<T>(a + b);
-  }
+  // Elements [begin, end) pair with those `offset` away: -x[i + half] in the first half, x[i - half] after.
+  auto rotate = [&](int64_t begin, int64_t end, int64_t offset, bool negate) {
+    int64_t i = begin;
+    for (; i + Vec::size() <= end; i += Vec::size()) {
+      const Vec partner = load_float(x + i + offset);
+      const Vec a = round_vec<T>(load_float(x + i) * load_float(cos + i));
+      const Vec b = round_vec<T>((negate ? partner.neg() : partner) * load_float(sin + i));
+      store_as(out + i, a + b);
+    }
+    for (; i < end; ++i) {
+      const float partner = static_cast<float>(x[i + offset]);
+      const float a = round_to<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
+      const float b = round_to<T>((negate ? -partner : partner) * static_cast<float>(sin[i]));
+      out[i] = static_cast<T>(a + b);
+    }
+  };
+  rotate(0, half, half, true);
+  rotate(half, d, -half, false);
 }
 
 at::Tensor rope_store_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
@@ -202,7 +268,7 @@ at::Tensor rope_store_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   const int64_t* slot = slots.const_data_ptr<int64_t>();
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   at::Tensor q_out = at::empty({tokens, q_heads, d}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rope_store_kv", [&] {
+  TRELLIS_DISPATCH_DTYPES(q.scalar_type(), "rope_store_kv", [&] {
     const int64_t row_bytes = (q_heads + 2 * kv_heads) * d * static_cast<int64_t>(sizeof(scalar_t));
     at::parallel_for(0, tokens, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
@@ -235,16 +301,20 @@ at::Tensor rope_store_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at:
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* out, int64_t n) {
   float* g = scratch(n);
-  for (int64_t i = 0; i < n; ++i) g[i] = static_cast<float>(gate[i]);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) load_float(gate + i).store(g + i);
+  for (; i < n; ++i) g[i] = static_cast<float>(gate[i]);
   const Vec one(1.0f);
   const int64_t vectorized = n / (2 * Vec::size()) * (2 * Vec::size());  // whole pairs of vectors
-  int64_t i = 0;
-  for (; i < vectorized; i += Vec::size()) {
+  for (i = 0; i < vectorized; i += Vec::size()) {
     const Vec x = Vec::loadu(g + i);
     (x / (one + x.neg().exp())).store(g + i);
   }
   for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i]));
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(round_to<T>(g[i]) * static_cast<float>(up[i]));
+  for (i = 0; i + Vec::size() <= n; i += Vec::size()) {
+    store_as(out + i, round_vec<T>(Vec::loadu(g + i)) * load_float(up + i));
+  }
+  for (; i < n; ++i) out[i] = static_cast<T>(round_to<T>(g[i]) * static_cast<float>(up[i]));
 }
 
 at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
@@ -257,7 +327,7 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
                    up.scalar_type());
   at::Tensor out = at::empty(gate.sizes(), gate.options());
   const int64_t rows = gate.size(0), n = gate.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "silu_mul", [&] {
+  TRELLIS_DISPATCH_DTYPES(gate.scalar_type(), "silu_mul", [&] {
     at::parallel_for(0, rows, grain_for(3 * n * gate.element_size()), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         silu_mul_row(gate.const_data_ptr<scalar_t>() + r * gate.stride(0),

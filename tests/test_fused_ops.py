@@ -128,10 +128,18 @@ def test_rope_store_kv_matches_reference(heads, head_dim, dtype):
 @pytest.mark.parametrize("shape", [(1, 1536), (3, 17), (5, 1), (0, 8), (300, 256)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_matches_reference(shape, dtype):
-    gate, up = (4 * torch.randn(shape)).to(dtype), torch.randn(shape).to(dtype)
+    generator = torch.Generator().manual_seed(shape[-1])
+    gate, up = (4 * torch.randn(shape, generator=generator)).to(dtype), torch.randn(shape, generator=generator).to(dtype)
     want = ops.silu_mul(gate, up, backend="reference")
     assert torch.equal(want, F.silu(gate) * up)  # LlamaMLP's act_fn(gate_proj(x)) * up_proj(x)
-    assert_close(ops.silu_mul(gate, up, backend="cpp"), want)
+    got = ops.silu_mul(gate, up, backend="cpp")
+    if dtype == torch.float32 and shape[0] > 1 and shape[-1] % 32:
+        # F.silu runs a contiguous [T, n] as one flat run; where n is no multiple of two vectors its
+        # split between vectorised and scalar exp falls elsewhere in a row than the kernel's (which
+        # agrees for every Llama width), and the two exps can differ by a unit in the last place.
+        torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    else:
+        assert_close(got, want)
 
 
 def test_silu_mul_halves_of_one_projection():
