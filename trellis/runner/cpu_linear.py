@@ -113,8 +113,8 @@ def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
 class OneDNNLinear(torch.nn.Linear):
     prepack = False  # the "packed" kind; set per instance by set_linear_kernel
     # Up to this many rows, bf16 matmuls stream the parameter through Trellis' kernel
-    # (``ops.quant_linear``, qtype ``"BF16"``): at one to four rows it reads the weights 1.2-1.6x
-    # faster than oneDNN's packed matmul (docs/dtypes.md); past that oneDNN (AMX where present) wins.
+    # (``ops.quant_linear``, qtype ``"BF16"``): as fast as oneDNN's packed matmul at one row and
+    # 1.3-1.4x faster at two to four on SmolLM2 (docs/cpu-linear.md); past that oneDNN (AMX) wins.
     streamed_rows = 4
     # (weight storage (weakly), data_ptr and version, packed weight); never in state dicts, copies or pickles
     _packed: tuple[weakref.ref, int, int, torch.Tensor] | None = None
