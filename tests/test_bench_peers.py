@@ -1,12 +1,14 @@
 """bench_peers' pure parts: the workers' shared measurements (over a fake system), the requests every
 system gets, the rotation and the summary. The peers themselves run only in the benchmark."""
 
+import math
 import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # scripts, not a package
 sys.path.insert(0, str(BENCHMARKS / "peers"))
+import bench_gguf_fidelity
 import bench_peers
 import protocol
 from common import Workload
@@ -31,6 +33,12 @@ class FakeSystem(protocol.Worker):
 
     def token_times(self, prompt, max_new_tokens):
         return [float(i * i) for i in range(max_new_tokens)]
+
+    def token_logprobs(self, tokens):
+        return [-float(t) for t in tokens[1:]]
+
+    def greedy_tokens(self, prompt, max_new_tokens):
+        return [prompt[-1]] * max_new_tokens
 
 
 def test_worker_measurements(monkeypatch):
@@ -75,3 +83,17 @@ def test_rotation_and_summary():
     ratios = dict(bench_peers.ratios(result))
     assert ratios["N=4 φ=0.9 D16 s/op, vllm_fp32 / trellis_fp32 (target ≥ 1.5)"] == 1.5
     assert "Not run: llamacpp: not set up" in bench_peers.tables(result)
+
+
+def test_fidelity_scores_every_text_and_continues_every_prompt():
+    reply = FakeSystem([0.0]).fidelity(texts=[[1, 2, 3], [4, 5]], prompts=[[7, 8], [9]], max_new_tokens=2)
+    assert reply == {"logprobs": [[-2.0, -3.0], [-5.0]], "continuations": [[8, 8], [9, 9]]}
+
+
+def test_fidelity_summary():
+    assert bench_gguf_fidelity.windows(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5]]  # a 1-token window scores nothing
+    replies = {"trellis_gguf": {"logprobs": [[-1.0, -1.0]], "continuations": [[1, 2, 3], [4, 5, 6]]},
+               "llamacpp": {"logprobs": [[-2.0]], "continuations": [[1, 9, 3], [4, 5, 6]]}}
+    summary = bench_gguf_fidelity.summarize(replies, new_tokens=3)
+    assert summary["perplexity"]["trellis_gguf"] == math.exp(1.0) and summary["perplexity"]["llamacpp"] == math.exp(2.0)
+    assert summary["agreement"] == {"trellis_gguf / llamacpp": {"leading_tokens": [1, 3], "identical": 1}}

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import protocol
 from llama_cpp import Llama, __version__, llama_print_system_info
 
@@ -24,6 +25,7 @@ class LlamaCppWorker(protocol.Worker):
         self.gguf, self.threads = gguf, threads
         self.llm = Llama(model_path=gguf, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.context: list[int] = []  # the tokens whose K/V the context holds, to count the reused prefix
+        self.scorer: Llama | None = None  # fidelity's all-logits context, made on first use
 
     def info(self) -> dict:
         system_info = llama_print_system_info()
@@ -57,6 +59,28 @@ class LlamaCppWorker(protocol.Worker):
         stamps: list[float] = []
         self._session(prompt, max_new_tokens, stamps)
         return stamps
+
+    def token_logprobs(self, tokens: list[int]) -> list[float]:
+        # A second context that keeps every position's logits (the timed one keeps the last only).
+        if self.scorer is None:
+            self.scorer = Llama(model_path=self.gguf, n_ctx=N_CTX, n_threads=self.threads,
+                                n_threads_batch=self.threads, logits_all=True, verbose=False)
+        self.scorer.reset()
+        self.scorer.eval(tokens)
+        logits = np.asarray(self.scorer.scores[: len(tokens) - 1], dtype=np.float64)  # position i predicts i + 1
+        top = logits.max(axis=1, keepdims=True)
+        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        return (logits[np.arange(len(tokens) - 1), tokens[1:]] - log_z).tolist()
+
+    def greedy_tokens(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        self.reset()
+        tokens: list[int] = []
+        for token in self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+            tokens.append(token)
+            if len(tokens) == max_new_tokens:
+                break
+        self.context = prompt + tokens[:-1]
+        return tokens
 
 
 def main() -> None:

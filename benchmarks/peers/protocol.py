@@ -14,6 +14,9 @@ Requests (``task``):
   ``probe`` (which shares a prefix with ``warm``), each a one-token request, wall clock around it.
 - ``decode``: one session after an empty cache: ``prompt``, then ``max_new_tokens`` tokens; the
   seconds between consecutive tokens (every token after the first is one decode step).
+- ``fidelity`` (``bench_gguf_fidelity.py``, not timed): the log-probability of every token of each
+  of ``texts`` given the tokens before it in that text, and each of ``prompts``' ``max_new_tokens``
+  greedy tokens.
 - ``quit``.
 """
 
@@ -50,6 +53,14 @@ class Worker:
         """One session: ``clock()`` as each of its tokens comes out."""
         raise NotImplementedError
 
+    def token_logprobs(self, tokens: list[int]) -> list[float]:
+        """log p(tokens[i] | tokens[:i]) for i = 1 .. len(tokens) - 1 (fidelity only)."""
+        raise NotImplementedError
+
+    def greedy_tokens(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """``max_new_tokens`` greedy tokens after ``prompt``, from an empty cache (fidelity only)."""
+        raise NotImplementedError
+
     # --- the measurements ---
 
     def op(self, prefix: list[int], prompts: list[list[int]], max_new_tokens: int) -> dict:
@@ -75,6 +86,10 @@ class Worker:
     def decode(self, prompt: list[int], max_new_tokens: int) -> dict:
         self.reset()
         return {"token_seconds": intervals(self.token_times(prompt, max_new_tokens))}
+
+    def fidelity(self, texts: list[list[int]], prompts: list[list[int]], max_new_tokens: int) -> dict:
+        return {"logprobs": [self.token_logprobs(text) for text in texts],
+                "continuations": [self.greedy_tokens(prompt, max_new_tokens) for prompt in prompts]}
 
 
 def intervals(stamps: Sequence[float]) -> list[float]:

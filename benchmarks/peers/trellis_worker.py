@@ -61,6 +61,17 @@ class TrellisWorker(protocol.Worker):
         (session,) = self._run([prompt], max_new_tokens)
         return list(session.token_times)
 
+    def token_logprobs(self, tokens: list[int]) -> list[float]:
+        self.reset()
+        with torch.no_grad():
+            logits = self.model(torch.tensor([tokens]), use_cache=False).logits[0, :-1].double()
+        return logits.log_softmax(-1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0].tolist()
+
+    def greedy_tokens(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        self.reset()
+        (session,) = self._run([prompt], max_new_tokens)
+        return list(session.generated)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
