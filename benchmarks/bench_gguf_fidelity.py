@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench_peers import PEERS_DIR, START_TIMEOUT, TASK_TIMEOUT, Running, peers
 from common import RESULTS, ROOT, environment, markdown_table
+from peers.protocol import common_prefix  # the workers' own: how many leading tokens two sequences share
 from transformers import AutoTokenizer
 
 from trellis.models.embedded import embedded_model_dir
@@ -35,16 +36,6 @@ def windows(tokens: list[int], size: int) -> list[list[int]]:
     return [tokens[i:i + size] for i in range(0, len(tokens), size) if len(tokens[i:i + size]) > 1]
 
 
-def leading_agreement(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two continuations share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def summarize(replies: dict[str, dict], new_tokens: int) -> dict:
     out: dict = {"perplexity": {}, "agreement": {}}
     for name, reply in replies.items():
@@ -52,7 +43,7 @@ def summarize(replies: dict[str, dict], new_tokens: int) -> dict:
         out["perplexity"][name] = math.exp(-sum(logprobs) / len(logprobs))
     for a, b in (("trellis_gguf", "llamacpp"), ("trellis_gguf", "trellis_fp32"), ("llamacpp", "trellis_fp32")):
         if a in replies and b in replies:
-            shared = [leading_agreement(x, y) for x, y in zip(replies[a]["continuations"], replies[b]["continuations"])]
+            shared = [common_prefix(x, y) for x, y in zip(replies[a]["continuations"], replies[b]["continuations"])]
             out["agreement"][f"{a} / {b}"] = {"leading_tokens": shared, "identical": sum(s == new_tokens for s in shared)}
     return out
 

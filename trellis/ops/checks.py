@@ -107,12 +107,12 @@ def check_paged_attention(
     )
 
 
-_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused decoder-layer kernels take
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused decoder-layer kernels take
 
 
 def check_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
     require(x.dim() == 2, "add_rms_norm: x must be [T, H], got ", tuple(x.shape))
-    require(x.dtype in _NORM_DTYPES, "add_rms_norm: x must be float32, bfloat16 or float16, got ", x.dtype)
+    require(x.dtype in FUSED_DTYPES, "add_rms_norm: x must be float32, bfloat16 or float16, got ", x.dtype)
     require(weight.shape == (x.shape[1],), "add_rms_norm: weight must be [", x.shape[1], "], got ", tuple(weight.shape))
     require(weight.dtype == x.dtype, "add_rms_norm: weight dtype ", weight.dtype, " != x dtype ", x.dtype)
     if residual is not None:

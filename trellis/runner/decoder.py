@@ -36,6 +36,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from trellis import ops
+from trellis.ops.checks import FUSED_DTYPES
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch
 from trellis.runner.cpu_linear import OneDNNLinear
@@ -43,7 +44,6 @@ from trellis.runner.quantized_linear import QuantizedLinear
 from trellis.runner.weights_watcher import registration_count, watch_registrations
 
 _LINEARS = (torch.nn.Linear, OneDNNLinear, QuantizedLinear)  # called as they are; any other kind (adapters) is not
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused ops take (fp64 is transformers')
 _NN = torch.nn.modules.module
 _GLOBAL_HOOKS = (_NN._global_forward_hooks, _NN._global_forward_pre_hooks)
 
@@ -145,7 +145,7 @@ class LeanDecoder:
             config._attn_implementation == ATTN_IMPLEMENTATION
             and (getattr(config, "pretraining_tp", 1) or 1) <= 1
             and weight.device.type == "cpu"
-            and weight.dtype in _FUSED_DTYPES
+            and weight.dtype in FUSED_DTYPES  # (fp64 runs transformers' forward)
             and all(n.weight.dtype == weight.dtype for n in norms)  # the fused ops take one dtype
             and type(decoder.rotary_emb) is LlamaRotaryEmbedding
             and type(decoder.embed_tokens) in (torch.nn.Embedding, type(None))
