@@ -152,19 +152,45 @@ void norm_row(T* stream, const T* update, const T* weight, T* out, int64_t h, fl
   }
 }
 
-// In fp32: `stream += update` on every row first, then ATen's mean of squares over the rows (the
-// reduction transformers runs, in its order), then each row normalised.
+// In fp32: `stream += update` and the squares of every row first, then ATen's sum of each row's
+// squares (the reduction of transformers' `pow(2).mean(-1)`, in its order; ATen's mean is that sum
+// divided by the row length, as here), then each row normalised. One ATen call, where
+// `add_`, `pow` and `mean` took four dispatches and three allocations.
 void add_rms_norm_fp32(const at::Tensor& stream, const std::optional<at::Tensor>& update, const at::Tensor& w,
                        at::Tensor& out, double eps) {
-  const int64_t rows = stream.size(0), h = stream.size(1);
-  if (update.has_value()) stream.add_(*update);
-  const at::Tensor mean_square = stream.pow(2).mean(-1).contiguous();
-  const float* ms = mean_square.const_data_ptr<float>();
+  const int64_t rows = stream.size(0), h = stream.size(1), grain = grain_for(h * sizeof(float));
   float* x = stream.data_ptr<float>();
-  at::parallel_for(0, rows, grain_for(h * sizeof(float)), [&](int64_t begin, int64_t end) {
+  const float* u = update.has_value() ? update->const_data_ptr<float>() : nullptr;
+  const int64_t x_stride = stream.stride(0), u_stride = update.has_value() ? update->stride(0) : 0;
+  at::Tensor squares = at::empty({rows, h}, stream.options());
+  float* sq = squares.data_ptr<float>();
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      norm_row<float>(x + r * stream.stride(0), nullptr, w.const_data_ptr<float>(), out.data_ptr<float>() + r * h, h,
-                      static_cast<float>(eps), ms + r);
+      float* row = x + r * x_stride;
+      const float* add = u == nullptr ? nullptr : u + r * u_stride;
+      float* squared = sq + r * h;
+      int64_t i = 0;
+      for (; i + Vec::size() <= h; i += Vec::size()) {
+        Vec value = Vec::loadu(row + i);
+        if (add != nullptr) {
+          value = value + Vec::loadu(add + i);
+          value.store(row + i);
+        }
+        (value * value).store(squared + i);
+      }
+      for (; i < h; ++i) {
+        if (add != nullptr) row[i] += add[i];
+        squared[i] = row[i] * row[i];
+      }
+    }
+  });
+  const at::Tensor sums = squares.sum(-1);  // [rows], contiguous
+  const float* s = sums.const_data_ptr<float>();
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float mean_square = s[r] / static_cast<float>(h);
+      norm_row<float>(x + r * x_stride, nullptr, w.const_data_ptr<float>(), out.data_ptr<float>() + r * h, h,
+                      static_cast<float>(eps), &mean_square);
     }
   });
 }

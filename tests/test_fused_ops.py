@@ -48,7 +48,7 @@ def test_reference_rms_norm_is_transformers(dtype):
     assert torch.equal(got, norm(x + residual).detach())
 
 
-@pytest.mark.parametrize("shape", [(1, 576), (5, 64), (3, 7), (2, 1), (0, 16), (700, 96)])
+@pytest.mark.parametrize("shape", [(1, 576), (5, 64), (3, 7), (2, 1), (0, 16), (700, 96), (1, 2048), (33, 5632)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_add_rms_norm_matches_reference(shape, dtype, with_residual):
