@@ -52,12 +52,19 @@ struct Problem {
 
 // --- small M ------------------------------------------------------------------------------------
 
+// Weight rows per step of the small-M path for M rows of x: as many as keep the accumulators (M
+// * NR of them) in registers; more rows than 1 share each load of x, and give the dequantization
+// independent work beside the FMAs.
+constexpr int rows_per_step(int m) { return std::clamp(16 / m, 1, 4); }
+
 // y[:, n0 .. n0+NR) for all M rows. NR weight rows at once, and several accumulators per (row,
-// feature) pair, keep enough multiply-add chains in flight when M is small. The loops over
-// register arrays are unrolled, so that the arrays stay in registers.
+// feature) pair, keep enough multiply-add chains in flight when M is small. The accumulator count
+// is the full step's, also for the single rows at the end of a task, so that a feature sums in
+// the same order wherever the tasks split (any thread count, any group). The loops over register
+// arrays are unrolled, so that the arrays stay in registers.
 template <QType Q, int M, int NR>
 inline void gemv_rows(const Problem& p, int64_t n0) {
-  constexpr int kAcc = std::clamp(kAccRegs / (M * NR), 1, kBlockRegs);
+  constexpr int kAcc = std::clamp(kAccRegs / (M * rows_per_step(M)), 1, kBlockRegs);
   constexpr int64_t kBytes = block_bytes(Q);
   Reg acc[NR * M * kAcc];
 #pragma GCC unroll 64
@@ -101,16 +108,22 @@ inline void gemv_rows(const Problem& p, int64_t n0) {
 }
 
 template <QType Q, int M>
-void small_m(const Problem& p) {
-  // Weight rows per step: as many as keep the accumulators (M * NR of them) in registers; more rows
-  // than 1 share each load of x, and give the dequantization independent work beside the FMAs.
-  constexpr int NR = std::clamp(16 / M, 1, 4);
+void small_m(const std::vector<Problem>& group) {
+  constexpr int NR = rows_per_step(M);
   // Enough weight bytes per task that waking a thread pays off (~64 KB).
-  const int64_t grain = std::max<int64_t>(NR, 65536 / p.row_bytes);
-  at::parallel_for(0, p.n, grain, [&](int64_t begin, int64_t end) {
-    int64_t n = begin;
-    for (; n + NR <= end; n += NR) gemv_rows<Q, M, NR>(p, n);
-    for (; n < end; ++n) gemv_rows<Q, M, 1>(p, n);
+  const int64_t grain = std::max<int64_t>(NR, 65536 / group.front().row_bytes);
+  int64_t features = 0;
+  for (const Problem& p : group) features += p.n;
+  // Threads split the output features of every weight of the group as if they were one matrix.
+  at::parallel_for(0, features, grain, [&](int64_t begin, int64_t end) {
+    int64_t first = 0;  // the group's index of p's first feature
+    for (const Problem& p : group) {
+      const int64_t stop = std::min(end, first + p.n) - first;
+      int64_t n = std::max(begin, first) - first;
+      for (; n + NR <= stop; n += NR) gemv_rows<Q, M, NR>(p, n);
+      for (; n < stop; ++n) gemv_rows<Q, M, 1>(p, n);
+      first += p.n;
+    }
   });
 }
 
@@ -211,9 +224,13 @@ void blocked(const Problem& p) {
 }
 
 template <QType Q>
-void run(const Problem& p) {
-  if (p.m > kSmallM) return blocked<Q>(p);
-  with_count<kSmallM>(p.m, [&](auto m) { small_m<Q, decltype(m)::value>(p); });
+void run(const std::vector<Problem>& group) {
+  const int64_t m = group.front().m;
+  if (m > kSmallM) {
+    for (const Problem& p : group) blocked<Q>(p);
+    return;
+  }
+  with_count<kSmallM>(m, [&](auto rows) { small_m<Q, decltype(rows)::value>(group); });
 }
 
 QType parse_qtype(c10::string_view name) {
@@ -224,48 +241,78 @@ QType parse_qtype(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "unsupported qtype '", name, "'; choose one of Q8_0, Q4_0, Q4_1, BF16");
 }
 
-at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c10::string_view qtype) {
+// x @ W^T for every W of `weights` (one qtype, rows of x.shape[-1] weights each): x is converted
+// once, and a few rows of x stream all the weights in one parallel region.
+std::vector<at::Tensor> linear_group(const char* op, const at::Tensor& x, at::TensorList weights,
+                                     c10::string_view qtype) {
   const QType q = parse_qtype(qtype);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-                   "quant_linear: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, "quant_linear: weight must be uint8 blocks, got ",
-                   weight.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "quant_linear: x must have at least one dimension");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "quant_linear: weight must be [out_features, blocks * bytes per block], got ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "quant_linear: x and weight must be CPU tensors");
-  const int64_t k = x.size(-1), n = weight.size(0);
-  TORCH_CHECK_VALUE(k % kBlock == 0, "quant_linear: in_features (x.shape[-1] = ", k, ") must be a multiple of ",
-                    kBlock);
-  TORCH_CHECK_VALUE(weight.size(1) == k / kBlock * block_bytes(q), "quant_linear: weight rows of ", weight.size(1),
-                    " bytes do not hold ", k, " ", qtype, " weights (", k / kBlock * block_bytes(q), " bytes)");
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+                   ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x and weight must be CPU tensors");
+  const int64_t k = x.size(-1);
+  TORCH_CHECK_VALUE(k % kBlock == 0, op, ": in_features (x.shape[-1] = ", k, ") must be a multiple of ", kBlock);
+  for (const at::Tensor& weight : weights) {
+    TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, op, ": weight must be uint8 blocks, got ",
+                     weight.scalar_type());
+    TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [out_features, blocks * bytes per block], got ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(weight.device().is_cpu(), op, ": x and weight must be CPU tensors");
+    TORCH_CHECK_VALUE(weight.size(1) == k / kBlock * block_bytes(q), op, ": weight rows of ", weight.size(1),
+                      " bytes do not hold ", k, " ", qtype, " weights (", k / kBlock * block_bytes(q), " bytes)");
+  }
+  // [M, K] fp32, contiguous: x itself when it is (a decode step's rows), skipping no-op dispatches.
+  const bool as_is = x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous();
+  const at::Tensor xf = as_is ? x : x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = xf.size(0);
-  at::Tensor y = at::empty({m, n}, xf.options());
-  if (m > 0 && n > 0) {
-    const Problem p{w.const_data_ptr<uint8_t>(), xf.const_data_ptr<float>(), y.data_ptr<float>(), m, n, k,
-                    weight.size(1)};
-    if (k == 0) {
-      y.zero_();
-    } else if (q == QType::Q8_0) {
-      run<QType::Q8_0>(p);
-    } else if (q == QType::Q4_0) {
-      run<QType::Q4_0>(p);
-    } else if (q == QType::Q4_1) {
-      run<QType::Q4_1>(p);
-    } else {
-      run<QType::BF16>(p);
+  std::vector<at::Tensor> contiguous, outputs;
+  std::vector<Problem> group;
+  for (const at::Tensor& weight : weights) {
+    contiguous.push_back(weight.contiguous());
+    outputs.push_back(at::empty({m, weight.size(0)}, xf.options()));
+    if (m > 0 && weight.size(0) > 0) {
+      group.push_back({contiguous.back().const_data_ptr<uint8_t>(), xf.const_data_ptr<float>(),
+                       outputs.back().data_ptr<float>(), m, weight.size(0), k, weight.size(1)});
     }
   }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  return y.view(shape).to(x.scalar_type());
+  if (k == 0) {
+    for (at::Tensor& y : outputs) y.zero_();
+  } else if (!group.empty()) {
+    if (q == QType::Q8_0) {
+      run<QType::Q8_0>(group);
+    } else if (q == QType::Q4_0) {
+      run<QType::Q4_0>(group);
+    } else if (q == QType::Q4_1) {
+      run<QType::Q4_1>(group);
+    } else {
+      run<QType::BF16>(group);
+    }
+  }
+  for (at::Tensor& y : outputs) {
+    if (x.dim() != 2) {
+      std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+      shape.back() = y.size(1);
+      y = y.view(shape);
+    }
+    if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
+  }
+  return outputs;
+}
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c10::string_view qtype) {
+  return linear_group("quant_linear", x, {weight}, qtype).front();
+}
+
+std::vector<at::Tensor> quant_linear_group_cpu(const at::Tensor& x, at::TensorList weights, c10::string_view qtype) {
+  return linear_group("quant_linear_group", x, weights, qtype);
 }
 
 }  // namespace
 }  // namespace quant
 
-TORCH_LIBRARY_IMPL(trellis_cpp, CPU, m) { m.impl("quant_linear", &quant::quant_linear_cpu); }
+TORCH_LIBRARY_IMPL(trellis_cpp, CPU, m) {
+  m.impl("quant_linear", &quant::quant_linear_cpu);
+  m.impl("quant_linear_group", &quant::quant_linear_group_cpu);
+}
 
 }  // namespace trellis

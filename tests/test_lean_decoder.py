@@ -13,7 +13,9 @@ import torch
 
 from tests.conftest import installed
 from tests.models import smollm2_reference, smollm2_trellis, tiny_config, tiny_pair
+from trellis import ops
 from trellis.models.llama import TrellisLlama
+from trellis.runner.cpu_linear import onednn_dtypes
 
 ATOL = 1e-4
 
@@ -201,6 +203,44 @@ def test_smollm2_keep_quantized_lean_matches_the_fallback():
             torch.testing.assert_close(got, model(ids, logits_to_keep=1).logits, atol=1e-4, rtol=0)
             assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
     assert ran[0]
+
+
+@contextlib.contextmanager
+def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
+    """Records each ``ops.quant_linear_group`` call as (rows of x, number of weights, qtype)."""
+    calls, group = [], ops.quant_linear_group
+
+    def recording(x, weights, qtype, backend=None):
+        calls.append((x.shape[0], len(weights), qtype))
+        return group(x, weights, qtype, backend=backend)
+
+    monkeypatch.setattr(ops, "quant_linear_group", recording)
+    yield calls
+
+
+def test_quantized_projections_of_one_input_run_as_one_call(monkeypatch):
+    model = TrellisLlama.from_pretrained(keep_quantized=True, device="cpu", num_blocks=64)
+    ids = torch.randint(3, 49152, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), group_calls(monkeypatch) as calls:
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # a prefill, then one decode step
+    # per layer and step: q/k/v as one call, o, gate/up as one, down
+    layer = [(3, "Q4_1"), (1, "Q4_1"), (2, "Q4_1"), (1, "Q4_1")]
+    assert [(n, qtype) for _, n, qtype in calls] == layer * model.config.num_hidden_layers * 2
+    assert {rows for rows, _, _ in calls} == {40, 1}
+
+
+@pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(), reason="bf16 layers run F.linear on this CPU")
+def test_bf16_decode_rows_stream_as_one_call_prefill_runs_onednn(monkeypatch):
+    _, model = tiny_pair()
+    model.to(torch.bfloat16)
+    model.set_linear_kernel("packed")
+    ids = prompt(8, 24)
+    with torch.no_grad(), group_calls(monkeypatch) as calls:
+        tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert [rows for rows, _, _ in calls] == [1] * 4 * 2 * 2  # 2 layers, 2 decode steps; no prefill
+        assert {qtype for _, _, qtype in calls} == {"BF16"}
+        with fallback(model):
+            assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

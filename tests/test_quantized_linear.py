@@ -89,6 +89,33 @@ def test_kernel_decode_path_at_every_row_count(qtype, rows):
     check_close(ops.quant_linear(x, blocks, qtype), x, weight)
 
 
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_kernel_group_is_each_weight_alone(qtype, rows):
+    # Threads split the features of all three weights as one run: here 131 + 7 + 64, so that task
+    # boundaries fall inside weights and across them. The blocked path (9 rows) runs them in turn.
+    weights = [quantized(n, 352, qtype, seed=n)[0] for n in (131, 7, 64)]
+    x = torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
+    for dtype in (torch.float32, torch.bfloat16):
+        group = ops.quant_linear_group(x.to(dtype), weights, qtype)
+        alone = [ops.quant_linear(x.to(dtype), w, qtype) for w in weights]
+        assert [y.shape for y in group] == [(rows, 131), (rows, 7), (rows, 64)]
+        assert all(torch.equal(g, a) for g, a in zip(group, alone))
+    reference = ops.quant_linear_group(x, weights, qtype, backend="reference")
+    for y, want in zip(ops.quant_linear_group(x, weights, qtype), reference):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    assert ops.quant_linear_group(x, [], qtype) == []
+
+
+def test_group_refuses_weights_of_another_width():
+    blocks, _ = quantized(8, 64, "Q4_0")
+    with pytest.raises(ValueError, match="do not hold 96 Q4_0 weights"):
+        ops.quant_linear_group(torch.randn(1, 96), [quantized(8, 96, "Q4_0")[0], blocks], "Q4_0")
+    with pytest.raises(ValueError, match="do not hold 96 Q4_0 weights"):
+        ops.quant_linear_group(torch.randn(1, 96), [quantized(8, 96, "Q4_0")[0], blocks], "Q4_0",
+                               backend="reference")
+
+
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_kernels_at_lower_simd_levels(capability):
     """The kernel tests of this file again, over the kernels built for AVX2 and for no SIMD
@@ -125,6 +152,7 @@ def test_op_schema_and_fake_kernel():
                              fullgraph=True)
     x = torch.randn(3, 64)
     torch.testing.assert_close(compiled(x), 2 * ops.quant_linear(x, blocks, "Q4_0"))
+    torch.library.opcheck(torch.ops.trellis.quant_linear_group.default, (torch.randn(3, 64), [blocks, blocks], "Q4_0"))
 
 
 BAD_INPUTS = [  # (x, weight, qtype, error, message)

@@ -5,6 +5,7 @@
     out = run_attention(plan, q, k_cache, v_cache, scale)                in every layer
     out = paged_attention(q, k_cache, v_cache, block_table, ...)         plan and run, in one call
     y = quant_linear(x, weight, qtype)                                   x @ W^T, W in GGUF blocks
+    ys = quant_linear_group(x, weights, qtype)                           x @ W^T for each W, one call
     y = add_rms_norm(x, residual, weight, eps)                           x += residual; RMSNorm(x)
     q = rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) RoPE, then store_kv
     y = silu_mul(gate, up)                                               silu(gate) * up
@@ -21,6 +22,7 @@ from trellis.ops.api import (
     paged_attention,
     plan_attention,
     quant_linear,
+    quant_linear_group,
     rope_store_kv,
     run_attention,
     silu_mul,
@@ -38,6 +40,7 @@ __all__ = [
     "paged_attention",
     "plan_attention",
     "quant_linear",
+    "quant_linear_group",
     "resolve_backend",
     "rope_store_kv",
     "run_attention",

@@ -1,7 +1,8 @@
 """The calls Trellis makes: ``store_kv``; ``plan_attention`` once per forward and ``run_attention``
 in every layer (FlashInfer's plan/run split); ``paged_attention``, both in one call;
-``quant_linear``, a linear layer over GGUF-quantized weights (``quant.py``); and the fused small
-ops of a decoder layer, ``add_rms_norm``, ``rope_store_kv`` and ``silu_mul``.
+``quant_linear``, a linear layer over GGUF-quantized weights (``quant.py``), and
+``quant_linear_group``, several over one input; and the fused small ops of a decoder layer,
+``add_rms_norm``, ``rope_store_kv`` and ``silu_mul``.
 
 Each resolves the backend (``backends.py``), checks what the backend does not check itself (the
 reference checks nothing: ``checks.py`` does it here), and calls the backend's op function.
@@ -10,6 +11,7 @@ Shapes and semantics: ``reference.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +162,18 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str, backend: str
         return kernels("cpp").quant_linear(x, weight, qtype)
     quant.check_quant_linear(x, weight, qtype)
     return quant.quant_linear(x, weight, qtype)
+
+
+def quant_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], qtype: str,
+                       backend: str | None = None) -> list[torch.Tensor]:
+    """``quant_linear(x, weight, qtype)`` for each of ``weights`` (one qtype, the same input width:
+    a layer's q/k/v or gate/up projections), as one call: on CPU a decode step's few rows of ``x``
+    stream every weight in one parallel region, where separate calls would each wake the threads."""
+    if resolve_backend(backend, x.device) == "cpp":
+        return kernels("cpp").quant_linear_group(x, list(weights), qtype)
+    for weight in weights:
+        quant.check_quant_linear(x, weight, qtype)
+    return quant.quant_linear_group(x, list(weights), qtype)
 
 
 # --- the small ops of a decoder layer, fused (reference.py: each as transformers computes it) ------

@@ -80,3 +80,8 @@ def dequantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str) -> torch.Tensor:
     """``x [..., K] @ dequantize(weight)^T -> [..., N]`` in fp32, returned in ``x``'s dtype."""
     return F.linear(x.float(), dequantize(weight, qtype)).to(x.dtype)
+
+
+def quant_linear_group(x: torch.Tensor, weights: list[torch.Tensor], qtype: str) -> list[torch.Tensor]:
+    """``quant_linear(x, weight, qtype)`` for each of ``weights``."""
+    return [quant_linear(x, weight, qtype) for weight in weights]

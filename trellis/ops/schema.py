@@ -6,6 +6,7 @@
         -> plan: what every layer of one forward shares, precomputed by the backend (a CPU int64
            tensor, opaque; empty where the backend needs none)
     quant_linear(x, weight, qtype) -> y                x @ W^T, W in GGUF blocks (quant.py)
+    quant_linear_group(x, weights, qtype) -> ys        x @ W^T for each W (q/k/v, gate/up) in one call
 
 and the small ops of a decoder layer, fused (a decode step makes ~40 of them per layer otherwise)::
 
@@ -20,7 +21,7 @@ with a kernel registered for ``trellis::``). Both have fake implementations, so 
 and ``torch.library.opcheck`` work. The reference serves ``trellis::`` on every device
 (CompositeExplicitAutograd) unless a kernel is registered for the device's dispatch key:
 ``backends.py`` registers one for CPU (the C++ kernels), the Triton backend for CUDA (attention
-only: ``quant_linear`` and the decoder-layer ops run their reference there).
+only: the linear ops and the decoder-layer ops run their reference there).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SCHEMAS = {
         "int max_q_len, int max_kv_len) -> Tensor"
     ),
     "quant_linear": "(Tensor x, Tensor weight, str qtype) -> Tensor",
+    "quant_linear_group": "(Tensor x, Tensor[] weights, str qtype) -> Tensor[]",
     "add_rms_norm": "(Tensor(a!) x, Tensor? residual, Tensor weight, float eps) -> Tensor",
     "rope_store_kv": (
         "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -66,6 +68,10 @@ def _quant_linear_fake(x, weight, qtype):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _quant_linear_group_fake(x, weights, qtype):
+    return [_quant_linear_fake(x, weight, qtype) for weight in weights]
+
+
 def _add_rms_norm_fake(x, residual, weight, eps):
     return x.new_empty(x.shape)
 
@@ -83,12 +89,14 @@ _FAKES = {
     "paged_attention": _paged_attention_fake,
     "plan_paged_attention": _plan_paged_attention_fake,
     "quant_linear": _quant_linear_fake,
+    "quant_linear_group": _quant_linear_group_fake,
     "add_rms_norm": _add_rms_norm_fake,
     "rope_store_kv": _rope_store_kv_fake,
     "silu_mul": _silu_mul_fake,
 }
 REFERENCES = {"store_kv": reference.store_kv, "paged_attention": reference.paged_attention,
                "plan_paged_attention": reference.plan_paged_attention, "quant_linear": quant.quant_linear,
+               "quant_linear_group": quant.quant_linear_group,
                "add_rms_norm": reference.add_rms_norm, "rope_store_kv": reference.rope_store_kv,
                "silu_mul": reference.silu_mul}
 

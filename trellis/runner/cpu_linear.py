@@ -127,18 +127,25 @@ class OneDNNLinear(torch.nn.Linear):
         if ((torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) or not (x.is_cpu and weight.is_cpu)
                 or x.dtype != weight.dtype or weight.dtype not in onednn_dtypes() or torch.compiler.is_compiling()):
             return F.linear(x, weight, self.bias)
-        if weight.dtype == torch.bfloat16 and x.numel() <= self.streamed_rows * self.in_features and self._streams(weight):
-            return ops.quant_linear(x, weight.view(torch.uint8), "BF16", backend="cpp")
+        streamed = self.streamed_blocks(x)
+        if streamed is not None:
+            return ops.quant_linear(x, streamed, "BF16", backend="cpp")
         if self.prepack:
             weight = self._packed_weight()
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
-    def _streams(self, weight: torch.Tensor) -> bool:
-        """Whether a bf16 matmul of a few rows can stream ``weight`` through Trellis' kernel: a
-        row-major weight of whole 32-weight blocks, no bias (oneDNN adds it before rounding), and
-        the C++ kernels loaded."""
-        return (self.bias is None and weight.is_contiguous() and self.in_features % quant.BLOCK == 0
-                and ops.default_backend(_CPU) == "cpp")
+    def streamed_blocks(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor | None:
+        """The weight's bytes, for ``ops.quant_linear`` with qtype ``"BF16"``, where that kernel
+        computes this layer for the CPU input ``x``: bf16 ``x`` of at most ``streamed_rows`` rows, a
+        row-major bf16 weight of whole 32-weight blocks, no bias (oneDNN adds it before rounding),
+        bf16 among ``onednn_dtypes`` (elsewhere ``F.linear`` runs bf16), and the C++ kernels
+        (``backend``; by default the CPU's). None where another kernel runs it."""
+        weight = self.weight
+        if (x.dtype == weight.dtype == torch.bfloat16 and x.numel() <= self.streamed_rows * self.in_features
+                and self.bias is None and weight.is_contiguous() and self.in_features % quant.BLOCK == 0
+                and torch.bfloat16 in onednn_dtypes() and (backend or ops.default_backend(_CPU)) == "cpp"):
+            return weight.view(torch.uint8)
+        return None
 
     def _packed_weight(self) -> torch.Tensor:
         weight = self.weight

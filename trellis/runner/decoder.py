@@ -4,9 +4,11 @@ transformers' Llama forward spends about 20 ms of a SmolLM2 decode step on CPU o
 matmuls: per layer, its Python and some 40 small ATen ops (RMSNorm as six, rotate-half RoPE, the
 attention function's transposes and copies, residual adds, SiLU and the product), each a
 dispatcher call and often an OpenMP region. ``LeanDecoder`` walks ``model.model.layers`` itself
-and calls, per layer, the seven linear modules as they are (``nn.Linear``, ``OneDNNLinear``,
-``QuantizedLinear``: weights, layouts and quantization unchanged), ``run_attention`` with the
-step's plan, and three fused ops: ``add_rms_norm`` (twice), ``rope_store_kv`` and ``silu_mul``.
+and runs, per layer, the seven linear layers as they are (``nn.Linear``, ``OneDNNLinear``,
+``QuantizedLinear``: weights, layouts and quantization unchanged; those that read one input in one
+``quant_linear_group`` call where that kernel computes them all, ``_Projections``),
+``run_attention`` with the step's plan, and three fused ops: ``add_rms_norm`` (twice),
+``rope_store_kv`` and ``silu_mul``.
 Each fused op rounds as transformers' modules do: in fp32 the results are transformers' bit for
 bit, in bf16 and fp16 up to the order of the RMSNorm's sum of squares (docs/decode-step.md).
 
@@ -63,6 +65,7 @@ class LeanDecoder:
         self._eligible = False
         self.checks = 0  # how often the model was checked (tests check it stays rare)
         self._layers: list[torch.nn.Module] = []  # the decoder layers a forward runs
+        self._projections: list[tuple[_Projections, ...]] = []  # per layer: q/k/v, o, gate/up, down
         self._modules: list[torch.nn.Module] = []  # every module a lean forward runs or skips
         self._first_norm: dict = {}  # the first norm's parameters: ``_state`` reads the weights' dtype there
         self._module_dicts: list[dict] = []  # their __dict__s: a forward set on an instance lands there
@@ -84,12 +87,13 @@ class LeanDecoder:
         cos, sin = cos[0], sin[0]
         backend = batch.plan.backend  # every op on the kernels attention runs on
         update = None  # what the last sublayer adds to the stream
-        for layer in self._layers:
+        for layer, (qkv, o, gate_up, down) in zip(self._layers, self._projections):
             x = _norm(layer.input_layernorm, hidden, update, backend)  # [T, H]
-            update = _attention(layer.self_attn, x, cos, sin, batch)
+            q, k, v = qkv(x, backend)
+            update, = o(_attention(layer.self_attn, q, k, v, cos, sin, batch), backend)
             x = _norm(layer.post_attention_layernorm, hidden, update, backend)
-            mlp = layer.mlp
-            update = mlp.down_proj(ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x), backend=backend))
+            gate, up = gate_up(x, backend)
+            update, = down(ops.silu_mul(gate, up, backend=backend), backend)
         if isinstance(decoder.norm, torch.nn.Identity):  # a grid stage before the last
             return hidden if update is None else hidden.add_(update)
         return _norm(decoder.norm, hidden, update, backend)
@@ -122,6 +126,7 @@ class LeanDecoder:
         model, config = self.model, self.model.config
         decoder = getattr(model, "model", None)
         self._layers, self._modules, self._module_dicts, self._hook_tables, self._first_norm = [], [], [], [], {}
+        self._projections = []
         if type(decoder) is not LlamaModel:
             return False
         layers = list(decoder.layers)[: config.num_hidden_layers]  # as transformers slices them
@@ -141,7 +146,7 @@ class LeanDecoder:
         norms = [*chain.from_iterable((la.input_layernorm, la.post_attention_layernorm) for la in layers),
                  *([] if isinstance(decoder.norm, torch.nn.Identity) else [decoder.norm])]
         hooks = chain.from_iterable(table.values() for table in self._hook_tables)
-        return (
+        eligible = (
             config._attn_implementation == ATTN_IMPLEMENTATION
             and (getattr(config, "pretraining_tp", 1) or 1) <= 1
             and weight.device.type == "cpu"
@@ -152,6 +157,8 @@ class LeanDecoder:
             and all(map(_capture_hook, hooks))
             and not any("forward" in d for d in self._module_dicts)
         )
+        self._projections = [_projections_of(layer) for layer in layers] if eligible else []
+        return eligible
 
 
 def _stock_layer(layer: torch.nn.Module) -> bool:
@@ -166,20 +173,54 @@ def _stock_layer(layer: torch.nn.Module) -> bool:
     return all(type(linear) in _LINEARS for linear in linears)
 
 
+def _projections_of(layer: torch.nn.Module) -> tuple[_Projections, ...]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return (_Projections(attn.q_proj, attn.k_proj, attn.v_proj), _Projections(attn.o_proj),
+            _Projections(mlp.gate_proj, mlp.up_proj), _Projections(mlp.down_proj))
+
+
 def _norm(norm: LlamaRMSNorm, hidden: torch.Tensor, update: torch.Tensor | None, backend: str) -> torch.Tensor:
     """``hidden += update`` (the residual add), then ``norm(hidden)``."""
     return ops.add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon, backend=backend)
 
 
-def _attention(attn: LlamaAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               batch: PagedBatch) -> torch.Tensor:
-    """``LlamaAttention`` over the paged cache for ``x [T, H]``: returns ``o_proj``'s output ``[T, H]``."""
-    tokens, head_dim = x.shape[0], attn.head_dim
-    q = attn.q_proj(x).view(tokens, -1, head_dim)  # [T, Hq, D]
-    k = attn.k_proj(x).view(tokens, -1, head_dim)  # [T, Hkv, D]
-    v = attn.v_proj(x).view(tokens, -1, head_dim)  # [T, Hkv, D]
+def _attention(attn: LlamaAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """``LlamaAttention`` over the paged cache between its projections: ``q``, ``k``, ``v`` ``[T, heads
+    * D]`` in, the input of ``o_proj`` ``[T, Hq * D]`` out."""
+    tokens, head_dim = q.shape[0], attn.head_dim
+    q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))  # [T, Hq, D], [T, Hkv, D], [T, Hkv, D]
     k_cache, v_cache = batch.kv_layers[attn.layer_idx]  # each [N, S, Hkv, D]
     plan = batch.plan
     q = ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping, backend=plan.backend)
     out = ops.run_attention(plan, q, k_cache, v_cache, attn.scaling)  # [T, Hq, D]
-    return attn.o_proj(out.view(tokens, -1))
+    return out.view(tokens, -1)
+
+
+def _blocks(linear: torch.nn.Module, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, str] | None:
+    """The weight of ``linear`` as the blocks ``ops.quant_linear`` computes it from for ``x``, and
+    their qtype; None where another kernel runs it (``nn.Linear``, oneDNN, a bias)."""
+    if type(linear) is QuantizedLinear:
+        return (linear.weight_blocks, linear.qtype) if linear.bias is None else None
+    if type(linear) is OneDNNLinear:
+        blocks = linear.streamed_blocks(x, backend)
+        return None if blocks is None else (blocks, "BF16")
+    return None
+
+
+class _Projections:
+    """Linear layers of a decoder layer that read one input (q/k/v; gate/up; o; down), as the lean
+    path runs them: where ``quant_linear`` computes every one of them (quantized layers; bf16
+    layers streaming a decode step's rows) and the backend is C++, one ``quant_linear_group`` call,
+    which streams all their weights in one parallel region; else each module's own forward. Either
+    way without ``nn.Module.__call__``: the lean path runs only where no hooks are set."""
+
+    def __init__(self, *linears: torch.nn.Module) -> None:
+        self.linears = linears
+
+    def __call__(self, x: torch.Tensor, backend: str) -> list[torch.Tensor]:
+        if backend == "cpp":
+            found = [_blocks(linear, x, backend) for linear in self.linears]
+            if all(found) and len({qtype for _, qtype in found}) == 1:
+                return ops.quant_linear_group(x, [blocks for blocks, _ in found], found[0][1], backend=backend)
+        return [linear.forward(x) for linear in self.linears]
