@@ -101,6 +101,9 @@ def test_kernel_group_is_each_weight_alone(qtype, rows):
         alone = [ops.quant_linear(x.to(dtype), w, qtype) for w in weights]
         assert [y.shape for y in group] == [(rows, 131), (rows, 7), (rows, 64)]
         assert all(torch.equal(g, a) for g, a in zip(group, alone))
+    # bf16 x: widened exactly, each result rounded once (as `to` rounds)
+    narrowed = [y.to(torch.bfloat16) for y in ops.quant_linear_group(x.bfloat16().float(), weights, qtype)]
+    assert all(torch.equal(g, n) for g, n in zip(ops.quant_linear_group(x.bfloat16(), weights, qtype), narrowed))
     reference = ops.quant_linear_group(x, weights, qtype, backend="reference")
     for y, want in zip(ops.quant_linear_group(x, weights, qtype), reference):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
