@@ -139,6 +139,17 @@ def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 WARPS = [(0.5, 5, 1.0), (1.7, 0, 0.7), (0.8, 20, 0.5), (2.0, 1, 1.0), (1.3, 0, 1.0), (3.0, 0, 0.9)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_argmax_ties_and_nan_included(dtype):
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[0, [17, 4000, 40000]] = 50.0  # a tie: the first
+    logits[1, [9, 30]] = float("nan")  # a NaN wins, the first of them
+    logits[2, -1] = 60.0  # the last column
+    tokens, logprobs = sample(logits, [SamplingParams()] * 4, [None] * 4)
+    assert tokens == logits.argmax(dim=-1).tolist() == [17, 9, 49151, tokens[3]]
+    assert logprobs[0] == logits[0].float().log_softmax(-1)[17].item()
+
+
 def test_filters_give_transformers_warpers_distribution():
     logits = torch.randn(len(WARPS), 100, generator=torch.Generator().manual_seed(0)) * 3  # [B, V]
     temperature, top_k, top_p = (torch.tensor(column) for column in zip(*WARPS))

