@@ -58,11 +58,7 @@ class TrellisLM(HFLM):
         super().__init__(pretrained=pretrained, device=str(resolve_device(device or "auto")), **kwargs)
         if not isinstance(self.trellis_model, TrellisLlama):
             raise TypeError(f"the trellis model needs a TrellisLlama, got {type(self.trellis_model).__name__}")
-        model = self.trellis_model
-        if linear_kernel is not None:
-            model.set_linear_kernel(linear_kernel)  # also lays out the weights as loaded
-        else:
-            model.runner.follow_dtype()
+        self.trellis_model.runner.choose_linear_kernel(linear_kernel)  # also lays out the weights as loaded
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         super()._create_model(pretrained, **kwargs, **self._cache_settings)

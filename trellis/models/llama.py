@@ -102,10 +102,7 @@ class TrellisLlama(LlamaForCausalLM):
         if "device_map" not in kwargs:
             model.to(resolve_device(device))
         model.attention_backend()  # load (or build) the kernels now rather than in the first request
-        if linear_kernel is not None:
-            model.set_linear_kernel(linear_kernel)  # also lays out the loaded weights
-        else:
-            model.runner.follow_dtype()  # the loaded dtype's default, the loaded weights laid out
+        model.runner.choose_linear_kernel(linear_kernel)  # also lays out the loaded weights
         model.eval()
         return loaded
 

@@ -126,6 +126,14 @@ class PagedModelRunner:
         kind = self.linear_kernel if chosen else cpu_linear.default_linear_kernel(self.model.dtype)
         self.set_linear_kernel(kind, chosen=chosen)
 
+    def choose_linear_kernel(self, kind: str | None) -> None:
+        """After loading: ``kind`` where the caller names one (a choice, kept when the dtype
+        changes), else ``follow_dtype``; either way the loaded weights take the kind's layout."""
+        if kind is None:
+            self.follow_dtype()
+        else:
+            self.set_linear_kernel(kind)
+
     def attention_backend(self) -> str:
         """The kernels attention runs on: the configured backend, else the fastest for the device
         and dtype (the compiled kernels take fp32, fp16 and bf16; the reference any float)."""
