@@ -10,15 +10,25 @@
 //     adjacent elements at a time, and each lane sums every other d; adding the lane pairs
 //     gives st[key][row] for two keys. This halves the multiply-adds when rows would fill
 //     only half the lanes.
+// With bf16 caches on AMX-BF16, the scores of the row-vector layout come from AMX tiles instead
+// (qk_scores_amx, below); the softmax and P @ V are the same for both.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace trellis {
 
@@ -133,6 +143,111 @@ inline void qk_scores(const float* qt, int64_t ldq, const float* k, int64_t ldk,
     with_count<kMaxRowVecs>(vecs - v0, [&](auto nr) { qk_keys<decltype(nr)::value>(q, ldq, k, ldk, n, head_dim, s); });
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 scores on AMX tiles, for bf16 caches in the row-vector layout: a tile multiply of 16 keys
+// by 32 d (K rows as they lie in the cache) and 32 d by 16 query rows (Q^T as bf16 pairs) gives
+// scores straight in st's [key][row] layout. A product of two bf16 is exact in fp32 and the tile
+// unit adds it in fp32, so the scores are the fp32 path's up to summation order and the scale,
+// applied to the sum rather than to q. Q^T in pairs: qp[D/2][ldq], lane r = (q[r][2m], q[r][2m+1]).
+// Inputs and results below fp32's normal range are flushed to zero (the unit's rule), far below
+// what a score resolves.
+
+// AMX-BF16 present, and the kernel lets this process use tile data (Linux asks every process to
+// request it once).
+inline bool amx_bf16_usable() {
+  static const bool usable = [] {
+    if (!__builtin_cpu_supports("amx-bf16")) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+constexpr int kTileRows = 16;  // keys or query rows per tile; 32 d (64 bytes) per tile row
+
+// Tiles 0-3 the scores (2 key blocks x 2 row blocks), 4-5 K, 6-7 Q^T pairs: 16 rows of 64 bytes.
+// A constant: GCC drops stores into a local configuration that only ldtilecfg reads.
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+constexpr TileConfig score_tile_config() {
+  TileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = kTileRows;
+  }
+  return config;
+}
+inline constexpr TileConfig kScoreTiles = score_tile_config();
+
+__attribute__((target("amx-tile"))) inline void configure_score_tiles() { _tile_loadconfig(&kScoreTiles); }
+
+__attribute__((target("amx-tile"))) inline void release_tiles() { _tile_release(); }
+
+// Scores of 16 query rows (row blocks rb, rb + 1 when `two_row_blocks`) against 16 keys (key
+// blocks at k0 and, when `two_key_blocks`, k1; rows `ldk` elements apart), into st[key][ldq].
+template <bool kTwoKeys, bool kTwoRows>
+__attribute__((target("amx-tile,amx-bf16"))) inline void score_tiles(const uint32_t* qp, int64_t ldq,
+                                                                      const c10::BFloat16* k0, const c10::BFloat16* k1,
+                                                                      int64_t ldk, int64_t head_dim, float* st) {
+  _tile_zero(0);
+  if constexpr (kTwoRows) _tile_zero(1);
+  if constexpr (kTwoKeys) _tile_zero(2);
+  if constexpr (kTwoKeys && kTwoRows) _tile_zero(3);
+  for (int64_t d = 0; d < head_dim; d += 32) {
+    _tile_loadd(4, k0 + d, ldk * 2);
+    _tile_loadd(6, qp + d / 2 * ldq, ldq * 4);
+    if constexpr (kTwoRows) _tile_loadd(7, qp + d / 2 * ldq + kTileRows, ldq * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (kTwoRows) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTwoKeys) {
+      _tile_loadd(5, k1 + d, ldk * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (kTwoRows) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, st, ldq * 4);
+  if constexpr (kTwoRows) _tile_stored(1, st + kTileRows, ldq * 4);
+  if constexpr (kTwoKeys) _tile_stored(2, st + kTileRows * ldq, ldq * 4);
+  if constexpr (kTwoKeys && kTwoRows) _tile_stored(3, st + kTileRows * ldq + kTileRows, ldq * 4);
+}
+
+// qk_scores for bf16 K (rows `ldk` elements apart; n <= kKeyTile keys) and Q^T in pairs; ldq a
+// multiple of 16, head_dim of 32, tiles configured. A last key block of fewer than 16 keys goes
+// through `pad` (16 zeroed rows of head_dim), so that no tile reads past the tile's keys.
+inline void qk_scores_amx(const uint32_t* qp, int64_t ldq, const c10::BFloat16* k, int64_t ldk, int64_t n,
+                          int64_t head_dim, float scale, c10::BFloat16* pad, float* st) {
+  const c10::BFloat16* blocks[2] = {k, k + kTileRows * ldk};
+  int64_t ld[2] = {ldk, ldk};
+  const int64_t key_blocks = (n + kTileRows - 1) / kTileRows;
+  const int64_t tail = n - (key_blocks - 1) * kTileRows;
+  if (tail < kTileRows) {
+    std::fill(pad, pad + kTileRows * head_dim, c10::BFloat16(0.f));
+    for (int64_t j = 0; j < tail; ++j)
+      std::copy(blocks[key_blocks - 1] + j * ldk, blocks[key_blocks - 1] + j * ldk + head_dim, pad + j * head_dim);
+    blocks[key_blocks - 1] = pad;
+    ld[key_blocks - 1] = head_dim;
+  }
+  // A key block's stride is its own: run the two blocks together only when they share one.
+  const bool two_keys = key_blocks == 2 && ld[0] == ld[1];
+  for (int64_t kb = 0; kb < key_blocks; kb += two_keys ? 2 : 1) {
+    float* s = st + kb * kTileRows * ldq;
+    for (int64_t r = 0; r < ldq; r += 2 * kTileRows) {
+      const bool two_rows = r + kTileRows < ldq;
+      if (two_keys && two_rows) score_tiles<true, true>(qp + r, ldq, blocks[0], blocks[1], ld[0], head_dim, s + r);
+      else if (two_keys) score_tiles<true, false>(qp + r, ldq, blocks[0], blocks[1], ld[0], head_dim, s + r);
+      else if (two_rows) score_tiles<false, true>(qp + r, ldq, blocks[kb], nullptr, ld[kb], head_dim, s + r);
+      else score_tiles<false, false>(qp + r, ldq, blocks[kb], nullptr, ld[kb], head_dim, s + r);
+    }
+  }
+  const Vec sv(scale);
+  at::vec::map([sv](Vec x) { return x * sv; }, st, st, n * ldq);
+}
+#endif
 
 // [x[VL/2:], x[:VL/2]]
 inline Vec halves_swapped(const Vec& x) {

@@ -9,6 +9,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -40,13 +42,17 @@ struct Problem {
 };
 
 // Per-thread scratch, grown on demand and kept across calls. Per KV head of the item: Q^T
-// (D x ldq floats), the output accumulator [rows][D], the running max and sum [lanes]. The
-// scores [kKeyTile][ldq], and the staged tile as fp32, [kKeyTile][heads][D] for K and for V.
+// (D x ldq floats, or D/2 x ldq bf16 pairs for AMX scores), the output accumulator [rows][D],
+// the running max and sum [lanes]. The scores [kKeyTile][ldq], the staged tile as fp32,
+// [kKeyTile][heads][D] for K and for V, and (AMX) a padded key block [16][D].
 struct Workspace {
   std::vector<float> qt, acc, m, l, st, alpha, limit, k, v;
+  std::vector<uint32_t> qp;
+  std::vector<c10::BFloat16> pad;
 
   void reserve(int64_t heads, int64_t ldq, int64_t lanes, int64_t head_dim) {
     grow(qt, heads * head_dim * ldq);
+    grow(qp, heads * head_dim / 2 * ldq);
     grow(acc, heads * ldq * head_dim);
     grow(m, heads * lanes);
     grow(l, heads * lanes);
@@ -55,10 +61,12 @@ struct Workspace {
     grow(limit, lanes);
     grow(k, kKeyTile * heads * head_dim);
     grow(v, kKeyTile * heads * head_dim);
+    grow(pad, 16 * head_dim);
   }
   // The sanitized test build (TRELLIS_EXACT_WORKSPACE, with libstdc++'s vector annotations) sizes
   // each buffer to exactly this item's need, so an access past it is caught after a larger item too.
-  static void grow(std::vector<float>& v, int64_t n) {
+  template <typename E>
+  static void grow(std::vector<E>& v, int64_t n) {
 #ifdef TRELLIS_EXACT_WORKSPACE
     v.resize(n);
 #else
@@ -68,8 +76,8 @@ struct Workspace {
 };
 
 // Copies (as fp32) the K/V rows of heads h0 .. h0+heads of the n keys from cache slot `slot`
-// on (one block) into the staged tile [n][heads][D], and prefetches (into L2) those of the
-// `next_n` keys from slot `next`. Decode reads every byte of K/V once, from DRAM, so this is
+// on (one block) into the staged tile [n][heads][D] (V only with `stage_k` false: AMX scores
+// read K in place), and prefetches (into L2) those of the `next_n` keys from slot `next`. Decode reads every byte of K/V once, from DRAM, so this is
 // where its time goes: each key's heads are read as one run, key after key, which keeps the
 // reads sequential within a block; the prefetch covers the jump to the next block, which a
 // scattered block table makes unguessable, and interleaving it with the copy keeps the memory
@@ -78,7 +86,7 @@ struct Workspace {
 // which in a model is every call: the other layers evict it.)
 template <typename T>
 void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int64_t next_n, int64_t h0,
-                int64_t heads, Workspace& ws) {
+                int64_t heads, bool stage_k, Workspace& ws) {
   const int64_t run = heads * p.head_dim, ld = p.kv_heads * p.head_dim;
   const int64_t run_bytes = run * static_cast<int64_t>(sizeof(T)), ld_bytes = ld * static_cast<int64_t>(sizeof(T));
   const T* k = p.k_cache + (slot * p.kv_heads + h0) * p.head_dim;
@@ -91,31 +99,59 @@ void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int6
       __builtin_prefetch(v_next + j * ld_bytes + byte, 0, 2);
     }
     if (j < n) {
-      to_float(k + j * ld, ws.k.data() + j * run, run);
+      if (stage_k) to_float(k + j * ld, ws.k.data() + j * run, run);
       to_float(v + j * ld, ws.v.data() + j * run, run);
     }
   }
 }
 
+// Whether scores can run on AMX tiles (attention_tile.h): bf16 caches, head_dim a multiple of
+// 32, a CPU with AMX-BF16. Items in the row-vector layout do; the paired one (decode's few rows)
+// does not.
+template <typename T>
+bool amx_capable(int64_t head_dim) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return head_dim % 32 == 0 && amx_bf16_usable();
+#endif
+  return false;
+}
+
 // How one item's rows sit in the workspace (see attention_tile.h for ldq and lanes).
 struct ItemLayout {
   int64_t heads, rows, ldq, lanes;
+  bool amx;
 
-  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim)
-      : heads(w.kv_heads), rows(w.q_tokens * group), ldq(score_stride(rows, head_dim)), lanes(stat_lanes(ldq)) {}
+  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, bool amx_capable)
+      : heads(w.kv_heads),
+        rows(w.q_tokens * group),
+        ldq(score_stride(rows, head_dim)),
+        lanes(stat_lanes(ldq)),
+        amx(amx_capable && ldq >= Vec::size()) {}
 };
 
-// Q^T per head, pre-scaled (padding lanes zero), each lane's causal limit (padding lanes take
-// the last row's), and fresh running statistics.
+// Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for AMX
+// scores (which scale the sums). Each lane's causal limit (padding lanes take the last
+// row's), and fresh running statistics.
 template <typename T>
 void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Workspace& ws) {
   const int64_t D = p.head_dim;
-  std::fill(ws.qt.begin(), ws.qt.begin() + L.heads * D * L.ldq, 0.f);
-  for (int64_t hi = 0; hi < L.heads; ++hi) {
-    float* qt = ws.qt.data() + hi * D * L.ldq;
-    for (int64_t r = 0; r < L.rows; ++r) {
-      const T* q = p.q + p.q_offset(w, w.kv_head + hi, r);
-      for (int64_t d = 0; d < D; ++d) qt[qt_index(r, d, L.ldq)] = p.scale * static_cast<float>(q[d]);
+  if (L.amx) {
+    std::fill(ws.qp.begin(), ws.qp.begin() + L.heads * D / 2 * L.ldq, 0u);
+    for (int64_t hi = 0; hi < L.heads; ++hi) {
+      uint32_t* qp = ws.qp.data() + hi * D / 2 * L.ldq;
+      for (int64_t r = 0; r < L.rows; ++r) {
+        const T* q = p.q + p.q_offset(w, w.kv_head + hi, r);
+        for (int64_t m = 0; m < D / 2; ++m) std::memcpy(qp + m * L.ldq + r, q + 2 * m, sizeof(uint32_t));
+      }
+    }
+  } else {
+    std::fill(ws.qt.begin(), ws.qt.begin() + L.heads * D * L.ldq, 0.f);
+    for (int64_t hi = 0; hi < L.heads; ++hi) {
+      float* qt = ws.qt.data() + hi * D * L.ldq;
+      for (int64_t r = 0; r < L.rows; ++r) {
+        const T* q = p.q + p.q_offset(w, w.kv_head + hi, r);
+        for (int64_t d = 0; d < D; ++d) qt[qt_index(r, d, L.ldq)] = p.scale * static_cast<float>(q[d]);
+      }
     }
   }
   for (int64_t lane = 0; lane < L.lanes; ++lane)
@@ -123,6 +159,21 @@ void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Wor
   std::fill(ws.m.begin(), ws.m.begin() + L.heads * L.lanes, -std::numeric_limits<float>::infinity());
   std::fill(ws.l.begin(), ws.l.begin() + L.heads * L.lanes, 0.f);
   std::fill(ws.acc.begin(), ws.acc.begin() + L.heads * L.rows * D, 0.f);
+}
+
+// Scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, on AMX tiles
+// over K as it lies in the cache (amx_capable; tiles configured).
+template <typename T>
+void score_amx(const Problem<T>& p, int64_t slot, int64_t h, int64_t n, const uint32_t* qp, int64_t ldq,
+               Workspace& ws) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const int64_t ld = p.kv_heads * p.head_dim;
+    return qk_scores_amx(qp, ldq, p.k_cache + (slot * p.kv_heads + h) * p.head_dim, ld, n, p.head_dim, p.scale,
+                         ws.pad.data(), ws.st.data());
+  }
+#endif
+  TORCH_CHECK(false, "AMX scores are only planned for bf16 caches on AMX-BF16");
 }
 
 // The item's key range, tile by tile. Tiles never cross a block (with blocks of at least
@@ -139,10 +190,14 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
     n = tile_keys(key0);
     const int64_t next = key0 + n, next_n = next < w.kv_end ? tile_keys(next) : 0;
     const bool masked = key0 + n > w.first_limit;  // some row's causal limit falls in this tile
-    stage_tile(p, slot(key0), n, next_n > 0 ? slot(next) : 0, next_n, w.kv_head, L.heads, ws);
+    stage_tile(p, slot(key0), n, next_n > 0 ? slot(next) : 0, next_n, w.kv_head, L.heads, !L.amx, ws);
     for (int64_t hi = 0; hi < L.heads; ++hi) {  // head hi's key j: staged row j, offset hi * D
       float *m = ws.m.data() + hi * L.lanes, *l = ws.l.data() + hi * L.lanes;
-      qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
+      if (L.amx) {
+        score_amx(p, slot(key0), w.kv_head + hi, n, ws.qp.data() + hi * D / 2 * L.ldq, L.ldq, ws);
+      } else {
+        qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
+      }
       softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), m, l, ws.alpha.data());
       pv_accumulate(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, L.rows, D,
                     ws.acc.data() + hi * L.rows * D);
@@ -173,10 +228,16 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
 
 template <typename T>
 void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
-  const ItemLayout layout(w, p.group, p.head_dim);
+  const ItemLayout layout(w, p.group, p.head_dim, amx_capable<T>(p.head_dim));
   ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim);
   begin_item(p, w, layout, ws);
+#if defined(CPU_CAPABILITY_AVX512)
+  if (layout.amx) configure_score_tiles();  // per item: other code (oneDNN) may use the tiles between
+#endif
   attend_tiles(p, w, layout, ws);
+#if defined(CPU_CAPABILITY_AVX512)
+  if (layout.amx) release_tiles();
+#endif
   finish_item(p, w, layout, ws);
 }
 
