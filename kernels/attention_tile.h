@@ -10,8 +10,8 @@
 //     adjacent elements at a time, and each lane sums every other d; adding the lane pairs
 //     gives st[key][row] for two keys. This halves the multiply-adds when rows would fill
 //     only half the lanes.
-// With bf16 caches on AMX-BF16, the scores of the row-vector layout come from AMX tiles instead
-// (qk_scores_amx, below); the softmax and P @ V are the same for both.
+// With bf16 caches on AMX-BF16, the scores come from AMX tiles instead, always in the row-vector
+// layout (qk_scores_amx, below); the softmax and P @ V are the same for both.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -145,7 +145,7 @@ inline void qk_scores(const float* qt, int64_t ldq, const float* k, int64_t ldk,
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// bf16 scores on AMX tiles, for bf16 caches in the row-vector layout: a tile multiply of 16 keys
+// bf16 scores on AMX tiles, for bf16 caches (in the row-vector layout): a tile multiply of 16 keys
 // by 32 d (K rows as they lie in the cache) and 32 d by 16 query rows (Q^T as bf16 pairs) gives
 // scores straight in st's [key][row] layout. A product of two bf16 is exact in fp32 and the tile
 // unit adds it in fp32, so the scores are the fp32 path's up to summation order and the scale,
