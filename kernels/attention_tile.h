@@ -10,8 +10,8 @@
 //     adjacent elements at a time, and each lane sums every other d; adding the lane pairs
 //     gives st[key][row] for two keys. This halves the multiply-adds when rows would fill
 //     only half the lanes.
-// With bf16 caches on AMX-BF16, the scores come from AMX tiles instead, always in the row-vector
-// layout (qk_scores_amx, below); the softmax and P @ V are the same for both.
+// With bf16 caches on AMX-BF16, the scores of the row-vector layout come from AMX tiles instead
+// (qk_scores_amx, below); the softmax and P @ V are the same for both.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>

@@ -105,9 +105,10 @@ void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int6
   }
 }
 
-// Whether scores run on AMX tiles (attention_tile.h): bf16 caches, head_dim a multiple of 32, a
-// CPU with AMX-BF16. Such items take the row-vector layout even for decode's few rows: a tile
-// multiply with 3 of its 16 columns used still costs less than the paired vector path.
+// Whether scores can run on AMX tiles (attention_tile.h): bf16 caches, head_dim a multiple of
+// 32, a CPU with AMX-BF16. Items in the row-vector layout do. The paired layout (decode's few
+// rows) stays on vectors: on AMX, SmolLM2's 3-row decode items measured no faster (the
+// row-vector softmax and P @ V then run 16 lanes for 3 rows, the paired ones 16 for 6).
 template <typename T>
 bool amx_capable(int64_t head_dim) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -124,11 +125,9 @@ struct ItemLayout {
   ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, bool amx_capable)
       : heads(w.kv_heads),
         rows(w.q_tokens * group),
-        ldq(amx_capable ? whole_vectors(rows) : score_stride(rows, head_dim)),
+        ldq(score_stride(rows, head_dim)),
         lanes(stat_lanes(ldq)),
-        amx(amx_capable) {}
-
-  static int64_t whole_vectors(int64_t rows) { return (rows + Vec::size() - 1) / Vec::size() * Vec::size(); }
+        amx(amx_capable && ldq >= Vec::size()) {}
 };
 
 // Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for AMX

@@ -101,10 +101,10 @@ def test_smollm2_prompt_lengths(q_len):
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 128])
 @pytest.mark.parametrize("block_size", [8, 16, 32, 64])
 def test_bf16_scores(head_dim, block_size):
-    """bf16 decodes and extends, whose scores run on AMX tiles where the CPU has AMX-BF16 (head_dim
-    a multiple of 32; 48 takes the vector path): 1-47 keys past the last whole 16-key block of a
-    tile, one to four 16-row blocks of query rows (an odd count leaves one alone; decode's 3 rows
-    fill part of one), within twice the reference's error of the float64 oracle."""
+    """bf16 extends, whose scores run on AMX tiles where the CPU has AMX-BF16 (head_dim a multiple
+    of 32; 48, and the decodes beside them, take the vector path): 1-47 keys past the last whole
+    16-key block of a tile, one to four 16-row blocks of query rows (an odd count leaves one
+    alone), within twice the reference's error of the float64 oracle."""
     q_lens, kv_lens = [1, 3, 5, 7, 16, 2], [7, 19, 33, 70, 64, 120]
     assert_matches_oracle(make_case(q_lens, kv_lens, num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
                                     block_size=block_size, dtype=torch.bfloat16))
