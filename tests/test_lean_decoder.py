@@ -8,6 +8,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
+import gguf
 import pytest
 import torch
 
@@ -15,7 +16,9 @@ from tests.conftest import installed
 from tests.models import smollm2_reference, smollm2_trellis, tiny_config, tiny_pair
 from trellis import ops
 from trellis.models.llama import TrellisLlama
+from trellis.ops import quant
 from trellis.runner.cpu_linear import onednn_dtypes
+from trellis.runner.quantized_linear import QuantizedLinear
 
 ATOL = 1e-4
 
@@ -227,6 +230,25 @@ def test_quantized_projections_of_one_input_run_as_one_call(monkeypatch):
     layer = [(3, "Q4_1"), (1, "Q4_1"), (2, "Q4_1"), (1, "Q4_1")]
     assert [(n, qtype) for _, n, qtype in calls] == layer * model.config.num_hidden_layers * 2
     assert {rows for rows, _, _ in calls} == {40, 1}
+
+
+def test_projections_of_mixed_qtypes_run_as_one_call_per_qtype(monkeypatch):
+    """A GGUF may store a layer's v_proj in another format than q/k (llama.cpp's mixes do): q/k
+    run as one Q4_1 call and v as one Q8_0 call, with the same logits as each layer alone."""
+    model = TrellisLlama.from_pretrained(keep_quantized=True, device="cpu", num_blocks=64)
+    for layer in model.model.layers:
+        v = layer.self_attn.v_proj
+        weight = quant.dequantize(v.weight_blocks, v.qtype).numpy()
+        blocks = torch.from_numpy(gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0).copy())
+        layer.self_attn.v_proj = QuantizedLinear(v.in_features, v.out_features, "Q8_0", blocks)
+    ids = torch.randint(3, 49152, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), group_calls(monkeypatch) as calls, lean_steps(model) as ran:
+        got = model(ids, logits_to_keep=1).logits
+        with fallback(model):
+            torch.testing.assert_close(got, model(ids, logits_to_keep=1).logits, atol=1e-4, rtol=0)
+    assert ran[0]
+    layer = [(2, "Q4_1"), (1, "Q8_0"), (1, "Q4_1"), (2, "Q4_1"), (1, "Q4_1")]
+    assert [(n, qtype) for _, n, qtype in calls] == layer * model.config.num_hidden_layers
 
 
 @pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(), reason="bf16 layers run F.linear on this CPU")

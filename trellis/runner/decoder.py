@@ -210,17 +210,25 @@ def _blocks(linear: torch.nn.Module, x: torch.Tensor, backend: str) -> tuple[tor
 
 class _Projections:
     """Linear layers of a decoder layer that read one input (q/k/v; gate/up; o; down), as the lean
-    path runs them: where ``quant_linear`` computes every one of them (quantized layers; bf16
-    layers streaming a decode step's rows) and the backend is C++, one ``quant_linear_group`` call,
-    which streams all their weights in one parallel region; else each module's own forward. Either
-    way without ``nn.Module.__call__``: the lean path runs only where no hooks are set."""
+    path runs them: with the C++ backend, those that ``quant_linear`` computes (quantized layers;
+    bf16 layers streaming a decode step's rows) as one ``quant_linear_group`` call per qtype, which
+    streams their weights in one parallel region (a GGUF may mix qtypes within a layer); the others
+    by their own forward. Without ``nn.Module.__call__``: the lean path runs only where no hooks
+    are set."""
 
     def __init__(self, *linears: torch.nn.Module) -> None:
         self.linears = linears
 
     def __call__(self, x: torch.Tensor, backend: str) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor | None] = [None] * len(self.linears)
         if backend == "cpp":
-            found = [_blocks(linear, x, backend) for linear in self.linears]
-            if all(found) and len({qtype for _, qtype in found}) == 1:
-                return ops.quant_linear_group(x, [blocks for blocks, _ in found], found[0][1], backend=backend)
-        return [linear.forward(x) for linear in self.linears]
+            by_qtype: dict[str, list[tuple[int, torch.Tensor]]] = {}
+            for i, linear in enumerate(self.linears):
+                found = _blocks(linear, x, backend)
+                if found is not None:
+                    by_qtype.setdefault(found[1], []).append((i, found[0]))
+            for qtype, members in by_qtype.items():
+                ys = ops.quant_linear_group(x, [blocks for _, blocks in members], qtype, backend=backend)
+                for (i, _), y in zip(members, ys, strict=True):
+                    outputs[i] = y
+        return [linear.forward(x) if y is None else y for linear, y in zip(self.linears, outputs, strict=True)]
