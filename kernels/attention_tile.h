@@ -24,7 +24,11 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX512)
+// AMX tiles: AVX-512 builds on Linux (which grants a process tile data on request) with a
+// compiler that has the intrinsics (GCC 11, clang 12 on).
+#if defined(CPU_CAPABILITY_AVX512) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define TRELLIS_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -144,7 +148,7 @@ inline void qk_scores(const float* qt, int64_t ldq, const float* k, int64_t ldk,
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(TRELLIS_AMX)
 // bf16 scores on AMX tiles, for bf16 caches (in the row-vector layout): a tile multiply of 16 keys
 // by 32 d (K rows as they lie in the cache) and 32 d by 16 query rows (Q^T as bf16 pairs) gives
 // scores straight in st's [key][row] layout. A product of two bf16 is exact in fp32 and the tile

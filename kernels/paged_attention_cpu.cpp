@@ -111,7 +111,7 @@ void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int6
 // row-vector softmax and P @ V then run 16 lanes for 3 rows, the paired ones 16 for 6).
 template <typename T>
 bool amx_capable(int64_t head_dim) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(TRELLIS_AMX)
   if constexpr (std::is_same_v<T, c10::BFloat16>) return head_dim % 32 == 0 && amx_bf16_usable();
 #endif
   return false;
@@ -167,7 +167,7 @@ void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Wor
 template <typename T>
 void score_amx(const Problem<T>& p, int64_t slot, int64_t h, int64_t n, const uint32_t* qp, int64_t ldq,
                Workspace& ws) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(TRELLIS_AMX)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t ld = p.kv_heads * p.head_dim;
     return qk_scores_amx(qp, ldq, p.k_cache + (slot * p.kv_heads + h) * p.head_dim, ld, n, p.head_dim, p.scale,
@@ -232,11 +232,11 @@ void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
   const ItemLayout layout(w, p.group, p.head_dim, amx_capable<T>(p.head_dim));
   ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim);
   begin_item(p, w, layout, ws);
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(TRELLIS_AMX)
   if (layout.amx) configure_score_tiles();  // per item: other code (oneDNN) may use the tiles between
 #endif
   attend_tiles(p, w, layout, ws);
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(TRELLIS_AMX)
   if (layout.amx) release_tiles();
 #endif
   finish_item(p, w, layout, ws);
