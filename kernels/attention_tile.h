@@ -221,7 +221,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void score_tiles(const uint3
 }
 
 // qk_scores for bf16 K (rows `ldk` elements apart; n <= kKeyTile keys) and Q^T in pairs; ldq a
-// multiple of 16, head_dim of 32, tiles configured. A last key block of fewer than 16 keys goes
+// multiple of 16, head_dim a multiple of 32, tiles configured. A last key block of fewer than 16 keys goes
 // through `pad` (16 zeroed rows of head_dim), so that no tile reads past the tile's keys.
 inline void qk_scores_amx(const uint32_t* qp, int64_t ldq, const c10::BFloat16* k, int64_t ldk, int64_t n,
                           int64_t head_dim, float scale, c10::BFloat16* pad, float* st) {

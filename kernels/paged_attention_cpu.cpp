@@ -10,8 +10,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "attention_plan.h"
@@ -77,13 +77,14 @@ struct Workspace {
 
 // Copies (as fp32) the K/V rows of heads h0 .. h0+heads of the n keys from cache slot `slot`
 // on (one block) into the staged tile [n][heads][D] (V only with `stage_k` false: AMX scores
-// read K in place), and prefetches (into L2) those of the `next_n` keys from slot `next`. Decode reads every byte of K/V once, from DRAM, so this is
-// where its time goes: each key's heads are read as one run, key after key, which keeps the
-// reads sequential within a block; the prefetch covers the jump to the next block, which a
-// scattered block table makes unguessable, and interleaving it with the copy keeps the memory
-// system busy without stalling on a burst. (Reading the cache in place instead saves the copy,
-// about 20% on cache-resident data, but costs more than that once the data comes from DRAM,
-// which in a model is every call: the other layers evict it.)
+// read K in place), and prefetches (into L2) those of the `next_n` keys from slot `next`.
+// Decode reads every byte of K/V once, from DRAM, so this is where its time goes: each key's
+// heads are read as one run, key after key, which keeps the reads sequential within a block; the
+// prefetch covers the jump to the next block, which a scattered block table makes unguessable,
+// and interleaving it with the copy keeps the memory system busy without stalling on a burst.
+// (Reading the cache in place instead saves the copy, about 20% on cache-resident data, but
+// costs more than that once the data comes from DRAM, which in a model is every call: the other
+// layers evict it. AMX scores read K in place all the same: they have no fp32 copy to make.)
 template <typename T>
 void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int64_t next_n, int64_t h0,
                 int64_t heads, bool stage_k, Workspace& ws) {
@@ -122,12 +123,12 @@ struct ItemLayout {
   int64_t heads, rows, ldq, lanes;
   bool amx;
 
-  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, bool amx_capable)
+  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, bool amx_scores)
       : heads(w.kv_heads),
         rows(w.q_tokens * group),
         ldq(score_stride(rows, head_dim)),
         lanes(stat_lanes(ldq)),
-        amx(amx_capable && ldq >= Vec::size()) {}
+        amx(amx_scores && ldq >= Vec::size()) {}
 };
 
 // Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for AMX
