@@ -50,18 +50,20 @@ struct Workspace {
   std::vector<uint32_t> qp;
   std::vector<c10::BFloat16> pad;
 
-  void reserve(int64_t heads, int64_t ldq, int64_t lanes, int64_t head_dim) {
-    grow(qt, heads * head_dim * ldq);
-    grow(qp, heads * head_dim / 2 * ldq);
+  // Only the buffers of the item's path: an AMX item has no fp32 Q^T or staged K, a vector item
+  // no pairs or padded block (the exact build below then catches a path reading the other's).
+  void reserve(int64_t heads, int64_t ldq, int64_t lanes, int64_t head_dim, bool amx) {
+    grow(qt, amx ? 0 : heads * head_dim * ldq);
+    grow(qp, amx ? heads * head_dim / 2 * ldq : 0);
     grow(acc, heads * ldq * head_dim);
     grow(m, heads * lanes);
     grow(l, heads * lanes);
     grow(st, kKeyTile * ldq);
     grow(alpha, lanes);
     grow(limit, lanes);
-    grow(k, kKeyTile * heads * head_dim);
+    grow(k, amx ? 0 : kKeyTile * heads * head_dim);
     grow(v, kKeyTile * heads * head_dim);
-    grow(pad, 16 * head_dim);
+    grow(pad, amx ? 16 * head_dim : 0);
   }
   // The sanitized test build (TRELLIS_EXACT_WORKSPACE, with libstdc++'s vector annotations) sizes
   // each buffer to exactly this item's need, so an access past it is caught after a larger item too.
@@ -231,7 +233,7 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
 template <typename T>
 void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
   const ItemLayout layout(w, p.group, p.head_dim, amx_capable<T>(p.head_dim));
-  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim);
+  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.amx);
   begin_item(p, w, layout, ws);
 #if defined(TRELLIS_AMX)
   if (layout.amx) configure_score_tiles();  // per item: other code (oneDNN) may use the tiles between
