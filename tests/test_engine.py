@@ -12,7 +12,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.engine.engine import Engine
-from trellis.engine.sampling import SamplingParams, filter_logits, sample
+from trellis.engine.sampling import MIN_TEMPERATURE, SamplingParams, filter_logits, sample
 
 BS = 4  # tiny_pair's block size
 
@@ -145,9 +145,10 @@ def test_greedy_picks_argmax_ties_and_nan_included(dtype):
     logits[0, [17, 4000, 40000]] = 50.0  # a tie: the first
     logits[1, [9, 30]] = float("nan")  # a NaN wins, the first of them
     logits[2, -1] = 60.0  # the last column
-    tokens, logprobs = sample(logits, [SamplingParams()] * 4, [None] * 4)
+    tokens, logprobs, errors = sample(logits, [SamplingParams()] * 4, [None] * 4)
     assert tokens == logits.argmax(dim=-1).tolist() == [17, 9, 49151, tokens[3]]
     assert logprobs[0] == logits[0].float().log_softmax(-1)[17].item()
+    assert errors == {}
 
 
 def test_filters_give_transformers_warpers_distribution():
@@ -169,11 +170,65 @@ def test_sampling_draws_from_transformers_warped_distribution():
     draws = 1500
     counts = torch.zeros_like(want)
     for _ in range(draws):
-        picked, logprobs = sample(logits, params, generators)
+        picked, logprobs, _ = sample(logits, params, generators)
         for row, (token, logprob) in enumerate(zip(picked, logprobs)):
             assert abs(logprob - want_logprobs[row][token]) < 1e-5
             counts[row, token] += 1
     assert (counts / draws - want).abs().max() < 0.055  # over 4 standard deviations at p = 0.5
+
+
+def test_a_row_with_no_distribution_fails_alone_and_the_others_draw_as_without_it():
+    """An overflowing temperature, NaN logits or a failing processor fail their own row, before
+    any row draws: the others take the tokens their generators give without the failed rows."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(2)) * 20  # [B, V]
+    logits[3, 7] = float("nan")
+    ok = SamplingParams(do_sample=True, temperature=0.9, top_k=10)
+    params = [ok, SamplingParams(do_sample=True, temperature=MIN_TEMPERATURE), ok, ok, ok]
+
+    def failing(scores: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("processor bug")
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(row) for row in range(5)]
+
+    picked, _, errors = sample(logits, params, generators(), [None, None, None, None, failing])
+    assert sorted(errors) == [1, 3, 4]
+    assert "temperature" in errors[1] and "overflow" in errors[1]
+    assert "NaN" in errors[3] and "processor bug" in errors[4]
+    healthy, _, none = sample(logits[[0, 2]], [ok, ok], [generators()[0], generators()[2]])
+    assert none == {} and [picked[0], picked[2]] == healthy
+
+
+def test_a_session_whose_sampling_fails_ends_alone_with_its_error():
+    ref, model = tiny_pair()
+    want = reference(ref, PROMPTS[0], 6)
+    engine = Engine(model)
+    good = engine.add(PROMPTS[0], SamplingParams(max_new_tokens=6))
+
+    def failing(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > len(PROMPTS[1]) + 1:
+            raise RuntimeError("processor bug")
+        return scores
+
+    bad = engine.add(PROMPTS[1], SamplingParams(max_new_tokens=6), logits_processor=failing)
+    engine.run()
+    assert good.generated == want and good.error is None
+    assert bad.finish_reason == "error" and "processor bug" in bad.error and len(bad.generated) == 2
+    assert not engine.running and model.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
+
+
+def test_too_small_a_temperature_float_ids_or_more_choices_than_can_run_are_refused():
+    with pytest.raises(ValueError, match="temperature must be at least"):
+        SamplingParams(do_sample=True, temperature=1e-300)
+    _, model = tiny_pair()
+    engine = Engine(model, max_running=2)
+    with pytest.raises(ValueError, match="n = 3 choices run at once"):
+        engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2), n=3)
+    with pytest.raises(TypeError, match="token ids must be integers, got 5.5"):
+        engine.add([5.5, 6.0], SamplingParams(max_new_tokens=2))
+    assert not engine.has_work
+    assert len(engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2, do_sample=True), n=2).forks) == 1
 
 
 def test_admission_waits_for_blocks_and_completes():

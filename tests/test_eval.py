@@ -130,6 +130,29 @@ def test_rejects_empty_parts_and_overlong_continuations():
     assert model.prefix_cache.stats()["live_sessions"] == 0
 
 
+def test_token_ids_become_plain_ints_and_bad_ones_are_refused():
+    """Tensor elements score as the ints they hold (and key the cache as ints, so the same
+    context hits it again); floats, strings and ids outside the vocabulary are refused."""
+    _, model = tiny_pair()
+    context, continuation = list(range(3, 23)), [8, 9]
+    want = score_continuations(model, [(context, continuation)])
+    model.prefix_cache.reset()
+    as_tensors = [(torch.tensor(context), [torch.tensor(t) for t in continuation])]
+    assert score_continuations(model, as_tensors) == want
+    hits = model.prefix_cache.stats()["hit_tokens"]
+    assert score_continuations(model, as_tensors) == want
+    assert model.prefix_cache.stats()["hit_tokens"] == hits + 16  # the whole blocks of all but the last token
+    for bad, error, message in [([5.5] * 20, TypeError, "request 0: context: token ids must be integers, got 5.5"),
+                                ("some text", TypeError, "not a string"),
+                                ([3, 256], ValueError, "request 0: token id 256 is outside the vocabulary")]:
+        with pytest.raises(error, match=message):
+            score_continuations(model, [(bad, [8])])
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        score_continuations(model, [(context, continuation)], max_length=0)
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
+
+
 def test_a_full_pool_raises_and_leaves_the_cache_intact():
     ref, model = tiny_pair(num_blocks=12)
     small = [([3, 4, 5, 6, 7], [8, 9])]

@@ -283,6 +283,7 @@ BAD_REQUESTS = [
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
     (CHAT, {"messages": HELLO, "temperature": 2.5}, 400, "temperature"),
     (CHAT, {"messages": HELLO, "top_p": 0}, 400, "top_p"),
+    (CHAT, {"messages": HELLO, "temperature": 1e-300}, 400, "temperature must be at least"),
     (CHAT, {"messages": HELLO, "n": 0}, 400, "n"),
     (CHAT, {"messages": HELLO, "n": 50}, 400, "at most 8 choices"),
     (CHAT, {"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
@@ -298,6 +299,7 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": [5] * 600}, 400, "context of 512 tokens"),
     (COMPLETIONS, {"prompt": [5] * 300, "max_tokens": 300}, 400, "exceeds the model's 512 positions"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    (COMPLETIONS, b'{"prompt": "hi \\ud800 there"}', 400, "the prompt cannot be tokenized"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     (COMPLETIONS, b"x" * (5 << 20), 413, "exceeds this server's limit"),
 ]
@@ -342,6 +344,8 @@ def test_overload_gets_503_and_the_server_keeps_serving():
         assert all(r.status_code == 503 and r.response.headers["retry-after"] == "1" for r in refused)
         assert all(r.choices[0].finish_reason in ("stop", "length") and r.choices[0].text for r in served)
         assert client.completions.create(model="tiny", prompt="after", max_tokens=3).usage.completion_tokens == 3
+        with pytest.raises(openai.BadRequestError, match="at most 1 choices"):  # they would run at once
+            client.completions.create(model="tiny", prompt="two", max_tokens=2, n=2)
         with pytest.raises(openai.BadRequestError, match="can never fit"):  # 64 blocks of 4 tokens: 256 tokens
             client.completions.create(model="tiny", prompt=[5] * 200, max_tokens=100)
         with pytest.raises(openai.AuthenticationError):

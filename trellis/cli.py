@@ -151,7 +151,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the largest max_tokens a request may ask for")
     parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
                         help="max_tokens of chat requests that give none")
-    parser.add_argument("--max-n", type=int, default=defaults.max_n, help="most choices per prompt")
+    parser.add_argument("--max-n", type=int, default=defaults.max_n, help="most choices per prompt (and at most --max-running: they run at once)")
     parser.add_argument("--max-body-bytes", type=parse_bytes, default=defaults.max_body_bytes)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 

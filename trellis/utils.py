@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
+
 
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for non-negative integers: the blocks (or tiles) that ``a`` items fill."""
     return -(-a // b)
+
+
+def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:
+    """``tokens`` as a list of ints: Python or NumPy integers, integer tensors of one element, or
+    a 1-D integer tensor or array. Anything else (floats, which would be truncated; strings; None)
+    is a ``TypeError`` naming ``what``."""
+    if isinstance(tokens, str):
+        raise TypeError(f"{what} must be token ids, not a string: tokenize it first")
+    if hasattr(tokens, "tolist"):  # a tensor or array: one conversion, not one object per element
+        tokens = tokens.tolist()
+    try:
+        items = iter(tokens)
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence of token ids, got {type(tokens).__name__}") from None
+    ids = []
+    for t in items:
+        try:
+            ids.append(operator.index(t))
+        except TypeError:
+            raise TypeError(f"{what}: token ids must be integers, got {t!r}") from None
+    return ids

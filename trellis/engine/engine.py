@@ -19,7 +19,7 @@ from trellis.engine.scheduler import Scheduler, fork_blocks
 from trellis.engine.session import Session, TokenLogprobs
 from trellis.runner import PagedModelRunner, runner_of
 from trellis.runner.runner import PendingStep, StepOutput
-from trellis.utils import cdiv
+from trellis.utils import cdiv, token_ids
 
 LM_HEAD_ROWS = 256  # rows per lm_head matmul when scoring prompt tokens: keeps the [rows, vocab] logits small
 
@@ -100,13 +100,16 @@ class Engine:
         choices: the returned session's ``forks``, which start from its computed prompt (sharing its
         blocks) and sample with seeds ``seed + 1``, ``seed + 2``, ... when ``seed`` is set."""
         params = params or SamplingParams()
-        prompt = [int(t) for t in prompt]
+        prompt = token_ids(prompt)
         if not prompt:
             raise ValueError("cannot generate from an empty prompt")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if n > 1 and logits_processor is not None:
             raise ValueError("a logits processor may keep state per session: it cannot serve n > 1 choices")
+        if n > self.max_running:  # the choices run together: they would wait for ever
+            raise ValueError(f"n = {n} choices run at once, and this engine runs at most {self.max_running} "
+                             "sessions (max_running)")
         self.runner.check_token_ids([prompt])
         request_id = request_id or f"req_{next(self._ids)}"
         session = Session(request_id, prompt, params, logits_processor=logits_processor)
@@ -304,9 +307,14 @@ class Engine:
             return ended
         logits = self.runner.logits(step.hidden[rows])  # [B, V]
         row_scores = [s.process_logits if s.logits_processor else None for s in owners]
-        tokens, logprobs = sample(logits, [s.params for s in owners], [s.generator for s in owners], row_scores)
+        tokens, logprobs, errors = sample(logits, [s.params for s in owners], [s.generator for s in owners],
+                                          row_scores)
         now = time.perf_counter()
         for row, (session, token, logprob) in enumerate(zip(owners, tokens, logprobs)):
+            if row in errors:  # this session's own failure: the others take their tokens
+                manager.release(session.seq, commit=False)
+                ended += self._end(session, "error", errors[row])
+                continue
             if session.params.logprobs is not None:
                 session.token_logprobs += token_logprobs(logits[row : row + 1], [token], session.params.logprobs)
             if session.add_token(token, logprob, now):

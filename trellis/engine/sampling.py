@@ -24,6 +24,10 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RowScores = Callable[[torch.Tensor], torch.Tensor]
 
 
+# The logits are divided by the temperature in float32: below this it rounds to zero or loses precision.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one session generates. ``top_k=0`` and ``top_p=1.0`` disable those filters."""
@@ -45,8 +49,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be positive when sampling, got {self.temperature!r}")
+        if self.do_sample and not self.temperature >= MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:.3g} (float32's smallest normal number) "
+                             f"when sampling, got {self.temperature!r}; do_sample=False decodes greedily")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -106,8 +111,12 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     row_scores: Sequence[RowScores | None] = (),  # per row, or empty: no row has a processor
-) -> tuple[list[int], list[float]]:
-    """The next token of each row and its log-probability under the distribution it was chosen from.
+) -> tuple[list[int], list[float], dict[int, str]]:
+    """The next token of each row, its log-probability under the distribution it was chosen from,
+    and the rows that could not choose one: row -> why (a logits processor raised, or the
+    distribution to sample is undefined). A failed row costs the others nothing: every
+    distribution is formed and checked before any row draws, and each row draws from its own
+    generator, so the tokens of the rest are those they would have drawn without it.
 
     A row with ``row_scores`` takes the argmax of its scores, or (``do_sample``) samples from their
     softmax: its processor includes the warpers, so ``temperature``/``top_k``/``top_p`` of its params
@@ -117,7 +126,22 @@ def sample(
     # vectorises: 2-4x faster than argmax over a 49152-token vocabulary (60 against 230 us in bf16).
     tokens = logits.max(dim=-1).indices  # [B]
     logprobs = logits.float().log_softmax(dim=-1)  # [B, V]
+    errors: dict[int, str] = {}
+    draws: dict[int, torch.Tensor] = {}  # row -> the probabilities it samples from [V]
     processed = {i for i, scores in enumerate(row_scores) if scores is not None}
+    for i in processed:
+        try:
+            # A copy: processors may write in place, and ``logits`` may already be float32.
+            scores = row_scores[i](logits[i : i + 1].to(torch.float32, copy=True))[0]  # [V]
+        except Exception as exc:  # noqa: BLE001 -- the caller's code: it fails its own row only
+            errors[i] = f"the logits processor failed: {exc!r}"
+            continue
+        if params[i].do_sample:
+            draws[i] = scores.softmax(dim=-1)  # [V]
+            logprobs[i] = draws[i].log()
+        else:
+            tokens[i] = scores.argmax()
+            logprobs[i] = scores.log_softmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if p.do_sample and i not in processed]
     if sampled:
         device = logits.device
@@ -129,18 +153,18 @@ def sample(
             torch.tensor([params[i].top_p for i in sampled], device=device),
         )  # [S, V]
         probs = filtered.softmax(dim=-1)  # [S, V]
-        for j, i in enumerate(sampled):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
         logprobs[rows] = probs.log()
-    for i in processed:
-        # A copy: processors may write in place, and ``logits`` may already be float32.
-        scores = row_scores[i](logits[i : i + 1].to(torch.float32, copy=True))[0]  # [V]
-        if params[i].do_sample:
-            probs = scores.softmax(dim=-1)  # [V]
-            tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-            logprobs[i] = probs.log()
-        else:
-            tokens[i] = scores.argmax()
-            logprobs[i] = scores.log_softmax(dim=-1)
+        draws.update(zip(sampled, probs.unbind()))
+    undefined = [i for i, probs in draws.items() if not torch.isfinite(probs).all()]
+    for i in undefined:  # NaN, from NaN logits or an overflow (logits / temperature, or a processor's scores)
+        draws.pop(i)
+        errors[i] = ("the model's logits hold NaN: there is no distribution to sample from"
+                     if logits[i].isnan().any() else
+                     "the logits processor's scores give no distribution to sample from (all -inf, or NaN)"
+                     if i in processed else
+                     f"temperature {params[i].temperature!r} is too small: the scaled logits overflow "
+                     "(do_sample=False decodes greedily)")
+    for i, probs in draws.items():
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [B]
-    return tokens.tolist(), chosen.tolist()
+    return tokens.tolist(), chosen.tolist(), errors

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from trellis.eval.scoring import default_max_length
+from trellis.eval.scoring import max_length_for
 from trellis.models.llama import TrellisLlama
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default
@@ -34,7 +34,7 @@ def generate_until(
     ``max_length - max_gen_toks`` tokens loses tokens on the left.
     """
     requests = list(requests)
-    max_length = max_length or default_max_length(model)
+    max_length = max_length_for(model, max_length)
     completions = [""] * len(requests)
     by_kwargs: dict[str, list[int]] = {}
     for i, (_, gen_kwargs) in enumerate(requests):

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from trellis.eval.requests import encode_pair, prefix_token_id, rolling_windows
-from trellis.eval.scoring import default_max_length, score_continuations
+from trellis.eval.scoring import max_length_for, score_continuations
 from trellis.models.llama import TrellisLlama
 
 
@@ -50,7 +50,7 @@ def rolling_loglikelihood(
     progress: bool = False,
 ) -> list[float]:
     """``loglikelihood_rolling`` over token ids; ``prefix_token`` conditions each first token."""
-    max_length = max_length or default_max_length(model)
+    max_length = max_length_for(model, max_length)
     windows, owners = [], []
     for i, tokens in enumerate(token_lists):
         for window in rolling_windows(tokens, prefix_token, max_length):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from trellis.cache.manager import KVCacheManager, PagedSequence
 from trellis.models.llama import TrellisLlama
 from trellis.runner import PagedModelRunner, runner_of
+from trellis.utils import token_ids
 
 LM_HEAD_ROWS = 256  # rows per lm_head matmul: keeps the [rows, vocab] logits small
 
@@ -33,9 +34,14 @@ class _Group:
     members: list[int] = field(default_factory=list)  # request indices
 
 
-def default_max_length(model: TrellisLlama) -> int:
-    """The longest input the model takes: ``max_position_embeddings``, as lm-eval reads it."""
-    return model.config.max_position_embeddings
+def max_length_for(model: TrellisLlama, max_length: int | None) -> int:
+    """``max_length``, checked, or by default the longest input the model takes
+    (``max_position_embeddings``, as lm-eval reads it)."""
+    if max_length is None:
+        return model.config.max_position_embeddings
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer (or None: the model's positions), got {max_length!r}")
+    return max_length
 
 
 def score_continuations(
@@ -49,23 +55,28 @@ def score_continuations(
 
     ``is_greedy`` says whether greedy decoding from the context yields exactly the continuation.
     Both parts must be non-empty. As in lm-eval, a request of more than ``max_length + 1`` tokens
-    (default: ``default_max_length(model)``) loses context tokens on the left. One forward packs
+    (default: the model's ``max_position_embeddings``) loses context tokens on the left. One forward packs
     about ``max_batch_tokens`` new tokens. The contexts' full blocks stay in the prefix cache.
     """
-    max_length = max_length or default_max_length(model)
+    max_length = max_length_for(model, max_length)
+    runner = runner_of(model)
     groups: dict[tuple[int, ...], _Group] = {}
     continuations: list[list[int]] = []
     for i, (context, continuation) in enumerate(requests):
-        context, continuation = list(context), list(continuation)
+        # Plain ints: they become the prefix cache's keys (a float or a tensor there would never match).
+        context, continuation = token_ids(context, f"request {i}: context"), token_ids(continuation, f"request {i}: continuation")
         if not context or not continuation:
             raise ValueError(f"request {i}: context and continuation must both be non-empty")
+        try:
+            runner.check_token_ids([context, continuation])
+        except ValueError as exc:
+            raise ValueError(f"request {i}: {exc}") from None
         if len(continuation) > max_length:
             raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds max_length {max_length}")
         context = (context + continuation)[-(max_length + 1):][:-len(continuation)]
         groups.setdefault(tuple(context), _Group(context)).members.append(i)
         continuations.append(continuation)
     scores: list[list] = [[0.0, True] for _ in continuations]  # [log-prob, greedy] per request
-    runner = runner_of(model)
     manager = runner.prefix_cache
     ordered = [groups[key] for key in sorted(groups)]  # contexts sharing a prefix become neighbours
     # no_grad, not inference_mode: a step's attention plan is checked against its batch tensors'

@@ -94,7 +94,10 @@ class CompletionService:
                 "choices": choices, "usage": job.usage(req.n)}
 
     async def complete(self, req: CompletionRequest, request: Request) -> dict[str, Any] | AsyncIterator[str]:
-        prompts = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in req.prompts()]
+        try:
+            prompts = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in req.prompts()]
+        except Exception as exc:  # noqa: BLE001 -- text the tokenizer refuses (a lone UTF-16 surrogate)
+            raise APIError(400, f"the prompt cannot be tokenized: {exc}", "prompt") from None
         prompt_top = req.logprobs if req.echo else None
         job = self._start("cmpl", prompts, req, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs,
                           prompt_top)
@@ -124,8 +127,8 @@ class CompletionService:
                            "model", "not_found_error")
         if len(prompts) > config.max_waiting:
             raise APIError(400, f"prompt: at most {config.max_waiting} prompts per request", "prompt")
-        if req.n > config.max_n:
-            raise APIError(400, f"n: at most {config.max_n} choices per prompt", "n")
+        if req.n > min(config.max_n, config.max_running):  # one prompt's choices run at once
+            raise APIError(400, f"n: at most {min(config.max_n, config.max_running)} choices per prompt", "n")
         if max_tokens is not None and max_tokens > config.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens}",
                            "max_tokens")
