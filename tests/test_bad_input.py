@@ -49,7 +49,28 @@ def test_empty_prompt():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="row 1 of the batch has no tokens"):
         model(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    for call in (model, lambda empty: model.generate(empty, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"the batch is empty: input of shape \(0, 5\)"):
+            call(torch.zeros(0, 5, dtype=torch.long))
     still_works(model, ref, ids, before)
+
+
+def test_a_mask_that_does_not_fit_the_prompt_is_named():
+    ref, model = tiny_pair()
+    ids = warm(model, ref)
+    before = model.prefix_cache.stats()
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 20\) does not match input_ids of shape \(1, 20\)"):
+        model.generate(ids, attention_mask=torch.ones(2, 20, dtype=torch.long), max_new_tokens=2)
+    still_works(model, ref, ids, before)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 3, 25, -2])
+def test_logits_to_keep_keeps_transformers_columns(keep):
+    """transformers slices ``[-k:]``: the last k columns, all of them for 0, all but the first -k for k < 0."""
+    ref, model = tiny_pair()
+    ids = torch.arange(3, 23)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, logits_to_keep=keep).logits, ref(ids, logits_to_keep=keep).logits)
 
 
 @pytest.mark.parametrize("bad_id", [-1, 256, 10_000])

@@ -246,6 +246,21 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
     assert got[1] == " Paris" and got[0]
 
 
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda m, t: generate_until(m, t, [("", {"max_gen_toks": 3})]), ValueError, "request 0: the context is empty"),
+    (lambda m, t: generate_until(m, t, [("Hi", {"until": [None]})]), TypeError, "until must be a string or a list"),
+    (lambda m, t: generate_until(m, t, [("Hi", {"temperature": "0.5"})]), TypeError, "temperature must be a number"),
+    (lambda m, t: generate_until(m, t, [("Hi", {"max_gen_toks": 0})]), ValueError, "max_gen_toks must be a positive"),
+    (lambda m, t: loglikelihood(m, t, [(None, " x")]), TypeError, "pair of strings"),
+    (lambda m, t: loglikelihood_rolling(m, t, ["some text"], max_length=0), ValueError, "max_length must be a positive"),
+])
+def test_string_level_bad_input_is_refused_by_name(smollm2, call, error, message):
+    model, tok, _ = smollm2
+    with pytest.raises(error, match=message):
+        call(model, tok)
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
 # --- the lm-eval adapter -------------------------------------------------------------------------
 
 

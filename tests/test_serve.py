@@ -6,6 +6,7 @@ Greedy outputs are compared with ``TrellisLlama.generate`` on the same prompt.""
 import asyncio
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -159,9 +160,18 @@ def test_completions_take_strings_and_token_ids_one_or_many(tiny):
     assert "".join(c.choices[0].text for c in streamed) == expected(prompts[1], 12)
 
 
+def finished_choices(server: Server, finish_reason: str) -> float:
+    """``trellis_choices_finished_total`` for ``finish_reason``, from ``/metrics``."""
+    metrics = httpx.get(f"{server.url}/metrics").text
+    found = re.search(rf'^trellis_choices_finished_total\{{finish_reason="{finish_reason}"\}} (\S+)', metrics,
+                      re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_stop_strings_cut_the_text_as_openai_does(tiny):
     server, tok, expected = tiny.server, tiny.tok, tiny.expected
     client = server.client()
+    counted = {reason: finished_choices(server, reason) for reason in ("stop", "cancelled", "length")}
     full = expected(chat_ids(tok, "Tell me a story."), 40)
     stop = full[12:14]
     want = full[: full.index(stop)]
@@ -174,6 +184,13 @@ def test_stop_strings_cut_the_text_as_openai_does(tiny):
     chunks = list(streamed)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "stop"
+    # The stop string ends the choice on its last allowed token: the engine's session ends on its
+    # length, the client reads "stop", and so do the metrics.
+    last = client.chat.completions.create(model="tiny", messages=messages("Tell me a story."), max_tokens=14,
+                                          temperature=0, stop=full[12:14], stream=True)
+    assert list(last)[-1].choices[0].finish_reason == "stop"
+    assert {reason: finished_choices(server, reason) - n for reason, n in counted.items()} == {
+        "stop": 3, "cancelled": 0, "length": 0}
 
 
 def test_logprobs_in_both_formats(tiny):
@@ -237,16 +254,12 @@ def test_sixteen_concurrent_clients_share_the_system_prompt(tiny):
     assert cached[1] >= common // 4 * 4 > 100
 
 
-def cancelled_choices(server: Server) -> float:
-    metrics = httpx.get(f"{server.url}/metrics").text
-    found = re.search(r'^trellis_choices_finished_total\{finish_reason="cancelled"\} (\S+)', metrics, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 def test_a_client_that_disconnects_frees_its_blocks(tiny):
     server, model, tok = tiny.server, tiny.model, tiny.tok
     engine = server.app.state.engine
-    before = cancelled_choices(server)
+    before = finished_choices(server, "cancelled")
     question = "Count to 30 thousand."  # greedy: no stop token in its first 320 tokens
     stream = server.client().chat.completions.create(model="tiny", messages=messages(question), max_tokens=300,
                                                      temperature=0, stream=True)
@@ -255,14 +268,14 @@ def test_a_client_that_disconnects_frees_its_blocks(tiny):
     assert engine.running
     stream.close()
     wait_until(lambda: not engine.running and model.prefix_cache.stats()["live_sessions"] == 0)
-    assert cancelled_choices(server) == before + 1
+    assert finished_choices(server, "cancelled") == before + 1
     ids = chat_ids(tok, question)
     assert model.prefix_cache.admission_cost(ids + [5]).cached_tokens >= len(ids) // 4 * 4  # the prefix stays cached
     with pytest.raises(httpx.TimeoutException):  # a client waiting for a JSON answer gives up
         httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": "story 14", "max_tokens": 400, "temperature": 0},
                    timeout=0.3)
     wait_until(lambda: not engine.running and model.prefix_cache.stats()["live_sessions"] == 0)
-    assert cancelled_choices(server) == before + 2
+    assert finished_choices(server, "cancelled") == before + 2
     model.prefix_cache.check_integrity()
 
 
@@ -454,15 +467,23 @@ def test_lm_eval_local_completions_scores_as_trellis_eval(smollm2):
         assert logprob == pytest.approx(want_logprob, abs=1e-4) and greedy == want_greedy
 
 
-def test_the_command_serves_and_stops_cleanly(tmp_path):
-    """``python -m trellis serve`` on a tiny saved model: answers, then exits on SIGINT."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(("grid", "stop"), [(False, signal.SIGINT), (False, signal.SIGTERM), (True, signal.SIGTERM)],
+                         ids=["serve-ctrl-c", "serve-sigterm", "grid-sigterm"])
+def test_the_command_serves_and_stops_cleanly(tmp_path, grid, stop):
+    """``python -m trellis serve`` (or ``grid serve`` over two stages) on a tiny saved model:
+    answers, then exits with status 0 on Ctrl-C or SIGTERM, a grid's stages stopped in order."""
     model = tiny_pair()[1]
     model.save_pretrained(tmp_path)
     char_tokenizer().save_pretrained(tmp_path)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "trellis", "serve", "--model", str(tmp_path), "--port", str(port),
+    port = _free_port()
+    where = ["grid", "serve", "--stages", "2", "--master-port", str(_free_port())] if grid else ["serve"]
+    command = [sys.executable, "-m", "trellis", *where, "--model", str(tmp_path), "--port", str(port),
                "--num-blocks", "128", "--block-size", "4", "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -471,13 +492,15 @@ def test_the_command_serves_and_stops_cleanly(tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         name = client.models.list().data[0].id
         assert client.completions.create(model=name, prompt="hi", max_tokens=3).usage.completion_tokens == 3
-        process.send_signal(2)  # SIGINT, as Ctrl-C
-        assert process.wait(30) == 0
+        process.send_signal(stop)
+        assert process.wait(60) == 0
     finally:
         if process.poll() is None:
             process.kill()
     output = process.stdout.read()
     assert f"serving {tmp_path.name} on http://127.0.0.1:{port}/v1" in output and "Traceback" not in output
+    if grid:  # the stage got the coordinator's stop, rather than losing its link
+        assert "stage stopped after" in output and "failed" not in output, output
 
 
 def _healthy(port: int) -> bool:

@@ -44,10 +44,17 @@ def generate_until(
             kwargs = dict(requests[indices[0]][1])
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
+            if not all(isinstance(stop, str) for stop in until):
+                raise TypeError(f"until must be a string or a list of strings, got {until!r}")
             max_new = kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
+            if not isinstance(max_new, int) or max_new < 1:
+                raise ValueError(f"max_gen_toks must be a positive integer, got {max_new!r}")
             if max_new >= max_length:
                 raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in max_length {max_length}")
-            kwargs.setdefault("do_sample", kwargs.get("temperature", 0.0) > 0)
+            temperature = kwargs.get("temperature", 0.0)
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+                raise TypeError(f"temperature must be a number, got {temperature!r}")
+            kwargs.setdefault("do_sample", temperature > 0)
             if not kwargs["do_sample"]:
                 kwargs.pop("temperature", None)
             # Longest first: rows of similar length pad less.
@@ -55,6 +62,9 @@ def generate_until(
             for start in range(0, len(indices), batch_size):
                 batch = indices[start:start + batch_size]
                 rows = [tokenizer.encode(requests[i][0])[-(max_length - max_new):] for i in batch]
+                for i, row in zip(batch, rows):
+                    if not row:
+                        raise ValueError(f"request {i}: the context is empty: there is nothing to generate from")
                 output, width = _generate(model, tokenizer, rows, max_new, until, kwargs)
                 for i, row in zip(batch, output[:, width:]):
                     completions[i] = _cut(tokenizer.decode(row, skip_special_tokens=True), until)

@@ -19,6 +19,8 @@ def prefix_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> TokenRequest:
     """Tokenize a request: the continuation's tokens are those of ``context + continuation`` past
     the context's own, so a word split at the boundary is tokenized as in running text."""
+    if not (isinstance(context, str) and isinstance(continuation, str)):
+        raise TypeError(f"a request is a (context, continuation) pair of strings, got ({context!r}, {continuation!r})")
     if not context:
         cont = tokenizer.encode(continuation, add_special_tokens=False)
         prefix = prefix_token_id(tokenizer)

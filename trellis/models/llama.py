@@ -260,6 +260,8 @@ class TrellisLlama(LlamaForCausalLM):
         elif inputs_embeds.dim() != 3:
             raise ValueError(f"inputs_embeds must be [batch, seq_len, hidden], got shape {tuple(inputs_embeds.shape)}")
         inputs = input_ids if input_ids is not None else inputs_embeds
+        if inputs.shape[0] == 0:
+            raise ValueError(f"the batch is empty: input of shape {tuple(inputs.shape)}")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"custom {attention_mask.dim()}D attention masks are not supported: the paged attention is "
                              "causal within each row; pass a 2D padding mask [batch, seq_len]")
@@ -299,8 +301,8 @@ class TrellisLlama(LlamaForCausalLM):
     def _logit_columns(logits_to_keep: int | torch.Tensor, num_cols: int, device: torch.device) -> torch.Tensor:
         if isinstance(logits_to_keep, torch.Tensor):
             return logits_to_keep.to(device=device, dtype=torch.long).flatten()
-        keep = num_cols if logits_to_keep == 0 else min(logits_to_keep, num_cols)
-        return torch.arange(num_cols - keep, num_cols, device=device)
+        # transformers' slice(-k, None): 0 keeps every column, k > 0 the last k, k < 0 all but the first -k.
+        return torch.arange(num_cols, device=device)[-logits_to_keep:]
 
     # --- generation ------------------------------------------------------------------------
 
@@ -315,7 +317,7 @@ class TrellisLlama(LlamaForCausalLM):
         if (self.config._attn_implementation != ATTN_IMPLEMENTATION or use_cache is False
                 or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None):
             return super().generate(inputs, generation_config, **kwargs)
-        self._check_generation_length(inputs if inputs is not None else kwargs.get("input_ids"),
+        self._check_generation_inputs(inputs if inputs is not None else kwargs.get("input_ids"),
                                       kwargs.get("attention_mask"), generation_config, kwargs)
         with self.runner.lock:
             cache = PagedKVCache(self.prefix_cache)
@@ -327,11 +329,17 @@ class TrellisLlama(LlamaForCausalLM):
                 if getattr(result, CACHE_ARG, None) is not cache:
                     cache.release()
 
-    def _check_generation_length(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+    def _check_generation_inputs(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                                  generation_config, kwargs: dict) -> None:
-        """Refuse up front a prompt that ``max_new_tokens`` would carry past the model's positions."""
+        """Refuse up front a mask that does not fit the prompt (generate() would first derive
+        positions from it), and a prompt that ``max_new_tokens`` would carry past the model's positions."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            return
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids of shape "
+                             f"{tuple(input_ids.shape)}")
         max_new = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
-        if input_ids is None or max_new is None or input_ids.dim() != 2:
+        if max_new is None:
             return
         longest = int(attention_mask.sum(1).max()) if attention_mask is not None else input_ids.shape[1]
         self.runner.check_positions(longest + max_new)

@@ -43,6 +43,7 @@ class _Choice:
     cached_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    cancelled: bool = False  # its session was cancelled before it finished (the client went away)
 
 
 @dataclass(eq=False)
@@ -69,6 +70,7 @@ class CompletionService:
     def __init__(self, bridge: EngineBridge, tokenizer: PreTrainedTokenizerBase, config: ServeConfig,
                  stop_token_ids: Sequence[int], context_length: int) -> None:
         self.bridge, self.tokenizer, self.config = bridge, tokenizer, config
+        self.metrics = bridge.metrics
         self.stop_token_ids = tuple(stop_token_ids)
         self.context_length = context_length
 
@@ -181,6 +183,8 @@ class CompletionService:
         elif event.finish_reason is not None:  # failed, or cancelled by someone else (the server stopping)
             choice.finish_reason = "error"
             choice.error = event.error or f"the request ended early ({event.finish_reason})"
+        if choice.finish_reason is not None and self.metrics:
+            self.metrics.choice_finished(choice.finish_reason)
         return choice, text, logprobs
 
     async def _collect(self, job: _Job, request: Request) -> None:
@@ -252,8 +256,11 @@ class CompletionService:
 
     def _cancel(self, job: _Job) -> None:
         for c in job.choices:
-            if c.finish_reason is None:
+            if c.finish_reason is None and not c.cancelled:
+                c.cancelled = True
                 self.bridge.cancel(c.handle, c.session)
+                if self.metrics:
+                    self.metrics.choice_finished("cancelled")
 
     # --- log-probabilities in OpenAI's two formats ----------------------------------------
 

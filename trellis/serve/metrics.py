@@ -1,8 +1,8 @@
 """Prometheus metrics of the server: traffic and latency, the prefix cache and the queue.
 
 Each app has its own registry, so several servers (tests) can live in one process. Counters and
-histograms are updated by the engine thread as tokens come out; the cache and queue gauges are
-read when ``/metrics`` is scraped.
+histograms are updated by the engine thread as tokens come out, the finished choices by the
+request handlers; the cache and queue gauges are read when ``/metrics`` is scraped.
 """
 
 from __future__ import annotations
@@ -64,9 +64,14 @@ class ServerMetrics:
         self.generation_tokens.inc(end - start)
 
     def finished(self, session: Session) -> None:
-        self.finished_choices.labels(session.finish_reason or "unknown").inc()
         if session.token_times:
             self.e2e.observe(session.token_times[-1] - session.created_time)
+
+    def choice_finished(self, finish_reason: str) -> None:
+        """A choice ended, with the ``finish_reason`` its client sees (a stop string is found in
+        the text, after the engine's session: only the HTTP layer knows it), or ``"cancelled"``
+        when the client went away first."""
+        self.finished_choices.labels(finish_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -40,10 +41,22 @@ def serve(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeConfig
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     if stop_when is not None:
         threading.Thread(target=_stop_when, args=(server, stop_when), name="trellis-serve-watch", daemon=True).start()
+    # uvicorn re-raises the signal it shut down for once it is done. SIGTERM's default action would
+    # then kill the process before the caller's cleanup (a grid's stop signal to its stages), so
+    # here it raises KeyboardInterrupt, as Ctrl-C does.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for: the shutdown was clean
+    except KeyboardInterrupt:  # the signal uvicorn shut down for: the shutdown was clean
         pass
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop_when(server: uvicorn.Server, condition: Callable[[], bool], poll_s: float = 0.5) -> None:
