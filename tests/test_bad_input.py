@@ -24,7 +24,7 @@ def still_works(model, ref, ids, before):
                        ref.generate(ids, max_new_tokens=4, do_sample=False))
 
 
-@pytest.mark.parametrize("block_size", [0, -1, 3, 100, 512])
+@pytest.mark.parametrize("block_size", [0, -1, 3, 100, 512, True])
 def test_block_size_must_be_a_power_of_two(block_size):
     with pytest.raises(ValueError, match="block_size must be a power of two between 1 and 256"):
         TrellisLlama(tiny_config(), block_size=block_size)
@@ -33,12 +33,14 @@ def test_block_size_must_be_a_power_of_two(block_size):
         model.configure_cache(block_size=block_size)
 
 
-@pytest.mark.parametrize("bad", [{"num_blocks": 0}, {"num_blocks": -3}, {"kv_cache_memory": 0},
+@pytest.mark.parametrize("bad", [{"num_blocks": 0}, {"num_blocks": -3}, {"num_blocks": True}, {"kv_cache_memory": 0},
+                                 {"kv_cache_memory": "1GB"}, {"kv_cache_memory": 1.5}, {"kv_cache_memory": 10},
                                  {"backend": "fpga"}])
 def test_bad_cache_settings(bad):
     _, model = tiny_pair()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_blocks|kv_cache_memory|backend"):
         model.configure_cache(**bad)
+        model.prefix_cache  # a budget too small for one block is found where the pool is built  # noqa: B018
 
 
 def test_empty_prompt():
@@ -52,6 +54,10 @@ def test_empty_prompt():
     for call in (model, lambda empty: model.generate(empty, max_new_tokens=2)):
         with pytest.raises(ValueError, match=r"the batch is empty: input of shape \(0, 5\)"):
             call(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq_len\], got shape \(3,\)"):
+        model.generate(torch.tensor([5, 6, 7]), max_new_tokens=2)
+    with pytest.raises(TypeError, match="input_ids must be a \\[batch, seq_len\\] tensor of token ids, got list"):
+        model.generate([[5, 6, 7]], max_new_tokens=2)
     still_works(model, ref, ids, before)
 
 

@@ -243,6 +243,22 @@ def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):
     assert grid.stop(timeout=30) == [2]
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ({"block_size": 0}, "block_size must be a power of two"), ({"micro_batches": -1}, "micro_batches"),
+    ({"micro_batches": 0}, "micro_batches"), ({"threads": 0}, "threads"), ({"step_timeout": -5}, "step_timeout"),
+    ({"num_blocks": 0}, "num_blocks")])
+def test_bad_options_are_refused_before_any_stage_starts(tiny_dir, override, message):
+    with pytest.raises(ValueError, match=message):
+        options(tiny_dir, **override)
+
+
+def test_more_stages_than_layers_are_refused_before_any_stage_starts(tiny_dir):
+    grid = LocalGrid(options(tiny_dir), stages=7)
+    with pytest.raises(ValueError, match="7 stages for a model of 6 layers"):
+        grid.__enter__()
+    assert grid.processes == []
+
+
 def test_grid_refuses_what_it_cannot_compute(tiny_dir):
     with LocalGrid(options(tiny_dir), stages=2) as runner:
         with pytest.raises(ValueError, match="fixed when the grid starts"):

@@ -241,6 +241,27 @@ def test_damaged_or_missing_file_is_refused(tmp_path):
     fresh.prefix_cache.check_integrity()
 
 
+def test_saving_where_no_file_can_be_leaves_everything_as_it_was(tmp_path, monkeypatch):
+    _, model = tiny_pair()
+    path = saved(tmp_path, model)
+    before = path.read_bytes()
+    (tmp_path / "a_directory").mkdir()
+    with pytest.raises(ValueError, match="a_directory exists and is not a regular file"):
+        model.save_prefix_cache(tmp_path / "a_directory")
+    with pytest.raises(FileNotFoundError, match="no directory .*nowhere to save the prefix cache p.safetensors in"):
+        model.save_prefix_cache(tmp_path / "nowhere" / "p.safetensors")
+
+    def failing_write(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("trellis.cache.persist.save_file", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_prefix_cache(path)
+    assert path.read_bytes() == before  # the old file stands, and no staging file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_directory", "prefixes.safetensors"]
+
+
 def test_file_larger_than_the_pool_is_refused_whole(tmp_path):
     _, model = tiny_pair()
     path = saved(tmp_path, model)
@@ -428,3 +449,19 @@ def test_smollm2_prefix_cache_reloaded_in_a_new_process_matches_transformers(tmp
         here = model(ids, logits_to_keep=8).logits  # the same hit on the cache that was saved
     assert (child["logits"] - want).abs().max() <= 1e-4
     torch.testing.assert_close(child["logits"], here, atol=1e-6, rtol=0)
+
+
+def test_the_demo_starts_warm_from_its_file_and_cold_from_one_it_cannot_use(tmp_path, capsys):
+    from trellis import cli
+
+    path = tmp_path / "demo.safetensors"
+    demo = ["demo", "--questions", "What is a radix tree?", "--max-new-tokens", "3", "--prefix-cache", str(path)]
+    cli.main([*demo, "--dtype", "float32"])
+    cli.main([*demo, "--dtype", "float32"])
+    assert "warm start:" in capsys.readouterr().out
+    cli.main([*demo, "--dtype", "bfloat16"])  # a file of another dtype: refused, so the run starts cold
+    out = capsys.readouterr().out
+    assert "cold start: " in out and "dtype" in out and "saved" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*demo[:-1], str(tmp_path / "missing" / "demo.safetensors")])
+    assert exit_info.value.code == 2 and "no file can be saved there" in capsys.readouterr().err

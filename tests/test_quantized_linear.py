@@ -273,9 +273,11 @@ def test_tiny_gguf_kept_quantized_matches_transformers(tmp_path):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_keep_quantized_needs_a_gguf(tmp_path):
+def test_keep_quantized_needs_a_gguf_and_fp32_or_bf16(tmp_path):
     with pytest.raises(ValueError, match="keep_quantized=True keeps the quantized weights of a GGUF"):
         TrellisLlama.from_pretrained(embedded_model_dir(), keep_quantized=True)
+    with pytest.raises(ValueError, match="float32 or bfloat16 activations, not float16"):
+        TrellisLlama.from_pretrained(keep_quantized=True, dtype=torch.float16, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +287,14 @@ def smollm2():
     model = TrellisLlama.from_pretrained(keep_quantized=True, device="cpu")
     reference = LlamaForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32).eval()
     return model, reference
+
+
+def test_a_saved_quantized_model_is_refused_on_load_not_served_random(smollm2, tmp_path):
+    """save_pretrained writes blocks transformers cannot read: loading that directory would leave
+    every linear layer random."""
+    smollm2[0].save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lacks 210 weights .* load the GGUF with keep_quantized=True instead"):
+        TrellisLlama.from_pretrained(tmp_path, device="cpu")
 
 
 def test_embedded_model_kept_quantized_matches_transformers(smollm2):

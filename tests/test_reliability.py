@@ -5,6 +5,7 @@ import random
 import threading
 
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from tests.models import smollm2_dir, tiny_config, tiny_pair
 from tests.test_radix import make_manager
 from trellis.cache.block_pool import OutOfBlocksError
+from trellis.models.embedded import embedded_gguf_path
 from trellis.models.llama import TrellisLlama
 
 SYSTEMS = [torch.arange(3, 3 + n) for n in (13, 22)]
@@ -63,6 +65,33 @@ def test_missing_gguf_and_non_llama_checkpoints_are_refused(tmp_path):
     (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
     with pytest.raises(ValueError, match="garbage.gguf"):
         TrellisLlama.from_pretrained(tmp_path, gguf_file="garbage.gguf", device="cpu")
+    data = embedded_gguf_path().read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) * 9 // 10])  # the header whole, the tensors cut
+    with pytest.raises(ValueError, match=r"cannot read the model config of .* \(cut.gguf\): cannot reshape"):
+        TrellisLlama.from_pretrained(tmp_path, gguf_file="cut.gguf", device="cpu")
+
+
+def test_a_checkpoint_missing_weights_is_refused(tmp_path):
+    """transformers would load it with those weights random, and answer nonsense."""
+    _, model = tiny_pair()
+    model.save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 weights of the model \(e.g. model.layers.1.mlp.up_proj.weight\)"):
+        TrellisLlama.from_pretrained(tmp_path, device="cpu")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated: an OSError naming the place
+    with pytest.raises(OSError, match=f"cannot read the weights in {tmp_path}"):
+        TrellisLlama.from_pretrained(tmp_path, device="cpu")
+
+
+def test_attention_kernels_that_cannot_take_the_dtype_are_refused_at_load(tmp_path):
+    _, model = tiny_pair()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="the cpp kernels take float32, float16 and bfloat16, not float64"):
+        TrellisLlama.from_pretrained(tmp_path, device="cpu", backend="cpp", dtype=torch.float64)
+    assert TrellisLlama.from_pretrained(tmp_path, device="cpu", dtype=torch.float64).attention_backend() == "reference"
 
 
 def test_threads_get_the_same_answers_as_sequential_calls():

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
+from trellis.cache.persist import PrefixCacheFileError
 from trellis.engine import Engine, SamplingParams
 from trellis.grid import (
     Endpoint,
@@ -70,8 +71,11 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"loaded {model.name_or_path} on {model.device} ({model.dtype}, {model.attention_backend()} kernels, "
           f"block size {args.block_size}) in {time.perf_counter() - started:.1f} s")
     if args.prefix_cache and Path(args.prefix_cache).is_file():
-        blocks = model.load_prefix_cache(args.prefix_cache)
-        print(f"warm start: {blocks} cached blocks loaded from {args.prefix_cache}")
+        try:
+            blocks = model.load_prefix_cache(args.prefix_cache)
+            print(f"warm start: {blocks} cached blocks loaded from {args.prefix_cache}")
+        except PrefixCacheFileError as exc:  # another model, dtype or block size: start cold, and save over it
+            print(f"cold start: {exc}")
     print()
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for question in args.questions or QUESTIONS:
@@ -233,14 +237,17 @@ def run_grid_generate(args: argparse.Namespace) -> None:
         print(runner.placement.describe(), flush=True)
         tokenizer = AutoTokenizer.from_pretrained(args.model or embedded_model_dir())
         engine = Engine(runner)
+        stops = SamplingParams.from_generation_config(runner.model.generation_config).stop_token_ids
         messages = [{"role": "system", "content": SYSTEM_PROMPT}]
         for question in args.questions or QUESTIONS:
             prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": question}],
                                                    add_generation_prompt=True, return_dict=False)
             started = time.perf_counter()
-            session = engine.add(prompt, SamplingParams(max_new_tokens=args.max_new_tokens))
+            session = engine.add(prompt, SamplingParams(max_new_tokens=args.max_new_tokens, stop_token_ids=stops))
             engine.run()
             elapsed = time.perf_counter() - started
+            if session.error is not None:
+                raise SystemExit(f"trellis grid: the request failed: {session.error}")
             answer = tokenizer.decode(session.generated, skip_special_tokens=True).strip()
             print(f"user: {question}\nassistant: {answer}\n  [{len(prompt)} prompt tokens, "
                   f"{session.num_cached_tokens} cached | {len(session.generated)} new tokens in {elapsed:.2f} s]",
@@ -292,6 +299,9 @@ def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             run_grid_serve(args, serve_config(args))
     except (ValueError, GridError) as exc:
         parser.exit(2, f"trellis grid: {exc}\n")
+    except torch.distributed.DistNetworkError as exc:  # the rendezvous port, most often
+        parser.exit(2, f"trellis grid: cannot open the rendezvous at --master-addr {args.master_addr} --master-port "
+                       f"{args.master_port}: {str(exc).splitlines()[0]}\n")
 
 
 def restart_with_short_spin() -> None:
@@ -321,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     add_grid_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
+        cache_file = Path(args.prefix_cache) if args.prefix_cache else None
+        if cache_file is not None and (cache_file.is_dir() or not cache_file.parent.is_dir()):
+            demo.error(f"--prefix-cache {cache_file}: no file can be saved there (a directory, or a missing one)")
         run_demo(args)
     elif args.command == "serve":
         try:

@@ -17,7 +17,7 @@ class OutOfBlocksError(RuntimeError):
 
 
 def check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1) or block_size > 256:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0 or block_size & (block_size - 1) or block_size > 256:
         raise ValueError(f"block_size must be a power of two between 1 and 256, got {block_size!r}")
 
 

@@ -101,6 +101,11 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
 def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: str) -> int:
     """Write every cached prefix to ``path`` (atomically); returns the number of blocks saved.
     ``fingerprint``: the ``model_fingerprint`` of the model that computed the cache."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a directory, a device: never replaced
+        raise ValueError(f"{path} exists and is not a regular file: name a file to save the prefix cache to")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"no directory {path.parent} to save the prefix cache {path.name} in")
     with manager.lock:
         nodes = list(manager.radix.nodes())  # parents before children
         index = {id(node): i for i, node in enumerate(nodes)}
@@ -113,10 +118,13 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
             "node_num_blocks": torch.tensor([len(node.blocks) for node in nodes], dtype=torch.int64),
         }
         metadata = {**_header(manager, fingerprint), "checksum": _checksum(tensors)}
-    path = Path(path)
     staging = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, staging, metadata=metadata)
-    staging.replace(path)
+    try:
+        save_file(tensors, staging, metadata=metadata)
+        staging.replace(path)
+    except BaseException:
+        staging.unlink(missing_ok=True)  # a failed save leaves nothing behind
+        raise
     return len(blocks)
 
 

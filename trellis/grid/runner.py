@@ -119,7 +119,7 @@ class GridRunner(PagedModelRunner):
                              "flow back through the other stages)")
         with self.lock:
             self._check_alive()
-            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self._configured_backend(),
+            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
                                 positions)
             hidden = run_decoder(self.model, batch, inputs_embeds).last_hidden_state[0]
             # Sent only once stage 0 has computed: a step that fails here leaves the ring untouched.

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trellis.ops.quant import QUANTIZED_QTYPES
+from trellis.ops.quant import ACTIVATION_DTYPES, QUANTIZED_QTYPES
 from trellis.runner.quantized_linear import QuantizedLinear
 
 # GGUF tensor name within block i -> the linear layer under model.model.layers[i]
@@ -59,6 +59,9 @@ def keep_gguf_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Coun
     ``QuantizedLinear`` layers over those blocks; returns how many layers of each format."""
     from gguf import GGUFReader
 
+    if model.dtype not in ACTIVATION_DTYPES:  # what the kernels take: refused now, not at the first forward
+        raise ValueError(f"keep_quantized=True runs its layers on float32 or bfloat16 activations, not "
+                         f"{str(model.dtype).removeprefix('torch.')}: load with dtype=torch.float32 or torch.bfloat16")
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     config = model.config
     kept: Counter = Counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors import SafetensorError
 from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -87,6 +88,7 @@ class TrellisLlama(LlamaForCausalLM):
         no path, the embedded model's (see ``trellis.models.gguf_quantized``).
         """
         settings = CacheSettings(block_size, num_blocks, kv_cache_memory, backend)  # checked before loading
+        target = None if "device_map" in kwargs else resolve_device(device)
         quantized_from = quantized_gguf(pretrained_model_name_or_path, kwargs) if keep_quantized else None
         if pretrained_model_name_or_path is None and kwargs.get("state_dict") is None:
             from trellis.models.embedded import embedded_model_dir
@@ -94,17 +96,23 @@ class TrellisLlama(LlamaForCausalLM):
             pretrained_model_name_or_path = embedded_model_dir()
         if kwargs.get("config") is None:
             kwargs["config"] = load_llama_config(pretrained_model_name_or_path, kwargs)
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading info)
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                  output_loading_info=True, **kwargs)
+        except SafetensorError as exc:  # a damaged checkpoint: an OSError, as a missing file is
+            raise OSError(f"cannot read the weights in {pretrained_model_name_or_path}: {exc}") from exc
+        if kwargs.get("state_dict") is None:  # a caller's own state dict may leave weights out (a grid stage's)
+            _check_weights_loaded(pretrained_model_name_or_path, info)
         if quantized_from is not None:
             keep_gguf_quantized(model, quantized_from)
         model.runner.configure(settings)
-        if "device_map" not in kwargs:
-            model.to(resolve_device(device))
+        if target is not None:
+            model.to(target)
         model.attention_backend()  # load (or build) the kernels now rather than in the first request
         model.runner.choose_linear_kernel(linear_kernel)  # also lays out the loaded weights
         model.eval()
-        return loaded
+        return (model, info) if wants_info else model
 
     def set_linear_kernel(self, kind: str) -> int:
         """What runs the linear layers in CPU fp32 and bf16 inference (elsewhere it is always
@@ -333,8 +341,12 @@ class TrellisLlama(LlamaForCausalLM):
                                  generation_config, kwargs: dict) -> None:
         """Refuse up front a mask that does not fit the prompt (generate() would first derive
         positions from it), and a prompt that ``max_new_tokens`` would carry past the model's positions."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            return
+        if input_ids is None:
+            return  # inputs_embeds, checked by the forward
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a [batch, seq_len] tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids of shape "
                              f"{tuple(input_ids.shape)}")
@@ -358,6 +370,19 @@ class TrellisLlama(LlamaForCausalLM):
 
         return generate_batch(self, inputs, generation_config, continuous_batching_config, record_timestamps,
                               progress_bar, **kwargs)
+
+
+def _check_weights_loaded(path: object, info: dict) -> None:
+    """Refuse a checkpoint that lacks weights of the model: transformers would leave them random."""
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return
+    hint = ""
+    if any(key.endswith("weight_blocks") for key in info.get("unexpected_keys") or ()):
+        hint = (" It holds quantized blocks (saved from a keep_quantized=True model), which transformers cannot "
+                "read: load the GGUF with keep_quantized=True instead.")
+    raise ValueError(f"{path} lacks {len(missing)} weights of the model (e.g. {', '.join(missing[:3])}); "
+                     f"transformers would leave them randomly initialised.{hint}")
 
 
 def _contiguous_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> dict:

@@ -16,9 +16,14 @@ NATIVE_BF16 = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512_BF16", "bf16": "AR
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA, then MPS, then CPU."""
+    """``"auto"`` picks CUDA, then MPS, then CPU; a device this machine lacks is refused."""
     if str(device) != "auto":
-        return torch.device(device)
+        device = torch.device(device)
+        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+        if available is not None and not available():
+            raise ValueError(f"device {str(device)!r} is not available here (this PyTorch build or machine has no "
+                             f"{device.type.upper()} device); use device='auto' or 'cpu'")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -70,9 +75,11 @@ def load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaCon
                 if k in kwargs}
     try:
         config = AutoConfig.from_pretrained(name_or_path, **hub_args)
-    except (OSError, ValueError):
+    except OSError:
         raise
-    except Exception as exc:  # the GGUF reader fails with assorted errors on a damaged file
+    except Exception as exc:  # the GGUF reader fails with assorted errors on a damaged file, none naming it
+        if isinstance(exc, ValueError) and gguf_file is None:
+            raise
         raise ValueError(f"cannot read the model config of {name_or_path} ({gguf_file or 'config.json'}): {exc}") from exc
     if config.model_type != "llama":
         raise ValueError(

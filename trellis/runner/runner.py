@@ -45,9 +45,11 @@ class CacheSettings:
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
-        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks <= 0):
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool)
+                                            or self.num_blocks <= 0):
             raise ValueError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or isinstance(
+                self.kv_cache_memory, bool) or self.kv_cache_memory <= 0):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
         if self.backend is not None and self.backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {ops.BACKENDS}")
@@ -137,12 +139,13 @@ class PagedModelRunner:
     def attention_backend(self) -> str:
         """The kernels attention runs on: the configured backend, else the fastest for the device
         and dtype (the compiled kernels take fp32, fp16 and bf16; the reference any float)."""
-        return self._configured_backend() or ops.default_backend(self.device)
-
-    def _configured_backend(self) -> str | None:
-        if self.settings.backend is None and self.model.dtype not in _KERNEL_DTYPES:
-            return "reference"
-        return self.settings.backend
+        backend = self.settings.backend
+        if backend is None:
+            return "reference" if self.model.dtype not in _KERNEL_DTYPES else ops.default_backend(self.device)
+        if backend != "reference" and self.model.dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"the {backend} kernels take float32, float16 and bfloat16, not "
+                             f"{str(self.model.dtype).removeprefix('torch.')}: use backend='reference'")
+        return ops.resolve_backend(backend, self.device)  # refuses one that cannot run on this device
 
     # --- the KV cache ------------------------------------------------------------------------
 
@@ -185,7 +188,11 @@ class PagedModelRunner:
         num_blocks = settings.num_blocks
         if num_blocks is None:
             budget = settings.kv_cache_memory or default_kv_cache_memory(self.device)
-            num_blocks = max(1, budget // BlockPool.bytes_per_block(settings.block_size, *geometry, self.model.dtype))
+            block_bytes = BlockPool.bytes_per_block(settings.block_size, *geometry, self.model.dtype)
+            if settings.kv_cache_memory is not None and budget < block_bytes:
+                raise ValueError(f"kv_cache_memory of {budget} bytes holds no block: one block of "
+                                 f"{settings.block_size} tokens takes {block_bytes} bytes of K/V")
+            num_blocks = max(1, budget // block_bytes)
         return BlockPool(num_blocks, settings.block_size, *geometry, dtype=self.model.dtype, device=self.device)
 
     # --- input checks ------------------------------------------------------------------------
@@ -220,7 +227,7 @@ class PagedModelRunner:
             raise RuntimeError(f"the model runs {self.config._attn_implementation!r} attention, not the paged "
                                f"{ATTN_IMPLEMENTATION!r} one; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
         with self.lock:
-            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self._configured_backend(), positions)
+            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(), positions)
             out = run_decoder(self.model, batch, inputs_embeds, **kwargs)
             for seq in seqs:
                 manager.mark_computed(seq)
