@@ -92,6 +92,9 @@ def test_attention_kernels_that_cannot_take_the_dtype_are_refused_at_load(tmp_pa
     with pytest.raises(ValueError, match="the cpp kernels take float32, float16 and bfloat16, not float64"):
         TrellisLlama.from_pretrained(tmp_path, device="cpu", backend="cpp", dtype=torch.float64)
     assert TrellisLlama.from_pretrained(tmp_path, device="cpu", dtype=torch.float64).attention_backend() == "reference"
+    if not torch.cuda.is_available():  # refused before the weights load
+        with pytest.raises(ValueError, match="device 'cuda' is not available here"):
+            TrellisLlama.from_pretrained(tmp_path, device="cuda")
 
 
 def test_threads_get_the_same_answers_as_sequential_calls():

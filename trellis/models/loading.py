@@ -17,13 +17,18 @@ NATIVE_BF16 = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512_BF16", "bf16": "AR
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` picks CUDA, then MPS, then CPU; a device this machine lacks is refused."""
+    device = device_named(device)
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available is not None and not available():
+        raise ValueError(f"device {str(device)!r} is not available here (this PyTorch build or machine has no "
+                         f"{device.type.upper()} device); use device='auto' or 'cpu'")
+    return device
+
+
+def device_named(device: str | torch.device) -> torch.device:
+    """The device ``device`` names, this machine's best for ``"auto"`` (CUDA, then MPS, then CPU)."""
     if str(device) != "auto":
-        device = torch.device(device)
-        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
-        if available is not None and not available():
-            raise ValueError(f"device {str(device)!r} is not available here (this PyTorch build or machine has no "
-                             f"{device.type.upper()} device); use device='auto' or 'cpu'")
-        return device
+        return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -44,7 +49,7 @@ def preferred_dtype(device: str | torch.device) -> DtypeChoice:
     than rounding: bf16 on a CPU with native bf16 dot products, fp32 on other CPUs; elsewhere
     (CUDA, MPS) transformers' own ``"auto"``, the checkpoint's dtype. ``TrellisLlama.from_pretrained``
     keeps transformers' meaning of ``dtype``; pass it ``preferred_dtype(device).dtype`` to opt in."""
-    device = resolve_device(device)
+    device = device_named(device)
     if device.type != "cpu":
         return DtypeChoice("auto", f"on {device.type}, the checkpoint's dtype (transformers' dtype='auto')")
     capabilities = torch.cpu.get_capabilities()
