@@ -189,7 +189,7 @@ def warn_if_spinning(stages: list[StageIdentity]) -> None:
     """Warn when this process shares its machine with other stages under libgomp's long default spin."""
     if len({s.host for s in stages}) < len(stages) and not wait_setting_chosen(os.environ):
         log.warning("stages share a machine, and this process's OpenMP threads spin for ~10 ms after each step, "
-                    "slowing the next stage; start it with GOMP_SPINCOUNT=%s (the trellis grid command does)",
+                    "slowing the next stage; start it with GOMP_SPINCOUNT=%s (trellis grid --stages does)",
                     SHARED_HOST_SPIN_COUNT)
 
 
