@@ -465,3 +465,6 @@ def test_the_demo_starts_warm_from_its_file_and_cold_from_one_it_cannot_use(tmp_
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*demo[:-1], str(tmp_path / "missing" / "demo.safetensors")])
     assert exit_info.value.code == 2 and "no file can be saved there" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # not taken for a hub id
+        cli.main(["demo", "--model", str(tmp_path / "no_model")])
+    assert exit_info.value.code == 2 and "argument --model: no model directory" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from trellis.grid import (
     start_coordinator,
     start_stage,
 )
-from trellis.model_options import add_model_arguments, load_model
+from trellis.model_options import add_model_arguments, load_model, model_directory
 from trellis.models.embedded import EMBEDDED_NAME, embedded_model_dir
 from trellis.runner import LINEAR_KERNELS
 from trellis.serve import ServeConfig, serve
@@ -165,7 +165,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = True) -> None:
     """The options every rank of a grid takes (``GridOptions``), and where the rank sits."""
     defaults = GridOptions()
-    parser.add_argument("--model", help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", type=model_directory,
+                        help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--gguf-file", help="a GGUF file inside --model")
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda")

@@ -4,6 +4,7 @@ the evaluation scripts and the benchmarks."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -13,10 +14,18 @@ from trellis.models.loading import DTYPES, choose_dtype
 from trellis.runner import LINEAR_KERNELS
 
 
+def model_directory(text: str) -> str:
+    """``--model``'s check: a directory that exists (else transformers reads the name as a hub id)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no model directory {text!r}")
+    return text
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "auto") -> None:
     """``default_dtype``: ``"auto"`` for the command (the fastest here, ``preferred_dtype``); the
     evaluation scripts keep ``"float32"``, so that their figures do not depend on the CPU."""
-    parser.add_argument("--model", help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", type=model_directory,
+                        help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     parser.add_argument("--dtype", default=default_dtype, choices=["auto", *DTYPES],
                         help="default: %(default)s. auto: bfloat16 on a CPU with native bf16 dot products (AVX512_BF16, "
