@@ -65,7 +65,8 @@ def test_a_mask_that_does_not_fit_the_prompt_is_named():
     ref, model = tiny_pair()
     ids = warm(model, ref)
     before = model.prefix_cache.stats()
-    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 20\) does not match input_ids of shape \(1, 20\)"):
+    mismatch = r"attention_mask of shape \(2, 20\) does not match input_ids of shape \(1, 20\)"
+    with pytest.raises(ValueError, match=mismatch):
         model.generate(ids, attention_mask=torch.ones(2, 20, dtype=torch.long), max_new_tokens=2)
     still_works(model, ref, ids, before)
 

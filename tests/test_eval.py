@@ -252,7 +252,8 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
     (lambda m, t: generate_until(m, t, [("Hi", {"temperature": "0.5"})]), TypeError, "temperature must be a number"),
     (lambda m, t: generate_until(m, t, [("Hi", {"max_gen_toks": 0})]), ValueError, "max_gen_toks must be a positive"),
     (lambda m, t: loglikelihood(m, t, [(None, " x")]), TypeError, "pair of strings"),
-    (lambda m, t: loglikelihood_rolling(m, t, ["some text"], max_length=0), ValueError, "max_length must be a positive"),
+    (lambda m, t: loglikelihood_rolling(m, t, ["some text"], max_length=0), ValueError,
+     "max_length must be a positive"),
 ])
 def test_string_level_bad_input_is_refused_by_name(smollm2, call, error, message):
     model, tok, _ = smollm2

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
-from trellis.cache.persist import PrefixCacheFileError
+from trellis.cache.persist import PrefixCacheFileError, check_save_path
 from trellis.engine import Engine, SamplingParams
 from trellis.grid import (
     Endpoint,
@@ -155,7 +155,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the largest max_tokens a request may ask for")
     parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
                         help="max_tokens of chat requests that give none")
-    parser.add_argument("--max-n", type=int, default=defaults.max_n, help="most choices per prompt (and at most --max-running: they run at once)")
+    parser.add_argument("--max-n", type=int, default=defaults.max_n,
+                        help="most choices per prompt (and at most --max-running: they run at once)")
     parser.add_argument("--max-body-bytes", type=parse_bytes, default=defaults.max_body_bytes)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -332,9 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     add_grid_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        cache_file = Path(args.prefix_cache) if args.prefix_cache else None
-        if cache_file is not None and (cache_file.is_dir() or not cache_file.parent.is_dir()):
-            demo.error(f"--prefix-cache {cache_file}: no file can be saved there (a directory, or a missing one)")
+        try:
+            if args.prefix_cache:  # it is saved at the end: checked before the chat runs
+                check_save_path(args.prefix_cache)
+        except (ValueError, FileNotFoundError) as exc:
+            demo.error(f"--prefix-cache {args.prefix_cache}: no file can be saved there ({exc})")
         run_demo(args)
     elif args.command == "serve":
         try:

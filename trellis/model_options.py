@@ -28,8 +28,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "a
                         help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     parser.add_argument("--dtype", default=default_dtype, choices=["auto", *DTYPES],
-                        help="default: %(default)s. auto: bfloat16 on a CPU with native bf16 dot products (AVX512_BF16, "
-                             "AMX-BF16, ARM BF16), float32 on other CPUs, the checkpoint's dtype on a GPU")
+                        help="default: %(default)s. auto: bfloat16 on a CPU with native bf16 dot products "
+                             "(AVX512_BF16, AMX-BF16, ARM BF16), float32 on other CPUs, the checkpoint's dtype "
+                             "on a GPU")
     parser.add_argument("--block-size", type=int, default=32, help="KV cache block size in tokens")
     parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS,
                         help="what runs the linear layers on CPU in fp32 and bf16: blas (the fp32 default on Intel), "

@@ -11,6 +11,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def is_positive_int(value: object) -> bool:
+    """An ``int`` above zero; ``bool`` is an ``int`` to Python, never a size here."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:
     """``tokens`` as a list of ints: Python or NumPy integers, integer tensors of one element, or
     a 1-D integer tensor or array. Anything else (floats, which would be truncated; strings; None)

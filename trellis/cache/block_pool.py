@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from trellis.utils import is_positive_int
+
 
 class OutOfBlocksError(RuntimeError):
     """The pool cannot satisfy an allocation, even after evicting what may be evicted."""
 
 
 def check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0 or block_size & (block_size - 1) or block_size > 256:
+    if not is_positive_int(block_size) or block_size & (block_size - 1) or block_size > 256:
         raise ValueError(f"block_size must be a power of two between 1 and 256, got {block_size!r}")
 
 

@@ -98,14 +98,20 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
 # --- save ----------------------------------------------------------------------------------------
 
 
-def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: str) -> int:
-    """Write every cached prefix to ``path`` (atomically); returns the number of blocks saved.
-    ``fingerprint``: the ``model_fingerprint`` of the model that computed the cache."""
+def check_save_path(path: str | os.PathLike) -> Path:
+    """``path``, where a prefix cache can be saved: a file, or nothing yet, in a directory that exists."""
     path = Path(path)
     if path.exists() and not path.is_file():  # a directory, a device: never replaced
         raise ValueError(f"{path} exists and is not a regular file: name a file to save the prefix cache to")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"no directory {path.parent} to save the prefix cache {path.name} in")
+    return path
+
+
+def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: str) -> int:
+    """Write every cached prefix to ``path`` (atomically); returns the number of blocks saved.
+    ``fingerprint``: the ``model_fingerprint`` of the model that computed the cache."""
+    path = check_save_path(path)
     with manager.lock:
         nodes = list(manager.radix.nodes())  # parents before children
         index = {id(node): i for i, node in enumerate(nodes)}

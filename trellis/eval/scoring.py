@@ -55,8 +55,9 @@ def score_continuations(
 
     ``is_greedy`` says whether greedy decoding from the context yields exactly the continuation.
     Both parts must be non-empty. As in lm-eval, a request of more than ``max_length + 1`` tokens
-    (default: the model's ``max_position_embeddings``) loses context tokens on the left. One forward packs
-    about ``max_batch_tokens`` new tokens. The contexts' full blocks stay in the prefix cache.
+    (default: the model's ``max_position_embeddings``) loses context tokens on the left. One
+    forward packs about ``max_batch_tokens`` new tokens. The contexts' full blocks stay in the
+    prefix cache.
     """
     max_length = max_length_for(model, max_length)
     runner = runner_of(model)
@@ -64,7 +65,8 @@ def score_continuations(
     continuations: list[list[int]] = []
     for i, (context, continuation) in enumerate(requests):
         # Plain ints: they become the prefix cache's keys (a float or a tensor there would never match).
-        context, continuation = token_ids(context, f"request {i}: context"), token_ids(continuation, f"request {i}: continuation")
+        context = token_ids(context, f"request {i}: context")
+        continuation = token_ids(continuation, f"request {i}: continuation")
         if not context or not continuation:
             raise ValueError(f"request {i}: context and continuation must both be non-empty")
         try:

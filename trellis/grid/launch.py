@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from trellis.cache.block_pool import BlockPool, check_block_size
+from trellis.cache.block_pool import BlockPool
 from trellis.grid.placement import Placement, parse_layers, split_by_memory
 from trellis.grid.runner import GridRunner
 from trellis.grid.stage import StageWorker, free_memory, load_stage_model
@@ -71,8 +71,8 @@ class GridOptions:
     def __post_init__(self) -> None:
         """Checked before any stage starts: a bad value would otherwise surface on a stage, while
         the coordinator waits for it to join."""
-        check_block_size(self.block_size)
-        for name in ("num_blocks", "kv_cache_memory", "micro_batches", "threads", "step_timeout", "start_timeout"):
+        CacheSettings(self.block_size, self.num_blocks, self.kv_cache_memory)  # the pool's own checks
+        for name in ("micro_batches", "threads", "step_timeout", "start_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be positive, got {value!r}")
@@ -359,7 +359,8 @@ class LocalGrid:
     def __enter__(self) -> GridRunner:
         layers = load_llama_config(self.options.model_path, self.options.load_kwargs()).num_hidden_layers
         if self.endpoint.world_size > layers:  # refused before any stage process starts
-            raise ValueError(f"{self.endpoint.world_size} stages for a model of {layers} layers: each stage needs a layer")
+            raise ValueError(f"{self.endpoint.world_size} stages for a model of {layers} layers: each stage needs "
+                             "a layer")
         for rank in range(1, self.endpoint.world_size):
             endpoint = Endpoint(rank, self.endpoint.world_size, self.endpoint.master_addr, self.endpoint.master_port)
             # A session of their own: Ctrl-C reaches the coordinator only, which then stops them in order.

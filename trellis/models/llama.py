@@ -109,7 +109,7 @@ class TrellisLlama(LlamaForCausalLM):
         model.runner.configure(settings)
         if target is not None:
             model.to(target)
-        model.attention_backend()  # load (or build) the kernels, or refuse ones that cannot run, now: not in the first request
+        model.attention_backend()  # load (or build) the kernels, or refuse ones that cannot run: now, not in a request
         model.runner.choose_linear_kernel(linear_kernel)  # also lays out the loaded weights
         model.eval()
         return (model, info) if wants_info else model

@@ -29,6 +29,7 @@ from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch, build_batch
 from trellis.runner.decoder import LeanDecoder
 from trellis.runner.weights_watcher import WeightsWatcher
+from trellis.utils import is_positive_int
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled attention kernels take
 
@@ -45,11 +46,9 @@ class CacheSettings:
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
-        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool)
-                                            or self.num_blocks <= 0):
+        if self.num_blocks is not None and not is_positive_int(self.num_blocks):
             raise ValueError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
-        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or isinstance(
-                self.kv_cache_memory, bool) or self.kv_cache_memory <= 0):
+        if self.kv_cache_memory is not None and not is_positive_int(self.kv_cache_memory):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
         if self.backend is not None and self.backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {ops.BACKENDS}")
@@ -227,7 +226,8 @@ class PagedModelRunner:
             raise RuntimeError(f"the model runs {self.config._attn_implementation!r} attention, not the paged "
                                f"{ATTN_IMPLEMENTATION!r} one; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
         with self.lock:
-            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(), positions)
+            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
+                                positions)
             out = run_decoder(self.model, batch, inputs_embeds, **kwargs)
             for seq in seqs:
                 manager.mark_computed(seq)

@@ -129,8 +129,9 @@ class CompletionService:
                            "model", "not_found_error")
         if len(prompts) > config.max_waiting:
             raise APIError(400, f"prompt: at most {config.max_waiting} prompts per request", "prompt")
-        if req.n > min(config.max_n, config.max_running):  # one prompt's choices run at once
-            raise APIError(400, f"n: at most {min(config.max_n, config.max_running)} choices per prompt", "n")
+        max_n = min(config.max_n, config.max_running)  # one prompt's choices run at once
+        if req.n > max_n:
+            raise APIError(400, f"n: at most {max_n} choices per prompt", "n")
         if max_tokens is not None and max_tokens > config.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens}",
                            "max_tokens")
