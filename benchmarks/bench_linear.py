@@ -2,10 +2,11 @@
 
 Every layer gets its own weights of the model's shapes and dtype (so they stream from memory as
 in a forward), run as transformers does (``F.linear``), through oneDNN over row-major weights,
-over input-major weights and over a prepacked copy, and in bf16 through Trellis' streaming kernel
-(``quant_linear``, qtype ``"BF16"``, over the row-major parameter), which the oneDNN kinds run at
-up to ``OneDNNLinear.streamed_rows`` rows; the label in parentheses names the Trellis kind that
-runs each variant in this dtype. Kinds take turns within each repetition; the figure
+over input-major weights and over a prepacked copy, and through Trellis' streaming kernel
+(``quant_linear``, qtype ``"BF16"`` or ``"F32"``, over the row-major parameter), which every kind
+runs at the row counts ``cpu_linear.streamed_rows`` names for the dtype (bf16: 1-4, fp32: 4-8; each
+variant here runs its own kernel at every row count). The label in parentheses names the Trellis
+kind that runs each variant in this dtype. Kinds take turns within each repetition; the figure
 is the median ms per pass. Each shape's share of the pass is timed too, the LM head (not part of
 the pass) included, as ``shapes``: ``{"out x in": {variant: ms}}``.
 
@@ -16,38 +17,45 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from common import add_cpu_time_option, chosen_clock, describe, load_model, parser
 
-from trellis.runner.cpu_linear import OneDNNLinear, _set_layout, input_major
+from trellis import ops
+from trellis.runner.cpu_linear import _set_layout, input_major, streamed_rows
+
+Layer = Callable[[torch.Tensor], torch.Tensor]
 
 
-def variants(dtype: torch.dtype) -> dict[str, tuple[type, bool, bool, int]]:
-    """label -> (module class, prepacked, input-major weights, rows streamed); "onednn" runs the
-    layout ``input_major`` picks. Every oneDNN variant runs oneDNN at every row count."""
-    onednn_input_major, streams = input_major(dtype), dtype == torch.bfloat16
-    few = f" above {OneDNNLinear.streamed_rows} rows" if streams else ""
-    out = {"F.linear (blas)": (torch.nn.Linear, False, False, 0),
-           "oneDNN, row-major" + ("" if onednn_input_major else f" (onednn{few})"): (OneDNNLinear, False, False, 0),
-           "oneDNN, input-major" + (" (onednn)" if onednn_input_major else ""): (OneDNNLinear, False, True, 0),
-           f"oneDNN, prepacked (packed{few})": (OneDNNLinear, True, False, 0)}
-    if streams:
-        out[f"Trellis streaming (onednn, packed up to {OneDNNLinear.streamed_rows} rows)"] = \
-            (OneDNNLinear, False, False, 1 << 30)
+def onednn(weight: torch.Tensor) -> Layer:
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def variants(dtype: torch.dtype) -> dict[str, tuple[bool, Callable[[torch.Tensor], Layer]]]:
+    """label -> (input-major weights, the layer over a weight); "onednn" runs the layout
+    ``input_major`` picks."""
+    onednn_input_major, rows = input_major(dtype), streamed_rows(dtype)
+    qtype = "F32" if dtype == torch.float32 else "BF16"
+    out = {"F.linear (blas)": (False, lambda w: lambda x: F.linear(x, w)),
+           "oneDNN, row-major" + ("" if onednn_input_major else " (onednn)"): (False, onednn),
+           "oneDNN, input-major" + (" (onednn)" if onednn_input_major else ""): (True, onednn),
+           "oneDNN, prepacked (packed)": (False, lambda w: onednn(torch.ops.mkldnn._reorder_linear_weight(w, 64)))}
+    if rows is not None:
+        kinds = "blas, packed" if onednn_input_major else "every kind"  # input-major weights do not stream
+        out[f"Trellis streaming ({kinds} at {rows[0]}-{rows[1]} rows)"] = \
+            (False, lambda w: lambda x: ops.quant_linear(x, w.view(torch.uint8), qtype, backend="cpp"))
     return out
 
 
-def layers_of_kind(shapes: list[tuple[int, int]], dtype: torch.dtype, cls: type, prepack: bool,
-                   input_major_weights: bool, streamed_rows: int) -> list[torch.nn.Linear]:
+def layers_of_kind(shapes: list[tuple[int, int]], dtype: torch.dtype, input_major_weights: bool,
+                   layer: Callable[[torch.Tensor], Layer]) -> list[Layer]:
     layers = []
     for out_features, in_features in shapes:
-        layer = torch.nn.Linear(in_features, out_features, bias=False, dtype=dtype)
-        layer.__class__ = cls
-        if cls is OneDNNLinear:
-            layer.prepack, layer.streamed_rows = prepack, streamed_rows
-        _set_layout(layer.weight, input_major_weights)
-        layers.append(layer)
+        weight = torch.nn.Linear(in_features, out_features, bias=False, dtype=dtype).weight.detach()
+        _set_layout(weight, input_major_weights)
+        layers.append(layer(weight))
     return layers
 
 

@@ -75,13 +75,13 @@ inline void prefetch(const void* p) {
 #endif
 }
 
-enum class QType { Q8_0, Q4_0, Q4_1, BF16 };
+enum class QType { Q8_0, Q4_0, Q4_1, BF16, F32 };
 
 constexpr int kBlock = 32;                             // weights per block, in every format
 constexpr int kBlockRegs = kBlock / kLanes;           // registers per block: 2 (AVX-512), 4 (AVX2, portable)
 
 constexpr int64_t block_bytes(QType q) {
-  return q == QType::Q8_0 ? 34 : q == QType::Q4_0 ? 18 : q == QType::Q4_1 ? 20 : 64;
+  return q == QType::Q8_0 ? 34 : q == QType::Q4_0 ? 18 : q == QType::Q4_1 ? 20 : q == QType::BF16 ? 64 : 128;
 }
 
 // fp16 -> fp32 through a table of every half's value (256 KB, of which a layer's scales touch a
@@ -247,6 +247,13 @@ inline void load_block(const uint8_t* block, Reg* w) {
 }
 
 #endif
+
+// fp32 weights are read as they are (the portable build's general template does not handle them).
+template <>
+inline void load_block<QType::F32>(const uint8_t* block, Reg* w) {
+  const float* values = reinterpret_cast<const float*>(block);
+  for (int i = 0; i < kBlockRegs; ++i) w[i] = load(values + i * kLanes);
+}
 
 }  // namespace quant
 }  // namespace trellis

@@ -240,7 +240,8 @@ QType parse_qtype(c10::string_view name) {
   if (name == "Q4_0") return QType::Q4_0;
   if (name == "Q4_1") return QType::Q4_1;
   if (name == "BF16") return QType::BF16;
-  TORCH_CHECK_VALUE(false, "unsupported qtype '", name, "'; choose one of Q8_0, Q4_0, Q4_1, BF16");
+  if (name == "F32") return QType::F32;
+  TORCH_CHECK_VALUE(false, "unsupported qtype '", name, "'; choose one of Q8_0, Q4_0, Q4_1, BF16, F32");
 }
 
 // x @ W^T for every W of `weights` (one qtype, rows of x.shape[-1] weights each): x is converted
@@ -293,8 +294,10 @@ std::vector<at::Tensor> linear_group(const char* op, const at::Tensor& x, at::Te
       run<QType::Q4_0>(group);
     } else if (q == QType::Q4_1) {
       run<QType::Q4_1>(group);
-    } else {
+    } else if (q == QType::BF16) {
       run<QType::BF16>(group);
+    } else {
+      run<QType::F32>(group);
     }
   }
   for (at::Tensor& y : outputs) {

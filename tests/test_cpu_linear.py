@@ -12,7 +12,7 @@ from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, 
 from trellis import ops
 from trellis.models.llama import TrellisLlama
 from trellis.runner import cpu_linear
-from trellis.runner.cpu_linear import OneDNNLinear, linear_kernel_of, set_linear_kernel
+from trellis.runner.cpu_linear import CPULinear, linear_kernel_of, set_linear_kernel
 
 needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="no oneDNN on this machine or build")
 ONEDNN_KINDS = ["onednn", "packed"]
@@ -41,7 +41,7 @@ def test_matches_nn_linear(kind, bias, shape):
     torch.manual_seed(0)
     plain = torch.nn.Linear(48, 40, bias=bias)
     layer = copy.deepcopy(plain)
-    assert set_linear_kernel(layer, kind) == 1 and type(layer) is OneDNNLinear and linear_kernel_of(layer) == kind
+    assert set_linear_kernel(layer, kind) == 1 and type(layer) is CPULinear and linear_kernel_of(layer) == kind
     x = torch.randn(shape)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
@@ -70,31 +70,50 @@ def test_bf16_runs_on_onednn_within_rounding_of_nn_linear(kind):
     assert "mkldnn._linear_pointwise.default" not in recorded.names
 
 
-@needs_onednn_bf16
-@pytest.mark.parametrize("kind", ONEDNN_KINDS)
-def test_bf16_rows_up_to_four_stream_through_trellis_kernel(kind):
-    """A decode step's few rows read the weight with quant_linear's BF16 streaming kernel (exactly
-    its result), more rows go to oneDNN; a layer with a bias, or whose width is not whole 32-weight
-    blocks, stays on oneDNN."""
+# (dtype, qtype, kind) of the streamed layers: every kind in bf16, the row-major kinds in fp32
+STREAMED = [(torch.bfloat16, "BF16", kind) for kind in cpu_linear.LINEAR_KERNELS] + \
+           [(torch.float32, "F32", kind) for kind in ("blas", "packed")]
+
+
+@needs_onednn
+@pytest.mark.parametrize(("dtype", "qtype", "kind"), STREAMED)
+def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind):
+    """The few rows of a decode step (streamed_rows: 1-4 in bf16, 4-8 in fp32) read the weight with
+    quant_linear's streaming kernel (exactly its result); other row counts go to the kind's
+    library; a layer with a bias, or whose width is not whole 32-weight blocks, never streams."""
+    rows = cpu_linear.streamed_rows(dtype)
+    if rows is None:
+        pytest.skip(f"no {dtype} matmul streams on this CPU")
     torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 40, bias=False, dtype=torch.bfloat16)
+    layer = torch.nn.Linear(64, 40, bias=False, dtype=dtype)
     set_linear_kernel(layer, kind)
     exact = lambda x: torch.nn.functional.linear(x.double(), layer.weight.double())
-    for rows, streamed in [(1, True), (layer.streamed_rows, True), (layer.streamed_rows + 1, False)]:
-        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    first, last = rows
+    for count, streamed in [(first - 1, False), (first, True), (last, True), (last + 1, False)]:
+        if count == 0:
+            continue
+        x = torch.randn(count, 64, dtype=dtype)
         with torch.no_grad(), RecordOps() as recorded:
             got = layer(x)
-        assert ("trellis_cpp.quant_linear.default" in recorded.names) == streamed
-        assert ("mkldnn._linear_pointwise.default" in recorded.names) == (not streamed)
-        assert got.dtype == torch.bfloat16 and (got.double() - exact(x)).abs().max() <= 1e-2
+        assert ("trellis_cpp.quant_linear.default" in recorded.names) == streamed, count
+        assert got.dtype == dtype and (got.double() - exact(x)).abs().max() <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
         if streamed:
-            assert torch.equal(got, ops.quant_linear(x, layer.weight.view(torch.uint8), "BF16"))
-    for other in (torch.nn.Linear(64, 40, dtype=torch.bfloat16), torch.nn.Linear(48, 40, bias=False,
-                                                                                 dtype=torch.bfloat16)):
+            assert torch.equal(got, ops.quant_linear(x, layer.weight.view(torch.uint8), qtype))
+    for other in (torch.nn.Linear(64, 40, dtype=dtype), torch.nn.Linear(48, 40, bias=False, dtype=dtype)):
         set_linear_kernel(other, kind)
         with torch.no_grad(), RecordOps() as recorded:
-            other(torch.randn(1, other.in_features, dtype=torch.bfloat16))
+            other(torch.randn(first, other.in_features, dtype=dtype))
         assert "trellis_cpp.quant_linear.default" not in recorded.names
+
+
+@needs_onednn
+def test_input_major_fp32_weights_do_not_stream():
+    layer = torch.nn.Linear(64, 40, bias=False)
+    set_linear_kernel(layer, "onednn")  # input-major in fp32: the kernel reads row-major weights only
+    with torch.no_grad(), RecordOps() as recorded:
+        torch.testing.assert_close(layer(torch.ones(4, 64)), torch.ones(4, 64) @ layer.weight.T)
+    assert "trellis_cpp.quant_linear.default" not in recorded.names
+    assert "mkldnn._linear_pointwise.default" in recorded.names
 
 
 @needs_onednn_bf16
@@ -188,7 +207,7 @@ def test_bad_kinds_are_refused_and_nothing_changes(monkeypatch):
 def test_the_fp32_default_follows_the_cpu_vendor(monkeypatch):
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
     model = TrellisLlama(tiny_config())
-    assert model.linear_kernel == "onednn" and type(model.lm_head) is OneDNNLinear and not model.lm_head.prepack
+    assert model.linear_kernel == "onednn" and type(model.lm_head) is CPULinear and model.lm_head.kind == "onednn"
     assert all(linear_kernel_of(m) in (None, "onednn") for m in model.modules())
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")  # MKL's own CPUs
     expected = "blas" if torch.backends.mkl.is_available() else "onednn"
@@ -211,11 +230,11 @@ def test_model_state_dict_copies_pickles_and_switching_back():
         model(IDS)  # packs
     assert set(model.state_dict()) == keys
     clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
-    assert clone.linear_kernel == "packed" and clone.lm_head.prepack and clone.lm_head._packed is None
+    assert clone.linear_kernel == "packed" and clone.lm_head.kind == "packed" and clone.lm_head._packed is None
     with torch.no_grad():
         torch.testing.assert_close(clone(IDS).logits, model(IDS).logits)
-    assert model.set_linear_kernel("blas") == 15 and type(model.lm_head) is torch.nn.Linear
-    assert "_packed" not in model.lm_head.__dict__ and "prepack" not in model.lm_head.__dict__
+    assert model.set_linear_kernel("blas") == 15 and linear_kernel_of(model.lm_head) == "blas"
+    assert "_packed" not in model.lm_head.__dict__
     assert model.set_linear_kernel("blas") == 0
 
 

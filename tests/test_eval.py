@@ -140,7 +140,8 @@ def test_token_ids_become_plain_ints_and_bad_ones_are_refused():
     as_tensors = [(torch.tensor(context), [torch.tensor(t) for t in continuation])]
     assert score_continuations(model, as_tensors) == want
     hits = model.prefix_cache.stats()["hit_tokens"]
-    assert score_continuations(model, as_tensors) == want
+    # (the 6-token suffix after the hit streams its matmuls: fp32 reassociation only)
+    assert score_continuations(model, as_tensors) == [(pytest.approx(want[0][0], abs=1e-5), want[0][1])]
     assert model.prefix_cache.stats()["hit_tokens"] == hits + 16  # the whole blocks of all but the last token
     for bad, error, message in [([5.5] * 20, TypeError, "request 0: context: token ids must be integers, got 5.5"),
                                 ("some text", TypeError, "not a string"),
@@ -321,7 +322,7 @@ def test_adapter_loads_from_a_path_with_cache_settings():
         f"pretrained={smollm2_dir()},block_size=16,num_blocks=64,linear_kernel=packed", {"device": "cpu"})
     assert lm.trellis_model.prefix_cache.block_size == 16 and lm.trellis_model.prefix_cache.pool.num_blocks == 64
     assert lm.trellis_model.device.type == "cpu"
-    assert lm.trellis_model.linear_kernel == "packed" and lm.trellis_model.lm_head.prepack
+    assert lm.trellis_model.linear_kernel == "packed" == lm.trellis_model.lm_head.kind
 
 
 @pytest.mark.slow

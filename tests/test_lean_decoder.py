@@ -17,6 +17,7 @@ from tests.models import smollm2_reference, smollm2_trellis, tiny_config, tiny_p
 from trellis import ops
 from trellis.models.llama import TrellisLlama
 from trellis.ops import quant
+from trellis.runner import cpu_linear
 from trellis.runner.cpu_linear import onednn_dtypes
 from trellis.runner.quantized_linear import QuantizedLinear
 
@@ -263,6 +264,18 @@ def test_bf16_decode_rows_stream_as_one_call_prefill_runs_onednn(monkeypatch):
         assert {qtype for _, _, qtype in calls} == {"BF16"}
         with fallback(model):
             assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
+
+
+@pytest.mark.skipif(cpu_linear.streamed_rows(torch.float32) is None, reason="fp32 layers do not stream on this CPU")
+def test_fp32_decode_rows_of_four_sessions_stream_as_one_call(monkeypatch):
+    ref, model = tiny_pair()
+    model.set_linear_kernel("blas")
+    ids = torch.cat([prompt(seed, 24) for seed in range(4)])
+    with torch.no_grad(), group_calls(monkeypatch) as calls:
+        tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert [rows for rows, _, _ in calls] == [4] * 4 * 2 * 2  # 2 layers, 2 decode steps; no prefill
+        assert {qtype for _, _, qtype in calls} == {"F32"}
+    assert torch.equal(tokens, ref.generate(ids, max_new_tokens=3, do_sample=False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -40,8 +40,8 @@ def quantized(out_features: int, in_features: int, qtype: str, seed: int = 0) ->
     """(blocks, gguf's own dequantization of them) for a random weight."""
     weight = np.random.default_rng(seed).standard_normal((out_features, in_features)).astype(np.float32)
     kind = gguf.GGMLQuantizationType[qtype]
-    blocks = gguf.quants.quantize(weight, kind)
-    return torch.from_numpy(blocks.copy()), torch.from_numpy(gguf.quants.dequantize(blocks, kind).copy())
+    blocks = gguf.quants.quantize(weight, kind)  # F32: the weight itself, as floats
+    return torch.from_numpy(blocks.view(np.uint8).copy()), torch.from_numpy(gguf.quants.dequantize(blocks, kind).copy())
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

@@ -10,6 +10,7 @@ blocks of 32 consecutive weights, rows one after another, as a uint8 tensor
     Q4_0  fp16 d, nibbles[16]           w_i = d * (n_i - 8)    18 bytes (0.56 per weight)
     Q4_1  fp16 d, fp16 m, nibbles[16]   w_i = d * n_i + m      20 bytes (0.63 per weight)
     BF16  bf16 w[32]                    w_i                    64 bytes (2 per weight)
+    F32   fp32 w[32]                    w_i                    128 bytes (4 per weight)
 
 where ``n_i`` is the low nibble of byte ``i`` for ``i < 16`` and the high nibble of byte
 ``i - 16`` otherwise. BF16 is a plain row-major bf16 weight seen as bytes (``weight.view(torch.uint8)``),
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from trellis.ops.checks import require
 
 BLOCK = 32  # weights per block, in every format
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "BF16": 64}
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "BF16": 64, "F32": 128}
 QTYPES = tuple(BLOCK_BYTES)
 QUANTIZED_QTYPES = ("Q8_0", "Q4_0", "Q4_1")  # the block-quantized ones, which keep_quantized keeps
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
@@ -61,8 +62,8 @@ def check_quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str) -> Non
 def dequantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     """The fp32 weight ``[out_features, in_features]`` that the blocks ``weight`` hold."""
     out_features, num_bytes = weight.shape
-    if qtype == "BF16":
-        return weight.view(torch.bfloat16).float()
+    if qtype in ("BF16", "F32"):
+        return weight.view(torch.bfloat16 if qtype == "BF16" else torch.float32).float()
     size = BLOCK_BYTES[qtype]
     blocks = weight.reshape(out_features, num_bytes // size, size)  # [N, K/32, bytes]
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, K/32, 1]

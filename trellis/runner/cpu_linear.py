@@ -26,12 +26,14 @@ bf16 runs on oneDNN too where oneDNN computes it (``onednn_dtypes``), with fp32 
 There the layouts rank otherwise (docs/dtypes.md, an AMX Xeon): input-major is slower than
 row-major at 1 and 4 rows, so ``"onednn"`` keeps bf16 weights row-major (``input_major``), where
 it runs about as fast as ``F.linear`` (itself oneDNN in bf16); the blocked copy of ``"packed"`` is
-15-30 % faster at 1 to 64 rows, and the bf16 default. Up to ``OneDNNLinear.streamed_rows`` rows (a decode
-step) both oneDNN kinds instead stream the row-major bf16 parameter through Trellis' own kernel
-(``ops.quant_linear`` with qtype ``"BF16"``: fp32 accumulation, one rounding, as oneDNN). fp16
-stays on ``F.linear`` under every kind.
+15-30 % faster at 1 to 64 rows, and the bf16 default. fp16 stays on ``F.linear`` under every kind.
 
-An ``OneDNNLinear`` is an ``nn.Linear`` in every other respect: the same parameters and state
+Under every kind, a decode step's few rows (``streamed_rows``: 1 to 4 in bf16, 4 to 8 in fp32)
+instead stream a row-major parameter (not ``"onednn"``'s input-major fp32 ones) through Trellis'
+own kernel (``ops.quant_linear`` with qtype ``"BF16"`` or ``"F32"``: fp32 accumulation, one
+rounding), which reads the weights at memory speed where the libraries' GEMMs do not.
+
+The kinds run as ``CPULinear``, an ``nn.Linear`` in every other respect: the same parameters and state
 dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
 copy is made on first use and again whenever the weight is replaced (another storage, held
 weakly: a new one at the old address is not mistaken for it) or changed in place (its version
@@ -110,12 +112,37 @@ def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
     return "blas" if cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
 
 
-class OneDNNLinear(torch.nn.Linear):
-    prepack = False  # the "packed" kind; set per instance by set_linear_kernel
-    # Up to this many rows, bf16 matmuls stream the parameter through Trellis' kernel
-    # (``ops.quant_linear``, qtype ``"BF16"``): as fast as oneDNN's packed matmul at one row and
-    # 1.3-1.4x faster at two to four on SmolLM2 (docs/cpu-linear.md); past that oneDNN (AMX) wins.
-    streamed_rows = 4
+@functools.cache
+def _x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
+    """The row counts (first, last) of a ``dtype`` matmul that Trellis' streaming kernel
+    (``ops.quant_linear``) computes here, over the row-major parameter; None where it computes none.
+
+    A matmul of a few rows reads every weight once and is bound by memory bandwidth, where the
+    libraries' GEMMs are not always (docs/cpu-linear.md, the 2-core AMX Xeon):
+    - bf16, 1 to 4 rows, where oneDNN computes bf16: as fast as oneDNN's packed matmul at one row,
+      1.3-1.4x faster at two to four; from eight oneDNN (AMX) is the faster.
+    - fp32, 4 to 8 rows, on x86-64: MKL streams one row at memory speed but 4 to 8 rows 1.4-1.5x
+      slower than this kernel does; from 9 on, and at one to three, MKL is as fast or faster.
+    """
+    if dtype == torch.bfloat16 and dtype in onednn_dtypes():
+        return (1, 4)
+    if dtype == torch.float32 and _x86_64():
+        return (4, 8)
+    return None
+
+
+_QTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}  # quant_linear's names of plain weights
+
+
+class CPULinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose CPU inference runs on ``kind`` (one of ``LINEAR_KERNELS``), but for a
+    decode step's few rows (``streamed_rows``), which stream the parameter through Trellis' kernel."""
+
+    kind = "blas"  # set per instance by set_linear_kernel
     # (weight storage (weakly), data_ptr and version, packed weight); never in state dicts, copies or pickles
     _packed: tuple[weakref.ref, int, int, torch.Tensor] | None = None
 
@@ -125,27 +152,31 @@ class OneDNNLinear(torch.nn.Linear):
         # the oneDNN op over an input-major weight).
         # (Cheap checks first, attributes over device objects: this runs 200 times a decode step.)
         if ((torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) or not (x.is_cpu and weight.is_cpu)
-                or x.dtype != weight.dtype or weight.dtype not in onednn_dtypes() or torch.compiler.is_compiling()):
+                or x.dtype != weight.dtype or torch.compiler.is_compiling()):
             return F.linear(x, weight, self.bias)
         streamed = self.streamed_blocks(x)
         if streamed is not None:
-            return ops.quant_linear(x, streamed, "BF16", backend="cpp")
-        if self.prepack:
+            return ops.quant_linear(x, *streamed, backend="cpp")
+        if self.kind == "blas" or weight.dtype not in onednn_dtypes():
+            return F.linear(x, weight, self.bias)
+        if self.kind == "packed":
             weight = self._packed_weight()
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
-    def streamed_blocks(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor | None:
-        """The weight's bytes, for ``ops.quant_linear`` with qtype ``"BF16"``, where that kernel
-        computes this layer for the CPU input ``x``: bf16 ``x`` of at most ``streamed_rows`` rows, a
-        row-major bf16 weight of whole 32-weight blocks, no bias (oneDNN adds it before rounding),
-        bf16 among ``onednn_dtypes`` (elsewhere ``F.linear`` runs bf16), and the C++ kernels
-        (``backend``; by default the CPU's). None where another kernel runs it."""
+    def streamed_blocks(self, x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, str] | None:
+        """The weight's bytes and their ``ops.quant_linear`` qtype (``"BF16"``, ``"F32"``), where that
+        kernel computes this layer for the CPU input ``x``: ``x`` of a row count ``streamed_rows``
+        names for its dtype, a row-major weight of whole 32-weight blocks, no bias (the libraries
+        add it before rounding), and the C++ kernels (``backend``; by default the CPU's). None
+        where another kernel runs it."""
         weight = self.weight
-        if (x.dtype == weight.dtype == torch.bfloat16 and x.numel() <= self.streamed_rows * self.in_features
-                and self.bias is None and weight.is_contiguous() and self.in_features % quant.BLOCK == 0
-                and torch.bfloat16 in onednn_dtypes() and (backend or ops.default_backend(_CPU)) == "cpp"):
-            return weight.view(torch.uint8)
-        return None
+        if x.dtype != weight.dtype or self.bias is not None or self.in_features % quant.BLOCK:
+            return None
+        rows = streamed_rows(weight.dtype)
+        if (rows is None or not rows[0] * self.in_features <= x.numel() <= rows[1] * self.in_features
+                or not weight.is_contiguous() or (backend or ops.default_backend(_CPU)) != "cpp"):
+            return None
+        return weight.view(torch.uint8), _QTYPES[weight.dtype]
 
     def _packed_weight(self) -> torch.Tensor:
         weight = self.weight
@@ -180,13 +211,11 @@ def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
         current = linear_kernel_of(module)
         if current is None:
             continue
-        if current != kind:
+        if type(module) is not CPULinear or current != kind:
             module.__dict__.pop("_packed", None)  # frees a packed copy
-            module.__dict__.pop("prepack", None)
-            module.__class__ = torch.nn.Linear if kind == "blas" else OneDNNLinear
-            if kind == "packed":
-                module.prepack = True
-            changed += 1
+            module.__class__ = CPULinear
+            module.kind = kind
+            changed += current != kind
         if uses[id(module.weight)] == 1:
             _set_layout(module.weight, input_major=kind == "onednn" and input_major(module.weight.dtype))
     return changed
@@ -195,7 +224,7 @@ def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
 def drop_packed(model: torch.nn.Module) -> None:
     """Free every packed copy in ``model``; each is made again, from the weight as it is, on first use."""
     for module in model.modules():
-        if type(module) is OneDNNLinear:
+        if type(module) is CPULinear:
             module.__dict__.pop("_packed", None)
 
 
@@ -211,9 +240,10 @@ def _set_layout(weight: torch.nn.Parameter, input_major: bool) -> None:
 
 
 def linear_kernel_of(module: torch.nn.Module) -> str | None:
-    """The kind a linear layer runs on; None for anything but a plain ``nn.Linear`` or ``OneDNNLinear``."""
+    """The kind a linear layer runs on (a plain ``nn.Linear``: ``"blas"``, ``F.linear``); None for
+    anything but a plain ``nn.Linear`` or a ``CPULinear``."""
     if type(module) is torch.nn.Linear:
         return "blas"
-    if type(module) is OneDNNLinear:
-        return "packed" if module.prepack else "onednn"
+    if type(module) is CPULinear:
+        return module.kind
     return None

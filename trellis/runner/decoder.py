@@ -4,7 +4,7 @@ transformers' Llama forward spends about 20 ms of a SmolLM2 decode step on CPU o
 matmuls: per layer, its Python and some 40 small ATen ops (RMSNorm as six, rotate-half RoPE, the
 attention function's transposes and copies, residual adds, SiLU and the product), each a
 dispatcher call and often an OpenMP region. ``LeanDecoder`` walks ``model.model.layers`` itself
-and runs, per layer, the seven linear layers as they are (``nn.Linear``, ``OneDNNLinear``,
+and runs, per layer, the seven linear layers as they are (``nn.Linear``, ``CPULinear``,
 ``QuantizedLinear``: weights, layouts and quantization unchanged; those that read one input in one
 ``quant_linear_group`` call where that kernel computes them all, ``_Projections``),
 ``run_attention`` with the step's plan, and three fused ops: ``add_rms_norm`` (twice),
@@ -41,11 +41,11 @@ from trellis import ops
 from trellis.ops.checks import FUSED_DTYPES
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch
-from trellis.runner.cpu_linear import OneDNNLinear
+from trellis.runner.cpu_linear import CPULinear
 from trellis.runner.quantized_linear import QuantizedLinear
 from trellis.runner.weights_watcher import registration_count, watch_registrations
 
-_LINEARS = (torch.nn.Linear, OneDNNLinear, QuantizedLinear)  # called as they are; any other kind (adapters) is not
+_LINEARS = (torch.nn.Linear, CPULinear, QuantizedLinear)  # called as they are; any other kind (adapters) is not
 _NN = torch.nn.modules.module
 _GLOBAL_HOOKS = (_NN._global_forward_hooks, _NN._global_forward_pre_hooks)
 
@@ -199,19 +199,18 @@ def _attention(attn: LlamaAttention, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 def _blocks(linear: torch.nn.Module, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, str] | None:
     """The weight of ``linear`` as the blocks ``ops.quant_linear`` computes it from for ``x``, and
-    their qtype; None where another kernel runs it (``nn.Linear``, oneDNN, a bias)."""
+    their qtype; None where another kernel runs it (MKL, oneDNN, a bias)."""
     if type(linear) is QuantizedLinear:
         return (linear.weight_blocks, linear.qtype) if linear.bias is None else None
-    if type(linear) is OneDNNLinear:
-        blocks = linear.streamed_blocks(x, backend)
-        return None if blocks is None else (blocks, "BF16")
+    if type(linear) is CPULinear:
+        return linear.streamed_blocks(x, backend)
     return None
 
 
 class _Projections:
     """Linear layers of a decoder layer that read one input (q/k/v; gate/up; o; down), as the lean
     path runs them: with the C++ backend, those that ``quant_linear`` computes (quantized layers;
-    bf16 layers streaming a decode step's rows) as one ``quant_linear_group`` call per qtype, which
+    bf16 and fp32 layers streaming a decode step's rows) as one ``quant_linear_group`` call per qtype, which
     streams their weights in one parallel region (a GGUF may mix qtypes within a layer); the others
     by their own forward. Without ``nn.Module.__call__``: the lean path runs only where no hooks
     are set."""
