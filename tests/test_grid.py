@@ -252,9 +252,12 @@ def test_bad_options_are_refused_before_any_stage_starts(tiny_dir, override, mes
         options(tiny_dir, **override)
 
 
-def test_more_stages_than_layers_are_refused_before_any_stage_starts(tiny_dir):
-    grid = LocalGrid(options(tiny_dir), stages=7)
-    with pytest.raises(ValueError, match="7 stages for a model of 6 layers"):
+@pytest.mark.parametrize(("stages", "layers", "message"), [
+    (7, None, "7 stages for a model of 6 layers"), (2, "0-2,3-4", "covers layers 0-4; the model has 6"),
+    (2, "0-5", "names 1 stages, the grid has 2"), (2, "0-2,x", "'x' is not a range")])
+def test_more_stages_than_layers_or_bad_layers_are_refused_before_any_stage_starts(tiny_dir, stages, layers, message):
+    grid = LocalGrid(options(tiny_dir, layers=layers), stages=stages)
+    with pytest.raises(ValueError, match=message):
         grid.__enter__()
     assert grid.processes == []
 

@@ -99,7 +99,7 @@ def test_other_weights_dtype_or_block_size_are_refused(tmp_path):
     _, model = tiny_pair()
     path = saved(tmp_path, model)
     _, other_weights = tiny_pair(seed=1)
-    with pytest.raises(PrefixCacheFileError, match="model="):
+    with pytest.raises(PrefixCacheFileError, match="by a model with other weights or buffers"):
         other_weights.load_prefix_cache(path)
     _, other_block = tiny_pair(block_size=8)
     with pytest.raises(PrefixCacheFileError, match="block_size="):
@@ -119,7 +119,7 @@ def test_same_weights_under_another_config_are_refused(tmp_path, change):
     path = saved(tmp_path, model)
     _, other = tiny_pair(config=tiny_config(**change))
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
-    with pytest.raises(PrefixCacheFileError, match="model="):
+    with pytest.raises(PrefixCacheFileError, match=r"other settings \(config\)"):
         other.load_prefix_cache(path)
     assert other.prefix_cache.stats()["cached_blocks"] == 0
 
@@ -130,11 +130,11 @@ def test_a_weight_outside_any_sample_or_a_buffer_changed_is_refused(tmp_path):
     _, retrained = tiny_pair()
     with torch.no_grad():
         retrained.model.embed_tokens.weight[5, 1] += 0.5  # one element: every byte counts, not a sample
-    with pytest.raises(PrefixCacheFileError, match="model="):
+    with pytest.raises(PrefixCacheFileError, match="other weights or buffers"):
         retrained.load_prefix_cache(path)
     _, other_rope = tiny_pair()
     other_rope.model.rotary_emb.inv_freq[1] *= 1.001  # a non-persistent buffer: not in the state dict
-    with pytest.raises(PrefixCacheFileError, match="model="):
+    with pytest.raises(PrefixCacheFileError, match="other weights or buffers"):
         other_rope.load_prefix_cache(path)
 
 
@@ -145,7 +145,7 @@ def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp
     path = saved(tmp_path, model)
     _, blas = tiny_pair()
     blas.set_linear_kernel("blas")
-    with pytest.raises(PrefixCacheFileError, match="model="):
+    with pytest.raises(PrefixCacheFileError, match="is for linear_kernel='onednn', this cache needs 'blas'"):
         blas.load_prefix_cache(path)
     # The same values hash the same whatever their strides (oneDNN stores weights input-major).
     assert not model.model.layers[0].mlp.up_proj.weight.is_contiguous()
@@ -165,7 +165,7 @@ def test_another_adapter_state_is_refused(tmp_path):
     model.set_adapter("a")
     path = saved(tmp_path, base)
     model.set_adapter("b")
-    with pytest.raises(PrefixCacheFileError, match="model="):
+    with pytest.raises(PrefixCacheFileError, match="other adapters"):
         base.load_prefix_cache(path)
     model.set_adapter("a")
     assert base.load_prefix_cache(path) > 0
@@ -468,3 +468,8 @@ def test_the_demo_starts_warm_from_its_file_and_cold_from_one_it_cannot_use(tmp_
     with pytest.raises(SystemExit) as exit_info:  # not taken for a hub id
         cli.main(["demo", "--model", str(tmp_path / "no_model")])
     assert exit_info.value.code == 2 and "argument --model: no model directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:  # not left to the tokenizer's message
+        cli.main(["demo", "--model", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2 and "holds no model: neither a config.json nor a .gguf file" in \
+        capsys.readouterr().err

@@ -523,3 +523,22 @@ def test_binding_beyond_loopback_without_a_key_warns(monkeypatch, caplog):
         for host in ("127.0.0.1", "::1", "localhost"):
             server_module.serve(model, char_tokenizer(), ServeConfig(), host=host)
         assert "without --api-key" not in caplog.text
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["serve", "grid-serve"])
+def test_a_busy_port_is_refused_before_the_model_loads(monkeypatch, capsys, grid):
+    from trellis import cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model, or started a stage, for a port it cannot serve on")
+
+    monkeypatch.setattr(cli, "load_model", no_loading)
+    monkeypatch.setattr(cli, "run_grid_serve", no_loading)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        where = ["grid", "serve", "--stages", "2"] if grid else ["serve"]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*where, "--port", str(port)])
+    assert exit_info.value.code == 2 and f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err

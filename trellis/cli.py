@@ -34,6 +34,7 @@ from trellis.model_options import add_model_arguments, load_model, model_directo
 from trellis.models.embedded import EMBEDDED_NAME, embedded_model_dir
 from trellis.runner import LINEAR_KERNELS
 from trellis.serve import ServeConfig, serve
+from trellis.serve.server import check_address
 
 SYSTEM_PROMPT = (
     "You are Trellis, a concise assistant running entirely on the user's own computer. "
@@ -298,8 +299,10 @@ def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if args.grid_command == "generate":
             run_grid_generate(args)
         else:
-            run_grid_serve(args, serve_config(args))
-    except (ValueError, GridError) as exc:
+            config = serve_config(args)
+            check_address(args.host, args.port)  # before any stage starts
+            run_grid_serve(args, config)
+    except (ValueError, OSError, GridError) as exc:
         parser.exit(2, f"trellis grid: {exc}\n")
     except torch.distributed.DistNetworkError as exc:  # the rendezvous port, most often
         parser.exit(2, f"trellis grid: cannot open the rendezvous at --master-addr {args.master_addr} --master-port "
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "serve":
         try:
             config = serve_config(args)
-        except ValueError as exc:
+            check_address(args.host, args.port)  # before the model loads
+        except (ValueError, OSError) as exc:
             server.error(str(exc))
         run_serve(args, config)
     elif args.command == "grid":

@@ -15,9 +15,13 @@ from trellis.runner import LINEAR_KERNELS
 
 
 def model_directory(text: str) -> str:
-    """``--model``'s check: a directory that exists (else transformers reads the name as a hub id)."""
-    if not Path(text).is_dir():
+    """``--model``'s check: a directory that exists (else transformers reads the name as a hub id)
+    and holds a model: a ``config.json``, or a GGUF file (the grid's ``--gguf-file``)."""
+    path = Path(text)
+    if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no model directory {text!r}")
+    if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+        raise argparse.ArgumentTypeError(f"{text!r} holds no model: neither a config.json nor a .gguf file")
     return text
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.radix import RadixCache, RadixNode
 
-FORMAT = "trellis-prefix-cache/2"
+FORMAT = "trellis-prefix-cache/3"
 TENSORS = ("kv", "tokens", "node_parent", "node_num_blocks")
 
 
@@ -40,11 +40,13 @@ class PrefixCacheFileError(ValueError):
 # --- what a file's K/V are valid for -------------------------------------------------------------
 
 
-def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], linear_kernel: str) -> str:
-    """An exact identity of the computation that produced a model's K/V: every byte of every
-    parameter and buffer, persistent or not (RoPE's ``inv_freq`` is not in the state dict), with
-    its name, dtype and shape; ``config``, the settings that shape
-    the computation (JSON-serialisable); and ``linear_kernel``, since kernels round differently.
+def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], linear_kernel: str,
+                      adapters: str = "") -> dict[str, str]:
+    """An exact identity of the computation that produced a model's K/V, in parts that a mismatch
+    can name (``DIGESTS``): ``weights``, every byte of every parameter and buffer, persistent or not
+    (RoPE's ``inv_freq`` is not in the state dict), with its name, dtype and shape; ``config``, the
+    settings that shape the computation (JSON-serialisable); ``adapters``, which adapters run and at
+    what scales; and ``linear_kernel`` itself, since kernels round differently.
 
     Tensors hash by value, not layout (oneDNN stores weights input-major). A tensor shared under
     two names (tied embeddings) is read once. SmolLM2-135M in fp32 (538 MB): ~0.8 s on the 2-core
@@ -56,14 +58,19 @@ def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], lin
     unique = {_storage_key(t): t for t in tensors.values()}
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # hashlib releases the GIL
         digests = dict(zip(unique, pool.map(_tensor_digest, unique.values())))
-    digest = hashlib.sha256()
+    weights = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name]
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-        digest.update(digests[_storage_key(tensor)])
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    digest.update(f"linear_kernel={linear_kernel}".encode())
-    return digest.hexdigest()
+        weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        weights.update(digests[_storage_key(tensor)])
+    settings = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    return {"linear_kernel": linear_kernel, "config": settings.hexdigest(),
+            "adapters": hashlib.sha256(adapters.encode()).hexdigest(), "weights": weights.hexdigest()}
+
+
+# The fingerprint's digests, by what a mismatch of each means.
+DIGESTS = {"config": "settings (config)", "adapters": "adapters (which run, at what scales)",
+           "weights": "weights or buffers"}
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -76,14 +83,14 @@ def _tensor_digest(tensor: torch.Tensor) -> bytes:
     return hashlib.sha256(data.numpy()).digest()
 
 
-def _header(manager: KVCacheManager, fingerprint: str) -> dict[str, str]:
+def _header(manager: KVCacheManager, fingerprint: Mapping[str, str]) -> dict[str, str]:
     num_layers, _, _, block_size, num_kv_heads, head_dim = manager.pool.kv.shape
     return {
         "format": FORMAT,  # first: another version is refused as such, whatever its other fields
         "dtype": str(manager.pool.kv.dtype),
         "block_size": str(block_size),
         "geometry": f"layers={num_layers},kv_heads={num_kv_heads},head_dim={head_dim}",
-        "model": fingerprint,  # last: a dtype change also changes the model's fingerprint
+        **fingerprint,  # after the dtype, which changes the weights' digest too
     }
 
 
@@ -108,7 +115,7 @@ def check_save_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: str) -> int:
+def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: Mapping[str, str]) -> int:
     """Write every cached prefix to ``path`` (atomically); returns the number of blocks saved.
     ``fingerprint``: the ``model_fingerprint`` of the model that computed the cache."""
     path = check_save_path(path)
@@ -137,7 +144,8 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
 # --- load ----------------------------------------------------------------------------------------
 
 
-def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: str, vocab_size: int) -> int:
+def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: Mapping[str, str],
+                      vocab_size: int) -> int:
     """Add the prefixes saved in ``path`` to the cache; returns the number of blocks loaded.
 
     ``fingerprint``: this model's ``model_fingerprint``; ``vocab_size``: token ids must be below it.
@@ -187,10 +195,13 @@ def _check_header(metadata: Mapping[str, str], expected: Mapping[str, str], path
         raise PrefixCacheFileError(f"prefix cache file {path} has format {metadata.get('format')!r}; this version "
                                    f"of trellis reads only {FORMAT!r} (save the cache again)")
     for key, value in expected.items():
-        if metadata.get(key) != value:
-            raise PrefixCacheFileError(
-                f"prefix cache file {path} is for {key}={metadata.get(key)!r}, this cache needs {value!r}"
-            )
+        if metadata.get(key) == value:
+            continue
+        if key in DIGESTS:
+            raise PrefixCacheFileError(f"prefix cache file {path} was computed by a model with other {DIGESTS[key]}: "
+                                       f"its K/V do not hold for this one")
+        raise PrefixCacheFileError(f"prefix cache file {path} is for {key}={metadata.get(key)!r}, "
+                                   f"this cache needs {value!r}")
     if sorted(metadata) != sorted([*expected, "checksum"]):
         raise PrefixCacheFileError(f"prefix cache file {path} has header fields {sorted(metadata)}, "
                                    f"expected {sorted([*expected, 'checksum'])}")

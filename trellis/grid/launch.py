@@ -361,6 +361,8 @@ class LocalGrid:
         if self.endpoint.world_size > layers:  # refused before any stage process starts
             raise ValueError(f"{self.endpoint.world_size} stages for a model of {layers} layers: each stage needs "
                              "a layer")
+        if self.options.layers:  # likewise: the coordinator would find it only once every stage joined
+            parse_layers(self.options.layers, layers, self.endpoint.world_size)
         for rank in range(1, self.endpoint.world_size):
             endpoint = Endpoint(rank, self.endpoint.world_size, self.endpoint.master_addr, self.endpoint.master_port)
             # A session of their own: Ctrl-C reaches the coordinator only, which then stops them in order.

@@ -155,7 +155,7 @@ class TrellisLlama(LlamaForCausalLM):
         with self.runner.lock:
             return load_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint(), self.config.vocab_size)
 
-    def _prefix_cache_fingerprint(self) -> str:
+    def _prefix_cache_fingerprint(self) -> dict[str, str]:
         # Every config field that changes K/V; rope_theta / rope_scaling are transformers 4's rope_parameters.
         fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
@@ -164,7 +164,7 @@ class TrellisLlama(LlamaForCausalLM):
         config = {name: getattr(self.config, name, None) for name in fields}
         self.prefix_cache  # noqa: B018 -- brings the watcher's view of the adapters up to date
         adapters = repr(self.runner.weights_watcher.adapter_state())  # which adapters run, and their scales
-        return model_fingerprint(self, {**config, "dtype": str(self.dtype), "adapters": adapters}, self.linear_kernel)
+        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, self.linear_kernel, adapters)
 
     # --- forward ---------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve beyond this machine
         return False
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise ``OSError`` naming the address unless ``host:port`` can be bound now (as uvicorn binds
+    it: reusing an address in TIME_WAIT), so that a busy port fails before a model loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:  # socket.gaierror included
+        raise OSError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def serve(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeConfig, host: str = "127.0.0.1",
