@@ -311,6 +311,7 @@ def test_labels_give_transformers_loss(padded):
     ids, mask = left_pad([IDS[0], tokens(1, 9)[0]] if padded else [IDS[0], tokens(1)[0]])
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, 5] = -100
+    labels[:, 1:][(mask[:, :-1] == 0) & (mask[:, 1:] == 1)] = -100  # predicted from padding: refused otherwise
     real = mask.bool()
     with torch.no_grad():
         model(ids, attention_mask=mask)  # warm (a loss needs every logit, so it reuses nothing)
@@ -562,6 +563,63 @@ def test_positions_beyond_max_position_embeddings_are_refused():
     assert ref.generate(IDS, max_new_tokens=NEW, do_sample=False).shape[1] == 18
     with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
         model.generate(IDS, max_new_tokens=NEW, do_sample=False)
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_every_generation_length_is_checked_against_the_positions_before_anything_runs():
+    """max_length, the model's own generation_config and an inputs_embeds prompt are refused up
+    front, as max_new_tokens is: nothing is generated (or streamed) first."""
+    _, model = tiny_pair(config=tiny_config(max_position_embeddings=16))
+    generated = []
+
+    class Counter:
+        def put(self, value):
+            generated.append(value)
+
+        def end(self):
+            pass
+
+    embeds = model.model.embed_tokens(IDS).detach()
+    calls = [lambda: model.generate(IDS, max_length=17, min_length=17, streamer=Counter()),
+             lambda: model.generate(inputs_embeds=embeds, max_new_tokens=NEW, streamer=Counter())]
+    for call in calls:
+        with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
+            call()
+    model.generation_config.max_new_tokens = NEW
+    with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
+        model.generate(IDS, streamer=Counter())
+    assert generated == [] and model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_the_models_own_generation_config_decides_use_cache_and_cache_implementation():
+    ref, model = tiny_pair()
+    model.generation_config.use_cache = ref.generation_config.use_cache = False
+    assert torch.equal(model.generate(IDS, max_new_tokens=NEW, do_sample=False),
+                       ref.generate(IDS, max_new_tokens=NEW, do_sample=False))
+    model.generation_config.use_cache = None
+    model.generation_config.cache_implementation = "static"
+    with pytest.raises(ValueError, match="not in a 'static' cache"):
+        model.generate(IDS, max_new_tokens=NEW)
+
+
+def test_right_padding_in_generate_and_labels_after_padding_are_refused():
+    """generate() continues each row from its last column, and the loss predicts each label from
+    the column before it: where that column is padding, transformers' logits are no prediction and
+    Trellis' are zeros, so both are refused rather than answered differently."""
+    ref, model = tiny_pair()
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(5))
+    right = torch.ones(2, 10, dtype=torch.long)
+    right[0, -3:] = 0
+    with pytest.raises(ValueError, match="pads some rows on the right"):
+        model.generate(ids, attention_mask=right, max_new_tokens=2)
+    left = right.flip(1)
+    labels = ids.masked_fill(left == 0, -100)
+    with pytest.raises(ValueError, match="row 0's label at column 3 would be predicted from padding"):
+        model(ids, attention_mask=left, labels=labels)
+    labels[0, 3] = -100
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=left, labels=labels).loss,
+                                   ref(ids, attention_mask=left, labels=labels).loss)
     assert model.prefix_cache.stats()["live_sessions"] == 0
 
 

@@ -391,3 +391,55 @@ def test_eviction_of_cached_prefixes_while_sessions_decode():
     assert first[0].num_cached_tokens == 12
     for s in first + later:
         assert s.status == RequestStatus.FINISHED and s.generated == reference(ref, s.prompt, s.params.max_new_tokens)
+
+
+def test_choices_wait_for_blocks_their_own_cached_prefix_cannot_give():
+    """Admission pins the request's cached prefix, so those blocks cannot also pay for its choices:
+    an n = 3 request waits for a running session rather than having a choice fail for want of blocks."""
+    _, model = tiny_pair(num_blocks=16)
+    engine = Engine(model)
+    prefix = tokens(40, 16)
+    engine.add(prefix + [5], SamplingParams(max_new_tokens=1))
+    engine.run()  # the prefix's 4 blocks are cached, unlocked
+    running = engine.add(tokens(41, 4), SamplingParams(max_new_tokens=13))
+    engine.step()
+    choices = engine.add(prefix + [11, 12], SamplingParams(max_new_tokens=9, do_sample=True, seed=3), n=3)
+    engine.run()
+    for session in (running, choices, *choices.forks):
+        assert session.error is None and session.finish_reason == "length" and len(session.generated) > 0
+    assert choices.admitted_time >= running.finished_time
+    model.prefix_cache.check_integrity()
+
+
+def test_more_logprobs_than_the_vocabulary_are_refused_at_add():
+    _, model = tiny_pair()  # a vocabulary of 256
+    engine = Engine(model)
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=f"{name} = 300 alternatives, but the vocabulary has 256 tokens"):
+            engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2, **{name: 300}))
+    assert not engine.has_work
+    ok = engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2, logprobs=256))
+    engine.run()
+    assert len(ok.generated) == 2
+
+
+def test_a_chunked_prompt_counts_whole_in_the_hit_rate():
+    _, model = tiny_pair()
+    prompt = tokens(42, 100)
+    engine = Engine(model, max_batch_tokens=16)  # the prompt is admitted in 16-token chunks
+    engine.add(prompt, SamplingParams(max_new_tokens=2))
+    engine.run()
+    stats = model.prefix_cache.stats()
+    assert (stats["lookup_tokens"], stats["hit_tokens"]) == (100, 0)
+    engine.add(prompt + [5, 6], SamplingParams(max_new_tokens=2))
+    engine.run()
+    stats = model.prefix_cache.stats()
+    assert (stats["lookup_tokens"], stats["hit_tokens"]) == (202, 100)
+
+
+def test_generate_batch_refuses_a_max_length_the_prompt_already_reaches():
+    _, model = tiny_pair()
+    with pytest.raises(ValueError, match="a prompt of 5 tokens leaves nothing to generate under max_length=5"):
+        model.generate_batch([PROMPTS[0][:5]], max_length=5)
+    out = model.generate_batch([PROMPTS[0][:5]], max_length=7)
+    assert len(next(iter(out.values())).generated_tokens) == 2

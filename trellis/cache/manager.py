@@ -45,7 +45,8 @@ class AdmissionCost:
 
     cached_tokens: int  # leading prompt tokens the radix cache would serve
     new_blocks: int  # blocks to allocate for the rest (and any reserved room)
-    fits: bool  # free plus evictable blocks cover ``new_blocks`` (optimistic: a matched block may count as evictable)
+    available_blocks: int  # free and evictable blocks, but for the prompt's own prefix (admission pins it)
+    fits: bool  # ``available_blocks`` cover ``new_blocks``
 
 
 class KVCacheManager:
@@ -73,9 +74,12 @@ class KVCacheManager:
         split, no LRU touch), so it is safe for planning which sessions to admit."""
         with self.lock:
             self._drain()
-            cached = self.radix.cached_tokens(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
-            new_blocks = cdiv(len(tokens) + extra_tokens, self.block_size) - cached // self.block_size
-            return AdmissionCost(cached, new_blocks, new_blocks <= self.pool.num_free + self.radix.evictable_blocks())
+            matched = self.radix.matched_blocks(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
+            new_blocks = cdiv(len(tokens) + extra_tokens, self.block_size) - len(matched)
+            # Blocks that only the tree holds are evictable; once admitted, the session holds its own.
+            pinned = sum(self.pool.ref_counts[b] == 1 for b in matched)
+            available = self.pool.num_free + self.radix.evictable_blocks() - pinned
+            return AdmissionCost(len(matched) * self.block_size, new_blocks, available, new_blocks <= available)
 
     def can_ever_hold(self, num_tokens: int) -> bool:
         """Whether an empty cache could hold one session of ``num_tokens`` tokens."""
@@ -83,14 +87,16 @@ class KVCacheManager:
             self._drain()
             return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
 
-    def admit(self, tokens: Sequence[int], max_reuse: int | None = None, extra_tokens: int = 0) -> PagedSequence:
+    def admit(self, tokens: Sequence[int], max_reuse: int | None = None, extra_tokens: int = 0,
+              prompt_tokens: int | None = None) -> PagedSequence:
         """Start a session over ``tokens``, taking the longest cached prefix (at most
         ``max_reuse`` tokens, and never all of them) and blocks for the rest, plus room for
         ``extra_tokens`` more. All or nothing: ``OutOfBlocksError`` leaves the cache as it was
-        (a matched edge may be split, which changes no cached content)."""
+        (a matched edge may be split, which changes no cached content). ``prompt_tokens``: the
+        whole prompt's length where ``tokens`` is its first chunk (the hit rate counts prompts)."""
         with self.lock:
             seq = self._admit(tokens, max_reuse, extra_tokens)
-            self._count_admitted([seq])
+            self._count_admitted([seq], [prompt_tokens or len(tokens)])
             return seq
 
     def _admit(self, tokens: Sequence[int], max_reuse: int | None, extra_tokens: int) -> PagedSequence:
@@ -113,11 +119,12 @@ class KVCacheManager:
                 raise
             return seq
 
-    def _count_admitted(self, seqs: Sequence[PagedSequence]) -> None:
-        """Admissions that stand: their prefixes become the most recently used, and count as hits."""
-        for seq in seqs:
+    def _count_admitted(self, seqs: Sequence[PagedSequence], lookups: Sequence[int]) -> None:
+        """Admissions that stand: their prefixes become the most recently used, and count as hits
+        (each of ``lookups`` tokens looked up)."""
+        for seq, looked_up in zip(seqs, lookups, strict=True):
             self.radix.touch(seq.node)
-            self.radix.record_lookup(len(seq.token_ids), seq.num_prefix_hit)
+            self.radix.record_lookup(looked_up, seq.num_prefix_hit)
 
     @staticmethod
     def _reuse_limit(tokens: Sequence[int], max_reuse: int | None) -> int:
@@ -136,7 +143,7 @@ class KVCacheManager:
             except BaseException:
                 self.rollback_batch(seqs)
                 raise
-            self._count_admitted(seqs)
+            self._count_admitted(seqs, [len(row) for row in rows])
         return seqs
 
     def append(self, seq: PagedSequence, tokens: Sequence[int]) -> None:

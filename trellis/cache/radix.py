@@ -68,11 +68,14 @@ class RadixCache:
             node.last_access = now
             node = node.parent
 
+    def matched_blocks(self, tokens: Sequence[int], max_tokens: int | None = None) -> list[int]:
+        """The blocks ``match`` would serve now, without its side effects: no edge is split and no
+        node's LRU time is touched (for planning, e.g. before admission)."""
+        return self._walk(tokens, self._match_blocks(tokens, max_tokens), peek=True)[1]
+
     def cached_tokens(self, tokens: Sequence[int], max_tokens: int | None = None) -> int:
-        """How many tokens ``match`` would serve now, without its side effects: no edge is split
-        and no node's LRU time is touched (for planning, e.g. before admission)."""
-        _, blocks = self._walk(tokens, self._match_blocks(tokens, max_tokens), peek=True)
-        return len(blocks) * self.block_size
+        """How many tokens ``match`` would serve now (``matched_blocks``, in tokens)."""
+        return len(self.matched_blocks(tokens, max_tokens)) * self.block_size
 
     def _match_blocks(self, tokens: Sequence[int], max_tokens: int | None) -> int:
         limit = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens))

@@ -111,6 +111,10 @@ class Engine:
             raise ValueError(f"n = {n} choices run at once, and this engine runs at most {self.max_running} "
                              "sessions (max_running)")
         self.runner.check_token_ids([prompt])
+        vocab = self.runner.config.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):  # top-k past the vocabulary would fail mid-step
+            if (getattr(params, name) or 0) > vocab:
+                raise ValueError(f"{name} = {getattr(params, name)} alternatives, but the vocabulary has {vocab} tokens")
         request_id = request_id or f"req_{next(self._ids)}"
         session = Session(request_id, prompt, params, logits_processor=logits_processor)
         self.runner.check_positions(session.kv_tokens)

@@ -108,15 +108,16 @@ class Scheduler:
         forks = fork_blocks(session, bs)
         if not cost.fits:
             return False
-        if forks or promised_blocks(running, bs):  # blocks promised to forks are not for others to take
-            available = manager.pool.num_free + manager.radix.evictable_blocks()
-            if cost.new_blocks + forks + promised_blocks(running, bs) > available:
-                return False
+        # Blocks promised to forks are not for others to take.
+        if (forks or promised_blocks(running, bs)) and \
+                cost.new_blocks + forks + promised_blocks(running, bs) > cost.available_blocks:
+            return False
         prompt = session.prompt
         end = chunk_end(cost.cached_tokens, len(prompt), budget, bs)
         try:
             seq = manager.admit(prompt[:end], max_reuse=reuse,
-                                extra_tokens=len(prompt) - end + session.params.max_new_tokens - 1)
+                                extra_tokens=len(prompt) - end + session.params.max_new_tokens - 1,
+                                prompt_tokens=len(prompt))
         except OutOfBlocksError:
             return False
         session.seq, session.num_cached_tokens = seq, seq.num_prefix_hit

@@ -154,8 +154,11 @@ def _request(model: LlamaForCausalLM, config: GenerationConfig, prompt: Sequence
             setting = _REFUSED_SETTINGS.get(type(item), f"the setting that adds {type(item).__name__}")
             raise ValueError(f"the Trellis engine does not support {setting} (it cannot apply "
                              f"{type(item).__name__} per session as generate() does)")
+    if len(prompt) >= config.max_length:  # as generate() refuses it
+        raise ValueError(f"a prompt of {len(prompt)} tokens leaves nothing to generate under max_length="
+                         f"{config.max_length}: raise max_length, or set max_new_tokens")
     params = replace(SamplingParams.from_generation_config(config, seed=seed),
-                     max_new_tokens=max(1, config.max_length - len(prompt)))
+                     max_new_tokens=config.max_length - len(prompt))
     if all(type(p) in _ENGINE_WARPERS for p in processors):
         return params, None
     return params, processors

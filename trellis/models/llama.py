@@ -216,6 +216,7 @@ class TrellisLlama(LlamaForCausalLM):
                 raise RuntimeError("this past_key_values belongs to an earlier KV cache (the model's device, dtype, weights "
                                    "or cache settings changed since); start a new generation")
             real = self._padding_mask(attention_mask, num_cols)  # [B, S] bool, None if nothing is padding
+            _check_labels_after_padding(labels, real)
             keep_cols = self._logit_columns(logits_to_keep, num_cols, inputs.device)  # [K]
             if inputs_embeds is None:
                 rows = input_ids.tolist() if real is None else [row[mask].tolist() for row, mask in zip(input_ids, real)]
@@ -317,12 +318,12 @@ class TrellisLlama(LlamaForCausalLM):
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """``LlamaForCausalLM.generate`` over the paged cache; prompts reuse cached prefixes, and
         each finished row's full blocks (prompt and answer) are cached for the next turn."""
-        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+        use_cache = self._generation_setting("use_cache", generation_config, kwargs) is not False
+        implementation = self._generation_setting("cache_implementation", generation_config, kwargs)
         if implementation is not None and self.config._attn_implementation == ATTN_IMPLEMENTATION and use_cache:
             raise ValueError(f"TrellisLlama keeps its K/V in the paged prefix cache, not in a {implementation!r} cache; "
                              "drop cache_implementation, or load the model with attn_implementation='sdpa'")
-        if (self.config._attn_implementation != ATTN_IMPLEMENTATION or use_cache is False
+        if (self.config._attn_implementation != ATTN_IMPLEMENTATION or not use_cache
                 or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None):
             return super().generate(inputs, generation_config, **kwargs)
         self._check_generation_inputs(inputs if inputs is not None else kwargs.get("input_ids"),
@@ -337,24 +338,48 @@ class TrellisLlama(LlamaForCausalLM):
                 if getattr(result, CACHE_ARG, None) is not cache:
                     cache.release()
 
+    def _generation_setting(self, name: str, generation_config, kwargs: dict):
+        """A generation setting as ``generate()`` resolves it: the call's keyword, else the config
+        passed (where it sets one), else the model's own ``generation_config``."""
+        if name in kwargs:
+            return kwargs[name]
+        value = getattr(generation_config, name, None)
+        return value if value is not None else getattr(self.generation_config, name, None)
+
     def _check_generation_inputs(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                                  generation_config, kwargs: dict) -> None:
         """Refuse up front a mask that does not fit the prompt (generate() would first derive
-        positions from it), and a prompt that ``max_new_tokens`` would carry past the model's positions."""
-        if input_ids is None:
-            return  # inputs_embeds, checked by the forward
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a [batch, seq_len] tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids of shape "
-                             f"{tuple(input_ids.shape)}")
-        max_new = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
-        if max_new is None:
+        positions from it), right padding (generate() reads each row's next token from its last
+        column), and a prompt that its generation length would carry past the model's positions."""
+        embeds = kwargs.get("inputs_embeds") if input_ids is None else None
+        if input_ids is None and embeds is None:
             return
-        longest = int(attention_mask.sum(1).max()) if attention_mask is not None else input_ids.shape[1]
-        self.runner.check_positions(longest + max_new)
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor):
+                raise TypeError(f"input_ids must be a [batch, seq_len] tensor of token ids, got {type(input_ids).__name__}")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        prompt = input_ids if input_ids is not None else embeds
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
+            return  # inputs_embeds of another shape: the forward names it
+        if attention_mask is not None:
+            if attention_mask.shape != prompt.shape[:2]:
+                name = "input_ids" if input_ids is not None else "inputs_embeds"
+                raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match {name} of shape "
+                                 f"{tuple(prompt.shape[:2])}")
+            if bool(((attention_mask[:, -1] == 0) & (attention_mask.sum(1) > 0)).any()):
+                raise ValueError("the attention_mask pads some rows on the right: generate() would continue those rows "
+                                 "from a padding column (transformers warns and gives other tokens); pad on the left "
+                                 "(tokenizer.padding_side = 'left')")
+        longest = int(attention_mask.sum(1).max()) if attention_mask is not None else prompt.shape[1]
+        max_new = self._generation_setting("max_new_tokens", generation_config, kwargs)
+        if max_new is not None:
+            self.runner.check_positions(longest + max_new)
+        elif input_ids is not None and ("max_length" in kwargs or generation_config is not None):
+            # max_length counts the prompt's columns; only one set for this call (the model's own
+            # default may exceed its positions for prompts that stop early)
+            self.runner.check_positions(self._generation_setting("max_length", generation_config, kwargs)
+                                        - (prompt.shape[1] - longest))
 
     def generate_batch(self, inputs: list[list[int]], generation_config=None, continuous_batching_config=None,
                        record_timestamps: bool = False, progress_bar: bool = False, persistent_manager: bool = False,
@@ -370,6 +395,20 @@ class TrellisLlama(LlamaForCausalLM):
 
         return generate_batch(self, inputs, generation_config, continuous_batching_config, record_timestamps,
                               progress_bar, **kwargs)
+
+
+def _check_labels_after_padding(labels: torch.Tensor | None, real: torch.Tensor | None) -> None:
+    """Refuse a label that the loss would predict from a padding column: transformers' logits
+    there are no prediction (a pad attending to itself) and Trellis' are zeros, so the losses would
+    differ. The first real token after left padding is the usual case; its label should be -100."""
+    if labels is None or real is None or labels.shape != real.shape:
+        return  # no padding; a shape mismatch is the loss function's to name
+    from_padding = ~real[:, :-1].to(labels.device) & (labels[:, 1:] != -100)
+    if bool(from_padding.any()):
+        row, col = from_padding.nonzero()[0].tolist()
+        raise ValueError(f"labels: row {row}'s label at column {col + 1} would be predicted from padding (column {col}), "
+                         "where the model makes no prediction; set the labels of tokens right after padding to -100 "
+                         "(e.g. the first real token of a left-padded row)")
 
 
 def _check_weights_loaded(path: object, info: dict) -> None:
