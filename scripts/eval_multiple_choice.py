@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from trellis.eval import loglikelihood
-from trellis.eval.loading import add_model_arguments, load_model
+from trellis.eval.loading import add_model_arguments, load_model, non_negative_int, positive_int
 from trellis.eval.multiple_choice import accuracy, choice_requests, fewshot_prefix, read_questions
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "reading_mc.jsonl"
@@ -25,8 +25,8 @@ DEFAULT_DATA = Path(__file__).parent / "data" / "reading_mc.jsonl"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, type=Path, help="JSONL file of questions")
-    parser.add_argument("--num-fewshot", type=int, default=0, help="solved examples in front of each question")
-    parser.add_argument("--limit", type=int, help="evaluate at most this many questions")
+    parser.add_argument("--num-fewshot", type=non_negative_int, default=0, help="solved examples in front of each question")
+    parser.add_argument("--limit", type=positive_int, help="evaluate at most this many questions")
     add_model_arguments(parser)
     args = parser.parse_args()
 
@@ -49,7 +49,7 @@ def main() -> None:
     print(f"acc {result['acc']:.3f} | acc_norm {result['acc_norm']:.3f}")
     print(f"{elapsed:.2f} s ({len(requests) / elapsed:.1f} requests/s) on {model.device}, {model.dtype}")
     print(f"prefix cache: {hits} of {looked_up} context tokens served from the cache "
-          f"({hits / max(looked_up, 1):.0%}), each context prefilled once for its {len(questions[0].choices)} choices")
+          f"({hits / max(looked_up, 1):.0%}), each context prefilled once for all its choices")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from tests.conftest import installed
 from tests.models import smollm2_dir, smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
-from trellis.eval import generate_until, loglikelihood, loglikelihood_rolling, score_continuations
-from trellis.eval.requests import encode_pair, rolling_windows
+from trellis.eval import (
+    generate_until,
+    loglikelihood,
+    loglikelihood_rolling,
+    rolling_loglikelihood,
+    score_continuations,
+)
+from trellis.eval.requests import encode, encode_pair, rolling_windows
 
 ATOL = 1e-4
 
@@ -121,9 +128,9 @@ def test_shared_preamble_is_computed_once():
 
 def test_rejects_empty_parts_and_overlong_continuations():
     _, model = tiny_pair()
-    with pytest.raises(ValueError, match="must both be non-empty"):
+    with pytest.raises(ValueError, match="request 0: the continuation has no tokens"):
         score_continuations(model, [([3, 4], [])])
-    with pytest.raises(ValueError, match="must both be non-empty"):
+    with pytest.raises(ValueError, match="request 0: the context has no tokens"):
         score_continuations(model, [([], [3])])
     with pytest.raises(ValueError, match="exceeds max_length"):
         score_continuations(model, [([3], [4] * 9)], max_length=8)
@@ -148,8 +155,12 @@ def test_token_ids_become_plain_ints_and_bad_ones_are_refused():
                                 ([3, 256], ValueError, "request 0: token id 256 is outside the vocabulary")]:
         with pytest.raises(error, match=message):
             score_continuations(model, [(bad, [8])])
-    with pytest.raises(ValueError, match="max_length must be a positive integer"):
-        score_continuations(model, [(context, continuation)], max_length=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="max_length must be a positive integer"):
+            score_continuations(model, [(context, continuation)], max_length=bad)
+    for bad in (0, -5, 1.5, None, "10", True):
+        with pytest.raises(ValueError, match=f"max_batch_tokens must be a positive integer, got {bad!r}"):
+            score_continuations(model, [(context, continuation)], max_batch_tokens=bad)
     assert model.prefix_cache.stats()["live_sessions"] == 0
     model.prefix_cache.check_integrity()
 
@@ -159,12 +170,53 @@ def test_a_full_pool_raises_and_leaves_the_cache_intact():
     small = [([3, 4, 5, 6, 7], [8, 9])]
     assert_scores_match(score_continuations(model, small), plain_scores(ref, small))
     before = model.prefix_cache.stats()
-    with pytest.raises(OutOfBlocksError):
-        score_continuations(model, [(list(range(3, 60)), [8, 9])])
+    computed = []
+    forward = model.runner.forward
+    model.runner.forward = lambda manager, seqs: computed.append(seqs) or forward(manager, seqs)
+    # Refused before anything runs: 57 + 2 tokens, all but the last in the model, fill 15 blocks of 4.
+    with pytest.raises(OutOfBlocksError, match="request 1: 58 tokens need 15 blocks of 4, the KV pool has 12"):
+        score_continuations(model, [small[0], (list(range(3, 60)), [8, 9])])
+    assert not computed
+    model.runner.forward = forward
     after = model.prefix_cache.stats()
     assert after["live_sessions"] == 0 and after["cached_blocks"] <= before["cached_blocks"]
     model.prefix_cache.check_integrity()
     assert_scores_match(score_continuations(model, small), plain_scores(ref, small))
+
+
+@pytest.mark.parametrize("shape", ["forks", "contexts", "both", "exact"])
+def test_a_small_pool_scores_every_request_that_fits_it_alone(shape):
+    """Forwards are planned against the blocks the pool can give (contexts, then forks a few at a
+    time); a context whose fork does not fit beside it scores each request in one sequence."""
+    rng = random.Random(3)
+    num_blocks = 16  # 64 tokens
+    if shape == "forks":  # one context, more continuations than the pool holds forks of at once
+        context = tokens(rng, 12)
+        requests = [(context, tokens(rng, 8)) for _ in range(10)]
+    elif shape == "contexts":  # more contexts than the pool holds at once
+        requests = [(tokens(rng, 20), tokens(rng, 3)) for _ in range(6)]
+    elif shape == "both":
+        requests = [(context, tokens(rng, 3)) for context in [tokens(rng, 20) for _ in range(4)] for _ in range(3)]
+    else:  # 13 + 3 - 1 tokens fill the 4 blocks; the context (4 blocks) and a fork (1 more) do not fit
+        num_blocks = 4
+        context = tokens(rng, 13)
+        requests = [(context, tokens(rng, 3)) for _ in range(3)]
+    ref, model = tiny_pair(num_blocks=num_blocks)
+    want = plain_scores(ref, requests)
+    for _ in range(2):  # cold, then with what the first pass left cached
+        assert_scores_match(score_continuations(model, requests), want)
+        assert model.prefix_cache.stats()["live_sessions"] == 0
+        model.prefix_cache.check_integrity()
+
+
+def test_a_small_pool_scores_rolling_windows_one_forward_each():
+    ref, model = tiny_pair(num_blocks=9)  # 36 tokens: one 32-token window at a time
+    text = tokens(random.Random(4), 100)
+    want = sum(lp for lp, _ in plain_scores(ref, rolling_windows(text, 1, 32)))
+    (got,) = rolling_loglikelihood(model, [text], 1, max_length=32)
+    assert abs(got - want) <= ATOL
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
 
 
 def test_rolling_windows_score_every_token_once():
@@ -212,6 +264,39 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation():
     assert encode_pair(tok, "", "Paris") == ([tok.bos_token_id], tok.encode("Paris"))
 
 
+def bos_adding_tokenizer():
+    """SmolLM2's tokenizer made to put BOS (<|im_start|>) in front of every text, as Llama's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B",
+                                                       special_tokens=[(tok.bos_token, bos)])
+    return tok
+
+
+def test_text_that_starts_with_bos_gets_no_second_one(smollm2):
+    """As lm-eval's HFLM.tok_encode: no special tokens for a text that starts with BOS's text."""
+    model, plain, _ = smollm2
+    tok = bos_adding_tokenizer()
+    bos = tok.bos_token_id
+    chat = f"{tok.bos_token}user\nWhat is the capital of France?{tok.eos_token}\n{tok.bos_token}assistant\n"
+    assert tok.encode("Hi") == [bos, *plain.encode("Hi")]  # other texts still get BOS
+    assert encode(tok, "Hi") == tok.encode("Hi")
+    assert encode(tok, chat) == plain.encode(chat) and plain.encode(chat)[:2] == [bos, plain.encode("user")[0]]
+    assert encode_pair(tok, chat, "Paris") == encode_pair(plain, chat, "Paris")
+    assert loglikelihood_rolling(model, tok, [chat]) == loglikelihood_rolling(model, plain, [chat])
+    prompts = []
+    generate = model.generate
+    model.generate = lambda input_ids, **kwargs: prompts.append(input_ids[0].tolist()) or generate(input_ids=input_ids,
+                                                                                                    **kwargs)
+    try:
+        generate_until(model, tok, [(chat, {"max_gen_toks": 1})])
+    finally:
+        del model.generate
+    assert prompts == [plain.encode(chat)]
+
+
 def test_smollm2_loglikelihood_matches_plain_transformers(smollm2):
     model, tok, ref = smollm2
     requests = [(PASSAGE + QUESTION, answer) for answer in ANSWERS]
@@ -255,6 +340,20 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
     (lambda m, t: loglikelihood(m, t, [(None, " x")]), TypeError, "pair of strings"),
     (lambda m, t: loglikelihood_rolling(m, t, ["some text"], max_length=0), ValueError,
      "max_length must be a positive"),
+    (lambda m, t: loglikelihood_rolling(m, t, ["some text"], max_batch_tokens=None), ValueError,
+     "max_batch_tokens must be a positive integer, got None"),
+    # One request or text without its list would be scored string by string, or character by character.
+    (lambda m, t: loglikelihood_rolling(m, t, "Hello"), TypeError, "texts must be a list of strings"),
+    (lambda m, t: loglikelihood(m, t, ("Hi", "yo")), TypeError,
+     r"request 0 must be a \(context, continuation\) pair, got 'Hi'"),
+    (lambda m, t: generate_until(m, t, ("Hi", {"max_gen_toks": 3})), TypeError,
+     r"request 0 must be a \(context, gen_kwargs\) pair"),
+    # The continuation merges into the context's last token: "a" + "a" is the one token "aa".
+    (lambda m, t: loglikelihood(m, t, [("Hi", " x"), ("a", "a")]), ValueError,
+     "request 1: the continuation 'a' tokenizes to nothing after the context"),
+    (lambda m, t: loglikelihood(m, t, [("Hello wor", "ld")]), ValueError,
+     "request 0: the continuation 'ld' tokenizes to nothing after the context"),
+    (lambda m, t: loglikelihood(m, t, [("Answer:", "")]), ValueError, "request 0: the continuation is empty"),
 ])
 def test_string_level_bad_input_is_refused_by_name(smollm2, call, error, message):
     model, tok, _ = smollm2
@@ -323,6 +422,40 @@ def test_adapter_loads_from_a_path_with_cache_settings():
     assert lm.trellis_model.prefix_cache.block_size == 16 and lm.trellis_model.prefix_cache.pool.num_blocks == 64
     assert lm.trellis_model.device.type == "cpu"
     assert lm.trellis_model.linear_kernel == "packed" == lm.trellis_model.lm_head.kind
+
+
+def test_adapter_refuses_cache_settings_for_a_model_object_and_bad_sizes(smollm2):
+    installed("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    import trellis.eval.lm_eval_adapter  # noqa: F401
+
+    model, tok, _ = smollm2
+    trellis_lm = get_model("trellis")
+    # They would configure nothing: the model object keeps its own cache.
+    with pytest.raises(ValueError, match=r"block_size=16, kernel_backend='reference': the KV cache settings apply "
+                                         "only when the adapter loads the model from a path"):
+        trellis_lm(pretrained=model, tokenizer=tok, block_size=16, kernel_backend="reference")
+    for bad, message in [({"max_batch_tokens": 0}, "max_batch_tokens must be a positive integer, got 0"),
+                         ({"max_batch_tokens": "10"}, "max_batch_tokens must be a positive integer, got '10'"),
+                         ({"max_length": True}, "max_length must be a positive integer, got True"),
+                         ({"kv_cache_memory": 1e8 + 0.5}, "kv_cache_memory must be a whole number of bytes")]:
+        with pytest.raises(ValueError, match=message):
+            trellis_lm(pretrained=model, tokenizer=tok, **bad)
+    assert model.prefix_cache.block_size == 32
+
+
+def test_adapter_takes_a_whole_float_kv_cache_memory():
+    """lm-eval parses ``kv_cache_memory=1e7`` as a float."""
+    installed("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    import trellis.eval.lm_eval_adapter  # noqa: F401
+
+    lm = get_model("trellis").create_from_arg_string(f"pretrained={smollm2_dir()},kv_cache_memory=1e7",
+                                                     {"device": "cpu"})
+    pool = lm.trellis_model.prefix_cache.pool
+    assert pool.num_blocks == 10**7 // pool.kv[:, :, 0].nbytes  # the bytes of one block in every layer
 
 
 @pytest.mark.slow

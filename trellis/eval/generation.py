@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from trellis.eval.requests import encode, request_pairs
 from trellis.eval.scoring import max_length_for
 from trellis.models.llama import TrellisLlama
 
@@ -31,9 +32,10 @@ def generate_until(
     ``gen_kwargs`` as lm-eval writes them: ``until`` (a stop string or a list of them),
     ``max_gen_toks`` (default 256), and any ``generate()`` argument. Decoding is greedy unless
     ``do_sample`` is true or a positive ``temperature`` is given. A context longer than
-    ``max_length - max_gen_toks`` tokens loses tokens on the left.
+    ``max_length - max_gen_toks`` tokens loses tokens on the left. Contexts are tokenized as
+    ``requests.encode`` does it.
     """
-    requests = list(requests)
+    requests = request_pairs(requests, "gen_kwargs")
     max_length = max_length_for(model, max_length)
     completions = [""] * len(requests)
     by_kwargs: dict[str, list[int]] = {}
@@ -61,7 +63,7 @@ def generate_until(
             indices.sort(key=lambda i: -len(requests[i][0]))
             for start in range(0, len(indices), batch_size):
                 batch = indices[start:start + batch_size]
-                rows = [tokenizer.encode(requests[i][0])[-(max_length - max_new):] for i in batch]
+                rows = [encode(tokenizer, requests[i][0])[-(max_length - max_new):] for i in batch]
                 for i, row in zip(batch, rows):
                     if not row:
                         raise ValueError(f"request {i}: the context is empty: there is nothing to generate from")

@@ -22,19 +22,22 @@ except ImportError as exc:
 from transformers import PreTrainedModel
 
 from trellis.eval.loglikelihood import rolling_loglikelihood
-from trellis.eval.scoring import score_continuations
+from trellis.eval.scoring import check_max_batch_tokens, score_continuations
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 from trellis.models.loading import resolve_device
+from trellis.utils import is_positive_int
 
 
 @register_model("trellis")
 class TrellisLM(HFLM):
     """``model_args``: anything HFLM takes (``pretrained`` defaults to the embedded SmolLM2), plus
-    the KV cache settings ``block_size``, ``num_blocks``, ``kv_cache_memory`` (bytes) and
-    ``kernel_backend`` (reference, cpp, triton), ``max_batch_tokens``, the new tokens one
-    scoring forward packs, and ``linear_kernel`` (``TrellisLlama.set_linear_kernel``). ``device``
-    defaults to auto: CUDA, then MPS, then CPU."""
+    the KV cache settings ``block_size`` (default 32), ``num_blocks``, ``kv_cache_memory`` (bytes;
+    a whole float such as ``1e8`` is taken as an int) and ``kernel_backend`` (reference, cpp,
+    triton), which apply when the model is loaded from a path and are refused with a model object
+    (configure that with ``configure_cache``); ``max_batch_tokens``, the new tokens one scoring
+    forward packs; and ``linear_kernel`` (``TrellisLlama.set_linear_kernel``). ``device`` defaults
+    to auto: CUDA, then MPS, then CPU."""
 
     AUTO_MODEL_CLASS = TrellisLlama
 
@@ -42,18 +45,32 @@ class TrellisLM(HFLM):
         self,
         pretrained: str | PreTrainedModel | None = None,
         device: str | None = "auto",
-        block_size: int = 32,
+        block_size: int | None = None,
         num_blocks: int | None = None,
-        kv_cache_memory: int | None = None,
+        kv_cache_memory: float | None = None,
         kernel_backend: str | None = None,
         max_batch_tokens: int = 2048,
         linear_kernel: str | None = None,
         **kwargs,
     ) -> None:
-        # Read by _create_model, which HFLM.__init__ calls when it loads from a path.
-        self._cache_settings = {"block_size": block_size, "num_blocks": num_blocks,
-                                "kv_cache_memory": kv_cache_memory, "backend": kernel_backend}
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = check_max_batch_tokens(max_batch_tokens)
+        if kwargs.get("max_length") is not None and not is_positive_int(kwargs["max_length"]):
+            raise ValueError(f"max_length must be a positive integer, got {kwargs['max_length']!r}")
+        # lm-eval parses "kv_cache_memory=1e8" as a float: a whole number of bytes all the same.
+        if isinstance(kv_cache_memory, float):
+            if not kv_cache_memory.is_integer():
+                raise ValueError(f"kv_cache_memory must be a whole number of bytes, got {kv_cache_memory!r}")
+            kv_cache_memory = int(kv_cache_memory)
+        settings = {"block_size": block_size, "num_blocks": num_blocks, "kv_cache_memory": kv_cache_memory,
+                    "backend": kernel_backend}
+        # Read by _create_model, which HFLM.__init__ calls when it loads from a path; unset ones keep
+        # from_pretrained's defaults.
+        self._cache_settings = {name: value for name, value in settings.items() if value is not None}
+        if pretrained is not None and not isinstance(pretrained, str) and self._cache_settings:
+            given = ", ".join(f"{'kernel_backend' if name == 'backend' else name}={value!r}"
+                              for name, value in self._cache_settings.items())
+            raise ValueError(f"{given}: the KV cache settings apply only when the adapter loads the model from a "
+                             "path; with a model object, set them on it first (model.configure_cache(...))")
         pretrained = str(embedded_model_dir()) if pretrained is None else pretrained
         super().__init__(pretrained=pretrained, device=str(resolve_device(device or "auto")), **kwargs)
         if not isinstance(self.trellis_model, TrellisLlama):

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from trellis.eval.requests import encode_pair, prefix_token_id, rolling_windows
+from trellis.eval.requests import encode, encode_pair, prefix_token_id, request_pairs, rolling_windows, text_list
 from trellis.eval.scoring import max_length_for, score_continuations
 from trellis.models.llama import TrellisLlama
 
@@ -22,7 +22,12 @@ def loglikelihood(
     """``(log P(continuation | context), is_greedy)`` for each ``(context, continuation)`` string
     pair, tokenized as lm-evaluation-harness does (see ``requests.encode_pair``). Requests with
     the same context share one prefill; see ``score_continuations`` for the other arguments."""
-    tokenized = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
+    tokenized = []
+    for i, (context, continuation) in enumerate(request_pairs(requests, "continuation")):
+        try:
+            tokenized.append(encode_pair(tokenizer, context, continuation))
+        except ValueError as exc:
+            raise ValueError(f"request {i}: {exc}") from None
     return score_continuations(model, tokenized, max_length, max_batch_tokens, progress)
 
 
@@ -35,8 +40,9 @@ def loglikelihood_rolling(
     progress: bool = False,
 ) -> list[float]:
     """The log-likelihood of each whole text (every token scored once, in windows of at most
-    ``max_length`` tokens, as lm-eval's ``loglikelihood_rolling``); an empty text scores 0."""
-    token_lists = [tokenizer.encode(text) for text in texts]
+    ``max_length`` tokens, as lm-eval's ``loglikelihood_rolling``); an empty text scores 0. Texts
+    are tokenized as ``requests.encode`` does it."""
+    token_lists = [encode(tokenizer, text) for text in text_list(texts)]
     return rolling_loglikelihood(model, token_lists, prefix_token_id(tokenizer), max_length, max_batch_tokens,
                                  progress)
 

@@ -23,15 +23,39 @@ class Question:
 
 
 def read_questions(path: str | Path) -> list[Question]:
+    """The questions of a JSONL file; a malformed line is a ValueError naming the line and field."""
     questions = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
-            question = Question(record["context"], list(record["choices"]), int(record["answer"]))
-            if not 0 <= question.answer < len(question.choices):
-                raise ValueError(f"{path}:{number}: answer {question.answer} is not the index of a choice")
-            questions.append(question)
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc})") from None
+            questions.append(_question(record, where))
     return questions
+
+
+def _question(record: object, where: str) -> Question:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a question must be a JSON object, got {type(record).__name__}")  # noqa: TRY004 -- bad data
+    for name in ("context", "choices", "answer"):
+        if name not in record:
+            raise ValueError(f"{where}: missing field {name!r}")
+    context, choices, answer = record["context"], record["choices"], record["answer"]
+    if not isinstance(context, str):
+        raise ValueError(f"{where}: 'context' must be a string, got {context!r}")  # noqa: TRY004 -- bad data
+    # A string would pass for a list of its characters.
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"{where}: 'choices' must be a non-empty list of strings, got {choices!r}")
+    for i, choice in enumerate(choices):
+        # acc_norm divides by each choice's length.
+        if not isinstance(choice, str) or not choice:
+            raise ValueError(f"{where}: 'choices'[{i}] must be a non-empty string, got {choice!r}")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: 'answer' must be the index of a choice (an integer from 0 to "
+                         f"{len(choices) - 1}), got {answer!r}")
+    return Question(context, choices, answer)
 
 
 def fewshot_prefix(examples: list[Question], delimiter: str = TARGET_DELIMITER) -> str:
@@ -48,6 +72,10 @@ def choice_requests(questions: list[Question], prefix: str = "",
 def accuracy(questions: list[Question], logprobs: list[float]) -> dict[str, float]:
     """``acc`` and ``acc_norm`` (log-likelihood per character of the choice) over ``questions``,
     given the log-likelihood of each request of ``choice_requests``, in order."""
+    if not questions:
+        raise ValueError("no questions to score")
+    if len(logprobs) != sum(len(q.choices) for q in questions):
+        raise ValueError(f"{len(logprobs)} log-likelihoods for {sum(len(q.choices) for q in questions)} choices")
     correct = correct_norm = 0
     start = 0
     for q in questions:

@@ -7,21 +7,26 @@ continuation then runs on a fork of its context's session (full blocks shared, t
 tail block copied), so it computes only its own tokens. A context with a single continuation
 (a rolling window, a lone question) runs both in one sequence. lm-eval's HF backend instead
 runs the whole context again for every answer.
+
+Each forward is planned against the blocks the KV pool can give at that moment (free, or held
+only by the radix cache), so a small pool means smaller forwards, never a failure, as long as
+each request fits the pool by itself.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager, PagedSequence
 from trellis.models.llama import TrellisLlama
 from trellis.runner import PagedModelRunner, runner_of
-from trellis.utils import token_ids
+from trellis.utils import cdiv, is_positive_int, token_ids
 
 LM_HEAD_ROWS = 256  # rows per lm_head matmul: keeps the [rows, vocab] logits small
 
@@ -39,9 +44,16 @@ def max_length_for(model: TrellisLlama, max_length: int | None) -> int:
     (``max_position_embeddings``, as lm-eval reads it)."""
     if max_length is None:
         return model.config.max_position_embeddings
-    if not isinstance(max_length, int) or max_length < 1:
+    if not is_positive_int(max_length):
         raise ValueError(f"max_length must be a positive integer (or None: the model's positions), got {max_length!r}")
     return max_length
+
+
+def check_max_batch_tokens(max_batch_tokens: int) -> int:
+    """``max_batch_tokens``, checked: a positive integer."""
+    if not is_positive_int(max_batch_tokens):
+        raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+    return max_batch_tokens
 
 
 def score_continuations(
@@ -56,19 +68,25 @@ def score_continuations(
     ``is_greedy`` says whether greedy decoding from the context yields exactly the continuation.
     Both parts must be non-empty. As in lm-eval, a request of more than ``max_length + 1`` tokens
     (default: the model's ``max_position_embeddings``) loses context tokens on the left. One
-    forward packs about ``max_batch_tokens`` new tokens. The contexts' full blocks stay in the
-    prefix cache.
+    forward packs about ``max_batch_tokens`` new tokens, and no more sessions than the KV pool
+    has blocks for now (free or evictable): any set of requests that each fit the pool alone is
+    scored, and a request that cannot fit it is an ``OutOfBlocksError`` before anything runs.
+    The contexts' full blocks stay in the prefix cache.
     """
     max_length = max_length_for(model, max_length)
+    check_max_batch_tokens(max_batch_tokens)
     runner = runner_of(model)
+    manager = runner.prefix_cache
     groups: dict[tuple[int, ...], _Group] = {}
     continuations: list[list[int]] = []
     for i, (context, continuation) in enumerate(requests):
         # Plain ints: they become the prefix cache's keys (a float or a tensor there would never match).
         context = token_ids(context, f"request {i}: context")
         continuation = token_ids(continuation, f"request {i}: continuation")
-        if not context or not continuation:
-            raise ValueError(f"request {i}: context and continuation must both be non-empty")
+        if not context:
+            raise ValueError(f"request {i}: the context has no tokens: condition on a prefix token (BOS) instead")
+        if not continuation:
+            raise ValueError(f"request {i}: the continuation has no tokens, so there is nothing to score")
         try:
             runner.check_token_ids([context, continuation])
         except ValueError as exc:
@@ -76,41 +94,82 @@ def score_continuations(
         if len(continuation) > max_length:
             raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds max_length {max_length}")
         context = (context + continuation)[-(max_length + 1):][:-len(continuation)]
+        # The model sees every token but the last; in one sequence that is the least a request needs.
+        if not manager.can_ever_hold(len(context) + len(continuation) - 1):
+            raise OutOfBlocksError(
+                f"request {i}: {len(context) + len(continuation) - 1} tokens need "
+                f"{cdiv(len(context) + len(continuation) - 1, manager.block_size)} blocks of {manager.block_size}, "
+                f"the KV pool has {manager.pool.num_blocks}; use a larger num_blocks / kv_cache_memory or a "
+                "smaller max_length")
         groups.setdefault(tuple(context), _Group(context)).members.append(i)
         continuations.append(continuation)
     scores: list[list] = [[0.0, True] for _ in continuations]  # [log-prob, greedy] per request
-    manager = runner.prefix_cache
-    ordered = [groups[key] for key in sorted(groups)]  # contexts sharing a prefix become neighbours
+    pending = deque(groups[key] for key in sorted(groups))  # contexts sharing a prefix become neighbours
     # no_grad, not inference_mode: a step's attention plan is checked against its batch tensors'
     # version counters, which inference tensors lack (the C++ kernel would plan in every layer).
     with torch.no_grad(), tqdm(total=len(scores), desc="scoring", disable=not progress) as bar:
-        for chunk in _chunks(ordered, manager, continuations, max_batch_tokens):
-            with runner.lock:  # one forward at a time on the shared pool, as the engine does
+        while pending:
+            # One forward at a time on the shared pool, as the engine does; planned under the same
+            # lock, so the plan sees the pool as its forwards will.
+            with runner.lock:
+                chunk = _next_chunk(pending, manager, continuations, max_batch_tokens)
                 _score_chunk(runner, manager, chunk, continuations, scores, max_batch_tokens)
             bar.update(sum(len(group.members) for group in chunk))
     return [(logprob, greedy) for logprob, greedy in scores]
 
 
-def _chunks(groups: list[_Group], manager: KVCacheManager, continuations: list[list[int]],
-            budget: int) -> Iterator[list[_Group]]:
-    """Runs of consecutive groups scored together: about ``budget`` new tokens each, and never two
-    contexts sharing a full block that is not cached yet, so a shared prefix is computed once
-    and the contexts after it hit the cache. Evaluated lazily: each run sees the cache as the
-    runs before it left it."""
-    pending = deque(groups)
+def _next_chunk(pending: deque[_Group], manager: KVCacheManager, continuations: list[list[int]],
+                budget: int) -> list[_Group]:
+    """Take the next run of consecutive groups to score together from ``pending``: about ``budget``
+    new tokens, no more blocks at its peak (contexts, then one fork at a time) than the pool can
+    give now, and never two contexts sharing a full block that is not cached yet, so a shared
+    prefix is computed once and the contexts after it hit the cache.
+
+    A group whose context and a fork do not fit the pool together is split into its requests,
+    each scored in one sequence: no more blocks than the request alone (a fork copies the
+    context's partial tail block). A lone request that does not fit is still taken: admitting
+    it raises ``OutOfBlocksError``."""
+    bs = manager.block_size
+    room = manager.pool.num_free + manager.radix.evictable_blocks()
+    chunk: list[_Group] = []
+    tokens = held = max_fork = matched_before = 0  # held: blocks the contexts take or lock
     while pending:
-        chunk: list[_Group] = []
-        tokens = 0
-        while pending:
-            group = pending[0]
-            cached = manager.admission_cost(group.context).cached_tokens
-            cost = len(group.context) - cached + sum(len(continuations[i]) - 1 for i in group.members)
-            if chunk and (tokens + cost > budget
-                          or _shared_tokens(chunk[-1].context, group.context, manager.block_size) > cached):
-                break
-            chunk.append(pending.popleft())
-            tokens += cost
-        yield chunk
+        group = pending[0]
+        context, multi = group.context, len(group.members) > 1
+        lone = [] if multi else continuations[group.members[0]][:-1]
+        cost = manager.admission_cost(context + lone, max_reuse=len(context) - 1)
+        shared = _shared_tokens(chunk[-1].context, context, bs) if chunk else 0
+        if shared > cost.cached_tokens:
+            break
+        matched = cost.cached_tokens // bs
+        # Cached blocks it takes count too (they stop being evictable), once for neighbours that share them.
+        group_held = cost.new_blocks + matched - min(matched, matched_before, shared // bs)
+        fork = 0
+        if multi:
+            # Committing the context locks a cached twin of its last full block, which admission
+            # (leaving a token to compute) did not take; a lone session is released before the forks.
+            group_held += manager.radix.cached_tokens(context, max_tokens=len(context)) // bs - matched
+            fork = max((_fork_blocks(len(context), len(continuations[i]), bs) for i in group.members
+                        if len(continuations[i]) > 1), default=0)
+        new_tokens = len(context) - cost.cached_tokens + sum(len(continuations[i]) - 1 for i in group.members)
+        if chunk and (tokens + new_tokens > budget or held + group_held + max(max_fork, fork) > room):
+            break
+        pending.popleft()
+        if not chunk and multi and group_held + fork > room:
+            pending.extendleft(_Group(context, [i]) for i in reversed(group.members))
+            continue
+        chunk.append(group)
+        tokens += new_tokens
+        held += group_held
+        max_fork = max(max_fork, fork)
+        matched_before = matched
+    return chunk
+
+
+def _fork_blocks(context_tokens: int, continuation_tokens: int, block_size: int) -> int:
+    """Blocks a fork of a computed context allocates to compute a continuation's tokens but the
+    last: a copy of the context's partial tail block, and blocks for the tokens past it."""
+    return cdiv(context_tokens + continuation_tokens - 1, block_size) - context_tokens // block_size
 
 
 def _shared_tokens(earlier: list[int], tokens: list[int], block_size: int) -> int:
@@ -147,38 +206,48 @@ def _score_chunk(runner: PagedModelRunner, manager: KVCacheManager, chunk: list[
                 owners += group.members
         _add_scores(runner, step.hidden[rows], targets, owners, scores)
 
-        # The rest of a shared context's continuations: their tokens but the last, each on a fork.
-        forks: list[tuple[int, PagedSequence]] = []
+        # The rest of a shared context's continuations: their tokens but the last, each on a fork,
+        # made a forward's worth at a time. Done sessions go first: their blocks become evictable.
+        forks: deque[tuple[int, PagedSequence]] = deque()
         for group, context in zip(chunk, contexts):
             if len(group.members) == 1:
-                continue  # its continuation ran with the context
-            for i in group.members:
-                if len(continuations[i]) > 1:
-                    fork = manager.fork(context)
-                    sessions.append(fork)
-                    manager.append(fork, continuations[i][:-1])
-                    forks.append((i, fork))
-        for part in _packed(forks, budget):
-            hidden = runner.forward(manager, [fork for _, fork in part]).hidden
+                manager.release(context)
+            else:
+                forks.extend((i, context) for i in group.members if len(continuations[i]) > 1)
+        while forks:
+            part = _next_part(forks, manager, continuations, budget)
+            for i, context in part:
+                fork = manager.fork(context)
+                sessions.append(fork)
+                manager.append(fork, continuations[i][:-1])
+            part_sessions = sessions[-len(part):]
+            hidden = runner.forward(manager, part_sessions).hidden
             owners = [i for i, _ in part for _ in continuations[i][1:]]
             _add_scores(runner, hidden, [t for i, _ in part for t in continuations[i][1:]], owners, scores)
+            for fork in part_sessions:
+                manager.release(fork)
     finally:
         for seq in sessions:
             manager.release(seq)
 
 
-def _packed(forks: list[tuple[int, PagedSequence]], budget: int) -> Iterator[list[tuple[int, PagedSequence]]]:
-    """Consecutive forks with about ``budget`` new tokens per forward."""
+def _next_part(forks: deque[tuple[int, PagedSequence]], manager: KVCacheManager, continuations: list[list[int]],
+               budget: int) -> list[tuple[int, PagedSequence]]:
+    """Take the next forks to run in one forward from ``forks`` (request, context session): about
+    ``budget`` new tokens, and the blocks the pool can give now. The first is always taken."""
+    room = manager.pool.num_free + manager.radix.evictable_blocks()
     part: list[tuple[int, PagedSequence]] = []
-    tokens = 0
-    for item in forks:
-        if part and tokens + item[1].num_new > budget:
-            yield part
-            part, tokens = [], 0
-        part.append(item)
-        tokens += item[1].num_new
-    if part:
-        yield part
+    tokens = blocks = 0
+    while forks:
+        i, context = forks[0]
+        new_tokens = len(continuations[i]) - 1
+        new_blocks = _fork_blocks(len(context.token_ids), len(continuations[i]), manager.block_size)
+        if part and (tokens + new_tokens > budget or blocks + new_blocks > room):
+            break
+        part.append(forks.popleft())
+        tokens += new_tokens
+        blocks += new_blocks
+    return part
 
 
 def _add_scores(runner: PagedModelRunner, hidden: torch.Tensor, targets: list[int], owners: list[int],
