@@ -276,6 +276,23 @@ def test_blocks_held_outside_the_engine_give_a_clear_error_not_a_hang():
     assert len(model.generate_batch([tokens(31, 6)], max_new_tokens=4)["req_0"].generated_tokens) == 4
 
 
+def test_a_session_that_ends_in_a_step_that_raises_is_returned_by_the_next():
+    _, model = tiny_pair(num_blocks=8)
+    engine = Engine(model)
+    running = engine.add(tokens(32, 4), SamplingParams(max_new_tokens=3))  # 2 blocks
+    engine.step()
+    holder = model.prefix_cache.admit(tokens(30, 17))  # 5 blocks
+    waiting = engine.add(tokens(31, 10), SamplingParams(max_new_tokens=4))  # 4 blocks: 3 are free once `running` ends
+    engine.cancel(running)
+    with pytest.raises(OutOfBlocksError, match="held elsewhere"):
+        engine.step()  # ends `running` (cancelled), then cannot admit `waiting`
+    model.prefix_cache.release(holder, commit=False)
+    assert engine.step() == [running] and running.finish_reason == "cancelled"
+    engine.run()
+    assert len(waiting.generated) == 4
+    model.prefix_cache.check_integrity()
+
+
 def test_shared_prefix_blocks_are_held_once_plus_each_sessions_tail():
     _, model = tiny_pair(block_size=4)
     prefix, n_new = tokens(40, 12), 5  # 3 shared blocks

@@ -211,6 +211,55 @@ def test_logprobs_in_both_formats(tiny):
     assert text.usage.prompt_tokens_details.cached_tokens == 0  # prompt log-probabilities compute every position
 
 
+def test_a_stream_sends_each_choice_one_finish_and_continues_text_offsets(tiny):
+    """A choice cut by a stop string while another still runs gets one chunk with its finish
+    reason and nothing after it; a streamed completion's text_offset continue across chunks."""
+    server, tok, expected = tiny.server, tiny.tok, tiny.expected
+    client = server.client()
+    prompts = [tok("abc")["input_ids"], tok("xyz")["input_ids"]]
+    stop = expected(prompts[0], 12)[2:4]
+    settings = {"model": "tiny", "prompt": prompts, "max_tokens": 12, "temperature": 0, "stop": stop, "logprobs": 0,
+                "echo": True}
+    whole = client.completions.create(**settings)
+    chunks = list(client.completions.create(**settings, stream=True))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        finishes = [i for i, c in enumerate(mine) if c.finish_reason is not None]
+        assert finishes == [len(mine) - 1], (index, [c.finish_reason for c in mine])
+        offsets = [o for c in mine if c.logprobs for o in c.logprobs.text_offset]
+        assert offsets == whole.choices[index].logprobs.text_offset
+
+
+def test_null_asks_for_the_default_and_a_model_can_be_retrieved(tiny):
+    server = tiny.server
+    client = server.client()
+    reply = client.chat.completions.create(model="tiny", messages=messages("Hi"), max_tokens=2, temperature=0,
+                                           n=None, stream=None, logprobs=None)
+    assert len(reply.choices) == 1 and reply.choices[0].logprobs is None
+    text = client.completions.create(model="tiny", prompt="ab", max_tokens=2, echo=None, n=None)
+    assert len(text.choices) == 1 and not text.choices[0].text.startswith("ab")
+    assert client.models.retrieve("tiny").id == "tiny"
+    no_ops = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
+              "store": False, "tool_choice": "none", "parallel_tool_calls": False}  # what clients send by default
+    reply = client.chat.completions.create(model="tiny", messages=messages("Hi"), max_tokens=2, temperature=0,
+                                           **no_ops)
+    assert reply.choices[0].message.content == client.chat.completions.create(
+        model="tiny", messages=messages("Hi"), max_tokens=2, temperature=0).choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("other")
+
+
+def test_a_refused_prompt_refuses_the_request_before_any_is_queued(tiny):
+    server, tok = tiny.server, tiny.tok
+    client = server.client()
+    cancelled = finished_choices(server, "cancelled")
+    too_long = [5] * (tiny.model.config.max_position_embeddings - 2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 10 after a prompt of") as refused:
+        client.completions.create(model="tiny", prompt=[tok("ab")["input_ids"], too_long], max_tokens=10)
+    assert refused.value.body["param"] == "max_tokens"
+    assert finished_choices(server, "cancelled") == cancelled
+
+
 def test_n_choices_share_the_prompt(tiny):
     server, tok, expected = tiny.server, tiny.tok, tiny.expected
     client = server.client()
@@ -287,7 +336,10 @@ HELLO = [{"role": "user", "content": "hello"}]
 BAD_REQUESTS = [
     (CHAT, b'{"messages": [', 400, "not valid JSON"),
     (CHAT, b"[1, 2]", 400, "must be a JSON object"),
-    (CHAT, {"messages": HELLO, "frequency_penalty": 0.5}, 400, "unknown or unsupported parameter 'frequency_penalty'"),
+    (CHAT, {"messages": HELLO, "frequency_penalty": 0.5}, 400, "frequency_penalty: only 0 (or null) is supported"),
+    (CHAT, {"messages": HELLO, "tools": []}, 400, "unknown or unsupported parameter 'tools'"),
+    (CHAT, {"messages": HELLO, "tool_choice": "auto"}, 400, "tool_choice: only \"none\""),
+    (COMPLETIONS, {"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
     (CHAT, {"messages": HELLO, "max_tokens": "ten"}, 400, "max_tokens"),
     (CHAT, {"messages": HELLO, "stream": "yes"}, 400, "stream"),
     (CHAT, {"messages": []}, 400, "messages"),
@@ -310,7 +362,7 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": [5, "a"]}, 400, "prompt must be"),
     (COMPLETIONS, {"prompt": [5, 999]}, 400, "token id 999 is outside the vocabulary"),
     (COMPLETIONS, {"prompt": [5] * 600}, 400, "context of 512 tokens"),
-    (COMPLETIONS, {"prompt": [5] * 300, "max_tokens": 300}, 400, "exceeds the model's 512 positions"),
+    (COMPLETIONS, {"prompt": [5] * 300, "max_tokens": 300}, 400, "exceeds the model's context of 512 tokens"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     (COMPLETIONS, b'{"prompt": "hi \\ud800 there"}', 400, "the prompt cannot be tokenized"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),

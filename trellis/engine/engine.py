@@ -68,6 +68,7 @@ class Engine:
         self.lanes: list[list[Session]] = [[] for _ in range(depth)]  # running sessions, by lane
         self._in_flight: list[tuple[list[Session], PendingStep] | None] = [None] * depth  # each lane's forward
         self._next_lane = 0
+        self._unreported: list[Session] = []  # ended in a step that then raised: the next step returns them
         self._inbox: deque[Session] = deque()  # added by any thread, moved to ``waiting`` by the stepping one
         self._inbox_lock = threading.Lock()
         self._ids = itertools.count()
@@ -182,35 +183,44 @@ class Engine:
                 self._inbox.clear()
             lane = self._next_lane
             self._next_lane = (lane + 1) % len(self.lanes)
-            ended = self._finish(manager, lane)
-            ended += self._drop_cancelled(manager, lane)
-            running = self.lanes[lane]
-            others = [s for other in self.lanes if other is not running for s in other]
-            # An even share of the sessions for each lane, so that every stage gets work.
-            share = cdiv(len(running) + len(others) + len(self.waiting), len(self.lanes)) - len(running)
-            before = {id(s) for s in running}
+            ended, self._unreported = self._unreported, []
             try:
-                sessions = self.scheduler.schedule(self.waiting, running, manager, others, max_admit=max(share, 0))
-            finally:
-                self._count_admitted(manager, running, before)
-            if not sessions:
-                return ended
-            if len(self.lanes) > 1:
-                try:
-                    self._in_flight[lane] = (sessions, self.runner.submit(manager, [s.seq for s in sessions]))
-                except BaseException as exc:
-                    self.abort(f"forward failed: {exc!r}")
-                    raise
-                return ended
+                return self._step(manager, lane, ended)
+            except BaseException:
+                self._unreported = ended
+                raise
+
+    def _step(self, manager: KVCacheManager, lane: int, ended: list[Session]) -> list[Session]:
+        """``step`` for ``lane``; appends the sessions that end to ``ended`` as they end."""
+        ended += self._finish(manager, lane)
+        ended += self._drop_cancelled(manager, lane)
+        running = self.lanes[lane]
+        others = [s for other in self.lanes if other is not running for s in other]
+        # An even share of the sessions for each lane, so that every stage gets work.
+        share = cdiv(len(running) + len(others) + len(self.waiting), len(self.lanes)) - len(running)
+        before = {id(s) for s in running}
+        try:
+            sessions = self.scheduler.schedule(self.waiting, running, manager, others, max_admit=max(share, 0))
+        finally:
+            self._count_admitted(manager, running, before)
+        if not sessions:
+            return ended
+        if len(self.lanes) > 1:
             try:
-                steps = self._forward(manager, sessions, ended)
+                self._in_flight[lane] = (sessions, self.runner.submit(manager, [s.seq for s in sessions]))
             except BaseException as exc:
                 self.abort(f"forward failed: {exc!r}")
                 raise
-            for part, step in steps:
-                ended += self._complete(manager, part, step, running)
-            running[:] = [s for s in running if not s.done]
             return ended
+        try:
+            steps = self._forward(manager, sessions, ended)
+        except BaseException as exc:
+            self.abort(f"forward failed: {exc!r}")
+            raise
+        for part, step in steps:
+            ended += self._complete(manager, part, step, running)
+        running[:] = [s for s in running if not s.done]
+        return ended
 
     def _finish(self, manager: KVCacheManager, lane: int) -> list[Session]:
         """Wait for the lane's forward in flight, if any, and sample its sessions' tokens."""

@@ -2,8 +2,8 @@
 
 ``create_app(model, tokenizer, config)`` builds it around a loaded ``TrellisLlama``; the engine
 thread starts with the app (its lifespan) and stops with it, failing whatever is unfinished.
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics``. Errors use OpenAI's error object.
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (and
+``/v1/models/{model}``), ``GET /health``, ``GET /metrics``. Errors use OpenAI's error object.
 """
 
 from __future__ import annotations
@@ -108,10 +108,19 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
 
     created = int(time.time())
 
+    card = {"id": config.model_name, "object": "model", "created": created, "owned_by": "trellis",
+            "max_model_len": service.context_length}
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
-                                            "owned_by": "trellis", "max_model_len": service.context_length}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorized)])
+    async def model(model: str) -> dict:
+        if model != config.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
+                           "model", "not_found_error")
+        return card
 
     @app.get("/health")
     async def health() -> Response:

@@ -142,6 +142,9 @@ class CompletionService:
             if len(prompt) >= self.context_length:
                 raise APIError(400, f"the prompt has {len(prompt)} tokens, which leaves no room for an answer in the "
                                f"model's context of {self.context_length} tokens", "prompt")
+            if max_tokens is not None and len(prompt) + max_tokens - 1 > self.context_length:  # before any is queued
+                raise APIError(400, f"max_tokens {max_tokens} after a prompt of {len(prompt)} tokens exceeds the "
+                               f"model's context of {self.context_length} tokens", "max_tokens")
         queue: asyncio.Queue[ChoiceEvent | None] = asyncio.Queue()
         job = _Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompts, queue)
         stops = req.stop_strings()
@@ -157,7 +160,7 @@ class CompletionService:
                 job.choices += [_Choice(p * req.n + i, p, handle, i, TextStream(self.tokenizer, stops, prompt))
                                 for i in range(req.n)]
         except Exception as exc:  # noqa: BLE001 -- each refusal becomes its HTTP error
-            self._cancel(job)
+            self._cancel(job, count=False)  # refused, not cancelled by a client
             raise _api_error(exc) from None
         return job
 
@@ -217,6 +220,7 @@ class CompletionService:
 
         watcher = asyncio.create_task(self._watch_disconnect(job, request))
         opened: set[int] = set()  # choices whose first chunk went out
+        offsets: dict[int, int] = {}  # per choice, the text_offset its next token starts at
         try:
             if chat:
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -225,7 +229,10 @@ class CompletionService:
                 event = await job.queue.get()
                 if event is None:
                     return  # the client went away
+                done = job.choices[event.choice].finish_reason is not None  # its last chunk went out
                 c, text, logprobs = self._apply(job, event)
+                if done:
+                    continue
                 entries: list[TokenLogprobs | int] = list(logprobs)
                 if echo and c.index not in opened:  # the echoed prompt opens the choice's text
                     text = echo[c.prompt] + text
@@ -238,7 +245,11 @@ class CompletionService:
                     continue
                 lp = None
                 if top is not None and entries:
-                    lp = {"content": self._chat_logprobs(logprobs)} if chat else self._text_logprobs(entries)
+                    if chat:
+                        lp = {"content": self._chat_logprobs(logprobs)}
+                    else:
+                        lp = self._text_logprobs(entries, offsets.get(c.index, 0))
+                        offsets[c.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 body = {"delta": {"content": text} if text else {}} if chat else {"text": text}
                 yield chunk([{"index": c.index, **body, "logprobs": lp, "finish_reason": c.finish_reason}])
             if req.include_usage:
@@ -255,12 +266,13 @@ class CompletionService:
         self._cancel(job)
         job.queue.put_nowait(None)
 
-    def _cancel(self, job: _Job) -> None:
+    def _cancel(self, job: _Job, count: bool = True) -> None:
+        """Cancel the job's unfinished choices; ``count``: as cancelled in the metrics."""
         for c in job.choices:
             if c.finish_reason is None and not c.cancelled:
                 c.cancelled = True
                 self.bridge.cancel(c.handle, c.session)
-                if self.metrics:
+                if self.metrics and count:
                     self.metrics.choice_finished("cancelled")
 
     # --- log-probabilities in OpenAI's two formats ----------------------------------------
@@ -281,10 +293,10 @@ class CompletionService:
             out.append({"token": text, "logprob": finite(e.logprob), "bytes": list(text.encode()), "top_logprobs": top})
         return out
 
-    def _text_logprobs(self, entries: Sequence[TokenLogprobs | int]) -> dict[str, Any]:
-        """The completions format; an entry that is a bare token id has no log-probability."""
+    def _text_logprobs(self, entries: Sequence[TokenLogprobs | int], offset: int = 0) -> dict[str, Any]:
+        """The completions format; an entry that is a bare token id has no log-probability.
+        ``offset``: the first entry's ``text_offset`` (a stream's chunks continue the text)."""
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        offset = 0
         for e in entries:
             text = self._token_text(e if isinstance(e, int) else e.token)
             tokens.append(text)

@@ -4,13 +4,17 @@ response pieces shared by both endpoints."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MAX_LOGPROBS = 20  # most alternatives per token, as vLLM allows
 MAX_STOP_STRINGS = 16
+# Settings accepted only at the value that changes nothing (chat adds its tool settings).
+NO_OPS: dict[str, object] = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+                             "response_format": {"type": "text"}, "store": False, "tool_choice": "none"}
 
 
 class APIError(Exception):
@@ -31,6 +35,18 @@ def error_body(message: str, kind: str, param: str | None = None, code: int | st
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _no_op_only(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    no_op = NO_OPS[info.field_name]
+    if value is not None and value != no_op:
+        raise ValueError(f"only {json.dumps(no_op)} (or null) is supported, got {json.dumps(value)}")
+    return value
+
+
+def _null_means_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """OpenAI documents these fields as nullable: ``null`` asks for the default."""
+    return cls.model_fields[info.field_name].default if value is None else value
 
 
 class StreamOptions(_Strict):
@@ -65,6 +81,15 @@ class GenerationRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # What OpenAI clients send where it changes nothing; accepted at those values only (NO_OPS).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, str] | None = None
+    store: bool | None = None
+    _nullable = field_validator("n", "stream", mode="before")(_null_means_default)
+    _no_ops = field_validator("presence_penalty", "frequency_penalty", "logit_bias", "response_format", "store")(
+        _no_op_only)
 
     @model_validator(mode="after")
     def _check_stop_and_stream(self) -> GenerationRequest:
@@ -88,6 +113,10 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tool_choice: str | None = None  # "none" only (NO_OPS): no tools are offered
+    parallel_tool_calls: bool | None = None  # without tools, it changes nothing
+    _nullable_logprobs = field_validator("logprobs", mode="before")(_null_means_default)
+    _no_tools = field_validator("tool_choice")(_no_op_only)
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -102,6 +131,7 @@ class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    _nullable_echo = field_validator("echo", mode="before")(_null_means_default)
 
     @model_validator(mode="after")
     def _check_prompt(self) -> CompletionRequest:
