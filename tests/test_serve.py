@@ -249,6 +249,15 @@ def test_null_asks_for_the_default_and_a_model_can_be_retrieved(tiny):
         client.models.retrieve("other")
 
 
+def test_a_400_names_the_parameter_the_client_used(tiny):
+    server = tiny.server
+    for body, param in [({"stop": ["x"] * 20}, "stop"), ({"stop": ""}, "stop"),
+                        ({"max_completion_tokens": 100000}, "max_completion_tokens"),
+                        ({"max_tokens": 100000}, "max_tokens"), ({"temperature": 1e-40}, "temperature")]:
+        reply = httpx.post(f"{server.url}{CHAT}", json={"messages": HELLO, **body}, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (body, reply.text)
+
+
 def test_a_refused_prompt_refuses_the_request_before_any_is_queued(tiny):
     server, tok = tiny.server, tiny.tok
     client = server.client()
@@ -348,7 +357,7 @@ BAD_REQUESTS = [
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
     (CHAT, {"messages": HELLO, "temperature": 2.5}, 400, "temperature"),
     (CHAT, {"messages": HELLO, "top_p": 0}, 400, "top_p"),
-    (CHAT, {"messages": HELLO, "temperature": 1e-300}, 400, "temperature must be at least"),
+    (CHAT, {"messages": HELLO, "temperature": 1e-300}, 400, "temperature must be 0 (greedy) or at least"),
     (CHAT, {"messages": HELLO, "n": 0}, 400, "n"),
     (CHAT, {"messages": HELLO, "n": 50}, 400, "at most 8 choices"),
     (CHAT, {"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),

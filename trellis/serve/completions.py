@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.engine import QueueFullError, SamplingParams, TokenLogprobs
+from trellis.engine.sampling import MIN_TEMPERATURE
 from trellis.serve.bridge import ChoiceEvent, EngineBridge, RequestHandle
 from trellis.serve.config import ServeConfig
 from trellis.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, finite, usage
@@ -132,9 +133,14 @@ class CompletionService:
         max_n = min(config.max_n, config.max_running)  # one prompt's choices run at once
         if req.n > max_n:
             raise APIError(400, f"n: at most {max_n} choices per prompt", "n")
+        # The name the client used for the limit (chat takes either).
+        limit_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         if max_tokens is not None and max_tokens > config.max_tokens:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens}",
-                           "max_tokens")
+            raise APIError(400, f"{limit_name} {max_tokens} exceeds this server's limit of {config.max_tokens}",
+                           limit_name)
+        if req.temperature and req.temperature < MIN_TEMPERATURE:  # SamplingParams' own message speaks Python
+            raise APIError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:.3g}, got "
+                           f"{req.temperature!r}", "temperature")
         for prompt in prompts:
             if len(prompt) > config.max_prompt_tokens:
                 raise APIError(400, f"the prompt has {len(prompt)} tokens, more than this server's limit of "
@@ -143,8 +149,8 @@ class CompletionService:
                 raise APIError(400, f"the prompt has {len(prompt)} tokens, which leaves no room for an answer in the "
                                f"model's context of {self.context_length} tokens", "prompt")
             if max_tokens is not None and len(prompt) + max_tokens - 1 > self.context_length:  # before any is queued
-                raise APIError(400, f"max_tokens {max_tokens} after a prompt of {len(prompt)} tokens exceeds the "
-                               f"model's context of {self.context_length} tokens", "max_tokens")
+                raise APIError(400, f"{limit_name} {max_tokens} after a prompt of {len(prompt)} tokens exceeds the "
+                               f"model's context of {self.context_length} tokens", limit_name)
         queue: asyncio.Queue[ChoiceEvent | None] = asyncio.Queue()
         job = _Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompts, queue)
         stops = req.stop_strings()

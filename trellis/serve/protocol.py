@@ -92,13 +92,18 @@ class GenerationRequest(_Strict):
         _no_op_only)
 
     @model_validator(mode="after")
-    def _check_stop_and_stream(self) -> GenerationRequest:
+    def _check_stream(self) -> GenerationRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        stops = self.stop_strings()
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
         return self
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty strings")
+        return stop
 
     def stop_strings(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
