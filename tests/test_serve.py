@@ -564,6 +564,31 @@ def test_the_command_serves_and_stops_cleanly(tmp_path, grid, stop):
         assert "stage stopped after" in output and "failed" not in output, output
 
 
+@pytest.mark.parametrize("busy", [True, False])
+def test_requests_still_running_when_the_grace_period_ends_are_failed_before_it_ends(monkeypatch, busy):
+    """Once shutdown begins, the engine is closed just before uvicorn's grace period ends if work
+    remains (its clients then read a shutdown error, where uvicorn would cut them), else left alone."""
+    from trellis.serve import server as server_module
+
+    monkeypatch.setattr(server_module, "GRACEFUL_SHUTDOWN_S", 0.6)
+    monkeypatch.setattr(server_module, "CLOSE_MARGIN_S", 0.3)
+    closed: list[float] = []
+    bridge = SimpleNamespace(engine=SimpleNamespace(has_work=busy), close=lambda: closed.append(time.monotonic()))
+    uvicorn_server = SimpleNamespace(should_exit=False)
+    watcher = threading.Thread(target=server_module._close_before_grace_ends, args=(uvicorn_server, bridge, 0.01))
+    watcher.start()
+    time.sleep(0.2)
+    assert not closed  # not before shutdown begins
+    start = time.monotonic()
+    uvicorn_server.should_exit = True
+    watcher.join(5)
+    assert not watcher.is_alive()
+    if busy:
+        assert len(closed) == 1 and 0.25 <= closed[0] - start < 0.6
+    else:
+        assert not closed
+
+
 def _healthy(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200

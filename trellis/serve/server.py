@@ -14,12 +14,14 @@ import uvicorn
 from transformers import PreTrainedTokenizerBase
 
 from trellis.serve.app import create_app
+from trellis.serve.bridge import EngineBridge
 from trellis.serve.config import ServeConfig
 
 log = logging.getLogger("trellis.serve")
 
 STOP_DELAY_S = 2  # between a fatal model failure and the shutdown it causes
 GRACEFUL_SHUTDOWN_S = 10  # in-flight requests get this long to finish on Ctrl-C; then they are cancelled
+CLOSE_MARGIN_S = 1.0  # before the grace period ends, the engine fails what still runs (its clients are told)
 
 
 def is_loopback(host: str) -> bool:
@@ -55,6 +57,8 @@ def serve(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeConfig
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     if stop_when is not None:
         threading.Thread(target=_stop_when, args=(server, stop_when), name="trellis-serve-watch", daemon=True).start()
+    threading.Thread(target=_close_before_grace_ends, args=(server, app.state.bridge), name="trellis-serve-close",
+                     daemon=True).start()
     # uvicorn re-raises the signal it shut down for once it is done. SIGTERM's default action would
     # then kill the process before the caller's cleanup (a grid's stop signal to its stages), so
     # here it raises KeyboardInterrupt, as Ctrl-C does.
@@ -71,6 +75,20 @@ def serve(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeConfig
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _close_before_grace_ends(server: uvicorn.Server, bridge: EngineBridge, poll_s: float = 0.1) -> None:
+    """Once shutdown begins, stop the engine shortly before uvicorn's grace period ends, unless
+    everything finished: what still runs then fails with a shutdown error that its client reads
+    (a stream ends with an error event and ``[DONE]``), where uvicorn would cut the connection."""
+    while not server.should_exit:
+        time.sleep(poll_s)
+    deadline = time.monotonic() + GRACEFUL_SHUTDOWN_S - CLOSE_MARGIN_S
+    while bridge.engine.has_work and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    if bridge.engine.has_work:
+        log.warning("shutting down: failing the requests still running")
+        bridge.close()
 
 
 def _stop_when(server: uvicorn.Server, condition: Callable[[], bool], poll_s: float = 0.5) -> None:
