@@ -78,8 +78,14 @@ class KVCacheManager:
             new_blocks = cdiv(len(tokens) + extra_tokens, self.block_size) - len(matched)
             # Blocks that only the tree holds are evictable; once admitted, the session holds its own.
             pinned = sum(self.pool.ref_counts[b] == 1 for b in matched)
-            available = self.pool.num_free + self.radix.evictable_blocks() - pinned
+            available = self.available_blocks() - pinned
             return AdmissionCost(len(matched) * self.block_size, new_blocks, available, new_blocks <= available)
+
+    def available_blocks(self) -> int:
+        """Blocks that could be allocated now: free ones, and those only the radix cache holds (evictable)."""
+        with self.lock:
+            self._drain()
+            return self.pool.num_free + self.radix.evictable_blocks()
 
     def can_ever_hold(self, num_tokens: int) -> bool:
         """Whether an empty cache could hold one session of ``num_tokens`` tokens."""

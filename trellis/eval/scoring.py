@@ -130,7 +130,7 @@ def _next_chunk(pending: deque[_Group], manager: KVCacheManager, continuations: 
     context's partial tail block). A lone request that does not fit is still taken: admitting
     it raises ``OutOfBlocksError``."""
     bs = manager.block_size
-    room = manager.pool.num_free + manager.radix.evictable_blocks()
+    room = manager.available_blocks()
     chunk: list[_Group] = []
     tokens = held = max_fork = matched_before = 0  # held: blocks the contexts take or lock
     while pending:
@@ -235,7 +235,7 @@ def _next_part(forks: deque[tuple[int, PagedSequence]], manager: KVCacheManager,
                budget: int) -> list[tuple[int, PagedSequence]]:
     """Take the next forks to run in one forward from ``forks`` (request, context session): about
     ``budget`` new tokens, and the blocks the pool can give now. The first is always taken."""
-    room = manager.pool.num_free + manager.radix.evictable_blocks()
+    room = manager.available_blocks()
     part: list[tuple[int, PagedSequence]] = []
     tokens = blocks = 0
     while forks:

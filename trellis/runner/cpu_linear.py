@@ -117,6 +117,7 @@ def _x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+@functools.cache
 def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
     """The row counts (first, last) of a ``dtype`` matmul that Trellis' streaming kernel
     (``ops.quant_linear``) computes here, over the row-major parameter; None where it computes none.
@@ -170,10 +171,9 @@ class CPULinear(torch.nn.Linear):
         add it before rounding), and the C++ kernels (``backend``; by default the CPU's). None
         where another kernel runs it."""
         weight = self.weight
-        if x.dtype != weight.dtype or self.bias is not None or self.in_features % quant.BLOCK:
-            return None
-        rows = streamed_rows(weight.dtype)
+        rows = streamed_rows(weight.dtype)  # first: most calls (a prefill, one fp32 row) end here
         if (rows is None or not rows[0] * self.in_features <= x.numel() <= rows[1] * self.in_features
+                or x.dtype != weight.dtype or self.bias is not None or self.in_features % quant.BLOCK
                 or not weight.is_contiguous() or (backend or ops.default_backend(_CPU)) != "cpp"):
             return None
         return weight.view(torch.uint8), _QTYPES[weight.dtype]
