@@ -1,7 +1,7 @@
 """Linear layers alone: one pass over all of a model's decoder linear layers at M rows, per kind.
 
 Every layer gets its own weights of the model's shapes and dtype (so they stream from memory as
-in a forward), run as transformers does (``F.linear``), through oneDNN over row-major weights,
+in a forward; the variants over one layout share them), run as transformers does (``F.linear``), through oneDNN over row-major weights,
 over input-major weights and over a prepacked copy, and through Trellis' streaming kernel
 (``quant_linear``, qtype ``"BF16"`` or ``"F32"``, over the row-major parameter), which every kind
 runs at the row counts ``cpu_linear.streamed_rows`` names for the dtype (bf16: 1-4, fp32: 4-8; each
@@ -49,14 +49,18 @@ def variants(dtype: torch.dtype) -> dict[str, tuple[bool, Callable[[torch.Tensor
     return out
 
 
-def layers_of_kind(shapes: list[tuple[int, int]], dtype: torch.dtype, input_major_weights: bool,
-                   layer: Callable[[torch.Tensor], Layer]) -> list[Layer]:
-    layers = []
-    for out_features, in_features in shapes:
-        weight = torch.nn.Linear(in_features, out_features, bias=False, dtype=dtype).weight.detach()
-        _set_layout(weight, input_major_weights)
-        layers.append(layer(weight))
-    return layers
+def weights_of_layout(counts: dict[tuple[int, int], int], dtype: torch.dtype,
+                      input_major_weights: bool) -> dict[tuple[int, int], list[torch.Tensor]]:
+    """``counts[shape]`` weights of each ``shape`` in one layout. The variants of a layout share
+    them: TinyLlama's weights once per variant would not fit 24 GB in fp32."""
+    weights = {}
+    for (out_features, in_features), n in counts.items():
+        weights[out_features, in_features] = []
+        for _ in range(n):
+            weight = torch.nn.Linear(in_features, out_features, bias=False, dtype=dtype).weight.detach()
+            _set_layout(weight, input_major_weights)
+            weights[out_features, in_features].append(weight)
+    return weights
 
 
 def main() -> None:
@@ -73,16 +77,18 @@ def main() -> None:
     head = (model.lm_head.out_features, model.lm_head.in_features)
     # shape -> how many layers of it a pass runs; the LM head is timed apart, not in the pass
     counts = {shape: per_layer.count(shape) * model.config.num_hidden_layers for shape in dict.fromkeys(per_layer)}
-    kinds = variants(model.dtype)
-    layers = {name: {shape: layers_of_kind([shape] * n, model.dtype, *kind) for shape, n in {**counts, head: 1}.items()}
-              for name, kind in kinds.items()}
-    info = describe(model, args.model)
+    kinds, dtype, info = variants(model.dtype), model.dtype, describe(model, args.model)
+    del model  # only its shapes are needed: the layers below get weights of their own
+    weights = {layout: weights_of_layout({**counts, head: 1}, dtype, layout)
+               for layout in {input_major_weights for input_major_weights, _ in kinds.values()}}
+    layers = {name: {shape: [layer(w) for w in ws] for shape, ws in weights[layout].items()}
+              for name, (layout, layer) in kinds.items()}
     print(f"{info}\n{sum(counts.values())} linear layers, median ms per pass\n")
     print("| rows | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
     rows = []
     with torch.no_grad():
         for m in args.rows:
-            x = {n: torch.randn(m, n, dtype=model.dtype) for _, n in counts | {head: 1}}
+            x = {n: torch.randn(m, n, dtype=dtype) for _, n in counts | {head: 1}}
             times = {name: {shape: [] for shape in layers[name]} for name in kinds}
             for rep in range((args.repeats or 7) + 1):  # the first repetition warms up (packing, JIT)
                 for name, by_shape in layers.items():

@@ -246,9 +246,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def finish(result: dict, args: argparse.Namespace, stem: str, plot: Callable[[dict, Path], None],
            tables: Callable[[dict], str]) -> None:
-    """Write the JSON and the figure (``results/<stem>[_quick].{json,png}`` unless given), print the tables."""
+    """Write the JSON and the figure (``results/<stem>[_quick].{json,png}`` unless given; the figure
+    beside a given JSON), print the tables."""
     stem += "_quick" if args.quick else ""
-    json_path, png_path = args.json or RESULTS / f"{stem}.json", args.plot or RESULTS / f"{stem}.png"
+    json_path = args.json or RESULTS / f"{stem}.json"
+    png_path = args.plot or json_path.with_suffix(".png")
     for path in (json_path, png_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2))
