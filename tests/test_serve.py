@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerFast
 from tests.conftest import installed
 from tests.models import smollm2_dir, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.serve import ServeConfig, create_app
+from trellis.serve.text import TokenBytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = ("You are the assistant of a small team. Answer briefly and plainly; say so when you do not know. "
@@ -211,6 +212,29 @@ def test_logprobs_in_both_formats(tiny):
     assert text.usage.prompt_tokens_details.cached_tokens == 0  # prompt log-probabilities compute every position
 
 
+def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece's kind (Llama 2's): pieces with ▁ for a space, and a token per byte no piece covers."""
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁": 257, "a": 258, "é": 259}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("tokenizer", [smollm2_tokenizer, byte_fallback_tokenizer])
+def test_token_bytes_join_to_the_text_where_a_character_spans_tokens(tokenizer):
+    """OpenAI's ``bytes`` of a log-probability entry are the token's own bytes: a token holding
+    part of a character decodes alone to U+FFFD, and its bytes still join to the text."""
+    tok = tokenizer()
+    token_bytes = TokenBytes(tok)
+    text = "aé 😀 世界"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token holds part of a character
+    assert b"".join(token_bytes(i) for i in ids).decode().strip() == text
+    special = tok.all_special_ids[0]
+    assert token_bytes(special) == tok.decode([special]).encode()
+
+
 def test_a_stream_sends_each_choice_one_finish_and_continues_text_offsets(tiny):
     """A choice cut by a stop string while another still runs gets one chunk with its finish
     reason and nothing after it; a streamed completion's text_offset continue across chunks."""
@@ -362,7 +386,10 @@ BAD_REQUESTS = [
     (CHAT, {"messages": HELLO, "n": 50}, 400, "at most 8 choices"),
     (CHAT, {"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
     (CHAT, {"messages": HELLO, "max_tokens": 100000}, 400, "exceeds this server's limit of 400"),
-    (CHAT, {"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs requires logprobs"),
+    (CHAT, {"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs: requires logprobs"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages.0.content: part 0 is of type 'image_url': only text parts"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "part 0 needs its text"),
     (CHAT, {"messages": HELLO, "stop": ["x"] * 20}, 400, "stop"),
     (CHAT, {"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (CHAT, {"messages": HELLO, "model": "gpt-4"}, 404, "does not exist"),

@@ -27,7 +27,7 @@ from trellis.engine.sampling import MIN_TEMPERATURE
 from trellis.serve.bridge import ChoiceEvent, EngineBridge, RequestHandle
 from trellis.serve.config import ServeConfig
 from trellis.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, finite, usage
-from trellis.serve.text import TextStream
+from trellis.serve.text import TextStream, TokenBytes
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -71,6 +71,7 @@ class CompletionService:
     def __init__(self, bridge: EngineBridge, tokenizer: PreTrainedTokenizerBase, config: ServeConfig,
                  stop_token_ids: Sequence[int], context_length: int) -> None:
         self.bridge, self.tokenizer, self.config = bridge, tokenizer, config
+        self.token_bytes = TokenBytes(tokenizer)
         self.metrics = bridge.metrics
         self.stop_token_ids = tuple(stop_token_ids)
         self.context_length = context_length
@@ -293,10 +294,10 @@ class CompletionService:
     def _chat_logprobs(self, entries: list[TokenLogprobs]) -> list[dict[str, Any]]:
         out = []
         for e in entries:
-            text = self._token_text(e.token)
-            top = [{"token": (t := self._token_text(token)), "logprob": finite(lp), "bytes": list(t.encode())}
+            top = [{"token": self._token_text(token), "logprob": finite(lp), "bytes": list(self.token_bytes(token))}
                    for token, lp in e.top]
-            out.append({"token": text, "logprob": finite(e.logprob), "bytes": list(text.encode()), "top_logprobs": top})
+            out.append({"token": self._token_text(e.token), "logprob": finite(e.logprob),
+                        "bytes": list(self.token_bytes(e.token)), "top_logprobs": top})
         return out
 
     def _text_logprobs(self, entries: Sequence[TokenLogprobs | int], offset: int = 0) -> dict[str, Any]:

@@ -63,6 +63,22 @@ class ChatMessage(_Strict):
     content: str | list[TextPart]
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        """Name what is wrong: pydantic's message for a failed union speaks only of its first member."""
+        if isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError("must be a string or a list of text parts")  # noqa: TRY004 -- pydantic reports ValueErrors
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"part {i} is of type {kind!r}: only text parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} needs its text as a string")  # noqa: TRY004 -- as above
+        return content
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
@@ -123,10 +139,16 @@ class ChatCompletionRequest(GenerationRequest):
     _nullable_logprobs = field_validator("logprobs", mode="before")(_null_means_default)
     _no_tools = field_validator("tool_choice")(_no_op_only)
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        # A field's check (logprobs is validated first), so that the error names top_logprobs.
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise ValueError("requires logprobs to be true")
+        return top_logprobs
+
     @model_validator(mode="after")
-    def _check_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+    def _check_max_tokens(self) -> ChatCompletionRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_completion_tokens or max_tokens, not both")
         return self

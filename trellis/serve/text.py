@@ -1,7 +1,10 @@
-"""One choice's text as its tokens arrive: incremental detokenization and OpenAI's stop strings."""
+"""One choice's text as its tokens arrive (incremental detokenization and OpenAI's stop strings),
+and the bytes of one token, which OpenAI's log-probabilities report."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -73,3 +76,52 @@ class TextStream:
             released, self._pending = self._pending[:cut], self._pending[cut:]
         self.text += released
         return released
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: the printable Latin-1
+    bytes as themselves, the others as the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+def _decodes_byte_level(decoder: dict | None) -> bool:
+    """Whether a fast tokenizer's decoder (its JSON form; a ``Sequence`` lists others) is byte-level."""
+    if not decoder:
+        return False
+    return decoder.get("type") == "ByteLevel" or any(_decodes_byte_level(d) for d in decoder.get("decoders") or ())
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for a byte no piece covers
+
+
+class TokenBytes:
+    """The bytes of one token. Decoding a token alone gives U+FFFD for the part of a character it
+    holds; OpenAI's ``bytes`` field carries the token's own bytes, so that a client can join a
+    character split across tokens. Read from the token's string in the vocabulary where the
+    tokenizer is byte-level BPE or SentencePiece with byte fallback; otherwise the decoded text's."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+        self._alphabet = _byte_level_alphabet() if _decodes_byte_level(decoder) else None
+        self._special = set(tokenizer.all_special_ids)
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token: int) -> bytes:
+        if token not in self._cache:
+            self._cache[token] = self._bytes(token)
+        return self._cache[token]
+
+    def _bytes(self, token: int) -> bytes:
+        text = self.tokenizer.decode([token])
+        if "\ufffd" not in text or token in self._special:
+            return text.encode()
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if (byte := _BYTE_FALLBACK.fullmatch(piece)) is not None:
+            return bytes([int(byte.group(1), 16)])
+        if self._alphabet is not None and all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        return text.encode()
