@@ -64,6 +64,19 @@ def test_greedy_generate_matches_cold_and_warm():
     model.prefix_cache.check_integrity()
 
 
+def test_a_warm_rerun_fits_the_pool_the_cold_run_fitted():
+    """A rerun computes the answer's blocks again (the tree holds the first run's): it keeps its
+    own and leaves the tree's evictable, so it needs no more blocks than the cold run."""
+    ref, model = tiny_pair(num_blocks=30)  # 80 + 40 tokens in blocks of 4: 30 blocks
+    head = prompt(9, 30)
+    ids = torch.cat([head, head[:, :20], head], 1)
+    want = ref.generate(ids, max_new_tokens=40, do_sample=False)
+    for _ in range(2):  # cold, then warm
+        assert torch.equal(model.generate(ids, max_new_tokens=40, do_sample=False), want)
+        model.prefix_cache.check_integrity()
+    assert model.prefix_cache.stats()["hit_tokens"] == 76
+
+
 def test_left_padded_batch_matches_each_prompt_alone():
     ref, model = tiny_pair()
     prompts = [prompt(20, 9)[0], prompt(21, 14)[0], prompt(22, 5)[0]]
