@@ -343,13 +343,17 @@ def test_position_ids():
     model.prefix_cache.check_integrity()
 
 
-@pytest.mark.parametrize(("draft", "do_sample"), [("prompt_lookup", False), ("assistant", True), ("trellis_assistant", False)])
+@pytest.mark.parametrize(("draft", "do_sample"), [("prompt_lookup", False), ("assistant", True), ("trellis_assistant", False),
+                                               ("early_exit", False), ("early_exit", True)])
 def test_assisted_decoding(draft, do_sample):
-    """test_assisted_decoding_matches_greedy_search / _sample, test_prompt_lookup_decoding_matches_greedy_search."""
+    """test_assisted_decoding_matches_greedy_search / _sample, test_prompt_lookup_decoding_matches_greedy_search;
+    early exit (LayerSkip): the model drafts with its first layer, its drafts' K/V never cached."""
     ref, model = tiny_pair()
     ids = torch.cat([IDS, IDS[:, :6], IDS], 1)  # repeats, so that prompt lookup finds drafts
     if draft == "prompt_lookup":
         helper = {"prompt_lookup_num_tokens": 3}
+    elif draft == "early_exit":
+        helper = {"assistant_early_exit": 1}
     else:
         helper = {"assistant_model": tiny_pair(seed=1)[draft == "trellis_assistant"]}
     settings = {"max_new_tokens": 6, "do_sample": do_sample, "return_dict_in_generate": True, "output_scores": True}

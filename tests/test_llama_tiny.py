@@ -174,6 +174,27 @@ def test_speculative_decoding_matches_and_rolls_back_rejected_drafts(draft, monk
         kwargs["assistant_model"].prefix_cache.check_integrity()
 
 
+def test_early_exit_drafting_keeps_the_cache_and_live_handles():
+    """``assistant_early_exit`` drafts with the model's first layers (transformers lowers
+    ``config.num_hidden_layers`` meanwhile): the cached prefixes and a live handle stay, the drafts'
+    K/V are never cached, and the tokens are transformers'."""
+    ref, model = tiny_pair(config=tiny_config(num_hidden_layers=4))
+    head = prompt(9, 30)
+    ids = torch.cat([head, head[:, :20], head], 1)
+    first = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cached = model.prefix_cache.stats()["cached_blocks"]
+    for exit_layer in (1, 3):
+        got = model.generate(ids, max_new_tokens=20, do_sample=False, assistant_early_exit=exit_layer)
+        assert torch.equal(got, ref.generate(ids, max_new_tokens=20, do_sample=False))
+        assert model.prefix_cache.stats()["cached_blocks"] >= cached
+    want = ref.generate(first.sequences, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(first.sequences, max_new_tokens=3, do_sample=False,
+                                      **{CACHE_ARG: first[CACHE_ARG]}), want)
+    with torch.no_grad():  # a prompt over the answer's cached blocks: the full model's K/V, not a draft's
+        torch.testing.assert_close(model(got, logits_to_keep=1).logits, ref(got).logits[:, -1:], atol=ATOL, rtol=0)
+    model.prefix_cache.check_integrity()
+
+
 def test_beam_search_matches():
     ref, model = tiny_pair()
     ids = prompt(50, 13)

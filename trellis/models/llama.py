@@ -215,6 +215,12 @@ class TrellisLlama(LlamaForCausalLM):
             if cache.manager is not manager:
                 raise RuntimeError("this past_key_values belongs to an earlier KV cache (the model's device, dtype, weights "
                                    "or cache settings changed since); start a new generation")
+            num_layers = min(self.config.num_hidden_layers, len(self.model.layers))  # what this forward runs
+            if not cache.is_empty and num_layers > cache.num_layers:
+                raise ValueError(f"this past_key_values was computed by the first {cache.num_layers} decoder layers "
+                                 "(config.num_hidden_layers was lower, as assistant_early_exit sets it for its drafts): "
+                                 f"the K/V of the other layers were never computed, so {num_layers} layers cannot "
+                                 "continue it; start a new generation")
             real = self._padding_mask(attention_mask, num_cols)  # [B, S] bool, None if nothing is padding
             _check_labels_after_padding(labels, real)
             keep_cols = self._logit_columns(logits_to_keep, num_cols, inputs.device)  # [K]
@@ -237,6 +243,7 @@ class TrellisLlama(LlamaForCausalLM):
                 reusable = [first_kept] * num_rows if real is None else real[:, :first_kept].sum(1).tolist()
             step = runner.forward_rows(manager, cache.seqs, rows, reusable, positions=positions, inputs_embeds=embeds,
                                        output_hidden_states=output_hidden_states, **kwargs)
+            cache.num_layers = num_layers if fresh else min(cache.num_layers, num_layers)
             skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in cache.seqs], device=inputs.device)
             cache.seen_columns += num_cols
             logits = runner.unpack(step.hidden, step.batch, real, keep_cols, skipped, runner.logits)
@@ -323,19 +330,25 @@ class TrellisLlama(LlamaForCausalLM):
         if implementation is not None and self.config._attn_implementation == ATTN_IMPLEMENTATION and use_cache:
             raise ValueError(f"TrellisLlama keeps its K/V in the paged prefix cache, not in a {implementation!r} cache; "
                              "drop cache_implementation, or load the model with attn_implementation='sdpa'")
-        if (self.config._attn_implementation != ATTN_IMPLEMENTATION or not use_cache
-                or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None):
+        if self.config._attn_implementation != ATTN_IMPLEMENTATION or not use_cache:
             return super().generate(inputs, generation_config, **kwargs)
-        self._check_generation_inputs(inputs if inputs is not None else kwargs.get("input_ids"),
-                                      kwargs.get("attention_mask"), generation_config, kwargs)
+        given = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        if given is None:
+            self._check_generation_inputs(inputs if inputs is not None else kwargs.get("input_ids"),
+                                          kwargs.get("attention_mask"), generation_config, kwargs)
+        num_layers = self.config.num_hidden_layers
+        # The whole call holds the lock: transformers' early-exit drafter lowers the layer count for
+        # a while, which no other thread's forward may see.
         with self.runner.lock:
-            cache = PagedKVCache(self.prefix_cache)
+            cache = given if given is not None else PagedKVCache(self.prefix_cache)
             result = None
             try:
-                result = super().generate(inputs, generation_config, **{CACHE_ARG: cache}, **kwargs)
+                result = super().generate(inputs, generation_config, **kwargs,
+                                          **({CACHE_ARG: cache} if given is None else {}))
                 return result
             finally:
-                if getattr(result, CACHE_ARG, None) is not cache:
+                self.config.num_hidden_layers = num_layers  # the drafter restores it only when its draft succeeds
+                if given is None and getattr(result, CACHE_ARG, None) is not cache:
                     cache.release()
 
     def _generation_setting(self, name: str, generation_config, kwargs: dict):
