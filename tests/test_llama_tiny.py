@@ -174,6 +174,38 @@ def test_speculative_decoding_matches_and_rolls_back_rejected_drafts(draft, monk
         kwargs["assistant_model"].prefix_cache.check_integrity()
 
 
+def test_drafts_past_the_last_position_are_computed_as_transformers_computes_them():
+    """Prompt lookup copies up to ``prompt_lookup_num_tokens`` drafts however little room the
+    generation has left, so its verifying forward runs past ``max_position_embeddings``;
+    transformers computes those columns and discards them, and so does Trellis (their K/V rolled
+    back). A forward of the caller's own past the last position is still refused."""
+    ref, model = tiny_pair(config=tiny_config(max_position_embeddings=128))
+    head = prompt(9, 40)
+    ids = torch.cat([head, head, head[:, :20]], 1)  # 100 tokens that repeat: long drafts
+    for do_sample in (False, True):
+        settings = {"max_new_tokens": 28, "do_sample": do_sample, "eos_token_id": None, "prompt_lookup_num_tokens": 10,
+                    "return_dict_in_generate": True, "output_scores": True}
+        torch.manual_seed(3)
+        want = ref.generate(ids, **settings)
+        torch.manual_seed(3)
+        got = model.generate(ids, **settings)
+        assert torch.equal(got.sequences, want.sequences) and got.sequences.shape[1] == 128
+        for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
+            torch.testing.assert_close(got_scores, want_scores, atol=ATOL, rtol=0)
+    handle = got[CACHE_ARG]
+    with pytest.raises(ValueError, match="129 tokens exceeds the model's 128 positions"):
+        model(torch.tensor([[5, 6]]), **{CACHE_ARG: handle})
+    assert len(handle.seqs[0].token_ids) == 127
+    model.prefix_cache.check_integrity()
+    # Dynamic RoPE: transformers rescales the whole forward once a position passes the limit (so its
+    # drafts change its tokens); such a draft is refused as any position past the model's.
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    _, dynamic = tiny_pair(config=tiny_config(max_position_embeddings=128, rope_parameters=rope))
+    with pytest.raises(ValueError, match="tokens exceeds the model's 128 positions"):
+        dynamic.generate(ids, **settings)
+    assert dynamic.prefix_cache.stats()["live_sessions"] == 0
+
+
 def test_early_exit_drafting_keeps_the_cache_and_live_handles():
     """``assistant_early_exit`` drafts with the model's first layers (transformers lowers
     ``config.num_hidden_layers`` meanwhile): the cached prefixes and a live handle stay, the drafts'

@@ -234,7 +234,7 @@ class TrellisLlama(LlamaForCausalLM):
                 embeds = inputs_embeds.flatten(0, 1) if real is None else inputs_embeds[real]  # [T, H], packed
             fresh = cache.is_empty
             past = [0] * num_rows if fresh else [len(seq.token_ids) for seq in cache.seqs]
-            runner.check_positions(max((p + len(r) for p, r in zip(past, rows)), default=0))
+            runner.check_positions(max((p + n for p, n in zip(past, self._kept_tokens(rows, real, cache))), default=0))
             positions = self._caller_positions(position_ids, real, past, num_rows, num_cols)
             reusable = None
             if fresh:
@@ -286,6 +286,16 @@ class TrellisLlama(LlamaForCausalLM):
             raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the input of "
                              f"shape {tuple(inputs.shape[:2])}")
         return inputs
+
+    @staticmethod
+    def _kept_tokens(rows: list[list[int]], real: torch.Tensor | None, cache: PagedKVCache) -> list[int]:
+        """How many of each row's new tokens must fit the model's positions: all of them, but
+        those in the columns from which ``generate()`` discards what is computed (drafts past its
+        max_length, ``cache.discard_from``)."""
+        if cache.discard_from is None:
+            return [len(row) for row in rows]
+        kept_cols = max(cache.discard_from - cache.seen_columns, 0)
+        return [min(len(row), kept_cols) for row in rows] if real is None else real[:, :kept_cols].sum(1).tolist()
 
     @staticmethod
     def _caller_positions(position_ids: torch.Tensor | None, real: torch.Tensor | None, past: list[int],
@@ -348,8 +358,27 @@ class TrellisLlama(LlamaForCausalLM):
                 return result
             finally:
                 self.config.num_hidden_layers = num_layers  # the drafter restores it only when its draft succeeds
-                if given is None and getattr(result, CACHE_ARG, None) is not cache:
-                    cache.release()
+                if isinstance(cache, PagedKVCache):
+                    cache.discard_from = None
+                    if given is None and getattr(result, CACHE_ARG, None) is not cache:
+                        cache.release()
+
+    def _get_candidate_generator(self, generation_config, input_ids: torch.Tensor, inputs_tensor: torch.Tensor,
+                                 logits_processor, model_kwargs: dict, *args, **kwargs):
+        """transformers' drafter for assisted, prompt-lookup and early-exit decoding, made as its
+        loop starts over ``model_kwargs``' cache handle.
+
+        Its drafts may run past the generation's ``max_length`` (prompt lookup copies what follows
+        a match, however little room is left) and ``generate()`` discards those columns' logits and
+        K/V. The handle is told where the generation ends, so the verifying forward computes them
+        as transformers does (RoPE goes on past ``max_position_embeddings``) instead of refusing
+        positions the answer never uses; not with dynamic RoPE, which transformers rescales for the
+        whole forward when a position passes the limit."""
+        cache = model_kwargs.get(CACHE_ARG)
+        if isinstance(cache, PagedKVCache) and "dynamic" not in self.model.rotary_emb.rope_type:
+            cache.discard_from = generation_config.max_length
+        return super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
+                                                model_kwargs, *args, **kwargs)
 
     def _generation_setting(self, name: str, generation_config, kwargs: dict):
         """A generation setting as ``generate()`` resolves it: the call's keyword, else the config
