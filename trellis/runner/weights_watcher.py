@@ -53,7 +53,7 @@ _MODULE_SETTINGS = ("variance_epsilon", "scaling", "attention_scaling", "rope_ty
 # parameters at every forward. A change means another model than the K/V came from. Not the layer
 # count: a forward runs the first ``num_hidden_layers`` layers, and a layer's K/V depend on the
 # layers before it only, so a lower count (transformers' early-exit drafter sets one) leaves every
-# cached K/V valid; the runner never caches what such a forward computes (``forward_rows``).
+# cached K/V valid; the runner never caches what such a forward computes (``PagedModelRunner.forward``).
 _CONFIG_FIELDS = ("rope_parameters", "head_dim", "rms_norm_eps", "hidden_act", "hidden_size",
                   "num_attention_heads", "num_key_value_heads")
 
