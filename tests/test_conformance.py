@@ -343,13 +343,17 @@ def test_position_ids():
     model.prefix_cache.check_integrity()
 
 
-@pytest.mark.parametrize(("draft", "do_sample"), [("prompt_lookup", False), ("assistant", True), ("trellis_assistant", False)])
+@pytest.mark.parametrize(("draft", "do_sample"), [("prompt_lookup", False), ("assistant", True), ("trellis_assistant", False),
+                                               ("early_exit", False), ("early_exit", True)])
 def test_assisted_decoding(draft, do_sample):
-    """test_assisted_decoding_matches_greedy_search / _sample, test_prompt_lookup_decoding_matches_greedy_search."""
+    """test_assisted_decoding_matches_greedy_search / _sample, test_prompt_lookup_decoding_matches_greedy_search;
+    early exit (LayerSkip): the model drafts with its first layer, its drafts' K/V never cached."""
     ref, model = tiny_pair()
     ids = torch.cat([IDS, IDS[:, :6], IDS], 1)  # repeats, so that prompt lookup finds drafts
     if draft == "prompt_lookup":
         helper = {"prompt_lookup_num_tokens": 3}
+    elif draft == "early_exit":
+        helper = {"assistant_early_exit": 1}
     else:
         helper = {"assistant_model": tiny_pair(seed=1)[draft == "trellis_assistant"]}
     settings = {"max_new_tokens": 6, "do_sample": do_sample, "return_dict_in_generate": True, "output_scores": True}
@@ -610,7 +614,7 @@ def test_right_padding_in_generate_and_labels_after_padding_are_refused():
     ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(5))
     right = torch.ones(2, 10, dtype=torch.long)
     right[0, -3:] = 0
-    with pytest.raises(ValueError, match="pads some rows on the right"):
+    with pytest.raises(ValueError, match="last column, which the attention_mask marks as padding"):
         model.generate(ids, attention_mask=right, max_new_tokens=2)
     left = right.flip(1)
     labels = ids.masked_fill(left == 0, -100)
@@ -621,6 +625,58 @@ def test_right_padding_in_generate_and_labels_after_padding_are_refused():
         torch.testing.assert_close(model(ids, attention_mask=left, labels=labels).loss,
                                    ref(ids, attention_mask=left, labels=labels).loss)
     assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_padding_at_the_end_of_a_continuation_or_of_a_prompt_is_refused_with_nothing_changed():
+    """Where generate() would continue a row from a padding column, transformers computes that
+    column from the pad token and Trellis computes no padding: refused, with the cache and the
+    handle as they were, whether the mask pads a continuation on the right or transformers infers
+    it from a last token equal to pad_token_id (pad != eos: attention_mask = input_ids != pad). So
+    is assisted decoding continuing a handle over input with padding, whose first forward
+    transformers runs over the whole input again, the mask no longer lining up with the cache. A
+    mask that marks the pad id as a real token gets transformers' answer."""
+    ref, model = tiny_pair()  # pad_token_id 0, eos_token_id 1
+    settings = {"max_new_tokens": 2, "do_sample": False, "return_dict_in_generate": True, "output_scores": True}
+    want, got = ref.generate(IDS, **settings), model.generate(IDS, **settings)
+    handle = got[CACHE_ARG]
+    ends_in_pad = torch.cat([got.sequences, torch.tensor([[7, 0]])], 1)
+    right = torch.ones_like(ends_in_pad)
+    right[0, -1] = 0
+
+    def state():
+        return model.prefix_cache.stats(), handle.get_seq_length(), list(handle.seqs[0].token_ids)
+
+    before = state()
+    for refused, extra in [("the attention_mask marks as padding", {"attention_mask": right, CACHE_ARG: handle}),
+                           ("holds the pad token 0", {CACHE_ARG: handle}), ("holds the pad token 0", {})]:
+        with pytest.raises(ValueError, match=f"last column, which {refused}"):
+            model.generate(ends_in_pad, **settings, **extra)
+        assert state() == before
+    holes = torch.cat([got.sequences, torch.tensor([[7, 0, 9]])], 1)
+    with pytest.raises(ValueError, match="cannot continue a past_key_values over input with padding"):
+        model.generate(holes, prompt_lookup_num_tokens=3, **settings, **{CACHE_ARG: handle})
+    assert state() == before
+    real = torch.ones_like(ends_in_pad)
+    assert_outputs_match(model.generate(ends_in_pad, attention_mask=real, **settings, **{CACHE_ARG: handle}),
+                         ref.generate(ends_in_pad, attention_mask=real, **settings, **{CACHE_ARG: want[CACHE_ARG]}))
+    model.prefix_cache.check_integrity()
+
+
+def test_a_trellis_assistant_refuses_an_input_ending_in_the_pad_token():
+    """transformers hands the assistant the whole sequence each round and infers its mask from
+    the pad id: once the main model's last accepted token is the pad id, the assistant would draft
+    from a padding column (transformers' assistant drafts from the pad token at position 0). A
+    TrellisLlama assistant refuses by name, and the main model's cache is left as it was."""
+    ref, model = tiny_pair()
+    assistant = tiny_pair(seed=1)[1]
+    first = int(ref.generate(IDS, max_new_tokens=1, do_sample=False)[0, -1])  # the main model's first token
+    assert first not in IDS[0] and first != int(assistant.generate(IDS, max_new_tokens=1, do_sample=False)[0, -1])
+    stats = model.prefix_cache.stats()
+    with pytest.raises(ValueError, match=f"holds the pad token {first}"):  # its draft rejected, the pad id accepted
+        model.generate(IDS, assistant_model=assistant, max_new_tokens=4, do_sample=False, pad_token_id=first)
+    assert model.prefix_cache.stats()["cached_blocks"] >= stats["cached_blocks"]
+    assert model.prefix_cache.stats()["live_sessions"] == assistant.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
 
 
 # --- cache copies, hidden-state gradients, output flags, checkpointing ---------------------------------

@@ -272,6 +272,8 @@ def test_grid_refuses_what_it_cannot_compute(tiny_dir):
         with pytest.raises(ValueError, match="inference only"):
             runner.model(torch.tensor([[5, 6, 7]]))
         runner.model.requires_grad_(False)
+        with pytest.raises(ValueError, match="every layer"):  # its drafts would run the other stages' layers
+            runner.model.generate(torch.tensor([[5, 6, 7, 5, 6]]), max_new_tokens=4, assistant_early_exit=1)
         out = runner.model(torch.tensor([[5, 6, 7]]))  # and still serves
         assert out.logits.shape == (1, 3, 256)
 

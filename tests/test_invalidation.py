@@ -188,13 +188,41 @@ def _norm_eps(m):
             module.variance_epsilon = 0.5
 
 
-@pytest.mark.parametrize("edit", [_scale_attention, _norm_eps, lambda m: setattr(m.config, "num_hidden_layers", 1)],
-                         ids=["attention scale", "norm eps", "layer count"])
+@pytest.mark.parametrize("edit", [_scale_attention, _norm_eps], ids=["attention scale", "norm eps"])
 def test_a_setting_the_forward_reads_drops_the_cache(edit):
     ref, model = tiny_pair()
     warm(model)
     on_both(ref, model, edit)
     assert_answers_match(ref, model)
+
+
+def _layers(m, count: int) -> None:
+    m.config.num_hidden_layers = count
+
+
+def test_a_lower_layer_count_keeps_the_cache_and_caches_nothing_it_computes():
+    """transformers' early-exit drafter lowers ``config.num_hidden_layers`` for its drafts. A
+    layer's K/V depend on the layers before it only, so the cache and live handles stay valid; the
+    lowered forward writes its layers only, so nothing it computes is cached, and a handle it
+    computed is refused to more layers, changing nothing."""
+    ref, model = tiny_pair()
+    warm(model)
+    cached = model.prefix_cache.stats()["cached_blocks"]
+    other = torch.arange(100, 130)[None]
+    with torch.no_grad():
+        live = model(IDS[:, :10])[CACHE_ARG]
+        on_both(ref, model, lambda m: _layers(m, 1))
+        assert_answers_match(ref, model)  # one layer over the full model's cached blocks
+        drafted = model(other)[CACHE_ARG]
+        assert model.prefix_cache.stats()["cached_blocks"] == cached
+        on_both(ref, model, lambda m: _layers(m, 2))
+        with pytest.raises(ValueError, match="first 1 decoder layers"):
+            model(other[:, :1], **{CACHE_ARG: drafted})
+        assert drafted.get_seq_length() == len(drafted.seqs[0].token_ids) == 30
+        want = ref(IDS).logits[:, 10:]
+        torch.testing.assert_close(model(IDS[:, 10:], **{CACHE_ARG: live}).logits, want, atol=ATOL, rtol=0)
+        assert_answers_match(ref, model, other)  # the one-layer K/V of ``other`` were never cached
+    assert model.prefix_cache.stats()["cached_blocks"] >= cached
 
 
 def test_longrope_rewriting_its_inv_freq_every_forward_keeps_the_cache():
@@ -384,6 +412,7 @@ CHANGES: dict[str, Callable] = {  # (ref, model, i): the same change on both, or
                                                 model.prefix_cache.reset()),
     "reset": lambda ref, model, i: model.prefix_cache.reset(),
     "kernel": lambda ref, model, i: model.set_linear_kernel(KERNELS[i % len(KERNELS)]),
+    "layer count": lambda ref, model, i: on_both(ref, model, lambda m: _layers(m, 1 + i % 2)),
 }
 
 

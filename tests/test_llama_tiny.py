@@ -64,6 +64,19 @@ def test_greedy_generate_matches_cold_and_warm():
     model.prefix_cache.check_integrity()
 
 
+def test_a_warm_rerun_fits_the_pool_the_cold_run_fitted():
+    """A rerun computes the answer's blocks again (the tree holds the first run's): it keeps its
+    own and leaves the tree's evictable, so it needs no more blocks than the cold run."""
+    ref, model = tiny_pair(num_blocks=30)  # 80 + 40 tokens in blocks of 4: 30 blocks
+    head = prompt(9, 30)
+    ids = torch.cat([head, head[:, :20], head], 1)
+    want = ref.generate(ids, max_new_tokens=40, do_sample=False)
+    for _ in range(2):  # cold, then warm
+        assert torch.equal(model.generate(ids, max_new_tokens=40, do_sample=False), want)
+        model.prefix_cache.check_integrity()
+    assert model.prefix_cache.stats()["hit_tokens"] == 76
+
+
 def test_left_padded_batch_matches_each_prompt_alone():
     ref, model = tiny_pair()
     prompts = [prompt(20, 9)[0], prompt(21, 14)[0], prompt(22, 5)[0]]
@@ -159,6 +172,59 @@ def test_speculative_decoding_matches_and_rolls_back_rejected_drafts(draft, monk
     if draft == "trellis_assistant":
         assert kwargs["assistant_model"].prefix_cache.stats()["live_sessions"] == 0
         kwargs["assistant_model"].prefix_cache.check_integrity()
+
+
+def test_drafts_past_the_last_position_are_computed_as_transformers_computes_them():
+    """Prompt lookup copies up to ``prompt_lookup_num_tokens`` drafts however little room the
+    generation has left, so its verifying forward runs past ``max_position_embeddings``;
+    transformers computes those columns and discards them, and so does Trellis (their K/V rolled
+    back). A forward of the caller's own past the last position is still refused."""
+    ref, model = tiny_pair(config=tiny_config(max_position_embeddings=128))
+    head = prompt(9, 40)
+    ids = torch.cat([head, head, head[:, :20]], 1)  # 100 tokens that repeat: long drafts
+    for do_sample in (False, True):
+        settings = {"max_new_tokens": 28, "do_sample": do_sample, "eos_token_id": None, "prompt_lookup_num_tokens": 10,
+                    "return_dict_in_generate": True, "output_scores": True}
+        torch.manual_seed(3)
+        want = ref.generate(ids, **settings)
+        torch.manual_seed(3)
+        got = model.generate(ids, **settings)
+        assert torch.equal(got.sequences, want.sequences) and got.sequences.shape[1] == 128
+        for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
+            torch.testing.assert_close(got_scores, want_scores, atol=ATOL, rtol=0)
+    handle = got[CACHE_ARG]
+    with pytest.raises(ValueError, match="129 tokens exceeds the model's 128 positions"):
+        model(torch.tensor([[5, 6]]), **{CACHE_ARG: handle})
+    assert len(handle.seqs[0].token_ids) == 127
+    model.prefix_cache.check_integrity()
+    # Dynamic RoPE: transformers rescales the whole forward once a position passes the limit (so its
+    # drafts change its tokens); such a draft is refused as any position past the model's.
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    _, dynamic = tiny_pair(config=tiny_config(max_position_embeddings=128, rope_parameters=rope))
+    with pytest.raises(ValueError, match="tokens exceeds the model's 128 positions"):
+        dynamic.generate(ids, **settings)
+    assert dynamic.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_early_exit_drafting_keeps_the_cache_and_live_handles():
+    """``assistant_early_exit`` drafts with the model's first layers (transformers lowers
+    ``config.num_hidden_layers`` meanwhile): the cached prefixes and a live handle stay, the drafts'
+    K/V are never cached, and the tokens are transformers'."""
+    ref, model = tiny_pair(config=tiny_config(num_hidden_layers=4))
+    head = prompt(9, 30)
+    ids = torch.cat([head, head[:, :20], head], 1)
+    first = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cached = model.prefix_cache.stats()["cached_blocks"]
+    for exit_layer in (1, 3):
+        got = model.generate(ids, max_new_tokens=20, do_sample=False, assistant_early_exit=exit_layer)
+        assert torch.equal(got, ref.generate(ids, max_new_tokens=20, do_sample=False))
+        assert model.prefix_cache.stats()["cached_blocks"] >= cached
+    want = ref.generate(first.sequences, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(first.sequences, max_new_tokens=3, do_sample=False,
+                                      **{CACHE_ARG: first[CACHE_ARG]}), want)
+    with torch.no_grad():  # a prompt over the answer's cached blocks: the full model's K/V, not a draft's
+        torch.testing.assert_close(model(got, logits_to_keep=1).logits, ref(got).logits[:, -1:], atol=ATOL, rtol=0)
+    model.prefix_cache.check_integrity()
 
 
 def test_beam_search_matches():

@@ -234,6 +234,30 @@ def test_truncate_that_cannot_get_its_copy_changes_nothing():
     m.check_integrity()
 
 
+def test_a_session_computing_blocks_the_tree_holds_pins_only_its_own():
+    """Two sessions that compute the same full block: the tree adopts the first one's; the second
+    keeps its own K/V and locks none of the tree's copy, which stays evictable (else a warm rerun
+    of a cached prompt would pin twice the blocks its cold run needed)."""
+    m = make_manager(num_blocks=8)
+    first, second = m.admit([5, 6, 7]), m.admit([5, 6, 7])  # partial blocks: neither hits
+    for seq in (first, second):
+        m.mark_computed(seq)
+        m.append(seq, [8, 9])
+        m.mark_computed(seq)
+    assert m.radix.match([5, 6, 7, 8, 0]).blocks == first.block_ids[:1] != second.block_ids[:1]
+    assert second.node is m.radix.root and second.num_committed_blocks == 0
+    m.release(first)
+    assert m.radix.evictable_blocks() == 1  # the tree's copy; second holds its own
+    assert m.radix.evict(1) == 1
+    m.append(second, [10, 11, 12])  # its next full block: the tree now adopts both of its own
+    m.mark_computed(second)
+    assert m.radix.match([5, 6, 7, 8, 9, 10, 11, 12, 0]).blocks == second.block_ids[:2]
+    assert second.num_committed_blocks == 2
+    m.check_integrity()
+    m.release(second)
+    m.check_integrity()
+
+
 def test_reset_keeps_live_sessions_valid():
     m = make_manager()
     run_session(m, list(range(9)))
@@ -354,6 +378,17 @@ class CacheMachine(RuleBasedStateMachine):
     def integrity(self):
         if self.m is not None:
             self.m.check_integrity()
+
+    @invariant()
+    def sessions_lock_only_their_own_blocks(self):
+        """A live session's locked path holds its committed blocks themselves, never the tree's
+        copies of tokens it computed again: those stay evictable."""
+        for seq in self.live if self.m is not None else ():
+            node, path = seq.node, []
+            while node is not None:
+                path[:0] = node.blocks
+                node = node.parent
+            assert path == seq.block_ids[: seq.num_committed_blocks]
 
 
 CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

@@ -207,7 +207,13 @@ class KVCacheManager:
             self.commit(seq)
 
     def commit(self, seq: PagedSequence) -> None:
-        """Insert the session's full, computed blocks into the radix tree so later prompts hit them."""
+        """Insert the session's full, computed blocks into the radix tree so later prompts hit them.
+
+        Where the tree already holds other blocks for the same tokens (another forward computed
+        them), the session keeps its own K/V and locks only the prefix whose blocks it shares with
+        the tree: the tree's copies stay evictable, so a rerun of a cached prompt never pins more
+        blocks than its first run. Its own blocks past that prefix are offered again at the next
+        commit (the tree adopts them once its copies are evicted)."""
         with self.lock:
             full = seq.num_cached // self.block_size
             if full <= seq.num_committed_blocks or not seq.shareable:
@@ -215,7 +221,7 @@ class KVCacheManager:
             node = self.radix.insert(seq.token_ids[: full * self.block_size], seq.block_ids[:full])
             self.radix.lock(node)
             self.radix.unlock(seq.node)
-            seq.node, seq.num_committed_blocks = node, full
+            seq.node, seq.num_committed_blocks = node, self.radix.depth(node)
 
     def truncate(self, seqs: Sequence[PagedSequence], lengths: Sequence[int]) -> None:
         """Roll each session back to its first ``lengths[i]`` tokens (rejected speculative drafts).

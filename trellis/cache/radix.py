@@ -87,10 +87,12 @@ class RadixCache:
         self.hit_tokens += num_hit
 
     def insert(self, tokens: Sequence[int], blocks: list[int]) -> RadixNode:
-        """Cache ``blocks`` as the K/V of ``tokens`` (whole blocks only); returns the deepest node.
+        """Cache ``blocks`` as the K/V of ``tokens`` (whole blocks only).
 
         Where the tree already holds a prefix, it keeps its own blocks and the caller keeps
         ownership of its duplicates. The tree takes one reference on each block it adopts.
+        Returns the deepest node whose path holds ``blocks`` themselves: the whole insert's end,
+        or the node before the first block the tree holds a copy of its own for.
         """
         if len(tokens) != len(blocks) * self.block_size:
             raise ValueError(
@@ -98,6 +100,7 @@ class RadixCache:
             )
         node, matched = self._walk(tokens, len(blocks))
         n = len(matched)
+        own = next((i for i, (held, given) in enumerate(zip(matched, blocks)) if held != given), n)
         if n < len(blocks):
             new_blocks = list(blocks[n:])
             child = RadixNode(node, tuple(tokens[n * self.block_size :]), new_blocks)
@@ -105,7 +108,15 @@ class RadixCache:
             node.children[self._key(child.tokens)] = child
             self.pool.incref(new_blocks)
             node = child
-        return node
+        return node if own == n else self._walk(tokens, own)[0]
+
+    def depth(self, node: RadixNode) -> int:
+        """How many blocks the path from the root to ``node`` holds."""
+        blocks = 0
+        while node is not None:
+            blocks += len(node.blocks)
+            node = node.parent
+        return blocks
 
     def _key(self, tokens: Sequence[int], start: int = 0) -> tuple[int, ...]:
         return tuple(tokens[start : start + self.block_size])

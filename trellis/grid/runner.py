@@ -86,10 +86,8 @@ class GridRunner(PagedModelRunner):
                          "ids); restart the grid with other --block-size / --num-blocks")
 
     def _new_pool(self) -> BlockPool:
-        cfg, settings = self.config, self.settings
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return CopyRecordingPool(settings.num_blocks, settings.block_size, cfg.num_hidden_layers,
-                                 cfg.num_key_value_heads, head_dim, dtype=self.model.dtype, device=self.device)
+        return CopyRecordingPool(self.settings.num_blocks, self.settings.block_size, *self.pool_geometry(),
+                                 dtype=self.model.dtype, device=self.device)
 
     @property
     def prefix_cache(self) -> KVCacheManager:
@@ -117,6 +115,9 @@ class GridRunner(PagedModelRunner):
         if self.tracks_gradients():
             raise ValueError("a grid serves inference only: run it under torch.no_grad() (gradients cannot "
                              "flow back through the other stages)")
+        if self.config.num_hidden_layers != len(self.model.model.layers):
+            raise ValueError("a grid runs every layer of the model on its stages: a forward with another "
+                             "config.num_hidden_layers (assistant_early_exit drafts with one) is not served")
         with self.lock:
             self._check_alive()
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),

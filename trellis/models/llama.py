@@ -215,6 +215,12 @@ class TrellisLlama(LlamaForCausalLM):
             if cache.manager is not manager:
                 raise RuntimeError("this past_key_values belongs to an earlier KV cache (the model's device, dtype, weights "
                                    "or cache settings changed since); start a new generation")
+            num_layers = min(self.config.num_hidden_layers, len(self.model.layers))  # what this forward runs
+            if not cache.is_empty and num_layers > cache.num_layers:
+                raise ValueError(f"this past_key_values was computed by the first {cache.num_layers} decoder layers "
+                                 "(config.num_hidden_layers was lower, as assistant_early_exit sets it for its drafts): "
+                                 f"the K/V of the other layers were never computed, so {num_layers} layers cannot "
+                                 "continue it; start a new generation")
             real = self._padding_mask(attention_mask, num_cols)  # [B, S] bool, None if nothing is padding
             _check_labels_after_padding(labels, real)
             keep_cols = self._logit_columns(logits_to_keep, num_cols, inputs.device)  # [K]
@@ -228,7 +234,7 @@ class TrellisLlama(LlamaForCausalLM):
                 embeds = inputs_embeds.flatten(0, 1) if real is None else inputs_embeds[real]  # [T, H], packed
             fresh = cache.is_empty
             past = [0] * num_rows if fresh else [len(seq.token_ids) for seq in cache.seqs]
-            runner.check_positions(max((p + len(r) for p, r in zip(past, rows)), default=0))
+            runner.check_positions(max((p + n for p, n in zip(past, self._kept_tokens(rows, real, cache))), default=0))
             positions = self._caller_positions(position_ids, real, past, num_rows, num_cols)
             reusable = None
             if fresh:
@@ -237,6 +243,7 @@ class TrellisLlama(LlamaForCausalLM):
                 reusable = [first_kept] * num_rows if real is None else real[:, :first_kept].sum(1).tolist()
             step = runner.forward_rows(manager, cache.seqs, rows, reusable, positions=positions, inputs_embeds=embeds,
                                        output_hidden_states=output_hidden_states, **kwargs)
+            cache.num_layers = num_layers if fresh else min(cache.num_layers, num_layers)
             skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in cache.seqs], device=inputs.device)
             cache.seen_columns += num_cols
             logits = runner.unpack(step.hidden, step.batch, real, keep_cols, skipped, runner.logits)
@@ -281,6 +288,16 @@ class TrellisLlama(LlamaForCausalLM):
         return inputs
 
     @staticmethod
+    def _kept_tokens(rows: list[list[int]], real: torch.Tensor | None, cache: PagedKVCache) -> list[int]:
+        """How many of each row's new tokens must fit the model's positions: all of them, but
+        those in the columns from which ``generate()`` discards what is computed (drafts past its
+        max_length, ``cache.discard_from``)."""
+        if cache.discard_from is None:
+            return [len(row) for row in rows]
+        kept_cols = max(cache.discard_from - cache.seen_columns, 0)
+        return [min(len(row), kept_cols) for row in rows] if real is None else real[:, :kept_cols].sum(1).tolist()
+
+    @staticmethod
     def _caller_positions(position_ids: torch.Tensor | None, real: torch.Tensor | None, past: list[int],
                           num_rows: int, num_cols: int) -> list[list[int]] | None:
         """The caller's positions of each row's real tokens, or None where they are Trellis' own
@@ -323,20 +340,68 @@ class TrellisLlama(LlamaForCausalLM):
         if implementation is not None and self.config._attn_implementation == ATTN_IMPLEMENTATION and use_cache:
             raise ValueError(f"TrellisLlama keeps its K/V in the paged prefix cache, not in a {implementation!r} cache; "
                              "drop cache_implementation, or load the model with attn_implementation='sdpa'")
-        if (self.config._attn_implementation != ATTN_IMPLEMENTATION or not use_cache
-                or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None):
+        if self.config._attn_implementation != ATTN_IMPLEMENTATION:
             return super().generate(inputs, generation_config, **kwargs)
         self._check_generation_inputs(inputs if inputs is not None else kwargs.get("input_ids"),
                                       kwargs.get("attention_mask"), generation_config, kwargs)
+        given = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        num_layers = self.config.num_hidden_layers
+        # The whole call holds the lock: transformers' early-exit drafter lowers the layer count for
+        # a while, which no other thread's forward may see.
         with self.runner.lock:
-            cache = PagedKVCache(self.prefix_cache)
+            own = PagedKVCache(self.prefix_cache) if given is None and use_cache else None
             result = None
             try:
-                result = super().generate(inputs, generation_config, **{CACHE_ARG: cache}, **kwargs)
+                result = super().generate(inputs, generation_config, **kwargs,
+                                          **({CACHE_ARG: own} if own is not None else {}))
                 return result
             finally:
-                if getattr(result, CACHE_ARG, None) is not cache:
-                    cache.release()
+                self.config.num_hidden_layers = num_layers  # the drafter restores it only when its draft succeeds
+                for cache in (own, given):
+                    if isinstance(cache, PagedKVCache):
+                        cache.discard_from = None
+                if own is not None and getattr(result, CACHE_ARG, None) is not own:
+                    own.release()
+
+    def _prepare_attention_mask_for_generation(self, inputs_tensor: torch.Tensor, generation_config,
+                                               model_kwargs: dict) -> torch.Tensor:
+        """The mask ``generate()`` infers when none is given: ``input_ids != pad_token_id`` where the
+        pad id occurs in the input and is no EOS id. A row that then ends with padding is refused,
+        as an explicit right-padded mask is (``_check_generation_inputs``)."""
+        mask = super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
+        if self.config._attn_implementation == ATTN_IMPLEMENTATION:
+            _refuse_right_padding(mask, f"holds the pad token {generation_config.pad_token_id}, which generate() takes "
+                                        "for padding (it infers attention_mask = input_ids != pad_token_id)",
+                                  "pass an attention_mask that marks it as a real token")
+        return mask
+
+    def _get_candidate_generator(self, generation_config, input_ids: torch.Tensor, inputs_tensor: torch.Tensor,
+                                 logits_processor, model_kwargs: dict, *args, **kwargs):
+        """transformers' drafter for assisted, prompt-lookup and early-exit decoding, made as its
+        loop starts over ``model_kwargs``' cache handle.
+
+        Its drafts may run past the generation's ``max_length`` (prompt lookup copies what follows
+        a match, however little room is left) and ``generate()`` discards those columns' logits and
+        K/V. The handle is told where the generation ends, so the verifying forward computes them
+        as transformers does (RoPE goes on past ``max_position_embeddings``) instead of refusing
+        positions the answer never uses; not with dynamic RoPE, which transformers rescales for the
+        whole forward when a position passes the limit.
+
+        Refused: a handle that already holds tokens, under a mask with padding. transformers' first
+        assisted forward runs the whole input again over the cache, and its mask then no longer
+        lines up with the K/V (holes fall on other tokens): not an answer Trellis can give."""
+        cache = model_kwargs.get(CACHE_ARG)
+        if isinstance(cache, PagedKVCache):
+            mask = model_kwargs.get("attention_mask")  # generate() drops an all-ones mask
+            if not cache.is_empty and mask is not None and not bool(mask.all()):
+                raise ValueError("assisted or prompt-lookup decoding cannot continue a past_key_values over input "
+                                 "with padding (zeros in attention_mask, or pad_token_id inside input_ids): "
+                                 "transformers runs its first forward over the whole input again and its mask then "
+                                 "masks other tokens; continue without drafts, or start from no past_key_values")
+            if "dynamic" not in self.model.rotary_emb.rope_type:
+                cache.discard_from = generation_config.max_length
+        return super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
+                                                model_kwargs, *args, **kwargs)
 
     def _generation_setting(self, name: str, generation_config, kwargs: dict):
         """A generation setting as ``generate()`` resolves it: the call's keyword, else the config
@@ -367,10 +432,8 @@ class TrellisLlama(LlamaForCausalLM):
                 name = "input_ids" if input_ids is not None else "inputs_embeds"
                 raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match {name} of shape "
                                  f"{tuple(prompt.shape[:2])}")
-            if bool(((attention_mask[:, -1] == 0) & (attention_mask.sum(1) > 0)).any()):
-                raise ValueError("the attention_mask pads some rows on the right: generate() would continue those rows "
-                                 "from a padding column (transformers warns and gives other tokens); pad on the left "
-                                 "(tokenizer.padding_side = 'left')")
+            _refuse_right_padding(attention_mask, "the attention_mask marks as padding",
+                                  "pad on the left (tokenizer.padding_side = 'left')")
         longest = int(attention_mask.sum(1).max()) if attention_mask is not None else prompt.shape[1]
         max_new = self._generation_setting("max_new_tokens", generation_config, kwargs)
         if max_new is not None:
@@ -395,6 +458,17 @@ class TrellisLlama(LlamaForCausalLM):
 
         return generate_batch(self, inputs, generation_config, continuous_batching_config, record_timestamps,
                               progress_bar, **kwargs)
+
+
+def _refuse_right_padding(attention_mask: torch.Tensor, cause: str, remedy: str) -> None:
+    """Refuse a generation whose rows end with padding (``attention_mask`` ``[B, S]``, 0 at
+    padding): ``generate()`` continues each row from its last column, whose logits transformers
+    computes from the pad token (and warns), while Trellis computes no padding. ``cause`` says why
+    the last column is padding, ``remedy`` what to do instead."""
+    if bool(((attention_mask[:, -1] == 0) & (attention_mask.sum(1) > 0)).any()):
+        raise ValueError(f"generate() would continue a row from its last column, which {cause}: transformers computes "
+                         f"that column from the pad token (and warns of right padding), Trellis computes no padding; "
+                         f"{remedy}")
 
 
 def _check_labels_after_padding(labels: torch.Tensor | None, real: torch.Tensor | None) -> None:

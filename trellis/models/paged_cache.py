@@ -55,6 +55,12 @@ class PagedKVCache(Cache):
         self.manager = manager
         self.seqs: list[PagedSequence] = []
         self.seen_columns = 0  # width of the (padded) inputs consumed so far, as transformers counts
+        # The fewest decoder layers a forward over these sessions ran (None before the first): while
+        # config.num_hidden_layers is lowered (an early-exit drafter) the later layers' K/V stay unwritten.
+        self.num_layers: int | None = None
+        # Set by generate() while it runs assisted decoding: the column (its max_length) from which
+        # it discards whatever a forward computes; drafts past it need not fit the model's positions.
+        self.discard_from: int | None = None
         # The finalizer only queues the release: it may run inside another cache operation.
         self._finalizer = weakref.finalize(self, manager.release_later, self.seqs)
 
@@ -75,7 +81,7 @@ class PagedKVCache(Cache):
         copy = PagedKVCache(self.manager)
         with self.manager.lock:
             copy.seqs.extend(self.manager.fork(seq) for seq in self.seqs)
-        copy.seen_columns = self.seen_columns
+        copy.seen_columns, copy.num_layers = self.seen_columns, self.num_layers
         return copy
 
     def release(self) -> None:

@@ -180,10 +180,17 @@ class PagedModelRunner:
         cpu_linear.drop_packed(self.model)
         self.weights_watcher.forget()
 
-    def _new_pool(self) -> BlockPool:
-        cfg, settings = self.config, self.settings
+    def pool_geometry(self) -> tuple[int, int, int]:
+        """The pool's layers, KV heads and head dim. Every decoder layer, whatever
+        ``config.num_hidden_layers`` says now: a forward runs the first that many (an early-exit
+        drafter lowers it for a while), never more than the model has."""
+        cfg = self.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        geometry = (cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim)
+        return len(self.model.model.layers), cfg.num_key_value_heads, head_dim
+
+    def _new_pool(self) -> BlockPool:
+        settings = self.settings
+        geometry = self.pool_geometry()
         num_blocks = settings.num_blocks
         if num_blocks is None:
             budget = settings.kv_cache_memory or default_kv_cache_memory(self.device)
@@ -221,11 +228,19 @@ class PagedModelRunner:
         radix cache. Sequence ``i``'s new tokens sit at positions ``positions[i]`` (default: right
         after its computed ones) and are embedded by the model, or taken from ``inputs_embeds``
         (``[T, H]``, packed). ``kwargs`` go to transformers' decoder (``output_hidden_states``).
+
+        A forward that runs fewer layers than the pool holds (``config.num_hidden_layers``
+        lowered, as transformers' early-exit drafter does) writes the K/V of those layers only:
+        its sessions are never cached. What they took from the cache stays right for them (a
+        layer's K/V depend on the layers before it only).
         """
         if self.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(f"the model runs {self.config._attn_implementation!r} attention, not the paged "
                                f"{ATTN_IMPLEMENTATION!r} one; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
         with self.lock:
+            if self.config.num_hidden_layers < len(manager.pool.layers):
+                for seq in seqs:
+                    seq.shareable = False
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
                                 positions)
             out = run_decoder(self.model, batch, inputs_embeds, **kwargs)

@@ -10,7 +10,8 @@ decode step). ``state()`` changes when
   (``p.data = ...``): its data pointer moves, or the storage it had is freed (below);
 - a module, parameter or buffer is registered into the model (modules added, moved, removed);
 - a setting a forward reads changes: an RMSNorm's eps, attention's scale, the rotary scaling and
-  type, and the config fields the layers and the pool are shaped by (``_CONFIG_FIELDS``);
+  type, and the config fields the layers and the pool are shaped by (``_CONFIG_FIELDS``; not the
+  layer count, which decides how many layers run, not what any of them computes);
 - a PEFT adapter is switched, enabled, disabled, merged, unmerged or rescaled (``set_scale``).
 
 Storage identity. ``(data_ptr, _version)`` alone is none: ``p.data = p.data * 3;
@@ -48,10 +49,13 @@ import torch
 # built model: RMSNorm's eps, attention's softmax scale, the rotary embedding's scaling and type.
 # (peft's LoRA layers keep their per-adapter scales in a ``scaling`` dict; see ``_adapter_state``.)
 _MODULE_SETTINGS = ("variance_epsilon", "scaling", "attention_scaling", "rope_type")
-# Config fields the layers and the KV pool are shaped by; transformers also reads the layer count
-# and LongRoPE's parameters at every forward. A change means another model than the K/V came from.
-_CONFIG_FIELDS = ("rope_parameters", "head_dim", "rms_norm_eps", "num_hidden_layers", "hidden_act",
-                  "hidden_size", "num_attention_heads", "num_key_value_heads")
+# Config fields the layers and the KV pool are shaped by; transformers also reads LongRoPE's
+# parameters at every forward. A change means another model than the K/V came from. Not the layer
+# count: a forward runs the first ``num_hidden_layers`` layers, and a layer's K/V depend on the
+# layers before it only, so a lower count (transformers' early-exit drafter sets one) leaves every
+# cached K/V valid; the runner never caches what such a forward computes (``PagedModelRunner.forward``).
+_CONFIG_FIELDS = ("rope_parameters", "head_dim", "rms_norm_eps", "hidden_act", "hidden_size",
+                  "num_attention_heads", "num_key_value_heads")
 
 _data_ptr: Callable[[torch.Tensor], int] = torch.Tensor.data_ptr
 _version: Callable[[torch.Tensor], int] = operator.attrgetter("_version")
