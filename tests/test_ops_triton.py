@@ -5,6 +5,8 @@ Without a GPU the launchers run on CPU tensors in Triton's interpreter (``confte
 8k-token decode and ``opcheck``. Both through ``ops.paged_attention(..., backend="triton")``.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -93,6 +95,51 @@ def test_store_kv_from_strided_views():
     k_expected, v_expected = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     ops.store_kv(k, v, k_expected, v_expected, slots, backend="reference")
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+def test_kernels_launch_inside_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every launch runs under
+    launch_device(the tensors' device), which makes a CUDA device current and is nothing on CPU."""
+    made_current = triton_backend.launch_device(torch.device("cuda", 1))
+    assert isinstance(made_current, torch.cuda.device) and made_current.idx == 1
+    assert isinstance(triton_backend.launch_device(torch.device("cpu")), contextlib.nullcontext)
+    current: list[torch.device] = []  # what the fake made current, while it is
+
+    @contextlib.contextmanager
+    def fake_launch_device(device: torch.device):
+        current.append(device)
+        yield
+        current.pop()
+
+    launches = []
+
+    def recorded(name: str, real):
+        def launch(*arguments, **options):
+            launches.append((name, list(current)))
+            return real(*arguments, **options)
+        return launch
+
+    for name in ("store_kv_rows", "decode_attention", "extend_attention"):
+        monkeypatch.setattr(triton_backend, name, recorded(name, getattr(triton_backend, name)))
+    monkeypatch.setattr(triton_backend, "launch_device", fake_launch_device)
+    device = torch.device(DEVICE)
+    for shape in ("decode", "mixed"):
+        case = make_case(*SHAPES[shape], block_size=16)
+        assert_matches_oracle(triton_attention(case), case)
+    k = torch.randn(3, 2, 16, device=device)
+    k_cache = torch.zeros(4, 4, 2, 16, device=device)
+    triton_backend.store_kv(k, k, k_cache, torch.zeros_like(k_cache), torch.tensor([0, 5, 9], device=device))
+    assert launches == [("decode_attention", [device]), ("extend_attention", [device]), ("store_kv_rows", [device])]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_a_device_that_is_not_current():
+    with torch.cuda.device(0):
+        for shape in ("decode", "mixed"):
+            case = make_case(*SHAPES[shape], block_size=16).to("cuda:1")
+            out = torch.zeros_like(case.q)
+            ops.paged_attention(*args(case), out=out, backend="triton")
+            assert_matches_oracle(out.cpu(), case.to("cpu"))
 
 
 def test_bad_arguments_name_the_problem():
