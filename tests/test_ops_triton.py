@@ -6,6 +6,7 @@ Without a GPU the launchers run on CPU tensors in Triton's interpreter (``confte
 """
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -164,6 +165,17 @@ def test_interpreter_refuses_bf16():
     case = make_case([1], [5], dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="no bf16"):
         triton_backend.paged_attention(*args(case), torch.empty_like(case.q))
+
+
+def test_interpreter_switch_read_without_triton_knobs(monkeypatch):
+    """Triton 3.2 and 3.3 have no triton.knobs: there TRITON_INTERPRET itself is the switch."""
+    import triton
+
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)  # `from triton import knobs` raises ImportError
+    for value, interpreting in (("1", True), ("0", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_backend.interpreting() is interpreting
 
 
 def test_load_registers_only_with_cuda():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from types import SimpleNamespace
 
 import torch
@@ -30,16 +31,26 @@ from trellis.ops.checks import check_paged_attention, check_plan, check_store_kv
 from trellis.utils import cdiv
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton defines kernels interpreted (``TRITON_INTERPRET=1``). ``triton.knobs`` holds the
+    setting from Triton 3.4 on; 3.2 and 3.3 read the variable itself when a kernel is defined."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
 INTERPRETED = False
 if HAS_TRITON:
-    from triton import knobs
-
     from trellis.ops.triton.decode import decode_attention
     from trellis.ops.triton.extend import extend_attention
     from trellis.ops.triton.store import store_kv_rows
 
     # Triton picks compiled or interpreted kernels when they are defined, i.e. just above.
-    INTERPRETED = knobs.runtime.interpret
+    INTERPRETED = interpreting()
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 32  # the merge kernel holds [splits, D] partials in registers
