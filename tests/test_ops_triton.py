@@ -17,6 +17,7 @@ from tests.attention_cases import SHAPES as COMMON_SHAPES
 from tests.attention_cases import PagedCase, make_case, naive_attention, tolerance
 from trellis import ops
 from trellis.ops import triton as triton_backend
+from trellis.ops.triton import decode
 from trellis.ops.triton.decode import decode_attention
 
 CUDA = torch.cuda.is_available()
@@ -82,6 +83,43 @@ def test_split_k_decode(num_splits):
     out = torch.empty_like(case.q)
     decode_attention(*args(case), out, num_splits=num_splits)
     assert_matches_oracle(out.cpu(), case.to("cpu"))
+
+
+# The opt-in shared memory per program: sm_86/sm_89 (RTX 30/40, L4, L40), sm_80 (A100), sm_90 (H100, H200).
+SHARED_LIMITS = {"sm_86": 101_376, "sm_80": 166_912, "sm_90": 232_448}
+
+
+@pytest.mark.parametrize("gpu", SHARED_LIMITS)
+def test_decode_tiles_fit_the_shared_memory(gpu):
+    """Every head dim, dtype size and GQA group gets tiles whose shared memory fits the GPU, the
+    key tile never below tl.dot's 16; what fits already keeps the whole group and _TILES' tile."""
+    limit = SHARED_LIMITS[gpu]
+    for element_size in (2, 4):
+        for head_dim in (16, 32, 64, 128, 256):
+            for group in (1, 3, 8, 32, 48, 64, 128):
+                heads, tile_n, _ = decode.decode_tiles(element_size, head_dim, group, limit)
+                whole = decode.decode_tiles(element_size, head_dim, group, None)
+                assert decode.shared_bytes(element_size, head_dim, heads, tile_n) + decode._SHARED_SCRATCH <= limit
+                assert tile_n >= 16 and heads >= 16 and heads & (heads - 1) == 0
+                if decode.shared_bytes(element_size, head_dim, *whole[:2]) + decode._SHARED_SCRATCH <= limit:
+                    assert (heads, tile_n) == whole[:2]
+    # fp32, head dim 256, a group of 64: 102,720 bytes as one program (Triton's count), over sm_86's 101,376
+    assert decode.decode_tiles(4, 256, 64, SHARED_LIMITS["sm_86"]) == (32, 16, 8)
+    assert decode.decode_tiles(4, 256, 64, SHARED_LIMITS["sm_90"]) == (64, 16, 8)
+
+
+@pytest.mark.parametrize("shared_limit", [14_000, 10_000])
+def test_decode_splits_a_group_over_programs_where_shared_memory_is_short(monkeypatch, shared_limit):
+    """Groups of 48 query heads (two KV heads) cut into programs of 32 or 16 heads, the last one
+    part padding, give the oracle's answer."""
+    monkeypatch.setattr(decode, "shared_memory_limit", lambda device: shared_limit)
+    heads, _, _ = decode.decode_tiles(4, 32, 48, shared_limit)
+    assert heads == {14_000: 32, 10_000: 16}[shared_limit]
+    case = make_case([1, 1, 1], [300, 7, 129], num_q_heads=96, num_kv_heads=2, head_dim=32, block_size=16).to(DEVICE)
+    for num_splits in (1, 3):
+        out = torch.empty_like(case.q)
+        decode_attention(*args(case), out, num_splits=num_splits)
+        assert_matches_oracle(out.cpu(), case.to("cpu"))
 
 
 def test_store_kv_from_strided_views():

@@ -9,7 +9,8 @@ bf16 arithmetic: fp16/fp32 there). (``import triton`` in these modules is the Tr
 imports are absolute.)
 
 Supported: fp16, bf16, fp32; head dim a power of two from 16 to 256; any block size (tiles
-gather keys across blocks); any GQA group (padded to 16 query heads inside the decode kernel).
+gather keys across blocks); any GQA group (padded to 16 query heads inside the decode kernel, and
+split over programs where the GPU's shared memory is short: ``decode.decode_tiles``).
 
 The launches need two host numbers: the longest query (1 routes to the split-K decode kernel,
 more to the extend kernel, whose grid it sizes) and the number of decode splits (from the
