@@ -3,6 +3,8 @@
 # idempotent: a second run reuses it.
 # `make gpu-check` runs on a CUDA machine with no network and no .venv: the machine's own Python
 # (GPU_PYTHON), torch, Triton and transformers, Trellis from this checkout (docs/testing.md).
+# Where make is absent (a device machine), call the script; the report and each step's log land in $OUT:
+#   TRELLIS_COMMIT=<commit> python3 scripts/gpu_check.py --json "$OUT/gpu_check.json"
 PYTHON ?= python3
 GPU_PYTHON ?= python3
 VENV := .venv

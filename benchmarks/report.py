@@ -407,6 +407,15 @@ def gpu_check_table(data: dict) -> str:
     if tests:
         parts.append(f"CUDA tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
                      f"{tests['skipped']} skipped" + (f": {', '.join(tests['failed'])}." if tests["failed"] else "."))
+    parity = steps.get("parity", {}).get("result")
+    if parity:
+        rows = [[dtype, *(f"{r[f'{name}_error']:.2e} ({r[f'{name}_sdpa_error']:.2e})" for name in ("cold", "decode", "hit")),
+                 str(r["reused_tokens"]), "yes" if r["greedy_equal"] else "no", "yes" if r["sampling_reproducible"] else "no",
+                 "passed" if r["ok"] else "FAILED"] for dtype, r in parity["dtypes"].items()]
+        parts.append(f"Model parity on {parity['device']} (scripts/gpu_parity.py): Trellis' largest logit error against "
+                     "fp32 sdpa, sdpa's own in brackets.\n\n" + table(
+                         ["dtype", "cold", "decode", "cache hit", "reused tokens", "greedy equal", "sampling reproducible",
+                          "outcome"], rows))
     if steps.get("kernels", {}).get("result"):
         parts.append(kernels_table(steps["kernels"]["result"]))
     if steps.get("e2e", {}).get("result"):

@@ -11,6 +11,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
+from trellis.engine import sampling
 from trellis.engine.engine import Engine
 from trellis.engine.sampling import MIN_TEMPERATURE, SamplingParams, filter_logits, sample
 
@@ -123,6 +124,24 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
                                      continuous_batching_config=ContinuousBatchingConfig(seed=11 + i))
         assert alone["req_0"].generated_tokens == first[f"req_{i}"].generated_tokens
     model.prefix_cache.check_integrity()
+
+
+def test_a_model_on_mps_draws_its_tokens_on_the_cpu(monkeypatch):
+    """MPS's multinomial returns tokens of probability zero (pytorch/pytorch#192577): an MPS model's
+    sessions get CPU generators, seeded as on a CPU model, and sample() draws where they are."""
+    mps = torch.device("mps")
+    params = SamplingParams(do_sample=True, seed=7)
+    generator = params.make_generator(mps)  # no MPS device is needed to make it: it is a CPU one
+    assert generator.device == torch.device("cpu")
+    assert torch.equal(torch.rand(8, generator=generator), torch.rand(8, generator=params.make_generator(
+        torch.device("cpu"))))
+    assert sampling.draw_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    generators = [params.make_generator(mps), params.make_generator(mps)]
+    asked = []  # sample() draws on draw_device of the logits' device
+    monkeypatch.setattr(sampling, "draw_device", lambda device: asked.append(device) or torch.device("cpu"))
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))  # [B, V]
+    sample(logits, [params, params], generators)
+    assert asked == [logits.device]
 
 
 def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -23,7 +23,15 @@ from trellis import Engine, SamplingParams, cli
 from trellis.cache.manager import KVCacheManager
 from trellis.cli import SYSTEM_PROMPT
 from trellis.eval.scoring import score_continuations
-from trellis.grid import GridError, GridOptions, LocalGrid, parse_layers, shared_host_environment, split_by_memory
+from trellis.grid import (
+    GridError,
+    GridOptions,
+    LocalGrid,
+    devices,
+    parse_layers,
+    shared_host_environment,
+    split_by_memory,
+)
 from trellis.grid.launch import SHARED_HOST_SPIN_COUNT
 from trellis.grid.transport import StepPlan
 from trellis.models.llama import TrellisLlama
@@ -246,7 +254,8 @@ def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):
 @pytest.mark.parametrize(("override", "message"), [
     ({"block_size": 0}, "block_size must be a power of two"), ({"micro_batches": -1}, "micro_batches"),
     ({"micro_batches": 0}, "micro_batches"), ({"threads": 0}, "threads"), ({"step_timeout": -5}, "step_timeout"),
-    ({"num_blocks": 0}, "num_blocks")])
+    ({"num_blocks": 0}, "num_blocks"), ({"device": "mps"}, "cannot run on MPS.*gloo"),
+    ({"device": "gpu"}, "--device 'gpu' names no device")])
 def test_bad_options_are_refused_before_any_stage_starts(tiny_dir, override, message):
     with pytest.raises(ValueError, match=message):
         options(tiny_dir, **override)
@@ -260,6 +269,42 @@ def test_more_stages_than_layers_or_bad_layers_are_refused_before_any_stage_star
     with pytest.raises(ValueError, match=message):
         grid.__enter__()
     assert grid.processes == []
+
+
+@pytest.fixture
+def two_gpus(monkeypatch) -> list[torch.device]:
+    """A pretend machine with two CUDA devices; the devices made current, in order."""
+    made_current = []
+    monkeypatch.setattr(devices, "resolve_device", torch.device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    return made_current
+
+
+def test_a_cuda_stage_runs_on_its_own_gpu(two_gpus, monkeypatch):
+    """LOCAL_RANK picks the GPU of a plain --device cuda; a named one is made current too; one that
+    is not there is refused by name."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert devices.stage_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert devices.stage_device("cuda") == torch.device("cuda", 1)
+    assert devices.stage_device("cuda:0") == torch.device("cuda", 0)
+    assert two_gpus == [torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda", 0)]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="would run on cuda:2 .*this machine has 2 CUDA devices"):
+        devices.stage_device("cuda")
+    assert devices.stage_device("cpu") == torch.device("cpu") and len(two_gpus) == 3
+
+
+@pytest.mark.parametrize(("device", "stages", "message"), [
+    ("cuda", 3, "3 stages on CUDA need a GPU each, and this machine has 2"),
+    ("cuda:1", 2, "would put all 2 stages on one GPU")])
+def test_local_cuda_stages_without_a_gpu_each_are_refused_before_any_stage_starts(
+        tiny_dir, two_gpus, device, stages, message):
+    grid = LocalGrid(options(tiny_dir, device=device), stages=stages)
+    with pytest.raises(ValueError, match=message):
+        grid.__enter__()
+    assert grid.processes == [] and two_gpus == []
 
 
 def test_grid_refuses_what_it_cannot_compute(tiny_dir):
@@ -287,6 +332,7 @@ def test_stages_sharing_the_machine_spin_briefly(tiny_dir, monkeypatch):
     with grid, open(f"/proc/{grid.processes[0].pid}/environ", "rb") as environ:
         stage_env = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
     assert stage_env[b"GOMP_SPINCOUNT"] == os.environ.get("GOMP_SPINCOUNT", SHARED_HOST_SPIN_COUNT).encode()
+    assert stage_env[b"LOCAL_RANK"] == b"1"  # its GPU under --device cuda: cuda:1
     # `trellis grid ... --stages N` starts again with the short spin (libgomp read the setting at load).
     calls = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))

@@ -5,6 +5,9 @@ Without a GPU the launchers run on CPU tensors in Triton's interpreter (``confte
 8k-token decode and ``opcheck``. Both through ``ops.paged_attention(..., backend="triton")``.
 """
 
+import contextlib
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from tests.attention_cases import SHAPES as COMMON_SHAPES
 from tests.attention_cases import PagedCase, make_case, naive_attention, tolerance
 from trellis import ops
 from trellis.ops import triton as triton_backend
+from trellis.ops.triton import decode
 from trellis.ops.triton.decode import decode_attention
 
 CUDA = torch.cuda.is_available()
@@ -81,6 +85,43 @@ def test_split_k_decode(num_splits):
     assert_matches_oracle(out.cpu(), case.to("cpu"))
 
 
+# The opt-in shared memory per program: sm_86/sm_89 (RTX 30/40, L4, L40), sm_80 (A100), sm_90 (H100, H200).
+SHARED_LIMITS = {"sm_86": 101_376, "sm_80": 166_912, "sm_90": 232_448}
+
+
+@pytest.mark.parametrize("gpu", SHARED_LIMITS)
+def test_decode_tiles_fit_the_shared_memory(gpu):
+    """Every head dim, dtype size and GQA group gets tiles whose shared memory fits the GPU, the
+    key tile never below tl.dot's 16; what fits already keeps the whole group and _TILES' tile."""
+    limit = SHARED_LIMITS[gpu]
+    for element_size in (2, 4):
+        for head_dim in (16, 32, 64, 128, 256):
+            for group in (1, 3, 8, 32, 48, 64, 128):
+                heads, tile_n, _ = decode.decode_tiles(element_size, head_dim, group, limit)
+                whole = decode.decode_tiles(element_size, head_dim, group, None)
+                assert decode.shared_bytes(element_size, head_dim, heads, tile_n) + decode._SHARED_SCRATCH <= limit
+                assert tile_n >= 16 and heads >= 16 and heads & (heads - 1) == 0
+                if decode.shared_bytes(element_size, head_dim, *whole[:2]) + decode._SHARED_SCRATCH <= limit:
+                    assert (heads, tile_n) == whole[:2]
+    # fp32, head dim 256, a group of 64: 102,720 bytes as one program (Triton's count), over sm_86's 101,376
+    assert decode.decode_tiles(4, 256, 64, SHARED_LIMITS["sm_86"]) == (32, 16, 8)
+    assert decode.decode_tiles(4, 256, 64, SHARED_LIMITS["sm_90"]) == (64, 16, 8)
+
+
+@pytest.mark.parametrize("shared_limit", [14_000, 10_000])
+def test_decode_splits_a_group_over_programs_where_shared_memory_is_short(monkeypatch, shared_limit):
+    """Groups of 48 query heads (two KV heads) cut into programs of 32 or 16 heads, the last one
+    part padding, give the oracle's answer."""
+    monkeypatch.setattr(decode, "shared_memory_limit", lambda device: shared_limit)
+    heads, _, _ = decode.decode_tiles(4, 32, 48, shared_limit)
+    assert heads == {14_000: 32, 10_000: 16}[shared_limit]
+    case = make_case([1, 1, 1], [300, 7, 129], num_q_heads=96, num_kv_heads=2, head_dim=32, block_size=16).to(DEVICE)
+    for num_splits in (1, 3):
+        out = torch.empty_like(case.q)
+        decode_attention(*args(case), out, num_splits=num_splits)
+        assert_matches_oracle(out.cpu(), case.to("cpu"))
+
+
 def test_store_kv_from_strided_views():
     num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 3, 16
     k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.float16, device=DEVICE)
@@ -93,6 +134,51 @@ def test_store_kv_from_strided_views():
     k_expected, v_expected = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     ops.store_kv(k, v, k_expected, v_expected, slots, backend="reference")
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+def test_kernels_launch_inside_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every launch runs under
+    launch_device(the tensors' device), which makes a CUDA device current and is nothing on CPU."""
+    made_current = triton_backend.launch_device(torch.device("cuda", 1))
+    assert isinstance(made_current, torch.cuda.device) and made_current.idx == 1
+    assert isinstance(triton_backend.launch_device(torch.device("cpu")), contextlib.nullcontext)
+    current: list[torch.device] = []  # what the fake made current, while it is
+
+    @contextlib.contextmanager
+    def fake_launch_device(device: torch.device):
+        current.append(device)
+        yield
+        current.pop()
+
+    launches = []
+
+    def recorded(name: str, real):
+        def launch(*arguments, **options):
+            launches.append((name, list(current)))
+            return real(*arguments, **options)
+        return launch
+
+    for name in ("store_kv_rows", "decode_attention", "extend_attention"):
+        monkeypatch.setattr(triton_backend, name, recorded(name, getattr(triton_backend, name)))
+    monkeypatch.setattr(triton_backend, "launch_device", fake_launch_device)
+    device = torch.device(DEVICE)
+    for shape in ("decode", "mixed"):
+        case = make_case(*SHAPES[shape], block_size=16)
+        assert_matches_oracle(triton_attention(case), case)
+    k = torch.randn(3, 2, 16, device=device)
+    k_cache = torch.zeros(4, 4, 2, 16, device=device)
+    triton_backend.store_kv(k, k, k_cache, torch.zeros_like(k_cache), torch.tensor([0, 5, 9], device=device))
+    assert launches == [("decode_attention", [device]), ("extend_attention", [device]), ("store_kv_rows", [device])]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_a_device_that_is_not_current():
+    with torch.cuda.device(0):
+        for shape in ("decode", "mixed"):
+            case = make_case(*SHAPES[shape], block_size=16).to("cuda:1")
+            out = torch.zeros_like(case.q)
+            ops.paged_attention(*args(case), out=out, backend="triton")
+            assert_matches_oracle(out.cpu(), case.to("cpu"))
 
 
 def test_bad_arguments_name_the_problem():
@@ -117,6 +203,17 @@ def test_interpreter_refuses_bf16():
     case = make_case([1], [5], dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="no bf16"):
         triton_backend.paged_attention(*args(case), torch.empty_like(case.q))
+
+
+def test_interpreter_switch_read_without_triton_knobs(monkeypatch):
+    """Triton 3.2 and 3.3 have no triton.knobs: there TRITON_INTERPRET itself is the switch."""
+    import triton
+
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)  # `from triton import knobs` raises ImportError
+    for value, interpreting in (("1", True), ("0", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_backend.interpreting() is interpreting
 
 
 def test_load_registers_only_with_cuda():

@@ -97,6 +97,23 @@ def test_attention_kernels_that_cannot_take_the_dtype_are_refused_at_load(tmp_pa
             TrellisLlama.from_pretrained(tmp_path, device="cuda")
 
 
+def test_a_device_map_over_several_devices_is_refused_at_load(tmp_path):
+    """The KV pool lives on the model's one device: layers placed elsewhere (another GPU, the CPU
+    beside a GPU, or disk) would fail at their first forward, so such a map is refused by name."""
+    _, model = tiny_pair()
+    model.save_pretrained(tmp_path / "model")
+    split = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+             "lm_head": "disk"}
+    with pytest.raises(ValueError, match=r"places the model on cpu and disk \(cpu: model.embed_tokens, model.layers, "
+                                         r"model.norm, ...; disk: lm_head\)"):
+        TrellisLlama.from_pretrained(tmp_path / "model", device_map=split)
+    with pytest.raises(ValueError, match="places the model on cpu and disk"):  # "auto" placed it so
+        TrellisLlama.from_pretrained(tmp_path / "model", device_map="auto", max_memory={"cpu": 300_000},
+                                     offload_folder=tmp_path / "offload")
+    one = TrellisLlama.from_pretrained(tmp_path / "model", device_map={"": "cpu"})
+    assert one.device == torch.device("cpu")
+
+
 def test_threads_get_the_same_answers_as_sequential_calls():
     _, model = tiny_pair()
     prompts = [session_prompt(i) for i in range(8)]

@@ -6,7 +6,7 @@ keeping the most likely token), so a request behaves as it would under ``generat
 without a processor (the common case) are filtered together in one batched pass; a session with
 one runs it on its own row, as ``generate()`` runs its ``LogitsProcessorList``. Each session
 samples from its own ``torch.Generator``: its tokens depend on its seed only, not on which other
-sessions happen to share its batch.
+sessions happen to share its batch. On MPS the tokens are drawn on the CPU (``draw_device``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ from transformers import GenerationConfig
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Scores of one row from its logits: [1, V] float32 -> [1, V] (the session binds its own token ids).
 RowScores = Callable[[torch.Tensor], torch.Tensor]
+
+
+def draw_device(device: torch.device) -> torch.device:
+    """Where the tokens of a model on ``device`` are drawn: there, except for MPS, whose
+    ``torch.multinomial`` (torch <= 2.13) returns a token of probability zero about once in 220 draws
+    over a large vocabulary with underflowed tails (pytorch/pytorch#192577), i.e. a token top-k or
+    top-p removed. There the draws run on the CPU, from CPU generators."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 # The logits are divided by the temperature in float32: below this it rounds to zero or loses precision.
@@ -78,11 +86,12 @@ class SamplingParams:
         )
 
     def make_generator(self, device: torch.device) -> torch.Generator | None:
-        """The session's private RNG (None for greedy decoding, which needs none)."""
+        """The private RNG of a session on a model on ``device``, on ``draw_device(device)`` (None
+        for greedy decoding, which needs none)."""
         if not self.do_sample:
             return None
         seed = self.seed if self.seed is not None else int(torch.randint(2**62, ()))
-        return torch.Generator(device=device).manual_seed(seed)
+        return torch.Generator(device=draw_device(device)).manual_seed(seed)
 
 
 def filter_logits(
@@ -164,7 +173,8 @@ def sample(
                      if i in processed else
                      f"temperature {params[i].temperature!r} is too small: the scaled logits overflow "
                      "(do_sample=False decodes greedily)")
+    on = draw_device(logits.device)  # the device of the generators (make_generator)
     for i, probs in draws.items():
-        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+        tokens[i] = torch.multinomial(probs.to(on), 1, generator=generators[i])[0]
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [B]
     return tokens.tolist(), chosen.tolist(), errors

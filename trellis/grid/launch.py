@@ -29,12 +29,13 @@ import torch.distributed as dist
 import transformers
 
 from trellis.cache.block_pool import BlockPool
+from trellis.grid.devices import check_grid_device, check_local_stages, stage_device
 from trellis.grid.placement import Placement, parse_layers, split_by_memory
 from trellis.grid.runner import GridRunner
 from trellis.grid.stage import StageWorker, free_memory, load_stage_model
 from trellis.grid.transport import GridError, Link
 from trellis.models.embedded import embedded_model_dir
-from trellis.models.loading import load_llama_config, resolve_device
+from trellis.models.loading import load_llama_config
 from trellis.runner.runner import CacheSettings, default_kv_cache_memory
 
 log = logging.getLogger("trellis.grid")
@@ -72,6 +73,7 @@ class GridOptions:
         """Checked before any stage starts: a bad value would otherwise surface on a stage, while
         the coordinator waits for it to join."""
         CacheSettings(self.block_size, self.num_blocks, self.kv_cache_memory)  # the pool's own checks
+        check_grid_device(self.device)
         for name in ("micro_batches", "threads", "step_timeout", "start_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -233,7 +235,7 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint) -> GridRunner:
     (which ``model.runner`` also becomes, so ``generate`` runs on the grid)."""
     if endpoint.world_size < 2:
         raise ValueError("a grid needs at least 2 stages")
-    device = stage_device(options)
+    device = stage_device(options.device)
     _set_threads(options)
     store = connect(endpoint, options.start_timeout)
     mine = identity(options, device)
@@ -278,7 +280,7 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint) -> GridRunner:
 
 def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     """Rank ≥ 1: report to the coordinator, load this stage's layers, join the process group."""
-    device = stage_device(options)
+    device = stage_device(options.device)
     _set_threads(options)
     store = connect(endpoint, options.start_timeout)
     store.set(f"identity/{endpoint.rank}", json.dumps(asdict(identity(options, device))))
@@ -311,15 +313,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*model.parameters(), *model.buffers()]}
     return sum(storages.values())
-
-
-def stage_device(options: GridOptions) -> torch.device:
-    """The device of this rank: ``--device``, with one GPU per local rank on a CUDA machine."""
-    device = resolve_device(options.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return device
 
 
 def _set_threads(options: GridOptions) -> None:
@@ -363,11 +356,14 @@ class LocalGrid:
                              "a layer")
         if self.options.layers:  # likewise: the coordinator would find it only once every stage joined
             parse_layers(self.options.layers, layers, self.endpoint.world_size)
+        for options in (self.options, self.stage_options):  # likewise: NCCL would refuse a shared GPU at the end
+            check_local_stages(options.device, self.endpoint.world_size)
         for rank in range(1, self.endpoint.world_size):
             endpoint = Endpoint(rank, self.endpoint.world_size, self.endpoint.master_addr, self.endpoint.master_port)
             # A session of their own: Ctrl-C reaches the coordinator only, which then stops them in order.
+            # LOCAL_RANK: stage r runs on cuda:r under a plain --device cuda, as under torchrun.
             self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint), start_new_session=True,
-                                                   env=shared_host_environment()))
+                                                   env={**shared_host_environment(), "LOCAL_RANK": str(rank)}))
         try:
             self.runner = start_coordinator(self.options, self.endpoint)
         except BaseException:

@@ -9,6 +9,7 @@ prompt first takes its longest cached prefix from the radix tree, so only the su
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.persist import load_prefix_cache, model_fingerprint, save_prefix_cache
 from trellis.models.gguf_quantized import keep_gguf_quantized, quantized_gguf
-from trellis.models.loading import load_llama_config, resolve_device
+from trellis.models.loading import check_one_device, load_llama_config, resolve_device
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
 
@@ -80,7 +81,8 @@ class TrellisLlama(LlamaForCausalLM):
         """Load like ``LlamaForCausalLM.from_pretrained`` (local dirs, hub ids, ``gguf_file=``, ``dtype=``).
 
         With no path, loads the embedded SmolLM2-135M-Instruct. ``device="auto"`` picks CUDA,
-        then MPS, then CPU (ignored when ``device_map`` is given). ``linear_kernel``: see
+        then MPS, then CPU (ignored when ``device_map`` is given; a map over several devices, or to
+        disk, is refused: the KV cache lives on one device). ``linear_kernel``: see
         ``set_linear_kernel()``; by default the fastest for the CPU and the loaded dtype
         (``cpu_linear.default_linear_kernel``: ``blas`` in fp32 on Intel, ``onednn`` on AMD, ``packed`` in bf16).
         ``keep_quantized=True`` keeps the
@@ -89,6 +91,8 @@ class TrellisLlama(LlamaForCausalLM):
         """
         settings = CacheSettings(block_size, num_blocks, kv_cache_memory, backend)  # checked before loading
         target = None if "device_map" in kwargs else resolve_device(device)
+        if isinstance(kwargs.get("device_map"), Mapping):  # refused before loading; "auto" & co. once placed
+            check_one_device(kwargs["device_map"])
         quantized_from = quantized_gguf(pretrained_model_name_or_path, kwargs) if keep_quantized else None
         if pretrained_model_name_or_path is None and kwargs.get("state_dict") is None:
             from trellis.models.embedded import embedded_model_dir
@@ -104,6 +108,7 @@ class TrellisLlama(LlamaForCausalLM):
             raise OSError(f"cannot read the weights in {pretrained_model_name_or_path}: {exc}") from exc
         if kwargs.get("state_dict") is None:  # a caller's own state dict may leave weights out (a grid stage's)
             _check_weights_loaded(pretrained_model_name_or_path, info)
+        check_one_device(getattr(model, "hf_device_map", {}))  # set by accelerate where it placed modules apart
         if quantized_from is not None:
             keep_gguf_quantized(model, quantized_from)
         model.runner.configure(settings)

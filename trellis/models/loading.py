@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,21 @@ def device_named(device: str | torch.device) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_one_device(device_map: Mapping[str, object]) -> None:
+    """Refuse a ``device_map`` (module name -> device) that spreads the model over several devices
+    or offloads it to disk: the KV pool lives on the model's one device, where every layer must
+    run (a layer elsewhere would fail later, at its first forward)."""
+    modules_on: dict[str, list[str]] = {}
+    for module, device in device_map.items():
+        modules_on.setdefault(str(device), []).append(module or "the whole model")
+    if len(modules_on) > 1 or "disk" in modules_on:
+        where = "; ".join(f"{device}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                          for device, names in modules_on.items())
+        raise ValueError(f"device_map places the model on {' and '.join(modules_on)} ({where}); Trellis keeps the KV "
+                         "cache on one device and needs every layer there: give one device (device_map='cuda:0', "
+                         "or device=)")
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,21 @@ bf16 arithmetic: fp16/fp32 there). (``import triton`` in these modules is the Tr
 imports are absolute.)
 
 Supported: fp16, bf16, fp32; head dim a power of two from 16 to 256; any block size (tiles
-gather keys across blocks); any GQA group (padded to 16 query heads inside the decode kernel).
+gather keys across blocks); any GQA group (padded to 16 query heads inside the decode kernel, and
+split over programs where the GPU's shared memory is short: ``decode.decode_tiles``).
 
 The launches need two host numbers: the longest query (1 routes to the split-K decode kernel,
 more to the extend kernel, whose grid it sizes) and the number of decode splits (from the
 longest context). A plan holds them (``plan_paged_attention``, from numbers the caller knows);
 ``paged_attention`` without one reads the two maxima back from the device, in one transfer.
-Kernels launch on the current CUDA device: one GPU per process, or set it before calling.
+Kernels launch on their tensors' device (``launch_device``), whichever device is current.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from types import SimpleNamespace
 
 import torch
@@ -29,16 +32,26 @@ from trellis.ops.checks import check_paged_attention, check_plan, check_store_kv
 from trellis.utils import cdiv
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton defines kernels interpreted (``TRITON_INTERPRET=1``). ``triton.knobs`` holds the
+    setting from Triton 3.4 on; 3.2 and 3.3 read the variable itself when a kernel is defined."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
 INTERPRETED = False
 if HAS_TRITON:
-    from triton import knobs
-
     from trellis.ops.triton.decode import decode_attention
     from trellis.ops.triton.extend import extend_attention
     from trellis.ops.triton.store import store_kv_rows
 
     # Triton picks compiled or interpreted kernels when they are defined, i.e. just above.
-    INTERPRETED = knobs.runtime.interpret
+    INTERPRETED = interpreting()
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 32  # the merge kernel holds [splits, D] partials in registers
@@ -68,7 +81,8 @@ def store_kv(
     """``trellis::store_kv`` on CUDA (or CPU under the interpreter); see ``trellis.ops.reference``."""
     check_store_kv(k, v, k_cache, v_cache, slot_mapping)
     _check_runs_here(k_cache)
-    store_kv_rows(k, v, k_cache, v_cache, slot_mapping)
+    with launch_device(k_cache.device):
+        store_kv_rows(k, v, k_cache, v_cache, slot_mapping)
 
 
 def plan_paged_attention(
@@ -121,10 +135,11 @@ def paged_attention(
     )
     max_q_len, num_splits = plan.tolist()  # host memory: no device sync
     args = (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out)
-    if max_q_len == 1:
-        decode_attention(*args, num_splits=num_splits)
-    else:
-        extend_attention(*args, max_q_len=max_q_len)
+    with launch_device(q.device):
+        if max_q_len == 1:
+            decode_attention(*args, num_splits=num_splits)
+        else:
+            extend_attention(*args, max_q_len=max_q_len)
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
@@ -135,6 +150,13 @@ def decode_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.
     by_length = cdiv(max_kv_len, _MIN_SPLIT_KEYS)
     by_occupancy = cdiv(programs, batch * num_kv_heads)
     return max(1, min(_MAX_SPLITS, by_length, by_occupancy))
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` made the current CUDA device while kernels launch: Triton launches on the current
+    device and its stream, not on the tensors' (a model on cuda:1, or a thread that never chose a
+    device, would launch on cuda:0 with cuda:1's pointers). Nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_runs_here(t: torch.Tensor) -> None:
