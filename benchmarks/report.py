@@ -112,7 +112,9 @@ def machine(results: Results) -> str:
 
 
 def versions(results: Results, key: str) -> str:
-    return ", ".join(sorted({i[key] for i in infos(results) if isinstance(i.get(key), str)}))
+    """Every value of ``key`` in the files' info (a file that ran several, bench_dtype's dtypes, lists them)."""
+    values = (v for i in infos(results) for v in (i.get(key) if isinstance(i.get(key), list) else [i.get(key)]))
+    return ", ".join(sorted({v for v in values if isinstance(v, str)}))
 
 
 # --- one function per kind of table ----------------------------------------------------------
@@ -464,9 +466,9 @@ def machine_section(directory: Path) -> str:
     parts = [f"### {machine(results)} (`{where}`)",
              f"torch {versions(results, 'torch')}; transformers {versions(results, 'transformers')}; "
              f"{versions(results, 'model')}, {versions(results, 'dtype')}; Trellis attention "
-             f"`{versions(results, 'trellis_backend')}`. Figures: "
-             + ", ".join(f"[`{p.name}`](../{p.relative_to(ROOT).as_posix()})" for p in sorted(directory.glob("*.png")))
-             + "."]
+             f"`{versions(results, 'trellis_backend')}`."
+             + "".join(f" Figures: {', '.join(figures)}." for figures in [[f"[`{p.name}`](../{p.relative_to(ROOT).as_posix()})"
+                                                                          for p in sorted(directory.glob("*.png"))]] if figures)]
     kinds = {name: kind_of(data) for name, data in results.items()}
     for kind, (title, renderers) in SECTIONS.items():
         names = [n for n, k in kinds.items() if k == kind]
