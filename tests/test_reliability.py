@@ -15,6 +15,7 @@ from tests.test_radix import make_manager
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.models.embedded import embedded_gguf_path
 from trellis.models.llama import TrellisLlama
+from trellis.models.loading import check_one_device
 
 SYSTEMS = [torch.arange(3, 3 + n) for n in (13, 22)]
 
@@ -112,6 +113,10 @@ def test_a_device_map_over_several_devices_is_refused_at_load(tmp_path):
                                      offload_folder=tmp_path / "offload")
     one = TrellisLlama.from_pretrained(tmp_path / "model", device_map={"": "cpu"})
     assert one.device == torch.device("cpu")
+    check_one_device({"model": 0, "lm_head": "cuda:0"})  # one GPU, as accelerate reads a bare index
+    check_one_device({"model": torch.device("cpu"), "lm_head": "cpu"})
+    with pytest.raises(ValueError, match="on cuda:0 and cuda:1"):
+        check_one_device({"model": 0, "lm_head": "cuda:1"})
 
 
 def test_threads_get_the_same_answers_as_sequential_calls():

@@ -43,13 +43,24 @@ def check_one_device(device_map: Mapping[str, object]) -> None:
     run (a layer elsewhere would fail later, at its first forward)."""
     modules_on: dict[str, list[str]] = {}
     for module, device in device_map.items():
-        modules_on.setdefault(str(device), []).append(module or "the whole model")
+        modules_on.setdefault(_placement_name(device), []).append(module or "the whole model")
     if len(modules_on) > 1 or "disk" in modules_on:
         where = "; ".join(f"{device}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
                           for device, names in modules_on.items())
         raise ValueError(f"device_map places the model on {' and '.join(modules_on)} ({where}); Trellis keeps the KV "
                          "cache on one device and needs every layer there: give one device (device_map='cuda:0', "
                          "or device=)")
+
+
+def _placement_name(device: object) -> str:
+    """One name per place a ``device_map`` can give: accelerate reads a bare index as that GPU
+    (``0`` and ``"cuda:0"`` are one device), and ``"disk"`` as offloading."""
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, TypeError):  # "disk", or a name torch does not know
+        return str(device)
 
 
 @dataclass(frozen=True)
