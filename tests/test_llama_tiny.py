@@ -1,6 +1,7 @@
 """TrellisLlama against plain transformers (sdpa) on tiny random-init Llama configs."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -172,6 +173,35 @@ def test_speculative_decoding_matches_and_rolls_back_rejected_drafts(draft, monk
     if draft == "trellis_assistant":
         assert kwargs["assistant_model"].prefix_cache.stats()["live_sessions"] == 0
         kwargs["assistant_model"].prefix_cache.check_integrity()
+
+
+def test_two_models_drafting_for_each_other_from_two_threads_do_not_deadlock():
+    """Each generate() holds its model's lock, and a TrellisLlama assistant's generate() takes the
+    assistant's: both are taken in one order, or two threads that swap the roles wait for ever."""
+    (ref_a, a), (ref_b, b) = tiny_pair(seed=0), tiny_pair(seed=1)
+    head = prompt(9, 30)
+    ids = torch.cat([head, head[:, :20], head], 1)
+    want = {id(a): ref_a.generate(ids, max_new_tokens=12, do_sample=False),
+            id(b): ref_b.generate(ids, max_new_tokens=12, do_sample=False)}
+    results, errors = [], []
+
+    def draft_for_each_other(main, assistant):
+        try:
+            for _ in range(4):
+                results.append(torch.equal(main.generate(ids, max_new_tokens=12, do_sample=False,
+                                                         assistant_model=assistant), want[id(main)]))
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=draft_for_each_other, args=pair, daemon=True) for pair in ((a, b), (b, a))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "deadlocked"
+    assert not errors and results == [True] * 8
+    for model in (a, b):
+        model.prefix_cache.check_integrity()
 
 
 def test_drafts_past_the_last_position_are_computed_as_transformers_computes_them():

@@ -8,6 +8,7 @@ prompt first takes its longest cached prefix from the radix tree, so only the su
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 
@@ -352,8 +353,14 @@ class TrellisLlama(LlamaForCausalLM):
         given = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
         num_layers = self.config.num_hidden_layers
         # The whole call holds the lock: transformers' early-exit drafter lowers the layer count for
-        # a while, which no other thread's forward may see.
-        with self.runner.lock:
+        # a while, which no other thread's forward may see. A TrellisLlama assistant's lock is taken
+        # with it, both in one order: two models drafting for each other from two threads would
+        # otherwise each hold its own lock and wait for the other's.
+        assistant = kwargs.get("assistant_model")
+        models = [self, *([assistant] if isinstance(assistant, TrellisLlama) and assistant is not self else [])]
+        with contextlib.ExitStack() as locks:
+            for model in sorted(models, key=id):
+                locks.enter_context(model.runner.lock)
             own = PagedKVCache(self.prefix_cache) if given is None and use_cache else None
             result = None
             try:
