@@ -95,10 +95,10 @@ def score_continuations(
             raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds max_length {max_length}")
         context = (context + continuation)[-(max_length + 1):][:-len(continuation)]
         # The model sees every token but the last; in one sequence that is the least a request needs.
-        if not manager.can_ever_hold(len(context) + len(continuation) - 1):
+        seen = len(context) + len(continuation) - 1
+        if not manager.can_ever_hold(seen):
             raise OutOfBlocksError(
-                f"request {i}: {len(context) + len(continuation) - 1} tokens need "
-                f"{cdiv(len(context) + len(continuation) - 1, manager.block_size)} blocks of {manager.block_size}, "
+                f"request {i}: {seen} tokens need {cdiv(seen, manager.block_size)} blocks of {manager.block_size}, "
                 f"the KV pool has {manager.pool.num_blocks}; use a larger num_blocks / kv_cache_memory or a "
                 "smaller max_length")
         groups.setdefault(tuple(context), _Group(context)).members.append(i)

@@ -49,6 +49,11 @@ def _null_means_default(cls: type[BaseModel], value: Any, info: ValidationInfo) 
     return cls.model_fields[info.field_name].default if value is None else value
 
 
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's ``stop``, one string or several, as a list."""
+    return [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -116,13 +121,13 @@ class GenerationRequest(_Strict):
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        stops = _stop_list(stop)
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty strings")
         return stop
 
     def stop_strings(self) -> list[str]:
-        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return _stop_list(self.stop)
 
     @property
     def include_usage(self) -> bool:
