@@ -3,6 +3,11 @@
 Without a GPU, the Triton kernels run in Triton's CPU interpreter, which must be chosen before
 the kernels are defined, i.e. before any test imports ``trellis.ops.triton``.
 
+The ``vendor`` fixture pretends the CPU is another vendor's (``vendor("GenuineIntel")``): the
+choices of ``trellis.runner.cpu_linear`` that depend on it (the fp32 default kind, the layout of
+``"onednn"``, which rows stream) follow, and are read afresh after the test. ``intel`` is
+``vendor("GenuineIntel")``.
+
 ``installed(name)`` imports a package the project installs for its tests (lm-eval, peft): a test
 that needs one skips where it is missing, except in CI (``CI=true``), where a missing package
 means a broken set-up and the test fails instead of passing silently without coverage.
@@ -23,3 +28,21 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
 
 def installed(name: str) -> ModuleType:
     return importlib.import_module(name) if IN_CI else pytest.importorskip(name)
+
+
+@pytest.fixture
+def vendor(monkeypatch):
+    from trellis.runner import cpu_linear
+
+    def pretend(name: str) -> None:
+        monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: name)
+        cpu_linear.streamed_rows.cache_clear()
+
+    yield pretend
+    cpu_linear.streamed_rows.cache_clear()  # before monkeypatch restores the vendor: read afresh
+
+
+@pytest.fixture
+def intel(vendor):
+    """An Intel CPU, where ``"onednn"`` stores fp32 weights input-major (cpu_linear.input_major)."""
+    vendor("GenuineIntel")

@@ -70,15 +70,18 @@ def test_bf16_runs_on_onednn_within_rounding_of_nn_linear(kind):
     assert "mkldnn._linear_pointwise.default" not in recorded.names
 
 
-# (dtype, qtype, kind) of the streamed layers: every kind in bf16, the row-major kinds in fp32
+# (dtype, qtype, kind) of the streamed layers: every kind in bf16, the row-major kinds in fp32 (every
+# kind but on Intel CPUs, where "onednn" stores fp32 weights input-major)
 STREAMED = [(torch.bfloat16, "BF16", kind) for kind in cpu_linear.LINEAR_KERNELS] + \
-           [(torch.float32, "F32", kind) for kind in ("blas", "packed")]
+           [(torch.float32, "F32", kind) for kind in cpu_linear.LINEAR_KERNELS
+            if kind != "onednn" or not cpu_linear.input_major(torch.float32)]
 
 
 @needs_onednn
 @pytest.mark.parametrize(("dtype", "qtype", "kind"), STREAMED)
 def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind):
-    """The few rows of a decode step (streamed_rows: 1-4 in bf16, 4-8 in fp32) read the weight with
+    """The few rows of a decode step (streamed_rows: 1-4 in bf16; 4-8 in fp32 on Intel, 1-8 on other
+    x86 CPUs) read the weight with
     quant_linear's streaming kernel (exactly its result); other row counts go to the kind's
     library; a layer with a bias, or whose width is not whole 32-weight blocks, never streams."""
     rows = cpu_linear.streamed_rows(dtype)
@@ -107,13 +110,36 @@ def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind):
 
 
 @needs_onednn
-def test_input_major_fp32_weights_do_not_stream():
+def test_input_major_fp32_weights_do_not_stream(intel):
     layer = torch.nn.Linear(64, 40, bias=False)
     set_linear_kernel(layer, "onednn")  # input-major in fp32: the kernel reads row-major weights only
     with torch.no_grad(), RecordOps() as recorded:
         torch.testing.assert_close(layer(torch.ones(4, 64)), torch.ones(4, 64) @ layer.weight.T)
     assert "trellis_cpp.quant_linear.default" not in recorded.names
     assert "mkldnn._linear_pointwise.default" in recorded.names
+
+
+@needs_onednn
+def test_onednn_keeps_fp32_weights_row_major_and_streams_decode_rows_off_intel(vendor):
+    """On AMD (any x86 CPU but Intel's), a decode step's fp32 rows, one to eight, stream through
+    Trellis' kernel under every kind, which reads row-major weights: so ``"onednn"``, the fp32
+    default there, keeps them row-major, as bf16 does; nine rows on go to oneDNN."""
+    vendor("AuthenticAMD")
+    assert cpu_linear.streamed_rows(torch.float32) == (1, 8) and not cpu_linear.input_major(torch.float32)
+    ref, model = tiny_pair()
+    assert model.linear_kernel == "onednn"
+    assert all(m.weight.is_contiguous() for m in model.modules() if linear_kernel_of(m))
+    for rows, library in [(1, False), (8, False), (9, True)]:
+        x = torch.randn(rows, model.config.hidden_size)
+        with torch.no_grad(), RecordOps() as recorded:
+            got = model.lm_head(x)
+        assert ("trellis_cpp.quant_linear.default" in recorded.names) != library, rows
+        assert ("mkldnn._linear_pointwise.default" in recorded.names) == library, rows
+        torch.testing.assert_close(got, ref.lm_head(x), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=0, atol=1e-4)
+    vendor("GenuineIntel")
+    assert cpu_linear.streamed_rows(torch.float32) == (4, 8) and cpu_linear.input_major(torch.float32)
 
 
 @needs_onednn_bf16
@@ -135,7 +161,7 @@ def test_the_kind_follows_the_dtype_unless_chosen():
 
 
 @needs_onednn_bf16
-def test_onednn_keeps_bf16_weights_row_major():
+def test_onednn_keeps_bf16_weights_row_major(intel):
     """Input-major pays in fp32 only (cpu_linear.input_major): converting the model lays out the
     weights that ``.to()`` converted with their fp32 strides, and converting back restores them."""
     _, model = tiny_pair()
@@ -204,12 +230,12 @@ def test_bad_kinds_are_refused_and_nothing_changes(monkeypatch):
 
 
 @needs_onednn
-def test_the_fp32_default_follows_the_cpu_vendor(monkeypatch):
-    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
+def test_the_fp32_default_follows_the_cpu_vendor(vendor):
+    vendor("AuthenticAMD")
     model = TrellisLlama(tiny_config())
     assert model.linear_kernel == "onednn" and type(model.lm_head) is CPULinear and model.lm_head.kind == "onednn"
     assert all(linear_kernel_of(m) in (None, "onednn") for m in model.modules())
-    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")  # MKL's own CPUs
+    vendor("GenuineIntel")  # MKL's own CPUs
     expected = "blas" if torch.backends.mkl.is_available() else "onednn"
     assert cpu_linear.default_linear_kernel() == expected == TrellisLlama(tiny_config()).linear_kernel
 
@@ -243,7 +269,7 @@ def _input_major(weight: torch.Tensor) -> bool:
 
 
 @needs_onednn
-def test_onednn_stores_weights_input_major_and_other_kinds_row_major():
+def test_onednn_stores_weights_input_major_and_other_kinds_row_major(intel):
     _, model = tiny_pair()
     layer = model.model.layers[0].mlp.up_proj
     param, values = layer.weight, layer.weight.detach().clone()
@@ -257,7 +283,7 @@ def test_onednn_stores_weights_input_major_and_other_kinds_row_major():
 
 
 @needs_onednn
-def test_a_tied_lm_head_keeps_the_embedding_row_major():
+def test_a_tied_lm_head_keeps_the_embedding_row_major(intel):
     model = TrellisLlama(tiny_config(tie_word_embeddings=True))
     model.set_linear_kernel("onednn")
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.is_contiguous()
@@ -265,7 +291,7 @@ def test_a_tied_lm_head_keeps_the_embedding_row_major():
 
 
 @needs_onednn
-def test_loaded_and_saved_weights_keep_their_values(tmp_path):
+def test_loaded_and_saved_weights_keep_their_values(tmp_path, intel):
     ref, model = tiny_pair()
     model.set_linear_kernel("onednn")
     model.save_pretrained(tmp_path)  # safetensors takes contiguous tensors only: transformers copies
@@ -278,7 +304,7 @@ def test_loaded_and_saved_weights_keep_their_values(tmp_path):
 
 
 @needs_onednn
-def test_a_replaced_row_major_weight_is_still_right():
+def test_a_replaced_row_major_weight_is_still_right(intel):
     layer = torch.nn.Linear(16, 8)
     set_linear_kernel(layer, "onednn")
     layer.weight = torch.nn.Parameter(torch.randn(8, 16))  # row-major: the slower oneDNN path, same result

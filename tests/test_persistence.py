@@ -139,7 +139,7 @@ def test_a_weight_outside_any_sample_or_a_buffer_changed_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(not cpu_linear.onednn_available(), reason="needs oneDNN")
-def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp_path):
+def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp_path, intel):
     _, model = tiny_pair()
     model.set_linear_kernel("onednn")
     path = saved(tmp_path, model)
@@ -147,7 +147,7 @@ def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp
     blas.set_linear_kernel("blas")
     with pytest.raises(PrefixCacheFileError, match="is for linear_kernel='onednn', this cache needs 'blas'"):
         blas.load_prefix_cache(path)
-    # The same values hash the same whatever their strides (oneDNN stores weights input-major).
+    # The same values hash the same whatever their strides (oneDNN stores weights input-major on Intel).
     assert not model.model.layers[0].mlp.up_proj.weight.is_contiguous()
     assert blas.model.layers[0].mlp.up_proj.weight.is_contiguous()
     assert model_fingerprint(model, {}, "k") == model_fingerprint(blas, {}, "k")

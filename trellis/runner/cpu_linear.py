@@ -8,15 +8,15 @@ of the two at 1, 4 and 512 rows (docs/cpu-linear.md). So the fp32 default follow
 
     kind       weights                                        fp32 default
     "blas"     the parameter, through F.linear                Intel CPUs (transformers' own path)
-    "onednn"   the parameter, stored input-major, via oneDNN  other x86 CPUs (AMD)
+    "onednn"   the parameter, via oneDNN (fp32 on Intel:      other x86 CPUs (AMD)
+               stored input-major)
     "packed"   a second copy in oneDNN's blocked layout       (bf16's default); +1 copy
 
-"Input-major": the ``[out, in]`` parameter keeps its shape and values but its storage is the
-transpose's, ``[in, out]`` row-major (strides ``(1, out)``). That is the layout oneDNN's matmul
+"Input-major" (fp32 on Intel CPUs): the ``[out, in]`` parameter keeps its shape and values but its
+storage is the transpose's, ``[in, out]`` row-major (strides ``(1, out)``). That is the layout oneDNN's matmul
 reads directly; a row-major ``[out, in]`` weight it re-blocks into a scratch buffer on every call
 of more than one row, which makes 4- to 64-row matmuls (a decode step of several sessions, a
-chat turn's extend) ~10 % slower on SmolLM2. (On an AVX2-only EPYC the layout helps decode too,
-but 512-row matmuls run 10-20 % slower over it: see the README.) No memory is added: the storage
+chat turn's extend) ~10 % slower on SmolLM2. No memory is added: the storage
 is replaced, one layer at a time. A weight that is shared with another module (a tied LM head
 and embedding) keeps its layout, so that embedding lookups stay row reads.
 
@@ -28,10 +28,14 @@ row-major at 1 and 4 rows, so ``"onednn"`` keeps bf16 weights row-major (``input
 it runs about as fast as ``F.linear`` (itself oneDNN in bf16); the blocked copy of ``"packed"`` is
 15-30 % faster at 1 to 64 rows, and the bf16 default. fp16 stays on ``F.linear`` under every kind.
 
-Under every kind, a decode step's few rows (``streamed_rows``: 1 to 4 in bf16, 4 to 8 in fp32)
-instead stream a row-major parameter (not ``"onednn"``'s input-major fp32 ones) through Trellis'
-own kernel (``ops.quant_linear`` with qtype ``"BF16"`` or ``"F32"``: fp32 accumulation, one
-rounding), which reads the weights at memory speed where the libraries' GEMMs do not.
+Under every kind, a decode step's few rows (``streamed_rows``: 1 to 4 in bf16; 4 to 8 in fp32 on
+Intel, 1 to 8 on other x86 CPUs) instead stream a row-major parameter (not the input-major fp32
+ones of ``"onednn"`` on Intel) through Trellis' own kernel (``ops.quant_linear`` with qtype
+``"BF16"`` or ``"F32"``: fp32 accumulation, one rounding), which reads the weights at memory speed
+where the libraries' GEMMs do not. On AMD that is why ``"onednn"`` keeps fp32 weights row-major:
+the kernel reads no other layout, and it streams a SmolLM2 decode step's weights 1.7x faster than
+oneDNN reads the input-major ones (25.8 against 43 ms a step), while oneDNN's prefill over
+row-major weights is only 3-12 % slower at 64-512 rows (2-core AMD EPYC, docs/cpu-linear.md).
 
 The kinds run as ``CPULinear``, an ``nn.Linear`` in every other respect: the same parameters and state
 dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
@@ -77,9 +81,11 @@ def onednn_dtypes() -> tuple[torch.dtype, ...]:
 
 def input_major(dtype: torch.dtype) -> bool:
     """Whether the ``"onednn"`` kind stores weights of ``dtype`` input-major (else row-major).
-    fp32 only: in bf16, oneDNN reads input-major weights slower at 1 and 4 rows (TinyLlama's
+    fp32 on Intel CPUs only: elsewhere a decode step's fp32 rows stream from one row on
+    (``streamed_rows``), through a kernel that reads row-major weights; and in bf16, oneDNN reads
+    input-major weights slower at 1 and 4 rows (TinyLlama's
     layers at one row: 375 ms against 270 row-major, one thread; docs/dtypes.md)."""
-    return dtype == torch.float32
+    return dtype == torch.float32 and cpu_vendor() == "GenuineIntel"
 
 
 @functools.cache
@@ -126,13 +132,16 @@ def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
     libraries' GEMMs are not always (docs/cpu-linear.md, the 2-core AMX Xeon):
     - bf16, 1 to 4 rows, where oneDNN computes bf16: as fast as oneDNN's packed matmul at one row,
       1.3-1.4x faster at two to four; from eight oneDNN (AMX) is the faster.
-    - fp32, 4 to 8 rows, on x86-64: MKL streams one row at memory speed but 4 to 8 rows 1.4-1.5x
-      slower than this kernel does; from 9 on, and at one to three, MKL is as fast or faster.
+    - fp32, 4 to 8 rows, on Intel x86-64: MKL streams one row at memory speed but 4 to 8 rows
+      1.4-1.5x slower than this kernel does; from 9 on, and at one to three, MKL is as fast or faster.
+    - fp32, 1 to 8 rows, on other x86-64 CPUs (AMD EPYC): neither MKL nor oneDNN streams even one
+      row at memory speed (oneDNN over input-major weights: a SmolLM2 decode step's matmuls 33 ms
+      against this kernel's 19; the LM head at 2-4 rows 2-4x slower).
     """
     if dtype == torch.bfloat16 and dtype in onednn_dtypes():
         return (1, 4)
     if dtype == torch.float32 and _x86_64():
-        return (4, 8)
+        return (4, 8) if cpu_vendor() == "GenuineIntel" else (1, 8)
     return None
 
 
