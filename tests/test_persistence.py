@@ -145,12 +145,41 @@ def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp
     path = saved(tmp_path, model)
     _, blas = tiny_pair()
     blas.set_linear_kernel("blas")
-    with pytest.raises(PrefixCacheFileError, match="is for linear_kernel='onednn', this cache needs 'blas'"):
+    with pytest.raises(PrefixCacheFileError, match=r"is for linear_kernel='onednn \(input-major, 4-8 rows streamed\)', "
+                                                   r"this cache needs 'blas \(4-8 rows streamed\)'"):
         blas.load_prefix_cache(path)
     # The same values hash the same whatever their strides (oneDNN stores weights input-major on Intel).
     assert not model.model.layers[0].mlp.up_proj.weight.is_contiguous()
     assert blas.model.layers[0].mlp.up_proj.weight.is_contiguous()
     assert model_fingerprint(model, {}, "k") == model_fingerprint(blas, {}, "k")
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="needs oneDNN")
+def test_one_kind_that_rounds_otherwise_on_another_cpu_is_refused(tmp_path, vendor):
+    """``"onednn"`` on AMD (row-major weights, one to eight decode rows streamed) and on Intel
+    (input-major, four to eight) compute K/V that differ in the last bits: a file names which."""
+    vendor("AuthenticAMD")
+    _, model = tiny_pair()
+    model.set_linear_kernel("onednn")
+    path = saved(tmp_path, model)
+    vendor("GenuineIntel")
+    _, intel = tiny_pair()
+    intel.set_linear_kernel("onednn")
+    with pytest.raises(PrefixCacheFileError, match=r"is for linear_kernel='onednn \(1-8 rows streamed\)', "
+                                                   r"this cache needs 'onednn \(input-major, 4-8 rows streamed\)'"):
+        intel.load_prefix_cache(path)
+    assert intel.prefix_cache.stats()["cached_blocks"] == 0
+
+
+def test_another_attention_backend_is_refused(tmp_path):
+    """Attention's rounding reaches every later layer's K/V (through the hidden states)."""
+    _, model = tiny_pair(backend="reference")
+    path = saved(tmp_path, model)
+    _, cpp = tiny_pair(backend="cpp")
+    with pytest.raises(PrefixCacheFileError, match="other settings"):
+        cpp.load_prefix_cache(path)
+    _, same = tiny_pair(backend="reference")
+    assert same.load_prefix_cache(path) == model.prefix_cache.stats()["cached_blocks"]
 
 
 def test_another_adapter_state_is_refused(tmp_path):

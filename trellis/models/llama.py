@@ -23,6 +23,7 @@ from trellis.models.gguf_quantized import keep_gguf_quantized, quantized_gguf
 from trellis.models.loading import check_one_device, load_llama_config, resolve_device
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
+from trellis.runner.cpu_linear import rounding_identity
 
 
 class TrellisLlama(LlamaForCausalLM):
@@ -155,8 +156,9 @@ class TrellisLlama(LlamaForCausalLM):
 
     def load_prefix_cache(self, path: str | os.PathLike) -> int:
         """Add the prefixes of a file written by ``save_prefix_cache`` for this same computation:
-        the same weights and buffers (every byte), K/V-relevant config, dtype, linear kernel and
-        block size. Anything else, or a damaged or inconsistent file, is refused with
+        the same weights and buffers (every byte), K/V-relevant config, dtype, attention backend,
+        linear kernel (with its layout and the decode rows it streams: ``cpu_linear.rounding_identity``)
+        and block size. Anything else, or a damaged or inconsistent file, is refused with
         ``PrefixCacheFileError``, changing nothing."""
         with self.runner.lock:
             return load_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint(), self.config.vocab_size)
@@ -168,9 +170,14 @@ class TrellisLlama(LlamaForCausalLM):
                   "attention_bias", "mlp_bias", "pretraining_tp", "rope_parameters", "rope_theta", "rope_scaling",
                   "max_position_embeddings")  # the last feeds RoPE scaling (dynamic, YaRN, LongRoPE)
         config = {name: getattr(self.config, name, None) for name in fields}
+        # Attention's rounding reaches the K/V of every later layer, through the hidden states.
+        config["attention_backend"] = self.runner.attention_backend()
         self.prefix_cache  # noqa: B018 -- brings the watcher's view of the adapters up to date
         adapters = repr(self.runner.weights_watcher.adapter_state())  # which adapters run, and their scales
-        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, self.linear_kernel, adapters)
+        kernel = self.linear_kernel
+        if self.device.type == "cpu":  # where the kinds' layouts and the streamed decode rows apply
+            kernel = rounding_identity(kernel, self.dtype)
+        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, kernel, adapters)
 
     # --- forward ---------------------------------------------------------------------------
 

@@ -145,6 +145,18 @@ def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
     return None
 
 
+def rounding_identity(kind: str, dtype: torch.dtype) -> str:
+    """``kind`` with what else decides how its CPU matmuls in ``dtype`` round here: the layout
+    ``"onednn"`` gives the weights, and the decode rows Trellis' kernel streams (``streamed_rows``).
+    Two models whose identities differ compute K/V that differ in the last bits, so a prefix-cache
+    file records it and refuses another (``TrellisLlama.load_prefix_cache``)."""
+    details = ["input-major"] if kind == "onednn" and input_major(dtype) and onednn_available() else []
+    rows = streamed_rows(dtype)
+    if rows is not None:
+        details.append(f"{rows[0]}-{rows[1]} rows streamed")
+    return f"{kind} ({', '.join(details)})" if details else kind
+
+
 _QTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}  # quant_linear's names of plain weights
 
 
