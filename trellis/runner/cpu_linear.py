@@ -136,7 +136,7 @@ def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
       1.4-1.5x slower than this kernel does; from 9 on, and at one to three, MKL is as fast or faster.
     - fp32, 1 to 8 rows, on other x86-64 CPUs (AMD EPYC): neither MKL nor oneDNN streams even one
       row at memory speed (oneDNN over input-major weights: a SmolLM2 decode step's matmuls 33 ms
-      against this kernel's 19; the LM head at 2-4 rows 2-4x slower).
+      against this kernel's 19; the LM head at 2-4 rows 2-5x slower).
     """
     if dtype == torch.bfloat16 and dtype in onednn_dtypes():
         return (1, 4)
