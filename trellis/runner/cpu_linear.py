@@ -85,7 +85,7 @@ def input_major(dtype: torch.dtype) -> bool:
     (``streamed_rows``), through a kernel that reads row-major weights; and in bf16, oneDNN reads
     input-major weights slower at 1 and 4 rows (TinyLlama's
     layers at one row: 375 ms against 270 row-major, one thread; docs/dtypes.md)."""
-    return dtype == torch.float32 and cpu_vendor() == "GenuineIntel"
+    return dtype == torch.float32 and intel_cpu()
 
 
 @functools.cache
@@ -105,6 +105,12 @@ def cpu_vendor() -> str:
     return "GenuineIntel" if platform.system() == "Darwin" and platform.machine() == "x86_64" else ""  # an Intel Mac
 
 
+def intel_cpu() -> bool:
+    """Whether this is an Intel CPU, where MKL takes its tuned paths: the fp32 choices follow it
+    (``default_linear_kernel``, ``input_major``, ``streamed_rows``)."""
+    return cpu_vendor() == "GenuineIntel"
+
+
 def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
     """The kind ``dtype`` runs fastest on here. bf16 defaults to ``"packed"``: oneDNN reads its
     blocked layout 15-30 % faster than any plain one at 1 to 64 rows (docs/dtypes.md), and the copy
@@ -115,7 +121,7 @@ def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
         return "blas"
     if dtype == torch.bfloat16 and dtype in onednn_dtypes():
         return "packed"
-    return "blas" if cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
+    return "blas" if intel_cpu() and torch.backends.mkl.is_available() else "onednn"
 
 
 @functools.cache
@@ -141,7 +147,7 @@ def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
     if dtype == torch.bfloat16 and dtype in onednn_dtypes():
         return (1, 4)
     if dtype == torch.float32 and _x86_64():
-        return (4, 8) if cpu_vendor() == "GenuineIntel" else (1, 8)
+        return (4, 8) if intel_cpu() else (1, 8)
     return None
 
 
@@ -150,7 +156,7 @@ def rounding_identity(kind: str, dtype: torch.dtype) -> str:
     ``"onednn"`` gives the weights, and the decode rows Trellis' kernel streams (``streamed_rows``).
     Two models whose identities differ compute K/V that differ in the last bits, so a prefix-cache
     file records it and refuses another (``TrellisLlama.load_prefix_cache``)."""
-    details = ["input-major"] if kind == "onednn" and input_major(dtype) and onednn_available() else []
+    details = ["input-major"] if kind == "onednn" and input_major(dtype) else []
     rows = streamed_rows(dtype)
     if rows is not None:
         details.append(f"{rows[0]}-{rows[1]} rows streamed")
