@@ -160,6 +160,31 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.trellis.silu_mul.default, (x, residual))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoder_ops_are_the_ops_on_one_backend(backend):
+    """What the lean decoder calls (the ops resolved once per forward) computes what ``ops.*`` on
+    that backend computes, bit for bit, and refuses what they refuse."""
+    run = ops.decoder_ops(backend)
+    assert run.backend == backend and ops.decoder_ops(backend) is run
+    x, residual, weight = torch.randn(3, 32), torch.randn(3, 32), torch.randn(32)
+    x1, x2 = x.clone(), x.clone()
+    assert torch.equal(run.add_rms_norm(x1, residual, weight, 1e-5),
+                       ops.add_rms_norm(x2, residual, weight, 1e-5, backend=backend))
+    assert torch.equal(x1, x2)  # the residual added in place by both
+    q, k, v, cos, sin, k_cache, v_cache, slots = rope_case(3, 4, 2, 16, torch.float32)
+    caches = k_cache.clone(), v_cache.clone()
+    assert torch.equal(run.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots),
+                       ops.rope_store_kv(q, k, v, cos, sin, *caches, slots, backend=backend))
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+    assert torch.equal(run.silu_mul(x, residual), ops.silu_mul(x, residual, backend=backend))
+    weights = [torch.randn(8, 32).view(torch.uint8), torch.randn(4, 32).view(torch.uint8)]
+    for got, want in zip(run.quant_linear_group(x, weights, "F32"),
+                         ops.quant_linear_group(x, weights, "F32", backend=backend), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="weight must be \\[32\\]"):
+        run.add_rms_norm(x.clone(), None, torch.randn(7), 1e-5)
+
+
 def bad_calls():
     x, weight = torch.randn(2, 8), torch.randn(8)
     rope = rope_case(2, 4, 2, 16, torch.float32)

@@ -6,6 +6,7 @@ gradients, hidden states)."""
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 
 import gguf
@@ -211,14 +212,19 @@ def test_smollm2_keep_quantized_lean_matches_the_fallback():
 
 @contextlib.contextmanager
 def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
-    """Records each ``ops.quant_linear_group`` call as (rows of x, number of weights, qtype)."""
-    calls, group = [], ops.quant_linear_group
+    """Records each ``quant_linear_group`` call of the lean path as (rows of x, number of weights, qtype)."""
+    calls, decoder_ops = [], ops.decoder_ops
 
-    def recording(x, weights, qtype, backend=None):
-        calls.append((x.shape[0], len(weights), qtype))
-        return group(x, weights, qtype, backend=backend)
+    def recording_ops(backend: str) -> ops.DecoderOps:
+        bound = decoder_ops(backend)
 
-    monkeypatch.setattr(ops, "quant_linear_group", recording)
+        def group(x, weights, qtype):
+            calls.append((x.shape[0], len(weights), qtype))
+            return bound.quant_linear_group(x, weights, qtype)
+
+        return dataclasses.replace(bound, quant_linear_group=group)
+
+    monkeypatch.setattr(ops, "decoder_ops", recording_ops)
     yield calls
 
 

@@ -18,7 +18,9 @@ backend loads on first use.
 
 from trellis.ops.api import (
     AttentionPlan,
+    DecoderOps,
     add_rms_norm,
+    decoder_ops,
     paged_attention,
     plan_attention,
     quant_linear,
@@ -33,8 +35,10 @@ from trellis.ops.backends import BACKENDS, check_backend, default_backend, load_
 __all__ = [
     "BACKENDS",
     "AttentionPlan",
+    "DecoderOps",
     "add_rms_norm",
     "check_backend",
+    "decoder_ops",
     "default_backend",
     "load_backend",
     "paged_attention",

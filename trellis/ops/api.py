@@ -11,7 +11,8 @@ Shapes and semantics: ``reference.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,3 +211,29 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -
         return kernels("cpp").silu_mul(gate, up)
     check_silu_mul(gate, up)
     return reference.silu_mul(gate, up)
+
+
+@dataclass(frozen=True)
+class DecoderOps:
+    """The ops a decoder layer calls, on one backend, resolved once (``decoder_ops``): the lean
+    decoder makes a dozen calls a layer, and resolving the backend and checking it in each cost
+    about as much as a decode step's small ops themselves. The C++ backend's are its op overloads
+    (which check their arguments), the reference's these functions."""
+
+    backend: str
+    add_rms_norm: Callable[..., torch.Tensor]
+    rope_store_kv: Callable[..., torch.Tensor]
+    silu_mul: Callable[..., torch.Tensor]
+    quant_linear_group: Callable[..., list[torch.Tensor]]
+
+
+@functools.cache
+def decoder_ops(backend: str) -> DecoderOps:
+    """``add_rms_norm``, ``rope_store_kv``, ``silu_mul`` and ``quant_linear_group`` on ``backend``
+    (a resolved, loaded backend: a plan's), taking the arguments above but ``backend``."""
+    if backend == "cpp":
+        cpp = kernels("cpp")
+        return DecoderOps(backend, cpp.add_rms_norm.default, cpp.rope_store_kv.default, cpp.silu_mul.default,
+                          cpp.quant_linear_group.default)
+    return DecoderOps(backend, *(functools.partial(op, backend=backend)
+                                 for op in (add_rms_norm, rope_store_kv, silu_mul, quant_linear_group)))

@@ -64,8 +64,7 @@ class LeanDecoder:
         self._key: tuple | None = None  # what the verdict was reached on (``_state``)
         self._eligible = False
         self.checks = 0  # how often the model was checked (tests check it stays rare)
-        self._layers: list[torch.nn.Module] = []  # the decoder layers a forward runs
-        self._projections: list[tuple[_Projections, ...]] = []  # per layer: q/k/v, o, gate/up, down
+        self._lean_layers: list[_LeanLayer] = []  # the decoder layers a forward runs, as it calls them
         self._modules: list[torch.nn.Module] = []  # every module a lean forward runs or skips
         self._first_norm: dict = {}  # the first norm's parameters: ``_state`` reads the weights' dtype there
         self._module_dicts: list[dict] = []  # their __dict__s: a forward set on an instance lands there
@@ -85,18 +84,18 @@ class LeanDecoder:
             hidden = inputs_embeds.clone()  # the stream is updated in place; the caller's stays as it was
         cos, sin = decoder.rotary_emb(hidden[None], position_ids=batch.positions[None])  # each [1, T, D]
         cos, sin = cos[0], sin[0]
-        backend = batch.plan.backend  # every op on the kernels attention runs on
+        run = ops.decoder_ops(batch.plan.backend)  # the layer's ops on the kernels attention runs on
         update = None  # what the last sublayer adds to the stream
-        for layer, (qkv, o, gate_up, down) in zip(self._layers, self._projections):
-            x = _norm(layer.input_layernorm, hidden, update, backend)  # [T, H]
-            q, k, v = qkv(x, backend)
-            update, = o(_attention(layer.self_attn, q, k, v, cos, sin, batch), backend)
-            x = _norm(layer.post_attention_layernorm, hidden, update, backend)
-            gate, up = gate_up(x, backend)
-            update, = down(ops.silu_mul(gate, up, backend=backend), backend)
+        for layer in self._lean_layers:
+            x = _norm(layer.input_norm, hidden, update, run)  # [T, H]
+            q, k, v = layer.qkv(x, run)
+            update, = layer.o(_attention(layer.attn, q, k, v, cos, sin, batch, run), run)
+            x = _norm(layer.post_norm, hidden, update, run)
+            gate, up = layer.gate_up(x, run)
+            update, = layer.down(run.silu_mul(gate, up), run)
         if isinstance(decoder.norm, torch.nn.Identity):  # a grid stage before the last
             return hidden if update is None else hidden.add_(update)
-        return _norm(decoder.norm, hidden, update, backend)
+        return _norm(decoder.norm, hidden, update, run)
 
     # --- eligibility --------------------------------------------------------------------------
 
@@ -125,8 +124,7 @@ class LeanDecoder:
         """List the modules a lean forward runs and check each is what it reproduces."""
         model, config = self.model, self.model.config
         decoder = getattr(model, "model", None)
-        self._layers, self._modules, self._module_dicts, self._hook_tables, self._first_norm = [], [], [], [], {}
-        self._projections = []
+        self._lean_layers, self._modules, self._module_dicts, self._hook_tables, self._first_norm = [], [], [], [], {}
         if type(decoder) is not LlamaModel:
             return False
         layers = list(decoder.layers)[: config.num_hidden_layers]  # as transformers slices them
@@ -135,7 +133,7 @@ class LeanDecoder:
         if decoder.embed_tokens is not None:
             modules.append(decoder.embed_tokens)
         watch_registrations(modules)
-        self._layers, self._modules, self._module_dicts = layers, modules, [vars(m) for m in modules]
+        self._modules, self._module_dicts = modules, [vars(m) for m in modules]
         self._hook_tables = [*_GLOBAL_HOOKS, *chain.from_iterable((m._forward_hooks, m._forward_pre_hooks)
                                                                   for m in modules)]
         if not layers or not all(map(_stock_layer, layers)) or type(decoder.norm) not in (LlamaRMSNorm,
@@ -157,7 +155,7 @@ class LeanDecoder:
             and all(map(_capture_hook, hooks))
             and not any("forward" in d for d in self._module_dicts)
         )
-        self._projections = [_projections_of(layer) for layer in layers] if eligible else []
+        self._lean_layers = [_LeanLayer(layer) for layer in layers] if eligible else []
         return eligible
 
 
@@ -173,61 +171,74 @@ def _stock_layer(layer: torch.nn.Module) -> bool:
     return all(type(linear) in _LINEARS for linear in linears)
 
 
-def _projections_of(layer: torch.nn.Module) -> tuple[_Projections, ...]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return (_Projections(attn.q_proj, attn.k_proj, attn.v_proj), _Projections(attn.o_proj),
-            _Projections(mlp.gate_proj, mlp.up_proj), _Projections(mlp.down_proj))
+class _LeanLayer:
+    """A decoder layer's modules as the lean path calls them, looked up once per verdict (a module
+    replaced is a registration, which makes ``eligible`` check the model again)."""
+
+    def __init__(self, layer: LlamaDecoderLayer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm, self.post_norm, self.attn = layer.input_layernorm, layer.post_attention_layernorm, attn
+        self.qkv = _Projections(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o = _Projections(attn.o_proj)
+        self.gate_up = _Projections(mlp.gate_proj, mlp.up_proj)
+        self.down = _Projections(mlp.down_proj)
 
 
-def _norm(norm: LlamaRMSNorm, hidden: torch.Tensor, update: torch.Tensor | None, backend: str) -> torch.Tensor:
+def _norm(norm: LlamaRMSNorm, hidden: torch.Tensor, update: torch.Tensor | None, run: ops.DecoderOps) -> torch.Tensor:
     """``hidden += update`` (the residual add), then ``norm(hidden)``."""
-    return ops.add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon, backend=backend)
+    return run.add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
 
 
 def _attention(attn: LlamaAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+               sin: torch.Tensor, batch: PagedBatch, run: ops.DecoderOps) -> torch.Tensor:
     """``LlamaAttention`` over the paged cache between its projections: ``q``, ``k``, ``v`` ``[T, heads
     * D]`` in, the input of ``o_proj`` ``[T, Hq * D]`` out."""
     tokens, head_dim = q.shape[0], attn.head_dim
-    q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))  # [T, Hq, D], [T, Hkv, D], [T, Hkv, D]
+    q, k, v = q.view(tokens, -1, head_dim), k.view(tokens, -1, head_dim), v.view(tokens, -1, head_dim)
     k_cache, v_cache = batch.kv_layers[attn.layer_idx]  # each [N, S, Hkv, D]
-    plan = batch.plan
-    q = ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping, backend=plan.backend)
-    out = ops.run_attention(plan, q, k_cache, v_cache, attn.scaling)  # [T, Hq, D]
-    return out.view(tokens, -1)
-
-
-def _blocks(linear: torch.nn.Module, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, str] | None:
-    """The weight of ``linear`` as the blocks ``ops.quant_linear`` computes it from for ``x``, and
-    their qtype; None where another kernel runs it (MKL, oneDNN, a bias)."""
-    if type(linear) is QuantizedLinear:
-        return (linear.weight_blocks, linear.qtype) if linear.bias is None else None
-    if type(linear) is CPULinear:
-        return linear.streamed_blocks(x, backend)
-    return None
+    q = run.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping)  # [T, Hq, D]
+    return ops.run_attention(batch.plan, q, k_cache, v_cache, attn.scaling).view(tokens, -1)
 
 
 class _Projections:
     """Linear layers of a decoder layer that read one input (q/k/v; gate/up; o; down), as the lean
-    path runs them: with the C++ backend, those that ``quant_linear`` computes (quantized layers;
-    bf16 and fp32 layers streaming a decode step's rows) as one ``quant_linear_group`` call per qtype, which
-    streams their weights in one parallel region (a GGUF may mix qtypes within a layer); the others
-    by their own forward. Without ``nn.Module.__call__``: the lean path runs only where no hooks
-    are set."""
+    path runs them: with the C++ backend, those that ``quant_linear`` computes (bias-free quantized
+    layers; bf16 and fp32 layers streaming a decode step's rows) as one ``quant_linear_group`` call
+    per qtype, which streams their weights in one parallel region (a GGUF may mix qtypes within a
+    layer); the others by their own forward. Without ``nn.Module.__call__``: the lean path runs
+    only where no hooks are set."""
 
     def __init__(self, *linears: torch.nn.Module) -> None:
         self.linears = linears
+        # Bias-free quantized layers always stream: grouped by qtype once (a bias or the blocks
+        # replaced is a registration, and makes the lean path list its layers again).
+        by_qtype: dict[str, list[int]] = {}
+        for i, linear in enumerate(linears):
+            if type(linear) is QuantizedLinear and linear.bias is None:
+                by_qtype.setdefault(linear.qtype, []).append(i)
+        self.quantized = list(by_qtype.items())
+        # bf16 and fp32 layers stream a decode step's rows only, which each call checks.
+        self.plain = [i for i, linear in enumerate(linears) if type(linear) is CPULinear]
+        # All quantized in one qtype (a GGUF's layers, mostly): one call, nothing to sort.
+        one = len(self.quantized) == 1 and len(self.quantized[0][1]) == len(linears)
+        self.one_qtype = self.quantized[0][0] if one else None
 
-    def __call__(self, x: torch.Tensor, backend: str) -> list[torch.Tensor]:
-        outputs: list[torch.Tensor | None] = [None] * len(self.linears)
-        if backend == "cpp":
-            by_qtype: dict[str, list[tuple[int, torch.Tensor]]] = {}
-            for i, linear in enumerate(self.linears):
-                found = _blocks(linear, x, backend)
-                if found is not None:
-                    by_qtype.setdefault(found[1], []).append((i, found[0]))
-            for qtype, members in by_qtype.items():
-                ys = ops.quant_linear_group(x, [blocks for _, blocks in members], qtype, backend=backend)
-                for (i, _), y in zip(members, ys, strict=True):
-                    outputs[i] = y
-        return [linear.forward(x) if y is None else y for linear, y in zip(self.linears, outputs, strict=True)]
+    def __call__(self, x: torch.Tensor, run: ops.DecoderOps) -> list[torch.Tensor]:
+        linears = self.linears
+        if run.backend != "cpp":
+            return [linear.forward(x) for linear in linears]
+        if self.one_qtype is not None:
+            return run.quant_linear_group(x, [linear.weight_blocks for linear in linears], self.one_qtype)
+        groups = {qtype: (list(members), [linears[i].weight_blocks for i in members])
+                  for qtype, members in self.quantized}
+        for i in self.plain:
+            found = linears[i].streamed_blocks(x, "cpp")
+            if found is not None:
+                members, blocks = groups.setdefault(found[1], ([], []))
+                members.append(i)
+                blocks.append(found[0])
+        outputs: list[torch.Tensor | None] = [None] * len(linears)
+        for qtype, (members, blocks) in groups.items():
+            for i, y in zip(members, run.quant_linear_group(x, blocks, qtype), strict=True):
+                outputs[i] = y
+        return [linear.forward(x) if y is None else y for linear, y in zip(linears, outputs, strict=True)]
