@@ -10,8 +10,9 @@
 //     adjacent elements at a time, and each lane sums every other d; adding the lane pairs
 //     gives st[key][row] for two keys. This halves the multiply-adds when rows would fill
 //     only half the lanes.
-// With bf16 caches on AMX-BF16, the scores of the row-vector layout come from AMX tiles instead
-// (qk_scores_amx, below); the softmax and P @ V are the same for both.
+// With bf16 caches, the scores of the row-vector layout come from bf16 dot products instead: AMX
+// tiles on AMX-BF16 (qk_scores_amx), AVX512_BF16's vdpbf16ps elsewhere (qk_scores_dpbf16); the
+// softmax and P @ V are the same for all.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -24,11 +25,11 @@
 #include <limits>
 #include <type_traits>
 
-// AMX tiles: AVX-512 builds on Linux (which grants a process tile data on request) with a
-// compiler that has the intrinsics (GCC 11, clang 12 on).
+// bf16 dot products (AMX tiles, AVX512_BF16): AVX-512 builds on Linux (which grants a process
+// tile data on request) with a compiler that has the intrinsics (GCC 11, clang 12 on).
 #if defined(CPU_CAPABILITY_AVX512) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
-#define TRELLIS_AMX 1
+#define TRELLIS_BF16_DOTS 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -148,14 +149,64 @@ inline void qk_scores(const float* qt, int64_t ldq, const float* k, int64_t ldk,
   }
 }
 
-#if defined(TRELLIS_AMX)
+#if defined(TRELLIS_BF16_DOTS)
+// bf16 scores from bf16 pairs (both below). Q^T in pairs: qp[D/2][ldq], lane r = (q[r][2m],
+// q[r][2m+1]); K rows as they lie in the cache. A product of two bf16 is exact in fp32 and both
+// units add it in fp32, so the scores are the fp32 path's up to summation order and the scale,
+// applied to the sum rather than to q. Inputs and results below fp32's normal range are flushed
+// to zero (the units' rule), far below what a score resolves.
+
+// AVX512_BF16 (Zen 4 on, Cooper Lake): st[b][v] for KB keys and NR row vectors, one vdpbf16ps
+// per key, row vector and pair of d: 32 multiply-adds an instruction where the fp32 path does 16,
+// and K is read as bf16 in place instead of widened into the staged tile first. Only `valid`
+// keys exist (as in qk_block).
+inline bool dpbf16_usable() {
+  static const bool usable = __builtin_cpu_supports("avx512bf16");
+  return usable;
+}
+
+template <int NR, int KB>
+__attribute__((target("avx512f,avx512bf16"))) inline void dpbf16_block(const uint32_t* qp, int64_t ldq,
+                                                                        const c10::BFloat16* k, int64_t ldk,
+                                                                        int64_t valid, int64_t head_dim, float* st) {
+  const c10::BFloat16* kb_row[KB];
+  for (int b = 0; b < KB; ++b) kb_row[b] = k + std::min<int64_t>(b, valid - 1) * ldk;
+  __m512 acc[KB][NR];
+  for (int b = 0; b < KB; ++b)
+    for (int r = 0; r < NR; ++r) acc[b][r] = _mm512_setzero_ps();
+  for (int64_t m = 0; m < head_dim / 2; ++m) {
+    __m512bh q[NR];
+    for (int r = 0; r < NR; ++r) q[r] = (__m512bh)_mm512_loadu_si512(qp + m * ldq + r * 16);
+    for (int b = 0; b < KB; ++b) {
+      uint32_t pair;  // k[2m], k[2m + 1]
+      std::memcpy(&pair, kb_row[b] + 2 * m, sizeof(pair));
+      const __m512bh kb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int r = 0; r < NR; ++r) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], q[r], kb);
+    }
+  }
+  for (int b = 0; b < KB && b < valid; ++b)
+    for (int r = 0; r < NR; ++r) _mm512_storeu_ps(st + b * ldq + r * 16, acc[b][r]);
+}
+
+// qk_scores for bf16 K (rows `ldk` elements apart) and Q^T in pairs (ldq a multiple of 16),
+// scaled; head_dim even.
+inline void qk_scores_dpbf16(const uint32_t* qp, int64_t ldq, const c10::BFloat16* k, int64_t ldk, int64_t n,
+                             int64_t head_dim, float scale, float* st) {
+  const int64_t vecs = ldq / 16;
+  for (int64_t v0 = 0; v0 < vecs; v0 += kMaxRowVecs) {
+    with_count<kMaxRowVecs>(vecs - v0, [&](auto nr) {
+      constexpr int NR = decltype(nr)::value, KB = std::min(8, 16 / NR);
+      for (int64_t j = 0; j < n; j += KB)
+        dpbf16_block<NR, KB>(qp + v0 * 16, ldq, k + j * ldk, ldk, n - j, head_dim, st + j * ldq + v0 * 16);
+    });
+  }
+  const Vec sv(scale);
+  at::vec::map([sv](Vec x) { return x * sv; }, st, st, n * ldq);
+}
+
 // bf16 scores on AMX tiles, for bf16 caches (in the row-vector layout): a tile multiply of 16 keys
 // by 32 d (K rows as they lie in the cache) and 32 d by 16 query rows (Q^T as bf16 pairs) gives
-// scores straight in st's [key][row] layout. A product of two bf16 is exact in fp32 and the tile
-// unit adds it in fp32, so the scores are the fp32 path's up to summation order and the scale,
-// applied to the sum rather than to q. Q^T in pairs: qp[D/2][ldq], lane r = (q[r][2m], q[r][2m+1]).
-// Inputs and results below fp32's normal range are flushed to zero (the unit's rule), far below
-// what a score resolves.
+// scores straight in st's [key][row] layout.
 
 // AMX-BF16 present, and the kernel lets this process use tile data (Linux asks every process to
 // request it once).

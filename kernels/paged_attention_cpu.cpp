@@ -41,8 +41,12 @@ struct Problem {
   }
 };
 
+// Where an item's scores come from (attention_tile.h): fp32 vectors over the staged K tile, or
+// bf16 pairs of Q against K as it lies in the cache, on AMX tiles or AVX512_BF16 dot products.
+enum class Scores { vectors, amx, dpbf16 };
+
 // Per-thread scratch, grown on demand and kept across calls. Per KV head of the item: Q^T
-// (D x ldq floats, or D/2 x ldq bf16 pairs for AMX scores), the output accumulator [rows][D],
+// (D x ldq floats, or D/2 x ldq bf16 pairs for bf16 scores), the output accumulator [rows][D],
 // the running max and sum [lanes]. The scores [kKeyTile][ldq], the staged tile as fp32,
 // [kKeyTile][heads][D] for K and for V, and (AMX) a padded key block [16][D].
 struct Workspace {
@@ -50,18 +54,19 @@ struct Workspace {
   std::vector<uint32_t> qp;
   std::vector<c10::BFloat16> pad;
 
-  // Only the buffers of the item's path: an AMX item has no fp32 Q^T or staged K, a vector item
-  // no pairs or padded block (the exact build below then catches a path reading the other's).
-  void reserve(int64_t heads, int64_t ldq, int64_t lanes, int64_t head_dim, bool amx) {
-    grow(qt, amx ? 0 : heads * head_dim * ldq);
-    grow(qp, amx ? heads * head_dim / 2 * ldq : 0);
+  // Only the buffers of the item's path: a bf16-scores item has no fp32 Q^T or staged K, a vector
+  // item no pairs or padded block (the exact build below then catches a path reading the other's).
+  void reserve(int64_t heads, int64_t ldq, int64_t lanes, int64_t head_dim, Scores scores) {
+    const bool pairs = scores != Scores::vectors, amx = scores == Scores::amx;
+    grow(qt, pairs ? 0 : heads * head_dim * ldq);
+    grow(qp, pairs ? heads * head_dim / 2 * ldq : 0);
     grow(acc, heads * ldq * head_dim);
     grow(m, heads * lanes);
     grow(l, heads * lanes);
     grow(st, kKeyTile * ldq);
     grow(alpha, lanes);
     grow(limit, lanes);
-    grow(k, amx ? 0 : kKeyTile * heads * head_dim);
+    grow(k, pairs ? 0 : kKeyTile * heads * head_dim);
     grow(v, kKeyTile * heads * head_dim);
     grow(pad, amx ? 16 * head_dim : 0);
   }
@@ -78,7 +83,7 @@ struct Workspace {
 };
 
 // Copies (as fp32) the K/V rows of heads h0 .. h0+heads of the n keys from cache slot `slot`
-// on (one block) into the staged tile [n][heads][D] (V only with `stage_k` false: AMX scores
+// on (one block) into the staged tile [n][heads][D] (V only with `stage_k` false: bf16 scores
 // read K in place), and prefetches (into L2) those of the `next_n` keys from slot `next`.
 // Decode reads every byte of K/V once, from DRAM, so this is where its time goes: each key's
 // heads are read as one run, key after key, which keeps the reads sequential within a block; the
@@ -86,7 +91,7 @@ struct Workspace {
 // and interleaving it with the copy keeps the memory system busy without stalling on a burst.
 // (Reading the cache in place instead saves the copy, about 20% on cache-resident data, but
 // costs more than that once the data comes from DRAM, which in a model is every call: the other
-// layers evict it. AMX scores read K in place all the same: they have no fp32 copy to make.)
+// layers evict it. bf16 scores read K in place all the same: they have no fp32 copy to make.)
 template <typename T>
 void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int64_t next_n, int64_t h0,
                 int64_t heads, bool stage_k, Workspace& ws) {
@@ -108,38 +113,44 @@ void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int6
   }
 }
 
-// Whether scores can run on AMX tiles (attention_tile.h): bf16 caches, head_dim a multiple of
-// 32, a CPU with AMX-BF16. Items in the row-vector layout do. The paired layout (decode's few
+// Where items in the row-vector layout take their scores from (attention_tile.h): with bf16
+// caches, AMX tiles where the CPU has AMX-BF16 and head_dim is a multiple of 32, else
+// AVX512_BF16's dot products where it has those (head_dim even). The paired layout (decode's few
 // rows) stays on vectors: on AMX, SmolLM2's 3-row decode items measured no faster (the
 // row-vector softmax and P @ V then run 16 lanes for 3 rows, the paired ones 16 for 6).
 template <typename T>
-bool amx_capable(int64_t head_dim) {
-#if defined(TRELLIS_AMX)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return head_dim % 32 == 0 && amx_bf16_usable();
+Scores row_vector_scores(int64_t head_dim) {
+#if defined(TRELLIS_BF16_DOTS)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (head_dim % 32 == 0 && amx_bf16_usable()) return Scores::amx;
+    if (head_dim % 2 == 0 && dpbf16_usable()) return Scores::dpbf16;
+  }
 #endif
-  return false;
+  return Scores::vectors;
 }
 
 // How one item's rows sit in the workspace (see attention_tile.h for ldq and lanes).
 struct ItemLayout {
   int64_t heads, rows, ldq, lanes;
-  bool amx;
+  Scores scores;
 
-  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, bool amx_scores)
+  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores row_vector_scores)
       : heads(w.kv_heads),
         rows(w.q_tokens * group),
         ldq(score_stride(rows, head_dim)),
         lanes(stat_lanes(ldq)),
-        amx(amx_scores && ldq >= Vec::size()) {}
+        scores(ldq >= Vec::size() ? row_vector_scores : Scores::vectors) {}
+
+  bool pairs() const { return scores != Scores::vectors; }  // Q^T in bf16 pairs, K read in place
 };
 
-// Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for AMX
+// Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for bf16
 // scores (which scale the sums). Each lane's causal limit (padding lanes take the last
 // row's), and fresh running statistics.
 template <typename T>
 void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Workspace& ws) {
   const int64_t D = p.head_dim;
-  if (L.amx) {
+  if (L.pairs()) {
     std::fill(ws.qp.begin(), ws.qp.begin() + L.heads * D / 2 * L.ldq, 0u);
     for (int64_t hi = 0; hi < L.heads; ++hi) {
       uint32_t* qp = ws.qp.data() + hi * D / 2 * L.ldq;
@@ -165,19 +176,21 @@ void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Wor
   std::fill(ws.acc.begin(), ws.acc.begin() + L.heads * L.rows * D, 0.f);
 }
 
-// Scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, on AMX tiles
-// over K as it lies in the cache (amx_capable; tiles configured).
+// Scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, from bf16
+// pairs over K as it lies in the cache (row_vector_scores; AMX tiles configured).
 template <typename T>
-void score_amx(const Problem<T>& p, int64_t slot, int64_t h, int64_t n, const uint32_t* qp, int64_t ldq,
-               Workspace& ws) {
-#if defined(TRELLIS_AMX)
+void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, int64_t n, const uint32_t* qp,
+                 int64_t ldq, Workspace& ws) {
+#if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t ld = p.kv_heads * p.head_dim;
-    return qk_scores_amx(qp, ldq, p.k_cache + (slot * p.kv_heads + h) * p.head_dim, ld, n, p.head_dim, p.scale,
-                         ws.pad.data(), ws.st.data());
+    const c10::BFloat16* k = p.k_cache + (slot * p.kv_heads + h) * p.head_dim;
+    if (scores == Scores::amx)
+      return qk_scores_amx(qp, ldq, k, ld, n, p.head_dim, p.scale, ws.pad.data(), ws.st.data());
+    return qk_scores_dpbf16(qp, ldq, k, ld, n, p.head_dim, p.scale, ws.st.data());
   }
 #endif
-  TORCH_CHECK(false, "AMX scores are only planned for bf16 caches on AMX-BF16");
+  TORCH_CHECK(false, "bf16 scores are only planned for bf16 caches on AMX-BF16 or AVX512_BF16");
 }
 
 // The item's key range, tile by tile. Tiles never cross a block (with blocks of at least
@@ -194,11 +207,11 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
     n = tile_keys(key0);
     const int64_t next = key0 + n, next_n = next < w.kv_end ? tile_keys(next) : 0;
     const bool masked = key0 + n > w.first_limit;  // some row's causal limit falls in this tile
-    stage_tile(p, slot(key0), n, next_n > 0 ? slot(next) : 0, next_n, w.kv_head, L.heads, !L.amx, ws);
+    stage_tile(p, slot(key0), n, next_n > 0 ? slot(next) : 0, next_n, w.kv_head, L.heads, !L.pairs(), ws);
     for (int64_t hi = 0; hi < L.heads; ++hi) {  // head hi's key j: staged row j, offset hi * D
       float *m = ws.m.data() + hi * L.lanes, *l = ws.l.data() + hi * L.lanes;
-      if (L.amx) {
-        score_amx(p, slot(key0), w.kv_head + hi, n, ws.qp.data() + hi * D / 2 * L.ldq, L.ldq, ws);
+      if (L.pairs()) {
+        score_pairs(p, L.scores, slot(key0), w.kv_head + hi, n, ws.qp.data() + hi * D / 2 * L.ldq, L.ldq, ws);
       } else {
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
@@ -232,15 +245,15 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
 
 template <typename T>
 void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
-  const ItemLayout layout(w, p.group, p.head_dim, amx_capable<T>(p.head_dim));
-  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.amx);
+  const ItemLayout layout(w, p.group, p.head_dim, row_vector_scores<T>(p.head_dim));
+  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.scores);
   begin_item(p, w, layout, ws);
-#if defined(TRELLIS_AMX)
-  if (layout.amx) configure_score_tiles();  // per item: other code (oneDNN) may use the tiles between
+#if defined(TRELLIS_BF16_DOTS)
+  if (layout.scores == Scores::amx) configure_score_tiles();  // per item: other code (oneDNN) may use the tiles between
 #endif
   attend_tiles(p, w, layout, ws);
-#if defined(TRELLIS_AMX)
-  if (layout.amx) release_tiles();
+#if defined(TRELLIS_BF16_DOTS)
+  if (layout.scores == Scores::amx) release_tiles();
 #endif
   finish_item(p, w, layout, ws);
 }

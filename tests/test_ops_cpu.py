@@ -98,13 +98,14 @@ def test_smollm2_prompt_lengths(q_len):
                                     head_dim=64, block_size=32))
 
 
-@pytest.mark.parametrize("head_dim", [32, 48, 64, 128])
+@pytest.mark.parametrize("head_dim", [9, 24, 32, 48, 64, 128])
 @pytest.mark.parametrize("block_size", [8, 16, 32, 64])
 def test_bf16_scores(head_dim, block_size):
-    """bf16 extends, whose scores run on AMX tiles where the CPU has AMX-BF16 (head_dim a multiple
-    of 32; 48, and the decodes beside them, take the vector path): 1-47 keys past the last whole
-    16-key block of a tile, one to four 16-row blocks of query rows (an odd count leaves one
-    alone), within twice the reference's error of the float64 oracle."""
+    """bf16 extends, whose scores come from bf16 pairs: on AMX tiles where the CPU has AMX-BF16
+    (head_dim a multiple of 32), else from AVX512_BF16 dot products where it has those (head_dim
+    even); an odd head_dim, the decodes beside them, and other CPUs take the fp32 vector path:
+    1-47 keys past the last whole 16-key block of a tile, one to four 16-row blocks of query rows
+    (an odd count leaves one alone), within twice the reference's error of the float64 oracle."""
     q_lens, kv_lens = [1, 3, 5, 7, 16, 2], [7, 19, 33, 70, 64, 120]
     assert_matches_oracle(make_case(q_lens, kv_lens, num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
                                     block_size=block_size, dtype=torch.bfloat16))
