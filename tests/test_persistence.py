@@ -7,7 +7,9 @@ its tree is one that ``save_prefix_cache`` could have written, checksum or not.
 
 import functools
 import json
+import platform
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from tests.conftest import installed
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.persist import FORMAT, PrefixCacheFileError, _checksum, model_fingerprint
+from trellis.models import loading
 from trellis.runner import cpu_linear
 
 SYSTEM = torch.arange(3, 43)[None]  # 40 tokens: 10 blocks of 4
@@ -169,6 +172,32 @@ def test_one_kind_that_rounds_otherwise_on_another_cpu_is_refused(tmp_path, vend
                                                    r"this cache needs 'onednn \(input-major, 4-8 rows streamed\)'"):
         intel.load_prefix_cache(path)
     assert intel.prefix_cache.stats()["cached_blocks"] == 0
+
+
+@pytest.mark.parametrize("unit", ["amx_bf16", "avx512_bf16"])
+def test_a_file_from_another_kind_of_cpu_is_refused(tmp_path, monkeypatch, unit):
+    """oneDNN's bf16 matmuls and Trellis' bf16 attention scores run on the CPU's bf16 dot-product
+    units, and the kernels are built for its SIMD level: K/V from a CPU that differs there differ
+    in the last bits, so a file names the CPU it was computed on."""
+    _, model = tiny_pair()
+    path = saved(tmp_path, model)
+    here = loading.hardware_identity(torch.device("cpu"))
+    capabilities = torch.cpu.get_capabilities()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**capabilities, unit: not capabilities.get(unit)})
+    elsewhere = loading.hardware_identity(torch.device("cpu"))
+    assert elsewhere != here and elsewhere.startswith("cpu: ")
+    _, other = tiny_pair()
+    with pytest.raises(PrefixCacheFileError, match=re.escape(f"is for hardware={here!r}, this cache needs {elsewhere!r}")):
+        other.load_prefix_cache(path)
+    assert other.prefix_cache.stats()["cached_blocks"] == 0
+    monkeypatch.undo()
+    assert other.load_prefix_cache(path) == model.prefix_cache.stats()["cached_blocks"]
+
+
+def test_hardware_identity_names_the_device():
+    assert loading.hardware_identity(torch.device("mps")) == "mps"
+    cpu = loading.hardware_identity(torch.device("cpu"))
+    assert torch.backends.cpu.get_cpu_capability() in cpu and platform.machine() in cpu
 
 
 def test_another_attention_backend_is_refused(tmp_path):

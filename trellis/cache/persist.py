@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.radix import RadixCache, RadixNode
 
-FORMAT = "trellis-prefix-cache/3"
+FORMAT = "trellis-prefix-cache/4"
 TENSORS = ("kv", "tokens", "node_parent", "node_num_blocks")
 
 
@@ -41,12 +41,13 @@ class PrefixCacheFileError(ValueError):
 
 
 def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], linear_kernel: str,
-                      adapters: str = "") -> dict[str, str]:
+                      adapters: str = "", hardware: str = "") -> dict[str, str]:
     """An exact identity of the computation that produced a model's K/V, in parts that a mismatch
     can name (``DIGESTS``): ``weights``, every byte of every parameter and buffer, persistent or not
     (RoPE's ``inv_freq`` is not in the state dict), with its name, dtype and shape; ``config``, the
     settings that shape the computation (JSON-serialisable); ``adapters``, which adapters run and at
-    what scales; and ``linear_kernel`` itself, since kernels round differently.
+    what scales; and, named as they are, the ``hardware`` the kernels run on
+    (``loading.hardware_identity``) and ``linear_kernel`` itself, since both change how results round.
 
     Tensors hash by value, not layout (oneDNN stores weights input-major). A tensor shared under
     two names (tied embeddings) is read once. SmolLM2-135M in fp32 (538 MB): ~0.8 s on the 2-core
@@ -64,7 +65,7 @@ def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], lin
         weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
         weights.update(digests[_storage_key(tensor)])
     settings = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    return {"linear_kernel": linear_kernel, "config": settings.hexdigest(),
+    return {"hardware": hardware, "linear_kernel": linear_kernel, "config": settings.hexdigest(),
             "adapters": hashlib.sha256(adapters.encode()).hexdigest(), "weights": weights.hexdigest()}
 
 

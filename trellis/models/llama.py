@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.persist import load_prefix_cache, model_fingerprint, save_prefix_cache
 from trellis.models.gguf_quantized import keep_gguf_quantized, quantized_gguf
-from trellis.models.loading import check_one_device, load_llama_config, resolve_device
+from trellis.models.loading import check_one_device, hardware_identity, load_llama_config, resolve_device
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
 from trellis.runner.cpu_linear import rounding_identity
@@ -157,8 +157,8 @@ class TrellisLlama(LlamaForCausalLM):
     def load_prefix_cache(self, path: str | os.PathLike) -> int:
         """Add the prefixes of a file written by ``save_prefix_cache`` for this same computation:
         the same weights and buffers (every byte), K/V-relevant config, dtype, attention backend,
-        linear kernel (with its layout and the decode rows it streams: ``cpu_linear.rounding_identity``)
-        and block size. Anything else, or a damaged or inconsistent file, is refused with
+        linear kernel (with its layout and the decode rows it streams: ``cpu_linear.rounding_identity``),
+        hardware (``loading.hardware_identity``: the kind of CPU, the GPU) and block size. Anything else, or a damaged or inconsistent file, is refused with
         ``PrefixCacheFileError``, changing nothing."""
         with self.runner.lock:
             return load_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint(), self.config.vocab_size)
@@ -177,7 +177,8 @@ class TrellisLlama(LlamaForCausalLM):
         kernel = self.linear_kernel
         if self.device.type == "cpu":  # where the kinds' layouts and the streamed decode rows apply
             kernel = rounding_identity(kernel, self.dtype)
-        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, kernel, adapters)
+        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, kernel, adapters,
+                                 hardware_identity(self.device))
 
     # --- forward ---------------------------------------------------------------------------
 

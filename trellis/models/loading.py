@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, LlamaConfig
+
+from trellis.runner.cpu_linear import cpu_vendor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU features (torch.cpu.get_capabilities' names) that compute bf16 dot products natively: x86's
@@ -85,6 +88,22 @@ def preferred_dtype(device: str | torch.device) -> DtypeChoice:
         return DtypeChoice(torch.bfloat16, f"this CPU computes bf16 dot products natively ({', '.join(native)})")
     return DtypeChoice(torch.float32, "this CPU has no native bf16 dot products (AVX512_BF16, AMX-BF16 or ARM BF16), "
                                       "so bf16 would be slower than fp32")
+
+
+def hardware_identity(device: torch.device) -> str:
+    """``device`` as far as it decides how a model's results round under the same kernels: on the
+    CPU the architecture, PyTorch's SIMD level (Trellis' kernels are built for it too), the native
+    bf16 dot-product units (oneDNN's bf16 matmuls and Trellis' bf16 attention scores run on them)
+    and the vendor (the fp32 matmul policy follows it); a CUDA device's name; else its type (MPS).
+    K/V computed where these differ differ in the last bits, so a prefix-cache file records it."""
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        units = [name for key, name in NATIVE_BF16.items() if capabilities.get(key)]
+        parts = [platform.machine(), torch.backends.cpu.get_cpu_capability(), *units, cpu_vendor() or "unknown vendor"]
+        return "cpu: " + " ".join(parts)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def choose_dtype(name: str, device: str | torch.device) -> DtypeChoice:
