@@ -2,7 +2,8 @@
 in every layer (FlashInfer's plan/run split); ``paged_attention``, both in one call;
 ``quant_linear``, a linear layer over GGUF-quantized weights (``quant.py``), and
 ``quant_linear_group``, several over one input; and the fused small ops of a decoder layer,
-``add_rms_norm``, ``rope_store_kv`` and ``silu_mul``.
+``add_rms_norm``, ``rope_store_kv`` and ``silu_mul``, which ``decoder_ops`` also gives, with
+``quant_linear_group``, resolved for one backend (the lean decoder's per-layer calls).
 
 Each resolves the backend (``backends.py``), checks what the backend does not check itself (the
 reference checks nothing: ``checks.py`` does it here), and calls the backend's op function.
@@ -216,9 +217,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -
 @dataclass(frozen=True)
 class DecoderOps:
     """The ops a decoder layer calls, on one backend, resolved once (``decoder_ops``): the lean
-    decoder makes a dozen calls a layer, and resolving the backend and checking it in each cost
-    about as much as a decode step's small ops themselves. The C++ backend's are its op overloads
-    (which check their arguments), the reference's these functions."""
+    decoder makes eight such calls a layer, and resolving and checking the backend in each cost
+    ~2 µs, about half a millisecond of a SmolLM2 decode step. The C++ backend's are its op
+    overloads (which check their arguments), the reference's these functions."""
 
     backend: str
     add_rms_norm: Callable[..., torch.Tensor]
