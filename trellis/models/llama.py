@@ -158,8 +158,9 @@ class TrellisLlama(LlamaForCausalLM):
         """Add the prefixes of a file written by ``save_prefix_cache`` for this same computation:
         the same weights and buffers (every byte), K/V-relevant config, dtype, attention backend,
         linear kernel (with its layout and the decode rows it streams: ``cpu_linear.rounding_identity``),
-        hardware (``loading.hardware_identity``: the kind of CPU, the GPU) and block size. Anything else, or a damaged or inconsistent file, is refused with
-        ``PrefixCacheFileError``, changing nothing."""
+        hardware (``loading.hardware_identity``: the kind of CPU, the GPU) and block size. Anything
+        else, or a damaged or inconsistent file, is refused with ``PrefixCacheFileError``, changing
+        nothing."""
         with self.runner.lock:
             return load_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint(), self.config.vocab_size)
 
