@@ -189,9 +189,9 @@ __attribute__((target("avx512f,avx512bf16"))) inline void dpbf16_block(const uin
 }
 
 // qk_scores for bf16 K (rows `ldk` elements apart) and Q^T in pairs (ldq a multiple of 16),
-// scaled; head_dim even.
+// unscaled; head_dim even.
 inline void qk_scores_dpbf16(const uint32_t* qp, int64_t ldq, const c10::BFloat16* k, int64_t ldk, int64_t n,
-                             int64_t head_dim, float scale, float* st) {
+                             int64_t head_dim, float* st) {
   const int64_t vecs = ldq / 16;
   for (int64_t v0 = 0; v0 < vecs; v0 += kMaxRowVecs) {
     with_count<kMaxRowVecs>(vecs - v0, [&](auto nr) {
@@ -200,8 +200,6 @@ inline void qk_scores_dpbf16(const uint32_t* qp, int64_t ldq, const c10::BFloat1
         dpbf16_block<NR, KB>(qp + v0 * 16, ldq, k + j * ldk, ldk, n - j, head_dim, st + j * ldq + v0 * 16);
     });
   }
-  const Vec sv(scale);
-  at::vec::map([sv](Vec x) { return x * sv; }, st, st, n * ldq);
 }
 
 // bf16 scores on AMX tiles, for bf16 caches (in the row-vector layout): a tile multiply of 16 keys
@@ -271,11 +269,11 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void score_tiles(const uint3
   if constexpr (kTwoKeys && kTwoRows) _tile_stored(3, st + kTileRows * ldq + kTileRows, ldq * 4);
 }
 
-// qk_scores for bf16 K (rows `ldk` elements apart; n <= kKeyTile keys) and Q^T in pairs; ldq a
-// multiple of 16, head_dim a multiple of 32, tiles configured. A last key block of fewer than 16 keys goes
+// qk_scores for bf16 K (rows `ldk` elements apart; n <= kKeyTile keys) and Q^T in pairs, unscaled;
+// ldq a multiple of 16, head_dim a multiple of 32, tiles configured. A last key block of fewer than 16 keys goes
 // through `pad` (16 zeroed rows of head_dim), so that no tile reads past the tile's keys.
 inline void qk_scores_amx(const uint32_t* qp, int64_t ldq, const c10::BFloat16* k, int64_t ldk, int64_t n,
-                          int64_t head_dim, float scale, c10::BFloat16* pad, float* st) {
+                          int64_t head_dim, c10::BFloat16* pad, float* st) {
   const c10::BFloat16* blocks[2] = {k, k + kTileRows * ldk};
   int64_t ld[2] = {ldk, ldk};
   const int64_t key_blocks = (n + kTileRows - 1) / kTileRows;
@@ -299,8 +297,6 @@ inline void qk_scores_amx(const uint32_t* qp, int64_t ldq, const c10::BFloat16* 
       else score_tiles<false, false>(qp + r, ldq, blocks[kb], nullptr, ld[kb], head_dim, s + r);
     }
   }
-  const Vec sv(scale);
-  at::vec::map([sv](Vec x) { return x * sv; }, st, st, n * ldq);
 }
 #endif
 

@@ -177,7 +177,7 @@ void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Wor
 }
 
 // Scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, from bf16
-// pairs over K as it lies in the cache (row_vector_scores; AMX tiles configured).
+// pairs over K as it lies in the cache (row_vector_scores; AMX tiles configured), then scaled.
 template <typename T>
 void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, int64_t n, const uint32_t* qp,
                  int64_t ldq, Workspace& ws) {
@@ -185,9 +185,14 @@ void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, in
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t ld = p.kv_heads * p.head_dim;
     const c10::BFloat16* k = p.k_cache + (slot * p.kv_heads + h) * p.head_dim;
-    if (scores == Scores::amx)
-      return qk_scores_amx(qp, ldq, k, ld, n, p.head_dim, p.scale, ws.pad.data(), ws.st.data());
-    return qk_scores_dpbf16(qp, ldq, k, ld, n, p.head_dim, p.scale, ws.st.data());
+    float* st = ws.st.data();
+    if (scores == Scores::amx) {
+      qk_scores_amx(qp, ldq, k, ld, n, p.head_dim, ws.pad.data(), st);
+    } else {
+      qk_scores_dpbf16(qp, ldq, k, ld, n, p.head_dim, st);
+    }
+    const Vec scale(p.scale);
+    return at::vec::map([scale](Vec x) { return x * scale; }, st, st, n * ldq);
   }
 #endif
   TORCH_CHECK(false, "bf16 scores are only planned for bf16 caches on AMX-BF16 or AVX512_BF16");

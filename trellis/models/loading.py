@@ -74,6 +74,12 @@ class DtypeChoice:
     reason: str
 
 
+def native_bf16_units() -> list[str]:
+    """The names of this CPU's native bf16 dot-product units (``NATIVE_BF16``), e.g. ``["AVX512_BF16"]``."""
+    capabilities = torch.cpu.get_capabilities()
+    return [name for key, name in NATIVE_BF16.items() if capabilities.get(key)]
+
+
 def preferred_dtype(device: str | torch.device) -> DtypeChoice:
     """The dtype that runs fastest on ``device`` without changing what the model computes more
     than rounding: bf16 on a CPU with native bf16 dot products, fp32 on other CPUs; elsewhere
@@ -82,8 +88,7 @@ def preferred_dtype(device: str | torch.device) -> DtypeChoice:
     device = device_named(device)
     if device.type != "cpu":
         return DtypeChoice("auto", f"on {device.type}, the checkpoint's dtype (transformers' dtype='auto')")
-    capabilities = torch.cpu.get_capabilities()
-    native = [name for key, name in NATIVE_BF16.items() if capabilities.get(key)]
+    native = native_bf16_units()
     if native:
         return DtypeChoice(torch.bfloat16, f"this CPU computes bf16 dot products natively ({', '.join(native)})")
     return DtypeChoice(torch.float32, "this CPU has no native bf16 dot products (AVX512_BF16, AMX-BF16 or ARM BF16), "
@@ -97,9 +102,8 @@ def hardware_identity(device: torch.device) -> str:
     and the vendor (the fp32 matmul policy follows it); a CUDA device's name; else its type (MPS).
     K/V computed where these differ differ in the last bits, so a prefix-cache file records it."""
     if device.type == "cpu":
-        capabilities = torch.cpu.get_capabilities()
-        units = [name for key, name in NATIVE_BF16.items() if capabilities.get(key)]
-        parts = [platform.machine(), torch.backends.cpu.get_cpu_capability(), *units, cpu_vendor() or "unknown vendor"]
+        parts = [platform.machine(), torch.backends.cpu.get_cpu_capability(), *native_bf16_units(),
+                 cpu_vendor() or "unknown vendor"]
         return "cpu: " + " ".join(parts)
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
