@@ -255,14 +255,18 @@ std::vector<at::Tensor> linear_group(const char* op, const at::Tensor& x, at::Te
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x and weight must be CPU tensors");
   const int64_t k = x.size(-1);
   TORCH_CHECK_VALUE(k % kBlock == 0, op, ": in_features (x.shape[-1] = ", k, ") must be a multiple of ", kBlock);
+  // BF16 and F32 blocks are plain weights: the [out, in] weight itself, or its bytes.
+  const auto plain = q == QType::BF16 ? at::kBFloat16 : q == QType::F32 ? at::kFloat : at::kByte;
   for (const at::Tensor& weight : weights) {
-    TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, op, ": weight must be uint8 blocks, got ",
-                     weight.scalar_type());
+    TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte || weight.scalar_type() == plain, op,
+                     ": weight must be uint8 blocks", plain == at::kByte ? "" : " or the plain weight",
+                     " (", qtype, "), got ", weight.scalar_type());
     TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [out_features, blocks * bytes per block], got ",
                       weight.sizes());
     TORCH_CHECK_VALUE(weight.device().is_cpu(), op, ": x and weight must be CPU tensors");
-    TORCH_CHECK_VALUE(weight.size(1) == k / kBlock * block_bytes(q), op, ": weight rows of ", weight.size(1),
-                      " bytes do not hold ", k, " ", qtype, " weights (", k / kBlock * block_bytes(q), " bytes)");
+    const int64_t bytes = weight.size(1) * weight.element_size();
+    TORCH_CHECK_VALUE(bytes == k / kBlock * block_bytes(q), op, ": weight rows of ", bytes, " bytes do not hold ", k,
+                      " ", qtype, " weights (", k / kBlock * block_bytes(q), " bytes)");
   }
   // x as [M, K] fp32, contiguous: x itself where it is (fp32 decode rows). bf16 is widened, and
   // results narrowed, by loops here rather than `to` (three dispatches and an allocation each:
@@ -281,8 +285,8 @@ std::vector<at::Tensor> linear_group(const char* op, const at::Tensor& x, at::Te
     contiguous.push_back(weight.contiguous());
     outputs.push_back(at::empty({m, weight.size(0)}, xf.options().dtype(at::kFloat)));
     if (m > 0 && weight.size(0) > 0) {
-      group.push_back({contiguous.back().const_data_ptr<uint8_t>(), xf.const_data_ptr<float>(),
-                       outputs.back().data_ptr<float>(), m, weight.size(0), k, weight.size(1)});
+      group.push_back({static_cast<const uint8_t*>(contiguous.back().const_data_ptr()), xf.const_data_ptr<float>(),
+                       outputs.back().data_ptr<float>(), m, weight.size(0), k, weight.size(1) * weight.element_size()});
     }
   }
   if (k == 0) {

@@ -7,6 +7,7 @@ against transformers' own dequantized load of the same GGUF: a tiny random Llama
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,20 @@ def test_kernel_group_is_each_weight_alone(qtype, rows):
     assert ops.quant_linear_group(x, [], qtype) == []
 
 
+@pytest.mark.parametrize("qtype", ["BF16", "F32"])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_a_plain_weight_is_its_own_blocks(qtype, rows):
+    # BF16 and F32 blocks are the plain weight's bytes: the weight itself is taken as they are.
+    dtype = quant.PLAIN_DTYPES[qtype]
+    weights = [torch.randn(n, 96, generator=torch.Generator().manual_seed(n)).to(dtype) for n in (40, 7)]
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    for backend in ("cpp", "reference"):
+        plain = ops.quant_linear_group(x, weights, qtype, backend=backend)
+        as_bytes = ops.quant_linear_group(x, [w.view(torch.uint8) for w in weights], qtype, backend=backend)
+        assert all(torch.equal(p, b) for p, b in zip(plain, as_bytes, strict=True))
+        assert torch.equal(ops.quant_linear(x, weights[0], qtype, backend=backend), plain[0])
+
+
 def test_group_refuses_weights_of_another_width():
     blocks, _ = quantized(8, 64, "Q4_0")
     with pytest.raises(ValueError, match="do not hold 96 Q4_0 weights"):
@@ -161,6 +176,9 @@ def test_op_schema_and_fake_kernel():
 BAD_INPUTS = [  # (x, weight, qtype, error, message)
     (torch.randn(2, 64, dtype=torch.float16), "Q4_0", "Q4_0", TypeError, "x must be float32 or bfloat16"),
     (torch.randn(2, 64), torch.zeros(4, 36), "Q4_0", TypeError, "weight must be uint8"),
+    (torch.randn(2, 64), torch.zeros(4, 64), "BF16", TypeError, "weight must be uint8 blocks or the plain weight (BF16)"),
+    (torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.bfloat16), "Q8_0", TypeError, "weight must be uint8 blocks (Q8_0)"),
+    (torch.randn(2, 64), torch.zeros(4, 32), "F32", ValueError, "do not hold 64 F32 weights"),
     (torch.randn(2, 64), "Q4_0", "Q5_0", ValueError, "unsupported qtype 'Q5_0'"),
     (torch.randn(2, 64), "Q4_0", "Q8_0", ValueError, "do not hold 64 Q8_0 weights"),
     (torch.randn(2, 48), torch.zeros(4, 27, dtype=torch.uint8), "Q4_0", ValueError, "must be a multiple of 32"),
@@ -173,7 +191,7 @@ BAD_INPUTS = [  # (x, weight, qtype, error, message)
 def test_bad_input_is_refused_by_name(backend, x, weight, qtype, error, message):
     if isinstance(weight, str):
         weight, _ = quantized(4, 64, weight)
-    with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(error, match=re.escape(message)):
         ops.quant_linear(x, weight, qtype, backend=backend)
 
 

@@ -13,9 +13,10 @@ blocks of 32 consecutive weights, rows one after another, as a uint8 tensor
     F32   fp32 w[32]                    w_i                    128 bytes (4 per weight)
 
 where ``n_i`` is the low nibble of byte ``i`` for ``i < 16`` and the high nibble of byte
-``i - 16`` otherwise. BF16 is a plain row-major bf16 weight seen as bytes (``weight.view(torch.uint8)``),
-GGUF's unblocked BF16 type: the kernels stream it at one or a few rows, where oneDNN's bf16 matmul
-reads it slower. Activations are fp32 or bf16, and the product is computed in fp32.
+``i - 16`` otherwise. BF16 is a plain row-major bf16 weight, GGUF's unblocked BF16 type (F32 the
+same in fp32): the kernels stream it at one or a few rows, where oneDNN's bf16 matmul reads it
+slower. It is passed as it is, ``[out_features, in_features]`` in its dtype, or seen as bytes
+(``weight.view(torch.uint8)``). Activations are fp32 or bf16, and the product is computed in fp32.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ BLOCK = 32  # weights per block, in every format
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "BF16": 64, "F32": 128}
 QTYPES = tuple(BLOCK_BYTES)
 QUANTIZED_QTYPES = ("Q8_0", "Q4_0", "Q4_1")  # the block-quantized ones, which keep_quantized keeps
+PLAIN_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}  # the plain weights these qtypes also take
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -40,13 +42,16 @@ def row_bytes(in_features: int, qtype: str) -> int:
 def check_weight(weight: torch.Tensor, qtype: str, in_features: int) -> None:
     """Raise (``ValueError``, ``TypeError``) unless ``weight`` holds rows of ``in_features`` ``qtype`` weights."""
     require(qtype in BLOCK_BYTES, f"unsupported qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
-    if weight.dtype != torch.uint8:
-        raise TypeError(f"quant_linear: weight must be uint8 blocks, got {weight.dtype}")
+    plain = PLAIN_DTYPES.get(qtype)
+    if weight.dtype not in (torch.uint8, plain):
+        raise TypeError(f"quant_linear: weight must be uint8 blocks{'' if plain is None else ' or the plain weight'} "
+                        f"({qtype}), got {weight.dtype}")
     require(weight.dim() == 2, "quant_linear: weight must be [out_features, blocks * bytes per block], got ",
             tuple(weight.shape))
     require(in_features % BLOCK == 0, f"quant_linear: in_features (x.shape[-1] = {in_features}) must be a multiple "
             f"of {BLOCK}")
-    require(weight.shape[1] == row_bytes(in_features, qtype), f"quant_linear: weight rows of {weight.shape[1]} bytes "
+    num_bytes = weight.shape[1] * weight.element_size()
+    require(num_bytes == row_bytes(in_features, qtype), f"quant_linear: weight rows of {num_bytes} bytes "
             f"do not hold {in_features} {qtype} weights ({row_bytes(in_features, qtype)} bytes)")
 
 
@@ -62,8 +67,8 @@ def check_quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str) -> Non
 def dequantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     """The fp32 weight ``[out_features, in_features]`` that the blocks ``weight`` hold."""
     out_features, num_bytes = weight.shape
-    if qtype in ("BF16", "F32"):
-        return weight.view(torch.bfloat16 if qtype == "BF16" else torch.float32).float()
+    if qtype in PLAIN_DTYPES:
+        return weight.view(PLAIN_DTYPES[qtype]).float()  # (a no-op view of a plain weight)
     size = BLOCK_BYTES[qtype]
     blocks = weight.reshape(out_features, num_bytes // size, size)  # [N, K/32, bytes]
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, K/32, 1]

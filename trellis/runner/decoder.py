@@ -232,7 +232,7 @@ class _Projections:
         groups = {qtype: (list(members), [linears[i].weight_blocks for i in members])
                   for qtype, members in self.quantized}
         for i in self.plain:
-            found = linears[i].streamed_blocks(x, "cpp")
+            found = linears[i].streamed_weight(x, "cpp")
             if found is not None:
                 members, blocks = groups.setdefault(found[1], ([], []))
                 members.append(i)
