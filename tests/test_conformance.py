@@ -672,8 +672,11 @@ def test_a_trellis_assistant_refuses_an_input_ending_in_the_pad_token():
     first = int(ref.generate(IDS, max_new_tokens=1, do_sample=False)[0, -1])  # the main model's first token
     assert first not in IDS[0] and first != int(assistant.generate(IDS, max_new_tokens=1, do_sample=False)[0, -1])
     stats = model.prefix_cache.stats()
-    with pytest.raises(ValueError, match=f"holds the pad token {first}"):  # its draft rejected, the pad id accepted
+    with pytest.raises(ValueError, match=f"holds the pad token {first}") as refused:  # its draft rejected, the pad id accepted
         model.generate(IDS, assistant_model=assistant, max_new_tokens=4, do_sample=False, pad_token_id=first)
+    notes = refused.value.__notes__
+    del refused  # its traceback holds the drafter's frames, and with them the assistant's cache handle
+    assert notes == ["(raised by assistant_model while it drafted candidate tokens)"]  # named as the assistant's
     assert model.prefix_cache.stats()["cached_blocks"] >= stats["cached_blocks"]
     assert model.prefix_cache.stats()["live_sessions"] == assistant.prefix_cache.stats()["live_sessions"] == 0
     model.prefix_cache.check_integrity()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -421,8 +423,12 @@ class TrellisLlama(LlamaForCausalLM):
                                  "masks other tokens; continue without drafts, or start from no past_key_values")
             if "dynamic" not in self.model.rotary_emb.rope_type:
                 cache.discard_from = generation_config.max_length
-        return super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
-                                                model_kwargs, *args, **kwargs)
+        drafter = super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
+                                                   model_kwargs, *args, **kwargs)
+        assistant = getattr(drafter, "assistant_model", None)
+        if assistant is not None and assistant is not self:
+            drafter.get_candidates = _errors_named_as_the_assistants(drafter.get_candidates)
+        return drafter
 
     def _generation_setting(self, name: str, generation_config, kwargs: dict):
         """A generation setting as ``generate()`` resolves it: the call's keyword, else the config
@@ -479,6 +485,24 @@ class TrellisLlama(LlamaForCausalLM):
 
         return generate_batch(self, inputs, generation_config, continuous_batching_config, record_timestamps,
                               progress_bar, **kwargs)
+
+
+def _errors_named_as_the_assistants(get_candidates: Callable[..., Any]) -> Callable[..., Any]:
+    """A drafter's bound ``get_candidates``, whose errors say they came from ``assistant_model``: the
+    drafts run the assistant's own ``generate()``, and its refusals (a pad token, a prompt too long
+    for it) would otherwise read as the main model's. Held weakly: the drafter keeps the wrapper,
+    and a cycle would keep the drafter, and the assistant's cache handle with its session, alive
+    past an error until the garbage collector runs."""
+    method = weakref.WeakMethod(get_candidates)
+
+    def drafting(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method()(*args, **kwargs)
+        except Exception as exc:
+            exc.add_note("(raised by assistant_model while it drafted candidate tokens)")
+            raise
+
+    return drafting
 
 
 def _refuse_right_padding(attention_mask: torch.Tensor, cause: str, remedy: str) -> None:
