@@ -490,9 +490,10 @@ class TrellisLlama(LlamaForCausalLM):
 def _errors_named_as_the_assistants(get_candidates: Callable[..., Any]) -> Callable[..., Any]:
     """A drafter's bound ``get_candidates``, whose errors say they came from ``assistant_model``: the
     drafts run the assistant's own ``generate()``, and its refusals (a pad token, a prompt too long
-    for it) would otherwise read as the main model's. Held weakly: the drafter keeps the wrapper,
-    and a cycle would keep the drafter, and the assistant's cache handle with its session, alive
-    past an error until the garbage collector runs."""
+    for it) would otherwise read as the main model's. On an error the drafter's cache handle for
+    the assistant ends its sessions then, not when the error's traceback (which holds the handle)
+    is dropped. The method is held weakly: the drafter keeps the wrapper, and a cycle would keep
+    the drafter and that handle alive until the garbage collector ran."""
     method = weakref.WeakMethod(get_candidates)
 
     def drafting(*args: Any, **kwargs: Any) -> Any:
@@ -500,6 +501,9 @@ def _errors_named_as_the_assistants(get_candidates: Callable[..., Any]) -> Calla
             return method()(*args, **kwargs)
         except Exception as exc:
             exc.add_note("(raised by assistant_model while it drafted candidate tokens)")
+            cache = getattr(method().__self__, "assistant_kwargs", {}).get(CACHE_ARG)
+            if isinstance(cache, PagedKVCache):
+                cache.release()
             raise
 
     return drafting
