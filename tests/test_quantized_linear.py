@@ -171,8 +171,8 @@ def test_op_schema_and_fake_kernel():
     x = torch.randn(3, 64)
     torch.testing.assert_close(compiled(x), 2 * ops.quant_linear(x, blocks, "Q4_0"))
     torch.library.opcheck(torch.ops.trellis.quant_linear_group.default, (torch.randn(3, 64), [blocks, blocks], "Q4_0"))
-    plain = torch.randn(40, 64, dtype=torch.bfloat16)  # a plain weight as its BF16 blocks
-    torch.library.opcheck(torch.ops.trellis.quant_linear.default, (torch.randn(3, 64, dtype=torch.bfloat16), plain, "BF16"))
+    plain, x16 = torch.randn(40, 64, dtype=torch.bfloat16), torch.randn(3, 64, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.trellis.quant_linear.default, (x16, plain, "BF16"))  # a plain weight as its blocks
 
 
 BAD_INPUTS = [  # (x, weight, qtype, error, message)

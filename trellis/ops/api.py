@@ -158,8 +158,9 @@ def _attend(
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str, backend: str | None = None) -> torch.Tensor:
     """``x [..., K] @ W^T -> [..., N]`` for ``W`` held as GGUF blocks: ``weight`` uint8
     ``[N, K / 32 * block bytes]`` of ``qtype`` (``Q8_0``, ``Q4_0``, ``Q4_1``; see ``quant.py``), or
-    for ``BF16`` and ``F32`` the plain ``[N, K]`` weight itself (or its bytes). ``x`` fp32 or bf16, accumulated in fp32, returned in ``x``'s dtype. The C++ kernel on CPU; the
-    reference (dequantize, then ``F.linear``) on other devices, and where the backend is ``reference``."""
+    for ``BF16`` and ``F32`` the plain ``[N, K]`` weight itself (or its bytes). ``x`` fp32 or bf16,
+    accumulated in fp32, returned in ``x``'s dtype. The C++ kernel on CPU; the reference
+    (dequantize, then ``F.linear``) on other devices, and where the backend is ``reference``."""
     if resolve_backend(backend, x.device) == "cpp":
         return kernels("cpp").quant_linear(x, weight, qtype)
     quant.check_quant_linear(x, weight, qtype)
