@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from trellis.grid import (
     GridOptions,
     LocalGrid,
     devices,
+    launch,
     parse_layers,
     shared_host_environment,
     split_by_memory,
@@ -35,6 +38,7 @@ from trellis.grid import (
 from trellis.grid.launch import SHARED_HOST_SPIN_COUNT
 from trellis.grid.transport import StepPlan
 from trellis.models.llama import TrellisLlama
+from trellis.models.loading import DtypeChoice, preferred_dtype
 
 BLOCK = 4
 
@@ -236,10 +240,36 @@ def test_lost_step_caches_nothing(tiny_dir):
         grid.stop(timeout=10)
 
 
-@pytest.mark.parametrize("field,value,named", [("dtype", "bfloat16", "dtype"), ("block_size", 8, "block_size")])
+def test_dtype_auto_is_what_each_stage_runs_fastest(tiny_dir, tmp_path, monkeypatch):
+    """--dtype auto: on the CPU preferred_dtype's choice, on a GPU the checkpoint's dtype (fp32 where
+    it names none), resolved when the options are made; a grid in it serves what one model does."""
+    here = str(preferred_dtype("cpu").dtype).removeprefix("torch.")
+    assert options(tiny_dir, dtype="auto", device="cpu").dtype == here
+    monkeypatch.setattr(launch, "preferred_dtype", lambda device: DtypeChoice("auto", "a GPU"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config(num_hidden_layers=2)).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert options(str(tmp_path), dtype="auto").dtype == "bfloat16"
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert options(str(tmp_path), dtype="auto").dtype == "float32"  # a checkpoint that names none
+    monkeypatch.undo()
+    prompts = shared_prefix_prompts(2, 40, 5, 256, seed=3)
+    single = TrellisLlama.from_pretrained(tiny_dir, dtype=getattr(torch, here), device="cpu", block_size=BLOCK,
+                                          num_blocks=256)
+    with LocalGrid(options(tiny_dir, dtype="auto", device="cpu"), stages=2) as runner:
+        assert runner.model.dtype == getattr(torch, here)
+        assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]
+
+
+DTYPE_REFUSAL = ("dtype: float32 on the coordinator, bfloat16 here (--dtype auto chooses for each machine: give "
+                 "every stage one --dtype)")
+
+
+@pytest.mark.parametrize("field,value,named", [("dtype", "bfloat16", DTYPE_REFUSAL), ("block_size", 8, "block_size")])
 def test_a_mismatched_stage_is_refused(tiny_dir, field, value, named):
     grid = LocalGrid(options(tiny_dir), stages=2, stage_options=dataclasses.replace(options(tiny_dir), **{field: value}))
-    with pytest.raises(GridError, match=named):
+    with pytest.raises(GridError, match=re.escape(named)):
         grid.__enter__()
     assert grid.stop(timeout=30) == [2]  # the stage refused too (the command's usage-error status)
 

@@ -170,7 +170,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
     parser.add_argument("--model", type=model_directory,
                         help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--gguf-file", help="a GGUF file inside --model")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16", "auto"],
+                        help="default: %(default)s. auto: each stage chooses for its own device (bf16 on a CPU "
+                             "with native bf16 dot products, else fp32; the checkpoint's dtype on CUDA), and "
+                             "stages that choose differently are refused at start")
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda")
     parser.add_argument("--block-size", type=int, default=defaults.block_size, help="KV cache block size in tokens")
     if pool_options:

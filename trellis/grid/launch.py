@@ -35,7 +35,7 @@ from trellis.grid.runner import GridRunner
 from trellis.grid.stage import StageWorker, free_memory, load_stage_model
 from trellis.grid.transport import GridError, Link
 from trellis.models.embedded import embedded_model_dir
-from trellis.models.loading import load_llama_config
+from trellis.models.loading import device_named, load_llama_config, preferred_dtype
 from trellis.runner.runner import CacheSettings, default_kv_cache_memory
 
 log = logging.getLogger("trellis.grid")
@@ -57,7 +57,7 @@ class GridOptions:
 
     model: str | None = None  # a checkpoint directory; None: the embedded SmolLM2
     gguf_file: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "auto": each rank chooses for its own device (grid_dtype)
     device: str = "auto"
     block_size: int = 32
     num_blocks: int | None = None  # default: what every stage's KV budget holds
@@ -74,6 +74,8 @@ class GridOptions:
         the coordinator waits for it to join."""
         CacheSettings(self.block_size, self.num_blocks, self.kv_cache_memory)  # the pool's own checks
         check_grid_device(self.device)
+        if self.dtype == "auto":
+            self.dtype = grid_dtype(self.device, self.model_path, self.load_kwargs())
         for name in ("micro_batches", "threads", "step_timeout", "start_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -130,8 +132,22 @@ class StageIdentity:
     def differences(self, other: StageIdentity) -> list[str]:
         mine, theirs = asdict(self), asdict(other)
         names = [f.name for f in self.__dataclass_fields__.values() if f.compare]
-        return [f"{name}: {mine[name]} on the coordinator, {theirs[name]} here" for name in names
+        hints = {"dtype": " (--dtype auto chooses for each machine: give every stage one --dtype)"}
+        return [f"{name}: {mine[name]} on the coordinator, {theirs[name]} here{hints.get(name, '')}" for name in names
                 if mine[name] != theirs[name]]
+
+
+def grid_dtype(device: str, model_path: str, load_kwargs: dict) -> str:
+    """What ``--dtype auto`` runs a stage in: on the CPU ``preferred_dtype`` (bf16 where it has
+    native bf16 dot products, else fp32), on CUDA the checkpoint's dtype (fp32 where it names
+    none). Each rank chooses for its own device, so stages on machines of different kinds may
+    choose differently: the handshake then refuses the grid, naming the dtypes."""
+    choice = preferred_dtype(device_named(device))
+    if isinstance(choice.dtype, torch.dtype):
+        return str(choice.dtype).removeprefix("torch.")
+    named = getattr(load_llama_config(model_path, load_kwargs), "dtype", None)
+    dtype = getattr(torch, named, None) if isinstance(named, str) else named
+    return str(dtype if isinstance(dtype, torch.dtype) else torch.float32).removeprefix("torch.")
 
 
 def model_digest(path: str, gguf_file: str | None = None) -> str:
