@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 # spin (~0.3 ms) keeps a stage's own back-to-back regions warm and frees the cores at a hand-over
 # (docs/grid.md has the measurements). libgomp reads it when it loads, so it is set per process.
 SHARED_HOST_SPIN_COUNT = "10000"
+# Seconds LocalGrid.stop waits for the stages of a failed grid: the healthy ones exit within it.
+FAILED_GRID_GRACE = 5.0
 OPENMP_WAIT_SETTINGS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
@@ -391,13 +394,18 @@ class LocalGrid:
         self.stop()
 
     def stop(self, timeout: float = 30.0) -> list[int | None]:
-        """Close the grid and wait for the stage processes; their exit statuses."""
+        """Close the grid and wait for the stage processes, ``timeout`` seconds in all (at most
+        ``FAILED_GRID_GRACE`` once the grid has failed: a lost or hung stage does not exit on its
+        own), then kill those left; their exit statuses."""
         if self.runner is not None:
             self.runner.close()
+            if self.runner.failure is not None:
+                timeout = min(timeout, FAILED_GRID_GRACE)
         torch.set_num_threads(self._threads)
+        deadline = time.monotonic() + timeout
         for process in self.processes:
             try:
-                process.wait(timeout)
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
