@@ -32,6 +32,7 @@ from trellis.grid import (
 )
 from trellis.model_options import add_model_arguments, load_model, model_directory
 from trellis.models.embedded import EMBEDDED_NAME, embedded_model_dir
+from trellis.models.loading import DTYPES
 from trellis.runner import LINEAR_KERNELS
 from trellis.serve import ServeConfig, serve
 from trellis.serve.server import check_address
@@ -170,7 +171,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
     parser.add_argument("--model", type=model_directory,
                         help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--gguf-file", help="a GGUF file inside --model")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16", "auto"],
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", *DTYPES],
                         help="default: %(default)s. auto: each stage chooses for its own device (bf16 on a CPU "
                              "with native bf16 dot products, else fp32; the checkpoint's dtype on CUDA), and "
                              "stages that choose differently are refused at start")

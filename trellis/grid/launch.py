@@ -145,12 +145,12 @@ def grid_dtype(device: str, model_path: str, load_kwargs: dict) -> str:
     native bf16 dot products, else fp32), on CUDA the checkpoint's dtype (fp32 where it names
     none). Each rank chooses for its own device, so stages on machines of different kinds may
     choose differently: the handshake then refuses the grid, naming the dtypes."""
-    choice = preferred_dtype(device_named(device))
-    if isinstance(choice.dtype, torch.dtype):
-        return str(choice.dtype).removeprefix("torch.")
-    named = getattr(load_llama_config(model_path, load_kwargs), "dtype", None)
-    dtype = getattr(torch, named, None) if isinstance(named, str) else named
-    return str(dtype if isinstance(dtype, torch.dtype) else torch.float32).removeprefix("torch.")
+    dtype = preferred_dtype(device_named(device)).dtype
+    if not isinstance(dtype, torch.dtype):  # "auto" off the CPU: the checkpoint's
+        named = getattr(load_llama_config(model_path, load_kwargs), "dtype", None)
+        dtype = getattr(torch, named, None) if isinstance(named, str) else named
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return str(dtype).removeprefix("torch.")
 
 
 def model_digest(path: str, gguf_file: str | None = None) -> str:
