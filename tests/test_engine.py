@@ -178,6 +178,25 @@ def test_filters_give_transformers_warpers_distribution():
         torch.testing.assert_close(got[row], warped_probs(logits[row : row + 1], *warp)[0])
 
 
+def test_extreme_but_valid_filters_and_seeds_sample_as_transformers_and_torch_take_them():
+    """A top_k past the vocabulary (and past int64) keeps every token and a top_p below float32's
+    range the most likely one, as transformers' warpers take them; any integer seeds a session,
+    modulo 2**64 as torch takes a negative one (a fork's ``seed + i`` may pass 2**64)."""
+    logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(4)) * 3  # [1, V]
+    for warp in [(1.0, 2**63, 1.0), (1.0, 2**70, 0.9), (0.7, 0, 1e-300), (1.3, 5, 5e-324)]:
+        params = SamplingParams(do_sample=True, temperature=warp[0], top_k=warp[1], top_p=warp[2])
+        token, logprob, errors = sample(logits, [params], [torch.Generator().manual_seed(0)])
+        assert errors == {}
+        assert abs(logprob[0] - warped_probs(logits, *warp)[0, token[0]].log().item()) < 1e-5, warp
+    for seed, same_as in [(-1, 2**64 - 1), (2**64 + 5, 5), (-(2**63), 2**63)]:
+        drawn = torch.rand(4, generator=SamplingParams(do_sample=True, seed=seed).make_generator(torch.device("cpu")))
+        assert torch.equal(drawn, torch.rand(4, generator=torch.Generator().manual_seed(same_as)))
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        SamplingParams(do_sample=True, top_k=2.5)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        SamplingParams(do_sample=True, seed="7")
+
+
 def test_sampling_draws_from_transformers_warped_distribution():
     """Each draw reports the log-probability transformers' warpers give its token, and the draws'
     frequencies follow that distribution."""

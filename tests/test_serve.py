@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
@@ -454,6 +455,43 @@ def test_overload_gets_503_and_the_server_keeps_serving():
         assert httpx.get(f"{server.url}/metrics").status_code == 401
         assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
         assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_extreme_but_valid_sampling_values_are_served(tiny):
+    """OpenAI's and vLLM's ranges: any top_k (past the vocabulary and int64 alike: no limit), a
+    top_p as small as a double goes (the most likely token only: greedy's text), an int64 seed."""
+    url = f"{tiny.server.url}{CHAT}"
+    body = {"messages": HELLO, "max_tokens": 4, "temperature": 1.0}
+    greedy = httpx.post(url, json={**body, "temperature": 0}, timeout=30).json()["choices"][0]["message"]["content"]
+    for extra in ({"top_k": 2**63}, {"top_p": 5e-324}, {"seed": -(2**63)}):
+        reply = httpx.post(url, json={**body, **extra}, timeout=30)
+        assert reply.status_code == 200, (extra, reply.text)
+        if "top_p" in extra:
+            assert reply.json()["choices"][0]["message"]["content"] == greedy
+
+
+def test_a_prompt_is_tokenized_off_the_event_loop(tiny, monkeypatch):
+    """Tokenizing a large prompt (a 4 MiB body takes seconds) holds up no other client: here the
+    tokenizer is held until /health has answered."""
+    server, tokenizing, release = tiny.server, threading.Event(), threading.Event()
+    call = type(tiny.tok).__call__
+
+    def held(self, text, *args, **kwargs):
+        if text == "held in the tokenizer":
+            tokenizing.set()
+            assert release.wait(60)
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny.tok), "__call__", held)
+    body = {"prompt": "held in the tokenizer", "max_tokens": 2}
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(httpx.post, f"{server.url}{COMPLETIONS}", json=body, timeout=90)
+        try:
+            assert tokenizing.wait(30)
+            assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+        finally:
+            release.set()
+        assert reply.result().status_code == 200
 
 
 def test_an_engine_error_fails_that_request_only(tiny):

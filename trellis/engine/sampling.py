@@ -60,10 +60,12 @@ class SamplingParams:
         if self.do_sample and not self.temperature >= MIN_TEMPERATURE:
             raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:.3g} (float32's smallest normal number) "
                              f"when sampling, got {self.temperature!r}; do_sample=False decodes greedily")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -91,7 +93,8 @@ class SamplingParams:
         if not self.do_sample:
             return None
         seed = self.seed if self.seed is not None else int(torch.randint(2**62, ()))
-        return torch.Generator(device=draw_device(device)).manual_seed(seed)
+        # Modulo 2**64, as torch takes a negative seed; so any integer works (a fork's ``seed + i`` too).
+        return torch.Generator(device=draw_device(device)).manual_seed(seed % 2**64)
 
 
 def filter_logits(
@@ -107,10 +110,11 @@ def filter_logits(
     limit = torch.where(top_k > 0, top_k, scaled.shape[-1])  # [B]
     removed = rank[None, :] >= limit[:, None]  # [B, V]
     probs = sorted_logits.masked_fill(removed, float("-inf")).softmax(dim=-1)  # [B, V]
-    # A token stays if the tokens ranked above it hold less than top_p of the mass: the first always does.
-    # top_p = 1 keeps everything (a float cumsum may reach 1 before the last token).
+    # A token stays if the tokens ranked above it hold less than top_p of the mass, and the first
+    # always does (a top_p below float32's range rounds to 0). top_p = 1 keeps everything (a float
+    # cumsum may reach 1 before the last token).
     mass_above = probs.cumsum(dim=-1) - probs  # [B, V]
-    removed |= (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
+    removed[:, 1:] |= (mass_above[:, 1:] >= top_p[:, None]) & (top_p[:, None] < 1)
     kept = sorted_logits.masked_fill(removed, float("-inf"))  # [B, V]
     return torch.full_like(scaled, float("-inf")).scatter(-1, order, kept)  # [B, V]
 
@@ -158,7 +162,7 @@ def sample(
         filtered = filter_logits(
             logits[rows],
             torch.tensor([params[i].temperature for i in sampled], device=device),
-            torch.tensor([params[i].top_k for i in sampled], device=device),
+            torch.tensor([min(params[i].top_k, logits.shape[-1]) for i in sampled], device=device),  # (any int)
             torch.tensor([params[i].top_p for i in sampled], device=device),
         )  # [S, V]
         probs = filtered.softmax(dim=-1)  # [S, V]

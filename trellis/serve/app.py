@@ -52,6 +52,7 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
             yield
         finally:
             await asyncio.to_thread(bridge.close)  # the last step ends off the event loop
+            service.close()
 
     app = FastAPI(title="Trellis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.bridge, app.state.metrics, app.state.config = engine, bridge, metrics, config

@@ -14,9 +14,10 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +31,7 @@ from trellis.serve.protocol import APIError, ChatCompletionRequest, CompletionRe
 from trellis.serve.text import TextStream, TokenBytes
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -75,14 +77,24 @@ class CompletionService:
         self.metrics = bridge.metrics
         self.stop_token_ids = tuple(stop_token_ids)
         self.context_length = context_length
+        # Prompts are tokenized (and echoed prompts decoded) on one worker thread, off the event
+        # loop: a 4 MiB prompt takes seconds, and other clients' streams and /health go on meanwhile.
+        # One thread: a fast tokenizer may refuse calls from two at once ("Already borrowed").
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trellis-tokenize")
+
+    def close(self) -> None:
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    async def _tokenizer_work(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
 
     # --- the two endpoints ----------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> dict[str, Any] | AsyncIterator[str]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                             return_dict=True)["input_ids"])
+            prompt = await self._tokenizer_work(lambda: list(self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_dict=True)["input_ids"]))
         except Exception as exc:  # noqa: BLE001 -- no template, or one that refuses these messages
             raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -99,13 +111,15 @@ class CompletionService:
 
     async def complete(self, req: CompletionRequest, request: Request) -> dict[str, Any] | AsyncIterator[str]:
         try:
-            prompts = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in req.prompts()]
+            prompts = await self._tokenizer_work(lambda: [self.tokenizer(p)["input_ids"] if isinstance(p, str)
+                                                          else list(p) for p in req.prompts()])
         except Exception as exc:  # noqa: BLE001 -- text the tokenizer refuses (a lone UTF-16 surrogate)
             raise APIError(400, f"the prompt cannot be tokenized: {exc}", "prompt") from None
+        echo = await self._tokenizer_work(lambda: [p if isinstance(p, str) else self.tokenizer.decode(p)
+                                                   for p in req.prompts()]) if req.echo else []
         prompt_top = req.logprobs if req.echo else None
         job = self._start("cmpl", prompts, req, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs,
                           prompt_top)
-        echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in req.prompts()] if req.echo else []
         if req.stream:
             return self._stream(job, req, request, chat=False, echo=echo)
         await self._collect(job, request)

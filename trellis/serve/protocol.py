@@ -96,7 +96,7 @@ class GenerationRequest(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 and -1 disable it
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's int64
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
