@@ -383,6 +383,27 @@ def test_inputs_embeds_forward_and_generate():
     model.prefix_cache.check_integrity()
 
 
+def test_inputs_embeds_in_another_dtype_promote_as_transformers():
+    """bf16 embeddings into an fp32 model: transformers' modules promote as they go (its RMSNorm
+    rounds to its input's dtype); so does Trellis."""
+    ref, model = tiny_pair()
+    embeds = ref.get_input_embeddings()(IDS).detach().bfloat16()
+    with torch.no_grad():
+        assert close(model(inputs_embeds=embeds).logits, ref(inputs_embeds=embeds).logits)
+        settings = {"max_new_tokens": NEW, "do_sample": False}
+        assert torch.equal(model.generate(inputs_embeds=embeds, **settings), ref.generate(inputs_embeds=embeds, **settings))
+
+
+def test_a_cache_position_is_ignored_as_transformers_ignores_it():
+    """transformers 5 has no cache_position; code written for 4.x passes one, which its Llama
+    forward takes among its keyword arguments and never reads."""
+    ref, model = tiny_pair()
+    model.generate(IDS, max_new_tokens=2, do_sample=False)  # a cached prefix
+    position = torch.arange(IDS.shape[1])
+    with torch.no_grad():
+        assert close(model(IDS, cache_position=position).logits, ref(IDS, cache_position=position).logits)
+
+
 def test_generate_continue_from_inputs_embeds():
     """test_generate_continue_from_inputs_embeds: embeddings of the whole sequence with the returned cache."""
     ref, model = tiny_pair()

@@ -1,6 +1,7 @@
 """Stale K/V are never served: a change to anything a forward reads (weights, buffers, settings,
 adapters, dtype, device) drops the cache, and ``reset()`` drops what no key can see."""
 
+import copy
 import gc
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers.activations import ACT2FN
 
 from tests.conftest import installed
-from tests.models import tiny_pair
+from tests.models import tiny_config, tiny_pair
 from trellis.cache.block_pool import BlockPool
 from trellis.cache.manager import KVCacheManager
 from trellis.models.paged_cache import CACHE_ARG
@@ -384,6 +386,96 @@ def test_released_handles_are_drained_before_any_decision(decide):
 PROMPTS = [IDS, IDS[:, :17], torch.cat([IDS, torch.arange(40, 46)[None]], dim=1)]  # sharing prefixes
 
 
+def _toggle_steering_hook(m, i: int) -> None:
+    """A forward hook that adds a vector to a decoder layer's output (activation steering), or,
+    if one is set, its removal."""
+    handle = vars(m).pop("_steering", None)
+    if handle is not None:
+        handle.remove()
+        return
+    steer = torch.full((m.config.hidden_size,), 0.5 + i)
+    m._steering = m.model.layers[i % 2].register_forward_hook(lambda module, args, out: out + steer)
+
+
+def _swap_activation(m, i: int) -> None:
+    """A module without parameters replaced: SiLU for GELU and back."""
+    mlp = m.model.layers[i % 2].mlp
+    mlp.act_fn = ACT2FN["silu"] if isinstance(mlp.act_fn, torch.nn.GELU) else torch.nn.GELU()
+
+
+def _toggle_instance_forward(m, i: int) -> None:
+    """A ``forward`` set on an MLP instance (its output scaled), or, if one is set, its removal."""
+    mlp = m.model.layers[i % 2].mlp
+    if "forward" in vars(mlp):
+        del mlp.forward
+    else:
+        own = type(mlp).forward.__get__(mlp)
+        mlp.forward = lambda x: own(x) * 1.5
+
+
+@pytest.mark.parametrize("edit", [_toggle_steering_hook, _swap_activation, _toggle_instance_forward],
+                         ids=["hook", "activation", "instance forward"])
+def test_a_change_of_the_code_a_forward_runs_drops_the_cache(edit):
+    """What the weights do not show: a hook set or removed, a module without parameters replaced,
+    a forward set on an instance or removed. Each way, the answers are transformers'."""
+    ref, model = tiny_pair()
+    for i in range(3):
+        warm(model)
+        on_both(ref, model, lambda m, i=i: edit(m, i))
+        assert model.prefix_cache.stats()["cached_blocks"] == 0
+        assert_answers_match(ref, model)
+
+
+def test_hidden_states_capture_hooks_keep_the_cache():
+    """transformers installs its output-capturing hooks for good once hidden states are asked for;
+    they record only then and change no output, so the cache keeps its prefixes."""
+    ref, model = tiny_pair()
+    warm(model)
+    model.generate(IDS, max_new_tokens=2, do_sample=False, output_hidden_states=True, return_dict_in_generate=True)
+    hits = model.prefix_cache.stats()["hit_tokens"]
+    warm(model)
+    assert model.prefix_cache.stats()["hit_tokens"] > hits
+    assert_answers_match(ref, model)
+
+
+def _delete_first(m):
+    del m.model.layers[0]
+
+
+def _pop_middle(m):
+    m.model.layers.pop(1)
+
+
+def _insert_copy(m):
+    """A copy of layer 0 run second, under a new layer_idx, and one more layer in the count."""
+    copied = copy.deepcopy(m.model.layers[0])
+    copied.self_attn.layer_idx = 3
+    m.model.layers.insert(1, copied)
+    m.config.num_hidden_layers = 4
+
+
+@pytest.mark.parametrize("warmed", [True, False], ids=["after a forward", "first"])
+@pytest.mark.parametrize("edit", [_delete_first, _pop_middle, _insert_copy], ids=["del", "pop", "insert"])
+def test_layers_deleted_or_inserted_answer_as_transformers(edit, warmed):
+    """``del layers[i]``, ``pop`` and ``insert`` change a ModuleList without a registration; the
+    layers keep their layer_idx, under which the pool keeps their K/V as transformers' caches do."""
+    ref, model = tiny_pair(config=tiny_config(num_hidden_layers=3))
+    if warmed:
+        warm(model)
+    on_both(ref, model, edit)
+    assert_generation_matches(ref, model, IDS)
+    assert_answers_match(ref, model)
+
+
+def test_layers_sharing_a_layer_idx_are_refused():
+    _, model = tiny_pair()
+    model.model.layers[1].self_attn.layer_idx = 0
+    with pytest.raises(ValueError, match=r"share the layer_idx \[0\]"):
+        model.generate(IDS, max_new_tokens=2, do_sample=False)
+    model.model.layers[1].self_attn.layer_idx = 1
+    warm(model)
+
+
 def _weight(m, i: int) -> torch.nn.Parameter:
     layer = m.model.layers[i % 2]
     return [layer.self_attn.k_proj.weight, layer.mlp.up_proj.weight, layer.input_layernorm.weight, m.lm_head.weight][i]
@@ -413,6 +505,9 @@ CHANGES: dict[str, Callable] = {  # (ref, model, i): the same change on both, or
     "reset": lambda ref, model, i: model.prefix_cache.reset(),
     "kernel": lambda ref, model, i: model.set_linear_kernel(KERNELS[i % len(KERNELS)]),
     "layer count": lambda ref, model, i: on_both(ref, model, lambda m: _layers(m, 1 + i % 2)),
+    "hook": lambda ref, model, i: on_both(ref, model, lambda m: _toggle_steering_hook(m, i)),
+    "activation": lambda ref, model, i: on_both(ref, model, lambda m: _swap_activation(m, i)),
+    "instance forward": lambda ref, model, i: on_both(ref, model, lambda m: _toggle_instance_forward(m, i)),
 }
 
 

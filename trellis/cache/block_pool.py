@@ -2,12 +2,16 @@
 
 One tensor holds the K and V of every layer: ``kv[num_layers, 2, num_blocks, block_size,
 num_kv_heads, head_dim]``. A block id names the same block in every layer, so a session's
-block list is valid for the whole model. A pool may hold a contiguous range of the model's layers
-only (one stage of a grid, ``first_layer`` on): ``layers[l]`` is layer ``l``'s K and V either way. The pool only counts references; who holds them
-(the radix tree, live sessions) is the business of the layers above.
+block list is valid for the whole model. ``layers[l]`` is the K and V of the layer whose attention
+has ``layer_idx`` ``l``: ``layer_ids`` name them, by default ``0 .. num_layers - 1`` (a grid
+stage's pool holds its range of the model's layers; a model with layers deleted keeps the indices
+its layers were built with). The pool only counts references; who holds them (the radix tree,
+live sessions) is the business of the layers above.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -33,11 +37,14 @@ class BlockPool:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        first_layer: int = 0,
+        layer_ids: Sequence[int] | None = None,
     ) -> None:
         check_block_size(block_size)
         if not isinstance(num_blocks, int) or num_blocks <= 0:
             raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        layer_ids = range(num_layers) if layer_ids is None else layer_ids
+        if len(layer_ids) != num_layers or len(set(layer_ids)) != num_layers:
+            raise ValueError(f"layer_ids must name {num_layers} distinct layers, got {list(layer_ids)}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         # Unused slots are never read (kernels stop at seq_len), so no need to zero the memory.
@@ -46,8 +53,7 @@ class BlockPool:
         )
         # Views made once, keyed by the model's layer index: attention asks for its layer's caches
         # on every forward.
-        self.first_layer = first_layer
-        self.layers = {first_layer + i: (self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)}
+        self.layers = {layer: (self.kv[i, 0], self.kv[i, 1]) for i, layer in enumerate(layer_ids)}
         self.ref_counts = [0] * num_blocks
         # Pop from the end: low block ids are handed out first, which keeps tests readable.
         self._free = list(range(num_blocks - 1, -1, -1))

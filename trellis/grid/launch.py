@@ -317,7 +317,7 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     model.requires_grad_(False)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     pool = BlockPool(plan["num_blocks"], options.block_size, len(layers), config.num_key_value_heads, head_dim,
-                     dtype=options.torch_dtype, device=device, first_layer=layers.start)
+                     dtype=options.torch_dtype, device=device, layer_ids=layers)
     log.info("stage %d of %d: layers %d-%d, %d KV blocks", endpoint.rank, endpoint.world_size, layers.start,
              layers.stop - 1, plan["num_blocks"])
     group = process_group(store, endpoint, device, options.start_timeout)

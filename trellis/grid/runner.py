@@ -87,7 +87,7 @@ class GridRunner(PagedModelRunner):
 
     def _new_pool(self) -> BlockPool:
         return CopyRecordingPool(self.settings.num_blocks, self.settings.block_size, *self.pool_geometry(),
-                                 dtype=self.model.dtype, device=self.device)
+                                 dtype=self.model.dtype, device=self.device, layer_ids=self.layer_ids())
 
     @property
     def prefix_cache(self) -> KVCacheManager:

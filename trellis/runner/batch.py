@@ -76,7 +76,7 @@ def plan_batch(input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: t
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     cu_t = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=device)
     plan = ops.plan_attention(block_table, seq_lens_t, cu_t, num_tokens=input_ids.shape[0], num_q_heads=num_q_heads,
-                              k_cache=pool.layers[pool.first_layer][0],
+                              k_cache=pool.kv[0, 0],  # any layer's: they share one geometry
                               max_q_len=max(end - start for start, end in pairwise(cu_seqlens_q)),
                               max_kv_len=max(seq_lens), backend=backend)
     return PagedBatch(

@@ -15,18 +15,17 @@ bit, in bf16 and fp16 up to the order of the RMSNorm's sum of squares (docs/deco
 It runs only a model whose forward it reproduces exactly (``_check``: transformers' own Llama
 classes, no hooks, no adapters, no overridden forward, SiLU, norms in the model's dtype, on the
 CPU), and only for a step that asks for nothing else (no gradients, no hidden states or attention
-weights). Anything else runs transformers' forward, so hooks and adapters keep working. The
-verdict is cached: a step reads a registration count, a hook counter, the modules' hook counts,
-classes and instance forwards, and a few settings (``_state``), and checks the model again when
-any of them changed.
+weights) over inputs in the weights' dtype. Anything else runs transformers' forward, so hooks and adapters keep working. The
+verdict is cached: a step reads a registration count, the modules' ``ModelStructure`` (their
+hooks, classes, instance forwards, containers' members) and a few settings (``_state``), and
+checks the model again when any of them changed.
 """
 
 from __future__ import annotations
 
-from itertools import chain, repeat
+from itertools import chain
 
 import torch
-from torch.utils.hooks import RemovableHandle
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -43,17 +42,9 @@ from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch
 from trellis.runner.cpu_linear import CPULinear
 from trellis.runner.quantized_linear import QuantizedLinear
-from trellis.runner.weights_watcher import registration_count, watch_registrations
+from trellis.runner.weights_watcher import ModelStructure, registration_count, watch_registrations
 
 _LINEARS = (torch.nn.Linear, CPULinear, QuantizedLinear)  # called as they are; any other kind (adapters) is not
-_NN = torch.nn.modules.module
-_GLOBAL_HOOKS = (_NN._global_forward_hooks, _NN._global_forward_pre_hooks)
-
-
-def _capture_hook(hook: object) -> bool:
-    """transformers' output-capturing hook (installed for good once hidden states were asked for):
-    it records only while a forward asks for outputs, and those forwards are not lean."""
-    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
 class LeanDecoder:
@@ -65,16 +56,16 @@ class LeanDecoder:
         self._eligible = False
         self.checks = 0  # how often the model was checked (tests check it stays rare)
         self._lean_layers: list[_LeanLayer] = []  # the decoder layers a forward runs, as it calls them
-        self._modules: list[torch.nn.Module] = []  # every module a lean forward runs or skips
+        self._structure = ModelStructure()  # every module a lean forward runs or skips
         self._first_norm: dict = {}  # the first norm's parameters: ``_state`` reads the weights' dtype there
-        self._module_dicts: list[dict] = []  # their __dict__s: a forward set on an instance lands there
-        self._hook_tables: list[dict] = []  # their forward (pre-)hooks, and the global ones
 
     def run(self, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
         """The decoder's final hidden states ``[T, H]`` over ``batch`` (its tokens, or
         ``inputs_embeds`` ``[T, H]``), or None where the lean path does not apply."""
         if torch.is_grad_enabled() or not self.eligible():
             return None
+        if inputs_embeds is not None and inputs_embeds.dtype != self._first_norm["weight"].dtype:
+            return None  # transformers' modules promote as they go (RMSNorm rounds to its input's dtype)
         decoder = self.model.model
         if inputs_embeds is None:
             if decoder.embed_tokens is None:
@@ -109,13 +100,12 @@ class LeanDecoder:
 
     def _state(self) -> tuple:
         """What the verdict was reached on, in tens of µs on SmolLM2: the registration count (modules
-        and parameters replaced, adapters injected), the hook handle counter and the number of
-        hooks (a hook added anywhere, or removed here), the modules' classes, forwards set on
-        instances, the settings a step reads, and the dtype and device of the weights (``.to()``)."""
+        and parameters replaced, adapters injected), the modules' structure (hooks, classes,
+        forwards set on instances, containers' members), the settings a step reads, and the dtype
+        and device of the weights (``.to()``)."""
         config = vars(self.model.config)
         weight = self._first_norm.get("weight")
-        return (registration_count(), RemovableHandle.next_id, sum(map(len, self._hook_tables)),
-                tuple(map(type, self._modules)), any(map(dict.__contains__, self._module_dicts, repeat("forward"))),
+        return (registration_count(), self._structure.state(),
                 config.get("output_hidden_states"), config.get("output_attentions"),
                 config.get("_attn_implementation_internal"), config.get("num_hidden_layers"),
                 None if weight is None else (weight.dtype, weight.device))
@@ -124,7 +114,8 @@ class LeanDecoder:
         """List the modules a lean forward runs and check each is what it reproduces."""
         model, config = self.model, self.model.config
         decoder = getattr(model, "model", None)
-        self._lean_layers, self._modules, self._module_dicts, self._hook_tables, self._first_norm = [], [], [], [], {}
+        self._lean_layers, self._first_norm = [], {}
+        self._structure.watch([])
         if type(decoder) is not LlamaModel:
             return False
         layers = list(decoder.layers)[: config.num_hidden_layers]  # as transformers slices them
@@ -133,9 +124,7 @@ class LeanDecoder:
         if decoder.embed_tokens is not None:
             modules.append(decoder.embed_tokens)
         watch_registrations(modules)
-        self._modules, self._module_dicts = modules, [vars(m) for m in modules]
-        self._hook_tables = [*_GLOBAL_HOOKS, *chain.from_iterable((m._forward_hooks, m._forward_pre_hooks)
-                                                                  for m in modules)]
+        self._structure.watch(modules)
         if not layers or not all(map(_stock_layer, layers)) or type(decoder.norm) not in (LlamaRMSNorm,
                                                                                            torch.nn.Identity):
             return False
@@ -143,7 +132,6 @@ class LeanDecoder:
         weight = self._first_norm["weight"]
         norms = [*chain.from_iterable((la.input_layernorm, la.post_attention_layernorm) for la in layers),
                  *([] if isinstance(decoder.norm, torch.nn.Identity) else [decoder.norm])]
-        hooks = chain.from_iterable(table.values() for table in self._hook_tables)
         eligible = (
             config._attn_implementation == ATTN_IMPLEMENTATION
             and (getattr(config, "pretraining_tp", 1) or 1) <= 1
@@ -152,8 +140,8 @@ class LeanDecoder:
             and all(n.weight.dtype == weight.dtype for n in norms)  # the fused ops take one dtype
             and type(decoder.rotary_emb) is LlamaRotaryEmbedding
             and type(decoder.embed_tokens) in (torch.nn.Embedding, type(None))
-            and all(map(_capture_hook, hooks))
-            and not any("forward" in d for d in self._module_dicts)
+            and not self._structure.hooks()
+            and not any(self._structure.instance_forwards())
         )
         self._lean_layers = [_LeanLayer(layer) for layer in layers] if eligible else []
         return eligible

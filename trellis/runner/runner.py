@@ -152,8 +152,9 @@ class PagedModelRunner:
     def prefix_cache(self) -> KVCacheManager:
         """The paged KV cache. Rebuilt empty whenever the K/V it holds would be stale: a new
         device, dtype, linear kernel or cache settings; a parameter or buffer (RoPE's
-        ``inv_freq``) changed in place, replaced or given another storage; a module added or
-        moved; an RMSNorm eps, attention or RoPE scale or config field changed; another PEFT
+        ``inv_freq``) changed in place, replaced or given another storage; a module added,
+        moved or removed; a hook, instance forward or module class changed (``ModelStructure``);
+        an RMSNorm eps, attention or RoPE scale or config field changed; another PEFT
         adapter state (active, enabled, merged, scale). Sessions of the old cache can no longer run.
 
         Edits it cannot see, because they bypass the tensor's version counter: in-place writes
@@ -188,6 +189,18 @@ class PagedModelRunner:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return len(self.model.model.layers), cfg.num_key_value_heads, head_dim
 
+    def layer_ids(self) -> list[int]:
+        """The index each decoder layer's attention keeps its K/V under (its ``layer_idx``, as
+        transformers' caches take it): the layer's position as built, which it keeps when layers
+        before it are deleted (``del model.model.layers[i]``)."""
+        ids = [getattr(getattr(layer, "self_attn", None), "layer_idx", i)
+               for i, layer in enumerate(self.model.model.layers)]
+        shared = sorted({i for i in ids if ids.count(i) > 1})
+        if shared:
+            raise ValueError(f"decoder layers share the layer_idx {shared}: each layer's attention keeps its K/V "
+                             "under its own layer_idx; give every layer a distinct one")
+        return ids
+
     def _new_pool(self) -> BlockPool:
         settings = self.settings
         geometry = self.pool_geometry()
@@ -199,7 +212,8 @@ class PagedModelRunner:
                 raise ValueError(f"kv_cache_memory of {budget} bytes holds no block: one block of "
                                  f"{settings.block_size} tokens takes {block_bytes} bytes of K/V")
             num_blocks = max(1, budget // block_bytes)
-        return BlockPool(num_blocks, settings.block_size, *geometry, dtype=self.model.dtype, device=self.device)
+        return BlockPool(num_blocks, settings.block_size, *geometry, dtype=self.model.dtype, device=self.device,
+                         layer_ids=self.layer_ids())
 
     # --- input checks ------------------------------------------------------------------------
 
@@ -328,9 +342,11 @@ def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch
                 **kwargs) -> BaseModelOutputWithPast:
     """The decoder (``model.model``) over a packed batch: its tokens, or ``inputs_embeds`` ``[T, H]``
     in their place; attention reads the batch. The lean path (``decoder.py``) where the model's
-    runner finds it eligible and ``kwargs`` ask for nothing; else transformers' forward, given ``kwargs``."""
+    runner finds it eligible and ``kwargs`` are all None or False (they ask for nothing); else
+    transformers' forward, given ``kwargs`` (a tensor among them too: a ``cache_position``)."""
     runner = getattr(model, "runner", None)
-    if isinstance(runner, PagedModelRunner) and runner.use_lean_decoder and not any(kwargs.values()):
+    asks = any(value is not None and value is not False for value in kwargs.values())
+    if isinstance(runner, PagedModelRunner) and runner.use_lean_decoder and not asks:
         hidden = runner.lean.run(batch, inputs_embeds)  # [T, H], or None where the model is not eligible
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden[None])

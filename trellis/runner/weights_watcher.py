@@ -1,14 +1,19 @@
 """Noticing that anything the cached K/V were computed from changed, so that they are not reused.
 
 A ``WeightsWatcher`` reduces what a forward reads besides its inputs to one number, cheaply
-enough for every forward (~60 µs for SmolLM2's 272 parameters on a 2-core EPYC, about 0.1 % of a
-decode step). ``state()`` changes when
+enough for every forward (~80 µs for SmolLM2's 272 parameters and ~400 modules on a 2-core EPYC,
+under 1 % of a decode step). ``state()`` changes when
 
 - a parameter or buffer (RoPE's ``inv_freq`` too) is modified in place: its version counter,
   which every in-place op on the tensor, a view of it or its ``detach()`` bumps;
 - a parameter or buffer is replaced (``module.weight = ...``, ``model.to()``), or its storage is
   (``p.data = ...``): its data pointer moves, or the storage it had is freed (below);
-- a module, parameter or buffer is registered into the model (modules added, moved, removed);
+- a module, parameter or buffer is registered into the model (modules added, moved, removed),
+  or a container's members change without a registration (``del layers[i]``, ``pop``,
+  ``insert``);
+- the code a forward runs changes (``ModelStructure``): a module replaced, even one without
+  parameters (an activation), a module's class, a ``forward`` set on an instance, a forward hook
+  or pre-hook set or removed (on the model's modules, or process-wide);
 - a setting a forward reads changes: an RMSNorm's eps, attention's scale, the rotary scaling and
   type, and the config fields the layers and the pool are shaped by (``_CONFIG_FIELDS``; not the
   layer count, which decides how many layers run, not what any of them computes);
@@ -29,8 +34,10 @@ What it cannot see: writes that bypass a tensor's version counter. ``p.data`` is
 over the same storage with a counter of its own, so ``p.data.mul_(2)`` or ``p.data.copy_(w)``
 change values unseen; so do writes through NumPy (``p.detach().numpy()``), DLPack or a raw
 pointer. Only reading every value could notice them, which costs as much as the forward itself.
-After such an edit call ``model.prefix_cache.reset()``. Not watched on purpose: the ``inv_freq``
-LongRoPE rewrites in every forward (see ``_rewritten_by_forward``).
+Nor what a hook or an instance's ``forward`` computes while it stays set (a steering hook whose
+vector is changed in place). After such an edit call ``model.prefix_cache.reset()``. Not watched
+on purpose: the ``inv_freq`` LongRoPE rewrites in every forward (see ``_rewritten_by_forward``),
+and transformers' output-capturing hooks, which record outputs and change none.
 
 Re-listing the tensors and settings after a registration takes three process-wide ``torch.nn``
 registration hooks; they are installed when the first watcher is made, not at import.
@@ -41,9 +48,11 @@ from __future__ import annotations
 import operator
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import chain, repeat
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 # Attributes that transformers' Llama modules read in their forward and that can be changed on a
 # built model: RMSNorm's eps, attention's softmax scale, the rotary embedding's scaling and type.
@@ -96,6 +105,80 @@ def registration_count() -> int:
     return _registrations[0]
 
 
+_NN = torch.nn.modules.module
+_GLOBAL_HOOKS = (_NN._global_forward_hooks, _NN._global_forward_pre_hooks)
+# Containers whose methods change their members without a registration: ``del layers[i]`` and
+# ``pop`` replace ``_modules`` with a renumbered dict, ``insert`` writes into it.
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+
+
+def _capture_hook(hook: object) -> bool:
+    """transformers' output-capturing hook (installed for good once hidden states were asked for):
+    it records outputs only while a forward asks for them, and changes none."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
+class ModelStructure:
+    """What code a forward over some modules runs, besides their tensors and settings: the
+    modules themselves and their classes, forwards set on instances, forward hooks and pre-hooks
+    (process-wide ones too; not transformers' output-capturing hooks), and the members of
+    containers. ``state()`` is a number that changes when any of them does (~20 µs for SmolLM2's
+    ~400 modules: a class and an instance attribute read per module)."""
+
+    def __init__(self) -> None:
+        self.modules: list[torch.nn.Module] = []
+        self._ids: tuple[int, ...] = ()  # the modules' ids: held here, so no other module can take one
+        self._dicts: list[dict] = []  # their __dict__s: a forward set on an instance lands there
+        self._hook_tables: list[dict] = []  # their forward (pre-)hooks by handle id, and the global ones
+        self._containers: list[dict] = []  # the __dict__s of the containers among them
+        self._hooks_listed_at: tuple | None = None  # (handle counter, hooks in the tables that had some)
+        self._hooked_tables: list[dict] = []
+        self._hook_ids: tuple[int, ...] = ()
+        self._seen: tuple | None = None
+        self._version = 0
+
+    def watch(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Watch ``modules`` (listed again by the caller after a registration, or ``members_changed``)."""
+        self.modules = list(modules)
+        self._ids = tuple(map(id, self.modules))
+        self._dicts = [vars(m) for m in self.modules]
+        self._hook_tables = [*_GLOBAL_HOOKS, *chain.from_iterable((m._forward_hooks, m._forward_pre_hooks)
+                                                                  for m in self.modules)]
+        self._containers = [vars(m) for m in self.modules if isinstance(m, _CONTAINERS)]
+        self._hooks_listed_at = None
+
+    def hooks(self) -> tuple[int, ...]:
+        """The handle ids of the forward hooks and pre-hooks set (a hook removed and another set
+        have different ids). Listed again only when a hook was set anywhere (the handle counter
+        moved) or one of those listed was removed."""
+        listed_at = (RemovableHandle.next_id, sum(map(len, self._hooked_tables)))
+        if listed_at != self._hooks_listed_at:
+            self._hooked_tables = [table for table in self._hook_tables if table]
+            self._hook_ids = tuple(i for table in self._hooked_tables for i, hook in table.items()
+                                   if not _capture_hook(hook))
+            self._hooks_listed_at = (RemovableHandle.next_id, sum(map(len, self._hooked_tables)))
+        return self._hook_ids
+
+    def instance_forwards(self) -> list:
+        """Each module's ``forward`` set on the instance (None where its class's runs)."""
+        return list(map(dict.get, self._dicts, repeat("forward")))
+
+    def members_changed(self) -> bool:
+        """Whether a container's members changed without a registration (the caller lists the
+        modules again, and ``watch``es them)."""
+        return self._seen is not None and self._members() != self._seen[-1]
+
+    def state(self) -> int:
+        seen = (self._ids, self.hooks(), list(map(type, self.modules)), self.instance_forwards(), self._members())
+        if seen != self._seen:  # (unchanged lists compare item by item, each by identity first)
+            self._seen = seen
+            self._version += 1
+        return self._version
+
+    def _members(self) -> list[tuple]:
+        return [tuple(d["_modules"].values()) for d in self._containers]
+
+
 def _peft_tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if "peft" not in sys.modules:  # no adapters without peft; never import it ourselves
         return []
@@ -136,12 +219,13 @@ class WeightsWatcher:
         self._tensors: tuple[list[dict[str, torch.Tensor | None]], list[str]] = ([], [])
         self._settings: tuple[list[dict[str, object]], list[str]] = ([], [])
         self._adapters: list[torch.nn.Module] = []
+        self._structure = ModelStructure()
         self._freed = [0]  # watched storages freed since; bumped by the weak references' callbacks
         self._storage_refs: list[weakref.ref] = []
         self._state: int | None = None
 
     def state(self) -> int:
-        if self._epoch != _registrations[0]:
+        if self._epoch != _registrations[0] or self._structure.members_changed():
             self._walk()
         try:
             tensors, settings = self._read()
@@ -152,7 +236,7 @@ class WeightsWatcher:
         # Read through vars(): a transformers config's getattr takes ~3 µs a field.
         fields = None if config is None else repr(tuple(map(vars(config).get, _CONFIG_FIELDS)))
         state = hash((tuple(map(_data_ptr, tensors)), tuple(map(_version, tensors)), settings,
-                      tuple(map(_adapter_state, self._adapters)), fields, self._freed[0]))
+                      tuple(map(_adapter_state, self._adapters)), fields, self._freed[0], self._structure.state()))
         if state != self._state:
             self._watch_storages(tensors)
             self._state = state
@@ -180,6 +264,7 @@ class WeightsWatcher:
     def _walk(self) -> None:
         modules = list(self._model.modules())
         _watched_modules.update(modules)
+        self._structure.watch(modules)
         tensors = [(d, name) for m in modules for d in (m._parameters, m._buffers) for name, t in d.items()
                    if t is not None and not _rewritten_by_forward(m, name)]
         settings = [(vars(m), name) for m in modules for name in _MODULE_SETTINGS
