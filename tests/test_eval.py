@@ -23,6 +23,7 @@ from trellis.eval import (
     score_continuations,
 )
 from trellis.eval.requests import encode, encode_pair, rolling_windows
+from trellis.models.loading import resolve_device
 
 ATOL = 1e-4
 
@@ -348,6 +349,7 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
      r"request 0 must be a \(context, continuation\) pair, got 'Hi'"),
     (lambda m, t: generate_until(m, t, ("Hi", {"max_gen_toks": 3})), TypeError,
      r"request 0 must be a \(context, gen_kwargs\) pair"),
+    (lambda m, t: generate_until(m, t, [("Hi", None)]), TypeError, "request 0's gen_kwargs must be a dict"),
     # The continuation merges into the context's last token: "a" + "a" is the one token "aa".
     (lambda m, t: loglikelihood(m, t, [("Hi", " x"), ("a", "a")]), ValueError,
      "request 1: the continuation 'a' tokenizes to nothing after the context"),
@@ -424,6 +426,20 @@ def test_adapter_loads_from_a_path_with_cache_settings():
     assert lm.trellis_model.linear_kernel == "packed" == lm.trellis_model.lm_head.kind
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_adapter_falls_back_to_auto_from_a_device_this_machine_lacks(caplog):
+    """lm-eval's command line passes device cuda:0 unless --device says otherwise; its HF backend,
+    and so the adapter, then run where they can, with a warning."""
+    installed("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    import trellis.eval.lm_eval_adapter  # noqa: F401
+
+    lm = get_model("trellis").create_from_arg_string(f"pretrained={smollm2_dir()}", {"device": "cuda:0"})
+    assert lm.trellis_model.device == resolve_device("auto")
+    assert "device 'cuda:0' is not available here" in caplog.text
+
+
 def test_adapter_refuses_cache_settings_for_a_model_object_and_bad_sizes(smollm2):
     installed("lm_eval")
     from lm_eval.api.registry import get_model
@@ -464,7 +480,7 @@ def test_lm_eval_command_line_runs_a_local_task():
     installed("lm_eval")
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "trellis.eval.lm_eval_adapter", "--model", "trellis", "--model_args",
-               f"pretrained={smollm2_dir()},dtype=float32", "--device", "cpu", "--tasks", "trellis_reading_mc",
+               f"pretrained={smollm2_dir()},dtype=float32", "--tasks", "trellis_reading_mc",
                "--include_path", "scripts/data/lm_eval", "--limit", "2"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=600)

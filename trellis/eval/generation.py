@@ -40,6 +40,9 @@ def generate_until(
     completions = [""] * len(requests)
     by_kwargs: dict[str, list[int]] = {}
     for i, (_, gen_kwargs) in enumerate(requests):
+        if not isinstance(gen_kwargs, dict):
+            raise TypeError(f"request {i}'s gen_kwargs must be a dict (lm-eval's: until, max_gen_toks, ...), "
+                            f"got {gen_kwargs!r}")
         by_kwargs.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
     with tqdm(total=len(requests), desc="generating", disable=not progress) as bar:
         for indices in by_kwargs.values():

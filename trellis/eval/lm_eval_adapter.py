@@ -13,6 +13,10 @@ continuations scored on top); ``generate_until`` is HFLM's, over ``TrellisLlama.
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
 try:
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import register_model
@@ -28,6 +32,18 @@ from trellis.models.llama import TrellisLlama
 from trellis.models.loading import resolve_device
 from trellis.utils import is_positive_int
 
+log = logging.getLogger(__name__)
+
+
+def _available(device: str | None) -> torch.device:
+    """``device``, or auto where this machine lacks it (as HFLM falls back)."""
+    try:
+        return resolve_device(device or "auto")
+    except ValueError as exc:
+        fallback = resolve_device("auto")
+        log.warning("%s: running on %s, as lm-eval's HF backend does", exc, fallback)
+        return fallback
+
 
 @register_model("trellis")
 class TrellisLM(HFLM):
@@ -37,7 +53,9 @@ class TrellisLM(HFLM):
     triton), which apply when the model is loaded from a path and are refused with a model object
     (configure that with ``configure_cache``); ``max_batch_tokens``, the new tokens one scoring
     forward packs; and ``linear_kernel`` (``TrellisLlama.set_linear_kernel``). ``device`` defaults
-    to auto: CUDA, then MPS, then CPU."""
+    to auto: CUDA, then MPS, then CPU; a device this machine lacks falls back to auto with a
+    warning, as in lm-eval's HF backend (lm-eval's command line passes ``cuda:0`` unless
+    ``--device`` says otherwise)."""
 
     AUTO_MODEL_CLASS = TrellisLlama
 
@@ -72,7 +90,7 @@ class TrellisLM(HFLM):
             raise ValueError(f"{given}: the KV cache settings apply only when the adapter loads the model from a "
                              "path; with a model object, set them on it first (model.configure_cache(...))")
         pretrained = str(embedded_model_dir()) if pretrained is None else pretrained
-        super().__init__(pretrained=pretrained, device=str(resolve_device(device or "auto")), **kwargs)
+        super().__init__(pretrained=pretrained, device=str(_available(device)), **kwargs)
         if not isinstance(self.trellis_model, TrellisLlama):
             raise TypeError(f"the trellis model needs a TrellisLlama, got {type(self.trellis_model).__name__}")
         self.trellis_model.runner.choose_linear_kernel(linear_kernel)  # also lays out the weights as loaded
