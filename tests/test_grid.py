@@ -275,6 +275,18 @@ def test_a_mismatched_stage_is_refused(tiny_dir, field, value, named):
     assert grid.stop(timeout=30) == [2]  # the stage refused too (the command's usage-error status)
 
 
+def test_a_stage_that_exits_while_the_grid_starts_fails_the_start_at_once(tiny_dir, tmp_path):
+    """A LocalGrid watches its stage processes while it waits for them to join and load: one that
+    exits (here refused at once: its --model holds no model) fails the start within seconds, not
+    after start_timeout."""
+    grid = LocalGrid(options(tiny_dir, start_timeout=300), stages=2, stage_options=options(str(tmp_path)))
+    started = time.monotonic()
+    with pytest.raises(GridError, match="stage 1 exited with status 2 before the grid started"):
+        grid.__enter__()
+    assert time.monotonic() - started < 100
+    assert grid.stop(timeout=30) == [2]
+
+
 def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):
     grid = LocalGrid(options(tiny_dir), stages=2, stage_options=options(other_tiny_dir))
     with pytest.raises(GridError, match="model_digest"):

@@ -599,19 +599,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize(("grid", "stop"), [(False, signal.SIGINT), (False, signal.SIGTERM), (True, signal.SIGTERM)],
-                         ids=["serve-ctrl-c", "serve-sigterm", "grid-sigterm"])
+@pytest.mark.parametrize(("grid", "stop"), [(None, signal.SIGINT), (None, signal.SIGTERM), ("stages", signal.SIGTERM),
+                                            ("world-size", signal.SIGTERM)],
+                         ids=["serve-ctrl-c", "serve-sigterm", "grid-sigterm", "grid-two-commands"])
 def test_the_command_serves_and_stops_cleanly(tmp_path, grid, stop):
-    """``python -m trellis serve`` (or ``grid serve`` over two stages) on a tiny saved model:
-    answers, then exits with status 0 on Ctrl-C or SIGTERM, a grid's stages stopped in order."""
+    """``python -m trellis serve`` (or ``grid serve`` over two stages: ``--stages 2``, or as on two
+    machines, the coordinator given ``--world-size`` alone and the stage its own command) on a
+    tiny saved model: answers, then exits with status 0 on Ctrl-C or SIGTERM, a grid's stages
+    stopped in order."""
     model = tiny_pair()[1]
     model.save_pretrained(tmp_path)
     char_tokenizer().save_pretrained(tmp_path)
-    port = _free_port()
-    where = ["grid", "serve", "--stages", "2", "--master-port", str(_free_port())] if grid else ["serve"]
+    port, master = _free_port(), ["--master-port", str(_free_port())]
+    where = {None: ["serve"], "stages": ["grid", "serve", "--stages", "2", *master],
+             "world-size": ["grid", "serve", "--world-size", "2", *master]}[grid]
     command = [sys.executable, "-m", "trellis", *where, "--model", str(tmp_path), "--port", str(port),
                "--num-blocks", "128", "--block-size", "4", "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage = None
+    if grid == "world-size":
+        stage = subprocess.Popen([sys.executable, "-m", "trellis", "grid", "stage", "--rank", "1", "--world-size", "2",
+                                  *master, "--model", str(tmp_path), "--block-size", "4", "--num-blocks", "128"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: _healthy(port) or process.poll() is not None, timeout=120)
         assert process.poll() is None, process.stdout.read()
@@ -620,10 +629,13 @@ def test_the_command_serves_and_stops_cleanly(tmp_path, grid, stop):
         assert client.completions.create(model=name, prompt="hi", max_tokens=3).usage.completion_tokens == 3
         process.send_signal(stop)
         assert process.wait(60) == 0
+        if stage is not None:
+            assert stage.wait(60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-    output = process.stdout.read()
+        for child in (process, stage):
+            if child is not None and child.poll() is None:
+                child.kill()
+    output = process.stdout.read() + (stage.stdout.read() if stage is not None else "")
     assert f"serving {tmp_path.name} on http://127.0.0.1:{port}/v1" in output and "Traceback" not in output
     if grid:  # the stage got the coordinator's stop, rather than losing its link
         assert "stage stopped after" in output and "failed" not in output, output

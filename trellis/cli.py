@@ -192,7 +192,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
                         help="seconds to wait for every stage to join and load")
     where = parser.add_argument_group("where this rank sits (default: torchrun's environment, else rank 0)")
     where.add_argument("--stages", type=int, help="start a grid of this many processes on this machine")
-    where.add_argument("--rank", type=int)
+    where.add_argument("--rank", type=int, help="this process's place: 0, the coordinator (serve and generate "
+                                                "take it by default), or a stage, 1 to --world-size - 1")
     where.add_argument("--world-size", type=int, help="stages in the grid, on all machines")
     where.add_argument("--master-addr", default="127.0.0.1", help="the coordinator's address (rank 0)")
     where.add_argument("--master-port", type=int, default=29500)
@@ -204,16 +205,29 @@ def grid_options(args: argparse.Namespace) -> GridOptions:
 
 
 def grid_endpoint(args: argparse.Namespace) -> Endpoint:
+    """Where this process sits: rank 0 of ``--stages`` on this machine; ``--world-size`` with
+    ``--rank`` (0, the coordinator, by default for serve and generate); else torchrun's
+    environment. A stage (``trellis grid stage``) has a rank of 1 or more."""
+    stage = args.grid_command == "stage"
     if args.stages is not None:
+        if stage or args.rank is not None or args.world_size is not None:
+            raise ValueError("--stages starts a whole grid on this machine from serve or generate, without --rank "
+                             "and --world-size")
         return Endpoint(0, args.stages, "127.0.0.1", args.master_port)
     if args.rank is not None or args.world_size is not None:
-        if args.rank is None or args.world_size is None:
-            raise ValueError("give both --rank and --world-size (or --stages for a grid on this machine)")
-        return Endpoint(args.rank, args.world_size, args.master_addr, args.master_port)
-    endpoint = Endpoint.from_env()
-    if endpoint is None:
-        raise ValueError("where is this rank? give --stages N (one machine), --rank and --world-size, or launch "
-                         "with torchrun")
+        if args.world_size is None:
+            raise ValueError("--rank needs --world-size: the stages in the grid, on all machines")
+        if args.rank is None and stage:
+            raise ValueError("trellis grid stage needs --rank: 1 to --world-size - 1")
+        endpoint = Endpoint(args.rank or 0, args.world_size, args.master_addr, args.master_port)
+    else:
+        endpoint = Endpoint.from_env()
+        if endpoint is None:
+            raise ValueError("where is this rank? give --stages N (one machine), --world-size (and a stage's --rank), "
+                             "or launch with torchrun")
+    if stage and endpoint.rank == 0:
+        raise ValueError("rank 0 is the coordinator: run 'trellis grid serve' or 'trellis grid generate' there; "
+                         "a stage has rank 1 or more")
     return endpoint
 
 

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,6 +107,13 @@ class Endpoint:
     world_size: int
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if self.world_size < 2:
+            raise ValueError(f"a grid needs at least 2 stages, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in a grid of {self.world_size} stages (ranks 0 to "
+                             f"{self.world_size - 1})")
 
     @staticmethod
     def from_env() -> Endpoint | None:
@@ -249,21 +256,39 @@ def plan_grid(options: GridOptions, config, identities: list[StageIdentity]) -> 
     return placement, num_blocks
 
 
-def start_coordinator(options: GridOptions, endpoint: Endpoint) -> GridRunner:
+STORE_POLL_S = 0.1  # how often the coordinator looks for the stages' keys while they start
+
+
+def wait_for(store: dist.Store, keys: list[str], timeout: float, lost: Callable[[], str | None], what: str) -> list:
+    """The JSON values of ``keys`` once all are set. Polls, so that ``lost`` (a ``LocalGrid``'s
+    look at its stage processes) can end the wait at once with a GridError saying why; ``what``
+    names the wait in the GridError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not store.check(keys):
+        gone = lost()
+        if gone is not None:
+            raise GridError(gone)
+        if time.monotonic() >= deadline:
+            missing = [key for key in keys if not store.check([key])]
+            raise GridError(f"{what} within {timeout:.0f} s (no {', '.join(missing)})")
+        time.sleep(STORE_POLL_S)
+    return [json.loads(store.get(key)) for key in keys]
+
+
+def start_coordinator(options: GridOptions, endpoint: Endpoint,
+                      lost: Callable[[], str | None] = lambda: None) -> GridRunner:
     """Rank 0: check the stages, place the layers, load stage 0 and return the grid's runner
-    (which ``model.runner`` also becomes, so ``generate`` runs on the grid)."""
-    if endpoint.world_size < 2:
-        raise ValueError("a grid needs at least 2 stages")
+    (which ``model.runner`` also becomes, so ``generate`` runs on the grid). ``lost`` says why
+    the grid cannot start when a stage is known to be gone (``wait_for``)."""
     device = stage_device(options.device)
     _set_threads(options)
     store = connect(endpoint, options.start_timeout)
     mine = identity(options, device)
     store.set("identity/0", json.dumps(asdict(mine)))
-    try:
-        stages = [mine] + [StageIdentity(**json.loads(store.get(f"identity/{r}")))
-                           for r in range(1, endpoint.world_size)]
-    except RuntimeError as exc:  # the store's timeout
-        raise GridError(f"not every stage joined within {options.start_timeout:.0f} s: {exc}") from exc
+    ranks = range(1, endpoint.world_size)
+    joined = wait_for(store, [f"identity/{r}" for r in ranks], options.start_timeout, lost,
+                      "not every stage joined")
+    stages = [mine] + [StageIdentity(**fields) for fields in joined]
     warn_if_spinning(stages)
     problems = [f"stage {r} ({s.host}): " + "; ".join(diff) for r, s in enumerate(stages[1:], 1)
                 if (diff := mine.differences(s))]
@@ -283,14 +308,16 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint) -> GridRunner:
                              dtype=options.torch_dtype, device=device, linear_kernel=options.linear_kernel,
                              **options.load_kwargs())
     model.requires_grad_(False)
+    # Every stage has loaded before the process group forms, whose own wait cannot be cut short.
+    loaded = wait_for(store, [f"loaded/{r}" for r in ranks], options.start_timeout, lost,
+                      "not every stage loaded its layers")
     group = process_group(store, endpoint, device, options.start_timeout)
     link = Link(group, 0, endpoint.world_size, config.hidden_size, options.torch_dtype, device, options.step_timeout)
     settings = CacheSettings(options.block_size, num_blocks=num_blocks)
     runner = GridRunner(model, settings, link, placement, options.micro_batches or default_micro_batches(stages))
     model.runner = runner
     kv_bytes = num_blocks * kv_bytes_per_block(config, options.block_size, len(placement.ranges[0]), options.torch_dtype)
-    runner.stage_memory = [{"weight_bytes": weight_bytes(model), "kv_bytes": kv_bytes}] + [
-        json.loads(store.get(f"loaded/{r}")) for r in range(1, endpoint.world_size)]
+    runner.stage_memory = [{"weight_bytes": weight_bytes(model), "kv_bytes": kv_bytes}, *loaded]
     for r, memory in enumerate(runner.stage_memory):
         log.info("stage %d holds %.0f MB of weights and %.0f MB of KV pool", r, memory["weight_bytes"] / 1e6,
                  memory["kv_bytes"] / 1e6)
@@ -320,8 +347,8 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
                      dtype=options.torch_dtype, device=device, layer_ids=layers)
     log.info("stage %d of %d: layers %d-%d, %d KV blocks", endpoint.rank, endpoint.world_size, layers.start,
              layers.stop - 1, plan["num_blocks"])
-    group = process_group(store, endpoint, device, options.start_timeout)
     store.set(f"loaded/{endpoint.rank}", json.dumps({"weight_bytes": weight_bytes(model), "kv_bytes": pool.kv.nbytes}))
+    group = process_group(store, endpoint, device, options.start_timeout)
     link = Link(group, endpoint.rank, endpoint.world_size, config.hidden_size, options.torch_dtype, device,
                 options.step_timeout)
     return StageWorker(model, pool, link)
@@ -384,11 +411,18 @@ class LocalGrid:
             self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint), start_new_session=True,
                                                    env={**shared_host_environment(), "LOCAL_RANK": str(rank)}))
         try:
-            self.runner = start_coordinator(self.options, self.endpoint)
+            self.runner = start_coordinator(self.options, self.endpoint, self._lost_stage)
         except BaseException:
             self.stop()
             raise
         return self.runner
+
+    def _lost_stage(self) -> str | None:
+        """Why the grid cannot start, if a stage process has exited."""
+        for rank, process in enumerate(self.processes, 1):
+            if process.poll() is not None:
+                return f"stage {rank} exited with status {process.returncode} before the grid started"
+        return None
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
