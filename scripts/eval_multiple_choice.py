@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from trellis.eval import loglikelihood
-from trellis.eval.loading import add_model_arguments, load_model, non_negative_int, positive_int
+from trellis.eval.loading import add_model_arguments, existing_file, load_model, non_negative_int, positive_int
 from trellis.eval.multiple_choice import accuracy, choice_requests, fewshot_prefix, read_questions
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "reading_mc.jsonl"
@@ -24,16 +24,22 @@ DEFAULT_DATA = Path(__file__).parent / "data" / "reading_mc.jsonl"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=DEFAULT_DATA, type=Path, help="JSONL file of questions")
+    parser.add_argument("--data", default=DEFAULT_DATA, type=existing_file, help="JSONL file of questions")
     parser.add_argument("--num-fewshot", type=non_negative_int, default=0, help="solved examples in front of each question")
     parser.add_argument("--limit", type=positive_int, help="evaluate at most this many questions")
     add_model_arguments(parser)
     args = parser.parse_args()
+    try:
+        evaluate(args)
+    except (ValueError, OSError) as exc:  # a malformed question, a model refused: named, no traceback
+        parser.exit(2, f"{parser.prog}: {exc}\n")
 
+
+def evaluate(args: argparse.Namespace) -> None:
     questions = read_questions(args.data)
     shots, questions = questions[:args.num_fewshot], questions[args.num_fewshot:][:args.limit]
     if not questions:
-        raise SystemExit(f"{args.data}: no questions left to evaluate after {args.num_fewshot} few-shot examples")
+        raise ValueError(f"{args.data}: no questions left to evaluate after {args.num_fewshot} few-shot examples")
     model, tokenizer = load_model(args)
     requests = choice_requests(questions, fewshot_prefix(shots))
     before = model.prefix_cache.stats()

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from trellis.eval import loglikelihood_rolling
-from trellis.eval.loading import add_model_arguments, load_model, positive_int
+from trellis.eval.loading import add_model_arguments, existing_file, load_model, positive_int
 from trellis.eval.requests import encode
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "sample_text.txt"
@@ -23,14 +23,20 @@ DEFAULT_TEXT = Path(__file__).parent / "data" / "sample_text.txt"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", default=DEFAULT_TEXT, type=Path, help="a UTF-8 text file")
+    parser.add_argument("--text", default=DEFAULT_TEXT, type=existing_file, help="a UTF-8 text file")
     parser.add_argument("--max-length", type=positive_int, help="window length in tokens (default: the model's maximum)")
     add_model_arguments(parser)
     args = parser.parse_args()
+    try:
+        score(args)
+    except (ValueError, OSError) as exc:  # text that is not UTF-8, a model refused: named, no traceback
+        parser.exit(2, f"{parser.prog}: {exc}\n")
 
+
+def score(args: argparse.Namespace) -> None:
     text = args.text.read_text()
     if not text.strip():
-        raise SystemExit(f"{args.text} has no words to score: it is empty or only whitespace")
+        raise ValueError(f"{args.text} has no words to score: it is empty or only whitespace")
     model, tokenizer = load_model(args)
     num_tokens = len(encode(tokenizer, text))  # as loglikelihood_rolling tokenizes it
     start = time.perf_counter()

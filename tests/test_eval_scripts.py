@@ -66,6 +66,9 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     (["scripts/eval_multiple_choice.py", "--max-batch-tokens", "0"], "argument --max-batch-tokens: must be a positive"),
     (["scripts/perplexity.py", "--max-length", "0"], "argument --max-length: must be a positive integer, got 0"),
     (["scripts/perplexity.py", "--max-length", "x"], "argument --max-length: not an integer: 'x'"),
+    (["scripts/perplexity.py", "--block-size", "48"], "argument --block-size: block_size must be a power of two"),
+    (["scripts/perplexity.py", "--text", "missing.txt"], "argument --text: no file 'missing.txt'"),
+    (["scripts/eval_multiple_choice.py", "--data", "missing.jsonl"], "argument --data: no file 'missing.jsonl'"),
 ])
 def test_scripts_refuse_bad_numbers_as_argparse_errors(args, message):
     done = run_script(*args)
@@ -77,7 +80,8 @@ def test_perplexity_refuses_a_text_without_words(tmp_path, text):
     path = tmp_path / "blank.txt"
     path.write_text(text)
     done = run_script("scripts/perplexity.py", "--text", str(path))
-    assert done.returncode == 1 and "has no words to score: it is empty or only whitespace" in done.stderr, done.stderr
+    assert done.returncode == 2 and "has no words to score: it is empty or only whitespace" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_perplexity_counts_words_as_lm_eval(tmp_path):
@@ -95,3 +99,10 @@ def test_multiple_choice_script_takes_questions_of_different_sizes(tmp_path):
     done = run_script("scripts/eval_multiple_choice.py", "--data", str(data))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 questions, 5 requests, 0-shot" in done.stdout and "for all its choices" in done.stdout
+
+
+def test_multiple_choice_script_names_a_malformed_line_without_a_traceback(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"context": "x"\n')
+    done = run_script("scripts/eval_multiple_choice.py", "--data", str(data))
+    assert done.returncode == 2 and "q.jsonl:1: not valid JSON" in done.stderr and "Traceback" not in done.stderr

@@ -30,7 +30,16 @@ from trellis.grid import (
     start_coordinator,
     start_stage,
 )
-from trellis.model_options import add_model_arguments, load_model, model_directory
+from trellis.model_options import (
+    add_model_arguments,
+    block_size,
+    check_model_arguments,
+    device,
+    load_model,
+    model_directory,
+    port_number,
+    positive_int,
+)
 from trellis.models.embedded import EMBEDDED_NAME, embedded_model_dir
 from trellis.models.loading import DTYPES
 from trellis.runner import LINEAR_KERNELS
@@ -140,10 +149,10 @@ def run_serve(args: argparse.Namespace, config: ServeConfig) -> None:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeConfig()
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API call")
     parser.add_argument("--served-model-name", help="the model id clients use (default: the model directory's name)")
-    parser.add_argument("--num-blocks", type=int, help="KV pool size in blocks (default: from --kv-cache-memory)")
+    parser.add_argument("--num-blocks", type=positive_int, help="KV pool size in blocks (default: from --kv-cache-memory)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes,
                         help="KV pool size in bytes, e.g. 2GiB (default: a quarter of free RAM up to 4 GiB; half "
                              "of a CUDA device's free memory)")
@@ -175,8 +184,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
                         help="default: %(default)s. auto: each stage chooses for its own device (bf16 on a CPU "
                              "with native bf16 dot products, else fp32; the checkpoint's dtype on CUDA), and "
                              "stages that choose differently are refused at start")
-    parser.add_argument("--device", default=defaults.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda")
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="KV cache block size in tokens")
+    parser.add_argument("--device", default=defaults.device, type=device, help="auto (CUDA, then MPS, then CPU), cpu, cuda")
+    parser.add_argument("--block-size", type=block_size, default=defaults.block_size, help="KV cache block size in tokens")
     if pool_options:
         parser.add_argument("--num-blocks", type=int, help="KV pool size in blocks, on every stage (default: what "
                                                             "every stage's --kv-cache-memory holds)")
@@ -196,7 +205,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
                                                 "take it by default), or a stage, 1 to --world-size - 1")
     where.add_argument("--world-size", type=int, help="stages in the grid, on all machines")
     where.add_argument("--master-addr", default="127.0.0.1", help="the coordinator's address (rank 0)")
-    where.add_argument("--master-port", type=int, default=29500)
+    where.add_argument("--master-port", type=port_number, default=29500)
 
 
 def grid_options(args: argparse.Namespace) -> GridOptions:
@@ -303,7 +312,7 @@ def add_grid_parser(commands: argparse._SubParsersAction) -> None:
     add_serve_arguments(server)
     generate = commands_of_grid.add_parser("generate", help="answer a few chat questions on the grid")
     add_grid_arguments(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=48)
     generate.add_argument("--questions", nargs="*", help="user questions, each asked after the system prompt")
     stage = commands_of_grid.add_parser("stage", help="serve one stage (rank >= 1) until the coordinator stops")
     add_grid_arguments(stage)
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="chat with the embedded model and watch the prefix cache")
     add_model_arguments(demo)
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=48)
     demo.add_argument("--questions", nargs="*", help="user questions, asked in turn")
     demo.add_argument("--prefix-cache", metavar="FILE",
                       help="load cached prefixes from FILE if it exists, and save them there at the end")
@@ -359,14 +368,22 @@ def main(argv: list[str] | None = None) -> None:
                 check_save_path(args.prefix_cache)
         except (ValueError, FileNotFoundError) as exc:
             demo.error(f"--prefix-cache {args.prefix_cache}: no file can be saved there ({exc})")
-        run_demo(args)
+        try:
+            check_model_arguments(args)
+            run_demo(args)
+        except (ValueError, OSError) as exc:  # Trellis' refusals name what to change: no traceback
+            demo.exit(2, f"trellis demo: {exc}\n")
     elif args.command == "serve":
         try:
             config = serve_config(args)
+            check_model_arguments(args)
             check_address(args.host, args.port)  # before the model loads
         except (ValueError, OSError) as exc:
             server.error(str(exc))
-        run_serve(args, config)
+        try:
+            run_serve(args, config)
+        except (ValueError, OSError) as exc:
+            server.exit(2, f"trellis serve: {exc}\n")
     elif args.command == "grid":
         if argv is None and args.grid_command != "stage" and args.stages:
             restart_with_short_spin()

@@ -1,5 +1,6 @@
 """The command-line options that choose and load a model, shared by the ``trellis`` command,
-the evaluation scripts and the benchmarks."""
+the evaluation scripts and the benchmarks, and the argparse types that check options before a
+model loads."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from trellis.cache.block_pool import check_block_size
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
-from trellis.models.loading import DTYPES, choose_dtype
+from trellis.models.loading import DTYPES, choose_dtype, resolve_device
 from trellis.runner import LINEAR_KERNELS
 
 
 def model_directory(text: str) -> str:
     """``--model``'s check: a directory that exists (else transformers reads the name as a hub id)
-    and holds a model: a ``config.json``, or a GGUF file (the grid's ``--gguf-file``)."""
+    and holds a model: a ``config.json``, or a GGUF file (named with ``--gguf-file``)."""
     path = Path(text)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no model directory {text!r}")
@@ -25,30 +27,107 @@ def model_directory(text: str) -> str:
     return text
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of zero or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer above zero."""
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a positive integer, got 0")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (the OS wraps a larger one into that range)."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {value}")
+    return value
+
+
+def block_size(text: str) -> int:
+    """An argparse type: a KV block size (a power of two up to 256)."""
+    try:
+        value = int(text)
+        check_block_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if "power of two" in str(exc) else f"not an integer: {text!r}") from None
+    return value
+
+
+def device(text: str) -> str:
+    """An argparse type: ``auto`` or a device this machine has."""
+    try:
+        resolve_device(text)
+    except ValueError as exc:  # a device this machine lacks
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    except RuntimeError:  # torch's: a string that names no device
+        raise argparse.ArgumentTypeError(f"{text!r} names no device: auto, cpu, cuda, cuda:1, mps") from None
+    return text
+
+
+def existing_file(text: str) -> Path:
+    """An argparse type: a file that exists."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no file {text!r}")
+    return path
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "auto") -> None:
     """``default_dtype``: ``"auto"`` for the command (the fastest here, ``preferred_dtype``); the
     evaluation scripts keep ``"float32"``, so that their figures do not depend on the CPU."""
     parser.add_argument("--model", type=model_directory,
                         help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    parser.add_argument("--gguf-file", help="a GGUF file inside --model: its weights and tokenizer")
+    parser.add_argument("--keep-quantized", action="store_true",
+                        help="keep the GGUF's Q8_0 / Q4_0 / Q4_1 weights quantized and run them on Trellis' "
+                             "kernels (without --model: the embedded model's Q4_1 GGUF)")
+    parser.add_argument("--device", default="auto", type=device, help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     parser.add_argument("--dtype", default=default_dtype, choices=["auto", *DTYPES],
                         help="default: %(default)s. auto: bfloat16 on a CPU with native bf16 dot products "
                              "(AVX512_BF16, AMX-BF16, ARM BF16), float32 on other CPUs, the checkpoint's dtype "
                              "on a GPU")
-    parser.add_argument("--block-size", type=int, default=32, help="KV cache block size in tokens")
+    parser.add_argument("--block-size", type=block_size, default=32, help="KV cache block size in tokens")
     parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS,
                         help="what runs the linear layers on CPU in fp32 and bf16: blas (the fp32 default on Intel), "
                              "onednn (the fp32 default on other x86 CPUs) or packed (a second copy of the weights; "
                              "the bf16 default on x86)")
 
 
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """What the options' types cannot check alone; a ValueError naming the option."""
+    if args.gguf_file is not None:
+        if args.model is None:
+            raise ValueError("--gguf-file names a file inside --model: give --model too")
+        if not (Path(args.model) / args.gguf_file).is_file():
+            raise ValueError(f"--gguf-file {args.gguf_file!r}: no such file in {args.model}")
+    elif args.model is not None:
+        if not (Path(args.model) / "config.json").is_file():
+            raise ValueError(f"--model {args.model!r} holds GGUF files but no config.json: name one with --gguf-file")
+        if args.keep_quantized:
+            raise ValueError("--keep-quantized keeps a GGUF's blocks: name the GGUF in --model with --gguf-file")
+
+
 def load_model(args: argparse.Namespace) -> tuple[TrellisLlama, PreTrainedTokenizerBase]:
     """The model and tokenizer that ``add_model_arguments``' options name; says which dtype and why."""
+    check_model_arguments(args)
     path = args.model or embedded_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
     choice = choose_dtype(args.dtype, args.device)
-    model = TrellisLlama.from_pretrained(path, dtype=choice.dtype, device=args.device,
-                                         block_size=args.block_size, linear_kernel=args.linear_kernel)
+    model = TrellisLlama.from_pretrained(args.model, dtype=choice.dtype, device=args.device,
+                                         block_size=args.block_size, linear_kernel=args.linear_kernel,
+                                         keep_quantized=args.keep_quantized, **gguf)
     print(f"dtype {str(model.dtype).removeprefix('torch.')} (--dtype {args.dtype}: {choice.reason}); "
-          f"linear layers: {model.linear_kernel}", flush=True)
+          f"linear layers: {'GGUF blocks kept quantized' if args.keep_quantized else model.linear_kernel}", flush=True)
     return model, tokenizer

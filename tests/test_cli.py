@@ -1,0 +1,54 @@
+"""The ``trellis`` command refuses bad options by name, before any model loads, and loads the
+model its options name (a GGUF too)."""
+
+import pytest
+
+from trellis import cli
+from trellis.models.embedded import embedded_gguf_path
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: must be a positive integer, got 0"),
+    (["demo", "--block-size", "3"], "argument --block-size: block_size must be a power of two"),
+    (["demo", "--device", "gpu"], "argument --device: 'gpu' names no device"),
+    (["demo", "--gguf-file", "model.gguf"], "--gguf-file names a file inside --model: give --model too"),
+    (["serve", "--port", "70000"], "argument --port: a port is 0 to 65535, got 70000"),
+    (["serve", "--num-blocks", "0"], "argument --num-blocks: must be a positive integer, got 0"),
+    (["grid", "stage", "--world-size", "2"], "trellis grid stage needs --rank"),
+    (["grid", "serve", "--world-size", "2", "--rank", "2"], "rank 2 is not in a grid of 2 stages"),
+    (["grid", "generate", "--stages", "2", "--rank", "1"], "--stages starts a whole grid on this machine"),
+])
+def test_bad_options_are_refused_by_name_before_a_model_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def gguf_only_dir(tmp_path):
+    (tmp_path / "model.gguf").symlink_to(embedded_gguf_path())
+    return tmp_path
+
+
+def test_a_gguf_only_directory_needs_its_file_named(tmp_path, capsys):
+    model = str(gguf_only_dir(tmp_path))
+    for argv, message in [(["demo", "--model", model], "holds GGUF files but no config.json: name one with --gguf-file"),
+                          (["demo", "--model", model, "--gguf-file", "other.gguf"], "'other.gguf': no such file in")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_demo_runs_a_gguf_kept_quantized_as_the_embedded_one(tmp_path, capsys):
+    """``--gguf-file`` reads a GGUF's weights and tokenizer; ``--keep-quantized`` keeps its blocks:
+    the embedded SmolLM2's GGUF in a directory of its own answers as the embedded model does."""
+    question = ["--questions", "What is a radix tree?", "--max-new-tokens", "6", "--dtype", "float32"]
+    cli.main(["demo", "--model", str(gguf_only_dir(tmp_path)), "--gguf-file", "model.gguf", "--keep-quantized",
+              *question])
+    named = capsys.readouterr().out
+    cli.main(["demo", "--keep-quantized", *question])
+    embedded = capsys.readouterr().out
+    assert "linear layers: GGUF blocks kept quantized" in named
+    answer = [line for line in named.splitlines() if line.startswith("assistant:")]
+    assert answer and answer == [line for line in embedded.splitlines() if line.startswith("assistant:")]
