@@ -244,11 +244,12 @@ def tables(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", type=Path, default=RESULTS / "grid.json")
+    p.add_argument("--json", type=Path, help="default: results/grid.json (--quick: grid_quick.json)")
     p.add_argument("--model-only", action="store_true", help="recompute the model from the --json file's measurements")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--ping", type=int, nargs=2, help=argparse.SUPPRESS)  # rank, port
     args = p.parse_args()
+    args.json = args.json or RESULTS / ("grid_quick.json" if args.quick else "grid.json")
     settings = ({"L": 128, "D": [8], "N": 4, "repeats": 1, "decode_tokens": 8} if args.quick else
                 {"L": 512, "D": [16, 64], "N": 4, "repeats": 3, "decode_tokens": 64})
     if args.ping:

@@ -65,9 +65,11 @@ def weights_of_layout(counts: dict[tuple[int, int], int], dtype: torch.dtype,
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 512])
+    p.add_argument("--rows", type=int, nargs="+", help="row counts (default: 1 2 4 8 16 64 512; --quick: 1 64)")
     add_cpu_time_option(p)
     args = p.parse_args()
+    args.rows = args.rows or ([1, 64] if args.quick else [1, 2, 4, 8, 16, 64, 512])
+    args.repeats = args.repeats or (1 if args.quick else 7)
     clock = chosen_clock(args, p)
     model = load_model(args)
     block = model.model.layers[0]
@@ -90,7 +92,7 @@ def main() -> None:
         for m in args.rows:
             x = {n: torch.randn(m, n, dtype=dtype) for _, n in counts | {head: 1}}
             times = {name: {shape: [] for shape in layers[name]} for name in kinds}
-            for rep in range((args.repeats or 7) + 1):  # the first repetition warms up (packing, JIT)
+            for rep in range(args.repeats + 1):  # the first repetition warms up (packing, JIT)
                 for name, by_shape in layers.items():
                     for shape, kind_layers in by_shape.items():
                         start = clock()

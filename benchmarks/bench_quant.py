@@ -113,7 +113,7 @@ def main() -> None:
     print(info)
     kernels = kernel_rows([1, 4, 512], repeats, args.quick)
     info = {**info, "load_average_end": os.getloadavg(), "weight_pool_bytes": POOL_BYTES}
-    out = args.json or RESULTS / "quant.json"
+    out = args.json or RESULTS / ("quant_quick.json" if args.quick else "quant.json")
     out.write_text(json.dumps({"info": info, "statistic": "median ms per call; decode: median ms per step",
                                "kernels": kernels, "decode_ms_per_step": decode}, indent=1))
     print(f"wrote {out}")

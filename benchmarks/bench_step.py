@@ -119,11 +119,13 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed steps")
-    p.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    p.add_argument("--context", type=int, help="prompt tokens before the timed steps (default 512; --quick: 128)")
+    p.add_argument("--steps", type=int, help="decode steps per measurement (default 32; --quick: 4)")
     p.add_argument("--suffix", type=int, default=51, help="new tokens of the extend after a cached prefix")
-    p.set_defaults(repeats=3)
     args = p.parse_args()
+    args.context = args.context or (128 if args.quick else 512)
+    args.steps = args.steps or (4 if args.quick else 32)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {config: load(config) for config in args.configs}

@@ -72,6 +72,8 @@ inline void check_sequence_tensors(const at::Tensor& block_table, const at::Tens
               "seq_lens must be int32 [", batch, "]");
   TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == batch + 1,
               "cu_seqlens_q must be int32 [", batch + 1, "]");
+  // Read through their data pointers, as the block table is.
+  TORCH_CHECK(seq_lens.is_contiguous() && cu_seqlens_q.is_contiguous(), "seq_lens and cu_seqlens_q must be contiguous");
   for (const at::Tensor* t : {&block_table, &seq_lens, &cu_seqlens_q})
     TORCH_CHECK(t->device().is_cpu(), "paged_attention tensors must all be on the CPU");
 }

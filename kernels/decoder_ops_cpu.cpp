@@ -10,6 +10,7 @@
 // results are transformers' bit for bit; in bf16 and fp16 the kernel sums the squares in its own
 // order (a difference far below those dtypes' rounding).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -219,6 +220,8 @@ at::Tensor add_rms_norm_cpu(const at::Tensor& stream, const std::optional<at::Te
                       stream.sizes());
     TORCH_CHECK_TYPE(update->scalar_type() == stream.scalar_type(), op, ": residual dtype ",
                      update->scalar_type(), " != x dtype ", stream.scalar_type());
+    TORCH_CHECK_VALUE(at::has_internal_overlap(stream) != at::MemOverlap::Yes, op, ": x is updated in place, and "
+                      "more than one element of it refers to a single memory location (an expanded tensor)");
   }
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty(stream.sizes(), stream.options());

@@ -298,6 +298,15 @@ void parallel_pull(int64_t n, int64_t threads, const F& f) {
 }
 
 // The arguments every call checks (the batch description: check_sequence_tensors).
+// Before anything divides by them.
+void check_heads(int64_t num_q_heads, const at::Tensor& k_cache) {
+  TORCH_CHECK(k_cache.size(2) > 0 && k_cache.size(3) > 0, "the cache needs a KV head and a head_dim of 1 or more, got ",
+              k_cache.sizes());
+  TORCH_CHECK(num_q_heads > 0, "q needs a query head, got ", num_q_heads);
+  TORCH_CHECK(num_q_heads % k_cache.size(2) == 0, "query heads ", num_q_heads, " not a multiple of KV heads ",
+              k_cache.size(2));
+}
+
 void check_arguments(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& out) {
   check_kv_cache(k_cache, v_cache);
@@ -309,8 +318,7 @@ void check_arguments(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == dtype, "out must match q in shape and dtype");
   TORCH_CHECK(k_cache.scalar_type() == dtype, "q dtype ", dtype, " != cache dtype ", k_cache.scalar_type());
   TORCH_CHECK(q.size(2) == k_cache.size(3), "q head_dim ", q.size(2), " != cache head_dim ", k_cache.size(3));
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads ", q.size(1), " not a multiple of KV heads ",
-              k_cache.size(2));
+  check_heads(q.size(1), k_cache);
   TORCH_CHECK(q.device().is_cpu() && out.device().is_cpu(), "paged_attention tensors must all be on the CPU");
 }
 
@@ -360,8 +368,7 @@ at::Tensor plan_paged_attention_cpu(const at::Tensor& k_cache, const at::Tensor&
                                     int64_t max_q_len, int64_t max_kv_len) {
   check_sequence_tensors(block_table, seq_lens, cu_seqlens_q);
   TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got ", k_cache.sizes());
-  TORCH_CHECK(num_q_heads > 0 && num_q_heads % k_cache.size(2) == 0, "query heads ", num_q_heads,
-              " not a multiple of KV heads ", k_cache.size(2));
+  check_heads(num_q_heads, k_cache);
   const int64_t batch = block_table.size(0);
   const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
   const int32_t* kv_lens = seq_lens.const_data_ptr<int32_t>();

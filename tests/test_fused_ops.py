@@ -195,6 +195,8 @@ def bad_calls():
         (lambda b: ops.add_rms_norm(x.clone(), torch.randn(3, 8), weight, 1e-5, backend=b), "residual"),
         (lambda b: ops.add_rms_norm(x[0].clone(), None, weight, 1e-5, backend=b), "x must be \\[T, H\\]"),
         (lambda b: ops.add_rms_norm(x.long(), None, weight.long(), 1e-5, backend=b), "x must be float32"),
+        (lambda b: ops.add_rms_norm(x[:1].expand(2, 8), x.clone(), weight, 1e-5, backend=b),
+         "more than one element of it refers to a single memory location"),
         (lambda b: ops.rope_store_kv(q, k, v, cos[:, :8], sin[:, :8], k_cache, v_cache, slots, backend=b),
          "cos and sin must both be"),
         (lambda b: ops.rope_store_kv(q, k, v, cos.half(), sin, k_cache, v_cache, slots, backend=b),

@@ -217,6 +217,14 @@ def call_kernel(case: PagedCase, **changes: torch.Tensor | None) -> None:
         (lambda c: {"seq_lens": c.seq_lens - c.seq_lens}, "queries but seq_lens"),
         (lambda c: {"block_table": c.block_table + 100}, "is outside the cache"),
         (lambda c: {"cu_seqlens_q": c.cu_seqlens_q - 1}, "cu_seqlens_q must run from 0"),
+        # Views the kernel would read through their data pointers, past what they show.
+        (lambda c: {"seq_lens": c.seq_lens.repeat_interleave(2)[::2]}, "seq_lens and cu_seqlens_q must be contiguous"),
+        (lambda c: {"cu_seqlens_q": c.cu_seqlens_q.repeat_interleave(2)[::2]}, "must be contiguous"),
+        # Sizes the kernel divides by (a SIGFPE before these checks).
+        (lambda c: {"k_cache": c.k_cache[:, :, :0], "v_cache": c.v_cache[:, :, :0]}, "the cache needs a KV head"),
+        (lambda c: {"q": c.q[:, :0].contiguous(), "out": c.q[:, :0].contiguous()}, "q needs a query head"),
+        (lambda c: {"q": c.q[..., :0].contiguous(), "out": c.q[..., :0].contiguous(), "k_cache": c.k_cache[..., :0],
+                    "v_cache": c.v_cache[..., :0]}, "a head_dim of 1 or more"),
     ],
 )
 def test_bad_arguments_name_the_problem(changes, message):

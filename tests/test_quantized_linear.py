@@ -161,6 +161,8 @@ def test_bf16_activations_and_leading_dims(qtype):
     torch.testing.assert_close(y.float(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
     empty = ops.quant_linear(torch.empty(0, 128), blocks, qtype)
     assert empty.shape == (0, 48)
+    for backend in ("reference", "cpp"):  # no output features: an empty result, as F.linear gives
+        assert ops.quant_linear(x, blocks[:0], qtype, backend=backend).shape == (2, 5, 0)
 
 
 def test_op_schema_and_fake_kernel():

@@ -118,6 +118,10 @@ def check_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     if residual is not None:
         require(residual.shape == x.shape, "add_rms_norm: residual ", tuple(residual.shape), " != x ", tuple(x.shape))
         require(residual.dtype == x.dtype, "add_rms_norm: residual dtype ", residual.dtype, " != x dtype ", x.dtype)
+        # As ATen's in-place ops see overlap: a dimension of more than one element with stride 0.
+        require(not any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride())),
+                "add_rms_norm: x is updated in place, and more than one element of it refers to a single memory "
+                "location (an expanded tensor)")
 
 
 def check_rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -70,17 +70,18 @@ def dequantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     if qtype in PLAIN_DTYPES:
         return weight.view(PLAIN_DTYPES[qtype]).float()  # (a no-op view of a plain weight)
     size = BLOCK_BYTES[qtype]
+    shape = (out_features, num_bytes // size * BLOCK)  # (not reshape(N, -1): N may be 0)
     blocks = weight.reshape(out_features, num_bytes // size, size)  # [N, K/32, bytes]
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, K/32, 1]
     if qtype == "Q8_0":
         q = blocks[..., 2:].contiguous().view(torch.int8).float()  # [N, K/32, 32]
-        return (d * q).reshape(out_features, -1)
+        return (d * q).reshape(shape)
     packed = blocks[..., size - BLOCK // 2:]  # [N, K/32, 16]
     nibbles = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # [N, K/32, 32]: low halves, then high
     if qtype == "Q4_0":
-        return (d * (nibbles - 8)).reshape(out_features, -1)
+        return (d * (nibbles - 8)).reshape(shape)
     m = blocks[..., 2:4].contiguous().view(torch.float16).float()  # [N, K/32, 1]
-    return (d * nibbles + m).reshape(out_features, -1)
+    return (d * nibbles + m).reshape(shape)
 
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str) -> torch.Tensor:
