@@ -183,7 +183,7 @@ def test_extreme_but_valid_filters_and_seeds_sample_as_transformers_and_torch_ta
     range the most likely one, as transformers' warpers take them; any integer seeds a session,
     modulo 2**64 as torch takes a negative one (a fork's ``seed + i`` may pass 2**64)."""
     logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(4)) * 3  # [1, V]
-    for warp in [(1.0, 2**63, 1.0), (1.0, 2**70, 0.9), (0.7, 0, 1e-300), (1.3, 5, 5e-324)]:
+    for warp in [(1.0, 2**63, 1.0), (1.0, 2**70, 0.9), (0.7, 0, 1e-300), (1.3, 5, 5e-324), (1.0, 0, 0.0)]:
         params = SamplingParams(do_sample=True, temperature=warp[0], top_k=warp[1], top_p=warp[2])
         token, logprob, errors = sample(logits, [params], [torch.Generator().manual_seed(0)])
         assert errors == {}
@@ -235,6 +235,12 @@ def test_a_row_with_no_distribution_fails_alone_and_the_others_draw_as_without_i
     assert "NaN" in errors[3] and "processor bug" in errors[4]
     healthy, _, none = sample(logits[[0, 2]], [ok, ok], [generators()[0], generators()[2]])
     assert none == {} and [picked[0], picked[2]] == healthy
+    # Scores of another shape than the logits' row (a column dropped; one row as 1-D) fail their row.
+    for chosen, failed in ((ok, [1, 3, 4]), (SamplingParams(), [1, 4])):  # (greedy takes a NaN as argmax does)
+        picked, _, errors = sample(logits, [chosen] * 5, generators(),
+                                   [None, lambda s: s[:, :-1], None, None, lambda s: s[0]])
+        assert sorted(errors) == failed and "returned (1, 49), not scores [1, 50]" in errors[1]
+        assert "returned (50,)" in errors[4]
 
 
 def test_a_session_whose_sampling_fails_ends_alone_with_its_error():
@@ -267,6 +273,20 @@ def test_too_small_a_temperature_float_ids_or_more_choices_than_can_run_are_refu
         engine.add([5.5, 6.0], SamplingParams(max_new_tokens=2))
     assert not engine.has_work
     assert len(engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2, do_sample=True), n=2).forks) == 1
+    for stops in (190, None, "2", (1.5,), (-1,)):  # a later membership test would fail mid-step
+        with pytest.raises(ValueError, match="stop_token_ids must be a tuple of token ids"):
+            SamplingParams(stop_token_ids=stops)
+    assert SamplingParams(stop_token_ids=[2, 3]).stop_token_ids == (2, 3)
+
+
+def test_engine_generate_refusing_one_prompt_queues_none():
+    _, model = tiny_pair()
+    engine = Engine(model)
+    with pytest.raises(ValueError, match="token id 999 is outside the vocabulary"):
+        engine.generate([PROMPTS[0], PROMPTS[1], [2, 999]], SamplingParams(max_new_tokens=2))
+    assert not engine.has_work
+    assert [len(s.generated) for s in engine.generate([PROMPTS[2]], SamplingParams(max_new_tokens=2))] == [2]
+    assert model.prefix_cache.stats()["lookup_tokens"] == len(PROMPTS[2])  # the refused call's prompts never ran
 
 
 def test_admission_waits_for_blocks_and_completes():

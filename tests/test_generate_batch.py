@@ -129,6 +129,17 @@ def test_sampled_request_i_equals_generate_seeded_with_seed_plus_i(pair, case):
         assert result.generated_tokens == want[0, len(prompt) :].tolist()
 
 
+def test_top_p_zero_keeps_the_most_likely_token_and_text_is_refused_by_name(pair):
+    """transformers' top-p warper takes top_p=0 and keeps one token: sampling then decodes greedily."""
+    ref, model, _ = pair
+    out = model.generate_batch(BATCH, max_new_tokens=6, do_sample=True, top_p=0.0)
+    for prompt, result in zip(BATCH, out.values()):
+        assert result.generated_tokens == ref.generate(torch.tensor([prompt]), max_new_tokens=6,
+                                                       do_sample=False)[0, len(prompt):].tolist()
+    with pytest.raises(TypeError, match="prompt must be token ids, not a string"):
+        model.generate_batch(["hello world"], max_new_tokens=3)
+
+
 @pytest.mark.parametrize("settings, named", [
     ({"num_beams": 2}, "num_beams=2"),
     ({"penalty_alpha": 0.6, "top_k": 4}, "penalty_alpha"),

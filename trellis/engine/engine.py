@@ -160,8 +160,17 @@ class Engine:
                     on_finish(session)
 
     def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams | None = None) -> list[Session]:
-        """Run ``prompts`` to completion together; the sessions, in order."""
-        sessions = [self.add(p, params) for p in prompts]
+        """Run ``prompts`` to completion together; the sessions, in order. A prompt refused by
+        ``add`` refuses them all: those queued before it are withdrawn."""
+        sessions: list[Session] = []
+        try:
+            for prompt in prompts:
+                sessions.append(self.add(prompt, params))
+        except BaseException:
+            with self._inbox_lock:
+                queued = {id(s) for s in sessions}
+                self._inbox = [s for s in self._inbox if id(s) not in queued]
+            raise
         self.run()
         return sessions
 

@@ -62,8 +62,13 @@ class SamplingParams:
                              f"when sampling, got {self.temperature!r}; do_sample=False decodes greedily")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.top_p <= 1:  # (0 keeps the most likely token only, as transformers' warper does)
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not isinstance(stops, (tuple, list)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stops):
+            raise ValueError(f"stop_token_ids must be a tuple of token ids (ints >= 0), got {stops!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(stops))  # (a list too; kept hashable)
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -145,10 +150,15 @@ def sample(
     for i in processed:
         try:
             # A copy: processors may write in place, and ``logits`` may already be float32.
-            scores = row_scores[i](logits[i : i + 1].to(torch.float32, copy=True))[0]  # [V]
+            scores = row_scores[i](logits[i : i + 1].to(torch.float32, copy=True))  # [1, V]
         except Exception as exc:  # noqa: BLE001 -- the caller's code: it fails its own row only
             errors[i] = f"the logits processor failed: {exc!r}"
             continue
+        if not isinstance(scores, torch.Tensor) or scores.shape != (1, logits.shape[-1]):
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            errors[i] = f"the logits processor returned {shape}, not scores [1, {logits.shape[-1]}]"
+            continue
+        scores = scores[0].float()  # [V]
         if params[i].do_sample:
             draws[i] = scores.softmax(dim=-1)  # [V]
             logprobs[i] = draws[i].log()

@@ -23,6 +23,7 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from trellis.engine import Engine, SamplingParams, TrellisGenerationOutput
 from trellis.runner import runner_of
+from trellis.utils import token_ids
 
 # Processors that are exact per session, with the setting that adds each. All are functions of the
 # row's tokens and scores, given values fixed when built for the prompt (its length for min_new_tokens,
@@ -142,7 +143,8 @@ def _request(model: LlamaForCausalLM, config: GenerationConfig, prompt: Sequence
     """The session settings and logits processors that ``generate()`` would use for ``prompt`` alone
     (None: the engine's batched sampling does all that is needed)."""
     config = copy.copy(config)  # the lengths are per prompt; the rest is only read
-    input_ids = torch.tensor([list(prompt)], device=device)  # [1, L]
+    prompt = token_ids(prompt)  # (text, or floats, refused by name)
+    input_ids = torch.tensor([prompt], device=device)  # [1, L]
     model._prepare_generated_length(config, has_default_max_length=default_length["max_length"],
                                     has_default_min_length=default_length["min_length"], model_input_name="input_ids",
                                     input_ids_length=len(prompt), inputs_tensor=input_ids)
