@@ -14,6 +14,7 @@ from trellis.cache.block_pool import OutOfBlocksError
 from trellis.engine import sampling
 from trellis.engine.engine import Engine
 from trellis.engine.sampling import MIN_TEMPERATURE, SamplingParams, filter_logits, sample
+from trellis.engine.session import Session
 
 BS = 4  # tiny_pair's block size
 
@@ -260,6 +261,32 @@ def test_a_session_whose_sampling_fails_ends_alone_with_its_error():
     assert bad.finish_reason == "error" and "processor bug" in bad.error and len(bad.generated) == 2
     assert not engine.running and model.prefix_cache.stats()["live_sessions"] == 0
     model.prefix_cache.check_integrity()
+
+
+def test_an_error_while_tokens_are_recorded_fails_the_unfinished_sessions_once(monkeypatch):
+    """An error after the forward (here recording B's second token, after A finished with its
+    third in the same step) would leave the step half done: every session not yet ended fails,
+    and A keeps its finish."""
+    ref, model = tiny_pair()
+    engine = Engine(model)
+    a = engine.add(PROMPTS[0], SamplingParams(max_new_tokens=3))
+    b = engine.add(PROMPTS[1], SamplingParams(max_new_tokens=4))
+    record = Session.add_token
+
+    def failing(self, token, logprob, now):
+        if self is b and len(self.generated) == 1:
+            raise RuntimeError("recording failed")
+        return record(self, token, logprob, now)
+
+    monkeypatch.setattr(Session, "add_token", failing)
+    with pytest.raises(RuntimeError, match="recording failed"):
+        engine.run()
+    assert a.status == RequestStatus.FINISHED and a.generated == reference(ref, PROMPTS[0], 3)
+    assert b.status == RequestStatus.FAILED and "recording failed" in b.error
+    assert not engine.has_work and model.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
+    monkeypatch.undo()
+    assert engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=4))[0].generated == reference(ref, PROMPTS[1], 4)
 
 
 def test_too_small_a_temperature_float_ids_or_more_choices_than_can_run_are_refused():

@@ -227,7 +227,7 @@ class Engine:
             self.abort(f"forward failed: {exc!r}")
             raise
         for part, step in steps:
-            ended += self._complete(manager, part, step, running)
+            self._complete(manager, part, step, running, ended)
         running[:] = [s for s in running if not s.done]
         return ended
 
@@ -242,8 +242,8 @@ class Engine:
         except BaseException as exc:
             self.abort(f"forward failed: {exc!r}")
             raise
-        running = self.lanes[lane]
-        ended = self._complete(manager, sessions, step, running)
+        running, ended = self.lanes[lane], []
+        self._complete(manager, sessions, step, running, ended)
         running[:] = [s for s in running if not s.done]
         return ended
 
@@ -298,11 +298,20 @@ class Engine:
         return steps
 
     def _complete(self, manager: KVCacheManager, sessions: list[Session], step: StepOutput,
-                  running: list[Session]) -> list[Session]:
+                  running: list[Session], ended: list[Session]) -> None:
         """Score prompt tokens, start forks (into ``running``, the sessions' lane), sample a token for
-        each session whose prompt is computed."""
+        each session whose prompt is computed; appends the sessions that end to ``ended`` as they end.
+        An error here would leave the step half done: every session not yet ended fails first."""
+        try:
+            self._complete_step(manager, sessions, step, running, ended)
+        except BaseException as exc:
+            self.abort(f"choosing the next tokens failed: {exc!r}")
+            raise
+
+    def _complete_step(self, manager: KVCacheManager, sessions: list[Session], step: StepOutput,
+                       running: list[Session], ended: list[Session]) -> None:
         cu = step.batch.host_cu_seqlens_q
-        rows, owners, ended = [], [], []
+        rows, owners = [], []
         for i, session in enumerate(sessions):
             if session.params.prompt_logprobs is not None and session.status == RequestStatus.PREFILLING:
                 self._score_prompt(session, step.hidden[cu[i]:cu[i + 1]])
@@ -327,7 +336,7 @@ class Engine:
                     rows.append(cu[i + 1] - 1)
                     owners.append(fork)
         if not owners:
-            return ended
+            return
         logits = self.runner.logits(step.hidden[rows])  # [B, V]
         row_scores = [s.process_logits if s.logits_processor else None for s in owners]
         tokens, logprobs, errors = sample(logits, [s.params for s in owners], [s.generator for s in owners],
@@ -347,7 +356,6 @@ class Engine:
             else:
                 manager.append(session.seq, [token])  # blocks reserved at admission: allocates nothing
                 session.status = RequestStatus.DECODING
-        return ended
 
     def _score_prompt(self, session: Session, hidden: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's positions predict (``hidden`` [C, H])."""
@@ -371,7 +379,8 @@ class Engine:
                     flight[1].result()
                 except Exception:  # noqa: BLE001, S110 -- its sessions fail below either way
                     pass
-        running = self.running
+        # Sessions that ended in a step cut short are still in their lanes, their blocks released.
+        running = [s for s in self.running if not s.done]
         for session in running:
             self._manager.release(session.seq, commit=False)
         for session in [*running, *self.waiting]:
