@@ -297,8 +297,7 @@ void parallel_pull(int64_t n, int64_t threads, const F& f) {
   });
 }
 
-// The arguments every call checks (the batch description: check_sequence_tensors).
-// Before anything divides by them.
+// The head counts, before anything divides by them.
 void check_heads(int64_t num_q_heads, const at::Tensor& k_cache) {
   TORCH_CHECK(k_cache.size(2) > 0 && k_cache.size(3) > 0, "the cache needs a KV head and a head_dim of 1 or more, got ",
               k_cache.sizes());
@@ -307,6 +306,7 @@ void check_heads(int64_t num_q_heads, const at::Tensor& k_cache) {
               k_cache.size(2));
 }
 
+// The arguments every call checks (the batch description: check_sequence_tensors).
 void check_arguments(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& out) {
   check_kv_cache(k_cache, v_cache);

@@ -369,8 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, FileNotFoundError) as exc:
             demo.error(f"--prefix-cache {args.prefix_cache}: no file can be saved there ({exc})")
         try:
-            check_model_arguments(args)
-            run_demo(args)
+            run_demo(args)  # (load_model checks the model options first)
         except (ValueError, OSError) as exc:  # Trellis' refusals name what to change: no traceback
             demo.exit(2, f"trellis demo: {exc}\n")
     elif args.command == "serve":

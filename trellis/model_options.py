@@ -27,12 +27,16 @@ def model_directory(text: str) -> str:
     return text
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of zero or more."""
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of zero or more."""
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
@@ -56,11 +60,11 @@ def port_number(text: str) -> int:
 
 def block_size(text: str) -> int:
     """An argparse type: a KV block size (a power of two up to 256)."""
+    value = _integer(text)
     try:
-        value = int(text)
         check_block_size(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if "power of two" in str(exc) else f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 

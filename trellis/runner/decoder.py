@@ -15,10 +15,10 @@ bit, in bf16 and fp16 up to the order of the RMSNorm's sum of squares (docs/deco
 It runs only a model whose forward it reproduces exactly (``_check``: transformers' own Llama
 classes, no hooks, no adapters, no overridden forward, SiLU, norms in the model's dtype, on the
 CPU), and only for a step that asks for nothing else (no gradients, no hidden states or attention
-weights) over inputs in the weights' dtype. Anything else runs transformers' forward, so hooks and adapters keep working. The
-verdict is cached: a step reads a registration count, the modules' ``ModelStructure`` (their
-hooks, classes, instance forwards, containers' members) and a few settings (``_state``), and
-checks the model again when any of them changed.
+weights) over inputs in the weights' dtype. Anything else runs transformers' forward, so hooks
+and adapters keep working. The verdict is cached: a step reads a registration count, the
+modules' ``ModelStructure`` (their hooks, classes, instance forwards, containers' members) and a
+few settings (``_state``), and checks the model again when any of them changed.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -195,7 +196,7 @@ class PagedModelRunner:
         before it are deleted (``del model.model.layers[i]``)."""
         ids = [getattr(getattr(layer, "self_attn", None), "layer_idx", i)
                for i, layer in enumerate(self.model.model.layers)]
-        shared = sorted({i for i in ids if ids.count(i) > 1})
+        shared = sorted(i for i, count in Counter(ids).items() if count > 1)
         if shared:
             raise ValueError(f"decoder layers share the layer_idx {shared}: each layer's attention keeps its K/V "
                              "under its own layer_idx; give every layer a distinct one")
