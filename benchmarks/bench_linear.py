@@ -2,10 +2,12 @@
 
 Every layer gets its own weights of the model's shapes and dtype (so they stream from memory as
 in a forward; the variants over one layout share them), run as transformers does (``F.linear``), through oneDNN over row-major weights,
-over input-major weights and over a prepacked copy, and through Trellis' streaming kernel
-(``quant_linear``, qtype ``"BF16"`` or ``"F32"``, over the row-major parameter), which every kind
-runs at the row counts ``cpu_linear.streamed_rows`` names for the dtype (bf16: 1-4, fp32: 4-8; each
-variant here runs its own kernel at every row count). The label in parentheses names the Trellis
+over input-major weights and over a prepacked copy, through Trellis' streaming kernel
+(``quant_linear``, qtype ``"BF16"`` or ``"F32"``, over the row-major parameter), which the kinds
+run at the row counts ``cpu_linear.streamed_rows`` names for the dtype (bf16: 1-4, fp32: 4-8; each
+variant here runs its own kernel at every row count), and, in bf16 where ``cpu_linear.bf16_panels``
+holds, through Trellis' panels (``panel_linear``), which ``"packed"`` runs there at every row
+count instead of oneDNN's copy and the streaming kernel. The label in parentheses names the Trellis
 kind that runs each variant in this dtype. Kinds take turns within each repetition; the figure
 is the median ms per pass. Each shape's share of the pass is timed too, the LM head (not part of
 the pass) included, as ``shapes``: ``{"out x in": {variant: ms}}``.
@@ -15,6 +17,7 @@ the pass) included, as ``shapes``: ``{"out x in": {variant: ms}}``.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from collections.abc import Callable
@@ -24,7 +27,8 @@ import torch.nn.functional as F
 from common import add_cpu_time_option, chosen_clock, describe, load_model, parser
 
 from trellis import ops
-from trellis.runner.cpu_linear import _set_layout, input_major, streamed_rows
+from trellis.ops.panels import pack_panels
+from trellis.runner.cpu_linear import _set_layout, bf16_panels, input_major, streamed_rows
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,15 +41,23 @@ def variants(dtype: torch.dtype) -> dict[str, tuple[bool, Callable[[torch.Tensor
     """label -> (input-major weights, the layer over a weight); "onednn" runs the layout
     ``input_major`` picks."""
     onednn_input_major, rows = input_major(dtype), streamed_rows(dtype)
+    panels = dtype == torch.bfloat16 and bf16_panels()
     qtype = "F32" if dtype == torch.float32 else "BF16"
     out = {"F.linear (blas)": (False, lambda w: lambda x: F.linear(x, w)),
            "oneDNN, row-major" + ("" if onednn_input_major else " (onednn)"): (False, onednn),
            "oneDNN, input-major" + (" (onednn)" if onednn_input_major else ""): (True, onednn),
-           "oneDNN, prepacked (packed)": (False, lambda w: onednn(torch.ops.mkldnn._reorder_linear_weight(w, 64)))}
+           "oneDNN, prepacked" + ("" if panels else " (packed)"):
+               (False, lambda w: onednn(torch.ops.mkldnn._reorder_linear_weight(w, 64)))}
     if rows is not None:
-        kinds = "blas, packed" if onednn_input_major else "every kind"  # input-major weights do not stream
-        out[f"Trellis streaming ({kinds} at {rows[0]}-{rows[1]} rows)"] = \
+        # input-major weights do not stream, nor do the rows of panels
+        kinds = [kind for kind, streams in (("blas", True), ("onednn", not onednn_input_major), ("packed", not panels))
+                 if streams]
+        kinds_named = "every kind" if len(kinds) == 3 else ", ".join(kinds)
+        out[f"Trellis streaming ({kinds_named} at {rows[0]}-{rows[1]} rows)"] = \
             (False, lambda w: lambda x: ops.quant_linear(x, w.view(torch.uint8), qtype, backend="cpp"))
+    if panels:
+        out["Trellis panels (packed)"] = (False, lambda w: functools.partial(ops.panel_linear, panels=pack_panels(w),
+                                                                             bias=None, out_features=w.shape[0]))
     return out
 
 

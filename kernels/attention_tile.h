@@ -25,15 +25,8 @@
 #include <limits>
 #include <type_traits>
 
-// bf16 dot products (AMX tiles, AVX512_BF16): AVX-512 builds on Linux (which grants a process
-// tile data on request) with a compiler that has the intrinsics (GCC 11, clang 12 on).
-#if defined(CPU_CAPABILITY_AVX512) && defined(__linux__) && \
-    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
-#define TRELLIS_BF16_DOTS 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "bf16_dots.h"
+#include "with_count.h"
 
 namespace trellis {
 
@@ -43,15 +36,6 @@ constexpr int kKeyTile = 32;        // keys per tile
 constexpr int kMaxRowVecs = 4;      // row vectors per score micro-kernel call
 constexpr int kAccRegs = Vec::size() >= 16 ? 16 : 8;  // accumulators that fit the register file
 constexpr int kPvRows = 8;          // rows per P @ V micro-kernel call
-
-// Calls f(std::integral_constant<int, R>{}) for the runtime count 1 <= r <= Max.
-template <int Max, typename F>
-inline void with_count(int64_t r, const F& f) {
-  if constexpr (Max > 1) {
-    if (r < Max) return with_count<Max - 1>(r, f);
-  }
-  f(std::integral_constant<int, Max>{});
-}
 
 // ldq for `rows` query rows: half a vector (paired layout) or whole vectors.
 inline int64_t score_stride(int64_t rows, int64_t head_dim) {
@@ -160,11 +144,6 @@ inline void qk_scores(const float* qt, int64_t ldq, const float* k, int64_t ldk,
 // per key, row vector and pair of d: 32 multiply-adds an instruction where the fp32 path does 16,
 // and K is read as bf16 in place instead of widened into the staged tile first. Only `valid`
 // keys exist (as in qk_block).
-inline bool dpbf16_usable() {
-  static const bool usable = __builtin_cpu_supports("avx512bf16");
-  return usable;
-}
-
 template <int NR, int KB>
 __attribute__((target("avx512f,avx512bf16"))) inline void dpbf16_block(const uint32_t* qp, int64_t ldq,
                                                                         const c10::BFloat16* k, int64_t ldk,
@@ -205,17 +184,6 @@ inline void qk_scores_dpbf16(const uint32_t* qp, int64_t ldq, const c10::BFloat1
 // bf16 scores on AMX tiles, for bf16 caches (in the row-vector layout): a tile multiply of 16 keys
 // by 32 d (K rows as they lie in the cache) and 32 d by 16 query rows (Q^T as bf16 pairs) gives
 // scores straight in st's [key][row] layout.
-
-// AMX-BF16 present, and the kernel lets this process use tile data (Linux asks every process to
-// request it once).
-inline bool amx_bf16_usable() {
-  static const bool usable = [] {
-    if (!__builtin_cpu_supports("amx-bf16")) return false;
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
-}
 
 constexpr int kTileRows = 16;  // keys or query rows per tile; 32 d (64 bytes) per tile row
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "quant_blocks.h"
+#include "with_count.h"
 
 namespace trellis {
 namespace quant {
@@ -35,15 +36,6 @@ constexpr int64_t kKc = 256;                      // K per chunk: a panel (32 KB
 // ~5 GB/s from memory on the hardware prefetchers alone, ~10-11 GB/s with software prefetch
 // 4-32 KB ahead (alike; 1-2 KB leave it short of that).
 constexpr int64_t kPrefetchAhead = 8192;
-
-// Calls f(std::integral_constant<int, R>{}) for the runtime count 1 <= r <= Max.
-template <int Max, typename F>
-inline void with_count(int64_t r, const F& f) {
-  if constexpr (Max > 1) {
-    if (r < Max) return with_count<Max - 1>(r, f);
-  }
-  f(std::integral_constant<int, Max>{});
-}
 
 struct Problem {
   const uint8_t* w;  // [N, row_bytes]

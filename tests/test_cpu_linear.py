@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
 from trellis import ops
 from trellis.models.llama import TrellisLlama
+from trellis.ops.panels import pack_panels
 from trellis.runner import cpu_linear
 from trellis.runner.cpu_linear import CPULinear, linear_kernel_of, set_linear_kernel
 
@@ -52,7 +53,8 @@ def test_matches_nn_linear(kind, bias, shape):
 
 @needs_onednn_bf16
 @pytest.mark.parametrize("kind", ONEDNN_KINDS)
-def test_bf16_runs_on_onednn_within_rounding_of_nn_linear(kind):
+def test_bf16_runs_on_onednn_within_rounding_of_nn_linear(kind, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # as on CPUs without AVX512_BF16, or with AMX
     torch.manual_seed(0)
     plain = torch.nn.Linear(48, 40, dtype=torch.bfloat16)
     layer = copy.deepcopy(plain)
@@ -79,11 +81,13 @@ STREAMED = [(torch.bfloat16, "BF16", kind) for kind in cpu_linear.LINEAR_KERNELS
 
 @needs_onednn
 @pytest.mark.parametrize(("dtype", "qtype", "kind"), STREAMED)
-def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind):
+def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind, monkeypatch):
     """The few rows of a decode step (streamed_rows: 1-4 in bf16; 4-8 in fp32 on Intel, 1-8 on other
     x86 CPUs) read the weight with
     quant_linear's streaming kernel (exactly its result); other row counts go to the kind's
-    library; a layer with a bias, or whose width is not whole 32-weight blocks, never streams."""
+    library; a layer with a bias, or whose width is not whole 32-weight blocks, never streams.
+    (Where bf16 "packed" layers keep panels, those serve every row count: the next test.)"""
+    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)
     rows = cpu_linear.streamed_rows(dtype)
     if rows is None:
         pytest.skip(f"no {dtype} matmul streams on this CPU")
@@ -107,6 +111,35 @@ def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind):
         with torch.no_grad(), RecordOps() as recorded:
             other(torch.randn(first, other.in_features, dtype=dtype))
         assert "trellis_cpp.quant_linear.default" not in recorded.names
+
+
+@pytest.mark.skipif(not cpu_linear.bf16_panels(), reason="no AVX512_BF16 without AMX here: oneDNN's packed copy")
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_packed_layers_keep_panels_for_every_row_count(bias):
+    """On CPUs with AVX512_BF16 and no AMX, a bf16 "packed" layer's copy is Trellis' panels, which
+    ``panel_linear`` multiplies at every row count (none streams, none goes to oneDNN); any other
+    kind, or fp32, does not use them."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 40, bias=bias, dtype=torch.bfloat16)
+    set_linear_kernel(layer, "packed")
+    panels = pack_panels(layer.weight.detach())
+    for rows in (1, 4, 5, 64):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        with torch.no_grad(), RecordOps() as recorded:
+            got = layer(x)
+        assert "trellis_cpp.panel_linear.default" in recorded.names, rows
+        assert not {"trellis_cpp.quant_linear.default", "mkldnn._linear_pointwise.default"} & set(recorded.names)
+        assert torch.equal(got, ops.panel_linear(x, panels, layer.bias, 40))
+    assert layer.streamed_weight(torch.ones(1, 64, dtype=torch.bfloat16)) is None
+    assert torch.equal(layer._packed[3], panels)  # one copy, the weight's size
+    assert "bf16 panels" in cpu_linear.rounding_identity("packed", torch.bfloat16)
+    assert "streamed" not in cpu_linear.rounding_identity("packed", torch.bfloat16)
+    assert "panels" not in cpu_linear.rounding_identity("onednn", torch.bfloat16)
+    for kind in ("onednn", "blas"):
+        set_linear_kernel(layer, kind)
+        with torch.no_grad(), RecordOps() as recorded:
+            layer(torch.randn(5, 64, dtype=torch.bfloat16))
+        assert "trellis_cpp.panel_linear.default" not in recorded.names
 
 
 @needs_onednn

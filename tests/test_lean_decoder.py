@@ -260,6 +260,7 @@ def test_projections_of_mixed_qtypes_run_as_one_call_per_qtype(monkeypatch):
 
 @pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(), reason="bf16 layers run F.linear on this CPU")
 def test_bf16_decode_rows_stream_as_one_call_prefill_runs_onednn(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # oneDNN's packed copy (as with AMX)
     _, model = tiny_pair()
     model.to(torch.bfloat16)
     model.set_linear_kernel("packed")
@@ -268,6 +269,19 @@ def test_bf16_decode_rows_stream_as_one_call_prefill_runs_onednn(monkeypatch):
         tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
         assert [rows for rows, _, _ in calls] == [1] * 4 * 2 * 2  # 2 layers, 2 decode steps; no prefill
         assert {qtype for _, _, qtype in calls} == {"BF16"}
+        with fallback(model):
+            assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
+
+
+@pytest.mark.skipif(not cpu_linear.bf16_panels(), reason="no AVX512_BF16 without AMX here: oneDNN's packed copy")
+def test_bf16_panels_run_decode_and_prefill_rows_as_the_fallback_does(monkeypatch):
+    _, model = tiny_pair()
+    model.to(torch.bfloat16)
+    model.set_linear_kernel("packed")
+    ids = torch.cat([prompt(seed, 24) for seed in range(4)])
+    with torch.no_grad(), group_calls(monkeypatch) as calls:
+        tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert calls == []  # nothing streams: the panels serve every row count
         with fallback(model):
             assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
 

@@ -181,6 +181,19 @@ def test_store_kv_matches_reference(dtype):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
+@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(1, 17, 30), (7, 40, 64), (13, 1, 2), (64, 200, 96)])
+def test_panel_linear_stays_in_bounds(rows, out_features, in_features):
+    """Row and feature tails (rows past a register block, a last panel of fewer than 16 features,
+    with and without a bias): under the sanitizer, every read and masked store stays in bounds."""
+    torch.manual_seed(rows)
+    weight, x = torch.randn(out_features, in_features).bfloat16(), torch.randn(rows, in_features).bfloat16()
+    panels = ops.panels.pack_panels(weight)
+    for bias in (None, torch.randn(out_features).bfloat16()):
+        got = ops.panel_linear(x, panels, bias, out_features, backend="cpp")
+        ref = ops.panel_linear(x, panels, bias, out_features, backend="reference")
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-2)
+
+
 def test_opcheck():
     opcheck_ops()  # torch.ops.trellis on CPU tensors: the C++ kernels
 

@@ -6,14 +6,15 @@
     out = paged_attention(q, k_cache, v_cache, block_table, ...)         plan and run, in one call
     y = quant_linear(x, weight, qtype)                                   x @ W^T, W in GGUF blocks
     ys = quant_linear_group(x, weights, qtype)                           x @ W^T for each W, one call
+    y = panel_linear(x, panels, bias, out_features)                      x @ W^T + bias, bf16 W in panels
     y = add_rms_norm(x, residual, weight, eps)                           x += residual; RMSNorm(x)
     q = rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) RoPE, then store_kv
     y = silu_mul(gate, up)                                               silu(gate) * up
 
 The modules: ``api`` (these calls), ``schema`` (the ``torch.library`` ops, ``torch.ops.trellis.*``),
 ``checks``, ``backends`` (the registry), ``reference`` (the spec: shapes and semantics), ``quant``
-(GGUF block formats and their spec), ``cpp``, ``triton``. Importing builds and loads nothing: a
-backend loads on first use.
+(GGUF block formats and their spec), ``panels`` (bf16 weights packed for dot products), ``cpp``,
+``triton``. Importing builds and loads nothing: a backend loads on first use.
 """
 
 from trellis.ops.api import (
@@ -22,6 +23,7 @@ from trellis.ops.api import (
     add_rms_norm,
     decoder_ops,
     paged_attention,
+    panel_linear,
     plan_attention,
     quant_linear,
     quant_linear_group,
@@ -42,6 +44,7 @@ __all__ = [
     "default_backend",
     "load_backend",
     "paged_attention",
+    "panel_linear",
     "plan_attention",
     "quant_linear",
     "quant_linear_group",

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 
 # The library's ops, callable once load() returned True (schema.py defines them).
 KERNELS = torch.ops.trellis_cpp
-SOURCES = ("store_kv_cpu.cpp", "paged_attention_cpu.cpp", "quant_linear_cpu.cpp", "decoder_ops_cpu.cpp")
+SOURCES = (
+    "store_kv_cpu.cpp", "paged_attention_cpu.cpp", "quant_linear_cpu.cpp", "panel_linear_cpu.cpp", "decoder_ops_cpu.cpp",
+)
 
 # at::vec picks its implementation from these macros; the -m flags let the compiler emit it.
 _ISA_FLAGS = {

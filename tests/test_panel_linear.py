@@ -1,0 +1,125 @@
+"""panel_linear: bf16 weights packed in panels of 16 output features with their inputs in pairs
+(trellis/ops/panels.py), multiplied by the C++ kernel (AVX512_BF16 dot products where the CPU has
+them) with the reference's results up to fp32 summation order."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trellis import ops
+from trellis.ops import cpp
+from trellis.ops.panels import pack_panels, unpack_panels
+
+
+def bf16(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+def test_the_layout():
+    weight = bf16(21, 6)
+    panels = pack_panels(weight)
+    assert panels.shape == (2, 3, 16, 2) and panels.is_contiguous()
+    for p, j, c, t in [(0, 0, 0, 0), (0, 2, 5, 1), (1, 1, 4, 0), (1, 2, 4, 1)]:
+        assert panels[p, j, c, t] == weight[16 * p + c, 2 * j + t]
+    assert not panels[1, :, 5:].any()  # features 21-31 do not exist: zero
+    assert torch.equal(unpack_panels(panels, 21), weight)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 6, 7, 13, 64, 200])
+@pytest.mark.parametrize(("out_features", "in_features"), [(40, 64), (1, 2), (16, 576), (17, 30), (200, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_matches_the_reference(rows, out_features, in_features, bias):
+    torch.manual_seed(rows * 7 + out_features)
+    weight, x = bf16(out_features, in_features), bf16(rows, in_features)
+    b = bf16(out_features) if bias else None
+    panels = pack_panels(weight)
+    got = ops.panel_linear(x, panels, b, out_features, backend="cpp")
+    ref = ops.panel_linear(x, panels, b, out_features, backend="reference")
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    # Both sum exact products in fp32 (in their own orders) and round once: mostly equal, else a bf16
+    # rounding step apart, or fp32's summation error where the sum cancels.
+    summed = torch.nn.functional.linear(x.double().abs(), weight.double().abs())  # sum of |products|
+    exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    for result in (got, ref):
+        assert ((result.double() - exact).abs() <= exact.abs() * 2 ** -8 + summed * 2 ** -20 + 1e-30).all()
+    assert ((got.double() - ref.double()).abs() <= ref.double().abs() * 2 ** -7 + summed * 2 ** -19).all()
+    assert (got == ref).float().mean() > 0.95
+
+
+def test_kernel_takes_leading_dims_strided_and_empty_inputs():
+    weight = bf16(40, 64)
+    panels = pack_panels(weight)
+    x = bf16(2, 5, 64)
+    y = ops.panel_linear(x, panels, None, 40)
+    assert y.shape == (2, 5, 40)
+    torch.testing.assert_close(y, ops.panel_linear(x.reshape(10, 64), panels, None, 40).view(2, 5, 40), rtol=0, atol=0)
+    strided = bf16(64, 7).t()  # [7, 64], not contiguous
+    torch.testing.assert_close(ops.panel_linear(strided, panels, None, 40),
+                               ops.panel_linear(strided.contiguous(), panels, None, 40), rtol=0, atol=0)
+    for backend in ("cpp", "reference"):
+        assert ops.panel_linear(bf16(0, 64), panels, None, 40, backend=backend).shape == (0, 40)
+        assert ops.panel_linear(bf16(3, 64), pack_panels(bf16(0, 64)), None, 0, backend=backend).shape == (3, 0)
+        none = ops.panel_linear(bf16(3, 0), pack_panels(bf16(20, 0)), torch.ones(20, dtype=torch.bfloat16), 20,
+                                backend=backend)
+        assert torch.equal(none, torch.ones(3, 20, dtype=torch.bfloat16))  # no inputs: the bias
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_kernel_at_lower_simd_levels(capability):
+    """The kernel tests again over the kernels built for AVX2 and for no SIMD extension
+    (ATEN_CPU_CAPABILITY), in a child process: there the op computes through ATen."""
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        pytest.skip("this is the child run")
+    if cpp.capability() == capability.upper():
+        pytest.skip(f"{capability} is this machine's own level: the other tests cover it")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "kernel and not simd_levels"], env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=900, check=False)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+
+
+def test_op_schema_and_fake_kernel():
+    panels, bias = pack_panels(bf16(40, 64)), bf16(40)
+    x = bf16(3, 64)
+    torch.library.opcheck(torch.ops.trellis.panel_linear.default, (x, panels, bias, 40))
+    torch.library.opcheck(torch.ops.trellis.panel_linear.default, (x, panels, None, 40))
+    compiled = torch.compile(lambda x: torch.ops.trellis.panel_linear(x, panels, None, 40) * 2, backend="eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), 2 * ops.panel_linear(x, panels, None, 40))
+
+
+PANELS = pack_panels(torch.zeros(40, 64, dtype=torch.bfloat16))
+BAD_INPUTS = [  # (x, panels, bias, out_features, error, message)
+    (torch.randn(2, 64), PANELS, None, 40, TypeError, "x must be bfloat16"),
+    (bf16(2, 64), PANELS.float(), None, 40, TypeError, "panels must be bfloat16"),
+    (bf16(2, 64), PANELS, torch.zeros(40), 40, TypeError, "bias must be bfloat16"),
+    (bf16(2, 64), PANELS[:, :, :8], None, 40, ValueError, "panels must be [panels, in_features / 2, 16, 2]"),
+    (bf16(2, 64), PANELS.transpose(0, 1), None, 40, ValueError, "panels must be"),
+    (bf16(2, 48), PANELS, None, 40, ValueError, "x has 48 input features but the panels hold 64"),
+    (bf16(2, 64), PANELS, None, 32, ValueError, "3 panels do not hold 32 output features"),
+    (bf16(2, 64), PANELS, None, 49, ValueError, "3 panels do not hold 49 output features"),
+    (bf16(2, 64), PANELS, bf16(39), 40, ValueError, "bias must be [40]"),
+    (bf16(64), PANELS.transpose(2, 3).contiguous().transpose(2, 3), None, 40, ValueError, "panels must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize(("x", "panels", "bias", "out_features", "error", "message"), BAD_INPUTS)
+def test_bad_input_is_refused_by_name(backend, x, panels, bias, out_features, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        ops.panel_linear(x, panels, bias, out_features, backend=backend)
+
+
+def test_pack_panels_refuses_what_it_cannot_pack():
+    with pytest.raises(TypeError, match="weight must be bfloat16"):
+        pack_panels(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=re.escape("in_features (7) must be even")):
+        pack_panels(torch.zeros(4, 7, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="weight must be"):
+        pack_panels(torch.zeros(4, 8, 2, dtype=torch.bfloat16))

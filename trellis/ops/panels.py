@@ -1,0 +1,66 @@
+"""bf16 weights packed in panels for bf16 pair dot products (AVX512_BF16's ``vdpbf16ps``), and
+``y = x @ W^T + bias`` over them: the layout, the checks and the pure-PyTorch computation, which is
+the specification and the test oracle.
+
+A weight ``W [N, K]`` (``K`` even) lies as ``ceil(N / 16)`` panels of 16 output features, each
+holding its features' inputs in pairs, as a bf16 ``[ceil(N / 16), K / 2, 16, 2]`` tensor::
+
+    panels[p, j, c, t] = W[16 p + c, 2 j + t]        (zero for 16 p + c >= N)
+
+so that one 64-byte row ``panels[p, j]`` is the operand that multiplies a pair of inputs of ``x``
+by 16 features at once. The product is computed in fp32 (each bf16 product is exact in fp32),
+the bias added, and the result rounded to bf16 once, as oneDNN's bf16 matmul does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trellis.ops.checks import require
+
+PANEL = 16  # output features per panel
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """The panels of a bf16 ``weight [N, K]`` (``K`` even): a new contiguous tensor, the same size."""
+    if weight.dtype != torch.bfloat16:
+        raise TypeError(f"pack_panels: weight must be bfloat16, got {weight.dtype}")
+    require(weight.dim() == 2, "pack_panels: weight must be [out_features, in_features], got ", tuple(weight.shape))
+    out_features, in_features = weight.shape
+    require(in_features % 2 == 0, f"pack_panels: in_features ({in_features}) must be even")
+    padded = F.pad(weight, (0, 0, 0, -out_features % PANEL))
+    return padded.view(-(-out_features // PANEL), PANEL, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The weight ``[out_features, K]`` that ``panels`` hold."""
+    return panels.permute(0, 2, 1, 3).reshape(panels.shape[0] * PANEL, 2 * panels.shape[1])[:out_features]
+
+
+def check_panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> None:
+    """The arguments of ``panel_linear``, with the C++ kernel's errors (it checks its own)."""
+    for name, tensor in (("x", x), ("panels", panels), ("bias", bias)):
+        if tensor is not None and tensor.dtype != torch.bfloat16:
+            raise TypeError(f"panel_linear: {name} must be bfloat16, got {tensor.dtype}")
+    require(x.dim() >= 1, "panel_linear: x must have at least one dimension")
+    require(panels.dim() == 4 and panels.shape[2:] == (PANEL, 2),
+            "panel_linear: panels must be [panels, in_features / 2, 16, 2], got ", tuple(panels.shape))
+    require(panels.is_contiguous(), "panel_linear: panels must be contiguous")
+    require(x.shape[-1] == 2 * panels.shape[1], f"panel_linear: x has {x.shape[-1]} input features but the panels "
+            f"hold {2 * panels.shape[1]}")
+    require(out_features >= 0 and -(-out_features // PANEL) == panels.shape[0],
+            f"panel_linear: {panels.shape[0]} panels do not hold {out_features} output features")
+    if bias is not None:
+        require(bias.dim() == 1 and bias.shape[0] == out_features,
+                f"panel_linear: bias must be [{out_features}], got ", tuple(bias.shape))
+    devices = {tensor.device for tensor in (x, panels, bias) if tensor is not None}
+    require(len(devices) == 1, "panel_linear: x, panels and bias must be on one device, got ",
+            ", ".join(sorted(map(str, devices))))
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x [..., K] @ W^T + bias -> [..., out_features]`` for ``W = unpack_panels(panels, out_features)``,
+    in fp32, rounded to bf16 once."""
+    weight = unpack_panels(panels, out_features).float()
+    return F.linear(x.float(), weight, None if bias is None else bias.float()).to(torch.bfloat16)
