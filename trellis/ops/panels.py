@@ -29,7 +29,7 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     require(weight.dim() == 2, "pack_panels: weight must be [out_features, in_features], got ", tuple(weight.shape))
     out_features, in_features = weight.shape
     require(in_features % 2 == 0, f"pack_panels: in_features ({in_features}) must be even")
-    padded = F.pad(weight, (0, 0, 0, -out_features % PANEL))
+    padded = F.pad(weight, (0, 0, 0, -out_features % PANEL)) if out_features % PANEL else weight  # (no copy)
     return padded.view(-(-out_features // PANEL), PANEL, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
