@@ -9,12 +9,16 @@
 // Threads split the panels; each runs a register block of kMR rows x kNR panels (24 fp32
 // accumulators) along K for every kMR rows of x, so a block's panels (K * 128 bytes) are read from
 // memory once and from L2 for the next rows; x is used as it lies (pairs broadcast from memory).
-// On a 2-core AMD EPYC (AVX512_BF16, no AMX), over SmolLM2's layers this is 1.4-1.6x faster than
-// oneDNN's matmul on its own blocked copy at 16-64 rows and level from 256 (docs/cpu-linear.md):
-// oneDNN's small-M blocking leaves the units idle where this block keeps 24 products in flight.
+// On a 2-core AMD EPYC (AVX512_BF16, no AMX), over SmolLM2's layers this is 1.35-1.55x faster
+// than oneDNN's matmul on its own blocked copy at 8-64 rows and level from 256, and 1.3x faster
+// than the streaming kernel (quant_linear over the row-major weight) at 1-4 rows
+// (docs/cpu-linear.md): oneDNN's small-M blocking leaves the units idle where this block keeps 24
+// products in flight, and the streaming kernel widens every weight to fp32 first.
 //
 // Where the build or the CPU has no AVX512_BF16 the op computes the same sums through ATen
-// (unpacked weights, fp32 matmul); Trellis packs panels only where the kernel runs.
+// (unpacked weights, fp32 matmul, per call). Trellis packs panels only on CPUs that have it
+// (cpu_linear.bf16_panels), so that path serves direct calls, and builds whose compiler lacks the
+// intrinsics (GCC < 11, clang < 12), where it is slow.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>

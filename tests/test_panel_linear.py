@@ -28,6 +28,10 @@ def test_the_layout():
         assert panels[p, j, c, t] == weight[16 * p + c, 2 * j + t]
     assert not panels[1, :, 5:].any()  # features 21-31 do not exist: zero
     assert torch.equal(unpack_panels(panels, 21), weight)
+    pairs = bf16(16, 2)  # whole panels of one pair: the layout is the weight's own, and still a copy
+    panels = pack_panels(pairs)
+    pairs.mul_(2)
+    assert torch.equal(unpack_panels(panels, 16) * 2, pairs)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5, 6, 7, 13, 64, 200])

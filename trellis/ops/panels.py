@@ -9,7 +9,10 @@ holding its features' inputs in pairs, as a bf16 ``[ceil(N / 16), K / 2, 16, 2]`
 
 so that one 64-byte row ``panels[p, j]`` is the operand that multiplies a pair of inputs of ``x``
 by 16 features at once. The product is computed in fp32 (each bf16 product is exact in fp32),
-the bias added, and the result rounded to bf16 once, as oneDNN's bf16 matmul does.
+the bias added, and the result rounded to bf16 once, as oneDNN's bf16 matmul does. The C++
+kernel's dot-product units (AVX512_BF16) flush inputs, products and sums below fp32's normal range
+(~1.2e-38) to zero, as oneDNN's bf16 matmul on those CPUs does; this reference does not, so the
+two differ there (and by summation order elsewhere).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     out_features, in_features = weight.shape
     require(in_features % 2 == 0, f"pack_panels: in_features ({in_features}) must be even")
     padded = F.pad(weight, (0, 0, 0, -out_features % PANEL)) if out_features % PANEL else weight  # (no copy)
-    return padded.view(-(-out_features // PANEL), PANEL, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+    panels = padded.view(-(-out_features // PANEL), PANEL, in_features // 2, 2).permute(0, 2, 1, 3)
+    return panels.clone(memory_format=torch.contiguous_format)  # a copy even where the view is contiguous (K = 2)
 
 
 def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
