@@ -143,9 +143,11 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
     const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty({m, out_features}, x.options());
-    at::Tensor bias_f;
-    if (bias.has_value()) bias_f = at::zeros({panels.size(0) * kPanel}, x.options().dtype(at::kFloat));
-    if (bias.has_value()) bias_f.narrow(0, 0, out_features).copy_(*bias);
+    at::Tensor bias_f;  // fp32, zero past the last feature, so a partial panel reads no further
+    if (bias.has_value()) {
+      bias_f = at::zeros({panels.size(0) * kPanel}, x.options().dtype(at::kFloat));
+      bias_f.narrow(0, 0, out_features).copy_(*bias);
+    }
     const Problem pr{xc.const_data_ptr<c10::BFloat16>(), static_cast<const uint32_t*>(panels.const_data_ptr()),
                      bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>(), m,
                      out_features, k / 2};
