@@ -1,4 +1,5 @@
-// trellis::panel_linear on CPU (registered as trellis_cpp::panel_linear): y = x @ W^T (+ bias) for
+// trellis::panel_linear on CPU (registered as trellis_cpp::panel_linear, and panel_linear_group for
+// several weights over one x): y = x @ W^T (+ bias) for
 // bf16 x and a bf16 W packed in panels (trellis/ops/panels.py is the specification): panel p holds
 // output features 16p .. 16p + 15 with their inputs in pairs, lane c of pair j being
 // (W[16p + c][2j], W[16p + c][2j + 1]). That is the operand of AVX512_BF16's vdpbf16ps: one
@@ -133,6 +134,48 @@ void run_panels(const Problem& pr, int64_t p0, int64_t p1) {
 #endif
 
 at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
+                            int64_t out_features);
+
+// panel_linear of one x by several bias-free weights (a layer's q/k/v; gate/up) in one parallel
+// region over all their panels, where separate calls would each wake the threads and split a
+// small weight (k, v: 12 panels) alone.
+std::vector<at::Tensor> panel_linear_group_cpu(const at::Tensor& x, at::TensorList panels,
+                                               at::IntArrayRef out_features) {
+  TORCH_CHECK_VALUE(panels.size() == out_features.size(), "panel_linear_group: ", panels.size(),
+                    " panel tensors but ", out_features.size(), " output widths");
+  for (size_t i = 0; i < panels.size(); ++i) check_arguments(x, panels[i], std::nullopt, out_features[i]);
+  std::vector<at::Tensor> outputs;
+#if defined(TRELLIS_BF16_DOTS)
+  if (dpbf16_usable()) {
+    const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+    const at::Tensor xc = x.contiguous();
+    std::vector<Problem> problems;
+    std::vector<int64_t> first_panel{0};  // of each weight, in the panels of all
+    for (size_t i = 0; i < panels.size(); ++i) {
+      outputs.push_back(at::empty({m, out_features[i]}, x.options()));
+      problems.push_back({xc.const_data_ptr<c10::BFloat16>(), static_cast<const uint32_t*>(panels[i].const_data_ptr()),
+                          nullptr, outputs.back().data_ptr<c10::BFloat16>(), m, out_features[i], x.size(-1) / 2});
+      first_panel.push_back(first_panel.back() + (m > 0 ? panels[i].size(0) : 0));
+    }
+    at::parallel_for(0, first_panel.back(), 1, [&](int64_t g0, int64_t g1) {
+      for (size_t i = 0; i < problems.size(); ++i) {
+        const int64_t p0 = std::max(g0, first_panel[i]), p1 = std::min(g1, first_panel[i + 1]);
+        if (p0 < p1) run_panels(problems[i], p0 - first_panel[i], p1 - first_panel[i]);
+      }
+    });
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      shape.back() = out_features[i];
+      outputs[i] = outputs[i].view(shape);
+    }
+    return outputs;
+  }
+#endif
+  for (size_t i = 0; i < panels.size(); ++i) outputs.push_back(panel_linear_cpu(x, panels[i], std::nullopt, out_features[i]));
+  return outputs;
+}
+
+at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                             int64_t out_features) {
   check_arguments(x, panels, bias, out_features);
   const int64_t k = x.size(-1);
@@ -166,6 +209,9 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(trellis_cpp, CPU, m) { m.impl("panel_linear", &panel_linear_cpu); }
+TORCH_LIBRARY_IMPL(trellis_cpp, CPU, m) {
+  m.impl("panel_linear", &panel_linear_cpu);
+  m.impl("panel_linear_group", &panel_linear_group_cpu);
+}
 
 }  // namespace trellis

@@ -212,7 +212,8 @@ def test_smollm2_keep_quantized_lean_matches_the_fallback():
 
 @contextlib.contextmanager
 def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
-    """Records each ``quant_linear_group`` call of the lean path as (rows of x, number of weights, qtype)."""
+    """Records each ``quant_linear_group`` call of the lean path as (rows of x, number of weights,
+    qtype), and each ``panel_linear_group`` call as (rows, number of weights, ``"panels"``)."""
     calls, decoder_ops = [], ops.decoder_ops
 
     def recording_ops(backend: str) -> ops.DecoderOps:
@@ -222,7 +223,11 @@ def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
             calls.append((x.shape[0], len(weights), qtype))
             return bound.quant_linear_group(x, weights, qtype)
 
-        return dataclasses.replace(bound, quant_linear_group=group)
+        def panel_group(x, panels, out_features):
+            calls.append((x.shape[0], len(panels), "panels"))
+            return bound.panel_linear_group(x, panels, out_features)
+
+        return dataclasses.replace(bound, quant_linear_group=group, panel_linear_group=panel_group)
 
     monkeypatch.setattr(ops, "decoder_ops", recording_ops)
     yield calls
@@ -281,7 +286,9 @@ def test_bf16_panels_run_decode_and_prefill_rows_as_the_fallback_does(monkeypatc
     ids = torch.cat([prompt(seed, 24) for seed in range(4)])
     with torch.no_grad(), group_calls(monkeypatch) as calls:
         tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
-        assert calls == []  # nothing streams: the panels serve every row count
+        # nothing streams: the panels serve every row count, q/k/v and gate/up as one call each, o and
+        # down alone (per layer of 2 and forward of 3: the prefill's 96 rows, then two decode steps of 4)
+        assert calls == [(rows, width, "panels") for rows in (96, 4, 4) for _ in range(2) for width in (3, 1, 2, 1)]
         with fallback(model):
             assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
 

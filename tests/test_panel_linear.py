@@ -88,11 +88,36 @@ def test_kernel_at_lower_simd_levels(capability):
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
 
 
+@pytest.mark.parametrize("rows", [1, 4, 13, 64])
+def test_kernel_group_is_each_weight_alone(rows):
+    x = bf16(rows, 96)
+    weights = [bf16(n, 96) for n in (96, 32, 17, 200)]
+    panels, widths = [pack_panels(w) for w in weights], [w.shape[0] for w in weights]
+    for backend in ("cpp", "reference"):
+        group = ops.panel_linear_group(x, panels, widths, backend=backend)
+        alone = [ops.panel_linear(x, p, None, n, backend=backend) for p, n in zip(panels, widths)]
+        assert all(torch.equal(g, a) for g, a in zip(group, alone, strict=True))
+    assert [y.shape for y in ops.panel_linear_group(bf16(2, 3, 96), panels, widths)] == [(2, 3, n) for n in widths]
+    assert ops.panel_linear_group(x, [], []) == []
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_group_refuses_what_one_call_would(backend):
+    panels = pack_panels(bf16(40, 64))
+    with pytest.raises(ValueError, match="2 panel tensors but 1 output widths"):
+        ops.panel_linear_group(bf16(2, 64), [panels, panels], [40], backend=backend)
+    with pytest.raises(ValueError, match="x has 64 input features but the panels hold 32"):
+        ops.panel_linear_group(bf16(2, 64), [panels, pack_panels(bf16(40, 32))], [40, 40], backend=backend)
+    with pytest.raises(TypeError, match="x must be bfloat16"):
+        ops.panel_linear_group(torch.randn(2, 64), [panels], [40], backend=backend)
+
+
 def test_op_schema_and_fake_kernel():
     panels, bias = pack_panels(bf16(40, 64)), bf16(40)
     x = bf16(3, 64)
     torch.library.opcheck(torch.ops.trellis.panel_linear.default, (x, panels, bias, 40))
     torch.library.opcheck(torch.ops.trellis.panel_linear.default, (x, panels, None, 40))
+    torch.library.opcheck(torch.ops.trellis.panel_linear_group.default, (x, [panels, panels], [40, 33]))
     compiled = torch.compile(lambda x: torch.ops.trellis.panel_linear(x, panels, None, 40) * 2, backend="eager",
                              fullgraph=True)
     torch.testing.assert_close(compiled(x), 2 * ops.panel_linear(x, panels, None, 40))

@@ -7,6 +7,7 @@
     y = quant_linear(x, weight, qtype)                                   x @ W^T, W in GGUF blocks
     ys = quant_linear_group(x, weights, qtype)                           x @ W^T for each W, one call
     y = panel_linear(x, panels, bias, out_features)                      x @ W^T + bias, bf16 W in panels
+    ys = panel_linear_group(x, panels, out_features)                     each bias-free W, one call
     y = add_rms_norm(x, residual, weight, eps)                           x += residual; RMSNorm(x)
     q = rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) RoPE, then store_kv
     y = silu_mul(gate, up)                                               silu(gate) * up
@@ -24,6 +25,7 @@ from trellis.ops.api import (
     decoder_ops,
     paged_attention,
     panel_linear,
+    panel_linear_group,
     plan_attention,
     quant_linear,
     quant_linear_group,
@@ -45,6 +47,7 @@ __all__ = [
     "load_backend",
     "paged_attention",
     "panel_linear",
+    "panel_linear_group",
     "plan_attention",
     "quant_linear",
     "quant_linear_group",

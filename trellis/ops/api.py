@@ -193,6 +193,16 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | Non
     return panel_spec.panel_linear(x, panels, bias, out_features)
 
 
+def panel_linear_group(x: torch.Tensor, panels: Sequence[torch.Tensor], out_features: Sequence[int],
+                       backend: str | None = None) -> list[torch.Tensor]:
+    """``panel_linear(x, p, None, n)`` for each of ``panels`` and ``out_features`` (bias-free layers
+    reading one input: q/k/v, gate/up), as one call: on CPU one parallel region over all their panels."""
+    if resolve_backend(backend, x.device) == "cpp":
+        return kernels("cpp").panel_linear_group(x, list(panels), list(out_features))
+    panel_spec.check_panel_linear_group(x, list(panels), list(out_features))
+    return panel_spec.panel_linear_group(x, list(panels), list(out_features))
+
+
 # --- the small ops of a decoder layer, fused (reference.py: each as transformers computes it) ------
 # fp32, bf16 and fp16; the C++ kernels on CPU, the reference elsewhere. Rows are tokens.
 
@@ -241,15 +251,17 @@ class DecoderOps:
     rope_store_kv: Callable[..., torch.Tensor]
     silu_mul: Callable[..., torch.Tensor]
     quant_linear_group: Callable[..., list[torch.Tensor]]
+    panel_linear_group: Callable[..., list[torch.Tensor]]
 
 
 @functools.cache
 def decoder_ops(backend: str) -> DecoderOps:
-    """``add_rms_norm``, ``rope_store_kv``, ``silu_mul`` and ``quant_linear_group`` on ``backend``
+    """``add_rms_norm``, ``rope_store_kv``, ``silu_mul``, ``quant_linear_group`` and
+    ``panel_linear_group`` on ``backend``
     (a resolved, loaded backend: a plan's), taking the arguments above but ``backend``."""
     if backend == "cpp":
         cpp = kernels("cpp")
         return DecoderOps(backend, cpp.add_rms_norm.default, cpp.rope_store_kv.default, cpp.silu_mul.default,
-                          cpp.quant_linear_group.default)
-    return DecoderOps(backend, *(functools.partial(op, backend=backend)
-                                 for op in (add_rms_norm, rope_store_kv, silu_mul, quant_linear_group)))
+                          cpp.quant_linear_group.default, cpp.panel_linear_group.default)
+    return DecoderOps(backend, *(functools.partial(op, backend=backend) for op in
+                                 (add_rms_norm, rope_store_kv, silu_mul, quant_linear_group, panel_linear_group)))

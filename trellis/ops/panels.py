@@ -63,6 +63,19 @@ def check_panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor
             ", ".join(sorted(map(str, devices))))
 
 
+def check_panel_linear_group(x: torch.Tensor, panels: list[torch.Tensor], out_features: list[int]) -> None:
+    """The arguments of ``panel_linear_group``: ``check_panel_linear`` for each weight, without a bias."""
+    require(len(panels) == len(out_features), f"panel_linear_group: {len(panels)} panel tensors but "
+            f"{len(out_features)} output widths")
+    for weight_panels, width in zip(panels, out_features, strict=True):
+        check_panel_linear(x, weight_panels, None, width)
+
+
+def panel_linear_group(x: torch.Tensor, panels: list[torch.Tensor], out_features: list[int]) -> list[torch.Tensor]:
+    """``panel_linear(x, p, None, n)`` for each of ``panels`` and ``out_features``."""
+    return [panel_linear(x, weight_panels, None, width) for weight_panels, width in zip(panels, out_features, strict=True)]
+
+
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``x [..., K] @ W^T + bias -> [..., out_features]`` for ``W = unpack_panels(panels, out_features)``,
     in fp32, rounded to bf16 once."""

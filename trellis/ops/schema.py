@@ -8,6 +8,7 @@
     quant_linear(x, weight, qtype) -> y                x @ W^T, W in GGUF blocks (quant.py)
     quant_linear_group(x, weights, qtype) -> ys        x @ W^T for each W (q/k/v, gate/up) in one call
     panel_linear(x, panels, bias, out_features) -> y   x @ W^T + bias, bf16 W in pair panels (panels.py)
+    panel_linear_group(x, panels, out_features) -> ys  x @ W^T for each bias-free W, in one call
 
 and the small ops of a decoder layer, fused (a decode step makes ~40 of them per layer otherwise)::
 
@@ -44,6 +45,7 @@ SCHEMAS = {
     "quant_linear": "(Tensor x, Tensor weight, str qtype) -> Tensor",
     "quant_linear_group": "(Tensor x, Tensor[] weights, str qtype) -> Tensor[]",
     "panel_linear": "(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor",
+    "panel_linear_group": "(Tensor x, Tensor[] panels, int[] out_features) -> Tensor[]",
     "add_rms_norm": "(Tensor(a!) x, Tensor? residual, Tensor weight, float eps) -> Tensor",
     "rope_store_kv": (
         "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -78,6 +80,10 @@ def _panel_linear_fake(x, panels, bias, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _panel_linear_group_fake(x, panels, out_features):
+    return [_panel_linear_fake(x, p, None, n) for p, n in zip(panels, out_features, strict=True)]
+
+
 def _add_rms_norm_fake(x, residual, weight, eps):
     return x.new_empty(x.shape)
 
@@ -97,6 +103,7 @@ _FAKES = {
     "quant_linear": _quant_linear_fake,
     "quant_linear_group": _quant_linear_group_fake,
     "panel_linear": _panel_linear_fake,
+    "panel_linear_group": _panel_linear_group_fake,
     "add_rms_norm": _add_rms_norm_fake,
     "rope_store_kv": _rope_store_kv_fake,
     "silu_mul": _silu_mul_fake,
@@ -104,6 +111,7 @@ _FAKES = {
 REFERENCES = {"store_kv": reference.store_kv, "paged_attention": reference.paged_attention,
                "plan_paged_attention": reference.plan_paged_attention, "quant_linear": quant.quant_linear,
                "quant_linear_group": quant.quant_linear_group, "panel_linear": panels.panel_linear,
+               "panel_linear_group": panels.panel_linear_group,
                "add_rms_norm": reference.add_rms_norm, "rope_store_kv": reference.rope_store_kv,
                "silu_mul": reference.silu_mul}
 

@@ -247,6 +247,18 @@ class CPULinear(torch.nn.Linear):
             return None
         return weight, _QTYPES[weight.dtype]
 
+    def grouped_panels(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The panels ``forward`` would multiply the inference input ``x`` by, for a bias-free layer:
+        the lean decoder runs such layers reading one input (q/k/v, gate/up) as one
+        ``panel_linear_group`` call. None where another kernel runs it, or it has a bias."""
+        params = self._parameters
+        weight = params["weight"]
+        if (self.kind != "packed" or weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
+                or params["bias"] is not None or not bf16_panels() or not (x.is_cpu and weight.is_cpu)):
+            return None
+        packed = self._packed_weight()
+        return packed if packed.dim() == 4 else None
+
     def _packed_weight(self) -> torch.Tensor:
         weight = self.weight
         storage, key = weight.untyped_storage(), (weight.data_ptr(), weight._version)

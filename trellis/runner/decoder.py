@@ -193,7 +193,8 @@ class _Projections:
     path runs them: with the C++ backend, those that ``quant_linear`` computes (bias-free quantized
     layers; bf16 and fp32 layers streaming a decode step's rows) as one ``quant_linear_group`` call
     per qtype, which streams their weights in one parallel region (a GGUF may mix qtypes within a
-    layer); the others by their own forward. Without ``nn.Module.__call__``: the lean path runs
+    layer), bias-free bf16 layers on panels as one ``panel_linear_group`` call; the others by their
+    own forward. Without ``nn.Module.__call__``: the lean path runs
     only where no hooks are set."""
 
     def __init__(self, *linears: torch.nn.Module) -> None:
@@ -219,14 +220,22 @@ class _Projections:
             return run.quant_linear_group(x, [linear.weight_blocks for linear in linears], self.one_qtype)
         groups = {qtype: (list(members), [linears[i].weight_blocks for i in members])
                   for qtype, members in self.quantized}
+        panelled: tuple[list[int], list[torch.Tensor]] = ([], [])
         for i in self.plain:
             found = linears[i].streamed_weight(x, "cpp")
             if found is not None:
                 members, blocks = groups.setdefault(found[1], ([], []))
                 members.append(i)
                 blocks.append(found[0])
+            elif (panels := linears[i].grouped_panels(x)) is not None:
+                panelled[0].append(i)
+                panelled[1].append(panels)
         outputs: list[torch.Tensor | None] = [None] * len(linears)
         for qtype, (members, blocks) in groups.items():
             for i, y in zip(members, run.quant_linear_group(x, blocks, qtype), strict=True):
+                outputs[i] = y
+        if panelled[0]:
+            widths = [linears[i].out_features for i in panelled[0]]
+            for i, y in zip(panelled[0], run.panel_linear_group(x, panelled[1], widths), strict=True):
                 outputs[i] = y
         return [linear.forward(x) if y is None else y for linear, y in zip(linears, outputs, strict=True)]
