@@ -4,8 +4,8 @@ SmolLM2-135M (the embedded model) in fp32, bf16 and with its GGUF Q4_1 weights k
 one session decoding at a ``--context``-token context. Per configuration and decoder path, the
 step's wall time is the median of ``--steps`` unprofiled greedy steps; a second, profiled run of
 the same steps splits it: matmuls are the top-level linear ops (``aten::linear``, oneDNN's
-``mkldnn::_linear_pointwise``, ``trellis_cpp::quant_linear`` and ``quant_linear_group``; the LM
-head included), attention is the paged attention kernel, and everything else (norms, RoPE, K/V
+``mkldnn::_linear_pointwise``, ``trellis_cpp::quant_linear``, ``quant_linear_group``, ``panel_linear``
+and ``panel_linear_group``; the LM head included), attention is the paged attention kernel, and everything else (norms, RoPE, K/V
 stores, residual adds, activations, the Python around them) is the wall time less those two.
 ``extend ms`` times the prefill behind a φ=0.9 time to first token: ``--suffix`` new tokens after
 a cached prefix of the prompt's whole blocks but the last two. ``ops`` counts the dispatcher
@@ -40,7 +40,8 @@ from trellis.models.paged_cache import CACHE_ARG
 CONFIGS = ("fp32", "bf16", "q4_1")
 PATHS = ("transformers", "lean")
 MATMULS = frozenset({"aten::linear", "mkldnn::_linear_pointwise", "trellis_cpp::quant_linear",
-                     "trellis_cpp::quant_linear_group", "aten::matmul", "aten::mm", "aten::addmm"})
+                     "trellis_cpp::quant_linear_group", "trellis_cpp::panel_linear", "trellis_cpp::panel_linear_group",
+                     "aten::matmul", "aten::mm", "aten::addmm"})
 ATTENTION = frozenset({"trellis_cpp::paged_attention"})
 
 
