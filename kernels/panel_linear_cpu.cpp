@@ -114,7 +114,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void register_bl
   }
 }
 
-// Panels [p0, p1) for every row of x.
+// Panels [p0, p1) of one weight for every row of x.
 void run_panels(const Problem& pr, int64_t p0, int64_t p1) {
   for (int64_t m0 = 0; m0 < pr.m; m0 += kMc) {
     const int64_t m1 = std::min(pr.m, m0 + kMc);
@@ -131,14 +131,28 @@ void run_panels(const Problem& pr, int64_t p0, int64_t p1) {
   }
 }
 
+// Every problem's panels in one parallel region: threads take contiguous runs of the panels of all
+// (so a small weight, k or v's 12 panels, is not split alone).
+void run_problems(const std::vector<Problem>& problems) {
+  std::vector<int64_t> first_panel{0};  // of each problem, in the panels of all
+  for (const Problem& pr : problems) {
+    first_panel.push_back(first_panel.back() + (pr.m > 0 ? (pr.n + kPanel - 1) / kPanel : 0));
+  }
+  at::parallel_for(0, first_panel.back(), 1, [&](int64_t g0, int64_t g1) {
+    for (size_t i = 0; i < problems.size(); ++i) {
+      const int64_t p0 = std::max(g0, first_panel[i]), p1 = std::min(g1, first_panel[i + 1]);
+      if (p0 < p1) run_panels(problems[i], p0 - first_panel[i], p1 - first_panel[i]);
+    }
+  });
+}
+
 #endif
 
 at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                             int64_t out_features);
 
 // panel_linear of one x by several bias-free weights (a layer's q/k/v; gate/up) in one parallel
-// region over all their panels, where separate calls would each wake the threads and split a
-// small weight (k, v: 12 panels) alone.
+// region over all their panels, where separate calls would each wake the threads.
 std::vector<at::Tensor> panel_linear_group_cpu(const at::Tensor& x, at::TensorList panels,
                                                at::IntArrayRef out_features) {
   TORCH_CHECK_VALUE(panels.size() == out_features.size(), "panel_linear_group: ", panels.size(),
@@ -150,19 +164,12 @@ std::vector<at::Tensor> panel_linear_group_cpu(const at::Tensor& x, at::TensorLi
     const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
     const at::Tensor xc = x.contiguous();
     std::vector<Problem> problems;
-    std::vector<int64_t> first_panel{0};  // of each weight, in the panels of all
     for (size_t i = 0; i < panels.size(); ++i) {
       outputs.push_back(at::empty({m, out_features[i]}, x.options()));
       problems.push_back({xc.const_data_ptr<c10::BFloat16>(), static_cast<const uint32_t*>(panels[i].const_data_ptr()),
                           nullptr, outputs.back().data_ptr<c10::BFloat16>(), m, out_features[i], x.size(-1) / 2});
-      first_panel.push_back(first_panel.back() + (m > 0 ? panels[i].size(0) : 0));
     }
-    at::parallel_for(0, first_panel.back(), 1, [&](int64_t g0, int64_t g1) {
-      for (size_t i = 0; i < problems.size(); ++i) {
-        const int64_t p0 = std::max(g0, first_panel[i]), p1 = std::min(g1, first_panel[i + 1]);
-        if (p0 < p1) run_panels(problems[i], p0 - first_panel[i], p1 - first_panel[i]);
-      }
-    });
+    run_problems(problems);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     for (size_t i = 0; i < outputs.size(); ++i) {
       shape.back() = out_features[i];
@@ -171,7 +178,9 @@ std::vector<at::Tensor> panel_linear_group_cpu(const at::Tensor& x, at::TensorLi
     return outputs;
   }
 #endif
-  for (size_t i = 0; i < panels.size(); ++i) outputs.push_back(panel_linear_cpu(x, panels[i], std::nullopt, out_features[i]));
+  for (size_t i = 0; i < panels.size(); ++i) {
+    outputs.push_back(panel_linear_cpu(x, panels[i], std::nullopt, out_features[i]));
+  }
   return outputs;
 }
 
@@ -191,12 +200,9 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
       bias_f = at::zeros({panels.size(0) * kPanel}, x.options().dtype(at::kFloat));
       bias_f.narrow(0, 0, out_features).copy_(*bias);
     }
-    const Problem pr{xc.const_data_ptr<c10::BFloat16>(), static_cast<const uint32_t*>(panels.const_data_ptr()),
-                     bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>(), m,
-                     out_features, k / 2};
-    if (m > 0 && out_features > 0) {
-      at::parallel_for(0, panels.size(0), 1, [&](int64_t p0, int64_t p1) { run_panels(pr, p0, p1); });
-    }
+    run_problems({{xc.const_data_ptr<c10::BFloat16>(), static_cast<const uint32_t*>(panels.const_data_ptr()),
+                   bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>(), m,
+                   out_features, k / 2}});
     return y.view(shape);
   }
 #endif

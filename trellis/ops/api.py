@@ -197,10 +197,11 @@ def panel_linear_group(x: torch.Tensor, panels: Sequence[torch.Tensor], out_feat
                        backend: str | None = None) -> list[torch.Tensor]:
     """``panel_linear(x, p, None, n)`` for each of ``panels`` and ``out_features`` (bias-free layers
     reading one input: q/k/v, gate/up), as one call: on CPU one parallel region over all their panels."""
+    panels, out_features = list(panels), list(out_features)
     if resolve_backend(backend, x.device) == "cpp":
-        return kernels("cpp").panel_linear_group(x, list(panels), list(out_features))
-    panel_spec.check_panel_linear_group(x, list(panels), list(out_features))
-    return panel_spec.panel_linear_group(x, list(panels), list(out_features))
+        return kernels("cpp").panel_linear_group(x, panels, out_features)
+    panel_spec.check_panel_linear_group(x, panels, out_features)
+    return panel_spec.panel_linear_group(x, panels, out_features)
 
 
 # --- the small ops of a decoder layer, fused (reference.py: each as transformers computes it) ------

@@ -95,15 +95,24 @@ def input_major(dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def cpu_vendor() -> str:
-    """The x86 CPU's vendor string (``"GenuineIntel"``, ``"AuthenticAMD"``); "" where unknown."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in Linux's ``/proc/cpuinfo``; None elsewhere."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The x86 CPU's vendor string (``"GenuineIntel"``, ``"AuthenticAMD"``); "" where unknown."""
+    vendor = _cpuinfo("vendor_id")
+    if vendor is not None:
+        return vendor
     processor = platform.processor()  # Windows names the vendor here
     for vendor in ("GenuineIntel", "AuthenticAMD"):
         if vendor in processor:
@@ -136,19 +145,6 @@ def _x86_64() -> bool:
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux names them (``/proc/cpuinfo``); empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
 def bf16_panels() -> bool:
     """Whether ``"packed"`` keeps bf16 weights as Trellis' panels (``ops.panel_linear``) instead of
     oneDNN's blocked copy, and runs every row count on them (decode rows too, which stream
@@ -157,9 +153,14 @@ def bf16_panels() -> bool:
     kernel runs SmolLM2's layers 1.3x faster than the streaming kernel at 1 to 4 rows, 1.35-1.55x
     faster than oneDNN at 8 to 64 rows and level from 256 (docs/cpu-linear.md); where AMX is,
     oneDNN multiplies on tiles, several times the vectors' rate."""
-    flags = _cpu_flags()
+    flags = (_cpuinfo("flags") or "").split()  # as Linux names them
     return ("avx512_bf16" in flags and "amx_bf16" not in flags and torch.backends.cpu.get_cpu_capability() == "AVX512"
             and ops.default_backend(_CPU) == "cpp")
+
+
+def panels_serve(kind: str, dtype: torch.dtype) -> bool:
+    """Whether layers of ``kind`` in ``dtype`` run on Trellis' panels here (``bf16_panels``)."""
+    return kind == "packed" and dtype == torch.bfloat16 and bf16_panels()
 
 
 @functools.cache
@@ -192,7 +193,7 @@ def rounding_identity(kind: str, dtype: torch.dtype) -> str:
     file records it and refuses another (``TrellisLlama.load_prefix_cache``)."""
     details = ["input-major"] if kind == "onednn" and input_major(dtype) else []
     rows = streamed_rows(dtype)
-    if kind == "packed" and dtype == torch.bfloat16 and bf16_panels():
+    if panels_serve(kind, dtype):
         details.append("bf16 panels")  # every row count: none streams
     elif rows is not None:
         details.append(f"{rows[0]}-{rows[1]} rows streamed")
@@ -243,7 +244,7 @@ class CPULinear(torch.nn.Linear):
         if (rows is None or not rows[0] * in_features <= x.numel() <= rows[1] * in_features
                 or x.dtype != weight.dtype or params["bias"] is not None or in_features % quant.BLOCK
                 or not weight.is_contiguous() or (backend or ops.default_backend(_CPU)) != "cpp"
-                or self.kind == "packed" and weight.dtype == torch.bfloat16 and bf16_panels()):  # panels: faster
+                or panels_serve(self.kind, weight.dtype)):  # the panels are faster
             return None
         return weight, _QTYPES[weight.dtype]
 
@@ -253,8 +254,8 @@ class CPULinear(torch.nn.Linear):
         ``panel_linear_group`` call. None where another kernel runs it, or it has a bias."""
         params = self._parameters
         weight = params["weight"]
-        if (self.kind != "packed" or weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
-                or params["bias"] is not None or not bf16_panels() or not (x.is_cpu and weight.is_cpu)):
+        if (x.dtype != weight.dtype or params["bias"] is not None or not panels_serve(self.kind, weight.dtype)
+                or not (x.is_cpu and weight.is_cpu)):
             return None
         packed = self._packed_weight()
         return packed if packed.dim() == 4 else None
@@ -264,7 +265,7 @@ class CPULinear(torch.nn.Linear):
         storage, key = weight.untyped_storage(), (weight.data_ptr(), weight._version)
         packed = self._packed
         if packed is None or packed[0]() is not storage or packed[1:3] != key:
-            if weight.dtype == torch.bfloat16 and self.in_features % 2 == 0 and bf16_panels():
+            if panels_serve(self.kind, weight.dtype) and self.in_features % 2 == 0:
                 copy = panels.pack_panels(weight.detach())
             else:  # the batch-size hint only tunes the blocking; 64 serves decode and prefill alike
                 copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
