@@ -28,7 +28,7 @@ from common import add_cpu_time_option, chosen_clock, describe, load_model, pars
 
 from trellis import ops
 from trellis.ops.panels import pack_panels
-from trellis.runner.cpu_linear import _set_layout, bf16_panels, input_major, streamed_rows
+from trellis.runner.cpu_linear import _set_layout, input_major, panels_serve, streamed_rows
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,7 +41,7 @@ def variants(dtype: torch.dtype) -> dict[str, tuple[bool, Callable[[torch.Tensor
     """label -> (input-major weights, the layer over a weight); "onednn" runs the layout
     ``input_major`` picks."""
     onednn_input_major, rows = input_major(dtype), streamed_rows(dtype)
-    panels = dtype == torch.bfloat16 and bf16_panels()
+    panels = panels_serve("packed", dtype)
     qtype = "F32" if dtype == torch.float32 else "BF16"
     out = {"F.linear (blas)": (False, lambda w: lambda x: F.linear(x, w)),
            "oneDNN, row-major" + ("" if onednn_input_major else " (onednn)"): (False, onednn),
