@@ -130,7 +130,7 @@ def test_bf16_packed_layers_keep_panels_for_every_row_count(bias):
         assert "trellis_cpp.panel_linear.default" in recorded.names, rows
         assert not {"trellis_cpp.quant_linear.default", "mkldnn._linear_pointwise.default"} & set(recorded.names)
         assert torch.equal(got, ops.panel_linear(x, panels, layer.bias, 40))
-    assert layer.streamed_weight(torch.ones(1, 64, dtype=torch.bfloat16)) is None
+    assert layer.streamed_weight(1, torch.bfloat16) is None
     assert torch.equal(layer._packed[3], panels)  # one copy, the weight's size
     assert "bf16 panels" in cpu_linear.rounding_identity("packed", torch.bfloat16)
     assert "streamed" not in cpu_linear.rounding_identity("packed", torch.bfloat16)

@@ -7,11 +7,14 @@ gradients, hidden states)."""
 import contextlib
 import copy
 import dataclasses
+import itertools
 from collections.abc import Iterator
+from unittest import mock
 
 import gguf
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from tests.conftest import installed
 from tests.models import smollm2_reference, smollm2_trellis, tiny_config, tiny_pair
@@ -20,6 +23,7 @@ from trellis.models.llama import TrellisLlama
 from trellis.ops import quant
 from trellis.runner import cpu_linear
 from trellis.runner.cpu_linear import onednn_dtypes
+from trellis.runner.decoder import LeanDecoder
 from trellis.runner.quantized_linear import QuantizedLinear
 
 ATOL = 1e-4
@@ -213,8 +217,9 @@ def test_smollm2_keep_quantized_lean_matches_the_fallback():
 @contextlib.contextmanager
 def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
     """Records each ``quant_linear_group`` call of the lean path as (rows of x, number of weights,
-    qtype), and each ``panel_linear_group`` call as (rows, number of weights, ``"panels"``)."""
-    calls, decoder_ops = [], ops.decoder_ops
+    qtype), and each ``panel_linear_group`` call as (rows, number of weights, ``"panels"``), those
+    of the layer loop in C++ (``decoder_layers``, four groups a layer: q/k/v, o, gate/up, down) too."""
+    calls, decoder_ops, compiled = [], ops.decoder_ops, LeanDecoder._compiled_arguments
 
     def recording_ops(backend: str) -> ops.DecoderOps:
         bound = decoder_ops(backend)
@@ -229,8 +234,40 @@ def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
 
         return dataclasses.replace(bound, quant_linear_group=group, panel_linear_group=panel_group)
 
+    def recording_compiled(self, hidden, *args):
+        arguments = compiled(self, hidden, *args)
+        if arguments is not None:
+            kinds = arguments[14]
+            calls.extend((hidden.shape[0], width, kind) for kind, width in zip(kinds, itertools.cycle((3, 1, 2, 1))))
+        return arguments
+
     monkeypatch.setattr(ops, "decoder_ops", recording_ops)
+    monkeypatch.setattr(LeanDecoder, "_compiled_arguments", recording_compiled)
     yield calls
+
+
+@contextlib.contextmanager
+def layer_loops(monkeypatch) -> Iterator[list[str]]:
+    """Records where each lean forward ran its layer loop: ``"cpp"`` (``decoder_layers``) or ``"python"``."""
+    loops, compiled, run = [], LeanDecoder._compiled_arguments, LeanDecoder.run
+
+    def recording_compiled(self, *args):
+        arguments = compiled(self, *args)
+        loops[-1] = "python" if arguments is None else "cpp"
+        return arguments
+
+    def recording_run(self, *args, **kwargs):
+        loops.append("python")  # unless the C++ loop's arguments were found
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(LeanDecoder, "_compiled_arguments", recording_compiled)
+    monkeypatch.setattr(LeanDecoder, "run", recording_run)
+    yield loops
+
+
+def python_loop() -> contextlib.AbstractContextManager:
+    """The lean path with its layer loop in Python wherever it would run in C++."""
+    return mock.patch.object(LeanDecoder, "_compiled_arguments", lambda *args: None)
 
 
 def test_quantized_projections_of_one_input_run_as_one_call(monkeypatch):
@@ -316,3 +353,119 @@ def test_every_dtype_runs_lean_unless_turned_off(dtype):
     assert ran == [True]
 
 
+
+
+def _quantized_smollm2() -> TrellisLlama:
+    return TrellisLlama.from_pretrained(keep_quantized=True, device="cpu", num_blocks=64)
+
+
+def _tiny_with_norm_weights() -> TrellisLlama:
+    """The tiny model with RMSNorm weights other than ones, each norm its own."""
+    _, model = tiny_pair()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LlamaRMSNorm):
+                module.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(module.weight)))
+                module.weight.add_(torch.rand(1).item())
+    return model
+
+
+def _bf16_panels_tiny() -> TrellisLlama:
+    model = _tiny_with_norm_weights()
+    model.to(torch.bfloat16)
+    model.set_linear_kernel("packed")
+    return model
+
+
+def _fp32_streamed_tiny() -> TrellisLlama:
+    model = _tiny_with_norm_weights()
+    model.set_linear_kernel("blas")
+    return model
+
+
+LOOP_CASES = [
+    pytest.param(_quantized_smollm2, 49152, id="Q4_1"),
+    pytest.param(_bf16_panels_tiny, 256, id="bf16-panels", marks=pytest.mark.skipif(
+        not cpu_linear.bf16_panels(), reason="no AVX512_BF16 without AMX here: oneDNN's packed copy")),
+    pytest.param(_fp32_streamed_tiny, 256, id="fp32-streamed", marks=pytest.mark.skipif(
+        cpu_linear.streamed_rows(torch.float32) is None, reason="fp32 layers do not stream on this CPU")),
+]
+
+
+@pytest.mark.parametrize(("load", "vocab"), LOOP_CASES)
+def test_the_layer_loop_in_cpp_gives_the_python_loops_results(monkeypatch, load, vocab):
+    """Where every projection is one C++ group call, ``decoder_layers`` runs the layer loop: the same
+    ops in the same order, so the same logits bit for bit, over a prefill, cache hits and the decode
+    steps of four sessions."""
+    model = load()
+    ids = torch.randint(3, vocab, (4, 21), generator=torch.Generator().manual_seed(4))
+    ids[:, :12] = ids[0, :12]  # a shared prefix: the second forward hits the cache
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        model.prefix_cache.reset()  # the same computations in both loops
+        logits = model(ids[:, :17], logits_to_keep=3).logits
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return torch.cat([logits, torch.stack(out.logits, dim=1)], dim=1), out.sequences
+
+    with torch.no_grad(), layer_loops(monkeypatch) as loops:
+        logits, tokens = run()
+        assert "cpp" in loops  # (fp32's prefill rows run MKL or oneDNN: that loop runs in Python)
+        loops.clear()
+        with python_loop():
+            python_logits, python_tokens = run()
+        assert set(loops) == {"python"}
+    assert torch.equal(logits, python_logits)
+    assert torch.equal(tokens, python_tokens)
+
+
+def test_layers_of_mixed_groups_run_the_loop_in_python(monkeypatch):
+    """Decode rows stream as one BF16 call per group; prefill rows of oneDNN's packed copy run one
+    matmul per layer, which the C++ loop does not call: the prefill's loop runs in Python."""
+    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)
+    model = _bf16_panels_tiny()
+    if torch.bfloat16 not in onednn_dtypes():
+        pytest.skip("bf16 layers run F.linear on this CPU")
+    with torch.no_grad(), layer_loops(monkeypatch) as loops:
+        model.generate(prompt(9, 24), max_new_tokens=3, do_sample=False)
+    assert loops == ["python", "cpp", "cpp"]
+
+
+def _loop_arguments(monkeypatch) -> list:
+    """The ``decoder_layers`` arguments of a decode step of the tiny model on quantized layers."""
+    model = _fp32_streamed_tiny()
+    captured, compiled = [], LeanDecoder._compiled_arguments
+    monkeypatch.setattr(LeanDecoder, "_compiled_arguments",
+                        lambda self, *args: captured.append(compiled(self, *args)) or captured[-1])
+    with torch.no_grad():
+        model.generate(prompt(5, 9), max_new_tokens=2, do_sample=False)
+    if captured[-1] is None:
+        pytest.skip("fp32 decode rows do not stream on this CPU")
+    return list(captured[-1])
+
+
+@pytest.mark.parametrize(("index", "value", "message"), [
+    (5, [], "no layers"),
+    (6, "one", "2 k_caches but 1 v_caches"),
+    (1, "one", "need 4 norms and eps"),
+    (13, "one", "need 14 weights and out_features"),
+    (14, "one", "need 8 kinds"),
+    (14, "Q9_9", "unsupported qtype 'Q9_9'"),
+    (16, 0, "head_dim must be positive"),
+])
+def test_decoder_layers_refuses_inconsistent_arguments(monkeypatch, index, value, message):
+    arguments = _loop_arguments(monkeypatch)
+    if value == "one":
+        arguments[index] = arguments[index][:1]
+    elif value == "Q9_9":
+        arguments[index] = ["Q9_9"] * len(arguments[index])
+    else:
+        arguments[index] = value
+    with pytest.raises(ValueError, match=message):
+        torch.ops.trellis_cpp.decoder_layers(*arguments)
+
+
+def test_decoder_layers_schema_and_fake(monkeypatch):
+    arguments = _loop_arguments(monkeypatch)
+    arguments[11] = None  # a plan names the tensors it was made for, and opcheck runs the op on copies
+    torch.library.opcheck(torch.ops.trellis_cpp.decoder_layers.default, tuple(arguments),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 KERNELS = torch.ops.trellis_cpp
 SOURCES = (
     "store_kv_cpu.cpp", "paged_attention_cpu.cpp", "quant_linear_cpu.cpp", "panel_linear_cpu.cpp", "decoder_ops_cpu.cpp",
+    "decoder_layers_cpu.cpp",
 )
 
 # at::vec picks its implementation from these macros; the -m flags let the compiler emit it.

@@ -17,6 +17,13 @@ and the small ops of a decoder layer, fused (a decode step makes ~40 of them per
                                                         RoPE on q and k; rotated k and v into the cache
     silu_mul(gate, up) -> y                             silu(gate) * up
 
+and, in ``trellis_cpp::`` alone, the lean decoder's loop over its layers in C++ (its spec is the
+Python loop in ``trellis/runner/decoder.py``, which every backend can run)::
+
+    decoder_layers(hidden!, norms, eps, cos, sin, k_caches!, v_caches!, slot_mapping, block_table,
+                   seq_lens, cu_seqlens_q, plan, scale, weights, kinds, out_features, head_dim)
+        -> update                                       every layer; the last sublayer's output
+
 One schema text, two namespaces: ``trellis::``, the public ops, and ``trellis_cpp::``, which the
 C++ library implements for CPU as it loads (its own namespace, so that loading it never collides
 with a kernel registered for ``trellis::``). Both have fake implementations, so ``torch.compile``
@@ -52,6 +59,15 @@ SCHEMAS = {
         "Tensor slot_mapping) -> Tensor"
     ),
     "silu_mul": "(Tensor gate, Tensor up) -> Tensor",
+}
+
+# The C++ library's fast path only, no ``trellis::`` op (kernels/decoder_layers_cpu.cpp).
+CPP_SCHEMAS = {
+    "decoder_layers": (
+        "(Tensor(a!) hidden, Tensor[] norms, float[] eps, Tensor cos, Tensor sin, Tensor(b!)[] k_caches, "
+        "Tensor(c!)[] v_caches, Tensor slot_mapping, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, "
+        "Tensor? plan, float scale, Tensor[] weights, str[] kinds, int[] out_features, int head_dim) -> Tensor"
+    ),
 }
 
 
@@ -96,6 +112,11 @@ def _silu_mul_fake(gate, up):
     return gate.new_empty(gate.shape)
 
 
+def _decoder_layers_fake(hidden, norms, eps, cos, sin, k_caches, v_caches, slot_mapping, block_table, seq_lens,
+                         cu_seqlens_q, plan, scale, weights, kinds, out_features, head_dim):
+    return hidden.new_empty(hidden.shape)
+
+
 _FAKES = {
     "store_kv": _store_kv_fake,
     "paged_attention": _paged_attention_fake,
@@ -107,6 +128,7 @@ _FAKES = {
     "add_rms_norm": _add_rms_norm_fake,
     "rope_store_kv": _rope_store_kv_fake,
     "silu_mul": _silu_mul_fake,
+    "decoder_layers": _decoder_layers_fake,
 }
 REFERENCES = {"store_kv": reference.store_kv, "paged_attention": reference.paged_attention,
                "plan_paged_attention": reference.plan_paged_attention, "quant_linear": quant.quant_linear,
@@ -120,5 +142,8 @@ for _namespace, _library in _libraries.items():
     for _name, _schema in SCHEMAS.items():
         _library.define(_name + _schema)
         torch.library.register_fake(f"{_namespace}::{_name}", _FAKES[_name], lib=_library)
+for _name, _schema in CPP_SCHEMAS.items():
+    _libraries["trellis_cpp"].define(_name + _schema)
+    torch.library.register_fake(f"trellis_cpp::{_name}", _FAKES[_name], lib=_libraries["trellis_cpp"])
 for _name in SCHEMAS:
     _libraries["trellis"].impl(_name, REFERENCES[_name], "CompositeExplicitAutograd")

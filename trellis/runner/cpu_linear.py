@@ -220,7 +220,7 @@ class CPULinear(torch.nn.Linear):
         if ((torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) or not (x.is_cpu and weight.is_cpu)
                 or x.dtype != weight.dtype or torch.compiler.is_compiling()):
             return F.linear(x, weight, self.bias)
-        streamed = self.streamed_weight(x)
+        streamed = self.streamed_weight(x.numel() // max(self.in_features, 1), x.dtype)
         if streamed is not None:
             return ops.quant_linear(x, *streamed, backend="cpp")
         if self.kind == "blas" or weight.dtype not in onednn_dtypes():
@@ -231,37 +231,38 @@ class CPULinear(torch.nn.Linear):
                 return ops.panel_linear(x, weight, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
-    def streamed_weight(self, x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, str] | None:
+    def streamed_weight(self, rows: int, dtype: torch.dtype, backend: str | None = None
+                        ) -> tuple[torch.Tensor, str] | None:
         """The weight and its ``ops.quant_linear`` qtype (``"BF16"``, ``"F32"``: that kernel takes a
-        plain weight as it is), where it computes this layer for the CPU input ``x``: ``x`` of a row count
-        ``streamed_rows`` names for its dtype, a row-major weight of whole 32-weight blocks, no bias
-        (the libraries add it before rounding), and the C++ kernels (``backend``; by default the
-        CPU's). None where another kernel runs it."""
+        plain weight as it is), where it computes this layer for a CPU input of ``rows`` rows in
+        ``dtype``: a row count ``streamed_rows`` names for the weight's dtype, a row-major weight of
+        whole 32-weight blocks, no bias (the libraries add it before rounding), and the C++ kernels
+        (``backend``; by default the CPU's). None where another kernel runs it."""
         # The parameters from their dict: Module.__getattr__ costs ~1 µs, and this runs 200 times a step.
         params = self._parameters
-        weight, in_features = params["weight"], self.in_features
-        rows = streamed_rows(weight.dtype)  # first: most calls (a prefill, one fp32 row) end here
-        if (rows is None or not rows[0] * in_features <= x.numel() <= rows[1] * in_features
-                or x.dtype != weight.dtype or params["bias"] is not None or in_features % quant.BLOCK
-                or not weight.is_contiguous() or (backend or ops.default_backend(_CPU)) != "cpp"
+        weight = params["weight"]
+        span = streamed_rows(weight.dtype)  # first: most calls (a prefill, one fp32 row) end here
+        if (span is None or not span[0] <= rows <= span[1] or dtype != weight.dtype or params["bias"] is not None
+                or self.in_features % quant.BLOCK or not weight.is_contiguous()
+                or (backend or ops.default_backend(_CPU)) != "cpp"
                 or panels_serve(self.kind, weight.dtype)):  # the panels are faster
             return None
         return weight, _QTYPES[weight.dtype]
 
-    def grouped_panels(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The panels ``forward`` would multiply the inference input ``x`` by, for a bias-free layer:
-        the lean decoder runs such layers reading one input (q/k/v, gate/up) as one
+    def grouped_panels(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The panels ``forward`` would multiply a CPU inference input in ``dtype`` by, for a
+        bias-free layer: the lean decoder runs such layers reading one input (q/k/v, gate/up) as one
         ``panel_linear_group`` call. None where another kernel runs it, or it has a bias."""
         params = self._parameters
         weight = params["weight"]
-        if (x.dtype != weight.dtype or params["bias"] is not None or not panels_serve(self.kind, weight.dtype)
-                or not (x.is_cpu and weight.is_cpu)):
+        if (dtype != weight.dtype or params["bias"] is not None or not panels_serve(self.kind, weight.dtype)
+                or not weight.is_cpu):
             return None
         packed = self._packed_weight()
         return packed if packed.dim() == 4 else None
 
     def _packed_weight(self) -> torch.Tensor:
-        weight = self.weight
+        weight = self._parameters["weight"]
         storage, key = weight.untyped_storage(), (weight.data_ptr(), weight._version)
         packed = self._packed
         if packed is None or packed[0]() is not storage or packed[1:3] != key:

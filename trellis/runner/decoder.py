@@ -8,7 +8,9 @@ and runs, per layer, the seven linear layers as they are (``nn.Linear``, ``CPULi
 ``QuantizedLinear``: weights, layouts and quantization unchanged; those that read one input in one
 ``quant_linear_group`` call where that kernel computes them all, ``_Projections``),
 ``run_attention`` with the step's plan, and three fused ops: ``add_rms_norm`` (twice),
-``rope_store_kv`` and ``silu_mul``.
+``rope_store_kv`` and ``silu_mul``. Where every projection is one C++ group call, the layer loop
+itself runs in C++ (``trellis_cpp::decoder_layers``: the same calls, without the Python between
+them; ``_compiled_arguments``).
 Each fused op rounds as transformers' modules do: in fp32 the results are transformers' bit for
 bit, in bf16 and fp16 up to the order of the RMSNorm's sum of squares (docs/decode-step.md).
 
@@ -37,6 +39,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from trellis import ops
+from trellis.ops.backends import kernels
 from trellis.ops.checks import FUSED_DTYPES
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch
@@ -76,17 +79,50 @@ class LeanDecoder:
         cos, sin = decoder.rotary_emb(hidden[None], position_ids=batch.positions[None])  # each [1, T, D]
         cos, sin = cos[0], sin[0]
         run = ops.decoder_ops(batch.plan.backend)  # the layer's ops on the kernels attention runs on
-        update = None  # what the last sublayer adds to the stream
-        for layer in self._lean_layers:
-            x = _norm(layer.input_norm, hidden, update, run)  # [T, H]
-            q, k, v = layer.qkv(x, run)
-            update, = layer.o(_attention(layer.attn, q, k, v, cos, sin, batch, run), run)
-            x = _norm(layer.post_norm, hidden, update, run)
-            gate, up = layer.gate_up(x, run)
-            update, = layer.down(run.silu_mul(gate, up), run)
+        compiled = self._compiled_arguments(hidden, cos, sin, batch) if run.backend == "cpp" else None
+        if compiled is not None:  # the loop below, in C++
+            update = kernels("cpp").decoder_layers(*compiled)
+        else:
+            update = None  # what the last sublayer adds to the stream
+            for layer in self._lean_layers:
+                x = _norm(layer.input_norm, hidden, update, run)  # [T, H]
+                q, k, v = layer.qkv(x, run)
+                update, = layer.o(_attention(layer.attn, q, k, v, cos, sin, batch, run), run)
+                x = _norm(layer.post_norm, hidden, update, run)
+                gate, up = layer.gate_up(x, run)
+                update, = layer.down(run.silu_mul(gate, up), run)
         if isinstance(decoder.norm, torch.nn.Identity):  # a grid stage before the last
             return hidden if update is None else hidden.add_(update)
         return _norm(decoder.norm, hidden, update, run)
+
+    def _compiled_arguments(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            batch: PagedBatch) -> tuple | None:
+        """The arguments of ``trellis_cpp::decoder_layers``, which runs the layer loop of ``run`` in
+        C++, where every projection of every layer is one C++ group call in its layers' order and the
+        layers share a head_dim and attention scale; else None (the loop runs in Python)."""
+        rows, dtype = hidden.shape[0], hidden.dtype
+        norms, eps, k_caches, v_caches, weights, kinds, widths = [], [], [], [], [], [], []
+        attns = [layer.attn for layer in self._lean_layers]
+        head_dim, scale = attns[0].head_dim, attns[0].scaling
+        for layer, attn in zip(self._lean_layers, attns, strict=True):
+            if attn.head_dim != head_dim or attn.scaling != scale:
+                return None
+            for norm in (layer.input_norm, layer.post_norm):
+                norms.append(norm._parameters["weight"])
+                eps.append(norm.variance_epsilon)
+            k_cache, v_cache = batch.kv_layers[attn.layer_idx]
+            k_caches.append(k_cache)
+            v_caches.append(v_cache)
+            for projections in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                group = projections.one_group(rows, dtype)
+                if group is None:
+                    return None
+                kinds.append(group[0])
+                weights += group[1]
+                widths += projections.out_features
+        plan = batch.plan
+        return (hidden, norms, eps, cos, sin, k_caches, v_caches, batch.slot_mapping, plan.block_table, plan.seq_lens,
+                plan.cu_seqlens_q, plan.backend_plan, scale, weights, kinds, widths, head_dim)
 
     # --- eligibility --------------------------------------------------------------------------
 
@@ -188,6 +224,9 @@ def _attention(attn: LlamaAttention, q: torch.Tensor, k: torch.Tensor, v: torch.
     return ops.run_attention(batch.plan, q, k_cache, v_cache, attn.scaling).view(tokens, -1)
 
 
+PANELS = "panels"  # a group's kind where ``panel_linear_group`` computes it (else a ``quant_linear`` qtype)
+
+
 class _Projections:
     """Linear layers of a decoder layer that read one input (q/k/v; gate/up; o; down), as the lean
     path runs them: with the C++ backend, those that ``quant_linear`` computes (bias-free quantized
@@ -198,6 +237,7 @@ class _Projections:
 
     def __init__(self, *linears: torch.nn.Module) -> None:
         self.linears = linears
+        self.out_features = [linear.out_features for linear in linears]
         # Bias-free quantized layers always stream: grouped by qtype once (a bias or the blocks
         # replaced is a registration, and makes the lean path list its layers again).
         by_qtype: dict[str, list[int]] = {}
@@ -210,31 +250,43 @@ class _Projections:
         # All quantized in one qtype (a GGUF's layers, mostly): one call, nothing to sort.
         one = len(self.quantized) == 1 and len(self.quantized[0][1]) == len(linears)
         self.one_qtype = self.quantized[0][0] if one else None
+        self.all = list(range(len(linears)))
+
+    def groups(self, rows: int, dtype: torch.dtype) -> list[tuple[str, list[int], list[torch.Tensor]]]:
+        """The C++ group calls that compute these layers for an inference input of ``rows`` rows in
+        ``dtype``: each its kind (``PANELS`` or a qtype), its members (indices into ``linears``)
+        and their weights as the call takes them. A layer in none runs its own forward."""
+        linears = self.linears
+        if self.one_qtype is not None:
+            return [(self.one_qtype, self.all, [linear._buffers["weight_blocks"] for linear in linears])]
+        groups = {qtype: (list(members), [linears[i]._buffers["weight_blocks"] for i in members])
+                  for qtype, members in self.quantized}
+        for i in self.plain:
+            found = linears[i].streamed_weight(rows, dtype, "cpp")
+            kind, weight = (found[1], found[0]) if found is not None else (PANELS, linears[i].grouped_panels(dtype))
+            if weight is not None:
+                members, weights = groups.setdefault(kind, ([], []))
+                members.append(i)
+                weights.append(weight)
+        return [(kind, members, weights) for kind, (members, weights) in groups.items()]
+
+    def one_group(self, rows: int, dtype: torch.dtype) -> tuple[str, list[torch.Tensor]] | None:
+        """(kind, weights) where one group call computes all these layers, in their order; else None."""
+        groups = self.groups(rows, dtype)
+        if len(groups) != 1 or groups[0][1] != self.all:
+            return None
+        return groups[0][0], groups[0][2]
 
     def __call__(self, x: torch.Tensor, run: ops.DecoderOps) -> list[torch.Tensor]:
         linears = self.linears
         if run.backend != "cpp":
             return [linear.forward(x) for linear in linears]
-        if self.one_qtype is not None:
-            return run.quant_linear_group(x, [linear.weight_blocks for linear in linears], self.one_qtype)
-        groups = {qtype: (list(members), [linears[i].weight_blocks for i in members])
-                  for qtype, members in self.quantized}
-        panelled: tuple[list[int], list[torch.Tensor]] = ([], [])
-        for i in self.plain:
-            found = linears[i].streamed_weight(x, "cpp")
-            if found is not None:
-                members, blocks = groups.setdefault(found[1], ([], []))
-                members.append(i)
-                blocks.append(found[0])
-            elif (panels := linears[i].grouped_panels(x)) is not None:
-                panelled[0].append(i)
-                panelled[1].append(panels)
         outputs: list[torch.Tensor | None] = [None] * len(linears)
-        for qtype, (members, blocks) in groups.items():
-            for i, y in zip(members, run.quant_linear_group(x, blocks, qtype), strict=True):
-                outputs[i] = y
-        if panelled[0]:
-            widths = [linears[i].out_features for i in panelled[0]]
-            for i, y in zip(panelled[0], run.panel_linear_group(x, panelled[1], widths), strict=True):
+        for kind, members, weights in self.groups(x.numel() // x.shape[-1], x.dtype):
+            if kind == PANELS:
+                ys = run.panel_linear_group(x, weights, [self.out_features[i] for i in members])
+            else:
+                ys = run.quant_linear_group(x, weights, kind)
+            for i, y in zip(members, ys, strict=True):
                 outputs[i] = y
         return [linear.forward(x) if y is None else y for linear, y in zip(linears, outputs, strict=True)]
