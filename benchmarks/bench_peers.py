@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
     decode_tokens = 8 if args.quick else args.decode_tokens
     repeats = 1 if args.quick else args.repeats
     workload = Workload(L=L, D=budgets[0], N=N, phi=args.phi)
-    result = {"info": environment(None, None), "threads": args.threads, "repeats": repeats,
+    result = {"info": environment(None, None), "threads": args.threads, "repeats": repeats, "settle_s": args.settle,
               "workload": {"L": L, "N": N, "phi": args.phi, "realized_phi": workload.realized_phi,
                            "shared_tokens": workload.shared, "decode_budgets": list(budgets),
                            "decode_tokens": decode_tokens},
@@ -304,6 +305,9 @@ def run(args: argparse.Namespace) -> dict:
         turn = tasks(L, N, args.phi, budgets, decode_tokens)
         for r in range(repeats):
             for name in rotated(list(workers), r):
+                # Idle first: the system before may still hold both cores for a while after its last
+                # reply (OpenMP threads spin before they sleep), which would slow this one's first task.
+                time.sleep(args.settle)
                 for request in turn:
                     reply = workers[name].ask(TASK_TIMEOUT, **request)
                     meta = {k: v for k, v in request.items() if k in ("task", "max_new_tokens")}
@@ -328,6 +332,7 @@ def main() -> None:
     p.add_argument("--vllm-block-size", type=int, default=32,
                    help="vLLM's KV block size, Trellis' by default (0: vLLM's own default for CPU)")
     p.add_argument("--vllm-kv-space", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE, GiB")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds of idle before each system's turn")
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke test)")
     p.add_argument("--json", type=Path, help="default: benchmarks/results/peers.json (--quick: .peers/results/)")
     p.add_argument("--plot", type=Path, help="default: beside the JSON, .png")
