@@ -242,10 +242,10 @@ class CPULinear(torch.nn.Linear):
         params = self._parameters
         weight = params["weight"]
         span = streamed_rows(weight.dtype)  # first: most calls (a prefill, one fp32 row) end here
-        if (span is None or not span[0] <= rows <= span[1] or dtype != weight.dtype or params["bias"] is not None
-                or self.in_features % quant.BLOCK or not weight.is_contiguous()
-                or (backend or ops.default_backend(_CPU)) != "cpp"
-                or panels_serve(self.kind, weight.dtype)):  # the panels are faster
+        # (The panels, where they serve, are faster than streaming.)
+        if (span is None or not span[0] <= rows <= span[1] or panels_serve(self.kind, weight.dtype)
+                or dtype != weight.dtype or params["bias"] is not None or self.in_features % quant.BLOCK
+                or not weight.is_contiguous() or (backend or ops.default_backend(_CPU)) != "cpp"):
             return None
         return weight, _QTYPES[weight.dtype]
 
