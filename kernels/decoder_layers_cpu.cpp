@@ -32,28 +32,22 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 // The ops a layer calls, looked up once.
 struct LayerOps {
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double)>
-      add_rms_norm = find_op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                                        double)>("trellis_cpp::add_rms_norm");
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>
-      rope_store_kv = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
-          "trellis_cpp::rope_store_kv");
-  c10::TypedOperatorHandle<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
-                                const std::optional<at::Tensor>&)>
-      paged_attention = find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
-                                     const std::optional<at::Tensor>&)>("trellis_cpp::paged_attention");
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)> silu_mul =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("trellis_cpp::silu_mul");
-  c10::TypedOperatorHandle<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, c10::string_view)>
-      quant_linear_group = find_op<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, c10::string_view)>(
-          "trellis_cpp::quant_linear_group");
-  c10::TypedOperatorHandle<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::IntArrayRef)>
-      panel_linear_group = find_op<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::IntArrayRef)>(
-          "trellis_cpp::panel_linear_group");
+  using Norm = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double);
+  using Rope = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+  using Attention = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+                         const std::optional<at::Tensor>&);
+  using SiluMul = at::Tensor(const at::Tensor&, const at::Tensor&);
+  using QuantGroup = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, c10::string_view);
+  using PanelGroup = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::IntArrayRef);
+
+  c10::TypedOperatorHandle<Norm> add_rms_norm = find_op<Norm>("trellis_cpp::add_rms_norm");
+  c10::TypedOperatorHandle<Rope> rope_store_kv = find_op<Rope>("trellis_cpp::rope_store_kv");
+  c10::TypedOperatorHandle<Attention> paged_attention = find_op<Attention>("trellis_cpp::paged_attention");
+  c10::TypedOperatorHandle<SiluMul> silu_mul = find_op<SiluMul>("trellis_cpp::silu_mul");
+  c10::TypedOperatorHandle<QuantGroup> quant_linear_group = find_op<QuantGroup>("trellis_cpp::quant_linear_group");
+  c10::TypedOperatorHandle<PanelGroup> panel_linear_group = find_op<PanelGroup>("trellis_cpp::panel_linear_group");
 };
 
 const LayerOps& layer_ops() {
@@ -95,7 +89,7 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
     return ops.quant_linear_group.call(x, group, kind);
   };
   std::optional<at::Tensor> update;  // what the last sublayer adds to the stream
-  for (int64_t l = 0; l < layers; ++l) {
+  for (int64_t l = 0; l < layers; ++l) try {
     at::Tensor x = ops.add_rms_norm.call(hidden, update, norms[2 * l], eps[2 * l]);
     const std::vector<at::Tensor> qkv = project(x, l, 0);
     const at::Tensor q = ops.rope_store_kv.call(qkv[0].view({tokens, -1, head_dim}),
@@ -108,6 +102,9 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
     x = ops.add_rms_norm.call(hidden, update, norms[2 * l + 1], eps[2 * l + 1]);
     const std::vector<at::Tensor> gate_up = project(x, l, 2);
     update = project(ops.silu_mul.call(gate_up[0], gate_up[1]), l, 3)[0];
+  } catch (c10::Error& error) {  // the same exception, saying where
+    error.add_context(std::string(op) + ": in layer " + std::to_string(l));
+    throw;
   }
   return *update;
 }

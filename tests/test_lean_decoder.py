@@ -219,7 +219,7 @@ def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
     """Records each ``quant_linear_group`` call of the lean path as (rows of x, number of weights,
     qtype), and each ``panel_linear_group`` call as (rows, number of weights, ``"panels"``), those
     of the layer loop in C++ (``decoder_layers``, four groups a layer: q/k/v, o, gate/up, down) too."""
-    calls, decoder_ops, compiled = [], ops.decoder_ops, LeanDecoder._compiled_arguments
+    calls, decoder_ops, compiled = [], ops.decoder_ops, LeanDecoder._cpp_loop_arguments
 
     def recording_ops(backend: str) -> ops.DecoderOps:
         bound = decoder_ops(backend)
@@ -242,14 +242,14 @@ def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
         return arguments
 
     monkeypatch.setattr(ops, "decoder_ops", recording_ops)
-    monkeypatch.setattr(LeanDecoder, "_compiled_arguments", recording_compiled)
+    monkeypatch.setattr(LeanDecoder, "_cpp_loop_arguments", recording_compiled)
     yield calls
 
 
 @contextlib.contextmanager
 def layer_loops(monkeypatch) -> Iterator[list[str]]:
     """Records where each lean forward ran its layer loop: ``"cpp"`` (``decoder_layers``) or ``"python"``."""
-    loops, compiled, run = [], LeanDecoder._compiled_arguments, LeanDecoder.run
+    loops, compiled, run = [], LeanDecoder._cpp_loop_arguments, LeanDecoder.run
 
     def recording_compiled(self, *args):
         arguments = compiled(self, *args)
@@ -260,14 +260,14 @@ def layer_loops(monkeypatch) -> Iterator[list[str]]:
         loops.append("python")  # unless the C++ loop's arguments were found
         return run(self, *args, **kwargs)
 
-    monkeypatch.setattr(LeanDecoder, "_compiled_arguments", recording_compiled)
+    monkeypatch.setattr(LeanDecoder, "_cpp_loop_arguments", recording_compiled)
     monkeypatch.setattr(LeanDecoder, "run", recording_run)
     yield loops
 
 
 def python_loop() -> contextlib.AbstractContextManager:
     """The lean path with its layer loop in Python wherever it would run in C++."""
-    return mock.patch.object(LeanDecoder, "_compiled_arguments", lambda *args: None)
+    return mock.patch.object(LeanDecoder, "_cpp_loop_arguments", lambda *args: None)
 
 
 def test_quantized_projections_of_one_input_run_as_one_call(monkeypatch):
@@ -353,8 +353,6 @@ def test_every_dtype_runs_lean_unless_turned_off(dtype):
     assert ran == [True]
 
 
-
-
 def _quantized_smollm2() -> TrellisLlama:
     return TrellisLlama.from_pretrained(keep_quantized=True, device="cpu", num_blocks=64)
 
@@ -431,10 +429,10 @@ def test_layers_of_mixed_groups_run_the_loop_in_python(monkeypatch):
 
 
 def _loop_arguments(monkeypatch) -> list:
-    """The ``decoder_layers`` arguments of a decode step of the tiny model on quantized layers."""
+    """The ``decoder_layers`` arguments of a decode step of the tiny model in fp32, its rows streamed."""
     model = _fp32_streamed_tiny()
-    captured, compiled = [], LeanDecoder._compiled_arguments
-    monkeypatch.setattr(LeanDecoder, "_compiled_arguments",
+    captured, compiled = [], LeanDecoder._cpp_loop_arguments
+    monkeypatch.setattr(LeanDecoder, "_cpp_loop_arguments",
                         lambda self, *args: captured.append(compiled(self, *args)) or captured[-1])
     with torch.no_grad():
         model.generate(prompt(5, 9), max_new_tokens=2, do_sample=False)
@@ -449,7 +447,7 @@ def _loop_arguments(monkeypatch) -> list:
     (1, "one", "need 4 norms and eps"),
     (13, "one", "need 14 weights and out_features"),
     (14, "one", "need 8 kinds"),
-    (14, "Q9_9", "unsupported qtype 'Q9_9'"),
+    (14, "Q9_9", "unsupported qtype 'Q9_9'(.|\n)*in layer 0"),
     (16, 0, "head_dim must be positive"),
 ])
 def test_decoder_layers_refuses_inconsistent_arguments(monkeypatch, index, value, message):

@@ -10,7 +10,7 @@ and runs, per layer, the seven linear layers as they are (``nn.Linear``, ``CPULi
 ``run_attention`` with the step's plan, and three fused ops: ``add_rms_norm`` (twice),
 ``rope_store_kv`` and ``silu_mul``. Where every projection is one C++ group call, the layer loop
 itself runs in C++ (``trellis_cpp::decoder_layers``: the same calls, without the Python between
-them; ``_compiled_arguments``).
+them; ``_cpp_loop_arguments``).
 Each fused op rounds as transformers' modules do: in fp32 the results are transformers' bit for
 bit, in bf16 and fp16 up to the order of the RMSNorm's sum of squares (docs/decode-step.md).
 
@@ -79,9 +79,9 @@ class LeanDecoder:
         cos, sin = decoder.rotary_emb(hidden[None], position_ids=batch.positions[None])  # each [1, T, D]
         cos, sin = cos[0], sin[0]
         run = ops.decoder_ops(batch.plan.backend)  # the layer's ops on the kernels attention runs on
-        compiled = self._compiled_arguments(hidden, cos, sin, batch) if run.backend == "cpp" else None
-        if compiled is not None:  # the loop below, in C++
-            update = kernels("cpp").decoder_layers(*compiled)
+        arguments = self._cpp_loop_arguments(hidden, cos, sin, batch) if run.backend == "cpp" else None
+        if arguments is not None:  # the loop below, in C++
+            update = kernels("cpp").decoder_layers(*arguments)
         else:
             update = None  # what the last sublayer adds to the stream
             for layer in self._lean_layers:
@@ -95,7 +95,7 @@ class LeanDecoder:
             return hidden if update is None else hidden.add_(update)
         return _norm(decoder.norm, hidden, update, run)
 
-    def _compiled_arguments(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _cpp_loop_arguments(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             batch: PagedBatch) -> tuple | None:
         """The arguments of ``trellis_cpp::decoder_layers``, which runs the layer loop of ``run`` in
         C++, where every projection of every layer is one C++ group call in its layers' order and the
