@@ -2,8 +2,9 @@
 // trellis/runner/decoder.py is the spec), for layers whose projections are all Trellis' own
 // linear ops. Each op below is the one the Python loop calls, in the same order on the same
 // tensors, so the results are the loop's bit for bit; what this saves is the loop itself: per
-// decode step of SmolLM2, some 300 calls from Python into the dispatcher and the Python around
-// them (2-3 ms of a 14-22 ms step on a 2-core EPYC), where a call from here costs well under a µs.
+// decode step of SmolLM2, ~270 calls from Python into the dispatcher and the Python around them
+// (2.5-4 ms a token on a 2-core EPYC, docs/decode-step.md), where a call from here costs well under
+// a µs.
 //
 // Per layer l: norms[2l] and norms[2l+1] with eps[2l], eps[2l+1] (the input and post-attention
 // RMSNorms), then four projection groups from `weights`, seven weights a layer in the order

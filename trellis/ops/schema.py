@@ -137,13 +137,11 @@ REFERENCES = {"store_kv": reference.store_kv, "paged_attention": reference.paged
                "add_rms_norm": reference.add_rms_norm, "rope_store_kv": reference.rope_store_kv,
                "silu_mul": reference.silu_mul}
 
-_libraries = {namespace: torch.library.Library(namespace, "DEF") for namespace in ("trellis", "trellis_cpp")}
+_SCHEMAS_OF = {"trellis": SCHEMAS, "trellis_cpp": {**SCHEMAS, **CPP_SCHEMAS}}  # each namespace's ops
+_libraries = {namespace: torch.library.Library(namespace, "DEF") for namespace in _SCHEMAS_OF}
 for _namespace, _library in _libraries.items():
-    for _name, _schema in SCHEMAS.items():
+    for _name, _schema in _SCHEMAS_OF[_namespace].items():
         _library.define(_name + _schema)
         torch.library.register_fake(f"{_namespace}::{_name}", _FAKES[_name], lib=_library)
-for _name, _schema in CPP_SCHEMAS.items():
-    _libraries["trellis_cpp"].define(_name + _schema)
-    torch.library.register_fake(f"trellis_cpp::{_name}", _FAKES[_name], lib=_libraries["trellis_cpp"])
 for _name in SCHEMAS:
     _libraries["trellis"].impl(_name, REFERENCES[_name], "CompositeExplicitAutograd")
