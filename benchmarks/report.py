@@ -425,9 +425,18 @@ def gpu_check_table(data: dict) -> str:
     return "\n\n".join(parts)
 
 
+def shared_decode_table(data: dict) -> str:
+    rows = [[str(r["sessions"]), str(r["prompt_tokens"]), str(r["shared_tokens"]), pm(r["shared_ms"]), pm(r["own_ms"]),
+             times(mean(r["own_ms"]), mean(r["shared_ms"]))] for r in data["rows"]]
+    return (f"Decode step of N sessions (ms, `{data['info']['dtype']}`; median time between tokens over "
+            f"{data['new_tokens']} tokens, mean ± std over {data['repeats']} repeats per set, in turns): their "
+            "prompts over one shared prefix, or each over its own of the same length.\n\n"
+            + table(["N", "prompt", "shared", "one shared prompt", "own prompts", "shared faster"], rows))
+
+
 def kind_of(data: dict) -> str:
-    if data.get("what") == "gpu_check":
-        return "gpu_check"
+    if data.get("what") in ("gpu_check", "shared_decode"):
+        return data["what"]
     if "results" in data:
         return "eval"
     if "dtypes" in data:
@@ -456,6 +465,7 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "speculative": ("Prompt-lookup decoding", [speculative_table]),
     "eval": ("Scoring with shared contexts", [eval_table]),
     "kernels": ("Attention kernels", [kernels_table]),
+    "shared_decode": ("Sessions over one system prompt", [shared_decode_table]),
     "gpu_check": ("GPU check", [gpu_check_table]),
 }
 

@@ -108,29 +108,39 @@ inline WorkPlan make_plan(const PlanFacts& f, const at::Tensor& block_table, con
   work *= f.q_heads * f.head_dim;
   const int64_t threads = work < kMinParallelWork ? 1 : at::get_num_threads();
   const int64_t max_heads = std::max<int64_t>(1, kStagedBytes / (kKeyTile * f.head_dim * sizeof(float)));
-  return plan_work(cu, kv_lens, f.batch, f.kv_heads, f.q_heads / f.kv_heads, kMaxRows, max_heads, kKeyTile, threads);
+  return plan_work(cu, kv_lens, block_table.const_data_ptr<int32_t>(), f.max_blocks, f.block_size, f.batch, f.kv_heads,
+                   f.q_heads / f.kv_heads, kMaxRows, max_heads, kKeyTile, threads);
 }
 
-// An encoded plan: this header, then the items and the split groups as they lie in memory.
+// An encoded plan: this header, then the items, the merge groups and their parts as they lie in memory.
 struct PlanHeader {
   int64_t magic;
   PlanFacts facts;
-  int64_t threads, partials, partial_rows, items, splits;
+  int64_t threads, partials, partial_rows, items, splits, parts;
 };
 constexpr int64_t kPlanMagic = 0x4e414c5053525424;  // "$TRSPLAN": a plan from plan_paged_attention
 static_assert(sizeof(PlanHeader) % sizeof(int64_t) == 0 && sizeof(WorkItem) % sizeof(int64_t) == 0 &&
-              sizeof(SplitGroup) % sizeof(int64_t) == 0);
+              sizeof(SplitGroup) % sizeof(int64_t) == 0 && sizeof(MergePart) % sizeof(int64_t) == 0);
 
 inline at::Tensor encode_plan(const PlanFacts& facts, const WorkPlan& work) {
-  const PlanHeader header{kPlanMagic,    facts, work.threads, work.partials, work.partial_rows,
-                          static_cast<int64_t>(work.items.size()), static_cast<int64_t>(work.splits.size())};
-  const size_t item_bytes = work.items.size() * sizeof(WorkItem), split_bytes = work.splits.size() * sizeof(SplitGroup);
-  at::Tensor encoded = at::empty({static_cast<int64_t>((sizeof(header) + item_bytes + split_bytes) / sizeof(int64_t))},
-                                 at::TensorOptions().dtype(at::kLong));
+  const PlanHeader header{kPlanMagic,
+                          facts,
+                          work.threads,
+                          work.partials,
+                          work.partial_rows,
+                          static_cast<int64_t>(work.items.size()),
+                          static_cast<int64_t>(work.splits.size()),
+                          static_cast<int64_t>(work.parts.size())};
+  const size_t item_bytes = work.items.size() * sizeof(WorkItem), split_bytes = work.splits.size() * sizeof(SplitGroup),
+               part_bytes = work.parts.size() * sizeof(MergePart);
+  at::Tensor encoded =
+      at::empty({static_cast<int64_t>((sizeof(header) + item_bytes + split_bytes + part_bytes) / sizeof(int64_t))},
+                at::TensorOptions().dtype(at::kLong));
   char* dst = static_cast<char*>(encoded.data_ptr());
   std::memcpy(dst, &header, sizeof(header));
   std::memcpy(dst + sizeof(header), work.items.data(), item_bytes);
   std::memcpy(dst + sizeof(header) + item_bytes, work.splits.data(), split_bytes);
+  std::memcpy(dst + sizeof(header) + item_bytes + split_bytes, work.parts.data(), part_bytes);
   return encoded;
 }
 
@@ -143,10 +153,14 @@ inline WorkPlan decode_plan(const at::Tensor& encoded, const PlanFacts& given) {
   PlanHeader header;
   const char* src = static_cast<const char*>(encoded.const_data_ptr());
   std::memcpy(&header, src, sizeof(header));
-  const auto items = static_cast<size_t>(header.items), splits = static_cast<size_t>(header.splits);  // < 0: huge
+  // (Negative counts become huge: refused by the bounds.)
+  const auto items = static_cast<size_t>(header.items), splits = static_cast<size_t>(header.splits),
+             parts = static_cast<size_t>(header.parts);
   const size_t bytes = encoded.nbytes();
   TORCH_CHECK(header.magic == kPlanMagic && items <= bytes / sizeof(WorkItem) && splits <= bytes / sizeof(SplitGroup) &&
-                  bytes == sizeof(header) + items * sizeof(WorkItem) + splits * sizeof(SplitGroup),
+                  parts <= bytes / sizeof(MergePart) &&
+                  bytes == sizeof(header) + items * sizeof(WorkItem) + splits * sizeof(SplitGroup) +
+                               parts * sizeof(MergePart),
               kNotAPlan);
   check_facts(header.facts, given);
   WorkPlan work;
@@ -155,8 +169,12 @@ inline WorkPlan decode_plan(const at::Tensor& encoded, const PlanFacts& given) {
   work.partial_rows = header.partial_rows;
   work.items.resize(items);
   work.splits.resize(splits);
-  std::memcpy(work.items.data(), src + sizeof(header), items * sizeof(WorkItem));
-  std::memcpy(work.splits.data(), src + sizeof(header) + items * sizeof(WorkItem), splits * sizeof(SplitGroup));
+  work.parts.resize(parts);
+  src += sizeof(header);
+  std::memcpy(work.items.data(), src, items * sizeof(WorkItem));
+  std::memcpy(work.splits.data(), src + items * sizeof(WorkItem), splits * sizeof(SplitGroup));
+  std::memcpy(work.parts.data(), src + items * sizeof(WorkItem) + splits * sizeof(SplitGroup),
+              parts * sizeof(MergePart));
   return work;
 }
 

@@ -263,20 +263,22 @@ void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
   finish_item(p, w, layout, ws);
 }
 
-// out = sum_s exp(lse_s - max) * o_s / sum_s exp(lse_s - max), per row.
+// out = sum_s exp(lse_s - max) * o_s / sum_s exp(lse_s - max), per row, over the group's parts.
 template <typename T>
-void merge_splits(const Problem<T>& p, const SplitGroup& g, std::vector<float>& row) {
+void merge_splits(const Problem<T>& p, const SplitGroup& g, const MergePart* parts, std::vector<float>& row) {
   const WorkItem& w = g.base;
   const int64_t D = p.head_dim, rows = w.q_tokens * p.group;
   row.resize(D);
+  auto slot_of = [&](const MergePart& part, int64_t i) {  // the part's row for the group's row i
+    return part.partial * p.partial_rows + i / rows * part.rows + part.offset + i % rows;
+  };
   for (int64_t i = 0; i < w.kv_heads * rows; ++i) {
     float max_lse = -INFINITY;
-    for (int64_t s = 0; s < g.count; ++s)
-      max_lse = std::max(max_lse, p.partial_lse[(g.first_partial + s) * p.partial_rows + i]);
+    for (int64_t s = 0; s < g.count; ++s) max_lse = std::max(max_lse, p.partial_lse[slot_of(parts[s], i)]);
     std::fill(row.begin(), row.end(), 0.f);
     float total = 0.f;
     for (int64_t s = 0; s < g.count; ++s) {
-      const int64_t slot = (g.first_partial + s) * p.partial_rows + i;
+      const int64_t slot = slot_of(parts[s], i);
       const float weight = std::exp(p.partial_lse[slot] - max_lse);
       total += weight;
       const Vec wv(weight);
@@ -341,7 +343,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   });
   parallel_pull(static_cast<int64_t>(plan.splits.size()), plan.threads, [&](int64_t i) {
     thread_local std::vector<float> row;
-    merge_splits(p, plan.splits[i], row);
+    merge_splits(p, plan.splits[i], plan.parts.data() + plan.splits[i].first_part, row);
   });
 }
 

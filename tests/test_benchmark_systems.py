@@ -1,7 +1,8 @@
 """The benchmarks' systems on a tiny model: each serves the seed's workload, and the counts the
 README reports (fresh blocks, blocks held, cache bytes, hit rates) follow the seed's definitions;
 every system's timed region holds the same work; the kernel benchmark's SDPA baselines and the
-eval benchmark's batched peers compute what the unbatched reference computes.
+eval benchmark's batched peers compute what the unbatched reference computes; the shared-prompt
+decode benchmark's two sets differ in sharing alone.
 
 Timings are not checked here (they belong to the benchmarks); this keeps the benchmark code
 working across transformers releases, whose continuous batching is one of the peers.
@@ -19,6 +20,7 @@ from tests.models import smollm2_tokenizer, tiny_config, tiny_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # scripts, not a package
 import bench_kernels
+import bench_shared_decode
 import common
 from bench_eval import DATA, lm_eval_backend, plain_backend, plain_batched_backend
 from common import SEED_BLOCK, Workload
@@ -156,3 +158,16 @@ def test_batched_eval_peers_score_as_the_unbatched_one():
         torch.testing.assert_close([ll for ll, _ in scores], [ll for ll, _ in expected], atol=1e-4, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {m}")
     assert counter[0] >= unpadded  # padded batches count their padding as computed
+
+
+def test_shared_decode_sets_differ_in_sharing_alone(model):
+    """The two sets of bench_shared_decode: the same lengths and tails; one prefix for all, or each
+    its own, none sharing a first block with another; and the engine serves both."""
+    shared, own = (bench_shared_decode.prompts(4, 256, same) for same in (True, False))
+    prefix = Workload(L=256, D=1, N=4, phi=bench_shared_decode.PHI).shared
+    assert prefix == 224 and [len(p) for p in shared + own] == [256] * 8
+    assert all(a[prefix:] == b[prefix:] for a, b in zip(shared, own))
+    assert len({tuple(p[:prefix]) for p in shared}) == 1
+    assert len({tuple(p[:SEED_BLOCK]) for p in own + shared[:1]}) == 5
+    engine = bench_shared_decode.Engine(model)
+    assert bench_shared_decode.step_ms(engine, shared, 3) > 0 and bench_shared_decode.step_ms(engine, own, 3) > 0

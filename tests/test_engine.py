@@ -69,6 +69,20 @@ def test_greedy_generate_batch_matches_per_prompt_generate_and_reuses_the_prefix
     model.prefix_cache.check_integrity()
 
 
+def test_sessions_over_a_long_system_prompt_decode_as_transformers_does():
+    # 40 shared keys (ten whole blocks), over the C++ kernel's 32: each decode step reads them in
+    # one shared-prefix item for all four sessions, merged with each session's own keys.
+    system = tokens(1, 42)
+    prompts = [system + tokens(20 + i, n) for i, n in enumerate((3, 7, 1, 11))]
+    ref, model = tiny_pair()
+    model.generate_batch([system], max_new_tokens=1)
+    out = model.generate_batch(prompts, max_new_tokens=10, do_sample=False)
+    for prompt, result in zip(prompts, out.values()):
+        assert result.num_cached_tokens == 40
+        assert result.generated_tokens == reference(ref, prompt, 10)
+    model.prefix_cache.check_integrity()
+
+
 def test_sessions_join_and_leave_while_others_decode():
     ref, model = tiny_pair()
     engine = Engine(model, max_running=2)

@@ -5,6 +5,7 @@ AddressSanitizer, in a child process."""
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,83 @@ def test_split_keys_match_unsplit(q_len):
         torch.set_num_threads(threads)
     torch.testing.assert_close(split, unsplit, atol=1e-5, rtol=1e-5)
     assert_matches_oracle(alone)
+
+
+def shared_prefix_case(own_keys: list[int], shared_blocks: int, block_size: int = 4, dtype=torch.float32,
+                       q_lens: list[int] | None = None, sharing: list[bool] | None = None) -> PagedCase:
+    """Sequences whose block tables begin with the same ``shared_blocks`` blocks (sessions over one
+    cached prompt; those ``sharing`` False have their own), then ``own_keys`` keys each; decode
+    tokens unless ``q_lens`` says otherwise. GQA groups of 3, as SmolLM2's."""
+    q_lens = q_lens or [1] * len(own_keys)
+    sharing = sharing or [True] * len(own_keys)
+    case = make_case(q_lens, [shared_blocks * block_size + n for n in own_keys], num_q_heads=9, num_kv_heads=3,
+                     head_dim=32, block_size=block_size, dtype=dtype)
+    first = next(i for i, shares in enumerate(sharing) if shares)
+    for i, shares in enumerate(sharing):
+        if shares:
+            case.block_table[i, :shared_blocks] = case.block_table[first, :shared_blocks]
+    return case
+
+
+@dataclass
+class PlanItem:
+    seq: int
+    kv_begin: int
+    kv_end: int
+    q_tokens: int
+
+
+def plan_items(case: PagedCase) -> tuple[list[PlanItem], int]:
+    """The work items of the C++ plan for ``case``, and how many outputs it merges, read from the
+    encoded plan: kernels/attention_plan.h's PlanHeader (a magic number, 14 facts, then threads,
+    partials, partial_rows and the counts of items, merge groups and parts), then the items as
+    kernels/work_plan.h's WorkItem (nine int64 each)."""
+    encoded = case.plan("cpp").backend_plan.tolist()
+    items, groups = encoded[18], encoded[19]
+    rows = [encoded[21 + 9 * i : 30 + 9 * i] for i in range(items)]
+    return [PlanItem(seq=r[0], q_tokens=r[4], kv_begin=r[6], kv_end=r[7]) for r in rows], groups
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "own_keys, shared_blocks, block_size, q_lens, sharing",
+    [
+        ([5, 9, 1, 13], 12, 4, None, None),  # four sessions, short own tails
+        ([33, 40, 65, 2], 14, 32, None, None),  # the seed's shape: 448 shared keys
+        ([0, 3], 16, 4, None, None),  # a session with no key of its own
+        ([70] * 8, 40, 16, None, None),  # the shared range long enough to split
+        ([3] * 25, 10, 4, None, None),  # more sessions than one item's rows: two runs
+        ([4, 6, 5, 7], 12, 4, [1, 1, 5, 1], None),  # a prefill between decodes breaks the run
+        ([4, 6, 5, 7], 12, 4, None, [True, False, True, True]),  # a session over another prompt
+    ],
+)
+def test_shared_prefix_decode_matches_oracle(dtype, threads, own_keys, shared_blocks, block_size, q_lens, sharing):
+    case = shared_prefix_case(own_keys, shared_blocks, block_size, dtype, q_lens, sharing)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert_matches_oracle(case)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_shared_prefix_is_read_once():
+    # Four sessions over 48 shared keys: one item reads them for all four tokens, each session's
+    # own keys are an item of their own, and the four outputs are merged. One thread: no splits.
+    case = shared_prefix_case([5, 9, 1, 13], shared_blocks=12)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        items, merged = plan_items(case)
+    finally:
+        torch.set_num_threads(previous)
+    assert sorted((i.seq, i.q_tokens, i.kv_begin, i.kv_end) for i in items) == [
+        (0, 1, 48, 53), (0, 4, 0, 48), (1, 1, 48, 57), (2, 1, 48, 49), (3, 1, 48, 61)]
+    assert merged == 4
+    # Sessions over different prompts, or shorter common prefixes than a key tile, run alone.
+    assert plan_items(shared_prefix_case([5, 9, 1, 13], 12, sharing=[True, False, False, False]))[1] == 0
+    assert plan_items(shared_prefix_case([5, 9, 1, 13], shared_blocks=7))[1] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
