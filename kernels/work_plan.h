@@ -79,21 +79,27 @@ struct SharedRun {
 
 // Greedily, from each decode sequence on: the next decode sequences that share at least kMinSharedKeys
 // keys with it, and then at least as many as the first two share (so the shared range never
-// shrinks), as long as the run's rows fit an item.
+// shrinks), as long as the run's rows fit an item. A sequence that shares less than half as many
+// keys with the next as the next shares with the one after stays alone, so that those two start a
+// longer shared run (sequences sorted by block ids: one with a short common prefix, the chat
+// template's, before a group over one system prompt).
 inline std::vector<SharedRun> shared_runs(const int32_t* cu_seqlens_q, const int32_t* seq_lens, const int32_t* table,
                                           int64_t max_blocks, int64_t block_size, int64_t batch, int64_t group,
                                           int64_t max_rows) {
   std::vector<SharedRun> runs;
-  auto decode = [&](int64_t s) { return cu_seqlens_q[s + 1] - cu_seqlens_q[s] == 1; };
+  auto decode = [&](int64_t s) { return s < batch && cu_seqlens_q[s + 1] - cu_seqlens_q[s] == 1; };
+  auto common = [&](int64_t a, int64_t b) {  // 0 unless both are decode sequences
+    return decode(a) && decode(b)
+               ? common_keys(table, max_blocks, block_size, a, b, std::min(seq_lens[a], seq_lens[b]))
+               : int64_t{0};
+  };
   for (int64_t s = 0; s < batch;) {
-    int64_t end = s + 1, keys = 0;
-    while (decode(s) && end < batch && decode(end) && (end - s + 1) * group <= max_rows) {
-      const int64_t common = common_keys(table, max_blocks, block_size, s, end, std::min(seq_lens[s], seq_lens[end]));
-      if (common < std::max(kMinSharedKeys, keys)) break;
-      keys = keys == 0 ? common : keys;
-      ++end;
+    int64_t end = s + 1;
+    const int64_t keys = common(s, s + 1);
+    if (keys >= kMinSharedKeys && 2 * keys >= common(s + 1, s + 2)) {
+      while (end < batch && (end - s + 1) * group <= max_rows && common(s, end) >= keys) ++end;
+      if (end - s > 1) runs.push_back({s, end, keys});
     }
-    if (end - s > 1) runs.push_back({s, end, keys});
     s = end;
   }
   return runs;

@@ -83,6 +83,32 @@ def test_sessions_over_a_long_system_prompt_decode_as_transformers_does():
     model.prefix_cache.check_integrity()
 
 
+def test_sessions_over_one_prompt_run_side_by_side_however_they_arrive():
+    # Two system prompts, their sessions arriving in turns: each forward orders the sessions by
+    # their block ids, so each prompt's sessions are neighbours (and share their keys' reads).
+    systems = [tokens(2, 42), tokens(3, 42)]
+    prompts = [systems[i % 2] + tokens(30 + i, 3 + i) for i in range(6)]
+    ref, model = tiny_pair()
+    model.generate_batch(systems, max_new_tokens=1)
+    engine = Engine(model)
+    orders = []
+    forward = engine.runner.forward
+
+    def recording_forward(manager, seqs, *args, **kwargs):
+        orders.append([seq.block_ids[0] for seq in seqs])
+        return forward(manager, seqs, *args, **kwargs)
+
+    engine.runner.forward = recording_forward
+    sessions = [engine.add(p, SamplingParams(max_new_tokens=6, stop_token_ids=(1,))) for p in prompts]  # 1: EOS
+    while engine.has_work:
+        engine.step()
+    assert sum(len(order) == 6 for order in orders) >= 2  # decode steps of all six sessions
+    for order in orders:  # each prompt's sessions in one stretch
+        assert order == sorted(order)
+    for s, prompt in zip(sessions, prompts):
+        assert s.generated == reference(ref, prompt, 6)
+
+
 def test_sessions_join_and_leave_while_others_decode():
     ref, model = tiny_pair()
     engine = Engine(model, max_running=2)

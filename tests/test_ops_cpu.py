@@ -138,18 +138,19 @@ def test_split_keys_match_unsplit(q_len):
 
 
 def shared_prefix_case(own_keys: list[int], shared_blocks: int, block_size: int = 4, dtype=torch.float32,
-                       q_lens: list[int] | None = None, sharing: list[bool] | None = None) -> PagedCase:
+                       q_lens: list[int] | None = None, sharing: list[bool | int] | None = None) -> PagedCase:
     """Sequences whose block tables begin with the same ``shared_blocks`` blocks (sessions over one
-    cached prompt; those ``sharing`` False have their own), then ``own_keys`` keys each; decode
-    tokens unless ``q_lens`` says otherwise. GQA groups of 3, as SmolLM2's."""
+    cached prompt; those ``sharing`` False have their own, those ``sharing`` n the first n only),
+    then ``own_keys`` keys each; decode tokens unless ``q_lens`` says otherwise. GQA groups of 3,
+    as SmolLM2's."""
     q_lens = q_lens or [1] * len(own_keys)
     sharing = sharing or [True] * len(own_keys)
     case = make_case(q_lens, [shared_blocks * block_size + n for n in own_keys], num_q_heads=9, num_kv_heads=3,
                      head_dim=32, block_size=block_size, dtype=dtype)
-    first = next(i for i, shares in enumerate(sharing) if shares)
+    first = sharing.index(True)
     for i, shares in enumerate(sharing):
-        if shares:
-            case.block_table[i, :shared_blocks] = case.block_table[first, :shared_blocks]
+        blocks = shared_blocks if shares is True else shares  # (False: 0)
+        case.block_table[i, :blocks] = case.block_table[first, :blocks]
     return case
 
 
@@ -184,6 +185,7 @@ def plan_items(case: PagedCase) -> tuple[list[PlanItem], int]:
         ([3] * 25, 10, 4, None, None),  # more sessions than one item's rows: two runs
         ([4, 6, 5, 7], 12, 4, [1, 1, 5, 1], None),  # a prefill between decodes breaks the run
         ([4, 6, 5, 7], 12, 4, None, [True, False, True, True]),  # a session over another prompt
+        ([4, 6, 5, 7], 20, 4, None, [8, True, True, True]),  # one sharing 8 blocks before three sharing 20
     ],
 )
 def test_shared_prefix_decode_matches_oracle(dtype, threads, own_keys, shared_blocks, block_size, q_lens, sharing):
@@ -212,6 +214,11 @@ def test_shared_prefix_is_read_once():
     # Sessions over different prompts, or shorter common prefixes than a key tile, run alone.
     assert plan_items(shared_prefix_case([5, 9, 1, 13], 12, sharing=[True, False, False, False]))[1] == 0
     assert plan_items(shared_prefix_case([5, 9, 1, 13], shared_blocks=7))[1] == 0
+    # One sharing 32 keys (the chat template's, say) before three sharing 80: those three share 80,
+    # and the first runs alone.
+    items, merged = plan_items(shared_prefix_case([5, 9, 1, 13], shared_blocks=20, sharing=[8, True, True, True]))
+    assert merged == 3 and sorted((i.seq, i.q_tokens, i.kv_begin, i.kv_end) for i in items) == [
+        (0, 1, 0, 85), (1, 1, 80, 89), (1, 3, 0, 80), (2, 1, 80, 81), (3, 1, 80, 93)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

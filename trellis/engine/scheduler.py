@@ -52,9 +52,11 @@ class Scheduler:
                  others: Sequence[Session] = (), max_admit: int | None = None) -> list[Session]:
         """Give each running session its tokens for the next forward (a decode token, or its next
         prompt chunk appended to ``seq``), admit what fits from ``waiting`` into ``running`` (at
-        most ``max_admit``), and return the sessions that have tokens to compute, in ``running``
-        order. ``others``: sessions running elsewhere on the same cache (the engine's other lanes),
-        which count towards ``max_running`` and whose prompts and forks are taken into account."""
+        most ``max_admit``), and return the sessions that have tokens to compute, ordered by their
+        block ids: sessions over one cached prompt sit side by side, however they arrived, and the
+        C++ attention reads the keys they share once a step for all of them. ``others``: sessions
+        running elsewhere on the same cache (the engine's other lanes), which count towards
+        ``max_running`` and whose prompts and forks are taken into account."""
         decoding = [s for s in running if s.status == RequestStatus.DECODING]
         budget = max(self.max_batch_tokens - len(decoding), manager.block_size)
         for session in running:
@@ -64,7 +66,7 @@ class Scheduler:
                 manager.append(session.seq, session.prompt[start:end])  # blocks reserved at admission
                 budget -= end - start
         self._admit(waiting, running, others, manager, budget, max_admit)
-        return [s for s in running if s.seq.num_new > 0]
+        return sorted((s for s in running if s.seq.num_new > 0), key=lambda s: s.seq.block_ids)
 
     def _admit(self, waiting: deque[Session], running: list[Session], others: Sequence[Session],
                manager: KVCacheManager, budget: int, max_admit: int | None) -> None:
