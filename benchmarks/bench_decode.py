@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from common import describe, load_model, parser
+from common import describe, load_model, parser, rotated
 from systems import attention
 from transformers import LlamaForCausalLM
 
@@ -64,7 +64,7 @@ def main() -> None:
         prompt = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in rotated(names, r):
                 implementation, backend, kernel = SYSTEMS[name]
                 with attention(model, implementation):
                     if backend is not None:  # Trellis: its linear kernel, and a fresh, empty cache

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import gguf
 import torch
-from common import add_cpu_time_option, attention, chosen_clock, describe, load_model, parser
+from common import add_cpu_time_option, attention, chosen_clock, describe, load_model, parser, rotated
 
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
@@ -107,7 +107,7 @@ def main() -> None:
         measure(models[row], system, prompt[:, :64], 2)
     times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
     for r in range(repeats):
-        for pair in pairs[r % len(pairs):] + pairs[:r % len(pairs)]:
+        for pair in rotated(pairs, r):
             times[pair] += measure(models[pair[0]], pair[1], prompt, args.steps, clock)
     rows = [{"dtype": row, **{system: statistics.median(times[row, system]) for (r, system) in pairs if r == row},
              "default": statistics.median(times[row, defaults[row]]), "default_kernel": defaults[row]}

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import RESULTS, ROOT, Workload, environment, markdown_table
+from common import RESULTS, ROOT, Workload, environment, markdown_table, rotated
 
 from trellis.models.embedded import EMBEDDED_GGUF, embedded_gguf_path, embedded_model_dir
 
@@ -166,10 +166,6 @@ def warm_up_tasks() -> list[dict]:
     """Untimed, once per worker: first-call costs (threads, kernels, packing, compilation)."""
     return [{**t, "max_new_tokens": min(t["max_new_tokens"], 4)} if "max_new_tokens" in t else t
             for t in tasks(L=64, N=2, phi=0.5, decode_budgets=(2,), decode_tokens=3)]
-
-
-def rotated(names: list[str], r: int) -> list[str]:
-    return names[r % len(names):] + names[:r % len(names)] if names else []
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import torch
-from common import RESULTS, caption, describe, markdown_table
+from common import RESULTS, caption, describe, markdown_table, rotated
 from transformers import AutoTokenizer
 
 from trellis.engine import Engine, SamplingParams
@@ -353,7 +353,7 @@ def main() -> None:
     }
     collected: dict[tuple[str, int], list[tuple[list[dict], float]]] = {}
     for r in range(args.rounds):  # each round starts with another system: a noisy neighbour hits them in turn
-        order = args.systems[r % len(args.systems):] + args.systems[: r % len(args.systems)]
+        order = rotated(args.systems, r)
         print(f"round {r + 1} of {args.rounds}: {', '.join(order)}", flush=True)
         for system in order:
             for k, run in benches[system](free_port()).items():

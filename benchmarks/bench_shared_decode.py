@@ -20,7 +20,7 @@ import json
 import statistics
 
 import torch
-from common import RESULTS, Workload, describe, load_model, parser
+from common import RESULTS, Workload, describe, load_model, parser, rotated
 from systems import MAX_BATCH_TOKENS
 
 from trellis.engine.engine import Engine
@@ -67,7 +67,7 @@ def main() -> None:
             engine.generate(batch, SamplingParams(max_new_tokens=1))
         times: dict[str, list[float]] = {name: [] for name in sets}
         for r in range(repeats):
-            for name in list(sets)[r % 2:] + list(sets)[:r % 2]:
+            for name in rotated(list(sets), r):
                 times[name].append(step_ms(engine, sets[name], args.new_tokens))
         row = {"sessions": sessions, "prompt_tokens": length, "shared_tokens": Workload(length, 1, sessions, PHI).shared,
                "shared_ms": times["shared"], "own_ms": times["own"]}

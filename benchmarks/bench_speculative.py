@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from common import describe, load_model, parser
+from common import describe, load_model, parser, rotated
 from systems import attention
 from transformers import AutoTokenizer
 
@@ -68,7 +68,7 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in names}
             outputs = {}
             for r in range(repeats + 1):  # the first round is untimed: first-call costs
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in rotated(names, r):
                     implementation, lookup = SYSTEMS[name]
                     with attention(model, implementation):
                         seconds, outputs[name] = timed_generate(model, ids, new_tokens, lookup)

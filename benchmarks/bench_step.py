@@ -30,7 +30,7 @@ import statistics
 import time
 
 import torch
-from common import environment, parser
+from common import environment, parser, rotated
 from torch.profiler import ProfilerActivity, profile
 
 from trellis.models.embedded import embedded_model_dir
@@ -138,7 +138,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict[str, float]]] = {(c, path): [] for c in args.configs for path in args.paths}
     for r in range(args.repeats):
         order = list(runs)
-        for config, path in order[r % len(order):] + order[:r % len(order)]:
+        for config, path in rotated(order, r):
             set_path(models[config], path)
             runs[config, path].append(budget(models[config], prompt, args.steps, args.suffix))
     rows = [{"config": config, "path": path, "linear_kernel": models[config].linear_kernel,

@@ -237,6 +237,12 @@ class Workload:
         return (self.N + 2) * -(-(self.L + self.D) // block_size)
 
 
+def rotated(items: list, r: int) -> list:
+    """``items`` starting at position ``r`` (mod its length): the systems' order in repeat ``r``, so
+    that none always runs first or last."""
+    return items[r % len(items):] + items[:r % len(items)] if items else []
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 

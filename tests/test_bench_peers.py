@@ -1,5 +1,5 @@
 """bench_peers' pure parts: the workers' shared measurements (over a fake system), the requests every
-system gets, the rotation and the summary. The peers themselves run only in the benchmark."""
+system gets, the rotation (common.rotated) and the summary. The peers themselves run only in the benchmark."""
 
 import math
 import sys
@@ -11,7 +11,7 @@ sys.path.insert(0, str(BENCHMARKS / "peers"))
 import bench_gguf_fidelity
 import bench_peers
 import protocol
-from common import Workload
+from common import Workload, rotated
 
 
 class FakeSystem(protocol.Worker):
@@ -62,7 +62,7 @@ def test_every_system_gets_the_workloads_token_ids():
 
 
 def test_rotation_and_summary():
-    assert [bench_peers.rotated(["a", "b", "c"], r) for r in range(4)] == [
+    assert [rotated(["a", "b", "c"], r) for r in range(4)] == [
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     runs = [{"system": "trellis_fp32", "task": "op", "max_new_tokens": 16, "seconds": s, "session_seconds": s / 2,
              "generated": 64} for s in (1.0, 2.0, 4.0)]
