@@ -5,9 +5,10 @@ in a forward; the variants over one layout share them), run as transformers does
 over input-major weights and over a prepacked copy, through Trellis' streaming kernel
 (``quant_linear``, qtype ``"BF16"`` or ``"F32"``, over the row-major parameter), which the kinds
 run at the row counts ``cpu_linear.streamed_rows`` names for the dtype (bf16: 1-4, fp32: 4-8; each
-variant here runs its own kernel at every row count), and, in bf16 where ``cpu_linear.bf16_panels``
-holds, through Trellis' panels (``panel_linear``), which ``"packed"`` runs there at every row
-count instead of oneDNN's copy and the streaming kernel. The label in parentheses names the Trellis
+variant here runs its own kernel at every row count), and, where ``cpu_linear.panels_serve`` holds
+for the dtype (bf16: AVX512_BF16 without AMX; fp32: an AVX-512 build off Intel), through Trellis'
+panels (``panel_linear``), which ``"packed"`` runs there at every row count instead of oneDNN's
+copy and the streaming kernel. The label in parentheses names the Trellis
 kind that runs each variant in this dtype. Kinds take turns within each repetition; the figure
 is the median ms per pass. Each shape's share of the pass is timed too, the LM head (not part of
 the pass) included, as ``shapes``: ``{"out x in": {variant: ms}}``.

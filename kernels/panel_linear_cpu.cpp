@@ -1,25 +1,30 @@
 // trellis::panel_linear on CPU (registered as trellis_cpp::panel_linear, and panel_linear_group for
-// several weights over one x): y = x @ W^T (+ bias) for
-// bf16 x and a bf16 W packed in panels (trellis/ops/panels.py is the specification): panel p holds
-// output features 16p .. 16p + 15 with their inputs in pairs, lane c of pair j being
-// (W[16p + c][2j], W[16p + c][2j + 1]). That is the operand of AVX512_BF16's vdpbf16ps: one
-// instruction multiplies a pair of one row of x, broadcast, by that pair of 16 features (32
-// multiply-adds, the products exact, summed in fp32, as oneDNN's bf16 matmul sums them on these
-// CPUs). Results are rounded to bf16 once, after the bias.
+// several weights over one x): y = x @ W^T (+ bias) for a W packed in panels of 16 output features
+// (trellis/ops/panels.py is the specification), x in W's dtype:
+//   - bf16: panel p holds features 16p .. 16p + 15 with their inputs in pairs, lane c of step j
+//     being (W[16p + c][2j], W[16p + c][2j + 1]). That is the operand of AVX512_BF16's vdpbf16ps:
+//     one instruction multiplies a pair of one row of x, broadcast, by that pair of 16 features
+//     (32 multiply-adds, the products exact, summed in fp32, as oneDNN's bf16 matmul sums them on
+//     these CPUs). Results are rounded to bf16 once, after the bias.
+//   - fp32: lane c of step j is W[16p + c][j], the operand of one fused multiply-add by x[j]
+//     broadcast (AVX-512).
 //
 // Threads split the panels; each runs a register block of kMR rows x kNR panels (24 fp32
-// accumulators) along K for every kMR rows of x, so a block's panels (K * 128 bytes) are read from
-// memory once and from L2 for the next rows; x is used as it lies (pairs broadcast from memory).
-// On a 2-core AMD EPYC (AVX512_BF16, no AMX), over SmolLM2's layers this is 1.35-1.55x faster
-// than oneDNN's matmul on its own blocked copy at 8-64 rows and level from 256, and 1.3x faster
-// than the streaming kernel (quant_linear over the row-major weight) at 1-4 rows
-// (docs/cpu-linear.md): oneDNN's small-M blocking leaves the units idle where this block keeps 24
-// products in flight, and the streaming kernel widens every weight to fp32 first.
+// accumulators) along K for every kMR rows of x, so a block's panels (K * 256 bytes) are read from
+// memory once and from L2 for the next rows; x is used as it lies (broadcast from memory). The
+// first rows over a group of panels prefetch ahead of their reads (kAhead).
+// On a 2-core AMD EPYC (AVX512_BF16, no AMX), over SmolLM2's layers (docs/cpu-linear.md): bf16 is
+// 1.35-1.55x faster than oneDNN's matmul on its own blocked copy at 8-64 rows and level from 256,
+// and 1.3x faster than the streaming kernel (quant_linear over the row-major weight) at 1-4 rows;
+// fp32 is 1.5x faster than that streaming kernel at 1-4 rows, 1.25-1.9x faster than oneDNN over
+// the row-major weight at 16-64 rows and level at 512. oneDNN's small-M blocking leaves the units
+// idle where this block keeps 24 products in flight, and the streaming kernel's reads of
+// row-major weights stream slower than the panels' runs.
 //
-// Where the build or the CPU has no AVX512_BF16 the op computes the same sums through ATen
-// (unpacked weights, fp32 matmul, per call). Trellis packs panels only on CPUs that have it
-// (cpu_linear.bf16_panels), so that path serves direct calls, and builds whose compiler lacks the
-// intrinsics (GCC < 11, clang < 12), where it is slow.
+// Where the build or the CPU lacks the instructions (AVX512_BF16 for bf16, an AVX-512 build for
+// fp32) the op computes the same sums through ATen (unpacked weights, fp32 matmul, per call).
+// Trellis packs panels only where the kernel runs (cpu_linear.panels_serve), so that path serves
+// direct calls, and builds whose compiler lacks the intrinsics (GCC < 11, clang < 12), where it is slow.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
@@ -28,33 +33,47 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "bf16_dots.h"
 #include "with_count.h"
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#define TRELLIS_FP32_PANELS 1
+#endif
 
 namespace trellis {
 namespace {
 
 constexpr int64_t kPanel = 16;  // output features per panel: one register of fp32 lanes
 
+// Inputs of x per 32-bit lane of a panel: a pair in bf16, one in fp32.
+inline int64_t inputs_per_lane(at::ScalarType dtype) { return dtype == at::kBFloat16 ? 2 : 1; }
+
 void check_arguments(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                      int64_t out_features) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "panel_linear: x must be bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(panels.scalar_type() == at::kBFloat16, "panel_linear: panels must be bfloat16, got ",
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kFloat, "panel_linear: x must be bfloat16 or float32, got ",
+                   dtype);
+  const char* name = dtype == at::kBFloat16 ? "bfloat16" : "float32";
+  TORCH_CHECK_TYPE(panels.scalar_type() == dtype, "panel_linear: panels must be ", name, " as x is, got ",
                    panels.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "panel_linear: x must have at least one dimension");
-  TORCH_CHECK_VALUE(panels.dim() == 4 && panels.size(2) == kPanel && panels.size(3) == 2,
-                    "panel_linear: panels must be [panels, in_features / 2, 16, 2], got ", panels.sizes());
+  const int64_t per_lane = inputs_per_lane(dtype);
+  TORCH_CHECK_VALUE(panels.dim() == 4 && panels.size(2) == kPanel && panels.size(3) == per_lane,
+                    "panel_linear: ", name, " panels must be [panels, in_features / ", per_lane, ", 16, ", per_lane,
+                    "], got ", panels.sizes());
   TORCH_CHECK_VALUE(panels.is_contiguous(), "panel_linear: panels must be contiguous");
   const int64_t k = x.size(-1);
-  TORCH_CHECK_VALUE(k == 2 * panels.size(1), "panel_linear: x has ", k, " input features but the panels hold ",
-                    2 * panels.size(1));
+  TORCH_CHECK_VALUE(k == per_lane * panels.size(1), "panel_linear: x has ", k, " input features but the panels hold ",
+                    per_lane * panels.size(1));
   TORCH_CHECK_VALUE(out_features >= 0 && (out_features + kPanel - 1) / kPanel == panels.size(0),
                     "panel_linear: ", panels.size(0), " panels do not hold ", out_features, " output features");
   TORCH_CHECK_VALUE(x.device().is_cpu() && panels.device().is_cpu(), "panel_linear: x and panels must be CPU tensors");
   if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == at::kBFloat16, "panel_linear: bias must be bfloat16, got ",
+    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, "panel_linear: bias must be ", name, " as x is, got ",
                      bias->scalar_type());
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "panel_linear: bias must be [",
                       out_features, "], got ", bias->sizes());
@@ -62,76 +81,136 @@ void check_arguments(const at::Tensor& x, const at::Tensor& panels, const std::o
   }
 }
 
+// Whether this build and CPU run the kernel for `dtype` (else ATen computes the same sums).
+bool kernel_runs(at::ScalarType dtype) {
 #if defined(TRELLIS_BF16_DOTS)
+  if (dtype == at::kBFloat16) return dpbf16_usable();
+#endif
+#if defined(TRELLIS_FP32_PANELS)
+  if (dtype == at::kFloat) return true;
+#endif
+  return false;
+}
+
+#if defined(TRELLIS_FP32_PANELS)
 
 constexpr int kMR = 6;          // rows of x per register block
 constexpr int kNR = 4;          // panels per register block: kMR * kNR accumulators
-constexpr int64_t kMc = 192;    // rows of x per pass over a thread's panels: their pairs stay in L2
-// Prefetch distance, in pairs (of NR panels: 16 KB at NR = 4). The hardware prefetcher follows each
-// panel's run but restarts at every new group of panels; reads this far ahead keep the memory busy
-// across those jumps: 1.15-1.25x at 1-8 rows (a decode step) on the 2-core AMD EPYC.
+constexpr int64_t kMc = 192;    // rows of x per pass over a thread's panels: their steps stay in L2
+// Prefetch distance, in steps (of kNR panels: 16 KB). The hardware prefetcher follows each panel's
+// run but restarts at every new group of panels; reads this far ahead keep the memory busy across
+// those jumps: 1.15-1.25x at 1-8 rows (a decode step) in bf16 on the 2-core AMD EPYC.
 constexpr int64_t kAhead = 64;
 
+// One weight's problem. T: x's and y's dtype; the panels are 32-bit lanes (bf16 pairs, fp32 values).
+template <typename T>
 struct Problem {
-  const c10::BFloat16* x;  // [M, K]
-  const uint32_t* w;       // panels as pairs: [P][K / 2][16]
-  const float* bias;       // [P * 16] (zero past N), or null
-  c10::BFloat16* y;        // [M, N]
-  int64_t m, n, pairs;
+  const T* x;         // [M, K]
+  const void* w;      // panels: [P][steps][16] lanes
+  const float* bias;  // [P * 16] (zero past N), or null
+  T* y;               // [M, N]
+  int64_t m, n, steps;  // steps = K / inputs per lane
+
+  const uint32_t* lanes() const { return static_cast<const uint32_t*>(w); }
 };
 
-// y[MR rows][NR panels from p] for the MR rows of x at `row`. The first rows over these panels
-// (`prefetch`) also prefetch, kAhead pairs ahead of their reads, the rest of these panels and then
-// the first pairs of the `next_panels` after them.
+// Prefetches, for step j of a block over the NR panels at w, the step kAhead on: in these panels,
+// else in the `next_panels` after them.
+template <int NR>
+inline void prefetch_ahead(const uint32_t* w, int64_t steps, int64_t j, int64_t next_panels) {
+  const int64_t jj = j + kAhead;
+  if (jj < steps) {
+    for (int c = 0; c < NR; ++c) __builtin_prefetch(w + (c * steps + jj) * kPanel, 0, 2);
+  } else if (next_panels > 0 && jj - steps < steps) {
+    const uint32_t* next = w + NR * steps * kPanel;
+    for (int c = 0; c < next_panels; ++c) __builtin_prefetch(next + (c * steps + jj - steps) * kPanel, 0, 2);
+  }
+}
+
+// The lanes of panel c of a block from p that hold features (W's last panel may hold fewer than 16).
+template <int NR>
+inline __mmask16 stored_lanes(int64_t n, int64_t p, int c) {
+  const int64_t features = std::min<int64_t>(kPanel, n - (p + c) * kPanel);
+  return c < NR - 1 || features == kPanel ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << features) - 1);
+}
+
+// y[MR rows][NR panels from p] for the MR rows of x at `row`, fp32. The first rows over these
+// panels (`prefetch`) prefetch ahead of their reads, into the `next_panels` after them at the end.
 template <int MR, int NR>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void register_block(const Problem& pr, int64_t row,
-                                                                                      int64_t p, bool prefetch,
-                                                                                      int64_t next_panels) {
-  const int64_t pairs = pr.pairs;
-  const uint32_t* w = pr.w + p * pairs * kPanel;
-  const c10::BFloat16* x = pr.x + row * 2 * pairs;
+void fp32_block(const Problem<float>& pr, int64_t row, int64_t p, bool prefetch, int64_t next_panels) {
+  const int64_t steps = pr.steps;
+  const float* w = static_cast<const float*>(pr.w) + p * steps * kPanel;
+  const float* x = pr.x + row * steps;
   __m512 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < pairs; ++j) {
-    if (prefetch) {
-      const int64_t jj = j + kAhead;
-      if (jj < pairs) {
-        for (int c = 0; c < NR; ++c) __builtin_prefetch(w + (c * pairs + jj) * kPanel, 0, 2);
-      } else if (next_panels > 0 && jj - pairs < pairs) {
-        const uint32_t* next = w + NR * pairs * kPanel;
-        for (int c = 0; c < next_panels; ++c) __builtin_prefetch(next + (c * pairs + jj - pairs) * kPanel, 0, 2);
-      }
+  for (int64_t j = 0; j < steps; ++j) {
+    if (prefetch) prefetch_ahead<NR>(pr.lanes() + p * steps * kPanel, steps, j, next_panels);
+    __m512 b[NR];
+    for (int c = 0; c < NR; ++c) b[c] = _mm512_loadu_ps(w + (c * steps + j) * kPanel);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * steps + j]);
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
     }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* y = pr.y + (row + r) * pr.n + p * kPanel;
+    for (int c = 0; c < NR; ++c) {
+      __m512 v = acc[r][c];
+      if (pr.bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(pr.bias + (p + c) * kPanel));
+      _mm512_mask_storeu_ps(y + c * kPanel, stored_lanes<NR>(pr.n, p, c), v);
+    }
+  }
+}
+
+#if defined(TRELLIS_BF16_DOTS)
+// fp32_block for bf16 pairs on vdpbf16ps, rounded to bf16 once.
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block(const Problem<c10::BFloat16>& pr,
+                                                                                  int64_t row, int64_t p, bool prefetch,
+                                                                                  int64_t next_panels) {
+  const int64_t steps = pr.steps;
+  const uint32_t* w = pr.lanes() + p * steps * kPanel;
+  const c10::BFloat16* x = pr.x + row * 2 * steps;
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < steps; ++j) {
+    if (prefetch) prefetch_ahead<NR>(w, steps, j, next_panels);
     __m512bh b[NR];
-    for (int c = 0; c < NR; ++c) b[c] = (__m512bh)_mm512_loadu_si512(w + (c * pairs + j) * kPanel);
+    for (int c = 0; c < NR; ++c) b[c] = (__m512bh)_mm512_loadu_si512(w + (c * steps + j) * kPanel);
     for (int r = 0; r < MR; ++r) {
       uint32_t pair;  // x[row + r][2j], x[row + r][2j + 1]
-      std::memcpy(&pair, x + r * 2 * pairs + 2 * j, sizeof pair);
+      std::memcpy(&pair, x + r * 2 * steps + 2 * j, sizeof pair);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
       for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
     }
   }
-  // The last panel of W may hold fewer than 16 features.
-  const int64_t last = std::min<int64_t>(kPanel, pr.n - (p + NR - 1) * kPanel);
-  const __mmask16 last_mask = static_cast<__mmask16>((1u << last) - 1);
   for (int r = 0; r < MR; ++r) {
     c10::BFloat16* y = pr.y + (row + r) * pr.n + p * kPanel;
     for (int c = 0; c < NR; ++c) {
       __m512 v = acc[r][c];
       if (pr.bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(pr.bias + (p + c) * kPanel));
-      const __m256i out = (__m256i)_mm512_cvtneps_pbh(v);
-      if (c < NR - 1 || last == kPanel) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + c * kPanel), out);
-      } else {
-        _mm256_mask_storeu_epi16(y + c * kPanel, last_mask, out);
-      }
+      _mm256_mask_storeu_epi16(y + c * kPanel, stored_lanes<NR>(pr.n, p, c), (__m256i)_mm512_cvtneps_pbh(v));
     }
+  }
+}
+#endif
+
+template <int MR, int NR, typename T>
+void register_block(const Problem<T>& pr, int64_t row, int64_t p, bool prefetch, int64_t next_panels) {
+  if constexpr (std::is_same_v<T, float>) {
+    fp32_block<MR, NR>(pr, row, p, prefetch, next_panels);
+  } else {
+#if defined(TRELLIS_BF16_DOTS)
+    bf16_block<MR, NR>(pr, row, p, prefetch, next_panels);
+#endif
   }
 }
 
 // Panels [p0, p1) of one weight for every row of x.
-void run_panels(const Problem& pr, int64_t p0, int64_t p1) {
+template <typename T>
+void run_panels(const Problem<T>& pr, int64_t p0, int64_t p1) {
   for (int64_t m0 = 0; m0 < pr.m; m0 += kMc) {
     const int64_t m1 = std::min(pr.m, m0 + kMc);
     for (int64_t p = p0; p < p1; p += kNR) {
@@ -152,9 +231,10 @@ void run_panels(const Problem& pr, int64_t p0, int64_t p1) {
 
 // Every problem's panels in one parallel region: threads take contiguous runs of the panels of all
 // (so a small weight, k or v's 12 panels, is not split alone).
-void run_problems(const std::vector<Problem>& problems) {
+template <typename T>
+void run_problems(const std::vector<Problem<T>>& problems) {
   std::vector<int64_t> first_panel{0};  // of each problem, in the panels of all
-  for (const Problem& pr : problems) {
+  for (const Problem<T>& pr : problems) {
     first_panel.push_back(first_panel.back() + (pr.m > 0 ? (pr.n + kPanel - 1) / kPanel : 0));
   }
   at::parallel_for(0, first_panel.back(), 1, [&](int64_t g0, int64_t g1) {
@@ -165,10 +245,65 @@ void run_problems(const std::vector<Problem>& problems) {
   });
 }
 
+// x [..., K] by each of `panels` (with `bias` for the first, where given) on the kernel.
+template <typename T>
+std::vector<at::Tensor> run_kernel(const at::Tensor& x, at::TensorList panels, at::IntArrayRef out_features,
+                                   const std::optional<at::Tensor>& bias) {
+  const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor bias_f;  // fp32, zero past the last feature, so a partial panel reads no further
+  if (bias.has_value()) {
+    bias_f = at::zeros({panels[0].size(0) * kPanel}, x.options().dtype(at::kFloat));
+    bias_f.narrow(0, 0, out_features[0]).copy_(*bias);
+  }
+  std::vector<at::Tensor> outputs;
+  std::vector<Problem<T>> problems;
+  for (size_t i = 0; i < panels.size(); ++i) {
+    outputs.push_back(at::empty({m, out_features[i]}, x.options()));
+    problems.push_back({xc.const_data_ptr<T>(), panels[i].const_data_ptr(),
+                        i == 0 && bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr,
+                        outputs.back().data_ptr<T>(), m, out_features[i], panels[i].size(1)});
+  }
+  run_problems(problems);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    shape.back() = out_features[i];
+    outputs[i] = outputs[i].view(shape);
+  }
+  return outputs;
+}
+
 #endif
 
-at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
-                            int64_t out_features);
+// Without the kernel: the same products, summed in fp32 by ATen, rounded once to x's dtype. x as
+// one contiguous [M, K] matrix, so that its layout and leading dims do not change the BLAS's sums.
+at::Tensor through_aten(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
+                        int64_t out_features) {
+  const int64_t k = x.size(-1);
+  const at::Tensor weight =
+      panels.permute({0, 2, 1, 3}).reshape({panels.size(0) * kPanel, k}).narrow(0, 0, out_features);
+  const std::optional<at::Tensor> bias_f = bias.has_value() ? std::optional(bias->to(at::kFloat)) : std::nullopt;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor rows = x.reshape({m, k}).contiguous().to(at::kFloat);
+  return at::linear(rows, weight.to(at::kFloat), bias_f).to(x.scalar_type()).view(shape);
+}
+
+std::vector<at::Tensor> compute(const at::Tensor& x, at::TensorList panels, at::IntArrayRef out_features,
+                                const std::optional<at::Tensor>& bias) {
+#if defined(TRELLIS_FP32_PANELS)
+  if (kernel_runs(x.scalar_type())) {
+    return x.scalar_type() == at::kFloat ? run_kernel<float>(x, panels, out_features, bias)
+                                         : run_kernel<c10::BFloat16>(x, panels, out_features, bias);
+  }
+#endif
+  std::vector<at::Tensor> outputs;
+  for (size_t i = 0; i < panels.size(); ++i) {
+    outputs.push_back(through_aten(x, panels[i], i == 0 ? bias : std::nullopt, out_features[i]));
+  }
+  return outputs;
+}
 
 // panel_linear of one x by several bias-free weights (a layer's q/k/v; gate/up) in one parallel
 // region over all their panels, where separate calls would each wake the threads.
@@ -177,59 +312,14 @@ std::vector<at::Tensor> panel_linear_group_cpu(const at::Tensor& x, at::TensorLi
   TORCH_CHECK_VALUE(panels.size() == out_features.size(), "panel_linear_group: ", panels.size(),
                     " panel tensors but ", out_features.size(), " output widths");
   for (size_t i = 0; i < panels.size(); ++i) check_arguments(x, panels[i], std::nullopt, out_features[i]);
-  std::vector<at::Tensor> outputs;
-#if defined(TRELLIS_BF16_DOTS)
-  if (dpbf16_usable()) {
-    const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-    const at::Tensor xc = x.contiguous();
-    std::vector<Problem> problems;
-    for (size_t i = 0; i < panels.size(); ++i) {
-      outputs.push_back(at::empty({m, out_features[i]}, x.options()));
-      problems.push_back({xc.const_data_ptr<c10::BFloat16>(), static_cast<const uint32_t*>(panels[i].const_data_ptr()),
-                          nullptr, outputs.back().data_ptr<c10::BFloat16>(), m, out_features[i], x.size(-1) / 2});
-    }
-    run_problems(problems);
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      shape.back() = out_features[i];
-      outputs[i] = outputs[i].view(shape);
-    }
-    return outputs;
-  }
-#endif
-  for (size_t i = 0; i < panels.size(); ++i) {
-    outputs.push_back(panel_linear_cpu(x, panels[i], std::nullopt, out_features[i]));
-  }
-  return outputs;
+  if (panels.empty()) return {};
+  return compute(x, panels, out_features, std::nullopt);
 }
 
 at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                             int64_t out_features) {
   check_arguments(x, panels, bias, out_features);
-  const int64_t k = x.size(-1);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-#if defined(TRELLIS_BF16_DOTS)
-  if (dpbf16_usable()) {
-    const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-    const at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty({m, out_features}, x.options());
-    at::Tensor bias_f;  // fp32, zero past the last feature, so a partial panel reads no further
-    if (bias.has_value()) {
-      bias_f = at::zeros({panels.size(0) * kPanel}, x.options().dtype(at::kFloat));
-      bias_f.narrow(0, 0, out_features).copy_(*bias);
-    }
-    run_problems({{xc.const_data_ptr<c10::BFloat16>(), static_cast<const uint32_t*>(panels.const_data_ptr()),
-                   bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>(), m,
-                   out_features, k / 2}});
-    return y.view(shape);
-  }
-#endif
-  // The same products, summed in fp32 by ATen, rounded once.
-  const at::Tensor weight =
-      panels.permute({0, 2, 1, 3}).reshape({panels.size(0) * kPanel, k}).narrow(0, 0, out_features);
-  const std::optional<at::Tensor> bias_f = bias.has_value() ? std::optional(bias->to(at::kFloat)) : std::nullopt;
-  return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bias_f).to(at::kBFloat16).view(shape);
+  return compute(x, {panels}, {out_features}, bias)[0];
 }
 
 }  // namespace

@@ -34,12 +34,16 @@ def installed(name: str) -> ModuleType:
 def vendor(monkeypatch):
     from trellis.runner import cpu_linear
 
+    def forget() -> None:  # what was decided from the vendor
+        for decided in (cpu_linear.streamed_rows, cpu_linear.fp32_panels):
+            getattr(decided, "cache_clear", lambda: None)()  # (not where a test replaced it)
+
     def pretend(name: str) -> None:
         monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: name)
-        cpu_linear.streamed_rows.cache_clear()
+        forget()
 
     yield pretend
-    cpu_linear.streamed_rows.cache_clear()  # before monkeypatch restores the vendor: read afresh
+    forget()  # before monkeypatch restores the vendor: read afresh
 
 
 @pytest.fixture

@@ -86,8 +86,9 @@ def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind, m
     x86 CPUs) read the weight with
     quant_linear's streaming kernel (exactly its result); other row counts go to the kind's
     library; a layer with a bias, or whose width is not whole 32-weight blocks, never streams.
-    (Where bf16 "packed" layers keep panels, those serve every row count: the next test.)"""
+    (Where "packed" layers keep panels, those serve every row count: the next test.)"""
     monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)
+    monkeypatch.setattr(cpu_linear, "fp32_panels", lambda: False)
     rows = cpu_linear.streamed_rows(dtype)
     if rows is None:
         pytest.skip(f"no {dtype} matmul streams on this CPU")
@@ -113,33 +114,58 @@ def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind, m
         assert "trellis_cpp.quant_linear.default" not in recorded.names
 
 
-@pytest.mark.skipif(not cpu_linear.bf16_panels(), reason="no AVX512_BF16 without AMX here: oneDNN's packed copy")
+PANEL_DTYPES = [
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not cpu_linear.bf16_panels(),
+                                                          reason="no AVX512_BF16 without AMX here: oneDNN's copy")),
+    pytest.param(torch.float32, marks=pytest.mark.skipif(not cpu_linear.fp32_panels(),
+                                                         reason="no AVX-512 build off Intel here: oneDNN's copy")),
+]
+
+
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_packed_layers_keep_panels_for_every_row_count(bias):
-    """On CPUs with AVX512_BF16 and no AMX, a bf16 "packed" layer's copy is Trellis' panels, which
-    ``panel_linear`` multiplies at every row count (none streams, none goes to oneDNN); any other
-    kind, or fp32, does not use them."""
+def test_packed_layers_keep_panels_for_every_row_count(dtype, bias):
+    """Where they serve (bf16: AVX512_BF16 and no AMX; fp32: an AVX-512 build on a CPU other than
+    Intel's), a "packed" layer's copy is Trellis' panels, which ``panel_linear`` multiplies at
+    every row count (none streams, none goes to oneDNN); any other kind does not use them, nor
+    the other dtype where its own panels do not serve."""
     torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 40, bias=bias, dtype=torch.bfloat16)
+    layer = torch.nn.Linear(64, 40, bias=bias, dtype=dtype)
     set_linear_kernel(layer, "packed")
     panels = pack_panels(layer.weight.detach())
-    for rows in (1, 4, 5, 64):
-        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    for rows in (1, 4, 5, 9, 64):
+        x = torch.randn(rows, 64, dtype=dtype)
         with torch.no_grad(), RecordOps() as recorded:
             got = layer(x)
         assert "trellis_cpp.panel_linear.default" in recorded.names, rows
         assert not {"trellis_cpp.quant_linear.default", "mkldnn._linear_pointwise.default"} & set(recorded.names)
         assert torch.equal(got, ops.panel_linear(x, panels, layer.bias, 40))
-    assert layer.streamed_weight(1, torch.bfloat16) is None
+    assert layer.streamed_weight(1, dtype) is None
     assert torch.equal(layer._packed[3], panels)  # one copy, the weight's size
-    assert "bf16 panels" in cpu_linear.rounding_identity("packed", torch.bfloat16)
-    assert "streamed" not in cpu_linear.rounding_identity("packed", torch.bfloat16)
-    assert "panels" not in cpu_linear.rounding_identity("onednn", torch.bfloat16)
+    assert "panels" in cpu_linear.rounding_identity("packed", dtype)
+    assert "streamed" not in cpu_linear.rounding_identity("packed", dtype)
+    assert "panels" not in cpu_linear.rounding_identity("onednn", dtype)
     for kind in ("onednn", "blas"):
         set_linear_kernel(layer, kind)
         with torch.no_grad(), RecordOps() as recorded:
-            layer(torch.randn(5, 64, dtype=torch.bfloat16))
+            layer(torch.randn(5, 64, dtype=dtype))
         assert "trellis_cpp.panel_linear.default" not in recorded.names
+
+
+@needs_onednn
+def test_fp32_panels_serve_off_intel_on_avx512_builds(vendor, monkeypatch):
+    """fp32 panels are the fp32 default where the kernels are built for AVX-512 on a CPU other than
+    Intel's (MKL's own CPUs keep "blas"); without an AVX-512 build the default is "onednn"."""
+    vendor("AuthenticAMD")
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and ops.default_backend(torch.device("cpu")) == "cpp"
+    assert cpu_linear.fp32_panels() == avx512
+    assert cpu_linear.default_linear_kernel(torch.float32) == ("packed" if avx512 else "onednn")
+    vendor("GenuineIntel")
+    assert not cpu_linear.fp32_panels() and not cpu_linear.panels_serve("packed", torch.float32)
+    vendor("AuthenticAMD")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpu_linear.fp32_panels.cache_clear()
+    assert not cpu_linear.fp32_panels() and cpu_linear.default_linear_kernel(torch.float32) == "onednn"
 
 
 @needs_onednn
@@ -153,11 +179,13 @@ def test_input_major_fp32_weights_do_not_stream(intel):
 
 
 @needs_onednn
-def test_onednn_keeps_fp32_weights_row_major_and_streams_decode_rows_off_intel(vendor):
+def test_onednn_keeps_fp32_weights_row_major_and_streams_decode_rows_off_intel(vendor, monkeypatch):
     """On AMD (any x86 CPU but Intel's), a decode step's fp32 rows, one to eight, stream through
-    Trellis' kernel under every kind, which reads row-major weights: so ``"onednn"``, the fp32
-    default there, keeps them row-major, as bf16 does; nine rows on go to oneDNN."""
+    Trellis' kernel under every kind but fp32 panels, which reads row-major weights: so ``"onednn"``,
+    the fp32 default there where panels do not serve, keeps them row-major, as bf16 does; nine rows
+    on go to oneDNN."""
     vendor("AuthenticAMD")
+    monkeypatch.setattr(cpu_linear, "fp32_panels", lambda: False)
     assert cpu_linear.streamed_rows(torch.float32) == (1, 8) and not cpu_linear.input_major(torch.float32)
     ref, model = tiny_pair()
     assert model.linear_kernel == "onednn"
@@ -266,8 +294,9 @@ def test_bad_kinds_are_refused_and_nothing_changes(monkeypatch):
 def test_the_fp32_default_follows_the_cpu_vendor(vendor):
     vendor("AuthenticAMD")
     model = TrellisLlama(tiny_config())
-    assert model.linear_kernel == "onednn" and type(model.lm_head) is CPULinear and model.lm_head.kind == "onednn"
-    assert all(linear_kernel_of(m) in (None, "onednn") for m in model.modules())
+    amd = "packed" if cpu_linear.fp32_panels() else "onednn"  # panels where the build is AVX-512
+    assert model.linear_kernel == amd and type(model.lm_head) is CPULinear and model.lm_head.kind == amd
+    assert all(linear_kernel_of(m) in (None, amd) for m in model.modules())
     vendor("GenuineIntel")  # MKL's own CPUs
     expected = "blas" if torch.backends.mkl.is_available() else "onednn"
     assert cpu_linear.default_linear_kernel() == expected == TrellisLlama(tiny_config()).linear_kernel
@@ -277,13 +306,15 @@ def test_the_fp32_default_follows_the_cpu_vendor(vendor):
 def test_packed_is_the_bf16_default_where_onednn_computes_it():
     assert TrellisLlama._from_config(tiny_config(), dtype=torch.bfloat16).linear_kernel == "packed"
     fp16 = TrellisLlama._from_config(tiny_config(), dtype=torch.float16)
-    assert fp16.linear_kernel == cpu_linear.default_linear_kernel(torch.float32)  # fp32's kind: F.linear in fp16
+    assert fp16.linear_kernel == ("blas" if cpu_linear.intel_cpu() and torch.backends.mkl.is_available()
+                                  else "onednn")  # fp32's library kind: F.linear in fp16 under every kind
 
 
 @needs_onednn
 def test_model_state_dict_copies_pickles_and_switching_back():
     _, model = tiny_pair()
     keys = set(model.state_dict())
+    model.set_linear_kernel("onednn")  # (where fp32 panels serve, "packed" is the default)
     assert model.set_linear_kernel("packed") == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
     with torch.no_grad():
         model(IDS)  # packs
@@ -367,7 +398,7 @@ def test_switching_kernels_drops_the_cache_and_refuses_its_handles():
     _, model = tiny_pair()
     with torch.no_grad():
         out = model(IDS)
-        model.set_linear_kernel("packed")
+        model.set_linear_kernel("onednn" if model.linear_kernel == "packed" else "packed")
         assert model.prefix_cache.stats()["cached_blocks"] == 0
         with pytest.raises(RuntimeError, match="earlier KV cache"):
             model(IDS[:, :1], past_key_values=out.past_key_values)

@@ -6,7 +6,7 @@
     out = paged_attention(q, k_cache, v_cache, block_table, ...)         plan and run, in one call
     y = quant_linear(x, weight, qtype)                                   x @ W^T, W in GGUF blocks
     ys = quant_linear_group(x, weights, qtype)                           x @ W^T for each W, one call
-    y = panel_linear(x, panels, bias, out_features)                      x @ W^T + bias, bf16 W in panels
+    y = panel_linear(x, panels, bias, out_features)                      x @ W^T + bias, bf16/fp32 W in panels
     ys = panel_linear_group(x, panels, out_features)                     each bias-free W, one call
     y = add_rms_norm(x, residual, weight, eps)                           x += residual; RMSNorm(x)
     q = rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) RoPE, then store_kv
@@ -14,7 +14,7 @@
 
 The modules: ``api`` (these calls), ``schema`` (the ``torch.library`` ops, ``torch.ops.trellis.*``),
 ``checks``, ``backends`` (the registry), ``reference`` (the spec: shapes and semantics), ``quant``
-(GGUF block formats and their spec), ``panels`` (bf16 weights packed for dot products), ``cpp``,
+(GGUF block formats and their spec), ``panels`` (bf16 and fp32 weights packed in panels), ``cpp``,
 ``triton``. Importing builds and loads nothing: a backend loads on first use.
 """
 

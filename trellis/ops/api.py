@@ -1,8 +1,8 @@
 """The calls Trellis makes: ``store_kv``; ``plan_attention`` once per forward and ``run_attention``
 in every layer (FlashInfer's plan/run split); ``paged_attention``, both in one call;
 ``quant_linear``, a linear layer over GGUF-quantized weights (``quant.py``), and
-``quant_linear_group``, several over one input; ``panel_linear``, a bf16 linear layer over weights
-packed for bf16 dot products (``panels.py``); and the fused small ops of a decoder layer,
+``quant_linear_group``, several over one input; ``panel_linear``, a bf16 or fp32 linear layer over
+weights packed in panels for the vector units (``panels.py``); and the fused small ops of a decoder layer,
 ``add_rms_norm``, ``rope_store_kv`` and ``silu_mul``, which ``decoder_ops`` also gives, with
 ``quant_linear_group``, resolved for one backend (the lean decoder's per-layer calls).
 
@@ -183,10 +183,11 @@ def quant_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], qtype: 
 
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                  backend: str | None = None) -> torch.Tensor:
-    """``x [..., K] @ W^T + bias -> [..., out_features]`` for bf16 ``x`` and a bf16 ``W`` packed by
-    ``panels.pack_panels`` (``panels``), computed in fp32 and rounded once. The C++ kernel on CPU
-    (AVX512_BF16 dot products where the CPU has them); the reference (unpack, then ``F.linear``)
-    on other devices, and where the backend is ``reference``."""
+    """``x [..., K] @ W^T + bias -> [..., out_features]`` for bf16 or fp32 ``x`` and a ``W`` of its
+    dtype packed by ``panels.pack_panels`` (``panels``), computed in fp32 and rounded once. The C++
+    kernel on CPU (AVX512_BF16 dot products, AVX-512 multiply-adds, where the CPU and build have
+    them); the reference (unpack, then ``F.linear``) on other devices, and where the backend is
+    ``reference``."""
     if resolve_backend(backend, x.device) == "cpp":
         return kernels("cpp").panel_linear(x, panels, bias, out_features)
     panel_spec.check_panel_linear(x, panels, bias, out_features)

@@ -7,7 +7,7 @@
            tensor, opaque; empty where the backend needs none)
     quant_linear(x, weight, qtype) -> y                x @ W^T, W in GGUF blocks (quant.py)
     quant_linear_group(x, weights, qtype) -> ys        x @ W^T for each W (q/k/v, gate/up) in one call
-    panel_linear(x, panels, bias, out_features) -> y   x @ W^T + bias, bf16 W in pair panels (panels.py)
+    panel_linear(x, panels, bias, out_features) -> y   x @ W^T + bias, bf16 / fp32 W in panels (panels.py)
     panel_linear_group(x, panels, out_features) -> ys  x @ W^T for each bias-free W, in one call
 
 and the small ops of a decoder layer, fused (a decode step makes ~40 of them per layer otherwise)::

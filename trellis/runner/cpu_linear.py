@@ -4,15 +4,17 @@ PyTorch's x86 wheels hand ``F.linear`` in fp32 to MKL, which takes its tuned cod
 Intel CPUs only. On AMD EPYC machines (AVX-512 and AVX2, 2 cores) MKL streams a decode step's
 weights at ~12 GB/s and runs small batches (2–64 rows) slower per row than one, and oneDNN's JIT
 kernels are faster at every batch size that matters to serving; on an AMX Xeon MKL is the faster
-of the two at 1, 4 and 512 rows (docs/cpu-linear.md). So the fp32 default follows the vendor:
+of the two at 1, 4 and 512 rows (docs/cpu-linear.md). Trellis' own panels (``ops.panel_linear``)
+beat both on AMD where the kernels are built for AVX-512. So the fp32 default follows the CPU:
 
     kind       weights                                        fp32 default
     "blas"     the parameter, through F.linear                Intel CPUs (transformers' own path)
-    "onednn"   the parameter, via oneDNN (fp32 on Intel:      other x86 CPUs (AMD)
+    "onednn"   the parameter, via oneDNN (fp32 on Intel:      other x86 CPUs (AMD) without AVX-512
                stored input-major)
-    "packed"   a second copy in oneDNN's blocked layout, or   (bf16's default); +1 copy
-               for bf16 on AVX512_BF16 CPUs without AMX,
-               Trellis' panels (bf16_panels)
+    "packed"   a second copy in oneDNN's blocked layout, or   other x86 CPUs with AVX-512 (and
+               Trellis' panels: fp32 on other x86 CPUs with   bf16's default); +1 copy
+               AVX-512 (fp32_panels), bf16 on AVX512_BF16
+               CPUs without AMX (bf16_panels)
 
 "Input-major" (fp32 on Intel CPUs): the ``[out, in]`` parameter keeps its shape and values but its
 storage is the transpose's, ``[in, out]`` row-major (strides ``(1, out)``). That is the layout oneDNN's matmul
@@ -41,7 +43,8 @@ ones of ``"onednn"`` on Intel) through Trellis' own kernel (``ops.quant_linear``
 where the libraries' GEMMs do not. On AMD that is why ``"onednn"`` keeps fp32 weights row-major:
 the kernel reads no other layout, and it streams a SmolLM2 decode step's weights 1.7x faster than
 oneDNN reads the input-major ones (25.8 against 43 ms a step), while oneDNN's prefill over
-row-major weights is only 3-12 % slower at 64-512 rows (2-core AMD EPYC, docs/cpu-linear.md).
+row-major weights is 1.25-1.5x slower at 16-64 rows and level at 512 (2-core AMD EPYC,
+docs/cpu-linear.md). fp32 panels, where they serve, run every row count faster than both.
 
 The kinds run as ``CPULinear``, an ``nn.Linear`` in every other respect: the same parameters and state
 dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
@@ -128,13 +131,15 @@ def intel_cpu() -> bool:
 
 def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
     """The kind ``dtype`` runs fastest on here. bf16 defaults to ``"packed"``: oneDNN reads its
-    blocked layout 15-30 % faster than any plain one at 1 to 64 rows (docs/dtypes.md), and the copy
-    costs what fp32 weights would (the parameter stays, for state dicts and training). Other
-    dtypes default to ``"blas"`` on Intel CPUs, where MKL runs them (fp32), and to ``"onednn"``
-    on other x86 CPUs, where MKL's generic code is the slower (module docstring)."""
+    blocked layout 15-30 % faster than any plain one at 1 to 64 rows (docs/dtypes.md), Trellis'
+    panels faster still where they serve, and the copy costs what fp32 weights would (the parameter
+    stays, for state dicts and training). fp32 defaults to ``"packed"`` where Trellis' panels serve
+    it (``fp32_panels``: 1.35x a decode step, 1.45x a 64-token extend on SmolLM2, for a second copy
+    of the weights), else to ``"blas"`` on Intel CPUs, where MKL runs it, and to ``"onednn"`` on
+    other x86 CPUs, where MKL's generic code is the slower (module docstring)."""
     if not onednn_available():
         return "blas"
-    if dtype == torch.bfloat16 and dtype in onednn_dtypes():
+    if (dtype == torch.bfloat16 and dtype in onednn_dtypes()) or panels_serve("packed", dtype):
         return "packed"
     return "blas" if intel_cpu() and torch.backends.mkl.is_available() else "onednn"
 
@@ -158,9 +163,22 @@ def bf16_panels() -> bool:
             and ops.default_backend(_CPU) == "cpp")
 
 
+@functools.cache
+def fp32_panels() -> bool:
+    """Whether ``"packed"`` keeps fp32 weights as Trellis' panels (``ops.panel_linear``) instead of
+    oneDNN's blocked copy, and runs every row count on them: on x86-64 CPUs other than Intel's (where
+    MKL is the fp32 default), with the C++ kernels built for AVX-512 and loaded. On the 2-core AMD
+    EPYC the panels run SmolLM2's layers 1.5x faster than the streaming kernel at 1 to 4 rows,
+    1.25-1.9x faster than oneDNN over row-major weights at 16 to 64 rows, 1.1-1.3x faster than
+    oneDNN's own blocked copy there, and level with both at 512 (docs/cpu-linear.md)."""
+    return (_x86_64() and not intel_cpu() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and ops.default_backend(_CPU) == "cpp")
+
+
 def panels_serve(kind: str, dtype: torch.dtype) -> bool:
-    """Whether layers of ``kind`` in ``dtype`` run on Trellis' panels here (``bf16_panels``)."""
-    return kind == "packed" and dtype == torch.bfloat16 and bf16_panels()
+    """Whether layers of ``kind`` in ``dtype`` run on Trellis' panels here (``bf16_panels``, ``fp32_panels``)."""
+    return kind == "packed" and ((dtype == torch.bfloat16 and bf16_panels()) or
+                                 (dtype == torch.float32 and fp32_panels()))
 
 
 @functools.cache
@@ -194,7 +212,7 @@ def rounding_identity(kind: str, dtype: torch.dtype) -> str:
     details = ["input-major"] if kind == "onednn" and input_major(dtype) else []
     rows = streamed_rows(dtype)
     if panels_serve(kind, dtype):
-        details.append("bf16 panels")  # every row count: none streams
+        details.append("panels")  # every row count: none streams
     elif rows is not None:
         details.append(f"{rows[0]}-{rows[1]} rows streamed")
     return f"{kind} ({', '.join(details)})" if details else kind
@@ -227,7 +245,7 @@ class CPULinear(torch.nn.Linear):
             return F.linear(x, weight, self.bias)
         if self.kind == "packed":
             weight = self._packed_weight()
-            if weight.dim() == 4:  # bf16 panels
+            if weight.dim() == 4:  # Trellis' panels
                 return ops.panel_linear(x, weight, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
@@ -266,7 +284,7 @@ class CPULinear(torch.nn.Linear):
         storage, key = weight.untyped_storage(), (weight.data_ptr(), weight._version)
         packed = self._packed
         if packed is None or packed[0]() is not storage or packed[1:3] != key:
-            if panels_serve(self.kind, weight.dtype) and self.in_features % 2 == 0:
+            if panels_serve(self.kind, weight.dtype) and self.in_features % panels.inputs_per_lane(weight.dtype) == 0:
                 copy = panels.pack_panels(weight.detach())
             else:  # the batch-size hint only tunes the blocking; 64 serves decode and prefill alike
                 copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
