@@ -10,9 +10,9 @@
 //     broadcast (AVX-512).
 //
 // Threads split the panels; each runs a register block of kMR rows x kNR panels (24 fp32
-// accumulators) along K for every kMR rows of x, so a block's panels (K * 256 bytes) are read from
-// memory once and from L2 for the next rows; x is used as it lies (broadcast from memory). The
-// first rows over a group of panels prefetch ahead of their reads (kAhead).
+// accumulators) along K for every kMR rows of x, so a block's panels (K * 256 bytes in fp32, K * 128
+// in bf16) are read from memory once and from L2 for the next rows; x is used as it lies (broadcast
+// from memory). The first rows over a group of panels prefetch ahead of their reads (kAhead).
 // On a 2-core AMD EPYC (AVX512_BF16, no AMX), over SmolLM2's layers (docs/cpu-linear.md): bf16 is
 // 1.35-1.55x faster than oneDNN's matmul on its own blocked copy at 8-64 rows and level from 256,
 // and 1.3x faster than the streaming kernel (quant_linear over the row-major weight) at 1-4 rows;

@@ -206,7 +206,7 @@ def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
 def rounding_identity(kind: str, dtype: torch.dtype) -> str:
     """``kind`` with what else decides how its CPU matmuls in ``dtype`` round here: the layout
     ``"onednn"`` gives the weights, the decode rows Trellis' kernel streams (``streamed_rows``), and
-    whether ``"packed"`` keeps bf16 weights as panels (``bf16_panels``).
+    whether ``"packed"`` keeps the weights as panels (``panels_serve``).
     Two models whose identities differ compute K/V that differ in the last bits, so a prefix-cache
     file records it and refuses another (``TrellisLlama.load_prefix_cache``)."""
     details = ["input-major"] if kind == "onednn" and input_major(dtype) else []
