@@ -39,9 +39,10 @@
 #include "bf16_dots.h"
 #include "with_count.h"
 
+// The kernels of both dtypes need an AVX-512 build (bf16's also TRELLIS_BF16_DOTS, which implies one).
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
-#define TRELLIS_FP32_PANELS 1
+#define TRELLIS_PANEL_KERNELS 1
 #endif
 
 namespace trellis {
@@ -86,13 +87,13 @@ bool kernel_runs(at::ScalarType dtype) {
 #if defined(TRELLIS_BF16_DOTS)
   if (dtype == at::kBFloat16) return dpbf16_usable();
 #endif
-#if defined(TRELLIS_FP32_PANELS)
+#if defined(TRELLIS_PANEL_KERNELS)
   if (dtype == at::kFloat) return true;
 #endif
   return false;
 }
 
-#if defined(TRELLIS_FP32_PANELS)
+#if defined(TRELLIS_PANEL_KERNELS)
 
 constexpr int kMR = 6;          // rows of x per register block
 constexpr int kNR = 4;          // panels per register block: kMR * kNR accumulators
@@ -134,18 +135,24 @@ inline __mmask16 stored_lanes(int64_t n, int64_t p, int c) {
   return c < NR - 1 || features == kPanel ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << features) - 1);
 }
 
+// A block's sums for panel c, with the bias (fp32, zero past N) where there is one.
+inline __m512 with_bias(const float* bias, int64_t p, int c, __m512 sums) {
+  return bias == nullptr ? sums : _mm512_add_ps(sums, _mm512_loadu_ps(bias + (p + c) * kPanel));
+}
+
 // y[MR rows][NR panels from p] for the MR rows of x at `row`, fp32. The first rows over these
 // panels (`prefetch`) prefetch ahead of their reads, into the `next_panels` after them at the end.
 template <int MR, int NR>
 void fp32_block(const Problem<float>& pr, int64_t row, int64_t p, bool prefetch, int64_t next_panels) {
   const int64_t steps = pr.steps;
-  const float* w = static_cast<const float*>(pr.w) + p * steps * kPanel;
+  const uint32_t* lanes = pr.lanes() + p * steps * kPanel;
+  const float* w = reinterpret_cast<const float*>(lanes);
   const float* x = pr.x + row * steps;
   __m512 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < steps; ++j) {
-    if (prefetch) prefetch_ahead<NR>(pr.lanes() + p * steps * kPanel, steps, j, next_panels);
+    if (prefetch) prefetch_ahead<NR>(lanes, steps, j, next_panels);
     __m512 b[NR];
     for (int c = 0; c < NR; ++c) b[c] = _mm512_loadu_ps(w + (c * steps + j) * kPanel);
     for (int r = 0; r < MR; ++r) {
@@ -156,9 +163,7 @@ void fp32_block(const Problem<float>& pr, int64_t row, int64_t p, bool prefetch,
   for (int r = 0; r < MR; ++r) {
     float* y = pr.y + (row + r) * pr.n + p * kPanel;
     for (int c = 0; c < NR; ++c) {
-      __m512 v = acc[r][c];
-      if (pr.bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(pr.bias + (p + c) * kPanel));
-      _mm512_mask_storeu_ps(y + c * kPanel, stored_lanes<NR>(pr.n, p, c), v);
+      _mm512_mask_storeu_ps(y + c * kPanel, stored_lanes<NR>(pr.n, p, c), with_bias(pr.bias, p, c, acc[r][c]));
     }
   }
 }
@@ -189,8 +194,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block(
   for (int r = 0; r < MR; ++r) {
     c10::BFloat16* y = pr.y + (row + r) * pr.n + p * kPanel;
     for (int c = 0; c < NR; ++c) {
-      __m512 v = acc[r][c];
-      if (pr.bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(pr.bias + (p + c) * kPanel));
+      const __m512 v = with_bias(pr.bias, p, c, acc[r][c]);
       _mm256_mask_storeu_epi16(y + c * kPanel, stored_lanes<NR>(pr.n, p, c), (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
@@ -292,7 +296,7 @@ at::Tensor through_aten(const at::Tensor& x, const at::Tensor& panels, const std
 
 std::vector<at::Tensor> compute(const at::Tensor& x, at::TensorList panels, at::IntArrayRef out_features,
                                 const std::optional<at::Tensor>& bias) {
-#if defined(TRELLIS_FP32_PANELS)
+#if defined(TRELLIS_PANEL_KERNELS)
   if (kernel_runs(x.scalar_type())) {
     return x.scalar_type() == at::kFloat ? run_kernel<float>(x, panels, out_features, bias)
                                          : run_kernel<c10::BFloat16>(x, panels, out_features, bias);

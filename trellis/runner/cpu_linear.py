@@ -159,8 +159,7 @@ def bf16_panels() -> bool:
     faster than oneDNN at 8 to 64 rows and level from 256 (docs/cpu-linear.md); where AMX is,
     oneDNN multiplies on tiles, several times the vectors' rate."""
     flags = (_cpuinfo("flags") or "").split()  # as Linux names them
-    return ("avx512_bf16" in flags and "amx_bf16" not in flags and torch.backends.cpu.get_cpu_capability() == "AVX512"
-            and ops.default_backend(_CPU) == "cpp")
+    return "avx512_bf16" in flags and "amx_bf16" not in flags and _avx512_kernels()
 
 
 @functools.cache
@@ -171,8 +170,12 @@ def fp32_panels() -> bool:
     EPYC the panels run SmolLM2's layers 1.5x faster than the streaming kernel at 1 to 4 rows,
     1.25-1.9x faster than oneDNN over row-major weights at 16 to 64 rows, 1.1-1.3x faster than
     oneDNN's own blocked copy there, and level with both at 512 (docs/cpu-linear.md)."""
-    return (_x86_64() and not intel_cpu() and torch.backends.cpu.get_cpu_capability() == "AVX512"
-            and ops.default_backend(_CPU) == "cpp")
+    return _x86_64() and not intel_cpu() and _avx512_kernels()
+
+
+def _avx512_kernels() -> bool:
+    """Trellis' C++ kernels are built for AVX-512 and loaded: the panels' kernels of both dtypes."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and ops.default_backend(_CPU) == "cpp"
 
 
 def panels_serve(kind: str, dtype: torch.dtype) -> bool:
