@@ -14,7 +14,7 @@
 // in bf16) are read from memory once and from L2 for the next rows; x is used as it lies (broadcast
 // from memory). The first rows over a group of panels prefetch ahead of their reads (kAhead).
 // On a 2-core AMD EPYC (AVX512_BF16, no AMX), over SmolLM2's layers (docs/cpu-linear.md): bf16 is
-// 1.35-1.55x faster than oneDNN's matmul on its own blocked copy at 8-64 rows and level from 256,
+// 1.15-1.55x faster than oneDNN's matmul on its own blocked copy at 8-64 rows and level at 512,
 // and 1.3x faster than the streaming kernel (quant_linear over the row-major weight) at 1-4 rows;
 // fp32 is 1.5x faster than that streaming kernel at 1-4 rows, 1.25-1.9x faster than oneDNN over
 // the row-major weight at 16-64 rows and level at 512. oneDNN's small-M blocking leaves the units

@@ -155,8 +155,8 @@ def bf16_panels() -> bool:
     oneDNN's blocked copy, and runs every row count on them (decode rows too, which stream
     otherwise): on CPUs with AVX512_BF16 dot products and no AMX (AMD Zen 4 on, Intel Cooper
     Lake), with the C++ kernels built for AVX-512 and loaded. On the 2-core AMD EPYC the panels'
-    kernel runs SmolLM2's layers 1.3x faster than the streaming kernel at 1 to 4 rows, 1.35-1.55x
-    faster than oneDNN at 8 to 64 rows and level from 256 (docs/cpu-linear.md); where AMX is,
+    kernel runs SmolLM2's layers 1.3x faster than the streaming kernel at 1 to 4 rows, 1.15-1.55x
+    faster than oneDNN at 8 to 64 rows and level at 512 (docs/cpu-linear.md); where AMX is,
     oneDNN multiplies on tiles, several times the vectors' rate."""
     flags = (_cpuinfo("flags") or "").split()  # as Linux names them
     return "avx512_bf16" in flags and "amx_bf16" not in flags and _avx512_kernels()
