@@ -11,7 +11,11 @@ on a machine shared with other jobs, time spent preempted then does not count.
 ``--quantized Q4_0`` adds the fp32 model with its decoder's linear layers quantized to that GGUF
 format and its LM head to Q8_0 (the embedded GGUF's layout), run by Trellis' quantized kernels
 (``QuantizedLinear``; fp32 activations): the issue-18 targets compare each dtype's Trellis
-default (the ``default`` column) against fp32's.
+default (the ``default`` column) against fp32's. That ratio is also given paired (``paired vs
+fp32``): the median over repeats of each repeat's fp32 median over the row's, so that a slow spell
+of the machine's memory, which lasts seconds to minutes, weighs on both sides of a ratio alike.
+``--defaults-only`` runs only each row's default, so that a repeat is short and its measurements
+lie close together in time.
 
     .venv/bin/python benchmarks/bench_dtype.py [--model smollm2|tinyllama] [--dtypes float32 bfloat16]
         [--quantized Q4_0] [--json PATH]
@@ -90,6 +94,7 @@ def main() -> None:
                    help="also the fp32 model with its linear layers in these GGUF formats (Q8_0 LM head)")
     p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed steps")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
+    p.add_argument("--defaults-only", action="store_true", help="only each dtype's default system")
     add_cpu_time_option(p)
     args = p.parse_args()
     clock = chosen_clock(args, p)
@@ -100,29 +105,42 @@ def main() -> None:
         models[qtype] = quantized_model(args, qtype)
         defaults[qtype] = "trellis quantized"
     # (row, system): every system for a dtype; the quantized models' layers take no linear kernel
-    pairs = [(row, system) for row in models for system in (SYSTEMS if row in args.dtypes else [defaults[row]])]
+    pairs = [(row, system) for row in models
+             for system in (SYSTEMS if row in args.dtypes and not args.defaults_only else [defaults[row]])]
     prompt = torch.randint(3, models[args.dtypes[0]].config.vocab_size, (1, args.context),
                            generator=torch.Generator().manual_seed(0))
     for row, system in pairs:  # untimed: first-call costs (kernel builds, the allocator, packing)
         measure(models[row], system, prompt[:, :64], 2)
-    times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+    times: dict[tuple[str, str], list[list[float]]] = {pair: [] for pair in pairs}  # per repeat
     for r in range(repeats):
         for pair in rotated(pairs, r):
-            times[pair] += measure(models[pair[0]], pair[1], prompt, args.steps, clock)
-    rows = [{"dtype": row, **{system: statistics.median(times[row, system]) for (r, system) in pairs if r == row},
-             "default": statistics.median(times[row, defaults[row]]), "default_kernel": defaults[row]}
-            for row in models]
+            times[pair].append(measure(models[pair[0]], pair[1], prompt, args.steps, clock))
+
+    def median(row: str, system: str) -> float:
+        return statistics.median(t for repeat in times[row, system] for t in repeat)
+
+    def repeat_medians(row: str) -> list[float]:
+        return [statistics.median(repeat) for repeat in times[row, defaults[row]]]
+
+    rows = [{"dtype": row, **{system: median(row, system) for (r, system) in pairs if r == row},
+             "default": median(row, defaults[row]), "default_kernel": defaults[row],
+             "default_repeat_medians": repeat_medians(row)} for row in models]
+    if "float32" in models:
+        for row in rows:
+            row["paired vs fp32"] = statistics.median(
+                fp32 / ms for fp32, ms in zip(repeat_medians("float32"), row["default_repeat_medians"], strict=True))
     info = {**describe(models[args.dtypes[0]], args.model), "dtype": list(models),  # a list: one row each
             "linear_kernel": "each", "trellis_linear_kernel": "each"}
     statistic = "median ms per step" + (" (thread CPU time)" if args.cpu_time else "")
     print(f"{info}\n{statistic} after a {args.context}-token prompt ({args.steps} steps x {repeats} repeats)\n")
     columns = [*SYSTEMS, "default"]
-    print("| dtype | " + " | ".join(columns) + " | default vs fp32 |\n|---|" + "---|" * (len(columns) + 1))
+    print("| dtype | " + " | ".join(columns) + " | default vs fp32 | paired vs fp32 |\n|---|"
+          + "---|" * (len(columns) + 2))
     fp32 = next((row["default"] for row in rows if row["dtype"] == "float32"), None)
     for row in rows:
         cells = [f"{row[c]:.1f}" if c in row else "" for c in columns]
-        ratio = f"{fp32 / row['default']:.2f}x" if fp32 else ""
-        print(f"| {row['dtype']} | " + " | ".join(cells) + f" | {ratio} |")
+        ratios = [f"{fp32 / row['default']:.2f}x", f"{row['paired vs fp32']:.2f}x"] if fp32 else ["", ""]
+        print(f"| {row['dtype']} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     if args.json:
         args.json.write_text(json.dumps({"info": info, "context": args.context, "steps": args.steps, "repeats": repeats,
                                          "statistic": statistic, "dtypes": rows}, indent=1))
