@@ -273,12 +273,16 @@ def dtypes_table(data: dict) -> str:
     """Rows of every dtype's systems; a quantized row (``--quantized``) has only Trellis' default,
     and files from ``--quantized`` runs name each row's default and its ratio to fp32's."""
     # a quantized row's one system is its default
-    systems = list(dict.fromkeys(k for r in data["dtypes"] for k in r
-                                 if k not in ("dtype", "default_kernel", "trellis quantized")))
+    not_systems = ("dtype", "default_kernel", "trellis quantized", "default_repeat_medians", "paired vs fp32")
+    systems = list(dict.fromkeys(k for r in data["dtypes"] for k in r if k not in not_systems))
     fp32 = next((r.get("default") for r in data["dtypes"] if r["dtype"] == "float32"), None)
-    columns = ["dtype", *systems] + (["default vs fp32's"] if fp32 and "default" in systems else [])
+    ratios = fp32 and "default" in systems
+    paired = ratios and "paired vs fp32" in data["dtypes"][0]  # files from runs that pair each repeat's ratio
+    columns = (["dtype", *systems] + (["default vs fp32's"] if ratios else [])
+               + (["paired (median of the repeats' ratios)"] if paired else []))
     rows = [[f"`{r['dtype']}`", *(f"{r[s]:.1f}" if s in r else "" for s in systems)]
-            + ([f"{fp32 / r['default']:.2f}× ({r['default_kernel']})"] if len(columns) > len(systems) + 1 else [])
+            + ([f"{fp32 / r['default']:.2f}× ({r['default_kernel']})"] if ratios else [])
+            + ([f"{r['paired vs fp32']:.2f}×"] if paired else [])
             for r in data["dtypes"]]
     return (f"One session's decode step after a {data['context']}-token prompt by dtype ({data['info']['model']}, "
             f"{data['info']['machine'].rpartition(', ')[2]}), {data['statistic']} ({data['steps']} steps × "
