@@ -126,9 +126,10 @@ def main() -> None:
              "default": median(row, defaults[row]), "default_kernel": defaults[row],
              "default_repeat_medians": repeat_medians(row)} for row in models]
     if "float32" in models:
+        fp32_repeats = rows[list(models).index("float32")]["default_repeat_medians"]
         for row in rows:
             row["paired vs fp32"] = statistics.median(
-                fp32 / ms for fp32, ms in zip(repeat_medians("float32"), row["default_repeat_medians"], strict=True))
+                fp32 / ms for fp32, ms in zip(fp32_repeats, row["default_repeat_medians"], strict=True))
     info = {**describe(models[args.dtypes[0]], args.model), "dtype": list(models),  # a list: one row each
             "linear_kernel": "each", "trellis_linear_kernel": "each"}
     statistic = "median ms per step" + (" (thread CPU time)" if args.cpu_time else "")
