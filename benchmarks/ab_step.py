@@ -1,6 +1,7 @@
-"""One sample of an A/B comparison between two Trellis checkouts: the median decode step at a
-512-token context (64 steps) and the time to first token of a cold 512-token prompt and of one
-whose first 448 tokens are cached (median of 3), for whichever ``trellis`` is on ``PYTHONPATH``.
+"""One sample of an A/B comparison between two Trellis checkouts: the median decode step of
+``--sessions`` sessions at a 512-token context (64 steps) and the time to first token of a cold
+512-token prompt and of one whose first 448 tokens are cached (median of 3), in ``--dtype`` (fp32
+by default), for whichever ``trellis`` is on ``PYTHONPATH``.
 Prints one JSON line. Alternate two worktrees in fresh processes, each with its own kernel cache,
 so that a burst of load hits both sides alike:
 
@@ -10,6 +11,7 @@ so that a burst of load hits both sides alike:
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -22,15 +24,20 @@ from trellis.models.paged_cache import CACHE_ARG
 
 
 def main() -> None:
-    model = TrellisLlama.from_pretrained(embedded_model_dir(), dtype=torch.float32, device="cpu", num_blocks=512)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--sessions", type=int, default=1, help="sessions decoded together")
+    args = parser.parse_args()
+    model = TrellisLlama.from_pretrained(embedded_model_dir(), dtype=getattr(torch, args.dtype), device="cpu",
+                                         num_blocks=512)
     generator = torch.Generator().manual_seed(1)
 
-    def tokens(n: int) -> torch.Tensor:
-        return torch.randint(3, model.config.vocab_size, (1, n), generator=generator)
+    def tokens(n: int, rows: int = 1) -> torch.Tensor:
+        return torch.randint(3, model.config.vocab_size, (rows, n), generator=generator)
 
     with torch.no_grad():
         model(tokens(64), logits_to_keep=1)  # warm-up: kernels, allocator
-        out = model(tokens(512), logits_to_keep=1)
+        out = model(tokens(512, args.sessions), logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
         steps = []
         for _ in range(64):
@@ -49,7 +56,7 @@ def main() -> None:
             start = time.perf_counter()
             model.generate(probe, max_new_tokens=1, do_sample=False)
             warm.append(time.perf_counter() - start)
-    print(json.dumps({"decode_ms": statistics.median(steps), "ttft_cold_s": statistics.median(cold),
+    print(json.dumps({"dtype": args.dtype, "sessions": args.sessions, "decode_ms": statistics.median(steps), "ttft_cold_s": statistics.median(cold),
                       "ttft_warm_s": statistics.median(warm)}))
 
 

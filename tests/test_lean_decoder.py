@@ -416,6 +416,101 @@ def test_the_layer_loop_in_cpp_gives_the_python_loops_results(monkeypatch, load,
     assert torch.equal(tokens, python_tokens)
 
 
+def _panels_runnable(dtype: torch.dtype) -> bool:
+    """Whether Trellis' panels of ``dtype`` run here, served by default or not (AMX and MKL CPUs
+    default to oneDNN and MKL): the C++ kernels built for AVX-512 and, for bf16, its dot products."""
+    flags = (cpu_linear._cpuinfo("flags") or "").split()
+    return cpu_linear._avx512_kernels() and (dtype == torch.float32 or "avx512_bf16" in flags)
+
+
+def _panels_tiny(dtype: torch.dtype):
+    def load(monkeypatch) -> TrellisLlama:
+        monkeypatch.setattr(cpu_linear, "bf16_panels" if dtype == torch.bfloat16 else "fp32_panels", lambda: True)
+        model = _tiny_with_norm_weights()
+        model.to(dtype)
+        model.set_linear_kernel("packed")
+        return model
+    return load
+
+
+def _streamed_tiny(dtype: torch.dtype):
+    def load(monkeypatch) -> TrellisLlama:
+        model = _tiny_with_norm_weights()
+        model.to(dtype)
+        model.set_linear_kernel("blas")
+        return model
+    return load
+
+
+def _edit_in_place(model: TrellisLlama) -> None:
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.5)  # a version bump: the watcher sees it
+
+
+def _replace_a_weight(model: TrellisLlama) -> None:
+    proj = model.model.layers[0].mlp.up_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach().flip(0).contiguous(), requires_grad=False)
+
+
+def _edit_unseen_then_reset(model: TrellisLlama) -> None:
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    weight.data.copy_(weight.data.flip(0))  # past the version counter: only a reset tells the model
+    model.prefix_cache.reset()
+
+
+def _another_kernel(model: TrellisLlama) -> None:
+    model.set_linear_kernel("blas")  # layouts unchanged: only the kinds tell
+
+
+_PANELS = [_edit_in_place, _replace_a_weight, _edit_unseen_then_reset, _another_kernel]
+_STREAMED = [_edit_in_place, _replace_a_weight, _edit_unseen_then_reset]  # decode rows stream on any kind
+
+
+@pytest.mark.parametrize(("load", "sessions", "change"), [
+    *[pytest.param(_panels_tiny(dtype), 2, change, id=f"{name}-panels-{change.__name__[1:]}",
+                   marks=pytest.mark.skipif(not _panels_runnable(dtype), reason=f"{name} panels do not run here"))
+      for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")) for change in _PANELS],
+    *[pytest.param(_streamed_tiny(torch.bfloat16), 2, change, id=f"bf16-streamed-{change.__name__[1:]}",
+                   marks=pytest.mark.skipif(not cpu_linear.streams(2, torch.bfloat16), reason="bf16 rows do not stream here"))
+      for change in _STREAMED],
+    *[pytest.param(_streamed_tiny(torch.float32), 4, change, id=f"fp32-streamed-{change.__name__[1:]}",
+                   marks=pytest.mark.skipif(not cpu_linear.streams(4, torch.float32), reason="fp32 rows do not stream here"))
+      for change in _STREAMED],
+])
+def test_the_cpp_loops_listed_layers_follow_the_model(monkeypatch, load, sessions, change):
+    """The C++ loop's per-layer arguments are listed once per kind of input (prefill rows, decode
+    rows) and kept over forwards, and listed again after whatever they were listed on changes: a
+    weight edited in place or replaced, a weight edited unseen and the cache reset, another linear
+    kernel. Each time the logits are the Python loop's, which reads the modules afresh at every call."""
+    model = load(monkeypatch)
+    ids = torch.cat([prompt(seed, 13) for seed in range(sessions)])
+    listed, list_layers = [], LeanDecoder._list_loop_layers
+    monkeypatch.setattr(LeanDecoder, "_list_loop_layers",
+                        lambda self, *args: listed.append(args) or list_layers(self, *args))
+
+    def logits() -> torch.Tensor:
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return torch.stack(out.logits, dim=1)
+
+    with torch.no_grad(), layer_loops(monkeypatch) as loops:
+        before = logits()
+        assert loops.count("cpp") >= 5 and len(listed) <= 2  # five decode steps; a prefill's rows, a step's
+        listed.clear()
+        torch.testing.assert_close(logits(), before)  # a prefix cache hit: fewer prefill rows
+        assert not listed
+        change(model)
+        loops.clear()
+        after = logits()
+        assert 1 <= len(listed) <= 2  # (fp32 on Intel: two rows run MKL, a loop in Python, after "blas")
+        loops.clear()
+        with python_loop():
+            model.prefix_cache.reset()  # the same computations in both loops
+            python_after = logits()
+        assert set(loops) == {"python"}
+    assert not torch.equal(after, before)  # the change matters
+    assert torch.equal(after, python_after)
+
+
 def test_layers_of_mixed_groups_run_the_loop_in_python(monkeypatch):
     """Decode rows stream as one BF16 call per group; prefill rows of oneDNN's packed copy run one
     matmul per layer, which the C++ loop does not call: the prefill's loop runs in Python."""

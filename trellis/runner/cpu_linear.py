@@ -206,6 +206,32 @@ def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
     return None
 
 
+def streams(rows: int, dtype: torch.dtype) -> bool:
+    """Whether Trellis' streaming kernel computes a ``dtype`` matmul of ``rows`` rows here (``streamed_rows``)."""
+    span = streamed_rows(dtype)
+    return span is not None and span[0] <= rows <= span[1]
+
+
+# Bumped whenever set_linear_kernel sets kinds or drop_packed frees packed copies (``choices_changed``).
+_choices_changed = [0]
+
+
+def choices_changed() -> int:
+    """How often linear kernels were set or packed copies dropped (``set_linear_kernel``,
+    ``drop_packed``): while it and a model's weights stay the same, every ``CPULinear`` computes
+    inputs of the same ``kernel_choice`` with the same kernel and weights, so a caller may keep the
+    weights and kernels it listed (``LeanDecoder._cpp_loop_arguments``)."""
+    return _choices_changed[0]
+
+
+def kernel_choice(rows: int, dtype: torch.dtype) -> tuple[bool, bool, bool]:
+    """What decides, besides its weight, its kind and ``choices_changed``, which kernel and packed
+    copy a ``CPULinear`` computes a CPU inference input of ``rows`` rows in ``dtype`` with: whether
+    the rows stream and whether panels serve. (A decode step's few rows give one value, a
+    prefill's many another.)"""
+    return streams(rows, dtype), bf16_panels(), fp32_panels()
+
+
 def rounding_identity(kind: str, dtype: torch.dtype) -> str:
     """``kind`` with what else decides how its CPU matmuls in ``dtype`` round here: the layout
     ``"onednn"`` gives the weights, the decode rows Trellis' kernel streams (``streamed_rows``), and
@@ -262,9 +288,9 @@ class CPULinear(torch.nn.Linear):
         # The parameters from their dict: Module.__getattr__ costs ~1 µs, and this runs 200 times a step.
         params = self._parameters
         weight = params["weight"]
-        span = streamed_rows(weight.dtype)  # first: most calls (a prefill, one fp32 row) end here
-        # (The panels, where they serve, are faster than streaming.)
-        if (span is None or not span[0] <= rows <= span[1] or panels_serve(self.kind, weight.dtype)
+        # Rows first: most calls (a prefill, one fp32 row) end there. (The panels, where they serve,
+        # are faster than streaming.)
+        if (not streams(rows, weight.dtype) or panels_serve(self.kind, weight.dtype)
                 or dtype != weight.dtype or params["bias"] is not None or self.in_features % quant.BLOCK
                 or not weight.is_contiguous() or (backend or ops.default_backend(_CPU)) != "cpp"):
             return None
@@ -325,6 +351,7 @@ def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
             changed += current != kind
         if uses[id(module.weight)] == 1:
             _set_layout(module.weight, input_major=kind == "onednn" and input_major(module.weight.dtype))
+    _choices_changed[0] += 1
     return changed
 
 
@@ -333,6 +360,7 @@ def drop_packed(model: torch.nn.Module) -> None:
     for module in model.modules():
         if type(module) is CPULinear:
             module.__dict__.pop("_packed", None)
+    _choices_changed[0] += 1
 
 
 def _set_layout(weight: torch.nn.Parameter, input_major: bool) -> None:

@@ -25,6 +25,8 @@ few settings (``_state``), and checks the model again when any of them changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
@@ -41,6 +43,7 @@ from transformers.models.llama.modeling_llama import (
 from trellis import ops
 from trellis.ops.backends import kernels
 from trellis.ops.checks import FUSED_DTYPES
+from trellis.runner import cpu_linear
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch
 from trellis.runner.cpu_linear import CPULinear
@@ -53,8 +56,16 @@ _LINEARS = (torch.nn.Linear, CPULinear, QuantizedLinear)  # called as they are; 
 class LeanDecoder:
     """The lean forward of one model's decoder (``model.model``), when the model is eligible."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, weights_state: Callable[[], int]) -> None:
         self.model = model
+        # The runner's weights watcher's state (``checked_weights_state``): it changes with any
+        # weight the C++ loop's lists hold.
+        self._weights_state = weights_state
+        # The C++ loop's per-layer arguments that outlast a step, by kind of input (a decode step's
+        # rows, a prefill's), and what they were listed on (``_cpp_loop_arguments``): listing them
+        # checks ~200 layers' kernels, ~1 ms a SmolLM2 step.
+        self._loop_stamp: tuple | None = None
+        self._loop_layers: dict[tuple, _LoopLayers | None] = {}
         self._key: tuple | None = None  # what the verdict was reached on (``_state``)
         self._eligible = False
         self.checks = 0  # how often the model was checked (tests check it stays rare)
@@ -99,30 +110,53 @@ class LeanDecoder:
                             batch: PagedBatch) -> tuple | None:
         """The arguments of ``trellis_cpp::decoder_layers``, which runs the layer loop of ``run`` in
         C++, where every projection of every layer is one C++ group call in its layers' order and the
-        layers share a head_dim and attention scale; else None (the loop runs in Python)."""
+        layers share a head_dim and attention scale; else None (the loop runs in Python).
+
+        The layers' part is listed once per kind of input (``cpu_linear.kernel_choice`` and the
+        dtype: a decode step's rows and a prefill's alternate in serving), and again after
+        anything it was listed on may have changed: the weights, settings and modules (the
+        weights watcher's state, as the step's cache check read it), the kinds of the linear
+        layers and their packed copies (``cpu_linear.choices_changed``), the model's eligibility."""
         rows, dtype = hidden.shape[0], hidden.dtype
-        norms, eps, k_caches, v_caches, weights, kinds, widths = [], [], [], [], [], [], []
+        stamp = (self._weights_state(), cpu_linear.choices_changed(), self.checks)
+        if stamp != self._loop_stamp:
+            self._loop_layers.clear()  # (its lists hold the old weights and packed copies alive)
+            self._loop_stamp = stamp
+        kind = (cpu_linear.kernel_choice(rows, dtype), dtype)
+        if kind not in self._loop_layers:
+            self._loop_layers[kind] = self._list_loop_layers(rows, dtype)
+        layers = self._loop_layers[kind]
+        if layers is None:
+            return None
+        kv = batch.kv_layers
+        k_caches = [kv[i][0] for i in layers.kv_ids]
+        v_caches = [kv[i][1] for i in layers.kv_ids]
+        plan = batch.plan
+        return (hidden, layers.norms, layers.eps, cos, sin, k_caches, v_caches, batch.slot_mapping, plan.block_table,
+                plan.seq_lens, plan.cu_seqlens_q, plan.backend_plan, layers.scale, layers.weights, layers.kinds,
+                layers.widths, layers.head_dim)
+
+    def _list_loop_layers(self, rows: int, dtype: torch.dtype) -> _LoopLayers | None:
+        """The layers' arguments of the C++ loop for an input of ``rows`` rows in ``dtype``; None
+        where a projection is not one group call or the layers differ in head_dim or scale."""
         attns = [layer.attn for layer in self._lean_layers]
         head_dim, scale = attns[0].head_dim, attns[0].scaling
+        listed = _LoopLayers(head_dim=head_dim, scale=scale)
         for layer, attn in zip(self._lean_layers, attns, strict=True):
             if attn.head_dim != head_dim or attn.scaling != scale:
                 return None
             for norm in (layer.input_norm, layer.post_norm):
-                norms.append(norm._parameters["weight"])
-                eps.append(norm.variance_epsilon)
-            k_cache, v_cache = batch.kv_layers[attn.layer_idx]
-            k_caches.append(k_cache)
-            v_caches.append(v_cache)
+                listed.norms.append(norm._parameters["weight"])
+                listed.eps.append(norm.variance_epsilon)
+            listed.kv_ids.append(attn.layer_idx)
             for projections in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 group = projections.one_group(rows, dtype)
                 if group is None:
                     return None
-                kinds.append(group[0])
-                weights += group[1]
-                widths += projections.out_features
-        plan = batch.plan
-        return (hidden, norms, eps, cos, sin, k_caches, v_caches, batch.slot_mapping, plan.block_table, plan.seq_lens,
-                plan.cu_seqlens_q, plan.backend_plan, scale, weights, kinds, widths, head_dim)
+                listed.kinds.append(group[0])
+                listed.weights += group[1]
+                listed.widths += projections.out_features
+        return listed
 
     # --- eligibility --------------------------------------------------------------------------
 
@@ -222,6 +256,22 @@ def _attention(attn: LlamaAttention, q: torch.Tensor, k: torch.Tensor, v: torch.
     k_cache, v_cache = batch.kv_layers[attn.layer_idx]  # each [N, S, Hkv, D]
     q = run.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping)  # [T, Hq, D]
     return ops.run_attention(batch.plan, q, k_cache, v_cache, attn.scaling).view(tokens, -1)
+
+
+@dataclass
+class _LoopLayers:
+    """The arguments of ``trellis_cpp::decoder_layers`` that depend on the layers, not the step:
+    per layer its two norms' weights and eps, where its K/V live in the pool (``layer_idx``),
+    and its four group calls (kind, weights, output widths)."""
+
+    head_dim: int
+    scale: float
+    norms: list[torch.Tensor] = field(default_factory=list)
+    eps: list[float] = field(default_factory=list)
+    kv_ids: list[int] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
 
 
 PANELS = "panels"  # a group's kind where ``panel_linear_group`` computes it (else a ``quant_linear`` qtype)
