@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -61,29 +59,3 @@ def test_copy_block_copies_every_layer():
 
 def test_bytes_per_block():
     assert BlockPool.bytes_per_block(32, 30, 3, 64, torch.float32) == 2 * 30 * 32 * 3 * 64 * 4
-
-
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        field = line.split()[0] if line.split() else ""
-        if "-" in field and not field.endswith(":"):
-            low, high = (int(end, 16) for end in field.split("-"))
-            inside = low <= address < high
-        elif inside and field == "VmFlags:":
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's transparent huge pages")
-def test_a_large_cpu_pool_asks_for_huge_pages_a_small_one_need_not():
-    pool = BlockPool(64, 32, 30, 3, 64, dtype=torch.bfloat16)  # 45 MiB
-    assert pool.huge_pages
-    start = pool.kv.data_ptr()
-    for address in (start + (4 << 20), start + pool.kv.nbytes // 2, start + pool.kv.nbytes - (4 << 20)):
-        assert "hg" in _vm_flags(address)  # madvise(MADV_HUGEPAGE) on the range
-    pool.kv[1].fill_(1.0)  # usable as any tensor
-    assert pool.kv[1].sum().item() == pool.kv[1].numel()
-    small = BlockPool(2, 16, 1, 1, 8)  # 1 KiB: no whole huge page in it
-    assert not small.huge_pages

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from trellis.utils import advise_huge_pages, is_positive_int
+from trellis.utils import is_positive_int
 
 
 class OutOfBlocksError(RuntimeError):
@@ -51,9 +51,6 @@ class BlockPool:
         self.kv = torch.empty(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
-        # Huge pages on the CPU: prefills write fresh blocks, each first write a page fault, and
-        # attention reads across many blocks (fewer TLB misses). A hint; ignored where unsupported.
-        self.huge_pages = advise_huge_pages(self.kv)
         # Views made once, keyed by the model's layer index: attention asks for its layer's caches
         # on every forward.
         self.layers = {layer: (self.kv[i, 0], self.kv[i, 1]) for i, layer in enumerate(layer_ids)}
