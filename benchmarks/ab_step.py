@@ -56,8 +56,8 @@ def main() -> None:
             start = time.perf_counter()
             model.generate(probe, max_new_tokens=1, do_sample=False)
             warm.append(time.perf_counter() - start)
-    print(json.dumps({"dtype": args.dtype, "sessions": args.sessions, "decode_ms": statistics.median(steps), "ttft_cold_s": statistics.median(cold),
-                      "ttft_warm_s": statistics.median(warm)}))
+    print(json.dumps({"dtype": args.dtype, "sessions": args.sessions, "decode_ms": statistics.median(steps),
+                      "ttft_cold_s": statistics.median(cold), "ttft_warm_s": statistics.median(warm)}))
 
 
 if __name__ == "__main__":

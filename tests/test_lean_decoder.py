@@ -416,13 +416,6 @@ def test_the_layer_loop_in_cpp_gives_the_python_loops_results(monkeypatch, load,
     assert torch.equal(tokens, python_tokens)
 
 
-def _panels_runnable(dtype: torch.dtype) -> bool:
-    """Whether Trellis' panels of ``dtype`` run here, served by default or not (AMX and MKL CPUs
-    default to oneDNN and MKL): the C++ kernels built for AVX-512 and, for bf16, its dot products."""
-    flags = (cpu_linear._cpuinfo("flags") or "").split()
-    return cpu_linear._avx512_kernels() and (dtype == torch.float32 or "avx512_bf16" in flags)
-
-
 def _panels_tiny(dtype: torch.dtype):
     def load(monkeypatch) -> TrellisLlama:
         monkeypatch.setattr(cpu_linear, "bf16_panels" if dtype == torch.bfloat16 else "fp32_panels", lambda: True)
@@ -468,7 +461,7 @@ _STREAMED = [_edit_in_place, _replace_a_weight, _edit_unseen_then_reset]  # deco
 
 @pytest.mark.parametrize(("load", "sessions", "change"), [
     *[pytest.param(_panels_tiny(dtype), 2, change, id=f"{name}-panels-{change.__name__[1:]}",
-                   marks=pytest.mark.skipif(not _panels_runnable(dtype), reason=f"{name} panels do not run here"))
+                   marks=pytest.mark.skipif(not cpu_linear.panels_run(dtype), reason=f"{name} panels do not run here"))
       for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")) for change in _PANELS],
     *[pytest.param(_streamed_tiny(torch.bfloat16), 2, change, id=f"bf16-streamed-{change.__name__[1:]}",
                    marks=pytest.mark.skipif(not cpu_linear.streams(2, torch.bfloat16), reason="bf16 rows do not stream here"))

@@ -158,8 +158,7 @@ def bf16_panels() -> bool:
     kernel runs SmolLM2's layers 1.3x faster than the streaming kernel at 1 to 4 rows, 1.15-1.55x
     faster than oneDNN at 8 to 64 rows and level at 512 (docs/cpu-linear.md); where AMX is,
     oneDNN multiplies on tiles, several times the vectors' rate."""
-    flags = (_cpuinfo("flags") or "").split()  # as Linux names them
-    return "avx512_bf16" in flags and "amx_bf16" not in flags and _avx512_kernels()
+    return panels_run(torch.bfloat16) and "amx_bf16" not in _cpu_flags()
 
 
 @functools.cache
@@ -170,12 +169,19 @@ def fp32_panels() -> bool:
     EPYC the panels run SmolLM2's layers 1.5x faster than the streaming kernel at 1 to 4 rows,
     1.25-1.9x faster than oneDNN over row-major weights at 16 to 64 rows, 1.1-1.3x faster than
     oneDNN's own blocked copy there, and level with both at 512 (docs/cpu-linear.md)."""
-    return _x86_64() and not intel_cpu() and _avx512_kernels()
+    return _x86_64() and not intel_cpu() and panels_run(torch.float32)
 
 
-def _avx512_kernels() -> bool:
-    """Trellis' C++ kernels are built for AVX-512 and loaded: the panels' kernels of both dtypes."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and ops.default_backend(_CPU) == "cpp"
+def panels_run(dtype: torch.dtype) -> bool:
+    """Whether Trellis' panel kernels of ``dtype`` can run here, whether or not ``"packed"`` picks
+    them (``bf16_panels``, ``fp32_panels``): the C++ kernels built for AVX-512 and loaded, and for
+    bf16 the CPU's AVX512_BF16 dot products."""
+    return (torch.backends.cpu.get_cpu_capability() == "AVX512" and ops.default_backend(_CPU) == "cpp"
+            and (dtype == torch.float32 or "avx512_bf16" in _cpu_flags()))
+
+
+def _cpu_flags() -> list[str]:
+    return (_cpuinfo("flags") or "").split()  # as Linux names them
 
 
 def panels_serve(kind: str, dtype: torch.dtype) -> bool:

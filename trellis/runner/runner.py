@@ -165,6 +165,7 @@ class PagedModelRunner:
         ``weights_watcher``.
         """
         with self._cache_lock:
+            # (The watcher's state last: checked_weights_state reads it there.)
             key = (self.device, self.model.dtype, self.linear_kernel, self.weights_watcher.state())
             if self._manager is None or key != self._manager_key:
                 # peft merges adapters into their base weights through ``.data``, unseen by the
@@ -182,7 +183,7 @@ class PagedModelRunner:
         (``LeanDecoder._cpp_loop_arguments``) hold for the same weights. Before any check, a fresh one.
         (Reading the state again costs 0.2-0.5 ms a SmolLM2 step, with the caches cold after a forward.)"""
         key = self._manager_key
-        return key[3] if key is not None else self.weights_watcher.state()
+        return key[-1] if key is not None else self.weights_watcher.state()
 
     def _forget_derived_state(self) -> None:
         """What ``prefix_cache.reset()`` forgets besides the cached prefixes: the packed weight
