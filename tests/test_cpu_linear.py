@@ -152,6 +152,28 @@ def test_packed_layers_keep_panels_for_every_row_count(dtype, bias):
         assert "trellis_cpp.panel_linear.default" not in recorded.names
 
 
+@needs_onednn_bf16
+def test_packed_copies_are_made_when_the_weights_are_laid_out():
+    """The runner makes a "packed" model's copies when it lays its weights out (here ``.to()``;
+    also loading, ``set_linear_kernel`` and ``prefix_cache.reset()``, which makes them afresh),
+    so the first request reads them and makes none; other kinds make none."""
+    _, model = tiny_pair()
+    model.to(torch.bfloat16)
+    assert model.linear_kernel == "packed"
+    layers = [m for m in model.modules() if type(m) is CPULinear]
+    copies = [m._packed[3] for m in layers if m._packed is not None]
+    assert len(copies) == len(layers) == 7 * model.config.num_hidden_layers + 1
+    with torch.no_grad():
+        first = model(IDS).logits
+    assert all(m._packed[3] is copy for m, copy in zip(layers, copies))
+    model.prefix_cache.reset()
+    assert all(m._packed is not None and m._packed[3] is not copy for m, copy in zip(layers, copies))
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, first)
+    model.set_linear_kernel("onednn")
+    assert all(m._packed is None for m in layers)
+
+
 @needs_onednn
 def test_fp32_panels_serve_off_intel_on_avx512_builds(vendor, monkeypatch):
     """fp32 panels are the fp32 default where the kernels are built for AVX-512 on a CPU other than

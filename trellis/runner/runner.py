@@ -17,6 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from transformers import LlamaForCausalLM
@@ -29,6 +30,7 @@ from trellis.runner import cpu_linear
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch, build_batch
 from trellis.runner.decoder import LeanDecoder
+from trellis.runner.huge_pages import place_on_huge_pages
 from trellis.runner.weights_watcher import WeightsWatcher
 from trellis.utils import is_positive_int
 
@@ -114,11 +116,20 @@ class PagedModelRunner:
         """What runs the linear layers in CPU fp32 and bf16 inference (see ``cpu_linear``); the
         cache starts empty afterwards (its K/V came from other matmuls). Returns the layers that
         changed kind. ``chosen``: the user's choice, kept when the model changes dtype; else the
-        default, which ``follow_dtype`` replaces with the new dtype's."""
+        default, which ``follow_dtype`` replaces with the new dtype's. The CPU weights are then
+        prepared for it (``_prepare_cpu_weights``)."""
         with self.lock:
             changed = cpu_linear.set_linear_kernel(self.model, kind)
+            self._prepare_cpu_weights()
             self.linear_kernel, self.linear_kernel_chosen = kind, chosen
             return changed
+
+    def _prepare_cpu_weights(self) -> None:
+        """Lay the CPU weights out for serving, so that no request pays for it: onto huge pages
+        (``huge_pages``), then the packed copies made from them (``cpu_linear.make_packed``; a copy
+        follows its weight's storage, so the weights move first) and placed too."""
+        place_on_huge_pages(chain(self.model.parameters(), self.model.buffers()))
+        place_on_huge_pages(cpu_linear.make_packed(self.model))
 
     def follow_dtype(self) -> None:
         """After the model's dtype may have changed (``.to()``, loading): the default kind for that
@@ -187,8 +198,10 @@ class PagedModelRunner:
 
     def _forget_derived_state(self) -> None:
         """What ``prefix_cache.reset()`` forgets besides the cached prefixes: the packed weight
-        copies, and the watcher's listing of the model (taken afresh at the next key)."""
+        copies (made afresh from the weights as they are), and the watcher's listing of the model
+        (taken afresh at the next key)."""
         cpu_linear.drop_packed(self.model)
+        self._prepare_cpu_weights()
         self.weights_watcher.forget()
 
     def pool_geometry(self) -> tuple[int, int, int]:
