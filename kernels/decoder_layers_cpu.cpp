@@ -9,7 +9,8 @@
 // Per layer l: norms[2l] and norms[2l+1] with eps[2l], eps[2l+1] (the input and post-attention
 // RMSNorms), then four projection groups from `weights`, seven weights a layer in the order
 // q, k, v | o | gate, up | down, group g running on kinds[4l+g]: "panels" (panel_linear_group, the
-// weights' out_features from `out_features`), else a quant_linear_group qtype.
+// weights' out_features from `out_features`), "linear" (at::linear per weight, bias-free: what
+// F.linear runs for a layer on the BLAS), else a quant_linear_group qtype.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -87,6 +88,11 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
     const at::TensorList group = weights.slice(first, kGroupSize[g]);
     const std::string kind = kinds.get(l * kGroupsPerLayer + g);
     if (kind == "panels") return ops.panel_linear_group.call(x, group, out_features.slice(first, kGroupSize[g]));
+    if (kind == "linear") {
+      std::vector<at::Tensor> outputs;
+      for (const at::Tensor& weight : group) outputs.push_back(at::linear(x, weight));
+      return outputs;
+    }
     return ops.quant_linear_group.call(x, group, kind);
   };
   std::optional<at::Tensor> update;  // what the last sublayer adds to the stream

@@ -23,7 +23,7 @@ from trellis.models.llama import TrellisLlama
 from trellis.ops import quant
 from trellis.runner import cpu_linear
 from trellis.runner.cpu_linear import onednn_dtypes
-from trellis.runner.decoder import LeanDecoder
+from trellis.runner.decoder import LINEAR, LeanDecoder
 from trellis.runner.quantized_linear import QuantizedLinear
 
 ATOL = 1e-4
@@ -337,9 +337,35 @@ def test_fp32_decode_rows_of_four_sessions_stream_as_one_call(monkeypatch):
     ids = torch.cat([prompt(seed, 24) for seed in range(4)])
     with torch.no_grad(), group_calls(monkeypatch) as calls:
         tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
-        assert [rows for rows, _, _ in calls] == [4] * 4 * 2 * 2  # 2 layers, 2 decode steps; no prefill
-        assert {qtype for _, _, qtype in calls} == {"F32"}
+        streamed = [(rows, qtype) for rows, _, qtype in calls if qtype != LINEAR]
+        assert streamed == [(4, "F32")] * 4 * 2 * 2  # 2 layers, 2 decode steps
+        assert {rows for rows, _, qtype in calls if qtype == LINEAR} == {96}  # the prefill's on the BLAS
     assert torch.equal(tokens, ref.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layers_on_the_blas_run_the_loop_in_cpp(monkeypatch, dtype):
+    """Bias-free layers whose forward is ``F.linear`` (fp32 on ``"blas"``; fp16 under every kind)
+    run in the C++ layer loop, which calls ``at::linear`` for them: a prefill and one session's
+    decode steps, with the Python loop's logits bit for bit."""
+    model = _tiny_with_norm_weights()
+    model.to(dtype)
+    model.set_linear_kernel("blas")
+    ids = prompt(3, 21)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        model.prefix_cache.reset()
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return torch.stack(out.logits, dim=1), out.sequences
+
+    with torch.no_grad(), layer_loops(monkeypatch) as loops:
+        logits, tokens = run()
+        assert loops == ["cpp"] * 4
+        loops.clear()
+        with python_loop():
+            python_logits, python_tokens = run()
+    assert torch.equal(logits, python_logits)
+    assert torch.equal(tokens, python_tokens)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -517,15 +543,15 @@ def test_layers_of_mixed_groups_run_the_loop_in_python(monkeypatch):
 
 
 def _loop_arguments(monkeypatch) -> list:
-    """The ``decoder_layers`` arguments of a decode step of the tiny model in fp32, its rows streamed."""
+    """The ``decoder_layers`` arguments of a decode step of the tiny model in fp32 on the BLAS (its
+    row streamed where fp32 rows stream from one, else ``at::linear`` for every projection)."""
     model = _fp32_streamed_tiny()
     captured, compiled = [], LeanDecoder._cpp_loop_arguments
     monkeypatch.setattr(LeanDecoder, "_cpp_loop_arguments",
                         lambda self, *args: captured.append(compiled(self, *args)) or captured[-1])
     with torch.no_grad():
         model.generate(prompt(5, 9), max_new_tokens=2, do_sample=False)
-    if captured[-1] is None:
-        pytest.skip("fp32 decode rows do not stream on this CPU")
+    assert captured[-1] is not None
     return list(captured[-1])
 
 

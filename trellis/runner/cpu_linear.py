@@ -304,6 +304,17 @@ class CPULinear(torch.nn.Linear):
             return None
         return weight, _QTYPES[weight.dtype]
 
+    def linear_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The parameter, where ``forward`` computes a CPU inference input in ``dtype`` whose rows do
+        not stream as plain bias-free ``F.linear`` (kind ``"blas"``, or a dtype oneDNN does not
+        compute: fp16): the lean decoder's C++ loop calls the same ``at::linear``. Else None."""
+        params = self._parameters
+        weight = params["weight"]
+        if (dtype != weight.dtype or params["bias"] is not None or not weight.is_cpu
+                or (self.kind != "blas" and dtype in onednn_dtypes())):
+            return None
+        return weight
+
     def grouped_panels(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The panels ``forward`` would multiply a CPU inference input in ``dtype`` by, for a
         bias-free layer: the lean decoder runs such layers reading one input (q/k/v, gate/up) as one

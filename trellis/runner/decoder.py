@@ -8,7 +8,8 @@ and runs, per layer, the seven linear layers as they are (``nn.Linear``, ``CPULi
 ``QuantizedLinear``: weights, layouts and quantization unchanged; those that read one input in one
 ``quant_linear_group`` call where that kernel computes them all, ``_Projections``),
 ``run_attention`` with the step's plan, and three fused ops: ``add_rms_norm`` (twice),
-``rope_store_kv`` and ``silu_mul``. Where every projection is one C++ group call, the layer loop
+``rope_store_kv`` and ``silu_mul``. Where every projection is one C++ group call (or bias-free
+``F.linear`` on the BLAS, which C++ calls as ``at::linear``), the layer loop
 itself runs in C++ (``trellis_cpp::decoder_layers``: the same calls, without the Python between
 them; ``_cpp_loop_arguments``).
 Each fused op rounds as transformers' modules do: in fp32 the results are transformers' bit for
@@ -275,6 +276,7 @@ class _LoopLayers:
 
 
 PANELS = "panels"  # a group's kind where ``panel_linear_group`` computes it (else a ``quant_linear`` qtype)
+LINEAR = "linear"  # where each layer's own forward is bias-free ``F.linear``: the C++ loop calls ``at::linear``
 
 
 class _Projections:
@@ -283,7 +285,9 @@ class _Projections:
     layers; bf16 and fp32 layers streaming a decode step's rows) as one ``quant_linear_group`` call
     per qtype, which streams their weights in one parallel region (a GGUF may mix qtypes within a
     layer), bias-free bf16 and fp32 layers on panels as one ``panel_linear_group`` call; the others by their
-    own forward. Without ``nn.Module.__call__``: the lean path runs only where no hooks are set."""
+    own forward, which for bias-free layers on the BLAS (``LINEAR``: ``F.linear``) the C++ layer loop
+    makes as ``at::linear``. Without ``nn.Module.__call__``: the lean path runs only where no hooks
+    are set."""
 
     def __init__(self, *linears: torch.nn.Module) -> None:
         self.linears = linears
@@ -304,8 +308,8 @@ class _Projections:
 
     def groups(self, rows: int, dtype: torch.dtype) -> list[tuple[str, list[int], list[torch.Tensor]]]:
         """The C++ group calls that compute these layers for an inference input of ``rows`` rows in
-        ``dtype``: each its kind (``PANELS`` or a qtype), its members (indices into ``linears``)
-        and their weights as the call takes them. A layer in none runs its own forward."""
+        ``dtype``: each its kind (``PANELS``, ``LINEAR`` or a qtype), its members (indices into
+        ``linears``) and their weights as the call takes them. A layer in none runs its own forward."""
         linears = self.linears
         if self.one_qtype is not None:
             return [(self.one_qtype, self.all, [linear._buffers["weight_blocks"] for linear in linears])]
@@ -314,6 +318,8 @@ class _Projections:
         for i in self.plain:
             found = linears[i].streamed_weight(rows, dtype, "cpp")
             kind, weight = (found[1], found[0]) if found is not None else (PANELS, linears[i].grouped_panels(dtype))
+            if weight is None:
+                kind, weight = LINEAR, linears[i].linear_weight(dtype)
             if weight is not None:
                 members, weights = groups.setdefault(kind, ([], []))
                 members.append(i)
@@ -333,6 +339,8 @@ class _Projections:
             return [linear.forward(x) for linear in linears]
         outputs: list[torch.Tensor | None] = [None] * len(linears)
         for kind, members, weights in self.groups(x.numel() // x.shape[-1], x.dtype):
+            if kind == LINEAR:
+                continue  # each layer's own forward, below
             if kind == PANELS:
                 ys = run.panel_linear_group(x, weights, [self.out_features[i] for i in members])
             else:
