@@ -82,8 +82,8 @@ STREAMED = [(torch.bfloat16, "BF16", kind) for kind in cpu_linear.LINEAR_KERNELS
 @needs_onednn
 @pytest.mark.parametrize(("dtype", "qtype", "kind"), STREAMED)
 def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind, monkeypatch):
-    """The few rows of a decode step (streamed_rows: 1-4 in bf16; 4-8 in fp32 on Intel, 1-8 on other
-    x86 CPUs) read the weight with
+    """The few rows of a decode step (streamed_rows: 1-4 in bf16, 1-8 in fp32 on x86 CPUs) read the
+    weight with
     quant_linear's streaming kernel (exactly its result); other row counts go to the kind's
     library; a layer with a bias, or whose width is not whole 32-weight blocks, never streams.
     (Where "packed" layers keep panels, those serve every row count: the next test.)"""
@@ -222,7 +222,7 @@ def test_onednn_keeps_fp32_weights_row_major_and_streams_decode_rows_off_intel(v
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=0, atol=1e-4)
     vendor("GenuineIntel")
-    assert cpu_linear.streamed_rows(torch.float32) == (4, 8) and cpu_linear.input_major(torch.float32)
+    assert cpu_linear.streamed_rows(torch.float32) == (1, 8) and cpu_linear.input_major(torch.float32)
 
 
 @needs_onednn_bf16

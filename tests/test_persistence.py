@@ -148,8 +148,8 @@ def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp
     path = saved(tmp_path, model)
     _, blas = tiny_pair()
     blas.set_linear_kernel("blas")
-    with pytest.raises(PrefixCacheFileError, match=r"is for linear_kernel='onednn \(input-major, 4-8 rows streamed\)', "
-                                                   r"this cache needs 'blas \(4-8 rows streamed\)'"):
+    with pytest.raises(PrefixCacheFileError, match=r"is for linear_kernel='onednn \(input-major, 1-8 rows streamed\)', "
+                                                   r"this cache needs 'blas \(1-8 rows streamed\)'"):
         blas.load_prefix_cache(path)
     # The same values hash the same whatever their strides (oneDNN stores weights input-major on Intel).
     assert not model.model.layers[0].mlp.up_proj.weight.is_contiguous()
@@ -160,7 +160,7 @@ def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp
 @pytest.mark.skipif(not cpu_linear.onednn_available(), reason="needs oneDNN")
 def test_one_kind_that_rounds_otherwise_on_another_cpu_is_refused(tmp_path, vendor):
     """``"onednn"`` on AMD (row-major weights, one to eight decode rows streamed) and on Intel
-    (input-major, four to eight) compute K/V that differ in the last bits: a file names which."""
+    (input-major: those weights do not stream) compute K/V that differ in the last bits: a file names which."""
     vendor("AuthenticAMD")
     _, model = tiny_pair()
     model.set_linear_kernel("onednn")
@@ -169,7 +169,7 @@ def test_one_kind_that_rounds_otherwise_on_another_cpu_is_refused(tmp_path, vend
     _, intel = tiny_pair()
     intel.set_linear_kernel("onednn")
     with pytest.raises(PrefixCacheFileError, match=r"is for linear_kernel='onednn \(1-8 rows streamed\)', "
-                                                   r"this cache needs 'onednn \(input-major, 4-8 rows streamed\)'"):
+                                                   r"this cache needs 'onednn \(input-major, 1-8 rows streamed\)'"):
         intel.load_prefix_cache(path)
     assert intel.prefix_cache.stats()["cached_blocks"] == 0
 

@@ -36,8 +36,8 @@ kernel keeps the dot-product units busier than oneDNN's at 5 to 256 rows (a chat
 a batch's decode) and is level with it beyond, and runs a decode step's rows faster than the
 streaming kernel below (``bf16_panels``). fp16 stays on ``F.linear`` under every kind.
 
-Under every kind but those panels, a decode step's few rows (``streamed_rows``: 1 to 4 in bf16; 4 to 8 in fp32 on
-Intel, 1 to 8 on other x86 CPUs) instead stream a row-major parameter (not the input-major fp32
+Under every kind but those panels, a decode step's few rows (``streamed_rows``: 1 to 4 in bf16, 1 to 8 in fp32 on
+x86 CPUs) instead stream a row-major parameter (not the input-major fp32
 ones of ``"onednn"`` on Intel) through Trellis' own kernel (``ops.quant_linear`` with qtype
 ``"BF16"`` or ``"F32"``: fp32 accumulation, one rounding), which reads the weights at memory speed
 where the libraries' GEMMs do not. On AMD that is why ``"onednn"`` keeps fp32 weights row-major:
@@ -127,7 +127,7 @@ def cpu_vendor() -> str:
 
 def intel_cpu() -> bool:
     """Whether this is an Intel CPU, where MKL takes its tuned paths: the fp32 choices follow it
-    (``default_linear_kernel``, ``input_major``, ``streamed_rows``)."""
+    (``default_linear_kernel``, ``input_major``)."""
     return cpu_vendor() == "GenuineIntel"
 
 
@@ -201,16 +201,18 @@ def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
     libraries' GEMMs are not always (docs/cpu-linear.md, the 2-core AMX Xeon):
     - bf16, 1 to 4 rows, where oneDNN computes bf16: as fast as oneDNN's packed matmul at one row,
       1.3-1.4x faster at two to four; from eight oneDNN (AMX) is the faster.
-    - fp32, 4 to 8 rows, on Intel x86-64: MKL streams one row at memory speed but 4 to 8 rows
-      1.4-1.5x slower than this kernel does; from 9 on, and at one to three, MKL is as fast or faster.
-    - fp32, 1 to 8 rows, on other x86-64 CPUs (AMD EPYC): neither MKL nor oneDNN streams even one
+    - fp32, 1 to 8 rows, on x86-64. On Intel, MKL reads 4 to 8 rows 1.4-1.5x slower than this
+      kernel does, and with the weights on huge pages (``huge_pages``) one and two rows slower
+      too: a SmolLM2 decode step (AMX Xeon, the lean loop in C++) 22.0-22.1 against 23.3-24.7 ms
+      at one row, 23.8-24.3 against 25.6-26.2 at two, 41.4-42.5 against 45.0-45.3 at one row on
+      one thread; from 9 rows on MKL is faster. On AMD EPYC neither MKL nor oneDNN streams even one
       row at memory speed (oneDNN over input-major weights: a SmolLM2 decode step's matmuls 33 ms
       against this kernel's 19; the LM head at 2-4 rows 2-5x slower).
     """
     if dtype == torch.bfloat16 and dtype in onednn_dtypes():
         return (1, 4)
     if dtype == torch.float32 and _x86_64():
-        return (4, 8) if intel_cpu() else (1, 8)
+        return (1, 8)
     return None
 
 
