@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import mmap
 import sys
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 
@@ -32,8 +33,10 @@ import torch
 HUGE_PAGE = 2 << 20
 _ALIGN = 64  # every tensor on a cache line, as PyTorch's allocator puts them
 
-# The live mappings: (start address, end address, weak reference to the mapping).
+# The live mappings: (start address, end address, weak reference to the mapping). Two models may
+# lay out their weights at once (a prefix-cache reset in one thread, a load in another).
 _arenas: list[tuple[int, int, weakref.ref]] = []
+_arenas_lock = threading.Lock()
 
 
 @functools.cache
@@ -52,7 +55,8 @@ def available() -> bool:
 def placed(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` lives in a mapping ``place_on_huge_pages`` made."""
     address = tensor.data_ptr()
-    return any(start <= address < end for start, end, arena in _arenas if arena() is not None)
+    with _arenas_lock:
+        return any(start <= address < end for start, end, arena in _arenas if arena() is not None)
 
 
 def place_on_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
@@ -70,8 +74,9 @@ def place_on_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
     base = torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr()
     start = -base % HUGE_PAGE  # the first 2 MiB boundary in the mapping
     arena.madvise(mmap.MADV_HUGEPAGE, start, len(arena) - start)
-    _arenas[:] = [entry for entry in _arenas if entry[2]() is not None]
-    _arenas.append((base, base + len(arena), weakref.ref(arena)))
+    with _arenas_lock:
+        _arenas[:] = [entry for entry in _arenas if entry[2]() is not None]
+        _arenas.append((base, base + len(arena), weakref.ref(arena)))
     offset = start
     for tensor, size in zip(tensors, sizes):
         slice_ = torch.frombuffer(arena, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
