@@ -5,7 +5,7 @@ the kernels are defined, i.e. before any test imports ``trellis.ops.triton``.
 
 The ``vendor`` fixture pretends the CPU is another vendor's (``vendor("GenuineIntel")``): the
 choices of ``trellis.runner.cpu_linear`` that depend on it (the fp32 default kind, the layout of
-``"onednn"``, which rows stream) follow, and are read afresh after the test. ``intel`` is
+``"onednn"``, whether fp32 panels serve) follow, and are read afresh after the test. ``intel`` is
 ``vendor("GenuineIntel")``.
 
 ``installed(name)`` imports a package the project installs for its tests (lm-eval, peft): a test
@@ -35,8 +35,7 @@ def vendor(monkeypatch):
     from trellis.runner import cpu_linear
 
     def forget() -> None:  # what was decided from the vendor
-        for decided in (cpu_linear.streamed_rows, cpu_linear.fp32_panels):
-            getattr(decided, "cache_clear", lambda: None)()  # (not where a test replaced it)
+        getattr(cpu_linear.fp32_panels, "cache_clear", lambda: None)()  # (not where a test replaced it)
 
     def pretend(name: str) -> None:
         monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: name)

@@ -36,9 +36,9 @@ kernel keeps the dot-product units busier than oneDNN's at 5 to 256 rows (a chat
 a batch's decode) and is level with it beyond, and runs a decode step's rows faster than the
 streaming kernel below (``bf16_panels``). fp16 stays on ``F.linear`` under every kind.
 
-Under every kind but those panels, a decode step's few rows (``streamed_rows``: 1 to 4 in bf16, 1 to 8 in fp32 on
-x86 CPUs) instead stream a row-major parameter (not the input-major fp32
-ones of ``"onednn"`` on Intel) through Trellis' own kernel (``ops.quant_linear`` with qtype
+Under every kind but those panels, a decode step's few rows (``streamed_rows``: 1 to 4 in bf16,
+1 to 8 in fp32 on x86 CPUs) instead stream a row-major parameter (not the input-major fp32 ones of
+``"onednn"`` on Intel) through Trellis' own kernel (``ops.quant_linear`` with qtype
 ``"BF16"`` or ``"F32"``: fp32 accumulation, one rounding), which reads the weights at memory speed
 where the libraries' GEMMs do not. On AMD that is why ``"onednn"`` keeps fp32 weights row-major:
 the kernel reads no other layout, and it streams a SmolLM2 decode step's weights 1.7x faster than
@@ -47,14 +47,14 @@ row-major weights is 1.25-1.5x slower at 16-64 rows and level at 512 (2-core AMD
 docs/cpu-linear.md). fp32 panels, where they serve, run every row count faster than both.
 
 The kinds run as ``CPULinear``, an ``nn.Linear`` in every other respect: the same parameters and state
-dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. A packed
-copy is made when the runner lays the weights out, or on first use, and again whenever the weight is replaced (another storage, held
-weakly: a new one at the old address is not mistaken for it) or changed in place (its version
-counter); a replaced weight stays correct in any layout (``set_linear_kernel`` again restores
-the fast one). Writes that bypass the version counter (``weight.data.copy_(w)``) are not seen:
+dict, and plain ``F.linear`` for training (gradients), other devices and other dtypes. The runner
+makes the packed copies up front (``make_packed``) when it lays the weights out (loading,
+``.to()``, ``set_linear_kernel``, ``prefix_cache.reset()``), so that no request pays for them; a
+copy is made again, on first use, whenever its weight is replaced (another storage, held weakly:
+a new one at the old address is not mistaken for it) or changed in place (its version counter);
+a replaced weight stays correct in any layout (``set_linear_kernel`` again restores the fast
+one). Writes that bypass the version counter (``weight.data.copy_(w)``) are not seen:
 ``drop_packed`` (which ``model.prefix_cache.reset()`` calls) makes every copy afresh.
-The runner makes the copies up front (``make_packed``) when it lays the weights out (loading,
-``.to()``, ``set_linear_kernel``, ``prefix_cache.reset()``), so that no request pays for them.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def onednn_dtypes() -> tuple[torch.dtype, ...]:
 
 def input_major(dtype: torch.dtype) -> bool:
     """Whether the ``"onednn"`` kind stores weights of ``dtype`` input-major (else row-major).
-    fp32 on Intel CPUs only: elsewhere a decode step's fp32 rows stream from one row on
-    (``streamed_rows``), through a kernel that reads row-major weights; and in bf16, oneDNN reads
+    fp32 on Intel CPUs only, where oneDNN reads them faster at 4 to 64 rows (module docstring); its
+    decode rows then do not stream (``streamed_rows``: the kernel reads row-major weights only).
+    Elsewhere those rows stream, so fp32 weights stay row-major; and in bf16, oneDNN reads
     input-major weights slower at 1 and 4 rows (TinyLlama's
     layers at one row: 375 ms against 270 row-major, one thread; docs/dtypes.md)."""
     return dtype == torch.float32 and intel_cpu()

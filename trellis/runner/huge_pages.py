@@ -7,8 +7,8 @@ boundaries: on a 2-core AMX Xeon a SmolLM2 decode step of four sessions in bf16 
 against 18.8-19.9 ms, one session's in fp32 27.9-28.9 against 29.8-30.8 (docs/architecture.md).
 
 ``place_on_huge_pages`` copies CPU tensors (a model's parameters and buffers, Trellis' packed
-weight panels) into one private anonymous mapping, aligned to 2 MiB and marked ``MADV_HUGEPAGE`` (Linux, where transparent huge pages are
-not switched off; elsewhere it leaves the weights where they are). Each tensor gets a storage of
+weight panels) into one private anonymous mapping, aligned to 2 MiB and marked ``MADV_HUGEPAGE``
+(Linux, where transparent huge pages are not switched off; elsewhere it leaves them where they are). Each tensor gets a storage of
 its own over its slice (``torch.frombuffer``), so version counters, ``state_dict``, pickling and
 safetensors' shared-tensor check see separate tensors as before; values, shapes and strides are
 unchanged. The mapping is freed when the last tensor over it is; a weight replaced later is placed
@@ -62,8 +62,8 @@ def placed(tensor: torch.Tensor) -> bool:
 def place_on_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
     """Copy those of ``tensors`` on the CPU that are not yet placed into one new mapping on huge
     pages, in place (``tensor.data``); returns how many moved. A tensor that shares its storage
-    with another of them (a view, a slice of a fused weight) or does not fill it stays, as do all when fewer bytes than one huge page would move (there is no
-    huge page to gain)."""
+    with another of them (a view, a slice of a fused weight) or does not fill it stays, as do all
+    when fewer bytes than one huge page would move (there is no huge page to gain)."""
     if not available():
         return 0
     tensors = list(_movable(tensors))
