@@ -2,7 +2,7 @@
 
     python benchmarks/bench_e2e.py [--device cuda] [--dtype bfloat16] [--model tinyllama|tiny]
                                    [--backend triton] [--prompt 512] [--decode 128] [--sessions 8]
-                                   [--repeats 3] [--json PATH]
+                                   [--repeats 3] [--no-cuda-graphs] [--json PATH]
 
 One model object serves both systems (transformers runs it with its sdpa attention and its own
 linear layers, as in the other benchmarks). Per system, medians of --repeats after one untimed
@@ -99,6 +99,7 @@ def sessions(model: TrellisLlama, w: Workload, repeats: int) -> dict[str, list[f
 def run(args: argparse.Namespace) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = build(args.model, dtype, device, args.backend)
+    model.runner.use_cuda_graphs = not args.no_cuda_graphs
     w = Workload(L=args.prompt, D=args.decode, N=1, phi=1.0)  # φ=1: all but the last 32-token block shared
     result = {name: single_session(model, name, w, args.decode, args.repeats) for name in SYSTEMS}
     batch = Workload(L=args.prompt, D=max(args.decode // 2, 1), N=args.sessions, phi=0.5)
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         result[name]["sessions_tokens_per_s"] = speeds
     model_name = {"tinyllama": "TinyLlama-1.1B shape, random init (timing only)",
                   "tiny": "2-layer Llama, TinyLlama's vocabulary, random init (self-test)"}[args.model]
-    return {"info": {**describe(model, model_name), "device": str(device)},
+    return {"info": {**describe(model, model_name), "device": str(device), "cuda_graphs": not args.no_cuda_graphs},
             "settings": {"prompt": args.prompt, "decode": args.decode, "shared_tokens": w.shared,
                          "sessions": args.sessions, "session_decode": batch.D, "session_phi": batch.realized_phi,
                          "repeats": args.repeats},
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="Trellis runs every decode step eagerly")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.threads:

@@ -9,7 +9,8 @@ Steps (the limits add up to 445 s, so the check fits a 10-minute command with it
 that runs out is recorded as timed out and the next one starts):
   environment  versions (torch, Triton, transformers, Trellis' commit), the GPU, nvidia-smi
   tests        the tests that run on CUDA: tests/test_ops_triton.py (bf16, an 8k-token decode and
-               opcheck included there) and the Triton cases of tests/test_ops_api.py
+               opcheck included there), the Triton cases of tests/test_ops_api.py and
+               tests/test_cuda_graphs.py (decode steps replayed from CUDA graphs against eager ones)
   parity       scripts/gpu_parity.py: a tiny random Llama, Trellis against transformers' sdpa on the
                same weights in fp32 and bf16 (logits cold, at a decode step and over a cached prefix;
                greedy tokens; a seeded sampling run)
@@ -91,7 +92,8 @@ def steps(self_test: bool, work: Path, junit: Path) -> list[Step]:
                "--decode", "4", "--sessions", "2", "--repeats", "1"]
         limits = (60, 240, 120, 240, 400)
     else:  # 445 s in all: the check, with its start-up, fits a 10-minute command
-        tests = [*pytest, "tests/test_ops_triton.py", "tests/test_ops_api.py", "-k", "triton or cuda"]
+        tests = [*pytest, "tests/test_ops_triton.py", "tests/test_ops_api.py", "tests/test_cuda_graphs.py", "-k",
+                 "triton or cuda"]
         kernels = ["--device", "cuda", "--size", "gpu", "--dtype", "bfloat16"]
         e2e = ["--device", "cuda", "--dtype", "bfloat16", "--model", "tinyllama", "--prompt", "512", "--decode", "128",
                "--sessions", "8", "--repeats", "3"]

@@ -161,7 +161,7 @@ def test_kernels_launch_inside_their_tensors_device(monkeypatch):
     for name in ("store_kv_rows", "decode_attention", "extend_attention"):
         monkeypatch.setattr(triton_backend, name, recorded(name, getattr(triton_backend, name)))
     monkeypatch.setattr(triton_backend, "launch_device", fake_launch_device)
-    device = torch.device(DEVICE)
+    device = torch.empty(0, device=DEVICE).device  # as the tensors name it (cuda:0, not cuda)
     for shape in ("decode", "mixed"):
         case = make_case(*SHAPES[shape], block_size=16)
         assert_matches_oracle(triton_attention(case), case)

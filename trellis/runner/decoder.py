@@ -73,6 +73,7 @@ class LeanDecoder:
         self._lean_layers: list[_LeanLayer] = []  # the decoder layers a forward runs, as it calls them
         self._structure = ModelStructure()  # every module a lean forward runs or skips
         self._first_norm: dict = {}  # the first norm's parameters: ``_state`` reads the weights' dtype there
+        self._stock = False  # the decoder is transformers' as built (``stock``)
 
     def run(self, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
         """The decoder's final hidden states ``[T, H]`` over ``batch`` (its tokens, or
@@ -169,6 +170,13 @@ class LeanDecoder:
             self.checks += 1
         return self._eligible
 
+    def stock(self) -> bool:
+        """Whether the decoder is transformers' Llama as built, on any device and dtype: its own
+        classes, with linear layers called as they are, no hooks, no forwards set on instances
+        (so a step runs its modules' ops and nothing beside them: what a CUDA graph replays)."""
+        self.eligible()  # the verdict, checked again where anything it was reached on changed
+        return self._stock
+
     def _state(self) -> tuple:
         """What the verdict was reached on, in tens of µs on SmolLM2: the registration count (modules
         and parameters replaced, adapters injected), the modules' structure (hooks, classes,
@@ -185,7 +193,7 @@ class LeanDecoder:
         """List the modules a lean forward runs and check each is what it reproduces."""
         model, config = self.model, self.model.config
         decoder = getattr(model, "model", None)
-        self._lean_layers, self._first_norm = [], {}
+        self._lean_layers, self._first_norm, self._stock = [], {}, False
         self._structure.watch([])
         if type(decoder) is not LlamaModel:
             return False
@@ -203,16 +211,19 @@ class LeanDecoder:
         weight = self._first_norm["weight"]
         norms = [*chain.from_iterable((la.input_layernorm, la.post_attention_layernorm) for la in layers),
                  *([] if isinstance(decoder.norm, torch.nn.Identity) else [decoder.norm])]
-        eligible = (
+        self._stock = (
             config._attn_implementation == ATTN_IMPLEMENTATION
             and (getattr(config, "pretraining_tp", 1) or 1) <= 1
-            and weight.device.type == "cpu"
-            and weight.dtype in FUSED_DTYPES  # (fp64 runs transformers' forward)
-            and all(n.weight.dtype == weight.dtype for n in norms)  # the fused ops take one dtype
             and type(decoder.rotary_emb) is LlamaRotaryEmbedding
             and type(decoder.embed_tokens) in (torch.nn.Embedding, type(None))
             and not self._structure.hooks()
             and not any(self._structure.instance_forwards())
+        )
+        eligible = (
+            self._stock
+            and weight.device.type == "cpu"
+            and weight.dtype in FUSED_DTYPES  # (fp64 runs transformers' forward)
+            and all(n.weight.dtype == weight.dtype for n in norms)  # the fused ops take one dtype
         )
         self._lean_layers = [_LeanLayer(layer) for layer in layers] if eligible else []
         return eligible

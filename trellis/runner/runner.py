@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from trellis import ops
 from trellis.cache.block_pool import BlockPool, check_block_size
 from trellis.cache.manager import KVCacheManager, PagedSequence
-from trellis.runner import cpu_linear
+from trellis.runner import cpu_linear, cuda_graphs
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch, build_batch
 from trellis.runner.decoder import LeanDecoder
@@ -96,6 +96,11 @@ class PagedModelRunner:
         # The lean decoder path (decoder.py) wherever the model is eligible; False runs transformers'
         # decoder forward for every step.
         self.use_lean_decoder = True
+        # Decode steps on a GPU replayed from CUDA graphs where they reproduce the step
+        # (cuda_graphs.py); False runs every step eagerly.
+        self.use_cuda_graphs = True
+        self._decode_graphs: cuda_graphs.DecodeGraphs | None = None  # over the current pool
+        self._graphs_checks = -1  # the decoder's verdict count (``LeanDecoder.checks``) they were made at
 
     # --- settings ----------------------------------------------------------------------------
 
@@ -110,7 +115,7 @@ class PagedModelRunner:
     def configure(self, settings: CacheSettings) -> None:
         """New pool geometry or kernels; takes effect, with an empty cache, at the next forward."""
         with self.lock, self._cache_lock:
-            self.settings, self._manager = settings, None
+            self.settings, self._manager, self._decode_graphs = settings, None, None
 
     def set_linear_kernel(self, kind: str, chosen: bool = True) -> int:
         """What runs the linear layers in CPU fp32 and bf16 inference (see ``cpu_linear``); the
@@ -184,6 +189,7 @@ class PagedModelRunner:
                 # would take seconds on SmolLM2.)
                 for layer in self.weights_watcher.adapter_layers:
                     cpu_linear.drop_packed(layer)
+                self._decode_graphs = None  # they read the old pool (and the old weights)
                 self._manager, self._manager_key = KVCacheManager(self._new_pool()), key
                 self._manager.on_reset.append(self._forget_derived_state)
             return self._manager
@@ -203,6 +209,7 @@ class PagedModelRunner:
         cpu_linear.drop_packed(self.model)
         self._prepare_cpu_weights()
         self.weights_watcher.forget()
+        self._decode_graphs = None
 
     def pool_geometry(self) -> tuple[int, int, int]:
         """The pool's layers, KV heads and head dim. Every decoder layer, whatever
@@ -280,10 +287,32 @@ class PagedModelRunner:
                     seq.shareable = False
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
                                 positions)
-            out = run_decoder(self.model, batch, inputs_embeds, **kwargs)
+            replayed = inputs_embeds is None and not _asks(kwargs)
+            hidden = self.replay_decode(manager.pool, batch) if replayed else None
+            hidden_states = None
+            if hidden is None:
+                out = run_decoder(self.model, batch, inputs_embeds, **kwargs)
+                hidden, hidden_states = out.last_hidden_state[0], out.hidden_states
             for seq in seqs:
                 manager.mark_computed(seq)
-            return StepOutput(out.last_hidden_state[0], batch, out.hidden_states)
+            return StepOutput(hidden, batch, hidden_states)
+
+    def replay_decode(self, pool: BlockPool, batch: PagedBatch) -> torch.Tensor | None:
+        """The decoder's final hidden states ``[B, H]`` of a decode step over ``pool``, replayed
+        from a CUDA graph (``cuda_graphs``), or None where no graph reproduces it: the step then
+        runs eagerly. (The caller has checked that nothing but the hidden states is asked for.)"""
+        capture = cuda_graphs.capture_on(batch.input_ids.device)
+        if (capture is None or not self.use_cuda_graphs or batch.plan.backend != "triton" or torch.is_grad_enabled()
+                or not cuda_graphs.is_decode_step(batch) or not self.lean.stock()
+                or cuda_graphs.host_rope(self.model)):
+            return None
+        graphs = self._decode_graphs
+        if graphs is None or self._graphs_checks != self.lean.checks:  # the decoder was checked again
+            width = cuda_graphs.table_width(pool, self.config.max_position_embeddings)
+            graphs = cuda_graphs.DecodeGraphs(lambda step: run_decoder(self.model, step).last_hidden_state[0], pool,
+                                              self.config.hidden_size, self.model.dtype, width, capture)
+            self._decode_graphs, self._graphs_checks = graphs, self.lean.checks
+        return graphs.run(batch) if graphs.fits(batch) else None
 
     def submit(self, manager: KVCacheManager, seqs: Sequence[PagedSequence]) -> PendingStep:
         """Start ``forward(manager, seqs)``; its ``result()`` is the step's output. Here the forward
@@ -368,13 +397,17 @@ def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch
     runner finds it eligible and ``kwargs`` are all None or False (they ask for nothing); else
     transformers' forward, given ``kwargs`` (a tensor among them too: a ``cache_position``)."""
     runner = getattr(model, "runner", None)
-    asks = any(value is not None and value is not False for value in kwargs.values())
-    if isinstance(runner, PagedModelRunner) and runner.use_lean_decoder and not asks:
+    if isinstance(runner, PagedModelRunner) and runner.use_lean_decoder and not _asks(kwargs):
         hidden = runner.lean.run(batch, inputs_embeds)  # [T, H], or None where the model is not eligible
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden[None])
     tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
     return model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False, **kwargs)
+
+
+def _asks(kwargs: dict) -> bool:
+    """Whether the decoder's keyword arguments ask for anything (all None or False ask for nothing)."""
+    return any(value is not None and value is not False for value in kwargs.values())
 
 
 class PendingStep:

@@ -1,0 +1,150 @@
+"""Decode steps replayed from CUDA graphs.
+
+On a GPU, a decode step of a small model is bound by the host: transformers' Llama forward
+launches some twenty kernels a layer from Python (~0.7 ms a TinyLlama layer on the host of an
+H200 machine, against tens of µs of GPU work). ``DecodeGraphs`` records a step's launches once in a
+CUDA graph and then replays them in one call. One graph per decode shape, the number of sequences
+and the Triton plan's launch numbers (the decode kernel's split count), captured the first time a
+step of that shape runs, over static input buffers that each step's batch is copied into. A graph
+replays the kernels that an eager step of its shape launches, with the same shapes and launch
+numbers, so a replayed step computes what the eager step computes.
+
+The runner replays only what a graph reproduces (``PagedModelRunner.replay_decode``): a decoder
+that is transformers' Llama as built, with no hooks and no forwards set on instances
+(``LeanDecoder.stock``: a hook would not run on replay), and a RoPE that does not read the step's
+positions on the host (dynamic and LongRoPE scaling do); attention on the Triton backend; no
+gradients; a step in which every sequence has one new token, embedded from its id, and nothing else
+is asked for. A graph reads the pool's K/V, the weights and the static buffers at the addresses they
+had at capture: the runner drops its graphs with its cache (a new pool; weights replaced, which
+rebuilds the cache) and whenever the decoder's verdict is checked again (a module, hook or layer
+count changed).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from trellis.cache.block_pool import BlockPool
+from trellis.runner.batch import PagedBatch
+from trellis.utils import cdiv
+
+# Records ``step`` (a function of the static buffers) and returns a function that replays it.
+Capture = Callable[[Callable[[], None], torch.device], Callable[[], None]]
+
+MAX_BATCH = 128  # sequences a captured step takes at most; larger decode steps run eagerly
+MAX_GRAPHS = 64  # graphs kept at once, the least recently replayed dropped first
+_HOST_ROPE = ("dynamic", "longrope")  # RoPE types that update their frequencies from the positions on the host
+
+
+def capture_cuda_graph(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step`` run once on a side stream (Triton compiles, cuBLAS sets up its workspace), then
+    recorded in a CUDA graph; returns its replay."""
+    with torch.cuda.device(device):
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            step()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA calls during the capture (an engine beside a server) are not its business
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            step()
+    return graph.replay
+
+
+def host_rope(model: torch.nn.Module) -> bool:
+    """Whether the model's RoPE reads the positions on the host (``dynamic_rope_update``)."""
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    return any(kind in t for t in types for kind in _HOST_ROPE)
+
+
+def is_decode_step(batch: PagedBatch) -> bool:
+    """Every sequence of the batch has exactly one new token."""
+    return batch.host_cu_seqlens_q == list(range(len(batch.host_cu_seqlens_q)))
+
+
+class DecodeGraphs:
+    """The captured decode steps of one model over one pool.
+
+    ``forward(batch)`` is the eager decoder forward (``[T, H]`` final hidden states) that a graph
+    records; ``max_blocks`` the widest block table a step may have (longer sequences run eagerly).
+    """
+
+    def __init__(self, forward: Callable[[PagedBatch], torch.Tensor], pool: BlockPool, hidden_size: int,
+                 dtype: torch.dtype, max_blocks: int, capture: Capture = capture_cuda_graph,
+                 max_batch: int = MAX_BATCH, max_graphs: int = MAX_GRAPHS) -> None:
+        self._forward = forward
+        self._capture = capture
+        self._kv_layers = pool.layers  # what the graphs read and write (a batch over another pool runs eagerly)
+        self.max_batch, self.max_blocks, self.max_graphs = max_batch, max_blocks, max_graphs
+        device = pool.kv.device
+        self.device = device
+        # The static buffers every graph reads (rows 0 .. B - 1 for a step of B sequences).
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # one query each: constant
+        self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(max_batch, hidden_size, dtype=dtype, device=device)  # what a replay writes
+        self._replays: OrderedDict[tuple, Callable[[], None]] = OrderedDict()
+        self.captures = 0  # graphs recorded so far (tests and benchmarks read it)
+
+    def fits(self, batch: PagedBatch) -> bool:
+        """Whether a graph can take this decode step: the sequences and block table fit the
+        buffers, and it runs over this object's pool."""
+        return (batch.kv_layers is self._kv_layers and len(batch.host_seq_lens) <= self.max_batch
+                and batch.block_table.shape[1] <= self.max_blocks)
+
+    def run(self, batch: PagedBatch) -> torch.Tensor:
+        """The decoder's final hidden states ``[B, H]`` of a decode step that ``fits``, from the
+        graph of its shape (captured now if it is the first step of that shape)."""
+        size, width = len(batch.host_seq_lens), batch.block_table.shape[1]
+        key = (size, *batch.plan.backend_plan.tolist())
+        self.input_ids[:size].copy_(batch.input_ids)
+        self.positions[:size].copy_(batch.positions)
+        self.slot_mapping[:size].copy_(batch.slot_mapping)
+        self.seq_lens[:size].copy_(batch.seq_lens)
+        # (Entries past a sequence's blocks keep older steps' ids: the kernels read none past its length.)
+        self.block_table[:size, :width].copy_(batch.block_table)
+        replay = self._replays.get(key)
+        if replay is None:
+            replay = self._record(key, batch)
+        else:
+            self._replays.move_to_end(key)
+        replay()
+        return self.hidden[:size].clone()  # the next replay overwrites the buffer
+
+    def _record(self, key: tuple, batch: PagedBatch) -> Callable[[], None]:
+        size = key[0]
+        sequences = {"block_table": self.block_table[:size], "seq_lens": self.seq_lens[:size],
+                     "cu_seqlens_q": self.cu_seqlens_q[:size + 1]}
+        static = replace(batch, input_ids=self.input_ids[:size], positions=self.positions[:size],
+                         slot_mapping=self.slot_mapping[:size], plan=replace(batch.plan, **sequences), **sequences)
+        hidden = self.hidden[:size]
+
+        def step() -> None:
+            hidden.copy_(self._forward(static))
+
+        replay = self._capture(step, self.device)
+        self.captures += 1
+        self._replays[key] = replay
+        if len(self._replays) > self.max_graphs:
+            self._replays.popitem(last=False)
+        return replay
+
+
+def table_width(pool: BlockPool, max_positions: int) -> int:
+    """The block table width a graph provides for: a sequence of the model's longest, or the whole pool."""
+    return min(pool.num_blocks, cdiv(max_positions, pool.block_size))
+
+
+def capture_on(device: torch.device) -> Capture | None:
+    """How decode steps on ``device`` are captured: CUDA graphs on a CUDA device; None elsewhere."""
+    return capture_cuda_graph if device.type == "cuda" else None
