@@ -106,9 +106,12 @@ def cpu_model() -> str:
 
 
 def trellis_commit() -> str | None:
-    """The checkout's commit, ``+dirty`` when tracked files differ from it; else ``TRELLIS_COMMIT``
-    (a copied tree without ``.git``, as on a GPU machine), else None: a table must be traceable to the
-    code that measured it."""
+    """``TRELLIS_COMMIT`` where set (a copied tree, as on a GPU machine, may carry no ``.git`` or a
+    stale one); else the checkout's commit, ``+dirty`` when tracked files differ from it; else None:
+    a table must be traceable to the code that measured it."""
+    if os.environ.get("TRELLIS_COMMIT"):
+        return os.environ["TRELLIS_COMMIT"]
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
                               timeout=10).stdout.strip()
@@ -117,7 +120,7 @@ def trellis_commit() -> str | None:
         commit = git("rev-parse", "HEAD")
         return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("TRELLIS_COMMIT")
+        return None
 
 
 def environment(dtype: torch.dtype | str | None, linear_kernel: str | None) -> dict:

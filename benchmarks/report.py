@@ -397,8 +397,9 @@ def e2e_table(result: dict) -> str:
         is_time = key.startswith("ttft")  # lower is better; the rest are rates
         shown = (f"{1e3 * ours:.1f} ms", f"{1e3 * theirs:.1f} ms") if is_time else (f"{ours:.1f}", f"{theirs:.1f}")
         rows.append([E2E_METRICS[key], *shown, times(theirs, ours) if is_time else times(ours, theirs)])
-    return (f"{info['model']}, {info['dtype']} on {info['device']}, Trellis attention `{info['trellis_backend']}`: "
-            f"a {s['prompt']}-token prompt ({s['shared_tokens']} tokens cached for the second TTFT), {s['decode']} "
+    graphs = {True: ", decode steps replayed from CUDA graphs", False: ", every decode step eager (CUDA graphs off)"}
+    return (f"{info['model']}, {info['dtype']} on {info['device']}, Trellis attention `{info['trellis_backend']}`"
+            f"{graphs.get(info.get('cuda_graphs'), '') if info['device'].startswith('cuda') else ''}: a {s['prompt']}-token prompt ({s['shared_tokens']} tokens cached for the second TTFT), {s['decode']} "
             f"decoded tokens; N={s['sessions']} sessions of {s['session_decode']} tokens at φ={s['session_phi']:.2f}; "
             f"medians of {s['repeats']}.\n\n" + table(["metric", "Trellis", "transformers", "Trellis lead"], rows))
 
@@ -441,6 +442,8 @@ def shared_decode_table(data: dict) -> str:
 def kind_of(data: dict) -> str:
     if data.get("what") in ("gpu_check", "shared_decode"):
         return data["what"]
+    if "systems" in data and "sessions" in data.get("settings", {}):
+        return "e2e"
     if "results" in data:
         return "eval"
     if "dtypes" in data:
@@ -471,6 +474,7 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "kernels": ("Attention kernels", [kernels_table]),
     "shared_decode": ("Sessions over one system prompt", [shared_decode_table]),
     "gpu_check": ("GPU check", [gpu_check_table]),
+    "e2e": ("End to end", [e2e_table]),
 }
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 from trellis.ops.triton.tile import LOG2E, attend_tile, paged_kv_offsets
 
 # (TILE_N, num_warps) by element size, then head dim (16 and 32 use 64's): tiles that ptxas
-# compiles for sm_80 and sm_90 without spilling registers. Not yet timed on a GPU.
+# compiles for sm_80 and sm_90 without spilling registers. Timed on an H200 (docs/benchmarks.md), not tuned.
 _TILES = {2: {64: (64, 4), 128: (64, 4), 256: (32, 4)}, 4: {64: (64, 8), 128: (32, 8), 256: (16, 8)}}
 _MIN_TILE_N = 16  # tl.dot's smallest K (P·V's is TILE_N) in Triton 3.6; 3.9 allows 8 in fp32
 _MIN_HEADS = 16  # tl.dot's smallest M on tensor cores: the group is padded up to it

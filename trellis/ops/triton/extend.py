@@ -17,7 +17,7 @@ from trellis.ops.triton.tile import LOG2E, attend_tile, paged_kv_offsets
 
 # (BLOCK_M, BLOCK_N, num_warps) by element size, then head dim (16 and 32 use 64's): the largest
 # tiles that ptxas compiles for sm_80 and sm_90 with at most 32 bytes of stack (no real spilling).
-# Not yet timed on a GPU.
+# Timed on an H200 (docs/benchmarks.md), not tuned.
 # fp32 needs smaller tiles: its exact ("ieee") dots run on FMA units, not tensor cores.
 _TILES = {
     2: {64: (64, 64, 4), 128: (64, 32, 4), 256: (32, 32, 8)},
