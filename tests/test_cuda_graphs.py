@@ -31,7 +31,7 @@ class Recorder:
         self.captured = 0
         self.replayed = 0
 
-    def __call__(self, step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    def __call__(self, step: Callable[[], None], device: torch.device, memory_pool: object) -> Callable[[], None]:
         step()
         self.captured += 1
 
@@ -164,3 +164,22 @@ def test_host_rope_runs_eagerly(recorder):
     eager = generate(model, prompts(2, 6), [4, 4], graphs=False)
     assert generate(model, prompts(2, 6), [4, 4], graphs=True) == eager
     assert model.runner._decode_graphs is None
+
+
+def test_a_failed_capture_runs_the_steps_eagerly(monkeypatch):
+    """A step that cannot be captured (an op reading the device back, say): a warning naming the
+    cause, the step and every later one eager, with the eager results; no capture tried again."""
+    tries = []
+
+    def failing(step, device, memory_pool):
+        step()  # the warm-up ran (and wrote the step's K/V) before the capture failed
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "capture_on", lambda device: failing)
+    model = model_on()
+    batch, lengths = prompts(2, 7), [5, 5]
+    eager = generate(model, batch, lengths, graphs=False)
+    with pytest.warns(UserWarning, match="without CUDA graphs.*not permitted when stream is capturing"):
+        assert generate(model, batch, lengths, graphs=True) == eager
+    assert len(tries) == 1 and model.runner._decode_graphs.failure.startswith("RuntimeError")

@@ -22,6 +22,7 @@ count changed).
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,17 +33,18 @@ from trellis.cache.block_pool import BlockPool
 from trellis.runner.batch import PagedBatch
 from trellis.utils import cdiv
 
-# Records ``step`` (a function of the static buffers) and returns a function that replays it.
-Capture = Callable[[Callable[[], None], torch.device], Callable[[], None]]
+# Records ``step`` (a function of the static buffers) on a device, its intermediates in a memory
+# pool shared by the graphs of one ``DecodeGraphs``; returns a function that replays it.
+Capture = Callable[[Callable[[], None], torch.device, object], Callable[[], None]]
 
 MAX_BATCH = 128  # sequences a captured step takes at most; larger decode steps run eagerly
 MAX_GRAPHS = 64  # graphs kept at once, the least recently replayed dropped first
 _HOST_ROPE = ("dynamic", "longrope")  # RoPE types that update their frequencies from the positions on the host
 
 
-def capture_cuda_graph(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+def capture_cuda_graph(step: Callable[[], None], device: torch.device, memory_pool: object) -> Callable[[], None]:
     """``step`` run once on a side stream (Triton compiles, cuBLAS sets up its workspace), then
-    recorded in a CUDA graph; returns its replay."""
+    recorded in a CUDA graph whose intermediates live in ``memory_pool``; returns its replay."""
     with torch.cuda.device(device):
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
@@ -52,7 +54,7 @@ def capture_cuda_graph(step: Callable[[], None], device: torch.device) -> Callab
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA calls during the capture (an engine beside a server) are not its business
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=memory_pool, capture_error_mode="thread_local"):
             step()
     return graph.replay
 
@@ -93,18 +95,23 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # one query each: constant
         self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_batch, hidden_size, dtype=dtype, device=device)  # what a replay writes
+        # One pool for every graph's intermediates: a step's are dead once it has copied its result
+        # into ``hidden``, so graphs may overwrite each other's, replayed in any order, one at a time.
+        self._memory_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self._replays: OrderedDict[tuple, Callable[[], None]] = OrderedDict()
         self.captures = 0  # graphs recorded so far (tests and benchmarks read it)
+        self.failure: str | None = None  # why a capture failed; then every step runs eagerly
 
     def fits(self, batch: PagedBatch) -> bool:
-        """Whether a graph can take this decode step: the sequences and block table fit the
-        buffers, and it runs over this object's pool."""
-        return (batch.kv_layers is self._kv_layers and len(batch.host_seq_lens) <= self.max_batch
+        """Whether a graph can take this decode step: no capture has failed, the sequences and
+        block table fit the buffers, and it runs over this object's pool."""
+        return (self.failure is None and batch.kv_layers is self._kv_layers and len(batch.host_seq_lens) <= self.max_batch
                 and batch.block_table.shape[1] <= self.max_blocks)
 
-    def run(self, batch: PagedBatch) -> torch.Tensor:
+    def run(self, batch: PagedBatch) -> torch.Tensor | None:
         """The decoder's final hidden states ``[B, H]`` of a decode step that ``fits``, from the
-        graph of its shape (captured now if it is the first step of that shape)."""
+        graph of its shape (captured now if it is the first step of that shape); None where the
+        capture failed (the step must then run eagerly: its K/V writes, if any ran, are rewritten)."""
         size, width = len(batch.host_seq_lens), batch.block_table.shape[1]
         key = (size, *batch.plan.backend_plan.tolist())
         self.input_ids[:size].copy_(batch.input_ids)
@@ -116,12 +123,14 @@ class DecodeGraphs:
         replay = self._replays.get(key)
         if replay is None:
             replay = self._record(key, batch)
+            if replay is None:
+                return None
         else:
             self._replays.move_to_end(key)
         replay()
         return self.hidden[:size].clone()  # the next replay overwrites the buffer
 
-    def _record(self, key: tuple, batch: PagedBatch) -> Callable[[], None]:
+    def _record(self, key: tuple, batch: PagedBatch) -> Callable[[], None] | None:
         size = key[0]
         sequences = {"block_table": self.block_table[:size], "seq_lens": self.seq_lens[:size],
                      "cu_seqlens_q": self.cu_seqlens_q[:size + 1]}
@@ -132,7 +141,13 @@ class DecodeGraphs:
         def step() -> None:
             hidden.copy_(self._forward(static))
 
-        replay = self._capture(step, self.device)
+        try:
+            replay = self._capture(step, self.device, self._memory_pool)
+        except RuntimeError as exc:  # e.g. an op that reads the device back: not capturable (CUDA errors are RuntimeErrors)
+            self.failure = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"trellis: decode steps run without CUDA graphs from now on: capturing one failed "
+                          f"({self.failure})", stacklevel=2)
+            return None
         self.captures += 1
         self._replays[key] = replay
         if len(self._replays) > self.max_graphs:

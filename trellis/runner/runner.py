@@ -312,7 +312,7 @@ class PagedModelRunner:
             graphs = cuda_graphs.DecodeGraphs(lambda step: run_decoder(self.model, step).last_hidden_state[0], pool,
                                               self.config.hidden_size, self.model.dtype, width, capture)
             self._decode_graphs, self._graphs_checks = graphs, self.lean.checks
-        return graphs.run(batch) if graphs.fits(batch) else None
+        return graphs.run(batch) if graphs.fits(batch) else None  # (None: the step runs eagerly)
 
     def submit(self, manager: KVCacheManager, seqs: Sequence[PagedSequence]) -> PendingStep:
         """Start ``forward(manager, seqs)``; its ``result()`` is the step's output. Here the forward
