@@ -53,7 +53,7 @@ def capture_cuda_graph(step: Callable[[], None], device: torch.device, memory_po
             step()
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA calls during the capture (an engine beside a server) are not its business
+        # thread_local: CUDA calls another thread makes meanwhile (a second model) are not captured
         with torch.cuda.graph(graph, pool=memory_pool, capture_error_mode="thread_local"):
             step()
     return graph.replay
@@ -105,8 +105,8 @@ class DecodeGraphs:
     def fits(self, batch: PagedBatch) -> bool:
         """Whether a graph can take this decode step: no capture has failed, the sequences and
         block table fit the buffers, and it runs over this object's pool."""
-        return (self.failure is None and batch.kv_layers is self._kv_layers and len(batch.host_seq_lens) <= self.max_batch
-                and batch.block_table.shape[1] <= self.max_blocks)
+        return (self.failure is None and batch.kv_layers is self._kv_layers
+                and len(batch.host_seq_lens) <= self.max_batch and batch.block_table.shape[1] <= self.max_blocks)
 
     def run(self, batch: PagedBatch) -> torch.Tensor | None:
         """The decoder's final hidden states ``[B, H]`` of a decode step that ``fits``, from the
@@ -143,7 +143,7 @@ class DecodeGraphs:
 
         try:
             replay = self._capture(step, self.device, self._memory_pool)
-        except RuntimeError as exc:  # e.g. an op that reads the device back: not capturable (CUDA errors are RuntimeErrors)
+        except RuntimeError as exc:  # (CUDA's errors are) e.g. an op that reads the device back while capturing
             self.failure = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"trellis: decode steps run without CUDA graphs from now on: capturing one failed "
                           f"({self.failure})", stacklevel=2)
