@@ -130,8 +130,8 @@ def test_only_decode_steps_replay(recorder):
 
 def test_graphs_follow_the_decoder_and_the_pool(recorder):
     """A hook set on a layer: every step runs eagerly (the hook would not run on replay), the hook
-    called each time. Fewer layers (an early-exit drafter's forward): new graphs, the eager results
-    at that depth. A reset of the cache or new cache settings drop the graphs."""
+    called each time. Fewer layers (an early-exit drafter's forward): graphs of that depth beside the
+    others, the eager results at each depth. A reset of the cache or new cache settings drop the graphs."""
     model = model_on()
     batch, lengths = prompts(2, 7), [5, 5]
     eager = generate(model, batch, lengths, graphs=False)
@@ -144,10 +144,14 @@ def test_graphs_follow_the_decoder_and_the_pool(recorder):
     model.config.num_hidden_layers = 1
     shallow = generate(model, batch, lengths, graphs=False)
     assert generate(model, batch, lengths, graphs=True) == shallow != eager
-    first = model.runner._decode_graphs
+    graphs = model.runner._decode_graphs
+    model.config.num_hidden_layers = 2  # (nothing cached: a forward over fewer layers caches nothing)
+    assert generate(model, batch, lengths, graphs=True, reset=False) == eager  # the same graphs, one more shape
+    assert model.runner._decode_graphs is graphs and graphs.captures == 2
+    model.config.num_hidden_layers = 1  # (an early-exit drafter's rounds alternate the depths)
+    assert generate(model, batch, lengths, graphs=True, reset=False)[0] == shallow[0]  # (over cached prompts)
+    assert model.runner._decode_graphs is graphs and graphs.captures == 2  # replayed, not captured again
     model.config.num_hidden_layers = 2
-    assert generate(model, batch, lengths, graphs=True) == eager
-    assert model.runner._decode_graphs is not first  # made again for the whole depth
 
     model.prefix_cache.reset()
     assert model.runner._decode_graphs is None
@@ -183,3 +187,36 @@ def test_a_failed_capture_runs_the_steps_eagerly(monkeypatch):
     with pytest.warns(UserWarning, match="without CUDA graphs.*not permitted when stream is capturing"):
         assert generate(model, batch, lengths, graphs=True) == eager
     assert len(tries) == 1 and model.runner._decode_graphs.failure.startswith("RuntimeError")
+
+
+def test_early_exit_drafting_gives_the_eager_tokens(recorder):
+    """``assistant_early_exit`` drafts over the first layer and verifies over all three, round after
+    round (``config.num_hidden_layers`` alternating): the eager tokens, and a graph only for a step
+    of one token a sequence (the last one here: a random model's unsure drafts stop at one token,
+    whose drafting and verifying forwards take two)."""
+    model = model_on(num_hidden_layers=3)
+    ids = torch.tensor(prompts(1, 10), device=model.device)
+    with torch.no_grad():
+        model.runner.use_cuda_graphs = False
+        eager = model.generate(ids, max_new_tokens=24, do_sample=False, assistant_early_exit=1)
+        model.prefix_cache.reset()
+        model.runner.use_cuda_graphs = True
+        replayed = model.generate(ids, max_new_tokens=24, do_sample=False, assistant_early_exit=1)
+    assert torch.equal(replayed, eager)
+    graphs = model.runner._decode_graphs
+    assert graphs is not None and graphs.captures == 1
+
+
+def test_graphs_made_under_inference_mode_serve_outside_it(recorder):
+    """The first decode steps under ``torch.inference_mode()`` make the graphs and their buffers;
+    steps outside it (``generate()``'s own no_grad) replay them, with the same tokens."""
+    model = model_on()
+    model.runner.use_cuda_graphs = True
+    ids = torch.tensor(prompts(1, 10), device=model.device)
+    with torch.inference_mode():
+        inside = model.generate(ids, max_new_tokens=5, do_sample=False)
+    graphs = model.runner._decode_graphs
+    assert graphs is not None and graphs.captures == 1
+    model.prefix_cache.check_integrity()
+    outside = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(outside, inside) and model.runner._decode_graphs is graphs

@@ -3,11 +3,11 @@
 On a GPU, a decode step of a small model is bound by the host: transformers' Llama forward
 launches some twenty kernels a layer from Python (~0.7 ms a TinyLlama layer on the host of an
 H200 machine, against tens of µs of GPU work). ``DecodeGraphs`` records a step's launches once in a
-CUDA graph and then replays them in one call. One graph per decode shape, the number of sequences
-and the Triton plan's launch numbers (the decode kernel's split count), captured the first time a
-step of that shape runs, over static input buffers that each step's batch is copied into. A graph
-replays the kernels that an eager step of its shape launches, with the same shapes and launch
-numbers, so a replayed step computes what the eager step computes.
+CUDA graph and then replays them in one call. One graph per decode shape (the number of sequences,
+of layers run, and the Triton plan's launch numbers: the decode kernel's split count), captured the
+first time a step of that shape runs, over static input buffers that each step's batch is copied
+into. A graph replays the kernels that an eager step of its shape launches, with the same shapes
+and launch numbers, so a replayed step computes what the eager step computes.
 
 The runner replays only what a graph reproduces (``PagedModelRunner.replay_decode``): a decoder
 that is transformers' Llama as built, with no hooks and no forwards set on instances
@@ -16,8 +16,8 @@ positions on the host (dynamic and LongRoPE scaling do); attention on the Triton
 gradients; a step in which every sequence has one new token, embedded from its id, and nothing else
 is asked for. A graph reads the pool's K/V, the weights and the static buffers at the addresses they
 had at capture: the runner drops its graphs with its cache (a new pool; weights replaced, which
-rebuilds the cache) and whenever the decoder's verdict is checked again (a module, hook or layer
-count changed).
+rebuilds the cache) and whenever the decoder's modules change (a module replaced, a hook set, a
+class or forward changed: ``LeanDecoder.modules_state``).
 """
 
 from __future__ import annotations
@@ -87,14 +87,16 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks, self.max_graphs = max_batch, max_blocks, max_graphs
         device = pool.kv.device
         self.device = device
-        # The static buffers every graph reads (rows 0 .. B - 1 for a step of B sequences).
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
-        self.cu_seqlens_q = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # one query each: constant
-        self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(max_batch, hidden_size, dtype=dtype, device=device)  # what a replay writes
+        # The static buffers every graph reads (rows 0 .. B - 1 for a step of B sequences). Ordinary
+        # tensors even when the first step runs under inference_mode: later steps outside it write them.
+        with torch.inference_mode(False):
+            self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+            self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+            self.slot_mapping = torch.zeros(max_batch, dtype=torch.int64, device=device)
+            self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+            self.cu_seqlens_q = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # one query each
+            self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+            self.hidden = torch.zeros(max_batch, hidden_size, dtype=dtype, device=device)  # what a replay writes
         # One pool for every graph's intermediates: a step's are dead once it has copied its result
         # into ``hidden``, so graphs may overwrite each other's, replayed in any order, one at a time.
         self._memory_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
@@ -108,12 +110,13 @@ class DecodeGraphs:
         return (self.failure is None and batch.kv_layers is self._kv_layers
                 and len(batch.host_seq_lens) <= self.max_batch and batch.block_table.shape[1] <= self.max_blocks)
 
-    def run(self, batch: PagedBatch) -> torch.Tensor | None:
-        """The decoder's final hidden states ``[B, H]`` of a decode step that ``fits``, from the
-        graph of its shape (captured now if it is the first step of that shape); None where the
-        capture failed (the step must then run eagerly: its K/V writes, if any ran, are rewritten)."""
+    def run(self, batch: PagedBatch, num_layers: int) -> torch.Tensor | None:
+        """The decoder's final hidden states ``[B, H]`` of a decode step that ``fits``, running
+        ``num_layers`` layers, from the graph of its shape (captured now if it is the first step of
+        that shape); None where the capture failed (the step must then run eagerly: its K/V
+        writes, if any ran, are rewritten)."""
         size, width = len(batch.host_seq_lens), batch.block_table.shape[1]
-        key = (size, *batch.plan.backend_plan.tolist())
+        key = (size, num_layers, *batch.plan.backend_plan.tolist())
         self.input_ids[:size].copy_(batch.input_ids)
         self.positions[:size].copy_(batch.positions)
         self.slot_mapping[:size].copy_(batch.slot_mapping)

@@ -177,11 +177,18 @@ class LeanDecoder:
         self.eligible()  # the verdict, checked again where anything it was reached on changed
         return self._stock
 
+    def modules_state(self) -> tuple:
+        """The modules as the last verdict saw them (``stock`` checks it is current): the
+        registration count and their structure. A CUDA graph recorded over a stock decoder stays
+        valid while these hold, whatever ``num_hidden_layers`` says (an early-exit drafter lowers it
+        for its drafts, then restores it)."""
+        return self._key[:2]
+
     def _state(self) -> tuple:
         """What the verdict was reached on, in tens of µs on SmolLM2: the registration count (modules
         and parameters replaced, adapters injected), the modules' structure (hooks, classes,
-        forwards set on instances, containers' members), the settings a step reads, and the dtype
-        and device of the weights (``.to()``)."""
+        forwards set on instances, containers' members) (these two first: ``modules_state``), the
+        settings a step reads, and the dtype and device of the weights (``.to()``)."""
         config = vars(self.model.config)
         weight = self._first_norm.get("weight")
         return (registration_count(), self._structure.state(),
@@ -198,8 +205,10 @@ class LeanDecoder:
         if type(decoder) is not LlamaModel:
             return False
         layers = list(decoder.layers)[: config.num_hidden_layers]  # as transformers slices them
-        modules = [m for layer in layers for m in layer.modules()] + [decoder, decoder.layers, decoder.rotary_emb,
-                                                                      decoder.norm]
+        # Every layer's modules watched, those a forward skips too: a forward over fewer layers (an
+        # early-exit draft) then sees the modules as a whole forward does (``modules_state``).
+        modules = [m for layer in decoder.layers for m in layer.modules()] + [decoder, decoder.layers,
+                                                                              decoder.rotary_emb, decoder.norm]
         if decoder.embed_tokens is not None:
             modules.append(decoder.embed_tokens)
         watch_registrations(modules)

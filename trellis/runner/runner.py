@@ -100,7 +100,7 @@ class PagedModelRunner:
         # (cuda_graphs.py); False runs every step eagerly.
         self.use_cuda_graphs = True
         self._decode_graphs: cuda_graphs.DecodeGraphs | None = None  # over the current pool
-        self._graphs_checks = -1  # the decoder's verdict count (``LeanDecoder.checks``) they were made at
+        self._graphs_modules: tuple | None = None  # the decoder's modules they were made over (``modules_state``)
 
     # --- settings ----------------------------------------------------------------------------
 
@@ -307,12 +307,13 @@ class PagedModelRunner:
                 or cuda_graphs.host_rope(self.model)):
             return None
         graphs = self._decode_graphs
-        if graphs is None or self._graphs_checks != self.lean.checks:  # the decoder was checked again
+        if graphs is None or self._graphs_modules != self.lean.modules_state():  # a module, hook or class changed
             width = cuda_graphs.table_width(pool, self.config.max_position_embeddings)
             graphs = cuda_graphs.DecodeGraphs(lambda step: run_decoder(self.model, step).last_hidden_state[0], pool,
                                               self.config.hidden_size, self.model.dtype, width, capture)
-            self._decode_graphs, self._graphs_checks = graphs, self.lean.checks
-        return graphs.run(batch) if graphs.fits(batch) else None  # (None: the step runs eagerly)
+            self._decode_graphs, self._graphs_modules = graphs, self.lean.modules_state()
+        # (None: the step runs eagerly)
+        return graphs.run(batch, self.config.num_hidden_layers) if graphs.fits(batch) else None
 
     def submit(self, manager: KVCacheManager, seqs: Sequence[PagedSequence]) -> PendingStep:
         """Start ``forward(manager, seqs)``; its ``result()`` is the step's output. Here the forward
