@@ -37,9 +37,9 @@ def paged_attention_forward(
             "the 'trellis' attention needs the PagedBatch that PagedModelRunner builds; "
             "call the model through TrellisLlama, or load it with another attn_implementation"
         )
-    q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
-    k = key[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
-    v = value[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
+    q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]: the attention kernels read it packed
+    k = key[0].transpose(0, 1)  # [T, Hkv, D] views: store_kv takes any strides (a copy less a layer)
+    v = value[0].transpose(0, 1)
     k_cache, v_cache = paged_batch.kv_layers[module.layer_idx]  # each [N, S, Hkv, D]
     plan = paged_batch.plan
     ops.store_kv(k.detach(), v.detach(), k_cache, v_cache, paged_batch.slot_mapping, backend=plan.backend)
