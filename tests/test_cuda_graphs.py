@@ -220,3 +220,16 @@ def test_graphs_made_under_inference_mode_serve_outside_it(recorder):
     model.prefix_cache.check_integrity()
     outside = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(outside, inside) and model.runner._decode_graphs is graphs
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphs_replay_on_their_device_whichever_is_current():
+    """A model on cuda:1 while cuda:0 is current captures and replays its graphs on cuda:1."""
+    _, model = tiny_pair(backend="triton")
+    model = model.to("cuda:1")
+    model.runner.use_lean_decoder = False
+    batch, lengths = prompts(2, 7), [5, 5]
+    with torch.cuda.device(0):
+        eager = generate(model, batch, lengths, graphs=False)
+        assert generate(model, batch, lengths, graphs=True) == eager
+    assert model.runner._decode_graphs.captures == 1

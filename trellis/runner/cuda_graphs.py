@@ -56,7 +56,12 @@ def capture_cuda_graph(step: Callable[[], None], device: torch.device, memory_po
         # thread_local: CUDA calls another thread makes meanwhile (a second model) are not captured
         with torch.cuda.graph(graph, pool=memory_pool, capture_error_mode="thread_local"):
             step()
-    return graph.replay
+
+    def replay() -> None:
+        with torch.cuda.device(device):  # on the graph's device's stream, whichever device is current
+            graph.replay()
+
+    return replay
 
 
 def host_rope(model: torch.nn.Module) -> bool:
