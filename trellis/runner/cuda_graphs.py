@@ -33,8 +33,8 @@ from trellis.cache.block_pool import BlockPool
 from trellis.runner.batch import PagedBatch
 from trellis.utils import cdiv
 
-# Records ``step`` (a function of the static buffers) on a device, its intermediates in a memory
-# pool shared by the graphs of one ``DecodeGraphs``; returns a function that replays it.
+# Records ``step`` (a function of the static buffers) on a device, its tensors in a memory pool
+# shared by the graphs of one ``DecodeGraphs``; returns a function that replays it.
 Capture = Callable[[Callable[[], None], torch.device, object], Callable[[], None]]
 
 MAX_BATCH = 128  # sequences a captured step takes at most; larger decode steps run eagerly
@@ -83,9 +83,9 @@ class DecodeGraphs:
     records; ``max_blocks`` the widest block table a step may have (longer sequences run eagerly).
     """
 
-    def __init__(self, forward: Callable[[PagedBatch], torch.Tensor], pool: BlockPool, hidden_size: int,
-                 dtype: torch.dtype, max_blocks: int, capture: Capture = capture_cuda_graph,
-                 max_batch: int = MAX_BATCH, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(self, forward: Callable[[PagedBatch], torch.Tensor], pool: BlockPool, max_blocks: int,
+                 capture: Capture = capture_cuda_graph, max_batch: int = MAX_BATCH,
+                 max_graphs: int = MAX_GRAPHS) -> None:
         self._forward = forward
         self._capture = capture
         self._kv_layers = pool.layers  # what the graphs read and write (a batch over another pool runs eagerly)
@@ -101,11 +101,12 @@ class DecodeGraphs:
             self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
             self.cu_seqlens_q = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # one query each
             self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
-            self.hidden = torch.zeros(max_batch, hidden_size, dtype=dtype, device=device)  # what a replay writes
-        # One pool for every graph's intermediates: a step's are dead once it has copied its result
-        # into ``hidden``, so graphs may overwrite each other's, replayed in any order, one at a time.
+        # One pool for every graph's tensors: a step's intermediates are dead once it ends, so graphs
+        # may overwrite each other's, replayed in any order, one at a time; each graph's output stays
+        # alive (held below), so no later capture takes its memory.
         self._memory_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        self._replays: OrderedDict[tuple, Callable[[], None]] = OrderedDict()
+        # shape -> (replay, [the output it writes, ``[B, H]``])
+        self._replays: OrderedDict[tuple, tuple[Callable[[], None], list[torch.Tensor]]] = OrderedDict()
         self.captures = 0  # graphs recorded so far (tests and benchmarks read it)
         self.failure: str | None = None  # why a capture failed; then every step runs eagerly
 
@@ -128,26 +129,27 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(batch.seq_lens)
         # (Entries past a sequence's blocks keep older steps' ids: the kernels read none past its length.)
         self.block_table[:size, :width].copy_(batch.block_table)
-        replay = self._replays.get(key)
-        if replay is None:
-            replay = self._record(key, batch)
-            if replay is None:
+        graph = self._replays.get(key)
+        if graph is None:
+            graph = self._record(key, batch)
+            if graph is None:
                 return None
         else:
             self._replays.move_to_end(key)
+        replay, output = graph
         replay()
-        return self.hidden[:size].clone()  # the next replay overwrites the buffer
+        return output[0].clone()  # the next replay of this graph overwrites it
 
-    def _record(self, key: tuple, batch: PagedBatch) -> Callable[[], None] | None:
+    def _record(self, key: tuple, batch: PagedBatch) -> tuple[Callable[[], None], list[torch.Tensor]] | None:
         size = key[0]
         sequences = {"block_table": self.block_table[:size], "seq_lens": self.seq_lens[:size],
                      "cu_seqlens_q": self.cu_seqlens_q[:size + 1]}
         static = replace(batch, input_ids=self.input_ids[:size], positions=self.positions[:size],
                          slot_mapping=self.slot_mapping[:size], plan=replace(batch.plan, **sequences), **sequences)
-        hidden = self.hidden[:size]
+        output: list[torch.Tensor] = []  # the last run's, i.e. the recorded one's: what replays write
 
         def step() -> None:
-            hidden.copy_(self._forward(static))
+            output[:] = [self._forward(static)]
 
         try:
             replay = self._capture(step, self.device, self._memory_pool)
@@ -157,10 +159,10 @@ class DecodeGraphs:
                           f"({self.failure})", stacklevel=2)
             return None
         self.captures += 1
-        self._replays[key] = replay
+        self._replays[key] = replay, output
         if len(self._replays) > self.max_graphs:
             self._replays.popitem(last=False)
-        return replay
+        return replay, output
 
 
 def table_width(pool: BlockPool, max_positions: int) -> int:

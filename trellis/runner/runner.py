@@ -310,7 +310,7 @@ class PagedModelRunner:
         if graphs is None or self._graphs_modules != self.lean.modules_state():  # a module, hook or class changed
             width = cuda_graphs.table_width(pool, self.config.max_position_embeddings)
             graphs = cuda_graphs.DecodeGraphs(lambda step: run_decoder(self.model, step).last_hidden_state[0], pool,
-                                              self.config.hidden_size, self.model.dtype, width, capture)
+                                              width, capture)
             self._decode_graphs, self._graphs_modules = graphs, self.lean.modules_state()
         # (None: the step runs eagerly)
         return graphs.run(batch, self.config.num_hidden_layers) if graphs.fits(batch) else None
