@@ -30,6 +30,7 @@ from trellis.runner import cpu_linear, cuda_graphs
 from trellis.runner.attention import ATTN_IMPLEMENTATION
 from trellis.runner.batch import PagedBatch, build_batch
 from trellis.runner.decoder import LeanDecoder
+from trellis.runner.host_memory import keep_freed_memory
 from trellis.runner.huge_pages import place_on_huge_pages
 from trellis.runner.weights_watcher import WeightsWatcher
 from trellis.utils import is_positive_int
@@ -133,6 +134,8 @@ class PagedModelRunner:
         """Lay the CPU weights out for serving, so that no request pays for it: onto huge pages
         (``huge_pages``), then the packed copies made from them (``cpu_linear.make_packed``; a copy
         follows its weight's storage, so the weights move first) and placed too."""
+        if self.device.type == "cpu":
+            keep_freed_memory()  # (process-wide, once: a prefill's activations then reuse mapped pages)
         place_on_huge_pages(chain(self.model.parameters(), self.model.buffers()))
         place_on_huge_pages(cpu_linear.make_packed(self.model))
 
