@@ -5,7 +5,8 @@ The runner owns what every caller of the model shares: the KV cache (rebuilt emp
 K/V would be stale), the input checks, packing a step's new tokens into one ``[1, T]`` sequence,
 the forward itself (the lean decoder path of ``decoder.py`` where the model is eligible, else
 transformers' decoder, whose attention is the registered ``"trellis"`` function reading the
-step's ``PagedBatch``), picking logits, and the lock that keeps forwards on the shared pool one
+step's ``PagedBatch``; on CUDA, decode steps replayed from graphs of that forward,
+``cuda_graphs.py``), picking logits, and the lock that keeps forwards on the shared pool one
 at a time. The engine, the eval scorers and the Hugging Face façade
 (``TrellisLlama``) all run the model through it.
 """
