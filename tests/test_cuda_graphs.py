@@ -233,3 +233,17 @@ def test_graphs_replay_on_their_device_whichever_is_current():
         eager = generate(model, batch, lengths, graphs=False)
         assert generate(model, batch, lengths, graphs=True) == eager
     assert model.runner._decode_graphs.captures == 1
+
+
+def test_the_least_recently_replayed_graph_goes_first(recorder):
+    """At most ``max_graphs`` graphs are kept: a shape whose graph was dropped is captured again,
+    with the eager results."""
+    model = model_on()
+    one, two = prompts(1, 7), prompts(2, 7)
+    eager_one, eager_two = (generate(model, p, [4] * len(p), graphs=False) for p in (one, two))
+    assert generate(model, one, [4], graphs=True) == eager_one
+    graphs = model.runner._decode_graphs
+    graphs.max_graphs = 1
+    assert generate(model, two, [4, 4], graphs=True, reset=False) == eager_two  # one sequence's graph dropped
+    assert generate(model, one, [4], graphs=True, reset=False)[0] == eager_one[0]  # captured again
+    assert model.runner._decode_graphs is graphs and graphs.captures == 3 and len(graphs._replays) == 1

@@ -160,7 +160,7 @@ class DecodeGraphs:
             return None
         self.captures += 1
         self._replays[key] = replay, output
-        if len(self._replays) > self.max_graphs:
+        while len(self._replays) > self.max_graphs:
             self._replays.popitem(last=False)
         return replay, output
 
