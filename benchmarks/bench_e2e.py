@@ -2,7 +2,7 @@
 
     python benchmarks/bench_e2e.py [--device cuda] [--dtype bfloat16] [--model tinyllama|tiny]
                                    [--backend triton] [--prompt 512] [--decode 128] [--sessions 8]
-                                   [--repeats 3] [--no-cuda-graphs] [--json PATH]
+                                   [--repeats 3] [--no-cuda-graphs] [--profile] [--json PATH]
 
 One model object serves both systems (transformers runs it with its sdpa attention and its own
 linear layers, as in the other benchmarks). Per system, medians of --repeats after one untimed
@@ -14,6 +14,11 @@ round (the first call of a shape compiles Triton's kernels):
   decode       one session's decode rate: D / (t(prompt, D + 1 tokens) − t(prompt, 1 token)), cold
   sessions     --sessions prompts over a φ=0.5 shared prefix, D/2 tokens each, tokens/s of a whole
                op (``systems.py``): Trellis' engine against one batched ``generate()`` call
+
+``--profile`` adds, per system, where one cold prompt's host time goes (the host launches every
+kernel of a prefill, which bounds it on a GPU), from ``torch.profiler``: its wall time, the part
+inside ATen and custom ops, the rest (Python, Triton's launcher among it), and the ops with the
+most self CPU time.
 
 ``--model tinyllama`` is TinyLlama-1.1B's shape; ``tiny`` a 2-layer model for a self-test on CPU
 (with ``--backend triton`` and ``TRITON_INTERPRET=1`` it runs the Triton kernels in the interpreter).
@@ -87,6 +92,20 @@ def single_session(model: TrellisLlama, system: str, w: Workload, decode: int, r
             "decode_tokens_per_s": decode / decoding if decoding > 0 else None}
 
 
+def profile_cold_prompt(model: TrellisLlama, system: str, w: Workload, top: int = 15) -> dict:
+    """One cold prompt, profiled (after the timed rounds: nothing compiles): its wall time, the
+    self CPU time of all ops, and the ``top`` ops by it."""
+    ids = torch.tensor([w.prompt(0)], device=model.device)
+    if system == "trellis":
+        model.prefix_cache.reset()
+    sdpa = attention(model, "sdpa") if system == "transformers" else contextlib.nullcontext()
+    with sdpa, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        wall = timed(lambda: model.generate(ids, max_new_tokens=1, do_sample=False), model.device)
+    ops = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"wall_ms": 1e3 * wall, "in_ops_ms": sum(e.self_cpu_time_total for e in ops) / 1e3,
+            "top": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ops[:top]]}
+
+
 def sessions(model: TrellisLlama, w: Workload, repeats: int) -> dict[str, list[float]]:
     """Tokens/s per op of Trellis' engine and of one batched generate() over the same N prompts."""
     out = {}
@@ -102,6 +121,9 @@ def run(args: argparse.Namespace) -> dict:
     model.runner.use_cuda_graphs = not args.no_cuda_graphs
     w = Workload(L=args.prompt, D=args.decode, N=1, phi=1.0)  # φ=1: all but the last 32-token block shared
     result = {name: single_session(model, name, w, args.decode, args.repeats) for name in SYSTEMS}
+    if args.profile:
+        for name in SYSTEMS:
+            result[name]["cold_prompt_profile"] = profile_cold_prompt(model, name, w)
     batch = Workload(L=args.prompt, D=max(args.decode // 2, 1), N=args.sessions, phi=0.5)
     for name, speeds in sessions(model, batch, args.repeats).items():
         result[name]["sessions_tokens_per_s"] = speeds
@@ -126,12 +148,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="Trellis runs every decode step eagerly")
+    parser.add_argument("--profile", action="store_true", help="where one cold prompt's host time goes, per system")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)
     print(e2e_table(result))
+    for name in SYSTEMS if args.profile else ():
+        p = result["systems"][name]["cold_prompt_profile"]
+        print(f"\n{name}, one cold prompt, profiled: {p['wall_ms']:.1f} ms, {p['in_ops_ms']:.1f} in ops; self CPU ms "
+              "(calls): " + ", ".join(f"{op['op']} {op['self_cpu_ms']:.1f} ({op['calls']})" for op in p["top"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

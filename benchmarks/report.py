@@ -402,7 +402,19 @@ def e2e_table(result: dict) -> str:
     return (f"{info['model']}, {info['dtype']} on {info['device']}, Trellis attention `{info['trellis_backend']}`"
             f"{graphs}: a {s['prompt']}-token prompt ({s['shared_tokens']} tokens cached for the second TTFT), "
             f"{s['decode']} decoded tokens; N={s['sessions']} sessions of {s['session_decode']} tokens at φ={s['session_phi']:.2f}; "
-            f"medians of {s['repeats']}.\n\n" + table(["metric", "Trellis", "transformers", "Trellis lead"], rows))
+            f"medians of {s['repeats']}.\n\n" + table(["metric", "Trellis", "transformers", "Trellis lead"], rows)
+            + profile_note(result["systems"]))
+
+
+def profile_note(systems: dict) -> str:
+    """``bench_e2e --profile``: one cold prompt's host time, in ops and the rest, per system."""
+    profiles = {name: r["cold_prompt_profile"] for name, r in systems.items() if "cold_prompt_profile" in r}
+    if not profiles:
+        return ""
+    parts = [f"{name} {p['wall_ms']:.1f} ms ({p['in_ops_ms']:.1f} in ops; most: "
+             + ", ".join(f"`{op['op']}` {op['self_cpu_ms']:.1f}" for op in p["top"][:3]) + ")"
+             for name, p in profiles.items()]
+    return "\n\nOne cold prompt, profiled on the host: " + "; ".join(parts) + "."
 
 
 def gpu_check_table(data: dict) -> str:

@@ -89,14 +89,14 @@ def steps(self_test: bool, work: Path, junit: Path) -> list[Step]:
         tests = [*pytest, "tests/test_ops_triton.py", "-k", "split_k_decode or strided"]
         kernels = ["--device", "cpu", "--size", "tiny", "--dtype", "float32"]
         e2e = ["--device", "cpu", "--dtype", "float32", "--model", "tiny", "--backend", "triton", "--prompt", "64",
-               "--decode", "4", "--sessions", "2", "--repeats", "1"]
+               "--decode", "4", "--sessions", "2", "--repeats", "1", "--profile"]
         limits = (60, 240, 120, 240, 400)
     else:  # 445 s in all: the check, with its start-up, fits a 10-minute command
         tests = [*pytest, "tests/test_ops_triton.py", "tests/test_ops_api.py", "tests/test_cuda_graphs.py", "-k",
                  "triton or cuda"]
         kernels = ["--device", "cuda", "--size", "gpu", "--dtype", "bfloat16"]
         e2e = ["--device", "cuda", "--dtype", "bfloat16", "--model", "tinyllama", "--prompt", "512", "--decode", "128",
-               "--sessions", "8", "--repeats", "3"]
+               "--sessions", "8", "--repeats", "3", "--profile"]
         limits = (45, 150, 60, 90, 100)
     return [
         Step("environment", [python, "-c", ENVIRONMENT], limits[0]),
