@@ -397,10 +397,10 @@ def e2e_table(result: dict) -> str:
         is_time = key.startswith("ttft")  # lower is better; the rest are rates
         shown = (f"{1e3 * ours:.1f} ms", f"{1e3 * theirs:.1f} ms") if is_time else (f"{ours:.1f}", f"{theirs:.1f}")
         rows.append([E2E_METRICS[key], *shown, times(theirs, ours) if is_time else times(ours, theirs)])
-    graphs = {True: ", decode steps replayed from CUDA graphs", False: ", every decode step eager (CUDA graphs off)"}
-    graphs = graphs.get(info.get("cuda_graphs"), "") if info["device"].startswith("cuda") else ""
+    graph_notes = {True: ", decode steps replayed from CUDA graphs", False: ", every decode step eager (CUDA graphs off)"}
+    graph_note = graph_notes.get(info.get("cuda_graphs"), "") if info["device"].startswith("cuda") else ""
     return (f"{info['model']}, {info['dtype']} on {info['device']}, Trellis attention `{info['trellis_backend']}`"
-            f"{graphs}: a {s['prompt']}-token prompt ({s['shared_tokens']} tokens cached for the second TTFT), "
+            f"{graph_note}: a {s['prompt']}-token prompt ({s['shared_tokens']} tokens cached for the second TTFT), "
             f"{s['decode']} decoded tokens; N={s['sessions']} sessions of {s['session_decode']} tokens at φ={s['session_phi']:.2f}; "
             f"medians of {s['repeats']}.\n\n" + table(["metric", "Trellis", "transformers", "Trellis lead"], rows)
             + profile_note(result["systems"]))

@@ -310,12 +310,12 @@ class PagedModelRunner:
                 or not cuda_graphs.is_decode_step(batch) or not self.lean.stock()
                 or cuda_graphs.host_rope(self.model)):
             return None
-        graphs = self._decode_graphs
-        if graphs is None or self._graphs_modules != self.lean.modules_state():  # a module, hook or class changed
+        graphs, modules = self._decode_graphs, self.lean.modules_state()
+        if graphs is None or self._graphs_modules != modules:  # a module, hook or class changed
             width = cuda_graphs.table_width(pool, self.config.max_position_embeddings)
             graphs = cuda_graphs.DecodeGraphs(lambda step: run_decoder(self.model, step).last_hidden_state[0], pool,
                                               width, capture)
-            self._decode_graphs, self._graphs_modules = graphs, self.lean.modules_state()
+            self._decode_graphs, self._graphs_modules = graphs, modules
         # (None: the step runs eagerly)
         return graphs.run(batch, self.config.num_hidden_layers) if graphs.fits(batch) else None
 
