@@ -452,8 +452,33 @@ def shared_decode_table(data: dict) -> str:
             + table(["N", "prompt", "shared", "one shared prompt", "own prompts", "shared faster"], rows))
 
 
+def bf16_parity_table(data: dict) -> str:
+    rows = data["prompts"]
+
+    def span(key: str, digits: int = 2) -> str:
+        values = [r[key] for r in rows]
+        return f"{min(values):.{digits}f} to {max(values):.{digits}f}"
+
+    generated = sum(r["generated"] for r in rows)
+    each = ", ".join(f"{r['free_running_agreed']}/{r['generated']}" for r in rows)
+    return (f"SmolLM2 in bf16, Trellis beside transformers (sdpa), the fp32 model the oracle: {len(rows)} chat "
+            f"prompts over one system prompt, {data['new_tokens']} greedy tokens each; figures over each "
+            "prompt's generated text (the range over prompts).\n\n" + table(["", "SmolLM2-135M-Instruct"], [
+                ["max logit error, transformers bf16 vs fp32", span("transformers_vs_fp32_max")],
+                ["max logit error, Trellis bf16 vs fp32", span("trellis_vs_fp32_max")],
+                ["mean logit error vs fp32, transformers / Trellis",
+                 f"{span('transformers_vs_fp32_mean', 3)} / {span('trellis_vs_fp32_mean', 3)}"],
+                ["max logit error, Trellis vs transformers, both bf16", span("trellis_vs_transformers_max")],
+                ["greedy token = transformers bf16's, on the same text",
+                 f"{sum(r['greedy_agreed'] for r in rows)} of {generated}"],
+                ["free-running greedy, tokens before the first difference",
+                 f"{sum(r['free_running_agreed'] for r in rows)} of {generated} ({each})"],
+                ["a prefix-cache hit against the cold run of Trellis", f"up to {span('cache_hit_vs_cold_max')}"],
+            ]))
+
+
 def kind_of(data: dict) -> str:
-    if data.get("what") in ("gpu_check", "shared_decode"):
+    if data.get("what") in ("gpu_check", "shared_decode", "bf16_parity"):
         return data["what"]
     if "systems" in data and "sessions" in data.get("settings", {}):
         return "e2e"
@@ -488,6 +513,7 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "shared_decode": ("Sessions over one system prompt", [shared_decode_table]),
     "gpu_check": ("GPU check", [gpu_check_table]),
     "e2e": ("End to end", [e2e_table]),
+    "bf16_parity": ("bf16 parity", [bf16_parity_table]),
 }
 
 

@@ -181,20 +181,22 @@ inline void qk_scores_dpbf16(const uint32_t* qp, int64_t ldq, const c10::BFloat1
   }
 }
 
-// bf16 scores on AMX tiles, for bf16 caches (in the row-vector layout): a tile multiply of 16 keys
-// by 32 d (K rows as they lie in the cache) and 32 d by 16 query rows (Q^T as bf16 pairs) gives
-// scores straight in st's [key][row] layout.
+// bf16 products on AMX tiles, for bf16 caches (in the row-vector layout). Scores: a tile multiply
+// of 16 keys by 32 d (K rows as they lie in the cache) and 32 d by 16 query rows (Q^T as bf16
+// pairs) gives scores straight in st's [key][row] layout. P @ V runs transposed, acc^T[d][row] +=
+// V^T[d][key] P[key][row], so that the probabilities enter as bf16 pairs of keys per row, the
+// scores' layout again (probability_pairs), and V^T is staged per tile (value_pairs).
 
-constexpr int kTileRows = 16;  // keys or query rows per tile; 32 d (64 bytes) per tile row
+constexpr int kTileRows = 16;  // rows of A or C, pairs of B per tile; 32 bf16 (64 bytes) per tile row
 
-// Tiles 0-3 the scores (2 key blocks x 2 row blocks), 4-5 K, 6-7 Q^T pairs: 16 rows of 64 bytes.
+// Tiles 0-3 the products (2 A blocks x 2 B blocks), 4-5 A, 6-7 B: 16 rows of 64 bytes.
 // A constant: GCC drops stores into a local configuration that only ldtilecfg reads.
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
   uint16_t bytes_per_row[16];
   uint8_t rows[16];
 };
-constexpr TileConfig score_tile_config() {
+constexpr TileConfig product_tile_config() {
   TileConfig config{};
   config.palette = 1;
   for (int t = 0; t < 8; ++t) {
@@ -203,38 +205,59 @@ constexpr TileConfig score_tile_config() {
   }
   return config;
 }
-inline constexpr TileConfig kScoreTiles = score_tile_config();
+inline constexpr TileConfig kProductTiles = product_tile_config();
 
-__attribute__((target("amx-tile"))) inline void configure_score_tiles() { _tile_loadconfig(&kScoreTiles); }
+__attribute__((target("amx-tile"))) inline void configure_product_tiles() { _tile_loadconfig(&kProductTiles); }
 
 __attribute__((target("amx-tile"))) inline void release_tiles() { _tile_release(); }
 
-// Scores of 16 query rows (row blocks rb, rb + 1 when `two_row_blocks`) against 16 keys (key
-// blocks at k0 and, when `two_key_blocks`, k1; rows `ldk` elements apart), into st[key][ldq].
-template <bool kTwoKeys, bool kTwoRows>
-__attribute__((target("amx-tile,amx-bf16"))) inline void score_tiles(const uint32_t* qp, int64_t ldq,
-                                                                      const c10::BFloat16* k0, const c10::BFloat16* k1,
-                                                                      int64_t ldk, int64_t head_dim, float* st) {
-  _tile_zero(0);
-  if constexpr (kTwoRows) _tile_zero(1);
-  if constexpr (kTwoKeys) _tile_zero(2);
-  if constexpr (kTwoKeys && kTwoRows) _tile_zero(3);
-  for (int64_t d = 0; d < head_dim; d += 32) {
-    _tile_loadd(4, k0 + d, ldk * 2);
-    _tile_loadd(6, qp + d / 2 * ldq, ldq * 4);
-    if constexpr (kTwoRows) _tile_loadd(7, qp + d / 2 * ldq + kTileRows, ldq * 4);
+// C[i][j] = sum_k A[i][k] B[k][j] (+ C when kAccumulate) for up to 32 x 32 of C (fp32, rows
+// `ldc` apart): A's rows i in blocks of 16 at a0 and (kTwoA) a1, `lda` bf16 apart, `depth` of k
+// (a multiple of 32); B as bf16 pairs b[k/2][j], rows `ldb` pairs apart, columns j in blocks of 16
+// at b and (kTwoB) b + 16.
+template <bool kTwoA, bool kTwoB, bool kAccumulate>
+__attribute__((target("amx-tile,amx-bf16"))) inline void tile_product(const c10::BFloat16* a0,
+                                                                       const c10::BFloat16* a1, int64_t lda,
+                                                                       const uint32_t* b, int64_t ldb, int64_t depth,
+                                                                       float* c, int64_t ldc) {
+  float* c_blocks[4] = {c, c + kTileRows, c + kTileRows * ldc, c + kTileRows * ldc + kTileRows};
+  if constexpr (kAccumulate) {
+    _tile_loadd(0, c_blocks[0], ldc * 4);
+    if constexpr (kTwoB) _tile_loadd(1, c_blocks[1], ldc * 4);
+    if constexpr (kTwoA) _tile_loadd(2, c_blocks[2], ldc * 4);
+    if constexpr (kTwoA && kTwoB) _tile_loadd(3, c_blocks[3], ldc * 4);
+  } else {
+    _tile_zero(0);
+    if constexpr (kTwoB) _tile_zero(1);
+    if constexpr (kTwoA) _tile_zero(2);
+    if constexpr (kTwoA && kTwoB) _tile_zero(3);
+  }
+  for (int64_t k = 0; k < depth; k += 32) {
+    _tile_loadd(4, a0 + k, lda * 2);
+    _tile_loadd(6, b + k / 2 * ldb, ldb * 4);
+    if constexpr (kTwoB) _tile_loadd(7, b + k / 2 * ldb + kTileRows, ldb * 4);
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (kTwoRows) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (kTwoKeys) {
-      _tile_loadd(5, k1 + d, ldk * 2);
+    if constexpr (kTwoB) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTwoA) {
+      _tile_loadd(5, a1 + k, lda * 2);
       _tile_dpbf16ps(2, 5, 6);
-      if constexpr (kTwoRows) _tile_dpbf16ps(3, 5, 7);
+      if constexpr (kTwoB) _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, st, ldq * 4);
-  if constexpr (kTwoRows) _tile_stored(1, st + kTileRows, ldq * 4);
-  if constexpr (kTwoKeys) _tile_stored(2, st + kTileRows * ldq, ldq * 4);
-  if constexpr (kTwoKeys && kTwoRows) _tile_stored(3, st + kTileRows * ldq + kTileRows, ldq * 4);
+  _tile_stored(0, c_blocks[0], ldc * 4);
+  if constexpr (kTwoB) _tile_stored(1, c_blocks[1], ldc * 4);
+  if constexpr (kTwoA) _tile_stored(2, c_blocks[2], ldc * 4);
+  if constexpr (kTwoA && kTwoB) _tile_stored(3, c_blocks[3], ldc * 4);
+}
+
+// tile_product over C's columns [0, ldq) (a multiple of 16) in blocks of 32, with kTwoA.
+template <bool kTwoA, bool kAccumulate>
+inline void tile_product_rows(const c10::BFloat16* a0, const c10::BFloat16* a1, int64_t lda, const uint32_t* b,
+                              int64_t ldq, int64_t depth, float* c) {
+  for (int64_t r = 0; r < ldq; r += 2 * kTileRows) {
+    if (r + kTileRows < ldq) tile_product<kTwoA, true, kAccumulate>(a0, a1, lda, b + r, ldq, depth, c + r, ldq);
+    else tile_product<kTwoA, false, kAccumulate>(a0, a1, lda, b + r, ldq, depth, c + r, ldq);
+  }
 }
 
 // qk_scores for bf16 K (rows `ldk` elements apart; n <= kKeyTile keys) and Q^T in pairs, unscaled;
@@ -257,14 +280,96 @@ inline void qk_scores_amx(const uint32_t* qp, int64_t ldq, const c10::BFloat16* 
   const bool two_keys = key_blocks == 2 && ld[0] == ld[1];
   for (int64_t kb = 0; kb < key_blocks; kb += two_keys ? 2 : 1) {
     float* s = st + kb * kTileRows * ldq;
-    for (int64_t r = 0; r < ldq; r += 2 * kTileRows) {
-      const bool two_rows = r + kTileRows < ldq;
-      if (two_keys && two_rows) score_tiles<true, true>(qp + r, ldq, blocks[0], blocks[1], ld[0], head_dim, s + r);
-      else if (two_keys) score_tiles<true, false>(qp + r, ldq, blocks[0], blocks[1], ld[0], head_dim, s + r);
-      else if (two_rows) score_tiles<false, true>(qp + r, ldq, blocks[kb], nullptr, ld[kb], head_dim, s + r);
-      else score_tiles<false, false>(qp + r, ldq, blocks[kb], nullptr, ld[kb], head_dim, s + r);
+    if (two_keys) tile_product_rows<true, false>(blocks[0], blocks[1], ld[0], qp, ldq, head_dim, s);
+    else tile_product_rows<false, false>(blocks[kb], nullptr, ld[kb], qp, ldq, head_dim, s);
+  }
+}
+
+// 16 x 16 32-bit elements transposed in registers: r[i] lane j -> r[j] lane i.
+__attribute__((target("avx512f"))) inline void transpose_16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: [r_i[j], r_i+1[j], ...] for j = 4L .. 4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // r[g + k] lane L: column 4L + k of rows g .. g+3
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // column 4L + k gathers lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
+    const __m512i low_a = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), high_a = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xee);
+    const __m512i low_b = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
+    const __m512i high_b = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xee);
+    t[k] = _mm512_shuffle_i32x4(low_a, low_b, 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(low_a, low_b, 0xdd);
+    t[8 + k] = _mm512_shuffle_i32x4(high_a, high_b, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(high_a, high_b, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// V^T of one head's tile as A of P @ V: vp[d][m] = (v[2m][d], v[2m + 1][d]) for the tile's 16 key
+// pairs, keys at or past n zero; `n` keys of head_dim (a multiple of 32), rows `ldv` apart. Two
+// key rows interleave into pairs for 16 d at a time (one permute), then 16 x 16 pairs transpose.
+__attribute__((target("avx512f,avx512bw"))) inline void value_pairs(const c10::BFloat16* v, int64_t ldv, int64_t n,
+                                                                    int64_t head_dim, uint32_t* vp) {
+  alignas(64) static constexpr auto kInterleave = [] {  // words (a[j], b[j]) for j in the low, then the high 16
+    struct { int16_t low[32], high[32]; } words{};
+    for (int j = 0; j < 16; ++j) {
+      words.low[2 * j] = static_cast<int16_t>(j), words.low[2 * j + 1] = static_cast<int16_t>(32 + j);
+      words.high[2 * j] = static_cast<int16_t>(16 + j), words.high[2 * j + 1] = static_cast<int16_t>(48 + j);
+    }
+    return words;
+  }();
+  auto row32 = [&](int64_t key, int64_t d) {  // 32 bf16 of a key row
+    return key < n ? _mm512_loadu_si512(v + key * ldv + d) : _mm512_setzero_si512();
+  };
+  for (int64_t d = 0; d < head_dim; d += 32) {
+    for (int half = 0; half < 2; ++half) {
+      const __m512i order = _mm512_load_si512(half == 0 ? kInterleave.low : kInterleave.high);
+      __m512i r[16];  // r[m] lane j: the pair of keys 2m, 2m + 1 at d + 16 * half + j
+      for (int m = 0; m < 16; ++m) r[m] = _mm512_permutex2var_epi16(row32(2 * m, d), order, row32(2 * m + 1, d));
+      transpose_16x16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(vp + (d + 16 * half + j) * 16, r[j]);
     }
   }
+}
+
+// The tile's probabilities (st[key][row], fp32) as B of P @ V: pp[m][r] = (p[2m][r], p[2m + 1][r])
+// rounded to bf16 (to nearest, ties to even), keys at or past n zero. PyTorch's SDPA on CPU and
+// Triton's tl.dot take bf16 probabilities into P @ V the same way; the running sums stay those of
+// the fp32 probabilities.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void probability_pairs(const float* st, int64_t ldq,
+                                                                                     int64_t n, uint32_t* pp) {
+  alignas(64) static constexpr auto kPairs = [] {  // words (even[r], odd[r]) from [even 0..15, odd 0..15]
+    struct { int16_t words[32]; } order{};
+    for (int r = 0; r < 16; ++r) order.words[2 * r] = static_cast<int16_t>(r), order.words[2 * r + 1] = static_cast<int16_t>(16 + r);
+    return order;
+  }();
+  const __m512i order = _mm512_load_si512(kPairs.words);
+  auto probabilities = [&](int64_t key, int64_t r) { return key < n ? _mm512_loadu_ps(st + key * ldq + r) : _mm512_setzero_ps(); };
+  for (int64_t m = 0; m < kKeyTile / 2; ++m)
+    for (int64_t r = 0; r < ldq; r += 16) {
+      const __m512bh both = _mm512_cvtne2ps_pbh(probabilities(2 * m + 1, r), probabilities(2 * m, r));
+      _mm512_storeu_si512(pp + m * ldq + r, _mm512_permutexvar_epi16(order, (__m512i)both));
+    }
+}
+
+// acc^T[D][ldq] = acc^T * alpha (per row, along the lanes) + V^T P over the tile's keys (vp, pp
+// from value_pairs and probability_pairs); tiles configured, head_dim a multiple of 32.
+inline void pv_accumulate_amx(const uint32_t* vp, const uint32_t* pp, int64_t ldq, const float* alpha,
+                              int64_t head_dim, float* acct) {
+  for (int64_t c = 0; c < ldq; c += Vec::size()) {
+    const Vec a = Vec::loadu(alpha + c);
+    if (at::vec::vec_reduce_all([](Vec x, Vec y) { return at::vec::minimum(x, y); }, a.eq(Vec(1.f))) == 1.f) continue;
+    for (int64_t d = 0; d < head_dim; ++d) (Vec::loadu(acct + d * ldq + c) * a).store(acct + d * ldq + c);
+  }
+  const auto* v = reinterpret_cast<const c10::BFloat16*>(vp);
+  for (int64_t d = 0; d < head_dim; d += 2 * kTileRows)
+    tile_product_rows<true, true>(v + d * kKeyTile, v + (d + kTileRows) * kKeyTile, kKeyTile, pp, ldq, kKeyTile,
+                                  acct + d * ldq);
 }
 #endif
 

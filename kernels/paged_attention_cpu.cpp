@@ -43,15 +43,18 @@ struct Problem {
 
 // Where an item's scores come from (attention_tile.h): fp32 vectors over the staged K tile, or
 // bf16 pairs of Q against K as it lies in the cache, on AMX tiles or AVX512_BF16 dot products.
+// AMX items take P @ V from the tiles too; the others from fp32 vectors over the staged V tile.
 enum class Scores { vectors, amx, dpbf16 };
 
 // Per-thread scratch, grown on demand and kept across calls. Per KV head of the item: Q^T
-// (D x ldq floats, or D/2 x ldq bf16 pairs for bf16 scores), the output accumulator [rows][D],
-// the running max and sum [lanes]. The scores [kKeyTile][ldq], the staged tile as fp32,
-// [kKeyTile][heads][D] for K and for V, and (AMX) a padded key block [16][D].
+// (D x ldq floats, or D/2 x ldq bf16 pairs for bf16 scores), the output accumulator [rows][D]
+// (AMX: transposed, [D][ldq]), the running max and sum [lanes]. The scores [kKeyTile][ldq], the
+// staged tile as fp32, [kKeyTile][heads][D] for K and for V, and (AMX) a padded key block
+// [16][D], V^T as key pairs [heads][D][kKeyTile / 2] and the probabilities as key pairs
+// [kKeyTile / 2][ldq].
 struct Workspace {
   std::vector<float> qt, acc, m, l, st, alpha, limit, k, v;
-  std::vector<uint32_t> qp;
+  std::vector<uint32_t> qp, vp, pp;
   std::vector<c10::BFloat16> pad;
 
   // Only the buffers of the item's path: a bf16-scores item has no fp32 Q^T or staged K, a vector
@@ -67,8 +70,10 @@ struct Workspace {
     grow(alpha, lanes);
     grow(limit, lanes);
     grow(k, pairs ? 0 : kKeyTile * heads * head_dim);
-    grow(v, kKeyTile * heads * head_dim);
+    grow(v, amx ? 0 : kKeyTile * heads * head_dim);
     grow(pad, amx ? 16 * head_dim : 0);
+    grow(vp, amx ? heads * head_dim * kKeyTile / 2 : 0);
+    grow(pp, amx ? kKeyTile / 2 * ldq : 0);
   }
   // The sanitized test build (TRELLIS_EXACT_WORKSPACE, with libstdc++'s vector annotations) sizes
   // each buffer to exactly this item's need, so an access past it is caught after a larger item too.
@@ -84,7 +89,8 @@ struct Workspace {
 
 // Copies (as fp32) the K/V rows of heads h0 .. h0+heads of the n keys from cache slot `slot`
 // on (one block) into the staged tile [n][heads][D] (V only with `stage_k` false: bf16 scores
-// read K in place), and prefetches (into L2) those of the `next_n` keys from slot `next`.
+// read K in place; with `pair_values`, V^T as bf16 key pairs per head instead, for AMX), and
+// prefetches (into L2) those of the `next_n` keys from slot `next`.
 // Decode reads every byte of K/V once, from DRAM, so this is where its time goes: each key's
 // heads are read as one run, key after key, which keeps the reads sequential within a block; the
 // prefetch covers the jump to the next block, which a scattered block table makes unguessable,
@@ -94,7 +100,7 @@ struct Workspace {
 // layers evict it. bf16 scores read K in place all the same: they have no fp32 copy to make.)
 template <typename T>
 void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int64_t next_n, int64_t h0,
-                int64_t heads, bool stage_k, Workspace& ws) {
+                int64_t heads, bool stage_k, bool pair_values, Workspace& ws) {
   const int64_t run = heads * p.head_dim, ld = p.kv_heads * p.head_dim;
   const int64_t run_bytes = run * static_cast<int64_t>(sizeof(T)), ld_bytes = ld * static_cast<int64_t>(sizeof(T));
   const T* k = p.k_cache + (slot * p.kv_heads + h0) * p.head_dim;
@@ -108,9 +114,17 @@ void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int6
     }
     if (j < n) {
       if (stage_k) to_float(k + j * ld, ws.k.data() + j * run, run);
-      to_float(v + j * ld, ws.v.data() + j * run, run);
+      if (!pair_values) to_float(v + j * ld, ws.v.data() + j * run, run);
     }
   }
+#if defined(TRELLIS_BF16_DOTS)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t hi = 0; pair_values && hi < heads; ++hi)
+      value_pairs(v + hi * p.head_dim, ld, n, p.head_dim, ws.vp.data() + hi * p.head_dim * kKeyTile / 2);
+    return;
+  }
+#endif
+  TORCH_CHECK(!pair_values, "V pairs are only staged for bf16 caches on AMX-BF16");
 }
 
 // Where items in the row-vector layout take their scores from (attention_tile.h): with bf16
@@ -122,7 +136,8 @@ template <typename T>
 Scores row_vector_scores(int64_t head_dim) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (head_dim % 32 == 0 && amx_bf16_usable()) return Scores::amx;
+    // AMX items round their probabilities with AVX512_BF16's conversion, which every AMX CPU has.
+    if (head_dim % 32 == 0 && amx_bf16_usable() && dpbf16_usable()) return Scores::amx;
     if (head_dim % 2 == 0 && dpbf16_usable()) return Scores::dpbf16;
   }
 #endif
@@ -142,6 +157,12 @@ struct ItemLayout {
         scores(ldq >= Vec::size() ? row_vector_scores : Scores::vectors) {}
 
   bool pairs() const { return scores != Scores::vectors; }  // Q^T in bf16 pairs, K read in place
+  bool transposed() const { return scores == Scores::amx; }  // acc^T [D][ldq], P @ V on AMX tiles
+
+  // Where row r's d of head hi accumulates.
+  int64_t acc_index(int64_t hi, int64_t r, int64_t d, int64_t head_dim) const {
+    return transposed() ? (hi * head_dim + d) * ldq + r : (hi * rows + r) * head_dim + d;
+  }
 };
 
 // Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for bf16
@@ -173,7 +194,7 @@ void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Wor
     ws.limit[lane] = static_cast<float>(w.first_limit + std::min(lane % L.ldq, L.rows - 1) / p.group);
   std::fill(ws.m.begin(), ws.m.begin() + L.heads * L.lanes, -std::numeric_limits<float>::infinity());
   std::fill(ws.l.begin(), ws.l.begin() + L.heads * L.lanes, 0.f);
-  std::fill(ws.acc.begin(), ws.acc.begin() + L.heads * L.rows * D, 0.f);
+  std::fill(ws.acc.begin(), ws.acc.begin() + L.heads * (L.transposed() ? L.ldq : L.rows) * D, 0.f);
 }
 
 // Scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, from bf16
@@ -198,6 +219,20 @@ void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, in
   TORCH_CHECK(false, "bf16 scores are only planned for bf16 caches on AMX-BF16 or AVX512_BF16");
 }
 
+// acc^T of head hi += P @ V for AMX items: the tile's probabilities as bf16 pairs against V^T
+// (staged by stage_tile), on the tiles.
+template <typename T>
+void values_amx(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_dim, Workspace& ws) {
+#if defined(TRELLIS_BF16_DOTS)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    probability_pairs(ws.st.data(), L.ldq, n, ws.pp.data());
+    return pv_accumulate_amx(ws.vp.data() + hi * head_dim * kKeyTile / 2, ws.pp.data(), L.ldq, ws.alpha.data(),
+                             head_dim, ws.acc.data() + hi * head_dim * L.ldq);
+  }
+#endif
+  TORCH_CHECK(false, "P @ V on AMX tiles is only planned for bf16 caches on AMX-BF16");
+}
+
 // The item's key range, tile by tile. Tiles never cross a block (with blocks of at least
 // kKeyTile keys they are whole tiles), so a tile's rows are evenly spaced in the cache.
 template <typename T>
@@ -212,7 +247,8 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
     n = tile_keys(key0);
     const int64_t next = key0 + n, next_n = next < w.kv_end ? tile_keys(next) : 0;
     const bool masked = key0 + n > w.first_limit;  // some row's causal limit falls in this tile
-    stage_tile(p, slot(key0), n, next_n > 0 ? slot(next) : 0, next_n, w.kv_head, L.heads, !L.pairs(), ws);
+    stage_tile(p, slot(key0), n, next_n > 0 ? slot(next) : 0, next_n, w.kv_head, L.heads, !L.pairs(), L.transposed(),
+               ws);
     for (int64_t hi = 0; hi < L.heads; ++hi) {  // head hi's key j: staged row j, offset hi * D
       float *m = ws.m.data() + hi * L.lanes, *l = ws.l.data() + hi * L.lanes;
       if (L.pairs()) {
@@ -221,8 +257,12 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
       softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), m, l, ws.alpha.data());
-      pv_accumulate(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, L.rows, D,
-                    ws.acc.data() + hi * L.rows * D);
+      if (L.transposed()) {
+        values_amx<T>(L, hi, n, D, ws);
+      } else {
+        pv_accumulate(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, L.rows, D,
+                      ws.acc.data() + hi * L.rows * D);
+      }
     }
   }
 }
@@ -236,13 +276,13 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
     const float* lane_sums = ws.l.data() + hi * L.lanes;
     const float l = L.lanes > L.ldq ? lane_sums[r] + lane_sums[r + L.ldq] : lane_sums[r];  // paired: 2 slots
     const float inv = l > 0.f ? 1.f / l : 0.f;  // l == 0: a split wholly past this row's causal limit
-    const float* acc = ws.acc.data() + i * D;
+    auto acc = [&](int64_t d) { return ws.acc[L.acc_index(hi, r, d, D)]; };
     if (w.partial < 0) {
       T* o = p.out + p.q_offset(w, w.kv_head + hi, r);
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc(d) * inv);
     } else {
       const int64_t slot = w.partial * p.partial_rows + i;
-      for (int64_t d = 0; d < D; ++d) p.partial_out[slot * D + d] = acc[d] * inv;
+      for (int64_t d = 0; d < D; ++d) p.partial_out[slot * D + d] = acc(d) * inv;
       p.partial_lse[slot] = l > 0.f ? ws.m[hi * L.lanes + r] + std::log(l) : -INFINITY;
     }
   }
@@ -254,7 +294,7 @@ void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
   ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.scores);
   begin_item(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)
-  if (layout.scores == Scores::amx) configure_score_tiles();  // per item: other code (oneDNN) may use the tiles between
+  if (layout.scores == Scores::amx) configure_product_tiles();  // per item: other code (oneDNN) may use the tiles between
 #endif
   attend_tiles(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,11 +83,11 @@ def make_case(
     return PagedCase(q, k_cache, v_cache, table, torch.tensor(kv_lens, dtype=torch.int32), cu, head_dim**-0.5)
 
 
-def naive_attention(case: PagedCase) -> torch.Tensor:
-    """float64 attention over K/V gathered token by token: the oracle."""
+def oracle_rows(case: PagedCase):
+    """Every query row of every head, for the float64 oracles: (token, query head, its scores over
+    the keys it sees, those keys' V [visible, D]), K/V gathered token by token."""
     block_size, num_kv_heads, _ = case.k_cache.shape[1:]
     group = case.q.shape[1] // num_kv_heads
-    out = torch.zeros(case.q.shape, dtype=torch.float64)
     cu = case.cu_seqlens_q.tolist()
     for i, kv_len in enumerate(case.seq_lens.tolist()):
         q_len = cu[i + 1] - cu[i]
@@ -97,8 +98,34 @@ def naive_attention(case: PagedCase) -> torch.Tensor:
             visible = kv_len - q_len + t + 1
             for h in range(case.q.shape[1]):
                 kh = h // group
-                s = (k[:visible, kh] @ case.q[cu[i] + t, h].double()) * case.scale
-                out[cu[i] + t, h] = s.softmax(0) @ v[:visible, kh]
+                yield cu[i] + t, h, (k[:visible, kh] @ case.q[cu[i] + t, h].double()) * case.scale, v[:visible, kh]
+
+
+def naive_attention(case: PagedCase) -> torch.Tensor:
+    """float64 attention over K/V gathered token by token: the oracle."""
+    out = torch.zeros(case.q.shape, dtype=torch.float64)
+    for token, head, scores, v in oracle_rows(case):
+        out[token, head] = scores.softmax(0) @ v
+    return out
+
+
+def tiled_bf16_attention(case: PagedCase) -> torch.Tensor:
+    """The float64 oracle as the C++ kernel computes bf16 attention on AMX tiles (one work item a
+    row, unsplit): an online softmax over tiles of up to 32 keys that never cross a block, each
+    tile's probabilities (against the running max) rounded to bf16 before P @ V, the running sum
+    over the unrounded ones."""
+    tile = min(32, case.k_cache.shape[1])
+    out = torch.zeros(case.q.shape, dtype=torch.float64)
+    for token, head, scores, v in oracle_rows(case):
+        m, total, acc = -math.inf, 0.0, torch.zeros(v.shape[1], dtype=torch.float64)
+        for key in range(0, len(scores), tile):
+            new_max = max(m, scores[key:key + tile].max().item())
+            p = (scores[key:key + tile] - new_max).exp()
+            alpha = math.exp(m - new_max)
+            total = total * alpha + p.sum().item()
+            acc = acc * alpha + p.float().bfloat16().double() @ v[key:key + tile]
+            m = new_max
+        out[token, head] = acc / total
     return out
 
 

@@ -5,18 +5,41 @@ AddressSanitizer, in a child process."""
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.attention_cases import SHAPES, PagedCase, make_case, naive_attention, opcheck_ops, tolerance
+from tests.attention_cases import (
+    SHAPES,
+    PagedCase,
+    make_case,
+    naive_attention,
+    opcheck_ops,
+    tiled_bf16_attention,
+    tolerance,
+)
 from trellis import ops
 from trellis.ops import cpp
 
 BLOCK_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Whether bf16 attention multiplies on AMX tiles here (row_vector_scores in the kernel): an AVX-512
+# build on a Linux CPU with AMX-BF16 (and AVX512_BF16, which every such CPU has).
+AMX_TILES = (cpp.capability() == "AVX512" and sys.platform.startswith("linux")
+             and {"amx_bf16", "avx512_bf16"} <= set(Path("/proc/cpuinfo").read_text().split()))
+
+
+@contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # Set for the child run of test_kernels_pass_under_address_sanitizer: where to build the
@@ -127,12 +150,8 @@ def test_split_keys_match_unsplit(q_len):
     alone = make_case([q_len], [3000], num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16)
     alone.k_cache, alone.v_cache, alone.q = batch.k_cache, batch.v_cache, batch.q[:q_len]
     alone.block_table = batch.block_table[:1].contiguous()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         unsplit, split = attend(batch)[:q_len], attend(alone)
-    finally:
-        torch.set_num_threads(threads)
     torch.testing.assert_close(split, unsplit, atol=1e-5, rtol=1e-5)
     assert_matches_oracle(alone)
 
@@ -190,24 +209,16 @@ def plan_items(case: PagedCase) -> tuple[list[PlanItem], int]:
 )
 def test_shared_prefix_decode_matches_oracle(dtype, threads, own_keys, shared_blocks, block_size, q_lens, sharing):
     case = shared_prefix_case(own_keys, shared_blocks, block_size, dtype, q_lens, sharing)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         assert_matches_oracle(case)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_shared_prefix_is_read_once():
     # Four sessions over 48 shared keys: one item reads them for all four tokens, each session's
     # own keys are an item of their own, and the four outputs are merged. One thread: no splits.
     case = shared_prefix_case([5, 9, 1, 13], shared_blocks=12)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         items, merged = plan_items(case)
-    finally:
-        torch.set_num_threads(previous)
     assert sorted((i.seq, i.q_tokens, i.kv_begin, i.kv_end) for i in items) == [
         (0, 1, 48, 53), (0, 4, 0, 48), (1, 1, 48, 57), (2, 1, 48, 49), (3, 1, 48, 61)]
     assert merged == 4
@@ -225,11 +236,34 @@ def test_shared_prefix_is_read_once():
 def test_low_precision_caches_are_accumulated_in_fp32(dtype):
     """fp16 / bf16 K/V are read into fp32, and the softmax and P @ V accumulate in fp32 over the
     whole context: the output is the float64 oracle over the same inputs, rounded once (within
-    one unit in the last place). Accumulating 8k keys in the storage dtype would be off by many."""
+    one unit in the last place); for bf16 on AMX tiles, the oracle whose tile probabilities enter
+    P @ V in bf16 (tiled_bf16_attention; one thread, so that no item is split). Accumulating 8k
+    keys in the storage dtype would be off by many."""
     case = make_case([1, 5], [8192, 3000], num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=32, dtype=dtype)
-    expected = naive_attention(case)
-    error = (attend(case).double() - expected).abs()
-    assert (error <= expected.abs() * torch.finfo(dtype).eps + 1e-6).all(), error.max()
+    amx = dtype == torch.bfloat16 and AMX_TILES
+    with torch_threads(1 if amx else torch.get_num_threads()):
+        got = attend(case).double()
+    expected = tiled_bf16_attention(case) if amx else naive_attention(case)
+    error = (got - expected).abs()
+    assert (error <= expected.abs() * torch.finfo(dtype).eps + (2 ** -12 if amx else 1e-6)).all(), error.max()
+
+
+@pytest.mark.skipif(not AMX_TILES, reason="bf16 P @ V runs on AMX tiles only on CPUs with AMX-BF16")
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64])
+def test_bf16_probabilities_on_amx_tiles(head_dim, block_size):
+    """bf16 extends on AMX tiles take P @ V from the tiles as well, each key tile's probabilities
+    rounded to bf16 (as SDPA and Triton take them): on one thread (no split items) the output is
+    tiled_bf16_attention's within one unit in the last place, and 2^-12 where exp's approximation
+    rounds a probability the other way. 12 to 63 query rows an item (one to four 16-row blocks),
+    tiles of 8 to 32 keys, contexts ending 1 to 31 keys past a whole tile."""
+    case = make_case([4, 16, 21, 9], [4, 101, 300, 45], num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
+                     block_size=block_size, dtype=torch.bfloat16)
+    with torch_threads(1):
+        got = attend(case).double()
+    expected = tiled_bf16_attention(case)
+    error = (got - expected).abs()
+    assert (error <= expected.abs() * 2 ** -7 + 2 ** -12).all(), error.max()
 
 
 def test_thread_counts_agree():
@@ -237,13 +271,9 @@ def test_thread_counts_agree():
     # the long decodes are split as well.
     case = make_case([1, 40, 1], [700, 120, 2000], num_q_heads=8, num_kv_heads=2, block_size=8)
     expected = naive_attention(case)
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+    for n in (1, 2, 3):
+        with torch_threads(n):
             torch.testing.assert_close(attend(case).double(), expected, atol=2e-5, rtol=2e-5)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_zero_length_sequences_are_skipped():
@@ -344,14 +374,10 @@ def test_one_plan_serves_every_layer(shape, dtype):
 def test_plan_keeps_its_thread_count():
     # Planned for 2 threads (long decodes split), run with 1: still every item, and the merge.
     case = make_case([1, 1], [3000, 700], num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         plan = case.plan("cpp")
-        torch.set_num_threads(1)
+    with torch_threads(1):
         out = ops.run_attention(plan, case.q, case.k_cache, case.v_cache, case.scale)
-    finally:
-        torch.set_num_threads(threads)
     torch.testing.assert_close(out.double(), naive_attention(case), atol=2e-5, rtol=2e-5)
 
 
