@@ -588,18 +588,22 @@ def test_radix_insert_match_split_and_block_alignment():
     check(radix)
 
 
-def test_reset_forgets_every_prefix_and_keeps_live_sessions_valid():
+@pytest.mark.parametrize("forget", ["reset", "clear"])
+def test_reset_forgets_every_prefix_and_keeps_live_sessions_valid(forget):
     """vLLM ``test_prefix_caching.py::test_reset_prefix_cache`` and SGLang ``TestRadixCache::test_reset``.
     vLLM refuses to reset while blocks are in use; Trellis resets anyway: blocks only the tree held
     are freed at once, blocks a live session uses stay with it (count 1), and the session commits
-    into the fresh tree when it ends."""
+    into the fresh tree when it ends. ``clear`` forgets the same, without the ``on_reset`` callbacks."""
     m = make_manager(num_blocks=10)
+    callbacks = []
+    m.on_reset.append(lambda: callbacks.append(1))
     run_session(m, COMMON + [3] * 3)
     live = m.admit(COMMON + [4] * 3)
     shared = live.block_ids[:3]
     run_session(m, list(range(100, 109)))  # 2 more cached blocks, no session on them
     assert m.pool.num_free == 10 - 3 - 1 - 2
-    m.reset()
+    getattr(m, forget)()
+    assert callbacks == ([1] if forget == "reset" else [])
     s = m.stats()
     assert s["cached_blocks"] == 0 and s["nodes"] == 0 and m.radix.evictable_blocks() == 0
     assert m.pool.num_free == 6 and [m.pool.ref_counts[b] for b in shared] == [1, 1, 1]

@@ -155,8 +155,8 @@ def test_packed_layers_keep_panels_for_every_row_count(dtype, bias):
 @needs_onednn_bf16
 def test_packed_copies_are_made_when_the_weights_are_laid_out():
     """The runner makes a "packed" model's copies when it lays its weights out (here ``.to()``;
-    also loading, ``set_linear_kernel`` and ``prefix_cache.reset()``, which makes them afresh),
-    so the first request reads them and makes none; other kinds make none."""
+    also loading, ``set_linear_kernel`` and ``prefix_cache.reset()``, which makes them afresh; not
+    ``prefix_cache.clear()``), so the first request reads them and makes none; other kinds make none."""
     _, model = tiny_pair()
     model.to(torch.bfloat16)
     assert model.linear_kernel == "packed"
@@ -165,6 +165,9 @@ def test_packed_copies_are_made_when_the_weights_are_laid_out():
     assert len(copies) == len(layers) == 7 * model.config.num_hidden_layers + 1
     with torch.no_grad():
         first = model(IDS).logits
+    assert all(m._packed[3] is copy for m, copy in zip(layers, copies))
+    model.prefix_cache.clear()  # the prefixes only: the copies stay
+    assert model.prefix_cache.stats()["cached_blocks"] == 0
     assert all(m._packed[3] is copy for m, copy in zip(layers, copies))
     model.prefix_cache.reset()
     assert all(m._packed is not None and m._packed[3] is not copy for m, copy in zip(layers, copies))

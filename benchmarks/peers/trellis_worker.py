@@ -1,6 +1,7 @@
 """bench_peers' Trellis worker (the main .venv): the embedded SmolLM2 in fp32 or bf16 from the
 converted safetensors, or with the GGUF's linear weights kept quantized; Trellis' engine with its
-default kernels, a fresh pool per op as in ``systems.Trellis``.
+default kernels. Each op starts from an empty prefix cache over the same pool
+(``prefix_cache.clear()``), as vLLM's ``reset_prefix_cache`` keeps its KV memory.
 
     .venv/bin/python benchmarks/peers/trellis_worker.py --variant fp32|bf16|gguf --threads 2
 """
@@ -47,8 +48,11 @@ class TrellisWorker(protocol.Worker):
                 "attention_backend": self.model.attention_backend(), "block_size": BLOCK_SIZE}
 
     def reset(self) -> None:
-        self.model.configure_cache(block_size=BLOCK_SIZE, num_blocks=POOL_BLOCKS,
-                                   backend=self.model.runner.settings.backend)  # a fresh, empty pool
+        if self.engine is None:  # the pool, made at the next forward
+            self.model.configure_cache(block_size=BLOCK_SIZE, num_blocks=POOL_BLOCKS,
+                                       backend=self.model.runner.settings.backend)
+        else:
+            self.model.prefix_cache.clear()
         self.engine = Engine(self.model, max_batch_tokens=MAX_BATCH_TOKENS)
 
     def _run(self, prompts: list[list[int]], max_new_tokens: int):

@@ -330,15 +330,23 @@ class KVCacheManager:
     # --- whole-cache operations ----------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget every cached prefix (live sessions keep working), then run ``on_reset``."""
+        """Forget every cached prefix (live sessions keep working), then run ``on_reset`` (the
+        runner makes what it derives from the weights afresh: weights written in place)."""
+        with self.lock:
+            self.clear()
+            for callback in self.on_reset:
+                callback()
+
+    def clear(self) -> None:
+        """Forget every cached prefix (live sessions keep working) and nothing else: the pool and
+        what the runner derives from the weights stay, as they are valid while the weights do not
+        change. An empty cache without ``reset``'s cost, for measuring cold prompts."""
         with self.lock:
             self._drain()
             self.radix.reset()
             for seq in self.live:
                 seq.node, seq.num_committed_blocks = self.radix.root, 0
                 self.radix.lock(seq.node)
-            for callback in self.on_reset:
-                callback()
 
     def stats(self) -> dict[str, float | int]:
         with self.lock:
