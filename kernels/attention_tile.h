@@ -37,10 +37,12 @@ constexpr int kMaxRowVecs = 4;      // row vectors per score micro-kernel call
 constexpr int kAccRegs = Vec::size() >= 16 ? 16 : 8;  // accumulators that fit the register file
 constexpr int kPvRows = 8;          // rows per P @ V micro-kernel call
 
-// ldq for `rows` query rows: half a vector (paired layout) or whole vectors.
+// `rows` rounded up to whole vectors: ldq of the row-vector layout.
+inline int64_t row_vectors(int64_t rows) { return (rows + Vec::size() - 1) / Vec::size() * Vec::size(); }
+
+// ldq for `rows` query rows on vectors: half a vector (paired layout) or whole vectors.
 inline int64_t score_stride(int64_t rows, int64_t head_dim) {
-  if (2 * rows <= Vec::size() && head_dim % 2 == 0) return Vec::size() / 2;
-  return (rows + Vec::size() - 1) / Vec::size() * Vec::size();
+  return 2 * rows <= Vec::size() && head_dim % 2 == 0 ? Vec::size() / 2 : row_vectors(rows);
 }
 
 // Where q[r][d] goes in qt for the layout of `ldq`.

@@ -126,8 +126,9 @@ def test_smollm2_prompt_lengths(q_len):
 @pytest.mark.parametrize("block_size", [8, 16, 32, 64])
 def test_bf16_scores(head_dim, block_size):
     """bf16 extends, whose scores come from bf16 pairs: on AMX tiles where the CPU has AMX-BF16
-    (head_dim a multiple of 32), else from AVX512_BF16 dot products where it has those (head_dim
-    even); an odd head_dim, the decodes beside them, and other CPUs take the fp32 vector path:
+    (head_dim a multiple of 32; the decodes beside them too), else from AVX512_BF16 dot products
+    where it has those (head_dim even); an odd head_dim, the decodes beside those, and other CPUs
+    take the fp32 vector path:
     1-47 keys past the last whole 16-key block of a tile, one to four 16-row blocks of query rows
     (an odd count leaves one alone), within twice the reference's error of the float64 oracle."""
     q_lens, kv_lens = [1, 3, 5, 7, 16, 2], [7, 19, 33, 70, 64, 120]
@@ -255,9 +256,9 @@ def test_bf16_probabilities_on_amx_tiles(head_dim, block_size):
     """bf16 extends on AMX tiles take P @ V from the tiles as well, each key tile's probabilities
     rounded to bf16 (as SDPA and Triton take them): on one thread (no split items) the output is
     tiled_bf16_attention's within one unit in the last place, and 2^-12 where exp's approximation
-    rounds a probability the other way. 12 to 63 query rows an item (one to four 16-row blocks),
-    tiles of 8 to 32 keys, contexts ending 1 to 31 keys past a whole tile."""
-    case = make_case([4, 16, 21, 9], [4, 101, 300, 45], num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
+    rounds a probability the other way. 3 to 63 query rows an item (one to four 16-row blocks),
+    tiles of 8 to 32 keys, contexts ending 1 to 31 keys past a whole tile; a decode's 3 rows as well."""
+    case = make_case([4, 16, 21, 9, 1], [4, 101, 300, 45, 77], num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
                      block_size=block_size, dtype=torch.bfloat16)
     with torch_threads(1):
         got = attend(case).double()
