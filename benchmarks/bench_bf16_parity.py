@@ -4,7 +4,8 @@ with sdpa, PyTorch's flash attention on CPU), the fp32 transformers model as the
 Trellis generates greedily from chat prompts that share a system prompt (later ones hit the
 prefix cache); over each generated text, read in one forward by every system, it records the
 largest and mean logit error of each bf16 system against fp32, Trellis' against transformers',
-how often Trellis' greedy token is transformers' bf16 choice on that text, a prefix-cache hit's
+how often Trellis' greedy token is transformers' bf16 choice on that text (and, where not, how far
+below that choice it scores in transformers' logits: a near-tie or not), a prefix-cache hit's
 logits against the cold run's, and how many tokens both generate before the first difference
 when each runs free. The figures of docs/compatibility.md ("bf16 parity") come from this script.
 
@@ -75,6 +76,9 @@ def measure(new_tokens: int) -> dict:
             "trellis_vs_transformers_max": max_error(cold, reference),
             "cache_hit_vs_cold_max": max_error(cached, cold),
             "greedy_agreed": int((reference[:-1].argmax(-1) == generated).sum()),
+            # how far below transformers' choice Trellis' tokens score in transformers' logits (0: its choice)
+            "greedy_shortfall_max": (reference[:-1].max(-1).values
+                                     - reference[:-1].gather(-1, generated[:, None])[:, 0]).max().item(),
             "generated": len(generated),
             "free_running_agreed": first_difference(text[0, ids.shape[1]:], their_text[0, ids.shape[1]:]),
         })
