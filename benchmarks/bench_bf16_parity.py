@@ -5,7 +5,8 @@ Trellis generates greedily from chat prompts that share a system prompt (later o
 prefix cache); over each generated text, read in one forward by every system, it records the
 largest and mean logit error of each bf16 system against fp32, Trellis' against transformers',
 how often Trellis' greedy token is transformers' bf16 choice on that text (and, where not, how far
-below that choice it scores in transformers' logits: a near-tie or not), a prefix-cache hit's
+below that choice it scores in transformers' logits: a near-tie or not), the mean error of each
+system's own decode steps against fp32 over its own text, a prefix-cache hit's
 logits against the cold run's, and how many tokens both generate before the first difference
 when each runs free. The figures of docs/compatibility.md ("bf16 parity") come from this script.
 
@@ -38,6 +39,14 @@ def mean_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.float() - want.float()).abs().mean().item()
 
 
+def generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy text, and the logits each step chose from ``[new, V]`` (the first from the prompt's
+    forward, the rest from decode steps)."""
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.cat(out.logits)
+
+
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
     """Tokens from the start of a and b (1-D, the same length) before the first that differs."""
     differ = (a != b).nonzero()
@@ -55,12 +64,13 @@ def measure(new_tokens: int) -> dict:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)["input_ids"]
+        start = ids.shape[1] - 1  # the position whose logits pick the first new token
         with torch.no_grad():
-            text = ours.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-            their_text = theirs.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-            start = ids.shape[1] - 1  # the position whose logits pick the first new token
+            text, our_steps = generate(ours, ids, new_tokens)
+            their_text, their_steps = generate(theirs, ids, new_tokens)
             keep = text.shape[1] - start
             exact = fp32(text).logits[0, start:]
+            their_exact = fp32(their_text).logits[0, start:their_text.shape[1] - 1]
             reference = theirs(text).logits[0, start:]
             ours.prefix_cache.reset()
             cold = ours(text, logits_to_keep=keep).logits[0]  # caches the text's full blocks
@@ -74,6 +84,9 @@ def measure(new_tokens: int) -> dict:
             "trellis_vs_fp32_mean": mean_error(cold, exact),
             "transformers_vs_fp32_mean": mean_error(reference, exact),
             "trellis_vs_transformers_max": max_error(cold, reference),
+            # the decode steps' own logits (each system over its own text) against fp32 on that text
+            "trellis_decode_vs_fp32_mean": mean_error(our_steps, exact[:-1]),
+            "transformers_decode_vs_fp32_mean": mean_error(their_steps, their_exact),
             "cache_hit_vs_cold_max": max_error(cached, cold),
             "greedy_agreed": int((reference[:-1].argmax(-1) == generated).sum()),
             # how far below transformers' choice Trellis' tokens score in transformers' logits (0: its choice)

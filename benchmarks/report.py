@@ -471,6 +471,9 @@ def bf16_parity_table(data: dict) -> str:
                 ["mean logit error vs fp32, transformers / Trellis",
                  f"{span('transformers_vs_fp32_mean', 3)} / {span('trellis_vs_fp32_mean', 3)}"],
                 ["max logit error, Trellis vs transformers, both bf16", span("trellis_vs_transformers_max")],
+                *([["mean logit error of the decode steps vs fp32 (each over its own text), transformers / Trellis",
+                    f"{span('transformers_decode_vs_fp32_mean', 3)} / {span('trellis_decode_vs_fp32_mean', 3)}"]]
+                  if "trellis_decode_vs_fp32_mean" in rows[0] else []),
                 ["greedy token = transformers bf16's, on the same text",
                  f"{sum(r['greedy_agreed'] for r in rows)} of {generated}" + shortfall],
                 ["free-running greedy, tokens before the first difference",
