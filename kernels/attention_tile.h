@@ -301,7 +301,8 @@ __attribute__((target("avx512f"))) inline void transpose_16x16(__m512i r[16]) {
     r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
   }
   for (int k = 0; k < 4; ++k) {  // column 4L + k gathers lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
-    const __m512i low_a = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), high_a = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xee);
+    const __m512i low_a = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44);
+    const __m512i high_a = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xee);
     const __m512i low_b = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
     const __m512i high_b = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xee);
     t[k] = _mm512_shuffle_i32x4(low_a, low_b, 0x88);
@@ -347,11 +348,16 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void probability_p
                                                                                      int64_t n, uint32_t* pp) {
   alignas(64) static constexpr auto kPairs = [] {  // words (even[r], odd[r]) from [even 0..15, odd 0..15]
     struct { int16_t words[32]; } order{};
-    for (int r = 0; r < 16; ++r) order.words[2 * r] = static_cast<int16_t>(r), order.words[2 * r + 1] = static_cast<int16_t>(16 + r);
+    for (int r = 0; r < 16; ++r) {
+      order.words[2 * r] = static_cast<int16_t>(r);
+      order.words[2 * r + 1] = static_cast<int16_t>(16 + r);
+    }
     return order;
   }();
   const __m512i order = _mm512_load_si512(kPairs.words);
-  auto probabilities = [&](int64_t key, int64_t r) { return key < n ? _mm512_loadu_ps(st + key * ldq + r) : _mm512_setzero_ps(); };
+  auto probabilities = [&](int64_t key, int64_t r) {
+    return key < n ? _mm512_loadu_ps(st + key * ldq + r) : _mm512_setzero_ps();
+  };
   for (int64_t m = 0; m < kKeyTile / 2; ++m)
     for (int64_t r = 0; r < ldq; r += 16) {
       const __m512bh both = _mm512_cvtne2ps_pbh(probabilities(2 * m + 1, r), probabilities(2 * m, r));

@@ -296,7 +296,8 @@ void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
   ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.scores);
   begin_item(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)
-  if (layout.scores == Scores::amx) configure_product_tiles();  // per item: other code (oneDNN) may use the tiles between
+  // Per item: other code (oneDNN) may use the tiles in between.
+  if (layout.scores == Scores::amx) configure_product_tiles();
 #endif
   attend_tiles(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)
