@@ -30,11 +30,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from common import RESULTS, ROOT, Workload, environment, markdown_table, rotated
+from floors import DTYPES, TARGET_HEADER, Shape, ceilings_line, floors, measure_ceilings, target_rows
+from transformers import AutoConfig
 
 from trellis.models.embedded import EMBEDDED_GGUF, embedded_gguf_path, embedded_model_dir
 
@@ -232,6 +234,9 @@ def tables(result: dict) -> str:
     text = markdown_table([""] + [systems[n]["label"] for n in names], rows)
     text += "\n\nRatios (> 1: Trellis ahead; TTFT: lower is better):\n\n"
     text += markdown_table(["", "ratio"], [[label, f"{value:.2f}"] for label, value in ratios(result)])
+    if "floors" in result:
+        text += f"\n\n{ceilings_line(result['floors']['ceilings'])}:\n\n"
+        text += markdown_table(TARGET_HEADER, target_rows(result))
     if result.get("unavailable"):
         text += "\n\nNot run: " + "; ".join(f"{n}: {why}" for n, why in result["unavailable"].items())
     return text
@@ -276,6 +281,12 @@ def run(args: argparse.Namespace) -> dict:
                            "shared_tokens": workload.shared, "decode_budgets": list(budgets),
                            "decode_tokens": decode_tokens},
               "systems": {}, "unavailable": {}, "runs": []}
+    shape = Shape.of(AutoConfig.from_pretrained(embedded_model_dir()))
+    ceilings = measure_ceilings(args.threads, {w: shape.weight_bytes(w) for w in DTYPES})  # before any worker runs
+    print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()), flush=True)
+    result["floors"] = {"ceilings": ceilings, "shape": asdict(shape),
+                        "by_weights": {w: floors(shape, w, ceilings, L, N, workload.shared, list(budgets))
+                                       for w in DTYPES}}
     workers: dict[str, Running] = {}
     try:
         for peer in chosen:  # one at a time: loading is not timed, but a neighbour's loading would slow a system

@@ -22,6 +22,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from floors import TARGET_HEADER, ceilings_line, target_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -481,9 +483,16 @@ def bf16_parity_table(data: dict) -> str:
             ]))
 
 
+def peers_floors_table(data: dict) -> str:
+    """Issue 18's targets beside their floors at the run's own ceilings (bench_peers.py, floors.py)."""
+    return f"{ceilings_line(data['floors']['ceilings'])}:\n\n" + table(TARGET_HEADER, target_rows(data))
+
+
 def kind_of(data: dict) -> str:
     if data.get("what") in ("gpu_check", "shared_decode", "bf16_parity"):
         return data["what"]
+    if "floors" in data:  # bench_peers.py since it measures the machine's ceilings
+        return "peers"
     if "systems" in data and "sessions" in data.get("settings", {}):
         return "e2e"
     if "results" in data:
@@ -518,6 +527,7 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "gpu_check": ("GPU check", [gpu_check_table]),
     "e2e": ("End to end", [e2e_table]),
     "bf16_parity": ("bf16 parity", [bf16_parity_table]),
+    "peers": ("CPU peers: the targets against their floors", [peers_floors_table]),
 }
 
 

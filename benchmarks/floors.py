@@ -1,0 +1,194 @@
+"""Lower bounds on the peers' figures from this machine's ceilings: how fast any system could run
+the seed's op, a cold prompt and the cached-prefix probe here, given the model's arithmetic and
+bytes and the best rates this CPU reaches in the same run (``bench_peers.py`` records them).
+
+Ceilings, measured with the run's thread count before any system starts:
+
+- GEMM: the best of a few 2048 x 2048 x 2048 ``torch.matmul`` calls per dtype (MKL in fp32,
+  oneDNN in bf16): the fastest this machine computes that arithmetic through the libraries at
+  hand. Not the hardware peak, which no library reaches, nor the rate at the model's own small
+  shapes, which is lower.
+- read bandwidth, per dtype: ``x.sum()`` over as many bytes as the model's weights in that dtype,
+  the best of a few passes (this CPU's large L3 serves buffers under ~128 MB at nearly twice the
+  rate of larger ones, so the size matters; SmolLM2's weights take 270 MB in bf16, 540 in fp32).
+
+A forward's floor is max(FLOPs / GEMM rate, bytes / bandwidth): it does every multiply-add at no
+more than the ceiling rate and reads every weight at least once, at best both at once. The FLOPs
+are the linear layers' (2 per weight per token), attention's (QK^T and PV: 4 * head_dim per query
+head per visible key) and the LM head's rows'; the bytes are the weights (LM head included) and
+the K/V the forward reads, each cached key once (a shared prefix is read once for all sessions).
+The floors leave out everything else (norms, RoPE, sampling, Python), so they are below what any
+system can reach, and a target below its floor is out of reach on this machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+GEMM_SIZE = 2048
+DTYPES = {"float32": 4, "bfloat16": 2}  # the dtypes with floors, and their bytes per element
+
+
+def measure_ceilings(threads: int, weight_bytes: dict[str, int], repeats: int = 5) -> dict[str, float]:
+    """Per dtype (``DTYPES``): the GEMM rate (GFLOP/s) and the rate (GB/s) of reading
+    ``weight_bytes[dtype]`` bytes, each the best of ``repeats``."""
+    import torch  # here only: report.py renders the floors with the standard library alone
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = {}
+        for name in DTYPES:
+            generator = torch.Generator().manual_seed(0)
+            a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, generator=generator).to(getattr(torch, name)) for _ in "ab")
+            product = functools.partial(torch.matmul, a, b)
+            product()  # first-call costs: threads, oneDNN's kernel choice
+            out[f"gemm_gflops_{name}"] = 2 * GEMM_SIZE**3 / best_seconds(product, repeats) / 1e9
+            weights = torch.ones(weight_bytes[name] // 4)
+            weights.sum()  # faults its pages in
+            out[f"read_gb_per_s_{name}"] = weights.numel() * 4 / best_seconds(weights.sum, repeats) / 1e9
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a Llama model's forward computes and reads, from its config."""
+
+    layers: int
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                   config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size)
+
+    @property
+    def layer_weights(self) -> int:
+        """Weights of every decoder layer's seven linear layers, all layers."""
+        q, kv = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.layers * (2 * self.hidden * q + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate)
+
+    @property
+    def head_weights(self) -> int:
+        return self.vocab * self.hidden
+
+    def weight_bytes(self, dtype: str) -> int:
+        """The weights one forward reads (LM head included), in ``dtype``."""
+        return (self.layer_weights + self.head_weights) * DTYPES[dtype]
+
+    def kv_bytes_per_key(self, element_bytes: int) -> int:
+        """K and V of one cached token, every layer."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * element_bytes
+
+    def forward_flops(self, new_tokens: int, cached: int, logit_rows: int) -> float:
+        """One sequence's forward over ``new_tokens`` after ``cached`` keys, ``logit_rows`` LM-head rows."""
+        visible_keys = new_tokens * cached + new_tokens * (new_tokens + 1) // 2  # causal: token i sees cached + i
+        attention = 4 * self.head_dim * self.q_heads * self.layers * visible_keys
+        return 2 * new_tokens * self.layer_weights + attention + 2 * logit_rows * self.head_weights
+
+
+def forward_floor(flops: float, read_bytes: float, gflops: float, gb_per_s: float) -> float:
+    """Seconds: every multiply-add at the GEMM ceiling, every byte at the read ceiling, overlapped."""
+    return max(flops / (gflops * 1e9), read_bytes / (gb_per_s * 1e9))
+
+
+def floors(shape: Shape, dtype: str, ceilings: dict[str, float], L: int, N: int, shared: int,
+           decode_budgets: list[int]) -> dict[str, float]:
+    """Floors (seconds) of the peers' measurements for weights and K/V in ``dtype`` (float32 or
+    bfloat16): ``ttft_cold`` (an L-token prompt), ``ttft_probe`` (its last L - shared tokens after
+    ``shared`` cached ones), ``decode_step`` (one session's token after L cached ones) and
+    ``op_D{D}`` (warm the shared prefix with one token, then N prompts of L tokens sharing it, each
+    to D tokens: their suffixes in one forward, then D - 1 decode steps of all N)."""
+    gflops, bandwidth = ceilings[f"gemm_gflops_{dtype}"], ceilings[f"read_gb_per_s_{dtype}"]
+    weights, kv = shape.weight_bytes(dtype), shape.kv_bytes_per_key(DTYPES[dtype])
+
+    def forward(flops: float, cached_keys_read: int) -> float:
+        return forward_floor(flops, weights + kv * cached_keys_read, gflops, bandwidth)
+
+    out = {"ttft_cold": forward(shape.forward_flops(L, 0, 1), 0),
+           "ttft_probe": forward(shape.forward_flops(L - shared, shared, 1), shared),
+           "decode_step": forward(shape.forward_flops(1, L, 1), L)}
+    warm = forward(shape.forward_flops(shared, 0, 1), 0)
+    suffixes = forward(N * shape.forward_flops(L - shared, shared, 1), shared)
+    for D in decode_budgets:
+        steps = 0.0
+        for context in range(L, L + D - 1):  # keys before each step's new token
+            own = context - shared  # each session's keys past the shared prefix
+            steps += forward(N * shape.forward_flops(1, context, 1), shared + N * own)
+        out[f"op_D{D}"] = warm + suffixes + steps
+    return out
+
+
+PEER_OVER_1_5, COLD_TIMES_0_15 = "1/1.5 of the peer's", "0.15 x Trellis' cold TTFT"
+
+
+def targets(budgets: list[int]) -> list[tuple[str, str, str, str | None, str | None]]:
+    """(what, Trellis system, its measurement, how its target follows (None: no target), the
+    peer that target compares with), for issue 18's targets and each dtype's one-session decode step."""
+    dtypes = ("fp32", "bf16")
+    return ([(f"N=4 op, D={D}, {dtype}", f"trellis_{dtype}", f"op_D{D}", PEER_OVER_1_5, f"vllm_{dtype}")
+             for D in budgets for dtype in dtypes]
+            + [(f"TTFT, cached-prefix probe, {dtype}", f"trellis_{dtype}", "ttft_probe", COLD_TIMES_0_15, None)
+               for dtype in dtypes]
+            + [(f"one session's decode step, {dtype}", f"trellis_{dtype}", "decode_step", None, None)
+               for dtype in dtypes])
+
+
+def measured(summary: dict, measurement: str) -> float | None:
+    """One system's measurement in seconds (``floors``' names), or None where it lacks it."""
+    if measurement == "decode_step":
+        return summary["decode_ms_per_token"] / 1000 if "decode_ms_per_token" in summary else None
+    value = summary.get(measurement)
+    return value["seconds"] if isinstance(value, dict) else value
+
+
+def target_rows(result: dict) -> list[list[str]]:
+    """Per target of issue 18 (and each dtype's decode step): the floor, the target and Trellis'
+    measurement, each time with the share of floor speed it is (floor / time)."""
+    summary, weights, rows = result["summary"], result["floors"]["by_weights"], []
+    for what, system, measurement, rule, peer in targets(result["workload"]["decode_budgets"]):
+        if system not in summary:
+            continue
+        floor = weights[result["systems"][system]["weights"]][measurement]
+        target = None
+        if rule == PEER_OVER_1_5 and peer in summary:
+            target = measured(summary[peer], measurement) / 1.5
+        elif rule == COLD_TIMES_0_15:
+            target = 0.15 * summary[system]["ttft_cold"]
+        rows.append([what, f"{floor:.3g}", seconds_and_share(target, floor),
+                     seconds_and_share(measured(summary[system], measurement), floor)])
+    return rows
+
+
+def seconds_and_share(seconds: float | None, floor: float) -> str:
+    """``seconds`` and the share of floor speed it is (100 %: at the floor), or — where unknown."""
+    return f"{seconds:.3g} ({100 * floor / seconds:.0f} %)" if seconds else "—"
+
+
+TARGET_HEADER = ["seconds", "floor", "target (share of floor speed)", "Trellis (share of floor speed)"]
+
+
+def ceilings_line(ceilings: dict[str, float]) -> str:
+    return ("Floors at this run's ceilings (benchmarks/floors.py: GEMM " + ", ".join(
+        f"{name} {ceilings[f'gemm_gflops_{name}']:.0f} GFLOP/s" for name in DTYPES) + "; weights read at " + ", ".join(
+        f"{name} {ceilings[f'read_gb_per_s_{name}']:.1f} GB/s" for name in DTYPES) + ")")
