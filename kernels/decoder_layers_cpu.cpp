@@ -57,6 +57,17 @@ const LayerOps& layer_ops() {
   return found;
 }
 
+// oneDNN's matmul, which CPULinear.forward calls for its kinds "onednn" and "packed" (off the
+// panels), looked up on first use: a torch built without oneDNN lacks it, and never lists the kind.
+using OnednnLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                                std::optional<c10::string_view>);
+
+const c10::TypedOperatorHandle<OnednnLinear>& onednn_linear() {
+  static const auto found = find_op<OnednnLinear>("mkldnn::_linear_pointwise");
+  return found;
+}
+
 at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at::ArrayRef<double> eps,
                               const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_caches,
                               at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_table,
@@ -88,9 +99,12 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
     const at::TensorList group = weights.slice(first, kGroupSize[g]);
     const std::string kind = kinds.get(l * kGroupsPerLayer + g);
     if (kind == "panels") return ops.panel_linear_group.call(x, group, out_features.slice(first, kGroupSize[g]));
-    if (kind == "linear") {
+    if (kind == "linear" || kind == "onednn") {
       std::vector<at::Tensor> outputs;
-      for (const at::Tensor& weight : group) outputs.push_back(at::linear(x, weight));
+      for (const at::Tensor& weight : group) {
+        outputs.push_back(kind == "linear" ? at::linear(x, weight)
+                                           : onednn_linear().call(x, weight, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), ""));
+      }
       return outputs;
     }
     return ops.quant_linear_group.call(x, group, kind);
@@ -119,5 +133,7 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(trellis_cpp, CPU, m) { m.impl("decoder_layers", &decoder_layers_cpu); }
+// oneDNN's packed weights are MkldnnCPU tensors, which pick the dispatch key when they are listed.
+TORCH_LIBRARY_IMPL(trellis_cpp, MkldnnCPU, m) { m.impl("decoder_layers", &decoder_layers_cpu); }
 
 }  // namespace trellis

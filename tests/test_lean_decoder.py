@@ -23,7 +23,7 @@ from trellis.models.llama import TrellisLlama
 from trellis.ops import quant
 from trellis.runner import cpu_linear
 from trellis.runner.cpu_linear import onednn_dtypes
-from trellis.runner.decoder import LINEAR, LeanDecoder
+from trellis.runner.decoder import LINEAR, ONEDNN, LeanDecoder
 from trellis.runner.quantized_linear import QuantizedLinear
 
 ATOL = 1e-4
@@ -309,8 +309,10 @@ def test_bf16_decode_rows_stream_as_one_call_prefill_runs_onednn(monkeypatch):
     ids = prompt(8, 24)
     with torch.no_grad(), group_calls(monkeypatch) as calls:
         tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
-        assert [rows for rows, _, _ in calls] == [1] * 4 * 2 * 2  # 2 layers, 2 decode steps; no prefill
-        assert {qtype for _, _, qtype in calls} == {"BF16"}
+        # per layer of 2, in the C++ loop: the prefill's 24 rows on oneDNN's matmul, layer by layer;
+        # then two decode steps' single rows streamed, q/k/v and gate/up as one call each
+        assert calls == [(rows, width, kind) for rows, kind in ((24, ONEDNN), (1, "BF16"), (1, "BF16"))
+                         for _ in range(2) for width in (3, 1, 2, 1)]
         with fallback(model):
             assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
 
@@ -407,8 +409,25 @@ def _fp32_streamed_tiny() -> TrellisLlama:
     return model
 
 
+def _bf16_onednn_tiny() -> TrellisLlama:
+    model = _tiny_with_norm_weights()
+    model.to(torch.bfloat16)
+    model.set_linear_kernel("packed")  # oneDNN's packed copy where there are no panels (AMX)
+    return model
+
+
+def _fp32_onednn_tiny() -> TrellisLlama:
+    model = _tiny_with_norm_weights()
+    model.set_linear_kernel("onednn")  # the prefill's rows on oneDNN's matmul over the parameter
+    return model
+
+
 LOOP_CASES = [
     pytest.param(_quantized_smollm2, 49152, id="Q4_1"),
+    pytest.param(_bf16_onednn_tiny, 256, id="bf16-onednn-packed", marks=pytest.mark.skipif(
+        cpu_linear.bf16_panels() or torch.bfloat16 not in onednn_dtypes(), reason="bf16 runs no oneDNN copy here")),
+    pytest.param(_fp32_onednn_tiny, 256, id="fp32-onednn", marks=pytest.mark.skipif(
+        not cpu_linear.onednn_available(), reason="no oneDNN in this torch")),
     pytest.param(_bf16_panels_tiny, 256, id="bf16-panels", marks=pytest.mark.skipif(
         not cpu_linear.bf16_panels(), reason="no AVX512_BF16 without AMX here: oneDNN's packed copy")),
     pytest.param(_fp32_streamed_tiny, 256, id="fp32-streamed", marks=pytest.mark.skipif(
@@ -530,16 +549,33 @@ def test_the_cpp_loops_listed_layers_follow_the_model(monkeypatch, load, session
     assert torch.equal(after, python_after)
 
 
-def test_layers_of_mixed_groups_run_the_loop_in_python(monkeypatch):
+def test_bf16_prefill_on_onednn_runs_the_loop_in_cpp(monkeypatch):
     """Decode rows stream as one BF16 call per group; prefill rows of oneDNN's packed copy run one
-    matmul per layer, which the C++ loop does not call: the prefill's loop runs in Python."""
+    matmul per layer, which the C++ loop calls as ``forward`` does: both loops run in C++."""
     monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)
     model = _bf16_panels_tiny()
     if torch.bfloat16 not in onednn_dtypes():
         pytest.skip("bf16 layers run F.linear on this CPU")
     with torch.no_grad(), layer_loops(monkeypatch) as loops:
         model.generate(prompt(9, 24), max_new_tokens=3, do_sample=False)
-    assert loops == ["python", "cpp", "cpp"]
+    assert loops == ["cpp", "cpp", "cpp"]
+
+
+def test_a_projection_outside_every_group_runs_the_loop_in_python(monkeypatch):
+    """A layer whose projections are not one group call each (here q_proj has a bias, which no
+    group kernel adds) runs its own forward, in the Python loop, with the fallback's logits."""
+    model = _fp32_streamed_tiny()
+    q_proj = model.model.layers[1].self_attn.q_proj
+    q_proj.bias = torch.nn.Parameter(torch.linspace(-0.5, 0.5, q_proj.out_features), requires_grad=False)
+    ids = prompt(11, 24)
+    with torch.no_grad(), layer_loops(monkeypatch) as loops:
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert loops == ["python", "python", "python"]
+    with torch.no_grad(), fallback(model):
+        expected = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), atol=1e-5, rtol=0)
 
 
 def _loop_arguments(monkeypatch) -> list:

@@ -318,6 +318,21 @@ class CPULinear(torch.nn.Linear):
             return None
         return weight
 
+    def onednn_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The weight ``forward`` hands oneDNN's matmul (``mkldnn._linear_pointwise``) for a CPU
+        inference input in ``dtype`` whose rows do not stream, for a bias-free layer: the parameter
+        (kind ``"onednn"``) or its packed copy (``"packed"`` off the panels); the lean decoder's C++
+        loop makes the same call. Else None."""
+        params = self._parameters
+        weight = params["weight"]
+        if (dtype != weight.dtype or params["bias"] is not None or not weight.is_cpu or self.kind == "blas"
+                or dtype not in onednn_dtypes()):
+            return None
+        if self.kind != "packed":
+            return weight
+        packed = self._packed_weight()
+        return None if packed.dim() == 4 else packed
+
     def grouped_panels(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The panels ``forward`` would multiply a CPU inference input in ``dtype`` by, for a
         bias-free layer: the lean decoder runs such layers reading one input (q/k/v, gate/up) as one

@@ -297,6 +297,7 @@ class _LoopLayers:
 
 PANELS = "panels"  # a group's kind where ``panel_linear_group`` computes it (else a ``quant_linear`` qtype)
 LINEAR = "linear"  # where each layer's own forward is bias-free ``F.linear``: the C++ loop calls ``at::linear``
+ONEDNN = "onednn"  # where it is oneDNN's matmul without a bias: the C++ loop calls ``mkldnn::_linear_pointwise``
 
 
 class _Projections:
@@ -340,6 +341,8 @@ class _Projections:
             kind, weight = (found[1], found[0]) if found is not None else (PANELS, linears[i].grouped_panels(dtype))
             if weight is None:
                 kind, weight = LINEAR, linears[i].linear_weight(dtype)
+            if weight is None:
+                kind, weight = ONEDNN, linears[i].onednn_weight(dtype)
             if weight is not None:
                 members, weights = groups.setdefault(kind, ([], []))
                 members.append(i)
@@ -359,7 +362,7 @@ class _Projections:
             return [linear.forward(x) for linear in linears]
         outputs: list[torch.Tensor | None] = [None] * len(linears)
         for kind, members, weights in self.groups(x.numel() // x.shape[-1], x.dtype):
-            if kind == LINEAR:
+            if kind in (LINEAR, ONEDNN):
                 continue  # each layer's own forward, below
             if kind == PANELS:
                 ys = run.panel_linear_group(x, weights, [self.out_features[i] for i in members])
