@@ -102,3 +102,7 @@ def test_measure_ceilings_reports_rates_per_dtype(monkeypatch):
     out = floors.measure_ceilings(1, {"float32": 1 << 20, "bfloat16": 1 << 19}, repeats=2)
     assert set(out) == set(UNIT) and all(v > 0 for v in out.values())
     assert torch.get_num_threads() == threads  # restored
+
+
+def test_each_ceiling_takes_its_highest_measurement():
+    assert floors.higher_ceilings({"a": 1.0, "b": 5.0}, {"a": 2.0, "b": 3.0}) == {"a": 2.0, "b": 5.0}
