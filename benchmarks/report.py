@@ -600,8 +600,9 @@ def headline() -> str:
     return (f"Measured on {machine(results)} (2 torch threads), SmolLM2-135M-Instruct in fp32, torch "
             f"{versions(results, 'torch')}, transformers {versions(results, 'transformers')}. Each row compares "
             "Trellis with plain transformers in the same run: `generate()` with its default cache, or the same "
-            "decoding loop with sdpa attention. Throughput counts a whole op: a fresh pipeline, the shared prefix "
-            "warmed, all sessions run. Medians of the repetitions.\n\n"
+            "decoding loop with sdpa attention. Throughput counts a whole op: a fresh pipeline (Trellis' KV pool, "
+            "emptied, kept from op to op, as a server keeps it), the shared prefix warmed, all sessions run. Medians "
+            "of the repetitions.\n\n"
             + table(["workload", "Trellis", "transformers", "Trellis speed-up", "data"], rows))
 
 

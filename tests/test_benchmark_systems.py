@@ -58,6 +58,19 @@ def test_trellis_holds_the_shared_blocks_once(model, phi):
     assert probe.hit_rate == w.shared / L
 
 
+def test_trellis_starts_every_op_from_an_empty_cache_over_its_kept_pool(model):
+    w = Workload(L=L, D=D, N=N, phi=0.5)
+    system = Trellis(model)
+    first = system.op(w)
+    pool = model.prefix_cache.pool
+    second = system.op(w)  # nothing served from the first op's cached prefixes
+    assert model.prefix_cache.pool is pool
+    assert (second.fresh_blocks, second.leaves) == (first.fresh_blocks, first.leaves)
+    assert system.ttft(w).hit_rate == w.shared / L  # only the warm prompt's prefix
+    system.op(Workload(L=L + 32, D=D, N=N, phi=0.5))  # another geometry: a pool of its own size
+    assert model.prefix_cache.pool.num_blocks == Workload(L=L + 32, D=D, N=N, phi=0.5).pool_blocks(SEED_BLOCK)
+
+
 def test_transformers_generate_batch_shares_the_warm_prefix(model):
     w = Workload(L=L, D=D, N=N, phi=0.5)
     result = HFGenerateBatch(model).op(w)
