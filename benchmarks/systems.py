@@ -124,8 +124,9 @@ class Trellis(System):
     def _engine(self, w: Workload, block_size: int) -> Engine:
         """A new engine over an empty prefix cache. The pool is configured where its geometry is
         new and kept otherwise, its cached prefixes cleared (``prefix_cache.clear()``), as a server
-        keeps its pool between requests: a pool made per op would time the kernel faulting its
-        pages in (20-35 ms of a cold 512-token prompt on the 2-core AMX Xeon)."""
+        keeps its pool between requests: a pool made per op can time the kernel faulting its pages
+        in (20-35 ms of a cold 512-token prompt on the 2-core AMX Xeon where other allocations came
+        between pools; a few ms where malloc hands the last pool's memory back)."""
         runner = self.model.runner
         settings = CacheSettings(block_size, w.pool_blocks(block_size), None, runner.settings.backend)
         if runner.settings != settings:

@@ -10,7 +10,8 @@
 // RMSNorms), then four projection groups from `weights`, seven weights a layer in the order
 // q, k, v | o | gate, up | down, group g running on kinds[4l+g]: "panels" (panel_linear_group, the
 // weights' out_features from `out_features`), "linear" (at::linear per weight, bias-free: what
-// F.linear runs for a layer on the BLAS), else a quant_linear_group qtype.
+// F.linear runs for a layer on the BLAS), "onednn" (oneDNN's matmul per weight, bias-free: what
+// CPULinear.forward runs on oneDNN), else a quant_linear_group qtype.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -101,9 +102,10 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
     if (kind == "panels") return ops.panel_linear_group.call(x, group, out_features.slice(first, kGroupSize[g]));
     if (kind == "linear" || kind == "onednn") {
       std::vector<at::Tensor> outputs;
+      const c10::List<std::optional<c10::Scalar>> no_scalars;
       for (const at::Tensor& weight : group) {
         outputs.push_back(kind == "linear" ? at::linear(x, weight)
-                                           : onednn_linear().call(x, weight, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), ""));
+                                           : onednn_linear().call(x, weight, std::nullopt, "none", no_scalars, ""));
       }
       return outputs;
     }

@@ -305,10 +305,11 @@ class _Projections:
     path runs them: with the C++ backend, those that ``quant_linear`` computes (bias-free quantized
     layers; bf16 and fp32 layers streaming a decode step's rows) as one ``quant_linear_group`` call
     per qtype, which streams their weights in one parallel region (a GGUF may mix qtypes within a
-    layer), bias-free bf16 and fp32 layers on panels as one ``panel_linear_group`` call; the others by their
-    own forward, which for bias-free layers on the BLAS (``LINEAR``: ``F.linear``) the C++ layer loop
-    makes as ``at::linear``. Without ``nn.Module.__call__``: the lean path runs only where no hooks
-    are set."""
+    layer), bias-free bf16 and fp32 layers on panels as one ``panel_linear_group`` call; the others
+    by their own forward, which for bias-free layers on the BLAS (``LINEAR``: ``F.linear``) or oneDNN
+    (``ONEDNN``: its matmul) the C++ layer loop makes as ``at::linear`` or
+    ``mkldnn::_linear_pointwise``. Without ``nn.Module.__call__``: the lean path runs only where no
+    hooks are set."""
 
     def __init__(self, *linears: torch.nn.Module) -> None:
         self.linears = linears
