@@ -2,7 +2,7 @@
 the seed's op, a cold prompt and the cached-prefix probe here, given the model's arithmetic and
 bytes and the best rates this CPU reaches in the same run (``bench_peers.py`` records them).
 
-Ceilings, measured with the run's thread count before any system starts:
+Ceilings, measured with the run's thread count:
 
 - GEMM: the best of a few 2048 x 2048 x 2048 ``torch.matmul`` calls per dtype (MKL in fp32,
   oneDNN in bf16): the fastest this machine computes that arithmetic through the libraries at
@@ -22,8 +22,9 @@ more than the ceiling rate and reads every weight at least once, at best both at
 are the linear layers' (2 per weight per token), attention's (QK^T and PV: 4 * head_dim per query
 head per visible key) and the LM head's rows'; the bytes are the weights (LM head included) and
 the K/V the forward reads, each cached key once (a shared prefix is read once for all sessions).
-The floors leave out everything else (norms, RoPE, sampling, Python), so they are below what any
-system can reach, and a target below its floor is out of reach on this machine.
+The floors leave out everything else (norms, RoPE, sampling, Python), so no system running at these
+ceilings reaches them: a target below its floor would take arithmetic or reads faster than anything
+measured on this machine.
 """
 
 from __future__ import annotations
