@@ -471,6 +471,14 @@ def _panels_tiny(dtype: torch.dtype):
     return load
 
 
+def _onednn_packed_tiny(monkeypatch) -> TrellisLlama:
+    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # oneDNN's packed copy, as with AMX
+    model = _tiny_with_norm_weights()
+    model.to(torch.bfloat16)
+    model.set_linear_kernel("packed")
+    return model
+
+
 def _streamed_tiny(dtype: torch.dtype):
     def load(monkeypatch) -> TrellisLlama:
         model = _tiny_with_norm_weights()
@@ -508,6 +516,9 @@ _STREAMED = [_edit_in_place, _replace_a_weight, _edit_unseen_then_reset]  # deco
     *[pytest.param(_panels_tiny(dtype), 2, change, id=f"{name}-panels-{change.__name__[1:]}",
                    marks=pytest.mark.skipif(not cpu_linear.panels_run(dtype), reason=f"{name} panels do not run here"))
       for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")) for change in _PANELS],
+    *[pytest.param(_onednn_packed_tiny, 2, change, id=f"bf16-onednn-packed-{change.__name__[1:]}",
+                   marks=pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(), reason="bf16 runs no oneDNN here"))
+      for change in _STREAMED],  # (F.linear's bf16 is oneDNN's too: "blas" gives the same logits)
     *[pytest.param(_streamed_tiny(torch.bfloat16), 2, change, id=f"bf16-streamed-{change.__name__[1:]}",
                    marks=pytest.mark.skipif(not cpu_linear.streams(2, torch.bfloat16), reason="bf16 rows do not stream here"))
       for change in _STREAMED],
