@@ -42,6 +42,21 @@ from trellis.runner.runner import CacheSettings
 MAX_BATCH_TOKENS = 4096  # per forward, for both continuous-batching systems
 
 
+def engine_over_empty_cache(model: TrellisLlama, block_size: int, num_blocks: int) -> Engine:
+    """A new engine over an empty prefix cache of ``num_blocks`` blocks of ``block_size`` tokens.
+    The pool is configured where that geometry is new and kept otherwise, its cached prefixes
+    cleared (``prefix_cache.clear()``), as a server keeps its pool between requests and vLLM's
+    ``reset_prefix_cache`` its KV memory: a pool made per op can time the kernel faulting its pages
+    in (20-35 ms of a cold 512-token prompt on the 2-core AMX Xeon where other allocations came
+    between pools; a few ms where malloc hands the last pool's memory back)."""
+    backend = model.runner.settings.backend
+    if model.runner.settings != CacheSettings(block_size, num_blocks, None, backend):
+        model.configure_cache(block_size=block_size, num_blocks=num_blocks, backend=backend)
+    else:
+        model.prefix_cache.clear()
+    return Engine(model, max_batch_tokens=MAX_BATCH_TOKENS)
+
+
 @dataclass
 class OpResult:
     seconds: float  # the whole op
@@ -122,19 +137,7 @@ class Trellis(System):
     name = "trellis"
 
     def _engine(self, w: Workload, block_size: int) -> Engine:
-        """A new engine over an empty prefix cache. The pool is configured where its geometry is
-        new and kept otherwise, its cached prefixes cleared (``prefix_cache.clear()``), as a server
-        keeps its pool between requests: a pool made per op can time the kernel faulting its pages
-        in (20-35 ms of a cold 512-token prompt on the 2-core AMX Xeon where other allocations came
-        between pools; a few ms where malloc hands the last pool's memory back)."""
-        runner = self.model.runner
-        settings = CacheSettings(block_size, w.pool_blocks(block_size), None, runner.settings.backend)
-        if runner.settings != settings:
-            self.model.configure_cache(block_size=settings.block_size, num_blocks=settings.num_blocks,
-                                       backend=settings.backend)
-        else:
-            self.model.prefix_cache.clear()
-        return Engine(self.model, max_batch_tokens=MAX_BATCH_TOKENS)
+        return engine_over_empty_cache(self.model, block_size, w.pool_blocks(block_size))
 
     def op(self, w: Workload, block_size: int = SEED_BLOCK) -> OpResult:
         prefix, prompts = w.prefix(), [w.prompt(i) for i in range(w.N)]

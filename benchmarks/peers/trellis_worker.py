@@ -1,7 +1,7 @@
 """bench_peers' Trellis worker (the main .venv): the embedded SmolLM2 in fp32 or bf16 from the
 converted safetensors, or with the GGUF's linear weights kept quantized; Trellis' engine with its
 default kernels. Each op starts from an empty prefix cache over the same pool
-(``prefix_cache.clear()``), as vLLM's ``reset_prefix_cache`` keeps its KV memory.
+(``systems.engine_over_empty_cache``), as vLLM's ``reset_prefix_cache`` keeps its KV memory.
 
     .venv/bin/python benchmarks/peers/trellis_worker.py --variant fp32|bf16|gguf --threads 2
 """
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 import protocol
 import torch
 from common import environment, load_model
-from systems import MAX_BATCH_TOKENS
+from systems import engine_over_empty_cache
 
 from trellis.engine.engine import Engine
 from trellis.engine.sampling import SamplingParams
@@ -48,12 +48,7 @@ class TrellisWorker(protocol.Worker):
                 "attention_backend": self.model.attention_backend(), "block_size": BLOCK_SIZE}
 
     def reset(self) -> None:
-        if self.engine is None:  # the pool, made at the next forward
-            self.model.configure_cache(block_size=BLOCK_SIZE, num_blocks=POOL_BLOCKS,
-                                       backend=self.model.runner.settings.backend)
-        else:
-            self.model.prefix_cache.clear()
-        self.engine = Engine(self.model, max_batch_tokens=MAX_BATCH_TOKENS)
+        self.engine = engine_over_empty_cache(self.model, BLOCK_SIZE, POOL_BLOCKS)
 
     def _run(self, prompts: list[list[int]], max_new_tokens: int):
         return self.engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
