@@ -58,15 +58,16 @@ const LayerOps& layer_ops() {
   return found;
 }
 
-// oneDNN's matmul, which CPULinear.forward calls for its kinds "onednn" and "packed" (off the
-// panels), looked up on first use: a torch built without oneDNN lacks it, and never lists the kind.
-using OnednnLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                c10::string_view, c10::List<std::optional<c10::Scalar>>,
-                                std::optional<c10::string_view>);
-
-const c10::TypedOperatorHandle<OnednnLinear>& onednn_linear() {
-  static const auto found = find_op<OnednnLinear>("mkldnn::_linear_pointwise");
-  return found;
+// x @ weight^T by oneDNN's matmul, bias-free, as CPULinear.forward calls it for its kinds "onednn"
+// and "packed" (off the panels). Looked up on first use: a torch built without oneDNN lacks the
+// op, and never lists the kind.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight) {
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                               c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                               std::optional<c10::string_view>);
+  static const auto op = find_op<Signature>("mkldnn::_linear_pointwise");
+  static const c10::List<std::optional<c10::Scalar>> no_scalars;
+  return op.call(x, weight, std::nullopt, "none", no_scalars, "");
 }
 
 at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at::ArrayRef<double> eps,
@@ -102,11 +103,8 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
     if (kind == "panels") return ops.panel_linear_group.call(x, group, out_features.slice(first, kGroupSize[g]));
     if (kind == "linear" || kind == "onednn") {
       std::vector<at::Tensor> outputs;
-      const c10::List<std::optional<c10::Scalar>> no_scalars;
-      for (const at::Tensor& weight : group) {
-        outputs.push_back(kind == "linear" ? at::linear(x, weight)
-                                           : onednn_linear().call(x, weight, std::nullopt, "none", no_scalars, ""));
-      }
+      for (const at::Tensor& weight : group)
+        outputs.push_back(kind == "linear" ? at::linear(x, weight) : onednn_linear(x, weight));
       return outputs;
     }
     return ops.quant_linear_group.call(x, group, kind);
