@@ -30,7 +30,6 @@ measured on this machine.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,12 +39,17 @@ STREAM_QTYPES = {"float32": "F32", "bfloat16": "BF16"}  # quant_linear's names o
 STREAM_K = 1024  # the streamed weight's row length: whole 32-weight blocks
 
 
-def measure_ceilings(threads: int, weight_bytes: dict[str, int], repeats: int = 5) -> dict[str, float]:
+def measure_ceilings(threads: int, weight_bytes: dict[str, int], calls: int = 5) -> dict[str, float]:
     """Per dtype (``DTYPES``): the GEMM rate (GFLOP/s) and the rate (GB/s) of reading
-    ``weight_bytes[dtype]`` bytes, each the best of ``repeats``."""
+    ``weight_bytes[dtype]`` bytes, each the fastest of ``calls`` timed calls (three at least; after
+    an untimed one)."""
     import torch  # here only: report.py renders the floors with the standard library alone
+    from common import call_seconds
 
     from trellis import ops
+
+    def fastest(fn: Callable[[], object]) -> float:
+        return call_seconds(fn, torch.device("cpu"), min_seconds=60.0, stat="min", max_calls=calls)  # (calls end it)
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -54,33 +58,20 @@ def measure_ceilings(threads: int, weight_bytes: dict[str, int], repeats: int = 
         for name, element_bytes in DTYPES.items():
             generator = torch.Generator().manual_seed(0)
             a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, generator=generator).to(getattr(torch, name)) for _ in "ab")
-            product = functools.partial(torch.matmul, a, b)
-            product()  # first-call costs: threads, oneDNN's kernel choice
-            out[f"gemm_gflops_{name}"] = 2 * GEMM_SIZE**3 / best_seconds(product, repeats) / 1e9
+            out[f"gemm_gflops_{name}"] = 2 * GEMM_SIZE**3 / fastest(functools.partial(torch.matmul, a, b)) / 1e9
             flat = torch.ones(weight_bytes[name] // 4)
-            flat.sum()  # faults its pages in
-            seconds = best_seconds(flat.sum, repeats)
+            seconds = fastest(flat.sum)
             del flat
             # A weight in the dtype, read by the streaming kernel (its K a whole number of blocks)
             weight = torch.ones(weight_bytes[name] // (STREAM_K * element_bytes), STREAM_K, dtype=getattr(torch, name))
             row = torch.ones(1, STREAM_K, dtype=weight.dtype)
             stream = functools.partial(ops.quant_linear, row, weight, STREAM_QTYPES[name], backend="cpp")
-            stream()
-            seconds = min(seconds, best_seconds(stream, repeats) * weight_bytes[name] / weight.nbytes)
+            seconds = min(seconds, fastest(stream) * weight_bytes[name] / weight.nbytes)
             out[f"read_gb_per_s_{name}"] = weight_bytes[name] / seconds / 1e9
             del weight
         return out
     finally:
         torch.set_num_threads(previous)
-
-
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def test_share_of_floor_speed():
 def test_measure_ceilings_reports_rates_per_dtype(monkeypatch):
     monkeypatch.setattr(floors, "GEMM_SIZE", 64)
     threads = torch.get_num_threads()
-    out = floors.measure_ceilings(1, {"float32": 1 << 20, "bfloat16": 1 << 19}, repeats=2)
+    out = floors.measure_ceilings(1, {"float32": 1 << 20, "bfloat16": 1 << 19}, calls=2)
     assert set(out) == set(UNIT) and all(v > 0 for v in out.values())
     assert torch.get_num_threads() == threads  # restored
 
