@@ -6,7 +6,7 @@ over input-major weights and over a prepacked copy, through Trellis' streaming k
 (``quant_linear``, qtype ``"BF16"`` or ``"F32"``, over the row-major parameter), which the kinds
 run at the row counts ``cpu_linear.streamed_rows`` names for the dtype (bf16: 1-4, fp32: 4-8; each
 variant here runs its own kernel at every row count), and, where ``cpu_linear.panels_serve`` holds
-for the dtype (bf16: AVX512_BF16 without AMX; fp32: an AVX-512 build off Intel), through Trellis'
+for the dtype (bf16: AVX512_BF16, on AMX tiles where present; fp32: an AVX-512 build off Intel), through Trellis'
 panels (``panel_linear``), which ``"packed"`` runs there at every row count instead of oneDNN's
 copy and the streaming kernel. The label in parentheses names the Trellis
 kind that runs each variant in this dtype. Kinds take turns within each repetition; the figure

@@ -25,6 +25,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "amx_tiles.h"
 #include "bf16_dots.h"
 #include "with_count.h"
 
@@ -189,76 +190,16 @@ inline void qk_scores_dpbf16(const uint32_t* qp, int64_t ldq, const c10::BFloat1
 // V^T[d][key] P[key][row], so that the probabilities enter as bf16 pairs of keys per row, the
 // scores' layout again (probability_pairs), and V^T is staged per tile (value_pairs).
 
-constexpr int kTileRows = 16;  // rows of A or C, pairs of B per tile; 32 bf16 (64 bytes) per tile row
-
-// Tiles 0-3 the products (2 A blocks x 2 B blocks), 4-5 A, 6-7 B: 16 rows of 64 bytes.
-// A constant: GCC drops stores into a local configuration that only ldtilecfg reads.
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t bytes_per_row[16];
-  uint8_t rows[16];
-};
-constexpr TileConfig product_tile_config() {
-  TileConfig config{};
-  config.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.bytes_per_row[t] = 64;
-    config.rows[t] = kTileRows;
-  }
-  return config;
-}
-inline constexpr TileConfig kProductTiles = product_tile_config();
-
-__attribute__((target("amx-tile"))) inline void configure_product_tiles() { _tile_loadconfig(&kProductTiles); }
-
-__attribute__((target("amx-tile"))) inline void release_tiles() { _tile_release(); }
-
-// C[i][j] = sum_k A[i][k] B[k][j] (+ C when kAccumulate) for up to 32 x 32 of C (fp32, rows
-// `ldc` apart): A's rows i in blocks of 16 at a0 and (kTwoA) a1, `lda` bf16 apart, `depth` of k
-// (a multiple of 32); B as bf16 pairs b[k/2][j], rows `ldb` pairs apart, columns j in blocks of 16
-// at b and (kTwoB) b + 16.
-template <bool kTwoA, bool kTwoB, bool kAccumulate>
-__attribute__((target("amx-tile,amx-bf16"))) inline void tile_product(const c10::BFloat16* a0,
-                                                                       const c10::BFloat16* a1, int64_t lda,
-                                                                       const uint32_t* b, int64_t ldb, int64_t depth,
-                                                                       float* c, int64_t ldc) {
-  float* c_blocks[4] = {c, c + kTileRows, c + kTileRows * ldc, c + kTileRows * ldc + kTileRows};
-  if constexpr (kAccumulate) {
-    _tile_loadd(0, c_blocks[0], ldc * 4);
-    if constexpr (kTwoB) _tile_loadd(1, c_blocks[1], ldc * 4);
-    if constexpr (kTwoA) _tile_loadd(2, c_blocks[2], ldc * 4);
-    if constexpr (kTwoA && kTwoB) _tile_loadd(3, c_blocks[3], ldc * 4);
-  } else {
-    _tile_zero(0);
-    if constexpr (kTwoB) _tile_zero(1);
-    if constexpr (kTwoA) _tile_zero(2);
-    if constexpr (kTwoA && kTwoB) _tile_zero(3);
-  }
-  for (int64_t k = 0; k < depth; k += 32) {
-    _tile_loadd(4, a0 + k, lda * 2);
-    _tile_loadd(6, b + k / 2 * ldb, ldb * 4);
-    if constexpr (kTwoB) _tile_loadd(7, b + k / 2 * ldb + kTileRows, ldb * 4);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (kTwoB) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (kTwoA) {
-      _tile_loadd(5, a1 + k, lda * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      if constexpr (kTwoB) _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c_blocks[0], ldc * 4);
-  if constexpr (kTwoB) _tile_stored(1, c_blocks[1], ldc * 4);
-  if constexpr (kTwoA) _tile_stored(2, c_blocks[2], ldc * 4);
-  if constexpr (kTwoA && kTwoB) _tile_stored(3, c_blocks[3], ldc * 4);
-}
-
 // tile_product over C's columns [0, ldq) (a multiple of 16) in blocks of 32, with kTwoA.
 template <bool kTwoA, bool kAccumulate>
 inline void tile_product_rows(const c10::BFloat16* a0, const c10::BFloat16* a1, int64_t lda, const uint32_t* b,
                               int64_t ldq, int64_t depth, float* c) {
   for (int64_t r = 0; r < ldq; r += 2 * kTileRows) {
-    if (r + kTileRows < ldq) tile_product<kTwoA, true, kAccumulate>(a0, a1, lda, b + r, ldq, depth, c + r, ldq);
-    else tile_product<kTwoA, false, kAccumulate>(a0, a1, lda, b + r, ldq, depth, c + r, ldq);
+    if (r + kTileRows < ldq) {
+      tile_product<kTwoA, true, kAccumulate>(a0, a1, lda, b + r, b + r + kTileRows, ldq, depth, c + r, ldq);
+    } else {
+      tile_product<kTwoA, false, kAccumulate>(a0, a1, lda, b + r, nullptr, ldq, depth, c + r, ldq);
+    }
   }
 }
 

@@ -54,7 +54,7 @@ def test_matches_nn_linear(kind, bias, shape):
 @needs_onednn_bf16
 @pytest.mark.parametrize("kind", ONEDNN_KINDS)
 def test_bf16_runs_on_onednn_within_rounding_of_nn_linear(kind, monkeypatch):
-    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # as on CPUs without AVX512_BF16, or with AMX
+    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # as on CPUs without AVX512_BF16
     torch.manual_seed(0)
     plain = torch.nn.Linear(48, 40, dtype=torch.bfloat16)
     layer = copy.deepcopy(plain)
@@ -116,7 +116,7 @@ def test_a_decode_steps_rows_stream_through_trellis_kernel(dtype, qtype, kind, m
 
 PANEL_DTYPES = [
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not cpu_linear.bf16_panels(),
-                                                          reason="no AVX512_BF16 without AMX here: oneDNN's copy")),
+                                                          reason="no AVX512_BF16 here: oneDNN's copy")),
     pytest.param(torch.float32, marks=pytest.mark.skipif(not cpu_linear.fp32_panels(),
                                                          reason="no AVX-512 build off Intel here: oneDNN's copy")),
 ]
@@ -125,7 +125,7 @@ PANEL_DTYPES = [
 @pytest.mark.parametrize("dtype", PANEL_DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_layers_keep_panels_for_every_row_count(dtype, bias):
-    """Where they serve (bf16: AVX512_BF16 and no AMX; fp32: an AVX-512 build on a CPU other than
+    """Where they serve (bf16: AVX512_BF16, on AMX tiles where there are tiles; fp32: an AVX-512 build on a CPU other than
     Intel's), a "packed" layer's copy is Trellis' panels, which ``panel_linear`` multiplies at
     every row count (none streams, none goes to oneDNN); any other kind does not use them, nor
     the other dtype where its own panels do not serve."""

@@ -8,7 +8,7 @@ import contextlib
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import gguf
@@ -302,7 +302,7 @@ def test_projections_of_mixed_qtypes_run_as_one_call_per_qtype(monkeypatch):
 
 @pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(), reason="bf16 layers run F.linear on this CPU")
 def test_bf16_decode_rows_stream_as_one_call_prefill_runs_onednn(monkeypatch):
-    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # oneDNN's packed copy (as with AMX)
+    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # oneDNN's packed copy (as without AVX512_BF16)
     _, model = tiny_pair()
     model.to(torch.bfloat16)
     model.set_linear_kernel("packed")
@@ -317,7 +317,7 @@ def test_bf16_decode_rows_stream_as_one_call_prefill_runs_onednn(monkeypatch):
             assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
 
 
-@pytest.mark.skipif(not cpu_linear.bf16_panels(), reason="no AVX512_BF16 without AMX here: oneDNN's packed copy")
+@pytest.mark.skipif(not cpu_linear.bf16_panels(), reason="no AVX512_BF16 here: oneDNN's packed copy")
 def test_bf16_panels_run_decode_and_prefill_rows_as_the_fallback_does(monkeypatch):
     _, model = tiny_pair()
     model.to(torch.bfloat16)
@@ -409,28 +409,33 @@ def _fp32_streamed_tiny() -> TrellisLlama:
     return model
 
 
-def _bf16_onednn_tiny() -> TrellisLlama:
-    model = _tiny_with_norm_weights()
-    model.to(torch.bfloat16)
-    model.set_linear_kernel("packed")  # oneDNN's packed copy where there are no panels (AMX)
-    return model
-
-
 def _fp32_onednn_tiny() -> TrellisLlama:
     model = _tiny_with_norm_weights()
     model.set_linear_kernel("onednn")  # the prefill's rows on oneDNN's matmul over the parameter
     return model
 
 
+def _onednn_packed_tiny(monkeypatch) -> TrellisLlama:
+    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # oneDNN's packed copy, as without AVX512_BF16
+    model = _tiny_with_norm_weights()
+    model.to(torch.bfloat16)
+    model.set_linear_kernel("packed")
+    return model
+
+
+def _unpatched(load: Callable[[], TrellisLlama]) -> Callable[[pytest.MonkeyPatch], TrellisLlama]:
+    return lambda monkeypatch: load()
+
+
 LOOP_CASES = [
-    pytest.param(_quantized_smollm2, 49152, id="Q4_1"),
-    pytest.param(_bf16_onednn_tiny, 256, id="bf16-onednn-packed", marks=pytest.mark.skipif(
-        cpu_linear.bf16_panels() or torch.bfloat16 not in onednn_dtypes(), reason="bf16 runs no oneDNN copy here")),
-    pytest.param(_fp32_onednn_tiny, 256, id="fp32-onednn", marks=pytest.mark.skipif(
+    pytest.param(_unpatched(_quantized_smollm2), 49152, id="Q4_1"),
+    pytest.param(_onednn_packed_tiny, 256, id="bf16-onednn-packed", marks=pytest.mark.skipif(
+        torch.bfloat16 not in onednn_dtypes(), reason="bf16 runs no oneDNN here")),
+    pytest.param(_unpatched(_fp32_onednn_tiny), 256, id="fp32-onednn", marks=pytest.mark.skipif(
         not cpu_linear.onednn_available(), reason="no oneDNN in this torch")),
-    pytest.param(_bf16_panels_tiny, 256, id="bf16-panels", marks=pytest.mark.skipif(
-        not cpu_linear.bf16_panels(), reason="no AVX512_BF16 without AMX here: oneDNN's packed copy")),
-    pytest.param(_fp32_streamed_tiny, 256, id="fp32-streamed", marks=pytest.mark.skipif(
+    pytest.param(_unpatched(_bf16_panels_tiny), 256, id="bf16-panels", marks=pytest.mark.skipif(
+        not cpu_linear.bf16_panels(), reason="no AVX512_BF16 here: oneDNN's packed copy")),
+    pytest.param(_unpatched(_fp32_streamed_tiny), 256, id="fp32-streamed", marks=pytest.mark.skipif(
         cpu_linear.streamed_rows(torch.float32) is None, reason="fp32 layers do not stream on this CPU")),
 ]
 
@@ -440,7 +445,7 @@ def test_the_layer_loop_in_cpp_gives_the_python_loops_results(monkeypatch, load,
     """Where every projection is one C++ group call, ``decoder_layers`` runs the layer loop: the same
     ops in the same order, so the same logits bit for bit, over a prefill, cache hits and the decode
     steps of four sessions."""
-    model = load()
+    model = load(monkeypatch)
     ids = torch.randint(3, vocab, (4, 21), generator=torch.Generator().manual_seed(4))
     ids[:, :12] = ids[0, :12]  # a shared prefix: the second forward hits the cache
 
@@ -469,14 +474,6 @@ def _panels_tiny(dtype: torch.dtype):
         model.set_linear_kernel("packed")
         return model
     return load
-
-
-def _onednn_packed_tiny(monkeypatch) -> TrellisLlama:
-    monkeypatch.setattr(cpu_linear, "bf16_panels", lambda: False)  # oneDNN's packed copy, as with AMX
-    model = _tiny_with_norm_weights()
-    model.to(torch.bfloat16)
-    model.set_linear_kernel("packed")
-    return model
 
 
 def _streamed_tiny(dtype: torch.dtype):
@@ -556,8 +553,11 @@ def test_the_cpp_loops_listed_layers_follow_the_model(monkeypatch, load, session
             model.prefix_cache.reset()  # the same computations in both loops
             python_after = logits()
         assert set(loops) == {"python"}
-    assert not torch.equal(after, before)  # the change matters
     assert torch.equal(after, python_after)
+    if change is _another_kernel and torch.equal(after, before):
+        # bf16 panels on AMX tiles sum as oneDNN does at the tiny model's sizes: the same bits
+        pytest.skip("the other kernel computes the same bits here: the change cannot show")
+    assert not torch.equal(after, before)  # the change matters
 
 
 def test_bf16_prefill_on_onednn_runs_the_loop_in_cpp(monkeypatch):

@@ -1,6 +1,7 @@
 """panel_linear: bf16 and fp32 weights packed in panels of 16 output features (bf16 inputs in pairs;
-trellis/ops/panels.py), multiplied by the C++ kernel (AVX512_BF16 dot products and AVX-512 fused
-multiply-adds where the CPU has them) with the reference's results up to fp32 summation order."""
+trellis/ops/panels.py), multiplied by the C++ kernel (bf16 on AMX tiles or AVX512_BF16 dot products,
+fp32 on AVX-512 fused multiply-adds, where the CPU has them) with the reference's results up to
+fp32 summation order."""
 
 import os
 import re
@@ -50,7 +51,7 @@ def test_the_fp32_layout():
     assert torch.equal(unpack_panels(panels, 21), weight)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5, 6, 7, 13, 64, 200])
+@pytest.mark.parametrize("rows", [1, 4, 5, 6, 7, 13, 16, 17, 32, 33, 64, 200])  # (AMX tiles: 16 rows, blocks of 32)
 @pytest.mark.parametrize(("out_features", "in_features"), [(40, 64), (1, 2), (16, 576), (17, 30), (200, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,6 +76,19 @@ def test_kernel_matches_the_reference(rows, out_features, in_features, bias, dty
         assert ((result.double() - exact).abs() <= exact.abs() * 2 ** -8 + summed * 2 ** -20 + 1e-30).all()
     assert ((got.double() - ref.double()).abs() <= ref.double().abs() * 2 ** -7 + summed * 2 ** -19).all()
     assert (got == ref).float().mean() > 0.95
+
+
+def test_rows_a_call_does_not_have_never_reach_its_results():
+    """On AMX tiles, which read x 16 rows at a time, a last partial group comes from a buffer the
+    thread keeps across calls, whose other rows hold an earlier call's rows (here NaN): their
+    products are never stored. A row's results are the same however many rows come with it."""
+    weight = bf16(48, 64)
+    panels = pack_panels(weight)
+    ops.panel_linear(torch.full((31, 64), float("nan"), dtype=torch.bfloat16), panels, None, 48)
+    x = bf16(16, 64)
+    alone = ops.panel_linear(x[:3], panels, None, 48)
+    assert alone.isfinite().all()
+    assert torch.equal(alone, ops.panel_linear(x, panels, None, 48)[:3])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -14,7 +14,7 @@ beat both on AMD where the kernels are built for AVX-512. So the fp32 default fo
     "packed"   a second copy in oneDNN's blocked layout, or   other x86 CPUs with AVX-512 (and
                Trellis' panels: fp32 on other x86 CPUs with   bf16's default); +1 copy
                AVX-512 (fp32_panels), bf16 on AVX512_BF16
-               CPUs without AMX (bf16_panels)
+               CPUs, AMX ones included (bf16_panels)
 
 "Input-major" (fp32 on Intel CPUs): the ``[out, in]`` parameter keeps its shape and values but its
 storage is the transpose's, ``[in, out]`` row-major (strides ``(1, out)``). That is the layout oneDNN's matmul
@@ -30,11 +30,12 @@ bf16 runs on oneDNN too where oneDNN computes it (``onednn_dtypes``), with fp32 
 There the layouts rank otherwise (docs/dtypes.md, an AMX Xeon): input-major is slower than
 row-major at 1 and 4 rows, so ``"onednn"`` keeps bf16 weights row-major (``input_major``), where
 it runs about as fast as ``F.linear`` (itself oneDNN in bf16); the blocked copy of ``"packed"`` is
-15-30 % faster at 1 to 64 rows, and the bf16 default. On CPUs with AVX512_BF16 but no AMX (AMD
-Zen 4), ``"packed"`` keeps Trellis' panels instead (``ops.panel_linear``, the same size), whose
-kernel keeps the dot-product units busier than oneDNN's at 5 to 256 rows (a chat turn's extend,
-a batch's decode) and is level with it beyond, and runs a decode step's rows faster than the
-streaming kernel below (``bf16_panels``). fp16 stays on ``F.linear`` under every kind.
+15-30 % faster at 1 to 64 rows, and the bf16 default where there are no panels. On CPUs with
+AVX512_BF16 (AMD Zen 4, Intel from Cooper Lake), ``"packed"`` keeps Trellis' panels instead
+(``ops.panel_linear``, the same size), whose kernel keeps the dot-product units (AMX tiles where
+the CPU has them) busier than oneDNN's at 5 to 256 rows (a chat turn's extend, a batch's decode),
+is level with it or ahead beyond, and runs a decode step's rows at least as fast as the streaming
+kernel below (``bf16_panels``). fp16 stays on ``F.linear`` under every kind.
 
 Under every kind but those panels, a decode step's few rows (``streamed_rows``: 1 to 4 in bf16,
 1 to 8 in fp32 on x86 CPUs) instead stream a row-major parameter (not the input-major fp32 ones of
@@ -156,12 +157,14 @@ def _x86_64() -> bool:
 def bf16_panels() -> bool:
     """Whether ``"packed"`` keeps bf16 weights as Trellis' panels (``ops.panel_linear``) instead of
     oneDNN's blocked copy, and runs every row count on them (decode rows too, which stream
-    otherwise): on CPUs with AVX512_BF16 dot products and no AMX (AMD Zen 4 on, Intel Cooper
-    Lake), with the C++ kernels built for AVX-512 and loaded. On the 2-core AMD EPYC the panels'
-    kernel runs SmolLM2's layers 1.3x faster than the streaming kernel at 1 to 4 rows, 1.15-1.55x
-    faster than oneDNN at 8 to 64 rows and level at 512 (docs/cpu-linear.md); where AMX is,
-    oneDNN multiplies on tiles, several times the vectors' rate."""
-    return panels_run(torch.bfloat16) and "amx_bf16" not in _cpu_flags()
+    otherwise): on CPUs with AVX512_BF16 dot products (AMD Zen 4 on, Intel from Cooper Lake), with
+    the C++ kernels built for AVX-512 and loaded. On the 2-core AMD EPYC the panels' kernel runs
+    SmolLM2's layers 1.3x faster than the streaming kernel at 1 to 4 rows, 1.15-1.55x faster than
+    oneDNN at 8 to 64 rows and level at 512; where the CPU has AMX it multiplies on the tiles, as
+    oneDNN does: on the 2-core AMX Xeon 1.05-1.45x faster than oneDNN's packed matmul at 1 to 512
+    rows, level with the streaming kernel at SmolLM2's decode rows and 1.1-1.3x faster at
+    TinyLlama's (docs/cpu-linear.md)."""
+    return panels_run(torch.bfloat16)
 
 
 @functools.cache
@@ -200,8 +203,9 @@ def streamed_rows(dtype: torch.dtype) -> tuple[int, int] | None:
 
     A matmul of a few rows reads every weight once and is bound by memory bandwidth, where the
     libraries' GEMMs are not always (docs/cpu-linear.md, the 2-core AMX Xeon):
-    - bf16, 1 to 4 rows, where oneDNN computes bf16: as fast as oneDNN's packed matmul at one row,
-      1.3-1.4x faster at two to four; from eight oneDNN (AMX) is the faster.
+    - bf16, 1 to 4 rows, where oneDNN computes bf16 (and the panels do not serve: CPUs without
+      AVX512_BF16): as fast as oneDNN's packed matmul at one row, 1.3-1.4x faster at two to four
+      on the AMX Xeon; from eight oneDNN (AMX) is the faster.
     - fp32, 1 to 8 rows, on x86-64. On Intel, MKL reads 4 to 8 rows 1.4-1.5x slower than this
       kernel does, and with the weights on huge pages (``huge_pages``) one and two rows slower
       too: a SmolLM2 decode step (AMX Xeon, the lean loop in C++) 22.0-22.1 against 23.3-24.7 ms
