@@ -133,10 +133,9 @@ inline void prefetch_ahead(const uint32_t* w, int64_t steps, int64_t j, int64_t 
 }
 
 // The lanes of panel c of a block from p that hold features (W's last panel may hold fewer than 16).
-template <int NR>
 inline __mmask16 stored_lanes(int64_t n, int64_t p, int c) {
   const int64_t features = std::min<int64_t>(kPanel, n - (p + c) * kPanel);
-  return c < NR - 1 || features == kPanel ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << features) - 1);
+  return features == kPanel ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << features) - 1);
 }
 
 // A block's sums for panel c, with the bias (fp32, zero past N) where there is one.
@@ -167,12 +166,19 @@ void fp32_block(const Problem<float>& pr, int64_t row, int64_t p, bool prefetch,
   for (int r = 0; r < MR; ++r) {
     float* y = pr.y + (row + r) * pr.n + p * kPanel;
     for (int c = 0; c < NR; ++c) {
-      _mm512_mask_storeu_ps(y + c * kPanel, stored_lanes<NR>(pr.n, p, c), with_bias(pr.bias, p, c, acc[r][c]));
+      _mm512_mask_storeu_ps(y + c * kPanel, stored_lanes(pr.n, p, c), with_bias(pr.bias, p, c, acc[r][c]));
     }
   }
 }
 
 #if defined(TRELLIS_BF16_DOTS)
+// A panel's 16 fp32 results, rounded to bf16, into the lanes of y that hold features.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void store_rounded(c10::BFloat16* y,
+                                                                                          __mmask16 lanes,
+                                                                                          __m512 sums) {
+  _mm256_mask_storeu_epi16(y, lanes, (__m256i)_mm512_cvtneps_pbh(sums));
+}
+
 // fp32_block for bf16 pairs on vdpbf16ps, rounded to bf16 once.
 template <int MR, int NR>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block(const Problem<c10::BFloat16>& pr,
@@ -198,8 +204,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block(
   for (int r = 0; r < MR; ++r) {
     c10::BFloat16* y = pr.y + (row + r) * pr.n + p * kPanel;
     for (int c = 0; c < NR; ++c) {
-      const __m512 v = with_bias(pr.bias, p, c, acc[r][c]);
-      _mm256_mask_storeu_epi16(y + c * kPanel, stored_lanes<NR>(pr.n, p, c), (__m256i)_mm512_cvtneps_pbh(v));
+      store_rounded(y + c * kPanel, stored_lanes(pr.n, p, c), with_bias(pr.bias, p, c, acc[r][c]));
     }
   }
 }
@@ -216,20 +221,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block(
 // Whether this call's bf16 matmul runs on AMX tiles: steps (K / 2) whole tiles of pairs.
 bool tiles_run(int64_t steps) { return steps % kTileRows == 0 && amx_bf16_usable(); }
 
-// The lanes of panel p (of a weight with n features) that hold features.
-inline __mmask16 feature_lanes(int64_t n, int64_t p) {
-  const int64_t features = std::min<int64_t>(kPanel, n - p * kPanel);
-  return features == kPanel ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << features) - 1);
-}
-
 // y's `rows` rows from `row` on, panels p .. p + panels - 1, from the block's sums c[row][32].
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_tile_block(
     const Problem<c10::BFloat16>& pr, const float* c, int64_t row, int64_t rows, int64_t p, int panels) {
   for (int64_t r = 0; r < rows; ++r) {
     c10::BFloat16* y = pr.y + (row + r) * pr.n + p * kPanel;
     for (int i = 0; i < panels; ++i) {
-      const __m512 v = with_bias(pr.bias, p, i, _mm512_loadu_ps(c + r * 2 * kPanel + i * kPanel));
-      _mm256_mask_storeu_epi16(y + i * kPanel, feature_lanes(pr.n, p + i), (__m256i)_mm512_cvtneps_pbh(v));
+      const __m512 sums = _mm512_loadu_ps(c + r * 2 * kPanel + i * kPanel);
+      store_rounded(y + i * kPanel, stored_lanes(pr.n, p, i), with_bias(pr.bias, p, i, sums));
     }
   }
 }
