@@ -162,7 +162,7 @@ def bf16_panels() -> bool:
     SmolLM2's layers 1.3x faster than the streaming kernel at 1 to 4 rows, 1.15-1.55x faster than
     oneDNN at 8 to 64 rows and level at 512; where the CPU has AMX it multiplies on the tiles, as
     oneDNN does: on the 2-core AMX Xeon 1.05-1.45x faster than oneDNN's packed matmul at 1 to 512
-    rows, level with the streaming kernel at SmolLM2's decode rows and 1.1-1.3x faster at
+    rows, and level with the streaming kernel at a decode step's rows in the engine, SmolLM2's and
     TinyLlama's (docs/cpu-linear.md)."""
     return panels_run(torch.bfloat16)
 
