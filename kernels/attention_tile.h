@@ -188,7 +188,7 @@ inline void qk_scores_dpbf16(const uint32_t* qp, int64_t ldq, const c10::BFloat1
 // of 16 keys by 32 d (K rows as they lie in the cache) and 32 d by 16 query rows (Q^T as bf16
 // pairs) gives scores straight in st's [key][row] layout. P @ V runs transposed, acc^T[d][row] +=
 // V^T[d][key] P[key][row], so that the probabilities enter as bf16 pairs of keys per row, the
-// scores' layout again (probability_pairs), and V^T is staged per tile (value_pairs).
+// scores' layout again (softmax_tile's `pairs`), and V^T is staged per tile (value_pairs).
 
 // tile_product over C's columns [0, ldq) (a multiple of 16) in blocks of 32, with kTwoA.
 template <bool kTwoA, bool kAccumulate>
@@ -281,12 +281,12 @@ __attribute__((target("avx512f,avx512bw"))) inline void value_pairs(const c10::B
   }
 }
 
-// The tile's probabilities (st[key][row], fp32) as B of P @ V: pp[m][r] = (p[2m][r], p[2m + 1][r])
-// rounded to bf16 (to nearest, ties to even), keys at or past n zero. PyTorch's SDPA on CPU and
+// Probabilities of keys 2m (`even`) and 2m + 1 (`odd`) for 16 rows as B of P @ V: pp[m][r] =
+// (p[2m][r], p[2m + 1][r]) rounded to bf16 (to nearest, ties to even). PyTorch's SDPA on CPU and
 // Triton's tl.dot take bf16 probabilities into P @ V the same way; the running sums stay those of
 // the fp32 probabilities.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void probability_pairs(const float* st, int64_t ldq,
-                                                                                     int64_t n, uint32_t* pp) {
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void store_probability_pairs(__m512 even, __m512 odd,
+                                                                                           uint32_t* pp) {
   alignas(64) static constexpr auto kPairs = [] {  // words (even[r], odd[r]) from [even 0..15, odd 0..15]
     struct { int16_t words[32]; } order{};
     for (int r = 0; r < 16; ++r) {
@@ -295,19 +295,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void probability_p
     }
     return order;
   }();
-  const __m512i order = _mm512_load_si512(kPairs.words);
-  auto probabilities = [&](int64_t key, int64_t r) {
-    return key < n ? _mm512_loadu_ps(st + key * ldq + r) : _mm512_setzero_ps();
-  };
-  for (int64_t m = 0; m < kKeyTile / 2; ++m)
-    for (int64_t r = 0; r < ldq; r += 16) {
-      const __m512bh both = _mm512_cvtne2ps_pbh(probabilities(2 * m + 1, r), probabilities(2 * m, r));
-      _mm512_storeu_si512(pp + m * ldq + r, _mm512_permutexvar_epi16(order, (__m512i)both));
-    }
+  const __m512bh both = _mm512_cvtne2ps_pbh(odd, even);
+  _mm512_storeu_si512(pp, _mm512_permutexvar_epi16(_mm512_load_si512(kPairs.words), (__m512i)both));
 }
 
 // acc^T[D][ldq] = acc^T * alpha (per row, along the lanes) + V^T P over the tile's keys (vp, pp
-// from value_pairs and probability_pairs); tiles configured, head_dim a multiple of 32.
+// from value_pairs and softmax_tile); tiles configured, head_dim a multiple of 32.
 inline void pv_accumulate_amx(const uint32_t* vp, const uint32_t* pp, int64_t ldq, const float* alpha,
                               int64_t head_dim, float* acct) {
   for (int64_t c = 0; c < ldq; c += Vec::size()) {
@@ -330,15 +323,18 @@ inline Vec halves_swapped(const Vec& x) {
   return Vec::loadu(twice + Vec::size() / 2);
 }
 
-// Online softmax over one tile, lane by lane: masks keys at or past each row's `limit` (causal,
-// absolute key positions as floats) when `masked`, turns st into probabilities against the
-// running max m, updates the running sum l, and returns in `alpha` the factor that moves the
+// Online softmax over one tile, lane by lane: scores st * scale (scale > 0: scaling after the max
+// gives the same max, rounding being monotonic, so st is read as it is), keys at or past each
+// row's `limit` (causal, absolute key positions as floats) masked when `masked`, turn into
+// probabilities against the running max m, in st or, where `pairs` is given (the row-vector
+// layout on AMX), straight into P @ V's bf16 pairs (store_probability_pairs; the tile's keys at
+// or past n zero); updates the running sum l, and returns in `alpha` the factor that moves the
 // row's accumulator to the new max. In the paired layout m, l, alpha and limit have a lane per
 // (row, key slot): the slots' maxima are merged every tile, so both copies of a row agree on
 // m and alpha, and the row's sum is l[r] + l[r + VL/2].
-inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool masked, const float* limit, float* m,
-                         float* l, float* alpha) {
-  const Vec neg_inf(-std::numeric_limits<float>::infinity());
+inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool masked, const float* limit, float scale,
+                         float* m, float* l, float* alpha, uint32_t* pairs) {
+  const Vec neg_inf(-std::numeric_limits<float>::infinity()), scale_v(scale);
   const bool paired = ldq < Vec::size();
   const int slots = paired ? 2 : 1;  // keys per vector
   const Vec slot = paired ? Vec::blendv(Vec(0.f), Vec(1.f), Vec::arange(0.f, 1.f) >= Vec(ldq)) : Vec(0.f);
@@ -358,14 +354,22 @@ inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool m
     }
     if (paired) tile_max = at::vec::maximum(tile_max, halves_swapped(tile_max));
     const Vec m_old = Vec::loadu(m + c);
-    const Vec m_new = at::vec::maximum(m_old, tile_max);
+    const Vec m_new = at::vec::maximum(m_old, tile_max * scale_v);
     // A row with no visible key yet keeps m = -inf; subtract 0 then so exp gives 0, not NaN.
     const Vec m_sub = Vec::blendv(m_new, Vec(0.f), m_new == neg_inf);
+    auto probability = [&](int64_t j) { return (Vec::loadu(st + j * ldq + c) * scale_v - m_sub).exp_u20(); };
     Vec sum(0.f);
-    for (int64_t j = 0; j < n; j += slots) {
-      float* ptr = st + j * ldq + c;
-      const Vec p = (Vec::loadu(ptr) - m_sub).exp_u20();
-      p.store(ptr);
+#if defined(TRELLIS_BF16_DOTS)
+    for (int64_t j = 0; pairs != nullptr && j < kKeyTile; j += 2) {
+      const Vec even = j < n ? probability(j) : Vec(0.f), odd = j + 1 < n ? probability(j + 1) : Vec(0.f);
+      sum = sum + even;
+      sum = sum + odd;
+      store_probability_pairs(even, odd, pairs + j / 2 * ldq + c);
+    }
+#endif
+    for (int64_t j = 0; pairs == nullptr && j < n; j += slots) {
+      const Vec p = probability(j);
+      p.store(st + j * ldq + c);
       sum = sum + p;
     }
     const Vec a = (m_old - m_sub).exp_u20();

@@ -199,8 +199,9 @@ void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Wor
   std::fill(ws.acc.begin(), ws.acc.begin() + L.heads * (L.transposed() ? L.ldq : L.rows) * D, 0.f);
 }
 
-// Scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, from bf16
-// pairs over K as it lies in the cache (row_vector_scores; AMX tiles configured), then scaled.
+// Unscaled scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, from
+// bf16 pairs over K as it lies in the cache (row_vector_scores; AMX tiles configured): the softmax
+// scales them (softmax_scale).
 template <typename T>
 void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, int64_t n, const uint32_t* qp,
                  int64_t ldq, Workspace& ws) {
@@ -214,6 +215,7 @@ void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, in
     } else {
       qk_scores_dpbf16(qp, ldq, k, ld, n, p.head_dim, st);
     }
+    if (p.scale > 0.f) return;
     const Vec scale(p.scale);
     return at::vec::map([scale](Vec x) { return x * scale; }, st, st, n * ldq);
   }
@@ -221,13 +223,20 @@ void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, in
   TORCH_CHECK(false, "bf16 scores are only planned for bf16 caches on AMX-BF16 or AVX512_BF16");
 }
 
-// acc^T of head hi += P @ V for AMX items: the tile's probabilities as bf16 pairs against V^T
-// (staged by stage_tile), on the tiles.
+// The factor softmax_tile applies to the scores: the scale where they come unscaled from bf16 pairs
+// (score_pairs), unless it is not positive (then score_pairs applies it, and max and scaling
+// would not commute); 1 for fp32 scores, whose queries are pre-scaled.
 template <typename T>
-void values_amx(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_dim, Workspace& ws) {
+float softmax_scale(const Problem<T>& p, const ItemLayout& L) {
+  return L.pairs() && p.scale > 0.f ? p.scale : 1.f;
+}
+
+// acc^T of head hi += P @ V for AMX items: the tile's probabilities as bf16 pairs (from
+// softmax_tile) against V^T (staged by stage_tile), on the tiles.
+template <typename T>
+void values_amx(const ItemLayout& L, int64_t hi, int64_t head_dim, Workspace& ws) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    probability_pairs(ws.st.data(), L.ldq, n, ws.pp.data());
     return pv_accumulate_amx(ws.vp.data() + hi * head_dim * kKeyTile / 2, ws.pp.data(), L.ldq, ws.alpha.data(),
                              head_dim, ws.acc.data() + hi * head_dim * L.ldq);
   }
@@ -258,9 +267,10 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
       } else {
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
-      softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), m, l, ws.alpha.data());
+      softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), softmax_scale(p, L), m, l,
+                   ws.alpha.data(), L.transposed() ? ws.pp.data() : nullptr);
       if (L.transposed()) {
-        values_amx<T>(L, hi, n, D, ws);
+        values_amx<T>(L, hi, D, ws);
       } else {
         pv_accumulate(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, L.rows, D,
                       ws.acc.data() + hi * L.rows * D);

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -134,6 +134,16 @@ def test_bf16_scores(head_dim, block_size):
     q_lens, kv_lens = [1, 3, 5, 7, 16, 2], [7, 19, 33, 70, 64, 120]
     assert_matches_oracle(make_case(q_lens, kv_lens, num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
                                     block_size=block_size, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("scale", [2.5, 0.0, -0.3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_any_scale(scale, dtype):
+    """Scales other than head_dim ** -0.5, zero and negative ones included: bf16 scores from bf16
+    pairs are scaled inside the softmax (after their max, which a positive scale commutes with),
+    others before it."""
+    case = make_case([1, 5, 3], [9, 40, 70], num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype)
+    assert_matches_oracle(replace(case, scale=scale))
 
 
 def test_long_extend_spans_many_query_tiles():
