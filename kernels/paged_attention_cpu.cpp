@@ -199,9 +199,16 @@ void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Wor
   std::fill(ws.acc.begin(), ws.acc.begin() + L.heads * (L.transposed() ? L.ldq : L.rows) * D, 0.f);
 }
 
-// Unscaled scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, from
-// bf16 pairs over K as it lies in the cache (row_vector_scores; AMX tiles configured): the softmax
-// scales them (softmax_scale).
+// Whether scores from bf16 pairs are scaled in softmax_tile, after their max (which a positive
+// scale commutes with, rounding being monotonic), rather than by score_pairs before it.
+template <typename T>
+bool scaled_after_max(const Problem<T>& p) {
+  return p.scale > 0.f;
+}
+
+// Scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, from bf16
+// pairs over K as it lies in the cache (row_vector_scores; AMX tiles configured); scaled here
+// only where the softmax does not scale them (scaled_after_max).
 template <typename T>
 void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, int64_t n, const uint32_t* qp,
                  int64_t ldq, Workspace& ws) {
@@ -215,7 +222,7 @@ void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, in
     } else {
       qk_scores_dpbf16(qp, ldq, k, ld, n, p.head_dim, st);
     }
-    if (p.scale > 0.f) return;
+    if (scaled_after_max(p)) return;
     const Vec scale(p.scale);
     return at::vec::map([scale](Vec x) { return x * scale; }, st, st, n * ldq);
   }
@@ -223,12 +230,11 @@ void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, in
   TORCH_CHECK(false, "bf16 scores are only planned for bf16 caches on AMX-BF16 or AVX512_BF16");
 }
 
-// The factor softmax_tile applies to the scores: the scale where they come unscaled from bf16 pairs
-// (score_pairs), unless it is not positive (then score_pairs applies it, and max and scaling
-// would not commute); 1 for fp32 scores, whose queries are pre-scaled.
+// The factor softmax_tile applies to the scores: the scale where they come unscaled from bf16
+// pairs (scaled_after_max), else 1 (score_pairs scaled them, or fp32 scores' queries were).
 template <typename T>
 float softmax_scale(const Problem<T>& p, const ItemLayout& L) {
-  return L.pairs() && p.scale > 0.f ? p.scale : 1.f;
+  return L.pairs() && scaled_after_max(p) ? p.scale : 1.f;
 }
 
 // acc^T of head hi += P @ V for AMX items: the tile's probabilities as bf16 pairs (from
@@ -254,6 +260,7 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
     return std::min<int64_t>({kKeyTile, w.kv_end - key, p.block_size - key % p.block_size});
   };
   auto slot = [&](int64_t key) { return blocks[key / p.block_size] * p.block_size + key % p.block_size; };
+  const float scale = softmax_scale(p, L);
   for (int64_t key0 = w.kv_begin, n = 0; key0 < w.kv_end; key0 += n) {
     n = tile_keys(key0);
     const int64_t next = key0 + n, next_n = next < w.kv_end ? tile_keys(next) : 0;
@@ -267,8 +274,8 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
       } else {
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
-      softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), softmax_scale(p, L), m, l,
-                   ws.alpha.data(), L.transposed() ? ws.pp.data() : nullptr);
+      softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), scale, m, l, ws.alpha.data(),
+                   L.transposed() ? ws.pp.data() : nullptr);
       if (L.transposed()) {
         values_amx<T>(L, hi, D, ws);
       } else {
