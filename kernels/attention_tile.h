@@ -33,10 +33,14 @@ namespace trellis {
 
 using Vec = at::vec::Vectorized<float>;
 
-constexpr int kKeyTile = 32;        // keys per tile
+constexpr int kKeyTile = 32;        // keys per tile on vectors; per run of an AMX tile's keys
+constexpr int kAmxTileRuns = 4;     // runs of kKeyTile keys per AMX tile (128 keys)
 constexpr int kMaxRowVecs = 4;      // row vectors per score micro-kernel call
 constexpr int kAccRegs = Vec::size() >= 16 ? 16 : 8;  // accumulators that fit the register file
 constexpr int kPvRows = 8;          // rows per P @ V micro-kernel call
+
+// `keys` rounded up to whole runs of kKeyTile: the depth of an AMX tile's P @ V.
+inline int64_t whole_runs(int64_t keys) { return (keys + kKeyTile - 1) / kKeyTile * kKeyTile; }
 
 // `rows` rounded up to whole vectors: ldq of the row-vector layout.
 inline int64_t row_vectors(int64_t rows) { return (rows + Vec::size() - 1) / Vec::size() * Vec::size(); }
@@ -254,11 +258,12 @@ __attribute__((target("avx512f"))) inline void transpose_16x16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// V^T of one head's tile as A of P @ V: vp[d][m] = (v[2m][d], v[2m + 1][d]) for the tile's 16 key
-// pairs, keys at or past n zero; `n` keys of head_dim (a multiple of 32), rows `ldv` apart. Two
-// key rows interleave into pairs for 16 d at a time (one permute), then 16 x 16 pairs transpose.
+// V^T of one head's run of 32 keys as A of P @ V: vp[d][m] = (v[2m][d], v[2m + 1][d]) for the
+// run's 16 key pairs (rows of vp `ldp` pairs apart), keys at or past n zero; `n` keys of head_dim
+// (a multiple of 32), rows `ldv` apart. Two key rows interleave into pairs for 16 d at a time
+// (one permute), then 16 x 16 pairs transpose.
 __attribute__((target("avx512f,avx512bw"))) inline void value_pairs(const c10::BFloat16* v, int64_t ldv, int64_t n,
-                                                                    int64_t head_dim, uint32_t* vp) {
+                                                                    int64_t head_dim, uint32_t* vp, int64_t ldp) {
   alignas(64) static constexpr auto kInterleave = [] {  // words (a[j], b[j]) for j in the low, then the high 16
     struct { int16_t low[32], high[32]; } words{};
     for (int j = 0; j < 16; ++j) {
@@ -276,7 +281,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void value_pairs(const c10::B
       __m512i r[16];  // r[m] lane j: the pair of keys 2m, 2m + 1 at d + 16 * half + j
       for (int m = 0; m < 16; ++m) r[m] = _mm512_permutex2var_epi16(row32(2 * m, d), order, row32(2 * m + 1, d));
       transpose_16x16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(vp + (d + 16 * half + j) * 16, r[j]);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(vp + (d + 16 * half + j) * ldp, r[j]);
     }
   }
 }
@@ -299,10 +304,30 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void store_probabi
   _mm512_storeu_si512(pp, _mm512_permutexvar_epi16(_mm512_load_si512(kPairs.words), (__m512i)both));
 }
 
-// acc^T[D][ldq] = acc^T * alpha (per row, along the lanes) + V^T P over the tile's keys (vp, pp
-// from value_pairs and softmax_tile); tiles configured, head_dim a multiple of 32.
-inline void pv_accumulate_amx(const uint32_t* vp, const uint32_t* pp, int64_t ldq, const float* alpha,
-                              int64_t head_dim, float* acct) {
+// softmax_tile's probabilities exp(st * scale - m_sub) for the 16 lanes at st (keys `ldq` apart;
+// keys at or past n zero) into P @ V's pairs over `depth` keys, returning their sum. Compiled for
+// AVX512_BF16 as a whole, so that store_probability_pairs inlines rather than being called (through
+// the PLT, its vectors spilled) for every pair of keys.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline Vec probability_pairs(const float* st, int64_t ldq,
+                                                                                  int64_t n, int64_t depth,
+                                                                                  const Vec& scale, const Vec& m_sub,
+                                                                                  uint32_t* pp) {
+  auto probability = [&](int64_t j) { return j < n ? (Vec::loadu(st + j * ldq) * scale - m_sub).exp_u20() : Vec(0.f); };
+  Vec sum(0.f);
+  for (int64_t j = 0; j < depth; j += 2) {
+    const Vec even = probability(j), odd = probability(j + 1);
+    sum = sum + even;
+    sum = sum + odd;
+    store_probability_pairs(even, odd, pp + j / 2 * ldq);
+  }
+  return sum;
+}
+
+// acc^T[D][ldq] = acc^T * alpha (per row, along the lanes) + V^T P over the tile's `depth` keys (a
+// multiple of 32; vp [D][ldv / 2] and pp from value_pairs and softmax_tile); tiles configured,
+// head_dim a multiple of 32.
+inline void pv_accumulate_amx(const uint32_t* vp, int64_t ldv, const uint32_t* pp, int64_t ldq, const float* alpha,
+                              int64_t depth, int64_t head_dim, float* acct) {
   for (int64_t c = 0; c < ldq; c += Vec::size()) {
     const Vec a = Vec::loadu(alpha + c);
     if (at::vec::vec_reduce_all([](Vec x, Vec y) { return at::vec::minimum(x, y); }, a.eq(Vec(1.f))) == 1.f) continue;
@@ -310,8 +335,7 @@ inline void pv_accumulate_amx(const uint32_t* vp, const uint32_t* pp, int64_t ld
   }
   const auto* v = reinterpret_cast<const c10::BFloat16*>(vp);
   for (int64_t d = 0; d < head_dim; d += 2 * kTileRows)
-    tile_product_rows<true, true>(v + d * kKeyTile, v + (d + kTileRows) * kKeyTile, kKeyTile, pp, ldq, kKeyTile,
-                                  acct + d * ldq);
+    tile_product_rows<true, true>(v + d * ldv, v + (d + kTileRows) * ldv, ldv, pp, ldq, depth, acct + d * ldq);
 }
 #endif
 
@@ -327,9 +351,9 @@ inline Vec halves_swapped(const Vec& x) {
 // gives the same max, rounding being monotonic, so st is read as it is), keys at or past each
 // row's `limit` (causal, absolute key positions as floats) masked when `masked`, turn into
 // probabilities against the running max m, in st or, where `pairs` is given (the row-vector
-// layout on AMX), straight into P @ V's bf16 pairs (store_probability_pairs; the tile's keys at
-// or past n zero); updates the running sum l, and returns in `alpha` the factor that moves the
-// row's accumulator to the new max. In the paired layout m, l, alpha and limit have a lane per
+// layout on AMX), straight into P @ V's bf16 pairs (probability_pairs; keys from n to the next
+// multiple of kKeyTile zero); updates the running sum l, and returns in `alpha` the factor that
+// moves the row's accumulator to the new max. In the paired layout m, l, alpha and limit have a lane per
 // (row, key slot): the slots' maxima are merged every tile, so both copies of a row agree on
 // m and alpha, and the row's sum is l[r] + l[r + VL/2].
 inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool masked, const float* limit, float scale,
@@ -360,12 +384,7 @@ inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool m
     auto probability = [&](int64_t j) { return (Vec::loadu(st + j * ldq + c) * scale_v - m_sub).exp_u20(); };
     Vec sum(0.f);
 #if defined(TRELLIS_BF16_DOTS)
-    for (int64_t j = 0; pairs != nullptr && j < kKeyTile; j += 2) {
-      const Vec even = j < n ? probability(j) : Vec(0.f), odd = j + 1 < n ? probability(j + 1) : Vec(0.f);
-      sum = sum + even;
-      sum = sum + odd;
-      store_probability_pairs(even, odd, pairs + j / 2 * ldq + c);
-    }
+    if (pairs != nullptr) sum = probability_pairs(st + c, ldq, n, whole_runs(n), scale_v, m_sub, pairs + c);
 #endif
     for (int64_t j = 0; pairs == nullptr && j < n; j += slots) {
       const Vec p = probability(j);

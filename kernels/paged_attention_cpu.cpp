@@ -48,10 +48,10 @@ enum class Scores { vectors, amx, dpbf16 };
 
 // Per-thread scratch, grown on demand and kept across calls. Per KV head of the item: Q^T
 // (D x ldq floats, or D/2 x ldq bf16 pairs for bf16 scores), the output accumulator [rows][D]
-// (AMX: transposed, [D][ldq]), the running max and sum [lanes]. The scores [kKeyTile][ldq], the
+// (AMX: transposed, [D][ldq]), the running max and sum [lanes]. The scores [tile keys][ldq], the
 // staged tile as fp32, [kKeyTile][heads][D] for K and for V, and (AMX) a padded key block
-// [16][D], V^T as key pairs [heads][D][kKeyTile / 2] and the probabilities as key pairs
-// [kKeyTile / 2][ldq].
+// [16][D], V^T as key pairs [heads][D][tile keys / 2] and the probabilities as key pairs
+// [tile keys / 2][ldq].
 struct Workspace {
   std::vector<float> qt, acc, m, l, st, alpha, limit, k, v;
   std::vector<uint32_t> qp, vp, pp;
@@ -59,21 +59,21 @@ struct Workspace {
 
   // Only the buffers of the item's path: a bf16-scores item has no fp32 Q^T or staged K, a vector
   // item no pairs or padded block (the exact build below then catches a path reading the other's).
-  void reserve(int64_t heads, int64_t ldq, int64_t lanes, int64_t head_dim, Scores scores) {
+  void reserve(int64_t heads, int64_t ldq, int64_t lanes, int64_t head_dim, int64_t tile_keys, Scores scores) {
     const bool pairs = scores != Scores::vectors, amx = scores == Scores::amx;
     grow(qt, pairs ? 0 : heads * head_dim * ldq);
     grow(qp, pairs ? heads * head_dim / 2 * ldq : 0);
     grow(acc, heads * ldq * head_dim);
     grow(m, heads * lanes);
     grow(l, heads * lanes);
-    grow(st, kKeyTile * ldq);
+    grow(st, tile_keys * ldq);
     grow(alpha, lanes);
     grow(limit, lanes);
     grow(k, pairs ? 0 : kKeyTile * heads * head_dim);
     grow(v, amx ? 0 : kKeyTile * heads * head_dim);
     grow(pad, amx ? 16 * head_dim : 0);
-    grow(vp, amx ? heads * head_dim * kKeyTile / 2 : 0);
-    grow(pp, amx ? kKeyTile / 2 * ldq : 0);
+    grow(vp, amx ? heads * head_dim * tile_keys / 2 : 0);
+    grow(pp, amx ? tile_keys / 2 * ldq : 0);
   }
   // The sanitized test build (TRELLIS_EXACT_WORKSPACE, with libstdc++'s vector annotations) sizes
   // each buffer to exactly this item's need, so an access past it is caught after a larger item too.
@@ -86,46 +86,6 @@ struct Workspace {
 #endif
   }
 };
-
-// Copies (as fp32) the K/V rows of heads h0 .. h0+heads of the n keys from cache slot `slot`
-// on (one block) into the staged tile [n][heads][D] (V only with `stage_k` false: bf16 scores
-// read K in place; with `pair_values`, V^T as bf16 key pairs per head instead, for AMX), and
-// prefetches (into L2) those of the `next_n` keys from slot `next`.
-// Decode reads every byte of K/V once, from DRAM, so this is where its time goes: each key's
-// heads are read as one run, key after key, which keeps the reads sequential within a block; the
-// prefetch covers the jump to the next block, which a scattered block table makes unguessable,
-// and interleaving it with the copy keeps the memory system busy without stalling on a burst.
-// (Reading the cache in place instead saves the copy, about 20% on cache-resident data, but
-// costs more than that once the data comes from DRAM, which in a model is every call: the other
-// layers evict it. bf16 scores read K in place all the same: they have no fp32 copy to make.)
-template <typename T>
-void stage_tile(const Problem<T>& p, int64_t slot, int64_t n, int64_t next, int64_t next_n, int64_t h0,
-                int64_t heads, bool stage_k, bool pair_values, Workspace& ws) {
-  const int64_t run = heads * p.head_dim, ld = p.kv_heads * p.head_dim;
-  const int64_t run_bytes = run * static_cast<int64_t>(sizeof(T)), ld_bytes = ld * static_cast<int64_t>(sizeof(T));
-  const T* k = p.k_cache + (slot * p.kv_heads + h0) * p.head_dim;
-  const T* v = p.v_cache + (slot * p.kv_heads + h0) * p.head_dim;
-  const char* k_next = reinterpret_cast<const char*>(p.k_cache + (next * p.kv_heads + h0) * p.head_dim);
-  const char* v_next = reinterpret_cast<const char*>(p.v_cache + (next * p.kv_heads + h0) * p.head_dim);
-  for (int64_t j = 0; j < std::max(n, next_n); ++j) {
-    for (int64_t byte = 0; j < next_n && byte < run_bytes; byte += 64) {
-      __builtin_prefetch(k_next + j * ld_bytes + byte, 0, 2);
-      __builtin_prefetch(v_next + j * ld_bytes + byte, 0, 2);
-    }
-    if (j < n) {
-      if (stage_k) to_float(k + j * ld, ws.k.data() + j * run, run);
-      if (!pair_values) to_float(v + j * ld, ws.v.data() + j * run, run);
-    }
-  }
-#if defined(TRELLIS_BF16_DOTS)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    for (int64_t hi = 0; pair_values && hi < heads; ++hi)
-      value_pairs(v + hi * p.head_dim, ld, n, p.head_dim, ws.vp.data() + hi * p.head_dim * kKeyTile / 2);
-    return;
-  }
-#endif
-  TORCH_CHECK(!pair_values, "V pairs are only staged for bf16 caches on AMX-BF16");
-}
 
 // Where items in the row-vector layout take their scores from (attention_tile.h): with bf16
 // caches, AMX tiles where the CPU has AMX-BF16 and head_dim is a multiple of 32, else
@@ -150,13 +110,18 @@ Scores row_vector_scores(int64_t head_dim) {
 struct ItemLayout {
   int64_t heads, rows, ldq, lanes;
   Scores scores;
+  // A tile's runs (KeyRun) at most, and their keys: on AMX, several for more than a vector of rows
+  // (attend_tiles); decode's few rows keep one, as longer tiles' V^T pairs outgrow L1 for them.
+  int64_t tile_runs, tile_keys;
 
   ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores row_vector_scores)
       : heads(w.kv_heads),
         rows(w.q_tokens * group),
         ldq(row_vector_scores == Scores::amx ? row_vectors(rows) : score_stride(rows, head_dim)),
         lanes(stat_lanes(ldq)),
-        scores(ldq >= Vec::size() ? row_vector_scores : Scores::vectors) {}
+        scores(ldq >= Vec::size() ? row_vector_scores : Scores::vectors),
+        tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1),
+        tile_keys(tile_runs * kKeyTile) {}
 
   bool pairs() const { return scores != Scores::vectors; }  // Q^T in bf16 pairs, K read in place
   bool transposed() const { return scores == Scores::amx; }  // acc^T [D][ldq], P @ V on AMX tiles
@@ -166,6 +131,54 @@ struct ItemLayout {
     return transposed() ? (hi * head_dim + d) * ldq + r : (hi * rows + r) * head_dim + d;
   }
 };
+
+// Keys that lie evenly spaced in the cache: at most kKeyTile, within one block, from cache slot
+// `slot` on.
+struct KeyRun {
+  int64_t slot, n;
+};
+
+// Copies (as fp32) the K/V rows of heads h0 .. h0+heads of a run of keys into the staged tile
+// [n][heads][D] (V only when the item's scores come from bf16 pairs, which read K in place; on
+// AMX, V^T as bf16 key pairs per head instead, at the run's `offset` in the tile), and prefetches
+// (into L2) those of the `next` run.
+// Decode reads every byte of K/V once, from DRAM, so this is where its time goes: each key's
+// heads are read as one run, key after key, which keeps the reads sequential within a block; the
+// prefetch covers the jump to the next block, which a scattered block table makes unguessable,
+// and interleaving it with the copy keeps the memory system busy without stalling on a burst.
+// (Reading the cache in place instead saves the copy, about 20% on cache-resident data, but
+// costs more than that once the data comes from DRAM, which in a model is every call: the other
+// layers evict it. bf16 scores read K in place all the same: they have no fp32 copy to make.)
+template <typename T>
+void stage_tile(const Problem<T>& p, const KeyRun& keys, const KeyRun& next, int64_t offset, int64_t h0,
+                const ItemLayout& L, Workspace& ws) {
+  const int64_t run = L.heads * p.head_dim, ld = p.kv_heads * p.head_dim;
+  const int64_t run_bytes = run * static_cast<int64_t>(sizeof(T)), ld_bytes = ld * static_cast<int64_t>(sizeof(T));
+  const T* k = p.k_cache + (keys.slot * p.kv_heads + h0) * p.head_dim;
+  const T* v = p.v_cache + (keys.slot * p.kv_heads + h0) * p.head_dim;
+  const char* k_next = reinterpret_cast<const char*>(p.k_cache + (next.slot * p.kv_heads + h0) * p.head_dim);
+  const char* v_next = reinterpret_cast<const char*>(p.v_cache + (next.slot * p.kv_heads + h0) * p.head_dim);
+  for (int64_t j = 0; j < std::max(keys.n, next.n); ++j) {
+    for (int64_t byte = 0; j < next.n && byte < run_bytes; byte += 64) {
+      __builtin_prefetch(k_next + j * ld_bytes + byte, 0, 2);
+      __builtin_prefetch(v_next + j * ld_bytes + byte, 0, 2);
+    }
+    if (j < keys.n) {
+      if (!L.pairs()) to_float(k + j * ld, ws.k.data() + (offset + j) * run, run);
+      if (!L.transposed()) to_float(v + j * ld, ws.v.data() + (offset + j) * run, run);
+    }
+  }
+#if defined(TRELLIS_BF16_DOTS)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const int64_t ldp = L.tile_keys / 2;
+    for (int64_t hi = 0; L.transposed() && hi < L.heads; ++hi)
+      value_pairs(v + hi * p.head_dim, ld, keys.n, p.head_dim, ws.vp.data() + hi * p.head_dim * ldp + offset / 2, ldp);
+    return;
+  }
+#endif
+  TORCH_CHECK(!L.transposed(), "V pairs are only staged for bf16 caches on AMX-BF16");
+}
+
 
 // Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for bf16
 // scores (which scale the sums). Each lane's causal limit (padding lanes take the last
@@ -206,25 +219,24 @@ bool scaled_after_max(const Problem<T>& p) {
   return p.scale > 0.f;
 }
 
-// Scores of the n keys from cache slot `slot` on against KV head `h`'s query rows, from bf16
-// pairs over K as it lies in the cache (row_vector_scores; AMX tiles configured); scaled here
-// only where the softmax does not scale them (scaled_after_max).
+// Scores [keys.n][ldq] at st of a run of keys against KV head `h`'s query rows, from bf16 pairs
+// over K as it lies in the cache (row_vector_scores; AMX tiles configured); scaled here only
+// where the softmax does not scale them (scaled_after_max).
 template <typename T>
-void score_pairs(const Problem<T>& p, Scores scores, int64_t slot, int64_t h, int64_t n, const uint32_t* qp,
-                 int64_t ldq, Workspace& ws) {
+void score_pairs(const Problem<T>& p, Scores scores, const KeyRun& keys, int64_t h, const uint32_t* qp, int64_t ldq,
+                 float* st, Workspace& ws) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t ld = p.kv_heads * p.head_dim;
-    const c10::BFloat16* k = p.k_cache + (slot * p.kv_heads + h) * p.head_dim;
-    float* st = ws.st.data();
+    const c10::BFloat16* k = p.k_cache + (keys.slot * p.kv_heads + h) * p.head_dim;
     if (scores == Scores::amx) {
-      qk_scores_amx(qp, ldq, k, ld, n, p.head_dim, ws.pad.data(), st);
+      qk_scores_amx(qp, ldq, k, ld, keys.n, p.head_dim, ws.pad.data(), st);
     } else {
-      qk_scores_dpbf16(qp, ldq, k, ld, n, p.head_dim, st);
+      qk_scores_dpbf16(qp, ldq, k, ld, keys.n, p.head_dim, st);
     }
     if (scaled_after_max(p)) return;
     const Vec scale(p.scale);
-    return at::vec::map([scale](Vec x) { return x * scale; }, st, st, n * ldq);
+    return at::vec::map([scale](Vec x) { return x * scale; }, st, st, keys.n * ldq);
   }
 #endif
   TORCH_CHECK(false, "bf16 scores are only planned for bf16 caches on AMX-BF16 or AVX512_BF16");
@@ -237,47 +249,66 @@ float softmax_scale(const Problem<T>& p, const ItemLayout& L) {
   return L.pairs() && scaled_after_max(p) ? p.scale : 1.f;
 }
 
-// acc^T of head hi += P @ V for AMX items: the tile's probabilities as bf16 pairs (from
-// softmax_tile) against V^T (staged by stage_tile), on the tiles.
+// acc^T of head hi += P @ V for AMX items: the probabilities of the tile's n keys as bf16 pairs
+// (from softmax_tile) against V^T (staged by stage_tile), on the tiles.
 template <typename T>
-void values_amx(const ItemLayout& L, int64_t hi, int64_t head_dim, Workspace& ws) {
+void values_amx(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_dim, Workspace& ws) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return pv_accumulate_amx(ws.vp.data() + hi * head_dim * kKeyTile / 2, ws.pp.data(), L.ldq, ws.alpha.data(),
-                             head_dim, ws.acc.data() + hi * head_dim * L.ldq);
+    return pv_accumulate_amx(ws.vp.data() + hi * head_dim * L.tile_keys / 2, L.tile_keys, ws.pp.data(), L.ldq,
+                             ws.alpha.data(), whole_runs(n), head_dim, ws.acc.data() + hi * head_dim * L.ldq);
   }
 #endif
   TORCH_CHECK(false, "P @ V on AMX tiles is only planned for bf16 caches on AMX-BF16");
 }
 
-// The item's key range, tile by tile. Tiles never cross a block (with blocks of at least
-// kKeyTile keys they are whole tiles), so a tile's rows are evenly spaced in the cache.
+// The item's key range, tile by tile. A tile is one run of keys (KeyRun), or on AMX up to
+// kAmxTileRuns of them while each before the last is whole: its runs then start kKeyTile keys
+// apart in the tile, where the pairs of P @ V and the 16-key blocks of the scores stay aligned.
+// Longer tiles take the accumulator tiles' loads and stores and its rescaling once per 128 keys.
 template <typename T>
 void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Workspace& ws) {
   const int64_t D = p.head_dim;
   const int32_t* blocks = p.block_table + w.seq * p.max_blocks;
-  auto tile_keys = [&](int64_t key) {
-    return std::min<int64_t>({kKeyTile, w.kv_end - key, p.block_size - key % p.block_size});
+  auto run_at = [&](int64_t key) -> KeyRun {  // up to kKeyTile keys from `key`, in its block and the item
+    if (key >= w.kv_end) return {0, 0};
+    return {blocks[key / p.block_size] * p.block_size + key % p.block_size,
+            std::min<int64_t>({kKeyTile, w.kv_end - key, p.block_size - key % p.block_size})};
   };
-  auto slot = [&](int64_t key) { return blocks[key / p.block_size] * p.block_size + key % p.block_size; };
+  struct Tile {
+    KeyRun runs[kAmxTileRuns];
+    int64_t count = 0, n = 0;
+  };
+  auto tile_at = [&](int64_t key0) {
+    Tile t;
+    while (key0 + t.n < w.kv_end && t.count < L.tile_runs && (t.count == 0 || t.runs[t.count - 1].n == kKeyTile)) {
+      t.runs[t.count] = run_at(key0 + t.n);
+      t.n += t.runs[t.count++].n;
+    }
+    return t;
+  };
   const float scale = softmax_scale(p, L);
   for (int64_t key0 = w.kv_begin, n = 0; key0 < w.kv_end; key0 += n) {
-    n = tile_keys(key0);
-    const int64_t next = key0 + n, next_n = next < w.kv_end ? tile_keys(next) : 0;
+    const Tile tile = tile_at(key0), next = tile_at(key0 + tile.n);
+    const KeyRun* runs = tile.runs;
+    const int64_t count = tile.count;
+    n = tile.n;
     const bool masked = key0 + n > w.first_limit;  // some row's causal limit falls in this tile
-    stage_tile(p, slot(key0), n, next_n > 0 ? slot(next) : 0, next_n, w.kv_head, L.heads, !L.pairs(), L.transposed(),
-               ws);
+    for (int64_t r = 0; r < count; ++r)  // fetching the next tile's keys while this one's are staged
+      stage_tile(p, runs[r], r < next.count ? next.runs[r] : KeyRun{0, 0}, r * kKeyTile, w.kv_head, L, ws);
     for (int64_t hi = 0; hi < L.heads; ++hi) {  // head hi's key j: staged row j, offset hi * D
       float *m = ws.m.data() + hi * L.lanes, *l = ws.l.data() + hi * L.lanes;
       if (L.pairs()) {
-        score_pairs(p, L.scores, slot(key0), w.kv_head + hi, n, ws.qp.data() + hi * D / 2 * L.ldq, L.ldq, ws);
+        for (int64_t r = 0; r < count; ++r)
+          score_pairs(p, L.scores, runs[r], w.kv_head + hi, ws.qp.data() + hi * D / 2 * L.ldq, L.ldq,
+                      ws.st.data() + r * kKeyTile * L.ldq, ws);
       } else {
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
       softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), scale, m, l, ws.alpha.data(),
                    L.transposed() ? ws.pp.data() : nullptr);
       if (L.transposed()) {
-        values_amx<T>(L, hi, D, ws);
+        values_amx<T>(L, hi, n, D, ws);
       } else {
         pv_accumulate(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, L.rows, D,
                       ws.acc.data() + hi * L.rows * D);
@@ -310,7 +341,7 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
 template <typename T>
 void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
   const ItemLayout layout(w, p.group, p.head_dim, row_vector_scores<T>(p.head_dim));
-  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.scores);
+  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.tile_keys, layout.scores);
   begin_item(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)
   // Per item: other code (oneDNN) may use the tiles in between.

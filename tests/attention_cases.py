@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -109,21 +110,51 @@ def naive_attention(case: PagedCase) -> torch.Tensor:
     return out
 
 
+def amx_key_tiles(keys: int, block_size: int, rows: int) -> list[tuple[int, int]]:
+    """The key tiles [start, end) over the first ``keys`` keys in which the C++ kernel's AMX path
+    takes an unsplit item of ``rows`` query rows: runs of up to 32 keys that never cross a block;
+    an item of more than 16 rows chains up to four runs into a tile while each before is whole."""
+    runs_per_tile = 4 if rows > 16 else 1
+    tiles, key = [], 0
+    while key < keys:
+        start, runs, run = key, 0, 32
+        while key < keys and runs < runs_per_tile and run == 32:
+            run = min(32, keys - key, block_size - key % block_size)
+            key, runs = key + run, runs + 1
+        tiles.append((start, key))
+    return tiles
+
+
+def item_rows(case: PagedCase, max_rows: int = 64) -> dict[int, int]:
+    """Each query token's work item's rows (tokens x GQA group) as the C++ plan cuts a
+    sequence's queries into items of at most ``max_rows`` rows (sessions decoded apart)."""
+    group = case.q.shape[1] // case.k_cache.shape[2]
+    tokens_per_item = max(1, max_rows // group)
+    cu = case.cu_seqlens_q.tolist()
+    rows = {}
+    for begin, end in itertools.pairwise(cu):
+        for token in range(begin, end):
+            first = begin + (token - begin) // tokens_per_item * tokens_per_item
+            rows[token] = min(tokens_per_item, end - first) * group
+    return rows
+
+
 def tiled_bf16_attention(case: PagedCase) -> torch.Tensor:
     """The float64 oracle as the C++ kernel computes bf16 attention on AMX tiles (one work item a
-    row, unsplit): an online softmax over tiles of up to 32 keys that never cross a block, each
-    tile's probabilities (against the running max) rounded to bf16 before P @ V, the running sum
-    over the unrounded ones."""
-    tile = min(32, case.k_cache.shape[1])
+    query tile, unsplit): an online softmax over the key tiles of amx_key_tiles, each tile's
+    probabilities (against the running max) rounded to bf16 before P @ V, the running sum over
+    the unrounded ones."""
+    block_size = case.k_cache.shape[1]
+    rows = item_rows(case)
     out = torch.zeros(case.q.shape, dtype=torch.float64)
     for token, head, scores, v in oracle_rows(case):
         m, total, acc = -math.inf, 0.0, torch.zeros(v.shape[1], dtype=torch.float64)
-        for key in range(0, len(scores), tile):
-            new_max = max(m, scores[key:key + tile].max().item())
-            p = (scores[key:key + tile] - new_max).exp()
+        for start, end in amx_key_tiles(len(scores), block_size, rows[token]):
+            new_max = max(m, scores[start:end].max().item())
+            p = (scores[start:end] - new_max).exp()
             alpha = math.exp(m - new_max)
             total = total * alpha + p.sum().item()
-            acc = acc * alpha + p.float().bfloat16().double() @ v[key:key + tile]
+            acc = acc * alpha + p.float().bfloat16().double() @ v[start:end]
             m = new_max
         out[token, head] = acc / total
     return out

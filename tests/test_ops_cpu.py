@@ -268,7 +268,8 @@ def test_bf16_probabilities_on_amx_tiles(head_dim, block_size):
     rounded to bf16 (as SDPA and Triton take them): on one thread (no split items) the output is
     tiled_bf16_attention's within one unit in the last place, and 2^-12 where exp's approximation
     rounds a probability the other way. 3 to 63 query rows an item (one to four 16-row blocks),
-    tiles of 8 to 32 keys, contexts ending 1 to 31 keys past a whole tile; a decode's 3 rows as well."""
+    tiles of 8 to 128 keys (runs chained across blocks of 32 and 64 keys for more than 16 rows),
+    contexts ending 1 to 31 keys past a whole run; a decode's 3 rows as well."""
     case = make_case([4, 16, 21, 9, 1], [4, 101, 300, 45, 77], num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
                      block_size=block_size, dtype=torch.bfloat16)
     with torch_threads(1):
