@@ -262,13 +262,13 @@ def test_low_precision_caches_are_accumulated_in_fp32(dtype):
 
 @pytest.mark.skipif(not AMX_TILES, reason="bf16 P @ V runs on AMX tiles only on CPUs with AMX-BF16")
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
-@pytest.mark.parametrize("block_size", [8, 16, 32, 64])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 48, 64])
 def test_bf16_probabilities_on_amx_tiles(head_dim, block_size):
     """bf16 extends on AMX tiles take P @ V from the tiles as well, each key tile's probabilities
     rounded to bf16 (as SDPA and Triton take them): on one thread (no split items) the output is
     tiled_bf16_attention's within one unit in the last place, and 2^-12 where exp's approximation
     rounds a probability the other way. 3 to 63 query rows an item (one to four 16-row blocks),
-    tiles of 8 to 128 keys (runs chained across blocks of 32 and 64 keys for more than 16 rows),
+    tiles of 8 to 128 keys (runs chained across blocks of 32, 48 and 64 keys for more than 16 rows),
     contexts ending 1 to 31 keys past a whole run; a decode's 3 rows as well."""
     case = make_case([4, 16, 21, 9, 1], [4, 101, 300, 45, 77], num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
                      block_size=block_size, dtype=torch.bfloat16)
