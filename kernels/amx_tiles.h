@@ -78,5 +78,17 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void tile_product(const c10:
   if constexpr (kTwoA && kTwoB) _tile_stored(3, c_blocks[3], ldc * 4);
 }
 
+// tile_product with its row and column blocks (one or two each) chosen at run time; the pointers
+// of an unused block are ignored.
+template <bool kAccumulate>
+inline void tile_product_blocks(bool two_a, bool two_b, const c10::BFloat16* a0, const c10::BFloat16* a1,
+                                int64_t lda, const uint32_t* b0, const uint32_t* b1, int64_t ldb, int64_t depth,
+                                float* c, int64_t ldc) {
+  if (two_a && two_b) return tile_product<true, true, kAccumulate>(a0, a1, lda, b0, b1, ldb, depth, c, ldc);
+  if (two_a) return tile_product<true, false, kAccumulate>(a0, a1, lda, b0, b1, ldb, depth, c, ldc);
+  if (two_b) return tile_product<false, true, kAccumulate>(a0, a1, lda, b0, b1, ldb, depth, c, ldc);
+  return tile_product<false, false, kAccumulate>(a0, a1, lda, b0, b1, ldb, depth, c, ldc);
+}
+
 }  // namespace trellis
 #endif

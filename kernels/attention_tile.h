@@ -194,16 +194,15 @@ inline void qk_scores_dpbf16(const uint32_t* qp, int64_t ldq, const c10::BFloat1
 // V^T[d][key] P[key][row], so that the probabilities enter as bf16 pairs of keys per row, the
 // scores' layout again (softmax_tile's `pairs`), and V^T is staged per tile (value_pairs).
 
-// tile_product over C's columns [0, ldq) (a multiple of 16) in blocks of 32, with kTwoA.
-template <bool kTwoA, bool kAccumulate>
-inline void tile_product_rows(const c10::BFloat16* a0, const c10::BFloat16* a1, int64_t lda, const uint32_t* b,
-                              int64_t ldq, int64_t depth, float* c) {
+// tile_product over C's columns [0, ldq) (a multiple of 16) in blocks of 32, for A's block at a0
+// and, with two_a, at a1.
+template <bool kAccumulate>
+inline void tile_product_rows(bool two_a, const c10::BFloat16* a0, const c10::BFloat16* a1, int64_t lda,
+                              const uint32_t* b, int64_t ldq, int64_t depth, float* c) {
   for (int64_t r = 0; r < ldq; r += 2 * kTileRows) {
-    if (r + kTileRows < ldq) {
-      tile_product<kTwoA, true, kAccumulate>(a0, a1, lda, b + r, b + r + kTileRows, ldq, depth, c + r, ldq);
-    } else {
-      tile_product<kTwoA, false, kAccumulate>(a0, a1, lda, b + r, nullptr, ldq, depth, c + r, ldq);
-    }
+    const bool two_b = r + kTileRows < ldq;
+    tile_product_blocks<kAccumulate>(two_a, two_b, a0, a1, lda, b + r, two_b ? b + r + kTileRows : nullptr, ldq,
+                                     depth, c + r, ldq);
   }
 }
 
@@ -225,11 +224,9 @@ inline void qk_scores_amx(const uint32_t* qp, int64_t ldq, const c10::BFloat16* 
   }
   // A key block's stride is its own: run the two blocks together only when they share one.
   const bool two_keys = key_blocks == 2 && ld[0] == ld[1];
-  for (int64_t kb = 0; kb < key_blocks; kb += two_keys ? 2 : 1) {
-    float* s = st + kb * kTileRows * ldq;
-    if (two_keys) tile_product_rows<true, false>(blocks[0], blocks[1], ld[0], qp, ldq, head_dim, s);
-    else tile_product_rows<false, false>(blocks[kb], nullptr, ld[kb], qp, ldq, head_dim, s);
-  }
+  for (int64_t kb = 0; kb < key_blocks; kb += two_keys ? 2 : 1)
+    tile_product_rows<false>(two_keys, blocks[kb], two_keys ? blocks[1] : nullptr, ld[kb], qp, ldq, head_dim,
+                             st + kb * kTileRows * ldq);
 }
 
 // 16 x 16 32-bit elements transposed in registers: r[i] lane j -> r[j] lane i.
@@ -335,7 +332,7 @@ inline void pv_accumulate_amx(const uint32_t* vp, int64_t ldv, const uint32_t* p
   }
   const auto* v = reinterpret_cast<const c10::BFloat16*>(vp);
   for (int64_t d = 0; d < head_dim; d += 2 * kTileRows)
-    tile_product_rows<true, true>(v + d * ldv, v + (d + kTileRows) * ldv, ldv, pp, ldq, depth, acct + d * ldq);
+    tile_product_rows<true>(true, v + d * ldv, v + (d + kTileRows) * ldv, ldv, pp, ldq, depth, acct + d * ldq);
 }
 #endif
 

@@ -257,10 +257,7 @@ void tile_panels(const Problem<c10::BFloat16>& pr, int64_t p0, int64_t p1) {
     for (int64_t row = 0; row < pr.m; row += kBlockRows) {
       const bool two_rows = row + kTileRows < pr.m;
       const c10::BFloat16* a1 = two_rows ? a(row + kTileRows) : nullptr;
-      if (two_rows && two_panels) tile_product<true, true, false>(a(row), a1, k, b0, b1, kPanel, k, c, 2 * kPanel);
-      else if (two_rows) tile_product<true, false, false>(a(row), a1, k, b0, nullptr, kPanel, k, c, 2 * kPanel);
-      else if (two_panels) tile_product<false, true, false>(a(row), nullptr, k, b0, b1, kPanel, k, c, 2 * kPanel);
-      else tile_product<false, false, false>(a(row), nullptr, k, b0, nullptr, kPanel, k, c, 2 * kPanel);
+      tile_product_blocks<false>(two_rows, two_panels, a(row), a1, k, b0, b1, kPanel, k, c, 2 * kPanel);
       store_tile_block(pr, c, row, std::min(kBlockRows, pr.m - row), p, two_panels ? 2 : 1);
     }
   }
