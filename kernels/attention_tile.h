@@ -363,16 +363,22 @@ inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool m
   const Vec tile_end(static_cast<float>(key0 + n));
   for (int64_t c = 0; c < stat_lanes(ldq); c += Vec::size()) {
     const Vec lim = at::vec::minimum(Vec::loadu(limit + c), tile_end);
-    Vec tile_max = neg_inf;
-    for (int64_t j = 0; j < n; j += slots) {
+    auto scores = [&](int64_t j) {  // keys j (and j + 1 paired) of these lanes, the masked ones -inf
       float* ptr = st + j * ldq + c;
       Vec s = Vec::loadu(ptr);
       if (masked) {
         s = Vec::blendv(s, neg_inf, Vec(static_cast<float>(key0 + j)) + slot >= lim);
         s.store(ptr);
       }
-      tile_max = at::vec::maximum(tile_max, s);
-    }
+      return s;
+    };
+    // Four running maxima, so that each max waits on the one four keys back rather than the last.
+    Vec maxima[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+    int64_t j = 0;
+    for (; j + 3 * slots < n; j += 4 * slots)
+      for (int i = 0; i < 4; ++i) maxima[i] = at::vec::maximum(maxima[i], scores(j + i * slots));
+    for (; j < n; j += slots) maxima[0] = at::vec::maximum(maxima[0], scores(j));
+    Vec tile_max = at::vec::maximum(at::vec::maximum(maxima[0], maxima[1]), at::vec::maximum(maxima[2], maxima[3]));
     if (paired) tile_max = at::vec::maximum(tile_max, halves_swapped(tile_max));
     const Vec m_old = Vec::loadu(m + c);
     const Vec m_new = at::vec::maximum(m_old, tile_max * scale_v);
