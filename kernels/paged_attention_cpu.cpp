@@ -110,9 +110,9 @@ Scores row_vector_scores(int64_t head_dim) {
 struct ItemLayout {
   int64_t heads, rows, ldq, lanes;
   Scores scores;
-  // A tile's runs (KeyRun) at most, and their keys: on AMX, several for more than a vector of rows
-  // (attend_tiles); decode's few rows keep one, as longer tiles' V^T pairs outgrow L1 for them.
-  int64_t tile_runs, tile_keys;
+  // A tile's runs (KeyRun) at most: on AMX, several for more than a vector of rows (attend_tiles);
+  // decode's few rows keep one, as longer tiles' V^T pairs outgrow L1 for them.
+  int64_t tile_runs;
 
   ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores row_vector_scores)
       : heads(w.kv_heads),
@@ -120,11 +120,11 @@ struct ItemLayout {
         ldq(row_vector_scores == Scores::amx ? row_vectors(rows) : score_stride(rows, head_dim)),
         lanes(stat_lanes(ldq)),
         scores(ldq >= Vec::size() ? row_vector_scores : Scores::vectors),
-        tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1),
-        tile_keys(tile_runs * kKeyTile) {}
+        tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1) {}
 
   bool pairs() const { return scores != Scores::vectors; }  // Q^T in bf16 pairs, K read in place
   bool transposed() const { return scores == Scores::amx; }  // acc^T [D][ldq], P @ V on AMX tiles
+  int64_t tile_keys() const { return tile_runs * kKeyTile; }  // a tile's keys at most
 
   // Where row r's d of head hi accumulates.
   int64_t acc_index(int64_t hi, int64_t r, int64_t d, int64_t head_dim) const {
@@ -170,7 +170,7 @@ void stage_tile(const Problem<T>& p, const KeyRun& keys, const KeyRun& next, int
   }
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const int64_t ldp = L.tile_keys / 2;
+    const int64_t ldp = L.tile_keys() / 2;
     for (int64_t hi = 0; L.transposed() && hi < L.heads; ++hi)
       value_pairs(v + hi * p.head_dim, ld, keys.n, p.head_dim, ws.vp.data() + hi * p.head_dim * ldp + offset / 2, ldp);
     return;
@@ -178,7 +178,6 @@ void stage_tile(const Problem<T>& p, const KeyRun& keys, const KeyRun& next, int
 #endif
   TORCH_CHECK(!L.transposed(), "V pairs are only staged for bf16 caches on AMX-BF16");
 }
-
 
 // Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for bf16
 // scores (which scale the sums). Each lane's causal limit (padding lanes take the last
@@ -255,7 +254,7 @@ template <typename T>
 void values_amx(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_dim, Workspace& ws) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return pv_accumulate_amx(ws.vp.data() + hi * head_dim * L.tile_keys / 2, L.tile_keys, ws.pp.data(), L.ldq,
+    return pv_accumulate_amx(ws.vp.data() + hi * head_dim * L.tile_keys() / 2, L.tile_keys(), ws.pp.data(), L.ldq,
                              ws.alpha.data(), whole_runs(n), head_dim, ws.acc.data() + hi * head_dim * L.ldq);
   }
 #endif
@@ -270,14 +269,13 @@ template <typename T>
 void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Workspace& ws) {
   const int64_t D = p.head_dim;
   const int32_t* blocks = p.block_table + w.seq * p.max_blocks;
-  auto run_at = [&](int64_t key) -> KeyRun {  // up to kKeyTile keys from `key`, in its block and the item
-    if (key >= w.kv_end) return {0, 0};
+  auto run_at = [&](int64_t key) -> KeyRun {  // up to kKeyTile keys from `key` (< kv_end), in its block and the item
     return {blocks[key / p.block_size] * p.block_size + key % p.block_size,
             std::min<int64_t>({kKeyTile, w.kv_end - key, p.block_size - key % p.block_size})};
   };
   struct Tile {
     KeyRun runs[kAmxTileRuns];
-    int64_t count = 0, n = 0;
+    int64_t count = 0, n = 0;  // none past the item's keys
   };
   auto tile_at = [&](int64_t key0) {
     Tile t;
@@ -288,19 +286,18 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
     return t;
   };
   const float scale = softmax_scale(p, L);
-  for (int64_t key0 = w.kv_begin, n = 0; key0 < w.kv_end; key0 += n) {
-    const Tile tile = tile_at(key0), next = tile_at(key0 + tile.n);
-    const KeyRun* runs = tile.runs;
-    const int64_t count = tile.count;
-    n = tile.n;
+  int64_t key0 = w.kv_begin;
+  for (Tile tile = tile_at(key0); tile.count > 0;) {
+    const Tile next = tile_at(key0 + tile.n);
+    const int64_t n = tile.n;
     const bool masked = key0 + n > w.first_limit;  // some row's causal limit falls in this tile
-    for (int64_t r = 0; r < count; ++r)  // fetching the next tile's keys while this one's are staged
-      stage_tile(p, runs[r], r < next.count ? next.runs[r] : KeyRun{0, 0}, r * kKeyTile, w.kv_head, L, ws);
+    for (int64_t r = 0; r < tile.count; ++r)  // fetching the next tile's keys while this one's are staged
+      stage_tile(p, tile.runs[r], r < next.count ? next.runs[r] : KeyRun{0, 0}, r * kKeyTile, w.kv_head, L, ws);
     for (int64_t hi = 0; hi < L.heads; ++hi) {  // head hi's key j: staged row j, offset hi * D
       float *m = ws.m.data() + hi * L.lanes, *l = ws.l.data() + hi * L.lanes;
       if (L.pairs()) {
-        for (int64_t r = 0; r < count; ++r)
-          score_pairs(p, L.scores, runs[r], w.kv_head + hi, ws.qp.data() + hi * D / 2 * L.ldq, L.ldq,
+        for (int64_t r = 0; r < tile.count; ++r)
+          score_pairs(p, L.scores, tile.runs[r], w.kv_head + hi, ws.qp.data() + hi * D / 2 * L.ldq, L.ldq,
                       ws.st.data() + r * kKeyTile * L.ldq, ws);
       } else {
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
@@ -314,6 +311,8 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
                       ws.acc.data() + hi * L.rows * D);
       }
     }
+    key0 += n;
+    tile = next;
   }
 }
 
@@ -341,7 +340,7 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
 template <typename T>
 void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
   const ItemLayout layout(w, p.group, p.head_dim, row_vector_scores<T>(p.head_dim));
-  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.tile_keys, layout.scores);
+  ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.tile_keys(), layout.scores);
   begin_item(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)
   // Per item: other code (oneDNN) may use the tiles in between.
