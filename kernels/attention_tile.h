@@ -11,8 +11,9 @@
 //     gives st[key][row] for two keys. This halves the multiply-adds when rows would fill
 //     only half the lanes.
 // With bf16 caches, the scores of the row-vector layout come from bf16 dot products instead: AMX
-// tiles on AMX-BF16 (qk_scores_amx), AVX512_BF16's vdpbf16ps elsewhere (qk_scores_dpbf16); the
-// softmax and P @ V are the same for all.
+// tiles on AMX-BF16 (qk_scores_amx), AVX512_BF16's vdpbf16ps elsewhere (qk_scores_dpbf16), and
+// P @ V takes the tile's probabilities rounded to bf16, on the same units; the softmax is the same
+// for all.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -72,6 +73,16 @@ inline void to_float(const T* src, float* dst, int64_t n) {
     x.store(dst + i);
   }
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// acc[r][:] *= alpha[r] for the rows whose running max moved (alpha != 1): P @ V's accumulator
+// [rows][head_dim] moved to the tile's max.
+inline void rescale_rows(const float* alpha, int64_t rows, int64_t head_dim, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (alpha[r] == 1.f) continue;
+    const Vec a(alpha[r]);
+    at::vec::map([a](Vec x) { return x * a; }, acc + r * head_dim, acc + r * head_dim, head_dim);
+  }
 }
 
 // st[b][v] = sum_d k[b][d] * qt[d][v] for KB keys (rows `ldk` apart) and NR row vectors. Only
@@ -255,6 +266,19 @@ __attribute__((target("avx512f"))) inline void transpose_16x16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// Word order (a[r], b[r]) for r in 0..15 from [a 0..15, b 0..15]: two vectors of 16 bf16 as pairs.
+struct PairWords {
+  int16_t words[32];
+};
+alignas(64) inline constexpr PairWords kPairWords = [] {
+  PairWords order{};
+  for (int r = 0; r < 16; ++r) {
+    order.words[2 * r] = static_cast<int16_t>(r);
+    order.words[2 * r + 1] = static_cast<int16_t>(16 + r);
+  }
+  return order;
+}();
+
 // V^T of one head's run of 32 keys as A of P @ V: vp[d][m] = (v[2m][d], v[2m + 1][d]) for the
 // run's 16 key pairs (rows of vp `ldp` pairs apart), keys at or past n zero; `n` keys of head_dim
 // (a multiple of 32), rows `ldv` apart. Two key rows interleave into pairs for 16 d at a time
@@ -289,16 +313,8 @@ __attribute__((target("avx512f,avx512bw"))) inline void value_pairs(const c10::B
 // the fp32 probabilities.
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void store_probability_pairs(__m512 even, __m512 odd,
                                                                                            uint32_t* pp) {
-  alignas(64) static constexpr auto kPairs = [] {  // words (even[r], odd[r]) from [even 0..15, odd 0..15]
-    struct { int16_t words[32]; } order{};
-    for (int r = 0; r < 16; ++r) {
-      order.words[2 * r] = static_cast<int16_t>(r);
-      order.words[2 * r + 1] = static_cast<int16_t>(16 + r);
-    }
-    return order;
-  }();
   const __m512bh both = _mm512_cvtne2ps_pbh(odd, even);
-  _mm512_storeu_si512(pp, _mm512_permutexvar_epi16(_mm512_load_si512(kPairs.words), (__m512i)both));
+  _mm512_storeu_si512(pp, _mm512_permutexvar_epi16(_mm512_load_si512(kPairWords.words), (__m512i)both));
 }
 
 // softmax_tile's probabilities exp(st * scale - m_sub) for the 16 lanes at st (keys `ldq` apart;
@@ -320,6 +336,25 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline Vec probability_pa
   return sum;
 }
 
+// softmax_tile's probabilities exp(st * scale - m_sub) for the keys of one vector of lanes at st
+// (`step` keys a vector, `ldq` apart), rounded to bf16 in place (to nearest, ties to even) for
+// fp32 P @ V, returning the sum of the unrounded ones: where a CPU's bf16 units take P @ V for
+// some items of a bf16 cache, the others' probabilities are rounded at the same tiles, so that an
+// item's size (a cache hit leaves fewer query rows) never changes them.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline Vec rounded_probabilities(float* st, int64_t ldq,
+                                                                                      int64_t n, int64_t step,
+                                                                                      const Vec& scale,
+                                                                                      const Vec& m_sub) {
+  Vec sum(0.f);
+  for (int64_t j = 0; j < n; j += step) {
+    const Vec p = (Vec::loadu(st + j * ldq) * scale - m_sub).exp_u20();
+    sum = sum + p;
+    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(p);
+    _mm512_storeu_ps(st + j * ldq, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
+  }
+  return sum;
+}
+
 // acc^T[D][ldq] = acc^T * alpha (per row, along the lanes) + V^T P over the tile's `depth` keys (a
 // multiple of 32; vp [D][ldv / 2] and pp from value_pairs and softmax_tile); tiles configured,
 // head_dim a multiple of 32.
@@ -334,6 +369,58 @@ inline void pv_accumulate_amx(const uint32_t* vp, int64_t ldv, const uint32_t* p
   for (int64_t d = 0; d < head_dim; d += 2 * kTileRows)
     tile_product_rows<true>(true, v + d * ldv, v + (d + kTileRows) * ldv, ldv, pp, ldq, depth, acct + d * ldq);
 }
+
+// P @ V on AVX512_BF16, for the items whose scores come from its dot products: acc[r][d] +=
+// sum_m pp[m][r] . vk[m][d], the probabilities as bf16 key pairs per row (softmax_tile's `pairs`,
+// as on AMX) against V as key pairs per d (value_key_pairs), one vdpbf16ps per pair of keys, row
+// and 16 d: 32 multiply-adds where an fp32 vector does 16, and V staged in bf16, half the bytes.
+
+// vk[m][d] = (v[2m][d], v[2m + 1][d]) for a run's ceil(n / 2) key pairs (rows of vk `ldp` pairs
+// apart), a key at n zero; `n` key rows of head_dim (a multiple of 16), `ldv` apart.
+__attribute__((target("avx512f,avx512bw"))) inline void value_key_pairs(const c10::BFloat16* v, int64_t ldv, int64_t n,
+                                                                        int64_t head_dim, uint32_t* vk, int64_t ldp) {
+  const __m512i order = _mm512_load_si512(kPairWords.words);
+  for (int64_t m = 0; 2 * m < n; ++m) {
+    const c10::BFloat16* even = v + 2 * m * ldv;
+    for (int64_t d = 0; d < head_dim; d += 16) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + d));
+      const __m256i b = 2 * m + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + ldv + d))
+                                      : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      _mm512_storeu_si512(vk + m * ldp + d, _mm512_permutexvar_epi16(order, both));
+    }
+  }
+}
+
+// acc[i][:] += sum_m pp[m][i] . vk[m][:] for RB rows over `pairs` key pairs; vk rows `ldv` pairs
+// apart. (Blocking over 2 or 4 chunks of d as well, broadcasting each pair once for them, ran
+// slower on Zen 4.)
+template <int RB>
+__attribute__((target("avx512f,avx512bf16"))) inline void pv_pair_rows(const uint32_t* pp, int64_t ldq,
+                                                                        const uint32_t* vk, int64_t ldv, int64_t pairs,
+                                                                        int64_t head_dim, float* acc) {
+  for (int64_t c = 0; c < head_dim; c += 16) {
+    __m512 a[RB];
+    for (int i = 0; i < RB; ++i) a[i] = _mm512_loadu_ps(acc + i * head_dim + c);
+    for (int64_t m = 0; m < pairs; ++m) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(vk + m * ldv + c);
+      const uint32_t* p = pp + m * ldq;
+      for (int i = 0; i < RB; ++i) a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(p[i])), v);
+    }
+    for (int i = 0; i < RB; ++i) _mm512_storeu_ps(acc + i * head_dim + c, a[i]);
+  }
+}
+
+// acc[rows][D] = acc * alpha (per row) + P @ V over the tile's `n` keys, from bf16 pairs; head_dim
+// a multiple of 16.
+inline void pv_accumulate_pairs(const uint32_t* pp, int64_t ldq, const float* alpha, const uint32_t* vk, int64_t ldv,
+                                int64_t n, int64_t rows, int64_t head_dim, float* acc) {
+  rescale_rows(alpha, rows, head_dim, acc);
+  for (int64_t r0 = 0; r0 < rows; r0 += kPvRows)
+    with_count<kPvRows>(rows - r0, [&](auto rb) {
+      pv_pair_rows<decltype(rb)::value>(pp + r0, ldq, vk, ldv, (n + 1) / 2, head_dim, acc + r0 * head_dim);
+    });
+}
 #endif
 
 // [x[VL/2:], x[:VL/2]]
@@ -347,14 +434,15 @@ inline Vec halves_swapped(const Vec& x) {
 // Online softmax over one tile, lane by lane: scores st * scale (scale > 0: scaling after the max
 // gives the same max, rounding being monotonic, so st is read as it is), keys at or past each
 // row's `limit` (causal, absolute key positions as floats) masked when `masked`, turn into
-// probabilities against the running max m, in st or, where `pairs` is given (the row-vector
-// layout on AMX), straight into P @ V's bf16 pairs (probability_pairs; keys from n to the next
-// multiple of kKeyTile zero); updates the running sum l, and returns in `alpha` the factor that
+// probabilities against the running max m, in st or, where `pairs` is given (items whose scores
+// come from bf16 pairs), straight into P @ V's bf16 pairs (probability_pairs; keys from n to the next
+// multiple of kKeyTile zero), with `round` rounded to bf16 in st (rounded_probabilities); updates
+// the running sum l, and returns in `alpha` the factor that
 // moves the row's accumulator to the new max. In the paired layout m, l, alpha and limit have a lane per
 // (row, key slot): the slots' maxima are merged every tile, so both copies of a row agree on
 // m and alpha, and the row's sum is l[r] + l[r + VL/2].
 inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool masked, const float* limit, float scale,
-                         float* m, float* l, float* alpha, uint32_t* pairs) {
+                         float* m, float* l, float* alpha, uint32_t* pairs, bool round) {
   const Vec neg_inf(-std::numeric_limits<float>::infinity()), scale_v(scale);
   const bool paired = ldq < Vec::size();
   const int slots = paired ? 2 : 1;  // keys per vector
@@ -388,8 +476,9 @@ inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool m
     Vec sum(0.f);
 #if defined(TRELLIS_BF16_DOTS)
     if (pairs != nullptr) sum = probability_pairs(st + c, ldq, n, whole_runs(n), scale_v, m_sub, pairs + c);
+    if (round) sum = rounded_probabilities(st + c, ldq, n, slots, scale_v, m_sub);
 #endif
-    for (int64_t j = 0; pairs == nullptr && j < n; j += slots) {
+    for (int64_t j = 0; pairs == nullptr && !round && j < n; j += slots) {
       const Vec p = probability(j);
       p.store(st + j * ldq + c);
       sum = sum + p;
@@ -424,11 +513,7 @@ inline void pv_rows(const float* pt, int64_t ldq, const float* v, int64_t ldv, i
 // acc[rows][D] = acc * alpha (per row) + P @ V over the tile's `n` keys.
 inline void pv_accumulate(const float* pt, int64_t ldq, const float* alpha, const float* v, int64_t ldv, int64_t n,
                           int64_t rows, int64_t head_dim, float* acc) {
-  for (int64_t r = 0; r < rows; ++r) {
-    if (alpha[r] == 1.f) continue;
-    const Vec a(alpha[r]);
-    at::vec::map([a](Vec x) { return x * a; }, acc + r * head_dim, acc + r * head_dim, head_dim);
-  }
+  rescale_rows(alpha, rows, head_dim, acc);
   for (int64_t r0 = 0; r0 < rows; r0 += kPvRows) {
     const float* p = pt + r0;
     float* o = acc + r0 * head_dim;

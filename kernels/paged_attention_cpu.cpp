@@ -43,15 +43,16 @@ struct Problem {
 
 // Where an item's scores come from (attention_tile.h): fp32 vectors over the staged K tile, or
 // bf16 pairs of Q against K as it lies in the cache, on AMX tiles or AVX512_BF16 dot products.
-// AMX items take P @ V from the tiles too; the others from fp32 vectors over the staged V tile.
+// Items with bf16 scores take P @ V from the same unit, the probabilities as bf16 pairs; the
+// others from fp32 vectors over the staged V tile.
 enum class Scores { vectors, amx, dpbf16 };
 
 // Per-thread scratch, grown on demand and kept across calls. Per KV head of the item: Q^T
 // (D x ldq floats, or D/2 x ldq bf16 pairs for bf16 scores), the output accumulator [rows][D]
 // (AMX: transposed, [D][ldq]), the running max and sum [lanes]. The scores [tile keys][ldq], the
-// staged tile as fp32, [kKeyTile][heads][D] for K and for V, and (AMX) a padded key block
-// [16][D], V^T as key pairs [heads][D][tile keys / 2] and the probabilities as key pairs
-// [tile keys / 2][ldq].
+// staged tile as fp32, [kKeyTile][heads][D] for K and for V, and with bf16 scores V as key pairs
+// (AMX: V^T, [heads][D][tile keys / 2]; AVX512_BF16: [tile keys / 2][heads][D]) and the
+// probabilities as key pairs [tile keys / 2][ldq], and (AMX) a padded key block [16][D].
 struct Workspace {
   std::vector<float> qt, acc, m, l, st, alpha, limit, k, v;
   std::vector<uint32_t> qp, vp, pp;
@@ -70,10 +71,10 @@ struct Workspace {
     grow(alpha, lanes);
     grow(limit, lanes);
     grow(k, pairs ? 0 : kKeyTile * heads * head_dim);
-    grow(v, amx ? 0 : kKeyTile * heads * head_dim);
+    grow(v, pairs ? 0 : kKeyTile * heads * head_dim);
     grow(pad, amx ? 16 * head_dim : 0);
-    grow(vp, amx ? heads * head_dim * tile_keys / 2 : 0);
-    grow(pp, amx ? tile_keys / 2 * ldq : 0);
+    grow(vp, pairs ? heads * head_dim * tile_keys / 2 : 0);
+    grow(pp, pairs ? tile_keys / 2 * ldq : 0);
   }
   // The sanitized test build (TRELLIS_EXACT_WORKSPACE, with libstdc++'s vector annotations) sizes
   // each buffer to exactly this item's need, so an access past it is caught after a larger item too.
@@ -89,7 +90,7 @@ struct Workspace {
 
 // Where items in the row-vector layout take their scores from (attention_tile.h): with bf16
 // caches, AMX tiles where the CPU has AMX-BF16 and head_dim is a multiple of 32, else
-// AVX512_BF16's dot products where it has those (head_dim even). On AMX every item takes the
+// AVX512_BF16's dot products where it has those (head_dim a multiple of 16). On AMX every item takes the
 // row-vector layout, decode's few rows included: with P @ V on the tiles as well, SmolLM2's
 // 3-row decode items run 1.3-1.4x faster there than on vectors in the paired layout. Elsewhere
 // few rows stay paired and on vectors: with dot products, the row-vector softmax and P @ V would
@@ -100,7 +101,7 @@ Scores row_vector_scores(int64_t head_dim) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // AMX items round their probabilities with AVX512_BF16's conversion, which every AMX CPU has.
     if (head_dim % 32 == 0 && amx_bf16_usable() && dpbf16_usable()) return Scores::amx;
-    if (head_dim % 2 == 0 && dpbf16_usable()) return Scores::dpbf16;
+    if (head_dim % 16 == 0 && dpbf16_usable()) return Scores::dpbf16;
   }
 #endif
   return Scores::vectors;
@@ -113,6 +114,9 @@ struct ItemLayout {
   // A tile's runs (KeyRun) at most: on AMX, several for more than a vector of rows (attend_tiles);
   // decode's few rows keep one, as longer tiles' V^T pairs outgrow L1 for them.
   int64_t tile_runs;
+  // fp32 P @ V over probabilities rounded to bf16: a bf16 item on vectors where the CPU's bf16
+  // units take the others (softmax_tile's `round`), so that every item rounds them at its tiles.
+  bool rounds_probabilities;
 
   ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores row_vector_scores)
       : heads(w.kv_heads),
@@ -120,9 +124,10 @@ struct ItemLayout {
         ldq(row_vector_scores == Scores::amx ? row_vectors(rows) : score_stride(rows, head_dim)),
         lanes(stat_lanes(ldq)),
         scores(ldq >= Vec::size() ? row_vector_scores : Scores::vectors),
-        tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1) {}
+        tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1),
+        rounds_probabilities(scores == Scores::vectors && row_vector_scores != Scores::vectors) {}
 
-  bool pairs() const { return scores != Scores::vectors; }  // Q^T in bf16 pairs, K read in place
+  bool pairs() const { return scores != Scores::vectors; }  // Q^T, P and V in bf16 pairs, K read in place
   bool transposed() const { return scores == Scores::amx; }  // acc^T [D][ldq], P @ V on AMX tiles
   int64_t tile_keys() const { return tile_runs * kKeyTile; }  // a tile's keys at most
 
@@ -139,9 +144,9 @@ struct KeyRun {
 };
 
 // Copies (as fp32) the K/V rows of heads h0 .. h0+heads of a run of keys into the staged tile
-// [n][heads][D] (V only when the item's scores come from bf16 pairs, which read K in place; on
-// AMX, V^T as bf16 key pairs per head instead, at the run's `offset` in the tile), and prefetches
-// (into L2) those of the `next` run.
+// [n][heads][D] at the run's `offset` in the tile, and prefetches (into L2) those of the `next`
+// run. Items whose scores come from bf16 pairs read K in place and stage V as bf16 key pairs
+// instead (AMX: V^T per head).
 // Decode reads every byte of K/V once, from DRAM, so this is where its time goes: each key's
 // heads are read as one run, key after key, which keeps the reads sequential within a block; the
 // prefetch covers the jump to the next block, which a scattered block table makes unguessable,
@@ -163,20 +168,27 @@ void stage_tile(const Problem<T>& p, const KeyRun& keys, const KeyRun& next, int
       __builtin_prefetch(k_next + j * ld_bytes + byte, 0, 2);
       __builtin_prefetch(v_next + j * ld_bytes + byte, 0, 2);
     }
-    if (j < keys.n) {
-      if (!L.pairs()) to_float(k + j * ld, ws.k.data() + (offset + j) * run, run);
-      if (!L.transposed()) to_float(v + j * ld, ws.v.data() + (offset + j) * run, run);
+    if (j < keys.n && !L.pairs()) {
+      to_float(k + j * ld, ws.k.data() + (offset + j) * run, run);
+      to_float(v + j * ld, ws.v.data() + (offset + j) * run, run);
     }
   }
+  if (!L.pairs()) return;
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t ldp = L.tile_keys() / 2;
-    for (int64_t hi = 0; L.transposed() && hi < L.heads; ++hi)
-      value_pairs(v + hi * p.head_dim, ld, keys.n, p.head_dim, ws.vp.data() + hi * p.head_dim * ldp + offset / 2, ldp);
+    for (int64_t hi = 0; hi < L.heads; ++hi) {
+      const c10::BFloat16* vh = v + hi * p.head_dim;
+      if (L.transposed()) {
+        value_pairs(vh, ld, keys.n, p.head_dim, ws.vp.data() + hi * p.head_dim * ldp + offset / 2, ldp);
+      } else {
+        value_key_pairs(vh, ld, keys.n, p.head_dim, ws.vp.data() + (offset / 2 * L.heads + hi) * p.head_dim, run);
+      }
+    }
     return;
   }
 #endif
-  TORCH_CHECK(!L.transposed(), "V pairs are only staged for bf16 caches on AMX-BF16");
+  TORCH_CHECK(false, "V pairs are only staged for bf16 caches on AMX-BF16 or AVX512_BF16");
 }
 
 // Q^T per head (padding lanes zero): fp32 and pre-scaled, or bf16 pairs as they are for bf16
@@ -248,17 +260,21 @@ float softmax_scale(const Problem<T>& p, const ItemLayout& L) {
   return L.pairs() && scaled_after_max(p) ? p.scale : 1.f;
 }
 
-// acc^T of head hi += P @ V for AMX items: the probabilities of the tile's n keys as bf16 pairs
-// (from softmax_tile) against V^T (staged by stage_tile), on the tiles.
+// The accumulator of head hi += P @ V for items with bf16 scores: the probabilities of the
+// tile's n keys as bf16 pairs (from softmax_tile) against V's pairs (staged by stage_tile), on
+// AMX tiles (acc^T) or AVX512_BF16's dot products.
 template <typename T>
-void values_amx(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_dim, Workspace& ws) {
+void values_from_pairs(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_dim, Workspace& ws) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return pv_accumulate_amx(ws.vp.data() + hi * head_dim * L.tile_keys() / 2, L.tile_keys(), ws.pp.data(), L.ldq,
-                             ws.alpha.data(), whole_runs(n), head_dim, ws.acc.data() + hi * head_dim * L.ldq);
+    if (L.transposed())
+      return pv_accumulate_amx(ws.vp.data() + hi * head_dim * L.tile_keys() / 2, L.tile_keys(), ws.pp.data(), L.ldq,
+                               ws.alpha.data(), whole_runs(n), head_dim, ws.acc.data() + hi * head_dim * L.ldq);
+    return pv_accumulate_pairs(ws.pp.data(), L.ldq, ws.alpha.data(), ws.vp.data() + hi * head_dim,
+                               L.heads * head_dim, n, L.rows, head_dim, ws.acc.data() + hi * L.rows * head_dim);
   }
 #endif
-  TORCH_CHECK(false, "P @ V on AMX tiles is only planned for bf16 caches on AMX-BF16");
+  TORCH_CHECK(false, "P @ V from bf16 pairs is only planned for bf16 caches on AMX-BF16 or AVX512_BF16");
 }
 
 // The item's key range, tile by tile. A tile is one run of keys (KeyRun), or on AMX up to
@@ -303,9 +319,9 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
       softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), scale, m, l, ws.alpha.data(),
-                   L.transposed() ? ws.pp.data() : nullptr);
-      if (L.transposed()) {
-        values_amx<T>(L, hi, n, D, ws);
+                   L.pairs() ? ws.pp.data() : nullptr, L.rounds_probabilities);
+      if (L.pairs()) {
+        values_from_pairs<T>(L, hi, n, D, ws);
       } else {
         pv_accumulate(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, L.rows, D,
                       ws.acc.data() + hi * L.rows * D);

@@ -110,11 +110,20 @@ def naive_attention(case: PagedCase) -> torch.Tensor:
     return out
 
 
-def amx_key_tiles(keys: int, block_size: int, rows: int) -> list[tuple[int, int]]:
-    """The key tiles [start, end) over the first ``keys`` keys in which the C++ kernel's AMX path
-    takes an unsplit item of ``rows`` query rows: runs of up to 32 keys that never cross a block;
-    an item of more than 16 rows chains up to four runs into a tile while each before is whole."""
-    runs_per_tile = 4 if rows > 16 else 1
+def bf16_tile_runs(rows: int, head_dim: int, amx: bool) -> int | None:
+    """Runs of 32 keys per key tile in which the C++ kernel rounds the probabilities of a bf16 item
+    of ``rows`` query rows before P @ V (row_vector_scores, ItemLayout), or None where they stay
+    fp32: where the CPU's bf16 units take P @ V, every item; on AMX tiles (head_dim a multiple of
+    32) chaining four runs for more than 16 rows, on AVX512_BF16's dot products (head_dim a
+    multiple of 16) one run a tile."""
+    if amx and head_dim % 32 == 0:
+        return 4 if rows > 16 else 1
+    return 1 if head_dim % 16 == 0 else None
+
+
+def key_tiles(keys: int, block_size: int, runs_per_tile: int) -> list[tuple[int, int]]:
+    """The key tiles [start, end) over the first ``keys`` keys of an unsplit item: runs of up to
+    32 keys that never cross a block, up to ``runs_per_tile`` chained while each before is whole."""
     tiles, key = [], 0
     while key < keys:
         start, runs, run = key, 0, 32
@@ -139,17 +148,22 @@ def item_rows(case: PagedCase, max_rows: int = 64) -> dict[int, int]:
     return rows
 
 
-def tiled_bf16_attention(case: PagedCase) -> torch.Tensor:
-    """The float64 oracle as the C++ kernel computes bf16 attention on AMX tiles (one work item a
-    query tile, unsplit): an online softmax over the key tiles of amx_key_tiles, each tile's
-    probabilities (against the running max) rounded to bf16 before P @ V, the running sum over
-    the unrounded ones."""
-    block_size = case.k_cache.shape[1]
+def tiled_bf16_attention(case: PagedCase, amx: bool) -> torch.Tensor:
+    """The float64 oracle as the C++ kernel computes bf16 attention with P @ V on the CPU's bf16
+    units, AMX tiles (``amx``) or AVX512_BF16 dot products (one work item a query tile, unsplit):
+    where bf16_tile_runs says so, an online softmax over the key tiles, each tile's probabilities
+    (against the running max) rounded to bf16 before P @ V, the running sum over the unrounded
+    ones; elsewhere the plain oracle."""
+    block_size, _, head_dim = case.k_cache.shape[1:]
     rows = item_rows(case)
     out = torch.zeros(case.q.shape, dtype=torch.float64)
     for token, head, scores, v in oracle_rows(case):
+        runs = bf16_tile_runs(rows[token], head_dim, amx)
+        if runs is None:
+            out[token, head] = scores.softmax(0) @ v
+            continue
         m, total, acc = -math.inf, 0.0, torch.zeros(v.shape[1], dtype=torch.float64)
-        for start, end in amx_key_tiles(len(scores), block_size, rows[token]):
+        for start, end in key_tiles(len(scores), block_size, runs):
             new_max = max(m, scores[start:end].max().item())
             p = (scores[start:end] - new_max).exp()
             alpha = math.exp(m - new_max)

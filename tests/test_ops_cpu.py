@@ -27,10 +27,11 @@ from trellis.ops import cpp
 
 BLOCK_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Whether bf16 attention multiplies on AMX tiles here (row_vector_scores in the kernel): an AVX-512
-# build on a Linux CPU with AMX-BF16 (and AVX512_BF16, which every such CPU has).
-AMX_TILES = (cpp.capability() == "AVX512" and sys.platform.startswith("linux")
-             and {"amx_bf16", "avx512_bf16"} <= set(Path("/proc/cpuinfo").read_text().split()))
+# Which bf16 units the kernel's attention multiplies on here (row_vector_scores): an AVX-512 build
+# on a Linux CPU with AVX512_BF16, and AMX-BF16 (every such CPU has AVX512_BF16) for AMX tiles.
+_CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if sys.platform.startswith("linux") else set()
+BF16_DOTS = cpp.capability() == "AVX512" and "avx512_bf16" in _CPU_FLAGS
+AMX_TILES = BF16_DOTS and "amx_bf16" in _CPU_FLAGS
 
 
 @contextmanager
@@ -128,8 +129,8 @@ def test_smollm2_prompt_lengths(q_len):
 def test_bf16_scores(head_dim, block_size):
     """bf16 extends, whose scores come from bf16 pairs: on AMX tiles where the CPU has AMX-BF16
     (head_dim a multiple of 32; the decodes beside them too), else from AVX512_BF16 dot products
-    where it has those (head_dim even); an odd head_dim, the decodes beside those, and other CPUs
-    take the fp32 vector path:
+    where it has those (head_dim a multiple of 16); other head dims (9, 24), the decodes beside
+    those, and other CPUs take the fp32 vector path:
     1-47 keys past the last whole 16-key block of a tile, one to four 16-row blocks of query rows
     (an odd count leaves one alone), within twice the reference's error of the float64 oracle."""
     q_lens, kv_lens = [1, 3, 5, 7, 16, 2], [7, 19, 33, 70, 64, 120]
@@ -248,33 +249,35 @@ def test_shared_prefix_is_read_once():
 def test_low_precision_caches_are_accumulated_in_fp32(dtype):
     """fp16 / bf16 K/V are read into fp32, and the softmax and P @ V accumulate in fp32 over the
     whole context: the output is the float64 oracle over the same inputs, rounded once (within
-    one unit in the last place); for bf16 on AMX tiles, the oracle whose tile probabilities enter
-    P @ V in bf16 (tiled_bf16_attention; one thread, so that no item is split). Accumulating 8k
+    one unit in the last place); for bf16 on CPUs with bf16 units, the oracle whose tile probabilities
+    enter P @ V in bf16 (tiled_bf16_attention; one thread, so that no item is split). Accumulating 8k
     keys in the storage dtype would be off by many."""
     case = make_case([1, 5], [8192, 3000], num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=32, dtype=dtype)
-    amx = dtype == torch.bfloat16 and AMX_TILES
-    with torch_threads(1 if amx else torch.get_num_threads()):
+    units = dtype == torch.bfloat16 and BF16_DOTS
+    with torch_threads(1 if units else torch.get_num_threads()):
         got = attend(case).double()
-    expected = tiled_bf16_attention(case) if amx else naive_attention(case)
+    expected = tiled_bf16_attention(case, AMX_TILES) if units else naive_attention(case)
     error = (got - expected).abs()
-    assert (error <= expected.abs() * torch.finfo(dtype).eps + (2 ** -12 if amx else 1e-6)).all(), error.max()
+    assert (error <= expected.abs() * torch.finfo(dtype).eps + (2 ** -12 if units else 1e-6)).all(), error.max()
 
 
-@pytest.mark.skipif(not AMX_TILES, reason="bf16 P @ V runs on AMX tiles only on CPUs with AMX-BF16")
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.skipif(not BF16_DOTS, reason="bf16 P @ V runs on bf16 units only on CPUs with AVX512_BF16 or AMX")
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 128])
 @pytest.mark.parametrize("block_size", [8, 16, 32, 48, 64])
-def test_bf16_probabilities_on_amx_tiles(head_dim, block_size):
-    """bf16 extends on AMX tiles take P @ V from the tiles as well, each key tile's probabilities
-    rounded to bf16 (as SDPA and Triton take them): on one thread (no split items) the output is
-    tiled_bf16_attention's within one unit in the last place, and 2^-12 where exp's approximation
+def test_bf16_probabilities(head_dim, block_size):
+    """bf16 extends whose scores come from bf16 units take P @ V from them as well, each key tile's
+    probabilities rounded to bf16 (as SDPA and Triton take them): on AMX tiles (head_dim a multiple
+    of 32; every item), else on AVX512_BF16 dot products (items of more than 8 rows), and the few
+    rows on fp32 vectors round theirs at the same tiles. On one thread (no split items) the output
+    is tiled_bf16_attention's within one unit in the last place, and 2^-12 where exp's approximation
     rounds a probability the other way. 3 to 63 query rows an item (one to four 16-row blocks),
-    tiles of 8 to 128 keys (runs chained across blocks of 32, 48 and 64 keys for more than 16 rows),
-    contexts ending 1 to 31 keys past a whole run; a decode's 3 rows as well."""
+    tiles of 8 to 128 keys (on AMX, runs chained across blocks of 32, 48 and 64 keys for more than
+    16 rows), contexts ending 1 to 31 keys past a whole run; a decode's 3 rows as well."""
     case = make_case([4, 16, 21, 9, 1], [4, 101, 300, 45, 77], num_q_heads=9, num_kv_heads=3, head_dim=head_dim,
                      block_size=block_size, dtype=torch.bfloat16)
     with torch_threads(1):
         got = attend(case).double()
-    expected = tiled_bf16_attention(case)
+    expected = tiled_bf16_attention(case, AMX_TILES)
     error = (got - expected).abs()
     assert (error <= expected.abs() * 2 ** -7 + 2 ** -12).all(), error.max()
 
