@@ -75,6 +75,12 @@ inline void to_float(const T* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// The online softmax's probability exp(s * scale - m_sub) for the lanes at s, one formula for
+// every path that stores them (softmax_tile, probability_pairs, rounded_probabilities).
+inline Vec tile_probability(const float* s, const Vec& scale, const Vec& m_sub) {
+  return (Vec::loadu(s) * scale - m_sub).exp_u20();
+}
+
 // acc[r][:] *= alpha[r] for the rows whose running max moved (alpha != 1): P @ V's accumulator
 // [rows][head_dim] moved to the tile's max.
 inline void rescale_rows(const float* alpha, int64_t rows, int64_t head_dim, float* acc) {
@@ -325,7 +331,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline Vec probability_pa
                                                                                   int64_t n, int64_t depth,
                                                                                   const Vec& scale, const Vec& m_sub,
                                                                                   uint32_t* pp) {
-  auto probability = [&](int64_t j) { return j < n ? (Vec::loadu(st + j * ldq) * scale - m_sub).exp_u20() : Vec(0.f); };
+  auto probability = [&](int64_t j) { return j < n ? tile_probability(st + j * ldq, scale, m_sub) : Vec(0.f); };
   Vec sum(0.f);
   for (int64_t j = 0; j < depth; j += 2) {
     const Vec even = probability(j), odd = probability(j + 1);
@@ -347,7 +353,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline Vec rounded_probab
                                                                                       const Vec& m_sub) {
   Vec sum(0.f);
   for (int64_t j = 0; j < n; j += step) {
-    const Vec p = (Vec::loadu(st + j * ldq) * scale - m_sub).exp_u20();
+    const Vec p = tile_probability(st + j * ldq, scale, m_sub);
     sum = sum + p;
     const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(p);
     _mm512_storeu_ps(st + j * ldq, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
@@ -472,14 +478,13 @@ inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool m
     const Vec m_new = at::vec::maximum(m_old, tile_max * scale_v);
     // A row with no visible key yet keeps m = -inf; subtract 0 then so exp gives 0, not NaN.
     const Vec m_sub = Vec::blendv(m_new, Vec(0.f), m_new == neg_inf);
-    auto probability = [&](int64_t j) { return (Vec::loadu(st + j * ldq + c) * scale_v - m_sub).exp_u20(); };
     Vec sum(0.f);
 #if defined(TRELLIS_BF16_DOTS)
     if (pairs != nullptr) sum = probability_pairs(st + c, ldq, n, whole_runs(n), scale_v, m_sub, pairs + c);
     if (round) sum = rounded_probabilities(st + c, ldq, n, slots, scale_v, m_sub);
 #endif
     for (int64_t j = 0; pairs == nullptr && !round && j < n; j += slots) {
-      const Vec p = probability(j);
+      const Vec p = tile_probability(st + j * ldq + c, scale_v, m_sub);
       p.store(st + j * ldq + c);
       sum = sum + p;
     }
