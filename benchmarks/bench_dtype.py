@@ -36,7 +36,7 @@ from common import add_cpu_time_option, attention, chosen_clock, describe, load_
 
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
-from trellis.runner import LINEAR_KERNELS
+from trellis.runner import LINEAR_KERNELS, huge_pages
 from trellis.runner.quantized_linear import QuantizedLinear
 
 # name -> (attention implementation, Trellis linear kernel); Trellis runs its C++ attention kernels
@@ -88,7 +88,8 @@ def quantized_model(args: argparse.Namespace, qtype: str) -> TrellisLlama:
     # lives while any tensor in it does: copying the rest (embeddings, norms) out lets its 4.4 GB go
     # (TinyLlama with all three formats otherwise outgrows a 24 GB machine); the reset places them anew.
     for tensor in itertools.chain(model.parameters(), model.buffers()):
-        tensor.data = tensor.data.clone()
+        if huge_pages.placed(tensor):
+            tensor.data = tensor.data.clone()
     model.prefix_cache.reset()
     return model
 
