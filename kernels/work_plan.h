@@ -150,9 +150,12 @@ inline WorkPlan plan_work(const int32_t* cu_seqlens_q, const int32_t* seq_lens, 
       continue;
     }
     const int64_t q_len = cu_seqlens_q[s + 1] - cu_seqlens_q[s], context = seq_lens[s] - q_len;
-    const int64_t heads = heads_for(std::min(tile_tokens, std::max<int64_t>(1, q_len)) * group);
-    for (int64_t t0 = 0; t0 < q_len; t0 += tile_tokens) {
-      const int64_t tokens = std::min(tile_tokens, q_len - t0);
+    // The fewest query tiles that hold the tokens, cut evenly: a short last tile would stage and
+    // read every key for a few rows, on the slower few-row path.
+    const int64_t tiles = std::max<int64_t>(1, (q_len + tile_tokens - 1) / tile_tokens);
+    const int64_t heads = heads_for(std::max<int64_t>(1, (q_len + tiles - 1) / tiles) * group);
+    for (int64_t t = 0; t < tiles && q_len > 0; ++t) {
+      const int64_t t0 = q_len * t / tiles, tokens = q_len * (t + 1) / tiles - t0;
       for (int64_t h = 0; h < kv_heads; h += heads)
         base.push_back({{s, h, std::min(heads, kv_heads - h), cu_seqlens_q[s] + t0, tokens, context + t0 + 1, 0,
                          context + t0 + tokens, -1}, {}});

@@ -136,15 +136,17 @@ def key_tiles(keys: int, block_size: int, runs_per_tile: int) -> list[tuple[int,
 
 def item_rows(case: PagedCase, max_rows: int = 64) -> dict[int, int]:
     """Each query token's work item's rows (tokens x GQA group) as the C++ plan cuts a
-    sequence's queries into items of at most ``max_rows`` rows (sessions decoded apart)."""
+    sequence's queries: into the fewest items of at most ``max_rows`` rows, evenly (sessions
+    decoded apart)."""
     group = case.q.shape[1] // case.k_cache.shape[2]
     tokens_per_item = max(1, max_rows // group)
     cu = case.cu_seqlens_q.tolist()
     rows = {}
     for begin, end in itertools.pairwise(cu):
-        for token in range(begin, end):
-            first = begin + (token - begin) // tokens_per_item * tokens_per_item
-            rows[token] = min(tokens_per_item, end - first) * group
+        tiles = -(-(end - begin) // tokens_per_item)
+        for t in range(tiles):
+            first, last = begin + (end - begin) * t // tiles, begin + (end - begin) * (t + 1) // tiles
+            rows.update(dict.fromkeys(range(first, last), (last - first) * group))
     return rows
 
 

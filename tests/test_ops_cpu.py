@@ -245,6 +245,18 @@ def test_shared_prefix_is_read_once():
         (0, 1, 0, 85), (1, 1, 80, 89), (1, 3, 0, 80), (2, 1, 80, 81), (3, 1, 80, 93)]
 
 
+def test_extend_queries_are_cut_evenly():
+    # 64 tokens of 9 query heads over 3 KV heads, at most 21 tokens (63 rows) an item on AVX-512:
+    # four query tiles of 16 tokens a KV head, not three of 21 and one of a single token, which
+    # would read every key for three rows. One thread: no splits.
+    case = make_case([64], [512], num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32)
+    with torch_threads(1):
+        items, merged = plan_items(case)
+    tokens, ends = [i.q_tokens for i in items], sorted({i.kv_end for i in items})
+    assert merged == 0 and max(tokens) - min(tokens) <= 1 and all(i.kv_begin == 0 for i in items)
+    assert ends == [448 + 64 * (t + 1) // len(ends) for t in range(len(ends))], ends
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_caches_are_accumulated_in_fp32(dtype):
     """fp16 / bf16 K/V are read into fp32, and the softmax and P @ V accumulate in fp32 over the
