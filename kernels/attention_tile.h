@@ -76,7 +76,7 @@ inline void to_float(const T* src, float* dst, int64_t n) {
 }
 
 // The online softmax's probability exp(s * scale - m_sub) for the lanes at s, one formula for
-// every path that stores them (softmax_tile, probability_pairs, rounded_probabilities).
+// every path that stores them (softmax_tile, probability_pairs).
 inline Vec tile_probability(const float* s, const Vec& scale, const Vec& m_sub) {
   return (Vec::loadu(s) * scale - m_sub).exp_u20();
 }
@@ -342,25 +342,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline Vec probability_pa
   return sum;
 }
 
-// softmax_tile's probabilities exp(st * scale - m_sub) for the keys of one vector of lanes at st
-// (`step` keys a vector, `ldq` apart), rounded to bf16 in place (to nearest, ties to even) for
-// fp32 P @ V, returning the sum of the unrounded ones: where a CPU's bf16 units take P @ V for
-// some items of a bf16 cache, the others' probabilities are rounded at the same tiles, so that an
-// item's size (a cache hit leaves fewer query rows) never changes them.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline Vec rounded_probabilities(float* st, int64_t ldq,
-                                                                                      int64_t n, int64_t step,
-                                                                                      const Vec& scale,
-                                                                                      const Vec& m_sub) {
-  Vec sum(0.f);
-  for (int64_t j = 0; j < n; j += step) {
-    const Vec p = tile_probability(st + j * ldq, scale, m_sub);
-    sum = sum + p;
-    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(p);
-    _mm512_storeu_ps(st + j * ldq, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
-  }
-  return sum;
-}
-
 // acc^T[D][ldq] = acc^T * alpha (per row, along the lanes) + V^T P over the tile's `depth` keys (a
 // multiple of 32; vp [D][ldv / 2] and pp from value_pairs and softmax_tile); tiles configured,
 // head_dim a multiple of 32.
@@ -442,13 +423,12 @@ inline Vec halves_swapped(const Vec& x) {
 // row's `limit` (causal, absolute key positions as floats) masked when `masked`, turn into
 // probabilities against the running max m, in st or, where `pairs` is given (items whose scores
 // come from bf16 pairs), straight into P @ V's bf16 pairs (probability_pairs; keys from n to the next
-// multiple of kKeyTile zero), with `round` rounded to bf16 in st (rounded_probabilities); updates
-// the running sum l, and returns in `alpha` the factor that
+// multiple of kKeyTile zero); updates the running sum l, and returns in `alpha` the factor that
 // moves the row's accumulator to the new max. In the paired layout m, l, alpha and limit have a lane per
 // (row, key slot): the slots' maxima are merged every tile, so both copies of a row agree on
 // m and alpha, and the row's sum is l[r] + l[r + VL/2].
 inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool masked, const float* limit, float scale,
-                         float* m, float* l, float* alpha, uint32_t* pairs, bool round) {
+                         float* m, float* l, float* alpha, uint32_t* pairs) {
   const Vec neg_inf(-std::numeric_limits<float>::infinity()), scale_v(scale);
   const bool paired = ldq < Vec::size();
   const int slots = paired ? 2 : 1;  // keys per vector
@@ -481,9 +461,8 @@ inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool m
     Vec sum(0.f);
 #if defined(TRELLIS_BF16_DOTS)
     if (pairs != nullptr) sum = probability_pairs(st + c, ldq, n, whole_runs(n), scale_v, m_sub, pairs + c);
-    if (round) sum = rounded_probabilities(st + c, ldq, n, slots, scale_v, m_sub);
 #endif
-    for (int64_t j = 0; pairs == nullptr && !round && j < n; j += slots) {
+    for (int64_t j = 0; pairs == nullptr && j < n; j += slots) {
       const Vec p = tile_probability(st + j * ldq + c, scale_v, m_sub);
       p.store(st + j * ldq + c);
       sum = sum + p;

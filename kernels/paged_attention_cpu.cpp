@@ -88,15 +88,14 @@ struct Workspace {
   }
 };
 
-// Where items in the row-vector layout take their scores from (attention_tile.h): with bf16
-// caches, AMX tiles where the CPU has AMX-BF16 and head_dim is a multiple of 32, else
-// AVX512_BF16's dot products where it has those (head_dim a multiple of 16). On AMX every item takes the
-// row-vector layout, decode's few rows included: with P @ V on the tiles as well, SmolLM2's
-// 3-row decode items run 1.3-1.4x faster there than on vectors in the paired layout. Elsewhere
-// few rows stay paired and on vectors: with dot products, the row-vector softmax and P @ V would
-// run 16 lanes for 3 rows, the paired ones 16 for 6.
+// Where a bf16 item's scores come from (attention_tile.h): AMX tiles where the CPU has AMX-BF16 and
+// head_dim is a multiple of 32, else AVX512_BF16's dot products where it has those (head_dim a
+// multiple of 16); every item of the call, decode's few rows included, in the row-vector layout
+// with P @ V on the same units. For SmolLM2's 3-row decode items that is 1.3-1.4x faster than
+// fp32 vectors in the paired layout on AMX, and on AVX512_BF16 1.1-1.3x (16 lanes for 3 rows,
+// where the paired layout fills 6, but K read in place and half the bytes staged).
 template <typename T>
-Scores row_vector_scores(int64_t head_dim) {
+Scores item_scores(int64_t head_dim) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // AMX items round their probabilities with AVX512_BF16's conversion, which every AMX CPU has.
@@ -114,18 +113,14 @@ struct ItemLayout {
   // A tile's runs (KeyRun) at most: on AMX, several for more than a vector of rows (attend_tiles);
   // decode's few rows keep one, as longer tiles' V^T pairs outgrow L1 for them.
   int64_t tile_runs;
-  // fp32 P @ V over probabilities rounded to bf16: a bf16 item on vectors where the CPU's bf16
-  // units take the others (softmax_tile's `round`), so that every item rounds them at its tiles.
-  bool rounds_probabilities;
 
-  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores row_vector_scores)
+  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores scores)
       : heads(w.kv_heads),
         rows(w.q_tokens * group),
-        ldq(row_vector_scores == Scores::amx ? row_vectors(rows) : score_stride(rows, head_dim)),
+        ldq(scores == Scores::vectors ? score_stride(rows, head_dim) : row_vectors(rows)),
         lanes(stat_lanes(ldq)),
-        scores(ldq >= Vec::size() ? row_vector_scores : Scores::vectors),
-        tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1),
-        rounds_probabilities(scores == Scores::vectors && row_vector_scores != Scores::vectors) {}
+        scores(scores),
+        tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1) {}
 
   bool pairs() const { return scores != Scores::vectors; }  // Q^T, P and V in bf16 pairs, K read in place
   bool transposed() const { return scores == Scores::amx; }  // acc^T [D][ldq], P @ V on AMX tiles
@@ -253,7 +248,7 @@ bool scaled_after_max(const Problem<T>& p) {
 }
 
 // Scores [keys.n][ldq] at st of a run of keys against KV head `h`'s query rows, from bf16 pairs
-// over K as it lies in the cache (row_vector_scores; AMX tiles configured); scaled here only
+// over K as it lies in the cache (item_scores; AMX tiles configured); scaled here only
 // where the softmax does not scale them (scaled_after_max).
 template <typename T>
 void score_pairs(const Problem<T>& p, Scores scores, const KeyRun& keys, int64_t h, const uint32_t* qp, int64_t ldq,
@@ -341,7 +336,7 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
       softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), scale, m, l, ws.alpha.data(),
-                   L.pairs() ? ws.pp.data() : nullptr, L.rounds_probabilities);
+                   L.pairs() ? ws.pp.data() : nullptr);
       if (L.pairs()) {
         values_from_pairs<T>(L, hi, n, D, ws);
       } else {
@@ -377,7 +372,7 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
 
 template <typename T>
 void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
-  const ItemLayout layout(w, p.group, p.head_dim, row_vector_scores<T>(p.head_dim));
+  const ItemLayout layout(w, p.group, p.head_dim, item_scores<T>(p.head_dim));
   ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.tile_keys(), layout.scores);
   begin_item(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)

@@ -112,7 +112,7 @@ def naive_attention(case: PagedCase) -> torch.Tensor:
 
 def bf16_tile_runs(rows: int, head_dim: int, amx: bool) -> int | None:
     """Runs of 32 keys per key tile in which the C++ kernel rounds the probabilities of a bf16 item
-    of ``rows`` query rows before P @ V (row_vector_scores, ItemLayout), or None where they stay
+    of ``rows`` query rows before P @ V (item_scores, ItemLayout), or None where they stay
     fp32: where the CPU's bf16 units take P @ V, every item; on AMX tiles (head_dim a multiple of
     32) chaining four runs for more than 16 rows, on AVX512_BF16's dot products (head_dim a
     multiple of 16) one run a tile."""
@@ -150,30 +150,38 @@ def item_rows(case: PagedCase, max_rows: int = 64) -> dict[int, int]:
     return rows
 
 
-def tiled_bf16_attention(case: PagedCase, amx: bool) -> torch.Tensor:
+def tiled_bf16_attention(case: PagedCase, amx: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 oracle as the C++ kernel computes bf16 attention with P @ V on the CPU's bf16
     units, AMX tiles (``amx``) or AVX512_BF16 dot products (one work item a query tile, unsplit):
     where bf16_tile_runs says so, an online softmax over the key tiles, each tile's probabilities
     (against the running max) rounded to bf16 before P @ V, the running sum over the unrounded
-    ones; elsewhere the plain oracle."""
+    ones; elsewhere the plain oracle. With it, the slack (same shape) that exp's approximation
+    may add: where a probability lies within 2e-4 of a bf16 unit of the midpoint between two bf16
+    values, the kernel's fp32 exp may round it the other way, moving the output by that unit
+    times |v| over the sum."""
     block_size, _, head_dim = case.k_cache.shape[1:]
     rows = item_rows(case)
     out = torch.zeros(case.q.shape, dtype=torch.float64)
+    slack = torch.zeros(case.q.shape, dtype=torch.float64)
     for token, head, scores, v in oracle_rows(case):
         runs = bf16_tile_runs(rows[token], head_dim, amx)
         if runs is None:
             out[token, head] = scores.softmax(0) @ v
             continue
-        m, total, acc = -math.inf, 0.0, torch.zeros(v.shape[1], dtype=torch.float64)
+        m, total = -math.inf, 0.0
+        acc, near_ties = (torch.zeros(v.shape[1], dtype=torch.float64) for _ in range(2))
         for start, end in key_tiles(len(scores), block_size, runs):
             new_max = max(m, scores[start:end].max().item())
             p = (scores[start:end] - new_max).exp()
             alpha = math.exp(m - new_max)
             total = total * alpha + p.sum().item()
             acc = acc * alpha + p.float().bfloat16().double() @ v[start:end]
+            unit = torch.exp2(torch.floor(torch.log2(p)) - 7)  # of bf16 at p (8 significant bits)
+            tie = (p > 0) & ((p / unit).frac() - 0.5).abs().lt(2e-4)
+            near_ties = near_ties * alpha + torch.where(tie, unit, 0.0) @ v[start:end].abs()
             m = new_max
-        out[token, head] = acc / total
-    return out
+        out[token, head], slack[token, head] = acc / total, near_ties / total
+    return out, slack
 
 
 def tolerance(dtype: torch.dtype) -> float:
