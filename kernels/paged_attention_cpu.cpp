@@ -142,8 +142,8 @@ struct KeyRun {
 // apart), in address order. The bf16 pairs path then reads them per head: K strided by the other
 // heads, V per head for its pairs. From DRAM those strided reads keep few misses in flight, and
 // prefetching the run ahead does not make up for it; loads in order do. Decode over 4 sessions
-// sharing 448 keys, SmolLM2's heads, each layer's cache cold as in a model: 86-96 against 104-112
-// us a layer on 2 threads, 141-143 against 175 on one; a cached tile costs ~a hundred L1 hits.
+// sharing 448 keys, SmolLM2's heads, each layer's cache cold as in a model: 84 against 106 us a
+// layer on 2 threads, 141-143 against 175 on one; a cached tile costs ~a hundred L1 hits.
 template <typename T>
 void touch_run(const T* k, const T* v, int64_t n, int64_t run_bytes, int64_t ld_bytes) {
   const char* kb = reinterpret_cast<const char*>(k);

@@ -150,8 +150,8 @@ inline WorkPlan plan_work(const int32_t* cu_seqlens_q, const int32_t* seq_lens, 
       continue;
     }
     const int64_t q_len = cu_seqlens_q[s + 1] - cu_seqlens_q[s], context = seq_lens[s] - q_len;
-    // The fewest query tiles that hold the tokens, cut evenly: a short last tile would stage and
-    // read every key for a few rows, on the slower few-row path.
+    // The fewest query tiles that hold the tokens, cut evenly: a short last tile would read and
+    // stage every key for a few rows.
     const int64_t tiles = std::max<int64_t>(1, (q_len + tile_tokens - 1) / tile_tokens);
     const int64_t heads = heads_for(std::max<int64_t>(1, (q_len + tiles - 1) / tiles) * group);
     for (int64_t t = 0; t < tiles && q_len > 0; ++t) {
