@@ -379,11 +379,11 @@ __attribute__((target("avx512f,avx512bw"))) inline void value_key_pairs(const c1
   }
 }
 
-// acc[i][:] += sum_m pp[m][i] . vk[m][:] for RB rows over `pairs` key pairs; vk rows `ldv` pairs
-// apart. (Blocking over 2 or 4 chunks of d as well, broadcasting each pair once for them, ran
-// slower on Zen 4.)
+// acc[i][:] += sum_m pp[m * ldm + i * ldr] . vk[m][:] for RB rows over `pairs` key pairs (the
+// probabilities' pairs `ldm` apart a row, rows `ldr` apart); vk rows `ldv` pairs apart. (Blocking
+// over 2 or 4 chunks of d as well, broadcasting each pair once for them, ran slower on Zen 4.)
 template <int RB>
-__attribute__((target("avx512f,avx512bf16"))) inline void pv_pair_rows(const uint32_t* pp, int64_t ldq,
+__attribute__((target("avx512f,avx512bf16"))) inline void pv_pair_rows(const uint32_t* pp, int64_t ldm, int64_t ldr,
                                                                         const uint32_t* vk, int64_t ldv, int64_t pairs,
                                                                         int64_t head_dim, float* acc) {
   for (int64_t c = 0; c < head_dim; c += 16) {
@@ -391,22 +391,100 @@ __attribute__((target("avx512f,avx512bf16"))) inline void pv_pair_rows(const uin
     for (int i = 0; i < RB; ++i) a[i] = _mm512_loadu_ps(acc + i * head_dim + c);
     for (int64_t m = 0; m < pairs; ++m) {
       const __m512bh v = (__m512bh)_mm512_loadu_si512(vk + m * ldv + c);
-      const uint32_t* p = pp + m * ldq;
-      for (int i = 0; i < RB; ++i) a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(p[i])), v);
+      const uint32_t* p = pp + m * ldm;
+      for (int i = 0; i < RB; ++i)
+        a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(p[i * ldr])), v);
     }
     for (int i = 0; i < RB; ++i) _mm512_storeu_ps(acc + i * head_dim + c, a[i]);
   }
 }
 
-// acc[rows][D] = acc * alpha (per row) + P @ V over the tile's `n` keys, from bf16 pairs; head_dim
-// a multiple of 16.
-inline void pv_accumulate_pairs(const uint32_t* pp, int64_t ldq, const float* alpha, const uint32_t* vk, int64_t ldv,
-                                int64_t n, int64_t rows, int64_t head_dim, float* acc) {
+// acc[rows][D] = acc * alpha (per row) + P @ V over the tile's `n` keys, from bf16 pairs (`ldm`
+// and `ldr` as in pv_pair_rows); head_dim a multiple of 16.
+inline void pv_accumulate_pairs(const uint32_t* pp, int64_t ldm, int64_t ldr, const float* alpha, const uint32_t* vk,
+                                int64_t ldv, int64_t n, int64_t rows, int64_t head_dim, float* acc) {
   rescale_rows(alpha, rows, head_dim, acc);
   for (int64_t r0 = 0; r0 < rows; r0 += kPvRows)
     with_count<kPvRows>(rows - r0, [&](auto rb) {
-      pv_pair_rows<decltype(rb)::value>(pp + r0, ldq, vk, ldv, (n + 1) / 2, head_dim, acc + r0 * head_dim);
+      pv_pair_rows<decltype(rb)::value>(pp + r0 * ldr, ldm, ldr, vk, ldv, (n + 1) / 2, head_dim, acc + r0 * head_dim);
     });
+}
+
+// Key lanes, for decode's few rows on AVX512_BF16: the row-vector layout gives 3 rows (SmolLM2's
+// GQA group) 16 lanes, and pays a vdpbf16ps and a broadcast per key, row vector and pair of d.
+// Here lanes run along keys instead: a key's row times a query row is a vdpbf16ps per 32 d, the
+// 16 partial sums of 16 keys added across lanes at once (sum_lanes_16), and the softmax takes
+// 16 keys a vector. Scores st[row][key] and probabilities pp[row][pair] (rows a tile apart),
+// rounded to bf16 at the same key tiles as in the other layouts; P @ V is pv_accumulate_pairs'.
+
+// Lane j: the sum of acc[j]'s 16 lanes.
+__attribute__((target("avx512f"))) inline __m512 sum_lanes_16(const __m512 acc[16]) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128 bits: (a0 + a2, b0 + b2, a1 + a3, b1 + b3) of a, b = acc[2i], acc[2i + 1]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
+                             _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128 bits: the partial sums of acc[4i .. 4i + 3]
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // 128-bit chunk c of the result: the four chunks of quads[c] added.
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x44),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xee));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x44),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xdd));
+}
+
+// st[r][j] (rows `lds` apart) = q_r . k_j for `rows` query rows (bf16, head_dim each, one after
+// the other) and n <= lds keys (rows `ldk` apart); head_dim even, unscaled. Keys past n repeat
+// the last one and are not stored.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void key_lane_scores(
+    const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k, int64_t ldk, int64_t n, int64_t head_dim, float* st,
+    int64_t lds) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const c10::BFloat16* key[16];
+    for (int b = 0; b < 16; ++b) key[b] = k + std::min<int64_t>(j0 + b, n - 1) * ldk;
+    const __mmask16 stored = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - j0)) - 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 acc[16];
+      for (int b = 0; b < 16; ++b) acc[b] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < head_dim; d += 32) {  // the last 32 d masked where head_dim is not a multiple
+        const __mmask32 dims = head_dim - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (head_dim - d)) - 1;
+        const __m512bh qd = (__m512bh)_mm512_maskz_loadu_epi16(dims, q + r * head_dim + d);
+        for (int b = 0; b < 16; ++b)
+          acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(dims, key[b] + d), qd);
+      }
+      _mm512_mask_storeu_ps(st + r * lds + j0, stored, sum_lanes_16(acc));
+    }
+  }
+}
+
+// softmax_tile in key lanes, for a tile of n <= 32 keys from absolute position key0: row r's
+// scores st[r][0 .. n) (rows `lds` apart), keys at or past limit[r] masked, turn into
+// probabilities exp(s * scale - m_sub) against the running max m[r] (tile_probability's formula),
+// stored as bf16 key pairs at pp[r][0 .. 16) (rows `ldp` pairs apart; keys from n on zero);
+// updates the running sum l[r] and returns alpha[r] as softmax_tile does.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void key_lane_softmax(
+    const float* st, int64_t lds, int64_t rows, int64_t n, int64_t key0, const float* limit, float scale, float* m,
+    float* l, float* alpha, uint32_t* pp, int64_t ldp) {
+  const Vec neg_inf(-std::numeric_limits<float>::infinity()), scale_v(scale);
+  const Vec first = Vec::arange(static_cast<float>(key0), 1.f), second = first + Vec(16.f);  // the lanes' keys
+  const Vec tile_end(static_cast<float>(key0 + n));
+  auto max_op = [](Vec x, Vec y) { return at::vec::maximum(x, y); };
+  for (int64_t r = 0; r < rows; ++r) {
+    const Vec lim = at::vec::minimum(Vec(limit[r]), tile_end);
+    const Vec s0 = Vec::blendv(Vec::loadu(st + r * lds), neg_inf, first >= lim);
+    const Vec s1 = n > 16 ? Vec::blendv(Vec::loadu(st + r * lds + 16), neg_inf, second >= lim) : neg_inf;
+    const Vec m_old(m[r]);
+    const Vec m_new = at::vec::maximum(m_old, Vec(at::vec::vec_reduce_all(max_op, at::vec::maximum(s0, s1))) * scale_v);
+    const Vec m_sub = Vec::blendv(m_new, Vec(0.f), m_new == neg_inf);  // as in softmax_tile
+    const Vec p0 = (s0 * scale_v - m_sub).exp_u20(), p1 = n > 16 ? (s1 * scale_v - m_sub).exp_u20() : Vec(0.f);
+    _mm512_storeu_si512(pp + r * ldp, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    const float a = _mm512_cvtss_f32((m_old - m_sub).exp_u20());
+    l[r] = l[r] * a + at::vec::vec_reduce_all([](Vec x, Vec y) { return x + y; }, p0 + p1);
+    m[r] = _mm512_cvtss_f32(m_new);
+    alpha[r] = a;
+  }
 }
 #endif
 

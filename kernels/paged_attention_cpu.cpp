@@ -42,17 +42,20 @@ struct Problem {
 };
 
 // Where an item's scores come from (attention_tile.h): fp32 vectors over the staged K tile, or
-// bf16 pairs of Q against K as it lies in the cache, on AMX tiles or AVX512_BF16 dot products.
-// Items with bf16 scores take P @ V from the same unit, the probabilities as bf16 pairs; the
-// others from fp32 vectors over the staged V tile.
-enum class Scores { vectors, amx, dpbf16 };
+// bf16 pairs of Q against K as it lies in the cache, on AMX tiles or AVX512_BF16 dot products in
+// the row-vector layout, or AVX512_BF16 dot products in key lanes (decode's few rows). Items with
+// bf16 scores take P @ V from the same unit, the probabilities as bf16 pairs; the others from fp32
+// vectors over the staged V tile.
+enum class Scores { vectors, amx, dpbf16, key_lanes };
 
 // Per-thread scratch, grown on demand and kept across calls. Per KV head of the item: Q^T
 // (D x ldq floats, or D/2 x ldq bf16 pairs for bf16 scores), the output accumulator [rows][D]
 // (AMX: transposed, [D][ldq]), the running max and sum [lanes]. The scores [tile keys][ldq], the
 // staged tile as fp32, [kKeyTile][heads][D] for K and for V, and with bf16 scores V as key pairs
 // (AMX: V^T, [heads][D][tile keys / 2]; AVX512_BF16: [tile keys / 2][heads][D]) and the
-// probabilities as key pairs [tile keys / 2][ldq], and (AMX) a padded key block [16][D].
+// probabilities as key pairs [tile keys / 2][ldq], and (AMX) a padded key block [16][D]. Key lanes
+// (ldq = lanes = rows) keep the same sizes: Q's rows [rows][D] as they are, and the scores and
+// probabilities transposed, [rows][tile keys] and [rows][tile keys / 2].
 struct Workspace {
   std::vector<float> qt, acc, m, l, st, alpha, limit, k, v;
   std::vector<uint32_t> qp, vp, pp;
@@ -90,17 +93,20 @@ struct Workspace {
 
 // Where a bf16 item's scores come from (attention_tile.h): AMX tiles where the CPU has AMX-BF16 and
 // head_dim is a multiple of 32, else AVX512_BF16's dot products where it has those (head_dim a
-// multiple of 16); every item of the call, decode's few rows included, in the row-vector layout
-// with P @ V on the same units. For SmolLM2's 3-row decode items that is 1.3-1.4x faster than
-// fp32 vectors in the paired layout on AMX, and on AVX512_BF16 1.1-1.3x (16 lanes for 3 rows,
-// where the paired layout fills 6, but K read in place and half the bytes staged).
+// multiple of 16), P @ V on the same units. There, items of at most kKeyLaneRows rows (decode's)
+// take key lanes, the rest the row-vector layout. Two threads, SmolLM2's heads (3 rows a KV head
+// per decode token), hot caches: one session over 512 keys 17.7-18.7 against 26-32 us, two over
+// 448 shared keys (6 rows) 29 against 31-37; TinyLlama's 8 rows level (42 against 39-46); 9 rows
+// 10 % and 12 rows 20 % slower than the row-vector layout.
+constexpr int64_t kKeyLaneRows = 8;
+
 template <typename T>
-Scores item_scores(int64_t head_dim) {
+Scores item_scores(int64_t head_dim, int64_t rows) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // AMX items round their probabilities with AVX512_BF16's conversion, which every AMX CPU has.
     if (head_dim % 32 == 0 && amx_bf16_usable() && dpbf16_usable()) return Scores::amx;
-    if (head_dim % 16 == 0 && dpbf16_usable()) return Scores::dpbf16;
+    if (head_dim % 16 == 0 && dpbf16_usable()) return rows <= kKeyLaneRows ? Scores::key_lanes : Scores::dpbf16;
   }
 #endif
   return Scores::vectors;
@@ -117,13 +123,16 @@ struct ItemLayout {
   ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores scores)
       : heads(w.kv_heads),
         rows(w.q_tokens * group),
-        ldq(scores == Scores::vectors ? score_stride(rows, head_dim) : row_vectors(rows)),
-        lanes(stat_lanes(ldq)),
+        ldq(scores == Scores::vectors     ? score_stride(rows, head_dim)
+            : scores == Scores::key_lanes ? rows
+                                          : row_vectors(rows)),
+        lanes(scores == Scores::key_lanes ? rows : stat_lanes(ldq)),
         scores(scores),
         tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1) {}
 
   bool pairs() const { return scores != Scores::vectors; }  // Q^T, P and V in bf16 pairs, K read in place
   bool transposed() const { return scores == Scores::amx; }  // acc^T [D][ldq], P @ V on AMX tiles
+  bool key_lanes() const { return scores == Scores::key_lanes; }  // scores and P [rows][tile keys]
   int64_t tile_keys() const { return tile_runs * kKeyTile; }  // a tile's keys at most
 
   // Where row r's d of head hi accumulates.
@@ -214,7 +223,11 @@ void stage_tile(const Problem<T>& p, const KeyRun& keys, const KeyRun& next, int
 template <typename T>
 void begin_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, Workspace& ws) {
   const int64_t D = p.head_dim;
-  if (L.pairs()) {
+  if (L.key_lanes()) {
+    for (int64_t hi = 0; hi < L.heads; ++hi)
+      for (int64_t r = 0; r < L.rows; ++r)
+        std::memcpy(ws.qp.data() + (hi * L.rows + r) * D / 2, p.q + p.q_offset(w, w.kv_head + hi, r), D * sizeof(T));
+  } else if (L.pairs()) {
     std::fill(ws.qp.begin(), ws.qp.begin() + L.heads * D / 2 * L.ldq, 0u);
     for (int64_t hi = 0; hi < L.heads; ++hi) {
       uint32_t* qp = ws.qp.data() + hi * D / 2 * L.ldq;
@@ -247,24 +260,28 @@ bool scaled_after_max(const Problem<T>& p) {
   return p.scale > 0.f;
 }
 
-// Scores [keys.n][ldq] at st of a run of keys against KV head `h`'s query rows, from bf16 pairs
-// over K as it lies in the cache (item_scores; AMX tiles configured); scaled here only
-// where the softmax does not scale them (scaled_after_max).
+// Scores [keys.n][ldq] at st (key lanes: [ldq][tile keys]) of a run of keys against KV head `h`'s
+// query rows qp, from bf16 pairs over K as it lies in the cache (item_scores; AMX tiles
+// configured); scaled here only where the softmax does not scale them (scaled_after_max).
 template <typename T>
-void score_pairs(const Problem<T>& p, Scores scores, const KeyRun& keys, int64_t h, const uint32_t* qp, int64_t ldq,
+void score_pairs(const Problem<T>& p, const ItemLayout& L, const KeyRun& keys, int64_t h, const uint32_t* qp,
                  float* st, Workspace& ws) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t ld = p.kv_heads * p.head_dim;
     const c10::BFloat16* k = p.k_cache + (keys.slot * p.kv_heads + h) * p.head_dim;
-    if (scores == Scores::amx) {
-      qk_scores_amx(qp, ldq, k, ld, keys.n, p.head_dim, ws.pad.data(), st);
+    if (L.scores == Scores::amx) {
+      qk_scores_amx(qp, L.ldq, k, ld, keys.n, p.head_dim, ws.pad.data(), st);
+    } else if (L.key_lanes()) {
+      key_lane_scores(reinterpret_cast<const c10::BFloat16*>(qp), L.rows, k, ld, keys.n, p.head_dim, st,
+                      L.tile_keys());
     } else {
-      qk_scores_dpbf16(qp, ldq, k, ld, keys.n, p.head_dim, st);
+      qk_scores_dpbf16(qp, L.ldq, k, ld, keys.n, p.head_dim, st);
     }
     if (scaled_after_max(p)) return;
     const Vec scale(p.scale);
-    return at::vec::map([scale](Vec x) { return x * scale; }, st, st, keys.n * ldq);
+    const int64_t scored = L.key_lanes() ? L.rows * L.tile_keys() : keys.n * L.ldq;
+    return at::vec::map([scale](Vec x) { return x * scale; }, st, st, scored);
   }
 #endif
   TORCH_CHECK(false, "bf16 scores are only planned for bf16 caches on AMX-BF16 or AVX512_BF16");
@@ -287,7 +304,8 @@ void values_from_pairs(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_
     if (L.transposed())
       return pv_accumulate_amx(ws.vp.data() + hi * head_dim * L.tile_keys() / 2, L.tile_keys(), ws.pp.data(), L.ldq,
                                ws.alpha.data(), whole_runs(n), head_dim, ws.acc.data() + hi * head_dim * L.ldq);
-    return pv_accumulate_pairs(ws.pp.data(), L.ldq, ws.alpha.data(), ws.vp.data() + hi * head_dim,
+    const int64_t ldm = L.key_lanes() ? 1 : L.ldq, ldr = L.key_lanes() ? L.tile_keys() / 2 : 1;
+    return pv_accumulate_pairs(ws.pp.data(), ldm, ldr, ws.alpha.data(), ws.vp.data() + hi * head_dim,
                                L.heads * head_dim, n, L.rows, head_dim, ws.acc.data() + hi * L.rows * head_dim);
   }
 #endif
@@ -330,13 +348,18 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
       float *m = ws.m.data() + hi * L.lanes, *l = ws.l.data() + hi * L.lanes;
       if (L.pairs()) {
         for (int64_t r = 0; r < tile.count; ++r)
-          score_pairs(p, L.scores, tile.runs[r], w.kv_head + hi, ws.qp.data() + hi * D / 2 * L.ldq, L.ldq,
+          score_pairs(p, L, tile.runs[r], w.kv_head + hi, ws.qp.data() + hi * D / 2 * L.ldq,
                       ws.st.data() + r * kKeyTile * L.ldq, ws);
       } else {
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
-      softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), scale, m, l, ws.alpha.data(),
-                   L.pairs() ? ws.pp.data() : nullptr);
+      if (L.key_lanes()) {
+        key_lane_softmax(ws.st.data(), L.tile_keys(), L.rows, n, key0, ws.limit.data(), scale, m, l, ws.alpha.data(),
+                         ws.pp.data(), L.tile_keys() / 2);
+      } else {
+        softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), scale, m, l, ws.alpha.data(),
+                     L.pairs() ? ws.pp.data() : nullptr);
+      }
       if (L.pairs()) {
         values_from_pairs<T>(L, hi, n, D, ws);
       } else {
@@ -372,7 +395,7 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
 
 template <typename T>
 void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
-  const ItemLayout layout(w, p.group, p.head_dim, item_scores<T>(p.head_dim));
+  const ItemLayout layout(w, p.group, p.head_dim, item_scores<T>(p.head_dim, w.q_tokens * p.group));
   ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.tile_keys(), layout.scores);
   begin_item(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)
