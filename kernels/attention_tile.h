@@ -75,11 +75,9 @@ inline void to_float(const T* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// The online softmax's probability exp(s * scale - m_sub) for the lanes at s, one formula for
-// every path that stores them (softmax_tile, probability_pairs).
-inline Vec tile_probability(const float* s, const Vec& scale, const Vec& m_sub) {
-  return (Vec::loadu(s) * scale - m_sub).exp_u20();
-}
+// The online softmax's probability exp(s * scale - m_sub) for the lanes of s, one formula for
+// every path that stores them (softmax_tile, probability_pairs, key_lane_softmax).
+inline Vec tile_probability(const Vec& s, const Vec& scale, const Vec& m_sub) { return (s * scale - m_sub).exp_u20(); }
 
 // acc[r][:] *= alpha[r] for the rows whose running max moved (alpha != 1): P @ V's accumulator
 // [rows][head_dim] moved to the tile's max.
@@ -331,7 +329,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline Vec probability_pa
                                                                                   int64_t n, int64_t depth,
                                                                                   const Vec& scale, const Vec& m_sub,
                                                                                   uint32_t* pp) {
-  auto probability = [&](int64_t j) { return j < n ? tile_probability(st + j * ldq, scale, m_sub) : Vec(0.f); };
+  auto probability = [&](int64_t j) {
+    return j < n ? tile_probability(Vec::loadu(st + j * ldq), scale, m_sub) : Vec(0.f);
+  };
   Vec sum(0.f);
   for (int64_t j = 0; j < depth; j += 2) {
     const Vec even = probability(j), odd = probability(j + 1);
@@ -478,7 +478,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void key_lane_soft
     const Vec m_old(m[r]);
     const Vec m_new = at::vec::maximum(m_old, Vec(at::vec::vec_reduce_all(max_op, at::vec::maximum(s0, s1))) * scale_v);
     const Vec m_sub = Vec::blendv(m_new, Vec(0.f), m_new == neg_inf);  // as in softmax_tile
-    const Vec p0 = (s0 * scale_v - m_sub).exp_u20(), p1 = n > 16 ? (s1 * scale_v - m_sub).exp_u20() : Vec(0.f);
+    const Vec p0 = tile_probability(s0, scale_v, m_sub), p1 = n > 16 ? tile_probability(s1, scale_v, m_sub) : Vec(0.f);
     _mm512_storeu_si512(pp + r * ldp, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
     const float a = _mm512_cvtss_f32((m_old - m_sub).exp_u20());
     l[r] = l[r] * a + at::vec::vec_reduce_all([](Vec x, Vec y) { return x + y; }, p0 + p1);
@@ -541,7 +541,7 @@ inline void softmax_tile(float* st, int64_t ldq, int64_t n, int64_t key0, bool m
     if (pairs != nullptr) sum = probability_pairs(st + c, ldq, n, whole_runs(n), scale_v, m_sub, pairs + c);
 #endif
     for (int64_t j = 0; pairs == nullptr && j < n; j += slots) {
-      const Vec p = tile_probability(st + j * ldq + c, scale_v, m_sub);
+      const Vec p = tile_probability(Vec::loadu(st + j * ldq + c), scale_v, m_sub);
       p.store(st + j * ldq + c);
       sum = sum + p;
     }

@@ -312,6 +312,17 @@ void values_from_pairs(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_
   TORCH_CHECK(false, "P @ V from bf16 pairs is only planned for bf16 caches on AMX-BF16 or AVX512_BF16");
 }
 
+// softmax_tile for key-lane items (key_lane_softmax): scores and probabilities [rows][tile keys].
+inline void softmax_key_lanes(const ItemLayout& L, int64_t n, int64_t key0, float scale, float* m, float* l,
+                              Workspace& ws) {
+#if defined(TRELLIS_BF16_DOTS)
+  key_lane_softmax(ws.st.data(), L.tile_keys(), L.rows, n, key0, ws.limit.data(), scale, m, l, ws.alpha.data(),
+                   ws.pp.data(), L.tile_keys() / 2);
+#else
+  TORCH_CHECK(false, "key lanes are only planned for bf16 caches on AVX512_BF16");
+#endif
+}
+
 // The item's key range, tile by tile. A tile is one run of keys (KeyRun), or on AMX up to
 // kAmxTileRuns of them while each before the last is whole: its runs then start kKeyTile keys
 // apart in the tile, where the pairs of P @ V and the 16-key blocks of the scores stay aligned.
@@ -354,8 +365,7 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
         qk_scores(ws.qt.data() + hi * D * L.ldq, L.ldq, ws.k.data() + hi * D, L.heads * D, n, D, ws.st.data());
       }
       if (L.key_lanes()) {
-        key_lane_softmax(ws.st.data(), L.tile_keys(), L.rows, n, key0, ws.limit.data(), scale, m, l, ws.alpha.data(),
-                         ws.pp.data(), L.tile_keys() / 2);
+        softmax_key_lanes(L, n, key0, scale, m, l, ws);
       } else {
         softmax_tile(ws.st.data(), L.ldq, n, key0, masked, ws.limit.data(), scale, m, l, ws.alpha.data(),
                      L.pairs() ? ws.pp.data() : nullptr);
