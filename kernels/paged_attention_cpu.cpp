@@ -136,6 +136,10 @@ struct ItemLayout {
   bool transposed() const { return scores == Scores::amx; }  // acc^T [D][ldq], P @ V on AMX tiles
   bool key_lanes() const { return scores == Scores::key_lanes; }  // scores and P [rows][tile keys]
   int64_t tile_keys() const { return tile_runs * kKeyTile; }  // a tile's keys at most
+  // Where the softmax leaves the probabilities' bf16 key pairs for P @ V: a row's next pair
+  // `pair_ld` on, the next row's `row_ld` (key lanes: [rows][tile keys / 2]; else [pairs][ldq]).
+  int64_t pair_ld() const { return key_lanes() ? 1 : ldq; }
+  int64_t row_ld() const { return key_lanes() ? tile_keys() / 2 : 1; }
 
   // Where row r's d of head hi accumulates.
   int64_t acc_index(int64_t hi, int64_t r, int64_t d, int64_t head_dim) const {
@@ -306,8 +310,7 @@ void values_from_pairs(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_
     if (L.transposed())
       return pv_accumulate_amx(ws.vp.data() + hi * head_dim * L.tile_keys() / 2, L.tile_keys(), ws.pp.data(), L.ldq,
                                ws.alpha.data(), whole_runs(n), head_dim, ws.acc.data() + hi * head_dim * L.ldq);
-    const int64_t ldm = L.key_lanes() ? 1 : L.ldq, ldr = L.key_lanes() ? L.tile_keys() / 2 : 1;
-    return pv_accumulate_pairs(ws.pp.data(), ldm, ldr, ws.alpha.data(), ws.vp.data() + hi * head_dim,
+    return pv_accumulate_pairs(ws.pp.data(), L.pair_ld(), L.row_ld(), ws.alpha.data(), ws.vp.data() + hi * head_dim,
                                L.heads * head_dim, n, L.rows, head_dim, ws.acc.data() + hi * L.rows * head_dim);
   }
 #endif
@@ -319,7 +322,7 @@ inline void softmax_key_lanes(const ItemLayout& L, int64_t n, int64_t key0, floa
                               Workspace& ws) {
 #if defined(TRELLIS_BF16_DOTS)
   key_lane_softmax(ws.st.data(), L.tile_keys(), L.rows, n, key0, ws.limit.data(), scale, m, l, ws.alpha.data(),
-                   ws.pp.data(), L.tile_keys() / 2);
+                   ws.pp.data(), L.row_ld());
 #else
   TORCH_CHECK(false, "key lanes are only planned for bf16 caches on AVX512_BF16");
 #endif
