@@ -90,6 +90,15 @@ inline void rescale_rows(const float* alpha, int64_t rows, int64_t head_dim, flo
   }
 }
 
+// P @ V's accumulator [rows][head_dim] rescaled (rescale_rows), then `block(rb, r0)` for each block
+// of rows from r0, rb (std::integral_constant, up to kPvRows) rows at a time: the micro-kernel of
+// the layout adds the tile's products to those rows.
+template <typename Block>
+inline void accumulate_rows(const float* alpha, int64_t rows, int64_t head_dim, float* acc, const Block& block) {
+  rescale_rows(alpha, rows, head_dim, acc);
+  for (int64_t r0 = 0; r0 < rows; r0 += kPvRows) with_count<kPvRows>(rows - r0, [&](auto rb) { block(rb, r0); });
+}
+
 // st[b][v] = sum_d k[b][d] * qt[d][v] for KB keys (rows `ldk` apart) and NR row vectors. Only
 // `valid` keys exist: the others repeat the last one, and only valid keys' scores are stored
 // (KB need not divide a tile: storing them all would run past the end of st).
@@ -404,11 +413,9 @@ __attribute__((target("avx512f,avx512bf16"))) inline void pv_pair_rows(const uin
 // and `ldr` as in pv_pair_rows); head_dim a multiple of 16.
 inline void pv_accumulate_pairs(const uint32_t* pp, int64_t ldm, int64_t ldr, const float* alpha, const uint32_t* vk,
                                 int64_t ldv, int64_t n, int64_t rows, int64_t head_dim, float* acc) {
-  rescale_rows(alpha, rows, head_dim, acc);
-  for (int64_t r0 = 0; r0 < rows; r0 += kPvRows)
-    with_count<kPvRows>(rows - r0, [&](auto rb) {
-      pv_pair_rows<decltype(rb)::value>(pp + r0 * ldr, ldm, ldr, vk, ldv, (n + 1) / 2, head_dim, acc + r0 * head_dim);
-    });
+  accumulate_rows(alpha, rows, head_dim, acc, [&](auto rb, int64_t r0) {
+    pv_pair_rows<decltype(rb)::value>(pp + r0 * ldr, ldm, ldr, vk, ldv, (n + 1) / 2, head_dim, acc + r0 * head_dim);
+  });
 }
 
 // Key lanes, for decode's few rows on AVX512_BF16: the row-vector layout gives 3 rows (SmolLM2's
@@ -576,12 +583,9 @@ inline void pv_rows(const float* pt, int64_t ldq, const float* v, int64_t ldv, i
 // acc[rows][D] = acc * alpha (per row) + P @ V over the tile's `n` keys.
 inline void pv_accumulate(const float* pt, int64_t ldq, const float* alpha, const float* v, int64_t ldv, int64_t n,
                           int64_t rows, int64_t head_dim, float* acc) {
-  rescale_rows(alpha, rows, head_dim, acc);
-  for (int64_t r0 = 0; r0 < rows; r0 += kPvRows) {
-    const float* p = pt + r0;
-    float* o = acc + r0 * head_dim;
-    with_count<kPvRows>(rows - r0, [&](auto rb) { pv_rows<decltype(rb)::value>(p, ldq, v, ldv, n, head_dim, o); });
-  }
+  accumulate_rows(alpha, rows, head_dim, acc, [&](auto rb, int64_t r0) {
+    pv_rows<decltype(rb)::value>(pt + r0, ldq, v, ldv, n, head_dim, acc + r0 * head_dim);
+  });
 }
 
 }  // namespace trellis
