@@ -444,8 +444,9 @@ __attribute__((target("avx512f"))) inline __m512 sum_lanes_16(const __m512 acc[1
 }
 
 // st[r][j] (rows `lds` apart) = q_r . k_j for `rows` query rows (bf16, head_dim each, one after
-// the other) and n <= lds keys (rows `ldk` apart); head_dim even, unscaled. Keys past n repeat
-// the last one and are not stored.
+// the other) and n <= lds keys (rows `ldk` apart), unscaled; any head_dim (the last 32 d are
+// masked; item_scores plans key lanes for multiples of 16). Keys past n repeat the last one and
+// are not stored.
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void key_lane_scores(
     const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k, int64_t ldk, int64_t n, int64_t head_dim, float* st,
     int64_t lds) {
