@@ -136,9 +136,9 @@ inline void prefetch_ahead(const uint32_t* w, int64_t steps, int64_t j, int64_t 
 // What a register block fetches toward L2 as it runs along K. The first rows over a group of panels
 // read `ahead` of themselves (prefetch_ahead). Where a pass runs several blocks of rows over the
 // group (a prefill's rows), the blocks after the first fetch the `next` group (its panels lie in
-// one run), one line a step, each from its share of the run on (`fetch`: that start's distance from
-// the block's first panel, in lanes; 0 where there is no next group, which prefetches the line the
-// block reads anyway). The next group's first rows then find it in L2 rather than waiting on
+// one run), one line a step, each from the start of its share of the run on and past it (`fetch`:
+// that start's distance from the block's first panel, in lanes; 0 where there is no next group,
+// which prefetches the line the block reads anyway). A prefetch past the weights faults nothing. The next group's first rows then find it in L2 rather than waiting on
 // memory: SmolLM2's layers at 64 rows from memory ran ~10 % slower than from L3 before, 1-3 % after.
 // A compile-time choice: a test inside the loop along K costs it more than the prefetch.
 enum class Fetch { ahead, next };
@@ -154,8 +154,8 @@ inline __m512 with_bias(const float* bias, int64_t p, int c, __m512 sums) {
   return bias == nullptr ? sums : _mm512_add_ps(sums, _mm512_loadu_ps(bias + (p + c) * kPanel));
 }
 
-// y[MR rows][NR panels from p] for the MR rows of x at `row`, fp32. The first rows over these
-// panels (`prefetch`) prefetch ahead of their reads, into the `next_panels` after them at the end.
+// y[MR rows][NR panels from p] for the MR rows of x at `row`, fp32, fetching as F says: `ahead`
+// into the `next_panels` after these at the end, or `next` from `fetch` on (Fetch).
 template <int MR, int NR, Fetch F>
 void fp32_block(const Problem<float>& pr, int64_t row, int64_t p, int64_t next_panels, int64_t fetch) {
   const int64_t steps = pr.steps;
