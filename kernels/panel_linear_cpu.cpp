@@ -138,8 +138,9 @@ inline void prefetch_ahead(const uint32_t* w, int64_t steps, int64_t j, int64_t 
 // group (a prefill's rows), the blocks after the first fetch the `next` group (its panels lie in
 // one run), one line a step, each from the start of its share of the run on and past it (`fetch`:
 // that start's distance from the block's first panel, in lanes; 0 where there is no next group,
-// which prefetches the line the block reads anyway). A prefetch past the weights faults nothing. The next group's first rows then find it in L2 rather than waiting on
-// memory: SmolLM2's layers at 64 rows from memory ran ~10 % slower than from L3 before, 1-3 % after.
+// which prefetches the line the block reads anyway; a prefetch past the weights faults nothing).
+// The next group's first rows then find it in L2 rather than waiting on memory: SmolLM2's layers
+// at 64 rows from memory ran ~10 % slower than from L3 before, 1-3 % after.
 // A compile-time choice: a test inside the loop along K costs it more than the prefetch.
 enum class Fetch { ahead, next };
 
