@@ -154,10 +154,10 @@ struct KeyRun {
 
 // Loads one word of every cache line of `n` keys' K and V rows (`run_bytes` each, `ld_bytes`
 // apart), in address order. The bf16 pairs path then reads them per head: K strided by the other
-// heads, V per head for its pairs. From DRAM those strided reads keep few misses in flight, and
-// prefetching the run ahead does not make up for it; loads in order do. Decode over 4 sessions
-// sharing 448 keys, SmolLM2's heads, each layer's cache cold as in a model: 84 against 106 us a
-// layer on 2 threads, 141-143 against 175 on one; a cached tile costs ~a hundred L1 hits.
+// heads, V per head for its pairs. From DRAM those strided reads keep few misses in flight; loads
+// in order do. Decode over 4 sessions sharing 448 keys, SmolLM2's heads, each layer's cache cold
+// as in a model: 84 against 106 us a layer on 2 threads, 141-143 against 175 on one; a cached
+// tile costs ~a hundred L1 hits.
 template <typename T>
 void touch_run(const T* k, const T* v, int64_t n, int64_t run_bytes, int64_t ld_bytes) {
   const char* kb = reinterpret_cast<const char*>(k);
@@ -172,18 +172,48 @@ void touch_run(const T* k, const T* v, int64_t n, int64_t run_bytes, int64_t ld_
   asm volatile("" : : "r"(sink));  // the loads are the point
 }
 
+// Prefetches (into L2) part `part` of `parts` of the K and V lines that the heads h0 .. h0+L.heads
+// of a tile's runs lie in: what touch_run loads when the tile is staged. Items with bf16 scores
+// fetch the next tile this way, a part before each head's products, so that the misses stay in
+// flight while the units work; one burst of the whole tile (~400 lines for SmolLM2) stalls the core
+// until most of them have come. SmolLM2's bf16 decode attention in the model's step, four sessions
+// over 448 shared keys: 53.2 and 54.2 against 56.1 and 58.1 us a layer (two runs; one session
+// 30.8 against 33.5; AMD EPYC, 2 threads, alternating processes); prefill level.
+template <typename T>
+void prefetch_tile_part(const Problem<T>& p, const KeyRun* runs, int64_t count, int64_t h0, const ItemLayout& L,
+                        int64_t part, int64_t parts) {
+  const int64_t key_lines = (L.heads * p.head_dim * static_cast<int64_t>(sizeof(T)) + 63) / 64;  // a key's heads
+  const int64_t ld_bytes = p.kv_heads * p.head_dim * static_cast<int64_t>(sizeof(T));
+  int64_t lines = 0;
+  for (int64_t r = 0; r < count; ++r) lines += runs[r].n * key_lines;
+  const int64_t from = lines * part / parts, to = lines * (part + 1) / parts;
+  for (int64_t r = 0, first = 0; r < count && first < to; first += runs[r++].n * key_lines) {
+    const char* k = reinterpret_cast<const char*>(p.k_cache + (runs[r].slot * p.kv_heads + h0) * p.head_dim);
+    const char* v = reinterpret_cast<const char*>(p.v_cache + (runs[r].slot * p.kv_heads + h0) * p.head_dim);
+    const int64_t end = std::min(to - first, runs[r].n * key_lines);
+    for (int64_t i = std::max<int64_t>(0, from - first); i < end;) {  // line i: key i / key_lines
+      const int64_t key = i / key_lines, line = i % key_lines, last = std::min(key_lines, line + end - i);
+      for (int64_t c = line; c < last; ++c) {
+        __builtin_prefetch(k + key * ld_bytes + c * 64, 0, 2);
+        __builtin_prefetch(v + key * ld_bytes + c * 64, 0, 2);
+      }
+      i += last - line;
+    }
+  }
+}
+
 // Copies (as fp32) the K/V rows of heads h0 .. h0+heads of a run of keys into the staged tile
 // [n][heads][D] at the run's `offset` in the tile, and prefetches (into L2) those of the `next`
 // run. Items whose scores come from bf16 pairs read K in place and stage V as bf16 key pairs
-// instead (AMX: V^T per head).
+// instead (AMX: V^T per head), after loading the run's lines in order (touch_run); their next
+// tile comes from prefetch_tile_part.
 // Decode reads every byte of K/V once, from DRAM, so this is where its time goes: each key's
 // heads are read as one run, key after key, which keeps the reads sequential within a block; the
 // prefetch covers the jump to the next block, which a scattered block table makes unguessable,
 // and interleaving it with the copy keeps the memory system busy without stalling on a burst.
 // (Reading the cache in place instead saves the copy, about 20% on cache-resident data, but
 // costs more than that once the data comes from DRAM, which in a model is every call: the other
-// layers evict it. bf16 scores read K in place all the same: they have no fp32 copy to make, so
-// they load a word of each of the run's K and V lines first, key after key (touch_run).)
+// layers evict it. bf16 scores read K in place all the same: they have no fp32 copy to make.)
 template <typename T>
 void stage_tile(const Problem<T>& p, const KeyRun& keys, const KeyRun& next, int64_t offset, int64_t h0,
                 const ItemLayout& L, Workspace& ws) {
@@ -191,20 +221,22 @@ void stage_tile(const Problem<T>& p, const KeyRun& keys, const KeyRun& next, int
   const int64_t run_bytes = run * static_cast<int64_t>(sizeof(T)), ld_bytes = ld * static_cast<int64_t>(sizeof(T));
   const T* k = p.k_cache + (keys.slot * p.kv_heads + h0) * p.head_dim;
   const T* v = p.v_cache + (keys.slot * p.kv_heads + h0) * p.head_dim;
-  const char* k_next = reinterpret_cast<const char*>(p.k_cache + (next.slot * p.kv_heads + h0) * p.head_dim);
-  const char* v_next = reinterpret_cast<const char*>(p.v_cache + (next.slot * p.kv_heads + h0) * p.head_dim);
-  if (L.pairs()) touch_run(k, v, keys.n, run_bytes, ld_bytes);
-  for (int64_t j = 0; j < std::max(keys.n, next.n); ++j) {
-    for (int64_t byte = 0; j < next.n && byte < run_bytes; byte += 64) {
-      __builtin_prefetch(k_next + j * ld_bytes + byte, 0, 2);
-      __builtin_prefetch(v_next + j * ld_bytes + byte, 0, 2);
+  if (!L.pairs()) {
+    const char* k_next = reinterpret_cast<const char*>(p.k_cache + (next.slot * p.kv_heads + h0) * p.head_dim);
+    const char* v_next = reinterpret_cast<const char*>(p.v_cache + (next.slot * p.kv_heads + h0) * p.head_dim);
+    for (int64_t j = 0; j < std::max(keys.n, next.n); ++j) {
+      for (int64_t byte = 0; j < next.n && byte < run_bytes; byte += 64) {
+        __builtin_prefetch(k_next + j * ld_bytes + byte, 0, 2);
+        __builtin_prefetch(v_next + j * ld_bytes + byte, 0, 2);
+      }
+      if (j < keys.n) {
+        to_float(k + j * ld, ws.k.data() + (offset + j) * run, run);
+        to_float(v + j * ld, ws.v.data() + (offset + j) * run, run);
+      }
     }
-    if (j < keys.n && !L.pairs()) {
-      to_float(k + j * ld, ws.k.data() + (offset + j) * run, run);
-      to_float(v + j * ld, ws.v.data() + (offset + j) * run, run);
-    }
+    return;
   }
-  if (!L.pairs()) return;
+  touch_run(k, v, keys.n, run_bytes, ld_bytes);
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t ldp = L.tile_keys() / 2;
@@ -357,11 +389,12 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
     const Tile next = tile_at(key0 + tile.n);
     const int64_t n = tile.n;
     const bool masked = key0 + n > w.first_limit;  // some row's causal limit falls in this tile
-    for (int64_t r = 0; r < tile.count; ++r)  // fetching the next tile's keys while this one's are staged
+    for (int64_t r = 0; r < tile.count; ++r)  // (fp32 staging: fetching the next tile's keys meanwhile)
       stage_tile(p, tile.runs[r], r < next.count ? next.runs[r] : KeyRun{0, 0}, r * kKeyTile, w.kv_head, L, ws);
     for (int64_t hi = 0; hi < L.heads; ++hi) {  // head hi's key j: staged row j, offset hi * D
       float *m = ws.m.data() + hi * L.lanes, *l = ws.l.data() + hi * L.lanes;
       if (L.pairs()) {
+        prefetch_tile_part(p, next.runs, next.count, w.kv_head, L, hi, L.heads);
         for (int64_t r = 0; r < tile.count; ++r)
           score_pairs(p, L, tile.runs[r], w.kv_head + hi, ws.qp.data() + hi * D / 2 * L.ldq,
                       ws.st.data() + r * kKeyTile * L.ldq, ws);
