@@ -258,6 +258,50 @@ def test_a_session_computing_blocks_the_tree_holds_pins_only_its_own():
     m.check_integrity()
 
 
+def test_blocks_the_tree_kept_copies_of_are_offered_again_only_after_an_eviction():
+    """A cached prompt run again recomputes its last block, which the tree holds: the session does
+    not walk the tree at every step for it, and the tree takes the session's copy once it has
+    evicted its own."""
+    m = make_manager(num_blocks=16)
+    prompt = list(range(2 * BS))
+    run_session(m, prompt)
+    seq = m.admit(prompt)  # hits the first block; its second is computed again
+    m.mark_computed(seq)
+    assert seq.num_committed_blocks == 1 and m.radix.match(prompt + [0]).blocks[1] != seq.block_ids[1]
+    inserts = []
+    insert = m.radix.insert
+    m.radix.insert = lambda tokens, blocks: inserts.append(len(blocks)) or insert(tokens, blocks)
+    for token in range(BS - 1):  # the same two full blocks step after step
+        m.append(seq, [token])
+        m.mark_computed(seq)
+    assert inserts == []
+    m.append(seq, [BS])  # a third full block: offered, with the second again
+    m.mark_computed(seq)
+    assert inserts == [3] and seq.num_committed_blocks == 1
+    assert m.radix.evict(2) >= 1  # the tree's copies past the session's lock
+    m.append(seq, [0])
+    m.mark_computed(seq)
+    assert inserts == [3, 3] and seq.num_committed_blocks == 3
+    assert m.radix.match(seq.token_ids[: 3 * BS] + [0]).blocks == seq.block_ids[:3]
+    m.check_integrity()
+    m.release(seq)
+    m.check_integrity()
+
+
+def test_a_cleared_tree_takes_the_blocks_it_kept_copies_of_before():
+    m = make_manager(num_blocks=16)
+    prompt = list(range(2 * BS))
+    run_session(m, prompt)
+    seq = m.admit(prompt)  # its second block duplicates the tree's
+    m.mark_computed(seq)
+    m.clear()
+    m.append(seq, [0])  # the same two full blocks, offered to an empty tree
+    m.mark_computed(seq)
+    assert seq.num_committed_blocks == 2 and m.radix.match(prompt + [0]).blocks == seq.block_ids[:2]
+    m.release(seq)
+    m.check_integrity()
+
+
 def test_reset_keeps_live_sessions_valid():
     m = make_manager()
     run_session(m, list(range(9)))

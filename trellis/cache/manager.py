@@ -28,6 +28,9 @@ class PagedSequence:
     num_prefix_hit: int = 0  # tokens served by the radix cache at admission
     node: RadixNode | None = None  # locked radix node covering the committed blocks
     num_committed_blocks: int = 0
+    # (full blocks, the tree's evictions) at the last offer to the tree: while both stay, offering
+    # the blocks again would find the tree as that offer left it (``commit``).
+    offered: tuple[int, int] | None = None
     released: bool = False
     # False once any of its K/V were computed in a way a later prompt of the same tokens would
     # not reproduce (caller-given positions, embeddings instead of token ids): never cached.
@@ -213,15 +216,24 @@ class KVCacheManager:
         them), the session keeps its own K/V and locks only the prefix whose blocks it shares with
         the tree: the tree's copies stay evictable, so a rerun of a cached prompt never pins more
         blocks than its first run. Its own blocks past that prefix are offered again at the next
-        commit (the tree adopts them once its copies are evicted)."""
+        commit after a block fills or the tree evicts (the tree adopts them once its copies are
+        evicted)."""
         with self.lock:
             full = seq.num_cached // self.block_size
             if full <= seq.num_committed_blocks or not seq.shareable:
+                return
+            # The tree gives up a copy only by eviction: with the same full blocks and no
+            # eviction since the last offer, offering them again would change nothing. (A cached
+            # prompt run again recomputes its last block, which the tree holds: it would walk the
+            # tree at every decode step for the rest of the session.)
+            offer = (full, self.radix.evicted_blocks)
+            if seq.offered == offer:
                 return
             node = self.radix.insert(seq.token_ids[: full * self.block_size], seq.block_ids[:full])
             self.radix.lock(node)
             self.radix.unlock(seq.node)
             seq.node, seq.num_committed_blocks = node, self.radix.depth(node)
+            seq.offered = offer
 
     def truncate(self, seqs: Sequence[PagedSequence], lengths: Sequence[int]) -> None:
         """Roll each session back to its first ``lengths[i]`` tokens (rejected speculative drafts).
@@ -257,6 +269,7 @@ class KVCacheManager:
         del seq.block_ids[kept:], seq.token_ids[length:]
         self.pool.decref(dropped)
         seq.num_cached = min(seq.num_cached, length)
+        seq.offered = None  # the blocks past `length` will hold other tokens
         if full < seq.num_committed_blocks:
             # Lock only the committed blocks still in the session's prefix; the tree holds them
             # (the old lock kept them), and the match splits an edge to end exactly there.
@@ -345,7 +358,7 @@ class KVCacheManager:
             self._drain()
             self.radix.reset()
             for seq in self.live:
-                seq.node, seq.num_committed_blocks = self.radix.root, 0
+                seq.node, seq.num_committed_blocks, seq.offered = self.radix.root, 0, None
                 self.radix.lock(seq.node)
 
     def stats(self) -> dict[str, float | int]:
