@@ -96,9 +96,10 @@ struct Workspace {
 // multiple of 16), P @ V on the same units. On AMX every item takes the tiles, decode's few rows
 // included (SmolLM2's 3-row items 1.3-1.4x faster than fp32 vectors in the paired layout). On
 // AVX512_BF16, items of at most kKeyLaneRows rows (decode's) take key lanes, the rest the
-// row-vector layout. Two threads, SmolLM2's heads (3 rows a KV head per decode token), hot caches: one session over 512 keys 17.7-18.7 against 26-32 us, two over
-// 448 shared keys (6 rows) 29 against 31-37; TinyLlama's 8 rows level (42 against 39-46); 9 rows
-// 10 % and 12 rows 20 % slower than the row-vector layout.
+// row-vector layout. Two threads, SmolLM2's heads (3 rows a KV head per decode token), hot caches:
+// one session over 512 keys 17.7-18.7 against 26-32 us, two over 448 shared keys (6 rows) 29
+// against 31-37; TinyLlama's 8 rows level (42 against 39-46); 9 rows 10 % and 12 rows 20 % slower
+// than the row-vector layout.
 constexpr int64_t kKeyLaneRows = 8;
 
 template <typename T>
