@@ -184,3 +184,13 @@ def test_shared_decode_sets_differ_in_sharing_alone(model):
     assert len({tuple(p[:SEED_BLOCK]) for p in own + shared[:1]}) == 5
     engine = bench_shared_decode.Engine(model)
     assert bench_shared_decode.step_ms(engine, shared, 3) > 0 and bench_shared_decode.step_ms(engine, own, 3) > 0
+
+
+def test_amd_core_generation_from_family_and_model():
+    # Cloud guests report "AMD EPYC" alone; the results must tell Zen 4 from Zen 5 apart.
+    assert common._amd_core(0x1A, 0x02) == "Zen 5"
+    assert common._amd_core(0x19, 0x11) == "Zen 4"  # Genoa
+    assert common._amd_core(0x19, 0xA0) == "Zen 4"  # Bergamo
+    assert common._amd_core(0x19, 0x01) == "Zen 3"  # Milan
+    assert common._amd_core(0x17, 0x31) == "Zen 2"  # Rome
+    assert common._amd_core(0x15, 0x02) is None
