@@ -4,10 +4,12 @@ bytes and the best rates this CPU reaches in the same run (``bench_peers.py`` re
 
 Ceilings, measured with the run's thread count:
 
-- GEMM: the best of a few 2048 x 2048 x 2048 ``torch.matmul`` calls per dtype (MKL in fp32,
-  oneDNN in bf16): the fastest this machine computes that arithmetic through the libraries at
-  hand. Not the hardware peak, which no library reaches, nor the rate at the model's own small
-  shapes, which is lower.
+- GEMM: the faster of two products of 2048 x 2048 x 2048 per dtype, each the best of a few
+  calls: ``torch.matmul`` (MKL in fp32, oneDNN in bf16) and, where they serve the dtype on this
+  CPU, Trellis' panels (``panel_linear``; MKL's fp32 GEMM on AMD's cores runs at less than half
+  their rate: 217 against 504 GFLOP/s on a 2-core Zen 5). The fastest this machine computes that
+  arithmetic with the kernels at hand; not the hardware peak, which none reaches, nor the rate at
+  the model's own small shapes, which is lower.
 - read bandwidth, per dtype: the faster of two readers over as many bytes as the model's weights
   in that dtype (this CPU's large L3 serves buffers under ~128 MB at nearly twice the rate of
   larger ones, so the size matters; SmolLM2's weights take 270 MB in bf16, 540 in fp32), each the
@@ -47,6 +49,8 @@ def measure_ceilings(threads: int, weight_bytes: dict[str, int], calls: int = 5)
     from common import call_seconds
 
     from trellis import ops
+    from trellis.ops.panels import pack_panels
+    from trellis.runner.cpu_linear import panels_serve
 
     def fastest(fn: Callable[[], object]) -> float:
         return call_seconds(fn, torch.device("cpu"), min_seconds=60.0, stat="min", max_calls=calls)  # (calls end it)
@@ -57,13 +61,18 @@ def measure_ceilings(threads: int, weight_bytes: dict[str, int], calls: int = 5)
         out = {}
         for name, element_bytes in DTYPES.items():
             generator = torch.Generator().manual_seed(0)
-            a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, generator=generator).to(getattr(torch, name)) for _ in "ab")
-            out[f"gemm_gflops_{name}"] = 2 * GEMM_SIZE**3 / fastest(functools.partial(torch.matmul, a, b)) / 1e9
+            dtype = getattr(torch, name)
+            a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, generator=generator).to(dtype) for _ in "ab")
+            seconds = fastest(functools.partial(torch.matmul, a, b))
+            if panels_serve("packed", dtype):  # a @ b as x @ W^T, W = b^T in panels
+                panels = pack_panels(b.t().contiguous())
+                seconds = min(seconds, fastest(functools.partial(ops.panel_linear, a, panels, None, GEMM_SIZE, backend="cpp")))
+            out[f"gemm_gflops_{name}"] = 2 * GEMM_SIZE**3 / seconds / 1e9
             flat = torch.ones(weight_bytes[name] // 4)
             seconds = fastest(flat.sum)
             del flat
             # A weight in the dtype, read by the streaming kernel (its K a whole number of blocks)
-            weight = torch.ones(weight_bytes[name] // (STREAM_K * element_bytes), STREAM_K, dtype=getattr(torch, name))
+            weight = torch.ones(weight_bytes[name] // (STREAM_K * element_bytes), STREAM_K, dtype=dtype)
             row = torch.ones(1, STREAM_K, dtype=weight.dtype)
             stream = functools.partial(ops.quant_linear, row, weight, STREAM_QTYPES[name], backend="cpp")
             seconds = min(seconds, fastest(stream) * weight_bytes[name] / weight.nbytes)

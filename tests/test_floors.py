@@ -2,11 +2,14 @@
 targets table the peers' results get. The ceilings' measurement runs here too, on tiny sizes."""
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
+
+from trellis.runner import cpu_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # scripts, not a package
 import floors
@@ -106,3 +109,19 @@ def test_measure_ceilings_reports_rates_per_dtype(monkeypatch):
 
 def test_each_ceiling_takes_its_highest_measurement():
     assert floors.higher_ceilings({"a": 1.0, "b": 5.0}, {"a": 2.0, "b": 3.0}) == {"a": 2.0, "b": 5.0}
+
+
+def test_gemm_ceiling_takes_trellis_panels_where_they_are_faster(monkeypatch):
+    # MKL's fp32 GEMM on AMD cores runs below Trellis' panels; the ceiling is the faster of the two.
+    monkeypatch.setattr(floors, "GEMM_SIZE", 64)
+    monkeypatch.setattr(cpu_linear, "panels_serve", lambda kind, dtype: True)
+    matmul = torch.matmul
+
+    def slow_matmul(a, b):
+        time.sleep(0.05)
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", slow_matmul)
+    out = floors.measure_ceilings(1, {"float32": 1 << 20, "bfloat16": 1 << 19}, calls=2)
+    assert out["gemm_gflops_float32"] > 2 * 64**3 / 0.05 / 1e9 * 10
+    assert out["gemm_gflops_bfloat16"] > 2 * 64**3 / 0.05 / 1e9 * 10
