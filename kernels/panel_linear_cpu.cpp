@@ -14,8 +14,9 @@
 // Threads split the panels; on vectors each runs a register block of kMR rows x kNR panels (24 fp32
 // accumulators) along K for every kMR rows of x, so a block's panels (K * 256 bytes in fp32, K * 128
 // in bf16) are read from memory once and from L2 for the next rows; x is used as it lies (broadcast
-// from memory). The first rows over a group of panels prefetch ahead of their reads (kAhead); where
-// more rows follow, they fetch the next group between them (Fetch).
+// from memory). In fp32 the first rows over a group of panels prefetch ahead of their reads (kAhead;
+// in bf16 the hardware prefetcher alone serves them); where more rows follow, they fetch the next
+// group between them (Fetch).
 // On a 2-core AMD EPYC (AVX512_BF16, no AMX), over SmolLM2's layers (docs/cpu-linear.md): bf16 is
 // 1.15-1.55x faster than oneDNN's matmul on its own blocked copy at 8-64 rows and level at 512,
 // and 1.3x faster than the streaming kernel (quant_linear over the row-major weight) at 1-4 rows;
@@ -102,9 +103,9 @@ bool kernel_runs(at::ScalarType dtype) {
 constexpr int kMR = 6;          // rows of x per register block
 constexpr int kNR = 4;          // panels per register block: kMR * kNR accumulators
 constexpr int64_t kMc = 192;    // rows of x per pass over a thread's panels: their steps stay in L2
-// Prefetch distance, in steps (of kNR panels: 16 KB). The hardware prefetcher follows each panel's
-// run but restarts at every new group of panels; reads this far ahead keep the memory busy across
-// those jumps: 1.15-1.25x at 1-8 rows (a decode step) in bf16 on the 2-core AMD EPYC.
+// Prefetch distance of the fp32 blocks' first rows, in steps (of kNR panels: 16 KB). The hardware
+// prefetcher follows each panel's run but restarts at every new group of panels; reads this far
+// ahead keep the memory busy across those jumps.
 constexpr int64_t kAhead = 64;
 
 // One weight's problem. T: x's and y's dtype; the panels are 32-bit lanes (bf16 pairs, fp32 values).
@@ -134,13 +135,14 @@ inline void prefetch_ahead(const uint32_t* w, int64_t steps, int64_t j, int64_t 
 }
 
 // What a register block fetches toward L2 as it runs along K. The first rows over a group of panels
-// read `ahead` of themselves (prefetch_ahead). Where a pass runs several blocks of rows over the
-// group (a prefill's rows), the blocks after the first fetch the `next` group (its panels lie in
-// one run), one line a step, each from the start of its share of the run on and past it (`fetch`:
-// that start's distance from the block's first panel, in lanes; 0 where there is no next group,
-// which prefetches the line the block reads anyway; a prefetch past the weights faults nothing).
-// The next group's first rows then find it in L2 rather than waiting on memory: SmolLM2's layers
-// at 64 rows from memory ran ~10 % slower than from L3 before, 1-3 % after.
+// read `ahead` of themselves (in fp32: prefetch_ahead; in bf16 nothing, see bf16_block). Where a
+// pass runs several blocks of rows over the group (a prefill's rows), the blocks after the first
+// fetch the `next` group (its panels lie in one run), one line a step, each from the start of its
+// share of the run on and past it (`fetch`: that start's distance from the block's first panel, in
+// lanes; 0 where there is no next group, which prefetches the line the block reads anyway; a
+// prefetch past the weights faults nothing). The next group's first rows then find it in L2 rather
+// than waiting on memory: SmolLM2's layers at 64 rows from memory ran ~10 % slower than from L3
+// before, 1-3 % after.
 // A compile-time choice: a test inside the loop along K costs it more than the prefetch.
 enum class Fetch { ahead, next };
 
@@ -192,7 +194,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void stor
   _mm256_mask_storeu_epi16(y, lanes, (__m256i)_mm512_cvtneps_pbh(sums));
 }
 
-// fp32_block for bf16 pairs on vdpbf16ps, rounded to bf16 once.
+// fp32_block for bf16 pairs on vdpbf16ps, rounded to bf16 once. The first rows (Fetch::ahead) issue
+// no prefetch of their own, leaving the memory to the hardware prefetcher: on a 2-core Zen 5 EPYC,
+// prefetch_ahead in this loop made one-row passes over SmolLM2's layers 5-10 % slower and neither
+// four-row passes nor the engine's four-session steps faster (alternating processes). (GCC does not
+// inline a plain function into one with a target attribute, as this one has, and drops a call to a
+// function that only prefetches: a prefetch wanted here goes in the loop itself.)
 template <int MR, int NR, Fetch F>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block(const Problem<c10::BFloat16>& pr,
                                                                                   int64_t row, int64_t p,
@@ -204,7 +211,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block(
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < steps; ++j) {
-    if constexpr (F == Fetch::ahead) prefetch_ahead<NR>(w, steps, j, next_panels);
     if constexpr (F == Fetch::next) __builtin_prefetch(w + fetch + j * kPanel, 0, 2);
     __m512bh b[NR];
     for (int c = 0; c < NR; ++c) b[c] = (__m512bh)_mm512_loadu_si512(w + (c * steps + j) * kPanel);
