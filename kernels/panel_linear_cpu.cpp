@@ -197,9 +197,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void stor
 // fp32_block for bf16 pairs on vdpbf16ps, rounded to bf16 once. The first rows (Fetch::ahead) issue
 // no prefetch of their own, leaving the memory to the hardware prefetcher: on a 2-core Zen 5 EPYC,
 // prefetch_ahead in this loop made one-row passes over SmolLM2's layers 5-10 % slower and neither
-// four-row passes nor the engine's four-session steps faster (alternating processes). (GCC does not
-// inline a plain function into one with a target attribute, as this one has, and drops a call to a
-// function that only prefetches: a prefetch wanted here goes in the loop itself.)
+// four-row passes nor the engine's four-session steps faster (alternating processes). (GCC 12
+// inlines prefetch_ahead into the fp32 blocks but not into these, which its target attribute sets
+// apart, and drops a call to a function that only prefetches: a prefetch wanted here goes in the
+// loop itself.)
 template <int MR, int NR, Fetch F>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block(const Problem<c10::BFloat16>& pr,
                                                                                   int64_t row, int64_t p,
