@@ -51,7 +51,7 @@ def test_the_fp32_layout():
     assert torch.equal(unpack_panels(panels, 21), weight)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5, 6, 7, 13, 16, 17, 32, 33, 64, 200])  # (AMX tiles: 16 rows, blocks of 32)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 16, 17, 32, 33, 64, 200])  # (bf16 2-6: two blocks; AMX: 16 rows, blocks of 32)
 @pytest.mark.parametrize(("out_features", "in_features"), [(40, 64), (1, 2), (16, 576), (17, 30), (200, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
