@@ -302,7 +302,8 @@ void register_block(const Problem<T>& pr, int64_t row, int64_t p, int64_t next_p
 // the next group meanwhile (Fetch::next). On a 2-core Zen 5 EPYC, alternating processes: SmolLM2's
 // 210 layers at 2-4 rows 1.0-1.05x in the host's slow spells and 1.1-1.25x in its fast ones, the
 // 56 MB LM head at 4 rows 1.05-1.3x; the engine's four-session decode step 8.32 against 8.54 ms
-// (medians of 10 rounds, 8 of them faster).
+// (medians of 10 rounds, 8 of them faster). fp32 passes, whose first rows prefetch ahead, ran
+// 2-5 % slower split so (the layers at 2 and 4 rows, five rounds): they keep one block.
 template <typename T>
 int64_t block_rows(int64_t m) {
   return std::is_same_v<T, c10::BFloat16> && m > 1 && m <= kMR ? (m + 1) / 2 : kMR;
