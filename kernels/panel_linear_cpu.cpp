@@ -335,11 +335,9 @@ void run_panels(const Problem<T>& pr, int64_t p0, int64_t p1, bool tiles) {
           const int64_t fetch = next_panels == 0 ? 0 : (NR * pr.steps + (b - 1) * share) * kPanel;
           register_block<MR, NR, Fetch::next>(pr, row, p, next_panels, fetch);
         };
-        int64_t row = m0;
-        for (; row + kMR <= m1 && rows == kMR; row += kMR) block(std::integral_constant<int, kMR>{}, row);
-        for (int64_t n; row < m1; row += n) {
+        for (int64_t row = m0, n; row < m1; row += n) {
           n = std::min(rows, m1 - row);
-          with_count<kMR - 1>(n, [&](auto mr) { block(mr, row); });
+          with_count<kMR>(n, [&](auto mr) { block(mr, row); });
         }
       });
     }
