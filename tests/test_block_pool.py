@@ -49,10 +49,14 @@ def test_block_size_must_be_a_power_of_two_up_to_256(block_size):
         make_pool(block_size=block_size)
 
 
-def test_copy_block_copies_every_layer():
-    pool = make_pool()
-    a, b = pool.alloc(2)
-    pool.kv[:, :, a] = torch.randn_like(pool.kv[:, :, a])
+@pytest.mark.parametrize("made_under_inference_mode", [False, True])
+def test_copy_block_copies_every_layer(made_under_inference_mode):
+    """Also for a pool made under ``torch.inference_mode`` (a model's first call there), copied
+    outside it: an inference tensor refuses in-place writes outside inference_mode."""
+    with torch.inference_mode(made_under_inference_mode):
+        pool = make_pool()
+        a, b = pool.alloc(2)
+        pool.kv[:, :, a] = torch.randn_like(pool.kv[:, :, a])
     pool.copy_block(a, b)
     torch.testing.assert_close(pool.kv[:, :, b], pool.kv[:, :, a])
 

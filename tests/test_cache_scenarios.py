@@ -499,18 +499,19 @@ def test_a_failed_request_does_not_refresh_its_prefix_for_eviction():
 def test_hit_statistics_count_admitted_lookups():
     """vllm-gaudi/vllm ``test_prefix_cache_stats_is_recorded`` (``[101] * (BLOCK_SIZE + 1)`` twice
     gives ``num_cached_tokens == BLOCK_SIZE``) and vLLM ``::test_eagle_identical_prompt_hits_last_safe_block``
-    (an identical whole-block prompt recomputes its last block): Trellis' hit counters and ``match``'s
-    one-token rule. A peek (``admission_cost``) and a failed admission are not lookups."""
+    (an identical whole-block prompt recomputes its last block, where Trellis copies all of it but
+    the last token): Trellis' hit counters and ``match``'s one-token rule. A peek
+    (``admission_cost``) and a failed admission are not lookups."""
     m = make_manager(num_blocks=8)
     short = [101] * (BS + 1)
     assert run_session(m, short).num_prefix_hit == 0
     assert run_session(m, short).num_prefix_hit == BS
     whole = [102] * (2 * BS)
     assert run_session(m, whole).num_prefix_hit == 0
-    assert run_session(m, whole).num_prefix_hit == BS  # not 2 * BS: one token is left to compute
+    assert run_session(m, whole).num_prefix_hit == 2 * BS - 1  # one token is left to compute
     s = m.stats()
-    assert (s["lookup_tokens"], s["hit_tokens"]) == (2 * (BS + 1) + 2 * 2 * BS, 2 * BS)
-    assert s["hit_rate"] == pytest.approx(2 * BS / (2 * (BS + 1) + 4 * BS))
+    assert (s["lookup_tokens"], s["hit_tokens"]) == (2 * (BS + 1) + 2 * 2 * BS, 3 * BS - 1)
+    assert s["hit_rate"] == pytest.approx((3 * BS - 1) / (2 * (BS + 1) + 4 * BS))
     m.admission_cost(short)
     with pytest.raises(OutOfBlocksError):
         m.admit(short + list(range(40)))

@@ -47,6 +47,21 @@ def test_logits_with_a_cache_hit_match_and_skip_the_prefix():
     model.prefix_cache.check_integrity()
 
 
+def test_a_prompt_leaving_the_cache_inside_a_block_copies_the_shared_tokens():
+    ref, model = tiny_pair()
+    system = prompt(0, 22)  # 5 blocks of 4, and 2 tokens into the sixth
+    first, second = (torch.cat([system, prompt(seed, 7)], dim=1) for seed in (1, 2))
+    with torch.no_grad():
+        model(first, logits_to_keep=1)  # caches 7 whole blocks, the sixth's first 2 tokens the system's
+        hits = model.prefix_cache.stats()["hit_tokens"]
+        out = model(second, logits_to_keep=7)  # reuse stops before the first logit kept: at 22 tokens
+        assert model.prefix_cache.stats()["hit_tokens"] - hits == 22  # 5 blocks shared, 2 tokens copied
+        torch.testing.assert_close(out.logits, ref(second).logits[:, -7:], atol=ATOL, rtol=0)
+        assert torch.equal(model.generate(second, max_new_tokens=8, do_sample=False),
+                           ref.generate(second, max_new_tokens=8, do_sample=False))
+    model.prefix_cache.check_integrity()
+
+
 def test_greedy_generate_matches_cold_and_warm():
     ref, model = tiny_pair()
     system = prompt(0, 30)
@@ -75,7 +90,7 @@ def test_a_warm_rerun_fits_the_pool_the_cold_run_fitted():
     for _ in range(2):  # cold, then warm
         assert torch.equal(model.generate(ids, max_new_tokens=40, do_sample=False), want)
         model.prefix_cache.check_integrity()
-    assert model.prefix_cache.stats()["hit_tokens"] == 76
+    assert model.prefix_cache.stats()["hit_tokens"] == 79  # the warm run: all of the prompt but its last token
 
 
 def test_left_padded_batch_matches_each_prompt_alone():

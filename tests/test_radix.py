@@ -42,16 +42,21 @@ def test_shared_prefix_is_taken_by_refcount():
     m.check_integrity()
 
 
-def test_match_never_covers_the_whole_prompt_and_only_full_blocks():
+def test_match_never_covers_the_whole_prompt_and_copies_a_partly_shared_block():
     m = make_manager()
     tokens = list(range(16))  # exactly 4 blocks
-    run_session(m, tokens)
+    first = run_session(m, tokens)
     assert m.radix.stats()["cached_blocks"] == 4
+    m.pool.kv[:, :, first.block_ids[3]] = 7.0  # the last block's K/V, to follow into the copy
     again = m.admit(tokens)
-    assert again.num_prefix_hit == 12  # one token must be left to compute
-    assert again.num_new == 4
+    assert again.num_prefix_hit == 15  # one token must be left to compute
+    assert again.num_new == 1
+    assert again.block_ids[:3] == first.block_ids[:3]  # whole blocks by reference
+    assert again.block_ids[3] != first.block_ids[3] and m.pool.ref_counts[again.block_ids[3]] == 1
+    assert bool((m.pool.kv[:, :, again.block_ids[3]] == 7.0).all())  # the tail block by copy
     partial = m.admit(tokens[:10])
-    assert partial.num_prefix_hit == 8
+    assert partial.num_prefix_hit == 9
+    assert m.stats()["cached_blocks"] == 4  # copies are the sessions' own until committed
     m.release(again)
     m.release(partial)
     m.check_integrity()
@@ -64,7 +69,7 @@ def test_cached_tokens_peeks_without_splitting_or_touching():
     before = {id(n): n.last_access for n in m.radix.nodes()}
     probes = [list(range(10)) + [99] * 10, list(range(20)), list(range(16)), [7] * 9, list(range(3))]
     peeked = [m.radix.cached_tokens(p) for p in probes] + [m.radix.cached_tokens(list(range(20)), max_tokens=20)]
-    assert peeked == [8, 16, 12, 0, 0, 20]
+    assert peeked == [10, 19, 15, 0, 2, 20]  # whole blocks, then the shared tokens of the next one
     assert {id(n): n.last_access for n in m.radix.nodes()} == before  # no split, no LRU touch
     assert peeked[:5] == [m.radix.match(p).num_tokens(BS) for p in probes]
     assert other.released
@@ -76,11 +81,34 @@ def test_divergence_inside_an_edge_splits_it_at_a_block_boundary():
     run_session(m, list(range(20)))  # one edge of 5 blocks (16 tokens cached + partial)
     b = list(range(10)) + [99] * 10  # diverges inside block 2
     seq = m.admit(b)
-    assert seq.num_prefix_hit == 8
+    assert seq.num_prefix_hit == 10  # 2 blocks, and 2 tokens copied from the third
     m.mark_computed(seq)
     m.release(seq)
     s = m.stats()
     assert s["nodes"] == 3 and s["leaves"] == 2
+    m.check_integrity()
+
+
+def test_the_tail_is_the_block_sharing_most_and_is_held_or_left_as_the_pool_allows():
+    m = make_manager(num_blocks=6)
+    first = run_session(m, [1, 2, 3, 4, 5, 6, 7, 8, 0])
+    run_session(m, [1, 2, 3, 4, 5, 9, 9, 9, 0])  # the tree: [1-4] then [5 6 7 8] or [5 9 9 9]
+    near = m.radix.peek([1, 2, 3, 4, 5, 6, 7, 0, 0])
+    assert near.num_tokens(BS) == 7 and near.tail.node.tokens == (5, 6, 7, 8)
+    m.pool.kv[:, :, first.block_ids[1]] = 3.0
+    # 20 tokens: 4 new blocks, 3 free. The tail is the least recent leaf: the allocation's eviction
+    # takes it from the tree, but the session holds it until it has its copy.
+    seq = m.admit([1, 2, 3, 4, 5, 6, 7] + [0] * 13)
+    assert seq.num_prefix_hit == 7 and bool((m.pool.kv[:, :, seq.block_ids[1]] == 3.0).all())
+    m.release(seq, commit=False)
+    m.check_integrity()
+    # 24 tokens: 5 new blocks take every free and evictable block, the tail's too: computed instead.
+    prompt = [1, 2, 3, 4, 5, 6, 7] + [0] * 17
+    cost = m.admission_cost(prompt)
+    assert (cost.cached_tokens, cost.new_blocks, cost.fits) == (4, 5, True)
+    seq = m.admit(prompt)
+    assert seq.num_prefix_hit == 4 and len(seq.block_ids) == 6
+    m.release(seq)
     m.check_integrity()
 
 
@@ -121,7 +149,7 @@ def test_admission_cost_predicts_admit_and_changes_nothing():
     prompt = list(range(8)) + [50, 51, 52]
     cost = m.admission_cost(prompt, extra_tokens=6)  # 17 tokens: 5 blocks, 2 of them cached
     assert (cost.cached_tokens, cost.new_blocks, cost.fits) == (8, 3, True)
-    assert m.admission_cost(prompt, max_reuse=5).cached_tokens == 4
+    assert m.admission_cost(prompt, max_reuse=5).cached_tokens == 5  # a block and a token of the next
     assert not m.admission_cost(list(range(100, 140))).fits  # 10 blocks: more than free + evictable
     assert m.stats()["lookup_tokens"] == 9  # a peek is no lookup
     seq = m.admit(prompt, extra_tokens=6)
@@ -344,22 +372,27 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=24))
     @precondition(lambda self: self.m is not None)
     def admit(self, tokens):
-        peeked = self.m.radix.cached_tokens(tokens)
+        peek = self.m.radix.peek(tokens)
         cost = self.m.admission_cost(tokens)
-        assert cost.cached_tokens == peeked
+        # Where the allocation needs every block, the tail block is not held to copy it.
+        assert cost.cached_tokens in (peek.num_tokens(BS), len(peek.blocks) * BS)
         try:
             seq = self.m.admit(tokens)
         except OutOfBlocksError:
             return
         assert cost.fits  # a cost that does not fit is never admitted
         hit = seq.num_prefix_hit
-        assert hit == peeked  # the peek predicts admission exactly
+        assert hit == cost.cached_tokens  # the cost predicts admission exactly
         assert len(seq.block_ids) - hit // BS == cost.new_blocks
         for i in range(hit // BS):
             assert self.content[seq.block_ids[i]] == tuple(tokens[: (i + 1) * BS])
+        if hit % BS:  # the tail was copied from a block computed for the same leading tokens
+            assert self.content[peek.tail.block][:hit] == tuple(tokens[:hit])
         if not self.evicting:
-            expect = max((len(p) for p in self.committed if len(p) <= len(tokens) - 1 and tuple(tokens[: len(p)]) == p), default=0)
-            assert hit == expect
+            prompt = tuple(tokens[: len(tokens) - 1])
+            expect = max((next((i for i, (a, b) in enumerate(zip(p, prompt)) if a != b), min(len(p), len(prompt)))
+                          for p in self.committed), default=0)
+            assert hit == expect  # the longest run of tokens any committed prefix shares
         self.m.mark_computed(seq)
         self.record(seq)
         self.commit_model(seq)

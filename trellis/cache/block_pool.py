@@ -99,8 +99,10 @@ class BlockPool:
                 self._free.append(b)
 
     def copy_block(self, src: int, dst: int) -> None:
-        """Copy one block's K/V in every layer (copy-on-write of a shared partial block)."""
-        self.kv[:, :, dst] = self.kv[:, :, src]
+        """Copy one block's K/V in every layer (a shared block's tokens, for a session of its own)."""
+        # A pool made under inference_mode is an inference tensor, which only inference_mode writes.
+        with torch.inference_mode():
+            self.kv[:, :, dst] = self.kv[:, :, src]
 
     def check_integrity(self) -> None:
         """free + referenced == total, no negative count, no block both free and referenced."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
-from trellis.cache.radix import RadixCache, RadixNode
+from trellis.cache.radix import PrefixMatch, RadixCache, RadixNode
 from trellis.utils import cdiv
 
 
@@ -77,12 +77,21 @@ class KVCacheManager:
         split, no LRU touch), so it is safe for planning which sessions to admit."""
         with self.lock:
             self._drain()
-            matched = self.radix.matched_blocks(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
-            new_blocks = cdiv(len(tokens) + extra_tokens, self.block_size) - len(matched)
-            # Blocks that only the tree holds are evictable; once admitted, the session holds its own.
-            pinned = sum(self.pool.ref_counts[b] == 1 for b in matched)
-            available = self.available_blocks() - pinned
-            return AdmissionCost(len(matched) * self.block_size, new_blocks, available, new_blocks <= available)
+            match = self.radix.peek(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
+            return self._price(tokens, extra_tokens, match)
+
+    def _price(self, tokens: Sequence[int], extra_tokens: int, match: PrefixMatch) -> AdmissionCost:
+        """What admitting ``tokens`` over ``match`` costs. Drops the match's tail where holding
+        it while its K/V are copied would leave the allocation too few blocks: the tail's tokens
+        are computed instead."""
+        new_blocks = cdiv(len(tokens) + extra_tokens, self.block_size) - len(match.blocks)
+        # Blocks that only the tree holds are evictable; once admitted, the session holds its own.
+        pinned = sum(self.pool.ref_counts[b] == 1 for b in match.blocks)
+        available = self.available_blocks() - pinned
+        tail = match.tail
+        if tail and self.pool.ref_counts[tail.block] == 1 and tail.node.lock_count == 0 and new_blocks + 1 > available:
+            match.tail = None
+        return AdmissionCost(match.num_tokens(self.block_size), new_blocks, available, new_blocks <= available)
 
     def available_blocks(self) -> int:
         """Blocks that could be allocated now: free ones, and those only the radix cache holds (evictable)."""
@@ -115,17 +124,30 @@ class KVCacheManager:
             if len(tokens) == 0:
                 raise ValueError("cannot start a session with an empty prompt")
             match = self.radix.match(tokens, max_tokens=self._reuse_limit(tokens, max_reuse), touch=False)
+            if match.tail is not None:
+                self._price(tokens, extra_tokens, match)  # as admission_cost decided it
+            tail = match.tail
             self.pool.incref(match.blocks)
             self.radix.lock(match.node)
             seq = PagedSequence(list(tokens), list(match.blocks), node=match.node)
             seq.num_cached = seq.num_prefix_hit = len(match.blocks) * self.block_size
             seq.num_committed_blocks = len(match.blocks)
             self.live.add(seq)
+            if tail is not None:
+                self.pool.incref([tail.block])  # allocation may evict it from the tree: keep it to copy
             try:
                 self.reserve(seq, extra_tokens)
+                if tail is not None:
+                    # The shared tokens' K/V are those of the same tokens at the same positions
+                    # after the same prefix; the block's later slots are overwritten by the prefill.
+                    self.pool.copy_block(tail.block, seq.block_ids[len(match.blocks)])
+                    seq.num_cached = seq.num_prefix_hit = seq.num_cached + tail.num_tokens
             except OutOfBlocksError:
                 self.release(seq, commit=False)
                 raise
+            finally:
+                if tail is not None:
+                    self.pool.decref([tail.block])
             return seq
 
     def _count_admitted(self, seqs: Sequence[PagedSequence], lookups: Sequence[int]) -> None:

@@ -1,9 +1,11 @@
 """A radix tree over token ids whose edges hold whole KV blocks (RadixAttention).
 
 Every edge carries a whole number of blocks, so only full blocks are ever shared; a
-prompt's partial tail block always belongs to its session. The tree holds one reference on
-each of its blocks. Sessions lock the path to their deepest node; eviction only takes
-blocks from unlocked leaves, least recently used first.
+prompt's partial tail block always belongs to its session. Where a prompt leaves the cached
+path inside a block, a match also names that block (its ``tail``): its K/V for the tokens the
+prompt shares with it can be copied into the session's own block instead of computed. The tree
+holds one reference on each of its blocks. Sessions lock the path to their deepest node;
+eviction only takes blocks from unlocked leaves, least recently used first.
 """
 
 from __future__ import annotations
@@ -29,12 +31,23 @@ class RadixNode:
 
 
 @dataclass
+class TailMatch:
+    """A cached block whose first ``num_tokens`` (fewer than a block) continue a matched prefix."""
+
+    block: int
+    num_tokens: int
+    node: RadixNode  # the node whose edge holds ``block``
+
+
+@dataclass
 class PrefixMatch:
     blocks: list[int]  # the cached blocks of the prefix, in order
     node: RadixNode  # the deepest node; its path from the root is exactly the matched prefix
+    tail: TailMatch | None = None  # the block after ``blocks`` that shares the most further tokens
 
     def num_tokens(self, block_size: int) -> int:
-        return len(self.blocks) * block_size
+        """Tokens whose K/V the cache holds: the whole blocks and the tail's shared tokens."""
+        return len(self.blocks) * block_size + (self.tail.num_tokens if self.tail else 0)
 
 
 class RadixCache:
@@ -51,15 +64,25 @@ class RadixCache:
     # --- lookup and insertion -------------------------------------------------------------
 
     def match(self, tokens: Sequence[int], max_tokens: int | None = None, touch: bool = True) -> PrefixMatch:
-        """Longest cached prefix of ``tokens`` in whole blocks, at most ``max_tokens`` long.
+        """Longest cached prefix of ``tokens`` in whole blocks, and the tail block that continues
+        it furthest, together at most ``max_tokens`` long.
 
         By default at most ``len(tokens) - 1`` tokens, so a caller always has one token left to
         compute logits from. Takes no references: lock the node and incref the blocks to keep them.
         ``touch`` marks the path as used now (LRU); a caller that may still fail passes False and
         calls ``touch`` once it has succeeded.
         """
-        node, blocks = self._walk(tokens, self._match_blocks(tokens, max_tokens), touch=touch)
-        return PrefixMatch(blocks, node)
+        limit = self._limit(tokens, max_tokens)
+        node, blocks, stop = self._walk(tokens, limit // self.block_size, touch=touch)
+        return PrefixMatch(blocks, node, self._tail(tokens, limit, node, len(blocks), stop))
+
+    def peek(self, tokens: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
+        """What ``match`` would serve now, without its side effects: no edge is split and no node's
+        LRU time is touched (for planning, e.g. before admission). ``node`` is the deepest node
+        matched whole; the prefix may go on into one of its children's edges."""
+        limit = self._limit(tokens, max_tokens)
+        node, blocks, stop = self._walk(tokens, limit // self.block_size, peek=True)
+        return PrefixMatch(blocks, node, self._tail(tokens, limit, node, len(blocks), stop))
 
     def touch(self, node: RadixNode) -> None:
         """Mark ``node`` and its ancestors as used now (the LRU order eviction follows)."""
@@ -68,18 +91,41 @@ class RadixCache:
             node.last_access = now
             node = node.parent
 
-    def matched_blocks(self, tokens: Sequence[int], max_tokens: int | None = None) -> list[int]:
-        """The blocks ``match`` would serve now, without its side effects: no edge is split and no
-        node's LRU time is touched (for planning, e.g. before admission)."""
-        return self._walk(tokens, self._match_blocks(tokens, max_tokens), peek=True)[1]
-
     def cached_tokens(self, tokens: Sequence[int], max_tokens: int | None = None) -> int:
-        """How many tokens ``match`` would serve now (``matched_blocks``, in tokens)."""
-        return len(self.matched_blocks(tokens, max_tokens)) * self.block_size
+        """How many tokens ``match`` would serve now (``peek``, in tokens)."""
+        return self.peek(tokens, max_tokens).num_tokens(self.block_size)
 
-    def _match_blocks(self, tokens: Sequence[int], max_tokens: int | None) -> int:
-        limit = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens))
-        return max(limit, 0) // self.block_size
+    @staticmethod
+    def _limit(tokens: Sequence[int], max_tokens: int | None) -> int:
+        return max(len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens)), 0)
+
+    def _tail(self, tokens: Sequence[int], limit: int, node: RadixNode, done: int,
+              stop: tuple[RadixNode, int] | None) -> TailMatch | None:
+        """The cached block after the first ``done`` blocks of ``tokens`` that shares the most of
+        its leading tokens with them (up to ``limit``): the next block of the edge the walk
+        stopped inside (``stop``: the edge and the block's index in it), else of ``node``'s
+        children. None where no block shares even one token. Never a whole block: the walk would
+        have matched it."""
+        bs = self.block_size
+        start = done * bs
+        want = tuple(tokens[start : min(limit, start + bs)])
+        if not want:
+            return None
+        if stop is not None:
+            edge, i = stop
+            candidates = [(edge.tokens[i * bs : (i + 1) * bs], edge.blocks[i], edge)]
+        else:
+            candidates = [(key, child.blocks[0], child) for key, child in node.children.items() if key[0] == want[0]]
+        tail = None
+        for key, block, owner in candidates:
+            shared = tail.num_tokens if tail else 0
+            if key[: shared + 1] != want[: shared + 1]:
+                continue  # cannot share more than the best so far
+            shared += 1
+            while shared < len(want) and key[shared] == want[shared]:
+                shared += 1
+            tail = TailMatch(block, shared, owner)
+        return tail
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count one admitted lookup in the hit-rate statistics."""
@@ -98,7 +144,7 @@ class RadixCache:
             raise ValueError(
                 f"insert needs whole blocks: {len(tokens)} tokens for {len(blocks)} blocks of {self.block_size}"
             )
-        node, matched = self._walk(tokens, len(blocks))
+        node, matched, _ = self._walk(tokens, len(blocks))
         n = len(matched)
         own = next((i for i, (held, given) in enumerate(zip(matched, blocks)) if held != given), n)
         if n < len(blocks):
@@ -122,13 +168,14 @@ class RadixCache:
         return tuple(tokens[start : start + self.block_size])
 
     def _walk(self, tokens: Sequence[int], max_blocks: int, peek: bool = False,
-              touch: bool = True) -> tuple[RadixNode, list[int]]:
+              touch: bool = True) -> tuple[RadixNode, list[int], tuple[RadixNode, int] | None]:
         """Follow ``tokens`` down the tree for at most ``max_blocks`` blocks, splitting an edge
         where the match ends inside it, so that the returned node ends exactly there, and (with
         ``touch``) marking the path as used. With ``peek`` nothing changes: no split, no LRU time,
-        and the node returned is the deepest one matched whole."""
+        and the node returned is the deepest one matched whole; the third value is then the edge
+        the match ends inside and how many of its blocks matched (else None)."""
         bs = self.block_size
-        node, blocks, done = self.root, [], 0
+        node, blocks, done, stop = self.root, [], 0, None
         now = next(self._clock) if touch and not peek else None
         while done < max_blocks:
             child = node.children.get(self._key(tokens, done * bs))
@@ -144,12 +191,13 @@ class RadixCache:
             done += n
             if n < len(child.blocks):
                 if peek:
+                    stop = (child, n)
                     break
                 child = self._split(child, n)
             if now is not None:
                 child.last_access = now
             node = child
-        return node, blocks
+        return node, blocks, stop
 
     def _split(self, node: RadixNode, n_blocks: int) -> RadixNode:
         """Cut ``node``'s edge after ``n_blocks`` blocks; returns the new upper node."""
