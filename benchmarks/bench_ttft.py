@@ -3,8 +3,11 @@
 Per φ and system, ``--repeats`` times: a fresh pipeline, one prompt warmed, then a single request
 sharing its first ``round(φ·L/32)`` blocks that decodes one token. Reports TTFT and the cache hit
 rate of that request, whose ceiling is (L/32 − 1)/(L/32): the probe always diverges in its last block.
+With ``--granule 1`` the shared prefix is ``round(φ·L)`` tokens instead, so that the probe leaves
+the cached prompt inside a block (where a system that shares whole blocks only computes the rest
+of that block again).
 
-    python benchmarks/bench_ttft.py [--quick] [--json PATH] [--plot PATH]
+    python benchmarks/bench_ttft.py [--quick] [--granule G] [--json PATH] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -39,21 +42,25 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
     repeats = args.repeats or (1 if args.quick else 3)
     every = systems(model, ttft=True)
     warm_up(every)
-    points = [{"system": s.name, "phi": phi, "realized_phi": Workload(L, 1, 1, phi).realized_phi, "L": L, "ttft": [],
+    probe = {phi: Workload(L, 1, 1, phi, granule=args.granule) for phi in phis}
+    points = [{"system": s.name, "phi": phi, "realized_phi": probe[phi].realized_phi, "L": L, "ttft": [],
                "hit_rate": []} for phi in phis for s in every]
     # Repetitions sweep the whole grid in turn, so a slow drift in machine load spreads over every φ.
     grid = [(point, system) for _ in range(repeats) for point, system in zip(points, every * len(phis))]
     for point, system in tqdm(grid, desc="ttft vs phi", unit="probe"):
-        probe = system.ttft(Workload(L=L, D=1, N=1, phi=point["phi"]))
-        point["ttft"].append(probe.ttft)
-        point["hit_rate"].append(probe.hit_rate)
-    return {"info": describe(model, args.model), "settings": {"L": L, "phis": phis, "repeats": repeats},
-            "hit_rate_ceiling": (L / SEED_BLOCK - 1) / (L / SEED_BLOCK), "points": points}
+        result = system.ttft(probe[point["phi"]])
+        point["ttft"].append(result.ttft)
+        point["hit_rate"].append(result.hit_rate)
+    g = args.granule
+    return {"info": describe(model, args.model), "settings": {"L": L, "phis": phis, "repeats": repeats, "granule": g},
+            "hit_rate_ceiling": (L // g - 1) * g / L, "points": points}
 
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    granule = result["settings"].get("granule", SEED_BLOCK)
+    steps = f", shared prefix in {granule}-token steps" if granule != SEED_BLOCK else ""
     fig, left = plt.subplots(figsize=(8, 5.5))
     hits = left.twinx()
     for name, pts in by_system(result["points"]).items():
@@ -68,7 +75,7 @@ def plot(result: dict, path: Path) -> None:
                       label=f"{LABELS[name]}: hit rate")
     hits.axhline(result["hit_rate_ceiling"], color="k", lw=0.8, ls=":", label="hit-rate ceiling")
     left.set(xlabel="shared prefix fraction φ", ylabel="time to first token (ms)", ylim=(0, None),
-             title=f"TTFT, L={result['settings']['L']}, one request after one warm prompt")
+             title=f"TTFT, L={result['settings']['L']}, one request after one warm prompt{steps}")
     hits.set(ylabel="cache hit rate (dashed)", ylim=(0, 1.05))
     handles = [h for axis in (left, hits) for h in axis.get_legend_handles_labels()[0]]
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=3)
@@ -78,7 +85,12 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--phis", type=float, nargs="+", help="the φ values (default: the seed's grid, PHIS)")
+    p.add_argument("--granule", type=int, default=SEED_BLOCK,
+                   help="the shared prefix in whole multiples of this many tokens (default: the seed's 32-token "
+                        "blocks; 1: a prefix of any length)")
     args = p.parse_args()
+    if args.granule < 1:
+        p.error(f"--granule must be a positive number of tokens, got {args.granule}")
     model = load_model(args)
     finish(run(model, args), args, "ttft", plot, tables)
 

@@ -235,11 +235,16 @@ class Workload:
     N: int
     phi: float
     seed: int = 0
+    # The shared prefix is a whole number of granules: the seed's 32-token blocks, or 1 for a
+    # prefix of any length, which prompts leave inside a block.
+    granule: int = SEED_BLOCK
 
     @property
     def shared(self) -> int:
-        """Shared prefix tokens: ``round(φ·L/32)`` blocks, leaving at least the last block divergent."""
-        return min(round(self.phi * self.L / SEED_BLOCK), self.L // SEED_BLOCK - 1) * SEED_BLOCK
+        """Shared prefix tokens: ``round(φ·L/g)`` granules of g tokens, leaving at least the last one
+        divergent."""
+        g = self.granule
+        return min(round(self.phi * self.L / g), self.L // g - 1) * g
 
     @property
     def realized_phi(self) -> float:

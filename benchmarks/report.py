@@ -137,8 +137,10 @@ def ttft_table(data: dict) -> str:
                      pm(gb["ttft"], 1e3, 0), f"{mean(gb['hit_rate']):.3f}", pm(gen["ttft"], 1e3, 0),
                      f"{mean(tr['ttft']) / cold:.3f}", times(mean(gen["ttft"]), mean(tr["ttft"]))])
     s = data["settings"]
+    # bench_ttft.py --granule: a shared prefix of any number of tokens rather than the seed's blocks
+    steps = f"; the shared prefix in {s['granule']}-token steps" if s.get("granule", 32) != 32 else ""
     return (f"Time to first token, ms (mean ± std of {s['repeats']}), L={s['L']}, Trellis linear kernel "
-            f"`{data['info']['trellis_linear_kernel']}`; hit-rate ceiling {data['hit_rate_ceiling']:.4f}.\n\n"
+            f"`{data['info']['trellis_linear_kernel']}`; hit-rate ceiling {data['hit_rate_ceiling']:.4f}{steps}.\n\n"
             + table(["φ", "Trellis", "Trellis hit rate", "generate_batch", "generate_batch hit rate", "generate()",
                      "Trellis TTFT / TTFT(φ=0)", "generate() / Trellis"], rows))
 

@@ -81,6 +81,16 @@ def test_transformers_generate_batch_shares_the_warm_prefix(model):
     assert HFGenerateBatch(model).ttft(w).hit_rate == w.shared / L
 
 
+def test_a_prefix_of_any_length_is_hit_whole_by_trellis_and_in_whole_pages_by_transformers(model):
+    """bench_ttft.py --granule 1: the probe leaves the warm prompt inside a block. Trellis serves
+    every shared token (the block it leaves inside by copy); transformers' paged cache whole pages."""
+    w = Workload(L=L, D=1, N=1, phi=0.5, granule=1)
+    assert w.shared == 64 and Workload(L=L, D=1, N=1, phi=0.9, granule=1).shared == 115
+    w = Workload(L=L, D=1, N=1, phi=0.9, granule=1)
+    assert Trellis(model).ttft(w).hit_rate == 115 / L
+    assert HFGenerateBatch(model).ttft(w).hit_rate == 96 / L
+
+
 def test_transformers_generate_keeps_one_full_cache_per_session(model):
     w = Workload(L=L, D=D, N=N, phi=0.5)
     result = HFGenerate(model).op(w)
