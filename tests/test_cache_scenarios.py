@@ -9,7 +9,9 @@ Sources (read for their scenarios; the code here is Trellis' own):
 How the systems differ, once for every test below:
 
 - SGLang's tree is token-granular with an optional page size; Trellis' edges hold whole blocks, so
-  only full blocks are shared and a prompt's partial tail block is always its session's own.
+  only full blocks are shared and a prompt's partial tail block is always its session's own. A
+  finished session's partly filled last block stays as a tail of its node, which later prompts
+  copy from (as they copy from a full block they leave inside), and eviction takes first.
 - vLLM keys blocks by a chained hash of (parent hash, block tokens, extra keys) and keeps a cached
   block with ref count 0 on its free queue (lazy eviction). Trellis keys edges by the token ids
   themselves, so there is no hash and no hash collision; equal block contents at different
@@ -67,13 +69,14 @@ def path_locks(node) -> list[int]:
 # --- block reuse across requests -------------------------------------------------------------
 
 
-def test_prefill_shares_full_blocks_and_never_caches_the_partial_tail():
+def test_prefill_shares_full_blocks_and_keeps_the_partial_tail_to_copy():
     """vLLM ``test_prefix_caching.py::test_prefill``: a cold request, a hit while the first is
     still running, a hit after it finished, then a miss that needs the whole pool.
 
     Trellis terms: after the first request finishes, its full blocks are held by the tree (count 1,
-    evictable), not on the free list as in vLLM; its partial tail block is freed at once. The final
-    cold request evicts the cached blocks instead of popping them off vLLM's free queue.
+    evictable), not on the free list as in vLLM; its partial tail block stays as a tail of their
+    node (vLLM frees it), which the next hit copies a token from. The final cold request evicts the
+    cached blocks instead of popping them off vLLM's free queue.
     """
     m = make_manager(num_blocks=10)
     req0 = m.admit(COMMON + [3] * 3)  # 15 tokens: 3 full blocks + a partial one
@@ -95,19 +98,19 @@ def test_prefill_shares_full_blocks_and_never_caches_the_partial_tail():
     m.release(req0)
     m.release(req1)
     assert [m.pool.ref_counts[b] for b in full0] == [1, 1, 1]  # the tree's reference alone
-    assert m.pool.ref_counts[tail0] == 0 and m.pool.num_free == 7
-    assert m.radix.evictable_blocks() == 3
+    assert m.pool.ref_counts[tail0] == 1 and m.pool.num_free == 6  # req0's computed tail; req1 computed none
+    assert m.radix.evictable_blocks() == 4 and m.stats()["tail_blocks"] == 1
     check(m)
 
     req2 = m.admit(COMMON + [3, 3])  # hit after the original requests finished
-    assert req2.num_prefix_hit == 12 and req2.block_ids[:3] == full0
+    assert req2.num_prefix_hit == 13 and req2.block_ids[:3] == full0  # and a token of req0's tail, copied
     m.release(req2)
     check(m)
 
-    req3 = m.admit([99] * (BS * 10))  # a miss that needs every block: 7 free + 3 evicted
+    req3 = m.admit([99] * (BS * 10))  # a miss that needs every block: 6 free + 4 evicted
     assert req3.num_prefix_hit == 0 and len(req3.block_ids) == 10
     assert set(full0) <= set(req3.block_ids)
-    assert m.stats()["cached_blocks"] == 0 and m.stats()["evicted_blocks"] == 3 and m.pool.num_free == 0
+    assert m.stats()["cached_blocks"] == 0 and m.stats()["evicted_blocks"] == 4 and m.pool.num_free == 0
     check(m)
     m.release(req3, commit=False)
     assert m.pool.num_free == 10
@@ -141,7 +144,8 @@ def test_decode_caches_a_block_once_it_fills():
     check(m)
 
     m.release(seq)
-    assert m.stats()["cached_blocks"] == 5 and m.pool.num_free == 5
+    assert m.stats()["cached_blocks"] == 5 and m.pool.num_free == 4  # and the last block, kept as a tail
+    assert m.stats()["tail_blocks"] == 1
     check(m)
 
 
@@ -162,8 +166,8 @@ def test_scoring_without_reuse_duplicates_blocks_and_the_tree_keeps_its_own():
     check(m)
     m.release(req0)
     m.release(req1)
-    assert all(m.pool.ref_counts[b] == 0 for b in req1.block_ids)
-    assert m.pool.num_free == 12 - 3
+    assert all(m.pool.ref_counts[b] == 0 for b in req1.block_ids)  # its tail too: its node is not its own
+    assert m.pool.num_free == 12 - 4  # the tree's 3 blocks and req0's tail
     check(m)
 
 
@@ -192,9 +196,10 @@ def test_eviction_is_lru_leaves_first_block_by_block():
     """vLLM ``test_prefix_caching.py::test_evict`` and SGLang ``TestRadixCache::test_evict_functionality``:
     freed prefixes are evicted least recently used first, and touching a prefix protects it.
 
-    Trellis terms: the touch splits the older prefix's edge; eviction takes only leaves, from their
-    end, block by block, exactly the shortfall of the request; an emptied leaf's parent becomes a
-    leaf and competes by its own (recent) access time. vLLM instead checks its free-queue order.
+    Trellis terms: the touch splits the older prefix's edge; eviction takes a node's tails first,
+    then from leaves only, from their end, block by block, exactly the shortfall of the request; an
+    emptied leaf's parent becomes a leaf and competes by its own (recent) access time. vLLM instead
+    checks its free-queue order.
     """
     m = make_manager(num_blocks=10)
     a_tokens, b_tokens = list(range(23)), list(range(23, 35))
@@ -204,27 +209,26 @@ def test_eviction_is_lru_leaves_first_block_by_block():
     m.mark_computed(b)
     assert m.pool.num_free == 1
     a_blocks = list(a.block_ids)
-    m.release(a)
+    m.release(a)  # its partial block stays as a tail
     m.release(b)
-    assert m.pool.num_free == 2 and m.stats()["cached_blocks"] == 8
+    assert m.pool.num_free == 1 and m.stats()["cached_blocks"] == 8 and m.stats()["tail_blocks"] == 1
 
-    touch = run_session(m, a_tokens[:8] + [99])  # touches a's first 2 blocks
-    assert touch.num_prefix_hit == 8 and m.stats()["nodes"] == 3
+    touch = run_session(m, a_tokens[:8] + [99])  # touches a's first 2 blocks; leaves a tail [99]
+    assert touch.num_prefix_hit == 8 and m.stats()["nodes"] == 3 and m.pool.num_free == 0
     check(m)
 
-    cold = m.admit(list(range(100, 116)))  # 4 blocks, 2 free: evicts a's last two blocks only
-    assert m.stats()["evicted_blocks"] == 2
-    assert set(a_blocks[3:5]) <= set(cold.block_ids)
-    assert m.radix.cached_tokens(a_tokens) == 12 and m.radix.cached_tokens(b_tokens + [0]) == 12
+    cold = m.admit(list(range(100, 116)))  # 4 blocks, none free: a's lower part, the oldest, goes
+    assert m.stats()["evicted_blocks"] == 4  # its tail first, then its 3 blocks from the end
+    assert set(a_blocks[2:6]) <= set(cold.block_ids)
+    assert m.radix.cached_tokens(a_tokens) == 8 and m.radix.cached_tokens(b_tokens + [0]) == 12
     m.release(cold, commit=False)
     check(m)
 
-    # Leaves now: a's remaining lower block (oldest), b (older than the touch). a's upper part
-    # becomes a leaf once its child is gone, but it was touched last, so b goes before it.
+    # Left: b (older than the touch) and a's upper part with the touch's tail, touched last.
     assert m.radix.evict(3) == 3
-    assert m.radix.cached_tokens(a_tokens) == 8 and m.radix.cached_tokens(b_tokens + [0]) == 4
+    assert m.radix.cached_tokens(a_tokens) == 8 and m.radix.cached_tokens(b_tokens + [0]) == 0
     check(m)
-    assert m.radix.evict(100) == 3
+    assert m.radix.evict(100) == 3  # the tail, then a's 2 blocks
     assert m.stats()["cached_blocks"] == 0 and m.pool.num_free == 10
     check(m)
 
@@ -259,8 +263,8 @@ def test_an_evicted_block_reused_for_a_new_request_is_forgotten_by_the_tree():
     assert seq.block_ids == cached.block_ids
     assert m.radix.cached_tokens(list(range(4)) + [9]) == 0 and m.stats()["cached_blocks"] == 0
     m.mark_computed(seq)
-    m.release(seq)
-    assert m.stats()["cached_blocks"] == 0 and m.pool.num_free == 1
+    m.release(seq)  # its 3 tokens stay as a tail, evictable
+    assert m.stats()["cached_blocks"] == 0 and m.stats()["tail_blocks"] == 1 and m.radix.evictable_blocks() == 1
     check(m)
 
 
@@ -271,11 +275,11 @@ def test_evicting_a_child_while_a_session_uses_its_parent():
     own blocks. A session on the child's path locks the parent too."""
     m = make_manager(num_blocks=12)
     p, q = list(range(8)), list(range(8, 16))
-    run_session(m, p + q + [0])  # one edge of 4 blocks
+    run_session(m, p + q + [0])  # one edge of 4 blocks, and a tail after them
     live = m.admit(p + q[:1])  # uses p only: the edge splits under it
     assert live.num_prefix_hit == 8
-    assert m.radix.evictable_blocks() == 2
-    assert m.radix.evict(10) == 2
+    assert m.radix.evictable_blocks() == 3  # the child's 2 blocks and its tail
+    assert m.radix.evict(10) == 3
     assert m.radix.cached_tokens(p + q + [0]) == 8  # the parent survives, the child is gone
     check(m)
 
@@ -287,7 +291,7 @@ def test_evicting_a_child_while_a_session_uses_its_parent():
     assert m.radix.evictable_blocks() == 0 and m.radix.evict(10) == 0
     check(m)
     m.release(live)
-    assert m.radix.evict(10) == 0  # other's path still locks the parent and the child
+    assert m.radix.evict(10) == 1  # live's tail alone: other's path still locks the parent and the child
     m.release(other)
     assert m.radix.evictable_blocks() == 4
     check(m)
@@ -342,11 +346,12 @@ def test_repeated_sessions_on_a_cached_prefix_leak_no_locks_or_references():
     committing) unlocks and leaves the prefix cached and evictable."""
     m = make_manager(num_blocks=16)
     prefix = list(range(12))
-    run_session(m, prefix + [0])
+    run_session(m, prefix)  # 3 full blocks computed: all cached
     for i in range(5):
         seq = m.admit(prefix + [40 + i, 41 + i])
         assert seq.num_prefix_hit == 12
-        assert m.radix.evictable_blocks() == 0  # the prefix is protected while the session runs
+        # The prefix is protected while the session runs; the earlier sessions' tails are not.
+        assert m.radix.evictable_blocks() == m.stats()["tail_blocks"] == i
         m.mark_computed(seq)
         m.release(seq)
         assert m.radix.root.lock_count == 1
@@ -355,8 +360,8 @@ def test_repeated_sessions_on_a_cached_prefix_leak_no_locks_or_references():
 
     failed = m.admit(prefix + [1, 2, 3, 4, 5])  # the forward fails: released without commit
     m.release(failed, commit=False)
-    assert m.stats()["cached_blocks"] == 3 and m.radix.evictable_blocks() == 3
-    assert m.radix.root.lock_count == 1 and m.pool.num_free == 16 - 3
+    assert m.stats()["cached_blocks"] == 3 and m.radix.evictable_blocks() == 3 + 5
+    assert m.radix.root.lock_count == 1 and m.pool.num_free == 16 - 3 - 5
     check(m)
 
 
@@ -366,7 +371,7 @@ def test_concurrent_sessions_share_a_prefix_by_reference_count():
     blocks stay off the free list until the last reference, the tree's, goes at eviction."""
     m = make_manager(num_blocks=16)
     system = list(range(100, 112))
-    run_session(m, system + [0])
+    run_session(m, system)
     shared = m.radix.match(system + [0]).blocks
     sessions = [m.admit(system + [i] * 3) for i in range(4)]
     assert all(s.block_ids[:3] == shared for s in sessions)
@@ -406,7 +411,7 @@ def test_same_prompt_twice_in_one_batch():
     m.release(first)
     m.release(second)
     assert all(m.pool.ref_counts[b] == 0 for b in second.block_ids)
-    assert m.pool.num_free == 12 - 2
+    assert m.pool.num_free == 12 - 3  # the tree's 2 blocks and first's partial one, kept as a tail
     third = m.admit(prompt)
     assert third.block_ids[:2] == first.block_ids[:2]
     m.release(third)
@@ -483,8 +488,8 @@ def test_a_failed_request_does_not_refresh_its_prefix_for_eviction():
     request changes nothing, eviction order included: the older prefix must still go first."""
     m = make_manager(num_blocks=6)
     old, new = list(range(8)), list(range(50, 58))
-    run_session(m, old + [1])
-    run_session(m, new + [1])  # 4 blocks cached, `old` the least recently used
+    run_session(m, old)
+    run_session(m, new)  # 4 blocks cached, `old` the least recently used
     with pytest.raises(OutOfBlocksError):
         m.admit(old + list(range(100, 120)))  # hits `old`, needs 5 more: 2 free + 2 evictable
     m.radix.evict(2)
@@ -602,11 +607,11 @@ def test_reset_forgets_every_prefix_and_keeps_live_sessions_valid(forget):
     live = m.admit(COMMON + [4] * 3)
     shared = live.block_ids[:3]
     run_session(m, list(range(100, 109)))  # 2 more cached blocks, no session on them
-    assert m.pool.num_free == 10 - 3 - 1 - 2
+    assert m.pool.num_free == 10 - 3 - 1 - 2 - 2  # and each finished session's partial block, as a tail
     getattr(m, forget)()
     assert callbacks == ([1] if forget == "reset" else [])
     s = m.stats()
-    assert s["cached_blocks"] == 0 and s["nodes"] == 0 and m.radix.evictable_blocks() == 0
+    assert s["cached_blocks"] == s["tail_blocks"] == s["nodes"] == 0 and m.radix.evictable_blocks() == 0
     assert m.pool.num_free == 6 and [m.pool.ref_counts[b] for b in shared] == [1, 1, 1]
     assert m.radix.root.lock_count == 2  # the root's own lock and the live session's
     check(m)

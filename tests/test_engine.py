@@ -63,7 +63,8 @@ def test_greedy_generate_batch_matches_per_prompt_generate_and_reuses_the_prefix
         assert isinstance(result, GenerationOutput) and result.status == RequestStatus.FINISHED
         assert result.prompt_ids == prompt and result.error is None
         assert result.generated_tokens == reference(ref, prompt, 10)
-        assert result.num_cached_tokens == len(SYSTEM) // BS * BS
+        # SYSTEM's whole blocks shared, its last 2 tokens copied from the warm-up's kept tail
+        assert result.num_cached_tokens == len(SYSTEM)
         assert 0 < result.ttft and 0 < result.decode_time
     assert model.prefix_cache.stats()["live_sessions"] == 0
     model.prefix_cache.check_integrity()
@@ -71,14 +72,15 @@ def test_greedy_generate_batch_matches_per_prompt_generate_and_reuses_the_prefix
 
 def test_sessions_over_a_long_system_prompt_decode_as_transformers_does():
     # 40 shared keys (ten whole blocks), over the C++ kernel's 32: each decode step reads them in
-    # one shared-prefix item for all four sessions, merged with each session's own keys.
+    # one shared-prefix item for all four sessions, merged with each session's own keys (from
+    # the 41st on, the system prompt's last 2 tokens copied into each session's own block).
     system = tokens(1, 42)
     prompts = [system + tokens(20 + i, n) for i, n in enumerate((3, 7, 1, 11))]
     ref, model = tiny_pair()
     model.generate_batch([system], max_new_tokens=1)
     out = model.generate_batch(prompts, max_new_tokens=10, do_sample=False)
     for prompt, result in zip(prompts, out.values()):
-        assert result.num_cached_tokens == 40
+        assert result.num_cached_tokens == 42
         assert result.generated_tokens == reference(ref, prompt, 10)
     model.prefix_cache.check_integrity()
 
@@ -436,7 +438,9 @@ def test_finished_sessions_cache_prompt_and_answer_for_the_next_turn():
     first = model.generate_batch([PROMPTS[3]], max_new_tokens=9)["req_0"]
     turn = first.prompt_ids + first.generated_tokens + tokens(50, 4)
     second = model.generate_batch([turn], max_new_tokens=3)["req_0"]
-    assert second.num_cached_tokens == (len(first.prompt_ids) + 9 - 1) // BS * BS
+    # All the first turn computed (its last token is never fed back): its full blocks shared, its
+    # last, partly filled block copied from the tail it left.
+    assert second.num_cached_tokens == len(first.prompt_ids) + 9 - 1
     model.prefix_cache.check_integrity()
 
 

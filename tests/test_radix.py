@@ -112,16 +112,50 @@ def test_the_tail_is_the_block_sharing_most_and_is_held_or_left_as_the_pool_allo
     m.check_integrity()
 
 
+def test_a_finished_session_leaves_its_partly_filled_block_as_a_tail_for_the_next_turn():
+    m = make_manager(num_blocks=12)
+    first = run_session(m, list(range(10)))  # 2 blocks cached, tokens 8 and 9 left as a tail
+    assert m.stats()["tail_blocks"] == 1 and m.pool.ref_counts[first.block_ids[2]] == 1
+    m.pool.kv[:, :, first.block_ids[2]] = 5.0
+    turn = m.admit(list(range(10)) + [70, 71])  # the next turn: every token the first computed
+    assert turn.num_prefix_hit == 10 and bool((m.pool.kv[:, :, turn.block_ids[2]] == 5.0).all())
+    m.mark_computed(turn)
+    m.release(turn)  # its third block is full now: cached; nothing left to keep as a tail
+    assert m.stats()["cached_blocks"] == 3 and m.radix.match(list(range(10)) + [70, 71, 0]).num_tokens(BS) == 12
+    # One tail per run of tokens: a longer one replaces a shorter one it extends, and what a
+    # child block or a tail already holds adds nothing.
+    node = m.radix.match(list(range(8)) + [0]).node
+    before = dict(node.tails)
+    m.radix.add_tail(node, [8], first.block_ids[2])
+    assert node.tails == before  # [8, 9] holds it
+    with pytest.raises(ValueError, match="a tail holds 1 to 3 tokens"):
+        m.radix.add_tail(node, [8, 9, 10, 11], first.block_ids[2])
+    m.check_integrity()
+    # Eviction takes a node's tails before its blocks, whatever its locks.
+    live = m.admit(list(range(8)) + [1, 2])  # locks the first two blocks (and uses them last)
+    assert m.radix.evict(2) == 2  # the turn's block, the least recent, then the locked node's tail
+    assert m.stats()["tail_blocks"] == 0 and m.stats()["cached_blocks"] == 2
+    m.release(live)
+    m.check_integrity()
+    # A node whose tails went first (it was older than its child) is evicted once the child is.
+    m.reset()
+    run_session(m, [1, 2, 3, 4, 9, 9])  # node [1-4] with a tail
+    run_session(m, list(range(1, 9)) + [0])  # uses [1-4], then its child [5-8] (newer) with a tail
+    assert m.radix.evict(100) == 4 and m.stats()["nodes"] == 0 and m.pool.num_free == 12
+    m.check_integrity()
+
+
 def test_lru_eviction_spares_locked_and_recent_prefixes():
     m = make_manager(num_blocks=12)
     old = list(range(8))
     recent = list(range(50, 58))
-    run_session(m, old + [1])  # caches 2 blocks
-    run_session(m, recent + [1])  # caches 2 blocks
+    run_session(m, old + [1])  # caches 2 blocks, and keeps the third, partly filled, as a tail
+    run_session(m, recent + [1])  # the same
     live = m.admit(recent + [2])  # locks `recent`
-    assert m.pool.num_free == 12 - 4 - 1
-    big = m.admit(list(range(200, 236)))  # 9 blocks, 7 free: must evict `old` only
-    assert m.stats()["evicted_blocks"] == 2
+    assert m.pool.num_free == 12 - 6 - 1
+    big = m.admit(list(range(200, 236)))  # 9 blocks, 5 free: evicts `old` (tail and blocks), then
+    assert m.stats()["evicted_blocks"] == 4  # `recent`'s tail, which its lock does not cover
+    assert m.stats()["tail_blocks"] == 0 and m.radix.match(recent + [1]).num_tokens(BS) == 8
     assert m.radix.match(old + [1]).blocks == []
     m.release(big)
     again = m.admit(recent + [3])  # the pool is full: evicts part of `big`, the least recent
@@ -275,8 +309,8 @@ def test_a_session_computing_blocks_the_tree_holds_pins_only_its_own():
     assert m.radix.match([5, 6, 7, 8, 0]).blocks == first.block_ids[:1] != second.block_ids[:1]
     assert second.node is m.radix.root and second.num_committed_blocks == 0
     m.release(first)
-    assert m.radix.evictable_blocks() == 1  # the tree's copy; second holds its own
-    assert m.radix.evict(1) == 1
+    assert m.radix.evictable_blocks() == 2  # the tree's copy and first's last block (a tail); second holds its own
+    assert m.radix.evict(2) == 2
     m.append(second, [10, 11, 12])  # its next full block: the tree now adopts both of its own
     m.mark_computed(second)
     assert m.radix.match([5, 6, 7, 8, 9, 10, 11, 12, 0]).blocks == second.block_ids[:2]
@@ -363,6 +397,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.evicting = num_blocks < 400
         self.content = {}  # block id -> token prefix its K/V belong to
         self.committed = set()  # token prefixes (whole blocks) inserted into the tree
+        self.finished = set()  # the computed tokens of sessions released with commit (their tails)
         self.live = []
 
     def record(self, seq):
@@ -390,9 +425,13 @@ class CacheMachine(RuleBasedStateMachine):
             assert self.content[peek.tail.block][:hit] == tuple(tokens[:hit])
         if not self.evicting:
             prompt = tuple(tokens[: len(tokens) - 1])
-            expect = max((next((i for i, (a, b) in enumerate(zip(p, prompt)) if a != b), min(len(p), len(prompt)))
-                          for p in self.committed), default=0)
-            assert hit == expect  # the longest run of tokens any committed prefix shares
+
+            def longest(prefixes):  # the longest run of leading tokens any of them shares with the prompt
+                return max((next((i for i, (a, b) in enumerate(zip(p, prompt)) if a != b), min(len(p), len(prompt)))
+                            for p in prefixes), default=0)
+
+            # At least what the committed whole blocks share; at most that or a finished session's tail.
+            assert longest(self.committed) <= hit <= longest(self.committed | self.finished)
         self.m.mark_computed(seq)
         self.record(seq)
         self.commit_model(seq)
@@ -437,6 +476,10 @@ class CacheMachine(RuleBasedStateMachine):
         self.m.release(seq, commit=commit)
         if commit:  # a session that outlived a reset caches its blocks again as it ends
             self.commit_model(seq)
+            full = seq.num_cached // BS
+            if seq.num_cached % BS:  # its partly filled last block may stay as a tail
+                self.content[seq.block_ids[full]] = tuple(seq.token_ids[: seq.num_cached])
+                self.finished.add(tuple(seq.token_ids[: seq.num_cached]))
 
     @rule(n=st.integers(1, 8))
     @precondition(lambda self: self.m is not None)
@@ -449,7 +492,7 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.m is not None)
     def reset(self):
         self.m.reset()
-        self.committed = set()
+        self.committed, self.finished = set(), set()
 
     @invariant()
     def integrity(self):

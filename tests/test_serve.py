@@ -549,7 +549,7 @@ def test_metrics_describe_traffic_latency_and_the_cache(tiny):
                  "trellis_kv_cache_evicted_blocks_total", "trellis_time_to_first_token_seconds_bucket",
                  "trellis_inter_token_latency_seconds_bucket", "trellis_e2e_request_latency_seconds_count"):
         assert re.search(rf"^{name}(\{{[^}}]*\}})? ", text, re.MULTILINE), name
-    for state in ("free", "cached", "live"):
+    for state in ("free", "cached", "tail", "live"):
         assert f'trellis_kv_cache_blocks{{state="{state}"}}' in text
     hit_rate = float(re.search(r"^trellis_prefix_cache_hit_rate (\S+)", text, re.MULTILINE).group(1))
     assert 0 < hit_rate < 1

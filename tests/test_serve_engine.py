@@ -94,7 +94,8 @@ def test_cancelling_frees_blocks_at_the_next_step_and_keeps_the_prefix_cached():
     assert set(ended) == {running, waiting} and not engine.has_work
     assert running.finish_reason == waiting.finish_reason == "cancelled"
     assert model.prefix_cache.stats()["live_sessions"] == 0
-    assert model.prefix_cache.admission_cost(prompt + [9]).cached_tokens == 20  # the computed full blocks stay
+    # The computed full blocks stay, and the last, partly filled one as a tail: all 22 tokens.
+    assert model.prefix_cache.admission_cost(prompt + [9]).cached_tokens == 22
     model.prefix_cache.check_integrity()
 
 

@@ -89,7 +89,8 @@ class KVCacheManager:
         pinned = sum(self.pool.ref_counts[b] == 1 for b in match.blocks)
         available = self.available_blocks() - pinned
         tail = match.tail
-        if tail and self.pool.ref_counts[tail.block] == 1 and tail.node.lock_count == 0 and new_blocks + 1 > available:
+        evictable = tail is not None and self.pool.ref_counts[tail.block] == 1 and (tail.loose or tail.node.lock_count == 0)
+        if evictable and new_blocks + 1 > available:
             match.tail = None
         return AdmissionCost(match.num_tokens(self.block_size), new_blocks, available, new_blocks <= available)
 
@@ -301,12 +302,18 @@ class KVCacheManager:
             seq.node, seq.num_committed_blocks = node, full
 
     def release(self, seq: PagedSequence, commit: bool = True) -> None:
-        """End a session: share its full blocks (unless ``commit`` is False) and drop its references."""
+        """End a session: share its full blocks (unless ``commit`` is False), keep its partly filled
+        last block as a tail of its node for later prompts to copy from, and drop its references."""
         with self.lock:
             if seq.released:
                 return
             if commit:
                 self.commit(seq)
+                full, rest = divmod(seq.num_cached, self.block_size)
+                # Only where the session's node ends at its own full blocks: the tail continues them.
+                if rest and seq.shareable and seq.num_committed_blocks == full:
+                    self.radix.add_tail(seq.node, seq.token_ids[full * self.block_size : seq.num_cached],
+                                        seq.block_ids[full])
             self.radix.unlock(seq.node)
             self.pool.decref(seq.block_ids)
             seq.released = True

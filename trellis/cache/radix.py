@@ -1,11 +1,13 @@
 """A radix tree over token ids whose edges hold whole KV blocks (RadixAttention).
 
 Every edge carries a whole number of blocks, so only full blocks are ever shared; a
-prompt's partial tail block always belongs to its session. Where a prompt leaves the cached
-path inside a block, a match also names that block (its ``tail``): its K/V for the tokens the
-prompt shares with it can be copied into the session's own block instead of computed. The tree
-holds one reference on each of its blocks. Sessions lock the path to their deepest node;
-eviction only takes blocks from unlocked leaves, least recently used first.
+prompt's partial tail block always belongs to its session. A node also keeps the partly filled
+last blocks of finished sessions that ended there (its ``tails``), shared by no one. Where a
+prompt leaves the cached path inside a block, a match also names the block, full or partly
+filled, that continues it furthest (the match's ``tail``): its K/V for the tokens the prompt
+shares with it can be copied into the session's own block instead of computed. The tree holds
+one reference on each of its blocks. Sessions lock the path to their deepest node; eviction takes
+blocks from unlocked leaves and tails from any node, least recently used first.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from trellis.cache.block_pool import BlockPool
 
 
 class RadixNode:
-    __slots__ = ("blocks", "children", "last_access", "lock_count", "parent", "tokens")
+    __slots__ = ("blocks", "children", "last_access", "lock_count", "parent", "tails", "tokens")
 
     def __init__(self, parent: RadixNode | None, tokens: tuple[int, ...], blocks: list[int]) -> None:
         self.parent = parent
         self.tokens = tokens  # the edge's tokens, len(blocks) * block_size of them
         self.blocks = blocks
         self.children: dict[tuple[int, ...], RadixNode] = {}  # keyed by the child's first block of tokens
+        # Partly filled blocks that continue this node's path, keyed by their (1 to block_size - 1)
+        # tokens: only ever copied from, so no session holds them and eviction may take them any time.
+        self.tails: dict[tuple[int, ...], int] = {}
         self.lock_count = 0
         self.last_access = 0
 
@@ -36,7 +41,8 @@ class TailMatch:
 
     block: int
     num_tokens: int
-    node: RadixNode  # the node whose edge holds ``block``
+    node: RadixNode  # the node whose edge holds ``block``, or whose tails do
+    loose: bool = False  # one of the node's tails: evictable whatever the node's locks
 
 
 @dataclass
@@ -103,9 +109,9 @@ class RadixCache:
               stop: tuple[RadixNode, int] | None) -> TailMatch | None:
         """The cached block after the first ``done`` blocks of ``tokens`` that shares the most of
         its leading tokens with them (up to ``limit``): the next block of the edge the walk
-        stopped inside (``stop``: the edge and the block's index in it), else of ``node``'s
-        children. None where no block shares even one token. Never a whole block: the walk would
-        have matched it."""
+        stopped inside (``stop``: the edge and the block's index in it), else the first blocks of
+        ``node``'s children and ``node``'s tails. None where no block shares even one token.
+        Never a whole block: the walk would have matched it."""
         bs = self.block_size
         start = done * bs
         want = tuple(tokens[start : min(limit, start + bs)])
@@ -113,19 +119,38 @@ class RadixCache:
             return None
         if stop is not None:
             edge, i = stop
-            candidates = [(edge.tokens[i * bs : (i + 1) * bs], edge.blocks[i], edge)]
+            candidates = [(edge.tokens[i * bs : (i + 1) * bs], TailMatch(edge.blocks[i], 0, edge))]
         else:
-            candidates = [(key, child.blocks[0], child) for key, child in node.children.items() if key[0] == want[0]]
+            candidates = [(key, TailMatch(child.blocks[0], 0, child)) for key, child in node.children.items()
+                          if key[0] == want[0]]
+            candidates += [(key, TailMatch(block, 0, node, loose=True)) for key, block in node.tails.items()
+                           if key[0] == want[0]]
         tail = None
-        for key, block, owner in candidates:
-            shared = tail.num_tokens if tail else 0
-            if key[: shared + 1] != want[: shared + 1]:
+        for key, candidate in candidates:
+            shared, most = (tail.num_tokens if tail else 0), min(len(want), len(key))
+            if shared >= most or key[: shared + 1] != want[: shared + 1]:
                 continue  # cannot share more than the best so far
             shared += 1
-            while shared < len(want) and key[shared] == want[shared]:
+            while shared < most and key[shared] == want[shared]:
                 shared += 1
-            tail = TailMatch(block, shared, owner)
+            candidate.num_tokens = shared
+            tail = candidate
         return tail
+
+    def add_tail(self, node: RadixNode, tokens: Sequence[int], block: int) -> None:
+        """Keep ``block``, the K/V of ``tokens`` (fewer than a block) after ``node``'s path, as one
+        of its tails; the tree takes a reference. Nothing changes where a tail or child block of
+        the node already holds those tokens; a tail that holds fewer of them is replaced."""
+        tokens = tuple(tokens)
+        if not 0 < len(tokens) < self.block_size:
+            raise ValueError(f"a tail holds 1 to {self.block_size - 1} tokens, got {len(tokens)}")
+        held = [*node.children, *node.tails]
+        if any(key[: len(tokens)] == tokens for key in held):
+            return
+        for key in [key for key in node.tails if tokens[: len(key)] == key]:
+            self.pool.decref([node.tails.pop(key)])
+        node.tails[tokens] = block
+        self.pool.incref([block])
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count one admitted lookup in the hit-rate statistics."""
@@ -229,40 +254,60 @@ class RadixCache:
 
     def evictable_blocks(self) -> int:
         """Blocks that eviction could return to the pool right now."""
-        return sum(
-            1 for node in self.nodes() if node.lock_count == 0 for b in node.blocks if self.pool.ref_counts[b] == 1
-        )
+        ref = self.pool.ref_counts
+        return (sum(1 for node in self.nodes() if node.lock_count == 0 for b in node.blocks if ref[b] == 1)
+                + sum(1 for node in self.every_node() for b in node.tails.values() if ref[b] == 1))
 
     def evict(self, num_blocks: int) -> int:
-        """Free at least ``num_blocks`` blocks from unlocked leaves, least recently used first,
-        block by block from the end of each leaf. Returns how many blocks were freed."""
-        heap = [(n.last_access, id(n), n) for n in self.nodes() if not n.children and n.lock_count == 0]
+        """Free at least ``num_blocks`` blocks, least recently used node first: its tails, then, from
+        an unlocked leaf, its blocks from the end. Returns how many blocks were freed."""
+        heap = [(n.last_access, id(n), n) for n in self.every_node() if n.tails or self._evictable_leaf(n)]
         heapq.heapify(heap)
+        queued = {id(n) for _, _, n in heap}  # the nodes in the heap now
         freed = 0
         while freed < num_blocks and heap:
-            _, _, leaf = heapq.heappop(heap)
-            key = self._key(leaf.tokens)
-            while leaf.blocks and freed < num_blocks:
-                block = leaf.blocks.pop()
-                leaf.tokens = leaf.tokens[: -self.block_size]
-                freed += self.pool.ref_counts[block] == 1
-                self.pool.decref([block])
-                self.evicted_blocks += 1
-            if not leaf.blocks:
-                parent = leaf.parent
+            _, _, node = heapq.heappop(heap)
+            queued.discard(id(node))
+            while node.tails and freed < num_blocks:
+                freed += self._drop(node.tails.popitem()[1])
+            if not self._evictable_leaf(node):
+                continue
+            key = self._key(node.tokens)
+            while node.blocks and freed < num_blocks:
+                node.tokens = node.tokens[: -self.block_size]
+                freed += self._drop(node.blocks.pop())
+            if not node.blocks:
+                parent = node.parent
                 del parent.children[key]
-                if parent is not self.root and not parent.children and parent.lock_count == 0:
+                if self._evictable_leaf(parent) and id(parent) not in queued:
+                    queued.add(id(parent))
                     heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
 
+    def _evictable_leaf(self, node: RadixNode) -> bool:
+        return node is not self.root and not node.children and node.lock_count == 0 and bool(node.blocks)
+
+    def _drop(self, block: int) -> bool:
+        """Give up the tree's reference on an evicted block; whether that freed it."""
+        last = self.pool.ref_counts[block] == 1
+        self.pool.decref([block])
+        self.evicted_blocks += 1
+        return last
+
     def reset(self) -> None:
         """Drop every cached prefix. Live sessions keep their own references and stay valid."""
-        for node in self.nodes():
+        for node in self.every_node():
             self.pool.decref(node.blocks)
+            self.pool.decref(list(node.tails.values()))
         self.root = RadixNode(None, (), [])
         self.root.lock_count = 1
 
     # --- introspection -------------------------------------------------------------------
+
+    def every_node(self):
+        """The root, then ``nodes()``."""
+        yield self.root
+        yield from self.nodes()
 
     def nodes(self):
         """Every node except the root, each before its children."""
@@ -279,6 +324,7 @@ class RadixCache:
             "hit_tokens": self.hit_tokens,
             "hit_rate": self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0,
             "cached_blocks": sum(len(n.blocks) for n in nodes),
+            "tail_blocks": sum(len(n.tails) for n in self.every_node()),
             "free_blocks": self.pool.num_free,
             "total_blocks": self.pool.num_blocks,
             "evicted_blocks": self.evicted_blocks,
@@ -289,8 +335,8 @@ class RadixCache:
 
     def tree_block_refs(self) -> dict[int, int]:
         refs: dict[int, int] = {}
-        for node in self.nodes():
-            for b in node.blocks:
+        for node in self.every_node():
+            for b in [*node.blocks, *node.tails.values()]:
                 refs[b] = refs.get(b, 0) + 1
         return refs
 
@@ -305,6 +351,9 @@ class RadixCache:
                 raise AssertionError("child not reachable under its own key")
             if node.lock_count < 0 or node.lock_count > node.parent.lock_count:
                 raise AssertionError("lock count not monotone along the path")
+        for node in self.every_node():
+            if any(not 0 < len(tokens) < bs for tokens in node.tails):
+                raise AssertionError(f"a tail of {[len(t) for t in node.tails]} tokens: not part of a block")
         for block, count in self.tree_block_refs().items():
             if count != 1:
                 raise AssertionError(f"block {block} appears {count} times in the tree")

@@ -86,9 +86,11 @@ class _CacheCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.runner.prefix_cache.stats()
         free, cached, total = stats["free_blocks"], stats["cached_blocks"], stats["total_blocks"]
+        tail = stats["tail_blocks"]
         blocks = GaugeMetricFamily("trellis_kv_cache_blocks", "KV blocks by state: free; cached (in the radix tree, "
-                                   "maybe also used by sessions); live (held by sessions only)", labels=["state"])
-        for state, value in (("free", free), ("cached", cached), ("live", total - free - cached)):
+                                   "maybe also used by sessions); tail (finished sessions' partly filled last "
+                                   "blocks, kept to copy from); live (held by sessions only)", labels=["state"])
+        for state, value in (("free", free), ("cached", cached), ("tail", tail), ("live", total - free - cached - tail)):
             blocks.add_metric([state], value)
         yield blocks
         yield GaugeMetricFamily("trellis_kv_cache_usage_ratio", "Share of KV blocks not free", value=1 - free / total)
