@@ -35,9 +35,10 @@ SEED_BLOCK = 32  # φ is quantised to the seed's 32-token blocks, whatever the c
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 COLORS = {"trellis": "tab:blue", "hf_generate_batch": "tab:orange", "hf_generate": "tab:gray",
-          "hf_generate_batched": "tab:green"}
+          "hf_generate_batched": "tab:green", "hf_generate_cache": "tab:purple"}
 LABELS = {"trellis": "Trellis engine", "hf_generate_batch": "transformers generate_batch",
-          "hf_generate": "transformers generate()", "hf_generate_batched": "transformers generate(), batched"}
+          "hf_generate": "transformers generate()", "hf_generate_batched": "transformers generate(), batched",
+          "hf_generate_cache": "transformers generate(), its cache passed back"}
 
 # TinyLlama-1.1B's shape, random weights: the seed's model, for timing only.
 TINYLLAMA = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,

@@ -145,6 +145,19 @@ def ttft_table(data: dict) -> str:
                      "Trellis TTFT / TTFT(φ=0)", "generate() / Trellis"], rows))
 
 
+def chat_table(data: dict) -> str:
+    """bench_chat.py: a chat's second turn, per system."""
+    s, rows = data["settings"], []
+    plain = statistics.median(next(r for r in data["rows"] if r["system"] == "hf_generate")["ttft"])
+    for row in data["rows"]:
+        ttft = statistics.median(row["ttft"])
+        reused = f"{statistics.median(row['reused']):.0f} of {statistics.median(row['turn_tokens']):.0f}"
+        rows.append([row["system"], f"{ttft * 1e3:.1f}", reused, times(plain, ttft)])
+    return (f"Turn 2 of a chat (a {s['prompt']}-token prompt, a {s['answer']}-token answer, {s['message']} new "
+            f"tokens): time to its first token, ms, median of {s['repeats']}.\n\n"
+            + table(["system", "turn-2 TTFT", "prompt tokens reused", "generate() / system"], rows))
+
+
 def speed_header(names: list[str]) -> list[str]:
     return ["φ", *(HEADERS[n] for n in names), *(f"Trellis / {HEADERS[n]}" for n in RATIOS if n in names)]
 
@@ -491,7 +504,7 @@ def peers_floors_table(data: dict) -> str:
 
 
 def kind_of(data: dict) -> str:
-    if data.get("what") in ("gpu_check", "shared_decode", "bf16_parity"):
+    if data.get("what") in ("gpu_check", "shared_decode", "bf16_parity", "chat"):
         return data["what"]
     if "floors" in data:  # bench_peers.py since it measures the machine's ceilings
         return "peers"
@@ -529,6 +542,7 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "gpu_check": ("GPU check", [gpu_check_table]),
     "e2e": ("End to end", [e2e_table]),
     "bf16_parity": ("bf16 parity", [bf16_parity_table]),
+    "chat": ("A chat's next turn", [chat_table]),
     "peers": ("CPU peers: the targets against their floors", [peers_floors_table]),
 }
 

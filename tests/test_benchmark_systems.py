@@ -11,6 +11,7 @@ working across transformers releases, whose continuous batching is one of the pe
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from tests.conftest import installed
 from tests.models import smollm2_tokenizer, tiny_config, tiny_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # scripts, not a package
+import bench_chat
 import bench_kernels
 import bench_shared_decode
 import common
+import report
 from bench_eval import DATA, lm_eval_backend, plain_backend, plain_batched_backend
 from common import SEED_BLOCK, Workload
 from systems import HFGenerate, HFGenerateBatch, HFGenerateBatched, Trellis, systems
@@ -89,6 +92,21 @@ def test_a_prefix_of_any_length_is_hit_whole_by_trellis_and_in_whole_pages_by_tr
     w = Workload(L=L, D=1, N=1, phi=0.9, granule=1)
     assert Trellis(model).ttft(w).hit_rate == 115 / L
     assert HFGenerateBatch(model).ttft(w).hit_rate == 96 / L
+
+
+def test_the_chat_benchmark_times_each_system_over_its_own_next_turn(model):
+    """bench_chat.py: Trellis' second turn reuses all its first turn computed (the prompt and the
+    answer but its last token), as transformers continuing its returned cache does; plain
+    ``generate()`` reuses nothing."""
+    args = SimpleNamespace(quick=True, repeats=2, model="tiny")
+    result = bench_chat.run(model, args)
+    rows = {row["system"]: row for row in result["rows"]}
+    assert set(rows) == set(bench_chat.SYSTEMS) and all(len(row["ttft"]) == 2 for row in rows.values())
+    s = result["settings"]
+    assert rows["trellis"]["reused"] == rows["hf_generate_cache"]["reused"] == [s["prompt"] + s["answer"] - 1] * 2
+    assert rows["hf_generate"]["reused"] == [0, 0]
+    assert all(row["turn_tokens"] == [s["prompt"] + s["answer"] + s["message"]] * 2 for row in rows.values())
+    assert "hf_generate_cache" in report.chat_table(result)
 
 
 def test_transformers_generate_keeps_one_full_cache_per_session(model):
