@@ -35,6 +35,29 @@ def test_greedy_tokens_and_logits_match_with_cache_hits():
     model.prefix_cache.check_integrity()
 
 
+def test_a_chats_next_turn_is_served_every_token_the_last_turn_computed():
+    """Through SmolLM2's chat template, as a chat client builds it: the answer decoded to text and
+    tokenized again in turn 2. Turn 1's prompt and answer are served from the cache (their last,
+    partly filled block copied from the tail turn 1 left), and turn 2 answers as transformers does."""
+    ref, model = smollm2_reference(), smollm2_trellis(num_blocks=128)
+    tok = smollm2_tokenizer()
+    first = chat("Which river flows through Paris?")
+    answer = model.generate(first, max_new_tokens=24, do_sample=False)[0, first.shape[1]:]
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which river flows through Paris?"},
+                {"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True)},
+                {"role": "user", "content": "How long is it?"}]
+    second = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)["input_ids"]
+    computed = torch.cat([first[0], answer[:-1]])  # the last answer token was never fed back
+    shared = int((computed[: second.shape[1]] == second[0, : computed.shape[0]]).long().cumprod(0).sum())
+    assert shared % 32  # the turns part inside a block
+    hits = model.prefix_cache.stats()["hit_tokens"]
+    got = model.generate(second, max_new_tokens=8, do_sample=False)
+    assert model.prefix_cache.stats()["hit_tokens"] - hits == shared
+    assert torch.equal(got, ref.generate(second, max_new_tokens=8, do_sample=False))
+    model.prefix_cache.check_integrity()
+
+
 def test_padded_batch_matches():
     ref, model = smollm2_reference(), smollm2_trellis(num_blocks=128)
     tok = smollm2_tokenizer()
