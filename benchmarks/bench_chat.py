@@ -21,7 +21,19 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import COLORS, LABELS, attention, clock, describe, finish, load_model, parser, save_figure
+from common import (
+    COLORS,
+    LABELS,
+    SEED_BLOCK,
+    attention,
+    clock,
+    describe,
+    finish,
+    load_model,
+    parser,
+    random_tokens,
+    save_figure,
+)
 from report import chat_table
 from systems import engine_over_empty_cache
 
@@ -29,17 +41,13 @@ from trellis.engine.sampling import SamplingParams
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
 
-BLOCK = 32
 SYSTEMS = ("trellis", "hf_generate", "hf_generate_cache")
-
-
-def tokens(generator: torch.Generator, n: int) -> list[int]:
-    return torch.randint(100, 30000, (n,), generator=generator).tolist()  # inside every model's vocabulary
 
 
 def trellis_turn(model: TrellisLlama, prompt: list[int], answer: int, message: list[int]) -> tuple[float, int, int]:
     """Turn 2's TTFT, the prompt tokens the cache served it and its length."""
-    engine = engine_over_empty_cache(model, BLOCK, 2 * -(-(len(prompt) + answer + len(message) + 1) // BLOCK))
+    engine = engine_over_empty_cache(model, SEED_BLOCK,
+                                     2 * -(-(len(prompt) + answer + len(message) + 1) // SEED_BLOCK))
     first = engine.generate([prompt], SamplingParams(max_new_tokens=answer))[0]
     turn = prompt + first.generated + message
     start = clock()
@@ -68,7 +76,7 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
     eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # answers run full length
     try:
         for r in range(repeats + 1):  # the first round warms every path up, untimed
-            prompt, message = tokens(generator, prompt_len), tokens(generator, message_len)
+            prompt, message = random_tokens(prompt_len, generator), random_tokens(message_len, generator)
             for name in SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[:r % len(SYSTEMS)]:  # rotating order
                 if name == "trellis":
                     seconds, reused, length = trellis_turn(model, prompt, answer, message)
@@ -83,7 +91,7 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
         model.generation_config.eos_token_id = eos
     return {"what": "chat", "info": describe(model, args.model),
             "settings": {"prompt": prompt_len, "answer": answer, "message": message_len, "repeats": repeats,
-                         "block_size": BLOCK},
+                         "block_size": SEED_BLOCK},
             "rows": list(points.values())}
 
 

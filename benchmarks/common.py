@@ -229,6 +229,11 @@ def attention(model: TrellisLlama, implementation: str) -> Iterator[TrellisLlama
 # --- the workload ---------------------------------------------------------------------------------
 
 
+def random_tokens(n: int, generator: torch.Generator) -> list[int]:
+    """``n`` random token ids, inside every model's vocabulary."""
+    return torch.randint(100, 30000, (n,), generator=generator).tolist()
+
+
 @dataclass(frozen=True)
 class Workload:
     L: int
@@ -252,8 +257,7 @@ class Workload:
         return self.shared / self.L
 
     def _tokens(self, stream: int, n: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1000 + stream)
-        return torch.randint(100, 30000, (n,), generator=generator).tolist()  # inside every model's vocabulary
+        return random_tokens(n, torch.Generator().manual_seed(self.seed * 1000 + stream))
 
     def prefix(self) -> list[int]:
         return self._tokens(0, self.shared)
