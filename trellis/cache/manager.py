@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
-from trellis.cache.radix import PrefixMatch, RadixCache, RadixNode
+from trellis.cache.radix import PrefixMatch, RadixCache, RadixNode, TailMatch
 from trellis.utils import cdiv
 
 
@@ -78,21 +78,22 @@ class KVCacheManager:
         with self.lock:
             self._drain()
             match = self.radix.peek(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
-            return self._price(tokens, extra_tokens, match)
+            return self._price(tokens, extra_tokens, match)[0]
 
-    def _price(self, tokens: Sequence[int], extra_tokens: int, match: PrefixMatch) -> AdmissionCost:
-        """What admitting ``tokens`` over ``match`` costs. Drops the match's tail where holding
-        it while its K/V are copied would leave the allocation too few blocks: the tail's tokens
-        are computed instead."""
+    def _price(self, tokens: Sequence[int], extra_tokens: int,
+               match: PrefixMatch) -> tuple[AdmissionCost, TailMatch | None]:
+        """What admitting ``tokens`` over ``match`` costs, and the tail it copies: none where holding
+        the match's tail while its K/V are copied would leave the allocation too few blocks (its
+        tokens are computed instead)."""
         new_blocks = cdiv(len(tokens) + extra_tokens, self.block_size) - len(match.blocks)
         # Blocks that only the tree holds are evictable; once admitted, the session holds its own.
         pinned = sum(self.pool.ref_counts[b] == 1 for b in match.blocks)
         available = self.available_blocks() - pinned
         tail = match.tail
-        evictable = tail is not None and self.pool.ref_counts[tail.block] == 1 and (tail.loose or tail.node.lock_count == 0)
-        if evictable and new_blocks + 1 > available:
-            match.tail = None
-        return AdmissionCost(match.num_tokens(self.block_size), new_blocks, available, new_blocks <= available)
+        if tail is not None and self.radix.evictable(tail) and new_blocks + 1 > available:
+            tail = None
+        cached = len(match.blocks) * self.block_size + (tail.num_tokens if tail else 0)
+        return AdmissionCost(cached, new_blocks, available, new_blocks <= available), tail
 
     def available_blocks(self) -> int:
         """Blocks that could be allocated now: free ones, and those only the radix cache holds (evictable)."""
@@ -125,9 +126,7 @@ class KVCacheManager:
             if len(tokens) == 0:
                 raise ValueError("cannot start a session with an empty prompt")
             match = self.radix.match(tokens, max_tokens=self._reuse_limit(tokens, max_reuse), touch=False)
-            if match.tail is not None:
-                self._price(tokens, extra_tokens, match)  # as admission_cost decided it
-            tail = match.tail
+            tail = self._price(tokens, extra_tokens, match)[1] if match.tail else None  # as admission_cost decides
             self.pool.incref(match.blocks)
             self.radix.lock(match.node)
             seq = PagedSequence(list(tokens), list(match.blocks), node=match.node)

@@ -252,6 +252,11 @@ class RadixCache:
             node.lock_count -= 1
             node = node.parent
 
+    def evictable(self, tail: TailMatch) -> bool:
+        """Whether eviction could free ``tail``'s block now: the tree alone holds it, and it is a
+        node's tail or lies on an unlocked node (``evictable_blocks`` counts such blocks)."""
+        return self.pool.ref_counts[tail.block] == 1 and (tail.loose or tail.node.lock_count == 0)
+
     def evictable_blocks(self) -> int:
         """Blocks that eviction could return to the pool right now."""
         ref = self.pool.ref_counts
