@@ -80,6 +80,50 @@ def test_logits_to_keep_keeps_transformers_columns(keep):
         torch.testing.assert_close(model(ids, logits_to_keep=keep).logits, ref(ids, logits_to_keep=keep).logits)
 
 
+
+@pytest.mark.parametrize("keep", [torch.tensor([-1, 0, 5]), torch.tensor([[19, 2], [-3, 0]]), "mask"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_to_keep_tensors_keep_transformers_columns_in_every_row(keep, padded):
+    """A tensor of columns for every row, columns per row, or a boolean mask (flattened), as
+    transformers' slice_logits_to_keep reads them, on a batch of two, cold and over a cached prefix."""
+    ref, model = tiny_pair()
+    ids = torch.stack([torch.arange(3, 23), torch.arange(40, 60)])
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :4] = 0  # left padding: its logits are zero in Trellis, the padding token's in transformers
+    if isinstance(keep, str):
+        keep = torch.zeros(2, 20, dtype=torch.bool)
+        keep[0, [4, 19]] = keep[1, [7]] = True
+    real = mask.bool()
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask, logits_to_keep=keep).logits
+        for _ in range(2):  # the second forward is served the first's full blocks
+            got = model(ids, attention_mask=mask, logits_to_keep=keep).logits
+            assert got.shape == want.shape
+            if keep.dtype == torch.bool:
+                kept_real = real[keep]
+            else:
+                cols = keep.expand(2, -1) % 20
+                kept_real = real.gather(1, cols)
+            torch.testing.assert_close(got[kept_real], want[kept_real])
+            assert not got[~kept_real].any()
+
+
+@pytest.mark.parametrize(("keep", "message"), [
+    (torch.tensor([0, 20]), "logits_to_keep column 20 is out of range for an input of 20 columns"),
+    (torch.tensor([-21]), "logits_to_keep column -21 is out of range for an input of 20 columns"),
+    (torch.tensor([1.0]), r"logits_to_keep must be an int, .* got a torch.float32 tensor of shape \(1,\)"),
+    (torch.zeros(3, 2, dtype=torch.long), r"got a torch.int64 tensor of shape \(3, 2\)"),
+    (torch.ones(1, 19, dtype=torch.bool), r"a boolean logits_to_keep must be \[batch, seq_len\] = \(1, 20\)"),
+])
+def test_logits_to_keep_out_of_range_or_malformed_is_named(keep, message):
+    ref, model = tiny_pair()
+    ids = warm(model, ref)
+    before = model.prefix_cache.stats()
+    with pytest.raises(ValueError, match=message):
+        model(ids, logits_to_keep=keep)
+    still_works(model, ref, ids, before)
+
 @pytest.mark.parametrize("bad_id", [-1, 256, 10_000])
 def test_token_ids_outside_the_vocabulary(bad_id):
     ref, model = tiny_pair()

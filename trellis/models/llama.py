@@ -242,7 +242,7 @@ class TrellisLlama(LlamaForCausalLM):
                                  "continue it; start a new generation")
             real = self._padding_mask(attention_mask, num_cols)  # [B, S] bool, None if nothing is padding
             _check_labels_after_padding(labels, real)
-            keep_cols = self._logit_columns(logits_to_keep, num_cols, inputs.device)  # [K]
+            keep_cols, keep_mask = self._logit_columns(logits_to_keep, num_rows, num_cols, inputs.device)  # [B, K]
             if inputs_embeds is None:
                 rows = input_ids.tolist() if real is None else [row[mask].tolist() for row, mask in zip(input_ids, real)]
                 runner.check_token_ids(rows)
@@ -258,7 +258,7 @@ class TrellisLlama(LlamaForCausalLM):
             reusable = None
             if fresh:
                 # Reuse at most the real tokens before the first column whose outputs are wanted.
-                first_kept = 0 if output_hidden_states else int(keep_cols.min()) if len(keep_cols) else num_cols
+                first_kept = 0 if output_hidden_states else int(keep_cols.min()) if keep_cols.numel() else num_cols
                 reusable = [first_kept] * num_rows if real is None else real[:, :first_kept].sum(1).tolist()
             step = runner.forward_rows(manager, cache.seqs, rows, reusable, positions=positions, inputs_embeds=embeds,
                                        output_hidden_states=output_hidden_states, **kwargs)
@@ -266,9 +266,11 @@ class TrellisLlama(LlamaForCausalLM):
             skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in cache.seqs], device=inputs.device)
             cache.seen_columns += num_cols
             logits = runner.unpack(step.hidden, step.batch, real, keep_cols, skipped, runner.logits)
+            if keep_mask is not None:
+                logits = logits[keep_mask]  # [N, V], row by row, as transformers flattens a mask's positions
             hidden_states = step.hidden_states  # [1, T, H] each: one unpadded row's own, on the autograd graph
             if hidden_states is not None and (num_rows > 1 or real is not None):
-                every_col = torch.arange(num_cols, device=inputs.device)
+                every_col = torch.arange(num_cols, device=inputs.device).expand(num_rows, -1)
                 hidden_states = tuple(runner.unpack(h[0], step.batch, real, every_col, skipped) for h in hidden_states)
             if not use_cache:
                 cache.release()
@@ -343,11 +345,29 @@ class TrellisLlama(LlamaForCausalLM):
         return None if real.all() else real
 
     @staticmethod
-    def _logit_columns(logits_to_keep: int | torch.Tensor, num_cols: int, device: torch.device) -> torch.Tensor:
-        if isinstance(logits_to_keep, torch.Tensor):
-            return logits_to_keep.to(device=device, dtype=torch.long).flatten()
-        # transformers' slice(-k, None): 0 keeps every column, k > 0 the last k, k < 0 all but the first -k.
-        return torch.arange(num_cols, device=device)[-logits_to_keep:]
+    def _logit_columns(logits_to_keep: int | torch.Tensor, num_rows: int, num_cols: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The columns ``[B, K]`` whose logits ``logits_to_keep`` asks for, as transformers'
+        ``slice_logits_to_keep`` reads it, and for a boolean ``[B, S]`` mask the mask over those
+        columns (the logits are then the kept positions', flattened ``[N, V]``), else None."""
+        if not isinstance(logits_to_keep, torch.Tensor):
+            # transformers' slice(-k, None): 0 keeps every column, k > 0 the last k, k < 0 all but the first -k.
+            return torch.arange(num_cols, device=device)[-logits_to_keep:].expand(num_rows, -1), None
+        keep = logits_to_keep.to(device)
+        if keep.dtype == torch.bool:
+            if keep.shape != (num_rows, num_cols):
+                raise ValueError(f"a boolean logits_to_keep must be [batch, seq_len] = ({num_rows}, {num_cols}), "
+                                 f"got shape {tuple(keep.shape)}")
+            cols = keep.any(0).nonzero().flatten()  # every column some row keeps
+            return cols.expand(num_rows, -1), keep[:, cols]
+        if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dim() not in (1, 2) or (
+                keep.dim() == 2 and keep.shape[0] != num_rows):
+            raise ValueError("logits_to_keep must be an int, a 1-D tensor of columns, a [batch, K] tensor of columns "
+                             f"or a [batch, seq_len] boolean mask; got a {keep.dtype} tensor of shape {tuple(keep.shape)}")
+        if keep.numel() and not (-num_cols <= int(keep.min()) and int(keep.max()) < num_cols):
+            bad = int(keep.min()) if int(keep.min()) < -num_cols else int(keep.max())
+            raise ValueError(f"logits_to_keep column {bad} is out of range for an input of {num_cols} columns")
+        return (keep.long() % num_cols).expand(num_rows, -1), None
 
     # --- generation ------------------------------------------------------------------------
 

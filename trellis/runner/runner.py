@@ -367,19 +367,20 @@ class PagedModelRunner:
 
     def unpack(self, packed: torch.Tensor, batch: PagedBatch, real: torch.Tensor | None, cols: torch.Tensor,
                skipped: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """The rows ``[B, K, X]`` of a padded ``[B, S]`` input at columns ``cols`` ``[K]``, from
-        ``packed`` ``[T, X]`` values of its new real tokens (``real`` ``[B, S]`` bool, None if all are
-        real), each passed through ``transform`` (e.g. ``logits``) first; row ``i``'s first
-        ``skipped[i]`` real tokens were served by the cache. Zero where padding."""
+        """The rows ``[B, K, X]`` of a padded ``[B, S]`` input at row ``i``'s columns ``cols[i]``
+        (``cols`` ``[B, K]``, each in ``[0, S)``), from ``packed`` ``[T, X]`` values of its new real
+        tokens (``real`` ``[B, S]`` bool, None if all are real), each passed through ``transform``
+        (e.g. ``logits``) first; row ``i``'s first ``skipped[i]`` real tokens were served by the
+        cache. Zero where padding."""
         transform = transform or (lambda rows: rows)
         row_starts = batch.cu_seqlens_q[:-1].long()  # [B]
         if real is None:  # row i's column c is packed token row_starts[i] + c - skipped[i]
             return transform(packed[(row_starts - skipped)[:, None] + cols])
         rank = real.long().cumsum(1) - 1  # [B, S] index of each real token among its row's new tokens
         index_of = row_starts[:, None] + rank - skipped[:, None]  # [B, S] its index in the packed batch
-        kept_real = real[:, cols]  # [B, K]
-        values = transform(packed[index_of[:, cols][kept_real]])  # [R, X]
-        out = values.new_zeros(real.shape[0], len(cols), values.shape[-1])
+        kept_real = real.gather(1, cols)  # [B, K]
+        values = transform(packed[index_of.gather(1, cols)[kept_real]])  # [R, X]
+        out = values.new_zeros(*cols.shape, values.shape[-1])
         out[kept_real] = values
         return out
 
