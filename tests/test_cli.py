@@ -14,9 +14,13 @@ from trellis.models.embedded import embedded_gguf_path
     (["demo", "--gguf-file", "model.gguf"], "--gguf-file names a file inside --model: give --model too"),
     (["serve", "--port", "70000"], "argument --port: a port is 0 to 65535, got 70000"),
     (["serve", "--num-blocks", "0"], "argument --num-blocks: must be a positive integer, got 0"),
+    (["serve", "--kv-cache-memory", "inf"], "--kv-cache-memory: a size must be a positive, finite number of bytes, got 'inf'"),
+    (["serve", "--kv-cache-memory", "1e400"], "a size must be a positive, finite number of bytes, got '1e400'"),
+    (["serve", "--kv-cache-memory", "nan"], "a size must be a positive, finite number of bytes, got 'nan'"),
     (["grid", "stage", "--world-size", "2"], "trellis grid stage needs --rank"),
     (["grid", "serve", "--world-size", "2", "--rank", "2"], "rank 2 is not in a grid of 2 stages"),
     (["grid", "generate", "--stages", "2", "--rank", "1"], "--stages starts a whole grid on this machine"),
+    (["grid", "generate", "--stages", "2", "--gguf-file", "model.gguf"], "--gguf-file names a file inside --model"),
 ])
 def test_bad_options_are_refused_by_name_before_a_model_loads(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

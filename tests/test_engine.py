@@ -14,6 +14,7 @@ from trellis.cache.block_pool import OutOfBlocksError
 from trellis.engine import sampling
 from trellis.engine.engine import Engine
 from trellis.engine.sampling import MIN_TEMPERATURE, SamplingParams, filter_logits, sample
+from trellis.engine.scheduler import Scheduler
 from trellis.engine.session import Session
 
 BS = 4  # tiny_pair's block size
@@ -589,3 +590,14 @@ def test_generate_batch_refuses_a_max_length_the_prompt_already_reaches():
         model.generate_batch([PROMPTS[0][:5]], max_length=5)
     out = model.generate_batch([PROMPTS[0][:5]], max_length=7)
     assert len(next(iter(out.values())).generated_tokens) == 2
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"max_batch_tokens": 0}, "max_batch_tokens must be a positive integer, got 0"),
+    ({"max_running": 2.5}, "max_running must be a positive integer, got 2.5"),
+    ({"max_overtakes": -1}, "max_overtakes must be a non-negative integer, got -1"),
+    ({"max_running": True}, "max_running must be a positive integer, got True"),
+])
+def test_scheduler_limits_are_refused_by_name(setting, message):
+    with pytest.raises(ValueError, match=message):
+        Scheduler(**setting)

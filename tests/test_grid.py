@@ -37,6 +37,7 @@ from trellis.grid import (
 )
 from trellis.grid.launch import SHARED_HOST_SPIN_COUNT
 from trellis.grid.transport import StepPlan
+from trellis.models.embedded import embedded_gguf_path
 from trellis.models.llama import TrellisLlama
 from trellis.models.loading import DtypeChoice, preferred_dtype
 
@@ -392,11 +393,14 @@ def test_stages_sharing_the_machine_spin_briefly(tiny_dir, monkeypatch):
     assert len(calls) == 1  # set already: no restart
 
 
-def test_grid_cli_under_torchrun():
-    """``torchrun ... -m trellis grid generate``: rank 1 becomes a stage, rank 0 answers as one process does."""
+def test_grid_cli_under_torchrun(tmp_path):
+    """``torchrun ... -m trellis grid generate``: rank 1 becomes a stage, rank 0 answers as one process does,
+    here from a directory holding only the embedded model's GGUF (weights and tokenizer read from it)."""
     question = "What is 2 + 2?"
+    (tmp_path / "model.gguf").symlink_to(embedded_gguf_path())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trellis",
-               "grid", "generate", "--max-new-tokens", "8", "--threads", "1", "--questions", question]
+               "grid", "generate", "--max-new-tokens", "8", "--threads", "1", "--questions", question,
+               "--model", str(tmp_path), "--gguf-file", "model.gguf"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     tokenizer = smollm2_tokenizer()

@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
+from trellis.cache.radix import shared_whole_blocks
 
 BS = 4
 
@@ -248,6 +249,26 @@ def test_fork_shares_full_blocks_and_copies_the_tail():
     m.release(child)
     m.check_integrity()
 
+
+
+
+def test_shared_whole_blocks_counts_the_common_prefix_in_whole_blocks_never_all_of_the_prompt():
+    assert shared_whole_blocks(list(range(20)), list(range(20)), 4) == 16  # the last token is always computed
+    assert shared_whole_blocks(list(range(20)), [*range(9), 99, 5], 4) == 8
+    assert shared_whole_blocks(list(range(6)), list(range(20)), 4) == 4  # no further than the cached tokens
+    assert shared_whole_blocks([7, 1], [1, 2, 3], 1) == 0 and shared_whole_blocks([], [1], 4) == 0
+
+def test_a_released_session_is_not_forked():
+    """Its blocks may be free or another session's by now: forking it would copy or share them."""
+    m = make_manager()
+    seq = m.admit(list(range(10)))
+    m.mark_computed(seq)
+    m.release(seq)
+    before = m.stats()
+    with pytest.raises(RuntimeError, match="session already released: it cannot be forked"):
+        m.fork(seq)
+    assert m.stats() == before
+    m.check_integrity()
 
 def test_truncate_copies_a_tail_block_the_tree_shares():
     m = make_manager(num_blocks=8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -14,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from trellis.cache.persist import PrefixCacheFileError, check_save_path
@@ -31,16 +31,18 @@ from trellis.grid import (
     start_stage,
 )
 from trellis.model_options import (
+    LINEAR_KERNEL_HELP,
     add_model_arguments,
+    add_weights_arguments,
     block_size,
     check_model_arguments,
     device,
     load_model,
-    model_directory,
+    load_tokenizer,
     port_number,
     positive_int,
 )
-from trellis.models.embedded import EMBEDDED_NAME, embedded_model_dir
+from trellis.models.embedded import EMBEDDED_NAME
 from trellis.models.loading import DTYPES
 from trellis.runner import LINEAR_KERNELS
 from trellis.serve import ServeConfig, serve
@@ -121,8 +123,8 @@ def parse_bytes(text: str) -> int:
         value = float(number[:-1] if scale > 1 else number) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 2GiB, 512MiB, 1000000)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be a positive, finite number of bytes, got {text!r}")
     return int(value)
 
 
@@ -177,9 +179,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = True) -> None:
     """The options every rank of a grid takes (``GridOptions``), and where the rank sits."""
     defaults = GridOptions()
-    parser.add_argument("--model", type=model_directory,
-                        help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--gguf-file", help="a GGUF file inside --model")
+    add_weights_arguments(parser)
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", *DTYPES],
                         help="default: %(default)s. auto: each stage chooses for its own device (bf16 on a CPU "
                              "with native bf16 dot products, else fp32; the checkpoint's dtype on CUDA), and "
@@ -190,7 +190,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
         parser.add_argument("--num-blocks", type=int, help="KV pool size in blocks, on every stage (default: what "
                                                             "every stage's --kv-cache-memory holds)")
         parser.add_argument("--kv-cache-memory", type=parse_bytes, help="KV bytes per stage, e.g. 1GiB")
-    parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS)
+    parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS, help=LINEAR_KERNEL_HELP)
     parser.add_argument("--layers", help="each stage's layers, e.g. 0-10,11-29 (default: in proportion to each "
                                          "stage's free memory, the embedding and LM head counted on stage 0)")
     parser.add_argument("--micro-batches", type=int, help="steps in flight at once (default: one per machine of the grid)")
@@ -265,7 +265,7 @@ def run_grid_generate(args: argparse.Namespace) -> None:
         if runner is None:
             return
         print(runner.placement.describe(), flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(args.model or embedded_model_dir())
+        tokenizer = load_tokenizer(args)
         engine = Engine(runner)
         stops = SamplingParams.from_generation_config(runner.model.generation_config).stop_token_ids
         messages = [{"role": "system", "content": SYSTEM_PROMPT}]
@@ -288,7 +288,7 @@ def run_grid_serve(args: argparse.Namespace, config: ServeConfig) -> None:
     with grid_coordinator(args) as runner:
         if runner is None:
             return
-        tokenizer = AutoTokenizer.from_pretrained(args.model or embedded_model_dir())
+        tokenizer = load_tokenizer(args)
         print(runner.placement.describe(), flush=True)
         print(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 from a grid of "
               f"{runner.link.world_size} stages ({runner.model.dtype}, {runner.settings.num_blocks} KV blocks of "
@@ -321,6 +321,7 @@ def add_grid_parser(commands: argparse._SubParsersAction) -> None:
 def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        check_model_arguments(args)
         if args.grid_command == "stage":
             sys.exit(run_stage(start_stage(grid_options(args), grid_endpoint(args))))
         if args.grid_command == "generate":

@@ -87,12 +87,22 @@ def existing_file(text: str) -> Path:
     return path
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "auto") -> None:
-    """``default_dtype``: ``"auto"`` for the command (the fastest here, ``preferred_dtype``); the
-    evaluation scripts keep ``"float32"``, so that their figures do not depend on the CPU."""
+LINEAR_KERNEL_HELP = ("what runs the linear layers on CPU in fp32 and bf16: blas (MKL; the fp32 default on Intel), "
+                      "packed (Trellis' panels, a second copy of the weights; the bf16 default on x86 and the fp32 "
+                      "default on other x86 CPUs with AVX-512) or onednn (the fp32 default on the other x86 CPUs)")
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the model's weights and tokenizer come from (``load_tokenizer``, ``check_model_arguments``)."""
     parser.add_argument("--model", type=model_directory,
                         help="a local model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--gguf-file", help="a GGUF file inside --model: its weights and tokenizer")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "auto") -> None:
+    """``default_dtype``: ``"auto"`` for the command (the fastest here, ``preferred_dtype``); the
+    evaluation scripts keep ``"float32"``, so that their figures do not depend on the CPU."""
+    add_weights_arguments(parser)
     parser.add_argument("--keep-quantized", action="store_true",
                         help="keep the GGUF's Q8_0 / Q4_0 / Q4_1 weights quantized and run them on Trellis' "
                              "kernels (without --model: the embedded model's Q4_1 GGUF)")
@@ -102,10 +112,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "a
                              "(AVX512_BF16, AMX-BF16, ARM BF16), float32 on other CPUs, the checkpoint's dtype "
                              "on a GPU")
     parser.add_argument("--block-size", type=block_size, default=32, help="KV cache block size in tokens")
-    parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS,
-                        help="what runs the linear layers on CPU in fp32 and bf16: blas (the fp32 default on Intel), "
-                             "onednn (the fp32 default on other x86 CPUs) or packed (a second copy of the weights; "
-                             "the bf16 default on x86)")
+    parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS, help=LINEAR_KERNEL_HELP)
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
@@ -118,16 +125,21 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     elif args.model is not None:
         if not (Path(args.model) / "config.json").is_file():
             raise ValueError(f"--model {args.model!r} holds GGUF files but no config.json: name one with --gguf-file")
-        if args.keep_quantized:
+        if getattr(args, "keep_quantized", False):  # (the grid's options have none)
             raise ValueError("--keep-quantized keeps a GGUF's blocks: name the GGUF in --model with --gguf-file")
+
+
+def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model ``--model`` and ``--gguf-file`` name (the embedded one by default)."""
+    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    return AutoTokenizer.from_pretrained(args.model or embedded_model_dir(), **gguf)
 
 
 def load_model(args: argparse.Namespace) -> tuple[TrellisLlama, PreTrainedTokenizerBase]:
     """The model and tokenizer that ``add_model_arguments``' options name; says which dtype and why."""
     check_model_arguments(args)
-    path = args.model or embedded_model_dir()
     gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
+    tokenizer = load_tokenizer(args)
     choice = choose_dtype(args.dtype, args.device)
     model = TrellisLlama.from_pretrained(args.model, dtype=choice.dtype, device=args.device,
                                          block_size=args.block_size, linear_kernel=args.linear_kernel,

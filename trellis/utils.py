@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 def cdiv(a: int, b: int) -> int:
@@ -35,3 +35,16 @@ def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:
         except TypeError:
             raise TypeError(f"{what}: token ids must be integers, got {t!r}") from None
     return ids
+
+
+def head_dim_of(config) -> int:
+    """A Llama config's attention head size: ``head_dim``, else ``hidden_size / num_attention_heads``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def outside_vocabulary(tokens: Sequence[int], vocab_size: int) -> str | None:
+    """Why ``tokens`` cannot be a model's input (the first id outside ``[0, vocab_size)``), or None."""
+    if not tokens or (0 <= min(tokens) and max(tokens) < vocab_size):
+        return None
+    bad = next(t for t in tokens if not 0 <= t < vocab_size)
+    return f"token id {bad} is outside the vocabulary [0, {vocab_size})"

@@ -325,6 +325,8 @@ class KVCacheManager:
     def fork(self, seq: PagedSequence) -> PagedSequence:
         """A copy of ``seq`` that shares its full blocks and owns a copy of its partial tail block."""
         with self.lock:
+            if seq.released:
+                raise RuntimeError("session already released: it cannot be forked")
             self._drain()
             full = seq.num_cached // self.block_size
             tail = seq.block_ids[full:]

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.radix import RadixCache, RadixNode
+from trellis.utils import outside_vocabulary
 
 FORMAT = "trellis-prefix-cache/4"
 TENSORS = ("kv", "tokens", "node_parent", "node_num_blocks")
@@ -241,9 +242,8 @@ def _node_paths(tensors: Mapping[str, torch.Tensor], block_size: int, vocab_size
     if not sum(counts) * block_size == len(tokens) == num_blocks * block_size:
         raise refuse(f"the nodes own {sum(counts)} blocks of {block_size} tokens, the file holds {len(tokens)} "
                      f"tokens and {num_blocks} blocks of K/V")
-    if tokens and not (0 <= min(tokens) and max(tokens) < vocab_size):
-        bad = next(t for t in tokens if not 0 <= t < vocab_size)
-        raise refuse(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if (problem := outside_vocabulary(tokens, vocab_size)) is not None:
+        raise refuse(problem)
     paths: list[tuple[list[int], list[int]]] = []
     keys: set[tuple[int, tuple[int, ...]]] = set()  # (parent, first block of tokens) of every node
     start = 0

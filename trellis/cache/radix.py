@@ -20,6 +20,17 @@ from dataclasses import dataclass
 from trellis.cache.block_pool import BlockPool
 
 
+def shared_whole_blocks(earlier: Sequence[int], tokens: Sequence[int], block_size: int) -> int:
+    """The tokens of ``tokens`` in whole blocks that admission could take by reference from a
+    cache holding ``earlier``: their common prefix, never all of ``tokens`` (admission computes at
+    least one), rounded down to whole blocks."""
+    limit = min(len(earlier), len(tokens) - 1)
+    n = 0
+    while n < limit and earlier[n] == tokens[n]:
+        n += 1
+    return n // block_size * block_size
+
+
 class RadixNode:
     __slots__ = ("blocks", "children", "last_access", "lock_count", "parent", "tails", "tokens")
 

@@ -21,8 +21,6 @@ from trellis.runner import PagedModelRunner, runner_of
 from trellis.runner.runner import PendingStep, StepOutput
 from trellis.utils import cdiv, token_ids
 
-LM_HEAD_ROWS = 256  # rows per lm_head matmul when scoring prompt tokens: keeps the [rows, vocab] logits small
-
 
 class QueueFullError(RuntimeError):
     """The engine's waiting queue is full; the request was not queued."""
@@ -169,7 +167,7 @@ class Engine:
         except BaseException:
             with self._inbox_lock:
                 queued = {id(s) for s in sessions}
-                self._inbox = [s for s in self._inbox if id(s) not in queued]
+                self._inbox = deque(s for s in self._inbox if id(s) not in queued)
             raise
         self.run()
         return sessions
@@ -362,10 +360,9 @@ class Engine:
         end = len(session.seq.token_ids)
         start = end - hidden.shape[0]
         targets = session.prompt[start + 1 : end + 1]  # the last prompt position predicts no prompt token
-        for offset in range(0, len(targets), LM_HEAD_ROWS):
-            rows = hidden[offset : offset + min(LM_HEAD_ROWS, len(targets) - offset)]  # [r, H]
-            chunk = targets[offset : offset + rows.shape[0]]
-            session.prompt_logprobs += token_logprobs(self.runner.logits(rows), chunk, session.params.prompt_logprobs)
+        for offset, logits in self.runner.chunked_logits(hidden[: len(targets)]):
+            chunk = targets[offset : offset + logits.shape[0]]
+            session.prompt_logprobs += token_logprobs(logits, chunk, session.params.prompt_logprobs)
 
     def abort(self, reason: str) -> None:
         """Fail every session not yet finished and give its blocks back, committing nothing."""

@@ -28,6 +28,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import AdmissionCost, KVCacheManager
+from trellis.cache.radix import shared_whole_blocks
 from trellis.engine.session import Session
 from trellis.utils import cdiv
 
@@ -45,8 +46,11 @@ class Scheduler:
     max_overtakes: int = 16
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_overtakes < 0:
-            raise ValueError("max_batch_tokens and max_running must be positive, max_overtakes non-negative")
+        for name, least in (("max_batch_tokens", 1), ("max_running", 1), ("max_overtakes", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = "a positive" if least else "a non-negative"
+                raise ValueError(f"{name} must be {kind} integer, got {value!r}")
 
     def schedule(self, waiting: deque[Session], running: list[Session], manager: KVCacheManager,
                  others: Sequence[Session] = (), max_admit: int | None = None) -> list[Session]:
@@ -156,16 +160,6 @@ def promised_blocks(running: Sequence[Session], block_size: int) -> int:
 def computing_shared_blocks(running: Sequence[Session], session: Session, cost: AdmissionCost, block_size: int) -> bool:
     """Whether a prompt being prefilled will compute whole blocks of ``session``'s prompt that the
     cache does not hold yet (and that admission could take: never all of the prompt)."""
-    prompt = session.prompt
-    for other in running:
-        if other.status != RequestStatus.PREFILLING:
-            continue
-        limit = min(len(other.prompt), len(prompt) - 1)
-        if limit // block_size * block_size <= cost.cached_tokens:
-            continue
-        shared = 0
-        while shared < limit and other.prompt[shared] == prompt[shared]:
-            shared += 1
-        if shared // block_size * block_size > cost.cached_tokens:
-            return True
-    return False
+    return any(other.status == RequestStatus.PREFILLING
+               and shared_whole_blocks(other.prompt, session.prompt, block_size) > cost.cached_tokens
+               for other in running)

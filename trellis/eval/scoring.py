@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager, PagedSequence
+from trellis.cache.radix import shared_whole_blocks
 from trellis.models.llama import TrellisLlama
 from trellis.runner import PagedModelRunner, runner_of
 from trellis.utils import cdiv, is_positive_int, token_ids
-
-LM_HEAD_ROWS = 256  # rows per lm_head matmul: keeps the [rows, vocab] logits small
 
 
 @dataclass(eq=False)
@@ -138,7 +137,7 @@ def _next_chunk(pending: deque[_Group], manager: KVCacheManager, continuations: 
         context, multi = group.context, len(group.members) > 1
         lone = [] if multi else continuations[group.members[0]][:-1]
         cost = manager.admission_cost(context + lone, max_reuse=len(context) - 1)
-        shared = _shared_tokens(chunk[-1].context, context, bs) if chunk else 0
+        shared = shared_whole_blocks(chunk[-1].context, context, bs) if chunk else 0
         if shared > cost.cached_tokens:
             break
         matched = cost.cached_tokens // bs
@@ -171,15 +170,6 @@ def _fork_blocks(context_tokens: int, continuation_tokens: int, block_size: int)
     last: a copy of the context's partial tail block, and blocks for the tokens past it."""
     return cdiv(context_tokens + continuation_tokens - 1, block_size) - context_tokens // block_size
 
-
-def _shared_tokens(earlier: list[int], tokens: list[int], block_size: int) -> int:
-    """The whole blocks of ``tokens`` that admission could take from ``earlier``'s cached blocks
-    (never all of ``tokens``: admission leaves at least one token to compute)."""
-    limit = min(len(earlier), len(tokens) - 1)
-    n = 0
-    while n < limit and earlier[n] == tokens[n]:
-        n += 1
-    return n // block_size * block_size
 
 
 def _score_chunk(runner: PagedModelRunner, manager: KVCacheManager, chunk: list[_Group], continuations: list[list[int]],
@@ -256,8 +246,8 @@ def _add_scores(runner: PagedModelRunner, hidden: torch.Tensor, targets: list[in
     request ``owners[r]``, and clear its greedy flag unless the target is the argmax."""
     target = torch.tensor(targets, device=hidden.device)  # [R]
     logprobs, greedy = [], []
-    for h, t in zip(hidden.split(LM_HEAD_ROWS), target.split(LM_HEAD_ROWS)):
-        logits = runner.logits(h).float()  # [r, V]
+    for offset, logits in runner.chunked_logits(hidden):
+        logits, t = logits.float(), target[offset : offset + logits.shape[0]]  # [r, V], [r]
         # log_softmax, not logsumexp: the same rounding as transformers and lm-eval's HF backend.
         logprobs.append(torch.log_softmax(logits, -1).gather(1, t[:, None])[:, 0])  # [r]
         greedy.append(logits.argmax(-1) == t)  # [r]

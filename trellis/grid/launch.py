@@ -33,11 +33,12 @@ from trellis.cache.block_pool import BlockPool
 from trellis.grid.devices import check_grid_device, check_local_stages, stage_device
 from trellis.grid.placement import Placement, parse_layers, split_by_memory
 from trellis.grid.runner import GridRunner
-from trellis.grid.stage import StageWorker, free_memory, load_stage_model
+from trellis.grid.stage import StageWorker, load_stage_model
 from trellis.grid.transport import GridError, Link
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.loading import device_named, load_llama_config, preferred_dtype
-from trellis.runner.runner import CacheSettings, default_kv_cache_memory
+from trellis.runner.runner import CacheSettings, default_kv_cache_memory, free_memory
+from trellis.utils import head_dim_of
 
 log = logging.getLogger("trellis.grid")
 
@@ -229,8 +230,7 @@ def default_micro_batches(stages: list[StageIdentity]) -> int:
 
 
 def kv_bytes_per_block(config, block_size: int, num_layers: int, dtype: torch.dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return BlockPool.bytes_per_block(block_size, num_layers, config.num_key_value_heads, head_dim, dtype)
+    return BlockPool.bytes_per_block(block_size, num_layers, config.num_key_value_heads, head_dim_of(config), dtype)
 
 
 def plan_grid(options: GridOptions, config, identities: list[StageIdentity]) -> tuple[Placement, int]:
@@ -241,7 +241,7 @@ def plan_grid(options: GridOptions, config, identities: list[StageIdentity]) -> 
     else:
         dtype_bytes = torch.empty((), dtype=options.torch_dtype).element_size()
         hidden, inter = config.hidden_size, config.intermediate_size
-        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        head_dim = head_dim_of(config)
         attn = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
         layer_bytes = (attn + 3 * hidden * inter + 2 * hidden) * dtype_bytes
         heads = 1 if config.tie_word_embeddings else 2
@@ -342,9 +342,8 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     model = load_stage_model(options.model_path, layers, first=False, last=last, dtype=options.torch_dtype,
                              device=device, linear_kernel=options.linear_kernel, **options.load_kwargs())
     model.requires_grad_(False)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    pool = BlockPool(plan["num_blocks"], options.block_size, len(layers), config.num_key_value_heads, head_dim,
-                     dtype=options.torch_dtype, device=device, layer_ids=layers)
+    pool = BlockPool(plan["num_blocks"], options.block_size, len(layers), config.num_key_value_heads,
+                     head_dim_of(config), dtype=options.torch_dtype, device=device, layer_ids=layers)
     log.info("stage %d of %d: layers %d-%d, %d KV blocks", endpoint.rank, endpoint.world_size, layers.start,
              layers.stop - 1, plan["num_blocks"])
     store.set(f"loaded/{endpoint.rank}", json.dumps({"weight_bytes": weight_bytes(model), "kv_bytes": pool.kv.nbytes}))

@@ -180,7 +180,7 @@ class GridRunner(PagedModelRunner):
                 self.lock.release()
 
     def close(self) -> None:
-        """Stop every stage and the heartbeat; steps still in flight are dropped."""
+        """Wait for the steps in flight, then stop every stage and the heartbeat."""
         with self.lock:
             if self.failure is None and not self._closed.is_set():
                 try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -153,12 +152,3 @@ def run_stage(worker: StageWorker) -> int:
     log.info("stage stopped after %d steps", worker.steps)
     return 0
 
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free for weights and KV on ``device``: CUDA's free memory, else available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30

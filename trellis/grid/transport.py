@@ -16,7 +16,6 @@ stage needs no step ids: it takes plans and activations in order.
 from __future__ import annotations
 
 import datetime
-import time
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +82,6 @@ class Link:
         self.timeout = datetime.timedelta(seconds=timeout)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []  # in flight; the tensors must outlive them
         self.bytes_sent = 0
-        self.wait_seconds = 0.0  # time spent blocked in receives
 
     def _send(self, tensor: torch.Tensor, tag: int) -> None:
         self._reap()
@@ -92,14 +90,12 @@ class Link:
         self.bytes_sent += tensor.nbytes
 
     def _recv(self, tensor: torch.Tensor, tag: int, timeout: datetime.timedelta | None = None) -> torch.Tensor:
-        started = time.perf_counter()
         work = self._call(lambda: self.group.recv([tensor], self.prev, tag))
         self._call(lambda: work.wait(timeout or self.timeout))
-        self.wait_seconds += time.perf_counter() - started
         return tensor
 
     def _reap(self) -> None:
-        """Finish sends that are done (a gloo send completes once its bytes are written)."""
+        """Wait for every pending send (a gloo send completes once its bytes are written)."""
         for work, _ in self._sends:
             self._call(lambda work=work: work.wait(self.timeout))
         self._sends.clear()

@@ -32,6 +32,9 @@ LAYER_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "at
                  "ffn_down": "mlp.down_proj"}
 
 
+HUB_ARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")  # where from_pretrained finds a file
+
+
 def gguf_path(name_or_path: str | os.PathLike, gguf_file: str, kwargs: dict) -> Path:
     """The local GGUF file: in ``name_or_path`` if it is a directory, else fetched from the Hub
     (transformers' cache, with the hub arguments of ``kwargs``)."""
@@ -42,8 +45,7 @@ def gguf_path(name_or_path: str | os.PathLike, gguf_file: str, kwargs: dict) -> 
         return path
     from transformers.utils import cached_file
 
-    hub_args = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs}
-    return Path(cached_file(str(name_or_path), gguf_file, **hub_args))
+    return Path(cached_file(str(name_or_path), gguf_file, **{k: kwargs[k] for k in HUB_ARGS if k in kwargs}))
 
 
 def unpermute_rows(blocks: torch.Tensor, num_heads: int) -> torch.Tensor:

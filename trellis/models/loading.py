@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, LlamaConfig
 
+from trellis.models.gguf_quantized import HUB_ARGS, gguf_path
 from trellis.runner.cpu_linear import cpu_vendor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,11 +124,8 @@ def load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaCon
     """The checkpoint's config, refusing a missing GGUF file or a model that is not a Llama."""
     gguf_file = kwargs.get("gguf_file")
     if gguf_file is not None and os.path.isdir(name_or_path):
-        gguf_path = os.path.join(name_or_path, gguf_file)
-        if not os.path.isfile(gguf_path):
-            raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    hub_args = {k: kwargs[k] for k in ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder")
-                if k in kwargs}
+        gguf_path(name_or_path, gguf_file, kwargs)  # raises if the directory does not hold it
+    hub_args = {k: kwargs[k] for k in ("gguf_file", *HUB_ARGS) if k in kwargs}
     try:
         config = AutoConfig.from_pretrained(name_or_path, **hub_args)
     except OSError:

@@ -4,7 +4,10 @@
     cpp        cpp.py              CPU: the C++ kernels, built with ninja on first use
     triton     triton/             CUDA (CPU tensors too, under TRITON_INTERPRET=1: the tests)
 
-Each serves the three ops of ``schema.py`` with the schema's arguments: ``kernels(name)``.
+Each serves the attention ops of ``schema.py`` (``store_kv``, ``paged_attention``,
+``plan_paged_attention``) with the schema's arguments, ``kernels(name)``; ``cpp`` serves every op
+of the schema (the linear and fused ops too, and its own layer loop), whose references on other
+devices (``schema.REFERENCES``) are in ``reference.py``, ``quant.py`` and ``panels.py``.
 ``TRELLIS_BACKEND=reference|cpp|triton`` forces one.
 
 ``trellis::`` ops called on CPU tensors run the C++ kernels: importing this module registers, for
@@ -50,8 +53,9 @@ def load_backend(name: str) -> bool:
 
 
 def kernels(name: str):
-    """The op functions (``store_kv``, ``paged_attention``, ``plan_paged_attention``) of a loaded
-    backend; they check their own arguments, except the reference's (see ``checks.py``)."""
+    """The op functions of a loaded backend (at least ``store_kv``, ``paged_attention`` and
+    ``plan_paged_attention``; ``cpp``'s every op of the schema); they check their own arguments,
+    except the reference's (see ``checks.py``)."""
     if name not in _kernels:
         _kernels[name] = _module(name).KERNELS
     return _kernels[name]

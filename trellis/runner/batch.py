@@ -34,11 +34,6 @@ class PagedBatch:
     host_cu_seqlens_q: list[int]  # cu_seqlens_q and seq_lens as the host built them
     host_seq_lens: list[int]
 
-    @property
-    def last_token_index(self) -> torch.Tensor:
-        """[B] index of each sequence's last new token in the packed dimension."""
-        return self.cu_seqlens_q[1:].long() - 1
-
 
 def build_batch(seqs: Sequence[PagedSequence], pool: BlockPool, num_q_heads: int, backend: str | None = None,
                 positions: Sequence[Sequence[int]] | None = None) -> PagedBatch:

@@ -77,7 +77,7 @@ _CPU = torch.device("cpu")
 
 def onednn_available() -> bool:
     """oneDNN's linear ops are in this PyTorch build and JIT-compile for this CPU (x86-64)."""
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+    return (_x86_64() and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
@@ -270,8 +270,8 @@ class CPULinear(torch.nn.Linear):
     decode step's few rows (``streamed_rows``), which stream the parameter through Trellis' kernel."""
 
     kind = "blas"  # set per instance by set_linear_kernel
-    # (weight storage (weakly), data_ptr and version, packed weight: oneDNN's blocked layout, or bf16
-    # panels, 4-D); never in state dicts, copies or pickles
+    # (weight storage (weakly), data_ptr and version, packed weight: oneDNN's blocked layout, or
+    # Trellis' panels (bf16 or fp32), 4-D); never in state dicts, copies or pickles
     _packed: tuple[weakref.ref, int, int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ and runs, per layer, the seven linear layers as they are (``nn.Linear``, ``CPULi
 ``QuantizedLinear``: weights, layouts and quantization unchanged; those that read one input in one
 ``quant_linear_group`` call where that kernel computes them all, ``_Projections``),
 ``run_attention`` with the step's plan, and three fused ops: ``add_rms_norm`` (twice),
-``rope_store_kv`` and ``silu_mul``. Where every projection is one C++ group call (or bias-free
-``F.linear`` on the BLAS, which C++ calls as ``at::linear``), the layer loop
+``rope_store_kv`` and ``silu_mul``. Where every projection is one C++ group call (Trellis' panels
+or quantized blocks), bias-free ``F.linear`` on the BLAS (which C++ calls as ``at::linear``) or
+oneDNN's matmul (``mkldnn::_linear_pointwise``), the layer loop
 itself runs in C++ (``trellis_cpp::decoder_layers``: the same calls, without the Python between
 them; ``_cpp_loop_arguments``).
 Each fused op rounds as transformers' modules do: in fp32 the results are transformers' bit for
@@ -330,7 +331,7 @@ class _Projections:
 
     def groups(self, rows: int, dtype: torch.dtype) -> list[tuple[str, list[int], list[torch.Tensor]]]:
         """The C++ group calls that compute these layers for an inference input of ``rows`` rows in
-        ``dtype``: each its kind (``PANELS``, ``LINEAR`` or a qtype), its members (indices into
+        ``dtype``: each its kind (``PANELS``, ``LINEAR``, ``ONEDNN`` or a qtype), its members (indices into
         ``linears``) and their weights as the call takes them. A layer in none runs its own forward."""
         linears = self.linears
         if self.one_qtype is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -34,9 +34,10 @@ from trellis.runner.decoder import LeanDecoder
 from trellis.runner.host_memory import keep_freed_memory
 from trellis.runner.huge_pages import place_on_huge_pages
 from trellis.runner.weights_watcher import WeightsWatcher
-from trellis.utils import is_positive_int
+from trellis.utils import head_dim_of, is_positive_int, outside_vocabulary
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled attention kernels take
+LM_HEAD_ROWS = 256  # rows per LM head matmul when scoring many positions: keeps the [rows, vocab] logits small
 
 
 @dataclass(frozen=True)
@@ -59,17 +60,22 @@ class CacheSettings:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {ops.BACKENDS}")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for weights and KV on ``device``: CUDA's free memory, else available RAM (8 GiB
+    where the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def default_kv_cache_memory(device: torch.device) -> int:
     """Bytes for the KV pool when the user sets neither ``num_blocks`` nor ``kv_cache_memory``:
     half the free memory of a CUDA device, else a quarter of free RAM, at most 4 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 8 << 30
-    return min(available // 4, 4 << 30)
+    free = free_memory(device)
+    return free // 2 if device.type == "cuda" else min(free // 4, 4 << 30)
 
 
 class PagedModelRunner:
@@ -219,9 +225,7 @@ class PagedModelRunner:
         """The pool's layers, KV heads and head dim. Every decoder layer, whatever
         ``config.num_hidden_layers`` says now: a forward runs the first that many (an early-exit
         drafter lowers it for a while), never more than the model has."""
-        cfg = self.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return len(self.model.model.layers), cfg.num_key_value_heads, head_dim
+        return len(self.model.model.layers), self.config.num_key_value_heads, head_dim_of(self.config)
 
     def layer_ids(self) -> list[int]:
         """The index each decoder layer's attention keeps its K/V under (its ``layer_idx``, as
@@ -252,11 +256,9 @@ class PagedModelRunner:
     # --- input checks ------------------------------------------------------------------------
 
     def check_token_ids(self, rows: Sequence[Sequence[int]]) -> None:
-        vocab = self.config.vocab_size
         for row in rows:
-            if row and not (0 <= min(row) and max(row) < vocab):
-                bad = next(t for t in row if not 0 <= t < vocab)
-                raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+            if (problem := outside_vocabulary(row, self.config.vocab_size)) is not None:
+                raise ValueError(problem)
 
     def check_positions(self, length: int) -> None:
         limit = self.config.max_position_embeddings
@@ -364,6 +366,12 @@ class PagedModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, H]`` final hidden states to ``[R, V]`` logits."""
         return self.model.lm_head(hidden)
+
+    def chunked_logits(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """The logits of ``hidden`` ``[R, H]``, ``LM_HEAD_ROWS`` rows at a time: (first row, ``[r, V]``),
+        so that scoring many positions never holds all their ``[R, V]`` logits at once."""
+        for offset in range(0, hidden.shape[0], LM_HEAD_ROWS):
+            yield offset, self.logits(hidden[offset : offset + LM_HEAD_ROWS])
 
     def unpack(self, packed: torch.Tensor, batch: PagedBatch, real: torch.Tensor | None, cols: torch.Tensor,
                skipped: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

@@ -52,10 +52,6 @@ class RequestHandle:
         self.sent = [0] * len(self.sessions)
         self.closed = [False] * len(self.sessions)
 
-    @property
-    def prompt(self) -> list[int]:
-        return self.sessions[0].prompt
-
     def deliver(self, events: list[ChoiceEvent]) -> None:
         for event in events:
             self.queue.put_nowait(event)

@@ -98,7 +98,7 @@ class CompletionService:
         except Exception as exc:  # noqa: BLE001 -- no template, or one that refuses these messages
             raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        top = (req.top_logprobs or 0) if req.logprobs else None
+        top = req.top_alternatives
         job = self._start("chatcmpl", [prompt], req, max_tokens, self.config.default_max_tokens, top, None)
         if req.stream:
             return self._stream(job, req, request, chat=True, echo=[])
@@ -118,7 +118,7 @@ class CompletionService:
         echo = await self._tokenizer_work(lambda: [p if isinstance(p, str) else self.tokenizer.decode(p)
                                                    for p in req.prompts()]) if req.echo else []
         prompt_top = req.logprobs if req.echo else None
-        job = self._start("cmpl", prompts, req, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs,
+        job = self._start("cmpl", prompts, req, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, req.top_alternatives,
                           prompt_top)
         if req.stream:
             return self._stream(job, req, request, chat=False, echo=echo)
@@ -230,7 +230,7 @@ class CompletionService:
     async def _stream(self, job: _Job, req: GenerationRequest, request: Request, chat: bool,
                       echo: list[str]) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
-        top = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
+        top = req.top_alternatives
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
             body = {"id": job.id, "object": kind, "created": job.created, "model": self.config.model_name,

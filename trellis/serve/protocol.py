@@ -133,6 +133,11 @@ class GenerationRequest(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def top_alternatives(self) -> int | None:
+        """How many most likely alternatives each generated token's logprobs list (None: no logprobs)."""
+        raise NotImplementedError
+
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -152,6 +157,10 @@ class ChatCompletionRequest(GenerationRequest):
             raise ValueError("requires logprobs to be true")
         return top_logprobs
 
+    @property
+    def top_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @model_validator(mode="after")
     def _check_max_tokens(self) -> ChatCompletionRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
@@ -170,6 +179,10 @@ class CompletionRequest(GenerationRequest):
         if isinstance(self.prompt, list) and (not self.prompt or any(p in ("", []) for p in self.prompt)):
             raise ValueError("prompt must not be empty, nor contain an empty prompt")
         return self
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string, or token ids."""
