@@ -177,11 +177,8 @@ void touch_run(const T* k, const T* v, int64_t n, int64_t run_bytes, int64_t ld_
 // of a tile's runs lie in: what touch_run loads when the tile is staged. Items with bf16 scores
 // fetch the next tile this way, a part before each head's products, so that the misses stay in
 // flight while the units work; one burst of the whole tile (~400 lines for SmolLM2) stalls the core
-// until most of them have come. SmolLM2's bf16 decode attention in the model's step, four sessions
-// over 448 shared keys, against the same build fetching the whole tile at once: 53.2 and 54.2
-// against 56.1 and 58.1 us a layer (two runs; one session 30.8 against 33.5); against the build
-// before it, level within the host's noise (62.1, 64.4 and 72.5 against 67.2, 63.4 and 71.7 in
-// three runs; AMD EPYC, 2 threads, alternating processes); prefill level.
+// until most of them have come (SmolLM2's four-session bf16 decode attention ~6 % slower that way
+// on the AMD EPYC); prefill takes the same time either way.
 template <typename T>
 void prefetch_tile_part(const Problem<T>& p, const KeyRun* runs, int64_t count, int64_t h0, const ItemLayout& L,
                         int64_t part, int64_t parts) {

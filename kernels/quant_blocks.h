@@ -5,10 +5,11 @@
 //                            Q4_0  fp16 d, nibbles[16]          w_i = d * (n_i - 8)    18 bytes
 //                            Q4_1  fp16 d, fp16 m, nibbles[16]  w_i = d * n_i + m      20 bytes
 //                            BF16  bf16 w[32]                   w_i (exact in fp32)    64 bytes
+//                            F32   fp32 w[32]                   w_i                   128 bytes
 // n_i is the low nibble of byte i for i < 16, the high nibble of byte i - 16 otherwise. The
-// weights are those the reference dequantizes, except that Q4_1's multiply and add are fused
-// (one rounding fewer: explicitly on AVX-512, by the compiler elsewhere); the matmuls differ
-// from it by summation order.
+// weights are those the reference dequantizes, except that the AVX-512 path fuses Q4_1's multiply
+// and add (one rounding fewer; AVX2 and the portable code round twice, as the reference does, the
+// builds compiling with -ffp-contract=off); the matmuls differ from it by summation order.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -126,9 +127,9 @@ inline void load_block<QType::Q8_0>(const uint8_t* block, Reg* w) {
 
 // The 32 weights of a 4-bit block as table[n_i], where `table` holds the block's 16 possible
 // weights w(0) .. w(15): vpermps picks lanes by the low 4 bits of each index, so bytes 0-15
-// widened to int32 index the low nibbles and, shifted right by 4, the high ones. Two permutes
-// and one table per block, where converting the nibbles took a mask, two int-to-float
-// conversions and two scalings; the weights are the same values.
+// widened to int32 index the low nibbles and, shifted right by 4, the high ones: two permutes
+// and one table per block, fewer instructions than masking, converting and scaling the nibbles,
+// for the same values.
 inline void nibble_weights(const uint8_t* qs, __m512 table, Reg* w) {
   const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
   w[0] = _mm512_permutexvar_ps(bytes, table);
@@ -148,7 +149,7 @@ inline void load_block<QType::Q4_0>(const uint8_t* block, Reg* w) {
 
 template <>
 inline void load_block<QType::Q4_1>(const uint8_t* block, Reg* w) {
-  // d * n + m with one rounding (fused), as the compiler fused the multiply and add before.
+  // d * n + m with one rounding (fused): within an ulp of the reference's d * n, then + m.
   nibble_weights(block + 4, _mm512_fmadd_ps(_mm512_set1_ps(fp16_at(block)), nibble_values(0),
                                             _mm512_set1_ps(fp16_at(block + 2))), w);
 }
