@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from common import RESULTS, ROOT, Workload, environment, markdown_table, rotated
-from floors import DTYPES, TARGET_HEADER, Shape, ceilings_line, floors, higher_ceilings, measure_ceilings, target_rows
+from common import RESULTS, ROOT, Workload, environment, rotated
+from floors import DTYPES, Shape, floors, higher_ceilings, measure_ceilings
+from report import peers_tables
 from transformers import AutoConfig
 
 from trellis.models.embedded import EMBEDDED_GGUF, embedded_gguf_path, embedded_model_dir
@@ -197,51 +198,6 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     return out
 
 
-def ratios(result: dict) -> list[tuple[str, float]]:
-    """The targets of issue 18 as ratios (> 1: Trellis ahead): one-session decode against llama.cpp on
-    the same GGUF; the N=4 op against vLLM in the same dtype; and TTFT(probe)/TTFT(cold) per system."""
-    summary, weights = result["summary"], {name: s["weights"] for name, s in result["systems"].items()}
-    out = []
-    for trellis in [n for n in summary if n.startswith("trellis")]:
-        if "llamacpp" in summary and "decode_ms_per_token" in summary[trellis]:
-            out.append((f"decode ms/token, llama.cpp / {trellis} (target ≥ 1 for trellis_gguf)",
-                        summary["llamacpp"]["decode_ms_per_token"] / summary[trellis]["decode_ms_per_token"]))
-        for vllm in [n for n in summary if n.startswith("vllm") and weights[n] == weights[trellis]]:
-            for op in sorted(k for k in summary[trellis] if k.startswith("op_D") and k in summary[vllm]):
-                out.append((f"N=4 φ=0.9 {op.removeprefix('op_')} s/op, {vllm} / {trellis} (target ≥ 1.5)",
-                            summary[vllm][op]["seconds"] / summary[trellis][op]["seconds"]))
-    for name, s in summary.items():
-        if "ttft_cold" in s:
-            out.append((f"TTFT probe / cold, {name} (target ≤ 0.15 for Trellis)", s["ttft_probe"] / s["ttft_cold"]))
-    return out
-
-
-def tables(result: dict) -> str:
-    summary, systems = result["summary"], result["systems"]
-    names = [n for n in systems if n in summary]
-    w = result["workload"]
-
-    def op_cell(s: dict, D: int) -> str:
-        op = s.get(f"op_D{D}")
-        return f"{op['seconds']:.2f} s ({op['tokens_per_s']:.0f} tok/s)" if op else "—"
-
-    rows = [["TTFT, cold prompt (s)"] + [f"{summary[n]['ttft_cold']:.3f}" for n in names],
-            [f"TTFT, φ={w['realized_phi']:.3f} probe (s)"] + [f"{summary[n]['ttft_probe']:.3f}" for n in names]]
-    rows += [[f"N={w['N']}, D={D}: s per op (tokens/s)"] + [op_cell(summary[n], D) for n in names]
-             for D in w["decode_budgets"]]
-    rows.append([f"one session's decode, ms/token at ~{w['L']} context"]
-                + [f"{summary[n]['decode_ms_per_token']:.1f}" for n in names])
-    text = markdown_table([""] + [systems[n]["label"] for n in names], rows)
-    text += "\n\nRatios (> 1: Trellis ahead; TTFT: lower is better):\n\n"
-    text += markdown_table(["", "ratio"], [[label, f"{value:.2f}"] for label, value in ratios(result)])
-    if "floors" in result:
-        text += f"\n\n{ceilings_line(result['floors']['ceilings'])}:\n\n"
-        text += markdown_table(TARGET_HEADER, target_rows(result))
-    if result.get("unavailable"):
-        text += "\n\nNot run: " + "; ".join(f"{n}: {why}" for n, why in result["unavailable"].items())
-    return text
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -347,7 +303,7 @@ def main() -> None:
     p.add_argument("--render", type=Path, help="print the tables of a results JSON, measure nothing")
     args = p.parse_args()
     if args.render:
-        print(tables(json.loads(args.render.read_text())))
+        print(peers_tables(json.loads(args.render.read_text())))
         return
     valid = {peer.name for peer in peers(args.threads, None, 1)}
     if args.systems and not set(args.systems) <= valid:
@@ -361,7 +317,7 @@ def main() -> None:
     if result["summary"]:
         plot(result, png_path)
     print(f"\nwrote {json_path}" + (f" and {png_path}" if result["summary"] else "") + "\n")
-    print(tables(result))
+    print(peers_tables(result))
     if not result["summary"]:
         sys.exit(1)
 

@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -171,6 +172,7 @@ def environment(dtype: torch.dtype | str | None, linear_kernel: str | None) -> d
         "python": platform.python_version(),
         "trellis_commit": trellis_commit(),
         "load_average": os.getloadavg(),  # other processes on the machine add noise to every timing
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 

@@ -1,12 +1,14 @@
 """Render the measured results under ``benchmarks/results/`` into the docs.
 
-    python benchmarks/report.py           # rewrite the generated parts of docs/benchmarks.md and README.md
-    python benchmarks/report.py --check   # exit 1 if either differs from what the JSON gives
+    python benchmarks/report.py           # rewrite the generated parts of the docs and README.md
+    python benchmarks/report.py --check   # exit 1 if any differs from what the JSON gives
 
 The generated parts sit between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers:
-``results`` in docs/benchmarks.md (one subsection per machine directory: ``results/`` itself and
-each folder under it), ``headline`` in README.md (one table, from ``HEADLINE_MACHINE``).
-Everything else in those files is written by hand. Standard library only: no torch, no Trellis.
+``results`` in docs/results.md (one subsection per machine directory: ``results/`` itself and
+each folder under it), ``headline`` in README.md (one table, from ``HEADLINE_MACHINE``), and in
+docs/benchmarks.md ``peers PATH``, the systems' table of the ``bench_peers.py`` run in ``PATH``
+(relative to the repository), which the text around it discusses. Everything else in those files
+is written by hand. Standard library only: no torch, no Trellis.
 
 Tables show what the benchmark scripts print: ``mean ± std`` over the repetitions, and ratios
 of the means. The README's headline uses medians, which one stray repetition cannot move.
@@ -27,6 +29,8 @@ from floors import TARGET_HEADER, ceilings_line, target_rows
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS_DOC = ROOT / "docs" / "results.md"
+PEERS_MARKER = re.compile(r"<!-- (peers \S+):begin -->")  # a peers run's table, the file named in the marker
 README = ROOT / "README.md"
 HEADLINE_MACHINE = "xeon-amx"  # the machine directory whose results the README quotes
 SIMD = {"AVX512": "AVX-512", "AVX2": "AVX2", "DEFAULT": "portable code"}  # torch's CPU capability names
@@ -498,15 +502,89 @@ def bf16_parity_table(data: dict) -> str:
             ]))
 
 
-def peers_floors_table(data: dict) -> str:
-    """Issue 18's targets beside their floors at the run's own ceilings (bench_peers.py, floors.py)."""
-    return f"{ceilings_line(data['floors']['ceilings'])}:\n\n" + table(TARGET_HEADER, target_rows(data))
+# --- the CPU peers (bench_peers.py) ----------------------------------------------------------
+
+
+def peers_ratios(result: dict) -> list[tuple[str, float]]:
+    """The targets of issue 18 as ratios (> 1: Trellis ahead): one-session decode against llama.cpp on
+    the same GGUF; the N=4 op against vLLM in the same dtype; and TTFT(probe)/TTFT(cold) per system."""
+    summary, weights = result["summary"], {name: s["weights"] for name, s in result["systems"].items()}
+    out = []
+    for trellis in [n for n in summary if n.startswith("trellis")]:
+        if "llamacpp" in summary and "decode_ms_per_token" in summary[trellis]:
+            out.append((f"decode ms/token, llama.cpp / {trellis} (target ≥ 1 for trellis_gguf)",
+                        summary["llamacpp"]["decode_ms_per_token"] / summary[trellis]["decode_ms_per_token"]))
+        for vllm in [n for n in summary if n.startswith("vllm") and weights[n] == weights[trellis]]:
+            for op in sorted(k for k in summary[trellis] if k.startswith("op_D") and k in summary[vllm]):
+                out.append((f"N=4 φ=0.9 {op.removeprefix('op_')} s/op, {vllm} / {trellis} (target ≥ 1.5)",
+                            summary[vllm][op]["seconds"] / summary[trellis][op]["seconds"]))
+    for name, s in summary.items():
+        if "ttft_cold" in s:
+            out.append((f"TTFT probe / cold, {name} (target ≤ 0.15 for Trellis)", s["ttft_probe"] / s["ttft_cold"]))
+    return out
+
+
+def peers_table(result: dict) -> str:
+    """One row per measurement, one column per system, as bench_peers.py prints it."""
+    summary, systems = result["summary"], result["systems"]
+    names = [n for n in systems if n in summary]
+    w = result["workload"]
+
+    def op_cell(s: dict, D: int) -> str:
+        op = s.get(f"op_D{D}")
+        return f"{op['seconds']:.2f} s ({op['tokens_per_s']:.0f} tok/s)" if op else "—"
+
+    rows = [["TTFT, cold prompt (s)"] + [f"{summary[n]['ttft_cold']:.3f}" for n in names],
+            [f"TTFT, φ={w['realized_phi']:.3f} probe (s)"] + [f"{summary[n]['ttft_probe']:.3f}" for n in names]]
+    rows += [[f"N={w['N']}, D={D}: s per op (tokens/s)"] + [op_cell(summary[n], D) for n in names]
+             for D in w["decode_budgets"]]
+    rows.append([f"one session's decode, ms/token at ~{w['L']} context"]
+                + [f"{summary[n]['decode_ms_per_token']:.1f}" for n in names])
+    return table([""] + [systems[n]["label"] for n in names], rows)
+
+
+def peers_tables(result: dict) -> str:
+    """Everything bench_peers.py prints of a run: the systems, the target ratios, the floors."""
+    text = peers_table(result)
+    text += "\n\nRatios (> 1: Trellis ahead; TTFT: lower is better):\n\n"
+    text += table(["", "ratio"], [[label, f"{value:.2f}"] for label, value in peers_ratios(result)])
+    if "floors" in result:
+        text += f"\n\n{ceilings_line(result['floors']['ceilings'])}:\n\n" + table(TARGET_HEADER, target_rows(result))
+    if result.get("unavailable"):
+        text += "\n\nNot run: " + "; ".join(f"{n}: {why}" for n, why in result["unavailable"].items())
+    return text
+
+
+def peers_runs_table(results: Results, directory: Path) -> str:
+    """Issue 18's ratios, one row per peers run of a machine: how far apart repeated runs land."""
+    def ratio(summary: dict, ours: str, theirs: str, key: str) -> str:
+        if ours not in summary or theirs not in summary or key not in summary[ours] or key not in summary[theirs]:
+            return "—"
+        a, b = summary[theirs][key], summary[ours][key]
+        return f"{a['seconds'] / b['seconds']:.2f}×" if isinstance(a, dict) else f"{a / b:.2f}×"
+
+    def share(s: dict | None) -> str:
+        return f"{s['ttft_probe'] / s['ttft_cold']:.3f}" if s and "ttft_cold" in s else "—"
+
+    rows = []
+    runs = sorted((name for name, data in results.items() if kind_of(data) == "peers"),
+                  key=lambda name: results[name].get("info", {}).get("date", ""))  # undated files first, by name
+    for name in runs:
+        data = results[name]
+        summary = data["summary"]
+        commit = (data.get("info", {}).get("trellis_commit") or "")[:7] or "—"
+        rows.append([source(name, directory), commit,
+                     *(ratio(summary, f"trellis_{w}", f"vllm_{w}", f"op_D{D}") for w in ("bf16", "fp32") for D in (16, 64)),
+                     ratio(summary, "trellis_gguf", "llamacpp", "decode_ms_per_token"),
+                     share(summary.get("trellis_bf16")), share(summary.get("trellis_fp32")), share(summary.get("vllm_bf16"))])
+    return table(["run", "Trellis at", "bf16 D=16", "bf16 D=64", "fp32 D=16", "fp32 D=64", "GGUF decode",
+                  "TTFT ratio bf16", "fp32", "vLLM bf16"], rows)
 
 
 def kind_of(data: dict) -> str:
     if data.get("what") in ("gpu_check", "shared_decode", "bf16_parity", "chat"):
         return data["what"]
-    if "floors" in data:  # bench_peers.py since it measures the machine's ceilings
+    if {"workload", "summary", "systems"} <= data.keys():  # bench_peers.py
         return "peers"
     if "systems" in data and "sessions" in data.get("settings", {}):
         return "e2e"
@@ -543,7 +621,7 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "e2e": ("End to end", [e2e_table]),
     "bf16_parity": ("bf16 parity", [bf16_parity_table]),
     "chat": ("A chat's next turn", [chat_table]),
-    "peers": ("CPU peers: the targets against their floors", [peers_floors_table]),
+    "peers": ("CPU peers", [peers_tables]),
 }
 
 
@@ -557,6 +635,12 @@ def machine_section(directory: Path) -> str:
              + "".join(f" Figures: {', '.join(figures)}." for figures in [[f"[`{p.name}`](../{p.relative_to(ROOT).as_posix()})"
                                                                           for p in sorted(directory.glob("*.png"))]] if figures)]
     kinds = {name: kind_of(data) for name, data in results.items()}
+    if "peers" in kinds.values():
+        parts += ["#### CPU peers, run by run",
+                  ("Issue 18's ratios per `bench_peers.py` run, in the order of the dates files record (by name for "
+                  "those that record none): the four-session op, vLLM's seconds over "
+                  "Trellis' in the same dtype; one session's GGUF decode, llama.cpp's ms/token over Trellis'; TTFT, "
+                  "the probe's over the cold prompt's."), peers_runs_table(results, directory)]
     for kind, (title, renderers) in SECTIONS.items():
         names = [n for n, k in kinds.items() if k == kind]
         if kind == "targets" and any("targets" in data for data in results.values()):
@@ -639,9 +723,13 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a document is out of date; write nothing")
     args = parser.parse_args()
     stale = []
-    for path, name, body in ((DOC, "results", results_section()), (README, "headline", headline())):
-        text = path.read_text()
-        rendered = splice(text, name, body)
+    documents = {RESULTS_DOC: {"results": results_section()}, README: {"headline": headline()},
+                 DOC: {name: peers_table(json.loads((ROOT / name.removeprefix("peers ")).read_text()))
+                       for name in PEERS_MARKER.findall(DOC.read_text())}}
+    for path, parts in documents.items():
+        text = rendered = path.read_text()
+        for name, body in parts.items():
+            rendered = splice(rendered, name, body)
         if rendered != text:
             stale.append(path.relative_to(ROOT).as_posix())
             if not args.check:

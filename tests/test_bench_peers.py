@@ -11,6 +11,7 @@ sys.path.insert(0, str(BENCHMARKS / "peers"))
 import bench_gguf_fidelity
 import bench_peers
 import protocol
+import report
 from common import Workload, rotated
 
 
@@ -80,10 +81,25 @@ def test_rotation_and_summary():
     result = {"summary": summary, "systems": systems, "unavailable": {"llamacpp": "not set up"},
               "workload": {"L": 512, "N": 4, "realized_phi": 0.875, "decode_budgets": [16]}}
     summary["vllm_fp32"]["decode_ms_per_token"] = 10.0
-    ratios = dict(bench_peers.ratios(result))
+    ratios = dict(report.peers_ratios(result))
     assert ratios["N=4 φ=0.9 D16 s/op, vllm_fp32 / trellis_fp32 (target ≥ 1.5)"] == 1.5
-    assert "Not run: llamacpp: not set up" in bench_peers.tables(result)
+    assert "Not run: llamacpp: not set up" in report.peers_tables(result)
 
+
+
+def test_runs_table_orders_runs_by_date_and_states_each_target_ratio():
+    def run(date: str | None, trellis_seconds: float) -> dict:
+        summary = {"trellis_bf16": {"op_D16": {"seconds": trellis_seconds}, "ttft_cold": 0.2, "ttft_probe": 0.03},
+                   "vllm_bf16": {"op_D16": {"seconds": 0.6}}}
+        info = {"trellis_commit": "abcdef1234"} | ({"date": date} if date else {})
+        return {"summary": summary, "systems": {}, "workload": {}, "info": info}
+
+    results = {"peers_b.json": run("2026-12-02T00:00:00+00:00", 0.4), "peers_c.json": run("2026-12-01T00:00:00+00:00", 0.5),
+               "peers_a.json": run(None, 0.3), "ttft.json": {"points": [{"phi": 0.0}]}}
+    rows = report.peers_runs_table(results, report.RESULTS).splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == ["peers_a.json", "peers_c.json", "peers_b.json"]  # undated first
+    cells = [c.strip() for c in rows[2].split("|")]
+    assert cells[2:5] == ["abcdef1", "1.50×", "—"] and cells[8] == "0.150"  # vLLM's 0.6 s over 0.4; no D=64; TTFT
 
 def test_fidelity_scores_every_text_and_continues_every_prompt():
     reply = FakeSystem([0.0]).fidelity(texts=[[1, 2, 3], [4, 5]], prompts=[[7, 8], [9]], max_new_tokens=2)

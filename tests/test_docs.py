@@ -1,6 +1,6 @@
 """The documentation stays true to the data and stays navigable.
 
-The results tables of docs/benchmarks.md and the README's headline table are rendered from
+docs/results.md, the peers tables of docs/benchmarks.md and the README's headline table are rendered from
 ``benchmarks/results/**/*.json`` by ``benchmarks/report.py``, so checking that the rendering is
 current also checks that every number in the headline table comes from the JSON.
 """
@@ -20,7 +20,7 @@ FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
 
 def test_rendered_results_match_the_json():
-    """docs/benchmarks.md and the README's headline table are what report.py renders now."""
+    """docs/results.md, docs/benchmarks.md's peers tables and the README's headline are what report.py renders now."""
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], capture_output=True,
                          text=True, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
