@@ -258,6 +258,23 @@ def test_shared_whole_blocks_counts_the_common_prefix_in_whole_blocks_never_all_
     assert shared_whole_blocks(list(range(6)), list(range(20)), 4) == 4  # no further than the cached tokens
     assert shared_whole_blocks([7, 1], [1, 2, 3], 1) == 0 and shared_whole_blocks([], [1], 4) == 0
 
+
+def test_evictable_blocks_are_counted_once_between_changes(monkeypatch):
+    """Pricing every waiting request reads one count while nothing changes; any change recounts."""
+    m = make_manager(num_blocks=16)
+    run_session(m, list(range(12)))
+    counts = []
+    count = m.radix._count_evictable
+    monkeypatch.setattr(m.radix, "_count_evictable", lambda: counts.append(1) or count())
+    for tokens in ([0, 1, 2, 3, 9], list(range(40)), [7] * 30):
+        m.admission_cost(tokens)
+    assert len(counts) == 1 and m.available_blocks() == 16
+    seq = m.admit(list(range(9)))  # locks the cached prefix: its two blocks are no longer evictable
+    assert m.available_blocks() == 16 - 3 and len(counts) == 2
+    m.release(seq)
+    assert m.available_blocks() == 16 and len(counts) == 3
+    m.check_integrity()  # (which checks a kept count against a fresh one)
+
 def test_a_released_session_is_not_forked():
     """Its blocks may be free or another session's by now: forking it would copy or share them."""
     m = make_manager()

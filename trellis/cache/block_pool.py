@@ -55,6 +55,7 @@ class BlockPool:
         # on every forward.
         self.layers = {layer: (self.kv[i, 0], self.kv[i, 1]) for i, layer in enumerate(layer_ids)}
         self.ref_counts = [0] * num_blocks
+        self.version = 0  # counts changes to ref_counts: a figure derived from them holds while it stays
         # Pop from the end: low block ids are handed out first, which keeps tests readable.
         self._free = list(range(num_blocks - 1, -1, -1))
 
@@ -79,11 +80,13 @@ class BlockPool:
                 f"(block size {self.block_size}); raise num_blocks or the KV memory budget"
             )
         blocks = [self._free.pop() for _ in range(n)]
+        self.version += 1
         for b in blocks:
             self.ref_counts[b] = 1
         return blocks
 
     def incref(self, blocks: list[int]) -> None:
+        self.version += 1
         for b in blocks:
             if self.ref_counts[b] <= 0:
                 raise RuntimeError(f"incref of free block {b}")
@@ -91,6 +94,7 @@ class BlockPool:
 
     def decref(self, blocks: list[int]) -> None:
         """Drop one reference from each block; a block whose count reaches zero is free again."""
+        self.version += 1
         for b in blocks:
             if self.ref_counts[b] <= 0:
                 raise RuntimeError(f"decref of free block {b} (double free)")

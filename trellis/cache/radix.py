@@ -77,6 +77,10 @@ class RadixCache:
         self.lookup_tokens = 0
         self.hit_tokens = 0
         self.evicted_blocks = 0
+        # evictable_blocks' count, and the (pool version, tree version) it was counted at: pricing every
+        # waiting request between two changes of the cache reads it, where a count walks the whole tree.
+        self._version = 0  # counts changes to nodes, their blocks, tails and locks
+        self._evictable: tuple[tuple[int, int], int] | None = None
 
     # --- lookup and insertion -------------------------------------------------------------
 
@@ -155,6 +159,7 @@ class RadixCache:
         tokens = tuple(tokens)
         if not 0 < len(tokens) < self.block_size:
             raise ValueError(f"a tail holds 1 to {self.block_size - 1} tokens, got {len(tokens)}")
+        self._version += 1
         held = [*node.children, *node.tails]
         if any(key[: len(tokens)] == tokens for key in held):
             return
@@ -180,6 +185,7 @@ class RadixCache:
             raise ValueError(
                 f"insert needs whole blocks: {len(tokens)} tokens for {len(blocks)} blocks of {self.block_size}"
             )
+        self._version += 1
         node, matched, _ = self._walk(tokens, len(blocks))
         n = len(matched)
         own = next((i for i, (held, given) in enumerate(zip(matched, blocks)) if held != given), n)
@@ -238,6 +244,7 @@ class RadixCache:
     def _split(self, node: RadixNode, n_blocks: int) -> RadixNode:
         """Cut ``node``'s edge after ``n_blocks`` blocks; returns the new upper node."""
         bs = self.block_size
+        self._version += 1
         upper = RadixNode(node.parent, node.tokens[: n_blocks * bs], node.blocks[:n_blocks])
         upper.lock_count = node.lock_count
         upper.last_access = node.last_access
@@ -252,11 +259,13 @@ class RadixCache:
 
     def lock(self, node: RadixNode) -> None:
         """Pin ``node`` and its ancestors against eviction (one count per live session)."""
+        self._version += 1
         while node is not None:
             node.lock_count += 1
             node = node.parent
 
     def unlock(self, node: RadixNode) -> None:
+        self._version += 1
         while node is not None:
             if node.lock_count <= 0:
                 raise RuntimeError("unlock of a radix node that is not locked")
@@ -270,6 +279,12 @@ class RadixCache:
 
     def evictable_blocks(self) -> int:
         """Blocks that eviction could return to the pool right now."""
+        at = (self.pool.version, self._version)
+        if self._evictable is None or self._evictable[0] != at:
+            self._evictable = (at, self._count_evictable())
+        return self._evictable[1]
+
+    def _count_evictable(self) -> int:
         ref = self.pool.ref_counts
         return (sum(1 for node in self.nodes() if node.lock_count == 0 for b in node.blocks if ref[b] == 1)
                 + sum(1 for node in self.every_node() for b in node.tails.values() if ref[b] == 1))
@@ -277,6 +292,7 @@ class RadixCache:
     def evict(self, num_blocks: int) -> int:
         """Free at least ``num_blocks`` blocks, least recently used node first: its tails, then, from
         an unlocked leaf, its blocks from the end. Returns how many blocks were freed."""
+        self._version += 1
         heap = [(n.last_access, id(n), n) for n in self.every_node() if n.tails or self._evictable_leaf(n)]
         heapq.heapify(heap)
         queued = {id(n) for _, _, n in heap}  # the nodes in the heap now
@@ -312,6 +328,7 @@ class RadixCache:
 
     def reset(self) -> None:
         """Drop every cached prefix. Live sessions keep their own references and stay valid."""
+        self._version += 1
         for node in self.every_node():
             self.pool.decref(node.blocks)
             self.pool.decref(list(node.tails.values()))
@@ -375,3 +392,6 @@ class RadixCache:
                 raise AssertionError(f"block {block} appears {count} times in the tree")
             if self.pool.ref_counts[block] < 1:
                 raise AssertionError(f"tree block {block} has no reference")
+        counted = self._evictable  # a count kept across unchanged states must still be the tree's
+        if counted is not None and counted[0] == (self.pool.version, self._version) and counted[1] != self._count_evictable():
+            raise AssertionError(f"evictable_blocks kept {counted[1]}, the tree holds {self._count_evictable()}")
