@@ -34,11 +34,17 @@ def ask(model, suffix):
     return model.generate(ids, max_new_tokens=5, do_sample=False)
 
 
+def held_blocks(model):
+    """What a save writes and a load into an empty cache takes: the nodes' blocks and the tails'."""
+    stats = model.prefix_cache.stats()
+    return stats["cached_blocks"] + stats["tail_blocks"]
+
+
 def saved(tmp_path, model):
     ask(model, [50, 51])
     ask(model, [60, 61, 62, 63, 64])
     path = tmp_path / "prefixes.safetensors"
-    assert model.save_prefix_cache(path) == model.prefix_cache.stats()["cached_blocks"]
+    assert model.save_prefix_cache(path) == held_blocks(model)
     return path
 
 
@@ -58,7 +64,8 @@ def picture(manager):
     def path_of(node):
         return () if node.parent is None else path_of(node.parent) + node.tokens
 
-    return (manager.stats(), sorted((path_of(n), tuple(n.blocks), n.lock_count) for n in manager.radix.nodes()),
+    return (manager.stats(), sorted((path_of(n), tuple(n.blocks), n.lock_count, tuple(sorted(n.tails.items())))
+                                    for n in manager.radix.every_node()),
             list(manager.pool.ref_counts), manager.pool.kv.clone())
 
 
@@ -81,13 +88,32 @@ def test_round_trip_survives_a_restart(tmp_path):
     path = saved(tmp_path, model)
     _, restarted = tiny_pair()  # same weights, empty cache
     loaded = restarted.load_prefix_cache(path)
-    assert loaded == model.prefix_cache.stats()["cached_blocks"]
+    assert loaded == held_blocks(model)
     assert restarted.prefix_cache.stats()["nodes"] == model.prefix_cache.stats()["nodes"]
     restarted.prefix_cache.check_integrity()
     hits = restarted.prefix_cache.stats()["hit_tokens"]
     out = ask(restarted, [70, 71])
     assert restarted.prefix_cache.stats()["hit_tokens"] - hits == 40  # the whole system prompt
     assert torch.equal(out, ask(ref, [70, 71]))
+
+
+def test_a_conversation_continues_from_a_saved_tail(tmp_path):
+    """The partly filled last block a finished session left is saved and loaded: the next turn of
+    that conversation is served every token the last one computed, and answers as transformers does."""
+    ref, model = tiny_pair()
+    first = ask(model, [50, 51])  # 42 prompt tokens and 5 new: 46 computed, 11 blocks and a 2-token tail
+    path = saved(tmp_path, model)
+    assert model.prefix_cache.stats()["tail_blocks"] == 2
+    _, restarted = tiny_pair()
+    restarted.load_prefix_cache(path)
+    assert restarted.prefix_cache.stats()["tail_blocks"] == 2
+    turn = torch.cat([first, torch.tensor([[80, 81, 82]])], dim=1)
+    with torch.no_grad():
+        logits = restarted(turn, logits_to_keep=1).logits
+        torch.testing.assert_close(logits, ref(turn).logits[:, -1:], atol=1e-4, rtol=0)
+    stats = restarted.prefix_cache.stats()
+    assert stats["hit_tokens"] == 46  # 11 whole blocks and the tail's 2 tokens
+    restarted.prefix_cache.check_integrity()
 
 
 def test_loading_twice_keeps_one_copy(tmp_path):
@@ -193,7 +219,7 @@ def test_a_file_from_another_kind_of_cpu_is_refused(tmp_path, monkeypatch, unit)
         other.load_prefix_cache(path)
     assert other.prefix_cache.stats()["cached_blocks"] == 0
     monkeypatch.undo()
-    assert other.load_prefix_cache(path) == model.prefix_cache.stats()["cached_blocks"]
+    assert other.load_prefix_cache(path) == held_blocks(model)
 
 
 def test_hardware_identity_names_the_device():
@@ -210,7 +236,7 @@ def test_another_attention_backend_is_refused(tmp_path):
     with pytest.raises(PrefixCacheFileError, match="other settings"):
         cpp.load_prefix_cache(path)
     _, same = tiny_pair(backend="reference")
-    assert same.load_prefix_cache(path) == model.prefix_cache.stats()["cached_blocks"]
+    assert same.load_prefix_cache(path) == held_blocks(model)
 
 
 def test_another_adapter_state_is_refused(tmp_path):
@@ -277,7 +303,7 @@ def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, 
     assert_same_picture(picture(manager), before)
     assert_nothing_leaked(manager)
     monkeypatch.undo()
-    assert target.load_prefix_cache(path) == model.prefix_cache.stats()["cached_blocks"]
+    assert target.load_prefix_cache(path) == held_blocks(model)
     assert_nothing_leaked(manager)
 
 
@@ -345,12 +371,21 @@ def node_slices(tensors):
 
 
 def with_nodes(tensors, bs, order, parents, slices):
-    """The file's tensors with nodes ``order`` (indices into the old lists; ``parents`` already renumbered)."""
+    """The file's tensors with nodes ``order`` (indices into the old lists; ``parents`` already renumbered),
+    the tails following their nodes (their K/V last, as saved)."""
     blocks = torch.tensor([b for i in order for b in range(slices[i].start, slices[i].stop)], dtype=torch.int64)
-    return {"kv": tensors["kv"].index_select(2, blocks),
+    num_node_blocks = tensors["kv"].shape[2] - len(tensors["tail_node"])
+    tail_blocks = torch.arange(num_node_blocks, tensors["kv"].shape[2])
+    new_index = {}
+    for new, old in enumerate(order):
+        new_index.setdefault(old, new)
+    return {"kv": tensors["kv"].index_select(2, torch.cat([blocks, tail_blocks])),
             "tokens": tensors["tokens"].view(-1, bs).index_select(0, blocks).reshape(-1),
             "node_parent": torch.tensor(parents, dtype=torch.int64),
-            "node_num_blocks": torch.tensor([slices[i].stop - slices[i].start for i in order], dtype=torch.int64)}
+            "node_num_blocks": torch.tensor([slices[i].stop - slices[i].start for i in order], dtype=torch.int64),
+            "tail_node": torch.tensor([-1 if i < 0 else new_index[i] for i in tensors["tail_node"].tolist()],
+                                      dtype=torch.int64),
+            "tail_num_tokens": tensors["tail_num_tokens"].clone(), "tail_tokens": tensors["tail_tokens"].clone()}
 
 
 def reordered(tensors, bs, rng):
@@ -368,7 +403,7 @@ def crafted(tensors, bs, vocab, rng):
     """One edit that ``save_prefix_cache`` could never have written."""
     t = {name: value.clone() for name, value in tensors.items()}
     n = len(t["node_parent"])
-    kind = rng.choice(["count", "parent", "truncate", "token", "sibling", "kv", "dtype", "names"])
+    kind = rng.choice(["count", "parent", "truncate", "token", "sibling", "kv", "dtype", "names", "tail"])
     if kind == "count":  # a count below one, the total kept
         i, j = rng.sample(range(n), 2)
         shift = int(t["node_num_blocks"][i]) - rng.choice([0, -1, -3])
@@ -387,8 +422,17 @@ def crafted(tensors, bs, vocab, rng):
         return with_nodes(t, bs, [*range(n), i], [*parents, parents[i]], slices)
     elif kind == "kv":
         t["kv"] = t["kv"][:, :, 1:].clone() if rng.random() < 0.5 else t["kv"].to(torch.float16)
+    elif kind == "tail":  # a tail after no node, of no tokens or a whole block's, of ids outside the vocabulary
+        m = len(t["tail_node"])
+        edit = rng.choice(["node", "length", "token"])
+        if edit == "node":
+            t["tail_node"][rng.randrange(m)] = rng.choice([-2, n, n + 7])
+        elif edit == "length":
+            t["tail_num_tokens"][rng.randrange(m)] = rng.choice([0, bs, bs + 1])
+        else:
+            t["tail_tokens"][rng.randrange(len(t["tail_tokens"]))] = rng.choice([-1, vocab])
     elif kind == "dtype":
-        name = rng.choice(["tokens", "node_parent", "node_num_blocks"])
+        name = rng.choice(["tokens", "node_parent", "node_num_blocks", "tail_node", "tail_num_tokens", "tail_tokens"])
         t[name] = t[name].to(rng.choice([torch.int32, torch.float64]))
     elif rng.random() < 0.5:
         del t[rng.choice(sorted(t))]
@@ -407,6 +451,13 @@ def assert_serves_fresh_kv(model, fresh_kv):
         blocks = manager.radix.match(tokens, max_tokens=len(tokens)).blocks
         got = manager.pool.kv.index_select(2, torch.tensor(blocks)).flatten(2, 3)  # [L, 2, T, Hkv, D]
         torch.testing.assert_close(got, fresh_kv(tokens), atol=1e-4, rtol=1e-4)
+    for node in manager.radix.every_node():
+        path, up = (), node
+        while up.parent is not None:
+            path, up = up.tokens + path, up.parent
+        for tokens, block in node.tails.items():  # its first len(tokens) slots: those tokens' K/V after the path
+            got = manager.pool.kv[:, :, block, : len(tokens)]
+            torch.testing.assert_close(got, fresh_kv(path + tokens)[:, :, -len(tokens):], atol=1e-4, rtol=1e-4)
 
 
 def plain_transformers_kv(ref):
@@ -456,7 +507,7 @@ def test_fuzzed_files_are_refused_whole_or_serve_the_right_kv(tmp_path):
         file.unlink()
     assert len(refusals) >= 390 and loaded >= 195  # bytes flipped and tensors edited are refused, reorders load
     for problem in ("damaged", "holds tensors", "1-D int64", "kv is", "at least one block", "an earlier node",
-                    "blocks of K/V", "outside the vocabulary", "earlier sibling"):
+                    "blocks of K/V", "outside the vocabulary", "earlier sibling", "inconsistent tails"):
         assert any(problem in message for message in refusals), f"no edit was refused for {problem!r}"
 
 

@@ -131,6 +131,11 @@ def test_a_finished_session_leaves_its_partly_filled_block_as_a_tail_for_the_nex
     assert node.tails == before  # [8, 9] holds it
     with pytest.raises(ValueError, match="a tail holds 1 to 3 tokens"):
         m.radix.add_tail(node, [8, 9, 10, 11], first.block_ids[2])
+    spare = m.pool.alloc(1)  # replace=False: a longer run is not taken where it would let the shorter go
+    m.radix.add_tail(node, [8, 9, 10], spare[0], replace=False)
+    assert node.tails == before and m.pool.ref_counts[spare[0]] == 1
+    m.pool.decref(spare)
+    assert m.radix.node_at(list(range(4))) is not None and m.radix.node_at(list(range(4)) + [9] * 4) is None
     m.check_integrity()
     # Eviction takes a node's tails before its blocks, whatever its locks.
     live = m.admit(list(range(8)) + [1, 2])  # locks the first two blocks (and uses them last)

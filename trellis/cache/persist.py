@@ -8,9 +8,11 @@ allocates every block it needs in one request, and undoes what it did if anythin
 (only the colder prefixes evicted to make room stay evicted), so it applies fully or not at all
 and never leaks a block. Prefixes already cached are kept; the file's duplicates of them are dropped.
 
-Layout: ``kv [L, 2, n, S, Hkv, D]`` (the file's n blocks), ``tokens int64 [n * S]``, and per node,
-parents before children, ``node_parent int64 [N]`` (-1: the root) and ``node_num_blocks int64 [N]``
-(its edge: the next blocks of ``kv`` and ``tokens``).
+Layout: ``kv [L, 2, n + m, S, Hkv, D]`` (the nodes' n blocks, then the m tails'), ``tokens int64
+[n * S]``, per node, parents before children, ``node_parent int64 [N]`` (-1: the root) and
+``node_num_blocks int64 [N]`` (its edge: the next blocks of ``kv`` and ``tokens``), and per tail
+(a partly filled block kept after a node's path) ``tail_node int64 [m]`` (-1: the root),
+``tail_num_tokens int64 [m]`` (1 to S - 1) and ``tail_tokens int64`` (theirs, one after another).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from trellis.cache.manager import KVCacheManager
 from trellis.cache.radix import RadixCache, RadixNode
 from trellis.utils import outside_vocabulary
 
-FORMAT = "trellis-prefix-cache/4"
-TENSORS = ("kv", "tokens", "node_parent", "node_num_blocks")
+FORMAT = "trellis-prefix-cache/5"
+TENSORS = ("kv", "tokens", "node_parent", "node_num_blocks", "tail_node", "tail_num_tokens", "tail_tokens")
 
 
 class PrefixCacheFileError(ValueError):
@@ -118,19 +120,24 @@ def check_save_path(path: str | os.PathLike) -> Path:
 
 
 def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: Mapping[str, str]) -> int:
-    """Write every cached prefix to ``path`` (atomically); returns the number of blocks saved.
-    ``fingerprint``: the ``model_fingerprint`` of the model that computed the cache."""
+    """Write every cached prefix and tail to ``path`` (atomically); returns the number of blocks
+    saved. ``fingerprint``: the ``model_fingerprint`` of the model that computed the cache."""
     path = check_save_path(path)
     with manager.lock:
         nodes = list(manager.radix.nodes())  # parents before children
         index = {id(node): i for i, node in enumerate(nodes)}
-        blocks = [b for node in nodes for b in node.blocks]
+        tails = [(index.get(id(node), -1), tokens, block) for node in manager.radix.every_node()
+                 for tokens, block in node.tails.items()]
+        blocks = [b for node in nodes for b in node.blocks] + [block for _, _, block in tails]
         kv = manager.pool.kv
         tensors = {
             "kv": kv.index_select(2, torch.tensor(blocks, dtype=torch.int64, device=kv.device)).cpu(),  # [L, 2, n, S, Hkv, D]
             "tokens": torch.tensor([t for node in nodes for t in node.tokens], dtype=torch.int64),  # [n * S]
             "node_parent": torch.tensor([index.get(id(node.parent), -1) for node in nodes], dtype=torch.int64),
             "node_num_blocks": torch.tensor([len(node.blocks) for node in nodes], dtype=torch.int64),
+            "tail_node": torch.tensor([i for i, _, _ in tails], dtype=torch.int64),
+            "tail_num_tokens": torch.tensor([len(tokens) for _, tokens, _ in tails], dtype=torch.int64),
+            "tail_tokens": torch.tensor([t for _, tokens, _ in tails for t in tokens], dtype=torch.int64),
         }
         metadata = {**_header(manager, fingerprint), "checksum": _checksum(tensors)}
     staging = path.with_name(f".{path.name}.tmp")
@@ -148,7 +155,9 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
 
 def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: Mapping[str, str],
                       vocab_size: int) -> int:
-    """Add the prefixes saved in ``path`` to the cache; returns the number of blocks loaded.
+    """Add the prefixes and tails saved in ``path`` to the cache; returns the number of blocks
+    loaded. A saved tail joins its node's unless the node already holds its tokens or a shorter
+    run of them (nothing cached is let go).
 
     ``fingerprint``: this model's ``model_fingerprint``; ``vocab_size``: token ids must be below it.
     Raises ``PrefixCacheFileError`` for a file of another format, model, dtype, block size or
@@ -162,6 +171,7 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
         raise PrefixCacheFileError(f"prefix cache file {path} is damaged (checksum mismatch)")
     _check_shapes(tensors, manager, path)
     paths = _node_paths(tensors, manager.block_size, vocab_size, path)
+    tails = _tails(tensors, len(paths), manager.block_size, vocab_size, path)
     with manager.lock:
         blocks = manager.allocate(tensors["kv"].shape[2])  # all or nothing
         before = _tree_state(manager.radix)
@@ -170,6 +180,10 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
             kv.index_copy_(2, torch.tensor(blocks, dtype=torch.int64, device=kv.device), tensors["kv"].to(kv.device))
             for path_tokens, path_blocks in paths:
                 manager.radix.insert(path_tokens, [blocks[i] for i in path_blocks])
+            for i, (node_index, tokens) in enumerate(tails):
+                node = manager.radix.node_at(paths[node_index][0] if node_index >= 0 else [])
+                if node is not None:  # (always: its path was inserted above)
+                    manager.radix.add_tail(node, tokens, blocks[len(blocks) - len(tails) + i], replace=False)
         except BaseException:
             _restore_tree(before)
             # Freshly allocated blocks have no holder but us and, once adopted, the tree.
@@ -210,13 +224,16 @@ def _check_header(metadata: Mapping[str, str], expected: Mapping[str, str], path
 
 
 def _check_shapes(tensors: Mapping[str, torch.Tensor], manager: KVCacheManager, path: str | os.PathLike) -> None:
-    for name in ("tokens", "node_parent", "node_num_blocks"):
+    for name in ("tokens", "node_parent", "node_num_blocks", "tail_node", "tail_num_tokens", "tail_tokens"):
         if tensors[name].dtype != torch.int64 or tensors[name].dim() != 1:
             raise PrefixCacheFileError(f"prefix cache file {path}: {name} must be a 1-D int64 tensor, "
                                        f"not {tensors[name].dtype} of shape {list(tensors[name].shape)}")
     if len(tensors["node_parent"]) != len(tensors["node_num_blocks"]):
         raise PrefixCacheFileError(f"prefix cache file {path}: {len(tensors['node_parent'])} node parents for "
                                    f"{len(tensors['node_num_blocks'])} node block counts")
+    if len(tensors["tail_node"]) != len(tensors["tail_num_tokens"]):
+        raise PrefixCacheFileError(f"prefix cache file {path}: {len(tensors['tail_node'])} tail nodes for "
+                                   f"{len(tensors['tail_num_tokens'])} tail lengths")
     kv, pool = tensors["kv"], manager.pool.kv
     if kv.dtype != pool.dtype or kv.dim() != 6 or kv.shape[:2] != pool.shape[:2] or kv.shape[3:] != pool.shape[3:]:
         expected = [*pool.shape[:2], "n", *pool.shape[3:]]
@@ -229,7 +246,7 @@ def _node_paths(tensors: Mapping[str, torch.Tensor], block_size: int, vocab_size
     """Each node's full token path and the indices of its blocks in the file's ``kv``, after
     checking that the tree is one ``save_prefix_cache`` could have written."""
     parents, counts = tensors["node_parent"].tolist(), tensors["node_num_blocks"].tolist()
-    tokens, num_blocks = tensors["tokens"].tolist(), tensors["kv"].shape[2]
+    tokens, num_blocks = tensors["tokens"].tolist(), tensors["kv"].shape[2] - len(tensors["tail_node"])
 
     def refuse(problem: str) -> PrefixCacheFileError:
         return PrefixCacheFileError(f"prefix cache file {path} has an inconsistent tree: {problem}")
@@ -241,7 +258,7 @@ def _node_paths(tensors: Mapping[str, torch.Tensor], block_size: int, vocab_size
             raise refuse(f"node {i} has parent {parent}; a parent is -1 (the root) or an earlier node")
     if not sum(counts) * block_size == len(tokens) == num_blocks * block_size:
         raise refuse(f"the nodes own {sum(counts)} blocks of {block_size} tokens, the file holds {len(tokens)} "
-                     f"tokens and {num_blocks} blocks of K/V")
+                     f"tokens and {num_blocks} blocks of K/V besides its tails'")
     if (problem := outside_vocabulary(tokens, vocab_size)) is not None:
         raise refuse(problem)
     paths: list[tuple[list[int], list[int]]] = []
@@ -259,17 +276,40 @@ def _node_paths(tensors: Mapping[str, torch.Tensor], block_size: int, vocab_size
     return paths
 
 
-# Undoing insertions: ``RadixCache.insert`` only adds nodes, splits edges and touches LRU times,
-# so restoring every existing node's links and edge puts the tree back as it was.
-_NodeState = tuple[RadixNode, RadixNode | None, tuple[int, ...], list[int], dict, int]
+def _tails(tensors: Mapping[str, torch.Tensor], num_nodes: int, block_size: int, vocab_size: int,
+           path: str | os.PathLike) -> list[tuple[int, list[int]]]:
+    """Each tail's node (an index into the file's nodes, -1 the root) and tokens, after checking
+    them as ``_node_paths`` checks the nodes."""
+    nodes, lengths, tokens = (tensors[name].tolist() for name in ("tail_node", "tail_num_tokens", "tail_tokens"))
+
+    def refuse(problem: str) -> PrefixCacheFileError:
+        return PrefixCacheFileError(f"prefix cache file {path} has inconsistent tails: {problem}")
+
+    for i, (node, length) in enumerate(zip(nodes, lengths)):
+        if not -1 <= node < num_nodes:
+            raise refuse(f"tail {i} follows node {node}; the file has nodes -1 (the root) to {num_nodes - 1}")
+        if not 0 < length < block_size:
+            raise refuse(f"tail {i} holds {length} tokens; a tail holds 1 to {block_size - 1}")
+    if sum(lengths) != len(tokens):
+        raise refuse(f"the tails hold {sum(lengths)} tokens, the file {len(tokens)}")
+    if (problem := outside_vocabulary(tokens, vocab_size)) is not None:
+        raise refuse(problem)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return [(node, tokens[start : start + length]) for node, start, length in zip(nodes, starts, lengths)]
+
+
+# Undoing insertions: ``RadixCache.insert`` and ``node_at`` only add nodes, split edges and touch LRU
+# times, and ``add_tail`` (not replacing) only adds tails, so restoring every existing node's links,
+# edge and tails puts the tree back as it was.
+_NodeState = tuple[RadixNode, RadixNode | None, tuple[int, ...], list[int], dict, dict, int]
 
 
 def _tree_state(radix: RadixCache) -> list[_NodeState]:
-    return [(node, node.parent, node.tokens, list(node.blocks), dict(node.children), node.last_access)
-            for node in [radix.root, *radix.nodes()]]
+    return [(node, node.parent, node.tokens, list(node.blocks), dict(node.children), dict(node.tails),
+             node.last_access) for node in [radix.root, *radix.nodes()]]
 
 
 def _restore_tree(state: list[_NodeState]) -> None:
-    for node, parent, tokens, blocks, children, last_access in state:
-        node.parent, node.tokens, node.blocks, node.children, node.last_access = (
-            parent, tokens, blocks, children, last_access)
+    for node, parent, tokens, blocks, children, tails, last_access in state:
+        node.parent, node.tokens, node.blocks, node.children, node.tails, node.last_access = (
+            parent, tokens, blocks, children, tails, last_access)

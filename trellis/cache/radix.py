@@ -152,10 +152,11 @@ class RadixCache:
             tail = candidate
         return tail
 
-    def add_tail(self, node: RadixNode, tokens: Sequence[int], block: int) -> None:
+    def add_tail(self, node: RadixNode, tokens: Sequence[int], block: int, replace: bool = True) -> None:
         """Keep ``block``, the K/V of ``tokens`` (fewer than a block) after ``node``'s path, as one
         of its tails; the tree takes a reference. Nothing changes where a tail or child block of
-        the node already holds those tokens; a tail that holds fewer of them is replaced."""
+        the node already holds those tokens; a tail that holds fewer of them is replaced, or with
+        ``replace`` False kept (and ``block`` not taken), so that nothing the tree held is let go."""
         tokens = tuple(tokens)
         if not 0 < len(tokens) < self.block_size:
             raise ValueError(f"a tail holds 1 to {self.block_size - 1} tokens, got {len(tokens)}")
@@ -163,7 +164,10 @@ class RadixCache:
         held = [*node.children, *node.tails]
         if any(key[: len(tokens)] == tokens for key in held):
             return
-        for key in [key for key in node.tails if tokens[: len(key)] == key]:
+        shorter = [key for key in node.tails if tokens[: len(key)] == key]
+        if shorter and not replace:
+            return
+        for key in shorter:
             self.pool.decref([node.tails.pop(key)])
         node.tails[tokens] = block
         self.pool.incref([block])
@@ -197,6 +201,13 @@ class RadixCache:
             self.pool.incref(new_blocks)
             node = child
         return node if own == n else self._walk(tokens, own)[0]
+
+    def node_at(self, tokens: Sequence[int]) -> RadixNode | None:
+        """The node whose path is ``tokens`` (whole blocks), splitting the edge they end inside;
+        None where the tree does not hold them all. Touches no LRU time."""
+        num_blocks = len(tokens) // self.block_size
+        node, blocks, _ = self._walk(tokens, num_blocks, touch=False)
+        return node if len(blocks) == num_blocks else None
 
     def depth(self, node: RadixNode) -> int:
         """How many blocks the path from the root to ``node`` holds."""

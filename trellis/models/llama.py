@@ -154,7 +154,7 @@ class TrellisLlama(LlamaForCausalLM):
         return self.runner.prefix_cache
 
     def save_prefix_cache(self, path: str | os.PathLike) -> int:
-        """Save every cached prefix (tree + K/V) to a safetensors file; returns the blocks saved."""
+        """Save every cached prefix and tail (tree + K/V) to a safetensors file; returns the blocks saved."""
         with self.runner.lock:
             return save_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint())
 
