@@ -307,6 +307,32 @@ def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, 
     assert_nothing_leaked(manager)
 
 
+
+def test_a_failure_while_loading_the_tails_changes_and_leaks_nothing(tmp_path, monkeypatch):
+    _, model = tiny_pair()
+    path = saved(tmp_path, model)  # two tails
+    _, target = tiny_pair()
+    ask(target, [50, 51])  # a tail of its own where the file has one
+    manager = target.prefix_cache
+    before = picture(manager)
+    add_tail, calls = manager.radix.add_tail, []
+
+    def add_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return add_tail(*args, **kwargs)
+
+    monkeypatch.setattr(manager.radix, "add_tail", add_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        target.load_prefix_cache(path)
+    assert_same_picture(picture(manager), before)
+    assert_nothing_leaked(manager)
+    monkeypatch.undo()
+    target.load_prefix_cache(path)
+    assert manager.stats()["tail_blocks"] == 2
+    assert_nothing_leaked(manager)
+
 def test_damaged_or_missing_file_is_refused(tmp_path):
     _, model = tiny_pair()
     path = saved(tmp_path, model)
