@@ -281,23 +281,29 @@ def test_negative_block_counts_with_the_right_sum_are_refused(tmp_path):
     fresh.prefix_cache.check_integrity()
 
 
-def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("step", "warm"), [
+    ("insert", [200] * 20),  # the target shares 6 blocks with the file (its first 24 tokens): loading splits that edge
+    ("add_tail", None),  # the target holds a tail where the file has one, and the file a tail the target has not
+])
+def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, monkeypatch, step, warm):
     _, model = tiny_pair()
-    path = saved(tmp_path, model)
+    path = saved(tmp_path, model)  # whole blocks and two tails
     _, target = tiny_pair()
-    target.generate(torch.cat([SYSTEM[:, :24], torch.tensor([[200] * 20])], dim=1), max_new_tokens=3,
-                    do_sample=False)  # shares 6 blocks with the file: loading splits that edge
+    if warm is None:
+        ask(target, [50, 51])
+    else:
+        target.generate(torch.cat([SYSTEM[:, :24], torch.tensor([warm])], dim=1), max_new_tokens=3, do_sample=False)
     manager = target.prefix_cache
     before = picture(manager)
-    insert, calls = manager.radix.insert, []
+    original, calls = getattr(manager.radix, step), []
 
-    def insert_then_fail(tokens, blocks):
-        calls.append(len(tokens))
+    def second_call_fails(*args, **kwargs):
+        calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("interrupted")
-        return insert(tokens, blocks)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(manager.radix, "insert", insert_then_fail)
+    monkeypatch.setattr(manager.radix, step, second_call_fails)
     with pytest.raises(RuntimeError, match="interrupted"):
         target.load_prefix_cache(path)
     assert_same_picture(picture(manager), before)
@@ -306,32 +312,6 @@ def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, 
     assert target.load_prefix_cache(path) == held_blocks(model)
     assert_nothing_leaked(manager)
 
-
-
-def test_a_failure_while_loading_the_tails_changes_and_leaks_nothing(tmp_path, monkeypatch):
-    _, model = tiny_pair()
-    path = saved(tmp_path, model)  # two tails
-    _, target = tiny_pair()
-    ask(target, [50, 51])  # a tail of its own where the file has one
-    manager = target.prefix_cache
-    before = picture(manager)
-    add_tail, calls = manager.radix.add_tail, []
-
-    def add_then_fail(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("interrupted")
-        return add_tail(*args, **kwargs)
-
-    monkeypatch.setattr(manager.radix, "add_tail", add_then_fail)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        target.load_prefix_cache(path)
-    assert_same_picture(picture(manager), before)
-    assert_nothing_leaked(manager)
-    monkeypatch.undo()
-    target.load_prefix_cache(path)
-    assert manager.stats()["tail_blocks"] == 2
-    assert_nothing_leaked(manager)
 
 def test_damaged_or_missing_file_is_refused(tmp_path):
     _, model = tiny_pair()
