@@ -18,6 +18,7 @@ Layout: ``kv [L, 2, n + m, S, Hkv, D]`` (the nodes' n blocks, then the m tails')
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Mapping
@@ -182,8 +183,8 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
                 manager.radix.insert(path_tokens, [blocks[i] for i in path_blocks])
             for i, (node_index, tokens) in enumerate(tails):
                 node = manager.radix.node_at(paths[node_index][0] if node_index >= 0 else [])
-                if node is not None:  # (always: its path was inserted above)
-                    manager.radix.add_tail(node, tokens, blocks[len(blocks) - len(tails) + i], replace=False)
+                assert node is not None, "a tail's node path was inserted above"
+                manager.radix.add_tail(node, tokens, blocks[len(blocks) - len(tails) + i], replace=False)
         except BaseException:
             _restore_tree(before)
             # Freshly allocated blocks have no holder but us and, once adopted, the tree.
@@ -294,7 +295,7 @@ def _tails(tensors: Mapping[str, torch.Tensor], num_nodes: int, block_size: int,
         raise refuse(f"the tails hold {sum(lengths)} tokens, the file {len(tokens)}")
     if (problem := outside_vocabulary(tokens, vocab_size)) is not None:
         raise refuse(problem)
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    starts = [0, *itertools.accumulate(lengths)]
     return [(node, tokens[start : start + length]) for node, start, length in zip(nodes, starts, lengths)]
 
 
