@@ -32,6 +32,7 @@ from common import (
     load_model,
     parser,
     random_tokens,
+    rotated,
     save_figure,
 )
 from report import chat_table
@@ -40,14 +41,14 @@ from systems import engine_over_empty_cache
 from trellis.engine.sampling import SamplingParams
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
+from trellis.utils import cdiv
 
 SYSTEMS = ("trellis", "hf_generate", "hf_generate_cache")
 
 
 def trellis_turn(model: TrellisLlama, prompt: list[int], answer: int, message: list[int]) -> tuple[float, int, int]:
     """Turn 2's TTFT, the prompt tokens the cache served it and its length."""
-    engine = engine_over_empty_cache(model, SEED_BLOCK,
-                                     2 * -(-(len(prompt) + answer + len(message) + 1) // SEED_BLOCK))
+    engine = engine_over_empty_cache(model, SEED_BLOCK, 2 * cdiv(len(prompt) + answer + len(message) + 1, SEED_BLOCK))
     first = engine.generate([prompt], SamplingParams(max_new_tokens=answer))[0]
     turn = prompt + first.generated + message
     start = clock()
@@ -77,7 +78,7 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
     try:
         for r in range(repeats + 1):  # the first round warms every path up, untimed
             prompt, message = random_tokens(prompt_len, generator), random_tokens(message_len, generator)
-            for name in SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[:r % len(SYSTEMS)]:  # rotating order
+            for name in rotated(list(SYSTEMS), r):
                 if name == "trellis":
                     seconds, reused, length = trellis_turn(model, prompt, answer, message)
                 else:

@@ -25,6 +25,7 @@ from systems import MAX_BATCH_TOKENS
 
 from trellis.engine.engine import Engine
 from trellis.engine.sampling import SamplingParams
+from trellis.utils import cdiv
 
 BLOCK_SIZE = 32
 PHI = 0.95
@@ -59,7 +60,7 @@ def main() -> None:
     rows = []
     for sessions, length in configs:
         # Room for both sets at once, so that neither evicts the other's prompts between turns.
-        blocks = 2 * sessions * -(-(length + args.new_tokens) // BLOCK_SIZE) + 8
+        blocks = 2 * sessions * cdiv(length + args.new_tokens, BLOCK_SIZE) + 8
         model.configure_cache(block_size=BLOCK_SIZE, num_blocks=blocks, backend=args.backend)
         engine = Engine(model, max_batch_tokens=MAX_BATCH_TOKENS)
         sets = {name: prompts(sessions, length, name == "shared") for name in ("shared", "own")}

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from trellis.cache.block_pool import BlockPool
 from trellis.models.llama import TrellisLlama
+from trellis.utils import cdiv
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -50,7 +51,7 @@ def settings(args: argparse.Namespace) -> dict:
 def expected_blocks(w: Workload) -> int:
     """Shared blocks once, plus each session's own blocks for its suffix and answer (K/V of all but the last token)."""
     shared = w.shared // SEED_BLOCK
-    return shared + w.N * (-(-(w.L + w.D - 1) // SEED_BLOCK) - shared)
+    return shared + w.N * (cdiv(w.L + w.D - 1, SEED_BLOCK) - shared)
 
 
 def measure(system: System, w: Workload, repeats: int, allocations: bool) -> dict:

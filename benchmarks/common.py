@@ -30,6 +30,7 @@ from trellis import ops
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 from trellis.runner import LINEAR_KERNELS
+from trellis.utils import cdiv
 
 PHIS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # the seed's grid of shared-prefix fractions
 SEED_BLOCK = 32  # φ is quantised to the seed's 32-token blocks, whatever the cache's block size
@@ -270,7 +271,7 @@ class Workload:
 
     def pool_blocks(self, block_size: int) -> int:
         """A pool that holds the warm-up and every session at once (the same size for both paged systems)."""
-        return (self.N + 2) * -(-(self.L + self.D) // block_size)
+        return (self.N + 2) * cdiv(self.L + self.D, block_size)
 
 
 def rotated(items: list, r: int) -> list:

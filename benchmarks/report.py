@@ -558,7 +558,7 @@ def peers_tables(result: dict) -> str:
 def peers_runs_table(results: Results, directory: Path) -> str:
     """Issue 18's ratios, one row per peers run of a machine: how far apart repeated runs land."""
     def ratio(summary: dict, ours: str, theirs: str, key: str) -> str:
-        if ours not in summary or theirs not in summary or key not in summary[ours] or key not in summary[theirs]:
+        if key not in summary.get(ours, {}) or key not in summary.get(theirs, {}):
             return "—"
         a, b = summary[theirs][key], summary[ours][key]
         return f"{a['seconds'] / b['seconds']:.2f}×" if isinstance(a, dict) else f"{a / b:.2f}×"

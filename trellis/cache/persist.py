@@ -181,10 +181,10 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
             kv.index_copy_(2, torch.tensor(blocks, dtype=torch.int64, device=kv.device), tensors["kv"].to(kv.device))
             for path_tokens, path_blocks in paths:
                 manager.radix.insert(path_tokens, [blocks[i] for i in path_blocks])
-            for i, (node_index, tokens) in enumerate(tails):
+            for (node_index, tokens), block in zip(tails, blocks[len(blocks) - len(tails):]):  # the tails' K/V last
                 node = manager.radix.node_at(paths[node_index][0] if node_index >= 0 else [])
                 assert node is not None, "a tail's node path was inserted above"
-                manager.radix.add_tail(node, tokens, blocks[len(blocks) - len(tails) + i], replace=False)
+                manager.radix.add_tail(node, tokens, block, replace=False)
         except BaseException:
             _restore_tree(before)
             # Freshly allocated blocks have no holder but us and, once adopted, the tree.
