@@ -278,6 +278,11 @@ def test_evictable_blocks_are_counted_once_between_changes(monkeypatch):
     assert m.available_blocks() == 16 - 3 and len(counts) == 2
     m.release(seq)
     assert m.available_blocks() == 16 and len(counts) == 3
+    run_session(m, list(range(14)))  # leaves a tail of two tokens after the three cached blocks
+    node, (tail_tokens, tail_block) = next((n, t) for n in m.radix.nodes() for t in n.tails.items())
+    available, counted = m.available_blocks(), len(counts)
+    m.radix.add_tail(node, tail_tokens, tail_block)  # a tail the tree holds already: nothing changes
+    assert m.available_blocks() == available and len(counts) == counted
     m.check_integrity()  # (which checks a kept count against a fresh one)
 
 def test_a_released_session_is_not_forked():

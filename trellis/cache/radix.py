@@ -160,13 +160,13 @@ class RadixCache:
         tokens = tuple(tokens)
         if not 0 < len(tokens) < self.block_size:
             raise ValueError(f"a tail holds 1 to {self.block_size - 1} tokens, got {len(tokens)}")
-        self._version += 1
         held = [*node.children, *node.tails]
         if any(key[: len(tokens)] == tokens for key in held):
             return
         shorter = [key for key in node.tails if tokens[: len(key)] == key]
         if shorter and not replace:
             return
+        self._version += 1
         for key in shorter:
             self.pool.decref([node.tails.pop(key)])
         node.tails[tokens] = block
