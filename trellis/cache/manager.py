@@ -57,7 +57,8 @@ class KVCacheManager:
 
     Thread-safe: one re-entrant lock serialises every change. Sessions abandoned by a garbage
     collected handle are queued by ``release_later`` and released before anything else decides
-    from the pool's occupancy (admitting, allocating, forking, truncating, ``stats``).
+    from the pool's occupancy (admitting, allocating, forking, truncating, ``stats``) and before
+    the cache is saved.
     """
 
     def __init__(self, pool: BlockPool) -> None:
@@ -76,7 +77,7 @@ class KVCacheManager:
         """What ``admit(tokens, max_reuse, extra_tokens)`` would take now; changes nothing (no edge
         split, no LRU touch), so it is safe for planning which sessions to admit."""
         with self.lock:
-            self._drain()
+            self.release_pending()
             match = self.radix.peek(tokens, max_tokens=self._reuse_limit(tokens, max_reuse))
             return self._price(tokens, extra_tokens, match)[0]
 
@@ -98,13 +99,13 @@ class KVCacheManager:
     def available_blocks(self) -> int:
         """Blocks that could be allocated now: free ones, and those only the radix cache holds (evictable)."""
         with self.lock:
-            self._drain()
+            self.release_pending()
             return self.pool.num_free + self.radix.evictable_blocks()
 
     def can_ever_hold(self, num_tokens: int) -> bool:
         """Whether an empty cache could hold one session of ``num_tokens`` tokens."""
         with self.lock:
-            self._drain()
+            self.release_pending()
             return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
 
     def admit(self, tokens: Sequence[int], max_reuse: int | None = None, extra_tokens: int = 0,
@@ -122,7 +123,7 @@ class KVCacheManager:
     def _admit(self, tokens: Sequence[int], max_reuse: int | None, extra_tokens: int) -> PagedSequence:
         """``admit`` without the bookkeeping of a success (LRU time, hit statistics)."""
         with self.lock:
-            self._drain()
+            self.release_pending()
             if len(tokens) == 0:
                 raise ValueError("cannot start a session with an empty prompt")
             match = self.radix.match(tokens, max_tokens=self._reuse_limit(tokens, max_reuse), touch=False)
@@ -267,7 +268,7 @@ class KVCacheManager:
         allocated before anything changes, so a full pool changes nothing.
         """
         with self.lock:
-            self._drain()
+            self.release_pending()
             for seq, length in zip(seqs, lengths, strict=True):
                 if seq.released:
                     raise RuntimeError("session already released")
@@ -327,7 +328,7 @@ class KVCacheManager:
         with self.lock:
             if seq.released:
                 raise RuntimeError("session already released: it cannot be forked")
-            self._drain()
+            self.release_pending()
             full = seq.num_cached // self.block_size
             tail = seq.block_ids[full:]
             new_tail = self.allocate(len(tail))
@@ -353,7 +354,7 @@ class KVCacheManager:
         Checks first that eviction can cover the shortfall, so a failed request evicts nothing.
         """
         with self.lock:
-            self._drain()
+            self.release_pending()
             if not self.pool.can_alloc(n):
                 short = n - self.pool.num_free
                 evictable = self.radix.evictable_blocks()
@@ -366,9 +367,12 @@ class KVCacheManager:
                 self.radix.evict(short)
             return self.pool.alloc(n)
 
-    def _drain(self) -> None:
-        while self._pending:
-            self.release(self._pending.popleft())
+    def release_pending(self) -> None:
+        """Release the sessions ``release_later`` queued (every decision from the pool or the tree
+        calls this first; so does saving the cache)."""
+        with self.lock:
+            while self._pending:
+                self.release(self._pending.popleft())
 
     # --- whole-cache operations ----------------------------------------------------------
 
@@ -385,7 +389,7 @@ class KVCacheManager:
         what the runner derives from the weights stay, as they are valid while the weights do not
         change. An empty cache without ``reset``'s cost, for measuring cold prompts."""
         with self.lock:
-            self._drain()
+            self.release_pending()
             self.radix.reset()
             for seq in self.live:
                 seq.node, seq.num_committed_blocks, seq.offered = self.radix.root, 0, None
@@ -393,7 +397,7 @@ class KVCacheManager:
 
     def stats(self) -> dict[str, float | int]:
         with self.lock:
-            self._drain()
+            self.release_pending()
             return {**self.radix.stats(), "live_sessions": len(self.live)}
 
     def check_integrity(self) -> None:

@@ -125,6 +125,7 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
     saved. ``fingerprint``: the ``model_fingerprint`` of the model that computed the cache."""
     path = check_save_path(path)
     with manager.lock:
+        manager.release_pending()  # a finished session's tail joins the tree at its release
         nodes = list(manager.radix.nodes())  # parents before children
         index = {id(node): i for i, node in enumerate(nodes)}
         tails = [(index.get(id(node), -1), tokens, block) for node in manager.radix.every_node()
