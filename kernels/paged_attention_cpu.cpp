@@ -93,22 +93,29 @@ struct Workspace {
 
 // Where a bf16 item's scores come from (attention_tile.h): AMX tiles where the CPU has AMX-BF16 and
 // head_dim is a multiple of 32, else AVX512_BF16's dot products where it has those (head_dim a
-// multiple of 16), P @ V on the same units. On AMX every item takes the tiles, decode's few rows
-// included (SmolLM2's 3-row items 1.3-1.4x faster than fp32 vectors in the paired layout). On
-// AVX512_BF16, items of at most kKeyLaneRows rows (decode's) take key lanes, the rest the
+// multiple of 16), P @ V on the same units; items of few rows take key lanes on either.
+// On AVX512_BF16, items of at most kKeyLaneRows rows (decode's) take key lanes, the rest the
 // row-vector layout. Two threads, SmolLM2's heads (3 rows a KV head per decode token), hot caches:
 // one session over 512 keys 17.7-18.7 against 26-32 us, two over 448 shared keys (6 rows) 29
 // against 31-37; TinyLlama's 8 rows level (42 against 39-46); 9 rows 10 % and 12 rows 20 % slower
 // than the row-vector layout.
+// On AMX a tile multiply costs the same for 1 to 16 rows, so key lanes win only at the fewest:
+// on the 2-core AMX Xeon, four sessions over 512 keys of three KV heads (D = 64), hot caches, the
+// tiles take 65-72 us at every row count from 1 to 8, key lanes 40, 51, 63, 76 and 127 us at 1,
+// 2, 3, 4 and 8 rows; SmolLM2's four-session decode step is 0.5-0.8 ms faster (of ~16 ms).
 constexpr int64_t kKeyLaneRows = 8;
+constexpr int64_t kAmxKeyLaneRows = 3;
 
 template <typename T>
 Scores item_scores(int64_t head_dim, int64_t rows) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // AMX items round their probabilities with AVX512_BF16's conversion, which every AMX CPU has.
-    if (head_dim % 32 == 0 && amx_bf16_usable() && dpbf16_usable()) return Scores::amx;
-    if (head_dim % 16 == 0 && dpbf16_usable()) return rows <= kKeyLaneRows ? Scores::key_lanes : Scores::dpbf16;
+    if (head_dim % 16 == 0 && dpbf16_usable()) {
+      const bool tiles = head_dim % 32 == 0 && amx_bf16_usable();
+      if (rows <= (tiles ? kAmxKeyLaneRows : kKeyLaneRows)) return Scores::key_lanes;
+      return tiles ? Scores::amx : Scores::dpbf16;
+    }
   }
 #endif
   return Scores::vectors;

@@ -286,7 +286,8 @@ def test_bf16_probabilities(head_dim, block_size):
     scores and exp are fp32: a few rows in a hundred have one). 3 to 63 query rows an item (one to four 16-row blocks),
     tiles of 8 to 128 keys (on AMX, runs chained across blocks of 32, 48 and 64 keys for more than
     16 rows), contexts ending 1 to 31 keys past a whole run; a decode's 3 rows and a 2-token
-    extend's 6 as well (without AMX, key lanes: the second token sees one key more)."""
+    extend's 6 as well (in key lanes: the 3 rows everywhere, the 6 without AMX; the second token sees one
+    key more)."""
     case = make_case([4, 16, 21, 9, 1, 2], [4, 101, 300, 45, 77, 50], num_q_heads=9, num_kv_heads=3,
                      head_dim=head_dim, block_size=block_size, dtype=torch.bfloat16)
     with torch_threads(1):
