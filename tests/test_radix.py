@@ -5,6 +5,7 @@ its tree references plus its session references, no block twice in the tree.
 """
 
 import pytest
+import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -12,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.radix import shared_whole_blocks
+from trellis.models.paged_cache import PagedKVCache
 
 BS = 4
 
@@ -341,6 +343,75 @@ def test_truncate_that_cannot_get_its_copy_changes_nothing():
     assert (seq.token_ids, seq.block_ids, seq.node, seq.num_cached) == before
     with pytest.raises(ValueError, match="cannot truncate"):
         m.truncate([seq], [11])
+    m.check_integrity()
+
+
+def _interrupt_copies(monkeypatch, manager):
+    def copy_block(src, dst):
+        raise KeyboardInterrupt  # Ctrl-C, or a device error, while a block's K/V are copied
+
+    monkeypatch.setattr(manager.pool, "copy_block", copy_block)
+
+
+@pytest.mark.parametrize("copying", ["admit", "fork", "truncate"])
+def test_a_failed_block_copy_leaves_nothing_behind(monkeypatch, copying):
+    """admit copies a cached tail, fork a session's tail, truncate a shared block a new end falls
+    inside: an exception during the copy undoes the call, every block and lock it took given back."""
+    m = make_manager(num_blocks=16)
+    run_session(m, list(range(10)))  # two cached blocks and a 2-token tail
+    kept = m.admit(list(range(50, 58)), extra_tokens=4)
+    m.mark_computed(kept)  # its two blocks shared with the tree: truncating inside one copies it
+    before = (m.stats(), list(m.pool.ref_counts), m.radix.root.lock_count)
+    _interrupt_copies(monkeypatch, m)
+    call = {"admit": lambda: m.admit([*range(10), 99]), "fork": lambda: m.fork(kept),
+            "truncate": lambda: m.truncate([kept], [5])}[copying]
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    assert (m.stats(), list(m.pool.ref_counts), m.radix.root.lock_count) == before
+    assert len(kept.token_ids) == 8
+    m.check_integrity()
+    m.release(kept)
+    assert m.stats()["live_sessions"] == 0
+
+
+def test_a_beam_reorder_that_runs_out_of_blocks_part_way_leaves_no_fork():
+    m = make_manager(num_blocks=8)
+    cache = PagedKVCache(m)
+    for tokens in ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]):  # two beams: a whole block and a partly filled one
+        seq = m.admit(tokens)
+        m.mark_computed(seq)
+        cache.seqs.append(seq)
+    other = m.admit(list(range(20, 32)))  # leaves one block: room for one fork's tail copy, not two
+    before = (m.stats(), list(m.pool.ref_counts), list(cache.seqs))
+    with pytest.raises(OutOfBlocksError):
+        cache.reorder_cache(torch.tensor([0, 1]))
+    assert (m.stats(), list(m.pool.ref_counts), list(cache.seqs)) == before
+    cache.release()
+    m.release(other)
+    assert m.stats()["live_sessions"] == 0
+    m.check_integrity()
+
+
+def test_a_session_released_while_an_admission_prices_its_match_leaves_the_match_valid(monkeypatch):
+    """Sessions queued for release are released before an admission matches, not between its
+    match and the pricing of it: a release then could replace (and free) the matched tail."""
+    m = make_manager(num_blocks=16)
+    run_session(m, list(range(6)))  # a tail of (4, 5)
+    longer = m.admit(list(range(7)))
+    m.mark_computed(longer)  # released, its tail (4, 5, 6) replaces (4, 5)
+    match = m.radix.match
+
+    def match_then_drop(*args, **kwargs):
+        found = match(*args, **kwargs)
+        m.release_later([longer])  # a handle garbage collected meanwhile
+        return found
+
+    monkeypatch.setattr(m.radix, "match", match_then_drop)
+    seq = m.admit([0, 1, 2, 3, 4, 5, 9])
+    monkeypatch.setattr(m.radix, "match", match)
+    assert seq.num_cached == 6  # the old tail's two tokens, copied
+    m.release(seq)
+    assert m.stats()["live_sessions"] == 0 and all(node.lock_count == 0 for node in m.radix.nodes())
     m.check_integrity()
 
 

@@ -89,7 +89,7 @@ class KVCacheManager:
         new_blocks = cdiv(len(tokens) + extra_tokens, self.block_size) - len(match.blocks)
         # Blocks that only the tree holds are evictable; once admitted, the session holds its own.
         pinned = sum(self.pool.ref_counts[b] == 1 for b in match.blocks)
-        available = self.available_blocks() - pinned
+        available = self._available() - pinned
         tail = match.tail
         if tail is not None and self.radix.evictable(tail) and new_blocks + 1 > available:
             tail = None
@@ -100,7 +100,18 @@ class KVCacheManager:
         """Blocks that could be allocated now: free ones, and those only the radix cache holds (evictable)."""
         with self.lock:
             self.release_pending()
-            return self.pool.num_free + self.radix.evictable_blocks()
+            return self._available()
+
+    def _available(self) -> int:
+        # Releases nothing: a release between a match and its pricing could free the matched tail.
+        return self.pool.num_free + self.radix.evictable_blocks()
+
+    def cached_tokens(self, tokens: Sequence[int], max_tokens: int | None = None) -> int:
+        """How many leading tokens of ``tokens`` (at most ``max_tokens``; by default all but the
+        last) the radix cache would serve now, whole blocks and a tail's tokens."""
+        with self.lock:
+            self.release_pending()
+            return self.radix.cached_tokens(tokens, max_tokens)
 
     def can_ever_hold(self, num_tokens: int) -> bool:
         """Whether an empty cache could hold one session of ``num_tokens`` tokens."""
@@ -128,24 +139,25 @@ class KVCacheManager:
                 raise ValueError("cannot start a session with an empty prompt")
             match = self.radix.match(tokens, max_tokens=self._reuse_limit(tokens, max_reuse), touch=False)
             tail = self._price(tokens, extra_tokens, match)[1] if match.tail else None  # as admission_cost decides
-            self.pool.incref(match.blocks)
-            self.radix.lock(match.node)
-            seq = PagedSequence(list(tokens), list(match.blocks), node=match.node)
-            seq.num_cached = seq.num_prefix_hit = len(match.blocks) * self.block_size
-            seq.num_committed_blocks = len(match.blocks)
-            self.live.add(seq)
             if tail is not None:
                 self.pool.incref([tail.block])  # allocation may evict it from the tree: keep it to copy
             try:
-                self.reserve(seq, extra_tokens)
-                if tail is not None:
-                    # The shared tokens' K/V are those of the same tokens at the same positions
-                    # after the same prefix; the block's later slots are overwritten by the prefill.
-                    self.pool.copy_block(tail.block, seq.block_ids[len(match.blocks)])
-                    seq.num_cached = seq.num_prefix_hit = seq.num_cached + tail.num_tokens
-            except OutOfBlocksError:
-                self.release(seq, commit=False)
-                raise
+                self.pool.incref(match.blocks)
+                self.radix.lock(match.node)
+                seq = PagedSequence(list(tokens), list(match.blocks), node=match.node)
+                seq.num_cached = seq.num_prefix_hit = len(match.blocks) * self.block_size
+                seq.num_committed_blocks = len(match.blocks)
+                self.live.add(seq)
+                try:
+                    self.reserve(seq, extra_tokens)
+                    if tail is not None:
+                        # The shared tokens' K/V are those of the same tokens at the same positions
+                        # after the same prefix; the block's later slots are overwritten by the prefill.
+                        self.pool.copy_block(tail.block, seq.block_ids[len(match.blocks)])
+                        seq.num_cached = seq.num_prefix_hit = seq.num_cached + tail.num_tokens
+                except BaseException:  # out of blocks, or an interrupt during the copy: leave nothing behind
+                    self.release(seq, commit=False)
+                    raise
             finally:
                 if tail is not None:
                     self.pool.decref([tail.block])
@@ -265,7 +277,7 @@ class KVCacheManager:
         by the next forward, so if anyone else holds it (the radix tree, which cached it full,
         or a fork) the session takes a private copy first (copy-on-write): what the tree caches
         is the K/V of the tokens it was cached with, and stays valid for them. The copies are
-        allocated before anything changes, so a full pool changes nothing.
+        made before any session changes, so a full pool (or a failed copy) changes nothing.
         """
         with self.lock:
             self.release_pending()
@@ -277,16 +289,24 @@ class KVCacheManager:
             shared_tail = [length % self.block_size > 0
                            and self.pool.ref_counts[seq.block_ids[length // self.block_size]] > 1
                            for seq, length in zip(seqs, lengths)]
-            copies = iter(self.allocate(sum(shared_tail)))
+            copies = self.allocate(sum(shared_tail))
+            sources = [seq.block_ids[length // self.block_size]
+                       for seq, length, shared in zip(seqs, lengths, shared_tail) if shared]
+            try:
+                for src, dst in zip(sources, copies):
+                    self.pool.copy_block(src, dst)
+            except BaseException:
+                self.pool.decref(copies)
+                raise
+            next_copy = iter(copies)
             for seq, length, shared in zip(seqs, lengths, shared_tail):
-                self._truncate(seq, length, next(copies) if shared else None)
+                self._truncate(seq, length, next(next_copy) if shared else None)
 
     def _truncate(self, seq: PagedSequence, length: int, copy: int | None) -> None:
         full = length // self.block_size
         kept = cdiv(length, self.block_size)
         dropped = seq.block_ids[kept:]
         if copy is not None:  # the partial tail block: the session's own copy replaces the shared one
-            self.pool.copy_block(seq.block_ids[full], copy)
             dropped.append(seq.block_ids[full])
             seq.block_ids[full] = copy
         del seq.block_ids[kept:], seq.token_ids[length:]
@@ -332,8 +352,12 @@ class KVCacheManager:
             full = seq.num_cached // self.block_size
             tail = seq.block_ids[full:]
             new_tail = self.allocate(len(tail))
-            for src, dst in zip(tail, new_tail):
-                self.pool.copy_block(src, dst)
+            try:
+                for src, dst in zip(tail, new_tail):
+                    self.pool.copy_block(src, dst)
+            except BaseException:
+                self.pool.decref(new_tail)
+                raise
             self.pool.incref(seq.block_ids[:full])
             self.radix.lock(seq.node)
             child = PagedSequence(

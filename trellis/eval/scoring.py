@@ -147,7 +147,7 @@ def _next_chunk(pending: deque[_Group], manager: KVCacheManager, continuations: 
         if multi:
             # Committing the context locks a cached twin of its last full block, which admission
             # (leaving a token to compute) did not take; a lone session is released before the forks.
-            group_held += manager.radix.cached_tokens(context, max_tokens=len(context)) // bs - matched
+            group_held += manager.cached_tokens(context, max_tokens=len(context)) // bs - matched
             fork = max((_fork_blocks(len(context), len(continuations[i]), bs) for i in group.members
                         if len(continuations[i]) > 1), default=0)
         new_tokens = len(context) - cost.cached_tokens + sum(len(continuations[i]) - 1 for i in group.members)

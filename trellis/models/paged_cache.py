@@ -109,7 +109,14 @@ class PagedKVCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i continues from row ``beam_idx[i]`` (shared blocks, copied tail)."""
         with self.manager.lock:
-            forks = [self.manager.fork(self.seqs[i]) for i in beam_idx.tolist()]
+            forks: list[PagedSequence] = []
+            try:
+                for i in beam_idx.tolist():
+                    forks.append(self.manager.fork(self.seqs[i]))
+            except BaseException:  # out of blocks part way: the rows keep their sessions, no fork is left
+                for fork in forks:
+                    self.manager.release(fork, commit=False)
+                raise
             for seq in self.seqs:
                 self.manager.release(seq, commit=False)
             self.seqs[:] = forks
