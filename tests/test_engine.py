@@ -1,5 +1,7 @@
 """The continuous-batching engine and ``TrellisLlama.generate_batch`` against per-prompt transformers."""
 
+import inspect
+import sys
 import threading
 from collections.abc import Callable
 
@@ -16,6 +18,7 @@ from trellis.engine.engine import Engine
 from trellis.engine.sampling import MIN_TEMPERATURE, SamplingParams, filter_logits, sample
 from trellis.engine.scheduler import Scheduler
 from trellis.engine.session import Session
+from trellis.runner import runner_of
 
 BS = 4  # tiny_pair's block size
 
@@ -402,6 +405,82 @@ def test_blocks_held_outside_the_engine_give_a_clear_error_not_a_hang():
     model.prefix_cache.check_integrity()
     model.prefix_cache.release(holder, commit=False)
     assert len(model.generate_batch([tokens(31, 6)], max_new_tokens=4)["req_0"].generated_tokens) == 4
+
+
+def test_a_request_that_cannot_fit_beside_blocks_held_elsewhere_does_not_hold_back_one_that_fits():
+    _, model = tiny_pair(num_blocks=16)
+    holder = model.prefix_cache.admit(tokens(30, 40))  # 10 of the 16 blocks
+    engine = Engine(model)
+    big = engine.add(tokens(1, 20), SamplingParams(max_new_tokens=10))  # 8 blocks: waits for the holder
+    small = engine.add(tokens(2, 5), SamplingParams(max_new_tokens=3))  # 2 blocks: fits now
+    with pytest.raises(OutOfBlocksError, match=f"request {big.request_id} does not fit.*held elsewhere"):
+        engine.run()  # the small one runs to its end first; then nothing runs and the big one cannot start
+    assert len(small.generated) == 3 and not big.done
+    model.prefix_cache.release(holder, commit=False)
+    engine.run()
+    assert len(big.generated) == 10
+    model.prefix_cache.check_integrity()
+
+
+def _interrupt_at(function, text: str) -> Callable:
+    """A trace function that raises KeyboardInterrupt (as a SIGINT handler does, between two
+    statements) when ``function`` reaches its line holding ``text``, once."""
+    lines, first = inspect.getsourcelines(function)
+    target = first + next(i for i, line in enumerate(lines) if text in line)
+    armed = [True]
+
+    def local(frame, event, arg):
+        if armed[0] and event == "line" and frame.f_lineno == target:
+            armed[0] = False
+            raise KeyboardInterrupt
+        return local
+
+    return lambda frame, event, arg: local if frame.f_code is function.__code__ else None
+
+
+@pytest.mark.parametrize("where", ["admitted, not yet running", "forked, not yet running"])
+def test_an_interrupt_between_taking_a_session_and_running_it_leaves_nothing_held(where):
+    _, model = tiny_pair()
+    engine = Engine(model)
+    session = engine.add(tokens(1, 9), SamplingParams(max_new_tokens=4), n=2)
+    trace = (_interrupt_at(Scheduler._admit, "waiting.remove(session)") if where.startswith("admitted")
+             else _interrupt_at(Engine._complete_step, "running.append(fork)"))
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.run()
+    finally:
+        sys.settrace(None)
+    engine.abort("interrupted")  # what generate_batch does on any exception
+    assert all(s.done and s.finish_reason == "error" for s in [session, *session.forks])
+    assert not engine.has_work and model.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
+
+
+def test_a_session_that_ends_before_a_failure_in_a_pipelined_step_is_returned_by_the_next(monkeypatch):
+    _, model = tiny_pair()
+    monkeypatch.setattr(runner_of(model), "pipeline_depth", 2)
+    engine = Engine(model)
+    first = engine.add(tokens(1, 9), SamplingParams(max_new_tokens=1))
+    failing = engine.add(tokens(2, 9), SamplingParams(max_new_tokens=4))
+    for seed in (3, 4):
+        engine.add(tokens(seed, 9), SamplingParams(max_new_tokens=4))
+    record = Session.add_token
+
+    def add_token(self, token, logprob, now):
+        if self is failing:
+            raise RuntimeError("recording failed")
+        return record(self, token, logprob, now)
+
+    monkeypatch.setattr(Session, "add_token", add_token)
+    returned = []
+    with pytest.raises(RuntimeError, match="recording failed"):
+        while engine.has_work:
+            returned += engine.step()
+    monkeypatch.setattr(Session, "add_token", record)
+    returned += engine.step()
+    assert first in returned and first.finish_reason == "length"
+    assert model.prefix_cache.stats()["live_sessions"] == 0
 
 
 def test_a_session_that_ends_in_a_step_that_raises_is_returned_by_the_next():

@@ -28,7 +28,9 @@ from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import installed
 from tests.models import smollm2_dir, smollm2_tokenizer, smollm2_trellis, tiny_pair
+from trellis.engine import Engine, SamplingParams
 from trellis.serve import ServeConfig, create_app
+from trellis.serve.bridge import EngineBridge
 from trellis.serve.text import TokenBytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -524,6 +526,56 @@ def test_an_engine_error_fails_that_request_only(tiny):
     assert served.usage.completion_tokens == 5 and served.choices[0].text == tiny.expected(
         tiny.tok("healthy")["input_ids"], 5)
     assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_a_request_whose_choice_fails_stops_its_other_choices(tiny):
+    """A non-streamed request with an error to report answers it at once: its other prompts stop
+    rather than run to their end for an answer nobody gets."""
+    server, model = tiny.server, tiny.model
+    runner = server.app.state.engine.runner
+    poison, healthy = tiny.tok("poison")["input_ids"], tiny.tok("healthy")["input_ids"]
+    assert len(tiny.expected(healthy, 300)) >= 50  # alone it would run on for many steps
+    forward = runner.forward
+
+    def failing_forward(manager, seqs, *args, **kwargs):
+        if any(seq.token_ids[: len(poison)] == poison for seq in seqs):
+            raise RuntimeError("injected failure")
+        return forward(manager, seqs, *args, **kwargs)
+
+    generated = server.app.state.metrics.generation_tokens._value.get()
+    runner.forward = failing_forward
+    try:
+        with pytest.raises(openai.InternalServerError, match="injected failure"):
+            server.client().completions.create(model="tiny", prompt=["poison", "healthy"], max_tokens=300,
+                                               temperature=0)
+    finally:
+        del runner.forward
+    wait_until(lambda: model.prefix_cache.stats()["live_sessions"] == 0)
+    assert server.app.state.metrics.generation_tokens._value.get() - generated < 10
+
+
+def test_submitting_while_the_server_closes_is_refused_not_left_waiting(monkeypatch):
+    """A request that passed the readiness check as the server began to close is refused (a 503),
+    not queued behind the engine thread's last abort, where nothing would ever answer it."""
+    _, model = tiny_pair()
+    bridge = EngineBridge(Engine(model))
+    bridge.start()
+    real = asyncio.get_running_loop
+
+    def closing_meanwhile():
+        bridge.close()  # lands between submit's check and its queueing
+        return real()
+
+    async def submit():
+        monkeypatch.setattr(asyncio, "get_running_loop", closing_meanwhile)
+        try:
+            bridge.submit([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=3), 1, asyncio.Queue())
+        finally:
+            monkeypatch.setattr(asyncio, "get_running_loop", real)
+
+    with pytest.raises(RuntimeError, match="the engine is not running"):
+        asyncio.run(submit())
+    assert not bridge.engine.has_work and model.prefix_cache.stats()["live_sessions"] == 0
 
 
 def test_stopping_the_server_mid_stream_leaks_nothing():

@@ -186,8 +186,8 @@ class Engine:
                 raise RuntimeError(f"{reason} while sessions were running; they were failed")
             self._manager = manager
             with self._inbox_lock:
-                self.waiting.extend(self._inbox)
-                self._inbox.clear()
+                inbox, self._inbox = self._inbox, deque()  # (an interrupt cannot leave a session in both)
+                self.waiting.extend(inbox)
             lane = self._next_lane
             self._next_lane = (lane + 1) % len(self.lanes)
             ended, self._unreported = self._unreported, []
@@ -199,7 +199,7 @@ class Engine:
 
     def _step(self, manager: KVCacheManager, lane: int, ended: list[Session]) -> list[Session]:
         """``step`` for ``lane``; appends the sessions that end to ``ended`` as they end."""
-        ended += self._finish(manager, lane)
+        self._finish(manager, lane, ended)
         ended += self._drop_cancelled(manager, lane)
         running = self.lanes[lane]
         others = [s for other in self.lanes if other is not running for s in other]
@@ -229,21 +229,21 @@ class Engine:
         running[:] = [s for s in running if not s.done]
         return ended
 
-    def _finish(self, manager: KVCacheManager, lane: int) -> list[Session]:
-        """Wait for the lane's forward in flight, if any, and sample its sessions' tokens."""
+    def _finish(self, manager: KVCacheManager, lane: int, ended: list[Session]) -> None:
+        """Wait for the lane's forward in flight, if any, and sample its sessions' tokens; appends
+        the sessions that end to ``ended`` as they end."""
         flight, self._in_flight[lane] = self._in_flight[lane], None
         if flight is None:
-            return []
+            return
         sessions, pending = flight
         try:
             step = pending.result()
         except BaseException as exc:
             self.abort(f"forward failed: {exc!r}")
             raise
-        running, ended = self.lanes[lane], []
+        running = self.lanes[lane]
         self._complete(manager, sessions, step, running, ended)
         running[:] = [s for s in running if not s.done]
-        return ended
 
     def _count_admitted(self, manager: KVCacheManager, running: list[Session], before: set[int]) -> None:
         now = time.perf_counter()
@@ -367,8 +367,8 @@ class Engine:
     def abort(self, reason: str) -> None:
         """Fail every session not yet finished and give its blocks back, committing nothing."""
         with self._inbox_lock:
-            self.waiting.extend(self._inbox)
-            self._inbox.clear()
+            inbox, self._inbox = self._inbox, deque()  # (an interrupt cannot leave a session in both)
+            self.waiting.extend(inbox)
         for lane, flight in enumerate(self._in_flight):
             if flight is not None:
                 self._in_flight[lane] = None
@@ -376,12 +376,15 @@ class Engine:
                     flight[1].result()
                 except Exception:  # noqa: BLE001, S110 -- its sessions fail below either way
                     pass
-        # Sessions that ended in a step cut short are still in their lanes, their blocks released.
-        running = [s for s in self.running if not s.done]
-        for session in running:
-            self._manager.release(session.seq, commit=False)
-        for session in [*running, *self.waiting]:
-            self._end(session, "error", reason)
+        # Sessions that ended in a step cut short are still in their lanes, their blocks released. A
+        # step cut short may also have left a waiting session admitted, or a fork made but in no lane.
+        unfinished = {id(s): s for s in [*self.running, *self.waiting] if not s.done}
+        unfinished.update({id(f): f for s in list(unfinished.values()) for f in s.forks if not f.done})
+        for session in unfinished.values():
+            if session.seq is not None:
+                self._manager.release(session.seq, commit=False)  # (nothing where released already)
+            if not session.done:  # (a leader's _end ends its unstarted forks)
+                self._end(session, "error", reason)
         for lane in self.lanes:
             lane.clear()
         self.waiting = deque()

@@ -87,13 +87,6 @@ class Scheduler:
                 held_back = reuse is None and computing_shared_blocks([*running, *others], session, cost,
                                                                       manager.block_size)
                 if held_back or not self._try_admit(manager, session, cost, [*running, *others], budget, reuse):
-                    if not held_back and not running and not others:
-                        stats = manager.stats()
-                        raise OutOfBlocksError(
-                            f"request {session.request_id} does not fit in the KV pool even after eviction, and this "
-                            f"engine runs nothing that could free blocks ({stats['live_sessions']} sessions held "
-                            f"elsewhere, {stats['free_blocks']} of {stats['total_blocks']} blocks free)"
-                        )
                     passed_over.append(session)
                     if session.overtaken >= self.max_overtakes or len(passed_over) >= LOOKAHEAD:
                         break  # it has waited long enough: nothing more goes ahead of it
@@ -106,6 +99,15 @@ class Scheduler:
                     earlier.overtaken += 1
                 if any(earlier.overtaken >= self.max_overtakes for earlier in passed_over):
                     break  # one that waits has been overtaken enough: nothing more goes ahead of it
+            if passed_over and not running and not others:
+                # Nothing this engine runs could free blocks for them: only holders outside it can.
+                stats = manager.stats()
+                raise OutOfBlocksError(
+                    f"request {passed_over[0].request_id} does not fit in the KV pool even after eviction, nor "
+                    f"does any request after it, and this engine runs nothing that could free blocks "
+                    f"({stats['live_sessions']} sessions held elsewhere, {stats['free_blocks']} of "
+                    f"{stats['total_blocks']} blocks free)"
+                )
 
     def _try_admit(self, manager: KVCacheManager, session: Session, cost: AdmissionCost, running: list[Session],
                    budget: int, reuse: int | None) -> bool:

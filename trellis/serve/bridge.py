@@ -91,6 +91,8 @@ class EngineBridge:
             raise RuntimeError("the engine is not running")
         loop = asyncio.get_running_loop()
         with self._wake:  # registered before the engine can step it, so no event is missed
+            if self._closing:  # closed since the check above: the engine thread has aborted for the last time
+                raise RuntimeError("the engine is not running")
             leader = self.engine.add(prompt, params, n=n)
             handle = RequestHandle([leader, *leader.forks], queue, first_choice, loop)
             self._handles.append(handle)
@@ -122,6 +124,8 @@ class EngineBridge:
                     self.engine.abort(f"the engine failed: {exc!r}")
                 self._publish()
         finally:
+            with self._wake:  # from here on submit refuses: what it queued before, the abort fails
+                self._closing = True
             self.engine.abort("the server is shutting down")
             self._publish()
 

@@ -219,7 +219,8 @@ class CompletionService:
                 event = await job.queue.get()
                 if event is None:  # nobody will read the answer; nginx's code for it
                     raise APIError(499, "the client closed the request", kind="client_closed_request")
-                self._apply(job, event)
+                if self._apply(job, event)[0].error:
+                    break  # the answer is an error now: the other choices stop (below) rather than run on
         finally:
             watcher.cancel()
             self._cancel(job)
