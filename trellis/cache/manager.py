@@ -289,16 +289,8 @@ class KVCacheManager:
             shared_tail = [length % self.block_size > 0
                            and self.pool.ref_counts[seq.block_ids[length // self.block_size]] > 1
                            for seq, length in zip(seqs, lengths)]
-            copies = self.allocate(sum(shared_tail))
-            sources = [seq.block_ids[length // self.block_size]
-                       for seq, length, shared in zip(seqs, lengths, shared_tail) if shared]
-            try:
-                for src, dst in zip(sources, copies):
-                    self.pool.copy_block(src, dst)
-            except BaseException:
-                self.pool.decref(copies)
-                raise
-            next_copy = iter(copies)
+            next_copy = iter(self._copies([seq.block_ids[length // self.block_size]
+                                           for seq, length, shared in zip(seqs, lengths, shared_tail) if shared]))
             for seq, length, shared in zip(seqs, lengths, shared_tail):
                 self._truncate(seq, length, next(next_copy) if shared else None)
 
@@ -351,13 +343,7 @@ class KVCacheManager:
             self.release_pending()
             full = seq.num_cached // self.block_size
             tail = seq.block_ids[full:]
-            new_tail = self.allocate(len(tail))
-            try:
-                for src, dst in zip(tail, new_tail):
-                    self.pool.copy_block(src, dst)
-            except BaseException:
-                self.pool.decref(new_tail)
-                raise
+            new_tail = self._copies(tail)
             self.pool.incref(seq.block_ids[:full])
             self.radix.lock(seq.node)
             child = PagedSequence(
@@ -371,6 +357,17 @@ class KVCacheManager:
             )
             self.live.add(child)
             return child
+
+    def _copies(self, blocks: Sequence[int]) -> list[int]:
+        """New blocks holding copies of ``blocks``' K/V; if a copy fails, none (the new blocks go back)."""
+        copies = self.allocate(len(blocks))
+        try:
+            for src, dst in zip(blocks, copies):
+                self.pool.copy_block(src, dst)
+        except BaseException:
+            self.pool.decref(copies)
+            raise
+        return copies
 
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` blocks, evicting unlocked cached prefixes if the pool is short.
