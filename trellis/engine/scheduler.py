@@ -103,10 +103,10 @@ class Scheduler:
                 # Nothing this engine runs could free blocks for them: only holders outside it can.
                 stats = manager.stats()
                 raise OutOfBlocksError(
-                    f"request {passed_over[0].request_id} does not fit in the KV pool even after eviction, nor "
-                    f"does any request after it, and this engine runs nothing that could free blocks "
-                    f"({stats['live_sessions']} sessions held elsewhere, {stats['free_blocks']} of "
-                    f"{stats['total_blocks']} blocks free)"
+                    f"request {passed_over[0].request_id} does not fit in the KV pool even after eviction (nor "
+                    f"do the other {len(passed_over) - 1} waiting requests tried), and this engine runs nothing "
+                    f"that could free blocks ({stats['live_sessions']} sessions held elsewhere, "
+                    f"{stats['free_blocks']} of {stats['total_blocks']} blocks free)"
                 )
 
     def _try_admit(self, manager: KVCacheManager, session: Session, cost: AdmissionCost, running: list[Session],
