@@ -30,8 +30,9 @@ from tests.conftest import installed
 from tests.models import smollm2_dir, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.engine import Engine, SamplingParams
 from trellis.serve import ServeConfig, create_app
-from trellis.serve.bridge import EngineBridge
-from trellis.serve.text import TokenBytes
+from trellis.serve.bridge import ChoiceEvent, EngineBridge, RequestHandle
+from trellis.serve.completions import CompletionService, _Choice, _Job
+from trellis.serve.text import TextStream, TokenBytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = ("You are the assistant of a small team. Answer briefly and plainly; say so when you do not know. "
@@ -552,6 +553,21 @@ def test_a_request_whose_choice_fails_stops_its_other_choices(tiny):
         del runner.forward
     wait_until(lambda: model.prefix_cache.stats()["live_sessions"] == 0)
     assert server.app.state.metrics.generation_tokens._value.get() - generated < 10
+
+
+def test_a_choice_cancelled_before_its_last_event_arrives_is_counted_once(tiny):
+    """A client that goes away cancels its unfinished choices (counted as cancelled); a last event
+    already on its way ends the choice without counting it again."""
+    server = tiny.server
+    metrics = server.app.state.metrics
+    service = CompletionService(server.app.state.bridge, tiny.tok, server.app.state.config, (), 64)
+    handle = RequestHandle([SimpleNamespace()], asyncio.Queue(), 0, None)
+    job = _Job("cmpl-test", 0, [[5, 6]], asyncio.Queue(), [_Choice(0, 0, handle, 0, TextStream(tiny.tok))])
+    counts = {reason: metrics.finished_choices.labels(reason)._value.get() for reason in ("cancelled", "stop")}
+    service._cancel(job)
+    service._apply(job, ChoiceEvent(0, [7], [], 0, finish_reason="stop"))
+    assert metrics.finished_choices.labels("cancelled")._value.get() == counts["cancelled"] + 1
+    assert metrics.finished_choices.labels("stop")._value.get() == counts["stop"]
 
 
 def test_submitting_while_the_server_closes_is_refused_not_left_waiting(monkeypatch):

@@ -208,7 +208,7 @@ class CompletionService:
         elif event.finish_reason is not None:  # failed, or cancelled by someone else (the server stopping)
             choice.finish_reason = "error"
             choice.error = event.error or f"the request ended early ({event.finish_reason})"
-        if choice.finish_reason is not None and self.metrics:
+        if choice.finish_reason is not None and self.metrics and not choice.cancelled:  # (_cancel counted it)
             self.metrics.choice_finished(choice.finish_reason)
         return choice, text, logprobs
 
