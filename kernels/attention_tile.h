@@ -13,8 +13,9 @@
 // With bf16 caches, the scores of the row-vector layout come from bf16 dot products instead: AMX
 // tiles on AMX-BF16 (qk_scores_amx), AVX512_BF16's vdpbf16ps elsewhere (qk_scores_dpbf16), and
 // P @ V takes the tile's probabilities rounded to bf16, on the same units. On AVX512_BF16 decode's
-// few rows turn the layout around instead (key lanes, below): keys along the lanes, scores
-// st[row][key], a softmax per row (key_lane_softmax); P @ V as for the row-vector layout.
+// few rows (at most 8, or 3 where AMX tiles serve) turn the layout around instead (key lanes,
+// below): keys along the lanes, scores st[row][key], a softmax per row (key_lane_softmax); P @ V
+// as for the row-vector layout.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
