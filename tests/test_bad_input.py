@@ -1,5 +1,7 @@
 """Bad arguments raise a clear exception and leave the cache and the model working."""
 
+import copy
+
 import pytest
 import torch
 
@@ -187,3 +189,100 @@ def test_crop_refuses_what_it_cannot_do_and_changes_nothing():
     assert handle.seqs[0].token_ids == tokens[:-4] and handle.get_seq_length() == columns - 4
     handle.release()
     model.prefix_cache.check_integrity()
+
+
+# --- the cache handle transformers holds ---------------------------------------------------------
+
+
+def _prefilled(model, ref, ids, mask=None):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask)[CACHE_ARG], ref(ids, attention_mask=mask)[CACHE_ARG]
+
+
+@pytest.mark.parametrize("change", ["a real past column marked padding", "a padding past column marked real"])
+def test_a_mask_that_marks_past_columns_otherwise_than_their_forward_is_refused(change):
+    """The sessions hold K/V of the real tokens only: transformers would mask the past anew, so
+    Trellis refuses (naming the column) where it used to attend as before, and the cache goes on
+    with the right mask as transformers' does."""
+    ref, model = tiny_pair()
+    ids, nxt = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(0)), torch.tensor([[7], [9]])
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0  # row 0 left-padded
+    cache, ref_cache = _prefilled(model, ref, ids, mask)
+    wrong = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    if change.startswith("a real"):
+        wrong[1, 5] = 0
+        column, row = 5, 1
+    else:
+        wrong[0, 1] = 1
+        column, row = 1, 0
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=f"attention_mask marks past column {column} of row {row}"):
+            model(nxt, attention_mask=wrong, **{CACHE_ARG: cache})
+        right = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        got = model(nxt, attention_mask=right, **{CACHE_ARG: cache}).logits
+        want = ref(nxt, attention_mask=right, **{CACHE_ARG: ref_cache}).logits
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=0)  # (row 0's padded columns: transformers' own)
+    del cache
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_rows_selected_or_repeated_continue_as_transformers_caches_do():
+    ref, model = tiny_pair()
+    ids, nxt = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(1)), torch.tensor([[7], [9]])
+    cache, ref_cache = _prefilled(model, ref, ids)
+    for handle in (cache, ref_cache):
+        handle.batch_select_indices(torch.tensor([1, 0]))
+    with torch.no_grad():
+        got, want = model(nxt, **{CACHE_ARG: cache}).logits, ref(nxt, **{CACHE_ARG: ref_cache}).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    for handle in (cache, ref_cache):
+        handle.batch_repeat_interleave(2)
+    nxt = torch.tensor([[5], [6], [7], [8]])
+    with torch.no_grad():
+        got, want = model(nxt, **{CACHE_ARG: cache}).logits, ref(nxt, **{CACHE_ARG: ref_cache}).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    with pytest.raises(IndexError, match="row indices"):
+        cache.reorder_cache(torch.tensor([0, -1, 1, 2]))
+    with pytest.raises(NotImplementedError, match="release"):
+        cache.reset()
+    with pytest.raises(TypeError, match="deepcopy"):
+        copy.copy(cache)
+    del cache
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
+
+
+def test_use_cache_false_leaves_a_callers_cache_going_as_transformers_does():
+    ref, model = tiny_pair()
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    cache, ref_cache = _prefilled(model, ref, ids)
+    with torch.no_grad():
+        out = model(torch.tensor([[7]]), use_cache=False, **{CACHE_ARG: cache})
+        ref(torch.tensor([[7]]), use_cache=False, **{CACHE_ARG: ref_cache})
+        assert getattr(out, CACHE_ARG) is None and cache.get_seq_length() == ref_cache.get_seq_length() == 11
+        got, want = model(torch.tensor([[8]]), **{CACHE_ARG: cache}).logits, ref(torch.tensor([[8]]),
+                                                                                 **{CACHE_ARG: ref_cache}).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_release_interrupted_part_way_leaves_the_rest_queued(monkeypatch):
+    _, model = tiny_pair()
+    with torch.no_grad():
+        cache = model(torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(3)))[CACHE_ARG]
+    manager = model.prefix_cache
+    release = manager.release
+    calls = []
+
+    def interrupted_once(seq, commit=True):
+        calls.append(seq)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return release(seq, commit)
+
+    monkeypatch.setattr(manager, "release", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        cache.release()
+    monkeypatch.setattr(manager, "release", release)
+    assert manager.stats()["live_sessions"] == 0  # the rest were queued, and stats releases them
+    manager.check_integrity()

@@ -393,7 +393,8 @@ class KVCacheManager:
         calls this first; so does saving the cache)."""
         with self.lock:
             while self._pending:
-                self.release(self._pending.popleft())
+                self.release(self._pending[0])  # dequeued once released: an interrupt loses none
+                self._pending.popleft()
 
     # --- whole-cache operations ----------------------------------------------------------
 

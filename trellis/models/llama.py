@@ -240,6 +240,7 @@ class TrellisLlama(LlamaForCausalLM):
                                  "(config.num_hidden_layers was lower, as assistant_early_exit sets it for its drafts): "
                                  f"the K/V of the other layers were never computed, so {num_layers} layers cannot "
                                  "continue it; start a new generation")
+            cache.check_past_mask(attention_mask, num_cols)
             real = self._padding_mask(attention_mask, num_cols)  # [B, S] bool, None if nothing is padding
             _check_labels_after_padding(labels, real)
             keep_cols, keep_mask = self._logit_columns(logits_to_keep, num_rows, num_cols, inputs.device)  # [B, K]
@@ -264,7 +265,7 @@ class TrellisLlama(LlamaForCausalLM):
                                        output_hidden_states=output_hidden_states, **kwargs)
             cache.num_layers = num_layers if fresh else min(cache.num_layers, num_layers)
             skipped = torch.tensor([s.num_prefix_hit if fresh else 0 for s in cache.seqs], device=inputs.device)
-            cache.seen_columns += num_cols
+            cache.record_columns(real, num_rows, num_cols)
             logits = runner.unpack(step.hidden, step.batch, real, keep_cols, skipped, runner.logits)
             if keep_mask is not None:
                 logits = logits[keep_mask]  # [N, V], row by row, as transformers flattens a mask's positions
@@ -272,7 +273,7 @@ class TrellisLlama(LlamaForCausalLM):
             if hidden_states is not None and (num_rows > 1 or real is not None):
                 every_col = torch.arange(num_cols, device=inputs.device).expand(num_rows, -1)
                 hidden_states = tuple(runner.unpack(h[0], step.batch, real, every_col, skipped) for h in hidden_states)
-            if not use_cache:
+            if not use_cache and past_key_values is None:  # a caller's cache goes on, as transformers' would
                 cache.release()
         loss = None
         if labels is not None:

@@ -55,6 +55,9 @@ class PagedKVCache(Cache):
         self.manager = manager
         self.seqs: list[PagedSequence] = []
         self.seen_columns = 0  # width of the (padded) inputs consumed so far, as transformers counts
+        # Which of those columns held real tokens [B, seen_columns] (None: every one). The sessions
+        # hold K/V of the real tokens alone, so a later attention_mask must mark the past alike.
+        self.past_real: torch.Tensor | None = None
         # The fewest decoder layers a forward over these sessions ran (None before the first): while
         # config.num_hidden_layers is lowered (an early-exit drafter) the later layers' K/V stay unwritten.
         self.num_layers: int | None = None
@@ -66,6 +69,36 @@ class PagedKVCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_columns
+
+    def record_columns(self, real: torch.Tensor | None, num_rows: int, num_cols: int) -> None:
+        """Count a forward's ``num_cols`` columns; ``real`` [B, S]: which held real tokens (None: all)."""
+        if real is not None or self.past_real is not None:
+            device = (real if real is not None else self.past_real).device
+            past = self.past_real if self.past_real is not None else \
+                torch.ones(num_rows, self.seen_columns, dtype=torch.bool, device=device)
+            new = real if real is not None else torch.ones(num_rows, num_cols, dtype=torch.bool, device=device)
+            self.past_real = torch.cat([past, new.to(device)], 1)
+        self.seen_columns += num_cols
+
+    def check_past_mask(self, attention_mask: torch.Tensor | None, num_cols: int) -> None:
+        """Refuse an ``attention_mask`` whose columns before the last ``num_cols`` mark the columns
+        this cache holds otherwise than the forwards that computed them: transformers would mask
+        those keys anew, while the sessions hold K/V of the real tokens alone."""
+        past_cols = 0 if attention_mask is None else min(attention_mask.shape[1] - num_cols, self.seen_columns)
+        if past_cols <= 0:
+            return
+        given = attention_mask[:, attention_mask.shape[1] - num_cols - past_cols : attention_mask.shape[1] - num_cols]
+        given = given.bool()  # [B, P]
+        own = None if self.past_real is None else self.past_real[:, -past_cols:].to(given.device)
+        if bool(given.all()) if own is None else torch.equal(given, own):
+            return
+        own = torch.ones_like(given) if own is None else own
+        row, col = (given != own).nonzero()[0].tolist()
+        raise ValueError(
+            f"attention_mask marks past column {self.seen_columns - past_cols + col} of row {row} as "
+            f"{'real' if given[row, col] else 'padding'}, but the forward that computed this cache had it as "
+            f"{'real' if own[row, col] else 'padding'}: the cache holds K/V of the real tokens only and cannot be "
+            "masked anew; pass the mask it was computed with (its columns, then the new ones)")
 
     def get_max_length(self) -> int:
         return -1
@@ -81,16 +114,20 @@ class PagedKVCache(Cache):
         copy = PagedKVCache(self.manager)
         with self.manager.lock:
             copy.seqs.extend(self.manager.fork(seq) for seq in self.seqs)
-        copy.seen_columns, copy.num_layers = self.seen_columns, self.num_layers
+        copy.seen_columns, copy.num_layers, copy.past_real = self.seen_columns, self.num_layers, self.past_real
         return copy
+
+    def __copy__(self) -> PagedKVCache:
+        raise TypeError("a PagedKVCache cannot be copied shallowly (the copy and the original would end the same "
+                        "sessions); copy.deepcopy forks them into an independent handle")
 
     def release(self) -> None:
         """End every session now: share their full blocks, free the rest."""
         if self._finalizer.detach() is None:
             return
-        with self.manager.lock:
-            for seq in self.seqs:
-                self.manager.release(seq)
+        # Queued first, so that an interrupt part way leaves the rest queued, not held for good.
+        self.manager.release_later(self.seqs)
+        self.manager.release_pending()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens of every row (transformers passes a negative
@@ -105,13 +142,18 @@ class PagedKVCache(Cache):
             raise ValueError(f"cannot crop {remove} tokens from a cache whose shortest row holds {shortest}")
         self.manager.truncate(self.seqs, [len(seq.token_ids) - remove for seq in self.seqs])
         self.seen_columns -= remove
+        if self.past_real is not None:
+            self.past_real = self.past_real[:, : self.seen_columns]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i continues from row ``beam_idx[i]`` (shared blocks, copied tail)."""
         with self.manager.lock:
+            rows = beam_idx.tolist()
+            if any(not 0 <= i < len(self.seqs) for i in rows):
+                raise IndexError(f"row indices {rows} for a cache of {len(self.seqs)} rows")
             forks: list[PagedSequence] = []
             try:
-                for i in beam_idx.tolist():
+                for i in rows:
                     forks.append(self.manager.fork(self.seqs[i]))
             except BaseException:  # out of blocks part way: the rows keep their sessions, no fork is left
                 for fork in forks:
@@ -120,3 +162,17 @@ class PagedKVCache(Cache):
             for seq in self.seqs:
                 self.manager.release(seq, commit=False)
             self.seqs[:] = forks
+            if self.past_real is not None:
+                self.past_real = self.past_real[beam_idx.to(self.past_real.device)]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` (in that order), as transformers' caches do (contrastive search)."""
+        self.reorder_cache(torch.as_tensor(indices).long())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row ``repeats`` times in a row, as transformers' caches do (expanding for sampling)."""
+        self.reorder_cache(torch.arange(len(self.seqs)).repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        raise NotImplementedError("a PagedKVCache is not reset in place: call release() and start a new one "
+                                  "(past_key_values=None)")
