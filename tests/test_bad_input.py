@@ -286,3 +286,13 @@ def test_a_release_interrupted_part_way_leaves_the_rest_queued(monkeypatch):
     monkeypatch.setattr(manager, "release", release)
     assert manager.stats()["live_sessions"] == 0  # the rest were queued, and stats releases them
     manager.check_integrity()
+
+
+def test_a_released_cache_is_refused_by_name():
+    _, model = tiny_pair()
+    with torch.no_grad():
+        cache = model(torch.arange(3, 12)[None])[CACHE_ARG]
+        cache.release()
+        with pytest.raises(ValueError, match=r"was released \(release\(\) ended its sessions\)"):
+            model(torch.tensor([[5]]), **{CACHE_ARG: cache})
+    assert model.prefix_cache.stats()["live_sessions"] == 0

@@ -425,7 +425,7 @@ def test_switching_kernels_drops_the_cache_and_refuses_its_handles():
         out = model(IDS)
         model.set_linear_kernel("onednn" if model.linear_kernel == "packed" else "packed")
         assert model.prefix_cache.stats()["cached_blocks"] == 0
-        with pytest.raises(RuntimeError, match="earlier KV cache"):
+        with pytest.raises(RuntimeError, match="another KV cache"):
             model(IDS[:, :1], past_key_values=out.past_key_values)
 
 

@@ -98,7 +98,7 @@ def test_a_live_handle_is_refused_after_the_weights_change():
     with torch.no_grad():
         out = model(IDS)
         model.model.norm.weight.add_(0.1)
-        with pytest.raises(RuntimeError, match="earlier KV cache"):
+        with pytest.raises(RuntimeError, match="another KV cache"):
             model(IDS[:, :1], past_key_values=out.past_key_values)
 
 

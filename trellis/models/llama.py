@@ -232,8 +232,12 @@ class TrellisLlama(LlamaForCausalLM):
             manager = runner.prefix_cache
             cache = past_key_values if past_key_values is not None else PagedKVCache(manager)
             if cache.manager is not manager:
-                raise RuntimeError("this past_key_values belongs to an earlier KV cache (the model's device, dtype, weights "
-                                   "or cache settings changed since); start a new generation")
+                raise RuntimeError("this past_key_values belongs to another KV cache: another model's, or this model's "
+                                   "before it was rebuilt (its device, dtype, weights or cache settings changed since); "
+                                   "start a new generation")
+            if cache.released:
+                raise ValueError("this past_key_values was released (release() ended its sessions); start a new "
+                                 "generation")
             num_layers = min(self.config.num_hidden_layers, len(self.model.layers))  # what this forward runs
             if not cache.is_empty and num_layers > cache.num_layers:
                 raise ValueError(f"this past_key_values was computed by the first {cache.num_layers} decoder layers "

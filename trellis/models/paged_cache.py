@@ -107,6 +107,11 @@ class PagedKVCache(Cache):
     def is_empty(self) -> bool:
         return not self.seqs
 
+    @property
+    def released(self) -> bool:
+        """Whether ``release`` ended its sessions (it then serves no forward)."""
+        return not self._finalizer.alive
+
     def __deepcopy__(self, memo: dict) -> PagedKVCache:
         """An independent handle over the same K/V: each session forked (full blocks shared, the
         partial tail block copied), as transformers' recipe of reusing one prefilled prompt
