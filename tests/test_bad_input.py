@@ -223,6 +223,8 @@ def test_a_mask_that_marks_past_columns_otherwise_than_their_forward_is_refused(
         got = model(nxt, attention_mask=right, **{CACHE_ARG: cache}).logits
         want = ref(nxt, attention_mask=right, **{CACHE_ARG: ref_cache}).logits
     torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=0)  # (row 0's padded columns: transformers' own)
+    with torch.no_grad(), pytest.raises(ValueError, match="batch of 1 rows continues a cache of 2"):
+        model(nxt[:1], attention_mask=torch.ones(1, 12, dtype=torch.long), **{CACHE_ARG: cache})  # the batch, first
     del cache
     assert model.prefix_cache.stats()["live_sessions"] == 0
 

@@ -90,6 +90,8 @@ class PagedKVCache(Cache):
         given = attention_mask[:, attention_mask.shape[1] - num_cols - past_cols : attention_mask.shape[1] - num_cols]
         given = given.bool()  # [B, P]
         own = None if self.past_real is None else self.past_real[:, -past_cols:].to(given.device)
+        if own is not None and own.shape[0] != given.shape[0]:
+            return  # another batch size: the forward refuses it, naming the rows
         if bool(given.all()) if own is None else torch.equal(given, own):
             return
         own = torch.ones_like(given) if own is None else own
