@@ -130,10 +130,9 @@ class PagedKVCache(Cache):
 
     def release(self) -> None:
         """End every session now: share their full blocks, free the rest."""
-        if self._finalizer.detach() is None:
+        if not self._finalizer.alive:
             return
-        # Queued first, so that an interrupt part way leaves the rest queued, not held for good.
-        self.manager.release_later(self.seqs)
+        self._finalizer()  # queues them, as garbage collection would: an interrupt part way loses none
         self.manager.release_pending()
 
     def crop(self, tokens_to_remove: int) -> None:

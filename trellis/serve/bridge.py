@@ -87,11 +87,9 @@ class EngineBridge:
     def submit(self, prompt: Sequence[int], params: SamplingParams, n: int, queue: asyncio.Queue[ChoiceEvent],
                first_choice: int = 0) -> RequestHandle:
         """Queue a prompt's ``n`` choices (on the event loop); raises what ``Engine.add`` raises."""
-        if not self.ready:
-            raise RuntimeError("the engine is not running")
         loop = asyncio.get_running_loop()
         with self._wake:  # registered before the engine can step it, so no event is missed
-            if self._closing:  # closed since the check above: the engine thread has aborted for the last time
+            if not self.ready:  # (under the lock: once closing, the engine thread's last abort may have run)
                 raise RuntimeError("the engine is not running")
             leader = self.engine.add(prompt, params, n=n)
             handle = RequestHandle([leader, *leader.forks], queue, first_choice, loop)
