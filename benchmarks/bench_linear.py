@@ -4,11 +4,11 @@ Every layer gets its own weights of the model's shapes and dtype (so they stream
 in a forward; the variants over one layout share them), run as transformers does (``F.linear``), through oneDNN over row-major weights,
 over input-major weights and over a prepacked copy, through Trellis' streaming kernel
 (``quant_linear``, qtype ``"BF16"`` or ``"F32"``, over the row-major parameter), which the kinds
-run at the row counts ``cpu_linear.streamed_rows`` names for the dtype (bf16: 1-4, fp32: 4-8; each
-variant here runs its own kernel at every row count), and, where ``cpu_linear.panels_serve`` holds
-for the dtype (bf16: AVX512_BF16, on AMX tiles where present; fp32: an AVX-512 build off Intel), through Trellis'
-panels (``panel_linear``), which ``"packed"`` runs there at every row count instead of oneDNN's
-copy and the streaming kernel. The label in parentheses names the Trellis
+run at the row counts ``cpu_linear.streamed_rows`` names for the dtype (bf16: 1-4, fp32: 1-8; each
+variant here runs its own kernel at every row count), and, where ``cpu_linear.panels_run`` holds
+for the dtype (an AVX-512 build; bf16: AVX512_BF16, on AMX tiles where present), through Trellis'
+panels (``panel_linear``), which ``"packed"`` runs at every row count instead of oneDNN's copy and
+the streaming kernel where ``cpu_linear.panels_serve`` holds (fp32: off Intel). The label in parentheses names the Trellis
 kind that runs each variant in this dtype. Kinds take turns within each repetition; the figure
 is the median ms per pass. Each shape's share of the pass is timed too, the LM head (not part of
 the pass) included, as ``shapes``: ``{"out x in": {variant: ms}}``.
@@ -29,7 +29,7 @@ from common import add_cpu_time_option, chosen_clock, describe, load_model, pars
 
 from trellis import ops
 from trellis.ops.panels import pack_panels
-from trellis.runner.cpu_linear import _set_layout, input_major, panels_serve, streamed_rows
+from trellis.runner.cpu_linear import _set_layout, input_major, panels_run, panels_serve, streamed_rows
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,23 +42,24 @@ def variants(dtype: torch.dtype) -> dict[str, tuple[bool, Callable[[torch.Tensor
     """label -> (input-major weights, the layer over a weight); "onednn" runs the layout
     ``input_major`` picks."""
     onednn_input_major, rows = input_major(dtype), streamed_rows(dtype)
-    panels = panels_serve("packed", dtype)
+    panels, panels_picked = panels_run(dtype), panels_serve("packed", dtype)
     qtype = "F32" if dtype == torch.float32 else "BF16"
     out = {"F.linear (blas)": (False, lambda w: lambda x: F.linear(x, w)),
            "oneDNN, row-major" + ("" if onednn_input_major else " (onednn)"): (False, onednn),
            "oneDNN, input-major" + (" (onednn)" if onednn_input_major else ""): (True, onednn),
-           "oneDNN, prepacked" + ("" if panels else " (packed)"):
+           "oneDNN, prepacked" + ("" if panels_picked else " (packed)"):
                (False, lambda w: onednn(torch.ops.mkldnn._reorder_linear_weight(w, 64)))}
     if rows is not None:
         # input-major weights do not stream, nor do the rows of panels
-        kinds = [kind for kind, streams in (("blas", True), ("onednn", not onednn_input_major), ("packed", not panels))
-                 if streams]
+        kinds = [kind for kind, streams in (("blas", True), ("onednn", not onednn_input_major),
+                                            ("packed", not panels_picked)) if streams]
         kinds_named = "every kind" if len(kinds) == 3 else ", ".join(kinds)
         out[f"Trellis streaming ({kinds_named} at {rows[0]}-{rows[1]} rows)"] = \
             (False, lambda w: lambda x: ops.quant_linear(x, w.view(torch.uint8), qtype, backend="cpp"))
     if panels:
-        out["Trellis panels (packed)"] = (False, lambda w: functools.partial(ops.panel_linear, panels=pack_panels(w),
-                                                                             bias=None, out_features=w.shape[0]))
+        out["Trellis panels" + (" (packed)" if panels_picked else "")] = \
+            (False, lambda w: functools.partial(ops.panel_linear, panels=pack_panels(w), bias=None,
+                                                out_features=w.shape[0]))
     return out
 
 
