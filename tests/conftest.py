@@ -4,9 +4,9 @@ Without a GPU, the Triton kernels run in Triton's CPU interpreter, which must be
 the kernels are defined, i.e. before any test imports ``trellis.ops.triton``.
 
 The ``vendor`` fixture pretends the CPU is another vendor's (``vendor("GenuineIntel")``): the
-choices of ``trellis.runner.cpu_linear`` that depend on it (the fp32 default kind, the layout of
-``"onednn"``, whether fp32 panels serve) follow, and are read afresh after the test. ``intel`` is
-``vendor("GenuineIntel")``.
+choices of ``trellis.runner.cpu_linear`` that depend on it (the fp32 default kind where the panels
+do not serve, the layout of ``"onednn"``) follow; whether fp32 panels serve is read afresh after
+the test, for tests that pretend another build. ``intel`` is ``vendor("GenuineIntel")``.
 
 ``installed(name)`` imports a package the project installs for its tests (lm-eval, peft): a test
 that needs one skips where it is missing, except in CI (``CI=true``), where a missing package
@@ -34,7 +34,7 @@ def installed(name: str) -> ModuleType:
 def vendor(monkeypatch):
     from trellis.runner import cpu_linear
 
-    def forget() -> None:  # what was decided from the vendor
+    def forget() -> None:  # what a test may have decided under a pretended build
         getattr(cpu_linear.fp32_panels, "cache_clear", lambda: None)()  # (not where a test replaced it)
 
     def pretend(name: str) -> None:

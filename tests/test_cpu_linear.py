@@ -178,19 +178,20 @@ def test_packed_copies_are_made_when_the_weights_are_laid_out():
 
 
 @needs_onednn
-def test_fp32_panels_serve_off_intel_on_avx512_builds(vendor, monkeypatch):
-    """fp32 panels are the fp32 default where the kernels are built for AVX-512 on a CPU other than
-    Intel's (MKL's own CPUs keep "blas"); without an AVX-512 build the default is "onednn"."""
-    vendor("AuthenticAMD")
+def test_fp32_panels_serve_on_avx512_builds_whatever_the_vendor(vendor, monkeypatch):
+    """fp32 panels are the fp32 default where the kernels are built for AVX-512, on Intel's CPUs as
+    on AMD's; without an AVX-512 build the default is MKL's "blas" on Intel, "onednn" elsewhere."""
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and ops.default_backend(torch.device("cpu")) == "cpp"
-    assert cpu_linear.fp32_panels() == avx512
-    assert cpu_linear.default_linear_kernel(torch.float32) == ("packed" if avx512 else "onednn")
-    vendor("GenuineIntel")
-    assert not cpu_linear.fp32_panels() and not cpu_linear.panels_serve("packed", torch.float32)
-    vendor("AuthenticAMD")
+    intel_library = "blas" if torch.backends.mkl.is_available() else "onednn"
+    for name, library in (("AuthenticAMD", "onednn"), ("GenuineIntel", intel_library)):
+        vendor(name)
+        assert cpu_linear.fp32_panels() == avx512 == cpu_linear.panels_serve("packed", torch.float32)
+        assert cpu_linear.default_linear_kernel(torch.float32) == ("packed" if avx512 else library)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     cpu_linear.fp32_panels.cache_clear()
-    assert not cpu_linear.fp32_panels() and cpu_linear.default_linear_kernel(torch.float32) == "onednn"
+    assert not cpu_linear.fp32_panels() and cpu_linear.default_linear_kernel(torch.float32) == intel_library
+    vendor("AuthenticAMD")
+    assert cpu_linear.default_linear_kernel(torch.float32) == "onednn"
 
 
 @needs_onednn
@@ -322,8 +323,8 @@ def test_the_fp32_default_follows_the_cpu_vendor(vendor):
     amd = "packed" if cpu_linear.fp32_panels() else "onednn"  # panels where the build is AVX-512
     assert model.linear_kernel == amd and type(model.lm_head) is CPULinear and model.lm_head.kind == amd
     assert all(linear_kernel_of(m) in (None, amd) for m in model.modules())
-    vendor("GenuineIntel")  # MKL's own CPUs
-    expected = "blas" if torch.backends.mkl.is_available() else "onednn"
+    vendor("GenuineIntel")  # MKL's own CPUs: MKL where the panels do not serve
+    expected = "packed" if cpu_linear.fp32_panels() else "blas" if torch.backends.mkl.is_available() else "onednn"
     assert cpu_linear.default_linear_kernel() == expected == TrellisLlama(tiny_config()).linear_kernel
 
 

@@ -5,14 +5,16 @@ Intel CPUs only. On AMD EPYC machines (AVX-512 and AVX2, 2 cores) MKL streams a 
 weights at ~12 GB/s and runs small batches (2–64 rows) slower per row than one, and oneDNN's JIT
 kernels are faster at every batch size that matters to serving; on an AMX Xeon MKL is the faster
 of the two at 1, 4 and 512 rows (docs/cpu-linear.md). Trellis' own panels (``ops.panel_linear``)
-beat both on AMD where the kernels are built for AVX-512. So the fp32 default follows the CPU:
+beat both where the kernels are built for AVX-512: on AMD EPYCs, and on an Ice Lake Xeon 1.07-3.3x
+MKL at 4 to 256 rows. So the fp32 default follows the CPU:
 
     kind       weights                                        fp32 default
-    "blas"     the parameter, through F.linear                Intel CPUs (transformers' own path)
+    "blas"     the parameter, through F.linear                Intel CPUs without AVX-512 (or without
+                                                              the C++ kernels): transformers' path
     "onednn"   the parameter, via oneDNN (fp32 on Intel:      other x86 CPUs (AMD) without AVX-512
                stored input-major)
-    "packed"   a second copy in oneDNN's blocked layout, or   other x86 CPUs with AVX-512 (and
-               Trellis' panels: fp32 on other x86 CPUs with   bf16's default); +1 copy
+    "packed"   a second copy in oneDNN's blocked layout, or   x86 CPUs with AVX-512 (and bf16's
+               Trellis' panels: fp32 on x86 CPUs with         default); +1 copy
                AVX-512 (fp32_panels), bf16 on AVX512_BF16
                CPUs, AMX ones included (bf16_panels)
 
@@ -138,9 +140,10 @@ def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
     blocked layout 15-30 % faster than any plain one at 1 to 64 rows (docs/dtypes.md), Trellis'
     panels faster still where they serve, and the copy costs what fp32 weights would (the parameter
     stays, for state dicts and training). fp32 defaults to ``"packed"`` where Trellis' panels serve
-    it (``fp32_panels``: 1.35x a decode step, 1.45x a 64-token extend on SmolLM2, for a second copy
-    of the weights), else to ``"blas"`` on Intel CPUs, where MKL runs it, and to ``"onednn"`` on
-    other x86 CPUs, where MKL's generic code is the slower (module docstring)."""
+    it (``fp32_panels``: on SmolLM2 1.35x a decode step and 1.45x a 64-token extend on AMD, 1.15x
+    and 1.25-1.35x over MKL on an Ice Lake Xeon, for a second copy of the weights), else to ``"blas"`` on
+    Intel CPUs, where MKL runs it, and to ``"onednn"`` on other x86 CPUs, where MKL's generic code
+    is the slower (module docstring)."""
     if not onednn_available():
         return "blas"
     if (dtype == torch.bfloat16 and dtype in onednn_dtypes()) or panels_serve("packed", dtype):
@@ -170,12 +173,13 @@ def bf16_panels() -> bool:
 @functools.cache
 def fp32_panels() -> bool:
     """Whether ``"packed"`` keeps fp32 weights as Trellis' panels (``ops.panel_linear``) instead of
-    oneDNN's blocked copy, and runs every row count on them: on x86-64 CPUs other than Intel's (where
-    MKL is the fp32 default), with the C++ kernels built for AVX-512 and loaded. On the 2-core AMD
-    EPYC the panels run SmolLM2's layers 1.5x faster than the streaming kernel at 1 to 4 rows,
-    1.25-1.9x faster than oneDNN over row-major weights at 16 to 64 rows, 1.1-1.3x faster than
-    oneDNN's own blocked copy there, and level with both at 512 (docs/cpu-linear.md)."""
-    return _x86_64() and not intel_cpu() and panels_run(torch.float32)
+    oneDNN's blocked copy, and runs every row count on them: on x86-64 CPUs with the C++ kernels
+    built for AVX-512 and loaded. On the 2-core AMD EPYC the panels run SmolLM2's layers 1.5x faster
+    than the streaming kernel at 1 to 4 rows, 1.25-1.9x faster than oneDNN over row-major weights
+    at 16 to 64 rows, 1.1-1.3x faster than oneDNN's own blocked copy there, and level with both at
+    512; on the 2-core Ice Lake Xeon 1.1x the streaming kernel at 4 to 8 rows and 1.36-3.3x MKL at
+    16 to 64, level with MKL at 512 (docs/cpu-linear.md)."""
+    return _x86_64() and panels_run(torch.float32)
 
 
 def panels_run(dtype: torch.dtype) -> bool:
