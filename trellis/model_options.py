@@ -87,9 +87,9 @@ def existing_file(text: str) -> Path:
     return path
 
 
-LINEAR_KERNEL_HELP = ("what runs the linear layers on CPU in fp32 and bf16: blas (MKL; the fp32 default on Intel), "
-                      "packed (Trellis' panels, a second copy of the weights; the bf16 default on x86 and the fp32 "
-                      "default on other x86 CPUs with AVX-512) or onednn (the fp32 default on the other x86 CPUs)")
+LINEAR_KERNEL_HELP = ("what runs the linear layers on CPU in fp32 and bf16: packed (Trellis' panels, a second copy of "
+                      "the weights; the bf16 default on x86 and the fp32 default on x86 CPUs with AVX-512), blas "
+                      "(MKL; the fp32 default on other Intel CPUs) or onednn (the fp32 default on the other x86 CPUs)")
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:

@@ -88,8 +88,8 @@ class TrellisLlama(LlamaForCausalLM):
         then MPS, then CPU (ignored when ``device_map`` is given; a map over several devices, or to
         disk, is refused: the KV cache lives on one device). ``linear_kernel``: see
         ``set_linear_kernel()``; by default the fastest for the CPU and the loaded dtype
-        (``cpu_linear.default_linear_kernel``: ``blas`` in fp32 on Intel, ``packed`` (fp32 panels) on AMD with
-        AVX-512, else ``onednn``; ``packed`` in bf16).
+        (``cpu_linear.default_linear_kernel``: in fp32 ``packed`` (fp32 panels) on x86 CPUs with
+        AVX-512, else ``blas`` on Intel and ``onednn`` on others; ``packed`` in bf16).
         ``keep_quantized=True`` keeps the
         GGUF's Q8_0 / Q4_0 / Q4_1 linear weights quantized and runs them on Trellis' kernels; with
         no path, the embedded model's (see ``trellis.models.gguf_quantized``).
@@ -126,11 +126,11 @@ class TrellisLlama(LlamaForCausalLM):
 
     def set_linear_kernel(self, kind: str) -> int:
         """What runs the linear layers in CPU fp32 and bf16 inference (elsewhere it is always
-        ``F.linear``): ``"blas"`` (transformers' path; the fp32 default on Intel CPUs), ``"onednn"``
-        (no extra memory; fp32 weights stored input-major on Intel; the fp32 default on other x86
-        CPUs without an AVX-512 build) or ``"packed"`` (a second copy of the weights, oneDNN's
-        prepacked layout or Trellis' panels; the bf16 default on x86, and fp32's on other x86 CPUs
-        with an AVX-512 build). See ``trellis.runner.cpu_linear``. A kind set here is kept when the model changes
+        ``F.linear``): ``"blas"`` (transformers' path; the fp32 default on Intel CPUs without an
+        AVX-512 build), ``"onednn"`` (no extra memory; fp32 weights stored input-major on Intel;
+        the fp32 default on other x86 CPUs without an AVX-512 build) or ``"packed"`` (a second copy
+        of the weights, oneDNN's prepacked layout or Trellis' panels; the bf16 default on x86, and
+        fp32's on x86 CPUs with an AVX-512 build). See ``trellis.runner.cpu_linear``. A kind set here is kept when the model changes
         dtype; without one, the kind follows the dtype (``.to(torch.bfloat16)`` moves an fp32
         model to bf16's default). Returns the number of layers that changed kind. The KV cache
         starts empty afterwards: its K/V were computed by the other matmuls."""

@@ -148,7 +148,7 @@ class PagedModelRunner:
 
     def follow_dtype(self) -> None:
         """After the model's dtype may have changed (``.to()``, loading): the default kind for that
-        dtype, unless the user chose one (fp32's default on Intel, MKL, is not bf16's), and the
+        dtype, unless the user chose one (fp32's default is not always bf16's), and the
         weights laid out as the kind reads them in that dtype."""
         chosen = self.linear_kernel_chosen
         kind = self.linear_kernel if chosen else cpu_linear.default_linear_kernel(self.model.dtype)
