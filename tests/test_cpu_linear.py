@@ -13,6 +13,7 @@ from trellis import ops
 from trellis.models.llama import TrellisLlama
 from trellis.ops.panels import pack_panels
 from trellis.runner import cpu_linear
+from trellis.runner import runner as runner_module
 from trellis.runner.cpu_linear import CPULinear, linear_kernel_of, set_linear_kernel
 
 needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="no oneDNN on this machine or build")
@@ -326,6 +327,34 @@ def test_the_fp32_default_follows_the_cpu_vendor(vendor):
     vendor("GenuineIntel")  # MKL's own CPUs: MKL where the panels do not serve
     expected = "packed" if cpu_linear.fp32_panels() else "blas" if torch.backends.mkl.is_available() else "onednn"
     assert cpu_linear.default_linear_kernel() == expected == TrellisLlama(tiny_config()).linear_kernel
+
+
+@needs_onednn
+def test_the_default_adds_no_copy_of_the_weights_where_it_would_not_fit(monkeypatch):
+    """Where the dtype's default kind is "packed" but its copy of the weights would take more than
+    half the free memory, a model runs the fastest kind without a copy, and a warning says so; with
+    room for the copy, or with "packed" chosen, the copy is made."""
+    dtype = next((d for d in (torch.float32, torch.bfloat16) if cpu_linear.default_linear_kernel(d) == "packed"), None)
+    if dtype is None:
+        pytest.skip("no dtype's default kind keeps a copy of the weights here")
+    copy = cpu_linear.packed_copy_bytes(TrellisLlama._from_config(tiny_config(), dtype=dtype))
+    layers = [m for m in TrellisLlama._from_config(tiny_config(), dtype=dtype).modules() if linear_kernel_of(m)]
+    assert copy == sum(m.weight.nbytes for m in layers) > 0
+    monkeypatch.setattr(runner_module, "free_memory", lambda device: 2 * copy + 1)
+    assert TrellisLlama._from_config(tiny_config(), dtype=dtype).linear_kernel == "packed"
+    monkeypatch.setattr(runner_module, "free_memory", lambda device: 2 * copy - 1)
+    unpacked = cpu_linear.unpacked_linear_kernel(dtype)
+    with pytest.warns(UserWarning, match=rf"'packed' linear kernel would add a \d+\.\d GiB copy of the weights, more "
+                                         rf"than half of the \d+\.\d GiB of free memory; running '{unpacked}'"):
+        model = TrellisLlama._from_config(tiny_config(), dtype=dtype)
+    assert model.linear_kernel == unpacked != "packed" and not model.runner.linear_kernel_chosen
+    with torch.no_grad():
+        model(IDS)
+    assert all(getattr(m, "_packed", None) is None for m in model.modules())
+    model.set_linear_kernel("packed")  # chosen: kept, copy and all
+    with torch.no_grad():
+        model(IDS)
+    assert model.linear_kernel == "packed" and any(getattr(m, "_packed", None) is not None for m in model.modules())
 
 
 @needs_onednn_bf16

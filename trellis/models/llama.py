@@ -89,7 +89,8 @@ class TrellisLlama(LlamaForCausalLM):
         disk, is refused: the KV cache lives on one device). ``linear_kernel``: see
         ``set_linear_kernel()``; by default the fastest for the CPU and the loaded dtype
         (``cpu_linear.default_linear_kernel``: in fp32 ``packed`` (fp32 panels) on x86 CPUs with
-        AVX-512, else ``blas`` on Intel and ``onednn`` on others; ``packed`` in bf16).
+        AVX-512, else ``blas`` on Intel and ``onednn`` on others; ``packed`` in bf16; without the
+        packed copy, and with a warning, where it would take more than half the free memory).
         ``keep_quantized=True`` keeps the
         GGUF's Q8_0 / Q4_0 / Q4_1 linear weights quantized and runs them on Trellis' kernels; with
         no path, the embedded model's (see ``trellis.models.gguf_quantized``).

@@ -144,11 +144,27 @@ def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
     and 1.25-1.35x over MKL on an Ice Lake Xeon, for a second copy of the weights), else to ``"blas"`` on
     Intel CPUs, where MKL runs it, and to ``"onednn"`` on other x86 CPUs, where MKL's generic code
     is the slower (module docstring)."""
+    if onednn_available() and ((dtype == torch.bfloat16 and dtype in onednn_dtypes()) or panels_serve("packed", dtype)):
+        return "packed"
+    return unpacked_linear_kernel(dtype)
+
+
+def unpacked_linear_kernel(dtype: torch.dtype) -> str:
+    """The fastest kind that keeps no second copy of ``dtype``'s weights: ``"blas"`` (MKL) for fp32
+    on Intel CPUs and wherever oneDNN is missing, else ``"onednn"``; what runs where the default
+    ``"packed"`` copy would not fit in memory (``TrellisRunner.follow_dtype``)."""
     if not onednn_available():
         return "blas"
-    if (dtype == torch.bfloat16 and dtype in onednn_dtypes()) or panels_serve("packed", dtype):
-        return "packed"
+    if dtype != torch.float32 and dtype in onednn_dtypes():
+        return "onednn"
     return "blas" if intel_cpu() and torch.backends.mkl.is_available() else "onednn"
+
+
+def packed_copy_bytes(model: torch.nn.Module) -> int:
+    """The bytes the ``"packed"`` kind's copies of ``model``'s linear weights take (as many as the
+    weights: the same values in another layout), a tied LM head's included."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if linear_kernel_of(m) is not None and m.weight.is_cpu and m.weight.dtype in onednn_dtypes())
 
 
 @functools.cache

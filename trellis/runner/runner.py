@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -151,8 +152,25 @@ class PagedModelRunner:
         dtype, unless the user chose one (fp32's default is not always bf16's), and the
         weights laid out as the kind reads them in that dtype."""
         chosen = self.linear_kernel_chosen
-        kind = self.linear_kernel if chosen else cpu_linear.default_linear_kernel(self.model.dtype)
+        kind = self.linear_kernel if chosen else self._default_linear_kernel()
         self.set_linear_kernel(kind, chosen=chosen)
+
+    def _default_linear_kernel(self) -> str:
+        """``cpu_linear.default_linear_kernel`` for the model's dtype, unless that is ``"packed"`` and
+        its copy of the weights would take more than half the free memory (a model of billions of
+        parameters in fp32): then the fastest kind without a copy, and a warning says so."""
+        dtype = self.model.dtype
+        kind = cpu_linear.default_linear_kernel(dtype)
+        if kind != "packed" or self.device.type != "cpu":
+            return kind
+        copy, free = cpu_linear.packed_copy_bytes(self.model), free_memory(self.device)
+        if copy <= free // 2:
+            return kind
+        unpacked = cpu_linear.unpacked_linear_kernel(dtype)
+        warnings.warn(f"trellis: the 'packed' linear kernel would add a {copy / 2**30:.1f} GiB copy of the weights, "
+                      f"more than half of the {free / 2**30:.1f} GiB of free memory; running {unpacked!r}, which adds "
+                      f"none (slower; linear_kernel='packed' keeps the copy)", stacklevel=2)
+        return unpacked
 
     def choose_linear_kernel(self, kind: str | None) -> None:
         """After loading: ``kind`` where the caller names one (a choice, kept when the dtype
