@@ -23,6 +23,7 @@ from tests.conftest import installed
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.persist import FORMAT, PrefixCacheFileError, _checksum, model_fingerprint
+from trellis.eval import score_continuations
 from trellis.models import loading
 from trellis.runner import cpu_linear
 
@@ -294,11 +295,12 @@ def test_negative_block_counts_with_the_right_sum_are_refused(tmp_path):
     fresh.prefix_cache.check_integrity()
 
 
-@pytest.mark.parametrize(("step", "warm"), [
-    ("insert", [200] * 20),  # the target shares 6 blocks with the file (its first 24 tokens): loading splits that edge
-    ("add_tail", None),  # the target holds a tail where the file has one, and the file a tail the target has not
+@pytest.mark.parametrize(("step", "warm", "failing_call"), [
+    ("insert", [200] * 20, 2),  # the target shares 6 blocks with the file (its first 24 tokens): loading splits that edge
+    # the target holds a tail where the file has one (not added again), and the file a tail the target has not
+    ("add_tail", None, 1),
 ])
-def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, monkeypatch, step, warm):
+def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, monkeypatch, step, warm, failing_call):
     _, model = tiny_pair()
     path = saved(tmp_path, model)  # whole blocks and two tails
     _, target = tiny_pair()
@@ -310,19 +312,22 @@ def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, 
     before = picture(manager)
     original, calls = getattr(manager.radix, step), []
 
-    def second_call_fails(*args, **kwargs):
+    def one_call_fails(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == failing_call:
             raise RuntimeError("interrupted")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(manager.radix, step, second_call_fails)
+    monkeypatch.setattr(manager.radix, step, one_call_fails)
     with pytest.raises(RuntimeError, match="interrupted"):
         target.load_prefix_cache(path)
     assert_same_picture(picture(manager), before)
     assert_nothing_leaked(manager)
     monkeypatch.undo()
-    assert target.load_prefix_cache(path) == held_blocks(model)
+    # What the target holds of the file is not loaded again: the first 24 tokens' 6 blocks, or the
+    # whole first conversation with its tail.
+    shared = {"insert": 6, "add_tail": held_blocks(target)}[step]
+    assert target.load_prefix_cache(path) == held_blocks(model) - shared
     assert_nothing_leaked(manager)
 
 
@@ -373,10 +378,49 @@ def test_file_larger_than_the_pool_is_refused_whole(tmp_path):
     _, small = tiny_pair(num_blocks=12)  # the file holds 13 blocks
     small.generate(torch.arange(3, 10)[None], max_new_tokens=5, do_sample=False)
     before = small.prefix_cache.stats()
-    with pytest.raises(OutOfBlocksError):
+    with pytest.raises(OutOfBlocksError, match=rf"cannot load prefix cache file {re.escape(str(path))}: it adds \d+ "
+                                                r"blocks of 4 tokens that the cache does not hold"):
         small.load_prefix_cache(path)
     assert small.prefix_cache.stats() == before
     small.prefix_cache.check_integrity()
+
+
+def test_what_the_cache_holds_already_is_not_loaded_again(tmp_path):
+    """A file's prefixes that the cache holds take no blocks: reloading a cache's own file adds
+    nothing and evicts no other prefix, even with the pool full, and with the shared prefix locked
+    by a session in flight it needs no free block."""
+    _, model = tiny_pair(num_blocks=16)
+    a, b = list(range(3, 43)), list(range(100, 124))  # 10 blocks; 6 more, unrelated
+    score_continuations(model, [(a, [50])])
+    path = tmp_path / "a.safetensors"
+    assert model.save_prefix_cache(path) == 10
+    score_continuations(model, [(b, [60])])
+    score_continuations(model, [(a, [51])])  # a is the hotter prefix: b is the one eviction would take
+    manager = model.prefix_cache
+    before = manager.stats()
+    assert before["free_blocks"] == 1 and manager.cached_tokens(b) == 20
+    assert model.load_prefix_cache(path) == 0
+    assert manager.stats()["cached_blocks"] == before["cached_blocks"] and manager.cached_tokens(b) == 20
+    live = manager.admit([*a, 7, 8, 9, 10, 11], max_reuse=40)  # on top of a: locks it, takes the free blocks
+    held = manager.stats()
+    assert held["free_blocks"] == 0
+    assert model.load_prefix_cache(path) == 0
+    assert manager.stats() == held
+    manager.release(live, commit=False)
+    manager.check_integrity()
+
+
+def test_a_cache_made_under_inference_mode_loads_a_file(tmp_path):
+    """The KV pool made inside ``torch.inference_mode()`` (a first generate there) is an inference
+    tensor; a load outside that mode still writes it."""
+    ref, model = tiny_pair()
+    path = saved(tmp_path, model)
+    _, target = tiny_pair()
+    with torch.inference_mode():
+        target.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=2, do_sample=False)
+    assert target.load_prefix_cache(path) == held_blocks(model)
+    assert torch.equal(ask(target, [50, 51]), ask(ref, [50, 51]))
+    assert target.prefix_cache.stats()["hit_tokens"] >= 40  # the system prompt's blocks, from the file
 
 
 # --- fuzzing: damaged files (bytes flipped) and crafted ones (edited tensors, valid checksum) ---------

@@ -102,11 +102,19 @@ class BlockPool:
             if self.ref_counts[b] == 0:
                 self._free.append(b)
 
+    # A pool made under inference_mode is an inference tensor, which only inference_mode writes:
+    # the writes below take it whatever mode the caller is in.
+
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's K/V in every layer (a shared block's tokens, for a session of its own)."""
-        # A pool made under inference_mode is an inference tensor, which only inference_mode writes.
         with torch.inference_mode():
             self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Write ``kv`` (``[layers, 2, len(blocks), block_size, kv_heads, head_dim]``, e.g. a saved
+        cache's) into ``blocks`` in every layer."""
+        with torch.inference_mode():
+            self.kv.index_copy_(2, torch.tensor(blocks, dtype=torch.int64, device=self.kv.device), kv.to(self.kv.device))
 
     def check_integrity(self) -> None:
         """free + referenced == total, no negative count, no block both free and referenced."""

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.radix import RadixCache, RadixNode
 from trellis.utils import outside_vocabulary
@@ -157,15 +158,17 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
 
 def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: Mapping[str, str],
                       vocab_size: int) -> int:
-    """Add the prefixes and tails saved in ``path`` to the cache; returns the number of blocks
-    loaded. A saved tail joins its node's unless the node already holds its tokens or a shorter
-    run of them (nothing cached is let go).
+    """Add the prefixes and tails saved in ``path`` that the cache does not hold yet; returns the
+    number of blocks added. Only those take blocks from the pool (evicting colder prefixes if it
+    must, never what the file and the cache share); a saved tail joins its node's unless the node
+    already holds its tokens, and replaces a tail that holds fewer of them, as a finished
+    session's tail does.
 
     ``fingerprint``: this model's ``model_fingerprint``; ``vocab_size``: token ids must be below it.
     Raises ``PrefixCacheFileError`` for a file of another format, model, dtype, block size or
     geometry, or a damaged or inconsistent one, and ``OutOfBlocksError`` if the pool cannot hold
-    it; either way the cache is unchanged. Any other failure (an interrupt) undoes the load,
-    except the eviction of colder prefixes that made room for it.
+    what it adds; either way the cache is unchanged. Any other failure (an interrupt) undoes the
+    load, except the eviction of colder prefixes that made room for it.
     """
     metadata, tensors = _read(path)
     _check_header(metadata, _header(manager, fingerprint), path)
@@ -174,26 +177,64 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
     _check_shapes(tensors, manager, path)
     paths = _node_paths(tensors, manager.block_size, vocab_size, path)
     tails = _tails(tensors, len(paths), manager.block_size, vocab_size, path)
+    radix = manager.radix
     with manager.lock:
-        blocks = manager.allocate(tensors["kv"].shape[2])  # all or nothing
-        before = _tree_state(manager.radix)
+        manager.release_pending()
+        held = [radix.held(path_tokens) for path_tokens, _ in paths]
+        first_tail = tensors["kv"].shape[2] - len(tails)  # the tails' K/V come last in the file
+        new = sorted({i for (_, path_blocks), (blocks, _) in zip(paths, held) for i in path_blocks[len(blocks):]})
+        new_tails = [t for t, (node_index, tokens) in enumerate(tails)
+                     if not _holds_tail(radix, paths[node_index][0] if node_index >= 0 else [], tokens)]
+        new += [first_tail + t for t in new_tails]
+        pins = [node for _, node in held]
+        for node in pins:  # what the file shares with the cache stays while the pool makes room
+            radix.lock(node)
         try:
-            kv = manager.pool.kv
-            kv.index_copy_(2, torch.tensor(blocks, dtype=torch.int64, device=kv.device), tensors["kv"].to(kv.device))
-            for path_tokens, path_blocks in paths:
-                manager.radix.insert(path_tokens, [blocks[i] for i in path_blocks])
-            for (node_index, tokens), block in zip(tails, blocks[len(blocks) - len(tails):]):  # the tails' K/V last
-                node = manager.radix.node_at(paths[node_index][0] if node_index >= 0 else [])
+            blocks = _allocate(manager, len(new), path)
+        finally:
+            for node in pins:
+                radix.unlock(node)
+        slot = dict(zip(new, blocks))  # the file's block -> the pool's
+        before = _tree_state(radix)
+        try:
+            manager.pool.write_blocks(blocks, tensors["kv"][:, :, new])
+            for (path_tokens, path_blocks), (cached, _) in zip(paths, held):
+                radix.insert(path_tokens, cached + [slot[i] for i in path_blocks[len(cached):]])
+            for t in new_tails:
+                node_index, tokens = tails[t]
+                node = radix.node_at(paths[node_index][0] if node_index >= 0 else [])
                 assert node is not None, "a tail's node path was inserted above"
-                manager.radix.add_tail(node, tokens, block, replace=False)
+                radix.add_tail(node, tokens, slot[first_tail + t])
         except BaseException:
             _restore_tree(before)
             # Freshly allocated blocks have no holder but us and, once adopted, the tree.
             manager.pool.decref([b for b in blocks if manager.pool.ref_counts[b] > 1])
             manager.pool.decref(blocks)
             raise
-        manager.pool.decref(blocks)  # the tree holds what it adopted; duplicates of cached prefixes go back
-    return len(blocks)
+        added = sum(manager.pool.ref_counts[b] > 1 for b in blocks)
+        manager.pool.decref(blocks)  # the tree holds what it adopted
+    return added
+
+
+def _holds_tail(radix: RadixCache, path: list[int], tokens: tuple[int, ...]) -> bool:
+    """Whether the tree holds the K/V of ``tokens`` (fewer than a block) after ``path``: a child's
+    first block or a tail of the node there that begins with them (``RadixCache.add_tail`` keeps
+    nothing new then)."""
+    match = radix.peek([*path, *tokens], max_tokens=len(path) + len(tokens))
+    return (len(match.blocks) * radix.block_size == len(path) and match.tail is not None
+            and match.tail.num_tokens == len(tokens))
+
+
+def _allocate(manager: KVCacheManager, n: int, path: str | os.PathLike) -> list[int]:
+    """``n`` blocks for a load, or an ``OutOfBlocksError`` that names the file."""
+    try:
+        return manager.allocate(n)
+    except OutOfBlocksError as exc:
+        raise OutOfBlocksError(
+            f"cannot load prefix cache file {path}: it adds {n} blocks of {manager.block_size} tokens that the "
+            f"cache does not hold, and {manager.pool.num_free} are free and {manager.radix.evictable_blocks()} "
+            f"evictable of {manager.pool.num_blocks}; load it into a larger pool (num_blocks / kv_cache_memory)"
+        ) from exc
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -105,6 +105,13 @@ class RadixCache:
         node, blocks, stop = self._walk(tokens, limit // self.block_size, peek=True)
         return PrefixMatch(blocks, node, self._tail(tokens, limit, node, len(blocks), stop))
 
+    def held(self, tokens: Sequence[int]) -> tuple[list[int], RadixNode]:
+        """The blocks the tree holds of ``tokens``' whole blocks, from the first on, with no side
+        effects; and the node whose lock keeps them all from eviction: the deepest one they reach
+        into (where they end inside an edge, that edge, whole)."""
+        node, blocks, stop = self._walk(tokens, len(tokens) // self.block_size, peek=True)
+        return blocks, (stop[0] if stop is not None else node)
+
     def touch(self, node: RadixNode) -> None:
         """Mark ``node`` and its ancestors as used now (the LRU order eviction follows)."""
         now = next(self._clock)
