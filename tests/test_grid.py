@@ -155,6 +155,36 @@ def test_prefix_hits_count_as_in_one_process(tiny_dir):
             {k: one[k] for k in ("lookup_tokens", "hit_tokens", "cached_blocks")}
 
 
+def test_more_steps_than_stages_wait_their_turn_and_prefix_files_are_refused(tiny_dir, tmp_path):
+    """Three lanes on two stages, and a forward while the engine's lanes are in flight: the
+    coordinator takes the oldest step's output before sending one more than there are stages
+    (which would deadlock the ring), and the answers are one process's. Prefix cache files, which
+    would hold only the coordinator's layers, are refused by name."""
+    prompts = shared_prefix_prompts(4, 22, 5, 256, seed=5)
+    single = TrellisLlama.from_pretrained(tiny_dir, device="cpu", block_size=BLOCK, num_blocks=256)
+    want, _ = run_engine(single, prompts, 8)
+    with torch.no_grad():
+        want_logits = single(torch.tensor([[5, 6, 7]])).logits
+    with LocalGrid(options(tiny_dir, micro_batches=3, step_timeout=10), stages=2) as runner:
+        got, _ = run_engine(runner, prompts, 8)
+        assert got == want
+        engine = Engine(runner)
+        for prompt in prompts:
+            engine.add(prompt, SamplingParams(max_new_tokens=8))
+        for _ in range(4):
+            engine.step()
+        assert len(runner._in_flight) == 2  # as many as there are stages
+        with torch.no_grad():
+            logits = runner.model(torch.tensor([[5, 6, 7]])).logits
+        torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
+        while engine.has_work:
+            engine.step()
+        for method in (runner.model.save_prefix_cache, runner.model.load_prefix_cache):
+            with pytest.raises(ValueError, match="not served by a grid"):
+                method(tmp_path / "prefixes.safetensors")
+        assert runner.failure is None
+
+
 @pytest.fixture(scope="module")
 def smollm2_answers() -> tuple[list[list[int]], list[list[int]], int]:
     """Chat prompts sharing a system prompt of about 90 tokens (whole blocks to share), and one
@@ -299,7 +329,8 @@ def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):
 @pytest.mark.parametrize(("override", "message"), [
     ({"block_size": 0}, "block_size must be a power of two"), ({"micro_batches": -1}, "micro_batches"),
     ({"micro_batches": 0}, "micro_batches"), ({"threads": 0}, "threads"), ({"step_timeout": -5}, "step_timeout"),
-    ({"num_blocks": 0}, "num_blocks"), ({"device": "mps"}, "cannot run on MPS.*gloo"),
+    ({"num_blocks": 0}, "num_blocks"),
+    ({"step_timeout": float("inf")}, "step_timeout.*finite"), ({"start_timeout": float("nan")}, "start_timeout"), ({"device": "mps"}, "cannot run on MPS.*gloo"),
     ({"device": "gpu"}, "--device 'gpu' names no device")])
 def test_bad_options_are_refused_before_any_stage_starts(tiny_dir, override, message):
     with pytest.raises(ValueError, match=message):

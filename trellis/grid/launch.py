@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -82,8 +83,8 @@ class GridOptions:
             self.dtype = grid_dtype(self.device, self.model_path, self.load_kwargs())
         for name in ("micro_batches", "threads", "step_timeout", "start_timeout"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be positive, got {value!r}")
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be positive and finite, got {value!r}")
 
     @property
     def model_path(self) -> str:

@@ -63,7 +63,11 @@ class GridStep(PendingStep):
 
 class GridRunner(PagedModelRunner):
     """Runs steps over a grid's stages; ``micro_batches`` steps may be in flight (the engine keeps
-    that many lanes), so that every stage has work. ``link`` connects this rank (0) to the ring."""
+    that many lanes), so that every stage has work; at most one step a stage is on the ring, as a
+    stage's send waits for the next stage to take the one before. ``link`` connects this rank (0)
+    to the ring."""
+
+    holds_every_layer = False  # each stage's pool holds its own layers' K/V
 
     def __init__(self, model: LlamaForCausalLM, settings: CacheSettings, link: Link, placement: Placement,
                  micro_batches: int, heartbeat_s: float = 5.0) -> None:
@@ -120,6 +124,10 @@ class GridRunner(PagedModelRunner):
                              "config.num_hidden_layers (assistant_early_exit drafts with one) is not served")
         with self.lock:
             self._check_alive()
+            # One more step than there are stages would deadlock the ring: each stage would wait
+            # on a send that the next one, itself sending, never takes.
+            while len(self._in_flight) >= self.link.world_size:
+                self.receive_until(self._in_flight[0])
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
                                 positions)
             hidden = run_decoder(self.model, batch, inputs_embeds).last_hidden_state[0]

@@ -156,8 +156,14 @@ class TrellisLlama(LlamaForCausalLM):
 
     def save_prefix_cache(self, path: str | os.PathLike) -> int:
         """Save every cached prefix and tail (tree + K/V) to a safetensors file; returns the blocks saved."""
+        self._check_prefix_files()
         with self.runner.lock:
             return save_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint())
+
+    def _check_prefix_files(self) -> None:
+        if not self.runner.holds_every_layer:
+            raise ValueError("save_prefix_cache and load_prefix_cache are not served by a grid: each stage's pool "
+                             "holds its own layers' K/V, and a file of the coordinator's would hold none of theirs")
 
     def load_prefix_cache(self, path: str | os.PathLike) -> int:
         """Add the prefixes of a file written by ``save_prefix_cache`` for this same computation:
@@ -166,6 +172,7 @@ class TrellisLlama(LlamaForCausalLM):
         hardware (``loading.hardware_identity``: the kind of CPU, the GPU) and block size. Anything
         else, or a damaged or inconsistent file, is refused with ``PrefixCacheFileError``, changing
         nothing."""
+        self._check_prefix_files()
         with self.runner.lock:
             return load_prefix_cache(self.prefix_cache, path, self._prefix_cache_fingerprint(), self.config.vocab_size)
 

@@ -89,6 +89,7 @@ class PagedModelRunner:
 
     pipeline_depth = 1  # steps worth keeping in flight at once (a grid's stages each work on one)
     failure: str | None = None  # why the runner can run nothing more (a grid that lost a stage)
+    holds_every_layer = True  # whether this process's pool holds every layer's K/V (not a grid's coordinator)
 
     def __init__(self, model: LlamaForCausalLM, settings: CacheSettings | None = None) -> None:
         self.model = model
