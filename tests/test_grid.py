@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import httpx2 as httpx
 import openai
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from tests.models import smollm2_dir, smollm2_tokenizer, tiny_config
@@ -317,6 +319,39 @@ def test_a_stage_that_exits_while_the_grid_starts_fails_the_start_at_once(tiny_d
         grid.__enter__()
     assert time.monotonic() - started < 100
     assert grid.stop(timeout=30) == [2]
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_by_the_stage_that_holds_it(tiny_dir, tmp_path):
+    """As one process refuses it, a stage refuses a checkpoint that lacks a weight of its own
+    layers (it would run them randomly initialised): the coordinator by name, another stage by
+    exiting before the grid starts."""
+    path = tmp_path / "missing"
+    shutil.copytree(tiny_dir, path)
+    state = load_file(path / "model.safetensors")
+    del state["model.layers.4.mlp.down_proj.weight"]
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    named = r"lacks 1 weights of the model \(e\.g\. model\.layers\.4\.mlp\.down_proj\.weight\)"
+    with pytest.raises(ValueError, match=named):
+        TrellisLlama.from_pretrained(str(path), device="cpu")
+    for layers, error, message in [("0-4,5-5", ValueError, named), ("0-2,3-5", GridError, "stage 1 exited")]:
+        grid = LocalGrid(options(str(path), layers=layers), stages=2)
+        with pytest.raises(error, match=message):
+            grid.__enter__()
+        grid.stop(timeout=30)
+
+
+def test_the_coordinator_reads_the_checkpoints_generation_config(tiny_dir, tmp_path):
+    """Stop tokens and sampling defaults from generation_config.json, as one process reads them."""
+    path = tmp_path / "genconf"
+    shutil.copytree(tiny_dir, path)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, 175],
+                                                             "pad_token_id": 0, "temperature": 0.7}))
+    single = TrellisLlama.from_pretrained(str(path), device="cpu")
+    assert single.generation_config.eos_token_id == [1, 175]
+    with LocalGrid(options(str(path)), stages=2) as runner:
+        got = runner.model.generation_config
+        assert (got.eos_token_id, got.temperature) == ([1, 175], 0.7) == \
+            (single.generation_config.eos_token_id, single.generation_config.temperature)
 
 
 def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):

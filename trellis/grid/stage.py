@@ -9,6 +9,7 @@ are loaded whole and cut down, so loading peaks at the whole model's size.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -17,10 +18,11 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import safe_open
+from transformers import GenerationConfig
 
 from trellis.cache.block_pool import BlockPool
 from trellis.grid.transport import PING, STOP, GridError, Link, StepPlan
-from trellis.models.llama import TrellisLlama
+from trellis.models.llama import TrellisLlama, check_weights_loaded
 from trellis.models.loading import load_llama_config
 from trellis.runner.batch import plan_batch
 from trellis.runner.runner import run_decoder
@@ -84,19 +86,40 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the other stages' tensors are missing on purpose
     try:
-        model = TrellisLlama.from_pretrained(None, config=stage_config, state_dict=state, dtype=dtype, device=device,
-                                             linear_kernel=linear_kernel)
+        model, info = TrellisLlama.from_pretrained(None, config=stage_config, state_dict=state, dtype=dtype,
+                                                   device=device, linear_kernel=linear_kernel, output_loading_info=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
     del state
+    # Refused as one process refuses it: a weight of the stage's own that the checkpoint lacks.
+    missing = [whole_model_name(name, layers) for name in info.get("missing_keys") or ()
+               if not left_to_other_stages(name, first, last)]
+    check_weights_loaded(path, {**info, "missing_keys": missing})
     for offset, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = layers.start + offset  # its K/V sit under its index in the whole model
     if not last:
         model.model.norm = torch.nn.Identity()
-    if not first:
+    if first:  # the coordinator's: stop tokens and sampling defaults as one process reads them
+        with contextlib.suppress(OSError):  # no generation_config.json: the config's defaults stay
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    else:
         model.model.embed_tokens = None  # never read: later stages take activations
         model.lm_head = None
     return model
+
+
+def left_to_other_stages(name: str, first: bool, last: bool) -> bool:
+    """Whether a stage model's tensor ``name`` is missing on purpose: another stage holds it."""
+    return ((not first and name.startswith(("model.embed_tokens.", "lm_head.")))
+            or (not last and name.startswith("model.norm.")))
+
+
+def whole_model_name(name: str, layers: range) -> str:
+    """A stage model's tensor ``name`` as the whole model calls it (``stage_name`` undone)."""
+    if not name.startswith("model.layers."):
+        return name
+    index, _, rest = name.removeprefix("model.layers.").partition(".")
+    return f"model.layers.{int(index) + layers.start}.{rest}"
 
 
 def stage_forward(model: TrellisLlama, plan: StepPlan, pool: BlockPool, hidden: torch.Tensor) -> torch.Tensor:

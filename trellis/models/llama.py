@@ -113,7 +113,7 @@ class TrellisLlama(LlamaForCausalLM):
         except SafetensorError as exc:  # a damaged checkpoint: an OSError, as a missing file is
             raise OSError(f"cannot read the weights in {pretrained_model_name_or_path}: {exc}") from exc
         if kwargs.get("state_dict") is None:  # a caller's own state dict may leave weights out (a grid stage's)
-            _check_weights_loaded(pretrained_model_name_or_path, info)
+            check_weights_loaded(pretrained_model_name_or_path, info)
         check_one_device(getattr(model, "hf_device_map", {}))  # set by accelerate where it placed modules apart
         if quantized_from is not None:
             keep_gguf_quantized(model, quantized_from)
@@ -569,7 +569,7 @@ def _check_labels_after_padding(labels: torch.Tensor | None, real: torch.Tensor 
                          "(e.g. the first real token of a left-padded row)")
 
 
-def _check_weights_loaded(path: object, info: dict) -> None:
+def check_weights_loaded(path: object, info: dict) -> None:
     """Refuse a checkpoint that lacks weights of the model: transformers would leave them random."""
     missing = sorted(info.get("missing_keys") or ())
     if not missing:
