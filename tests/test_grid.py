@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -352,6 +353,24 @@ def test_the_coordinator_reads_the_checkpoints_generation_config(tiny_dir, tmp_p
         got = runner.model.generation_config
         assert (got.eos_token_id, got.temperature) == ([1, 175], 0.7) == \
             (single.generation_config.eos_token_id, single.generation_config.temperature)
+
+
+def test_a_stage_rank_of_grid_serve_does_not_check_the_http_port(tiny_dir, capsys):
+    """torchrun runs one command line on every machine: on a stage's rank, `trellis grid serve`
+    serves no HTTP, so a --port in use there is no reason to refuse (here it goes on to the
+    rendezvous, which no coordinator hosts)."""
+    with socket.socket() as held, socket.socket() as free:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        free.bind(("127.0.0.1", 0))
+        busy, master = held.getsockname()[1], free.getsockname()[1]
+        free.close()
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["grid", "serve", "--rank", "1", "--world-size", "2", "--master-port", str(master), "--port",
+                      str(busy), "--model", tiny_dir, "--start-timeout", "2"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot serve on" not in err and "cannot open the rendezvous" in err
 
 
 def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):

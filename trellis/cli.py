@@ -328,7 +328,8 @@ def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             run_grid_generate(args)
         else:
             config = serve_config(args)
-            check_address(args.host, args.port)  # before any stage starts
+            if grid_endpoint(args).rank == 0:  # before any stage starts; a stage (torchrun's rank > 0) serves no HTTP
+                check_address(args.host, args.port)
             run_grid_serve(args, config)
     except (ValueError, OSError, GridError) as exc:
         parser.exit(2, f"trellis grid: {exc}\n")
