@@ -263,6 +263,7 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation():
     assert (context, continuation) == encode_pair(tok, "Answer:", " Paris")
     assert context + continuation == tok.encode("Answer: Paris")
     assert encode_pair(tok, "", "Paris") == ([tok.bos_token_id], tok.encode("Paris"))
+    assert encode_pair(tok, "Answer: ", "") == encode_pair(tok, "Answer:", " ")  # lm-eval scores the space
 
 
 def bos_adding_tokenizer():
