@@ -373,6 +373,26 @@ def test_a_stage_rank_of_grid_serve_does_not_check_the_http_port(tiny_dir, capsy
     assert "cannot serve on" not in err and "cannot open the rendezvous" in err
 
 
+def test_an_interrupted_step_fails_the_grid_at_once(tiny_dir):
+    """Ctrl-C lands as a receive returns (it waits with the GIL released): the step's output is lost
+    and the ring out of step, so the grid fails at once and stops without waiting step_timeout."""
+    grid = LocalGrid(options(tiny_dir, step_timeout=30), stages=2)
+    runner = grid.__enter__()
+    receive = runner.link.recv_hidden
+
+    def interrupted(*args, **kwargs):
+        receive(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    runner.link.recv_hidden = interrupted
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        runner.model(torch.tensor([[5, 6, 7]]))
+    assert "interrupted" in runner.failure
+    started = time.monotonic()
+    grid.stop(timeout=30)
+    assert time.monotonic() - started < 15
+
+
 def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):
     grid = LocalGrid(options(tiny_dir), stages=2, stage_options=options(other_tiny_dir))
     with pytest.raises(GridError, match="model_digest"):

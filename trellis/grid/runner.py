@@ -137,8 +137,8 @@ class GridRunner(PagedModelRunner):
             try:
                 self.link.send_plan(*plan.encode())
                 self.link.send_hidden(hidden)
-            except GridError as exc:
-                self._fail(exc)
+            except BaseException as exc:
+                self._broken(exc)
                 raise
             self._last_sent = time.monotonic()
             step = GridStep(self, manager, seqs, batch)
@@ -154,8 +154,8 @@ class GridRunner(PagedModelRunner):
                 head = self._in_flight[0]
                 try:
                     head.hidden = self.link.recv_hidden(head.batch.input_ids.shape[0])
-                except GridError as exc:
-                    self._fail(exc)
+                except BaseException as exc:
+                    self._broken(exc)
                     raise
                 self._in_flight.popleft()
                 self.steps += 1
@@ -171,6 +171,13 @@ class GridRunner(PagedModelRunner):
             log.error("grid failed: %s", exc)
         self._in_flight.clear()
         self._closed.set()
+
+    def _broken(self, exc: BaseException) -> None:
+        """A send or receive that did not finish, a link's failure or an interrupt (Ctrl-C lands as
+        a receive returns, its output lost), leaves the ring out of step: the grid fails at once,
+        instead of a later step waiting ``step_timeout`` for what will not come."""
+        self._fail(exc if isinstance(exc, GridError) else
+                   GridError(f"a step was interrupted on the ring ({type(exc).__name__}); restart the grid"))
 
     def _ping(self, interval: float) -> None:
         """While idle, ping the ring now and then, so that a lost stage is noticed (``failure``, /health)
