@@ -370,6 +370,13 @@ def test_saving_where_no_file_can_be_leaves_everything_as_it_was(tmp_path, monke
         model.save_prefix_cache(path)
     assert path.read_bytes() == before  # the old file stands, and no staging file is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_directory", "prefixes.safetensors"]
+    monkeypatch.undo()
+    staged = []
+    monkeypatch.setattr("trellis.cache.persist.save_file", lambda t, name, **kw: (staged.append(name), save_file(t, name, **kw)))
+    model.save_prefix_cache(path)
+    model.save_prefix_cache(path)
+    assert len(set(staged)) == 2  # each save stages a file of its own: concurrent saves do not share one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_directory", "prefixes.safetensors"]
 
 
 def test_file_larger_than_the_pool_is_refused_whole(tmp_path):

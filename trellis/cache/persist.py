@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import secrets
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -143,7 +144,9 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
             "tail_tokens": torch.tensor([t for _, tokens, _ in tails for t in tokens], dtype=torch.int64),
         }
         metadata = {**_header(manager, fingerprint), "checksum": _checksum(tensors)}
-    staging = path.with_name(f".{path.name}.tmp")
+    # A staging file of this save's own: two saves to one path (two processes) each rename a whole
+    # file. (Not mkstemp: its file is private to the user, where a saved cache takes the umask.)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         save_file(tensors, staging, metadata=metadata)
         staging.replace(path)
