@@ -38,7 +38,7 @@ from trellis.grid import (
     shared_host_environment,
     split_by_memory,
 )
-from trellis.grid.launch import SHARED_HOST_SPIN_COUNT
+from trellis.grid.launch import SHARED_HOST_SPIN_COUNT, StageIdentity, plan_grid
 from trellis.grid.transport import StepPlan
 from trellis.models.embedded import embedded_gguf_path
 from trellis.models.llama import TrellisLlama
@@ -100,6 +100,22 @@ def test_split_by_memory_weighs_the_embedding_and_the_memory():
     assert split_by_memory(3, 10, 10_000, [1, 1, 1]).spec() == "0-0,1-1,2-2"  # every stage keeps a layer
     with pytest.raises(ValueError, match="each stage needs a layer"):
         split_by_memory(2, 10, 0, [1, 1, 1])
+
+
+def test_stages_on_one_machine_split_the_layers_alike_whenever_they_read_its_memory():
+    """Each stage process reads free memory at its own moment; on one machine they share it, so
+    the split takes one reading for all of them and does not change from launch to launch."""
+    config = tiny_config(num_hidden_layers=6)
+    options = GridOptions(block_size=BLOCK, num_blocks=64)
+
+    def stage(host: str, free: int) -> StageIdentity:
+        return StageIdentity("t", "t", "t", "d", "float32", BLOCK, "cpu", free_memory=free, kv_budget=1 << 30,
+                             host=host)
+
+    alike = plan_grid(options, config, [stage("a", 1000), stage("a", 1000)])[0]
+    assert plan_grid(options, config, [stage("a", 1000), stage("a", 1900)])[0] == alike
+    assert plan_grid(options, config, [stage("a", 1000), stage("a", 400)])[0] == alike
+    assert plan_grid(options, config, [stage("a", 1000), stage("b", 4000)])[0] != alike  # other machines: by memory
 
 
 def test_step_plan_round_trip():

@@ -246,9 +246,14 @@ def plan_grid(options: GridOptions, config, identities: list[StageIdentity]) -> 
         attn = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
         layer_bytes = (attn + 3 * hidden * inter + 2 * hidden) * dtype_bytes
         heads = 1 if config.tie_word_embeddings else 2
+        # Stages on one machine share its memory: one reading (the first rank's) for all of them,
+        # so that their split does not follow the moments at which each process read it.
+        memory_of_host: dict[str, int] = {}
+        for s in identities:
+            memory_of_host.setdefault(s.host, s.free_memory)
         placement = split_by_memory(config.num_hidden_layers, layer_bytes,
                                     heads * config.vocab_size * hidden * dtype_bytes,
-                                    [s.free_memory for s in identities])
+                                    [memory_of_host[s.host] for s in identities])
     num_blocks = options.num_blocks or min(
         s.kv_budget // kv_bytes_per_block(config, options.block_size, len(r), options.torch_dtype)
         for s, r in zip(identities, placement.ranges))
