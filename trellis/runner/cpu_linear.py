@@ -5,8 +5,8 @@ Intel CPUs only. On AMD EPYC machines (AVX-512 and AVX2, 2 cores) MKL streams a 
 weights at ~12 GB/s and runs small batches (2–64 rows) slower per row than one, and oneDNN's JIT
 kernels are faster at every batch size that matters to serving; on an AMX Xeon MKL is the faster
 of the two at 1, 4 and 512 rows (docs/cpu-linear.md). Trellis' own panels (``ops.panel_linear``)
-beat both where the kernels are built for AVX-512: on AMD EPYCs, and on an Ice Lake Xeon 1.07-3.3x
-MKL at 4 to 256 rows. So the fp32 default follows the CPU:
+beat both where the kernels are built for AVX-512: on AMD EPYCs, and on an Ice Lake Xeon 2-3x MKL
+at 4 to 16 rows and 1.2x at 64 (level or behind at 256-512). So the fp32 default follows the CPU:
 
     kind       weights                                        fp32 default
     "blas"     the parameter, through F.linear                Intel CPUs without AVX-512 (or without
@@ -193,8 +193,8 @@ def fp32_panels() -> bool:
     built for AVX-512 and loaded. On the 2-core AMD EPYC the panels run SmolLM2's layers 1.5x faster
     than the streaming kernel at 1 to 4 rows, 1.25-1.9x faster than oneDNN over row-major weights
     at 16 to 64 rows, 1.1-1.3x faster than oneDNN's own blocked copy there, and level with both at
-    512; on the 2-core Ice Lake Xeon 1.1x the streaming kernel at 4 to 8 rows and 1.36-3.3x MKL at
-    16 to 64, level with MKL at 512 (docs/cpu-linear.md)."""
+    512; on the 2-core Ice Lake Xeon 1.0-1.1x the streaming kernel at 4 to 8 rows and 1.2-3.0x MKL
+    at 16 to 64, MKL level or up to 12 % faster at 256-512 (docs/cpu-linear.md)."""
     return _x86_64() and panels_run(torch.float32)
 
 
