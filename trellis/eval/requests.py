@@ -59,20 +59,17 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
     encoded as ``encode`` does it."""
     if not (isinstance(context, str) and isinstance(continuation, str)):
         raise TypeError(f"a request is a (context, continuation) pair of strings, got ({context!r}, {continuation!r})")
-    empty = ValueError("the continuation is empty: there is nothing to score")
-    if not context:
-        if not continuation:
-            raise empty
-        cont = tokenizer.encode(continuation, add_special_tokens=False)
-        prefix = prefix_token_id(tokenizer)
-        # A continuation that already starts with the prefix token conditions on it.
-        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     # Trailing spaces belong to the continuation: "Answer: " + "Paris" scores " Paris", and
     # "Answer: " + "" the space, as lm-eval does.
     stripped = context.rstrip()
     continuation = context[len(stripped):] + continuation
     if not continuation:
-        raise empty
+        raise ValueError("the continuation is empty: there is nothing to score")
+    if not context:
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        # A continuation that already starts with the prefix token conditions on it.
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     context_ids = encode(tokenizer, stripped)
     whole = encode(tokenizer, stripped + continuation)
     if len(whole) <= len(context_ids):

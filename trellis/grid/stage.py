@@ -92,8 +92,8 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
         transformers.logging.set_verbosity(verbosity)
     del state
     # Refused as one process refuses it: a weight of the stage's own that the checkpoint lacks.
-    missing = [whole_model_name(name, layers) for name in info.get("missing_keys") or ()
-               if not left_to_other_stages(name, first, last)]
+    whole_names = (whole_model_name(name, layers) for name in info.get("missing_keys") or ())
+    missing = [name for name in whole_names if stage_name(name, layers, first, last) is not None]
     check_weights_loaded(path, {**info, "missing_keys": missing})
     for offset, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = layers.start + offset  # its K/V sit under its index in the whole model
@@ -106,12 +106,6 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
         model.model.embed_tokens = None  # never read: later stages take activations
         model.lm_head = None
     return model
-
-
-def left_to_other_stages(name: str, first: bool, last: bool) -> bool:
-    """Whether a stage model's tensor ``name`` is missing on purpose: another stage holds it."""
-    return ((not first and name.startswith(("model.embed_tokens.", "lm_head.")))
-            or (not last and name.startswith("model.norm.")))
 
 
 def whole_model_name(name: str, layers: range) -> str:
