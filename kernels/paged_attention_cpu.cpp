@@ -50,7 +50,7 @@ enum class Scores { vectors, amx, dpbf16, key_lanes };
 
 // Per-thread scratch, grown on demand and kept across calls. Per KV head of the item: Q^T
 // (D x ldq floats, or D/2 x ldq bf16 pairs for bf16 scores), the output accumulator [rows][D]
-// (AMX: transposed, [D][ldq]), the running max and sum [lanes]. The scores [tile keys][ldq], the
+// (transposed, [D][ldq], on AMX and for fp32 row vectors), the running max and sum [lanes]. The scores [tile keys][ldq], the
 // staged tile as fp32, [kKeyTile][heads][D] for K and for V, and with bf16 scores V as key pairs
 // (AMX: V^T, [heads][D][tile keys / 2]; AVX512_BF16: [tile keys / 2][heads][D]) and the
 // probabilities as key pairs [tile keys / 2][ldq], and (AMX) a padded key block [16][D]. Key lanes
@@ -140,7 +140,8 @@ struct ItemLayout {
         tile_runs(scores == Scores::amx && ldq > Vec::size() ? kAmxTileRuns : 1) {}
 
   bool pairs() const { return scores != Scores::vectors; }  // Q^T, P and V in bf16 pairs, K read in place
-  bool transposed() const { return scores == Scores::amx; }  // acc^T [D][ldq], P @ V on AMX tiles
+  // acc^T [D][ldq]: P @ V on AMX tiles, or fp32 vectors in row vectors (pv_accumulate_columns).
+  bool transposed() const { return scores == Scores::amx || (scores == Scores::vectors && ldq >= Vec::size()); }
   bool key_lanes() const { return scores == Scores::key_lanes; }  // scores and P [rows][tile keys]
   int64_t tile_keys() const { return tile_runs * kKeyTile; }  // a tile's keys at most
   // Where the softmax leaves the probabilities' bf16 key pairs for P @ V: a row's next pair
@@ -249,7 +250,7 @@ void stage_tile(const Problem<T>& p, const KeyRun& keys, const KeyRun& next, int
     const int64_t ldp = L.tile_keys() / 2;
     for (int64_t hi = 0; hi < L.heads; ++hi) {
       const c10::BFloat16* vh = v + hi * p.head_dim;
-      if (L.transposed()) {
+      if (L.scores == Scores::amx) {
         value_pairs(vh, ld, keys.n, p.head_dim, ws.vp.data() + hi * p.head_dim * ldp + offset / 2, ldp);
       } else {
         value_key_pairs(vh, ld, keys.n, p.head_dim, ws.vp.data() + (offset / 2 * L.heads + hi) * p.head_dim, run);
@@ -345,7 +346,7 @@ template <typename T>
 void values_from_pairs(const ItemLayout& L, int64_t hi, int64_t n, int64_t head_dim, Workspace& ws) {
 #if defined(TRELLIS_BF16_DOTS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (L.transposed())
+    if (L.scores == Scores::amx)
       return pv_accumulate_amx(ws.vp.data() + hi * head_dim * L.tile_keys() / 2, L.tile_keys(), ws.pp.data(), L.ldq,
                                ws.alpha.data(), whole_runs(n), head_dim, ws.acc.data() + hi * head_dim * L.ldq);
     return pv_accumulate_pairs(ws.pp.data(), L.pair_ld(), L.row_ld(), ws.alpha.data(), ws.vp.data() + hi * head_dim,
@@ -416,6 +417,9 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
       }
       if (L.pairs()) {
         values_from_pairs<T>(L, hi, n, D, ws);
+      } else if (L.transposed()) {
+        pv_accumulate_columns(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, D,
+                              ws.acc.data() + hi * D * L.ldq);
       } else {
         pv_accumulate(ws.st.data(), L.ldq, ws.alpha.data(), ws.v.data() + hi * D, L.heads * D, n, L.rows, D,
                       ws.acc.data() + hi * L.rows * D);

@@ -111,7 +111,8 @@ def test_gqa_groupings(heads, dtype):
 
 @pytest.mark.parametrize("head_dim", [8, 9, 24, 64, 128])
 def test_head_dims(head_dim):
-    # 8, 9 and 24 are not whole AVX-512 vectors: the scalar tail of P @ V runs; 9 is odd, so the
+    # 8, 9 and 24 are not whole AVX-512 vectors: the scalar tail of P @ V by rows runs (the one-token
+    # sequence; the five-token one accumulates by columns, a partial block of d); 9 is odd, so the
     # paired layout (two elements of d per lane pair) is off.
     assert_matches_oracle(make_case([1, 5], [30, 70], head_dim=head_dim, block_size=16))
 
