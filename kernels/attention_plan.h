@@ -109,7 +109,7 @@ inline WorkPlan make_plan(const PlanFacts& f, const at::Tensor& block_table, con
   const int64_t threads = work < kMinParallelWork ? 1 : at::get_num_threads();
   const int64_t max_heads = std::max<int64_t>(1, kStagedBytes / (kKeyTile * f.head_dim * sizeof(float)));
   return plan_work(cu, kv_lens, block_table.const_data_ptr<int32_t>(), f.max_blocks, f.block_size, f.batch, f.kv_heads,
-                   f.q_heads / f.kv_heads, kMaxRows, max_heads, kKeyTile, threads);
+                   f.q_heads / f.kv_heads, kMaxRows, Vec::size(), max_heads, kKeyTile, threads);
 }
 
 // An encoded plan: this header, then the items, the merge groups and their parts as they lie in memory.

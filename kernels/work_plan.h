@@ -105,15 +105,40 @@ inline std::vector<SharedRun> shared_runs(const int32_t* cu_seqlens_q, const int
   return runs;
 }
 
-// `max_rows`: query rows (tokens x query heads) one item may hold; `max_heads`: KV heads whose
-// staged tile fits the cache. `key_tile`: split points are multiples of it. `table`: the block
-// table [batch, max_blocks] of blocks of `block_size` keys (which sequences share a prefix).
+// The query tiles of a sequence's q_len new tokens (`group` rows each, at most `max_rows` rows a
+// tile): how many tokens each holds. An item pads its rows to whole vectors of `lanes` rows and
+// pays for every vector, full or not, so the fewest tiles that hold the tokens share the fewest
+// vectors that do, evenly: SmolLM2's 51 tokens x 3 rows, 64 rows a tile, are 16 + 15 + 20 tokens
+// in 3 + 3 + 4 vectors of 16 rows where 17 + 17 + 17 took 4 + 4 + 4. (Not as many full tiles as
+// fit and a short last one: that would read and stage every key for a few rows.)
+inline std::vector<int64_t> query_tiles(int64_t q_len, int64_t group, int64_t max_rows, int64_t lanes) {
+  const int64_t tile_tokens = std::max<int64_t>(1, max_rows / group);
+  const int64_t tiles = std::max<int64_t>(1, (q_len + tile_tokens - 1) / tile_tokens);
+  std::vector<int64_t> tokens(tiles);
+  // Ends by vecs = tiles * max_rows / lanes, where every tile holds tile_tokens.
+  for (int64_t vecs = (q_len * group + lanes - 1) / lanes;; ++vecs) {
+    int64_t total = 0;
+    for (int64_t t = 0; t < tiles; ++t) {  // a tile of b vectors holds b * lanes / group tokens (one at least)
+      const int64_t b = vecs * (t + 1) / tiles - vecs * t / tiles;
+      tokens[t] = std::max<int64_t>(1, std::min(b * lanes, max_rows) / group);
+      total += tokens[t];
+    }
+    if (total < q_len) continue;
+    const int64_t spare = total - q_len;  // taken from the tiles evenly
+    for (int64_t t = 0; t < tiles; ++t) tokens[t] -= spare * (t + 1) / tiles - spare * t / tiles;
+    return tokens;
+  }
+}
+
+// `max_rows`: query rows (tokens x query heads) one item may hold, in vectors of `lanes` rows;
+// `max_heads`: KV heads whose staged tile fits the cache. `key_tile`: split points are multiples
+// of it. `table`: the block table [batch, max_blocks] of blocks of `block_size` keys (which
+// sequences share a prefix).
 inline WorkPlan plan_work(const int32_t* cu_seqlens_q, const int32_t* seq_lens, const int32_t* table,
                           int64_t max_blocks, int64_t block_size, int64_t batch, int64_t kv_heads, int64_t group,
-                          int64_t max_rows, int64_t max_heads, int64_t key_tile, int64_t threads) {
+                          int64_t max_rows, int64_t lanes, int64_t max_heads, int64_t key_tile, int64_t threads) {
   WorkPlan plan;
   plan.threads = threads;
-  const int64_t tile_tokens = std::max<int64_t>(1, max_rows / group);
   auto heads_for = [&](int64_t rows_per_head) {  // few rows (decode): several KV heads, read contiguously
     return std::clamp<int64_t>(max_rows / rows_per_head, 1, std::min(max_heads, kv_heads));
   };
@@ -150,15 +175,16 @@ inline WorkPlan plan_work(const int32_t* cu_seqlens_q, const int32_t* seq_lens, 
       continue;
     }
     const int64_t q_len = cu_seqlens_q[s + 1] - cu_seqlens_q[s], context = seq_lens[s] - q_len;
-    // The fewest query tiles that hold the tokens, cut evenly: a short last tile would read and
-    // stage every key for a few rows.
-    const int64_t tiles = std::max<int64_t>(1, (q_len + tile_tokens - 1) / tile_tokens);
-    const int64_t heads = heads_for(std::max<int64_t>(1, (q_len + tiles - 1) / tiles) * group);
-    for (int64_t t = 0; t < tiles && q_len > 0; ++t) {
-      const int64_t t0 = q_len * t / tiles, tokens = q_len * (t + 1) / tiles - t0;
-      for (int64_t h = 0; h < kv_heads; h += heads)
-        base.push_back({{s, h, std::min(heads, kv_heads - h), cu_seqlens_q[s] + t0, tokens, context + t0 + 1, 0,
-                         context + t0 + tokens, -1}, {}});
+    if (q_len > 0) {
+      const std::vector<int64_t> tiles = query_tiles(q_len, group, max_rows, lanes);
+      const int64_t heads = heads_for(*std::max_element(tiles.begin(), tiles.end()) * group);
+      int64_t t0 = 0;  // the tile's first token
+      for (const int64_t tokens : tiles) {
+        for (int64_t h = 0; h < kv_heads; h += heads)
+          base.push_back({{s, h, std::min(heads, kv_heads - h), cu_seqlens_q[s] + t0, tokens, context + t0 + 1, 0,
+                           context + t0 + tokens, -1}, {}});
+        t0 += tokens;
+      }
     }
     ++s;
   }

@@ -2,6 +2,7 @@
 their plans and what they refuse; then all of that again over the kernels built with
 AddressSanitizer, in a child process."""
 
+import math
 import os
 import subprocess
 import sys
@@ -230,32 +231,51 @@ def test_shared_prefix_decode_matches_oracle(dtype, threads, own_keys, shared_bl
 def test_shared_prefix_is_read_once():
     # Four sessions over 48 shared keys: one item reads them for all four tokens, each session's
     # own keys are an item of their own, and the four outputs are merged. One thread: no splits.
+    # Items hold both KV heads where their rows fit (AVX-512), one each where not (AVX2's 32 rows):
+    # the same items per KV-head group, and a merged output per session and group.
     case = shared_prefix_case([5, 9, 1, 13], shared_blocks=12)
     with torch_threads(1):
         items, merged = plan_items(case)
-    assert sorted((i.seq, i.q_tokens, i.kv_begin, i.kv_end) for i in items) == [
-        (0, 1, 48, 53), (0, 4, 0, 48), (1, 1, 48, 57), (2, 1, 48, 49), (3, 1, 48, 61)]
-    assert merged == 4
+    head_groups = sum(i.q_tokens == 4 for i in items)
+    assert sorted((i.seq, i.q_tokens, i.kv_begin, i.kv_end) for i in items) == sorted(head_groups * [
+        (0, 1, 48, 53), (0, 4, 0, 48), (1, 1, 48, 57), (2, 1, 48, 49), (3, 1, 48, 61)])
+    assert head_groups in (1, 2) and merged == 4 * head_groups
     # Sessions over different prompts, or shorter common prefixes than a key tile, run alone.
     assert plan_items(shared_prefix_case([5, 9, 1, 13], 12, sharing=[True, False, False, False]))[1] == 0
     assert plan_items(shared_prefix_case([5, 9, 1, 13], shared_blocks=7))[1] == 0
     # One sharing 32 keys (the chat template's, say) before three sharing 80: those three share 80,
     # and the first runs alone.
     items, merged = plan_items(shared_prefix_case([5, 9, 1, 13], shared_blocks=20, sharing=[8, True, True, True]))
-    assert merged == 3 and sorted((i.seq, i.q_tokens, i.kv_begin, i.kv_end) for i in items) == [
-        (0, 1, 0, 85), (1, 1, 80, 89), (1, 3, 0, 80), (2, 1, 80, 81), (3, 1, 80, 93)]
+    head_groups = sum(i.q_tokens == 3 for i in items)
+    assert head_groups in (1, 2) and merged == 3 * head_groups and sorted((i.seq, i.q_tokens, i.kv_begin, i.kv_end) for i in items) == sorted(
+        head_groups * [(0, 1, 0, 85), (1, 1, 80, 89), (1, 3, 0, 80), (2, 1, 80, 81), (3, 1, 80, 93)])
 
 
-def test_extend_queries_are_cut_evenly():
-    # 64 tokens of 9 query heads over 3 KV heads, at most 21 tokens (63 rows) an item on AVX-512:
-    # four query tiles of 16 tokens a KV head, not three of 21 and one of a single token, which
-    # would read every key for three rows. One thread: no splits.
-    case = make_case([64], [512], num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32)
+@pytest.mark.parametrize("q_len", [51, 64, 100, 512])
+def test_extend_queries_fill_whole_vectors(q_len):
+    # An item pays for its rows in whole SIMD vectors (16 rows on AVX-512, 8 elsewhere), at most four.
+    # SmolLM2's 3 rows a token (9 query heads over 3 KV heads): the fewest tiles, sharing the fewest
+    # vectors the tokens allow, evenly, so no tile is short (it would read every key for a few rows).
+    # On AVX-512, 64 tokens take four tiles of 16, not three of 21 and one of a single token; 51
+    # tokens (153 rows) take 10 vectors (16 + 15 + 20 tokens), where three tiles of 17 took 12.
+    # One thread: no splits.
+    lanes = 16 if cpp.capability() == "AVX512" else 8
+    case = make_case([q_len], [512 + q_len], num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32)
     with torch_threads(1):
         items, merged = plan_items(case)
-    tokens, ends = [i.q_tokens for i in items], sorted({i.kv_end for i in items})
-    assert merged == 0 and max(tokens) - min(tokens) <= 1 and all(i.kv_begin == 0 for i in items)
-    assert ends == [448 + 64 * (t + 1) // len(ends) for t in range(len(ends))], ends
+    tiles = sorted((i.kv_end - i.q_tokens, i.q_tokens) for i in items)[::3]  # one KV head's (first token, tokens)
+    tile_tokens = 4 * lanes // 3
+    vectors = [math.ceil(3 * tokens / lanes) for _, tokens in tiles]
+    even_cut = [math.ceil(3 * (q_len * (t + 1) // len(tiles) - q_len * t // len(tiles)) / lanes)
+                for t in range(len(tiles))]
+    assert merged == 0 and len(items) == 3 * len(tiles) == 3 * math.ceil(q_len / tile_tokens)
+    assert [start for start, _ in tiles] == [512 + sum(t for _, t in tiles[:i]) for i in range(len(tiles))]
+    assert sum(t for _, t in tiles) == q_len and max(vectors) <= 4 and sum(vectors) <= sum(even_cut)
+    assert max(vectors) - min(vectors) <= 1  # the vectors spread evenly
+    if q_len == 51:
+        assert sum(vectors) == math.ceil(3 * q_len / lanes) < sum(even_cut)
+    if q_len == 64 and lanes == 16:
+        assert [t for _, t in tiles] == [16] * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
