@@ -144,6 +144,114 @@ def test_training_gradients_match_transformers():
     model.prefix_cache.check_integrity()
 
 
+def test_dropout_in_training_mode_is_applied_and_never_cached():
+    """transformers drops attention probabilities in training mode (attention_dropout > 0), with or
+    without gradients: Trellis does too, and such a forward's K/V (one random draw) neither reuse
+    the cache nor enter it."""
+    ref, model = tiny_pair(config=tiny_config(attention_dropout=0.5))
+    warm(model)
+    hits = model.prefix_cache.stats()["hit_tokens"]
+    longer = torch.cat([IDS, torch.arange(40, 46)[None]], 1)
+    for m in (ref, model):
+        m.train()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        want = ref(longer).logits
+        torch.manual_seed(3)
+        got = model(longer).logits
+        assert close(got, want)
+        torch.manual_seed(4)
+        assert not close(model(longer).logits, got)  # another draw
+        assert model.prefix_cache.stats()["hit_tokens"] == hits  # IDS' cached blocks were not reused
+        model.prefix_cache.reset()
+        model(longer)  # computed with dropout: not shared
+        for m in (ref, model):
+            m.eval()
+        assert close(model(longer, logits_to_keep=1).logits, ref(longer).logits[:, -1:])
+    assert model.prefix_cache.stats()["hit_tokens"] == 0
+    model.prefix_cache.check_integrity()
+
+
+def test_lora_dropout_in_training_mode_keeps_its_kv_out_of_the_cache():
+    peft = installed("peft")
+    ref, model = tiny_pair()
+    lora = peft.LoraConfig(r=4, lora_dropout=0.5, target_modules=["k_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    peft.inject_adapter_in_model(copy.deepcopy(lora), ref)
+    peft.inject_adapter_in_model(copy.deepcopy(lora), model)
+    model.load_state_dict(ref.state_dict())
+    ref.eval()  # (the injected modules start in training mode)
+    longer = torch.cat([IDS, torch.arange(40, 46)[None]], 1)
+    with torch.no_grad():
+        model.train()
+        model(IDS)  # K/V from dropped-out adapter inputs
+        model.eval()
+        assert close(model(longer, logits_to_keep=1).logits, ref(longer).logits[:, -1:])
+    assert model.prefix_cache.stats()["hit_tokens"] == 0
+
+
+@pytest.mark.parametrize("tuning", ["prompt", "prefix"])
+def test_peft_prompt_learning_generates_or_is_refused_by_name(tuning):
+    """PEFT's prompt tuning hides forward's arguments behind its own, so generate() checks the cache
+    argument against forward's names: it must be one. Prefix tuning brings a cache of its own."""
+    peft = installed("peft")
+    ref, model = tiny_pair()
+    config = (peft.PromptTuningConfig if tuning == "prompt" else peft.PrefixTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=4)
+    tuned = []
+    for m in (ref, model):
+        torch.manual_seed(1)
+        tuned.append(peft.get_peft_model(m, copy.deepcopy(config)).eval())
+    inputs = {"input_ids": IDS[:, :10], "attention_mask": torch.ones_like(IDS[:, :10]), "max_new_tokens": 6,
+              "do_sample": False}
+    with torch.no_grad():
+        expected = tuned[0].generate(**inputs)
+        if tuning == "prefix":
+            with pytest.raises(TypeError, match="a DynamicCache came beside the paged cache"):
+                tuned[1].generate(**inputs)
+            return
+        assert torch.equal(tuned[1].generate(**inputs), expected)
+        assert torch.equal(tuned[1].generate(**inputs), expected)  # over its cached prefix
+
+
+def test_prefill_chunks_over_left_padding_are_served_or_refused_by_name():
+    """generate(prefill_chunk_size=k) runs the prompt k columns at a time: a first chunk of nothing
+    but a row's padding would start that row with no token, which the paged cache cannot hold."""
+    from tests.test_conformance import left_pad
+
+    ref, model = tiny_pair()
+    ids, mask = left_pad([torch.arange(3, 14), torch.arange(20, 26)])  # the second row: 5 padding columns
+    settings = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False}
+    with torch.no_grad():
+        expected = ref.generate(ids, prefill_chunk_size=6, **settings)
+        assert torch.equal(model.generate(ids, prefill_chunk_size=6, **settings), expected)
+        with pytest.raises(ValueError, match="prefill_chunk_size=5: a row's first chunk is all padding"):
+            model.generate(ids, prefill_chunk_size=5, **settings)
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_longrope_is_answered_up_to_its_original_length_and_refused_past_it():
+    """Past original_max_position_embeddings transformers' LongRoPE turns every token of a forward
+    to its long-context frequencies, so a token's K/V depend on the length of the forward that
+    computed it; within that length Trellis answers as transformers does, cache hits included."""
+    config = tiny_config()
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                              "long_factor": [4.0] * 8, "original_max_position_embeddings": 24, "factor": 32.0}
+    ref, model = tiny_pair(config=config)
+    assert model.runner.max_positions() == 24
+    warm(model, IDS[:, :12])
+    with torch.no_grad():
+        assert close(model(IDS, logits_to_keep=1).logits, ref(IDS).logits[:, -1:])
+        assert model.prefix_cache.stats()["hit_tokens"] > 0
+        expected = ref.generate(IDS, max_new_tokens=4, do_sample=False)
+        assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False), expected)
+        with pytest.raises(ValueError, match=r"exceeds the 24 positions .* original_max_position_embeddings"):
+            model.generate(IDS, max_new_tokens=5, do_sample=False)
+        with pytest.raises(ValueError, match="LongRoPE switches every token"):
+            model(torch.arange(3, 28)[None])
+    model.prefix_cache.check_integrity()
+
+
 def test_lora_on_attention_learns_through_the_paged_model():
     peft = installed("peft")
     ref, model = tiny_pair()

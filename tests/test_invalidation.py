@@ -228,10 +228,11 @@ def test_a_lower_layer_count_keeps_the_cache_and_caches_nothing_it_computes():
 
 
 def test_longrope_rewriting_its_inv_freq_every_forward_keeps_the_cache():
-    """LongRoPE's forward rewrites ``inv_freq`` (from the sequence length): no change of the model."""
+    """LongRoPE's forward rewrites ``inv_freq`` (from the sequence length): no change of the model.
+    (Its sequences stay within original_max_position_embeddings, past which Trellis refuses them.)"""
     config = tiny_pair()[0].config
     config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                              "long_factor": [2.0] * 8, "original_max_position_embeddings": 16, "factor": 32.0}
+                              "long_factor": [2.0] * 8, "original_max_position_embeddings": 32, "factor": 32.0}
     ref, model = tiny_pair(config=config)
     with torch.no_grad():
         expected = ref.generate(IDS, max_new_tokens=4, do_sample=False)

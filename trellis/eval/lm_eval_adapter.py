@@ -99,6 +99,13 @@ class TrellisLM(HFLM):
         super()._create_model(pretrained, **kwargs, **self._cache_settings)
 
     @property
+    def max_length(self) -> int:
+        """HFLM's (the ``max_length`` given, else the config's positions), within the positions
+        Trellis answers the model at (``runner.max_positions``: LongRoPE's original length)."""
+        length = super().max_length
+        return length if self._max_length else min(length, self.trellis_model.runner.max_positions())
+
+    @property
     def trellis_model(self) -> TrellisLlama:
         """The TrellisLlama under any PEFT wrapper."""
         model = self.model

@@ -40,9 +40,10 @@ class _Group:
 
 def max_length_for(model: TrellisLlama, max_length: int | None) -> int:
     """``max_length``, checked, or by default the longest input the model takes
-    (``max_position_embeddings``, as lm-eval reads it)."""
+    (``max_position_embeddings``, as lm-eval reads it; with LongRoPE its original length:
+    ``runner.max_positions``)."""
     if max_length is None:
-        return model.config.max_position_embeddings
+        return model.runner.max_positions()
     if not is_positive_int(max_length):
         raise ValueError(f"max_length must be a positive integer (or None: the model's positions), got {max_length!r}")
     return max_length
@@ -66,7 +67,7 @@ def score_continuations(
 
     ``is_greedy`` says whether greedy decoding from the context yields exactly the continuation.
     Both parts must be non-empty. As in lm-eval, a request of more than ``max_length + 1`` tokens
-    (default: the model's ``max_position_embeddings``) loses context tokens on the left. One
+    (default: the positions the model takes, ``max_length_for``) loses context tokens on the left. One
     forward packs about ``max_batch_tokens`` new tokens, and no more sessions than the KV pool
     has blocks for now (free or evictable): any set of requests that each fit the pool alone is
     scored, and a request that cannot fit it is an ``OutOfBlocksError`` before anything runs.

@@ -205,7 +205,8 @@ class TrellisLlama(LlamaForCausalLM):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        cache: PagedKVCache | None = None,  # transformers 5.24's name for past_key_values, named here:
+        **kwargs,  # generate() checks its arguments against forward's names where a wrapper hides them (PEFT)
     ) -> CausalLMOutputWithPast | tuple:
         """As ``LlamaForCausalLM.forward``, over the paged cache.
 
@@ -217,7 +218,7 @@ class TrellisLlama(LlamaForCausalLM):
         ``inputs_embeds`` or the forward records gradients (training): those sessions compute
         every token and, except for a training forward, are never shared with later prompts.
         """
-        past_key_values = take_cache_argument(past_key_values, kwargs)
+        past_key_values = take_cache_argument(past_key_values, cache, kwargs)
         if self.config._attn_implementation != ATTN_IMPLEMENTATION:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
@@ -496,6 +497,12 @@ class TrellisLlama(LlamaForCausalLM):
                                  f"{tuple(prompt.shape[:2])}")
             _refuse_right_padding(attention_mask, "the attention_mask marks as padding",
                                   "pad on the left (tokenizer.padding_side = 'left')")
+            chunk = self._generation_setting("prefill_chunk_size", generation_config, kwargs)
+            padding = int((attention_mask == 0).sum(1).max())
+            if chunk is not None and 0 < chunk <= padding < prompt.shape[1]:
+                # The first chunk would admit a row with no token: the paged cache holds none.
+                raise ValueError(f"prefill_chunk_size={chunk}: a row's first chunk is all padding ({padding} padding "
+                                 f"columns); use a chunk longer than the padding, or none")
         longest = int(attention_mask.sum(1).max()) if attention_mask is not None else prompt.shape[1]
         max_new = self._generation_setting("max_new_tokens", generation_config, kwargs)
         if max_new is not None:

@@ -16,14 +16,19 @@ from trellis.cache.manager import KVCacheManager, PagedSequence
 CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def take_cache_argument(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+def take_cache_argument(past_key_values: Cache | None, cache: object, kwargs: dict) -> Cache | None:
     """The cache a caller passed under either name (``generate()`` in transformers 5.24+ passes
-    ``cache``); removes ``cache`` from ``kwargs``. Before 5.24 ``cache`` is no cache argument
-    (continuous batching passes its paged cache to the attention under that name) and stays."""
+    ``cache``). Before 5.24 ``cache`` is no cache argument (continuous batching passes its paged
+    cache to the attention under that name): it goes back into ``kwargs``."""
     if CACHE_ARG != "cache":
+        if cache is not None:
+            kwargs["cache"] = cache
         return past_key_values
-    cache = kwargs.pop("cache", None)
     if cache is not None and past_key_values is not None:
+        foreign = [type(c).__name__ for c in (cache, past_key_values) if not isinstance(c, PagedKVCache)]
+        if foreign:  # generate()'s paged cache beside one of a wrapper's (PEFT's prefix tuning)
+            raise TypeError(f"a {foreign[0]} came beside the paged cache: Trellis keeps every K/V in its paged "
+                            "cache, and cannot attend over another cache's (prefix tuning's virtual tokens)")
         raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
     return cache if cache is not None else past_key_values
 

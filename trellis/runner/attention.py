@@ -43,7 +43,8 @@ def paged_attention_forward(
     k_cache, v_cache = paged_batch.kv_layers[module.layer_idx]  # each [N, S, Hkv, D]
     plan = paged_batch.plan
     ops.store_kv(k.detach(), v.detach(), k_cache, v_cache, paged_batch.slot_mapping, backend=plan.backend)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    # transformers passes a dropout rate in training only: the paged kernels apply none.
+    if dropout > 0 or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out = differentiable_attention(q, k, v, k_cache, v_cache, paged_batch, scaling, dropout)
     else:
         out = ops.run_attention(plan, q, k_cache, v_cache, scaling)

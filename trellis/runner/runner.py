@@ -34,7 +34,7 @@ from trellis.runner.batch import PagedBatch, build_batch
 from trellis.runner.decoder import LeanDecoder
 from trellis.runner.host_memory import keep_freed_memory
 from trellis.runner.huge_pages import place_on_huge_pages
-from trellis.runner.weights_watcher import WeightsWatcher
+from trellis.runner.weights_watcher import WeightsWatcher, registration_count, watch_registrations
 from trellis.utils import head_dim_of, is_positive_int, outside_vocabulary
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled attention kernels take
@@ -110,6 +110,8 @@ class PagedModelRunner:
         # (cuda_graphs.py); False runs every step eagerly.
         self.use_cuda_graphs = True
         self._decode_graphs: cuda_graphs.DecodeGraphs | None = None  # over the current pool
+        self._dropout_modules: list[torch.nn.Module] = []  # modules with a dropout rate (drops_out)
+        self._dropout_key = -1  # the registration count they were listed at
         self._graphs_modules: tuple | None = None  # the decoder's modules they were made over (``modules_state``)
 
     # --- settings ----------------------------------------------------------------------------
@@ -279,11 +281,40 @@ class PagedModelRunner:
             if (problem := outside_vocabulary(row, self.config.vocab_size)) is not None:
                 raise ValueError(problem)
 
-    def check_positions(self, length: int) -> None:
+    def max_positions(self) -> int:
+        """The longest sequence answered as transformers answers it: ``max_position_embeddings``,
+        or with LongRoPE scaling at most ``original_max_position_embeddings``. Past that length
+        transformers' LongRoPE turns every token of a forward to its long-context frequencies, so a
+        token's K/V depend on how long the forward that computed it was: cached K/V (a prefix hit,
+        the steps of a generation, sessions of other lengths in one batch) would not be the K/V
+        that transformers' forward over the whole sequence computes."""
         limit = self.config.max_position_embeddings
-        if length > limit:
-            raise ValueError(f"a sequence of {length} tokens exceeds the model's {limit} positions "
-                             "(max_position_embeddings)")
+        original = longrope_original_length(self.config)
+        return limit if original is None else min(limit, original)
+
+    def check_positions(self, length: int) -> None:
+        limit = self.max_positions()
+        if length <= limit:
+            return
+        if limit < self.config.max_position_embeddings:
+            raise ValueError(f"a sequence of {length} tokens exceeds the {limit} positions Trellis answers this model "
+                             f"at: past original_max_position_embeddings ({limit}) LongRoPE switches every token to its "
+                             "long-context frequencies, which cached K/V cannot follow")
+        raise ValueError(f"a sequence of {length} tokens exceeds the model's {limit} positions "
+                         "(max_position_embeddings)")
+
+    def drops_out(self) -> bool:
+        """Whether a forward now would drop activations at random: a module in training mode with
+        a dropout rate above zero (``nn.Dropout`` and its kin, a LoRA adapter's among them), or an
+        attention whose ``attention_dropout`` transformers applies in training. Such a forward's K/V
+        are one random draw: its sessions reuse and share nothing, and it runs transformers' modules
+        (the lean path and CUDA graphs apply no dropout)."""
+        if self._dropout_key != registration_count():
+            modules = list(self.model.modules())
+            watch_registrations(modules)  # a module added later (an adapter) lists them again
+            self._dropout_modules = [m for m in modules if _dropout_rate(m) is not None]
+            self._dropout_key = registration_count()
+        return any(m.training and _dropout_rate(m) > 0 for m in self._dropout_modules)
 
     # --- forwards ----------------------------------------------------------------------------
 
@@ -307,16 +338,17 @@ class PagedModelRunner:
             raise RuntimeError(f"the model runs {self.config._attn_implementation!r} attention, not the paged "
                                f"{ATTN_IMPLEMENTATION!r} one; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
         with self.lock:
-            if self.config.num_hidden_layers < len(manager.pool.layers):
+            random = self.drops_out()
+            if random or self.config.num_hidden_layers < len(manager.pool.layers):
                 for seq in seqs:
                     seq.shareable = False
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
                                 positions)
-            replayed = inputs_embeds is None and not _asks(kwargs)
+            replayed = inputs_embeds is None and not _asks(kwargs) and not random
             hidden = self.replay_decode(manager.pool, batch) if replayed else None
             hidden_states = None
             if hidden is None:
-                out = run_decoder(self.model, batch, inputs_embeds, **kwargs)
+                out = run_decoder(self.model, batch, inputs_embeds, lean=not random, **kwargs)
                 hidden, hidden_states = out.last_hidden_state[0], out.hidden_states
             for seq in seqs:
                 manager.mark_computed(seq)
@@ -358,7 +390,7 @@ class PagedModelRunner:
         nothing and are never cached. So does a forward that tracks gradients, whose attention must
         see every key as a function of the parameters.
         """
-        private = positions is not None or inputs_embeds is not None
+        private = positions is not None or inputs_embeds is not None or self.drops_out()
         with self.lock:
             fresh = not seqs
             if fresh:
@@ -423,19 +455,39 @@ class StepOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # each [1, T, H], as the decoder returned them
 
 
-def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None, *,
+                lean: bool = True, **kwargs) -> BaseModelOutputWithPast:
     """The decoder (``model.model``) over a packed batch: its tokens, or ``inputs_embeds`` ``[T, H]``
-    in their place; attention reads the batch. The lean path (``decoder.py``) where the model's
-    runner finds it eligible and ``kwargs`` are all None or False (they ask for nothing); else
-    transformers' forward, given ``kwargs`` (a tensor among them too: a ``cache_position``)."""
+    in their place; attention reads the batch. The lean path (``decoder.py``) where ``lean`` allows
+    it, the model's runner finds it eligible and ``kwargs`` are all None or False (they ask for
+    nothing); else transformers' forward, given ``kwargs`` (a tensor among them too: a
+    ``cache_position``)."""
     runner = getattr(model, "runner", None)
-    if isinstance(runner, PagedModelRunner) and runner.use_lean_decoder and not _asks(kwargs):
+    if lean and isinstance(runner, PagedModelRunner) and runner.use_lean_decoder and not _asks(kwargs):
         hidden = runner.lean.run(batch, inputs_embeds)  # [T, H], or None where the model is not eligible
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden[None])
     tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
     return model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False, **kwargs)
+
+
+def _dropout_rate(module: torch.nn.Module) -> float | None:
+    """The rate at which ``module`` drops activations in training: ``nn.Dropout``'s (and its kin's)
+    ``p``, an attention's ``attention_dropout``; None for modules that drop nothing. (Through the
+    module's dict: ``nn.Module.__getattr__`` is slow for names it lacks.)"""
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        return module.p
+    rate = vars(module).get("attention_dropout")
+    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None
+
+
+def longrope_original_length(config: object) -> int | None:
+    """``original_max_position_embeddings`` of a LongRoPE-scaled config, else None."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "longrope":
+        return None
+    original = rope.get("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
+    return int(original) if original is not None else None
 
 
 def _asks(kwargs: dict) -> bool:

@@ -43,7 +43,7 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
     stop_ids = set(SamplingParams.from_generation_config(runner.model.generation_config).stop_token_ids)
     if tokenizer.eos_token_id is not None:
         stop_ids.add(tokenizer.eos_token_id)
-    service = CompletionService(bridge, tokenizer, config, sorted(stop_ids), runner.config.max_position_embeddings)
+    service = CompletionService(bridge, tokenizer, config, sorted(stop_ids), runner.max_positions())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
