@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import installed
 from tests.models import smollm2_dir, smollm2_tokenizer, smollm2_trellis, tiny_pair
-from trellis.engine import Engine, SamplingParams
+from trellis.engine import Engine, QueueFullError, SamplingParams
 from trellis.serve import ServeConfig, create_app
 from trellis.serve.bridge import ChoiceEvent, EngineBridge, RequestHandle
 from trellis.serve.completions import CompletionService, _Choice, _Job
@@ -279,14 +279,23 @@ def test_null_asks_for_the_default_and_a_model_can_be_retrieved(tiny):
 
 def test_a_400_names_the_parameter_the_client_used(tiny):
     server = tiny.server
-    for body, param in [({"stop": ["x"] * 20}, "stop"), ({"stop": ""}, "stop"),
-                        ({"max_completion_tokens": 100000}, "max_completion_tokens"),
-                        ({"max_tokens": 100000}, "max_tokens"), ({"temperature": 1e-40}, "temperature")]:
-        reply = httpx.post(f"{server.url}{CHAT}", json={"messages": HELLO, **body}, timeout=30)
-        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (body, reply.text)
+    chat = {"messages": HELLO}
+    for path, body, param in [
+            (CHAT, {**chat, "stop": ["x"] * 20}, "stop"), (CHAT, {**chat, "stop": ""}, "stop"),
+            (CHAT, {**chat, "max_completion_tokens": 100000}, "max_completion_tokens"),
+            (CHAT, {**chat, "max_tokens": 100000}, "max_tokens"), (CHAT, {**chat, "temperature": 1e-40}, "temperature"),
+            (CHAT, {**chat, "max_tokens": 2, "max_completion_tokens": 2}, "max_completion_tokens"),
+            (CHAT, {**chat, "stream_options": {"include_usage": True}}, "stream_options"),
+            (CHAT, {**chat, "temperature": float("nan")}, "temperature"), (CHAT, {**chat, "top_p": float("nan")}, "top_p"),
+            (COMPLETIONS, {"prompt": []}, "prompt"), (COMPLETIONS, {"prompt": ["a", ""]}, "prompt"),
+            (COMPLETIONS, {"prompt": ""}, "prompt"), (COMPLETIONS, {"prompt": [-1]}, "prompt")]:
+        reply = httpx.post(f"{server.url}{path}", content=json.dumps(body), timeout=30)  # (json= refuses NaN)
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error["param"] == param, (body, error)
+        assert "less than" not in error["message"], (body, error)  # NaN is no number too large
 
 
-def test_a_refused_prompt_refuses_the_request_before_any_is_queued(tiny):
+def test_a_refused_prompt_refuses_the_request_before_any_is_queued(tiny, monkeypatch):
     server, tok = tiny.server, tiny.tok
     client = server.client()
     cancelled = finished_choices(server, "cancelled")
@@ -295,6 +304,52 @@ def test_a_refused_prompt_refuses_the_request_before_any_is_queued(tiny):
         client.completions.create(model="tiny", prompt=[tok("ab")["input_ids"], too_long], max_tokens=10)
     assert refused.value.body["param"] == "max_tokens"
     assert finished_choices(server, "cancelled") == cancelled
+    queued = []
+    add = server.app.state.engine.add
+    monkeypatch.setattr(server.app.state.engine, "add", lambda *args, **kwargs: queued.append(add(*args, **kwargs)))
+    with pytest.raises(openai.BadRequestError, match="token id 999 is outside the vocabulary") as refused:
+        client.completions.create(model="tiny", prompt=[tok("ab")["input_ids"], [5, 999]], max_tokens=10)
+    assert refused.value.body["param"] == "prompt" and not queued  # the first prompt was not computed meanwhile
+
+
+def test_the_servers_max_tokens_binds_the_defaults():
+    """--max-tokens bounds what a request without max_tokens gets too: chat's --default-max-tokens
+    and completions' 16."""
+    _, model = tiny_pair(num_blocks=1024)
+    with serving(model, char_tokenizer(), max_tokens=10) as server:
+        client = server.client()
+        chat = client.chat.completions.create(model="tiny", messages=messages("Count to 30 thousand."), temperature=0)
+        text = client.completions.create(model="tiny", prompt="The radix tree", temperature=0)
+    assert chat.usage.completion_tokens == text.usage.completion_tokens == 10
+    assert chat.choices[0].finish_reason == text.choices[0].finish_reason == "length"
+
+
+def test_a_small_kv_pool_cuts_the_default_and_refusals_name_what_does_not_fit(monkeypatch):
+    """Admission reserves a request's whole answer in the pool. A request without max_tokens gets
+    what the pool can hold; one the pool could never hold is refused naming the prompt, n or the
+    limit the client gave, in the client's words, before any of its prompts is queued."""
+    _, model = tiny_pair(num_blocks=16)  # 16 blocks of 4 tokens
+    with serving(model, char_tokenizer()) as server:
+        client = server.client()
+        for n in (1, 3):
+            reply = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, n=n)
+            assert 0 < reply.usage.completion_tokens <= n * (64 - reply.usage.prompt_tokens + 1)
+        queued = []
+        add = server.app.state.engine.add
+        monkeypatch.setattr(server.app.state.engine, "add", lambda *args, **kwargs: queued.append(add(*args, **kwargs)))
+        for path, body, param in [
+                (COMPLETIONS, {"prompt": [5] * 65, "max_tokens": 1}, "prompt"),
+                (COMPLETIONS, {"prompt": [[5] * 10, [5] * 65], "max_tokens": 1}, "prompt"),
+                (COMPLETIONS, {"prompt": [5] * 62, "max_tokens": 1, "n": 2}, "n"),  # each copies the partial block
+                (COMPLETIONS, {"prompt": [5] * 10, "max_tokens": 60}, "max_tokens"),
+                (COMPLETIONS, {"prompt": [5] * 10, "max_tokens": 40, "n": 2}, "max_tokens"),
+                (CHAT, {"messages": HELLO, "max_completion_tokens": 60}, "max_completion_tokens")]:
+            reply = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+            error = reply.json()["error"]
+            assert reply.status_code == 400 and error["param"] == param, (body, error)
+            assert "KV cache (16 blocks of 4 tokens" in error["message"], error
+            assert not re.search(r"req_\d|max_new_tokens", error["message"]), error
+        assert not queued
 
 
 def test_n_choices_share_the_prompt(tiny):
@@ -454,7 +509,7 @@ def test_overload_gets_503_and_the_server_keeps_serving():
         assert client.completions.create(model="tiny", prompt="after", max_tokens=3).usage.completion_tokens == 3
         with pytest.raises(openai.BadRequestError, match="at most 1 choices"):  # they would run at once
             client.completions.create(model="tiny", prompt="two", max_tokens=2, n=2)
-        with pytest.raises(openai.BadRequestError, match="can never fit"):  # 64 blocks of 4 tokens: 256 tokens
+        with pytest.raises(openai.BadRequestError, match="more than this server's KV cache"):  # 256 tokens
             client.completions.create(model="tiny", prompt=[5] * 200, max_tokens=100)
         with pytest.raises(openai.AuthenticationError):
             server.client(api_key="wrong").models.list()
@@ -529,9 +584,10 @@ def test_an_engine_error_fails_that_request_only(tiny):
     assert model.prefix_cache.stats()["live_sessions"] == 0
 
 
-def test_a_request_whose_choice_fails_stops_its_other_choices(tiny):
-    """A non-streamed request with an error to report answers it at once: its other prompts stop
-    rather than run to their end for an answer nobody gets."""
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_request_whose_choice_fails_stops_its_other_choices(tiny, stream):
+    """A request with an error to report answers it at once (a stream: its error event, then
+    [DONE]): its other prompts stop rather than run to their end for an answer nobody gets."""
     server, model = tiny.server, tiny.model
     runner = server.app.state.engine.runner
     poison, healthy = tiny.tok("poison")["input_ids"], tiny.tok("healthy")["input_ids"]
@@ -544,13 +600,17 @@ def test_a_request_whose_choice_fails_stops_its_other_choices(tiny):
         return forward(manager, seqs, *args, **kwargs)
 
     generated = server.app.state.metrics.generation_tokens._value.get()
+    body = {"prompt": ["poison", "healthy"], "max_tokens": 300, "temperature": 0, "stream": stream}
     runner.forward = failing_forward
     try:
-        with pytest.raises(openai.InternalServerError, match="injected failure"):
-            server.client().completions.create(model="tiny", prompt=["poison", "healthy"], max_tokens=300,
-                                               temperature=0)
+        reply = httpx.post(f"{server.url}{COMPLETIONS}", json=body, timeout=120)
     finally:
         del runner.forward
+    if stream:
+        events = [line.removeprefix("data: ") for line in reply.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "injected failure" in json.loads(events[-2])["error"]["message"], events
+    else:
+        assert reply.status_code == 500 and "injected failure" in reply.json()["error"]["message"]
     wait_until(lambda: model.prefix_cache.stats()["live_sessions"] == 0)
     assert server.app.state.metrics.generation_tokens._value.get() - generated < 10
 
@@ -585,13 +645,40 @@ def test_submitting_while_the_server_closes_is_refused_not_left_waiting(monkeypa
     async def submit():
         monkeypatch.setattr(asyncio, "get_running_loop", closing_meanwhile)
         try:
-            bridge.submit([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=3), 1, asyncio.Queue())
+            bridge.submit([([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=3))], 1, asyncio.Queue())
         finally:
             monkeypatch.setattr(asyncio, "get_running_loop", real)
 
     with pytest.raises(RuntimeError, match="the engine is not running"):
         asyncio.run(submit())
     assert not bridge.engine.has_work and model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_prompts_the_queue_has_no_room_for_are_refused_together():
+    """A request of several prompts that would pass --max-waiting is refused (a 503) before any of
+    them is queued, not after the first ones were."""
+    _, model = tiny_pair()
+    engine = Engine(model, max_running=1, max_waiting=2)
+    bridge = EngineBridge(engine)
+    bridge.start()
+
+    async def submit() -> None:
+        queue = asyncio.Queue()
+        running = bridge.submit([([5, 6, 7], SamplingParams(max_new_tokens=400))], 1, queue)
+        wait_until(lambda: engine.running)
+        bridge.submit([([8, 9], SamplingParams(max_new_tokens=2))], 1, queue)  # waits: one runs at a time
+        try:
+            with pytest.raises(QueueFullError, match="the limit of 2"):
+                bridge.submit([([10, 11], SamplingParams(max_new_tokens=2))] * 2, 1, queue)
+            assert engine.num_waiting == 1
+        finally:
+            bridge.cancel(running[0])
+
+    try:
+        asyncio.run(submit())
+    finally:
+        bridge.close()
+    assert model.prefix_cache.stats()["live_sessions"] == 0
 
 
 def test_stopping_the_server_mid_stream_leaks_nothing():

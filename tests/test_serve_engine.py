@@ -9,6 +9,7 @@ import torch
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from tests.models import tiny_pair
+from trellis.cache.block_pool import OutOfBlocksError
 from trellis.engine import Engine, QueueFullError, SamplingParams
 
 BS = 4  # tiny_pair's block size
@@ -126,6 +127,24 @@ def test_a_full_queue_refuses_and_threads_may_add_and_cancel_while_one_steps():
     assert {s.finish_reason for s in added} <= {"length", "cancelled"}
     assert model.prefix_cache.stats()["live_sessions"] == 0
     model.prefix_cache.check_integrity()
+
+
+def test_most_new_tokens_is_what_add_accepts_and_check_queues_nothing():
+    """The server cuts a request's default max_tokens to ``most_new_tokens`` and checks every prompt
+    of a request before it adds any."""
+    _, model = tiny_pair(num_blocks=16)
+    engine = Engine(model)
+    for length in range(1, 70):
+        for n in (1, 2, 3):
+            most = engine.most_new_tokens(length, n)
+            if most >= 1:
+                engine.check(tokens(length, length), greedy(most), n=n)
+            with pytest.raises(OutOfBlocksError, match="can never fit"):
+                engine.check(tokens(length, length), greedy(max(most, 0) + 1), n=n)
+    assert engine.most_new_tokens(64) == 1 and engine.most_new_tokens(65) < 1
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.check([5, 999], greedy(1))
+    assert not engine.has_work
 
 
 def test_n_choices_fork_the_computed_prompt():

@@ -92,13 +92,40 @@ class Engine:
     def add(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
             logits_processor: LogitsProcessor | None = None, n: int = 1) -> Session:
         """Queue a session; raises ``OutOfBlocksError`` if the pool could never hold it, ``QueueFullError``
-        if ``max_waiting`` sessions already wait.
+        if ``max_waiting`` sessions already wait, ``ValueError`` for what ``check`` refuses.
 
         ``logits_processor`` (one per session: it may keep state) turns the session's logits into the
         scores its tokens are chosen from, warpers included (see ``sample``). ``n > 1`` asks for more
         choices: the returned session's ``forks``, which start from its computed prompt (sharing its
         blocks) and sample with seeds ``seed + 1``, ``seed + 2``, ... when ``seed`` is set."""
-        params = params or SamplingParams()
+        session = self._session(prompt, params or SamplingParams(), request_id or f"req_{next(self._ids)}",
+                                logits_processor, n)
+        for s in [session, *session.forks]:
+            s.generator = s.params.make_generator(self.runner.device)
+        with self._inbox_lock:
+            if self.max_waiting is not None and len(self._inbox) + len(self.waiting) >= self.max_waiting:
+                raise QueueFullError(f"{self.max_waiting} requests are already waiting; try again shortly")
+            self._inbox.append(session)
+        return session
+
+    def check(self, prompt: Sequence[int], params: SamplingParams | None = None,
+              logits_processor: LogitsProcessor | None = None, n: int = 1) -> None:
+        """Raise what ``add`` would raise for this request, but for a full queue, and queue nothing:
+        a caller with several requests checks them all before adding any."""
+        self._session(prompt, params or SamplingParams(), "check", logits_processor, n)
+
+    def most_new_tokens(self, prompt_length: int, n: int = 1) -> int:
+        """The largest ``max_new_tokens`` the pool could ever hold after a prompt of ``prompt_length``
+        tokens in ``n`` choices (below 1: not even the prompt). The inverse of ``add``'s check: a session
+        needs ``cdiv(kv_tokens, block_size)`` blocks and each fork those past the prompt's full blocks."""
+        manager = self.runner.prefix_cache
+        full = prompt_length // manager.block_size
+        blocks_per_choice = (manager.pool.num_blocks + (n - 1) * full) // n
+        return blocks_per_choice * manager.block_size - prompt_length + 1
+
+    def _session(self, prompt: Sequence[int], params: SamplingParams, request_id: str,
+                 logits_processor: LogitsProcessor | None, n: int) -> Session:
+        """A checked session and its forks, not yet queued (see ``add``)."""
         prompt = token_ids(prompt)
         if not prompt:
             raise ValueError("cannot generate from an empty prompt")
@@ -114,7 +141,6 @@ class Engine:
         for name in ("logprobs", "prompt_logprobs"):  # top-k past the vocabulary would fail mid-step
             if (getattr(params, name) or 0) > vocab:
                 raise ValueError(f"{name} = {getattr(params, name)} alternatives, but the vocabulary has {vocab} tokens")
-        request_id = request_id or f"req_{next(self._ids)}"
         session = Session(request_id, prompt, params, logits_processor=logits_processor)
         self.runner.check_positions(session.kv_tokens)
         session.forks = [Session(f"{request_id}_{i}", prompt, params if params.seed is None
@@ -124,16 +150,10 @@ class Engine:
         needed = cdiv(session.kv_tokens, manager.block_size) + fork_blocks(session, manager.block_size)
         if needed > manager.pool.num_blocks:
             raise OutOfBlocksError(
-                f"request {request_id} can never fit: {len(prompt)} prompt tokens + {params.max_new_tokens} "
+                f"the request can never fit: {len(prompt)} prompt tokens + {params.max_new_tokens} "
                 f"new tokens{f' in {n} choices' if n > 1 else ''} need {needed} blocks of {manager.block_size}, "
                 f"the pool has {manager.pool.num_blocks}; raise num_blocks / kv_cache_memory or lower max_new_tokens"
             )
-        for s in [session, *session.forks]:
-            s.generator = s.params.make_generator(self.runner.device)
-        with self._inbox_lock:
-            if self.max_waiting is not None and len(self._inbox) + len(self.waiting) >= self.max_waiting:
-                raise QueueFullError(f"{self.max_waiting} requests are already waiting; try again shortly")
-            self._inbox.append(session)
         return session
 
     def cancel(self, session: Session) -> None:

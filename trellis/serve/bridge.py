@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from trellis.engine import Engine, SamplingParams, Session, TokenLogprobs
+from trellis.engine import Engine, QueueFullError, SamplingParams, Session, TokenLogprobs
 from trellis.serve.metrics import ServerMetrics
 
 log = logging.getLogger("trellis.serve")
@@ -84,18 +84,28 @@ class EngineBridge:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, n: int, queue: asyncio.Queue[ChoiceEvent],
-               first_choice: int = 0) -> RequestHandle:
-        """Queue a prompt's ``n`` choices (on the event loop); raises what ``Engine.add`` raises."""
+    def submit(self, prompts: Sequence[tuple[Sequence[int], SamplingParams]], n: int,
+               queue: asyncio.Queue[ChoiceEvent]) -> list[RequestHandle]:
+        """Queue each prompt's ``n`` choices with its params (on the event loop), prompt ``p``'s first
+        choice numbered ``p * n``; raises what ``Engine.add`` raises, having queued none of them."""
         loop = asyncio.get_running_loop()
         with self._wake:  # registered before the engine can step it, so no event is missed
             if not self.ready:  # (under the lock: once closing, the engine thread's last abort may have run)
                 raise RuntimeError("the engine is not running")
-            leader = self.engine.add(prompt, params, n=n)
-            handle = RequestHandle([leader, *leader.forks], queue, first_choice, loop)
-            self._handles.append(handle)
+            # All checked first: a refused prompt must not leave the ones before it computing.
+            for prompt, params in prompts:
+                self.engine.check(prompt, params, n=n)
+            limit = self.engine.max_waiting  # the engine thread only ever shortens the queue meanwhile
+            if limit is not None and self.engine.num_waiting + len(prompts) > limit:
+                raise QueueFullError(f"{self.engine.num_waiting} requests are waiting, and {len(prompts)} more "
+                                     f"would pass the limit of {limit}; try again shortly")
+            handles = []
+            for p, (prompt, params) in enumerate(prompts):
+                leader = self.engine.add(prompt, params, n=n)
+                handles.append(RequestHandle([leader, *leader.forks], queue, p * n, loop))
+            self._handles += handles
             self._wake.notify()
-        return handle
+        return handles
 
     def cancel(self, handle: RequestHandle, choice: int | None = None) -> None:
         """Cancel one choice (an index into ``handle.sessions``) or all of them, from the event loop."""

@@ -156,34 +156,65 @@ class CompletionService:
         if req.temperature and req.temperature < MIN_TEMPERATURE:  # SamplingParams' own message speaks Python
             raise APIError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:.3g}, got "
                            f"{req.temperature!r}", "temperature")
-        for prompt in prompts:
+        default_max_tokens = min(default_max_tokens, config.max_tokens)  # the server's own limit binds its default
+        stops = req.stop_strings()
+        temperature = 1.0 if req.temperature is None else req.temperature
+        requests = []
+        for prompt in prompts:  # every prompt is checked before any is queued
+            if not prompt:
+                raise APIError(400, "cannot generate from an empty prompt", "prompt")
             if len(prompt) > config.max_prompt_tokens:
                 raise APIError(400, f"the prompt has {len(prompt)} tokens, more than this server's limit of "
                                f"{config.max_prompt_tokens}", "prompt")
             if len(prompt) >= self.context_length:
                 raise APIError(400, f"the prompt has {len(prompt)} tokens, which leaves no room for an answer in the "
                                f"model's context of {self.context_length} tokens", "prompt")
-            if max_tokens is not None and len(prompt) + max_tokens - 1 > self.context_length:  # before any is queued
+            try:
+                self.bridge.engine.runner.check_token_ids([prompt])
+            except ValueError as exc:
+                raise APIError(400, str(exc), "prompt") from None
+            if max_tokens is not None and len(prompt) + max_tokens - 1 > self.context_length:
                 raise APIError(400, f"{limit_name} {max_tokens} after a prompt of {len(prompt)} tokens exceeds the "
                                f"model's context of {self.context_length} tokens", limit_name)
+            params = SamplingParams(
+                max_new_tokens=self._max_new_tokens(prompt, req.n, max_tokens, limit_name, default_max_tokens),
+                do_sample=temperature > 0, temperature=temperature or 1.0,
+                top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p,
+                stop_token_ids=self.stop_token_ids, seed=req.seed, logprobs=top, prompt_logprobs=prompt_top)
+            requests.append((prompt, params))
         queue: asyncio.Queue[ChoiceEvent | None] = asyncio.Queue()
         job = _Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompts, queue)
-        stops = req.stop_strings()
-        temperature = 1.0 if req.temperature is None else req.temperature
         try:
-            for p, prompt in enumerate(prompts):
-                limit = max_tokens or min(default_max_tokens, self.context_length - len(prompt))
-                params = SamplingParams(
-                    max_new_tokens=limit, do_sample=temperature > 0, temperature=temperature or 1.0,
-                    top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p,
-                    stop_token_ids=self.stop_token_ids, seed=req.seed, logprobs=top, prompt_logprobs=prompt_top)
-                handle = self.bridge.submit(prompt, params, req.n, queue, first_choice=p * req.n)
-                job.choices += [_Choice(p * req.n + i, p, handle, i, TextStream(self.tokenizer, stops, prompt))
-                                for i in range(req.n)]
+            handles = self.bridge.submit(requests, req.n, queue)  # all or none
         except Exception as exc:  # noqa: BLE001 -- each refusal becomes its HTTP error
-            self._cancel(job, count=False)  # refused, not cancelled by a client
             raise _api_error(exc) from None
+        for p, (prompt, handle) in enumerate(zip(prompts, handles)):
+            job.choices += [_Choice(p * req.n + i, p, handle, i, TextStream(self.tokenizer, stops, prompt))
+                            for i in range(req.n)]
         return job
+
+    def _max_new_tokens(self, prompt: list[int], n: int, max_tokens: int | None, limit_name: str,
+                        default_max_tokens: int) -> int:
+        """The client's limit, or without one the default cut to what the context and the KV pool can
+        hold; a 400 naming what is at fault (the prompt, ``n`` or the limit the client named) if the
+        pool could never hold the request, whose whole answer admission reserves up front."""
+        engine = self.bridge.engine
+        cache = engine.runner.prefix_cache
+        pool = (f"this server's KV cache ({cache.pool.num_blocks} blocks of {cache.block_size} tokens; the "
+                "server's --num-blocks / --kv-cache-memory)")
+        if engine.most_new_tokens(len(prompt)) < 1:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens, more than {pool} can hold", "prompt")
+        room = engine.most_new_tokens(len(prompt), n)
+        if room < 1:  # each choice takes its own copy of the prompt's partial last block
+            raise APIError(400, f"n: {n} choices after a prompt of {len(prompt)} tokens need more than {pool} can "
+                           "hold", "n")
+        if max_tokens is None:
+            return min(default_max_tokens, self.context_length - len(prompt), room)
+        if max_tokens > room:
+            choices = f" in {n} choices" if n > 1 else ""
+            raise APIError(400, f"{limit_name} {max_tokens} after a prompt of {len(prompt)} tokens{choices} needs "
+                           f"more than {pool} can hold: at most {room} here", limit_name)
+        return max_tokens
 
     # --- results --------------------------------------------------------------------------
 
@@ -260,9 +291,10 @@ class CompletionService:
                     text = echo[c.prompt] + text
                     entries = self._prompt_entries(job, c) + entries
                 opened.add(c.index)
-                if c.error:
+                if c.error:  # the answer is an error now: the other choices stop, and the stream ends
+                    self._cancel(job)
                     yield f"data: {json.dumps(APIError(500, c.error, kind='server_error').body())}\n\n"
-                    continue
+                    break
                 if not text and not (entries and top is not None) and c.finish_reason is None:
                     continue
                 lp = None
@@ -288,13 +320,13 @@ class CompletionService:
         self._cancel(job)
         job.queue.put_nowait(None)
 
-    def _cancel(self, job: _Job, count: bool = True) -> None:
-        """Cancel the job's unfinished choices; ``count``: as cancelled in the metrics."""
+    def _cancel(self, job: _Job) -> None:
+        """Cancel the job's unfinished choices, counted as cancelled in the metrics."""
         for c in job.choices:
             if c.finish_reason is None and not c.cancelled:
                 c.cancelled = True
                 self.bridge.cancel(c.handle, c.session)
-                if self.metrics and count:
+                if self.metrics:
                     self.metrics.choice_finished("cancelled")
 
     # --- log-probabilities in OpenAI's two formats ----------------------------------------
@@ -342,8 +374,8 @@ def _api_error(exc: Exception) -> Exception:
     if isinstance(exc, QueueFullError):
         return APIError(503, f"the server is at capacity: {exc}", kind="server_overloaded",
                         headers={"Retry-After": "1"})
-    if isinstance(exc, OutOfBlocksError):
-        return APIError(400, str(exc), "max_tokens")
+    if isinstance(exc, OutOfBlocksError):  # (the pool was resized since _max_new_tokens looked)
+        return APIError(400, "the request needs more than this server's KV cache can ever hold")
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
     if isinstance(exc, RuntimeError) and not isinstance(exc, APIError):

@@ -12,7 +12,8 @@ class ServeConfig:
     ``max_batch_tokens`` is the engine's per-step token budget: a longer prompt is prefilled in
     chunks, so on a CPU a small budget keeps the running streams' inter-token latency low.
     Admission reserves blocks for ``max_tokens`` of every request up front, so chat requests that
-    give no ``max_tokens`` get ``default_max_tokens`` rather than the whole context.
+    give no ``max_tokens`` get ``default_max_tokens`` rather than the whole context (never more
+    than ``max_tokens``, nor than the KV pool can hold).
     """
 
     model_name: str = "trellis"

@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MAX_LOGPROBS = 20  # most alternatives per token, as vLLM allows
 MAX_STOP_STRINGS = 16
@@ -93,8 +93,8 @@ class GenerationRequest(_Strict):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # (NaN would fail "le=2")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 and -1 disable it
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's int64
     stop: str | list[str] | None = None
@@ -112,11 +112,13 @@ class GenerationRequest(_Strict):
     _no_ops = field_validator("presence_penalty", "frequency_penalty", "logit_bias", "response_format", "store")(
         _no_op_only)
 
-    @model_validator(mode="after")
-    def _check_stream(self) -> GenerationRequest:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_stream(cls, stream_options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # A field's check (stream is validated first), so that the error names stream_options.
+        if stream_options is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return stream_options
 
     @field_validator("stop")
     @classmethod
@@ -161,11 +163,12 @@ class ChatCompletionRequest(GenerationRequest):
     def top_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    @model_validator(mode="after")
-    def _check_max_tokens(self) -> ChatCompletionRequest:
-        if self.max_tokens is not None and self.max_completion_tokens is not None:
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _not_both(cls, max_completion_tokens: int | None, info: ValidationInfo) -> int | None:
+        if max_completion_tokens is not None and info.data.get("max_tokens") is not None:
             raise ValueError("give max_completion_tokens or max_tokens, not both")
-        return self
+        return max_completion_tokens
 
 
 class CompletionRequest(GenerationRequest):
@@ -174,11 +177,12 @@ class CompletionRequest(GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     _nullable_echo = field_validator("echo", mode="before")(_null_means_default)
 
-    @model_validator(mode="after")
-    def _check_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and (not self.prompt or any(p in ("", []) for p in self.prompt)):
-            raise ValueError("prompt must not be empty, nor contain an empty prompt")
-        return self
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str | list[str] | list[int] | list[list[int]]) -> Any:
+        if isinstance(prompt, list) and (not prompt or any(p in ("", []) for p in prompt)):
+            raise ValueError("must not be empty, nor contain an empty prompt")
+        return prompt
 
     @property
     def top_alternatives(self) -> int | None:
@@ -205,7 +209,7 @@ def parse(model: type[_Strict], data: object) -> Any:
         param = ".".join(path) or None
         if error["type"] == "extra_forbidden":
             message = f"unknown or unsupported parameter {param!r}"
-        elif param == "prompt" or (param or "").startswith("prompt."):
+        elif error["type"] != "value_error" and (param == "prompt" or (param or "").startswith("prompt.")):
             message = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
         else:
             message = error["msg"].removeprefix("Value error, ")
