@@ -215,8 +215,9 @@ class TrellisLlama(LlamaForCausalLM):
         zero. A fresh prompt reuses its cached prefix up to the first position whose logits are
         asked for (``logits_to_keep``; 0 means all of them), or none of it when every position's
         hidden states are asked for, the positions are the caller's, the input is
-        ``inputs_embeds`` or the forward records gradients (training): those sessions compute
-        every token and, except for a training forward, are never shared with later prompts.
+        ``inputs_embeds``, or the forward records gradients (training) or drops activations
+        (training mode with dropout): those sessions compute every token and, except for a forward
+        that records gradients without dropout, are never shared with later prompts.
         """
         past_key_values = take_cache_argument(past_key_values, cache, kwargs)
         if self.config._attn_implementation != ATTN_IMPLEMENTATION:
@@ -498,7 +499,7 @@ class TrellisLlama(LlamaForCausalLM):
             _refuse_right_padding(attention_mask, "the attention_mask marks as padding",
                                   "pad on the left (tokenizer.padding_side = 'left')")
             chunk = self._generation_setting("prefill_chunk_size", generation_config, kwargs)
-            padding = int((attention_mask == 0).sum(1).max())
+            padding = int((attention_mask == 0).sum(1).max()) if chunk else 0
             if chunk is not None and 0 < chunk <= padding < prompt.shape[1]:
                 # The first chunk would admit a row with no token: the paged cache holds none.
                 raise ValueError(f"prefill_chunk_size={chunk}: a row's first chunk is all padding ({padding} padding "

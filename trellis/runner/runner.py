@@ -289,8 +289,9 @@ class PagedModelRunner:
         the steps of a generation, sessions of other lengths in one batch) would not be the K/V
         that transformers' forward over the whole sequence computes."""
         limit = self.config.max_position_embeddings
-        original = longrope_original_length(self.config)
-        return limit if original is None else min(limit, original)
+        if getattr(self.model.model.rotary_emb, "rope_type", None) == "longrope":  # as longrope_frequency_update reads it
+            limit = min(limit, self.config.rope_parameters["original_max_position_embeddings"])
+        return limit
 
     def check_positions(self, length: int) -> None:
         limit = self.max_positions()
@@ -479,15 +480,6 @@ def _dropout_rate(module: torch.nn.Module) -> float | None:
         return module.p
     rate = vars(module).get("attention_dropout")
     return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None
-
-
-def longrope_original_length(config: object) -> int | None:
-    """``original_max_position_embeddings`` of a LongRoPE-scaled config, else None."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "longrope":
-        return None
-    original = rope.get("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
-    return int(original) if original is not None else None
 
 
 def _asks(kwargs: dict) -> bool:

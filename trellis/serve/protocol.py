@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -47,6 +48,16 @@ def _no_op_only(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
 def _null_means_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     """OpenAI documents these fields as nullable: ``null`` asks for the default."""
     return cls.model_fields[info.field_name].default if value is None else value
+
+
+def _only_with(flag: str, message: str) -> Callable[[type[BaseModel], Any, ValidationInfo], Any]:
+    """A field's check that it is set only where the boolean field ``flag`` (validated before it)
+    is true: a field's, not the model's, so that the error names the field."""
+    def check(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get(flag):
+            raise ValueError(message)
+        return value
+    return check
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -112,13 +123,7 @@ class GenerationRequest(_Strict):
     _no_ops = field_validator("presence_penalty", "frequency_penalty", "logit_bias", "response_format", "store")(
         _no_op_only)
 
-    @field_validator("stream_options")
-    @classmethod
-    def _needs_stream(cls, stream_options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        # A field's check (stream is validated first), so that the error names stream_options.
-        if stream_options is not None and not info.data.get("stream"):
-            raise ValueError("only allowed when stream is true")
-        return stream_options
+    _needs_stream = field_validator("stream_options")(_only_with("stream", "only allowed when stream is true"))
 
     @field_validator("stop")
     @classmethod
@@ -151,13 +156,7 @@ class ChatCompletionRequest(GenerationRequest):
     _nullable_logprobs = field_validator("logprobs", mode="before")(_null_means_default)
     _no_tools = field_validator("tool_choice")(_no_op_only)
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _needs_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
-        # A field's check (logprobs is validated first), so that the error names top_logprobs.
-        if top_logprobs is not None and not info.data.get("logprobs"):
-            raise ValueError("requires logprobs to be true")
-        return top_logprobs
+    _needs_logprobs = field_validator("top_logprobs")(_only_with("logprobs", "requires logprobs to be true"))
 
     @property
     def top_alternatives(self) -> int | None:
