@@ -181,9 +181,12 @@ def test_stop_strings_cut_the_text_as_openai_does(tiny):
     stop = full[12:14]
     want = full[: full.index(stop)]
     reply = client.chat.completions.create(model="tiny", messages=messages("Tell me a story."), max_tokens=40,
-                                           temperature=0, stop=[stop, "never there"])
+                                           temperature=0, stop=[stop, "never there"], logprobs=True)
     assert reply.choices[0].message.content == want and reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens < 40
+    # A log-probability for every token counted, the one that completed the stop string included (as vLLM)
+    assert "".join(e.token for e in reply.choices[0].logprobs.content) == want + stop
+    assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
     streamed = client.chat.completions.create(model="tiny", messages=messages("Tell me a story."), max_tokens=40,
                                               temperature=0, stop=stop, stream=True)
     chunks = list(streamed)
@@ -553,6 +556,43 @@ def test_a_prompt_is_tokenized_off_the_event_loop(tiny, monkeypatch):
         finally:
             release.set()
         assert reply.result().status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_echoed_prompts_logprobs_are_listed_off_the_event_loop(monkeypatch, stream):
+    """Listing an echoed prompt's log-probabilities decodes each of its tokens (a 2000-token
+    prompt's took ~0.4 s on the event loop); /health answers while that decode is held. (A server
+    of its own: each token's text is decoded once per server.)"""
+    _, model = tiny_pair()
+    tok = char_tokenizer()
+    (marked,) = tok("\u03a9")["input_ids"]
+    listing, release = threading.Event(), threading.Event()
+    decode = type(tok).decode
+
+    def held(self, ids, *args, **kwargs):
+        if not release.is_set() and not args and not kwargs and list(ids) == [marked]:  # a token's text alone
+            listing.set()
+            assert release.wait(60)
+        return decode(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "decode", held)
+    body = {"prompt": "\u03a9 marks the spot", "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1,
+            "stream": stream}
+    with serving(model, tok) as server, ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(httpx.post, f"{server.url}{COMPLETIONS}", json=body, timeout=90)
+        try:
+            assert listing.wait(30)
+            assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+        finally:
+            release.set()
+        reply = reply.result()
+    assert reply.status_code == 200
+    if stream:
+        first = json.loads(reply.text.split("\n\n")[0].removeprefix("data: "))["choices"][0]
+    else:
+        first = reply.json()["choices"][0]
+    assert first["text"].startswith("\u03a9 marks the spot")
+    assert first["logprobs"]["tokens"][:3] == ["\u03a9", " ", "m"] and first["logprobs"]["token_logprobs"][0] is None
 
 
 def test_an_engine_error_fails_that_request_only(tiny):

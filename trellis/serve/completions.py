@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -74,11 +75,13 @@ class CompletionService:
                  stop_token_ids: Sequence[int], context_length: int) -> None:
         self.bridge, self.tokenizer, self.config = bridge, tokenizer, config
         self.token_bytes = TokenBytes(tokenizer)
+        self._token_texts: dict[int, str] = {}  # each token's text alone, as log-probabilities list it
         self.metrics = bridge.metrics
         self.stop_token_ids = tuple(stop_token_ids)
         self.context_length = context_length
-        # Prompts are tokenized (and echoed prompts decoded) on one worker thread, off the event
-        # loop: a 4 MiB prompt takes seconds, and other clients' streams and /health go on meanwhile.
+        # Prompts are tokenized (and echoed prompts decoded, and whole answers' log-probabilities
+        # listed) on one worker thread, off the event loop: a 4 MiB prompt takes seconds, an echoed
+        # one's log-probabilities a token each, and other clients' streams and /health go on meanwhile.
         # One thread: a fast tokenizer may refuse calls from two at once ("Already borrowed").
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trellis-tokenize")
 
@@ -103,9 +106,11 @@ class CompletionService:
         if req.stream:
             return self._stream(job, req, request, chat=True, echo=[])
         await self._collect(job, request)
+        logprobs = await self._tokenizer_work(lambda: [self._chat_logprobs(c.logprobs) for c in job.choices]) \
+            if top is not None else [None] * len(job.choices)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
-                    "logprobs": None if top is None else {"content": self._chat_logprobs(c.logprobs)},
-                    "finish_reason": c.finish_reason} for c in job.choices]
+                    "logprobs": None if lp is None else {"content": lp}, "finish_reason": c.finish_reason}
+                   for c, lp in zip(job.choices, logprobs, strict=True)]
         return {"id": job.id, "object": "chat.completion", "created": job.created, "model": self.config.model_name,
                 "choices": choices, "usage": job.usage(req.n)}
 
@@ -123,15 +128,11 @@ class CompletionService:
         if req.stream:
             return self._stream(job, req, request, chat=False, echo=echo)
         await self._collect(job, request)
-        choices = []
-        for c in job.choices:
-            prompt_text = echo[c.prompt] if echo else ""
-            logprobs = None
-            if req.logprobs is not None:
-                entries = self._prompt_entries(job, c) if req.echo else []
-                logprobs = self._text_logprobs(entries + list(c.logprobs))
-            choices.append({"index": c.index, "text": prompt_text + c.text.text, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason})
+        logprobs = await self._tokenizer_work(lambda: [self._text_logprobs(
+            (self._prompt_entries(job, c) if req.echo else []) + list(c.logprobs)) for c in job.choices]) \
+            if req.logprobs is not None else [None] * len(job.choices)
+        choices = [{"index": c.index, "text": (echo[c.prompt] if echo else "") + c.text.text, "logprobs": lp,
+                    "finish_reason": c.finish_reason} for c, lp in zip(job.choices, logprobs, strict=True)]
         return {"id": job.id, "object": "text_completion", "created": job.created, "model": self.config.model_name,
                 "choices": choices, "usage": job.usage(req.n)}
 
@@ -301,8 +302,11 @@ class CompletionService:
                 if top is not None and entries:
                     if chat:
                         lp = {"content": self._chat_logprobs(logprobs)}
+                    elif len(entries) > len(logprobs):  # the echoed prompt's too: a decode per token, off the loop
+                        lp = await self._tokenizer_work(partial(self._text_logprobs, entries, offsets.get(c.index, 0)))
                     else:
                         lp = self._text_logprobs(entries, offsets.get(c.index, 0))
+                    if not chat:
                         offsets[c.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 body = {"delta": {"content": text} if text else {}} if chat else {"text": text}
                 yield chunk([{"index": c.index, **body, "logprobs": lp, "finish_reason": c.finish_reason}])
@@ -332,7 +336,10 @@ class CompletionService:
     # --- log-probabilities in OpenAI's two formats ----------------------------------------
 
     def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        text = self._token_texts.get(token)
+        if text is None:  # (two threads may both decode it: the same text)
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
     def _prompt_entries(self, job: _Job, c: _Choice) -> list[TokenLogprobs | int]:
         """The echoed prompt's entries: its first token (an id: it has no log-probability), then the scored ones."""
