@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx2 as httpx
@@ -38,7 +39,7 @@ from trellis.grid import (
     shared_host_environment,
     split_by_memory,
 )
-from trellis.grid.launch import SHARED_HOST_SPIN_COUNT, StageIdentity, plan_grid
+from trellis.grid.launch import SHARED_HOST_SPIN_COUNT, Endpoint, StageIdentity, connect, plan_grid
 from trellis.grid.transport import StepPlan
 from trellis.models.embedded import embedded_gguf_path
 from trellis.models.llama import TrellisLlama
@@ -371,10 +372,10 @@ def test_the_coordinator_reads_the_checkpoints_generation_config(tiny_dir, tmp_p
             (single.generation_config.eos_token_id, single.generation_config.temperature)
 
 
-def test_a_stage_rank_of_grid_serve_does_not_check_the_http_port(tiny_dir, capsys):
+def test_a_stage_rank_of_grid_serve_does_not_check_the_http_port(tiny_dir, capfd):
     """torchrun runs one command line on every machine: on a stage's rank, `trellis grid serve`
     serves no HTTP, so a --port in use there is no reason to refuse (here it goes on to the
-    rendezvous, which no coordinator hosts)."""
+    rendezvous, which no coordinator hosts, and says so in one line, with no C++ stack trace)."""
     with socket.socket() as held, socket.socket() as free:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -385,8 +386,26 @@ def test_a_stage_rank_of_grid_serve_does_not_check_the_http_port(tiny_dir, capsy
             cli.main(["grid", "serve", "--rank", "1", "--world-size", "2", "--master-port", str(master), "--port",
                       str(busy), "--model", tiny_dir, "--start-timeout", "2"])
     assert exited.value.code == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "cannot serve on" not in err and "cannot open the rendezvous" in err
+    assert "is the coordinator, rank 0, started?" in err and "frame #" not in err and "[c10d]" not in err
+
+
+def test_a_stage_started_before_the_coordinator_waits_for_its_store():
+    """A stage may start first: it waits for the store, then joins it."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    hosted = []
+    timer = threading.Timer(1.0, lambda: hosted.append(connect(Endpoint(0, 2, master_port=port), 30)))
+    timer.start()
+    try:
+        store = connect(Endpoint(1, 2, master_port=port), 30)
+        store.set("joined", "1")
+        timer.join()
+        assert hosted[0].get("joined") == b"1"
+    finally:
+        timer.cancel()
 
 
 def test_an_interrupted_step_fails_the_grid_at_once(tiny_dir):

@@ -187,10 +187,31 @@ def identity(options: GridOptions, device: torch.device) -> StageIdentity:
 def connect(endpoint: Endpoint, timeout: float) -> dist.Store:
     """The rendezvous store, namespaced per launch attempt (torchrun restarts reuse its store)."""
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
-    store = dist.TCPStore(endpoint.master_addr, endpoint.master_port, endpoint.world_size,
-                          is_master=endpoint.rank == 0 and not agent_store,
-                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    hosts = endpoint.rank == 0 and not agent_store
+    deadline = time.monotonic() + timeout
+    if not hosts:
+        wait_for_listener(endpoint.master_addr, endpoint.master_port, timeout)
+    store = dist.TCPStore(endpoint.master_addr, endpoint.master_port, endpoint.world_size, is_master=hosts,
+                          timeout=datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0)),
+                          wait_for_workers=False)
     return dist.PrefixStore(f"trellis-grid/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def wait_for_listener(host: str, port: int, timeout: float) -> None:
+    """Wait until something accepts connections at ``host:port`` (the store), else a GridError after
+    ``timeout`` seconds. TCPStore's own wait for a store that is not up yet logs a C++ stack trace
+    at every attempt; a plain connection that closes at once costs the store nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(min(deadline - time.monotonic(), 2.0), 0.05)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise GridError(f"cannot open the rendezvous at --master-addr {host} --master-port {port}: nothing "
+                                f"accepted a connection there within {timeout:.0f} s (is the coordinator, rank 0, "
+                                f"started?): {exc}") from None
+            time.sleep(0.1)
 
 
 def process_group(store: dist.Store, endpoint: Endpoint, device: torch.device, timeout: float) -> dist.ProcessGroup:
