@@ -534,28 +534,40 @@ def test_extreme_but_valid_sampling_values_are_served(tiny):
             assert reply.json()["choices"][0]["message"]["content"] == greedy
 
 
+class Held:
+    """A tokenizer method patched to stop, on the calls ``holds(*args, **kwargs)`` picks, until
+    ``answered`` has run: the server's event loop must answer meanwhile."""
+
+    def __init__(self, monkeypatch, tokenizer, method: str, holds) -> None:
+        self.reached, self.released = threading.Event(), threading.Event()
+        original = getattr(type(tokenizer), method)
+
+        def held(tok, *args, **kwargs):
+            if not self.released.is_set() and holds(*args, **kwargs):
+                self.reached.set()
+                assert self.released.wait(60)
+            return original(tok, *args, **kwargs)
+
+        monkeypatch.setattr(type(tokenizer), method, held)
+
+    def post_while_health_answers(self, server: Server, body: dict) -> httpx.Response:
+        """POST ``body`` to the completions endpoint; once the tokenizer is held, /health answers."""
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(httpx.post, f"{server.url}{COMPLETIONS}", json=body, timeout=90)
+            try:
+                assert self.reached.wait(30)
+                assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+            finally:
+                self.released.set()
+            return reply.result()
+
+
 def test_a_prompt_is_tokenized_off_the_event_loop(tiny, monkeypatch):
     """Tokenizing a large prompt (a 4 MiB body takes seconds) holds up no other client: here the
     tokenizer is held until /health has answered."""
-    server, tokenizing, release = tiny.server, threading.Event(), threading.Event()
-    call = type(tiny.tok).__call__
-
-    def held(self, text, *args, **kwargs):
-        if text == "held in the tokenizer":
-            tokenizing.set()
-            assert release.wait(60)
-        return call(self, text, *args, **kwargs)
-
-    monkeypatch.setattr(type(tiny.tok), "__call__", held)
-    body = {"prompt": "held in the tokenizer", "max_tokens": 2}
-    with ThreadPoolExecutor(1) as pool:
-        reply = pool.submit(httpx.post, f"{server.url}{COMPLETIONS}", json=body, timeout=90)
-        try:
-            assert tokenizing.wait(30)
-            assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
-        finally:
-            release.set()
-        assert reply.result().status_code == 200
+    held = Held(monkeypatch, tiny.tok, "__call__", lambda text, *args, **kwargs: text == "held in the tokenizer")
+    reply = held.post_while_health_answers(tiny.server, {"prompt": "held in the tokenizer", "max_tokens": 2})
+    assert reply.status_code == 200
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -566,26 +578,11 @@ def test_an_echoed_prompts_logprobs_are_listed_off_the_event_loop(monkeypatch, s
     _, model = tiny_pair()
     tok = char_tokenizer()
     (marked,) = tok("\u03a9")["input_ids"]
-    listing, release = threading.Event(), threading.Event()
-    decode = type(tok).decode
-
-    def held(self, ids, *args, **kwargs):
-        if not release.is_set() and not args and not kwargs and list(ids) == [marked]:  # a token's text alone
-            listing.set()
-            assert release.wait(60)
-        return decode(self, ids, *args, **kwargs)
-
-    monkeypatch.setattr(type(tok), "decode", held)
+    held = Held(monkeypatch, tok, "decode", lambda ids, *args, **kwargs: not args and not kwargs and list(ids) == [marked])
     body = {"prompt": "\u03a9 marks the spot", "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1,
             "stream": stream}
-    with serving(model, tok) as server, ThreadPoolExecutor(1) as pool:
-        reply = pool.submit(httpx.post, f"{server.url}{COMPLETIONS}", json=body, timeout=90)
-        try:
-            assert listing.wait(30)
-            assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
-        finally:
-            release.set()
-        reply = reply.result()
+    with serving(model, tok) as server:
+        reply = held.post_while_health_answers(server, body)
     assert reply.status_code == 200
     if stream:
         first = json.loads(reply.text.split("\n\n")[0].removeprefix("data: "))["choices"][0]
