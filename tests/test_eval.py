@@ -156,6 +156,9 @@ def test_token_ids_become_plain_ints_and_bad_ones_are_refused():
                                 ([3, 256], ValueError, "request 0: token id 256 is outside the vocabulary")]:
         with pytest.raises(error, match=message):
             score_continuations(model, [(bad, [8])])
+    for bad in (None, [context], (context, continuation, [1])):  # not a pair
+        with pytest.raises(TypeError, match=r"request 1 must be a \(context, continuation\) pair of token id sequences"):
+            score_continuations(model, [(context, continuation), bad])
     for bad in (0, True, 2.0):
         with pytest.raises(ValueError, match="max_length must be a positive integer"):
             score_continuations(model, [(context, continuation)], max_length=bad)
@@ -339,6 +342,8 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
     (lambda m, t: generate_until(m, t, [("Hi", {"until": [None]})]), TypeError, "until must be a string or a list"),
     (lambda m, t: generate_until(m, t, [("Hi", {"temperature": "0.5"})]), TypeError, "temperature must be a number"),
     (lambda m, t: generate_until(m, t, [("Hi", {"max_gen_toks": 0})]), ValueError, "max_gen_toks must be a positive"),
+    (lambda m, t: generate_until(m, t, [("Hi", {"max_gen_toks": True})]), ValueError,
+     "max_gen_toks must be a positive integer, got True"),
     (lambda m, t: loglikelihood(m, t, [(None, " x")]), TypeError, "pair of strings"),
     (lambda m, t: loglikelihood_rolling(m, t, ["some text"], max_length=0), ValueError,
      "max_length must be a positive"),

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from trellis.eval.requests import encode, request_pairs
 from trellis.eval.scoring import max_length_for
 from trellis.models.llama import TrellisLlama
+from trellis.utils import is_positive_int
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default
 
@@ -52,7 +53,7 @@ def generate_until(
             if not all(isinstance(stop, str) for stop in until):
                 raise TypeError(f"until must be a string or a list of strings, got {until!r}")
             max_new = kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
-            if not isinstance(max_new, int) or max_new < 1:
+            if not is_positive_int(max_new):
                 raise ValueError(f"max_gen_toks must be a positive integer, got {max_new!r}")
             if max_new >= max_length:
                 raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in max_length {max_length}")

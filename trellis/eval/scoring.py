@@ -79,7 +79,12 @@ def score_continuations(
     manager = runner.prefix_cache
     groups: dict[tuple[int, ...], _Group] = {}
     continuations: list[list[int]] = []
-    for i, (context, continuation) in enumerate(requests):
+    for i, request in enumerate(requests):
+        try:
+            context, continuation = request
+        except (TypeError, ValueError):
+            raise TypeError(f"request {i} must be a (context, continuation) pair of token id sequences, "
+                            f"got {request!r}") from None
         # Plain ints: they become the prefix cache's keys (a float or a tensor there would never match).
         context = token_ids(context, f"request {i}: context")
         continuation = token_ids(continuation, f"request {i}: continuation")
