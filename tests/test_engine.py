@@ -350,6 +350,14 @@ def test_too_small_a_temperature_float_ids_or_more_choices_than_can_run_are_refu
         with pytest.raises(ValueError, match="stop_token_ids must be a tuple of token ids"):
             SamplingParams(stop_token_ids=stops)
     assert SamplingParams(stop_token_ids=[2, 3]).stop_token_ids == (2, 3)
+    for params in ({"max_new_tokens": 3}, 5, "greedy", 0):  # (0 is not None: not the defaults)
+        for call in (engine.add, engine.check):
+            with pytest.raises(TypeError, match="params must be a SamplingParams"):
+                call(PROMPTS[0], params)
+    for name in ("temperature", "top_p"):
+        for bad in ("0.5", None, True):
+            with pytest.raises(TypeError, match=f"{name} must be a number, got {bad!r}"):
+                SamplingParams(do_sample=True, **{name: bad})
 
 
 def test_engine_generate_refusing_one_prompt_queues_none():

@@ -188,6 +188,11 @@ def test_logprobs_of_prompt_and_generated_tokens_match_transformers():
         assert [t for t, _ in entry.top] == top.indices.tolist()
     assert all(len(e.top) == 2 for e in session.prompt_logprobs)
     assert all(len(e.top) == 3 and e.top[0][0] == e.token for e in session.token_logprobs)  # greedy: the best
+    # n choices: every fork of the request has the prompt's log-probabilities, scored once
+    chosen = engine.add(prompt, SamplingParams(max_new_tokens=2, do_sample=True, prompt_logprobs=2), n=3)
+    engine.run()
+    assert [f.prompt_logprobs for f in chosen.forks] == [chosen.prompt_logprobs] * 2
+    assert [e.token for e in chosen.prompt_logprobs] == prompt[1:]
     model.prefix_cache.check_integrity()
 
 

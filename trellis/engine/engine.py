@@ -98,8 +98,7 @@ class Engine:
         scores its tokens are chosen from, warpers included (see ``sample``). ``n > 1`` asks for more
         choices: the returned session's ``forks``, which start from its computed prompt (sharing its
         blocks) and sample with seeds ``seed + 1``, ``seed + 2``, ... when ``seed`` is set."""
-        session = self._session(prompt, params or SamplingParams(), request_id or f"req_{next(self._ids)}",
-                                logits_processor, n)
+        session = self._session(prompt, _params(params), request_id or f"req_{next(self._ids)}", logits_processor, n)
         for s in [session, *session.forks]:
             s.generator = s.params.make_generator(self.runner.device)
         with self._inbox_lock:
@@ -112,7 +111,7 @@ class Engine:
               logits_processor: LogitsProcessor | None = None, n: int = 1) -> None:
         """Raise what ``add`` would raise for this request, but for a full queue, and queue nothing:
         a caller with several requests checks them all before adding any."""
-        self._session(prompt, params or SamplingParams(), "check", logits_processor, n)
+        self._session(prompt, _params(params), "check", logits_processor, n)
 
     def most_new_tokens(self, prompt_length: int, n: int = 1) -> int:
         """The largest ``max_new_tokens`` the pool could ever hold after a prompt of ``prompt_length``
@@ -349,6 +348,7 @@ class Engine:
                         ended += self._end(fork, "error", str(exc))
                         continue
                     fork.num_cached_tokens, fork.admitted_time = session.num_cached_tokens, session.admitted_time
+                    fork.prompt_logprobs = list(session.prompt_logprobs)  # the same prompt's, scored once
                     fork.status = RequestStatus.PREFILLING
                     running.append(fork)
                     rows.append(cu[i + 1] - 1)
@@ -420,3 +420,13 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> lis
         alternatives = () if best is None else tuple(zip(best.indices[r].tolist(), best.values[r].tolist()))
         out.append(TokenLogprobs(int(token), logprob, alternatives))
     return out
+
+
+def _params(params: SamplingParams | None) -> SamplingParams:
+    """A request's sampling parameters: the defaults for None, else a ``SamplingParams``."""
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams (or None for the defaults), got {type(params).__name__}: "
+                        f"{params!r}")
+    return params

@@ -169,8 +169,7 @@ class EngineBridge:
             if self.metrics:
                 self.metrics.tokens(session, sent, count)
             logprobs = session.token_logprobs[sent:count] if session.params.logprobs is not None else []
-            # Forks share the leader's prompt, scored once.
-            prompt_logprobs = leader.prompt_logprobs if sent == 0 and session.params.prompt_logprobs is not None \
+            prompt_logprobs = session.prompt_logprobs if sent == 0 and session.params.prompt_logprobs is not None \
                 else None
             handle.sent[i] = count
             handle.closed[i] = session.done
