@@ -331,6 +331,32 @@ def test_a_failure_half_way_through_loading_changes_and_leaks_nothing(tmp_path, 
     assert_nothing_leaked(manager)
 
 
+def test_a_load_interrupted_after_a_tail_was_replaced_puts_the_shorter_tail_back(tmp_path, monkeypatch):
+    """The file's tail replaces a shorter one of the target's; an interrupt right after that puts
+    the shorter tail back with its block, which the tree never let go of."""
+    _, model = tiny_pair()
+    path = saved(tmp_path, model)
+    _, target = tiny_pair()  # the file's first conversation less its last token: 11 blocks and a 1-token tail
+    target.generate(torch.cat([SYSTEM, torch.tensor([[50, 51]])], dim=1), max_new_tokens=4, do_sample=False)
+    manager = target.prefix_cache
+    before = picture(manager)
+    original = manager.radix.add_tail
+
+    def interrupted_once_a_tail_is_replaced(*args, **kwargs):
+        replaced = original(*args, **kwargs)
+        if replaced:
+            raise KeyboardInterrupt
+        return replaced
+
+    monkeypatch.setattr(manager.radix, "add_tail", interrupted_once_a_tail_is_replaced)
+    with pytest.raises(KeyboardInterrupt):
+        target.load_prefix_cache(path)
+    assert_same_picture(picture(manager), before)
+    assert_nothing_leaked(manager)
+    monkeypatch.undo()
+    assert target.load_prefix_cache(path) == held_blocks(model) - 11  # all but the 11 blocks it shares
+
+
 def test_damaged_or_missing_file_is_refused(tmp_path):
     _, model = tiny_pair()
     path = saved(tmp_path, model)

@@ -199,6 +199,7 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
                 radix.unlock(node)
         slot = dict(zip(new, blocks))  # the file's block -> the pool's
         before = _tree_state(radix)
+        replaced: list[int] = []  # the blocks of the shorter tails the file's replace: the tree's references, held
         try:
             manager.pool.write_blocks(blocks, tensors["kv"][:, :, new])
             for (path_tokens, path_blocks), (cached, _) in zip(paths, held):
@@ -207,13 +208,14 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
                 node_index, tokens = tails[t]
                 node = radix.node_at(paths[node_index][0] if node_index >= 0 else [])
                 assert node is not None, "a tail's node path was inserted above"
-                radix.add_tail(node, tokens, slot[first_tail + t])
+                replaced += radix.add_tail(node, tokens, slot[first_tail + t], release=False)
         except BaseException:
-            _restore_tree(before)
+            _restore_tree(before)  # the replaced tails come back with the references kept for them
             # Freshly allocated blocks have no holder but us and, once adopted, the tree.
             manager.pool.decref([b for b in blocks if manager.pool.ref_counts[b] > 1])
             manager.pool.decref(blocks)
             raise
+        manager.pool.decref(replaced)
         added = sum(manager.pool.ref_counts[b] > 1 for b in blocks)
         manager.pool.decref(blocks)  # the tree holds what it adopted
     return added
@@ -345,8 +347,9 @@ def _tails(tensors: Mapping[str, torch.Tensor], num_nodes: int, block_size: int,
 
 
 # Undoing insertions: ``RadixCache.insert`` and ``node_at`` only add nodes, split edges and touch LRU
-# times, and ``add_tail`` (not replacing) only adds tails, so restoring every existing node's links,
-# edge and tails puts the tree back as it was.
+# times, and ``add_tail`` only adds tails, or replaces some whose references it then hands back
+# (``release=False``), so restoring every existing node's links, edge and tails puts the tree back
+# as it was.
 _NodeState = tuple[RadixNode, RadixNode | None, tuple[int, ...], list[int], dict, dict, int]
 
 

@@ -159,25 +159,30 @@ class RadixCache:
             tail = candidate
         return tail
 
-    def add_tail(self, node: RadixNode, tokens: Sequence[int], block: int, replace: bool = True) -> None:
+    def add_tail(self, node: RadixNode, tokens: Sequence[int], block: int, replace: bool = True,
+                 release: bool = True) -> list[int]:
         """Keep ``block``, the K/V of ``tokens`` (fewer than a block) after ``node``'s path, as one
         of its tails; the tree takes a reference. Nothing changes where a tail or child block of
         the node already holds those tokens; a tail that holds fewer of them is replaced, or with
-        ``replace`` False kept (and ``block`` not taken), so that nothing the tree held is let go."""
+        ``replace`` False kept (and ``block`` not taken), so that nothing the tree held is let go.
+        Returns the blocks of the tails replaced; with ``release`` False the tree's references to
+        them pass to the caller (who can then put the tails back, as a failed load does)."""
         tokens = tuple(tokens)
         if not 0 < len(tokens) < self.block_size:
             raise ValueError(f"a tail holds 1 to {self.block_size - 1} tokens, got {len(tokens)}")
         held = [*node.children, *node.tails]
         if any(key[: len(tokens)] == tokens for key in held):
-            return
+            return []
         shorter = [key for key in node.tails if tokens[: len(key)] == key]
         if shorter and not replace:
-            return
+            return []
         self._version += 1
-        for key in shorter:
-            self.pool.decref([node.tails.pop(key)])
+        replaced = [node.tails.pop(key) for key in shorter]
+        if release:
+            self.pool.decref(replaced)
         node.tails[tokens] = block
         self.pool.incref([block])
+        return replaced
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count one admitted lookup in the hit-rate statistics."""
