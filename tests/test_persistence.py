@@ -130,6 +130,16 @@ def test_a_forward_whose_output_was_dropped_is_saved_with_its_tail(tmp_path):
     assert restarted.prefix_cache.stats()["tail_blocks"] == 1
 
 
+def test_a_name_as_long_as_the_file_system_takes_is_saved_to(tmp_path):
+    _, model = tiny_pair()
+    ask(model, [50, 51])
+    path = tmp_path / ("\u00e9" * 120 + ".safetensors")  # 252 bytes of the 255 a name may have
+    assert model.save_prefix_cache(path) == held_blocks(model)
+    _, fresh = tiny_pair()
+    assert fresh.load_prefix_cache(path) == held_blocks(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no staging file left
+
+
 def test_loading_twice_keeps_one_copy(tmp_path):
     _, model = tiny_pair()
     path = saved(tmp_path, model)
@@ -167,6 +177,42 @@ def test_same_weights_under_another_config_are_refused(tmp_path, change):
     with pytest.raises(PrefixCacheFileError, match=r"other settings \(config\)"):
         other.load_prefix_cache(path)
     assert other.prefix_cache.stats()["cached_blocks"] == 0
+
+
+def _scale_attention(model):
+    model.model.layers[0].self_attn.scaling *= 2
+
+
+def _replace_activation(model):
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+
+
+def _hook_mlp(model):
+    model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: output * 0.5)
+
+
+def _set_norm_eps(model):
+    model.model.layers[0].input_layernorm.variance_epsilon = 0.5
+
+
+@pytest.mark.parametrize("change", [_set_norm_eps, _scale_attention, _replace_activation, _hook_mlp])
+def test_same_weights_and_config_with_other_modules_are_refused(tmp_path, change):
+    """What the modules run besides their weights (an RMSNorm's eps, attention's scale, a module
+    replaced, a forward hook) changes the K/V: a file saved by such a model is refused, and one
+    saved by the plain model is refused by it."""
+    _, model = tiny_pair()
+    path = saved(tmp_path, model)
+    _, other = tiny_pair()
+    change(other)
+    with pytest.raises(PrefixCacheFileError, match=r"other modules \(their classes, settings"):
+        other.load_prefix_cache(path)
+    assert other.prefix_cache.stats()["cached_blocks"] == 0
+    ask(other, [50, 51])
+    other_path = tmp_path / "other.safetensors"
+    other.save_prefix_cache(other_path)
+    _, plain = tiny_pair()
+    with pytest.raises(PrefixCacheFileError, match="other modules"):
+        plain.load_prefix_cache(other_path)
 
 
 def test_a_weight_outside_any_sample_or_a_buffer_changed_is_refused(tmp_path):

@@ -35,7 +35,7 @@ from trellis.cache.manager import KVCacheManager
 from trellis.cache.radix import RadixCache, RadixNode
 from trellis.utils import outside_vocabulary
 
-FORMAT = "trellis-prefix-cache/5"
+FORMAT = "trellis-prefix-cache/6"
 TENSORS = ("kv", "tokens", "node_parent", "node_num_blocks", "tail_node", "tail_num_tokens", "tail_tokens")
 
 
@@ -47,13 +47,15 @@ class PrefixCacheFileError(ValueError):
 
 
 def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], linear_kernel: str,
-                      adapters: str = "", hardware: str = "") -> dict[str, str]:
+                      adapters: str = "", hardware: str = "", modules: str = "") -> dict[str, str]:
     """An exact identity of the computation that produced a model's K/V, in parts that a mismatch
     can name (``DIGESTS``): ``weights``, every byte of every parameter and buffer, persistent or not
     (RoPE's ``inv_freq`` is not in the state dict), with its name, dtype and shape; ``config``, the
     settings that shape the computation (JSON-serialisable); ``adapters``, which adapters run and at
-    what scales; and, named as they are, the ``hardware`` the kernels run on
-    (``loading.hardware_identity``) and ``linear_kernel`` itself, since both change how results round.
+    what scales; ``modules``, what the modules run besides their tensors
+    (``weights_watcher.module_identity``: classes, settings such as RMSNorm's eps, hooks); and,
+    named as they are, the ``hardware`` the kernels run on (``loading.hardware_identity``) and
+    ``linear_kernel`` itself, since both change how results round.
 
     Tensors hash by value, not layout (oneDNN stores weights input-major). A tensor shared under
     two names (tied embeddings) is read once. SmolLM2-135M in fp32 (538 MB): ~0.8 s on the 2-core
@@ -72,12 +74,14 @@ def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], lin
         weights.update(digests[_storage_key(tensor)])
     settings = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     return {"hardware": hardware, "linear_kernel": linear_kernel, "config": settings.hexdigest(),
-            "adapters": hashlib.sha256(adapters.encode()).hexdigest(), "weights": weights.hexdigest()}
+            "adapters": hashlib.sha256(adapters.encode()).hexdigest(), "weights": weights.hexdigest(),
+            "modules": hashlib.sha256(modules.encode()).hexdigest()}
 
 
 # The fingerprint's digests, by what a mismatch of each means.
 DIGESTS = {"config": "settings (config)", "adapters": "adapters (which run, at what scales)",
-           "weights": "weights or buffers"}
+           "weights": "weights or buffers",
+           "modules": "modules (their classes, settings such as RMSNorm's eps or attention's scale, or hooks)"}
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -145,8 +149,9 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
         }
         metadata = {**_header(manager, fingerprint), "checksum": _checksum(tensors)}
     # A staging file of this save's own: two saves to one path (two processes) each rename a whole
-    # file. (Not mkstemp: its file is private to the user, where a saved cache takes the umask.)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # file. (Not mkstemp: its file is private to the user, where a saved cache takes the umask.) The
+    # name's first 32 characters only, so that a name the file system takes has a staging name it takes.
+    staging = path.with_name(f".{path.name[:32]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         save_file(tensors, staging, metadata=metadata)
         staging.replace(path)

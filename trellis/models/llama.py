@@ -26,6 +26,7 @@ from trellis.models.loading import check_one_device, hardware_identity, load_lla
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
 from trellis.runner.cpu_linear import rounding_identity
+from trellis.runner.weights_watcher import module_identity
 
 
 class TrellisLlama(LlamaForCausalLM):
@@ -191,7 +192,7 @@ class TrellisLlama(LlamaForCausalLM):
         if self.device.type == "cpu":  # where the kinds' layouts and the streamed decode rows apply
             kernel = rounding_identity(kernel, self.dtype)
         return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, kernel, adapters,
-                                 hardware_identity(self.device))
+                                 hardware_identity(self.device), module_identity(self))
 
     # --- forward ---------------------------------------------------------------------------
 

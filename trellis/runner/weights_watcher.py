@@ -119,6 +119,30 @@ def _capture_hook(hook: object) -> bool:
     return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
+def module_identity(model: torch.nn.Module) -> str:
+    """What a forward of ``model`` runs besides its tensors, as text for a saved prefix cache's
+    identity: each module's path and class, the settings its forward reads (``_MODULE_SETTINGS``),
+    and the forwards set on instances and forward hooks (process-wide ones too), named by their
+    code's qualified name (what a hook computes is not read: two hooks of one name are alike)."""
+
+    def code(function: object) -> str:
+        function = getattr(function, "func", function)  # a functools.partial: the function it calls
+        return f"{getattr(function, '__module__', None)}.{getattr(function, '__qualname__', type(function).__qualname__)}"
+
+    lines = [f"hook {code(hook)}" for table in _GLOBAL_HOOKS for hook in table.values() if not _capture_hook(hook)]
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = vars(module)
+        parts = [name or "-", f"{type(module).__module__}.{type(module).__qualname__}"]
+        parts += [f"{setting}={own[setting]!r}" for setting in _MODULE_SETTINGS
+                  if isinstance(own.get(setting), (int, float, str))]
+        if "forward" in own:
+            parts.append(f"forward={code(own['forward'])}")
+        parts += [f"hook={code(hook)}" for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+                  if not _capture_hook(hook)]
+        lines.append(" ".join(parts))
+    return "\n".join(lines)
+
+
 class ModelStructure:
     """What code a forward over some modules runs, besides their tensors and settings: the
     modules themselves and their classes, forwards set on instances, forward hooks and pre-hooks
