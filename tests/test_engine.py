@@ -358,6 +358,11 @@ def test_too_small_a_temperature_float_ids_or_more_choices_than_can_run_are_refu
         for bad in ("0.5", None, True):
             with pytest.raises(TypeError, match=f"{name} must be a number, got {bad!r}"):
                 SamplingParams(do_sample=True, **{name: bad})
+    for name in ("max_new_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):  # a bool is no count or seed
+        with pytest.raises(ValueError, match=f"{name} must be .*got True"):
+            SamplingParams(**{name: True})
+    with pytest.raises(ValueError, match="n must be a positive integer, got True"):
+        engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2), n=True)
 
 
 def test_engine_generate_refusing_one_prompt_queues_none():

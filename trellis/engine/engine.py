@@ -19,7 +19,7 @@ from trellis.engine.scheduler import Scheduler, fork_blocks
 from trellis.engine.session import Session, TokenLogprobs
 from trellis.runner import PagedModelRunner, runner_of
 from trellis.runner.runner import PendingStep, StepOutput
-from trellis.utils import cdiv, token_ids
+from trellis.utils import cdiv, is_positive_int, token_ids
 
 
 class QueueFullError(RuntimeError):
@@ -128,7 +128,7 @@ class Engine:
         prompt = token_ids(prompt)
         if not prompt:
             raise ValueError("cannot generate from an empty prompt")
-        if not isinstance(n, int) or n < 1:
+        if not is_positive_int(n):
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if n > 1 and logits_processor is not None:
             raise ValueError("a logits processor may keep state per session: it cannot serve n > 1 choices")
