@@ -179,6 +179,44 @@ def test_buffers_replaced_by_a_dtype_round_trip_are_watched():
     assert_answers_match(ref, model)
 
 
+def test_inference_tensors_made_by_a_round_trip_under_inference_mode_are_watched():
+    """``model.to()`` under ``torch.inference_mode`` makes inference tensors, which have no version
+    counter: the watcher and the packed copies read them without one."""
+    ref, model = tiny_pair()
+    warm(model)
+
+    def round_trip(m):
+        with torch.inference_mode():
+            m.to(torch.float16).to(torch.float32)
+
+    on_both(ref, model, round_trip)
+    assert model.model.rotary_emb.inv_freq.is_inference()
+    assert_answers_match(ref, model)
+    assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False),
+                       ref.generate(IDS, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_parametrized_linear_layer_runs_its_computed_weight(kernel):
+    """torch.nn.utils.parametrize makes the layer a subclass whose weight is computed at each call:
+    it runs F.linear over that weight, and changing the parametrization's original drops the cache."""
+    from torch.nn.utils import parametrize
+
+    class Scale(torch.nn.Module):
+        def forward(self, weight):
+            return weight * 1.5
+
+    ref, model = tiny_pair()
+    cpu_linear.set_linear_kernel(model, kernel)
+    warm(model)
+    on_both(ref, model, lambda m: parametrize.register_parametrization(m.model.layers[0].self_attn.k_proj, "weight",
+                                                                         Scale()))
+    assert_answers_match(ref, model)
+    warm(model)
+    on_both(ref, model, lambda m: m.model.layers[0].self_attn.k_proj.parametrizations.weight.original.mul_(0.5))
+    assert_answers_match(ref, model)
+
+
 def _scale_attention(m):
     for layer in m.model.layers:
         layer.self_attn.scaling *= 0.5

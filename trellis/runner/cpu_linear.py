@@ -72,6 +72,7 @@ import torch.nn.functional as F
 
 from trellis import ops
 from trellis.ops import panels, quant
+from trellis.runner.weights_watcher import version_of
 
 LINEAR_KERNELS = ("blas", "onednn", "packed")
 _CPU = torch.device("cpu")
@@ -297,10 +298,11 @@ class CPULinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         # Under torch.compile, F.linear: the compiler picks its own GEMMs (Inductor cannot lower
-        # the oneDNN op over an input-major weight).
+        # the oneDNN op over an input-major weight). A parametrized layer (torch.nn.utils.parametrize
+        # makes it a subclass) computes its weight at each call: F.linear over that.
         # (Cheap checks first, attributes over device objects: this runs 200 times a decode step.)
         if ((torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) or not (x.is_cpu and weight.is_cpu)
-                or x.dtype != weight.dtype or torch.compiler.is_compiling()):
+                or x.dtype != weight.dtype or type(self) is not CPULinear or torch.compiler.is_compiling()):
             return F.linear(x, weight, self.bias)
         streamed = self.streamed_weight(x.numel() // max(self.in_features, 1), x.dtype)
         if streamed is not None:
@@ -371,7 +373,7 @@ class CPULinear(torch.nn.Linear):
 
     def _packed_weight(self) -> torch.Tensor:
         weight = self._parameters["weight"]
-        storage, key = weight.untyped_storage(), (weight.data_ptr(), weight._version)
+        storage, key = weight.untyped_storage(), (weight.data_ptr(), version_of(weight))
         packed = self._packed
         if packed is None or packed[0]() is not storage or packed[1:3] != key:
             if panels_serve(self.kind, weight.dtype) and self.in_features % panels.inputs_per_lane(weight.dtype) == 0:

@@ -70,6 +70,13 @@ _CONFIG_FIELDS = ("rope_parameters", "head_dim", "rms_norm_eps", "hidden_act", "
 _data_ptr: Callable[[torch.Tensor], int] = torch.Tensor.data_ptr
 _version: Callable[[torch.Tensor], int] = operator.attrgetter("_version")
 
+
+def version_of(tensor: torch.Tensor) -> int:
+    """``tensor``'s version counter; -1 for an inference tensor (made under ``torch.inference_mode``,
+    by ``model.to()`` or a load there), which has none: it can be changed in place only inside
+    inference mode, unseen, as ``.data`` writes are."""
+    return -1 if tensor.is_inference() else tensor._version
+
 # Bumped whenever a module, parameter or buffer is registered into a module of some watched
 # model. Registrations elsewhere are ignored: a layer under construction, or the throwaway
 # ModuleList that transformers slices from ``model.layers`` on every forward, can only reach a
@@ -260,7 +267,11 @@ class WeightsWatcher:
         config = getattr(self._model, "config", None)
         # Read through vars(): a transformers config's getattr takes ~3 µs a field.
         fields = None if config is None else repr(tuple(map(vars(config).get, _CONFIG_FIELDS)))
-        state = hash((tuple(map(_data_ptr, tensors)), tuple(map(_version, tensors)), settings,
+        try:
+            versions = tuple(map(_version, tensors))
+        except RuntimeError:  # an inference tensor among them
+            versions = tuple(map(version_of, tensors))
+        state = hash((tuple(map(_data_ptr, tensors)), versions, settings,
                       tuple(map(_adapter_state, self._adapters)), fields, self._freed[0], self._structure.state()))
         if state != self._state:
             self._watch_storages(tensors)
