@@ -222,6 +222,10 @@ at::Tensor add_rms_norm_cpu(const at::Tensor& stream, const std::optional<at::Te
                      update->scalar_type(), " != x dtype ", stream.scalar_type());
     TORCH_CHECK_VALUE(at::has_internal_overlap(stream) != at::MemOverlap::Yes, op, ": x is updated in place, and "
                       "more than one element of it refers to a single memory location (an expanded tensor)");
+    // A residual that is x itself is read before each write; one that overlaps x in part would
+    // read rows already updated.
+    TORCH_CHECK_VALUE(at::get_overlap_status(stream, *update) != at::MemOverlapStatus::Partial, op,
+                      ": residual and x overlap in part (x is updated in place): pass separate tensors");
   }
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty(stream.sizes(), stream.options());

@@ -220,6 +220,33 @@ def test_bad_input_is_refused_clearly(backend, case):
         call(backend)
 
 
+def test_a_residual_overlapping_x_in_part_is_refused():
+    """x is updated in place: a residual that shares some of its rows would read rows already
+    updated (the reference's in-place add refuses it too)."""
+    rows, weight = torch.randn(5, 16), torch.randn(16)
+    before = rows.clone()
+    with pytest.raises(ValueError, match="residual and x overlap in part"):
+        ops.add_rms_norm(rows[1:], rows[:-1], weight, 1e-6, backend="cpp")
+    assert torch.equal(rows, before)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(ops.add_rms_norm(x.clone(), x.clone(), weight, 1e-6, backend="cpp"),
+                               ops.add_rms_norm(x.clone(), x, weight, 1e-6, backend="cpp"))  # x itself: fine
+
+
+def test_a_meta_tensor_among_cpu_ones_is_refused():
+    """A meta tensor makes the dispatcher pick the fake kernel, which computes nothing."""
+    x, residual, weight = torch.randn(4, 16), torch.randn(4, 16), torch.randn(16)
+    q, k, v, cos, sin, k_cache, v_cache, slots = rope_case(2, 4, 2, 16, torch.float32)
+    for call in (lambda: ops.add_rms_norm(x, residual, weight.to("meta"), 1e-6, backend="cpp"),
+                 lambda: ops.silu_mul(x, residual.to("meta"), backend="cpp"),
+                 lambda: ops.store_kv(k, v, k_cache, v_cache, slots.to("meta"), backend="cpp"),
+                 lambda: ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots.to("meta"), backend="cpp")):
+        with pytest.raises(ValueError, match="a meta tensor among \\['cpu'\\] ones"):
+            call()
+    meta = torch.ops.trellis_cpp.add_rms_norm(x.to("meta"), residual.to("meta"), weight.to("meta"), 1e-6)
+    assert meta.device.type == "meta" and meta.shape == x.shape  # all on meta: shapes, as tracing asks
+
+
 def test_slot_outside_the_cache_is_refused():
     q, k, v, cos, sin, k_cache, v_cache, _ = rope_case(2, 4, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="outside the cache"):
