@@ -34,6 +34,7 @@ struct Problem {
   int64_t partial_rows;  // rows of one split slot
   float* partial_out;    // [partials, partial_rows, D]
   float* partial_lse;    // [partials, partial_rows]
+  int64_t num_blocks = 0;  // N: the cache's blocks
 
   // Row `r` of KV head `h` in an item: token r / group, query head h * group + r % group.
   int64_t q_offset(const WorkItem& w, int64_t h, int64_t r) const {
@@ -376,7 +377,13 @@ void attend_tiles(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, W
   const int64_t D = p.head_dim;
   const int32_t* blocks = p.block_table + w.seq * p.max_blocks;
   auto run_at = [&](int64_t key) -> KeyRun {  // up to kKeyTile keys from `key` (< kv_end), in its block and the item
-    return {blocks[key / p.block_size] * p.block_size + key % p.block_size,
+    // Checked again here (one compare a run): a plan trusts the block table it was made for, and a
+    // write that bypasses the version counter (through .data, or NumPy) would reach outside the cache.
+    const int64_t index = key / p.block_size, block = index < p.max_blocks ? blocks[index] : -1;
+    TORCH_CHECK_VALUE(block >= 0 && block < p.num_blocks, "paged_attention: block ", index, " of sequence ", w.seq,
+                      " is ", block, ", outside the cache (", p.num_blocks, " blocks): the block table or the plan "
+                      "changed after the plan was made, unseen by their version counters");
+    return {block * p.block_size + key % p.block_size,
             std::min<int64_t>({kKeyTile, w.kv_end - key, p.block_size - key % p.block_size})};
   };
   struct Tile {
@@ -534,7 +541,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t kv_heads = k_cache.size(2), group = q.size(1) / kv_heads;
   Problem<T> p{q.const_data_ptr<T>(), k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(), out.data_ptr<T>(),
                block_table.const_data_ptr<int32_t>(), block_table.size(1), q.size(1), kv_heads, group, q.size(2),
-               k_cache.size(1), static_cast<float>(scale), plan.partial_rows, nullptr, nullptr};
+               k_cache.size(1), static_cast<float>(scale), plan.partial_rows, nullptr, nullptr, k_cache.size(0)};
   at::Tensor scratch;
   if (plan.partials > 0) {  // [partials, partial_rows, D] outputs, then [partials, partial_rows] log-sum-exps
     scratch = at::empty({plan.partials * p.partial_rows * (p.head_dim + 1)}, q.options().dtype(at::kFloat));

@@ -68,6 +68,17 @@ def test_cpp_plan_refuses_another_block_table():
         ops.run_attention(plan, case.q, case.k_cache, case.v_cache, case.scale)
 
 
+def test_cpp_plan_refuses_block_ids_written_past_the_version_counter():
+    """A plan trusts the block table it was made for (its data pointer and version); a write that
+    bypasses the version counter is still caught where each block id is read, not a crash."""
+    require_backend("cpp")
+    case = make_case([2, 1], [5, 9])
+    plan = case.plan("cpp")
+    case.block_table.data[0, 0] = 10**8  # (.data: no version bump)
+    with pytest.raises(ValueError, match="block 0 of sequence 0 is 100000000, outside the cache"):
+        ops.run_attention(plan, case.q, case.k_cache, case.v_cache, case.scale)
+
+
 @pytest.mark.parametrize("shape", ["decode", "mixed"])
 def test_triton_run_reads_nothing_back(shape, monkeypatch):
     """Per layer, the launcher reads only the plan (host memory), never a batch tensor."""
