@@ -137,13 +137,16 @@ REFERENCES = {"store_kv": reference.store_kv, "paged_attention": reference.paged
                "add_rms_norm": reference.add_rms_norm, "rope_store_kv": reference.rope_store_kv,
                "silu_mul": reference.silu_mul}
 
-def _real_tensors_refused(name: str, fake):
+
+def _meta_among_real_refused(name: str, fake):
     """``fake``, refusing a meta tensor among real ones: such a call dispatches to the fake kernel
     (Meta wins), where the real one would never run and the outputs would hold nothing."""
 
     def checked(*args, **kwargs):
-        arguments = [a for a in (*args, *kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else (a,))]
-        devices = {a.device.type for a in arguments if isinstance(a, torch.Tensor)}
+        tensors = [item for argument in (*args, *kwargs.values())
+                   for item in (argument if isinstance(argument, (list, tuple)) else (argument,))
+                   if isinstance(item, torch.Tensor)]
+        devices = {t.device.type for t in tensors}
         if "meta" in devices and len(devices) > 1:
             raise ValueError(f"{name}: a meta tensor among {sorted(devices - {'meta'})} ones: every tensor must be "
                              "on one device")
@@ -157,6 +160,6 @@ _libraries = {namespace: torch.library.Library(namespace, "DEF") for namespace i
 for _namespace, _library in _libraries.items():
     for _name, _schema in _SCHEMAS_OF[_namespace].items():
         _library.define(_name + _schema)
-        torch.library.register_fake(f"{_namespace}::{_name}", _real_tensors_refused(_name, _FAKES[_name]), lib=_library)
+        torch.library.register_fake(f"{_namespace}::{_name}", _meta_among_real_refused(_name, _FAKES[_name]), lib=_library)
 for _name in SCHEMAS:
     _libraries["trellis"].impl(_name, REFERENCES[_name], "CompositeExplicitAutograd")

@@ -126,6 +126,12 @@ def _capture_hook(hook: object) -> bool:
     return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
+def _settings_of(module: torch.nn.Module) -> list[str]:
+    """The ``_MODULE_SETTINGS`` ``module`` has as plain values (peft's per-adapter ``scaling`` dicts are not)."""
+    own = vars(module)
+    return [name for name in _MODULE_SETTINGS if isinstance(own.get(name), (int, float, str))]
+
+
 def module_identity(model: torch.nn.Module) -> str:
     """What a forward of ``model`` runs besides its tensors, as text for a saved prefix cache's
     identity: each module's path and class, the settings its forward reads (``_MODULE_SETTINGS``),
@@ -140,8 +146,7 @@ def module_identity(model: torch.nn.Module) -> str:
     for name, module in model.named_modules(remove_duplicate=False):
         own = vars(module)
         parts = [name or "-", f"{type(module).__module__}.{type(module).__qualname__}"]
-        parts += [f"{setting}={own[setting]!r}" for setting in _MODULE_SETTINGS
-                  if isinstance(own.get(setting), (int, float, str))]
+        parts += [f"{setting}={own[setting]!r}" for setting in _settings_of(module)]
         if "forward" in own:
             parts.append(f"forward={code(own['forward'])}")
         parts += [f"hook={code(hook)}" for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
@@ -303,8 +308,7 @@ class WeightsWatcher:
         self._structure.watch(modules)
         tensors = [(d, name) for m in modules for d in (m._parameters, m._buffers) for name, t in d.items()
                    if t is not None and not _rewritten_by_forward(m, name)]
-        settings = [(vars(m), name) for m in modules for name in _MODULE_SETTINGS
-                    if isinstance(vars(m).get(name), (int, float, str))]
+        settings = [(vars(m), name) for m in modules for name in _settings_of(m)]
         self._tensors = (_column(tensors, 0), _column(tensors, 1))
         self._settings = (_column(settings, 0), _column(settings, 1))
         self._adapters = _peft_tuner_layers(self._model)

@@ -75,7 +75,6 @@ class CompletionService:
                  stop_token_ids: Sequence[int], context_length: int) -> None:
         self.bridge, self.tokenizer, self.config = bridge, tokenizer, config
         self.token_bytes = TokenBytes(tokenizer)
-        self._token_texts: dict[int, str] = {}  # each token's text alone, as log-probabilities list it
         self.metrics = bridge.metrics
         self.stop_token_ids = tuple(stop_token_ids)
         self.context_length = context_length
@@ -302,11 +301,10 @@ class CompletionService:
                 if top is not None and entries:
                     if chat:
                         lp = {"content": self._chat_logprobs(logprobs)}
-                    elif len(entries) > len(logprobs):  # the echoed prompt's too: a decode per token, off the loop
-                        lp = await self._tokenizer_work(partial(self._text_logprobs, entries, offsets.get(c.index, 0)))
                     else:
-                        lp = self._text_logprobs(entries, offsets.get(c.index, 0))
-                    if not chat:
+                        listing = partial(self._text_logprobs, entries, offsets.get(c.index, 0))
+                        # The echoed prompt's entries too: a decode per token, off the loop.
+                        lp = await self._tokenizer_work(listing) if len(entries) > len(logprobs) else listing()
                         offsets[c.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 body = {"delta": {"content": text} if text else {}} if chat else {"text": text}
                 yield chunk([{"index": c.index, **body, "logprobs": lp, "finish_reason": c.finish_reason}])
@@ -335,12 +333,6 @@ class CompletionService:
 
     # --- log-probabilities in OpenAI's two formats ----------------------------------------
 
-    def _token_text(self, token: int) -> str:
-        text = self._token_texts.get(token)
-        if text is None:  # (two threads may both decode it: the same text)
-            text = self._token_texts[token] = self.tokenizer.decode([token])
-        return text
-
     def _prompt_entries(self, job: _Job, c: _Choice) -> list[TokenLogprobs | int]:
         """The echoed prompt's entries: its first token (an id: it has no log-probability), then the scored ones."""
         return [job.prompts[c.prompt][0], *(c.prompt_logprobs or [])]
@@ -348,9 +340,9 @@ class CompletionService:
     def _chat_logprobs(self, entries: list[TokenLogprobs]) -> list[dict[str, Any]]:
         out = []
         for e in entries:
-            top = [{"token": self._token_text(token), "logprob": finite(lp), "bytes": list(self.token_bytes(token))}
+            top = [{"token": self.token_bytes.text(token), "logprob": finite(lp), "bytes": list(self.token_bytes(token))}
                    for token, lp in e.top]
-            out.append({"token": self._token_text(e.token), "logprob": finite(e.logprob),
+            out.append({"token": self.token_bytes.text(e.token), "logprob": finite(e.logprob),
                         "bytes": list(self.token_bytes(e.token)), "top_logprobs": top})
         return out
 
@@ -359,7 +351,7 @@ class CompletionService:
         ``offset``: the first entry's ``text_offset`` (a stream's chunks continue the text)."""
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         for e in entries:
-            text = self._token_text(e if isinstance(e, int) else e.token)
+            text = self.token_bytes.text(e if isinstance(e, int) else e.token)
             tokens.append(text)
             offsets.append(offset)
             offset += len(text)
@@ -369,7 +361,7 @@ class CompletionService:
                 continue
             token_logprobs.append(finite(e.logprob))
             # As vLLM: the chosen token is listed too, even when it is not among the most likely.
-            top = {self._token_text(t): finite(lp) for t, lp in e.top}
+            top = {self.token_bytes.text(t): finite(lp) for t, lp in e.top}
             top.setdefault(text, finite(e.logprob))
             top_logprobs.append(top)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,

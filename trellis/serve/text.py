@@ -97,10 +97,12 @@ _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token fo
 
 
 class TokenBytes:
-    """The bytes of one token. Decoding a token alone gives U+FFFD for the part of a character it
-    holds; OpenAI's ``bytes`` field carries the token's own bytes, so that a client can join a
-    character split across tokens. Read from the token's string in the vocabulary where the
-    tokenizer is byte-level BPE or SentencePiece with byte fallback; otherwise the decoded text's."""
+    """The bytes of one token, and its ``text`` decoded alone, each worked out once per token (two
+    threads may both work one out: the same value). Decoding a token alone gives U+FFFD for the
+    part of a character it holds; OpenAI's ``bytes`` field carries the token's own bytes, so that a
+    client can join a character split across tokens. Read from the token's string in the
+    vocabulary where the tokenizer is byte-level BPE or SentencePiece with byte fallback; otherwise
+    the decoded text's."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
@@ -109,14 +111,21 @@ class TokenBytes:
         self._alphabet = _byte_level_alphabet() if _decodes_byte_level(decoder) else None
         self._special = set(tokenizer.all_special_ids)
         self._cache: dict[int, bytes] = {}
+        self._texts: dict[int, str] = {}
 
     def __call__(self, token: int) -> bytes:
         if token not in self._cache:
             self._cache[token] = self._bytes(token)
         return self._cache[token]
 
+    def text(self, token: int) -> str:
+        """The token decoded alone, as log-probabilities list it."""
+        if token not in self._texts:
+            self._texts[token] = self.tokenizer.decode([token])
+        return self._texts[token]
+
     def _bytes(self, token: int) -> bytes:
-        text = self.tokenizer.decode([token])
+        text = self.text(token)
         if "\ufffd" not in text or token in self._special:
             return text.encode()
         piece = self.tokenizer.convert_ids_to_tokens(token)
