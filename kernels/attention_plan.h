@@ -5,7 +5,8 @@
 // (an int64 tensor from trellis::plan_paged_attention) also records the facts it was validated
 // against; with it, the kernel only checks those facts, in O(1): the shapes, and that
 // block_table, seq_lens and cu_seqlens_q are the very tensors planned for (same data pointer,
-// no in-place change since: same version counter). So a plan is valid for one forward: while
+// no in-place change since: same version counter); and that the plan's work stays inside those
+// shapes (check_work, O(items)). So a plan is valid for one forward: while
 // its tensors live and hold what they held. Inference tensors keep no version counter, so a plan
 // cannot vouch for them: over those the kernel validates and plans again, as without a plan.
 #pragma once
@@ -144,6 +145,48 @@ inline at::Tensor encode_plan(const PlanFacts& facts, const WorkPlan& work) {
   return encoded;
 }
 
+// That the work of a decoded plan stays inside the tensors `f` describes: its items' query rows,
+// KV heads, key ranges and split slots, and its merges' parts. (What reads the cache is checked
+// where it is read: attend_tiles' run_at.) A plan from plan_paged_attention always passes; an
+// edited one could otherwise write outside `out` or the split scratch.
+inline void check_work(const WorkPlan& w, const PlanFacts& f) {
+  constexpr const char* kEdited = "plan: its work reaches outside the tensors it was made for (an edited plan?): ";
+  const int64_t group = f.q_heads / f.kv_heads;
+  TORCH_CHECK(w.threads >= 1 && w.partials >= 0 && w.partials <= static_cast<int64_t>(w.items.size()) &&
+                  w.partial_rows >= 0 && w.partial_rows <= f.tokens * f.q_heads,
+              kEdited, "threads ", w.threads, ", split slots ", w.partials, " of ", w.partial_rows, " rows");
+  auto check_item = [&](const WorkItem& item, const char* what, size_t index) {
+    TORCH_CHECK(item.seq >= 0 && item.seq < f.batch && item.kv_head >= 0 && item.kv_heads >= 1 &&
+                    item.kv_heads <= f.kv_heads - item.kv_head && item.q_tokens >= 1 && item.q_begin >= 0 &&
+                    item.q_tokens <= f.tokens - item.q_begin && item.kv_begin >= 0 && item.kv_begin <= item.kv_end &&
+                    item.kv_end <= f.max_blocks * f.block_size,
+                kEdited, what, " ", index, " (sequence ", item.seq, ", KV heads ", item.kv_head, " + ", item.kv_heads,
+                ", queries ", item.q_begin, " + ", item.q_tokens, ", keys ", item.kv_begin, " to ", item.kv_end, ")");
+  };
+  for (size_t i = 0; i < w.items.size(); ++i) {
+    const WorkItem& item = w.items[i];
+    check_item(item, "item", i);
+    TORCH_CHECK(item.partial >= -1 && item.partial < w.partials &&
+                    (item.partial < 0 || item.kv_heads * item.q_tokens * group <= w.partial_rows),
+                kEdited, "item ", i, " writes split slot ", item.partial);
+  }
+  for (size_t g = 0; g < w.splits.size(); ++g) {
+    const SplitGroup& split = w.splits[g];
+    check_item(split.base, "merge", g);
+    TORCH_CHECK(split.first_part >= 0 && split.count >= 1 &&
+                    split.count <= static_cast<int64_t>(w.parts.size()) - split.first_part,
+                kEdited, "merge ", g, " reads parts ", split.first_part, " + ", split.count);
+    const int64_t rows = split.base.q_tokens * group;  // the merge's rows per KV head
+    for (int64_t k = split.first_part; k < split.first_part + split.count; ++k) {
+      const MergePart& part = w.parts[k];
+      TORCH_CHECK(part.partial >= 0 && part.partial < w.partials && part.rows >= 0 && part.rows <= w.partial_rows &&
+                      part.offset >= 0 && part.offset <= w.partial_rows &&
+                      (split.base.kv_heads - 1) * part.rows + part.offset + rows <= w.partial_rows,
+                  kEdited, "merge ", g, " reads outside split slot ", part.partial);
+    }
+  }
+}
+
 // The work of an encoded plan; refuses a plan made for other tensors than `given` describes.
 inline WorkPlan decode_plan(const at::Tensor& encoded, const PlanFacts& given) {
   constexpr const char* kNotAPlan = "plan is not a C++ plan from trellis::plan_paged_attention";
@@ -175,6 +218,7 @@ inline WorkPlan decode_plan(const at::Tensor& encoded, const PlanFacts& given) {
   std::memcpy(work.splits.data(), src + items * sizeof(WorkItem), splits * sizeof(SplitGroup));
   std::memcpy(work.parts.data(), src + items * sizeof(WorkItem) + splits * sizeof(SplitGroup),
               parts * sizeof(MergePart));
+  check_work(work, header.facts);
   return work;
 }
 

@@ -79,6 +79,46 @@ def test_cpp_plan_refuses_block_ids_written_past_the_version_counter():
         ops.run_attention(plan, case.q, case.k_cache, case.v_cache, case.scale)
 
 
+# An encoded C++ plan (kernels/attention_plan.h) as int64 words: the header (magic, 14 facts,
+# threads, split slots, their rows, and the counts of items, merges and parts), then the items (9
+# words: seq, kv_head, kv_heads, q_begin, q_tokens, first_limit, kv_begin, kv_end, partial), the
+# merges (an item, first_part, count) and the parts (partial, rows, offset).
+HEADER_WORDS, ITEM_WORDS, MERGE_WORDS = 21, 9, 11
+EDITS = {  # name: (the word's index given the counts of items and merges, the value written)
+    "no threads": (lambda items, merges: 15, 0),
+    "split slots beyond the items": (lambda items, merges: 16, 10**9),
+    "an item's queries past q": (lambda items, merges: HEADER_WORDS + 3, 10**6),
+    "an item's KV head past the cache's": (lambda items, merges: HEADER_WORDS + 1, 2),
+    "an item's keys before the first": (lambda items, merges: HEADER_WORDS + 6, -64),
+    "an item's split slot past the scratch": (lambda items, merges: HEADER_WORDS + 8, 99),
+    "a merge's parts past the parts": (lambda items, merges: HEADER_WORDS + items * ITEM_WORDS + 10, 100),
+    "a part's row offset past its slot": (
+        lambda items, merges: HEADER_WORDS + items * ITEM_WORDS + merges * MERGE_WORDS + 2,
+        10**6,
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_cpp_plan_refuses_work_outside_its_tensors(edit):
+    """A plan's work (items, merges) is checked against the shapes it was made for: an edited plan
+    is refused, not run outside ``out`` or the split scratch."""
+    require_backend("cpp")
+    case = make_case([1, 1], [40, 40], block_size=4)
+    case.block_table[1, :8] = case.block_table[0, :8]  # 32 shared keys: a shared item and merges
+    plan = case.plan("cpp")
+    encoded = plan.backend_plan
+    items, merges, parts = encoded[18:21].tolist()
+    assert merges == 2 and parts == 4  # each session: the shared keys and its own
+    expected = ops.run_attention(plan, case.q, case.k_cache, case.v_cache, case.scale)
+    word, value = EDITS[edit]
+    edited = encoded.clone()
+    edited[word(items, merges)] = value
+    with pytest.raises(RuntimeError, match="its work reaches outside the tensors it was made for"):
+        ops.run_attention(replace(plan, backend_plan=edited), case.q, case.k_cache, case.v_cache, case.scale)
+    torch.testing.assert_close(ops.run_attention(plan, case.q, case.k_cache, case.v_cache, case.scale), expected)
+
+
 @pytest.mark.parametrize("shape", ["decode", "mixed"])
 def test_triton_run_reads_nothing_back(shape, monkeypatch):
     """Per layer, the launcher reads only the plan (host memory), never a batch tensor."""
