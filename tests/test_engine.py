@@ -344,6 +344,9 @@ def test_too_small_a_temperature_float_ids_or_more_choices_than_can_run_are_refu
         engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2), n=3)
     with pytest.raises(TypeError, match="token ids must be integers, got 5.5"):
         engine.add([5.5, 6.0], SamplingParams(max_new_tokens=2))
+    for mask in ([5, True], torch.tensor([True, False])):  # bools are ints to Python: a mask passed as ids
+        with pytest.raises(TypeError, match="token ids must be integers, got True"):
+            engine.add(mask, SamplingParams(max_new_tokens=2))
     assert not engine.has_work
     assert len(engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2, do_sample=True), n=2).forks) == 1
     for stops in (190, None, "2", (1.5,), (-1,)):  # a later membership test would fail mid-step

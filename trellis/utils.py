@@ -18,8 +18,9 @@ def is_positive_int(value: object) -> bool:
 
 def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:
     """``tokens`` as a list of ints: Python or NumPy integers, integer tensors of one element, or
-    a 1-D integer tensor or array. Anything else (floats, which would be truncated; strings; None)
-    is a ``TypeError`` naming ``what``."""
+    a 1-D integer tensor or array. Anything else (floats, which would be truncated; strings; None;
+    bools, which Python counts as ints: an attention mask passed for the ids) is a ``TypeError``
+    naming ``what``."""
     if isinstance(tokens, str):
         raise TypeError(f"{what} must be token ids, not a string: tokenize it first")
     if hasattr(tokens, "tolist"):  # a tensor or array: one conversion, not one object per element
@@ -31,6 +32,8 @@ def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:
     ids = []
     for t in items:
         try:
+            if isinstance(t, bool):
+                raise TypeError
             ids.append(operator.index(t))
         except TypeError:
             raise TypeError(f"{what}: token ids must be integers, got {t!r}") from None
