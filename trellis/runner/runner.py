@@ -391,8 +391,8 @@ class PagedModelRunner:
         nothing and are never cached. So does a forward that tracks gradients, whose attention must
         see every key as a function of the parameters.
         """
-        private = positions is not None or inputs_embeds is not None or self.drops_out()
-        with self.lock:
+        with self.lock:  # (forward reads drops_out again under the same hold: the two agree)
+            private = positions is not None or inputs_embeds is not None or self.drops_out()
             fresh = not seqs
             if fresh:
                 if private or self.tracks_gradients():
