@@ -132,7 +132,8 @@ def cpu_model() -> str:
 def trellis_commit() -> str | None:
     """``TRELLIS_COMMIT`` where set (a copied tree, as on a GPU machine, may carry no ``.git`` or a
     stale one); else the checkout's commit, ``+dirty`` when tracked files differ from it; else None:
-    a table must be traceable to the code that measured it."""
+    a table must be traceable to the code that measured it. Results and docs are not code: a run
+    that follows another's, which rewrote a results file, still names the commit alone."""
     if os.environ.get("TRELLIS_COMMIT"):
         return os.environ["TRELLIS_COMMIT"]
 
@@ -142,7 +143,9 @@ def trellis_commit() -> str | None:
 
     try:
         commit = git("rev-parse", "HEAD")
-        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results",
+                      ":(exclude)docs", ":(exclude)README.md")
+        return commit + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -8,6 +8,7 @@ Timings are not checked here (they belong to the benchmarks); this keeps the ben
 working across transformers releases, whose continuous batching is one of the peers.
 """
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -222,3 +223,25 @@ def test_amd_core_generation_from_family_and_model():
     assert common._amd_core(0x19, 0x01) == "Zen 3"  # Milan
     assert common._amd_core(0x17, 0x31) == "Zen 2"  # Rome
     assert common._amd_core(0x15, 0x02) is None
+
+
+def test_results_and_docs_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
+    """A benchmark that follows another in one sitting (which rewrote its results file) names the
+    commit alone; a change to code names it ``+dirty``."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    for path in ("trellis/engine.py", "benchmarks/results/cpu/run.json", "docs/notes.md", "README.md"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("first\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.delenv("TRELLIS_COMMIT", raising=False)
+    for path in ("benchmarks/results/cpu/run.json", "docs/notes.md", "README.md"):
+        (tmp_path / path).write_text("rewritten\n")
+    head = common.trellis_commit()
+    assert head is not None and len(head) == 40
+    (tmp_path / "trellis/engine.py").write_text("changed\n")
+    assert common.trellis_commit() == head + "+dirty"
