@@ -136,6 +136,52 @@ def test_store_kv_from_strided_views():
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
 
 
+def test_store_kv_skips_slots_outside_the_cache():
+    """Slots are not read back from the device: a row whose slot is -1 or past the cache writes
+    nothing, in its layer or in the pool's other tensors beside it (the CPU kernels refuse it)."""
+    pool = torch.zeros(2, 2, 4, 4, 2, 16, device=DEVICE)  # [layers, K/V, blocks, block_size, Hkv, D]
+    k = torch.randn(4, 2, 16, device=DEVICE)
+    slots = torch.tensor([3, -1, 16, 2**40], device=DEVICE)
+    triton_backend.store_kv(k, 2 * k, pool[0, 0], pool[0, 1], slots)
+    expected = torch.zeros_like(pool)
+    expected[0, 0].view(16, 2, 16)[3], expected[0, 1].view(16, 2, 16)[3] = k[0], 2 * k[0]
+    assert torch.equal(pool, expected)
+    with pytest.raises(ValueError, match="power-of-two head_dim from 16 to 256, got 48"):
+        triton_backend.store_kv(torch.randn(1, 2, 48), torch.randn(1, 2, 48), torch.zeros(2, 4, 2, 48),
+                                torch.zeros(2, 4, 2, 48), torch.tensor([0]))
+
+
+def test_plan_refuses_lengths_the_shapes_rule_out():
+    case = make_case([1, 3], [5, 9]).to(DEVICE)  # block table: 3 blocks of 4
+    plan = {"num_tokens": 4, "num_q_heads": case.q.shape[1], "k_cache": case.k_cache, "backend": "triton"}
+    sequences = case.block_table, case.seq_lens, case.cu_seqlens_q
+    with pytest.raises(ValueError, match="max_q_len = 0 does not fit 4 query tokens"):
+        ops.plan_attention(*sequences, **plan, max_q_len=0, max_kv_len=9)
+    with pytest.raises(ValueError, match="max_q_len = 5 does not fit 4 query tokens"):
+        ops.plan_attention(*sequences, **plan, max_q_len=5, max_kv_len=9)
+    with pytest.raises(ValueError, match="a context holds at most the block table's 12 keys"):
+        ops.plan_attention(*sequences, **plan, max_q_len=3, max_kv_len=13)
+    with pytest.raises(ValueError, match="a query is no longer than its context"):
+        ops.plan_attention(*sequences, **plan, max_q_len=3, max_kv_len=2)
+
+
+ONE_CALL_REFUSALS = {  # what the C++ plan refuses, the one-call Triton path refuses from its one readback
+    "cu_seqlens_q past T": (lambda c: c.cu_seqlens_q.copy_(torch.tensor([0, 1, 40])), "run from 0 to T = 4"),
+    "more queries than keys": (lambda c: c.seq_lens.copy_(torch.tensor([5, 2])), "queries <= seq_lens"),
+    "a context past its block table": (lambda c: c.seq_lens.copy_(torch.tensor([5, 13])), "seq_lens <= its block"),
+    "a block id outside the cache": (lambda c: c.block_table[1, 1].fill_(10_000), "1 block ids .* outside the cache"),
+}
+
+
+@pytest.mark.parametrize("edit", ONE_CALL_REFUSALS)
+def test_one_call_refuses_what_the_kernels_would_trust(edit):
+    change, message = ONE_CALL_REFUSALS[edit]
+    case = make_case([1, 3], [5, 9])
+    change(case)
+    with pytest.raises(ValueError, match=message):
+        triton_attention(case)
+
+
 def test_kernels_launch_inside_their_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device, not the tensors': every launch runs under
     launch_device(the tensors' device), which makes a CUDA device current and is nothing on CPU."""
@@ -243,3 +289,19 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(
         torch.ops.trellis.store_kv.default, (k, k.clone(), case.k_cache.clone(), case.v_cache.clone(), slots)
     )
+
+
+def test_a_head_size_the_kernels_cannot_take_is_refused_at_load(monkeypatch):
+    from tests.models import tiny_config, tiny_pair
+
+    config = tiny_config(hidden_size=96, num_attention_heads=2, num_key_value_heads=1)  # head_dim 48
+    _, model = tiny_pair(config=config)
+    model.configure_cache(block_size=4, num_blocks=64, backend="triton")
+    with pytest.raises(ValueError, match="the triton kernels need a power-of-two head_dim from 16 to 256, this "
+                                         "model's is 48: use backend='reference'"):
+        model.attention_backend()
+    model.configure_cache(block_size=4, num_blocks=64)
+    assert model.attention_backend() == ops.default_backend(model.device)
+    monkeypatch.setattr(ops, "default_backend", lambda device: "triton")  # as on CUDA
+    monkeypatch.delenv("TRELLIS_BACKEND", raising=False)
+    assert model.attention_backend() == "reference"  # the default falls back; a named backend is refused

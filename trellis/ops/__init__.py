@@ -34,7 +34,15 @@ from trellis.ops.api import (
     silu_mul,
     store_kv,
 )
-from trellis.ops.backends import BACKENDS, check_backend, default_backend, load_backend, resolve_backend
+from trellis.ops.backends import (
+    BACKENDS,
+    check_backend,
+    default_backend,
+    fits_head_dim,
+    forced_backend,
+    load_backend,
+    resolve_backend,
+)
 
 __all__ = [
     "BACKENDS",
@@ -44,6 +52,8 @@ __all__ = [
     "check_backend",
     "decoder_ops",
     "default_backend",
+    "fits_head_dim",
+    "forced_backend",
     "load_backend",
     "paged_attention",
     "panel_linear",

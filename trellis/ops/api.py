@@ -86,8 +86,12 @@ def plan_attention(
     ``k_cache`` is one layer's K cache ``[N, S, Hkv, D]`` (every layer's has its geometry).
     ``num_tokens`` (``cu_seqlens_q[-1]``), ``max_q_len`` and ``max_kv_len`` (the longest query
     and context) are host numbers the caller knows: planning reads nothing back from the device.
-    The C++ backend validates the sequences here (every block id the kernel will read), once.
+    The C++ backend validates the sequences here (every block id the kernel will read), once;
+    Triton's trusts them, and the two maxima within the bounds the shapes set (``triton``).
     """
+    if not (0 <= max_q_len <= num_tokens and (max_q_len > 0) == (num_tokens > 0)):
+        raise ValueError(f"max_q_len = {max_q_len} does not fit {num_tokens} query tokens: the longest query "
+                         "holds at least one of them and at most all")
     name = resolve_backend(backend, k_cache.device)
     backend_plan = None
     if name == "reference":

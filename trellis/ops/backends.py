@@ -61,13 +61,24 @@ def kernels(name: str):
     return _kernels[name]
 
 
+def forced_backend() -> str | None:
+    """The backend ``TRELLIS_BACKEND`` names, if any."""
+    return os.environ.get("TRELLIS_BACKEND") or None
+
+
+def fits_head_dim(name: str, head_dim: int) -> bool:
+    """Whether backend ``name`` takes attention heads of ``head_dim`` (Triton's kernels: powers of two
+    from 16 to 256; the others any)."""
+    return name != "triton" or _module(name).fits_head_dim(head_dim)
+
+
 _defaults: dict[tuple[str | None, str], str] = {}  # (TRELLIS_BACKEND, device type) -> backend
 
 
 def default_backend(device: torch.device) -> str:
     """The fastest backend that works on ``device``: ``TRELLIS_BACKEND`` if set, else by device type.
     Resolved once per device type (this sits on the per-layer path)."""
-    key = (os.environ.get("TRELLIS_BACKEND") or None, device.type)
+    key = (forced_backend(), device.type)
     if key not in _defaults:
         forced, _ = key
         if forced:

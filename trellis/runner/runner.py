@@ -185,13 +185,21 @@ class PagedModelRunner:
 
     def attention_backend(self) -> str:
         """The kernels attention runs on: the configured backend, else the fastest for the device
-        and dtype (the compiled kernels take fp32, fp16 and bf16; the reference any float)."""
-        backend = self.settings.backend
+        and dtype (the compiled kernels take fp32, fp16 and bf16; the reference any float) and for
+        the model's head size (Triton's kernels take powers of two from 16 to 256)."""
+        backend, head_dim = self.settings.backend, head_dim_of(self.config)
         if backend is None:
-            return "reference" if self.model.dtype not in _KERNEL_DTYPES else ops.default_backend(self.device)
-        if backend != "reference" and self.model.dtype not in _KERNEL_DTYPES:
+            if self.model.dtype not in _KERNEL_DTYPES:
+                return "reference"
+            backend = ops.default_backend(self.device)
+            if not (ops.fits_head_dim(backend, head_dim) or ops.forced_backend()):
+                return "reference"
+        elif backend != "reference" and self.model.dtype not in _KERNEL_DTYPES:
             raise ValueError(f"the {backend} kernels take float32, float16 and bfloat16, not "
                              f"{str(self.model.dtype).removeprefix('torch.')}: use backend='reference'")
+        if not ops.fits_head_dim(backend, head_dim):
+            raise ValueError(f"the {backend} kernels need a power-of-two head_dim from 16 to 256, this model's is "
+                             f"{head_dim}: use backend='reference'")
         return ops.resolve_backend(backend, self.device)  # refuses one that cannot run on this device
 
     # --- the KV cache ------------------------------------------------------------------------

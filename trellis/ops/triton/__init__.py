@@ -75,12 +75,23 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
 
 
+def fits_head_dim(head_dim: int) -> bool:
+    """Whether the kernels take heads of ``head_dim``: powers of two from 16 to 256."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def _check_head_dim(head_dim: int) -> None:
+    require(fits_head_dim(head_dim), "the Triton kernels need a power-of-two head_dim from 16 to 256, got ", head_dim)
+
+
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """``trellis::store_kv`` on CUDA (or CPU under the interpreter); see ``trellis.ops.reference``."""
+    """``trellis::store_kv`` on CUDA (or CPU under the interpreter); see ``trellis.ops.reference``.
+    A row whose slot lies outside the cache is skipped, not refused (``store.py``)."""
     check_store_kv(k, v, k_cache, v_cache, slot_mapping)
     _check_runs_here(k_cache)
+    _check_head_dim(k_cache.shape[3])
     with launch_device(k_cache.device):
         store_kv_rows(k, v, k_cache, v_cache, slot_mapping)
 
@@ -94,8 +105,14 @@ def plan_paged_attention(
     max_q_len: int,
     max_kv_len: int,
 ) -> torch.Tensor:
-    """``trellis::plan_paged_attention``: the launch numbers, CPU int64 ``[max_q_len, num_splits]``."""
+    """``trellis::plan_paged_attention``: the launch numbers, CPU int64 ``[max_q_len, num_splits]``.
+    ``max_q_len`` and ``max_kv_len`` are trusted within the bounds the shapes set (reading the
+    lengths would stall the device): one too small leaves query rows unwritten."""
     check_plan(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads)
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    require(0 <= max_q_len <= max_kv_len <= capacity, "max_q_len, max_kv_len = ", max_q_len, ", ", max_kv_len,
+            ": a query is no longer than its context, and a context holds at most the block table's ", capacity,
+            " keys")
     decode = max_q_len == 1
     num_splits = decode_splits(block_table.shape[0], k_cache.shape[2], max_kv_len, k_cache.device) if decode else 1
     return torch.tensor([max_q_len, num_splits])
@@ -115,19 +132,13 @@ def paged_attention(
     """``trellis::paged_attention`` on CUDA (or CPU under the interpreter); see ``trellis.ops.reference``."""
     check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
     _check_runs_here(q)
-    head_dim = q.shape[2]
-    require(
-        16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
-        "the Triton kernels need a power-of-two head_dim from 16 to 256, got ",
-        head_dim,
-    )
+    _check_head_dim(q.shape[2])
     require(block_table.stride(1) == 1, "block_table rows must be contiguous")
     require(seq_lens.is_contiguous() and cu_seqlens_q.is_contiguous(), "seq_lens and cu_seqlens_q must be contiguous")
     if block_table.shape[0] == 0 or q.shape[0] == 0:
         return
     if plan is None:
-        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # [B]
-        max_q_len, max_kv_len = torch.stack([q_lens.max(), seq_lens.max()]).tolist()  # the one-off call's sync
+        max_q_len, max_kv_len = _checked_lengths(q.shape[0], k_cache, block_table, seq_lens, cu_seqlens_q)
         plan = plan_paged_attention(k_cache, block_table, seq_lens, cu_seqlens_q, q.shape[1], max_q_len, max_kv_len)
     require(
         plan.dtype == torch.int64 and plan.shape == (2,) and plan.device.type == "cpu",
@@ -140,6 +151,30 @@ def paged_attention(
             decode_attention(*args, num_splits=num_splits)
         else:
             extend_attention(*args, max_q_len=max_q_len)
+
+
+def _checked_lengths(
+    num_tokens: int, k_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor
+) -> tuple[int, int]:
+    """The longest query and context of a call without a plan, read back in one transfer with what
+    the kernels trust (as the C++ plan checks): the query ranges, the lengths, every block id read."""
+    cu, lens = cu_seqlens_q.long(), seq_lens.long()
+    q_lens = cu[1:] - cu[:-1]
+    num_blocks, block_size = k_cache.shape[:2]
+    used = torch.arange(block_table.shape[1], device=lens.device) < ((lens + block_size - 1) // block_size)[:, None]
+    used &= (q_lens > 0)[:, None]
+    bad_ids = (((block_table < 0) | (block_table >= num_blocks)) & used).sum()
+    bad_lens = ((q_lens < 0) | (q_lens > lens) | (lens > block_table.shape[1] * block_size)).sum()
+    max_q, max_kv, first, last, bad_lens, bad_ids = torch.stack(
+        [q_lens.max(), lens.max(), cu[0], cu[-1], bad_lens, bad_ids]
+    ).tolist()  # the one-off call's sync
+    require(first == 0 and last == num_tokens, "cu_seqlens_q must run from 0 to T = ", num_tokens, ", got ", first,
+            " to ", last)
+    require(bad_lens == 0, "every sequence needs 0 <= queries <= seq_lens <= its block table's keys (",
+            block_table.shape[1], " blocks of ", block_size, "): ", bad_lens, " do not")
+    require(bad_ids == 0, bad_ids, " block ids that the kernels would read lie outside the cache (", num_blocks,
+            " blocks)")
+    return max_q, max_kv
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:

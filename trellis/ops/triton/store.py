@@ -1,4 +1,7 @@
-"""``store_kv`` in Triton: scatter each new token's K/V rows ``[Hkv, D]`` into its cache slot."""
+"""``store_kv`` in Triton: scatter each new token's K/V rows ``[Hkv, D]`` into its cache slot.
+
+A row whose slot lies outside the cache (-1, as padding, or past its end) is skipped: checking the
+slots would read them back from the device in every layer. The CPU kernels refuse such a slot."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ def _store_kv_kernel(
     v_stride_h,
     v_stride_d,
     num_kv_heads,
+    num_slots,
     HEAD_DIM: tl.constexpr,
     HEADS_PAD: tl.constexpr,
 ):
@@ -28,7 +32,9 @@ def _store_kv_kernel(
     slot = tl.load(slot_mapping_ptr + token)  # int64: slot * Hkv * D may pass 2**31
     h = tl.arange(0, HEADS_PAD)[:, None]  # [HEADS_PAD, 1]
     d = tl.arange(0, HEAD_DIM)[None, :]  # [1, D]
-    mask = h < num_kv_heads
+    # The slot compared as a tensor: the interpreter's `&` of a scalar and a tensor is no mask.
+    slots = slot + tl.zeros([HEADS_PAD, HEAD_DIM], dtype=tl.int64)
+    mask = (h < num_kv_heads) & (slots >= 0) & (slots < num_slots)  # [HEADS_PAD, D]
     cache_offsets = (slot * num_kv_heads + h) * HEAD_DIM + d  # [HEADS_PAD, D]
     k = tl.load(k_ptr + token * k_stride_t + h * k_stride_h + d * k_stride_d, mask=mask)
     tl.store(k_cache_ptr + cache_offsets, k, mask=mask)
@@ -45,6 +51,7 @@ def store_kv_rows(
         return
     _store_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, *k.stride(), *v.stride(), num_kv_heads,
+        k_cache.shape[0] * k_cache.shape[1],
         HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
     )  # fmt: skip
