@@ -426,6 +426,16 @@ def test_a_client_that_disconnects_frees_its_blocks(tiny):
     model.prefix_cache.check_integrity()
 
 
+def test_a_client_gone_before_its_body_is_whole_is_no_server_error(tiny, caplog):
+    host, port = tiny.server.url.removeprefix("http://").split(":")
+    with caplog.at_level("ERROR", logger="trellis.serve"), socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 200\r\n\r\n" + b'{"prompt": "ab')
+    wait_until(lambda: httpx.get(f"{tiny.server.url}/health").status_code == 200)
+    time.sleep(0.5)  # the server reads the closed connection on its own schedule
+    assert "request failed" not in caplog.text
+
+
 # --- limits and bad input ----------------------------------------------------------------------
 
 CHAT = "/v1/chat/completions"

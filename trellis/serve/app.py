@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from transformers import PreTrainedTokenizerBase
 
 from trellis.engine import Engine, SamplingParams
@@ -85,10 +86,14 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
             raise APIError(413, f"the request body ({declared} bytes) exceeds this server's limit of "
                            f"{config.max_body_bytes} bytes")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > config.max_body_bytes:
-                raise APIError(413, f"the request body exceeds this server's limit of {config.max_body_bytes} bytes")
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > config.max_body_bytes:
+                    raise APIError(413, f"the request body exceeds this server's limit of {config.max_body_bytes} "
+                                   "bytes")
+        except ClientDisconnect:  # gone before its body was whole: not the server's failure
+            raise APIError(499, "the client closed the request", kind="client_closed_request") from None
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
