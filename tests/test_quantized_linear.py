@@ -311,6 +311,14 @@ def smollm2():
     return model, reference
 
 
+def test_resizing_a_head_kept_quantized_is_refused_before_anything_changes(smollm2):
+    model, _ = smollm2
+    rows = model.get_input_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match="cannot resize an LM head kept quantized"):
+        model.resize_token_embeddings(rows + 8)
+    assert model.get_input_embeddings().weight.shape[0] == rows == model.config.vocab_size
+
+
 def test_a_saved_quantized_model_is_refused_on_load_not_served_random(smollm2, tmp_path):
     """save_pretrained writes blocks transformers cannot read: loading that directory would leave
     every linear layer random."""

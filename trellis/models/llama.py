@@ -26,6 +26,7 @@ from trellis.models.loading import check_one_device, hardware_identity, load_lla
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
 from trellis.runner.cpu_linear import rounding_identity
+from trellis.runner.quantized_linear import QuantizedLinear
 from trellis.runner.weights_watcher import module_identity
 
 
@@ -145,6 +146,15 @@ class TrellisLlama(LlamaForCausalLM):
     def attention_backend(self) -> str:
         """The kernels this model's attention runs on: the configured backend, else the fastest for its device."""
         return self.runner.attention_backend()
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """transformers' ``resize_token_embeddings``, refused before it changes anything where the LM
+        head is kept quantized: it resizes the embedding first, then finds no ``weight`` to resize."""
+        kept_quantized = isinstance(self.get_output_embeddings(), QuantizedLinear)
+        if kept_quantized:
+            raise ValueError("resize_token_embeddings cannot resize an LM head kept quantized (keep_quantized=True "
+                             "holds it as GGUF blocks): load the model without keep_quantized to resize it")
+        return super().resize_token_embeddings(*args, **kwargs)
 
     # --- the KV cache ----------------------------------------------------------------------
 
