@@ -40,6 +40,7 @@ from trellis.grid import (
     split_by_memory,
 )
 from trellis.grid.launch import SHARED_HOST_SPIN_COUNT, Endpoint, StageIdentity, connect, plan_grid
+from trellis.grid.stage import run_stage
 from trellis.grid.transport import StepPlan
 from trellis.models.embedded import embedded_gguf_path
 from trellis.models.llama import TrellisLlama
@@ -88,7 +89,8 @@ def test_parse_layers():
     assert [list(r) for r in parse_layers("0-1,2-5", 6, 2).ranges] == [[0, 1], [2, 3, 4, 5]]
     assert parse_layers("0,1-5", 6, 2).spec() == "0-0,1-5"
     for spec, error in [("0-2,3-4", "covers layers 0-4"), ("0-2,4-5", "starting at layer 3"), ("0-5", "names 1"),
-                        ("0-x,3-5", "not a range"), ("3-2,3-5", "non-empty")]:
+                        ("0-x,3-5", "not a range"), ("3-2,3-5", "non-empty"),
+                        ("0-6,6-5", "stage 0's '0-6' goes past the model's last layer, 5")]:
         with pytest.raises(ValueError, match=error):
             parse_layers(spec, 6, 2)
 
@@ -406,6 +408,45 @@ def test_a_stage_started_before_the_coordinator_waits_for_its_store():
         assert hosted[0].get("joined") == b"1"
     finally:
         timer.cancel()
+
+
+def test_a_stage_whose_rendezvous_port_holds_another_program_gives_up_in_time():
+    """Something that accepts connections but is no store (another program on the port): the stage
+    gives up within its start timeout, where TCPStore's client waited for an answer forever."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        started = time.monotonic()
+        with pytest.raises(GridError, match="no Trellis rendezvous answered .* something else accepts connections"):
+            connect(Endpoint(1, 2, master_port=other.getsockname()[1]), 2)
+        assert time.monotonic() - started < 10
+
+
+def test_a_grid_whose_port_another_program_holds_fails_to_start_in_time(tiny_dir):
+    """The coordinator cannot host its store; its stage processes, which found something accepting
+    connections there, are not waited for 30 s."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        grid = LocalGrid(options(tiny_dir), stages=2, port=other.getsockname()[1])
+        started = time.monotonic()
+        with pytest.raises(torch.distributed.DistNetworkError, match="EADDRINUSE"):  # (the command says it in a line)
+            grid.__enter__()
+        assert time.monotonic() - started < launch.FAILED_GRID_GRACE + 10
+        assert all(p.poll() is not None for p in grid.processes)
+
+
+def test_a_stage_that_raises_says_so_in_one_line_and_exits_1(caplog):
+    class Raising:  # a StageWorker whose step raised: its exception ended the stage with a traceback
+        steps = 0
+
+        def serve(self) -> None:
+            raise RuntimeError("a step's input did not fit")
+
+    with caplog.at_level("INFO", logger="trellis.grid"):
+        assert run_stage(Raising()) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "this stage failed: RuntimeError: a step's input did not fit; it exits, and the grid with it (restart the grid)"]
 
 
 def test_an_interrupted_step_fails_the_grid_at_once(tiny_dir):

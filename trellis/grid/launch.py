@@ -21,10 +21,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,8 @@ from trellis.models.embedded import embedded_model_dir
 from trellis.models.loading import device_named, load_llama_config, preferred_dtype
 from trellis.runner.runner import CacheSettings, default_kv_cache_memory, free_memory
 from trellis.utils import head_dim_of
+
+T = TypeVar("T")
 
 log = logging.getLogger("trellis.grid")
 
@@ -191,10 +195,38 @@ def connect(endpoint: Endpoint, timeout: float) -> dist.Store:
     deadline = time.monotonic() + timeout
     if not hosts:
         wait_for_listener(endpoint.master_addr, endpoint.master_port, timeout)
-    store = dist.TCPStore(endpoint.master_addr, endpoint.master_port, endpoint.world_size, is_master=hosts,
-                          timeout=datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0)),
-                          wait_for_workers=False)
+
+    def open_store() -> dist.TCPStore:
+        return dist.TCPStore(endpoint.master_addr, endpoint.master_port, endpoint.world_size, is_master=hosts,
+                             timeout=datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0)),
+                             wait_for_workers=False)
+
+    store = open_store() if hosts else within(deadline - time.monotonic(), open_store, lambda: GridError(
+        f"no Trellis rendezvous answered at --master-addr {endpoint.master_addr} --master-port "
+        f"{endpoint.master_port} within {timeout:.0f} s: something else accepts connections there"))
     return dist.PrefixStore(f"trellis-grid/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def within(seconds: float, call: Callable[[], T], failure: Callable[[], Exception]) -> T:
+    """``call()``, or ``failure()`` raised after ``seconds``: TCPStore's client waits for the store's
+    answer without a limit once something has accepted its connection (another program's port)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="trellis-grid-rendezvous", daemon=True)  # left behind if it hangs
+    thread.start()
+    thread.join(max(seconds, 1.0))
+    if not outcome:
+        raise failure()
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
 
 
 def wait_for_listener(host: str, port: int, timeout: float) -> None:
@@ -439,7 +471,7 @@ class LocalGrid:
         try:
             self.runner = start_coordinator(self.options, self.endpoint, self._lost_stage)
         except BaseException:
-            self.stop()
+            self.stop(FAILED_GRID_GRACE)  # a stage waiting for a coordinator that never came would hold it 30 s
             raise
         return self.runner
 

@@ -60,6 +60,9 @@ def parse_layers(spec: str, num_layers: int, num_stages: int) -> Placement:
             start, stop = int(first), int(last if sep else first) + 1
         except ValueError:
             raise ValueError(f"--layers: {part!r} is not a range of layers like 0-14") from None
+        if stop > num_layers:  # named before Placement's own checks, which would blame the next stage
+            raise ValueError(f"--layers: stage {len(ranges)}'s {part!r} goes past the model's last layer, "
+                             f"{num_layers - 1}")
         ranges.append(range(start, stop))
     placement = Placement(tuple(ranges))
     if placement.num_layers != num_layers:

@@ -163,6 +163,11 @@ def run_stage(worker: StageWorker) -> int:
     except GridError as exc:
         log.error("%s; this stage exits (restart the grid)", exc)
         return 1
+    except Exception as exc:  # its own failure: one line, as a lost link's (the trace at debug level)
+        log.debug("this stage failed", exc_info=True)
+        log.error("this stage failed: %s: %s; it exits, and the grid with it (restart the grid)",
+                  type(exc).__name__, exc)
+        return 1
     except KeyboardInterrupt:
         log.error("interrupted; this stage exits, and the grid with it")
         return 130
