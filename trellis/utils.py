@@ -11,9 +11,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool``: Python counts ``True`` as 1, never a size, count or id here."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_positive_int(value: object) -> bool:
-    """An ``int`` above zero; ``bool`` is an ``int`` to Python, never a size here."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    """An ``int`` above zero (``is_int``)."""
+    return is_int(value) and value > 0
 
 
 def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from trellis.utils import is_positive_int
+from trellis.utils import is_int, is_positive_int
 
 # A session's logits processor, with transformers' contract: (input_ids [1, L] int64, scores [1, V]
 # float32) -> scores [1, V]; it may modify ``scores`` in place.
@@ -67,20 +67,20 @@ class SamplingParams:
         if self.do_sample and not self.temperature >= MIN_TEMPERATURE:
             raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:.3g} (float32's smallest normal number) "
                              f"when sampling, got {self.temperature!r}; do_sample=False decodes greedily")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 <= self.top_p <= 1:  # (0 keeps the most likely token only, as transformers' warper does)
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
         stops = self.stop_token_ids
         if isinstance(stops, (str, bytes)) or not isinstance(stops, (tuple, list)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stops):
+                is_int(t) and t >= 0 for t in stops):
             raise ValueError(f"stop_token_ids must be a tuple of token ids (ints >= 0), got {stops!r}")
         object.__setattr__(self, "stop_token_ids", tuple(stops))  # (a list too; kept hashable)
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if value is not None and (not is_int(value) or value < 0):
                 raise ValueError(f"{name} must be None or a number of alternatives >= 0, got {value!r}")
 
     @classmethod

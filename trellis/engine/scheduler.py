@@ -30,7 +30,7 @@ from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import AdmissionCost, KVCacheManager
 from trellis.cache.radix import shared_whole_blocks
 from trellis.engine.session import Session
-from trellis.utils import cdiv
+from trellis.utils import cdiv, is_int
 
 LOOKAHEAD = 8  # waiting sessions that must wait, passed over in one step before admission stops looking
 
@@ -48,7 +48,7 @@ class Scheduler:
     def __post_init__(self) -> None:
         for name, least in (("max_batch_tokens", 1), ("max_running", 1), ("max_overtakes", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            if not is_int(value) or value < least:
                 kind = "a positive" if least else "a non-negative"
                 raise ValueError(f"{name} must be {kind} integer, got {value!r}")
 

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from trellis.utils import is_int
+
 TARGET_DELIMITER = " "  # between a context and a choice, as lm-eval's default
 FEWSHOT_DELIMITER = "\n\n"  # between solved examples, as lm-eval's default
 
@@ -52,7 +54,7 @@ def _question(record: object, where: str) -> Question:
         # acc_norm divides by each choice's length.
         if not isinstance(choice, str) or not choice:
             raise ValueError(f"{where}: 'choices'[{i}] must be a non-empty string, got {choice!r}")
-    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+    if not is_int(answer) or not 0 <= answer < len(choices):
         raise ValueError(f"{where}: 'answer' must be the index of a choice (an integer from 0 to "
                          f"{len(choices) - 1}), got {answer!r}")
     return Question(context, choices, answer)
