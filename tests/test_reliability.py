@@ -68,8 +68,11 @@ def test_missing_gguf_and_non_llama_checkpoints_are_refused(tmp_path):
         TrellisLlama.from_pretrained(tmp_path, gguf_file="garbage.gguf", device="cpu")
     data = embedded_gguf_path().read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) * 9 // 10])  # the header whole, the tensors cut
-    with pytest.raises(ValueError, match=r"cannot read the model config of .* \(cut.gguf\): cannot reshape"):
+    with pytest.raises(ValueError, match=r"cannot read the GGUF file .*cut.gguf \(truncated, damaged or not a GGUF"):
         TrellisLlama.from_pretrained(tmp_path, gguf_file="cut.gguf", device="cpu")
+    (tmp_path / "notes.gguf").write_text("a text file, not a model\n")
+    with pytest.raises(ValueError, match=r"cannot read the GGUF file .*notes.gguf \(truncated, damaged or not a GGUF"):
+        TrellisLlama.from_pretrained(tmp_path, gguf_file="notes.gguf", device="cpu")
 
 
 def test_a_checkpoint_missing_weights_is_refused(tmp_path):

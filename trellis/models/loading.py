@@ -6,6 +6,7 @@ import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, LlamaConfig
@@ -131,9 +132,12 @@ def load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaCon
     except OSError:
         raise
     except Exception as exc:  # the GGUF reader fails with assorted errors on a damaged file, none naming it
-        if isinstance(exc, ValueError) and gguf_file is None:
-            raise
-        raise ValueError(f"cannot read the model config of {name_or_path} ({gguf_file or 'config.json'}): {exc}") from exc
+        if gguf_file is None:
+            if isinstance(exc, ValueError):
+                raise
+            raise ValueError(f"cannot read the model config of {name_or_path} (config.json): {exc}") from exc
+        where = Path(name_or_path) / gguf_file if os.path.isdir(name_or_path) else f"{gguf_file} of {name_or_path}"
+        raise ValueError(f"cannot read the GGUF file {where} (truncated, damaged or not a GGUF file): {exc}") from exc
     if config.model_type != "llama":
         raise ValueError(
             f"{name_or_path} holds a {config.model_type!r} model; TrellisLlama serves Llama-architecture models only"
