@@ -19,12 +19,14 @@ instructions it lacks, and ``ATEN_CPU_CAPABILITY=avx2`` selects (and builds) the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,15 +120,41 @@ def jit_build(name: str | None = None, extra_cflags: Sequence[str] = (), extra_l
     if not all(source.is_file() for source in sources):
         raise BuildToolsMissing(f"kernel sources not found in {directory} and no prebuilt {library_name()} library")
     compile_flags, link_flags = build_flags()
-    cpp_extension.load(
-        name=name or library_name(),
-        sources=[str(source) for source in sources],
-        extra_cflags=[*compile_flags, *extra_cflags],
-        extra_ldflags=[*link_flags, *extra_ldflags],
-        build_directory=build_directory,
-        is_python_module=False,  # the library registers the kernels with the dispatcher as it loads
-        verbose=os.environ.get("TRELLIS_VERBOSE_BUILD") == "1",
-    )
+    name = name or library_name()
+    build_directory = build_directory or cpp_extension._get_build_directory(name, verbose=False)
+    with build_lock(Path(build_directory)):
+        cpp_extension.load(
+            name=name,
+            sources=[str(source) for source in sources],
+            extra_cflags=[*compile_flags, *extra_cflags],
+            extra_ldflags=[*link_flags, *extra_ldflags],
+            build_directory=build_directory,
+            is_python_module=False,  # the library registers the kernels with the dispatcher as it loads
+            verbose=os.environ.get("TRELLIS_VERBOSE_BUILD") == "1",
+        )
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """This process's turn to build in ``directory``. torch's own lock, the file ``lock`` that it
+    creates for a build and removes after, stays behind when the building process is killed (a
+    Ctrl-C during the first import), and every later build waits for it forever. An ``flock`` is
+    released by the system when its holder dies: with it held, no other Trellis build is running
+    in ``directory``, so a ``lock`` file there is a dead build's and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "trellis-build.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"trellis: waiting for another process building the C++ kernels in {directory}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        yield
 
 
 def runs_on(device: torch.device) -> bool:
