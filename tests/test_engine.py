@@ -1,5 +1,6 @@
 """The continuous-batching engine and ``TrellisLlama.generate_batch`` against per-prompt transformers."""
 
+import gc
 import inspect
 import sys
 import threading
@@ -471,6 +472,28 @@ def test_an_interrupt_between_taking_a_session_and_running_it_leaves_nothing_hel
     assert all(s.done and s.finish_reason == "error" for s in [session, *session.forks])
     assert not engine.has_work and model.prefix_cache.stats()["live_sessions"] == 0
     model.prefix_cache.check_integrity()
+
+
+def test_an_engine_dropped_with_sessions_running_gives_their_blocks_back():
+    """A stepping loop left between two steps (an interrupted notebook cell), the engine dropped:
+    its running sessions' blocks and prefix locks return when it is collected, as a dropped
+    ``generate()`` cache's do, and a request that needs the whole pool runs next."""
+    _, model = tiny_pair(block_size=4, num_blocks=40)
+    manager = model.prefix_cache
+    engine = Engine(model)
+    for seed in (1, 2, 3):
+        engine.add(tokens(seed, 9), SamplingParams(max_new_tokens=30))
+    engine.step()
+    engine.step()
+    assert manager.stats()["live_sessions"] == 3
+    del engine
+    gc.collect()
+    whole_pool = tokens(4, 100)  # 25 blocks, + 15 for its new tokens: all 40
+    (session,) = Engine(model).generate([whole_pool], SamplingParams(max_new_tokens=60))
+    assert session.finish_reason == "length"
+    assert manager.stats()["live_sessions"] == 0
+    manager.check_integrity()
+    assert manager.pool.num_free + manager.radix.evictable_blocks() == manager.pool.num_blocks  # nothing locked
 
 
 def test_a_session_that_ends_before_a_failure_in_a_pipelined_step_is_returned_by_the_next(monkeypatch):

@@ -67,7 +67,7 @@ class KVCacheManager:
         self.block_size = pool.block_size
         self.lock = threading.RLock()
         self.live: set[PagedSequence] = set()
-        self._pending: deque[PagedSequence] = deque()
+        self._pending: deque[tuple[PagedSequence, bool]] = deque()  # (session, commit)
         # Run by ``reset``: the owner drops what it derived alongside the cached K/V (packed weights).
         self.on_reset: list[Callable[[], None]] = []
 
@@ -331,9 +331,9 @@ class KVCacheManager:
             seq.released = True
             self.live.discard(seq)
 
-    def release_later(self, seqs: Sequence[PagedSequence]) -> None:
-        """Queue sessions for release; safe from a finalizer or another thread."""
-        self._pending.extend(seqs)
+    def release_later(self, seqs: Sequence[PagedSequence], commit: bool = True) -> None:
+        """Queue sessions for release (``release``'s ``commit``); safe from a finalizer or another thread."""
+        self._pending.extend((seq, commit) for seq in seqs)
 
     def fork(self, seq: PagedSequence) -> PagedSequence:
         """A copy of ``seq`` that shares its full blocks and owns a copy of its partial tail block."""
@@ -383,7 +383,7 @@ class KVCacheManager:
                     raise OutOfBlocksError(
                         f"KV cache full: {n} blocks of {self.block_size} tokens needed, {self.pool.num_free} free "
                         f"and {evictable} evictable of {self.pool.num_blocks} ({len(self.live)} live sessions); "
-                        "use a larger num_blocks / kv_cache_memory or a shorter prompt"
+                        "use a larger num_blocks / kv_cache_memory, a shorter prompt or fewer new tokens"
                     )
                 self.radix.evict(short)
             return self.pool.alloc(n)
@@ -393,7 +393,7 @@ class KVCacheManager:
         calls this first; so does saving the cache)."""
         with self.lock:
             while self._pending:
-                self.release(self._pending[0])  # dequeued once released: an interrupt loses none
+                self.release(*self._pending[0])  # dequeued once released: an interrupt loses none
                 self._pending.popleft()
 
     # --- whole-cache operations ----------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -73,6 +74,10 @@ class Engine:
         self._manager: KVCacheManager | None = None  # the cache the running sessions live in
         self.fresh_blocks = 0  # blocks admissions took from the pool rather than from the cache
         self.peak_live_blocks = 0  # most distinct blocks held by running sessions at once
+        # An engine dropped between steps with sessions running (a stepping loop interrupted) gives
+        # their blocks back when it is collected; the finalizer holds the lanes, not the engine.
+        finalizer = weakref.finalize(self, release_dropped, self.runner, self.lanes)
+        finalizer.atexit = False
 
     @property
     def max_batch_tokens(self) -> int:
@@ -408,6 +413,15 @@ class Engine:
         for lane in self.lanes:
             lane.clear()
         self.waiting = deque()
+
+
+def release_dropped(runner: PagedModelRunner, lanes: list[list[Session]]) -> None:
+    """Queue the running sessions of a collected engine for release, committing nothing (as
+    ``abort``); only those of the runner's current cache (a rebuilt cache's sessions died with it)."""
+    manager = runner.built_cache
+    if manager is not None:
+        manager.release_later([s.seq for lane in lanes for s in lane if s.seq is not None and s.seq in manager.live],
+                              commit=False)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:

@@ -233,6 +233,12 @@ class PagedModelRunner:
                 self._manager.on_reset.append(self._forget_derived_state)
             return self._manager
 
+    @property
+    def built_cache(self) -> KVCacheManager | None:
+        """The cache as last built, without the weights check of ``prefix_cache`` (which may rebuild
+        it): what a finalizer may touch. None before the first."""
+        return self._manager
+
     def checked_weights_state(self) -> int:
         """The weights watcher's state as ``prefix_cache`` last checked it: a forward runs on the
         manager that check handed out, so its K/V and the lean decoder's listed weights
