@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
 
 from tests.models import smollm2_dir, tiny_config, tiny_pair
 from tests.test_radix import make_manager
@@ -73,6 +74,33 @@ def test_missing_gguf_and_non_llama_checkpoints_are_refused(tmp_path):
     (tmp_path / "notes.gguf").write_text("a text file, not a model\n")
     with pytest.raises(ValueError, match=r"cannot read the GGUF file .*notes.gguf \(truncated, damaged or not a GGUF"):
         TrellisLlama.from_pretrained(tmp_path, gguf_file="notes.gguf", device="cpu")
+
+
+def test_config_overrides_as_keyword_arguments_apply_as_in_transformers(tmp_path):
+    ref, _ = tiny_pair()
+    ref.save_pretrained(tmp_path)
+    prompt = torch.tensor([[2, 17, 33, 45, 99, 100, 7]])
+    plain = LlamaForCausalLM.from_pretrained(tmp_path, rms_norm_eps=0.5, attn_implementation="sdpa")
+    model = TrellisLlama.from_pretrained(tmp_path, rms_norm_eps=0.5, device="cpu")
+    assert model.config.rms_norm_eps == plain.config.rms_norm_eps == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt).logits, plain(prompt).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="not_a_field"):  # neither a loading argument nor a config field
+        TrellisLlama.from_pretrained(tmp_path, not_a_field=1, device="cpu")
+
+
+def test_a_sliding_window_config_is_refused(tmp_path):
+    """transformers' generate() keeps a window of K/V for it (its forward without a cache does
+    not); Trellis attends to every token, so it refuses rather than answer otherwise."""
+    config = tiny_config(sliding_window=8)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="sliding_window=8: transformers' generate"):
+        TrellisLlama.from_pretrained(tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        TrellisLlama._from_config(config)
+    with pytest.raises(ValueError, match="layer_types include sliding_attention"):
+        TrellisLlama._from_config(tiny_config(layer_types=["full_attention", "sliding_attention"]))
+    assert TrellisLlama.from_pretrained(tmp_path, sliding_window=None, device="cpu").config.sliding_window is None
 
 
 def test_a_checkpoint_missing_weights_is_refused(tmp_path):

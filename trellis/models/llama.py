@@ -22,7 +22,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.persist import load_prefix_cache, model_fingerprint, save_prefix_cache
 from trellis.models.gguf_quantized import keep_gguf_quantized, quantized_gguf
-from trellis.models.loading import check_one_device, hardware_identity, load_llama_config, resolve_device
+from trellis.models.loading import (
+    check_full_attention,
+    check_one_device,
+    hardware_identity,
+    load_llama_config,
+    resolve_device,
+)
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
 from trellis.runner.cpu_linear import rounding_identity
@@ -40,6 +46,7 @@ class TrellisLlama(LlamaForCausalLM):
 
     def __init__(self, config, block_size: int = 32, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, backend: str | None = None) -> None:
+        check_full_attention(config)
         super().__init__(config)
         self.runner = PagedModelRunner(self, CacheSettings(block_size, num_blocks, kv_cache_memory, backend))
         self.runner.follow_dtype()  # from_pretrained: the dtype it loads

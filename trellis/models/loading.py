@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import platform
 from collections.abc import Mapping
@@ -122,13 +124,18 @@ def choose_dtype(name: str, device: str | torch.device) -> DtypeChoice:
 
 
 def load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaConfig:
-    """The checkpoint's config, refusing a missing GGUF file or a model that is not a Llama."""
+    """The checkpoint's config, refusing a missing GGUF file or a model that is not a Llama.
+
+    As ``from_pretrained`` does, a keyword argument that names a config field and no loading
+    argument (``rms_norm_eps=``, ``tie_word_embeddings=``) overrides the file's value; those are
+    removed from ``kwargs``."""
     gguf_file = kwargs.get("gguf_file")
     if gguf_file is not None and os.path.isdir(name_or_path):
         gguf_path(name_or_path, gguf_file, kwargs)  # raises if the directory does not hold it
     hub_args = {k: kwargs[k] for k in ("gguf_file", *HUB_ARGS) if k in kwargs}
+    candidates = {k: v for k, v in kwargs.items() if k not in loading_arguments()}
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **hub_args)
+        config, unused = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **hub_args, **candidates)
     except OSError:
         raise
     except Exception as exc:  # the GGUF reader fails with assorted errors on a damaged file, none naming it
@@ -142,4 +149,42 @@ def load_llama_config(name_or_path: str | os.PathLike, kwargs: dict) -> LlamaCon
         raise ValueError(
             f"{name_or_path} holds a {config.model_type!r} model; TrellisLlama serves Llama-architecture models only"
         )
+    for name in candidates.keys() - unused.keys():
+        del kwargs[name]
     return config
+
+
+def check_full_attention(config: LlamaConfig) -> None:
+    """Refuse a config whose layers transformers' ``generate()`` would serve with a window: its
+    cache (``DynamicCache(config=...)``) then keeps only the last ``sliding_window`` (or
+    ``attention_chunk_size``) tokens' K/V, while its forward without a cache, like Trellis, attends
+    to every token. Llama checkpoints set neither; the two answers would differ past the window."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        others = sorted(set(layer_types) - {"full_attention"})
+        if others:
+            raise ValueError(f"the config's layer_types include {', '.join(others)}: Trellis serves Llama layers of "
+                             "full causal attention only")
+        return
+    for name in ("sliding_window", "attention_chunk_size"):
+        window = getattr(config, name, None)
+        if window is not None:
+            raise ValueError(f"the config sets {name}={window}: transformers' generate() then attends to the last "
+                             f"{window} tokens only (its forward without a cache to all of them); Trellis attends to "
+                             f"every token and cannot give generate()'s answer. Set {name} to None to serve it.")
+
+
+@functools.cache
+def loading_arguments() -> frozenset[str]:
+    """The keyword arguments ``PreTrainedModel.from_pretrained`` takes for itself (transformers
+    5.23-5.24): the others that name a config field are config overrides."""
+    from transformers import PreTrainedModel
+
+    named = inspect.signature(PreTrainedModel.from_pretrained).parameters
+    return frozenset(named) | {
+        "state_dict", "proxies", "tqdm_class", "output_loading_info", "_from_pipeline", "_from_auto", "dtype",
+        "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_buffers", "quantization_config",
+        "subfolder", "_commit_hash", "variant", "adapter_kwargs", "adapter_name", "generation_config", "gguf_file",
+        "distributed_config", "device_mesh", "tp_plan", "tp_size", "trust_remote_code", "allow_all_kernels",
+        "use_kernels", "kernel_config", "key_mapping", "attn_implementation", "experts_implementation",
+    }
