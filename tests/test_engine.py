@@ -224,6 +224,11 @@ def test_filters_give_transformers_warpers_distribution():
     got = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # [B, V]
     for row, warp in enumerate(WARPS):
         torch.testing.assert_close(got[row], warped_probs(logits[row : row + 1], *warp)[0])
+    # Ties at the k-th value (bf16 logits have many) stay, as transformers keeps them.
+    tied = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, -1.0]])
+    for warp in [(1.0, 2, 1.0), (0.7, 4, 1.0), (1.0, 1, 0.99)]:
+        got = filter_logits(tied, *(torch.tensor([value] * 2) for value in warp)).softmax(dim=-1)
+        torch.testing.assert_close(got, warped_probs(tied, *warp))
 
 
 def test_extreme_but_valid_filters_and_seeds_sample_as_transformers_and_torch_take_them():
@@ -243,6 +248,12 @@ def test_extreme_but_valid_filters_and_seeds_sample_as_transformers_and_torch_ta
         SamplingParams(do_sample=True, top_k=2.5)
     with pytest.raises(ValueError, match="seed must be an integer"):
         SamplingParams(do_sample=True, seed="7")
+    for do_sample in ("False", 0.5, None, 1):
+        with pytest.raises(TypeError, match="do_sample must be True or False"):
+            SamplingParams(do_sample=do_sample)
+    for temperature in (float("nan"), -1.0):  # refused when greedy too: a mistake either way
+        with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+            SamplingParams(temperature=temperature)
 
 
 def test_sampling_draws_from_transformers_warped_distribution():

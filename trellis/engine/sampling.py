@@ -64,6 +64,10 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.do_sample, bool):  # a string "False" would be true
+            raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
+        if not self.temperature >= 0:  # (greedy decoding ignores it, but not a NaN or a sign error)
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if self.do_sample and not self.temperature >= MIN_TEMPERATURE:
             raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:.3g} (float32's smallest normal number) "
                              f"when sampling, got {self.temperature!r}; do_sample=False decodes greedily")
@@ -118,9 +122,10 @@ def filter_logits(
     """Temperature-scaled logits with the tokens outside each row's top-k / top-p set to -inf."""
     scaled = logits.float() / temperature[:, None]  # [B, V]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
-    rank = torch.arange(scaled.shape[-1], device=scaled.device)  # [V]
     limit = torch.where(top_k > 0, top_k, scaled.shape[-1])  # [B]
-    removed = rank[None, :] >= limit[:, None]  # [B, V]
+    # Below the k-th largest value, as transformers' warper: tokens tied with it stay (more than k).
+    kth = sorted_logits.gather(-1, (limit - 1)[:, None])  # [B, 1]
+    removed = sorted_logits < kth  # [B, V]
     probs = sorted_logits.masked_fill(removed, float("-inf")).softmax(dim=-1)  # [B, V]
     # A token stays if the tokens ranked above it hold less than top_p of the mass, and the first
     # always does (a top_p below float32's range rounds to 0). top_p = 1 keeps everything (a float
