@@ -58,14 +58,14 @@ def trellis_turn(model: TrellisLlama, prompt: list[int], answer: int, message: l
 
 def hf_turn(model: TrellisLlama, prompt: list[int], answer: int, message: list[int],
             keep_cache: bool) -> tuple[float, int, int]:
-    with attention(model, "sdpa"):
+    with attention(model, "sdpa") as plain:
         ids = torch.tensor([prompt])
-        out = model.generate(ids, max_new_tokens=answer, do_sample=False, return_dict_in_generate=True)
+        out = plain.generate(ids, max_new_tokens=answer, do_sample=False, return_dict_in_generate=True)
         turn = torch.cat([out.sequences, torch.tensor([message])], dim=1)
         cache = getattr(out, CACHE_ARG) if keep_cache else None
         reused = cache.get_seq_length() if keep_cache else 0
         start = clock()
-        model.generate(turn, max_new_tokens=1, do_sample=False, **({CACHE_ARG: cache} if keep_cache else {}))
+        plain.generate(turn, max_new_tokens=1, do_sample=False, **({CACHE_ARG: cache} if keep_cache else {}))
         return clock() - start, reused, turn.shape[1]
 
 

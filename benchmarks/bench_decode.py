@@ -55,22 +55,22 @@ def main() -> None:
     print(f"{describe(model, args.model)}\n{'L':>6} " + " ".join(f"{name:>22}" for name in names)
           + "".join(f"  sdpa/{name.removeprefix('trellis ')}" for name in SPEEDUPS))
     for implementation, backend, kernel in SYSTEMS.values():  # untimed: first-call costs (builds, allocator)
-        with attention(model, implementation):
+        with attention(model, implementation) as system:
             if backend is not None:
-                model.set_linear_kernel(kernel)
-                model.configure_cache(backend=backend)
-            step_times_ms(model, torch.arange(3, 67)[None], 4)
+                system.set_linear_kernel(kernel)
+                system.configure_cache(backend=backend)
+            step_times_ms(system, torch.arange(3, 67)[None], 4)
     for length in contexts:
         prompt = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(repeats):
             for name in rotated(names, r):
                 implementation, backend, kernel = SYSTEMS[name]
-                with attention(model, implementation):
+                with attention(model, implementation) as system:
                     if backend is not None:  # Trellis: its linear kernel, and a fresh, empty cache
-                        model.set_linear_kernel(kernel)  # (packing happens in the untimed prompt forward)
-                        model.configure_cache(backend=backend)
-                    times[name] += step_times_ms(model, prompt, steps)
+                        system.set_linear_kernel(kernel)  # (packing happens in the untimed prompt forward)
+                        system.configure_cache(backend=backend)
+                    times[name] += step_times_ms(system, prompt, steps)
         row = {"L": length, **{name: statistics.median(t) for name, t in times.items()}}
         rows.append(row)
         print(f"{length:>6} " + " ".join(f"{row[n]:>19.1f} ms" for n in names)

@@ -60,12 +60,12 @@ def step_times_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int, cloc
 def measure(model: torch.nn.Module, system: str, prompt: torch.Tensor, steps: int,
             clock: Callable[[], float] = time.perf_counter) -> list[float]:
     implementation, kernel = SYSTEMS.get(system, ("trellis", None))  # "trellis quantized": no linear kernel
-    with attention(model, implementation):
+    with attention(model, implementation) as runs:
         if implementation == "trellis":  # its linear kernel, and a fresh, empty cache
             if kernel is not None:
-                model.set_linear_kernel(kernel)  # (packing happens in the untimed prompt forward)
-            model.configure_cache(backend="cpp")
-        return step_times_ms(model, prompt, steps, clock)
+                runs.set_linear_kernel(kernel)  # (packing happens in the untimed prompt forward)
+            runs.configure_cache(backend="cpp")
+        return step_times_ms(runs, prompt, steps, clock)
 
 
 def quantized_model(args: argparse.Namespace, qtype: str) -> TrellisLlama:

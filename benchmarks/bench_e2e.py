@@ -4,8 +4,8 @@
                                    [--backend triton] [--prompt 512] [--decode 128] [--sessions 8]
                                    [--repeats 3] [--no-cuda-graphs] [--profile] [--json PATH]
 
-One model object serves both systems (transformers runs it with its sdpa attention and its own
-linear layers, as in the other benchmarks). Per system, medians of --repeats after one untimed
+One set of weights serves both systems (transformers runs them in its own ``LlamaForCausalLM``
+with sdpa attention, as in the other benchmarks: ``common.attention``). Per system, medians of --repeats after one untimed
 round (the first call of a shape compiles Triton's kernels):
 
   ttft_cold    a --prompt-token prompt, one token (Trellis' cache emptied first)
@@ -27,14 +27,13 @@ most self CPU time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import TINYLLAMA, Workload, attention, clock, describe
+from common import TINYLLAMA, Workload, clock, describe, plain_llama
 from report import e2e_table
 from systems import HFGenerateBatched, Trellis
 from transformers import LlamaConfig
@@ -70,21 +69,22 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def single_session(model: TrellisLlama, system: str, w: Workload, decode: int, repeats: int) -> dict:
     first, second = (torch.tensor([w.prompt(i)], device=model.device) for i in (0, 1))  # share w.shared tokens
 
+    runs = plain_llama(model, "sdpa") if system == "transformers" else model
+
     def generate(ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
-        return lambda: model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        return lambda: runs.generate(ids, max_new_tokens=new_tokens, do_sample=False)
 
     def empty_cache() -> None:
         if system == "trellis":
             model.prefix_cache.reset()
 
     cold, cached, full = [], [], []
-    with attention(model, "sdpa") if system == "transformers" else contextlib.nullcontext():
-        for _ in range(repeats + 1):  # the first round compiles and is dropped
-            empty_cache()
-            cold.append(timed(generate(first, 1), model.device))
-            cached.append(timed(generate(second, 1), model.device))  # Trellis: over the first prompt's prefix
-            empty_cache()
-            full.append(timed(generate(first, decode + 1), model.device))
+    for _ in range(repeats + 1):  # the first round compiles and is dropped
+        empty_cache()
+        cold.append(timed(generate(first, 1), model.device))
+        cached.append(timed(generate(second, 1), model.device))  # Trellis: over the first prompt's prefix
+        empty_cache()
+        full.append(timed(generate(first, decode + 1), model.device))
     cold, cached, full = cold[1:], cached[1:], full[1:]
     decoding = statistics.median(full) - statistics.median(cold)
     return {"ttft_cold_s": cold, "ttft_cached_s": cached, "generate_decode_s": full,
@@ -98,9 +98,9 @@ def profile_cold_prompt(model: TrellisLlama, system: str, w: Workload, top: int 
     ids = torch.tensor([w.prompt(0)], device=model.device)
     if system == "trellis":
         model.prefix_cache.reset()
-    sdpa = attention(model, "sdpa") if system == "transformers" else contextlib.nullcontext()
-    with sdpa, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        wall = timed(lambda: model.generate(ids, max_new_tokens=1, do_sample=False), model.device)
+    runs = plain_llama(model, "sdpa") if system == "transformers" else model
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        wall = timed(lambda: runs.generate(ids, max_new_tokens=1, do_sample=False), model.device)
     ops = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return {"wall_ms": 1e3 * wall, "in_ops_ms": sum(e.self_cpu_time_total for e in ops) / 1e3,
             "top": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ops[:top]]}

@@ -70,8 +70,8 @@ def main() -> None:
             for r in range(repeats + 1):  # the first round is untimed: first-call costs
                 for name in rotated(names, r):
                     implementation, lookup = SYSTEMS[name]
-                    with attention(model, implementation):
-                        seconds, outputs[name] = timed_generate(model, ids, new_tokens, lookup)
+                    with attention(model, implementation) as system:
+                        seconds, outputs[name] = timed_generate(system, ids, new_tokens, lookup)
                     if r:
                         times[name].append(seconds)
             if any(out != outputs[names[0]] for out in outputs.values()):

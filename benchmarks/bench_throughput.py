@@ -30,10 +30,11 @@ from common import (
     load_model,
     markdown_table,
     parser,
+    rotated,
     save_figure,
 )
 from report import allocations_table, kv_memory_table, present, speed_header, speed_rows, throughput_table
-from systems import System, systems, warm_up
+from systems import OpResult, System, systems, warm_up
 from tqdm.auto import tqdm
 
 from trellis.cache.block_pool import BlockPool
@@ -54,29 +55,38 @@ def expected_blocks(w: Workload) -> int:
     return shared + w.N * (cdiv(w.L + w.D - 1, SEED_BLOCK) - shared)
 
 
-def measure(system: System, w: Workload, repeats: int, allocations: bool) -> dict:
-    ops = [system.op(w) for _ in range(repeats)]
+def measure(every: list[System], w: Workload, repeats: int, allocations: bool) -> list[dict]:
+    """Each system's point at ``w``: ``repeats`` timed ops taken in rotation (repeat r starts at the
+    r-th system), so that a change of the machine's speed falls on every system alike; then each
+    system's allocations, in one more op."""
+    ops: dict[str, list[OpResult]] = {system.name: [] for system in every}
+    for r in range(repeats):
+        for system in rotated(every, r):
+            ops[system.name].append(system.op(w))
+    return [point(system, w, ops[system.name], allocations) for system in every]
+
+
+def point(system: System, w: Workload, ops: list[OpResult], allocations: bool) -> dict:
     last = ops[-1]
-    point = {"system": system.name, "phi": w.phi, "realized_phi": w.realized_phi, "shared_tokens": w.shared,
-             "L": w.L, "D": w.D, "N": w.N, "seconds": [op.seconds for op in ops],
-             "tokens_per_s": [op.tokens_per_s for op in ops],
-             "session_tokens_per_s": [op.session_tokens_per_s for op in ops], "fresh_blocks": last.fresh_blocks,
-             "live_blocks": last.live_blocks, "kv_bytes": last.kv_bytes}
+    result = {"system": system.name, "phi": w.phi, "realized_phi": w.realized_phi, "shared_tokens": w.shared,
+              "L": w.L, "D": w.D, "N": w.N, "seconds": [op.seconds for op in ops],
+              "generated": [op.generated for op in ops], "tokens_per_s": [op.tokens_per_s for op in ops],
+              "session_tokens_per_s": [op.session_tokens_per_s for op in ops], "fresh_blocks": last.fresh_blocks,
+              "live_blocks": last.live_blocks, "kv_bytes": last.kv_bytes}
     if last.live_blocks is not None:
-        point["expected_live_blocks"] = expected_blocks(w)
+        result["expected_live_blocks"] = expected_blocks(w)
     if allocations:
         tally = system.allocations(w)
-        point.update(alloc_count=tally.count, alloc_bytes=tally.bytes)
-    return point
+        result.update(alloc_count=tally.count, alloc_bytes=tally.bytes)
+    return result
 
 
 def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
     s = settings(args)
     every = systems(model)
     warm_up(every)
-    grid = [(phi, system) for phi in s["phis"] for system in every]
-    points = [measure(system, Workload(s["L"], s["D"], s["N"], phi), s["repeats"], allocations=True)
-              for phi, system in tqdm(grid, desc="throughput vs phi", unit="point")]
+    points = [p for phi in tqdm(s["phis"], desc="throughput vs phi", unit="phi")
+              for p in measure(every, Workload(s["L"], s["D"], s["N"], phi), s["repeats"], allocations=True)]
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     block_bytes = BlockPool.bytes_per_block(SEED_BLOCK, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
@@ -87,9 +97,8 @@ def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
 
 def target_check(every: list[System], s: dict) -> list[dict]:
     """N=4 sessions at φ=0 and φ=0.9 with the target's decode budget, every system."""
-    checks = [(phi, system) for phi in (0.0, 0.9) for system in every]
-    return [measure(system, Workload(s["L"], s["target_D"], 4, phi), s["repeats"], allocations=False)
-            for phi, system in tqdm(checks, desc="target check", unit="point")]
+    return [p for phi in tqdm((0.0, 0.9), desc="target check", unit="phi")
+            for p in measure(every, Workload(s["L"], s["target_D"], 4, phi), s["repeats"], allocations=False)]
 
 
 def target_tables(result: dict) -> str:

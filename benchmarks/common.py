@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlamaConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from trellis import ops
 from trellis.models.embedded import embedded_model_dir
@@ -64,8 +65,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="the model's dtype, for every system")
     p.add_argument("--linear-kernel", choices=LINEAR_KERNELS,
-                   help="what runs Trellis' linear layers (default: Trellis' default here); the peers always "
-                        "run transformers' own (blas)")
+                   help="what runs Trellis' linear layers (default: Trellis' default here); the peers run "
+                        "transformers' own model")
     return p
 
 
@@ -83,7 +84,7 @@ def chosen_clock(args: argparse.Namespace, p: argparse.ArgumentParser) -> Callab
 
 
 def load_model(args: argparse.Namespace) -> TrellisLlama:
-    """One model serves all three systems: the peers switch it to transformers' own attention."""
+    """One model's weights serve every system: the peers run them in transformers' own model (``attention``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     name, backend, dtype = args.model, args.backend, getattr(torch, args.dtype)
@@ -216,20 +217,34 @@ def call_seconds(fn: Callable[[], object], device: torch.device, min_seconds: fl
 
 
 @contextlib.contextmanager
-def attention(model: TrellisLlama, implementation: str) -> Iterator[TrellisLlama]:
-    """The same weights under another attention implementation (TrellisLlama then behaves as a
-    plain ``LlamaForCausalLM``: ``generate`` and ``generate_batch`` are transformers' own), and
-    for the peers with transformers' own linear layers ("blas"), whatever Trellis' are. Entering
-    and leaving relayout the weights when Trellis' kernel is oneDNN's: keep it outside timed regions."""
-    previous, kernel = model.config._attn_implementation, model.linear_kernel
-    if implementation != "trellis":
-        model.set_linear_kernel("blas")
-    model.set_attn_implementation(implementation)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(previous)
-        model.set_linear_kernel(kernel)
+def attention(model: TrellisLlama, implementation: str) -> Iterator[LlamaForCausalLM]:
+    """The model a system runs: ``model`` itself for ``"trellis"`` (its linear kernel restored on
+    the way out, so that a Trellis system may pick its own), else transformers' own model in that
+    attention implementation over the same weights (``plain_llama``): the peers run none of
+    Trellis' code, its linear kernels included."""
+    if implementation == "trellis":
+        kernel = model.linear_kernel
+        try:
+            yield model
+        finally:
+            model.set_linear_kernel(kernel)
+        return
+    yield plain_llama(model, implementation)
+
+
+def plain_llama(model: TrellisLlama, implementation: str) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` over ``model``'s parameter and buffer tensors: shared where Trellis
+    keeps a weight row-major, as transformers does; a contiguous copy of a weight its kernel stores
+    input-major (``state_dict``). Built on the meta device, so nothing is initialised."""
+    with torch.device("meta"):
+        plain = LlamaForCausalLM._from_config(copy.deepcopy(model.config), attn_implementation=implementation,
+                                              dtype=model.dtype)
+    plain.load_state_dict(model.state_dict(), assign=True, strict=True)
+    for name, buffer in model.named_buffers():  # the non-persistent ones too (RoPE's inv_freq)
+        owner, _, attribute = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[attribute] = buffer
+    plain.generation_config = copy.deepcopy(model.generation_config)  # eos_token_id None: every token generated
+    return plain.eval()
 
 
 # --- the workload ---------------------------------------------------------------------------------

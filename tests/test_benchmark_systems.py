@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from tests.conftest import installed
 from tests.models import smollm2_tokenizer, tiny_config, tiny_pair
@@ -32,6 +33,7 @@ from systems import HFGenerate, HFGenerateBatch, HFGenerateBatched, Trellis, sys
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
 
 from trellis.eval.multiple_choice import choice_requests, read_questions
+from trellis.runner import cpu_linear
 
 L, D, N = 128, 4, 3
 
@@ -131,24 +133,44 @@ def test_one_batched_generate_call_serves_every_session(model):
     assert [s.name for s in systems(model, ttft=True)] == ["trellis", "hf_generate_batch", "hf_generate"]
 
 
-def test_timed_regions_leave_out_relayout_and_teardown(model, monkeypatch):
-    """Switching the shared model to the peers' layers (a relayout under oneDNN) and stopping
-    transformers' manager (a thread join and gc.collect()) happen outside every timed region."""
+def test_timed_regions_leave_out_the_peers_model_and_teardown(model, monkeypatch):
+    """Making the peers' transformers model and stopping transformers' manager (a thread join and
+    gc.collect()) happen outside every timed region."""
     events: list[str] = []
+    plain_llama, stop = common.plain_llama, ContinuousBatchingManager.stop
     monkeypatch.setattr(common, "clock", lambda: events.append("clock") or time.perf_counter())
-    set_kernel, stop = type(model).set_linear_kernel, ContinuousBatchingManager.stop
-    monkeypatch.setattr(type(model), "set_linear_kernel",
-                        lambda self, kind: events.append("relayout") or set_kernel(self, kind))
+    monkeypatch.setattr(common, "plain_llama", lambda *args: events.append("model") or plain_llama(*args))
     monkeypatch.setattr(ContinuousBatchingManager, "stop",
                         lambda self, *args, **kwargs: events.append("stop") or stop(self, *args, **kwargs))
     for system in systems(model):
         events.clear()
         system.op(Workload(L=64, D=2, N=2, phi=0.5))
         first, last = events.index("clock"), len(events) - 1 - events[::-1].index("clock")
-        assert not {"relayout", "stop"} & set(events[first:last]), (system.name, events)
-        assert ("relayout" in events) == (system.name != "trellis"), system.name
+        assert not {"model", "stop"} & set(events[first:last]), (system.name, events)
+        assert ("model" in events) == (system.name != "trellis"), system.name
         if isinstance(system, HFGenerateBatch):
             assert "stop" in events[last:]  # the patch sees the stop, after the clock
+
+
+@pytest.mark.parametrize("kernel", ["packed", "onednn", "blas"])
+def test_the_peers_run_transformers_own_model_over_the_same_weights(kernel):
+    """Not TrellisLlama with another attention: none of Trellis' code (its linear kernels stream a
+    decode step's rows under every kind), and its answers bit for bit those of a LlamaForCausalLM
+    loaded with the same weights; the tensors shared where Trellis keeps them row-major."""
+    ref, model = tiny_pair(config=tiny_config(vocab_size=30000))
+    if kernel != "blas" and not cpu_linear.onednn_available():
+        pytest.skip("oneDNN does not run here")
+    model.set_linear_kernel(kernel)
+    prompt = torch.tensor([Workload(L=64, D=2, N=1, phi=0.0).prompt(0)])
+    with common.attention(model, "sdpa") as plain, torch.no_grad():
+        assert type(plain) is LlamaForCausalLM and plain.config._attn_implementation == "sdpa"
+        assert all(type(m) is torch.nn.Linear for m in plain.modules() if isinstance(m, torch.nn.Linear))
+        assert torch.equal(plain(prompt).logits, ref(prompt).logits)
+        assert torch.equal(plain.generate(prompt, max_new_tokens=4, do_sample=False),
+                           ref.generate(prompt, max_new_tokens=4, do_sample=False))
+        weight, own = plain.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight
+        assert (weight.data_ptr() == own.data_ptr()) == own.is_contiguous()
+    assert model.linear_kernel == kernel and model.config._attn_implementation == "trellis"
 
 
 def test_allocations_are_counted_for_every_system(model):
