@@ -63,3 +63,11 @@ def test_copy_block_copies_every_layer(made_under_inference_mode):
 
 def test_bytes_per_block():
     assert BlockPool.bytes_per_block(32, 30, 3, 64, torch.float32) == 2 * 30 * 32 * 3 * 64 * 4
+
+
+def test_a_pool_larger_than_memory_is_refused_by_name():
+    """The allocator's own error (a RuntimeError from deep in ATen) would reach a user of
+    --num-blocks / --kv-cache-memory as a traceback."""
+    with pytest.raises(ValueError, match=r"a KV pool of 1000000000000 blocks \(.* GiB\) cannot be allocated on cpu: "
+                                         "lower num_blocks / kv_cache_memory"):
+        make_pool(num_blocks=10**12)

@@ -14,9 +14,11 @@ from trellis.models.embedded import embedded_gguf_path
     (["demo", "--gguf-file", "model.gguf"], "--gguf-file names a file inside --model: give --model too"),
     (["serve", "--port", "70000"], "argument --port: a port is 0 to 65535, got 70000"),
     (["serve", "--num-blocks", "0"], "argument --num-blocks: must be a positive integer, got 0"),
-    (["serve", "--kv-cache-memory", "inf"], "--kv-cache-memory: a size must be a positive, finite number of bytes, got 'inf'"),
-    (["serve", "--kv-cache-memory", "1e400"], "a size must be a positive, finite number of bytes, got '1e400'"),
-    (["serve", "--kv-cache-memory", "nan"], "a size must be a positive, finite number of bytes, got 'nan'"),
+    (["serve", "--kv-cache-memory", "inf"], "--kv-cache-memory: a size must be a positive, whole number of bytes, got 'inf'"),
+    (["serve", "--kv-cache-memory", "1e400"], "a size must be a positive, whole number of bytes, got '1e400'"),
+    (["serve", "--kv-cache-memory", "nan"], "a size must be a positive, whole number of bytes, got 'nan'"),
+    (["serve", "--kv-cache-memory", "0.5"], "a size must be a positive, whole number of bytes, got '0.5'"),
+    (["serve", "--max-body-bytes", "1.5"], "a size must be a positive, whole number of bytes, got '1.5'"),
     (["grid", "stage", "--world-size", "2"], "trellis grid stage needs --rank"),
     (["grid", "serve", "--world-size", "2", "--rank", "2"], "rank 2 is not in a grid of 2 stages"),
     (["grid", "generate", "--stages", "2", "--rank", "1"], "--stages starts a whole grid on this machine"),
@@ -28,6 +30,16 @@ def test_bad_options_are_refused_by_name_before_a_model_loads(argv, message, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_the_demo_never_replaces_a_file_that_is_not_a_prefix_cache(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a mistyped --prefix-cache must not cost this file\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--prefix-cache", str(notes)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "exists and is not a saved prefix cache" in err and "Traceback" not in err
+    assert notes.read_text() == "a mistyped --prefix-cache must not cost this file\n"
 
 
 def gguf_only_dir(tmp_path):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -432,6 +433,18 @@ def test_saving_where_no_file_can_be_leaves_everything_as_it_was(tmp_path, monke
         model.save_prefix_cache(tmp_path / "a_directory")
     with pytest.raises(FileNotFoundError, match="no directory .*nowhere to save the prefix cache p.safetensors in"):
         model.save_prefix_cache(tmp_path / "nowhere" / "p.safetensors")
+    weights, notes = tmp_path / "model.safetensors", tmp_path / "notes.txt"  # a mistyped path
+    safetensors.torch.save_file({"w": torch.ones(3)}, weights)
+    notes.write_text("not a cache\n")
+    for other in (weights, notes):
+        kept = other.read_bytes()
+        with pytest.raises(ValueError, match="exists and is not a saved prefix cache: it is not replaced"):
+            model.save_prefix_cache(other)
+        assert other.read_bytes() == kept
+        other.unlink()
+    (tmp_path / "empty").touch()  # an empty file (a temporary file made for it) is replaced
+    assert model.save_prefix_cache(tmp_path / "empty") > 0
+    (tmp_path / "empty").unlink()
 
     def failing_write(*args, **kwargs):
         Path(args[1]).write_bytes(b"half a file")

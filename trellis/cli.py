@@ -123,8 +123,8 @@ def parse_bytes(text: str) -> int:
         value = float(number[:-1] if scale > 1 else number) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 2GiB, 512MiB, 1000000)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be a positive, finite number of bytes, got {text!r}")
+    if not math.isfinite(value) or value < 1 or not value.is_integer():
+        raise argparse.ArgumentTypeError(f"a size must be a positive, whole number of bytes, got {text!r}")
     return int(value)
 
 

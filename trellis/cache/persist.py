@@ -117,13 +117,27 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def check_save_path(path: str | os.PathLike) -> Path:
-    """``path``, where a prefix cache can be saved: a file, or nothing yet, in a directory that exists."""
+    """``path``, where a prefix cache can be saved: a saved prefix cache (of any model or version), an
+    empty file or nothing yet, in a directory that exists. Anything else is never replaced: a
+    mistyped path must not cost the user a file of weights or notes."""
     path = Path(path)
-    if path.exists() and not path.is_file():  # a directory, a device: never replaced
+    if path.exists() and not path.is_file():  # a directory, a device
         raise ValueError(f"{path} exists and is not a regular file: name a file to save the prefix cache to")
+    if path.is_file() and path.stat().st_size and not is_prefix_cache_file(path):
+        raise ValueError(f"{path} exists and is not a saved prefix cache: it is not replaced; name another file "
+                         "to save the prefix cache to")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"no directory {path.parent} to save the prefix cache {path.name} in")
     return path
+
+
+def is_prefix_cache_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a prefix cache saved by Trellis, of any format version (its header alone is read)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format", "").startswith(FORMAT.split("/")[0] + "/")
+    except (SafetensorError, OSError):
+        return False
 
 
 def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerprint: Mapping[str, str]) -> int:
