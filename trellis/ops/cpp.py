@@ -25,6 +25,7 @@ import importlib.resources
 import os
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ SOURCES = (
     "store_kv_cpu.cpp", "paged_attention_cpu.cpp", "quant_linear_cpu.cpp", "panel_linear_cpu.cpp", "decoder_ops_cpu.cpp",
     "decoder_layers_cpu.cpp",
 )
+
+BUILD_WAIT_NOTICE = 5.0  # seconds another process's build may hold the kernels before waiting for it is said
 
 # at::vec picks its implementation from these macros; the -m flags let the compiler emit it.
 _ISA_FLAGS = {
@@ -148,11 +151,17 @@ def build_lock(directory: Path) -> Iterator[None]:
         return
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "trellis-build.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            warnings.warn(f"trellis: waiting for another process building the C++ kernels in {directory}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        deadline = time.monotonic() + BUILD_WAIT_NOTICE
+        while True:  # (processes started together, a grid's stages, each find the build done within a second)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    warnings.warn(f"trellis: waiting for another process building the C++ kernels in {directory}")
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    break
+                time.sleep(0.05)
         (directory / "lock").unlink(missing_ok=True)
         yield
 
