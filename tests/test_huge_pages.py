@@ -108,6 +108,21 @@ def test_the_mapping_is_freed_with_the_weights():
     assert arena() is None
 
 
+@needs_huge_pages
+def test_a_weight_laid_out_anew_takes_the_others_along_and_the_old_mapping_is_freed():
+    """Else the tensors left in it (a model's embedding and norms, after its linear weights moved
+    to another layout) keep the whole mapping resident: 407 MiB for SmolLM2 under onednn."""
+    module = layers()
+    place_on_huge_pages(weights(module))
+    old = huge_pages._arenas[-1][2]
+    module[0].weight.data = module[0].weight.data.t().contiguous().t()  # a new layout: off huge pages
+    assert not placed(module[0].weight)
+    assert place_on_huge_pages(weights(module)) == 6
+    assert all(placed(module[i].weight) for i in (0, 1, 2))
+    gc.collect()
+    assert old() is None
+
+
 def test_too_few_bytes_or_no_huge_pages_move_nothing(monkeypatch):
     small = torch.nn.Linear(64, 64)
     assert small.weight.numel() * 4 < HUGE_PAGE

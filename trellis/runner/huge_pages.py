@@ -12,7 +12,7 @@ weight panels) into one private anonymous mapping, aligned to 2 MiB and marked `
 its own over its slice (``torch.frombuffer``), so version counters, ``state_dict``, pickling and
 safetensors' shared-tensor check see separate tensors as before; values, shapes and strides are
 unchanged. The mapping is freed when the last tensor over it is; a weight replaced later is placed
-by the next call, in a mapping of its own. The runner places a CPU model's weights, then its
+by the next call, in a new mapping with the others, so that the old one is freed. The runner places a CPU model's weights, then its
 packed copies, whenever it lays them out (``PagedModelRunner.set_linear_kernel``).
 
 Only the weights: the KV pool stays on default pages, where huge pages made cold prompts slower
@@ -60,13 +60,18 @@ def placed(tensor: torch.Tensor) -> bool:
 
 
 def place_on_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
-    """Copy those of ``tensors`` on the CPU that are not yet placed into one new mapping on huge
-    pages, in place (``tensor.data``); returns how many moved. A tensor that shares its storage
-    with another of them (a view, a slice of a fused weight) or does not fill it stays, as do all
-    when fewer bytes than one huge page would move (there is no huge page to gain)."""
+    """Copy ``tensors`` (those on the CPU) into one new mapping on huge pages, in place
+    (``tensor.data``), where any of them is not placed yet; returns how many moved. The placed
+    ones move with them: a mapping is freed only when no tensor is left in it, and a few survivors
+    (a model's embedding and norms, once its linear weights were laid out anew) would keep all of
+    it resident. A tensor that shares its storage with another of them (a view, a slice of a fused
+    weight) or does not fill it stays, as do all when fewer bytes than one huge page would move
+    (there is no huge page to gain)."""
     if not available():
         return 0
     tensors = list(_movable(tensors))
+    if all(placed(t) for t in tensors):
+        return 0
     sizes = [-(-t.untyped_storage().nbytes() // _ALIGN) * _ALIGN for t in tensors]
     if sum(sizes) < HUGE_PAGE:
         return 0
@@ -88,7 +93,7 @@ def place_on_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def _movable(tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """The CPU tensors (each once) that alone fill their storage and are not placed."""
+    """The CPU tensors (each once) that alone fill their storage."""
     unique = {id(t): t for t in tensors if t.device.type == "cpu"}
     users: dict[int, int] = {}
     for tensor in unique.values():
@@ -98,5 +103,5 @@ def _movable(tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         storage = tensor.untyped_storage()
         dense = tensor.is_contiguous() or (tensor.dim() == 2 and tensor.t().is_contiguous())  # or input-major
         if (users[storage.data_ptr()] == 1 and dense and tensor.storage_offset() == 0 and tensor.numel() > 0
-                and storage.nbytes() == tensor.numel() * tensor.element_size() and not placed(tensor)):
+                and storage.nbytes() == tensor.numel() * tensor.element_size()):
             yield tensor
