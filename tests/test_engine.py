@@ -274,13 +274,24 @@ def test_sampling_draws_from_transformers_warped_distribution():
     assert (counts / draws - want).abs().max() < 0.055  # over 4 standard deviations at p = 0.5
 
 
+def test_the_smallest_temperature_samples_the_most_likely_token():
+    """Large logits over a temperature near float32's smallest normal number overflowed to inf and
+    left no distribution (a 500 from the server); shifted by the row's maximum they cannot."""
+    logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(5)) * 30  # [B, V]
+    for temperature in (MIN_TEMPERATURE, 1e-30, 1e-5):
+        params = [SamplingParams(do_sample=True, temperature=temperature)] * 3
+        picked, _, errors = sample(logits, params, [torch.Generator().manual_seed(r) for r in range(3)])
+        assert errors == {} and picked == logits.argmax(dim=-1).tolist(), temperature
+
+
 def test_a_row_with_no_distribution_fails_alone_and_the_others_draw_as_without_it():
-    """An overflowing temperature, NaN logits or a failing processor fail their own row, before
+    """Logits with no finite maximum, NaN logits or a failing processor fail their own row, before
     any row draws: the others take the tokens their generators give without the failed rows."""
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(2)) * 20  # [B, V]
+    logits[1] = float("-inf")
     logits[3, 7] = float("nan")
     ok = SamplingParams(do_sample=True, temperature=0.9, top_k=10)
-    params = [ok, SamplingParams(do_sample=True, temperature=MIN_TEMPERATURE), ok, ok, ok]
+    params = [ok] * 5
 
     def failing(scores: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("processor bug")
@@ -290,7 +301,7 @@ def test_a_row_with_no_distribution_fails_alone_and_the_others_draw_as_without_i
 
     picked, _, errors = sample(logits, params, generators(), [None, None, None, None, failing])
     assert sorted(errors) == [1, 3, 4]
-    assert "temperature" in errors[1] and "overflow" in errors[1]
+    assert "no finite maximum" in errors[1]
     assert "NaN" in errors[3] and "processor bug" in errors[4]
     healthy, _, none = sample(logits[[0, 2]], [ok, ok], [generators()[0], generators()[2]])
     assert none == {} and [picked[0], picked[2]] == healthy

@@ -120,7 +120,10 @@ def filter_logits(
     top_p: torch.Tensor,  # [B] float, 1.0 = no limit
 ) -> torch.Tensor:
     """Temperature-scaled logits with the tokens outside each row's top-k / top-p set to -inf."""
-    scaled = logits.float() / temperature[:, None]  # [B, V]
+    # Shifted by each row's maximum first (the softmax is the same), so that no temperature, however
+    # small, overflows the top logit: the top token scales to 0, the rest towards -inf.
+    logits = logits.float()
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]  # [B, V]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
     limit = torch.where(top_k > 0, top_k, scaled.shape[-1])  # [B]
     # Below the k-th largest value, as transformers' warper: tokens tied with it stay (more than k).
@@ -197,8 +200,8 @@ def sample(
                      if logits[i].isnan().any() else
                      "the logits processor's scores give no distribution to sample from (all -inf, or NaN)"
                      if i in processed else
-                     f"temperature {params[i].temperature!r} is too small: the scaled logits overflow "
-                     "(do_sample=False decodes greedily)")
+                     "the model's logits have no finite maximum (all -inf, or +inf): there is no "
+                     "distribution to sample from")
     on = draw_device(logits.device)  # the device of the generators (make_generator)
     for i, probs in draws.items():
         tokens[i] = torch.multinomial(probs.to(on), 1, generator=generators[i])[0]
