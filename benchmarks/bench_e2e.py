@@ -5,8 +5,8 @@
                                    [--repeats 3] [--no-cuda-graphs] [--profile] [--json PATH]
 
 One set of weights serves both systems (transformers runs them in its own ``LlamaForCausalLM``
-with sdpa attention, as in the other benchmarks: ``common.attention``). Per system, medians of --repeats after one untimed
-round (the first call of a shape compiles Triton's kernels):
+with sdpa attention, as in the other benchmarks: ``common.attention``). Per system, medians of
+--repeats after one untimed round (the first call of a shape compiles Triton's kernels):
 
   ttft_cold    a --prompt-token prompt, one token (Trellis' cache emptied first)
   ttft_cached  a prompt sharing all but its last 32-token block with the one just served

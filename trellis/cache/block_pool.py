@@ -11,7 +11,6 @@ live sessions) is the business of the layers above.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -49,11 +48,11 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         # Unused slots are never read (kernels stop at seq_len), so no need to zero the memory.
-        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
         try:
-            self.kv = torch.empty(shape, dtype=dtype, device=device)
+            self.kv = torch.empty((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype,
+                                  device=device)
         except RuntimeError as exc:  # the allocator's (torch.OutOfMemoryError on CUDA): a setting too large
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            size = num_blocks * self.bytes_per_block(block_size, num_layers, num_kv_heads, head_dim, dtype)
             raise ValueError(f"a KV pool of {num_blocks} blocks ({size / 2**30:.1f} GiB) cannot be allocated on "
                              f"{device}: lower num_blocks / kv_cache_memory ({exc})") from exc
         # Views made once, keyed by the model's layer index: attention asks for its layer's caches

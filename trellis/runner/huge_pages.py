@@ -12,8 +12,9 @@ weight panels) into one private anonymous mapping, aligned to 2 MiB and marked `
 its own over its slice (``torch.frombuffer``), so version counters, ``state_dict``, pickling and
 safetensors' shared-tensor check see separate tensors as before; values, shapes and strides are
 unchanged. The mapping is freed when the last tensor over it is; a weight replaced later is placed
-by the next call, in a new mapping with the others, so that the old one is freed. The runner places a CPU model's weights, then its
-packed copies, whenever it lays them out (``PagedModelRunner.set_linear_kernel``).
+by the next call, in a new mapping with the others, so that the old one is freed. The runner
+places a CPU model's weights, then its packed copies, whenever it lays them out
+(``PagedModelRunner.set_linear_kernel``).
 
 Only the weights: the KV pool stays on default pages, where huge pages made cold prompts slower
 (each new block's first touch zeroes a whole 2 MiB page; docs/architecture.md).
