@@ -302,6 +302,21 @@ def test_keep_quantized_needs_a_gguf_and_fp32_or_bf16(tmp_path):
         TrellisLlama.from_pretrained(keep_quantized=True, dtype=torch.float16, device="cpu")
 
 
+def test_a_conversion_the_kept_layers_cannot_run_is_refused_before_anything_changes(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = TrellisLlama.from_pretrained(tmp_path, gguf_file="tiny.gguf", keep_quantized=True, device="cpu")
+    ids = torch.randint(0, TINY["vocab"], (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+        for convert in (lambda m: m.to(torch.float16), lambda m: m.to(dtype=torch.float64)):  # (.half(): transformers)
+            with pytest.raises(ValueError, match="float32 or bfloat16 activations, not float(16|64)"):
+                convert(model)
+            assert model.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+        model.to(torch.bfloat16)  # a dtype the kernels take
+        assert model(ids).logits.dtype == torch.bfloat16
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """The embedded SmolLM2 with its GGUF's Q4_1 layers and Q8_0 LM head kept; and transformers'

@@ -56,14 +56,20 @@ def unpermute_rows(blocks: torch.Tensor, num_heads: int) -> torch.Tensor:
     return blocks.reshape(num_heads, half, 2, -1).transpose(1, 2).reshape(rows, -1)
 
 
+def check_activation_dtype(dtype: torch.dtype) -> None:
+    """Refuse a model dtype that layers kept quantized cannot run on (their kernels take fp32 or
+    bf16 activations): at load, and before ``model.to(dtype)`` converts anything."""
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"keep_quantized=True runs its layers on float32 or bfloat16 activations, not "
+                         f"{str(dtype).removeprefix('torch.')}: use dtype torch.float32 or torch.bfloat16")
+
+
 def keep_gguf_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Counter:
     """Replace ``model``'s linear layers whose weights ``path`` holds as Q8_0, Q4_0 or Q4_1 by
     ``QuantizedLinear`` layers over those blocks; returns how many layers of each format."""
     from gguf import GGUFReader
 
-    if model.dtype not in ACTIVATION_DTYPES:  # what the kernels take: refused now, not at the first forward
-        raise ValueError(f"keep_quantized=True runs its layers on float32 or bfloat16 activations, not "
-                         f"{str(model.dtype).removeprefix('torch.')}: load with dtype=torch.float32 or torch.bfloat16")
+    check_activation_dtype(model.dtype)  # what the kernels take: refused now, not at the first forward
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     config = model.config
     kept: Counter = Counter()

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.persist import load_prefix_cache, model_fingerprint, save_prefix_cache
-from trellis.models.gguf_quantized import keep_gguf_quantized, quantized_gguf
+from trellis.models.gguf_quantized import check_activation_dtype, keep_gguf_quantized, quantized_gguf
 from trellis.models.loading import (
     check_full_attention,
     check_one_device,
@@ -75,7 +75,10 @@ class TrellisLlama(LlamaForCausalLM):
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.bfloat16()``, ``.float()``, ...: the linear kernel follows the new dtype
-        unless the user chose one (``set_linear_kernel``), and the weights take its layout."""
+        unless the user chose one (``set_linear_kernel``), and the weights take its layout. A dtype
+        that layers kept quantized cannot run on is refused before anything is converted."""
+        if "runner" in self.__dict__ and any(isinstance(m, QuantizedLinear) for m in self.modules()):
+            check_activation_dtype(fn(torch.empty(0, dtype=self.dtype, device=self.device)).dtype)  # fn's dtype
         super()._apply(fn, recurse)
         if "runner" in self.__dict__:  # not while transformers builds the model
             self.runner.follow_dtype()
