@@ -56,6 +56,9 @@ def test_empty_prompt():
     for call in (model, lambda empty: model.generate(empty, max_new_tokens=2)):
         with pytest.raises(ValueError, match=r"the batch is empty: input of shape \(0, 5\)"):
             call(torch.zeros(0, 5, dtype=torch.long))
+    for mask in (None, torch.zeros(1, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="the prompt has no tokens: generate"):
+            model.generate(torch.zeros(1, 0, dtype=torch.long), attention_mask=mask, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq_len\], got shape \(3,\)"):
         model.generate(torch.tensor([5, 6, 7]), max_new_tokens=2)
     with pytest.raises(TypeError, match="input_ids must be a \\[batch, seq_len\\] tensor of token ids, got list"):

@@ -645,6 +645,19 @@ def test_right_padding_in_generate_and_labels_after_padding_are_refused():
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=left, labels=labels).loss,
                                    ref(ids, attention_mask=left, labels=labels).loss)
+        # the loss's own ignore_index marks ignored labels as -100 does
+        ignored = labels.masked_fill(labels == -100, 0)
+        torch.testing.assert_close(model(ids, attention_mask=left, labels=ignored, ignore_index=0).loss,
+                                   ref(ids, attention_mask=left, labels=labels).loss)
+    # shift_labels replaces labels[:, 1:] in the loss: its targets at padding columns are refused too
+    shift = torch.full_like(ids, -100)
+    shift[:, :-1] = ids[:, 1:]
+    with pytest.raises(ValueError, match="shift_labels: row 0's label at column 0 would be predicted from padding"):
+        model(ids, attention_mask=left, labels=labels, shift_labels=shift)
+    shift[left == 0] = -100
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=left, labels=labels, shift_labels=shift).loss,
+                                   ref(ids, attention_mask=left, labels=labels, shift_labels=shift).loss)
     assert model.prefix_cache.stats()["live_sessions"] == 0
 
 

@@ -277,7 +277,7 @@ class TrellisLlama(LlamaForCausalLM):
                                  "continue it; start a new generation")
             cache.check_past_mask(attention_mask, num_cols)
             real = self._padding_mask(attention_mask, num_cols)  # [B, S] bool, None if nothing is padding
-            _check_labels_after_padding(labels, real)
+            _check_labels_after_padding(labels, real, kwargs.get("shift_labels"), kwargs.get("ignore_index", -100))
             keep_cols, keep_mask = self._logit_columns(logits_to_keep, num_rows, num_cols, inputs.device)  # [B, K]
             if inputs_embeds is None:
                 rows = input_ids.tolist() if real is None else [row[mask].tolist() for row, mask in zip(input_ids, real)]
@@ -512,6 +512,9 @@ class TrellisLlama(LlamaForCausalLM):
         prompt = input_ids if input_ids is not None else embeds
         if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
             return  # inputs_embeds of another shape: the forward names it
+        if prompt.shape[1] == 0:
+            raise ValueError("the prompt has no tokens: generate() continues a prompt from its last token; pass at "
+                             "least one (e.g. the tokenizer's BOS)")
         if attention_mask is not None:
             if attention_mask.shape != prompt.shape[:2]:
                 name = "input_ids" if input_ids is not None else "inputs_embeds"
@@ -584,18 +587,25 @@ def _refuse_right_padding(attention_mask: torch.Tensor, cause: str, remedy: str)
                          f"{remedy}")
 
 
-def _check_labels_after_padding(labels: torch.Tensor | None, real: torch.Tensor | None) -> None:
+def _check_labels_after_padding(labels: torch.Tensor | None, real: torch.Tensor | None,
+                                shift_labels: torch.Tensor | None, ignore_index: int) -> None:
     """Refuse a label that the loss would predict from a padding column: transformers' logits
     there are no prediction (a pad attending to itself) and Trellis' are zeros, so the losses would
-    differ. The first real token after left padding is the usual case; its label should be -100."""
-    if labels is None or real is None or labels.shape != real.shape:
-        return  # no padding; a shape mismatch is the loss function's to name
-    from_padding = ~real[:, :-1].to(labels.device) & (labels[:, 1:] != -100)
+    differ. The first real token after left padding is the usual case; its label should be
+    ``ignore_index``. ``shift_labels`` (the loss's targets, column c predicted from column c)
+    replaces ``labels[:, 1:]`` in the loss, and so here."""
+    if labels is None or real is None:
+        return
+    targets, shift = (labels[:, 1:], 1) if shift_labels is None else (shift_labels, 0)
+    if targets.shape != real[:, shift:].shape:
+        return  # a shape mismatch is the loss function's to name
+    from_padding = ~real[:, :real.shape[1] - shift].to(targets.device) & (targets != ignore_index)
     if bool(from_padding.any()):
         row, col = from_padding.nonzero()[0].tolist()
-        raise ValueError(f"labels: row {row}'s label at column {col + 1} would be predicted from padding (column {col}), "
-                         "where the model makes no prediction; set the labels of tokens right after padding to -100 "
-                         "(e.g. the first real token of a left-padded row)")
+        name = "labels" if shift_labels is None else "shift_labels"
+        raise ValueError(f"{name}: row {row}'s label at column {col + shift} would be predicted from padding (column "
+                         f"{col}), where the model makes no prediction; set the labels of tokens right after padding "
+                         f"to {ignore_index} (the loss's ignore_index; e.g. the first real token of a left-padded row)")
 
 
 def check_weights_loaded(path: object, info: dict) -> None:
