@@ -469,6 +469,26 @@ def test_blocks_the_tree_kept_copies_of_are_offered_again_only_after_an_eviction
     m.check_integrity()
 
 
+def test_a_cached_prompt_run_again_leaves_its_tail_after_the_trees_copies():
+    """A cached prompt run again computes its own copy of its last block (the tree keeps its
+    own), yet its partly filled block continues the tree's path all the same: the next turn is
+    served every token the session computed."""
+    m = make_manager(num_blocks=16)
+    prompt = list(range(2 * BS))
+    run_session(m, prompt)
+    seq = m.admit(prompt)
+    m.mark_computed(seq)
+    m.append(seq, [50, 51])  # the answer, into a third block
+    m.mark_computed(seq)
+    assert seq.num_committed_blocks == 1
+    m.release(seq)
+    assert m.stats()["tail_blocks"] == 1 and m.pool.ref_counts[seq.block_ids[2]] == 1
+    turn = m.admit(prompt + [50, 51, 60])
+    assert turn.num_prefix_hit == 2 * BS + 2
+    m.release(turn, commit=False)
+    m.check_integrity()
+
+
 def test_a_cleared_tree_takes_the_blocks_it_kept_copies_of_before():
     m = make_manager(num_blocks=16)
     prompt = list(range(2 * BS))

@@ -322,10 +322,14 @@ class KVCacheManager:
             if commit:
                 self.commit(seq)
                 full, rest = divmod(seq.num_cached, self.block_size)
-                # Only where the session's node ends at its own full blocks: the tail continues them.
-                if rest and seq.shareable and seq.num_committed_blocks == full:
-                    self.radix.add_tail(seq.node, seq.token_ids[full * self.block_size : seq.num_cached],
-                                        seq.block_ids[full])
+                if rest and seq.shareable:
+                    # The tail continues the tree's path of the session's full blocks: its own, or
+                    # the tree's copies of them (a cached prompt run again computed its own last one).
+                    node = seq.node if seq.num_committed_blocks == full else \
+                        self.radix.node_at(seq.token_ids[: full * self.block_size])
+                    if node is not None:
+                        self.radix.add_tail(node, seq.token_ids[full * self.block_size : seq.num_cached],
+                                            seq.block_ids[full])
             self.radix.unlock(seq.node)
             self.pool.decref(seq.block_ids)
             seq.released = True
