@@ -22,8 +22,16 @@ from safetensors.torch import save_file
 
 from tests.conftest import installed
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
-from trellis.cache.block_pool import OutOfBlocksError
-from trellis.cache.persist import FORMAT, PrefixCacheFileError, _checksum, model_fingerprint
+from trellis.cache.block_pool import BlockPool, OutOfBlocksError
+from trellis.cache.manager import KVCacheManager
+from trellis.cache.persist import (
+    FORMAT,
+    PrefixCacheFileError,
+    _checksum,
+    load_prefix_cache,
+    model_fingerprint,
+    save_prefix_cache,
+)
 from trellis.eval import score_continuations
 from trellis.models import loading
 from trellis.runner import cpu_linear
@@ -500,6 +508,33 @@ def test_what_the_cache_holds_already_is_not_loaded_again(tmp_path):
     assert manager.stats() == held
     manager.release(live, commit=False)
     manager.check_integrity()
+
+
+def test_a_tail_the_file_and_a_full_cache_share_is_not_evicted_to_make_room(tmp_path):
+    """Eviction takes a node's tails whatever its locks, and first: a tail the file holds too is
+    kept out of its reach while a load makes room, or neither the cache's copy nor the file's
+    would be left."""
+    def manager(num_blocks):
+        return KVCacheManager(BlockPool(num_blocks, 4, num_layers=1, num_kv_heads=1, head_dim=1))
+
+    def run(m, tokens):
+        seq = m.admit(tokens)
+        m.mark_computed(seq)
+        m.release(seq)
+
+    shared, other, newer = [10, 11, 12, 13, 14, 15], [20 + i for i in range(12)], [40 + i for i in range(12)]
+    source = manager(16)
+    run(source, shared)  # one block and a 2-token tail
+    run(source, [*other, 99])
+    path, fingerprint = tmp_path / "c.safetensors", {"model": "m"}
+    save_prefix_cache(source, path, fingerprint)
+    target = manager(6)
+    run(target, shared)  # the least recently used: its tail is what eviction takes first
+    run(target, [*newer, 99])  # the pool is full
+    assert target.cached_tokens([*shared, 0]) == 6 and target.pool.num_free == 0
+    assert load_prefix_cache(target, path, fingerprint, vocab_size=100) == 4  # other's blocks and tail
+    target.check_integrity()
+    assert target.cached_tokens([*shared, 0]) == 6 and target.cached_tokens([*other, 99, 0]) == 13
 
 
 def test_a_cache_made_under_inference_mode_loads_a_file(tmp_path):

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
-from trellis.cache.radix import RadixCache, RadixNode
+from trellis.cache.radix import RadixCache, RadixNode, TailMatch
 from trellis.utils import outside_vocabulary
 
 FORMAT = "trellis-prefix-cache/6"
@@ -205,14 +205,18 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
         held = [radix.held(path_tokens) for path_tokens, _ in paths]
         first_tail = tensors["kv"].shape[2] - len(tails)  # the tails' K/V come last in the file
         new = sorted({i for (_, path_blocks), (blocks, _) in zip(paths, held) for i in path_blocks[len(blocks):]})
-        new_tails = [t for t, (node_index, tokens) in enumerate(tails)
-                     if not _holds_tail(radix, paths[node_index][0] if node_index >= 0 else [], tokens)]
+        held_tails = [_held_tail(radix, paths[node_index][0] if node_index >= 0 else [], tokens)
+                      for node_index, tokens in tails]
+        new_tails = [t for t, tail in enumerate(held_tails) if tail is None]
         new += [first_tail + t for t in new_tails]
-        pins = [node for _, node in held]
-        for node in pins:  # what the file shares with the cache stays while the pool makes room
+        # What the file shares with the cache stays while the pool makes room: its nodes locked,
+        # the children whose first blocks hold its tails locked, the nodes' tails holding them spared.
+        pins = [node for _, node in held] + [tail.node for tail in held_tails if tail is not None and not tail.loose]
+        for node in pins:
             radix.lock(node)
         try:
-            blocks = _allocate(manager, len(new), path)
+            with radix.sparing([tail for tail in held_tails if tail is not None]):
+                blocks = _allocate(manager, len(new), path)
         finally:
             for node in pins:
                 radix.unlock(node)
@@ -240,13 +244,14 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
     return added
 
 
-def _holds_tail(radix: RadixCache, path: list[int], tokens: tuple[int, ...]) -> bool:
-    """Whether the tree holds the K/V of ``tokens`` (fewer than a block) after ``path``: a child's
+def _held_tail(radix: RadixCache, path: list[int], tokens: tuple[int, ...]) -> TailMatch | None:
+    """Where the tree holds the K/V of ``tokens`` (fewer than a block) after ``path``: a child's
     first block or a tail of the node there that begins with them (``RadixCache.add_tail`` keeps
-    nothing new then)."""
+    nothing new then); None where it does not."""
     match = radix.peek([*path, *tokens], max_tokens=len(path) + len(tokens))
-    return (len(match.blocks) * radix.block_size == len(path) and match.tail is not None
+    held = (len(match.blocks) * radix.block_size == len(path) and match.tail is not None
             and match.tail.num_tokens == len(tokens))
+    return match.tail if held else None
 
 
 def _allocate(manager: KVCacheManager, n: int, path: str | os.PathLike) -> list[int]:

@@ -12,9 +12,10 @@ blocks from unlocked leaves and tails from any node, least recently used first.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from trellis.cache.block_pool import BlockPool
@@ -294,6 +295,24 @@ class RadixCache:
                 raise RuntimeError("unlock of a radix node that is not locked")
             node.lock_count -= 1
             node = node.parent
+
+    @contextlib.contextmanager
+    def sparing(self, tails: Sequence[TailMatch]) -> Iterator[None]:
+        """Keep the nodes' tails among ``tails`` from eviction while the body runs (eviction takes
+        them whatever their nodes' locks): they leave their nodes and come back afterwards."""
+        out = {}
+        for tail in tails:
+            if tail.loose:
+                key = next((k for k, block in tail.node.tails.items() if block == tail.block), None)
+                if key is not None:
+                    out[id(tail.node), key] = (tail.node, key, tail.node.tails.pop(key))
+        self._version += 1
+        try:
+            yield
+        finally:
+            self._version += 1
+            for node, key, block in out.values():
+                node.tails[key] = block
 
     def evictable(self, tail: TailMatch) -> bool:
         """Whether eviction could free ``tail``'s block now: the tree alone holds it, and it is a
