@@ -276,6 +276,14 @@ def test_null_asks_for_the_default_and_a_model_can_be_retrieved(tiny):
                                            **no_ops)
     assert reply.choices[0].message.content == client.chat.completions.create(
         model="tiny", messages=messages("Hi"), max_tokens=2, temperature=0).choices[0].message.content
+    # An assistant's reply sent back whole (model_dump(): OpenAI's null fields, or no tool calls)
+    answer = client.chat.completions.create(model="tiny", messages=messages("Hi"), max_tokens=2, temperature=0)
+    for replayed in (answer.choices[0].message.model_dump(), {"role": "assistant", "content": "ab", "tool_calls": []}):
+        conversation = [*messages("Hi"), replayed, *messages("Again")]
+        plain = [*messages("Hi"), {"role": "assistant", "content": replayed["content"]}, *messages("Again")]
+        assert client.chat.completions.create(model="tiny", messages=conversation, max_tokens=2, temperature=0
+                                              ).choices[0].message.content == client.chat.completions.create(
+            model="tiny", messages=plain, max_tokens=2, temperature=0).choices[0].message.content
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.models.retrieve("other")
 
@@ -291,7 +299,8 @@ def test_a_400_names_the_parameter_the_client_used(tiny):
             (CHAT, {**chat, "stream_options": {"include_usage": True}}, "stream_options"),
             (CHAT, {**chat, "temperature": float("nan")}, "temperature"), (CHAT, {**chat, "top_p": float("nan")}, "top_p"),
             (COMPLETIONS, {"prompt": []}, "prompt"), (COMPLETIONS, {"prompt": ["a", ""]}, "prompt"),
-            (COMPLETIONS, {"prompt": ""}, "prompt"), (COMPLETIONS, {"prompt": [-1]}, "prompt")]:
+            (COMPLETIONS, {"prompt": ""}, "prompt"), (COMPLETIONS, {"prompt": [-1]}, "prompt"),
+            (CHAT, {"messages": [{"role": "user", "content": "x" * 600}]}, "messages")]:
         reply = httpx.post(f"{server.url}{path}", content=json.dumps(body), timeout=30)  # (json= refuses NaN)
         error = reply.json()["error"]
         assert reply.status_code == 400 and error["param"] == param, (body, error)
@@ -475,7 +484,18 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": [5] * 600}, 400, "context of 512 tokens"),
     (COMPLETIONS, {"prompt": [5] * 300, "max_tokens": 300}, 400, "exceeds the model's context of 512 tokens"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
-    (COMPLETIONS, b'{"prompt": "hi \\ud800 there"}', 400, "the prompt cannot be tokenized"),
+    (COMPLETIONS, b'{"prompt": "hi \\ud800 there"}', 400, "a lone UTF-16 surrogate (\\ud800)"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, "a lone UTF-16 surrogate (\\udc00)"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]}, 400,
+     "messages.0.content: part 0 has unknown or unsupported fields ['cache_control']"),
+    (CHAT, {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format: only {\"type\": \"text\"}"),
+    (CHAT, {"messages": HELLO, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400,
+     "tool_choice: only \"none\""),
+    (CHAT, {"messages": [*HELLO, {"role": "assistant", "content": "", "refusal": "no"}]}, 400,
+     "messages.1.refusal: only null is supported"),
+    (CHAT, {"messages": [*HELLO, {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]}, 400,
+     "messages.1.tool_calls: only null"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     (COMPLETIONS, b"x" * (5 << 20), 413, "exceeds this server's limit"),
 ]
@@ -647,7 +667,8 @@ def test_a_request_whose_choice_fails_stops_its_other_choices(tiny, stream):
         return forward(manager, seqs, *args, **kwargs)
 
     generated = server.app.state.metrics.generation_tokens._value.get()
-    body = {"prompt": ["poison", "healthy"], "max_tokens": 300, "temperature": 0, "stream": stream}
+    body = {"prompt": ["poison", "healthy"], "max_tokens": 300, "temperature": 0, "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {})}  # no usage after the error event
     runner.forward = failing_forward
     try:
         reply = httpx.post(f"{server.url}{COMPLETIONS}", json=body, timeout=120)

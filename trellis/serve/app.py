@@ -95,9 +95,16 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
         except ClientDisconnect:  # gone before its body was whole: not the server's failure
             raise APIError(499, "the client closed the request", kind="client_closed_request") from None
         try:
-            return json.loads(body)
+            data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        try:
+            json.dumps(data, ensure_ascii=False).encode()  # JSON escapes half a UTF-16 pair ("\ud800") too
+        except UnicodeEncodeError as exc:
+            surrogate = ascii(exc.object[exc.start])[1:-1]
+            raise APIError(400, f"the request body holds a lone UTF-16 surrogate ({surrogate}), half of a pair: not "
+                           "Unicode text") from None
+        return data
 
     def respond(result: dict | AsyncIterator[str]) -> Response:
         if isinstance(result, dict):

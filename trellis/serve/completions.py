@@ -148,6 +148,7 @@ class CompletionService:
         max_n = min(config.max_n, config.max_running)  # one prompt's choices run at once
         if req.n > max_n:
             raise APIError(400, f"n: at most {max_n} choices per prompt", "n")
+        prompt_name = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"  # where the prompt came from
         # The name the client used for the limit (chat takes either).
         limit_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         if max_tokens is not None and max_tokens > config.max_tokens:
@@ -162,22 +163,23 @@ class CompletionService:
         requests = []
         for prompt in prompts:  # every prompt is checked before any is queued
             if not prompt:
-                raise APIError(400, "cannot generate from an empty prompt", "prompt")
+                raise APIError(400, "cannot generate from an empty prompt", prompt_name)
             if len(prompt) > config.max_prompt_tokens:
                 raise APIError(400, f"the prompt has {len(prompt)} tokens, more than this server's limit of "
-                               f"{config.max_prompt_tokens}", "prompt")
+                               f"{config.max_prompt_tokens}", prompt_name)
             if len(prompt) >= self.context_length:
                 raise APIError(400, f"the prompt has {len(prompt)} tokens, which leaves no room for an answer in the "
-                               f"model's context of {self.context_length} tokens", "prompt")
+                               f"model's context of {self.context_length} tokens", prompt_name)
             try:
                 self.bridge.engine.runner.check_token_ids([prompt])
             except ValueError as exc:
-                raise APIError(400, str(exc), "prompt") from None
+                raise APIError(400, str(exc), prompt_name) from None
             if max_tokens is not None and len(prompt) + max_tokens - 1 > self.context_length:
                 raise APIError(400, f"{limit_name} {max_tokens} after a prompt of {len(prompt)} tokens exceeds the "
                                f"model's context of {self.context_length} tokens", limit_name)
             params = SamplingParams(
-                max_new_tokens=self._max_new_tokens(prompt, req.n, max_tokens, limit_name, default_max_tokens),
+                max_new_tokens=self._max_new_tokens(prompt, req.n, max_tokens, limit_name, default_max_tokens,
+                                                    prompt_name),
                 do_sample=temperature > 0, temperature=temperature or 1.0,
                 top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p,
                 stop_token_ids=self.stop_token_ids, seed=req.seed, logprobs=top, prompt_logprobs=prompt_top)
@@ -194,7 +196,7 @@ class CompletionService:
         return job
 
     def _max_new_tokens(self, prompt: list[int], n: int, max_tokens: int | None, limit_name: str,
-                        default_max_tokens: int) -> int:
+                        default_max_tokens: int, prompt_name: str) -> int:
         """The client's limit, or without one the default cut to what the context and the KV pool can
         hold; a 400 naming what is at fault (the prompt, ``n`` or the limit the client named) if the
         pool could never hold the request, whose whole answer admission reserves up front."""
@@ -203,7 +205,7 @@ class CompletionService:
         pool = (f"this server's KV cache ({cache.pool.num_blocks} blocks of {cache.block_size} tokens; the "
                 "server's --num-blocks / --kv-cache-memory)")
         if engine.most_new_tokens(len(prompt)) < 1:
-            raise APIError(400, f"the prompt has {len(prompt)} tokens, more than {pool} can hold", "prompt")
+            raise APIError(400, f"the prompt has {len(prompt)} tokens, more than {pool} can hold", prompt_name)
         room = engine.most_new_tokens(len(prompt), n)
         if room < 1:  # each choice takes its own copy of the prompt's partial last block
             raise APIError(400, f"n: {n} choices after a prompt of {len(prompt)} tokens need more than {pool} can "
@@ -294,7 +296,8 @@ class CompletionService:
                 if c.error:  # the answer is an error now: the other choices stop, and the stream ends
                     self._cancel(job)
                     yield f"data: {json.dumps(APIError(500, c.error, kind='server_error').body())}\n\n"
-                    break
+                    yield "data: [DONE]\n\n"
+                    return
                 if not text and not (entries and top is not None) and c.finish_reason is None:
                     continue
                 lp = None

@@ -45,6 +45,14 @@ def _no_op_only(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def _null_only(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """What an assistant's reply, sent back in a conversation, carries where it had none of it."""
+    if value is not None and value != []:
+        raise ValueError(f"only null is supported (no tools, audio, annotations or refusals are served), got "
+                         f"{json.dumps(value)}")
+    return value
+
+
 def _null_means_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     """OpenAI documents these fields as nullable: ``null`` asks for the default."""
     return cls.model_fields[info.field_name].default if value is None else value
@@ -78,6 +86,12 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+    refusal: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
+    _replayed = field_validator("refusal", "tool_calls", "function_call", "audio", "annotations")(_null_only)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -93,6 +107,8 @@ class ChatMessage(_Strict):
                 raise ValueError(f"part {i} is of type {kind!r}: only text parts are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i} needs its text as a string")  # noqa: TRY004 -- as above
+            if unknown := sorted(set(part) - {"type", "text"}):
+                raise ValueError(f"part {i} has unknown or unsupported fields {unknown}")
         return content
 
     def text(self) -> str:
@@ -117,7 +133,7 @@ class GenerationRequest(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, str] | None = None
+    response_format: Any = None  # (Any: the no-op check names what is wrong with any other value)
     store: bool | None = None
     _nullable = field_validator("n", "stream", mode="before")(_null_means_default)
     _no_ops = field_validator("presence_penalty", "frequency_penalty", "logit_bias", "response_format", "store")(
@@ -151,7 +167,7 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tool_choice: str | None = None  # "none" only (NO_OPS): no tools are offered
+    tool_choice: Any = None  # "none" only (NO_OPS): no tools are offered
     parallel_tool_calls: bool | None = None  # without tools, it changes nothing
     _nullable_logprobs = field_validator("logprobs", mode="before")(_null_means_default)
     _no_tools = field_validator("tool_choice")(_no_op_only)
