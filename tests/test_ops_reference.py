@@ -53,6 +53,16 @@ def test_bad_arguments_name_the_problem():
             case.q[:, :3].contiguous(), case.k_cache, case.v_cache, case.block_table, case.seq_lens,
             case.cu_seqlens_q, case.scale, backend="reference",
         )
+    no_heads = case.k_cache[:, :, :0]  # a cache without KV heads: named, not a division by zero
+    with pytest.raises(ValueError, match="the cache needs a KV head and a head_dim of 1 or more"):
+        ops.paged_attention(case.q, no_heads, no_heads, case.block_table, case.seq_lens, case.cu_seqlens_q,
+                            case.scale, backend="reference")
+    with pytest.raises(ValueError, match="the cache needs a KV head"):
+        ops.plan_attention(case.block_table, case.seq_lens, case.cu_seqlens_q, num_tokens=2, num_q_heads=4,
+                           k_cache=no_heads, max_q_len=2, max_kv_len=5, backend="reference")
+    with pytest.raises(ValueError, match="q needs a query head"):
+        ops.paged_attention(case.q[:, :0].contiguous(), case.k_cache, case.v_cache, case.block_table, case.seq_lens,
+                            case.cu_seqlens_q, case.scale, backend="reference")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.paged_attention(
             case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, case.scale,

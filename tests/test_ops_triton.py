@@ -173,6 +173,22 @@ ONE_CALL_REFUSALS = {  # what the C++ plan refuses, the one-call Triton path ref
 }
 
 
+def test_one_call_with_nothing_to_compute_checks_the_query_ranges():
+    """An empty batch with query tokens, or rows whose ranges count tokens q does not have: refused
+    as the C++ op refuses them, not answered with out left unwritten."""
+    case = make_case([1, 3], [5, 9]).to(DEVICE)
+    empty_table, no_lens = case.block_table[:0], case.seq_lens[:0]
+    with pytest.raises(ValueError, match=r"run from 0 to T = 4, got \[0, 0\]"):
+        ops.paged_attention(case.q, case.k_cache, case.v_cache, empty_table, no_lens, case.cu_seqlens_q[:1],
+                            case.scale, backend="triton")
+    with pytest.raises(ValueError, match=r"run from 0 to T = 0, got \[0, 4\]"):
+        ops.paged_attention(case.q[:0], case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q,
+                            case.scale, backend="triton")
+    zero = torch.zeros_like(case.cu_seqlens_q)  # rows without query tokens: nothing to do, fine
+    assert ops.paged_attention(case.q[:0], case.k_cache, case.v_cache, case.block_table, case.seq_lens, zero,
+                               case.scale, backend="triton").shape == (0, *case.q.shape[1:])
+
+
 @pytest.mark.parametrize("edit", ONE_CALL_REFUSALS)
 def test_one_call_refuses_what_the_kernels_would_trust(edit):
     change, message = ONE_CALL_REFUSALS[edit]

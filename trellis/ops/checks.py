@@ -15,8 +15,14 @@ def require(cond: bool, *message: object) -> None:
         raise ValueError("".join(map(str, message)))
 
 
-def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_cache_heads(k_cache: torch.Tensor) -> None:
     require(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got ", tuple(k_cache.shape))
+    require(k_cache.shape[2] > 0 and k_cache.shape[3] > 0, "the cache needs a KV head and a head_dim of 1 or more, got ",
+            tuple(k_cache.shape))
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    check_cache_heads(k_cache)
     require(k_cache.shape == v_cache.shape, "k_cache and v_cache shapes differ")
     require(k_cache.dtype == v_cache.dtype, "k_cache and v_cache dtypes differ")
     require(k_cache.is_contiguous() and v_cache.is_contiguous(), "k_cache and v_cache must be contiguous")
@@ -68,7 +74,7 @@ def check_plan(
 ) -> None:
     """The arguments of ``plan_paged_attention`` (its ``max_q_len``/``max_kv_len`` are trusted)."""
     check_sequences(block_table, seq_lens, cu_seqlens_q)
-    require(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got ", tuple(k_cache.shape))
+    check_cache_heads(k_cache)
     require(
         num_q_heads > 0 and num_q_heads % k_cache.shape[2] == 0,
         "query heads ",
@@ -93,6 +99,7 @@ def check_paged_attention(
 ) -> None:
     check_cache(k_cache, v_cache)
     require(q.dim() == 3, "q must be [T, Hq, D], got ", tuple(q.shape))
+    require(q.shape[1] > 0, "q needs a query head, got ", q.shape[1])
     require(q.shape[2] == k_cache.shape[3], "q head_dim ", q.shape[2], " != cache head_dim ", k_cache.shape[3])
     require(
         q.shape[1] % k_cache.shape[2] == 0, "query heads ", q.shape[1], " not a multiple of KV heads ", k_cache.shape[2]

@@ -135,7 +135,9 @@ def paged_attention(
     _check_head_dim(q.shape[2])
     require(block_table.stride(1) == 1, "block_table rows must be contiguous")
     require(seq_lens.is_contiguous() and cu_seqlens_q.is_contiguous(), "seq_lens and cu_seqlens_q must be contiguous")
-    if block_table.shape[0] == 0 or q.shape[0] == 0:
+    if block_table.shape[0] == 0 or q.shape[0] == 0:  # nothing to compute, if the query ranges say so too
+        ends = cu_seqlens_q[[0, -1]].tolist()
+        require(ends == [0, q.shape[0]], "cu_seqlens_q must run from 0 to T = ", q.shape[0], ", got ", ends)
         return
     if plan is None:
         max_q_len, max_kv_len = _checked_lengths(q.shape[0], k_cache, block_table, seq_lens, cu_seqlens_q)
