@@ -589,6 +589,11 @@ def test_positions_beyond_max_position_embeddings_are_refused():
     with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
         model.generate(IDS, max_new_tokens=NEW, do_sample=False)
     assert model.prefix_cache.stats()["live_sessions"] == 0
+    # The last new token is never fed back: a generation whose other tokens fill the positions is served
+    ids = IDS[:, :12]
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
+                       ref.generate(ids, max_new_tokens=5, do_sample=False))
+    assert torch.equal(model.generate(ids, max_length=17, do_sample=False), ref.generate(ids, max_length=17, do_sample=False))
 
 
 def test_every_generation_length_is_checked_against_the_positions_before_anything_runs():
@@ -605,7 +610,7 @@ def test_every_generation_length_is_checked_against_the_positions_before_anythin
             pass
 
     embeds = model.model.embed_tokens(IDS).detach()
-    calls = [lambda: model.generate(IDS, max_length=17, min_length=17, streamer=Counter()),
+    calls = [lambda: model.generate(IDS, max_length=18, min_length=18, streamer=Counter()),
              lambda: model.generate(inputs_embeds=embeds, max_new_tokens=NEW, streamer=Counter())]
     for call in calls:
         with pytest.raises(ValueError, match="exceeds the model's 16 positions"):

@@ -249,6 +249,14 @@ def test_drafts_past_the_last_position_are_computed_as_transformers_computes_the
     with pytest.raises(ValueError, match="tokens exceeds the model's 128 positions"):
         dynamic.generate(ids, **settings)
     assert dynamic.prefix_cache.stats()["live_sessions"] == 0
+    # So are a caller's positions past it: transformers would keep the rescaled frequencies for
+    # later forwards, and the cache (a live handle's too) would no longer hold for them.
+    live = dynamic(ids[:, :8])[CACHE_ARG]
+    cached = dynamic.prefix_cache.stats()["cached_blocks"]
+    with pytest.raises(ValueError, match="position_ids reach 137, past the model's 128 positions"):
+        dynamic(ids[:, :10], position_ids=torch.arange(128, 138)[None])
+    assert dynamic.prefix_cache.stats()["cached_blocks"] == cached
+    dynamic(ids[:, 8:9], **{CACHE_ARG: live})  # the handle still continues
 
 
 def test_early_exit_drafting_keeps_the_cache_and_live_handles():

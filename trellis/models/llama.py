@@ -291,6 +291,8 @@ class TrellisLlama(LlamaForCausalLM):
             past = [0] * num_rows if fresh else [len(seq.token_ids) for seq in cache.seqs]
             runner.check_positions(max((p + n for p, n in zip(past, self._kept_tokens(rows, real, cache))), default=0))
             positions = self._caller_positions(position_ids, real, past, num_rows, num_cols)
+            if positions is not None:
+                runner.check_caller_positions(positions)
             reusable = None
             if fresh:
                 # Reuse at most the real tokens before the first column whose outputs are wanted.
@@ -530,13 +532,14 @@ class TrellisLlama(LlamaForCausalLM):
                                  f"columns); use a chunk longer than the padding, or none")
         longest = int(attention_mask.sum(1).max()) if attention_mask is not None else prompt.shape[1]
         max_new = self._generation_setting("max_new_tokens", generation_config, kwargs)
+        # The last new token is never fed back: it needs no position.
         if max_new is not None:
-            self.runner.check_positions(longest + max_new)
+            self.runner.check_positions(longest + max_new - 1)
         elif input_ids is not None and ("max_length" in kwargs or generation_config is not None):
             # max_length counts the prompt's columns; only one set for this call (the model's own
             # default may exceed its positions for prompts that stop early)
             self.runner.check_positions(self._generation_setting("max_length", generation_config, kwargs)
-                                        - (prompt.shape[1] - longest))
+                                        - (prompt.shape[1] - longest) - 1)
 
     def generate_batch(self, inputs: list[list[int]], generation_config=None, continuous_batching_config=None,
                        record_timestamps: bool = False, progress_bar: bool = False, persistent_manager: bool = False,

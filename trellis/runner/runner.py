@@ -318,6 +318,18 @@ class PagedModelRunner:
         raise ValueError(f"a sequence of {length} tokens exceeds the model's {limit} positions "
                          "(max_position_embeddings)")
 
+    def check_caller_positions(self, positions: Sequence[Sequence[int]]) -> None:
+        """Refuse a caller's position past the model's with dynamic RoPE: there transformers
+        rescales its frequencies for the whole forward, and keeps them for later forwards, a new
+        ``inv_freq`` that neither cached K/V nor other sessions follow."""
+        limit = self.config.max_position_embeddings
+        highest = max((max(row) for row in positions if row), default=-1)
+        if highest >= limit and "dynamic" in str(getattr(self.model.model.rotary_emb, "rope_type", "")):
+            raise ValueError(f"position_ids reach {highest}, past the model's {limit} positions "
+                             "(max_position_embeddings): with dynamic RoPE transformers then rescales the frequencies "
+                             "of every token and keeps them for later forwards, which cached K/V cannot follow; pass "
+                             f"positions below {limit}")
+
     def drops_out(self) -> bool:
         """Whether a forward now would drop activations at random: a module in training mode with
         a dropout rate above zero (``nn.Dropout`` and its kin, a LoRA adapter's among them), or an
