@@ -12,7 +12,7 @@ from transformers import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_pair
+from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.engine import sampling
 from trellis.engine.engine import Engine
@@ -741,3 +741,25 @@ def test_generate_batch_refuses_a_max_length_the_prompt_already_reaches():
 def test_scheduler_limits_are_refused_by_name(setting, message):
     with pytest.raises(ValueError, match=message):
         Scheduler(**setting)
+
+
+def test_k_v_a_nan_reached_are_never_reused():
+    """With rms_norm_eps=0, the pad id's zero embedding row turns NaN, and attention carries the
+    NaN to every K/V of its forward, the earlier positions' too (a masked-out probability of 0
+    times a NaN value is NaN), in transformers as in Trellis: that session's blocks serve no
+    other prompt, through the model or the engine."""
+    ref, model = tiny_pair(config=tiny_config(rms_norm_eps=0.0))
+    assert not ref.model.embed_tokens.weight[0].any()
+    poisoned, clean = [5, 6, 7, 8, 0, 9], [5, 6, 7, 8, 10, 11, 12]  # the first block full: shareable
+    with torch.no_grad():
+        assert model(torch.tensor([poisoned])).logits[0, -1].isnan().all()
+        torch.testing.assert_close(model(torch.tensor([clean])).logits, ref(torch.tensor([clean])).logits)
+    assert model.prefix_cache.stats()["hit_tokens"] == 0
+    model.prefix_cache.reset()
+    engine = Engine(model)
+    engine.generate([poisoned], SamplingParams(max_new_tokens=2))
+    [session] = engine.generate([clean], SamplingParams(max_new_tokens=4))
+    assert session.generated == ref.generate(torch.tensor([clean]), max_new_tokens=4, do_sample=False)[0, 7:].tolist()
+    assert model.prefix_cache.stats()["hit_tokens"] == 0
+    model.prefix_cache.check_integrity()
+

@@ -26,7 +26,14 @@ from trellis.cache.manager import KVCacheManager, PagedSequence
 from trellis.grid.placement import Placement
 from trellis.grid.transport import PING, STOP, GridError, Link, StepPlan
 from trellis.runner.batch import PagedBatch, build_batch
-from trellis.runner.runner import CacheSettings, PagedModelRunner, PendingStep, StepOutput, run_decoder
+from trellis.runner.runner import (
+    CacheSettings,
+    PagedModelRunner,
+    PendingStep,
+    StepOutput,
+    run_decoder,
+    share_only_finite,
+)
 
 log = logging.getLogger("trellis.grid")
 
@@ -159,6 +166,7 @@ class GridRunner(PagedModelRunner):
                     raise
                 self._in_flight.popleft()
                 self.steps += 1
+                share_only_finite(head.seqs, head.hidden, head.batch)
                 for seq in head.seqs:
                     head.manager.mark_computed(seq)
 

@@ -377,6 +377,7 @@ class PagedModelRunner:
             if hidden is None:
                 out = run_decoder(self.model, batch, inputs_embeds, lean=not random, **kwargs)
                 hidden, hidden_states = out.last_hidden_state[0], out.hidden_states
+            share_only_finite(seqs, hidden, batch)
             for seq in seqs:
                 manager.mark_computed(seq)
             return StepOutput(hidden, batch, hidden_states)
@@ -496,6 +497,17 @@ def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch
             return BaseModelOutputWithPast(last_hidden_state=hidden[None])
     tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
     return model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False, **kwargs)
+
+
+def share_only_finite(seqs: Sequence[PagedSequence], hidden: torch.Tensor, batch: PagedBatch) -> None:
+    """Mark the sessions whose last final hidden state (of ``hidden``, ``[T, H]`` packed as
+    ``batch``) is not finite as never shared. A NaN reaches every K/V of its session's forward,
+    earlier positions' too (in transformers' attention as in Trellis': a masked-out probability
+    of 0 times a NaN value is NaN), and that row's output; another prompt must not reuse them."""
+    last = torch.tensor(batch.host_cu_seqlens_q[1:], device=hidden.device) - 1
+    for seq, finite in zip(seqs, torch.isfinite(hidden[last]).all(-1).tolist(), strict=True):
+        if not finite:
+            seq.shareable = False
 
 
 def _dropout_rate(module: torch.nn.Module) -> float | None:
