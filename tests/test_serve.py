@@ -496,6 +496,8 @@ BAD_REQUESTS = [
      "messages.1.refusal: only null is supported"),
     (CHAT, {"messages": [*HELLO, {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]}, 400,
      "messages.1.tool_calls: only null"),
+    (CHAT, {"messages": [*HELLO, {"role": "assistant", "content": "", "audio": []}]}, 400,
+     "messages.1.audio: only null"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     (COMPLETIONS, b"x" * (5 << 20), 413, "exceeds this server's limit"),
 ]

@@ -47,7 +47,7 @@ def _no_op_only(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
 
 def _null_only(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     """What an assistant's reply, sent back in a conversation, carries where it had none of it."""
-    if value is not None and value != []:
+    if value is not None and not (value == [] and info.field_name in ("tool_calls", "annotations")):  # lists
         raise ValueError(f"only null is supported (no tools, audio, annotations or refusals are served), got "
                          f"{json.dumps(value)}")
     return value
