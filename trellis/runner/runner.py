@@ -504,7 +504,7 @@ def share_only_finite(seqs: Sequence[PagedSequence], hidden: torch.Tensor, batch
     ``batch``) is not finite as never shared. A NaN reaches every K/V of its session's forward,
     earlier positions' too (in transformers' attention as in Trellis': a masked-out probability
     of 0 times a NaN value is NaN), and that row's output; another prompt must not reuse them."""
-    last = torch.tensor(batch.host_cu_seqlens_q[1:], device=hidden.device) - 1
+    last = batch.cu_seqlens_q[1:].long() - 1  # [B], each session's last row
     for seq, finite in zip(seqs, torch.isfinite(hidden[last]).all(-1).tolist(), strict=True):
         if not finite:
             seq.shareable = False
