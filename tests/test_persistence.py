@@ -149,6 +149,26 @@ def test_a_name_as_long_as_the_file_system_takes_is_saved_to(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no staging file left
 
 
+def test_a_tail_block_is_saved_with_its_own_tokens_only(tmp_path):
+    """A tail block reuses a pool block whose later slots still hold an earlier prompt's K/V (or
+    memory never written): the file carries the tail's tokens' K/V and zeros, not those."""
+    _, model = tiny_pair(block_size=8, num_blocks=4)
+    secret = torch.arange(200, 216)[None]
+    model.generate(secret, max_new_tokens=1, do_sample=False)  # fills the pool's blocks
+    model.prefix_cache.clear()  # forgotten: the blocks are free, their memory as it was
+    model.generate(torch.tensor([[5, 6]]), max_new_tokens=1, do_sample=False)  # a 2-token tail
+    path = tmp_path / "prefixes.safetensors"
+    assert model.save_prefix_cache(path) == 1
+    metadata, tensors = read(path)
+    assert tensors["tail_num_tokens"].tolist() == [2]
+    tail = tensors["kv"][:, :, -1]  # [L, 2, S, Hkv, D]
+    assert tail[:, :, :2].abs().sum() > 0
+    assert torch.equal(tail[:, :, 2:], torch.zeros_like(tail[:, :, 2:]))
+    again = tmp_path / "again.safetensors"
+    model.save_prefix_cache(again)
+    assert read(again)[0]["checksum"] == metadata["checksum"]  # the same cache, the same bytes
+
+
 def test_loading_twice_keeps_one_copy(tmp_path):
     _, model = tiny_pair()
     path = saved(tmp_path, model)

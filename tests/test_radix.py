@@ -123,20 +123,26 @@ def test_a_finished_session_leaves_its_partly_filled_block_as_a_tail_for_the_nex
     turn = m.admit(list(range(10)) + [70, 71])  # the next turn: every token the first computed
     assert turn.num_prefix_hit == 10 and bool((m.pool.kv[:, :, turn.block_ids[2]] == 5.0).all())
     m.mark_computed(turn)
-    m.release(turn)  # its third block is full now: cached; nothing left to keep as a tail
+    m.release(turn)  # its third block is full now: cached, and it holds the first turn's tail's tokens
     assert m.stats()["cached_blocks"] == 3 and m.radix.match(list(range(10)) + [70, 71, 0]).num_tokens(BS) == 12
+    node = m.radix.match(list(range(8)) + [0]).node
+    assert node.tails == {} and m.stats()["tail_blocks"] == 0
     # One tail per run of tokens: a longer one replaces a shorter one it extends, and what a
     # child block or a tail already holds adds nothing.
-    node = m.radix.match(list(range(8)) + [0]).node
-    before = dict(node.tails)
-    m.radix.add_tail(node, [8], first.block_ids[2])
-    assert node.tails == before  # [8, 9] holds it
+    spare = m.pool.alloc(3)
+    m.radix.add_tail(node, [8], spare[0])
+    assert node.tails == {}  # the child [8, 9, 70, 71] holds it
+    m.radix.add_tail(node, [30, 31], spare[0])
+    m.radix.add_tail(node, [30], spare[1])
+    assert node.tails == {(30, 31): spare[0]}  # [30, 31] holds it
     with pytest.raises(ValueError, match="a tail holds 1 to 3 tokens"):
-        m.radix.add_tail(node, [8, 9, 10, 11], first.block_ids[2])
-    spare = m.pool.alloc(1)  # replace=False: a longer run is not taken where it would let the shorter go
-    m.radix.add_tail(node, [8, 9, 10], spare[0], replace=False)
-    assert node.tails == before and m.pool.ref_counts[spare[0]] == 1
+        m.radix.add_tail(node, [8, 9, 10, 11], spare[1])
+    m.radix.add_tail(node, [30, 31, 32], spare[1], replace=False)  # not taken where it would let the shorter go
+    assert node.tails == {(30, 31): spare[0]} and m.pool.ref_counts[spare[1]] == 1
+    assert m.radix.add_tail(node, [30, 31, 32], spare[2]) == [spare[0]]  # replaced, its reference released
+    assert node.tails == {(30, 31, 32): spare[2]}
     m.pool.decref(spare)
+    assert m.pool.ref_counts[spare[2]] == 1 and m.stats()["tail_blocks"] == 1
     assert m.radix.node_at(list(range(4))) is not None and m.radix.node_at(list(range(4)) + [9] * 4) is None
     m.check_integrity()
     # Eviction takes a node's tails before its blocks, whatever its locks.
@@ -241,6 +247,28 @@ def test_release_later_is_drained_at_next_call():
     m.release_later([seq])
     assert m.stats()["live_sessions"] == 0
     assert seq.released
+    m.check_integrity()
+
+
+def test_a_child_holding_a_tails_tokens_lets_the_tail_go():
+    """A later session fills the block a tail began: the child it leaves serves those tokens, so
+    the tail would only hold a block (and be saved to files) for nothing."""
+    m = make_manager(num_blocks=8)
+    run_session(m, [1, 2, 3, 4, 5, 6])  # [1-4] cached, [5, 6] a tail
+    assert m.stats()["tail_blocks"] == 1
+    run_session(m, [1, 2, 3, 4, 5, 6, 7, 8, 9])  # [5-8] a child of [1-4], [9] its tail
+    node = m.radix.match([1, 2, 3, 4, 0]).node
+    assert node.tails == {} and m.stats()["tail_blocks"] == 1 and m.stats()["cached_blocks"] == 2
+    assert m.radix.peek([1, 2, 3, 4, 5, 6, 0]).num_tokens(BS) == 6  # from the child's block
+    m.check_integrity()
+    # Where the caller asks for them (a load that may have to put things back), the references pass to it.
+    run_session(m, [1, 2, 3, 4, 11, 12])  # another tail of [1-4]
+    held = []
+    seq = m.admit([1, 2, 3, 4, 11, 12, 13, 14])
+    m.radix.insert(seq.token_ids, seq.block_ids, replaced=held)
+    assert len(held) == 1 and node.tails == {} and m.pool.ref_counts[held[0]] == 1
+    m.pool.decref(held)
+    m.release(seq)
     m.check_integrity()
 
 

@@ -152,8 +152,15 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
                  for tokens, block in node.tails.items()]
         blocks = [b for node in nodes for b in node.blocks] + [block for _, _, block in tails]
         kv = manager.pool.kv
+        saved_kv = kv.index_select(2, torch.tensor(blocks, dtype=torch.int64, device=kv.device)).cpu()  # [L, 2, n, S, Hkv, D]
+        # A tail block's slots past its tokens hold whatever the pool's block held before (an
+        # evicted session's K/V, or never-written memory): zeroed, so a file carries its own
+        # prompts' K/V only and the same cache always saves the same bytes.
+        first_tail = len(blocks) - len(tails)
+        for i, (_, tokens, _) in enumerate(tails):
+            saved_kv[:, :, first_tail + i, len(tokens):] = 0
         tensors = {
-            "kv": kv.index_select(2, torch.tensor(blocks, dtype=torch.int64, device=kv.device)).cpu(),  # [L, 2, n, S, Hkv, D]
+            "kv": saved_kv,
             "tokens": torch.tensor([t for node in nodes for t in node.tokens], dtype=torch.int64),  # [n * S]
             "node_parent": torch.tensor([index.get(id(node.parent), -1) for node in nodes], dtype=torch.int64),
             "node_num_blocks": torch.tensor([len(node.blocks) for node in nodes], dtype=torch.int64),
@@ -222,11 +229,11 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
                 radix.unlock(node)
         slot = dict(zip(new, blocks))  # the file's block -> the pool's
         before = _tree_state(radix)
-        replaced: list[int] = []  # the blocks of the shorter tails the file's replace: the tree's references, held
+        replaced: list[int] = []  # the blocks of the tails the file's replace or cover: the tree's references, held
         try:
             manager.pool.write_blocks(blocks, tensors["kv"][:, :, new])
             for (path_tokens, path_blocks), (cached, _) in zip(paths, held):
-                radix.insert(path_tokens, cached + [slot[i] for i in path_blocks[len(cached):]])
+                radix.insert(path_tokens, cached + [slot[i] for i in path_blocks[len(cached):]], replaced=replaced)
             for t in new_tails:
                 node_index, tokens = tails[t]
                 node = radix.node_at(paths[node_index][0] if node_index >= 0 else [])

@@ -190,13 +190,17 @@ class RadixCache:
         self.lookup_tokens += num_tokens
         self.hit_tokens += num_hit
 
-    def insert(self, tokens: Sequence[int], blocks: list[int]) -> RadixNode:
+    def insert(self, tokens: Sequence[int], blocks: list[int], replaced: list[int] | None = None) -> RadixNode:
         """Cache ``blocks`` as the K/V of ``tokens`` (whole blocks only).
 
         Where the tree already holds a prefix, it keeps its own blocks and the caller keeps
         ownership of its duplicates. The tree takes one reference on each block it adopts.
         Returns the deepest node whose path holds ``blocks`` themselves: the whole insert's end,
         or the node before the first block the tree holds a copy of its own for.
+
+        A new child's first block holds the tokens of any tail of its parent that it begins with:
+        those tails are let go (lookups take the child). With ``replaced`` given, the tree's
+        references to their blocks are appended to it instead of released, as ``add_tail`` does.
         """
         if len(tokens) != len(blocks) * self.block_size:
             raise ValueError(
@@ -212,6 +216,11 @@ class RadixCache:
             child.last_access = next(self._clock)
             node.children[self._key(child.tokens)] = child
             self.pool.incref(new_blocks)
+            covered = [node.tails.pop(key) for key in list(node.tails) if child.tokens[: len(key)] == key]
+            if replaced is None:
+                self.pool.decref(covered)
+            else:
+                replaced += covered
             node = child
         return node if own == n else self._walk(tokens, own)[0]
 
