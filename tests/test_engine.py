@@ -192,14 +192,21 @@ def test_a_model_on_mps_draws_its_tokens_on_the_cpu(monkeypatch):
     assert asked == [logits.device]
 
 
-def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """transformers' sampling distribution: its warpers in generate()'s order, then softmax."""
-    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+def warped_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """transformers' warpers as generate() builds them: in its order, each only where it applies."""
+    scores = logits.clone()
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
     if top_k:
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1:
         scores = TopPLogitsWarper(top_p)(None, scores)
-    return scores.softmax(dim=-1)
+    return scores
+
+
+def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """transformers' sampling distribution: its warpers, then softmax."""
+    return warped_scores(logits, temperature, top_k, top_p).softmax(dim=-1)
 
 
 # (temperature, top_k, top_p) per row: one batch mixes them, so a row must use its own.
@@ -220,15 +227,33 @@ def test_greedy_picks_argmax_ties_and_nan_included(dtype):
 
 def test_filters_give_transformers_warpers_distribution():
     logits = torch.randn(len(WARPS), 100, generator=torch.Generator().manual_seed(0)) * 3  # [B, V]
-    temperature, top_k, top_p = (torch.tensor(column) for column in zip(*WARPS))
+    temperature, top_k, top_p = (torch.tensor(column, dtype=dtype) for column, dtype in
+                                 zip(zip(*WARPS), (torch.float32, torch.int64, torch.float64)))
     got = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # [B, V]
     for row, warp in enumerate(WARPS):
         torch.testing.assert_close(got[row], warped_probs(logits[row : row + 1], *warp)[0])
     # Ties at the k-th value (bf16 logits have many) stay, as transformers keeps them.
     tied = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, -1.0]])
     for warp in [(1.0, 2, 1.0), (0.7, 4, 1.0), (1.0, 1, 0.99)]:
-        got = filter_logits(tied, *(torch.tensor([value] * 2) for value in warp)).softmax(dim=-1)
+        got = filter_logits(tied, *(torch.tensor([value] * 2, dtype=dtype) for value, dtype in
+                                    zip(warp, (torch.float32, torch.int64, torch.float64)))).softmax(dim=-1)
         torch.testing.assert_close(got, warped_probs(tied, *warp))
+
+
+def test_filters_keep_exactly_the_tokens_transformers_warpers_keep():
+    """Bit for bit, row by row in one batch: where top-p cuts between tied logits (bf16 models have
+    many) and where float32 rounding decides the cut (a top_p near 1 over a large vocabulary)."""
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(8, 49152, generator=generator) * 3).to(torch.bfloat16).float()  # [B, V]
+    logits[0, :4] = logits[0].max() + 1  # four tied top tokens
+    logits[1, 7:9] = logits[1].max() + 0.5  # a tied pair on top
+    warps = [(1.0, 0, 0.5), (1.0, 0, 0.0), (0.7, 0, 0.99), (1.0, 0, 0.999), (1.3, 0, 0.9999),
+             (1.0, 40, 0.95), (0.9, 0, 1.0), (1.0, 5, 1e-9)]
+    temperature, top_k = torch.tensor([w[0] for w in warps]), torch.tensor([w[1] for w in warps])
+    top_p = torch.tensor([w[2] for w in warps], dtype=torch.float64)
+    got = filter_logits(logits, temperature, top_k, top_p)  # [B, V]
+    for row, warp in enumerate(warps):
+        assert torch.equal(got[row], warped_scores(logits[row : row + 1], *warp)[0]), warp
 
 
 def test_extreme_but_valid_filters_and_seeds_sample_as_transformers_and_torch_take_them():
@@ -330,6 +355,11 @@ def test_a_session_whose_sampling_fails_ends_alone_with_its_error():
     assert bad.finish_reason == "error" and "processor bug" in bad.error and len(bad.generated) == 2
     assert not engine.running and model.prefix_cache.stats()["live_sessions"] == 0
     model.prefix_cache.check_integrity()
+    # Its scores decide the tokens: warpers in its params would be silently ignored, so they are refused.
+    for warper in ({"top_k": 1}, {"top_p": 0.5}, {"temperature": 0.7}):
+        with pytest.raises(ValueError, match="put the warpers in the processor"):
+            engine.add(PROMPTS[1], SamplingParams(max_new_tokens=6, do_sample=True, **warper), logits_processor=failing)
+    assert not engine.has_work
 
 
 def test_an_error_while_tokens_are_recorded_fails_the_unfinished_sessions_once(monkeypatch):

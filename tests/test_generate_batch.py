@@ -140,6 +140,20 @@ def test_top_p_zero_keeps_the_most_likely_token_and_text_is_refused_by_name(pair
         model.generate_batch(["hello world"], max_new_tokens=3)
 
 
+def test_warper_settings_are_read_as_generate_reads_them(pair):
+    """Greedy search ignores the warpers' settings, whatever they are, and a top_p of 1 or more
+    cuts nothing: generate() takes both, and so does generate_batch, with generate()'s tokens."""
+    ref, model, greedy = pair
+    out = model.generate_batch(BATCH, max_new_tokens=MAX_NEW, do_sample=False, temperature=-1.0, top_p=1.5)
+    assert [r.generated_tokens for r in out.values()] == greedy
+    out = model.generate_batch(BATCH, max_new_tokens=6, do_sample=True, top_p=1.0000001, top_k=0,
+                               continuous_batching_config=ContinuousBatchingConfig(seed=3))
+    for i, (prompt, result) in enumerate(zip(BATCH, out.values())):
+        torch.manual_seed(3 + i)
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=True, top_p=1.0000001, top_k=0)
+        assert result.generated_tokens == want[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("settings, named", [
     ({"num_beams": 2}, "num_beams=2"),
     ({"penalty_alpha": 0.6, "top_k": 4}, "penalty_alpha"),

@@ -100,7 +100,8 @@ class Engine:
         if ``max_waiting`` sessions already wait, ``ValueError`` for what ``check`` refuses.
 
         ``logits_processor`` (one per session: it may keep state) turns the session's logits into the
-        scores its tokens are chosen from, warpers included (see ``sample``). ``n > 1`` asks for more
+        scores its tokens are chosen from, warpers included (see ``sample``): its ``params`` keep the
+        default ``temperature``, ``top_k`` and ``top_p``. ``n > 1`` asks for more
         choices: the returned session's ``forks``, which start from its computed prompt (sharing its
         blocks) and sample with seeds ``seed + 1``, ``seed + 2``, ... when ``seed`` is set."""
         session = self._session(prompt, _params(params), request_id or f"req_{next(self._ids)}", logits_processor, n)
@@ -137,6 +138,10 @@ class Engine:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if n > 1 and logits_processor is not None:
             raise ValueError("a logits processor may keep state per session: it cannot serve n > 1 choices")
+        warpers = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+        if logits_processor is not None and warpers != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}:
+            raise ValueError(f"a session with a logits processor samples from its scores, warpers included: "
+                             f"put the warpers in the processor, not in its params ({warpers})")
         if n > self.max_running:  # the choices run together: they would wait for ever
             raise ValueError(f"n = {n} choices run at once, and this engine runs at most {self.max_running} "
                              "sessions (max_running)")

@@ -89,18 +89,23 @@ class SamplingParams:
 
     @classmethod
     def from_generation_config(cls, config: GenerationConfig, seed: int | None = None) -> SamplingParams:
-        """The settings of a transformers ``GenerationConfig`` that decide the tokens; its
-        ``eos_token_id`` (an int or a list; negative ids mean none) become the stop tokens."""
+        """The settings of a transformers ``GenerationConfig`` that decide the tokens, as ``generate()``
+        reads them: the warpers' settings only when sampling (greedy search ignores them, whatever
+        they are), and a ``top_p`` of 1 or more as no cut. Its ``eos_token_id`` (an int or a list;
+        negative ids mean none) become the stop tokens."""
         eos = config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        warpers = {}
+        if config.do_sample:
+            warpers = {"temperature": config.temperature if config.temperature is not None else 1.0,
+                       "top_k": config.top_k or 0,
+                       "top_p": 1.0 if config.top_p is None or config.top_p >= 1 else config.top_p}
         return cls(
             max_new_tokens=config.max_new_tokens if config.max_new_tokens is not None else 20,
             do_sample=bool(config.do_sample),
-            temperature=config.temperature if config.temperature is not None else 1.0,
-            top_k=config.top_k or 0,
-            top_p=config.top_p if config.top_p is not None else 1.0,
             stop_token_ids=tuple(int(t) for t in eos if t >= 0),
             seed=seed,
+            **warpers,
         )
 
     def make_generator(self, device: torch.device) -> torch.Generator | None:
@@ -116,27 +121,39 @@ class SamplingParams:
 def filter_logits(
     logits: torch.Tensor,  # [B, V]
     temperature: torch.Tensor,  # [B] float
-    top_k: torch.Tensor,  # [B] int64, 0 = no limit
-    top_p: torch.Tensor,  # [B] float, 1.0 = no limit
+    top_k: torch.Tensor,  # [B] int64, 0 = no limit; on the CPU (read to decide which filters run)
+    top_p: torch.Tensor,  # [B] float64 (the Python floats exactly), 1.0 = no limit; on the CPU
 ) -> torch.Tensor:
-    """Temperature-scaled logits with the tokens outside each row's top-k / top-p set to -inf."""
-    # Shifted by each row's maximum first (the softmax is the same), so that no temperature, however
-    # small, overflows the top logit: the top token scales to 0, the rest towards -inf.
+    """Temperature-scaled logits with the tokens outside each row's top-k / top-p set to -inf: each
+    row as transformers' warpers leave it, in the same float32 arithmetic (ties and roundings at
+    the top-p cut included)."""
     logits = logits.float()
-    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]  # [B, V]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
-    limit = torch.where(top_k > 0, top_k, scaled.shape[-1])  # [B]
-    # Below the k-th largest value, as transformers' warper: tokens tied with it stay (more than k).
-    kth = sorted_logits.gather(-1, (limit - 1)[:, None])  # [B, 1]
-    removed = sorted_logits < kth  # [B, V]
-    probs = sorted_logits.masked_fill(removed, float("-inf")).softmax(dim=-1)  # [B, V]
-    # A token stays if the tokens ranked above it hold less than top_p of the mass, and the first
-    # always does (a top_p below float32's range rounds to 0). top_p = 1 keeps everything (a float
-    # cumsum may reach 1 before the last token).
-    mass_above = probs.cumsum(dim=-1) - probs  # [B, V]
-    removed[:, 1:] |= (mass_above[:, 1:] >= top_p[:, None]) & (top_p[:, None] < 1)
-    kept = sorted_logits.masked_fill(removed, float("-inf"))  # [B, V]
-    return torch.full_like(scaled, float("-inf")).scatter(-1, order, kept)  # [B, V]
+    scaled = logits / temperature[:, None]  # [B, V]
+    # A temperature so small that a finite logit overflows leaves transformers' arithmetic without a
+    # distribution (inf - inf); such a row is scaled after subtracting its maximum instead (the
+    # softmax is the same): its top token scales to 0, the rest towards -inf.
+    overflowed = (scaled.isinf() & logits.isfinite()).any(dim=-1, keepdim=True)  # [B, 1]
+    if overflowed.any():
+        shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
+        scaled = torch.where(overflowed, shifted, scaled)
+    if bool((top_k > 0).any()):
+        # Below the k-th largest value, as transformers' warper: tokens tied with it stay (more than
+        # k). Rows without a limit take -inf, which removes nothing.
+        limit = top_k.clamp(1, scaled.shape[-1])  # [B]
+        kth = scaled.topk(int(limit.max())).values.gather(-1, (limit - 1).to(scaled.device)[:, None])  # [B, 1]
+        kth = kth.masked_fill((top_k <= 0).to(scaled.device)[:, None], float("-inf"))
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if bool((top_p < 1).any()):
+        # As transformers' warper, on what top-k left (the sort does not keep ties in order, so only
+        # the same sort of the same values cuts between ties alike): in ascending order a token goes
+        # while the mass up to and including it is at most 1 - top_p (in float32), and the last,
+        # most likely, always stays. Rows at top_p = 1 get no cut: generate() adds no warper there.
+        ascending, order = scaled.sort(dim=-1)  # [B, V]
+        cut = torch.where(top_p < 1, 1 - top_p, -1.0).to(scaled.device, torch.float32)  # [B]
+        removed = ascending.softmax(dim=-1).cumsum(dim=-1) <= cut[:, None]  # [B, V]
+        removed[:, -1] = False
+        scaled = scaled.masked_fill(removed.scatter(-1, order, removed), float("-inf"))
+    return scaled
 
 
 def sample(
@@ -187,8 +204,8 @@ def sample(
         filtered = filter_logits(
             logits[rows],
             torch.tensor([params[i].temperature for i in sampled], device=device),
-            torch.tensor([min(params[i].top_k, logits.shape[-1]) for i in sampled], device=device),  # (any int)
-            torch.tensor([params[i].top_p for i in sampled], device=device),
+            torch.tensor([min(params[i].top_k, logits.shape[-1]) for i in sampled]),  # (any int)
+            torch.tensor([params[i].top_p for i in sampled], dtype=torch.float64),  # (MPS has no float64)
         )  # [S, V]
         probs = filtered.softmax(dim=-1)  # [S, V]
         logprobs[rows] = probs.log()

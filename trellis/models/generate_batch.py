@@ -163,4 +163,4 @@ def _request(model: LlamaForCausalLM, config: GenerationConfig, prompt: Sequence
                      max_new_tokens=config.max_length - len(prompt))
     if all(type(p) in _ENGINE_WARPERS for p in processors):
         return params, None
-    return params, processors
+    return replace(params, temperature=1.0, top_k=0, top_p=1.0), processors  # the processors warp
