@@ -2,6 +2,7 @@
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -277,6 +278,62 @@ def test_early_exit_drafting_keeps_the_cache_and_live_handles():
                                       **{CACHE_ARG: first[CACHE_ARG]}), want)
     with torch.no_grad():  # a prompt over the answer's cached blocks: the full model's K/V, not a draft's
         torch.testing.assert_close(model(got, logits_to_keep=1).logits, ref(got).logits[:, -1:], atol=ATOL, rtol=0)
+    model.prefix_cache.check_integrity()
+
+
+def test_a_generate_waiting_on_an_early_exit_draft_keeps_every_layer():
+    """A plain generate() started while another thread's early-exit draft has the layer count
+    lowered waits for the lock, then runs (and leaves the model with) all the layers."""
+    ref, model = tiny_pair(seed=3, config=tiny_config(num_hidden_layers=3))
+    ids = prompt(5, 12)
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    drafting = threading.Event()
+
+    def pause_in_the_first_draft(module, args):
+        if model.config.num_hidden_layers == 1 and not drafting.is_set():
+            drafting.set()
+            time.sleep(1.0)  # the other thread starts meanwhile
+
+    hook = model.model.layers[0].register_forward_pre_hook(pause_in_the_first_draft)
+    results = {}
+    drafted = threading.Thread(target=lambda: results.setdefault(
+        "early_exit", model.generate(ids, assistant_early_exit=1, max_new_tokens=8, do_sample=False)))
+    drafted.start()
+    assert drafting.wait(60)
+    plain = threading.Thread(target=lambda: results.setdefault("plain", model.generate(ids, max_new_tokens=8,
+                                                                                        do_sample=False)))
+    plain.start()
+    drafted.join(120)
+    plain.join(120)
+    hook.remove()
+    assert model.config.num_hidden_layers == 3
+    assert torch.equal(results["early_exit"], want) and torch.equal(results["plain"], want)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want)
+
+
+def test_prompt_lookup_to_the_last_position_is_served():
+    """The last new token is never fed back, so it needs no position: a generation accepted up
+    front runs to it with drafts too (they may reach past the last position, as transformers
+    computes and discards them)."""
+    ref, model = tiny_pair(seed=23, config=tiny_config(max_position_embeddings=40), block_size=2)
+    ids = torch.tensor([[188, 52, 71] * 5 + [188]])  # 16 tokens, 25 new: 40 positions used
+    settings = {"max_new_tokens": 25, "do_sample": False, "prompt_lookup_num_tokens": 5, "max_matching_ngram_size": 2}
+    want = ref.generate(ids, **settings)
+    assert want.shape[1] == 41 and torch.equal(model.generate(ids, **settings), want)
+    model.prefix_cache.check_integrity()
+
+
+def test_an_early_exit_drafts_refusal_is_named_and_ends_its_sessions():
+    """The model's first layers drafting from a sequence that ends in the pad id (the model
+    generated it) raise the assistant's refusal, with a note naming early exit; the drafter's
+    sessions end with the error, not when its traceback is dropped."""
+    _, model = tiny_pair(seed=18, config=tiny_config(max_position_embeddings=32, num_hidden_layers=2))
+    ids = torch.tensor([[163, 129, 49, 125, 78, 163, 129, 49, 125, 78, 163]])
+    with pytest.raises(ValueError, match="holds the pad token 0") as refused:
+        model.generate(ids, assistant_early_exit=1, max_new_tokens=22, do_sample=False)
+    assert refused.value.__notes__ == [
+        "(raised by the model's first 1 layers (assistant_early_exit) while it drafted candidate tokens)"]
+    assert model.prefix_cache.stats()["live_sessions"] == 0 and model.config.num_hidden_layers == 2
     model.prefix_cache.check_integrity()
 
 

@@ -422,7 +422,6 @@ class TrellisLlama(LlamaForCausalLM):
         self._check_generation_inputs(inputs if inputs is not None else kwargs.get("input_ids"),
                                       kwargs.get("attention_mask"), generation_config, kwargs)
         given = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
-        num_layers = self.config.num_hidden_layers
         # The whole call holds the lock: transformers' early-exit drafter lowers the layer count for
         # a while, which no other thread's forward may see. A TrellisLlama assistant's lock is taken
         # with it, both in one order: two models drafting for each other from two threads would
@@ -432,6 +431,8 @@ class TrellisLlama(LlamaForCausalLM):
         with contextlib.ExitStack() as locks:
             for model in sorted(models, key=id):
                 locks.enter_context(model.runner.lock)
+            # Read under the lock: another thread's early-exit draft may have it lowered until then.
+            num_layers = self.config.num_hidden_layers
             own = PagedKVCache(self.prefix_cache) if given is None and use_cache else None
             result = None
             try:
@@ -482,12 +483,17 @@ class TrellisLlama(LlamaForCausalLM):
                                  "transformers runs its first forward over the whole input again and its mask then "
                                  "masks other tokens; continue without drafts, or start from no past_key_values")
             if "dynamic" not in self.model.rotary_emb.rope_type:
-                cache.discard_from = generation_config.max_length
+                # The last kept column's token is never fed back: what a forward computes there is
+                # discarded too.
+                cache.discard_from = generation_config.max_length - 1
         drafter = super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
                                                    model_kwargs, *args, **kwargs)
         assistant = getattr(drafter, "assistant_model", None)
-        if assistant is not None and assistant is not self:
-            drafter.get_candidates = _errors_named_as_the_assistants(drafter.get_candidates)
+        if assistant is not None:
+            early_exit = getattr(generation_config, "assistant_early_exit", None)
+            drafting = (f"the model's first {early_exit} layers (assistant_early_exit)" if assistant is self and early_exit
+                        else "assistant_model")
+            drafter.get_candidates = _errors_named_as_the_drafters(drafter.get_candidates, drafting)
         return drafter
 
     def _generation_setting(self, name: str, generation_config, kwargs: dict):
@@ -557,20 +563,21 @@ class TrellisLlama(LlamaForCausalLM):
                               progress_bar, **kwargs)
 
 
-def _errors_named_as_the_assistants(get_candidates: Callable[..., Any]) -> Callable[..., Any]:
-    """A drafter's bound ``get_candidates``, whose errors say they came from ``assistant_model``: the
-    drafts run the assistant's own ``generate()``, and its refusals (a pad token, a prompt too long
-    for it) would otherwise read as the main model's. On an error the drafter's cache handle for
-    the assistant ends its sessions then, not when the error's traceback (which holds the handle)
-    is dropped. The method is held weakly: the drafter keeps the wrapper, and a cycle would keep
-    the drafter and that handle alive until the garbage collector ran."""
+def _errors_named_as_the_drafters(get_candidates: Callable[..., Any], drafter: str) -> Callable[..., Any]:
+    """A drafter's bound ``get_candidates``, whose errors say they came from ``drafter``
+    (``assistant_model``, or the model's first layers): the drafts run the drafter's own
+    ``generate()``, and its refusals (a pad token, a prompt too long for it) would otherwise read
+    as the main model's. On an error the drafter's cache handle ends its sessions then, not when
+    the error's traceback (which holds the handle) is dropped. The method is held weakly: the
+    drafter keeps the wrapper, and a cycle would keep the drafter and that handle alive until the
+    garbage collector ran."""
     method = weakref.WeakMethod(get_candidates)
 
     def drafting(*args: Any, **kwargs: Any) -> Any:
         try:
             return method()(*args, **kwargs)
         except Exception as exc:
-            exc.add_note("(raised by assistant_model while it drafted candidate tokens)")
+            exc.add_note(f"(raised by {drafter} while it drafted candidate tokens)")
             cache = getattr(method().__self__, "assistant_kwargs", {}).get(CACHE_ARG)
             if isinstance(cache, PagedKVCache):
                 cache.release()

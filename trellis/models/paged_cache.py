@@ -66,8 +66,9 @@ class PagedKVCache(Cache):
         # The fewest decoder layers a forward over these sessions ran (None before the first): while
         # config.num_hidden_layers is lowered (an early-exit drafter) the later layers' K/V stay unwritten.
         self.num_layers: int | None = None
-        # Set by generate() while it runs assisted decoding: the column (its max_length) from which
-        # it discards whatever a forward computes; drafts past it need not fit the model's positions.
+        # Set by generate() while it runs assisted decoding: the column (its max_length - 1: the last
+        # token is never fed back) from which it discards whatever a forward computes; drafts there
+        # and past it need not fit the model's positions.
         self.discard_from: int | None = None
         # The finalizer only queues the release: it may run inside another cache operation.
         self._finalizer = weakref.finalize(self, manager.release_later, self.seqs)
