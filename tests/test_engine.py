@@ -362,6 +362,28 @@ def test_a_session_whose_sampling_fails_ends_alone_with_its_error():
     assert not engine.has_work
 
 
+def test_a_runner_that_fails_between_steps_fails_every_session(monkeypatch):
+    """A runner whose cache is out of reach (a grid whose stage died) fails the running and the
+    waiting sessions at the next step, which raises its error: none is left waiting for ever."""
+    _, model = tiny_pair()
+    engine = Engine(model)
+    running = engine.add(PROMPTS[0], SamplingParams(max_new_tokens=6))
+    engine.step()
+    waiting = engine.add(PROMPTS[1], SamplingParams(max_new_tokens=6))
+    manager = model.prefix_cache
+
+    def failed(runner):
+        raise RuntimeError("the grid has failed and serves nothing more")
+
+    monkeypatch.setattr(type(model.runner), "prefix_cache", property(failed))
+    with pytest.raises(RuntimeError, match="the grid has failed"):
+        engine.step()
+    assert [s.status for s in (running, waiting)] == [RequestStatus.FAILED] * 2
+    assert "the runner failed" in waiting.error and not engine.has_work
+    assert manager.stats()["live_sessions"] == 0
+    manager.check_integrity()
+
+
 def test_an_error_while_tokens_are_recorded_fails_the_unfinished_sessions_once(monkeypatch):
     """An error after the forward (here recording B's second token, after A finished with its
     third in the same step) would leave the step half done: every session not yet ended fails,

@@ -39,7 +39,16 @@ from trellis.grid import (
     shared_host_environment,
     split_by_memory,
 )
-from trellis.grid.launch import SHARED_HOST_SPIN_COUNT, Endpoint, StageIdentity, connect, plan_grid
+from trellis.grid.launch import (
+    SHARED_HOST_SPIN_COUNT,
+    Endpoint,
+    StageIdentity,
+    connect,
+    free_port,
+    identity,
+    plan_grid,
+    start_stage,
+)
 from trellis.grid.stage import run_stage
 from trellis.grid.transport import StepPlan
 from trellis.models.embedded import embedded_gguf_path
@@ -112,8 +121,8 @@ def test_stages_on_one_machine_split_the_layers_alike_whenever_they_read_its_mem
     options = GridOptions(block_size=BLOCK, num_blocks=64)
 
     def stage(host: str, free: int) -> StageIdentity:
-        return StageIdentity("t", "t", "t", "d", "float32", BLOCK, "cpu", free_memory=free, kv_budget=1 << 30,
-                             host=host)
+        return StageIdentity("t", "t", "t", "d", "float32", BLOCK, "cpu", world_size=2, linear_kernel=None, layers=None,
+                             free_memory=free, kv_budget=1 << 30, host=host)
 
     alike = plan_grid(options, config, [stage("a", 1000), stage("a", 1000)])[0]
     assert plan_grid(options, config, [stage("a", 1000), stage("a", 1900)])[0] == alike
@@ -321,12 +330,48 @@ DTYPE_REFUSAL = ("dtype: float32 on the coordinator, bfloat16 here (--dtype auto
                  "every stage one --dtype)")
 
 
-@pytest.mark.parametrize("field,value,named", [("dtype", "bfloat16", DTYPE_REFUSAL), ("block_size", 8, "block_size")])
+@pytest.mark.parametrize("field,value,named", [
+    ("dtype", "bfloat16", DTYPE_REFUSAL), ("block_size", 8, "block_size"),
+    ("linear_kernel", "blas", "linear_kernel: None on the coordinator, blas here"),
+    ("layers", "0-1,2-5", "layers: None on the coordinator, 0-1,2-5 here (the coordinator places the layers"),
+])
 def test_a_mismatched_stage_is_refused(tiny_dir, field, value, named):
     grid = LocalGrid(options(tiny_dir), stages=2, stage_options=dataclasses.replace(options(tiny_dir), **{field: value}))
     with pytest.raises(GridError, match=re.escape(named)):
         grid.__enter__()
     assert grid.stop(timeout=30) == [2]  # the stage refused too (the command's usage-error status)
+
+
+def test_stages_of_another_grid_size_or_a_rank_taken_twice_are_refused(tiny_dir):
+    """A stage started for another world size is named by the coordinator's handshake (the stage
+    would otherwise fail on its own, leaving the coordinator to wait); a second stage claiming a
+    rank is refused at once. A stage without --layers takes the coordinator's placement."""
+    mine = identity(options(tiny_dir, layers="0-2, 3-5"), torch.device("cpu"), 2)
+    assert mine.layers == "0-2,3-5"
+    theirs = dataclasses.replace(mine, world_size=3, layers=None)
+    assert mine.differences(theirs) == ["world_size: 2 on the coordinator, 3 here"]
+    endpoint = Endpoint(0, 2, "127.0.0.1", free_port())
+    hosted = connect(endpoint, 30)  # the coordinator's rendezvous
+    stage = Endpoint(1, 2, "127.0.0.1", endpoint.master_port)
+    refusals = []
+
+    def join() -> None:
+        try:
+            start_stage(options(tiny_dir, threads=None), stage)
+        except GridError as exc:
+            refusals.append(str(exc))
+
+    first = threading.Thread(target=join)
+    first.start()  # claims rank 1, then waits for the plan
+    deadline = time.monotonic() + 60
+    while not hosted.check(["identity/1"]):
+        assert time.monotonic() < deadline, "the first stage never joined"
+        time.sleep(0.05)
+    with pytest.raises(GridError, match="another stage has joined this grid as rank 1 already"):
+        start_stage(options(tiny_dir, threads=None), stage)
+    hosted.set("plan", json.dumps({"error": "refused for the test"}))
+    first.join(60)
+    assert refusals == ["the coordinator refused this grid: refused for the test"] and hosted.check(["plan_read/1"])
 
 
 def test_a_stage_that_exits_while_the_grid_starts_fails_the_start_at_once(tiny_dir, tmp_path):

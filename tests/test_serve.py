@@ -653,6 +653,23 @@ def test_an_engine_error_fails_that_request_only(tiny):
     assert model.prefix_cache.stats()["live_sessions"] == 0
 
 
+def test_a_runner_that_can_serve_nothing_more_is_a_503_and_metrics_still_render(tiny):
+    """A grid that lost a stage (its runner's ``failure`` set) answers new requests 503 naming why,
+    as /health does, and /metrics renders without the KV pool it can no longer read."""
+    server = tiny.server
+    runner = server.app.state.engine.runner
+    runner.failure = "stage 1: the link failed"
+    try:
+        reply = httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert reply.status_code == 503 and "stage 1: the link failed" in reply.json()["error"]["message"]
+        assert httpx.get(f"{server.url}/health", timeout=60).status_code == 503
+        scraped = httpx.get(f"{server.url}/metrics", timeout=60)
+        assert scraped.status_code == 200 and "trellis_kv_cache_blocks" not in scraped.text
+    finally:
+        runner.failure = None
+    assert "trellis_kv_cache_blocks" in httpx.get(f"{server.url}/metrics", timeout=60).text
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_request_whose_choice_fails_stops_its_other_choices(tiny, stream):
     """A request with an error to report answers it at once (a stream: its error event, then

@@ -208,7 +208,11 @@ class Engine:
         (finished, cancelled or failed), forks included. (Pipelined: finish this lane's forward,
         then schedule and submit its next one.)"""
         with self.runner.lock, torch.no_grad():  # one forward at a time on the shared pool
-            manager = self.runner.prefix_cache
+            try:
+                manager = self.runner.prefix_cache
+            except Exception as exc:  # a failed grid serves nothing more: no session here would ever end
+                self.abort(f"the runner failed: {exc!r}")
+                raise
             if self.running and manager is not self._manager:
                 reason = "the model's KV cache was rebuilt (new weights, dtype, device or cache settings)"
                 self.abort(reason)

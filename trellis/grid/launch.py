@@ -141,14 +141,20 @@ class StageIdentity:
     dtype: str
     block_size: int
     device_type: str
+    world_size: int
+    linear_kernel: str | None  # as given: one process runs one kernel, whose rounding every layer shares
+    layers: str | None  # as given, spaces dropped; None on a stage: the coordinator's placement
     free_memory: int = field(compare=False)
     kv_budget: int = field(compare=False)
     host: str = field(compare=False)
 
     def differences(self, other: StageIdentity) -> list[str]:
+        """What ``other`` (a stage's) has otherwise than this (the coordinator's), named."""
         mine, theirs = asdict(self), asdict(other)
-        names = [f.name for f in self.__dataclass_fields__.values() if f.compare]
-        hints = {"dtype": " (--dtype auto chooses for each machine: give every stage one --dtype)"}
+        names = [f.name for f in self.__dataclass_fields__.values() if f.compare
+                 and not (f.name == "layers" and theirs["layers"] is None)]
+        hints = {"dtype": " (--dtype auto chooses for each machine: give every stage one --dtype)",
+                 "layers": " (the coordinator places the layers: give it --layers, and the stages the same or none)"}
         return [f"{name}: {mine[name]} on the coordinator, {theirs[name]} here{hints.get(name, '')}" for name in names
                 if mine[name] != theirs[name]]
 
@@ -180,12 +186,14 @@ def model_digest(path: str, gguf_file: str | None = None) -> str:
     return digest.hexdigest()
 
 
-def identity(options: GridOptions, device: torch.device) -> StageIdentity:
+def identity(options: GridOptions, device: torch.device, world_size: int) -> StageIdentity:
     return StageIdentity(
         trellis=importlib.metadata.version("trellis"), torch=torch.__version__, transformers=transformers.__version__,
         model_digest=model_digest(options.model_path, options.gguf_file), dtype=options.dtype,
-        block_size=options.block_size, device_type=device.type, free_memory=free_memory(device),
-        kv_budget=options.kv_cache_memory or default_kv_cache_memory(device), host=os.uname().nodename)
+        block_size=options.block_size, device_type=device.type, world_size=world_size,
+        linear_kernel=options.linear_kernel, layers="".join(options.layers.split()) if options.layers else None,
+        free_memory=free_memory(device), kv_budget=options.kv_cache_memory or default_kv_cache_memory(device),
+        host=os.uname().nodename)
 
 
 def connect(endpoint: Endpoint, timeout: float) -> dist.Store:
@@ -334,6 +342,18 @@ def wait_for(store: dist.Store, keys: list[str], timeout: float, lost: Callable[
     return [json.loads(store.get(key)) for key in keys]
 
 
+PLAN_READ_GRACE_S = 10.0  # how long a refusing coordinator keeps its rendezvous up for the stages to read why
+
+
+def wait_for_plan_read(store: dist.Store, ranks: range) -> None:
+    """Keep the rendezvous, which this process hosts, until every stage has read the plan (a
+    refusal's reason) or ``PLAN_READ_GRACE_S`` passed: exiting at once would close it under a
+    stage about to read, which would then report a lost connection instead of the reason."""
+    deadline = time.monotonic() + PLAN_READ_GRACE_S
+    while not store.check([f"plan_read/{r}" for r in ranks]) and time.monotonic() < deadline:
+        time.sleep(STORE_POLL_S)
+
+
 def start_coordinator(options: GridOptions, endpoint: Endpoint,
                       lost: Callable[[], str | None] = lambda: None) -> GridRunner:
     """Rank 0: check the stages, place the layers, load stage 0 and return the grid's runner
@@ -342,23 +362,26 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint,
     device = stage_device(options.device)
     _set_threads(options)
     store = connect(endpoint, options.start_timeout)
-    mine = identity(options, device)
+    mine = identity(options, device, endpoint.world_size)
     store.set("identity/0", json.dumps(asdict(mine)))
     ranks = range(1, endpoint.world_size)
     joined = wait_for(store, [f"identity/{r}" for r in ranks], options.start_timeout, lost,
                       "not every stage joined")
-    stages = [mine] + [StageIdentity(**fields) for fields in joined]
-    warn_if_spinning(stages)
-    problems = [f"stage {r} ({s.host}): " + "; ".join(diff) for r, s in enumerate(stages[1:], 1)
-                if (diff := mine.differences(s))]
     config = load_llama_config(options.model_path, options.load_kwargs())
     try:
+        # (A stage of another Trellis release may report other fields: named as a difference.)
+        stages = [mine] + [StageIdentity(**fields) if fields.keys() == asdict(mine).keys() else None for fields in joined]
+        problems = [f"stage {r}: another Trellis release ({joined[r - 1].get('trellis')}) than the coordinator's "
+                    f"({mine.trellis})" if s is None else f"stage {r} ({s.host}): " + "; ".join(diff)
+                    for r, s in enumerate(stages[1:], 1) if s is None or (diff := mine.differences(s))]
         if problems:
             raise GridError("the stages differ, so the grid would not compute what one model does:\n  "
                             + "\n  ".join(problems))
+        warn_if_spinning(stages)
         placement, num_blocks = plan_grid(options, config, stages)
     except (GridError, ValueError) as exc:
         store.set("plan", json.dumps({"error": str(exc)}))
+        wait_for_plan_read(store, ranks)
         raise GridError(str(exc)) from exc
     store.set("plan", json.dumps({"layers": placement.spec(), "num_blocks": num_blocks}))
     log.info("grid of %d stages, %d KV blocks of %d tokens each:\n%s", endpoint.world_size, num_blocks,
@@ -388,11 +411,16 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     device = stage_device(options.device)
     _set_threads(options)
     store = connect(endpoint, options.start_timeout)
-    store.set(f"identity/{endpoint.rank}", json.dumps(asdict(identity(options, device))))
+    if store.add(f"claim/{endpoint.rank}", 1) > 1:
+        raise GridError(f"another stage has joined this grid as rank {endpoint.rank} already: give each stage its own "
+                        "--rank")
+    store.set(f"identity/{endpoint.rank}", json.dumps(asdict(identity(options, device, endpoint.world_size))))
     try:
         plan = json.loads(store.get("plan"))
+        store.set(f"plan_read/{endpoint.rank}", "")  # the coordinator may go now, whatever the plan says
     except RuntimeError as exc:
-        raise GridError(f"the coordinator did not answer within {options.start_timeout:.0f} s: {exc}") from exc
+        raise GridError(f"no plan from the coordinator within {options.start_timeout:.0f} s, or its rendezvous "
+                        f"closed first (see the coordinator's log: it may have refused this stage): {exc}") from exc
     if "error" in plan:
         raise GridError(f"the coordinator refused this grid: {plan['error']}")
     config = load_llama_config(options.model_path, options.load_kwargs())

@@ -140,6 +140,9 @@ class CompletionService:
     def _start(self, prefix: str, prompts: list[list[int]], req: GenerationRequest, max_tokens: int | None,
                default_max_tokens: int, top: int | None, prompt_top: int | None) -> _Job:
         config = self.config
+        failure = self.bridge.engine.runner.failure
+        if failure is not None:  # a grid that lost a stage: the server stops shortly
+            raise APIError(503, f"the model can serve nothing more: {failure}", kind="server_unavailable")
         if req.model is not None and req.model != config.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
                            "model", "not_found_error")

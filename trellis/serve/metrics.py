@@ -84,6 +84,8 @@ class _CacheCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
+        if self.engine.runner.failure is not None:  # a grid that lost a stage has no pool to read (/health says why)
+            return
         stats = self.engine.runner.prefix_cache.stats()
         free, cached, total = stats["free_blocks"], stats["cached_blocks"], stats["total_blocks"]
         tail = stats["tail_blocks"]
