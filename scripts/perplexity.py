@@ -17,6 +17,7 @@ from pathlib import Path
 from trellis.eval import loglikelihood_rolling
 from trellis.eval.loading import add_model_arguments, existing_file, load_model, positive_int
 from trellis.eval.requests import encode
+from trellis.utils import read_utf8
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "sample_text.txt"
 
@@ -34,7 +35,7 @@ def main() -> None:
 
 
 def score(args: argparse.Namespace) -> None:
-    text = args.text.read_text()
+    text = read_utf8(args.text)
     if not text.strip():
         raise ValueError(f"{args.text} has no words to score: it is empty or only whitespace")
     model, tokenizer = load_model(args)

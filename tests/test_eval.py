@@ -335,6 +335,12 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
                           skip_special_tokens=True)
         assert completion == full.split("\n")[0].split(".")[0]
     assert got[1] == " Paris" and got[0]
+    # lm-eval's other names for the limit, first given first (a YAML float too), as its HF backend takes them.
+    limited = {n: generate_until(model, tok, [(prompts[0], {"until": [], "max_gen_toks": n})]) for n in (2, 6)}
+    assert limited[2] != limited[6]
+    for kwargs, n in (({"max_new_tokens": 6}, 6), ({"max_tokens": 6.0}, 6), ({"max_completion_tokens": 6, "max_tokens": 2}, 2),
+                      ({"max_gen_toks": 6, "max_new_tokens": 2}, 6)):
+        assert generate_until(model, tok, [(prompts[0], {"until": [], **kwargs})]) == limited[n], kwargs
 
 
 @pytest.mark.parametrize(("call", "error", "message"), [
@@ -344,6 +350,8 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
     (lambda m, t: generate_until(m, t, [("Hi", {"max_gen_toks": 0})]), ValueError, "max_gen_toks must be a positive"),
     (lambda m, t: generate_until(m, t, [("Hi", {"max_gen_toks": True})]), ValueError,
      "max_gen_toks must be a positive integer, got True"),
+    (lambda m, t: generate_until(m, t, [("Hi", {"max_tokens": 2.5})]), ValueError,
+     "max_tokens must be a positive integer, got 2.5"),
     (lambda m, t: loglikelihood(m, t, [(None, " x")]), TypeError, "pair of strings"),
     (lambda m, t: loglikelihood_rolling(m, t, ["some text"], max_length=0), ValueError,
      "max_length must be a positive"),
@@ -417,6 +425,22 @@ def test_adapter_rolling_and_generation_match_lm_evals_hf_backend(harness):
     gen = instances("generate_until", [(PASSAGE + "Question: Who was the last keeper?\nAnswer:",
                                         {"until": ["\n"], "max_gen_toks": 8})])
     assert ours.generate_until(gen) == theirs.generate_until(gen)
+
+
+def test_adapter_sizes_an_auto_batch_from_the_kv_pool():
+    """batch_size="auto" (lm-eval's --batch_size auto) batches generate_until as the pool allows:
+    HFLM's probe would try 64 rows of max_length and take the pool's refusal for a real error."""
+    installed("lm_eval")
+    from trellis.eval.lm_eval_adapter import TrellisLM
+
+    model, tok = smollm2_trellis(num_blocks=64), smollm2_tokenizer()
+    auto = TrellisLM(pretrained=model, tokenizer=tok, batch_size="auto", max_length=96)
+    assert auto._detect_batch_size() == 21  # rows of 96 tokens: 3 blocks of 32 each
+    gen = instances("generate_until", [("The capital of France is", {"until": ["\n"], "max_gen_toks": 5}),
+                                       ("Hi there", {"until": ["\n"], "max_gen_toks": 5})])
+    got = auto.generate_until(gen)
+    assert got == TrellisLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=96).generate_until(gen)
+    assert model.prefix_cache.stats()["live_sessions"] == 0
 
 
 def test_adapter_loads_from_a_path_with_cache_settings():

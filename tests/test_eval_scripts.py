@@ -28,6 +28,17 @@ def test_read_questions_takes_questions_of_any_number_of_choices(tmp_path):
     assert accuracy(questions, [-1.0, -2.0, -3.0, -2.0, -1.0]) == {"acc": 1.0, "acc_norm": 1.0}
 
 
+def test_read_questions_takes_any_character_json_takes_and_names_a_file_that_is_not_utf8(tmp_path):
+    """U+2028, U+2029 and U+0085 may stand unescaped in a JSON string: they end no line."""
+    data = tmp_path / "q.jsonl"
+    context = "Line\u2028separator, paragraph\u2029and next\x85line:"
+    data.write_text(json.dumps({**GOOD, "context": context}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_questions(data) == [Question(context, ["4", "5"], 0)]
+    data.write_bytes(b"\xff" + data.read_bytes())
+    with pytest.raises(ValueError, match=r"q.jsonl is not UTF-8 text \(invalid start byte at byte 0\)"):
+        read_questions(data)
+
+
 @pytest.mark.parametrize(("record", "message"), [
     ('{"context": "x"', "not valid JSON"),
     ('["x", ["a"], 0]', "a question must be a JSON object, got list"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Iterable, Sequence
 
 
@@ -19,6 +20,15 @@ def is_int(value: object) -> bool:
 def is_positive_int(value: object) -> bool:
     """An ``int`` above zero (``is_int``)."""
     return is_int(value) and value > 0
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's text (line ends read as "\n"); a file that is not UTF-8 is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:

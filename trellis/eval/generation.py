@@ -18,6 +18,8 @@ from trellis.models.llama import TrellisLlama
 from trellis.utils import is_positive_int
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default
+# The names lm-eval takes for the number of new tokens, the first given winning (its normalize_gen_kwargs).
+MAX_GEN_TOKS_ALIASES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
 
 def generate_until(
@@ -31,7 +33,8 @@ def generate_until(
     """A completion for each ``(context, gen_kwargs)`` request, cut before its first stop string.
 
     ``gen_kwargs`` as lm-eval writes them: ``until`` (a stop string or a list of them),
-    ``max_gen_toks`` (default 256), and any ``generate()`` argument. Decoding is greedy unless
+    ``max_gen_toks`` (default 256; or, as lm-eval takes them, the first given of
+    ``max_new_tokens``, ``max_tokens``, ``max_completion_tokens``), and any ``generate()`` argument. Decoding is greedy unless
     ``do_sample`` is true or a positive ``temperature`` is given. A context longer than
     ``max_length - max_gen_toks`` tokens loses tokens on the left. Contexts are tokenized as
     ``requests.encode`` does it.
@@ -52,11 +55,15 @@ def generate_until(
             until = [until] if isinstance(until, str) else list(until)
             if not all(isinstance(stop, str) for stop in until):
                 raise TypeError(f"until must be a string or a list of strings, got {until!r}")
-            max_new = kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
+            limits = {name: kwargs.pop(name, None) for name in MAX_GEN_TOKS_ALIASES}
+            name, max_new = next(((n, v) for n, v in limits.items() if v is not None),
+                                 ("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            if isinstance(max_new, float) and max_new.is_integer():  # (lm-eval's YAML may give 32.0)
+                max_new = int(max_new)
             if not is_positive_int(max_new):
-                raise ValueError(f"max_gen_toks must be a positive integer, got {max_new!r}")
+                raise ValueError(f"{name} must be a positive integer, got {max_new!r}")
             if max_new >= max_length:
-                raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in max_length {max_length}")
+                raise ValueError(f"{name} {max_new} leaves no room for a context in max_length {max_length}")
             temperature = kwargs.get("temperature", 0.0)
             if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
                 raise TypeError(f"temperature must be a number, got {temperature!r}")

@@ -30,7 +30,7 @@ from trellis.eval.scoring import check_max_batch_tokens, score_continuations
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 from trellis.models.loading import resolve_device
-from trellis.utils import is_positive_int
+from trellis.utils import cdiv, is_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,15 @@ class TrellisLM(HFLM):
         """The TrellisLlama under any PEFT wrapper."""
         model = self.model
         return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
+        """``batch_size="auto"`` (what ``--batch_size auto`` passes, for ``generate_until``): as many
+        rows of ``max_length`` tokens as the KV pool holds at once, at most ``max_batch_size``.
+        (HFLM's probe runs ever smaller batches until one stops raising out-of-memory errors: the
+        pool's own refusal is no such error, and its size is known.)"""
+        cache = self.trellis_model.prefix_cache
+        rows = cache.pool.num_blocks // cdiv(self.max_length, cache.block_size)
+        return max(1, min(rows, self.max_batch_size))
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
                               disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from trellis.utils import is_int
+from trellis.utils import is_int, read_utf8
 
 TARGET_DELIMITER = " "  # between a context and a choice, as lm-eval's default
 FEWSHOT_DELIMITER = "\n\n"  # between solved examples, as lm-eval's default
@@ -27,7 +27,9 @@ class Question:
 def read_questions(path: str | Path) -> list[Question]:
     """The questions of a JSONL file; a malformed line is a ValueError naming the line and field."""
     questions = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines would also cut at U+2028, U+2029 or U+0085, which a
+    # JSON string may hold as they are.
+    for number, line in enumerate(read_utf8(path).split("\n"), 1):
         if line.strip():
             where = f"{path}:{number}"
             try:
