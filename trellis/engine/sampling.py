@@ -129,10 +129,10 @@ def filter_logits(
     the top-p cut included)."""
     logits = logits.float()
     scaled = logits / temperature[:, None]  # [B, V]
-    # A temperature so small that a finite logit overflows leaves transformers' arithmetic without a
+    # A temperature so small that the top logit overflows leaves transformers' arithmetic without a
     # distribution (inf - inf); such a row is scaled after subtracting its maximum instead (the
     # softmax is the same): its top token scales to 0, the rest towards -inf.
-    overflowed = (scaled.isinf() & logits.isfinite()).any(dim=-1, keepdim=True)  # [B, 1]
+    overflowed = scaled.amax(dim=-1, keepdim=True) == float("inf")  # [B, 1]
     if overflowed.any():
         shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
         scaled = torch.where(overflowed, shifted, scaled)
