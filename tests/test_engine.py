@@ -227,16 +227,13 @@ def test_greedy_picks_argmax_ties_and_nan_included(dtype):
 
 def test_filters_give_transformers_warpers_distribution():
     logits = torch.randn(len(WARPS), 100, generator=torch.Generator().manual_seed(0)) * 3  # [B, V]
-    temperature, top_k, top_p = (torch.tensor(column, dtype=dtype) for column, dtype in
-                                 zip(zip(*WARPS), (torch.float32, torch.int64, torch.float64)))
-    got = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # [B, V]
+    got = filter_logits(logits, *zip(*WARPS)).softmax(dim=-1)  # [B, V]
     for row, warp in enumerate(WARPS):
         torch.testing.assert_close(got[row], warped_probs(logits[row : row + 1], *warp)[0])
     # Ties at the k-th value (bf16 logits have many) stay, as transformers keeps them.
     tied = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, -1.0]])
     for warp in [(1.0, 2, 1.0), (0.7, 4, 1.0), (1.0, 1, 0.99)]:
-        got = filter_logits(tied, *(torch.tensor([value] * 2, dtype=dtype) for value, dtype in
-                                    zip(warp, (torch.float32, torch.int64, torch.float64)))).softmax(dim=-1)
+        got = filter_logits(tied, *([value] * 2 for value in warp)).softmax(dim=-1)
         torch.testing.assert_close(got, warped_probs(tied, *warp))
 
 
@@ -249,9 +246,7 @@ def test_filters_keep_exactly_the_tokens_transformers_warpers_keep():
     logits[1, 7:9] = logits[1].max() + 0.5  # a tied pair on top
     warps = [(1.0, 0, 0.5), (1.0, 0, 0.0), (0.7, 0, 0.99), (1.0, 0, 0.999), (1.3, 0, 0.9999),
              (1.0, 40, 0.95), (0.9, 0, 1.0), (1.0, 5, 1e-9)]
-    temperature, top_k = torch.tensor([w[0] for w in warps]), torch.tensor([w[1] for w in warps])
-    top_p = torch.tensor([w[2] for w in warps], dtype=torch.float64)
-    got = filter_logits(logits, temperature, top_k, top_p)  # [B, V]
+    got = filter_logits(logits, *zip(*warps))  # [B, V]
     for row, warp in enumerate(warps):
         assert torch.equal(got[row], warped_scores(logits[row : row + 1], *warp)[0]), warp
 
@@ -360,6 +355,9 @@ def test_a_session_whose_sampling_fails_ends_alone_with_its_error():
         with pytest.raises(ValueError, match="put the warpers in the processor"):
             engine.add(PROMPTS[1], SamplingParams(max_new_tokens=6, do_sample=True, **warper), logits_processor=failing)
     assert not engine.has_work
+    # Greedy search ignores the warpers' settings whatever they are, with a processor too.
+    engine.add(PROMPTS[1], SamplingParams(max_new_tokens=2, temperature=0.0), logits_processor=lambda ids, s: s)
+    engine.run()
 
 
 def test_a_runner_that_fails_between_steps_fails_every_session(monkeypatch):
@@ -376,6 +374,10 @@ def test_a_runner_that_fails_between_steps_fails_every_session(monkeypatch):
         raise RuntimeError("the grid has failed and serves nothing more")
 
     monkeypatch.setattr(type(model.runner), "prefix_cache", property(failed))
+    with pytest.raises(RuntimeError, match="the grid has failed"):
+        engine.step()  # (a runner that has not failed: a passing error, the sessions kept)
+    assert engine.has_work and waiting.status != RequestStatus.FAILED
+    monkeypatch.setattr(model.runner, "failure", "stage 1: the link failed")
     with pytest.raises(RuntimeError, match="the grid has failed"):
         engine.step()
     assert [s.status for s in (running, waiting)] == [RequestStatus.FAILED] * 2

@@ -342,10 +342,11 @@ def test_a_mismatched_stage_is_refused(tiny_dir, field, value, named):
     assert grid.stop(timeout=30) == [2]  # the stage refused too (the command's usage-error status)
 
 
-def test_stages_of_another_grid_size_or_a_rank_taken_twice_are_refused(tiny_dir):
+def test_a_stage_of_another_grid_size_is_named_and_a_restarted_stage_joins(tiny_dir):
     """A stage started for another world size is named by the coordinator's handshake (the stage
-    would otherwise fail on its own, leaving the coordinator to wait); a second stage claiming a
-    rank is refused at once. A stage without --layers takes the coordinator's placement."""
+    would otherwise fail on its own, leaving the coordinator to wait). A stage started again with
+    the rank of one that left before the plan came (a wrong option fixed) joins in its place, and
+    reads the plan. A stage without --layers takes the coordinator's placement."""
     mine = identity(options(tiny_dir, layers="0-2, 3-5"), torch.device("cpu"), 2)
     assert mine.layers == "0-2,3-5"
     theirs = dataclasses.replace(mine, world_size=3, layers=None)
@@ -361,17 +362,18 @@ def test_stages_of_another_grid_size_or_a_rank_taken_twice_are_refused(tiny_dir)
         except GridError as exc:
             refusals.append(str(exc))
 
-    first = threading.Thread(target=join)
-    first.start()  # claims rank 1, then waits for the plan
-    deadline = time.monotonic() + 60
-    while not hosted.check(["identity/1"]):
-        assert time.monotonic() < deadline, "the first stage never joined"
-        time.sleep(0.05)
-    with pytest.raises(GridError, match="another stage has joined this grid as rank 1 already"):
-        start_stage(options(tiny_dir, threads=None), stage)
+    stages = [threading.Thread(target=join) for _ in range(2)]  # the same rank, one after the other
+    for number, thread in enumerate(stages, 1):
+        hosted.delete_key("identity/1")
+        thread.start()  # joins, then waits for the plan
+        deadline = time.monotonic() + 60
+        while not hosted.check(["identity/1"]):
+            assert time.monotonic() < deadline, f"stage {number} never joined"
+            time.sleep(0.05)
     hosted.set("plan", json.dumps({"error": "refused for the test"}))
-    first.join(60)
-    assert refusals == ["the coordinator refused this grid: refused for the test"] and hosted.check(["plan_read/1"])
+    for thread in stages:
+        thread.join(60)
+    assert refusals == ["the coordinator refused this grid: refused for the test"] * 2 and hosted.check(["plan_read/1"])
 
 
 def test_a_stage_that_exits_while_the_grid_starts_fails_the_start_at_once(tiny_dir, tmp_path):

@@ -100,8 +100,8 @@ class Engine:
         if ``max_waiting`` sessions already wait, ``ValueError`` for what ``check`` refuses.
 
         ``logits_processor`` (one per session: it may keep state) turns the session's logits into the
-        scores its tokens are chosen from, warpers included (see ``sample``): its ``params`` keep the
-        default ``temperature``, ``top_k`` and ``top_p``. ``n > 1`` asks for more
+        scores its tokens are chosen from, warpers included (see ``sample``): a sampled session's
+        ``params`` keep the default ``temperature``, ``top_k`` and ``top_p``. ``n > 1`` asks for more
         choices: the returned session's ``forks``, which start from its computed prompt (sharing its
         blocks) and sample with seeds ``seed + 1``, ``seed + 2``, ... when ``seed`` is set."""
         session = self._session(prompt, _params(params), request_id or f"req_{next(self._ids)}", logits_processor, n)
@@ -139,7 +139,8 @@ class Engine:
         if n > 1 and logits_processor is not None:
             raise ValueError("a logits processor may keep state per session: it cannot serve n > 1 choices")
         warpers = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
-        if logits_processor is not None and warpers != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}:
+        if logits_processor is not None and params.do_sample and warpers != {"temperature": 1.0, "top_k": 0,
+                                                                             "top_p": 1.0}:
             raise ValueError(f"a session with a logits processor samples from its scores, warpers included: "
                              f"put the warpers in the processor, not in its params ({warpers})")
         if n > self.max_running:  # the choices run together: they would wait for ever
@@ -210,8 +211,9 @@ class Engine:
         with self.runner.lock, torch.no_grad():  # one forward at a time on the shared pool
             try:
                 manager = self.runner.prefix_cache
-            except Exception as exc:  # a failed grid serves nothing more: no session here would ever end
-                self.abort(f"the runner failed: {exc!r}")
+            except Exception as exc:
+                if self.runner.failure is not None:  # a grid that lost a stage: no session here would ever end
+                    self.abort(f"the runner failed: {exc!r}")
                 raise
             if self.running and manager is not self._manager:
                 reason = "the model's KV cache was rebuilt (new weights, dtype, device or cache settings)"

@@ -120,40 +120,33 @@ class SamplingParams:
 
 def filter_logits(
     logits: torch.Tensor,  # [B, V]
-    temperature: torch.Tensor,  # [B] float
-    top_k: torch.Tensor,  # [B] int64, 0 = no limit; on the CPU (read to decide which filters run)
-    top_p: torch.Tensor,  # [B] float64 (the Python floats exactly), 1.0 = no limit; on the CPU
+    temperature: Sequence[float],
+    top_k: Sequence[int],  # 0 = no limit
+    top_p: Sequence[float],  # 1.0 = no limit
 ) -> torch.Tensor:
     """Temperature-scaled logits with the tokens outside each row's top-k / top-p set to -inf: each
-    row as transformers' warpers leave it, in the same float32 arithmetic (ties and roundings at
-    the top-p cut included)."""
-    logits = logits.float()
-    scaled = logits / temperature[:, None]  # [B, V]
-    # A temperature so small that the top logit overflows leaves transformers' arithmetic without a
-    # distribution (inf - inf); such a row is scaled after subtracting its maximum instead (the
-    # softmax is the same): its top token scales to 0, the rest towards -inf.
-    overflowed = scaled.amax(dim=-1, keepdim=True) == float("inf")  # [B, 1]
-    if overflowed.any():
-        shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
-        scaled = torch.where(overflowed, shifted, scaled)
-    if bool((top_k > 0).any()):
-        # Below the k-th largest value, as transformers' warper: tokens tied with it stay (more than
-        # k). Rows without a limit take -inf, which removes nothing.
-        limit = top_k.clamp(1, scaled.shape[-1])  # [B]
-        kth = scaled.topk(int(limit.max())).values.gather(-1, (limit - 1).to(scaled.device)[:, None])  # [B, 1]
-        kth = kth.masked_fill((top_k <= 0).to(scaled.device)[:, None], float("-inf"))
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if bool((top_p < 1).any()):
-        # As transformers' warper, on what top-k left (the sort does not keep ties in order, so only
-        # the same sort of the same values cuts between ties alike): in ascending order a token goes
-        # while the mass up to and including it is at most 1 - top_p (in float32), and the last,
-        # most likely, always stays. Rows at top_p = 1 get no cut: generate() adds no warper there.
-        ascending, order = scaled.sort(dim=-1)  # [B, V]
-        cut = torch.where(top_p < 1, 1 - top_p, -1.0).to(scaled.device, torch.float32)  # [B]
-        removed = ascending.softmax(dim=-1).cumsum(dim=-1) <= cut[:, None]  # [B, V]
-        removed[:, -1] = False
-        scaled = scaled.masked_fill(removed.scatter(-1, order, removed), float("-inf"))
-    return scaled
+    row as transformers' warpers leave it. A row takes generate()'s very calls on that row alone:
+    a sort or cumsum over several rows may order ties or round otherwise on some devices, and a
+    Python number divides otherwise than a tensor on CUDA, so the same tokens survive each cut."""
+    scores = logits.float()
+    rows = []
+    for i, (t, k, p) in enumerate(zip(temperature, top_k, top_p)):
+        row = scores[i : i + 1]  # [1, V]
+        if t != 1.0:
+            scaled = row / t
+            # A temperature so small that the top logit overflows leaves transformers' arithmetic
+            # without a distribution (inf - inf): such a row is scaled after subtracting its maximum
+            # instead (the softmax is the same): its top token scales to 0, the rest towards -inf.
+            row = (row - row.amax()) / t if t < 1 and bool(scaled.amax().isinf()) else scaled
+        if k > 0:  # below the k-th largest value: tokens tied with it stay (more than k)
+            row = row.masked_fill(row < row.topk(min(k, row.shape[-1]))[0][..., -1, None], float("-inf"))
+        if p < 1:  # in ascending order a token goes while the mass up to it is at most 1 - top_p; the top stays
+            ascending, order = row.sort(dim=-1)
+            removed = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - p)
+            removed[..., -1:] = False
+            row = row.masked_fill(removed.scatter(1, order, removed), float("-inf"))
+        rows.append(row)
+    return torch.cat(rows)
 
 
 def sample(
@@ -201,12 +194,8 @@ def sample(
     if sampled:
         device = logits.device
         rows = torch.tensor(sampled, device=device)  # [S]
-        filtered = filter_logits(
-            logits[rows],
-            torch.tensor([params[i].temperature for i in sampled], device=device),
-            torch.tensor([min(params[i].top_k, logits.shape[-1]) for i in sampled]),  # (any int)
-            torch.tensor([params[i].top_p for i in sampled], dtype=torch.float64),  # (MPS has no float64)
-        )  # [S, V]
+        filtered = filter_logits(logits[rows], [params[i].temperature for i in sampled],
+                                 [params[i].top_k for i in sampled], [params[i].top_p for i in sampled])  # [S, V]
         probs = filtered.softmax(dim=-1)  # [S, V]
         logprobs[rows] = probs.log()
         draws.update(zip(sampled, probs.unbind()))

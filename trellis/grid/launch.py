@@ -411,9 +411,6 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     device = stage_device(options.device)
     _set_threads(options)
     store = connect(endpoint, options.start_timeout)
-    if store.add(f"claim/{endpoint.rank}", 1) > 1:
-        raise GridError(f"another stage has joined this grid as rank {endpoint.rank} already: give each stage its own "
-                        "--rank")
     store.set(f"identity/{endpoint.rank}", json.dumps(asdict(identity(options, device, endpoint.world_size))))
     try:
         plan = json.loads(store.get("plan"))
