@@ -135,6 +135,40 @@ def test_peft_adapter_switches_drop_the_cache():
         torch.testing.assert_close(model(input_ids=IDS, logits_to_keep=1).logits, with_a, atol=1e-5, rtol=0)
 
 
+def test_a_merged_adapter_disabled_generates_as_peft_unmerges_it():
+    """peft unmerges a merged adapter inside its layers' next forward once it is disabled: Trellis
+    does it before the forward takes the cache, so the generation gets peft's answer (the base
+    model's) instead of losing its cache part-way. peft's adapter_names beyond one row are refused
+    by name (the rows run as one packed sequence)."""
+    peft = installed("peft")
+    ref, base = tiny_pair()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "o_proj"], init_lora_weights=False)
+    wrapped = []
+    for plain in (ref, base):
+        torch.manual_seed(1)
+        wrapped.append(peft.get_peft_model(plain, config, adapter_name="a"))
+        wrapped[-1].add_adapter("b", config)
+        wrapped[-1].eval()
+    want, model = wrapped
+    model.load_state_dict(want.state_dict())
+    for peft_model in wrapped:
+        peft_model.merge_adapter()
+    assert torch.equal(model.generate(input_ids=IDS, max_new_tokens=4, do_sample=False),
+                       want.generate(input_ids=IDS, max_new_tokens=4, do_sample=False))
+    with want.disable_adapter():
+        plain = want.generate(input_ids=IDS, max_new_tokens=4, do_sample=False)
+    with model.disable_adapter():
+        assert torch.equal(model.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), plain)
+    base.prefix_cache.check_integrity()
+    with pytest.raises(ValueError, match=r"peft's adapter_names=\['a', 'b'\] \(an adapter for each row"):
+        model.generate(input_ids=IDS.repeat(2, 1), max_new_tokens=2, do_sample=False, adapter_names=["a", "b"])
+    for module in model.modules():  # (peft leaves its hooks installed when a forward raises)
+        module._forward_pre_hooks.clear()
+    assert base.prefix_cache.stats()["live_sessions"] == 0
+    assert torch.equal(model.generate(input_ids=IDS, max_new_tokens=2, do_sample=False, adapter_names=["b"]),
+                       want.generate(input_ids=IDS, max_new_tokens=2, do_sample=False, adapter_names=["b"]))
+
+
 def test_the_watchers_hooks_are_installed_with_the_first_model_not_at_import():
     """Importing Trellis changes nothing process-wide; building a model installs the three
     module registration hooks the weights watcher counts on (once, however many models)."""

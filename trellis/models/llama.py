@@ -254,6 +254,7 @@ class TrellisLlama(LlamaForCausalLM):
             raise ValueError("TrellisLlama's paged attention kernels never form the attention weights: "
                              "output_attentions is not supported (load the model with attn_implementation='eager')")
         inputs = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_key_values)
+        _refuse_adapters_per_row(self.runner.weights_watcher.adapter_layers)
         num_rows, num_cols = inputs.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules()):
@@ -584,6 +585,19 @@ def _errors_named_as_the_drafters(get_candidates: Callable[..., Any], drafter: s
             raise
 
     return drafting
+
+
+def _refuse_adapters_per_row(adapter_layers: list[torch.nn.Module]) -> None:
+    """Refuse peft's ``adapter_names`` (an adapter for each row: ``PeftModel.generate(...,
+    adapter_names=[...])`` hooks it into every LoRA layer's forward) beyond one: the runner packs
+    every row into one sequence, so peft would find one input for all the names."""
+    for layer in adapter_layers:
+        for hook in layer._forward_pre_hooks.values():
+            names = getattr(hook, "keywords", {}).get("adapter_names")
+            if names is not None and len(names) > 1:
+                raise ValueError(f"peft's adapter_names={list(names)} (an adapter for each row, beams included) is not "
+                                 "supported: Trellis runs a batch's rows as one packed sequence; generate each "
+                                 "adapter's rows in a call of their own (set_adapter), one row for adapter_names")
 
 
 def _refuse_right_padding(attention_mask: torch.Tensor, cause: str, remedy: str) -> None:

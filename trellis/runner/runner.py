@@ -220,8 +220,18 @@ class PagedModelRunner:
         ``weights_watcher``.
         """
         with self._cache_lock:
+            state = self.weights_watcher.state()
+            # peft unmerges a disabled but merged adapter inside its layer's next forward: the weights
+            # would change part-way through this forward, after its key, and its sessions be refused
+            # at the next one. Unmerged now, as that forward would unmerge them.
+            merged = [layer for layer in self.weights_watcher.adapter_layers
+                      if layer.disable_adapters and getattr(layer, "merged", False)]
+            for layer in merged:
+                layer.unmerge()
+            if merged:
+                state = self.weights_watcher.state()
             # (The watcher's state last: checked_weights_state reads it there.)
-            key = (self.device, self.model.dtype, self.linear_kernel, self.weights_watcher.state())
+            key = (self.device, self.model.dtype, self.linear_kernel, state)
             if self._manager is None or key != self._manager_key:
                 # peft merges adapters into their base weights through ``.data``, unseen by the
                 # packed copies' own key; merging changes the key. (Repacking every layer instead
