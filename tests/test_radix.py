@@ -233,10 +233,14 @@ def test_extend_batch_rolls_back_every_row_when_one_cannot_grow():
     m.extend_batch([first, second], [[8], [9, 9]])
     m.rollback_batch([first, second], [1, 2])  # a failed step drops its uncomputed tokens
     assert first.token_ids == [1, 2, 3] and second.token_ids == [4, 5, 6]
-    with pytest.raises(ValueError, match="uncomputed"):
-        m.rollback_batch([first], [1])
-    m.release(first)
     m.release(second)
+    m.extend_batch([first], [[7, 7]])
+    m.mark_computed(first)  # a step whose Ctrl-C came once it had marked its sessions: truncated away
+    m.rollback_batch([first], [2])  # (its first block, full and cached meanwhile, copied)
+    assert first.token_ids == [1, 2, 3] and first.num_cached == 3
+    with pytest.raises(ValueError, match="cannot roll back 4 tokens of a session of 3"):
+        m.rollback_batch([first], [4])
+    m.release(first)
     m.check_integrity()
 
 

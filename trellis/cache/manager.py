@@ -8,12 +8,12 @@ that cannot be satisfied raises ``OutOfBlocksError`` before anything is changed.
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
+from trellis.cache.interrupts import InterruptDeferringLock
 from trellis.cache.radix import PrefixMatch, RadixCache, RadixNode, TailMatch
 from trellis.utils import cdiv
 
@@ -65,7 +65,7 @@ class KVCacheManager:
         self.pool = pool
         self.radix = RadixCache(pool)
         self.block_size = pool.block_size
-        self.lock = threading.RLock()
+        self.lock = InterruptDeferringLock()  # re-entrant; Ctrl-C waits for a change to be whole
         self.live: set[PagedSequence] = set()
         self._pending: deque[tuple[PagedSequence, bool]] = deque()  # (session, commit)
         # Run by ``reset``: the owner drops what it derived alongside the cached K/V (packed weights).
@@ -220,16 +220,21 @@ class KVCacheManager:
     def rollback_batch(self, seqs: Sequence[PagedSequence], appended: Sequence[int] | None = None) -> None:
         """Undo a step whose forward failed, so nothing it started stays half-done: with
         ``appended`` None the sessions were admitted by it and are released uncommitted;
-        otherwise session ``i`` loses its last ``appended[i]`` (uncomputed) tokens."""
+        otherwise session ``i`` loses its last ``appended[i]`` tokens: uncomputed ones dropped,
+        computed ones (a Ctrl-C held back until the step had marked them) truncated away."""
         with self.lock:
             if appended is None:
                 for seq in seqs:
                     self.release(seq, commit=False)
                 return
             for seq, count in zip(seqs, appended, strict=True):
-                if count > seq.num_new:
-                    raise ValueError(f"cannot roll back {count} tokens, {seq.num_new} are uncomputed")
-                del seq.token_ids[len(seq.token_ids) - count:]
+                if not 0 <= count <= len(seq.token_ids):
+                    raise ValueError(f"cannot roll back {count} tokens of a session of {len(seq.token_ids)}")
+            computed = [(seq, len(seq.token_ids) - count) for seq, count in zip(seqs, appended) if count > seq.num_new]
+            self.truncate([seq for seq, _ in computed], [length for _, length in computed])
+            for seq, count in zip(seqs, appended):
+                if count and all(seq is not other for other, _ in computed):
+                    del seq.token_ids[len(seq.token_ids) - count:]
 
     def reserve(self, seq: PagedSequence, extra_tokens: int = 0) -> None:
         """Ensure ``seq`` has blocks for all its tokens plus ``extra_tokens``."""

@@ -136,10 +136,11 @@ class PagedKVCache(Cache):
 
     def release(self) -> None:
         """End every session now: share their full blocks, free the rest."""
-        if not self._finalizer.alive:
-            return
-        self._finalizer()  # queues them, as garbage collection would: an interrupt part way loses none
-        self.manager.release_pending()
+        with self.manager.lock:  # (a Ctrl-C waits until they are released)
+            if not self._finalizer.alive:
+                return
+            self._finalizer()  # queues them, as garbage collection would
+            self.manager.release_pending()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens of every row (transformers passes a negative
@@ -152,10 +153,11 @@ class PagedKVCache(Cache):
         shortest = min((len(seq.token_ids) for seq in self.seqs), default=0)
         if remove > shortest:
             raise ValueError(f"cannot crop {remove} tokens from a cache whose shortest row holds {shortest}")
-        self.manager.truncate(self.seqs, [len(seq.token_ids) - remove for seq in self.seqs])
-        self.seen_columns -= remove
-        if self.past_real is not None:
-            self.past_real = self.past_real[:, : self.seen_columns]
+        with self.manager.lock:  # the sessions and the columns alike, whenever a Ctrl-C comes
+            self.manager.truncate(self.seqs, [len(seq.token_ids) - remove for seq in self.seqs])
+            self.seen_columns -= remove
+            if self.past_real is not None:
+                self.past_real = self.past_real[:, : self.seen_columns]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i continues from row ``beam_idx[i]`` (shared blocks, copied tail)."""

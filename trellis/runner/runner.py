@@ -388,8 +388,9 @@ class PagedModelRunner:
                 out = run_decoder(self.model, batch, inputs_embeds, lean=not random, **kwargs)
                 hidden, hidden_states = out.last_hidden_state[0], out.hidden_states
             share_only_finite(seqs, hidden, batch)
-            for seq in seqs:
-                manager.mark_computed(seq)
+            with manager.lock:  # every session marked, or (Ctrl-C before) none
+                for seq in seqs:
+                    manager.mark_computed(seq)
             return StepOutput(hidden, batch, hidden_states)
 
     def replay_decode(self, pool: BlockPool, batch: PagedBatch) -> torch.Tensor | None:
@@ -434,7 +435,8 @@ class PagedModelRunner:
             if fresh:
                 if private or self.tracks_gradients():
                     max_reuse = [0] * len(rows)
-                seqs[:] = manager.admit_batch(rows, max_reuse if max_reuse is not None else [len(r) for r in rows])
+                with manager.lock:  # the sessions in the caller's list before a Ctrl-C the admission held back
+                    seqs[:] = manager.admit_batch(rows, max_reuse if max_reuse is not None else [len(r) for r in rows])
             else:
                 manager.extend_batch(seqs, rows)
             if private:
