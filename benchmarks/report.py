@@ -110,11 +110,13 @@ def infos(results: Results) -> list[dict]:
 def machine(results: Results) -> str:
     """``CPU, SIMD level, cores`` as the JSON records them."""
     described = {i["machine"] for i in infos(results) if isinstance(i.get("machine"), str) and "cores" in i["machine"]}
-    cpu = ", ".join(sorted({", ".join(m.split(", ")[1:3]) for m in described}))  # "AMD EPYC, 2 cores"
+    names = {m.split(", ")[1] for m in described}  # "Linux x86_64, AMD EPYC (Zen 4), 2 cores, ..."
+    # Newer files name the generation ("AMD EPYC (Zen 4)") where older ones of the machine did not.
+    names = sorted(n for n in names if not any(other != n and other.startswith(n) for other in names))
+    cores = sorted({m.split(", ")[2] for m in described})
     simd = sorted({SIMD.get(i["cpu_capability"], i["cpu_capability"]) for i in infos(results) if "cpu_capability" in i})
-    name, _, cores = cpu.rpartition(", ")
     gpus = sorted({i["gpu"] for i in infos(results) if i.get("gpu")})  # a GPU check's machine
-    return ", ".join([*gpus, name, *simd, cores])
+    return ", ".join([*gpus, *names, *simd, *cores])
 
 
 def versions(results: Results, key: str) -> str:
