@@ -230,10 +230,12 @@ class KVCacheManager:
             for seq, count in zip(seqs, appended, strict=True):
                 if not 0 <= count <= len(seq.token_ids):
                     raise ValueError(f"cannot roll back {count} tokens of a session of {len(seq.token_ids)}")
-            computed = [(seq, len(seq.token_ids) - count) for seq, count in zip(seqs, appended) if count > seq.num_new]
-            self.truncate([seq for seq, _ in computed], [length for _, length in computed])
-            for seq, count in zip(seqs, appended):
-                if count and all(seq is not other for other, _ in computed):
+            computed = [count > seq.num_new for seq, count in zip(seqs, appended)]
+            if any(computed):
+                self.truncate([seq for seq, done in zip(seqs, computed) if done],
+                              [len(seq.token_ids) - count for seq, count, done in zip(seqs, appended, computed) if done])
+            for seq, count, done in zip(seqs, appended, computed):
+                if count and not done:
                     del seq.token_ids[len(seq.token_ids) - count:]
 
     def reserve(self, seq: PagedSequence, extra_tokens: int = 0) -> None:

@@ -15,7 +15,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
-from trellis.engine.sampling import LogitsProcessor, SamplingParams, sample
+from trellis.engine.sampling import NO_WARPERS, LogitsProcessor, SamplingParams, sample
 from trellis.engine.scheduler import Scheduler, fork_blocks
 from trellis.engine.session import Session, TokenLogprobs
 from trellis.runner import PagedModelRunner, runner_of
@@ -138,9 +138,8 @@ class Engine:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if n > 1 and logits_processor is not None:
             raise ValueError("a logits processor may keep state per session: it cannot serve n > 1 choices")
-        warpers = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
-        if logits_processor is not None and params.do_sample and warpers != {"temperature": 1.0, "top_k": 0,
-                                                                             "top_p": 1.0}:
+        warpers = {name: getattr(params, name) for name in NO_WARPERS}
+        if logits_processor is not None and params.do_sample and warpers != NO_WARPERS:
             raise ValueError(f"a session with a logits processor samples from its scores, warpers included: "
                              f"put the warpers in the processor, not in its params ({warpers})")
         if n > self.max_running:  # the choices run together: they would wait for ever

@@ -39,6 +39,10 @@ def draw_device(device: torch.device) -> torch.device:
 MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
+# The warpers' settings of SamplingParams that leave the logits as they are (its defaults).
+NO_WARPERS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one session generates. ``top_k=0`` and ``top_p=1.0`` disable those filters."""

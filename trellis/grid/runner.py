@@ -31,8 +31,8 @@ from trellis.runner.runner import (
     PagedModelRunner,
     PendingStep,
     StepOutput,
+    mark_step_computed,
     run_decoder,
-    share_only_finite,
 )
 
 log = logging.getLogger("trellis.grid")
@@ -166,9 +166,7 @@ class GridRunner(PagedModelRunner):
                     raise
                 self._in_flight.popleft()
                 self.steps += 1
-                share_only_finite(head.seqs, head.hidden, head.batch)
-                for seq in head.seqs:
-                    head.manager.mark_computed(seq)
+                mark_step_computed(head.manager, head.seqs, head.hidden, head.batch)
 
     # --- failure and shutdown ----------------------------------------------------------------
 

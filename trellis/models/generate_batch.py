@@ -22,6 +22,7 @@ from transformers.generation import stopping_criteria as sc
 from transformers.generation.configuration_utils import GenerationMode
 
 from trellis.engine import Engine, SamplingParams, TrellisGenerationOutput
+from trellis.engine.sampling import NO_WARPERS
 from trellis.runner import runner_of
 from trellis.utils import token_ids
 
@@ -163,4 +164,4 @@ def _request(model: LlamaForCausalLM, config: GenerationConfig, prompt: Sequence
                      max_new_tokens=config.max_length - len(prompt))
     if all(type(p) in _ENGINE_WARPERS for p in processors):
         return params, None
-    return replace(params, temperature=1.0, top_k=0, top_p=1.0), processors  # the processors warp
+    return replace(params, **NO_WARPERS), processors  # the processors warp

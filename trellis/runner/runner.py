@@ -387,10 +387,7 @@ class PagedModelRunner:
             if hidden is None:
                 out = run_decoder(self.model, batch, inputs_embeds, lean=not random, **kwargs)
                 hidden, hidden_states = out.last_hidden_state[0], out.hidden_states
-            share_only_finite(seqs, hidden, batch)
-            with manager.lock:  # every session marked, or (Ctrl-C before) none
-                for seq in seqs:
-                    manager.mark_computed(seq)
+            mark_step_computed(manager, seqs, hidden, batch)
             return StepOutput(hidden, batch, hidden_states)
 
     def replay_decode(self, pool: BlockPool, batch: PagedBatch) -> torch.Tensor | None:
@@ -511,15 +508,20 @@ def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch
     return model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False, **kwargs)
 
 
-def share_only_finite(seqs: Sequence[PagedSequence], hidden: torch.Tensor, batch: PagedBatch) -> None:
-    """Mark the sessions whose last final hidden state (of ``hidden``, ``[T, H]`` packed as
-    ``batch``) is not finite as never shared. A NaN reaches every K/V of its session's forward,
-    earlier positions' too (in transformers' attention as in Trellis': a masked-out probability
-    of 0 times a NaN value is NaN), and that row's output; another prompt must not reuse them."""
+def mark_step_computed(manager: KVCacheManager, seqs: Sequence[PagedSequence], hidden: torch.Tensor,
+                       batch: PagedBatch) -> None:
+    """Record that a step's forward computed its sessions, as one change of the cache (a Ctrl-C
+    comes before or after all of them). A session whose last final hidden state (of ``hidden``,
+    ``[T, H]`` packed as ``batch``) is not finite is never shared: a NaN reaches every K/V of its
+    session's forward, earlier positions' too (in transformers' attention as in Trellis': a
+    masked-out probability of 0 times a NaN value is NaN), and another prompt must not reuse them."""
     last = batch.cu_seqlens_q[1:].long() - 1  # [B], each session's last row
     for seq, finite in zip(seqs, torch.isfinite(hidden[last]).all(-1).tolist(), strict=True):
         if not finite:
             seq.shareable = False
+    with manager.lock:
+        for seq in seqs:
+            manager.mark_computed(seq)
 
 
 def _dropout_rate(module: torch.nn.Module) -> float | None:
