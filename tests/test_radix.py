@@ -137,7 +137,6 @@ def test_a_finished_session_leaves_its_partly_filled_block_as_a_tail_for_the_nex
     assert node.tails == {(30, 31): spare[0]}  # [30, 31] holds it
     with pytest.raises(ValueError, match="a tail holds 1 to 3 tokens"):
         m.radix.add_tail(node, [8, 9, 10, 11], spare[1])
-    m.radix.add_tail(node, [30, 31, 32], spare[1], replace=False)  # not taken where it would let the shorter go
     assert node.tails == {(30, 31): spare[0]} and m.pool.ref_counts[spare[1]] == 1
     assert m.radix.add_tail(node, [30, 31, 32], spare[2]) == [spare[0]]  # replaced, its reference released
     assert node.tails == {(30, 31, 32): spare[2]}

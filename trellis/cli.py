@@ -1,6 +1,7 @@
 """The ``trellis`` command: ``trellis demo`` runs a short chat on the embedded model and shows
 the prefix cache at work (time to first token, prompt and cached tokens, hit rate); ``trellis
-serve`` serves a model over an OpenAI-compatible HTTP API."""
+serve`` serves a model over an OpenAI-compatible HTTP API; ``trellis grid`` serves one model from
+several processes or machines, each holding a range of its layers."""
 
 from __future__ import annotations
 
@@ -184,7 +185,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
                         help="default: %(default)s. auto: each stage chooses for its own device (bf16 on a CPU "
                              "with native bf16 dot products, else fp32; the checkpoint's dtype on CUDA), and "
                              "stages that choose differently are refused at start")
-    parser.add_argument("--device", default=defaults.device, type=device, help="auto (CUDA, then MPS, then CPU), cpu, cuda")
+    parser.add_argument("--device", default=defaults.device, type=device,
+                        help="auto (CUDA, else CPU), cpu, cuda: the grid does not run on MPS (on a Mac, give cpu)")
     parser.add_argument("--block-size", type=block_size, default=defaults.block_size, help="KV cache block size in tokens")
     if pool_options:
         parser.add_argument("--num-blocks", type=int, help="KV pool size in blocks, on every stage (default: what "

@@ -18,6 +18,12 @@ from trellis.cache.radix import PrefixMatch, RadixCache, RadixNode, TailMatch
 from trellis.utils import cdiv
 
 
+def blocks_for_fork(computed_tokens: int, kv_tokens: int, block_size: int) -> int:
+    """Blocks a fork of a session with ``computed_tokens`` computed takes (``KVCacheManager.fork``)
+    once it holds ``kv_tokens``: a copy of the partial tail block, and the blocks past it."""
+    return cdiv(kv_tokens, block_size) - computed_tokens // block_size
+
+
 @dataclass(eq=False)
 class PagedSequence:
     """One session's view of the paged KV cache."""
@@ -115,9 +121,7 @@ class KVCacheManager:
 
     def can_ever_hold(self, num_tokens: int) -> bool:
         """Whether an empty cache could hold one session of ``num_tokens`` tokens."""
-        with self.lock:
-            self.release_pending()
-            return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
+        return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
 
     def admit(self, tokens: Sequence[int], max_reuse: int | None = None, extra_tokens: int = 0,
               prompt_tokens: int | None = None) -> PagedSequence:

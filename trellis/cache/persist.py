@@ -46,8 +46,8 @@ class PrefixCacheFileError(ValueError):
 # --- what a file's K/V are valid for -------------------------------------------------------------
 
 
-def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], linear_kernel: str,
-                      adapters: str = "", hardware: str = "", modules: str = "") -> dict[str, str]:
+def model_fingerprint(module: torch.nn.Module, config: Mapping[str, object], linear_kernel: str, *,
+                      adapters: str, hardware: str, modules: str) -> dict[str, str]:
     """An exact identity of the computation that produced a model's K/V, in parts that a mismatch
     can name (``DIGESTS``): ``weights``, every byte of every parameter and buffer, persistent or not
     (RoPE's ``inv_freq`` is not in the state dict), with its name, dtype and shape; ``config``, the

@@ -160,12 +160,10 @@ class RadixCache:
             tail = candidate
         return tail
 
-    def add_tail(self, node: RadixNode, tokens: Sequence[int], block: int, replace: bool = True,
-                 release: bool = True) -> list[int]:
+    def add_tail(self, node: RadixNode, tokens: Sequence[int], block: int, release: bool = True) -> list[int]:
         """Keep ``block``, the K/V of ``tokens`` (fewer than a block) after ``node``'s path, as one
         of its tails; the tree takes a reference. Nothing changes where a tail or child block of
-        the node already holds those tokens; a tail that holds fewer of them is replaced, or with
-        ``replace`` False kept (and ``block`` not taken), so that nothing the tree held is let go.
+        the node already holds those tokens; a tail that holds fewer of them is replaced.
         Returns the blocks of the tails replaced; with ``release`` False the tree's references to
         them pass to the caller (who can then put the tails back, as a failed load does)."""
         tokens = tuple(tokens)
@@ -175,8 +173,6 @@ class RadixCache:
         if any(key[: len(tokens)] == tokens for key in held):
             return []
         shorter = [key for key in node.tails if tokens[: len(key)] == key]
-        if shorter and not replace:
-            return []
         self._version += 1
         replaced = [node.tails.pop(key) for key in shorter]
         if release:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from trellis.cache.block_pool import OutOfBlocksError
-from trellis.cache.manager import AdmissionCost, KVCacheManager
+from trellis.cache.manager import AdmissionCost, KVCacheManager, blocks_for_fork
 from trellis.cache.radix import shared_whole_blocks
 from trellis.engine.session import Session
-from trellis.utils import cdiv, is_int
+from trellis.utils import is_int
 
 LOOKAHEAD = 8  # waiting sessions that must wait, passed over in one step before admission stops looking
 
@@ -150,8 +150,7 @@ def width(running: Sequence[Session]) -> int:
 def fork_blocks(session: Session, block_size: int) -> int:
     """Blocks the session's forks take when they start: each copies the leader's blocks past its
     full prompt blocks (the partial tail, and the room reserved for the answer)."""
-    per_fork = cdiv(session.kv_tokens, block_size) - len(session.prompt) // block_size
-    return per_fork * len(session.forks)
+    return blocks_for_fork(len(session.prompt), session.kv_tokens, block_size) * len(session.forks)
 
 
 def promised_blocks(running: Sequence[Session], block_size: int) -> int:

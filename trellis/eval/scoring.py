@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trellis.cache.block_pool import OutOfBlocksError
-from trellis.cache.manager import KVCacheManager, PagedSequence
+from trellis.cache.manager import KVCacheManager, PagedSequence, blocks_for_fork
 from trellis.cache.radix import shared_whole_blocks
 from trellis.models.llama import TrellisLlama
 from trellis.runner import PagedModelRunner, runner_of
@@ -38,12 +38,12 @@ class _Group:
     members: list[int] = field(default_factory=list)  # request indices
 
 
-def max_length_for(model: TrellisLlama, max_length: int | None) -> int:
+def max_length_for(model: TrellisLlama | PagedModelRunner, max_length: int | None) -> int:
     """``max_length``, checked, or by default the longest input the model takes
     (``max_position_embeddings``, as lm-eval reads it; with LongRoPE its original length:
     ``runner.max_positions``)."""
     if max_length is None:
-        return model.runner.max_positions()
+        return runner_of(model).max_positions()
     if not is_positive_int(max_length):
         raise ValueError(f"max_length must be a positive integer (or None: the model's positions), got {max_length!r}")
     return max_length
@@ -57,7 +57,7 @@ def check_max_batch_tokens(max_batch_tokens: int) -> int:
 
 
 def score_continuations(
-    model: TrellisLlama,
+    model: TrellisLlama | PagedModelRunner,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     max_length: int | None = None,
     max_batch_tokens: int = 2048,
@@ -172,9 +172,8 @@ def _next_chunk(pending: deque[_Group], manager: KVCacheManager, continuations: 
 
 
 def _fork_blocks(context_tokens: int, continuation_tokens: int, block_size: int) -> int:
-    """Blocks a fork of a computed context allocates to compute a continuation's tokens but the
-    last: a copy of the context's partial tail block, and blocks for the tokens past it."""
-    return cdiv(context_tokens + continuation_tokens - 1, block_size) - context_tokens // block_size
+    """Blocks a fork of a computed context allocates to compute a continuation's tokens but the last."""
+    return blocks_for_fork(context_tokens, context_tokens + continuation_tokens - 1, block_size)
 
 
 

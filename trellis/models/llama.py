@@ -99,10 +99,9 @@ class TrellisLlama(LlamaForCausalLM):
         With no path, loads the embedded SmolLM2-135M-Instruct. ``device="auto"`` picks CUDA,
         then MPS, then CPU (ignored when ``device_map`` is given; a map over several devices, or to
         disk, is refused: the KV cache lives on one device). ``linear_kernel``: see
-        ``set_linear_kernel()``; by default the fastest for the CPU and the loaded dtype
-        (``cpu_linear.default_linear_kernel``: in fp32 ``packed`` (fp32 panels) on x86 CPUs with
-        AVX-512, else ``blas`` on Intel and ``onednn`` on others; ``packed`` in bf16; without the
-        packed copy, and with a warning, where it would take more than half the free memory).
+        ``set_linear_kernel()``; by default the fastest for the CPU and the loaded dtype (listed
+        there), without the packed copy, and with a warning, where it would take more than half the
+        free memory.
         ``keep_quantized=True`` keeps the
         GGUF's Q8_0 / Q4_0 / Q4_1 linear weights quantized and runs them on Trellis' kernels; with
         no path, the embedded model's (see ``trellis.models.gguf_quantized``).
@@ -142,10 +141,11 @@ class TrellisLlama(LlamaForCausalLM):
         ``F.linear``): ``"blas"`` (transformers' path; the fp32 default on Intel CPUs without an
         AVX-512 build), ``"onednn"`` (no extra memory; fp32 weights stored input-major on Intel;
         the fp32 default on other x86 CPUs without an AVX-512 build) or ``"packed"`` (a second copy
-        of the weights, oneDNN's prepacked layout or Trellis' panels; the bf16 default on x86, and
-        fp32's on x86 CPUs with an AVX-512 build). See ``trellis.runner.cpu_linear``. A kind set here is kept when the model changes
-        dtype; without one, the kind follows the dtype (``.to(torch.bfloat16)`` moves an fp32
-        model to bf16's default). Returns the number of layers that changed kind. The KV cache
+        of the weights, oneDNN's prepacked layout or Trellis' panels; the default on x86 CPUs with
+        AVX-512 in fp32 and bf16; without AVX-512 bf16 runs ``F.linear`` whatever the kind). See
+        ``trellis.runner.cpu_linear``. A kind set here is kept when the model changes dtype; without
+        one, the kind follows the dtype (``.to(torch.bfloat16)`` moves an fp32 model to bf16's
+        default). Returns the number of layers that changed kind. The KV cache
         starts empty afterwards: its K/V were computed by the other matmuls."""
         return self.runner.set_linear_kernel(kind)
 
@@ -211,8 +211,8 @@ class TrellisLlama(LlamaForCausalLM):
         kernel = self.linear_kernel
         if self.device.type == "cpu":  # where the kinds' layouts and the streamed decode rows apply
             kernel = rounding_identity(kernel, self.dtype)
-        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, kernel, adapters,
-                                 hardware_identity(self.device), module_identity(self))
+        return model_fingerprint(self, {**config, "dtype": str(self.dtype)}, kernel, adapters=adapters,
+                                 hardware=hardware_identity(self.device), modules=module_identity(self))
 
     # --- forward ---------------------------------------------------------------------------
 

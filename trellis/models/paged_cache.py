@@ -109,6 +109,7 @@ class PagedKVCache(Cache):
             "masked anew; pass the mask it was computed with (its columns, then the new ones)")
 
     def get_max_length(self) -> int:
+        """-1: no fixed length (``Cache.get_max_length`` would read the per-layer caches this one has none of)."""
         return -1
 
     @property

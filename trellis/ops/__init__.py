@@ -11,6 +11,7 @@
     y = add_rms_norm(x, residual, weight, eps)                           x += residual; RMSNorm(x)
     q = rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) RoPE, then store_kv
     y = silu_mul(gate, up)                                               silu(gate) * up
+    ops = decoder_ops(backend)                                           the last five, resolved once
 
 The modules: ``api`` (these calls), ``schema`` (the ``torch.library`` ops, ``torch.ops.trellis.*``),
 ``checks``, ``backends`` (the registry), ``reference`` (the spec: shapes and semantics), ``quant``

@@ -1,4 +1,5 @@
-"""Which library runs the linear layers of CPU inference: the BLAS, or oneDNN.
+"""Which kernel runs the linear layers of CPU inference (the BLAS, oneDNN, or Trellis' panels
+and streaming kernel), the CPU features that decide it, and ``CPULinear``, the layer that runs it.
 
 PyTorch's x86 wheels hand ``F.linear`` in fp32 to MKL, which takes its tuned code paths on
 Intel CPUs only. On AMD EPYC machines (AVX-512 and AVX2, 2 cores) MKL streams a decode step's
@@ -153,7 +154,7 @@ def default_linear_kernel(dtype: torch.dtype = torch.float32) -> str:
 def unpacked_linear_kernel(dtype: torch.dtype) -> str:
     """The fastest kind that keeps no second copy of ``dtype``'s weights: ``"blas"`` (MKL) for fp32
     on Intel CPUs and wherever oneDNN is missing, else ``"onednn"``; what runs where the default
-    ``"packed"`` copy would not fit in memory (``TrellisRunner.follow_dtype``)."""
+    ``"packed"`` copy would not fit in memory (``PagedModelRunner._default_linear_kernel``)."""
     if not onednn_available():
         return "blas"
     if dtype != torch.float32 and dtype in onednn_dtypes():
@@ -204,11 +205,7 @@ def panels_run(dtype: torch.dtype) -> bool:
     them (``bf16_panels``, ``fp32_panels``): the C++ kernels built for AVX-512 and loaded, and for
     bf16 the CPU's AVX512_BF16 dot products."""
     return (torch.backends.cpu.get_cpu_capability() == "AVX512" and ops.default_backend(_CPU) == "cpp"
-            and (dtype == torch.float32 or "avx512_bf16" in _cpu_flags()))
-
-
-def _cpu_flags() -> list[str]:
-    return (_cpuinfo("flags") or "").split()  # as Linux names them
+            and (dtype == torch.float32 or torch.cpu.get_capabilities().get("avx512_bf16", False)))
 
 
 def panels_serve(kind: str, dtype: torch.dtype) -> bool:
