@@ -18,6 +18,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from trellis import TrellisLlama, ops
+from trellis.models import gguf_quantized
 from trellis.models.embedded import embedded_model_dir
 from trellis.ops import cpp, quant
 from trellis.runner.quantized_linear import QuantizedLinear
@@ -222,11 +223,12 @@ def test_quantized_linear_module():
 TINY = {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 96}
 
 
-def write_tiny_gguf(path, seed: int = 0) -> None:
+def write_tiny_gguf(path, seed: int = 0, kv_heads: int = TINY["kv_heads"], state_kv_heads: bool = True) -> None:
     """A random Llama with Q8_0 attention, Q4_0 MLP, an F32 untied LM head, permuted q/k rows as
-    llama.cpp's converter writes them."""
+    llama.cpp's converter writes them (which leaves out ``head_count_kv`` where the checkpoint's
+    config has no ``num_key_value_heads``: ``state_kv_heads=False``)."""
     rng = np.random.default_rng(seed)
-    hidden, heads, kv_heads = TINY["hidden"], TINY["heads"], TINY["kv_heads"]
+    hidden, heads = TINY["hidden"], TINY["heads"]
     head_dim = hidden // heads
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(256)
@@ -234,7 +236,8 @@ def write_tiny_gguf(path, seed: int = 0) -> None:
     writer.add_block_count(TINY["layers"])
     writer.add_feed_forward_length(TINY["intermediate"])
     writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
+    if state_kv_heads:
+        writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
@@ -293,6 +296,25 @@ def test_tiny_gguf_kept_quantized_matches_transformers(tmp_path):
     ids = torch.randint(0, TINY["vocab"], (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_gguf_without_its_kv_head_count_keeps_q_and_k_as_transformers_loads_them(tmp_path):
+    # transformers un-permutes attn_q / attn_k only where the file states both head counts.
+    write_tiny_gguf(tmp_path / "mha.gguf", kv_heads=TINY["heads"], state_kv_heads=False)
+    model = TrellisLlama.from_pretrained(tmp_path, gguf_file="mha.gguf", keep_quantized=True, device="cpu")
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="mha.gguf", dtype=torch.float32).eval()
+    assert_same_weights(model, reference, 7 * TINY["layers"])
+    ids = torch.randint(0, TINY["vocab"], (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kept_layer_that_would_differ_from_transformers_weight_is_refused(tmp_path, monkeypatch):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setattr(gguf_quantized, "unpermute_rows", lambda blocks, num_heads: blocks)  # a misread file
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight \(Q8_0\) does not hold the weight transformers "
+                                         r"loaded for it, so it cannot be kept quantized"):
+        TrellisLlama.from_pretrained(tmp_path, gguf_file="tiny.gguf", keep_quantized=True, device="cpu")
 
 
 def test_keep_quantized_needs_a_gguf_and_fp32_or_bf16(tmp_path):

@@ -10,8 +10,10 @@ loaded them (lookups read one row), as do the norms and any tensor in another fo
 the K-quants: those are dequantized).
 
 llama.cpp stores ``attn_q`` and ``attn_k`` with the rows of each head permuted for its RoPE;
-transformers un-permutes them, and so is done here, on whole rows of blocks (blocks run along
-the input dimension, so a row permutation moves blocks, never splits one).
+transformers un-permutes them where the file states both head counts, and so is done here, on
+whole rows of blocks (blocks run along the input dimension, so a row permutation moves blocks,
+never splits one). Each kept layer is checked to hold exactly the weight transformers loaded, so
+a file read otherwise is refused rather than answered differently.
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ def unpermute_rows(blocks: torch.Tensor, num_heads: int) -> torch.Tensor:
     return blocks.reshape(num_heads, half, 2, -1).transpose(1, 2).reshape(rows, -1)
 
 
+def stated_head_counts(reader) -> tuple[int, int] | None:
+    """The attention and K/V head counts the GGUF's metadata states, or None if it lacks either:
+    transformers then leaves ``attn_q`` / ``attn_k`` as stored (``LlamaTensorProcessor``), even
+    where its config fills the K/V count in."""
+    field = reader.fields["general.architecture"]
+    architecture = bytes(field.parts[field.data[0]]).decode()
+    counts = []
+    for key in ("head_count", "head_count_kv"):
+        field = reader.fields.get(f"{architecture}.attention.{key}")
+        if field is None:
+            return None
+        counts.append(int(field.parts[field.data[0]][0]))
+    return counts[0], counts[1]
+
+
 def check_activation_dtype(dtype: torch.dtype) -> None:
     """Refuse a model dtype that layers kept quantized cannot run on (their kernels take fp32 or
     bf16 activations): at load, and before ``model.to(dtype)`` converts anything."""
@@ -70,8 +87,8 @@ def keep_gguf_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Coun
     from gguf import GGUFReader
 
     check_activation_dtype(model.dtype)  # what the kernels take: refused now, not at the first forward
-    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
-    config = model.config
+    reader = GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
     kept: Counter = Counter()
 
     def replace(parent: torch.nn.Module, attribute: str, name: str, num_heads: int | None = None) -> None:
@@ -84,16 +101,21 @@ def keep_gguf_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Coun
             blocks = unpermute_rows(blocks, num_heads)
         if blocks.shape[0] != linear.out_features:
             raise ValueError(f"{path}: {name} has {blocks.shape[0]} rows; the model's layer has {linear.out_features}")
-        setattr(parent, attribute, QuantizedLinear.from_linear(linear, tensor.tensor_type.name, blocks))
+        layer = QuantizedLinear.from_linear(linear, tensor.tensor_type.name, blocks)
+        if not torch.equal(layer.dequantized_weight().to(linear.weight.dtype), linear.weight):
+            raise ValueError(f"{path}: {name} ({tensor.tensor_type.name}) does not hold the weight transformers loaded "
+                             f"for it, so it cannot be kept quantized; load without keep_quantized=True")
+        setattr(parent, attribute, layer)
         kept[tensor.tensor_type.name] += 1
 
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    counts = stated_head_counts(reader)
+    heads = {} if counts is None else {"attn_q": counts[0], "attn_k": counts[1]}
     for i, layer in enumerate(model.model.layers):
         for gguf_name, module_path in LAYER_LINEARS.items():
             parent_path, attribute = module_path.split(".")
             replace(getattr(layer, parent_path), attribute, f"blk.{i}.{gguf_name}.weight", heads.get(gguf_name))
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    if head == "output.weight" or config.tie_word_embeddings:
+    if head == "output.weight" or model.config.tie_word_embeddings:
         replace(model, "lm_head", head)
     return kept
 
