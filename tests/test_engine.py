@@ -19,6 +19,7 @@ from trellis.engine.engine import Engine
 from trellis.engine.sampling import MIN_TEMPERATURE, SamplingParams, filter_logits, sample
 from trellis.engine.scheduler import Scheduler
 from trellis.engine.session import Session
+from trellis.runner import runner as runner_module
 from trellis.runner import runner_of
 
 BS = 4  # tiny_pair's block size
@@ -358,6 +359,33 @@ def test_a_session_whose_sampling_fails_ends_alone_with_its_error():
     # Greedy search ignores the warpers' settings whatever they are, with a processor too.
     engine.add(PROMPTS[1], SamplingParams(max_new_tokens=2, temperature=0.0), logits_processor=lambda ids, s: s)
     engine.run()
+
+
+def test_a_step_that_fails_after_recording_a_session_fails_that_one_with_its_error(monkeypatch):
+    """A batched step whose cache bookkeeping fails part-way, after its forward, has recorded some
+    sessions as computed: their outputs went with the step, so they fail with its error; the
+    others run again alone and give transformers' answers."""
+    ref, model = tiny_pair()
+    want = [reference(ref, prompt, 4) for prompt in PROMPTS[:3]]
+    failed = []
+
+    def part_way(manager, seqs, hidden, batch):
+        if len(seqs) > 1 and not failed:
+            failed.append(seqs[0])
+            manager.mark_computed(seqs[0])
+            raise MemoryError("recording the step")
+        real(manager, seqs, hidden, batch)
+
+    real = runner_module.mark_step_computed
+    monkeypatch.setattr(runner_module, "mark_step_computed", part_way)
+    sessions = Engine(model).generate(PROMPTS[:3], SamplingParams(max_new_tokens=4))
+    lost = next(s for s in sessions if s.seq is failed[0])
+    assert lost.status == RequestStatus.FAILED and lost.error == "forward failed: MemoryError('recording the step')"
+    for session, tokens in zip(sessions, want):
+        if session is not lost:
+            assert session.status == RequestStatus.FINISHED and session.generated == tokens
+    model.prefix_cache.check_integrity()
+    assert model.prefix_cache.stats()["live_sessions"] == 0
 
 
 def test_a_runner_that_fails_between_steps_fails_every_session(monkeypatch):

@@ -132,7 +132,11 @@ class KVCacheManager:
         whole prompt's length where ``tokens`` is its first chunk (the hit rate counts prompts)."""
         with self.lock:
             seq = self._admit(tokens, max_reuse, extra_tokens)
-            self._count_admitted([seq], [prompt_tokens or len(tokens)])
+            try:
+                self._count_admitted([seq], [prompt_tokens or len(tokens)])
+            except BaseException:
+                self.release(seq, commit=False)
+                raise
             return seq
 
     def _admit(self, tokens: Sequence[int], max_reuse: int | None, extra_tokens: int) -> PagedSequence:
@@ -188,10 +192,10 @@ class KVCacheManager:
             try:
                 for row, reuse in zip(rows, max_reuse, strict=True):
                     seqs.append(self._admit(row, reuse, 0))
+                self._count_admitted(seqs, [len(row) for row in rows])
             except BaseException:
                 self.rollback_batch(seqs)
                 raise
-            self._count_admitted(seqs, [len(row) for row in rows])
         return seqs
 
     def append(self, seq: PagedSequence, tokens: Sequence[int]) -> None:
@@ -276,10 +280,11 @@ class KVCacheManager:
             if seq.offered == offer:
                 return
             node = self.radix.insert(seq.token_ids[: full * self.block_size], seq.block_ids[:full])
+            depth = self.radix.depth(node)
             self.radix.lock(node)
-            self.radix.unlock(seq.node)
-            seq.node, seq.num_committed_blocks = node, self.radix.depth(node)
+            old, seq.node, seq.num_committed_blocks = seq.node, node, depth
             seq.offered = offer
+            self.radix.unlock(old)
 
     def truncate(self, seqs: Sequence[PagedSequence], lengths: Sequence[int]) -> None:
         """Roll each session back to its first ``lengths[i]`` tokens (rejected speculative drafts).
@@ -341,10 +346,13 @@ class KVCacheManager:
                     if node is not None:
                         self.radix.add_tail(node, seq.token_ids[full * self.block_size : seq.num_cached],
                                             seq.block_ids[full])
-            self.radix.unlock(seq.node)
-            self.pool.decref(seq.block_ids)
+            # Released first: an error below (a bug it detects) must not make every later release retry it.
             seq.released = True
             self.live.discard(seq)
+            try:
+                self.radix.unlock(seq.node)
+            finally:
+                self.pool.decref(seq.block_ids)
 
     def release_later(self, seqs: Sequence[PagedSequence], commit: bool = True) -> None:
         """Queue sessions for release (``release``'s ``commit``); safe from a finalizer or another thread."""

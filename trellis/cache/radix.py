@@ -210,8 +210,8 @@ class RadixCache:
             new_blocks = list(blocks[n:])
             child = RadixNode(node, tuple(tokens[n * self.block_size :]), new_blocks)
             child.last_access = next(self._clock)
+            self.pool.incref(new_blocks)  # before the tree links them: it never holds a block it has no reference on
             node.children[self._key(child.tokens)] = child
-            self.pool.incref(new_blocks)
             covered = [node.tails.pop(key) for key in list(node.tails) if child.tokens[: len(key)] == key]
             if replaced is None:
                 self.pool.decref(covered)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 import weakref
@@ -21,6 +22,8 @@ from trellis.engine.session import Session, TokenLogprobs
 from trellis.runner import PagedModelRunner, runner_of
 from trellis.runner.runner import PendingStep, StepOutput
 from trellis.utils import cdiv, is_positive_int, token_ids
+
+log = logging.getLogger("trellis.engine")
 
 
 class QueueFullError(RuntimeError):
@@ -312,7 +315,9 @@ class Engine:
     def _forward(self, manager: KVCacheManager, sessions: list[Session],
                  ended: list[Session]) -> list[tuple[list[Session], StepOutput]]:
         """One forward over ``sessions``. If it fails, each session runs alone, so an error that one
-        request causes fails that request only."""
+        request causes fails that request only. A session the failed step had already recorded as
+        computed (it failed in the cache's bookkeeping, after the forward) cannot run again: its
+        outputs went with the step, and it fails with the step's error."""
         try:
             return [(sessions, self.runner.forward(manager, [s.seq for s in sessions]))]
         except Exception as exc:  # noqa: BLE001 -- isolated below; a second failure fails its session
@@ -320,8 +325,14 @@ class Engine:
                 manager.release(sessions[0].seq, commit=False)
                 ended += self._end(sessions[0], "error", f"forward failed: {exc!r}")
                 return []
+            failure = exc
+            log.warning("a forward of %d sessions failed (%r): each runs again alone", len(sessions), exc)
         steps = []
         for session in sessions:
+            if session.seq.num_new == 0:  # every session of a step has a token to compute, until it is marked
+                manager.release(session.seq, commit=False)
+                ended += self._end(session, "error", f"forward failed: {failure!r}")
+                continue
             try:
                 steps.append(([session], self.runner.forward(manager, [session.seq])))
             except Exception as exc:  # noqa: BLE001 -- this session's own failure
