@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 from trellis.eval import loglikelihood
-from trellis.eval.loading import add_model_arguments, existing_file, load_model, non_negative_int, positive_int
+from trellis.eval.loading import (
+    add_model_arguments,
+    command_errors,
+    existing_file,
+    load_model,
+    non_negative_int,
+    positive_int,
+)
 from trellis.eval.multiple_choice import accuracy, choice_requests, fewshot_prefix, read_questions
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "reading_mc.jsonl"
@@ -29,10 +36,8 @@ def main() -> None:
     parser.add_argument("--limit", type=positive_int, help="evaluate at most this many questions")
     add_model_arguments(parser)
     args = parser.parse_args()
-    try:
+    with command_errors(parser, parser.prog):  # a malformed question, a model refused: named, no traceback
         evaluate(args)
-    except (ValueError, OSError) as exc:  # a malformed question, a model refused: named, no traceback
-        parser.exit(2, f"{parser.prog}: {exc}\n")
 
 
 def evaluate(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from trellis.eval import loglikelihood_rolling
-from trellis.eval.loading import add_model_arguments, existing_file, load_model, positive_int
+from trellis.eval.loading import add_model_arguments, command_errors, existing_file, load_model, positive_int
 from trellis.eval.requests import encode
 from trellis.utils import read_utf8
 
@@ -28,10 +28,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=positive_int, help="window length in tokens (default: the model's maximum)")
     add_model_arguments(parser)
     args = parser.parse_args()
-    try:
+    with command_errors(parser, parser.prog):  # text that is not UTF-8, a model refused: named, no traceback
         score(args)
-    except (ValueError, OSError) as exc:  # text that is not UTF-8, a model refused: named, no traceback
-        parser.exit(2, f"{parser.prog}: {exc}\n")
 
 
 def score(args: argparse.Namespace) -> None:

@@ -1,9 +1,14 @@
 """The ``trellis`` command refuses bad options by name, before any model loads, and loads the
 model its options name (a GGUF too)."""
 
+import argparse
+import subprocess
+import sys
+
 import pytest
 
 from trellis import cli
+from trellis.model_options import command_errors
 from trellis.models.embedded import embedded_gguf_path
 
 
@@ -11,6 +16,8 @@ from trellis.models.embedded import embedded_gguf_path
     (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: must be a positive integer, got 0"),
     (["demo", "--block-size", "3"], "argument --block-size: block_size must be a power of two"),
     (["demo", "--device", "gpu"], "argument --device: 'gpu' names no device"),
+    (["demo", "--questions", "caf\udce9"], "argument --questions: not UTF-8 text: b'caf\\xe9'"),  # argv bytes 63 61 66 e9
+    (["grid", "generate", "--stages", "2", "--questions", "\udcff"], "argument --questions: not UTF-8 text: b'\\xff'"),
     (["demo", "--gguf-file", "model.gguf"], "--gguf-file names a file inside --model: give --model too"),
     (["serve", "--port", "70000"], "argument --port: a port is 0 to 65535, got 70000"),
     (["serve", "--num-blocks", "0"], "argument --num-blocks: must be a positive integer, got 0"),
@@ -68,3 +75,40 @@ def test_the_demo_runs_a_gguf_kept_quantized_as_the_embedded_one(tmp_path, capsy
     assert "linear layers: GGUF blocks kept quantized" in named
     answer = [line for line in named.splitlines() if line.startswith("assistant:")]
     assert answer and answer == [line for line in embedded.splitlines() if line.startswith("assistant:")]
+
+
+def test_a_damaged_gguf_is_named_without_a_traceback(tmp_path, capsys):
+    with open(embedded_gguf_path(), "rb") as whole:
+        (tmp_path / "cut.gguf").write_bytes(whole.read(100_000))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--model", str(tmp_path), "--gguf-file", "cut.gguf"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"cannot read the GGUF file {tmp_path / 'cut.gguf'} (truncated, damaged or not a GGUF file)" in err
+
+
+def test_the_served_name_of_a_relative_model_directory_is_the_directory_s(tmp_path, monkeypatch):
+    (tmp_path / "my-llama").mkdir()
+    (tmp_path / "my-llama" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "my-llama")
+    served = []
+    monkeypatch.setattr(cli, "run_serve", lambda args, config: served.append(config.model_name))
+    for model in (".", "./", "../my-llama"):
+        cli.main(["serve", "--model", model, "--port", "0"])
+    assert served == ["my-llama"] * 3
+
+
+def test_an_interrupted_command_says_so_and_exits_130(capsys):
+    with pytest.raises(SystemExit) as exit_info, command_errors(argparse.ArgumentParser(), "trellis demo"):
+        raise KeyboardInterrupt
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "trellis demo: interrupted\n"
+
+
+def test_a_demo_whose_reader_stops_reading_exits_quietly():
+    """``trellis demo | head -1``: the closed pipe ends the demo with SIGPIPE's status, no error message."""
+    demo = subprocess.Popen([sys.executable, "-m", "trellis", "demo", "--questions", "Hi", "--max-new-tokens", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    demo.stdout.readline()
+    demo.stdout.close()
+    err = demo.stderr.read().decode()
+    assert demo.wait(timeout=300) == 141 and "Broken pipe" not in err and "Traceback" not in err, err

@@ -896,19 +896,33 @@ def test_requests_still_running_when_the_grace_period_ends_are_failed_before_it_
     monkeypatch.setattr(server_module, "CLOSE_MARGIN_S", 0.3)
     closed: list[float] = []
     bridge = SimpleNamespace(engine=SimpleNamespace(has_work=busy), close=lambda: closed.append(time.monotonic()))
+    app = SimpleNamespace(state=SimpleNamespace(bridge=bridge, closing=threading.Event()))
     uvicorn_server = SimpleNamespace(should_exit=False)
-    watcher = threading.Thread(target=server_module._close_before_grace_ends, args=(uvicorn_server, bridge, 0.01))
+    watcher = threading.Thread(target=server_module._close_before_grace_ends, args=(uvicorn_server, app, 0.01))
     watcher.start()
     time.sleep(0.2)
-    assert not closed  # not before shutdown begins
+    assert not closed and not app.state.closing.is_set()  # not before shutdown begins
     start = time.monotonic()
     uvicorn_server.should_exit = True
     watcher.join(5)
-    assert not watcher.is_alive()
+    assert not watcher.is_alive() and app.state.closing.is_set()
     if busy:
         assert len(closed) == 1 and 0.25 <= closed[0] - start < 0.6
     else:
         assert not closed
+
+
+def test_a_body_still_arriving_when_the_server_closes_is_refused_with_503(tiny):
+    with serving(tiny.model, tiny.tok) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100\r\n\r\n{\"prompt\":")
+            time.sleep(0.3)
+            server.app.state.closing.set()  # what the server does shortly before its grace period ends
+            head, _, body = client.recv(65536).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+    assert json.loads(body)["error"]["message"] == "the server is shutting down"
 
 
 def _healthy(port: int) -> bool:

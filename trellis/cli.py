@@ -37,11 +37,13 @@ from trellis.model_options import (
     add_weights_arguments,
     block_size,
     check_model_arguments,
+    command_errors,
     device,
     load_model,
     load_tokenizer,
     port_number,
     positive_int,
+    utf8_text,
 )
 from trellis.models.embedded import EMBEDDED_NAME
 from trellis.models.loading import DTYPES
@@ -132,7 +134,7 @@ def parse_bytes(text: str) -> int:
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The server settings the options give (checked before the model loads)."""
     return ServeConfig(
-        model_name=args.served_model_name or (Path(args.model).name if args.model else EMBEDDED_NAME),
+        model_name=args.served_model_name or (Path(args.model).resolve().name if args.model else EMBEDDED_NAME),
         api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens, max_n=args.max_n,
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running, max_waiting=args.max_waiting)
@@ -315,29 +317,29 @@ def add_grid_parser(commands: argparse._SubParsersAction) -> None:
     generate = commands_of_grid.add_parser("generate", help="answer a few chat questions on the grid")
     add_grid_arguments(generate)
     generate.add_argument("--max-new-tokens", type=positive_int, default=48)
-    generate.add_argument("--questions", nargs="*", help="user questions, each asked after the system prompt")
+    generate.add_argument("--questions", nargs="*", type=utf8_text,
+                          help="user questions, each asked after the system prompt")
     stage = commands_of_grid.add_parser("stage", help="serve one stage (rank >= 1) until the coordinator stops")
     add_grid_arguments(stage)
 
 
 def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        check_model_arguments(args)
-        if args.grid_command == "stage":
-            sys.exit(run_stage(start_stage(grid_options(args), grid_endpoint(args))))
-        if args.grid_command == "generate":
-            run_grid_generate(args)
-        else:
-            config = serve_config(args)
-            if grid_endpoint(args).rank == 0:  # before any stage starts; a stage (torchrun's rank > 0) serves no HTTP
-                check_address(args.host, args.port)
-            run_grid_serve(args, config)
-    except (ValueError, OSError, GridError) as exc:
-        parser.exit(2, f"trellis grid: {exc}\n")
-    except torch.distributed.DistNetworkError as exc:  # the rendezvous port, most often
-        parser.exit(2, f"trellis grid: cannot open the rendezvous at --master-addr {args.master_addr} --master-port "
-                       f"{args.master_port}: {str(exc).splitlines()[0]}\n")
+    with command_errors(parser, "trellis grid", (ValueError, OSError, GridError)):
+        try:
+            check_model_arguments(args)
+            if args.grid_command == "stage":
+                sys.exit(run_stage(start_stage(grid_options(args), grid_endpoint(args))))
+            if args.grid_command == "generate":
+                run_grid_generate(args)
+            else:
+                config = serve_config(args)
+                if grid_endpoint(args).rank == 0:  # before any stage starts; a stage (torchrun's rank > 0) serves no HTTP
+                    check_address(args.host, args.port)
+                run_grid_serve(args, config)
+        except torch.distributed.DistNetworkError as exc:  # the rendezvous port, most often
+            raise OSError(f"cannot open the rendezvous at --master-addr {args.master_addr} --master-port "
+                          f"{args.master_port}: {str(exc).splitlines()[0]}") from None
 
 
 def restart_with_short_spin() -> None:
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="chat with the embedded model and watch the prefix cache")
     add_model_arguments(demo)
     demo.add_argument("--max-new-tokens", type=positive_int, default=48)
-    demo.add_argument("--questions", nargs="*", help="user questions, asked in turn")
+    demo.add_argument("--questions", nargs="*", type=utf8_text, help="user questions, asked in turn")
     demo.add_argument("--prefix-cache", metavar="FILE",
                       help="load cached prefixes from FILE if it exists, and save them there at the end")
     server = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
@@ -372,10 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                 check_save_path(args.prefix_cache)
         except (ValueError, FileNotFoundError) as exc:
             demo.error(f"--prefix-cache {args.prefix_cache}: no file can be saved there ({exc})")
-        try:
+        with command_errors(demo, "trellis demo"):
             run_demo(args)  # (load_model checks the model options first)
-        except (ValueError, OSError) as exc:  # Trellis' refusals name what to change: no traceback
-            demo.exit(2, f"trellis demo: {exc}\n")
     elif args.command == "serve":
         try:
             config = serve_config(args)
@@ -383,10 +383,8 @@ def main(argv: list[str] | None = None) -> None:
             check_address(args.host, args.port)  # before the model loads
         except (ValueError, OSError) as exc:
             server.error(str(exc))
-        try:
+        with command_errors(server, "trellis serve"):
             run_serve(args, config)
-        except (ValueError, OSError) as exc:
-            server.exit(2, f"trellis serve: {exc}\n")
     elif args.command == "grid":
         if argv is None and args.grid_command != "stage" and args.stages:
             restart_with_short_spin()

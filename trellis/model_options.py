@@ -5,6 +5,10 @@ model loads."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -92,6 +96,33 @@ LINEAR_KERNEL_HELP = ("what runs the linear layers on CPU in fp32 and bf16: pack
                       "onednn (the fp32 default on the other x86 CPUs); without AVX-512, bf16 runs F.linear whatever the kind")
 
 
+def utf8_text(text: str) -> str:
+    """Text for the model, refused unless it is Unicode (Python holds argv bytes that are not UTF-8
+    as lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: {os.fsencode(text)!r}") from None
+    return text
+
+
+@contextlib.contextmanager
+def command_errors(parser: argparse.ArgumentParser, name: str,
+                   refusals: tuple[type[Exception], ...] = (ValueError, OSError)) -> Iterator[None]:
+    """Run a command's work: a refusal (Trellis' errors name what to change) ends it with its message
+    and status 2, no traceback; Ctrl-C with "interrupted" and status 130; a reader that closed the
+    output (``| head``) quietly, with status 141, as a shell reports SIGPIPE."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        sys.exit(141)
+    except KeyboardInterrupt:
+        parser.exit(130, f"{name}: interrupted\n")
+    except refusals as exc:
+        parser.exit(2, f"{name}: {exc}\n")
+
+
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the model's weights and tokenizer come from (``load_tokenizer``, ``check_model_arguments``)."""
     parser.add_argument("--model", type=model_directory,
@@ -131,19 +162,26 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
 def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
     """The tokenizer of the model ``--model`` and ``--gguf-file`` name (the embedded one by default)."""
-    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    return AutoTokenizer.from_pretrained(args.model or embedded_model_dir(), **gguf)
+    if not args.gguf_file:
+        return AutoTokenizer.from_pretrained(args.model or embedded_model_dir())
+    try:
+        return AutoTokenizer.from_pretrained(args.model, gguf_file=args.gguf_file)
+    except OSError:
+        raise
+    except Exception as exc:  # the GGUF reader's assorted errors name neither the file nor the damage
+        raise ValueError(f"cannot read a tokenizer from the GGUF file {Path(args.model) / args.gguf_file}: {exc}") from exc
 
 
 def load_model(args: argparse.Namespace) -> tuple[TrellisLlama, PreTrainedTokenizerBase]:
     """The model and tokenizer that ``add_model_arguments``' options name; says which dtype and why."""
     check_model_arguments(args)
     gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    tokenizer = load_tokenizer(args)
     choice = choose_dtype(args.dtype, args.device)
+    # The model first: its loading names a damaged file and what is wrong with a config.
     model = TrellisLlama.from_pretrained(args.model, dtype=choice.dtype, device=args.device,
                                          block_size=args.block_size, linear_kernel=args.linear_kernel,
                                          keep_quantized=args.keep_quantized, **gguf)
+    tokenizer = load_tokenizer(args)
     print(f"dtype {str(model.dtype).removeprefix('torch.')} (--dtype {args.dtype}: {choice.reason}); "
           f"linear layers: {'GGUF blocks kept quantized' if args.keep_quantized else model.linear_kernel}", flush=True)
     return model, tokenizer

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from trellis import model_options
-from trellis.model_options import existing_file, load_model, non_negative_int, positive_int
+from trellis.model_options import command_errors, existing_file, load_model, non_negative_int, positive_int
 
-__all__ = ["add_model_arguments", "existing_file", "load_model", "non_negative_int", "positive_int"]
+__all__ = ["add_model_arguments", "command_errors", "existing_file", "load_model", "non_negative_int", "positive_int"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,8 @@ from trellis.serve.metrics import ServerMetrics
 from trellis.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, parse
 
 log = logging.getLogger("trellis.serve")
+
+BODY_POLL_S = 0.25  # how often a request whose body is still arriving checks that the server is not closing
 
 
 def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeConfig | None = None) -> FastAPI:
@@ -57,6 +60,8 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
 
     app = FastAPI(title="Trellis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.bridge, app.state.metrics, app.state.config = engine, bridge, metrics, config
+    # Set by the server shortly before shutdown's grace period ends: a body still arriving is refused.
+    app.state.closing = closing = threading.Event()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -80,11 +85,7 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
             raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                            kind="authentication_error")
 
-    async def read_json(request: Request) -> object:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
-            raise APIError(413, f"the request body ({declared} bytes) exceeds this server's limit of "
-                           f"{config.max_body_bytes} bytes")
+    async def read_body(request: Request) -> bytes:
         body = bytearray()
         try:
             async for part in request.stream():
@@ -94,6 +95,22 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
                                    "bytes")
         except ClientDisconnect:  # gone before its body was whole: not the server's failure
             raise APIError(499, "the client closed the request", kind="client_closed_request") from None
+        return bytes(body)
+
+    async def read_json(request: Request) -> object:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise APIError(413, f"the request body ({declared} bytes) exceeds this server's limit of "
+                           f"{config.max_body_bytes} bytes")
+        reading = asyncio.ensure_future(read_body(request))
+        try:
+            while not (await asyncio.wait({reading}, timeout=BODY_POLL_S))[0]:
+                if closing.is_set():
+                    raise APIError(503, "the server is shutting down", kind="server_unavailable",
+                                   headers={"Retry-After": "1"})
+        finally:
+            reading.cancel()  # (nothing to cancel once it is done)
+        body = reading.result()
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 
 import uvicorn
+from fastapi import FastAPI
 from transformers import PreTrainedTokenizerBase
 
 from trellis.serve.app import create_app
-from trellis.serve.bridge import EngineBridge
 from trellis.serve.config import ServeConfig
 
 log = logging.getLogger("trellis.serve")
@@ -57,7 +57,7 @@ def serve(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeConfig
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     if stop_when is not None:
         threading.Thread(target=_stop_when, args=(server, stop_when), name="trellis-serve-watch", daemon=True).start()
-    threading.Thread(target=_close_before_grace_ends, args=(server, app.state.bridge), name="trellis-serve-close",
+    threading.Thread(target=_close_before_grace_ends, args=(server, app), name="trellis-serve-close",
                      daemon=True).start()
     # uvicorn re-raises the signal it shut down for once it is done. SIGTERM's default action would
     # then kill the process before the caller's cleanup (a grid's stop signal to its stages), so
@@ -77,15 +77,18 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _close_before_grace_ends(server: uvicorn.Server, bridge: EngineBridge, poll_s: float = 0.1) -> None:
+def _close_before_grace_ends(server: uvicorn.Server, app: FastAPI, poll_s: float = 0.1) -> None:
     """Once shutdown begins, stop the engine shortly before uvicorn's grace period ends, unless
     everything finished: what still runs then fails with a shutdown error that its client reads
-    (a stream ends with an error event and ``[DONE]``), where uvicorn would cut the connection."""
+    (a stream ends with an error event and ``[DONE]``), where uvicorn would cut the connection.
+    A request whose body is still arriving then is refused (503), where uvicorn would answer 500."""
+    bridge = app.state.bridge
     while not server.should_exit:
         time.sleep(poll_s)
     deadline = time.monotonic() + GRACEFUL_SHUTDOWN_S - CLOSE_MARGIN_S
     while bridge.engine.has_work and time.monotonic() < deadline:
         time.sleep(poll_s)
+    app.state.closing.set()
     if bridge.engine.has_work:
         log.warning("shutting down: failing the requests still running")
         bridge.close()
