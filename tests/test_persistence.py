@@ -7,6 +7,7 @@ its tree is one that ``save_prefix_cache`` could have written, checksum or not.
 
 import functools
 import json
+import os
 import platform
 import random
 import re
@@ -147,6 +148,18 @@ def test_a_name_as_long_as_the_file_system_takes_is_saved_to(tmp_path):
     _, fresh = tiny_pair()
     assert fresh.load_prefix_cache(path) == held_blocks(model)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no staging file left
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_a_saved_cache_takes_the_umask_s_permissions(tmp_path, umask, mode):
+    _, model = tiny_pair()
+    ask(model, [50, 51])
+    previous = os.umask(umask)
+    try:
+        model.save_prefix_cache(tmp_path / "cache.safetensors")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "cache.safetensors").stat().st_mode & 0o777 == mode
 
 
 def test_a_tail_block_is_saved_with_its_own_tokens_only(tmp_path):

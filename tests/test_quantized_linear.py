@@ -309,6 +309,13 @@ def test_a_gguf_without_its_kv_head_count_keeps_q_and_k_as_transformers_loads_th
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_a_gguf_whose_tensors_do_not_fit_its_metadata_is_a_value_error(tmp_path):
+    write_tiny_gguf(tmp_path / "gqa.gguf", state_kv_heads=False)  # 2 K/V heads' tensors, read as 4 (the default)
+    with pytest.raises(ValueError, match=r"cannot load the GGUF file gqa.gguf of .* \(its tensors do not fit the model "
+                                         r"its metadata describes\)"):
+        TrellisLlama.from_pretrained(tmp_path, gguf_file="gqa.gguf", device="cpu")
+
+
 def test_a_kept_layer_that_would_differ_from_transformers_weight_is_refused(tmp_path, monkeypatch):
     write_tiny_gguf(tmp_path / "tiny.gguf")
     monkeypatch.setattr(gguf_quantized, "unpermute_rows", lambda blocks, num_heads: blocks)  # a misread file

@@ -170,11 +170,15 @@ def save_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
         }
         metadata = {**_header(manager, fingerprint), "checksum": _checksum(tensors)}
     # A staging file of this save's own: two saves to one path (two processes) each rename a whole
-    # file. (Not mkstemp: its file is private to the user, where a saved cache takes the umask.) The
-    # name's first 32 characters only, so that a name the file system takes has a staging name it takes.
+    # file. The name's first 32 characters only, so that a name the file system takes has a staging
+    # name it takes. A saved cache takes the umask's permissions, as any new file does: created here
+    # to learn them, since safetensors writes its files private to the user.
     staging = path.with_name(f".{path.name[:32]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        os.close(os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = staging.stat().st_mode
         save_file(tensors, staging, metadata=metadata)
+        staging.chmod(mode)
         staging.replace(path)
     except BaseException:
         staging.unlink(missing_ok=True)  # a failed save leaves nothing behind

@@ -123,6 +123,13 @@ class TrellisLlama(LlamaForCausalLM):
                                                   output_loading_info=True, **kwargs)
         except SafetensorError as exc:  # a damaged checkpoint: an OSError, as a missing file is
             raise OSError(f"cannot read the weights in {pretrained_model_name_or_path}: {exc}") from exc
+        except (OSError, ValueError):
+            raise
+        except Exception as exc:  # a GGUF whose tensors disagree with its metadata: transformers' RuntimeError
+            if kwargs.get("gguf_file") is None:
+                raise
+            raise ValueError(f"cannot load the GGUF file {kwargs['gguf_file']} of {pretrained_model_name_or_path} "
+                             f"(its tensors do not fit the model its metadata describes): {exc}") from exc
         if kwargs.get("state_dict") is None:  # a caller's own state dict may leave weights out (a grid stage's)
             check_weights_loaded(pretrained_model_name_or_path, info)
         check_one_device(getattr(model, "hf_device_map", {}))  # set by accelerate where it placed modules apart
