@@ -33,8 +33,8 @@ void store_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_
               v.sizes());
   TORCH_CHECK(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), "k heads/dim ", k.sizes().slice(1),
               " != cache ", k_cache.sizes().slice(2));
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type(), "k/v dtype ",
-              k.scalar_type(), " != cache dtype ", k_cache.scalar_type());
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type(), "k/v dtypes ",
+              k.scalar_type(), "/", v.scalar_type(), " != cache dtype ", k_cache.scalar_type());
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0),
               "slot_mapping must be int64 [T]");
   TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && slot_mapping.device().is_cpu(),

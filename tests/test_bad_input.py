@@ -160,6 +160,8 @@ def test_a_cache_under_both_names_is_refused():
     handle = model(ids).past_key_values
     with pytest.raises(ValueError, match="not both"):
         model(ids[:, :1], past_key_values=handle, cache=handle)
+    with pytest.raises(ValueError, match="not both"):  # (transformers' generate() would warn and take `cache`)
+        model.generate(ids, past_key_values=handle, cache=handle, max_new_tokens=2)
     assert len(handle.seqs[0].token_ids) == ids.shape[1]  # the session is unchanged
     model.prefix_cache.check_integrity()
 
@@ -301,3 +303,18 @@ def test_a_released_cache_is_refused_by_name():
         with pytest.raises(ValueError, match=r"was released \(release\(\) ended its sessions\)"):
             model(torch.tensor([[5]]), **{CACHE_ARG: cache})
     assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_autocast_is_refused_by_name_and_changes_nothing():
+    """Under ``torch.autocast`` transformers computes some layers in another dtype, which the paged
+    kernels and fused layers cannot follow: refused, rather than answered in the model's dtype."""
+    ref, model = tiny_pair()
+    ids = torch.arange(3, 20)[None]
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    before = model.prefix_cache.stats()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for call in (lambda: model(ids), lambda: model.generate(ids, max_new_tokens=2, do_sample=False)):
+            with pytest.raises(ValueError, match=r"torch.autocast is not supported: Trellis runs every layer in the "
+                                                 r"model's dtype \(float32\)"):
+                call()
+    still_works(model, ref, ids, before)

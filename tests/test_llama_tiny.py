@@ -81,6 +81,21 @@ def test_greedy_generate_matches_cold_and_warm():
     model.prefix_cache.check_integrity()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_pool_made_under_inference_mode_serves_outside_it(backend):
+    """The first call under ``torch.inference_mode()`` makes the pool an inference tensor, which
+    only inference_mode writes: later calls outside it write it too (the reference serves MPS)."""
+    ref, model = tiny_pair(backend=backend)
+    ids = [torch.cat([prompt(0, 30), prompt(10 + q, 5)], dim=1) for q in range(2)]
+    with torch.inference_mode():
+        first = model.generate(ids[0], max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        second = model.generate(ids[1], max_new_tokens=6, do_sample=False)
+        for got, row in ((first, ids[0]), (second, ids[1])):
+            assert torch.equal(got, ref.generate(row, max_new_tokens=6, do_sample=False))
+    model.prefix_cache.check_integrity()
+
+
 def test_a_warm_rerun_fits_the_pool_the_cold_run_fitted():
     """A rerun computes the answer's blocks again (the tree holds the first run's): it keeps its
     own and leaves the tree's evictable, so it needs no more blocks than the cold run."""

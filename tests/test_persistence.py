@@ -278,7 +278,7 @@ def test_another_linear_kernel_is_refused_but_a_weight_layout_is_no_identity(tmp
     path = saved(tmp_path, model)
     _, blas = tiny_pair()
     blas.set_linear_kernel("blas")
-    with pytest.raises(PrefixCacheFileError, match=r"is for linear_kernel='onednn \(input-major, 1-8 rows streamed\)', "
+    with pytest.raises(PrefixCacheFileError, match=r"is for linear_kernel='onednn \(input-major\)', "
                                                    r"this cache needs 'blas \(1-8 rows streamed\)'"):
         blas.load_prefix_cache(path)
     # The same values hash the same whatever their strides (oneDNN stores weights input-major on Intel).
@@ -300,7 +300,7 @@ def test_one_kind_that_rounds_otherwise_on_another_cpu_is_refused(tmp_path, vend
     _, intel = tiny_pair()
     intel.set_linear_kernel("onednn")
     with pytest.raises(PrefixCacheFileError, match=r"is for linear_kernel='onednn \(1-8 rows streamed\)', "
-                                                   r"this cache needs 'onednn \(input-major, 1-8 rows streamed\)'"):
+                                                   r"this cache needs 'onednn \(input-major\)'"):
         intel.load_prefix_cache(path)
     assert intel.prefix_cache.stats()["cached_blocks"] == 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.persist import PrefixCacheFileError, check_save_path
 from trellis.engine import Engine, SamplingParams
 from trellis.grid import (
@@ -90,8 +91,8 @@ def run_demo(args: argparse.Namespace) -> None:
         try:
             blocks = model.load_prefix_cache(args.prefix_cache)
             print(f"warm start: {blocks} cached blocks loaded from {args.prefix_cache}")
-        except PrefixCacheFileError as exc:  # another model, dtype or block size: start cold, and save over it
-            print(f"cold start: {exc}")
+        except (PrefixCacheFileError, OutOfBlocksError) as exc:  # another model, dtype or block size, or more
+            print(f"cold start: {exc}")                             # than this pool holds: start cold, save over it
     print()
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for question in args.questions or QUESTIONS:

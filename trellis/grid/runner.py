@@ -32,6 +32,7 @@ from trellis.runner.runner import (
     PendingStep,
     StepOutput,
     mark_step_computed,
+    refuse_autocast,
     run_decoder,
 )
 
@@ -126,6 +127,7 @@ class GridRunner(PagedModelRunner):
         if self.tracks_gradients():
             raise ValueError("a grid serves inference only: run it under torch.no_grad() (gradients cannot "
                              "flow back through the other stages)")
+        refuse_autocast(self.device, self.model.dtype)
         if self.config.num_hidden_layers != len(self.model.model.layers):
             raise ValueError("a grid runs every layer of the model on its stages: a forward with another "
                              "config.num_hidden_layers (assistant_early_exit drafts with one) is not served")

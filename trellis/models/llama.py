@@ -429,6 +429,8 @@ class TrellisLlama(LlamaForCausalLM):
             return super().generate(inputs, generation_config, **kwargs)
         self._check_generation_inputs(inputs if inputs is not None else kwargs.get("input_ids"),
                                       kwargs.get("attention_mask"), generation_config, kwargs)
+        if CACHE_ARG == "cache" and kwargs.get("cache") is not None and kwargs.get("past_key_values") is not None:
+            raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")  # generate() would pick one
         given = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
         # The whole call holds the lock: transformers' early-exit drafter lowers the layer count for
         # a while, which no other thread's forward may see. A TrellisLlama assistant's lock is taken

@@ -44,7 +44,8 @@ def check_store_kv(
     )
     require(slot_mapping.dtype == torch.int64 and slot_mapping.shape == (k.shape[0],), "slot_mapping must be int64 [T]")
     require(
-        k.dtype == k_cache.dtype and v.dtype == k_cache.dtype, "k/v dtype ", k.dtype, " != cache dtype ", k_cache.dtype
+        k.dtype == k_cache.dtype and v.dtype == k_cache.dtype,
+        "k/v dtypes ", k.dtype, "/", v.dtype, " != cache dtype ", k_cache.dtype,
     )
     require(
         len({t.device for t in (k, v, k_cache, v_cache, slot_mapping)}) == 1,

@@ -271,11 +271,12 @@ def rounding_identity(kind: str, dtype: torch.dtype) -> str:
     whether ``"packed"`` keeps the weights as panels (``panels_serve``).
     Two models whose identities differ compute K/V that differ in the last bits, so a prefix-cache
     file records it and refuses another (``TrellisLlama.load_prefix_cache``)."""
-    details = ["input-major"] if kind == "onednn" and input_major(dtype) else []
+    transposed = kind == "onednn" and input_major(dtype)
+    details = ["input-major"] if transposed else []
     rows = streamed_rows(dtype)
     if panels_serve(kind, dtype):
         details.append("panels")  # every row count: none streams
-    elif rows is not None:
+    elif rows is not None and not transposed:  # the kernel streams row-major weights only
         details.append(f"{rows[0]}-{rows[1]} rows streamed")
     return f"{kind} ({', '.join(details)})" if details else kind
 

@@ -374,6 +374,7 @@ class PagedModelRunner:
         if self.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(f"the model runs {self.config._attn_implementation!r} attention, not the paged "
                                f"{ATTN_IMPLEMENTATION!r} one; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
+        refuse_autocast(self.device, self.model.dtype)
         with self.lock:
             random = self.drops_out()
             if random or self.config.num_hidden_layers < len(manager.pool.layers):
@@ -506,6 +507,16 @@ def run_decoder(model: LlamaForCausalLM, batch: PagedBatch, inputs_embeds: torch
             return BaseModelOutputWithPast(last_hidden_state=hidden[None])
     tokens = {"input_ids": batch.input_ids[None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[None]}
     return model.model(**tokens, position_ids=batch.positions[None], paged_batch=batch, use_cache=False, **kwargs)
+
+
+def refuse_autocast(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a forward under ``torch.autocast``: transformers would then compute some layers in
+    another dtype than the model's, and the paged kernels (which store and read K/V in the pool's
+    one dtype) and the fused CPU layers (which run in the model's) cannot follow it."""
+    if torch.is_autocast_enabled(device.type):
+        raise ValueError(f"torch.autocast is not supported: Trellis runs every layer in the model's dtype "
+                         f"({str(dtype).removeprefix('torch.')}); convert the model to the dtype you want instead "
+                         "(from_pretrained(dtype=...) or model.to(dtype))")
 
 
 def mark_step_computed(manager: KVCacheManager, seqs: Sequence[PagedSequence], hidden: torch.Tensor,
