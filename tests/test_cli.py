@@ -17,6 +17,8 @@ from trellis.models.embedded import embedded_gguf_path
     (["demo", "--block-size", "3"], "argument --block-size: block_size must be a power of two"),
     (["demo", "--device", "gpu"], "argument --device: 'gpu' names no device"),
     (["demo", "--questions", "caf\udce9"], "argument --questions: not UTF-8 text: b'caf\\xe9'"),  # argv bytes 63 61 66 e9
+    (["serve", "--api-key", "caf\udce9"], "argument --api-key: not UTF-8 text"),
+    (["serve", "--served-model-name", "\udcff"], "argument --served-model-name: not UTF-8 text"),
     (["grid", "generate", "--stages", "2", "--questions", "\udcff"], "argument --questions: not UTF-8 text: b'\\xff'"),
     (["demo", "--gguf-file", "model.gguf"], "--gguf-file names a file inside --model: give --model too"),
     (["serve", "--port", "70000"], "argument --port: a port is 0 to 65535, got 70000"),
@@ -93,9 +95,10 @@ def test_the_served_name_of_a_relative_model_directory_is_the_directory_s(tmp_pa
     monkeypatch.chdir(tmp_path / "my-llama")
     served = []
     monkeypatch.setattr(cli, "run_serve", lambda args, config: served.append(config.model_name))
-    for model in (".", "./", "../my-llama"):
+    (tmp_path / "current").symlink_to(tmp_path / "my-llama")
+    for model in (".", "./", "../my-llama", "../current"):  # a link's own name: clients keep it as its target changes
         cli.main(["serve", "--model", model, "--port", "0"])
-    assert served == ["my-llama"] * 3
+    assert served == ["my-llama"] * 3 + ["current"]
 
 
 def test_an_interrupted_command_says_so_and_exits_130(capsys):

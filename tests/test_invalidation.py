@@ -442,9 +442,9 @@ def test_a_dropped_handle_frees_its_blocks_for_a_growing_session():
 
 @pytest.mark.parametrize("decide", [
     lambda m, seq: m.pool.decref(m.allocate(1)), lambda m, seq: m.admission_cost([1, 2, 3]), lambda m, seq: m.admit([1, 2, 3]),
-    lambda m, seq: m.fork(seq), lambda m, seq: m.truncate([seq], [5]), lambda m, seq: m.can_ever_hold(4),
+    lambda m, seq: m.fork(seq), lambda m, seq: m.truncate([seq], [5]),
     lambda m, seq: m.stats(), lambda m, seq: m.append(seq, [9] * 8), lambda m, seq: m.reset(),
-], ids=["allocate", "admission_cost", "admit", "fork", "truncate", "can_ever_hold", "stats", "append", "reset"])
+], ids=["allocate", "admission_cost", "admit", "fork", "truncate", "stats", "append", "reset"])
 def test_released_handles_are_drained_before_any_decision(decide):
     manager = KVCacheManager(BlockPool(16, 4, num_layers=1, num_kv_heads=1, head_dim=4))
     kept, dropped = manager.admit(list(range(10))), manager.admit(list(range(20, 30)))

@@ -135,7 +135,7 @@ def parse_bytes(text: str) -> int:
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The server settings the options give (checked before the model loads)."""
     return ServeConfig(
-        model_name=args.served_model_name or (Path(args.model).resolve().name if args.model else EMBEDDED_NAME),
+        model_name=args.served_model_name or (Path(os.path.abspath(args.model)).name if args.model else EMBEDDED_NAME),
         api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens, max_n=args.max_n,
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running, max_waiting=args.max_waiting)
@@ -156,8 +156,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeConfig()
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=port_number, default=8000)
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API call")
-    parser.add_argument("--served-model-name", help="the model id clients use (default: the model directory's name)")
+    parser.add_argument("--api-key", type=utf8_text, help="require 'Authorization: Bearer KEY' on every API call")
+    parser.add_argument("--served-model-name", type=utf8_text,
+                        help="the model id clients use (default: the model directory's name)")
     parser.add_argument("--num-blocks", type=positive_int, help="KV pool size in blocks (default: from --kv-cache-memory)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes,
                         help="KV pool size in bytes, e.g. 2GiB (default: a quarter of free RAM up to 4 GiB; half "

@@ -92,7 +92,7 @@ def existing_file(text: str) -> Path:
 
 
 LINEAR_KERNEL_HELP = ("what runs the linear layers on CPU in fp32 and bf16: packed (Trellis' panels, a second copy of "
-                      "the weights; the default on x86 CPUs with AVX-512), blas (MKL; the fp32 default on other Intel CPUs) or "
+                      "the weights; the default on x86 CPUs with AVX-512 and the C++ kernels built), blas (MKL; the fp32 default on other Intel CPUs) or "
                       "onednn (the fp32 default on the other x86 CPUs); without AVX-512, bf16 runs F.linear whatever the kind")
 
 

@@ -149,7 +149,7 @@ class TrellisLlama(LlamaForCausalLM):
         AVX-512 build), ``"onednn"`` (no extra memory; fp32 weights stored input-major on Intel;
         the fp32 default on other x86 CPUs without an AVX-512 build) or ``"packed"`` (a second copy
         of the weights, oneDNN's prepacked layout or Trellis' panels; the default on x86 CPUs with
-        AVX-512 in fp32 and bf16; without AVX-512 bf16 runs ``F.linear`` whatever the kind). See
+        AVX-512 in fp32 (with the C++ kernels built) and bf16; without AVX-512 bf16 runs ``F.linear`` whatever the kind). See
         ``trellis.runner.cpu_linear``. A kind set here is kept when the model changes dtype; without
         one, the kind follows the dtype (``.to(torch.bfloat16)`` moves an fp32 model to bf16's
         default). Returns the number of layers that changed kind. The KV cache

@@ -46,7 +46,7 @@ def _extend_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
-    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_start = tl.load(cu_seqlens_q_ptr + seq).to(tl.int64)  # q's offsets pass 2**31 at 128K tokens x 128 heads x 128
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if m_block * BLOCK_M >= q_len:  # the grid is sized for the longest sequence
         return
