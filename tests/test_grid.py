@@ -590,6 +590,11 @@ def test_grid_refuses_what_it_cannot_compute(tiny_dir):
         with pytest.raises(ValueError, match="inference only"):
             runner.model(torch.tensor([[5, 6, 7]]))
         runner.model.requires_grad_(False)
+        runner.model.model.layers[0].self_attn.attention_dropout = 0.1
+        runner.model.train()
+        with pytest.raises(ValueError, match="inference only: call model.eval"):
+            runner.model(torch.tensor([[5, 6, 7]]))
+        runner.model.eval()
         with pytest.raises(ValueError, match="every layer"):  # its drafts would run the other stages' layers
             runner.model.generate(torch.tensor([[5, 6, 7, 5, 6]]), max_new_tokens=4, assistant_early_exit=1)
         out = runner.model(torch.tensor([[5, 6, 7]]))  # and still serves

@@ -127,6 +127,9 @@ class GridRunner(PagedModelRunner):
         if self.tracks_gradients():
             raise ValueError("a grid serves inference only: run it under torch.no_grad() (gradients cannot "
                              "flow back through the other stages)")
+        if self.drops_out():
+            raise ValueError("a grid serves inference only: call model.eval() (in training mode its dropout "
+                             "would apply on this stage's layers alone)")
         refuse_autocast(self.device, self.model.dtype)
         if self.config.num_hidden_layers != len(self.model.model.layers):
             raise ValueError("a grid runs every layer of the model on its stages: a forward with another "
