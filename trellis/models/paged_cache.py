@@ -174,11 +174,11 @@ class PagedKVCache(Cache):
                 for fork in forks:
                     self.manager.release(fork, commit=False)
                 raise
-            for seq in self.seqs:
-                self.manager.release(seq, commit=False)
-            self.seqs[:] = forks
+            old, self.seqs[:] = list(self.seqs), forks  # the forks held by the cache before anything is let go
             if self.past_real is not None:
                 self.past_real = self.past_real[beam_idx.to(self.past_real.device)]
+            for seq in old:
+                self.manager.release(seq, commit=False)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows ``indices`` (in that order), as transformers' caches do (contrastive search)."""
