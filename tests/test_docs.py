@@ -64,3 +64,18 @@ def test_relative_links_point_to_files_that_exist():
             elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
                 broken.append(f"{doc.name}: {target} (no such heading)")
     assert not broken, broken
+
+
+def test_the_readme_python_examples_run_as_written(capsys):
+    """The README's Python examples, in order in one namespace, on the embedded model (the server's,
+    which needs a running server, aside): they run, and do what the text around them says."""
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.DOTALL | re.MULTILINE)
+    local = [block for block in blocks if "openai" not in block]
+    assert len(local) == 3, "the README's generate, generate_batch and loglikelihood examples"
+    namespace: dict = {}
+    for block in local:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 -- the README's own code, run as a reader would
+    printed = capsys.readouterr().out
+    assert namespace["model"].prefix_cache.stats()["hit_tokens"] > 0  # the second question reused the first's prefix
+    assert len(namespace["out"]) == 3 and all(r.num_cached_tokens > 0 for r in namespace["out"].values())
+    assert re.search(r"\[\((-?\d+\.\d+(e-?\d+)?), (True|False)\), \((-?\d+\.\d+(e-?\d+)?), (True|False)\)\]", printed)
