@@ -683,3 +683,27 @@ class CacheMachine(RuleBasedStateMachine):
 
 CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestCacheMachine = CacheMachine.TestCase
+
+
+@pytest.mark.parametrize("failing", ["radix.lock", "pool.incref"])
+def test_a_fork_or_admission_that_fails_part_way_holds_nothing(monkeypatch, failing):
+    """An error while a fork or an admission takes its holds (a lock, references) gives back what
+    it took: no block keeps a reference, and no node a lock, that nobody holds."""
+    m = KVCacheManager(BlockPool(16, 4, num_layers=1, num_kv_heads=1, head_dim=4))
+    seq = m.admit(list(range(10)))
+    m.mark_computed(seq)  # two full blocks in the tree, and a partly filled one
+    owner, name = {"radix.lock": (m.radix, "lock"), "pool.incref": (m.pool, "incref")}[failing]
+
+    def failed(*args):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(owner, name, failed)
+    for act in (lambda: m.fork(seq), lambda: m.admit(list(range(10)) + [99])):
+        with pytest.raises(MemoryError, match="injected"):
+            act()
+    monkeypatch.undo()
+    assert m.live == {seq}
+    m.check_integrity()
+    m.release(seq)
+    m.check_integrity()
+    assert m.stats()["live_sessions"] == 0 and all(node.lock_count == 0 for node in m.radix.root.children.values())

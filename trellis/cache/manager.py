@@ -150,20 +150,22 @@ class KVCacheManager:
             if tail is not None:
                 self.pool.incref([tail.block])  # allocation may evict it from the tree: keep it to copy
             try:
-                self.pool.incref(match.blocks)
-                self.radix.lock(match.node)
-                seq = PagedSequence(list(tokens), list(match.blocks), node=match.node)
-                seq.num_cached = seq.num_prefix_hit = len(match.blocks) * self.block_size
-                seq.num_committed_blocks = len(match.blocks)
+                seq = PagedSequence(list(tokens))  # holds nothing yet; each hold is recorded as it is taken
                 self.live.add(seq)
                 try:
+                    self.radix.lock(match.node)
+                    seq.node = match.node
+                    self.pool.incref(match.blocks)
+                    seq.block_ids = list(match.blocks)
+                    seq.num_cached = seq.num_prefix_hit = len(match.blocks) * self.block_size
+                    seq.num_committed_blocks = len(match.blocks)
                     self.reserve(seq, extra_tokens)
                     if tail is not None:
                         # The shared tokens' K/V are those of the same tokens at the same positions
                         # after the same prefix; the block's later slots are overwritten by the prefill.
                         self.pool.copy_block(tail.block, seq.block_ids[len(match.blocks)])
                         seq.num_cached = seq.num_prefix_hit = seq.num_cached + tail.num_tokens
-                except BaseException:  # out of blocks, or an interrupt during the copy: leave nothing behind
+                except BaseException:  # out of blocks, an interrupt during the copy: leave nothing behind
                     self.release(seq, commit=False)
                     raise
             finally:
@@ -365,20 +367,23 @@ class KVCacheManager:
                 raise RuntimeError("session already released: it cannot be forked")
             self.release_pending()
             full = seq.num_cached // self.block_size
-            tail = seq.block_ids[full:]
-            new_tail = self._copies(tail)
-            self.pool.incref(seq.block_ids[:full])
-            self.radix.lock(seq.node)
-            child = PagedSequence(
+            child = PagedSequence(  # holds nothing yet; each hold is recorded as it is taken
                 list(seq.token_ids),
-                seq.block_ids[:full] + new_tail,
                 num_cached=seq.num_cached,
                 num_prefix_hit=seq.num_prefix_hit,
-                node=seq.node,
                 num_committed_blocks=seq.num_committed_blocks,
                 shareable=seq.shareable,
             )
             self.live.add(child)
+            try:
+                self.radix.lock(seq.node)
+                child.node = seq.node
+                self.pool.incref(seq.block_ids[:full])
+                child.block_ids = seq.block_ids[:full]
+                child.block_ids = child.block_ids + self._copies(seq.block_ids[full:])
+            except BaseException:  # out of blocks for the tail's copy: leave nothing behind
+                self.release(child, commit=False)
+                raise
             return child
 
     def _copies(self, blocks: Sequence[int]) -> list[int]:

@@ -174,11 +174,11 @@ class RadixCache:
             return []
         shorter = [key for key in node.tails if tokens[: len(key)] == key]
         self._version += 1
+        self.pool.incref([block])  # before the tree links it: it never holds a block it has no reference on
         replaced = [node.tails.pop(key) for key in shorter]
+        node.tails[tokens] = block
         if release:
             self.pool.decref(replaced)
-        node.tails[tokens] = block
-        self.pool.incref([block])
         return replaced
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:

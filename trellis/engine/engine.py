@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 import weakref
 from collections import deque
@@ -15,6 +14,7 @@ import torch
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from trellis.cache.block_pool import OutOfBlocksError
+from trellis.cache.interrupts import InterruptDeferringLock
 from trellis.cache.manager import KVCacheManager
 from trellis.engine.sampling import NO_WARPERS, LogitsProcessor, SamplingParams, sample
 from trellis.engine.scheduler import Scheduler, fork_blocks
@@ -72,7 +72,7 @@ class Engine:
         self._next_lane = 0
         self._unreported: list[Session] = []  # ended in a step that then raised: the next step returns them
         self._inbox: deque[Session] = deque()  # added by any thread, moved to ``waiting`` by the stepping one
-        self._inbox_lock = threading.Lock()
+        self._inbox_lock = InterruptDeferringLock()  # (Ctrl-C waits for a hold: see interrupts.py)
         self._ids = itertools.count()
         self._manager: KVCacheManager | None = None  # the cache the running sessions live in
         self.fresh_blocks = 0  # blocks admissions took from the pool rather than from the cache

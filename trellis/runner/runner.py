@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from trellis import ops
 from trellis.cache.block_pool import BlockPool, check_block_size
+from trellis.cache.interrupts import InterruptDeferringLock
 from trellis.cache.manager import KVCacheManager, PagedSequence
 from trellis.runner import cpu_linear, cuda_graphs
 from trellis.runner.attention import ATTN_IMPLEMENTATION
@@ -98,7 +99,10 @@ class PagedModelRunner:
         # Whether the user chose ``linear_kernel``; if not, it follows the model's dtype (follow_dtype).
         self.linear_kernel_chosen = False
         self.lock = threading.RLock()
-        self._cache_lock = threading.Lock()  # threads asking for the cache together get one and the same
+        # Threads asking for the cache together get one and the same. Ctrl-C waits for its hold to
+        # end: a KeyboardInterrupt between a `with` body's return and the lock's release (CPython
+        # runs that exit outside the statement's handler) would leave it held for good.
+        self._cache_lock = InterruptDeferringLock()
         self._manager: KVCacheManager | None = None
         self._manager_key: tuple | None = None  # what the cached K/V were computed with
         self.weights_watcher = WeightsWatcher(model)
