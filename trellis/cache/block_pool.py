@@ -47,17 +47,21 @@ class BlockPool:
             raise ValueError(f"layer_ids must name {num_layers} distinct layers, got {list(layer_ids)}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Unused slots are never read (kernels stop at seq_len), so no need to zero the memory.
+        # Unused slots are never read (kernels stop at seq_len), so no need to zero the memory. Not an
+        # inference tensor even when made under torch.inference_mode (a model's first call there):
+        # one refuses in-place writes outside it, and every later call writes the pool.
         try:
-            self.kv = torch.empty((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype,
-                                  device=device)
+            with torch.inference_mode(False):
+                self.kv = torch.empty((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype,
+                                      device=device)
         except RuntimeError as exc:  # the allocator's (torch.OutOfMemoryError on CUDA): a setting too large
             size = num_blocks * self.bytes_per_block(block_size, num_layers, num_kv_heads, head_dim, dtype)
             raise ValueError(f"a KV pool of {num_blocks} blocks ({size / 2**30:.1f} GiB) cannot be allocated on "
                              f"{device}: lower num_blocks / kv_cache_memory ({exc})") from exc
         # Views made once, keyed by the model's layer index: attention asks for its layer's caches
         # on every forward.
-        self.layers = {layer: (self.kv[i, 0], self.kv[i, 1]) for i, layer in enumerate(layer_ids)}
+        with torch.inference_mode(False):
+            self.layers = {layer: (self.kv[i, 0], self.kv[i, 1]) for i, layer in enumerate(layer_ids)}
         self.ref_counts = [0] * num_blocks
         self.version = 0  # counts changes to ref_counts: a figure derived from them holds while it stays
         # Pop from the end: low block ids are handed out first, which keeps tests readable.
@@ -106,19 +110,14 @@ class BlockPool:
             if self.ref_counts[b] == 0:
                 self._free.append(b)
 
-    # A pool made under inference_mode is an inference tensor, which only inference_mode writes:
-    # the writes below take it whatever mode the caller is in.
-
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's K/V in every layer (a shared block's tokens, for a session of its own)."""
-        with torch.inference_mode():
-            self.kv[:, :, dst] = self.kv[:, :, src]
+        self.kv[:, :, dst] = self.kv[:, :, src]
 
     def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
         """Write ``kv`` (``[layers, 2, len(blocks), block_size, kv_heads, head_dim]``, e.g. a saved
         cache's) into ``blocks`` in every layer."""
-        with torch.inference_mode():
-            self.kv.index_copy_(2, torch.tensor(blocks, dtype=torch.int64, device=self.kv.device), kv.to(self.kv.device))
+        self.kv.index_copy_(2, torch.tensor(blocks, dtype=torch.int64, device=self.kv.device), kv.to(self.kv.device))
 
     def check_integrity(self) -> None:
         """free + referenced == total, no negative count, no block both free and referenced."""

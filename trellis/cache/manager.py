@@ -380,7 +380,7 @@ class KVCacheManager:
                 child.node = seq.node
                 self.pool.incref(seq.block_ids[:full])
                 child.block_ids = seq.block_ids[:full]
-                child.block_ids = child.block_ids + self._copies(seq.block_ids[full:])
+                child.block_ids.extend(self._copies(seq.block_ids[full:]))
             except BaseException:  # out of blocks for the tail's copy: leave nothing behind
                 self.release(child, commit=False)
                 raise
