@@ -162,6 +162,7 @@ def test_warper_settings_are_read_as_generate_reads_them(pair):
     ({"guidance_scale": 1.5}, "guidance_scale"),
     ({"max_time": 10.0}, "max_time"),
     ({"stop_strings": ["stop"]}, "stop_strings"),
+    ({"token_healing": True}, "token_healing"),
     ({"logits_processor": lp.LogitsProcessorList([lp.MinPLogitsWarper(0.1)])}, "logits_processor"),
 ])
 def test_unsupported_settings_are_refused_and_nothing_changes(pair, settings, named):

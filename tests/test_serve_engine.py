@@ -11,6 +11,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 from tests.models import tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.engine import Engine, QueueFullError, SamplingParams
+from trellis.engine.scheduler import LOOKAHEAD
 
 BS = 4  # tiny_pair's block size
 
@@ -78,6 +79,22 @@ def test_a_waiting_request_is_overtaken_a_bounded_number_of_times():
     assert len(overtook) == 2  # the rest waited behind it, FIFO
     engine.run()
     assert all(s.status == RequestStatus.FINISHED for s in [big, *small])
+    model.prefix_cache.check_integrity()
+
+
+@pytest.mark.parametrize("blocked", [LOOKAHEAD - 1, LOOKAHEAD])
+def test_admission_looks_past_a_bounded_number_of_waiting_requests(blocked):
+    _, model = tiny_pair(num_blocks=24)
+    engine = Engine(model, max_overtakes=100)
+    engine.add(tokens(4, 40), greedy(30))  # 18 blocks
+    engine.step()
+    for i in range(blocked):
+        engine.add(tokens(30 + i, 20), greedy(10))  # 8 blocks each: all wait for the first
+    small = engine.add(tokens(5, 3), greedy(2))  # 1 block: fits now
+    engine.step()
+    # Admission passes over at most LOOKAHEAD requests that must wait before it stops looking.
+    assert (small.status == RequestStatus.PENDING) == (blocked >= LOOKAHEAD)
+    engine.run()
     model.prefix_cache.check_integrity()
 
 
