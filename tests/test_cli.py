@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from trellis import cli
 from trellis.model_options import command_errors
 from trellis.models.embedded import embedded_gguf_path
+from trellis.models.llama import TrellisLlama
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -23,6 +25,8 @@ from trellis.models.embedded import embedded_gguf_path
     (["demo", "--gguf-file", "model.gguf"], "--gguf-file names a file inside --model: give --model too"),
     (["serve", "--port", "70000"], "argument --port: a port is 0 to 65535, got 70000"),
     (["serve", "--num-blocks", "0"], "argument --num-blocks: must be a positive integer, got 0"),
+    (["serve", "--threads", "0"], "argument --threads: must be a positive integer, got 0"),
+    (["grid", "generate", "--stages", "2", "--threads", "-1"], "argument --threads: must not be negative, got -1"),
     (["serve", "--kv-cache-memory", "inf"], "--kv-cache-memory: a size must be a positive, whole number of bytes, got 'inf'"),
     (["serve", "--kv-cache-memory", "1e400"], "a size must be a positive, whole number of bytes, got '1e400'"),
     (["serve", "--kv-cache-memory", "nan"], "a size must be a positive, whole number of bytes, got 'nan'"),
@@ -77,6 +81,23 @@ def test_the_demo_runs_a_gguf_kept_quantized_as_the_embedded_one(tmp_path, capsy
     assert "linear layers: GGUF blocks kept quantized" in named
     answer = [line for line in named.splitlines() if line.startswith("assistant:")]
     assert answer and answer == [line for line in embedded.splitlines() if line.startswith("assistant:")]
+
+
+def test_threads_are_set_before_the_model_loads(monkeypatch, capsys):
+    threads_at_load = []
+
+    def load(*args, **kwargs):
+        threads_at_load.append(torch.get_num_threads())
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(TrellisLlama, "from_pretrained", load)
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["demo", "--threads", "1"])
+        assert threads_at_load == [1] and "stop here" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_damaged_gguf_is_named_without_a_traceback(tmp_path, capsys):

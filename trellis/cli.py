@@ -34,6 +34,7 @@ from trellis.grid import (
 )
 from trellis.model_options import (
     LINEAR_KERNEL_HELP,
+    THREADS_HELP,
     add_model_arguments,
     add_weights_arguments,
     block_size,
@@ -200,7 +201,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
     parser.add_argument("--layers", help="each stage's layers, e.g. 0-10,11-29 (default: in proportion to each "
                                          "stage's free memory, the embedding and LM head counted on stage 0)")
     parser.add_argument("--micro-batches", type=int, help="steps in flight at once (default: one per machine of the grid)")
-    parser.add_argument("--threads", type=int, help="torch threads of this process")
+    parser.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     parser.add_argument("--step-timeout", type=float, default=defaults.step_timeout,
                         help="seconds a step may take on the other stages before the grid fails")
     parser.add_argument("--start-timeout", type=float, default=defaults.start_timeout,

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from trellis.cache.block_pool import check_block_size
@@ -96,6 +97,9 @@ LINEAR_KERNEL_HELP = ("what runs the linear layers on CPU in fp32 and bf16: pack
                       "onednn (the fp32 default on the other x86 CPUs); without AVX-512, bf16 runs F.linear whatever the kind")
 
 
+THREADS_HELP = "CPU threads of this process's kernels (default: torch's, one per core)"
+
+
 def utf8_text(text: str) -> str:
     """Text for the model, refused unless it is Unicode (Python holds argv bytes that are not UTF-8
     as lone surrogates, which no tokenizer takes)."""
@@ -144,6 +148,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "a
                              "on a GPU")
     parser.add_argument("--block-size", type=block_size, default=32, help="KV cache block size in tokens")
     parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS, help=LINEAR_KERNEL_HELP)
+    parser.add_argument("--threads", type=positive_int, help=THREADS_HELP)
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
@@ -175,6 +180,8 @@ def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
 def load_model(args: argparse.Namespace) -> tuple[TrellisLlama, PreTrainedTokenizerBase]:
     """The model and tokenizer that ``add_model_arguments``' options name; says which dtype and why."""
     check_model_arguments(args)
+    if args.threads is not None:  # before loading, which lays out the weights on these threads
+        torch.set_num_threads(args.threads)
     gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     choice = choose_dtype(args.dtype, args.device)
     # The model first: its loading names a damaged file and what is wrong with a config.
