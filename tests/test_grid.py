@@ -16,15 +16,17 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import httpx2 as httpx
 import openai
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, LlamaModel
 
 from tests.models import smollm2_dir, smollm2_tokenizer, tiny_config
+from tests.test_quantized_linear import write_tiny_gguf
 from trellis import Engine, SamplingParams, cli
 from trellis.cache.manager import KVCacheManager
 from trellis.cli import SYSTEM_PROMPT
@@ -49,7 +51,7 @@ from trellis.grid.launch import (
     plan_grid,
     start_stage,
 )
-from trellis.grid.stage import run_stage
+from trellis.grid.stage import run_stage, stage_state_dict
 from trellis.grid.transport import StepPlan
 from trellis.models.embedded import embedded_gguf_path
 from trellis.models.llama import TrellisLlama
@@ -121,7 +123,7 @@ def test_stages_on_one_machine_split_the_layers_alike_whenever_they_read_its_mem
     options = GridOptions(block_size=BLOCK, num_blocks=64)
 
     def stage(host: str, free: int) -> StageIdentity:
-        return StageIdentity("t", "t", "t", "d", "float32", BLOCK, "cpu", world_size=2, linear_kernel=None, layers=None,
+        return StageIdentity("t", "t", "t", "d", "float32", BLOCK, "cpu", world_size=2, linear_kernel=None, layers=None, num_blocks=None,
                              free_memory=free, kv_budget=1 << 30, host=host)
 
     alike = plan_grid(options, config, [stage("a", 1000), stage("a", 1000)])[0]
@@ -305,8 +307,9 @@ def test_lost_step_caches_nothing(tiny_dir):
 
 
 def test_dtype_auto_is_what_each_stage_runs_fastest(tiny_dir, tmp_path, monkeypatch):
-    """--dtype auto: on the CPU preferred_dtype's choice, on a GPU the checkpoint's dtype (fp32 where
-    it names none), resolved when the options are made; a grid in it serves what one model does."""
+    """--dtype auto: on the CPU preferred_dtype's choice, on a GPU the checkpoint's dtype (its weights'
+    where its config names none), resolved when the options are made; a grid in it serves what one
+    model does."""
     here = str(preferred_dtype("cpu").dtype).removeprefix("torch.")
     assert options(tiny_dir, dtype="auto", device="cpu").dtype == here
     monkeypatch.setattr(launch, "preferred_dtype", lambda device: DtypeChoice("auto", "a GPU"))
@@ -316,7 +319,8 @@ def test_dtype_auto_is_what_each_stage_runs_fastest(tiny_dir, tmp_path, monkeypa
     config = json.loads((tmp_path / "config.json").read_text())
     del config["dtype"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert options(str(tmp_path), dtype="auto").dtype == "float32"  # a checkpoint that names none
+    assert options(str(tmp_path), dtype="auto").dtype == "bfloat16"  # named by none: its weights', as transformers'
+    assert LlamaForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
     monkeypatch.undo()
     prompts = shared_prefix_prompts(2, 40, 5, 256, seed=3)
     single = TrellisLlama.from_pretrained(tiny_dir, dtype=getattr(torch, here), device="cpu", block_size=BLOCK,
@@ -334,6 +338,7 @@ DTYPE_REFUSAL = ("dtype: float32 on the coordinator, bfloat16 here (--dtype auto
     ("dtype", "bfloat16", DTYPE_REFUSAL), ("block_size", 8, "block_size"),
     ("linear_kernel", "blas", "linear_kernel: None on the coordinator, blas here"),
     ("layers", "0-1,2-5", "layers: None on the coordinator, 0-1,2-5 here (the coordinator places the layers"),
+    ("num_blocks", 8, "num_blocks: 256 on the coordinator, 8 here (the coordinator sizes every stage's pool"),
 ])
 def test_a_mismatched_stage_is_refused(tiny_dir, field, value, named):
     grid = LocalGrid(options(tiny_dir), stages=2, stage_options=dataclasses.replace(options(tiny_dir), **{field: value}))
@@ -419,6 +424,55 @@ def test_the_coordinator_reads_the_checkpoints_generation_config(tiny_dir, tmp_p
         got = runner.model.generation_config
         assert (got.eos_token_id, got.temperature) == ([1, 175], 0.7) == \
             (single.generation_config.eos_token_id, single.generation_config.temperature)
+
+
+def test_a_checkpoint_saved_from_the_base_model_gives_each_stage_its_own_layers(tmp_path):
+    """Tensor names without the ``model.`` prefix (a ``LlamaModel``'s, the LM head tied), which
+    transformers prefixes as it loads: each stage still takes its own layers."""
+    torch.manual_seed(2)
+    LlamaModel(tiny_config(num_hidden_layers=6, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    prompts = shared_prefix_prompts(2, 12, 5, 256, seed=4)
+    single = TrellisLlama.from_pretrained(str(tmp_path), device="cpu", block_size=BLOCK, num_blocks=256)
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        want = single(ids).logits
+    with LocalGrid(options(str(tmp_path)), stages=2) as runner:
+        with torch.no_grad():
+            torch.testing.assert_close(runner.model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]
+
+
+def test_a_gguf_grid_serves_what_one_process_does_and_reads_no_generation_config(tmp_path):
+    """A GGUF's stages cut the whole model down; stop tokens and sampling defaults come from its
+    metadata alone, as transformers reads them (no generation_config.json beside it)."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 50], "temperature": 0.7}))
+    single = TrellisLlama.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", device="cpu", block_size=BLOCK,
+                                          num_blocks=256)
+    prompts = shared_prefix_prompts(2, 12, 5, 96, seed=5)
+    with LocalGrid(options(str(tmp_path), gguf_file="tiny.gguf"), stages=2) as runner:
+        got, want = runner.model.generation_config, single.generation_config
+        assert (got.eos_token_id, got.temperature) == (want.eos_token_id, want.temperature) != ([2, 50], 0.7)
+        assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]
+
+
+def test_a_gguf_stage_keeps_no_whole_model_alive(tmp_path, monkeypatch):
+    """A GGUF is loaded whole and cut down: the whole model is gone once the stage has its tensors
+    (it and its runner refer to each other, so only a collection frees it)."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    wholes = []
+    load = TrellisLlama.from_pretrained.__func__
+
+    def remembered(cls, *args, **kwargs):
+        model = load(cls, *args, **kwargs)
+        if kwargs.get("gguf_file"):
+            wholes.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(TrellisLlama, "from_pretrained", classmethod(remembered))
+    state = stage_state_dict(str(tmp_path), range(1, 2), first=False, last=True, load_kwargs={"gguf_file": "tiny.gguf"})
+    assert len(wholes) == 1 and wholes[0]() is None
+    assert sorted({name.split(".")[2] for name in state if name.startswith("model.layers.")}) == ["0"]
 
 
 def test_a_stage_rank_of_grid_serve_does_not_check_the_http_port(tiny_dir, capfd):
@@ -597,6 +651,13 @@ def test_grid_refuses_what_it_cannot_compute(tiny_dir):
         runner.model.eval()
         with pytest.raises(ValueError, match="every layer"):  # its drafts would run the other stages' layers
             runner.model.generate(torch.tensor([[5, 6, 7, 5, 6]]), max_new_tokens=4, assistant_early_exit=1)
+        for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.double(), lambda m: m.to("meta")):
+            with pytest.raises(ValueError, match="dtype and device are fixed when it starts"):
+                convert(runner.model)  # the stages would keep theirs
+        assert runner.model.dtype == torch.float32 and runner.model.lm_head.weight.device.type == "cpu"
+        other = "blas" if runner.linear_kernel != "blas" else "onednn"
+        with pytest.raises(ValueError, match="linear kernel is fixed when it starts"):
+            runner.model.set_linear_kernel(other)  # stage 0's layers alone would change
         out = runner.model(torch.tensor([[5, 6, 7]]))  # and still serves
         assert out.logits.shape == (1, 3, 256)
 

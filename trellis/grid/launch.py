@@ -36,7 +36,7 @@ from trellis.cache.block_pool import BlockPool
 from trellis.grid.devices import check_grid_device, check_local_stages, stage_device
 from trellis.grid.placement import Placement, parse_layers, split_by_memory
 from trellis.grid.runner import GridRunner
-from trellis.grid.stage import StageWorker, load_stage_model
+from trellis.grid.stage import StageWorker, first_floating_dtype, load_stage_model, safetensors_files
 from trellis.grid.transport import GridError, Link
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.loading import device_named, load_llama_config, preferred_dtype
@@ -144,6 +144,7 @@ class StageIdentity:
     world_size: int
     linear_kernel: str | None  # as given: one process runs one kernel, whose rounding every layer shares
     layers: str | None  # as given, spaces dropped; None on a stage: the coordinator's placement
+    num_blocks: int | None  # as given; None on a stage: the coordinator's (or what every budget holds)
     free_memory: int = field(compare=False)
     kv_budget: int = field(compare=False)
     host: str = field(compare=False)
@@ -152,23 +153,28 @@ class StageIdentity:
         """What ``other`` (a stage's) has otherwise than this (the coordinator's), named."""
         mine, theirs = asdict(self), asdict(other)
         names = [f.name for f in self.__dataclass_fields__.values() if f.compare
-                 and not (f.name == "layers" and theirs["layers"] is None)]
+                 and not (f.name in ("layers", "num_blocks") and theirs[f.name] is None)]
         hints = {"dtype": " (--dtype auto chooses for each machine: give every stage one --dtype)",
-                 "layers": " (the coordinator places the layers: give it --layers, and the stages the same or none)"}
+                 "layers": " (the coordinator places the layers: give it --layers, and the stages the same or none)",
+                 "num_blocks": " (the coordinator sizes every stage's pool: give it --num-blocks, and the stages "
+                               "the same or none)"}
         return [f"{name}: {mine[name]} on the coordinator, {theirs[name]} here{hints.get(name, '')}" for name in names
                 if mine[name] != theirs[name]]
 
 
 def grid_dtype(device: str, model_path: str, load_kwargs: dict) -> str:
     """What ``--dtype auto`` runs a stage in: on the CPU ``preferred_dtype`` (bf16 where it has
-    native bf16 dot products, else fp32), on CUDA the checkpoint's dtype (fp32 where it names
-    none). Each rank chooses for its own device, so stages on machines of different kinds may
-    choose differently: the handshake then refuses the grid, naming the dtypes."""
+    native bf16 dot products, else fp32), on CUDA the checkpoint's dtype as transformers' "auto"
+    reads it (the config's, else its first floating-point tensor's; a GGUF's is fp32). Each rank
+    chooses for its own device, so stages on machines of different kinds may choose differently:
+    the handshake then refuses the grid, naming the dtypes."""
     dtype = preferred_dtype(device_named(device)).dtype
     if not isinstance(dtype, torch.dtype):  # "auto" off the CPU: the checkpoint's
         named = getattr(load_llama_config(model_path, load_kwargs), "dtype", None)
         dtype = getattr(torch, named, None) if isinstance(named, str) else named
-        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        if not isinstance(dtype, torch.dtype):
+            files = None if load_kwargs.get("gguf_file") else safetensors_files(model_path)
+            dtype = first_floating_dtype(files) if files else torch.float32
     return str(dtype).removeprefix("torch.")
 
 
@@ -192,6 +198,7 @@ def identity(options: GridOptions, device: torch.device, world_size: int) -> Sta
         model_digest=model_digest(options.model_path, options.gguf_file), dtype=options.dtype,
         block_size=options.block_size, device_type=device.type, world_size=world_size,
         linear_kernel=options.linear_kernel, layers="".join(options.layers.split()) if options.layers else None,
+        num_blocks=options.num_blocks,
         free_memory=free_memory(device), kv_budget=options.kv_cache_memory or default_kv_cache_memory(device),
         host=os.uname().nodename)
 

@@ -97,6 +97,18 @@ class GridRunner(PagedModelRunner):
         raise ValueError("a grid's KV pool geometry is fixed when the grid starts (every stage shares its block "
                          "ids); restart the grid with other --block-size / --num-blocks")
 
+    def check_conversion(self, dtype: torch.dtype, device: torch.device) -> None:
+        if dtype != self.model.dtype or device != self.device:
+            raise ValueError(f"a grid's dtype and device are fixed when it starts (every stage computes in "
+                             f"{str(self.model.dtype).removeprefix('torch.')} on {self.device.type}); restart the "
+                             f"grid with another --dtype or --device")
+
+    def set_linear_kernel(self, kind: str, chosen: bool = True) -> int:
+        if kind != self.linear_kernel:
+            raise ValueError(f"a grid's linear kernel is fixed when it starts (every stage runs {self.linear_kernel!r}, "
+                             f"whose rounding its layers share); restart the grid with --linear-kernel {kind}")
+        return super().set_linear_kernel(kind, chosen)
+
     def _new_pool(self) -> BlockPool:
         return CopyRecordingPool(self.settings.num_blocks, self.settings.block_size, *self.pool_geometry(),
                                  dtype=self.model.dtype, device=self.device, layer_ids=self.layer_ids())

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -38,17 +40,33 @@ def stage_state_dict(path: str, layers: range, first: bool, last: bool, load_kwa
     files = safetensors_files(path) if not load_kwargs.get("gguf_file") else None
     state: dict[str, torch.Tensor] = {}
     if files is not None:
+        names = {}
         for file in files:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 -- a safe_open handle, not a dict
-                    if (local := wanted(name)) is not None:
+                names[file] = list(f.keys())
+        prefix = missing_base_prefix(name for file_names in names.values() for name in file_names)
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in names[file]:
+                    if (local := wanted(prefix + name)) is not None:
                         state[local] = f.get_tensor(name)
         return state
-    whole = TrellisLlama.from_pretrained(path, device="cpu", **load_kwargs)  # GGUF and friends: whole, then cut
+    # GGUF and friends: whole, then cut. In transformers' layout ("blas": no packed copy), and
+    # collected before the stage loads (the model and its runner refer to each other), so that
+    # the stage holds its own tensors only.
+    whole = TrellisLlama.from_pretrained(path, device="cpu", linear_kernel="blas", **load_kwargs)
     for name, tensor in whole.state_dict().items():
         if (local := wanted(name)) is not None:
-            state[local] = tensor.clone()
+            state[local] = tensor
+    del whole
+    gc.collect()
     return state
+
+
+def missing_base_prefix(names: Iterable[str]) -> str:
+    """``"model."`` for a checkpoint whose tensor names lack the base model's prefix (saved from a
+    ``LlamaModel``: ``layers.0...``), which transformers adds to each name as it loads; else ""."""
+    return "" if any(name.startswith("model.") for name in names) else "model."
 
 
 def stage_name(name: str, layers: range, first: bool, last: bool) -> str | None:
@@ -73,6 +91,20 @@ def safetensors_files(path: str) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
+SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def first_floating_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype of a safetensors checkpoint's first floating-point tensor (fp32 if it has none),
+    read from the headers: what transformers' ``dtype="auto"`` takes where the config names none."""
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 -- a safe_open handle, not a dict
+                if (dtype := SAFETENSORS_FLOATS.get(f.get_slice(name).get_dtype())) is not None:
+                    return dtype
+    return torch.float32
+
+
 def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: torch.dtype, device: torch.device,
                      linear_kernel: str | None = None, **load_kwargs) -> TrellisLlama:
     """The model of one stage: its layers (and the embedding and LM head on the first, the final
@@ -91,6 +123,10 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
     finally:
         transformers.logging.set_verbosity(verbosity)
     del state
+    stray = [name for name in info.get("unexpected_keys") or () if name.startswith("model.layers.")]
+    if stray:  # a layer named otherwise than stage_name reads it would run another layer's weights
+        raise ValueError(f"{path}: the stage's layers {layers.start}-{layers.stop - 1} found tensors it does not "
+                         f"have, e.g. {stray[0]!r}: the checkpoint's tensor names are not a Llama model's")
     # Refused as one process refuses it: a weight of the stage's own that the checkpoint lacks.
     whole_names = (whole_model_name(name, layers) for name in info.get("missing_keys") or ())
     missing = [name for name in whole_names if stage_name(name, layers, first, last) is not None]
@@ -99,10 +135,12 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
         layer.self_attn.layer_idx = layers.start + offset  # its K/V sit under its index in the whole model
     if not last:
         model.model.norm = torch.nn.Identity()
-    if first:  # the coordinator's: stop tokens and sampling defaults as one process reads them
+    if first and not load_kwargs.get("gguf_file"):
+        # The coordinator's stop tokens and sampling defaults, as one process reads them (from a
+        # GGUF's metadata alone: transformers reads no generation_config.json beside it).
         with contextlib.suppress(OSError):  # no generation_config.json: the config's defaults stay
             model.generation_config = GenerationConfig.from_pretrained(path)
-    else:
+    if not first:
         model.model.embed_tokens = None  # never read: later stages take activations
         model.lm_head = None
     return model

@@ -76,9 +76,15 @@ class TrellisLlama(LlamaForCausalLM):
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.bfloat16()``, ``.float()``, ...: the linear kernel follows the new dtype
         unless the user chose one (``set_linear_kernel``), and the weights take its layout. A dtype
-        that layers kept quantized cannot run on is refused before anything is converted."""
-        if "runner" in self.__dict__ and any(isinstance(m, QuantizedLinear) for m in self.modules()):
-            check_activation_dtype(fn(torch.empty(0, dtype=self.dtype, device=self.device)).dtype)  # fn's dtype
+        that layers kept quantized cannot run on, or a grid's new dtype or device (its stages keep
+        theirs), is refused before anything is converted."""
+        if "runner" in self.__dict__:
+            kept_quantized = any(isinstance(m, QuantizedLinear) for m in self.modules())
+            if kept_quantized or not self.runner.holds_every_layer:
+                converted = fn(torch.empty(0, dtype=self.dtype, device=self.device))  # where fn takes a tensor
+                if kept_quantized:
+                    check_activation_dtype(converted.dtype)
+                self.runner.check_conversion(converted.dtype, converted.device)
         super()._apply(fn, recurse)
         if "runner" in self.__dict__:  # not while transformers builds the model
             self.runner.follow_dtype()

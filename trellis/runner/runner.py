@@ -154,6 +154,10 @@ class PagedModelRunner:
         place_on_huge_pages(chain(self.model.parameters(), self.model.buffers()))
         place_on_huge_pages(cpu_linear.make_packed(self.model))
 
+    def check_conversion(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Before the model moves to ``dtype`` and ``device``: raises where this runner cannot
+        follow (a grid's); a model in one process can go anywhere."""
+
     def follow_dtype(self) -> None:
         """After the model's dtype may have changed (``.to()``, loading): the default kind for that
         dtype, unless the user chose one (fp32's default is not always bf16's), and the
