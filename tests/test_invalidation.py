@@ -20,6 +20,7 @@ from trellis.cache.block_pool import BlockPool
 from trellis.cache.manager import KVCacheManager
 from trellis.models.paged_cache import CACHE_ARG
 from trellis.runner import cpu_linear
+from trellis.runner import runner as runner_module
 from trellis.runner.weights_watcher import WeightsWatcher
 
 IDS = torch.arange(3, 30)[None]
@@ -108,6 +109,22 @@ def test_device_or_dtype_change_rebuilds_the_pool():
     model.to(torch.float16)
     assert model.prefix_cache.pool.kv.dtype == torch.float16
     assert model.prefix_cache.stats()["cached_blocks"] == 0
+
+
+def test_a_pool_rebuilt_for_new_weights_keeps_its_default_size(monkeypatch):
+    """The default pool is sized from free memory once: a rebuild (new weights) reads it while the
+    old pool still holds its share, which would shrink the pool at every rebuild."""
+    free = iter([64 << 20, 32 << 20, 16 << 20])
+    monkeypatch.setattr(runner_module, "free_memory", lambda device: next(free))
+    _, model = tiny_pair(num_blocks=None)
+    warm(model)
+    blocks = model.prefix_cache.pool.num_blocks
+    for _ in range(2):
+        with torch.no_grad():
+            model.model.norm.weight.add_(0.1)
+        assert model.prefix_cache.pool.num_blocks == blocks
+    model.configure_cache(block_size=4)  # new settings read free memory again
+    assert model.prefix_cache.pool.num_blocks == blocks // 2
 
 
 def test_peft_adapter_switches_drop_the_cache():

@@ -105,6 +105,7 @@ class PagedModelRunner:
         self._cache_lock = InterruptDeferringLock()
         self._manager: KVCacheManager | None = None
         self._manager_key: tuple | None = None  # what the cached K/V were computed with
+        self._default_budget: tuple[torch.device, int] | None = None  # (device, bytes): _kv_budget's reading
         self.weights_watcher = WeightsWatcher(model)
         self.lean = LeanDecoder(model, self.checked_weights_state)
         # The lean decoder path (decoder.py) wherever the model is eligible; False runs transformers'
@@ -132,6 +133,7 @@ class PagedModelRunner:
         """New pool geometry or kernels; takes effect, with an empty cache, at the next forward."""
         with self.lock, self._cache_lock:
             self.settings, self._manager, self._decode_graphs = settings, None, None
+            self._default_budget = None
 
     def set_linear_kernel(self, kind: str, chosen: bool = True) -> int:
         """What runs the linear layers in CPU fp32 and bf16 inference (see ``cpu_linear``); the
@@ -297,7 +299,7 @@ class PagedModelRunner:
         geometry = self.pool_geometry()
         num_blocks = settings.num_blocks
         if num_blocks is None:
-            budget = settings.kv_cache_memory or default_kv_cache_memory(self.device)
+            budget = settings.kv_cache_memory or self._kv_budget()
             block_bytes = BlockPool.bytes_per_block(settings.block_size, *geometry, self.model.dtype)
             if settings.kv_cache_memory is not None and budget < block_bytes:
                 raise ValueError(f"kv_cache_memory of {budget} bytes holds no block: one block of "
@@ -305,6 +307,14 @@ class PagedModelRunner:
             num_blocks = max(1, budget // block_bytes)
         return BlockPool(num_blocks, settings.block_size, *geometry, dtype=self.model.dtype, device=self.device,
                          layer_ids=self.layer_ids())
+
+    def _kv_budget(self) -> int:
+        """``default_kv_cache_memory``, read once per device and settings: a pool rebuilt (new
+        weights, dtype) is sized while the old one still holds its memory, which would shrink it
+        at every rebuild."""
+        if self._default_budget is None or self._default_budget[0] != self.device:
+            self._default_budget = (self.device, default_kv_cache_memory(self.device))
+        return self._default_budget[1]
 
     # --- input checks ------------------------------------------------------------------------
 
