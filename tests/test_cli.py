@@ -128,6 +128,23 @@ def test_an_interrupted_command_says_so_and_exits_130(capsys):
     assert exit_info.value.code == 130 and capsys.readouterr().err == "trellis demo: interrupted\n"
 
 
+def test_an_interrupted_demo_saves_what_it_computed(tmp_path, monkeypatch, capsys):
+    chat = cli.chat
+
+    def interrupted_after_the_first(model, tokenizer, questions, max_new_tokens):
+        chat(model, tokenizer, questions[:1], max_new_tokens)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "chat", interrupted_after_the_first)
+    saved = tmp_path / "prefixes.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--questions", "Hi", "Again", "--max-new-tokens", "2", "--prefix-cache", str(saved)])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 130 and "interrupted" in err
+    blocks = int(out.split("saved ")[1].split()[0])
+    assert blocks > 0 and saved.is_file()
+
+
 def test_a_demo_whose_reader_stops_reading_exits_quietly():
     """``trellis demo | head -1``: the closed pipe ends the demo with SIGPIPE's status, no error message."""
     demo = subprocess.Popen([sys.executable, "-m", "trellis", "demo", "--questions", "Hi", "--max-new-tokens", "2"],

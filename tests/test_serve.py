@@ -29,6 +29,8 @@ from transformers import PreTrainedTokenizerFast
 from tests.conftest import installed
 from tests.models import smollm2_dir, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.engine import Engine, QueueFullError, SamplingParams
+from trellis.models.llama import TrellisLlama
+from trellis.models.loading import preferred_dtype
 from trellis.serve import ServeConfig, create_app
 from trellis.serve.bridge import ChoiceEvent, EngineBridge, RequestHandle
 from trellis.serve.completions import CompletionService, _Choice, _Job
@@ -860,6 +862,9 @@ def test_the_command_serves_and_stops_cleanly(tmp_path, grid, stop):
              "world-size": ["grid", "serve", "--world-size", "2", *master]}[grid]
     command = [sys.executable, "-m", "trellis", *where, "--model", str(tmp_path), "--port", str(port),
                "--num-blocks", "128", "--block-size", "4", "--log-level", "warning"]
+    saved = tmp_path / "prefixes.safetensors"
+    if grid is None:  # a grid's stages hold the K/V: only one process's server saves its prefixes
+        command += ["--prefix-cache", str(saved)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stage = None
     if grid == "world-size":
@@ -884,6 +889,11 @@ def test_the_command_serves_and_stops_cleanly(tmp_path, grid, stop):
     assert f"serving {tmp_path.name} on http://127.0.0.1:{port}/v1" in output and "Traceback" not in output
     if grid:  # the stage got the coordinator's stop, rather than losing its link
         assert "stage stopped after" in output and "failed" not in output, output
+    else:  # the prefixes the request computed, saved at shutdown for the next start
+        warm = TrellisLlama.from_pretrained(str(tmp_path), dtype=preferred_dtype("cpu").dtype, device="cpu",
+                                            block_size=4, num_blocks=128)
+        blocks = warm.load_prefix_cache(saved)
+        assert blocks > 0 and f"saved {blocks} cached blocks to {saved}" in output, output
 
 
 @pytest.mark.parametrize("busy", [True, False])

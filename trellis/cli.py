@@ -12,10 +12,11 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from trellis.cache.block_pool import OutOfBlocksError
@@ -48,6 +49,7 @@ from trellis.model_options import (
     utf8_text,
 )
 from trellis.models.embedded import EMBEDDED_NAME
+from trellis.models.llama import TrellisLlama
 from trellis.models.loading import DTYPES
 from trellis.runner import LINEAR_KERNELS
 from trellis.serve import ServeConfig, serve
@@ -88,22 +90,46 @@ def run_demo(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args)
     print(f"loaded {model.name_or_path} on {model.device} ({model.dtype}, {model.attention_backend()} kernels, "
           f"block size {args.block_size}) in {time.perf_counter() - started:.1f} s")
-    if args.prefix_cache and Path(args.prefix_cache).is_file():
-        try:
-            blocks = model.load_prefix_cache(args.prefix_cache)
-            print(f"warm start: {blocks} cached blocks loaded from {args.prefix_cache}")
-        except (PrefixCacheFileError, OutOfBlocksError) as exc:  # another model, dtype or block size, or more
-            print(f"cold start: {exc}")                             # than this pool holds: start cold, save over it
+    if args.prefix_cache:
+        load_saved_prefixes(model, args.prefix_cache)
     print()
+    try:
+        chat(model, tokenizer, args.questions or QUESTIONS, args.max_new_tokens)
+    finally:  # an interrupted chat keeps what it computed too
+        if args.prefix_cache:
+            save_prefixes(model, args.prefix_cache)
+
+
+def load_saved_prefixes(model: TrellisLlama, path: str) -> None:
+    """A warm start from the prefix cache saved at ``path``, if there is one. A file of another
+    model, dtype or block size, or of more blocks than this pool holds, starts cold instead (and
+    is saved over at the end)."""
+    if not Path(path).is_file():
+        return
+    try:
+        blocks = model.load_prefix_cache(path)
+        print(f"warm start: {blocks} cached blocks loaded from {path}", flush=True)
+    except (PrefixCacheFileError, OutOfBlocksError) as exc:
+        print(f"cold start: {exc}", flush=True)
+
+
+def save_prefixes(model: TrellisLlama, path: str) -> None:
+    blocks = model.save_prefix_cache(path)
+    print(f"saved {blocks} cached blocks to {path}: the next run starts warm", flush=True)
+
+
+def chat(model: TrellisLlama, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], max_new_tokens: int) -> None:
+    """The demo's conversation: each question asked after the ones before and their answers, with
+    the time to the first token and the prefix-cache hits it had."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for question in args.questions or QUESTIONS:
+    for question in questions:
         messages.append({"role": "user", "content": question})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True)["input_ids"].to(model.device)
         hits_before = model.prefix_cache.stats()["hit_tokens"]
         timer = FirstTokenTimer()
         start = time.perf_counter()
-        output = model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=timer,
+        output = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, streamer=timer,
                                 pad_token_id=tokenizer.eos_token_id)
         elapsed = time.perf_counter() - start
         stats = model.prefix_cache.stats()
@@ -114,9 +140,6 @@ def run_demo(args: argparse.Namespace) -> None:
         print(f"  [ttft {1000 * (timer.first_token_at - start):.0f} ms | prompt {prompt.shape[1]} tokens, "
               f"cached {stats['hit_tokens'] - hits_before} | {new_tokens} new tokens in {elapsed:.2f} s | "
               f"cache hit rate so far {stats['hit_rate']:.0%}, {stats['cached_blocks']} blocks cached]\n")
-    if args.prefix_cache:
-        blocks = model.save_prefix_cache(args.prefix_cache)
-        print(f"saved {blocks} cached blocks to {args.prefix_cache}: the next run starts warm")
 
 
 def parse_bytes(text: str) -> int:
@@ -147,10 +170,16 @@ def run_serve(args: argparse.Namespace, config: ServeConfig) -> None:
     if args.num_blocks is not None or args.kv_cache_memory is not None:
         model.configure_cache(block_size=args.block_size, num_blocks=args.num_blocks,
                               kv_cache_memory=args.kv_cache_memory)
+    if args.prefix_cache:
+        load_saved_prefixes(model, args.prefix_cache)
     cache = model.prefix_cache
     print(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 ({model.device}, {model.dtype}, "
           f"{cache.pool.num_blocks} KV blocks of {cache.block_size} tokens)", flush=True)
-    serve(model, tokenizer, config, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        serve(model, tokenizer, config, host=args.host, port=args.port, log_level=args.log_level)
+    finally:  # after the shutdown, which ends every request
+        if args.prefix_cache:
+            save_prefixes(model, args.prefix_cache)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +206,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-n", type=int, default=defaults.max_n,
                         help="most choices per prompt (and at most --max-running: they run at once)")
     parser.add_argument("--max-body-bytes", type=parse_bytes, default=defaults.max_body_bytes)
+    parser.add_argument("--prefix-cache", metavar="FILE",
+                        help="load cached prefixes from FILE at start if it exists, and save them there at shutdown")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -345,6 +376,15 @@ def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                           f"{args.master_port}: {str(exc).splitlines()[0]}") from None
 
 
+def check_prefix_cache_option(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """``--prefix-cache``: saved at the end, so checked before anything runs."""
+    try:
+        if path:
+            check_save_path(path)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(f"--prefix-cache {path}: no file can be saved there ({exc})")
+
+
 def restart_with_short_spin() -> None:
     """Run this command again in a fresh process with a short OpenMP spin, since its stages will
     share the machine (``shared_host_environment``); libgomp read the setting when torch loaded."""
@@ -372,14 +412,11 @@ def main(argv: list[str] | None = None) -> None:
     add_grid_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        try:
-            if args.prefix_cache:  # it is saved at the end: checked before the chat runs
-                check_save_path(args.prefix_cache)
-        except (ValueError, FileNotFoundError) as exc:
-            demo.error(f"--prefix-cache {args.prefix_cache}: no file can be saved there ({exc})")
+        check_prefix_cache_option(demo, args.prefix_cache)
         with command_errors(demo, "trellis demo"):
             run_demo(args)  # (load_model checks the model options first)
     elif args.command == "serve":
+        check_prefix_cache_option(server, args.prefix_cache)
         try:
             config = serve_config(args)
             check_model_arguments(args)
