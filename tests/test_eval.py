@@ -24,6 +24,7 @@ from trellis.eval import (
 )
 from trellis.eval.requests import encode, encode_pair, rolling_windows
 from trellis.models.loading import resolve_device
+from trellis.runner.quantized_linear import QuantizedLinear
 
 ATOL = 1e-4
 
@@ -341,6 +342,12 @@ def test_smollm2_generate_until_matches_plain_greedy(smollm2):
     for kwargs, n in (({"max_new_tokens": 6}, 6), ({"max_tokens": 6.0}, 6), ({"max_completion_tokens": 6, "max_tokens": 2}, 2),
                       ({"max_gen_toks": 6, "max_new_tokens": 2}, 6)):
         assert generate_until(model, tok, [(prompts[0], {"until": [], **kwargs})]) == limited[n], kwargs
+    # Stop strings are looked for in the generated text alone, as lm-eval does: a context ending in
+    # "\n" does not make the first "\n" generated complete a "\n\n".
+    few_shot = "Q: What is 2+2?\nA: 4\n\nQ: What is 3+3?\nA: 6\n"
+    (whole,) = generate_until(model, tok, [(few_shot, {"until": [], "max_gen_toks": 12})])
+    assert whole.startswith("\n") and "\n\n" in whole[1:]
+    assert generate_until(model, tok, [(few_shot, {"until": ["\n\n"], "max_gen_toks": 12})]) == [whole.split("\n\n")[0]]
 
 
 @pytest.mark.parametrize(("call", "error", "message"), [
@@ -489,6 +496,20 @@ def test_adapter_refuses_cache_settings_for_a_model_object_and_bad_sizes(smollm2
         with pytest.raises(ValueError, match=message):
             trellis_lm(pretrained=model, tokenizer=tok, **bad)
     assert model.prefix_cache.block_size == 32
+
+
+def test_adapter_keeps_the_embedded_gguf_quantized_and_refuses_autocast():
+    installed("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    import trellis.eval.lm_eval_adapter  # noqa: F401
+
+    trellis_lm = get_model("trellis")
+    lm = trellis_lm.create_from_arg_string("keep_quantized=True", {"device": "cpu"})  # no pretrained: the embedded
+    assert any(isinstance(m, QuantizedLinear) for m in lm.trellis_model.modules())
+    with pytest.raises(ValueError, match=r"mixed_precision_dtype='bfloat16' \(autocast\) is not served"):
+        trellis_lm.create_from_arg_string(f"pretrained={smollm2_dir()},mixed_precision_dtype=bfloat16",
+                                          {"device": "cpu"})
 
 
 def test_adapter_takes_a_whole_float_kv_cache_memory():

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from trellis.eval.requests import encode, request_pairs
 from trellis.eval.scoring import max_length_for
@@ -92,9 +92,23 @@ def _generate(model: TrellisLlama, tokenizer: PreTrainedTokenizerBase, rows: lis
     width = max(len(row) for row in rows)
     ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=model.device)  # [B, S]
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=model.device)  # [B, S]
+    stops = StoppingCriteriaList([StopInGeneratedText(tokenizer, until, width)] if until else [])
     output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad,
-                            stop_strings=until or None, tokenizer=tokenizer, **kwargs)
+                            stopping_criteria=stops, **kwargs)
     return output, width
+
+
+class StopInGeneratedText(StoppingCriteria):
+    """Rows whose generated text (from ``width`` on) holds a stop string, as lm-eval looks for them.
+    (transformers' ``stop_strings`` match the context's end too: a context ending in "\n" would
+    stop at the first "\n" generated where ``until`` holds "\n\n".)"""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, until: list[str], width: int) -> None:
+        self.tokenizer, self.until, self.width = tokenizer, [stop for stop in until if stop], width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:])
+        return torch.tensor([any(stop in text for stop in self.until) for text in texts], device=input_ids.device)
 
 
 def _cut(text: str, until: list[str]) -> str:

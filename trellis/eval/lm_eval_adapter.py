@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 
 from trellis.eval.loglikelihood import rolling_loglikelihood
 from trellis.eval.scoring import check_max_batch_tokens, score_continuations
-from trellis.models.embedded import embedded_model_dir
+from trellis.models.embedded import EMBEDDED_GGUF, embedded_gguf_path, embedded_model_dir
 from trellis.models.llama import TrellisLlama
 from trellis.models.loading import resolve_device
 from trellis.utils import cdiv, is_positive_int
@@ -89,6 +89,11 @@ class TrellisLM(HFLM):
                               for name, value in self._cache_settings.items())
             raise ValueError(f"{given}: the KV cache settings apply only when the adapter loads the model from a "
                              "path; with a model object, set them on it first (model.configure_cache(...))")
+        if kwargs.get("mixed_precision_dtype") is not None:  # HFLM's autocast, which Trellis' forward refuses
+            raise ValueError(f"mixed_precision_dtype={kwargs['mixed_precision_dtype']!r} (autocast) is not served: "
+                             "load the model in that dtype instead (dtype=...)")
+        if pretrained is None and kwargs.get("keep_quantized") and not kwargs.get("gguf_file"):  # the embedded GGUF
+            pretrained, kwargs["gguf_file"] = str(embedded_gguf_path().parent), EMBEDDED_GGUF
         pretrained = str(embedded_model_dir()) if pretrained is None else pretrained
         super().__init__(pretrained=pretrained, device=str(_available(device)), **kwargs)
         if not isinstance(self.trellis_model, TrellisLlama):
