@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml setup.py
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/trellis demo
+	$(BIN)/trellis demo --prefix-cache $(VENV)/demo-prefixes.safetensors
 
 test: setup
 	$(BIN)/python -m pytest -q

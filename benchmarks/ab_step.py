@@ -2,15 +2,15 @@
 ``--sessions`` sessions at a 512-token context (64 steps) and the time to first token of a cold
 512-token prompt and of one whose first 448 tokens are cached (median of 3), in ``--dtype`` (fp32
 by default), for whichever ``trellis`` is on ``PYTHONPATH``.
-Prints one JSON line. Alternate two worktrees in fresh processes, each with its own kernel cache,
-so that a burst of load hits both sides alike. The kernels' sources are the package
+Prints one JSON line. Alternate two worktrees in fresh processes (each builds its kernels in a
+folder of its own), so that a burst of load hits both sides alike. The kernels' sources are the package
 ``trellis.kernels``, which an editable install maps to its own checkout's ``kernels/`` whatever
 ``PYTHONPATH`` says: a worktree other than the installed one needs ``trellis/kernels`` linked to
 its own, or it builds the installed checkout's kernels:
 
     for tree in /tmp/old /tmp/new; do ln -s ../kernels $tree/trellis/kernels; done
     for i in 1 2 3 4 5 6; do for tree in /tmp/old /tmp/new; do
-      (cd $tree && TORCH_EXTENSIONS_DIR=$tree.ext PYTHONPATH=$tree python benchmarks/ab_step.py); done; done
+      (cd $tree && PYTHONPATH=$tree python benchmarks/ab_step.py); done; done
 """
 
 from __future__ import annotations

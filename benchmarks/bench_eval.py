@@ -162,12 +162,9 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", help="run only these workloads (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="requests per forward of the batched peers")
     parser.add_argument("--skip-lm-eval", action="store_true", help="leave out lm-eval's HF backend")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the results here")
     add_model_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args)
     ref = LlamaForCausalLM.from_pretrained(args.model or embedded_model_dir(), attn_implementation="sdpa",

@@ -8,6 +8,7 @@ Timings are not checked here (they belong to the benchmarks); this keeps the ben
 working across transformers releases, whose continuous batching is one of the peers.
 """
 
+import importlib
 import subprocess
 import sys
 import time
@@ -267,3 +268,13 @@ def test_results_and_docs_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
     assert head is not None and len(head) == 40
     (tmp_path / "trellis/engine.py").write_text("changed\n")
     assert common.trellis_commit() == head + "+dirty"
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py")))
+def test_every_benchmark_takes_its_options(script, monkeypatch, capsys):
+    """Each benchmark's parser builds (options it adds itself and the shared ones do not collide)."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out

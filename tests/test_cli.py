@@ -27,6 +27,7 @@ from trellis.models.llama import TrellisLlama
     (["serve", "--num-blocks", "0"], "argument --num-blocks: must be a positive integer, got 0"),
     (["serve", "--threads", "0"], "argument --threads: must be a positive integer, got 0"),
     (["grid", "generate", "--stages", "2", "--threads", "-1"], "argument --threads: must not be negative, got -1"),
+    (["grid", "serve", "--stages", "2", "--prefix-cache", "x"], "unrecognized arguments: --prefix-cache x"),
     (["serve", "--kv-cache-memory", "inf"], "--kv-cache-memory: a size must be a positive, whole number of bytes, got 'inf'"),
     (["serve", "--kv-cache-memory", "1e400"], "a size must be a positive, whole number of bytes, got '1e400'"),
     (["serve", "--kv-cache-memory", "nan"], "a size must be a positive, whole number of bytes, got 'nan'"),

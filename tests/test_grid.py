@@ -41,6 +41,7 @@ from trellis.grid import (
     shared_host_environment,
     split_by_memory,
 )
+from trellis.grid import stage as stage_module
 from trellis.grid.launch import (
     SHARED_HOST_SPIN_COUNT,
     Endpoint,
@@ -51,7 +52,7 @@ from trellis.grid.launch import (
     plan_grid,
     start_stage,
 )
-from trellis.grid.stage import run_stage, stage_state_dict
+from trellis.grid.stage import load_stage_model, run_stage, stage_state_dict
 from trellis.grid.transport import StepPlan
 from trellis.models.embedded import embedded_gguf_path
 from trellis.models.llama import TrellisLlama
@@ -456,6 +457,24 @@ def test_a_gguf_grid_serves_what_one_process_does_and_reads_no_generation_config
         assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]
 
 
+def test_a_stage_loads_extra_tensors_of_its_layers_as_one_process_and_refuses_misread_names(tiny_dir, tmp_path,
+                                                                                           monkeypatch):
+    path = tmp_path / "extra"
+    shutil.copytree(tiny_dir, path)
+    weights = load_file(path / "model.safetensors")
+    save_file({**weights, "model.layers.4.self_attn.q_proj.bias": torch.zeros(64)}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    TrellisLlama.from_pretrained(str(path), device="cpu")  # one process: loads, transformers reports the extra
+    load_stage_model(str(path), range(3, 6), first=False, last=True, dtype=torch.float32, device=torch.device("cpu"))
+    base = tmp_path / "base"
+    LlamaModel(tiny_config(num_hidden_layers=6, tie_word_embeddings=True)).save_pretrained(base)
+    monkeypatch.setattr(stage_module, "missing_base_prefix", lambda names: "")  # names read without transformers' prefix
+    with pytest.raises(ValueError, match=r"tensors for layers outside the stage's 3 reached it as it loaded layers "
+                                         r"3-5 \(e.g. '(model.)?layers.[345]"):
+        load_stage_model(str(base), range(3, 6), first=False, last=True, dtype=torch.float32,
+                         device=torch.device("cpu"))
+
+
 def test_a_gguf_stage_keeps_no_whole_model_alive(tmp_path, monkeypatch):
     """A GGUF is loaded whole and cut down: the whole model is gone once the stage has its tensors
     (it and its runner refer to each other, so only a collection frees it)."""
@@ -635,7 +654,7 @@ def test_local_cuda_stages_without_a_gpu_each_are_refused_before_any_stage_start
 
 
 def test_grid_refuses_what_it_cannot_compute(tiny_dir):
-    with LocalGrid(options(tiny_dir), stages=2) as runner:
+    with LocalGrid(options(tiny_dir, linear_kernel="blas"), stages=2) as runner:  # a kernel chosen, not the default
         with pytest.raises(ValueError, match="fixed when the grid starts"):
             runner.configure(runner.settings)
         with pytest.raises(ValueError, match="output_hidden_states"):
@@ -655,9 +674,11 @@ def test_grid_refuses_what_it_cannot_compute(tiny_dir):
             with pytest.raises(ValueError, match="dtype and device are fixed when it starts"):
                 convert(runner.model)  # the stages would keep theirs
         assert runner.model.dtype == torch.float32 and runner.model.lm_head.weight.device.type == "cpu"
-        other = "blas" if runner.linear_kernel != "blas" else "onednn"
+        for unchanged in (lambda m: m.float(), lambda m: m.cpu(), lambda m: m.to(torch.float32)):
+            unchanged(runner.model)  # no change: nothing to refuse, and the kernel stays the one chosen
+        assert runner.linear_kernel == "blas" and runner.model.set_linear_kernel("blas") == 0
         with pytest.raises(ValueError, match="linear kernel is fixed when it starts"):
-            runner.model.set_linear_kernel(other)  # stage 0's layers alone would change
+            runner.model.set_linear_kernel("packed")  # stage 0's layers alone would change
         out = runner.model(torch.tensor([[5, 6, 7]]))  # and still serves
         assert out.logits.shape == (1, 3, 256)
 

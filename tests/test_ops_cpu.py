@@ -62,7 +62,7 @@ def cpp_kernels():
             if build_dir is None:
                 cpp.load()
             else:
-                cpp.jit_build(f"{cpp.library_name()}_asan", SANITIZE_CFLAGS, ["-fsanitize=address"], build_dir)
+                cpp.jit_build(f"{cpp.build_name()}_asan", SANITIZE_CFLAGS, ["-fsanitize=address"], build_dir)
                 patch.setattr(cpp, "load", lambda: True)  # the cpp backend is now the sanitized library
         except cpp.BuildToolsMissing as exc:
             if os.environ.get("CI"):
@@ -515,7 +515,7 @@ def test_kernels_pass_under_address_sanitizer():
     # across runs with or without pytest's cache, so ninja rebuilds only what changed since: the
     # whole build takes ~1.5 min on 2 cores.
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    build_dir = Path(root) / f"{cpp.library_name()}_asan"
+    build_dir = Path(root) / f"{cpp.build_name()}_asan"
     build_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, ASAN_BUILD_DIR: str(build_dir), "ASAN_OPTIONS": "detect_leaks=0",  # Python's own
            "LD_PRELOAD": " ".join(filter(None, [*runtime, os.environ.get("LD_PRELOAD")]))}

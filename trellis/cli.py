@@ -206,8 +206,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-n", type=int, default=defaults.max_n,
                         help="most choices per prompt (and at most --max-running: they run at once)")
     parser.add_argument("--max-body-bytes", type=parse_bytes, default=defaults.max_body_bytes)
-    parser.add_argument("--prefix-cache", metavar="FILE",
-                        help="load cached prefixes from FILE at start if it exists, and save them there at shutdown")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -409,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                                              "Concurrent clients share one engine and its prefix cache.")
     add_model_arguments(server)
     add_serve_arguments(server)
+    server.add_argument("--prefix-cache", metavar="FILE",  # (not a grid's: its stages hold the K/V)
+                        help="load cached prefixes from FILE at start if it exists, and save them there at shutdown")
     add_grid_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import LlamaForCausalLM
@@ -97,8 +97,9 @@ class GridRunner(PagedModelRunner):
         raise ValueError("a grid's KV pool geometry is fixed when the grid starts (every stage shares its block "
                          "ids); restart the grid with other --block-size / --num-blocks")
 
-    def check_conversion(self, dtype: torch.dtype, device: torch.device) -> None:
-        if dtype != self.model.dtype or device != self.device:
+    def check_conversion(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        converted = convert(torch.empty(0, dtype=self.model.dtype, device=self.device))  # its dtype and device
+        if converted.dtype != self.model.dtype or converted.device != self.device:
             raise ValueError(f"a grid's dtype and device are fixed when it starts (every stage computes in "
                              f"{str(self.model.dtype).removeprefix('torch.')} on {self.device.type}); restart the "
                              f"grid with another --dtype or --device")
@@ -107,7 +108,11 @@ class GridRunner(PagedModelRunner):
         if kind != self.linear_kernel:
             raise ValueError(f"a grid's linear kernel is fixed when it starts (every stage runs {self.linear_kernel!r}, "
                              f"whose rounding its layers share); restart the grid with --linear-kernel {kind}")
-        return super().set_linear_kernel(kind, chosen)
+        return 0
+
+    def follow_dtype(self) -> None:
+        """Nothing to follow: the dtype and device cannot change (``check_conversion``), and the kernel
+        stays the one every stage started with."""
 
     def _new_pool(self) -> BlockPool:
         return CopyRecordingPool(self.settings.num_blocks, self.settings.block_size, *self.pool_geometry(),

@@ -27,6 +27,7 @@ from trellis.grid.transport import PING, STOP, GridError, Link, StepPlan
 from trellis.models.llama import TrellisLlama, check_weights_loaded
 from trellis.models.loading import load_llama_config
 from trellis.runner.batch import plan_batch
+from trellis.runner.host_memory import give_back_freed_memory
 from trellis.runner.runner import run_decoder
 
 log = logging.getLogger("trellis.grid")
@@ -60,6 +61,7 @@ def stage_state_dict(path: str, layers: range, first: bool, last: bool, load_kwa
             state[local] = tensor
     del whole
     gc.collect()
+    give_back_freed_memory()  # the whole model's tensors below glibc's mmap threshold sit on its heap
     return state
 
 
@@ -123,10 +125,15 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
     finally:
         transformers.logging.set_verbosity(verbosity)
     del state
-    stray = [name for name in info.get("unexpected_keys") or () if name.startswith("model.layers.")]
-    if stray:  # a layer named otherwise than stage_name reads it would run another layer's weights
-        raise ValueError(f"{path}: the stage's layers {layers.start}-{layers.stop - 1} found tensors it does not "
-                         f"have, e.g. {stray[0]!r}: the checkpoint's tensor names are not a Llama model's")
+    # Tensors that reached the stage for layers it does not have: stage_name read the checkpoint's
+    # layer names otherwise than transformers does, so the stage's own layers may hold others'
+    # weights. (Extra tensors of its own layers load as in one process, with transformers' report.)
+    stray = sorted(name for name in info.get("unexpected_keys") or ()
+                   if (index := layer_index(name)) is not None and index >= len(layers))
+    if stray:
+        raise ValueError(f"{path}: tensors for layers outside the stage's {len(layers)} reached it as it loaded "
+                         f"layers {layers.start}-{layers.stop - 1} (e.g. {stray[0]!r}): its tensor names are not "
+                         "read as transformers reads them")
     # Refused as one process refuses it: a weight of the stage's own that the checkpoint lacks.
     whole_names = (whole_model_name(name, layers) for name in info.get("missing_keys") or ())
     missing = [name for name in whole_names if stage_name(name, layers, first, last) is not None]
@@ -144,6 +151,13 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
         model.model.embed_tokens = None  # never read: later stages take activations
         model.lm_head = None
     return model
+
+
+def layer_index(name: str) -> int | None:
+    """The layer a tensor name (``model.layers.3.mlp...``, transformers' report may leave out the
+    ``model.`` prefix) belongs to, if any."""
+    parts = name.removeprefix("model.").split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
 def whole_model_name(name: str, layers: range) -> str:

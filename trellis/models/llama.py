@@ -79,12 +79,9 @@ class TrellisLlama(LlamaForCausalLM):
         that layers kept quantized cannot run on, or a grid's new dtype or device (its stages keep
         theirs), is refused before anything is converted."""
         if "runner" in self.__dict__:
-            kept_quantized = any(isinstance(m, QuantizedLinear) for m in self.modules())
-            if kept_quantized or not self.runner.holds_every_layer:
-                converted = fn(torch.empty(0, dtype=self.dtype, device=self.device))  # where fn takes a tensor
-                if kept_quantized:
-                    check_activation_dtype(converted.dtype)
-                self.runner.check_conversion(converted.dtype, converted.device)
+            if any(isinstance(m, QuantizedLinear) for m in self.modules()):
+                check_activation_dtype(fn(torch.empty(0, dtype=self.dtype, device=self.device)).dtype)  # fn's dtype
+            self.runner.check_conversion(fn)
         super()._apply(fn, recurse)
         if "runner" in self.__dict__:  # not while transformers builds the model
             self.runner.follow_dtype()

@@ -4,8 +4,8 @@
 tensors; ``KERNELS`` (``torch.ops.trellis_cpp``) is how Trellis calls them. It uses a library
 built ahead of time by setup.py (``cpp_extension()``) when one for this CPU is installed in the
 package, otherwise compiles the sources once with ``torch.utils.cpp_extension.load`` (cached by
-torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; ninja rebuilds when
-a source or header changes). A prebuilt library wins over the sources: rebuild or delete it
+torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, in a folder of each
+checkout's own, ``build_name()``; ninja rebuilds when a source or header changes). A prebuilt library wins over the sources: rebuild or delete it
 after editing ``kernels/``. Importing this module builds nothing.
 
 The sources are the package ``trellis.kernels``: setup.py maps it to ``kernels/``, which an
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.resources
 import os
 import shutil
@@ -60,6 +61,15 @@ def capability() -> str:
 
 def library_name() -> str:
     return f"trellis_cpp_{capability().lower()}"
+
+
+def build_name() -> str:
+    """The name of this checkout's build in torch's extension cache: the library's, and a digest
+    of where its sources and torch lie. ninja's build file holds those absolute paths, so two
+    checkouts (or virtual environments) sharing one folder would rebuild each other's kernels
+    whenever they took turns."""
+    where = f"{kernel_dir().resolve()}\n{Path(torch.__file__).resolve().parent}\n{torch.__version__}"
+    return f"{library_name()}_{hashlib.blake2b(where.encode(), digest_size=4).hexdigest()}"
 
 
 def build_flags() -> tuple[list[str], list[str]]:
@@ -123,7 +133,7 @@ def jit_build(name: str | None = None, extra_cflags: Sequence[str] = (), extra_l
     if not all(source.is_file() for source in sources):
         raise BuildToolsMissing(f"kernel sources not found in {directory} and no prebuilt {library_name()} library")
     compile_flags, link_flags = build_flags()
-    name = name or library_name()
+    name = name or build_name()
     build_directory = build_directory or cpp_extension._get_build_directory(name, verbose=False)
     with build_lock(Path(build_directory)):
         cpp_extension.load(

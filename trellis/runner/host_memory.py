@@ -13,7 +13,8 @@ after the first faults no page in: 134 ms (fp32 376 → 372 ms; decode steps fau
 The price: the process keeps the memory its largest step freed, as a caching allocator would,
 instead of giving it back. Process-wide, done once, when a model's weights are laid out on the
 CPU (``PagedModelRunner``); ``TRELLIS_KEEP_FREED_MEMORY=0`` leaves malloc as it is. Without glibc
-(macOS, musl) nothing changes.
+(macOS, musl) nothing changes. ``give_back_freed_memory`` returns it at once where a process
+is done with a large load (a grid stage that cut its layers out of a whole model).
 """
 
 from __future__ import annotations
@@ -40,3 +41,13 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # (Setting either one also stops glibc raising both as blocks are freed: set both.)
     return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+
+
+def give_back_freed_memory() -> None:
+    """Return the heap's free memory to the kernel now (glibc's ``malloc_trim``); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

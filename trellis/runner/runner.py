@@ -156,9 +156,9 @@ class PagedModelRunner:
         place_on_huge_pages(chain(self.model.parameters(), self.model.buffers()))
         place_on_huge_pages(cpu_linear.make_packed(self.model))
 
-    def check_conversion(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Before the model moves to ``dtype`` and ``device``: raises where this runner cannot
-        follow (a grid's); a model in one process can go anywhere."""
+    def check_conversion(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Before ``_apply`` converts the model's tensors with ``convert`` (``.to()``, ``.half()``, ...):
+        raises where this runner cannot follow (a grid's); a model in one process can go anywhere."""
 
     def follow_dtype(self) -> None:
         """After the model's dtype may have changed (``.to()``, loading): the default kind for that
@@ -309,9 +309,12 @@ class PagedModelRunner:
                          layer_ids=self.layer_ids())
 
     def _kv_budget(self) -> int:
-        """``default_kv_cache_memory``, read once per device and settings: a pool rebuilt (new
-        weights, dtype) is sized while the old one still holds its memory, which would shrink it
-        at every rebuild."""
+        """``default_kv_cache_memory``; on the CPU read once per device and settings: a pool rebuilt
+        (new weights, dtype) is sized while the old one still holds its memory, which would shrink
+        it at every rebuild. (A GPU's budget is half its free memory: asked for again beside the old
+        pool, which the engine may still hold, it could not be had, so a GPU reads it afresh.)"""
+        if self.device.type != "cpu":
+            return default_kv_cache_memory(self.device)
         if self._default_budget is None or self._default_budget[0] != self.device:
             self._default_budget = (self.device, default_kv_cache_memory(self.device))
         return self._default_budget[1]
