@@ -252,6 +252,25 @@ def test_longrope_is_answered_up_to_its_original_length_and_refused_past_it():
     model.prefix_cache.check_integrity()
 
 
+def test_longrope_drafts_past_the_original_length_leave_nothing_shared():
+    """Prompt-lookup drafts that generate() discards may pass original_max_position_embeddings; that
+    forward runs at LongRoPE's long frequencies for every token, as in transformers, and its K/V
+    (not what a cold forward computes) are never shared with a later request."""
+    config = tiny_config()
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                              "long_factor": [2.0 + 0.5 * i for i in range(8)], "original_max_position_embeddings": 24,
+                              "factor": 4.0}
+    ref, model = tiny_pair(config=config)
+    prompt = torch.tensor([[5, 9, 13, 17, 21, 25] * 3])  # repetitive: prompt lookup drafts many tokens
+    with torch.no_grad():
+        drafted = {"max_new_tokens": 7, "do_sample": False, "prompt_lookup_num_tokens": 10}  # 18 + 7 - 1 = 24 kept
+        assert torch.equal(model.generate(prompt, **drafted), ref.generate(prompt, **drafted))
+        assert close(model(prompt, logits_to_keep=1).logits, ref(prompt).logits[:, -1:])
+        plain = {"max_new_tokens": 5, "do_sample": False}
+        assert torch.equal(model.generate(prompt, **plain), ref.generate(prompt, **plain))
+    model.prefix_cache.check_integrity()
+
+
 def test_lora_on_attention_learns_through_the_paged_model():
     peft = installed("peft")
     ref, model = tiny_pair()

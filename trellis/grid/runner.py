@@ -151,6 +151,9 @@ class GridRunner(PagedModelRunner):
         if self.config.num_hidden_layers != len(self.model.model.layers):
             raise ValueError("a grid runs every layer of the model on its stages: a forward with another "
                              "config.num_hidden_layers (assistant_early_exit drafts with one) is not served")
+        if self.long_rope_forward(seqs):
+            for seq in seqs:
+                seq.shareable = False
         with self.lock:
             self._check_alive()
             # One more step than there are stages would deadlock the ring: each stage would wait

@@ -361,6 +361,17 @@ class PagedModelRunner:
                              "of every token and keeps them for later forwards, which cached K/V cannot follow; pass "
                              f"positions below {limit}")
 
+    def long_rope_forward(self, seqs: Sequence[PagedSequence]) -> bool:
+        """Whether LongRoPE runs a forward over ``seqs`` at its long-context frequencies: a token at
+        or past ``original_max_position_embeddings`` (a draft ``generate()`` discards may reach
+        there, within ``max_positions`` for what it keeps), and transformers then rotates every
+        token of that forward so. Those K/V are not what a cold forward of the same tokens
+        computes: its sessions share nothing. (Caller positions make sessions unshareable anyway.)"""
+        if getattr(self.model.model.rotary_emb, "rope_type", None) != "longrope":
+            return False
+        original = self.config.rope_parameters["original_max_position_embeddings"]
+        return any(len(seq.token_ids) > original for seq in seqs)
+
     def drops_out(self) -> bool:
         """Whether a forward now would drop activations at random: a module in training mode with
         a dropout rate above zero (``nn.Dropout`` and its kin, a LoRA adapter's among them), or an
@@ -398,7 +409,7 @@ class PagedModelRunner:
         refuse_autocast(self.device, self.model.dtype)
         with self.lock:
             random = self.drops_out()
-            if random or self.config.num_hidden_layers < len(manager.pool.layers):
+            if random or self.config.num_hidden_layers < len(manager.pool.layers) or self.long_rope_forward(seqs):
                 for seq in seqs:
                     seq.shareable = False
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
