@@ -683,6 +683,31 @@ def test_grid_refuses_what_it_cannot_compute(tiny_dir):
         assert out.logits.shape == (1, 3, 256)
 
 
+def test_a_longrope_grid_shares_no_long_frequency_forward_and_keeps_every_buffer_as_started(tmp_path):
+    """Prompt-lookup drafts past LongRoPE's original length run the forward at the long frequencies
+    on every stage, as in transformers: nothing of it is shared. And a bf16 grid's fp32 RoPE buffer
+    is part of its dtype: .to(torch.bfloat16) would change it on the coordinator's stage alone."""
+    config = tiny_config(num_hidden_layers=4)
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 24,
+                              "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                              "long_factor": [2.0 + 0.5 * i for i in range(8)], "factor": 4.0}
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    ref = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    prompt = torch.tensor([[5, 9, 13, 17, 21, 25] * 3])
+    drafted = {"max_new_tokens": 7, "do_sample": False, "prompt_lookup_num_tokens": 10}
+    with LocalGrid(options(str(tmp_path)), stages=2) as runner, torch.no_grad():
+        assert torch.equal(runner.model.generate(prompt, **drafted), ref.generate(prompt, **drafted))
+        assert runner.prefix_cache.stats()["cached_blocks"] == 0
+        torch.testing.assert_close(runner.model(prompt, logits_to_keep=1).logits, ref(prompt).logits[:, -1:],
+                                   rtol=1e-5, atol=1e-5)
+    with LocalGrid(options(str(tmp_path), dtype="bfloat16"), stages=2) as runner:
+        assert runner.model.model.rotary_emb.inv_freq.dtype == torch.float32
+        with pytest.raises(ValueError, match="dtype and device are fixed when it starts"):
+            runner.model.to(torch.bfloat16)
+        assert runner.model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
 def test_stages_sharing_the_machine_spin_briefly(tiny_dir, monkeypatch):
     """A stage that handed its step on must not keep a core spinning while the next one computes."""
     assert shared_host_environment({})["GOMP_SPINCOUNT"] == SHARED_HOST_SPIN_COUNT

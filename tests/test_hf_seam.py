@@ -268,6 +268,9 @@ def test_longrope_drafts_past_the_original_length_leave_nothing_shared():
         assert close(model(prompt, logits_to_keep=1).logits, ref(prompt).logits[:, -1:])
         plain = {"max_new_tokens": 5, "do_sample": False}
         assert torch.equal(model.generate(prompt, **plain), ref.generate(prompt, **plain))
+        # With the prompt cached (at the short frequencies), the drafted forward reuses none of it.
+        assert model.prefix_cache.admission_cost(prompt[0].tolist() + [7]).cached_tokens > 0
+        assert torch.equal(model.generate(prompt, **drafted), ref.generate(prompt, **drafted))
     model.prefix_cache.check_integrity()
 
 

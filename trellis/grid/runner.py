@@ -12,6 +12,7 @@ blocks enter the radix tree: a step that is lost caches nothing.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -98,11 +99,15 @@ class GridRunner(PagedModelRunner):
                          "ids); restart the grid with other --block-size / --num-blocks")
 
     def check_conversion(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        converted = convert(torch.empty(0, dtype=self.model.dtype, device=self.device))  # its dtype and device
-        if converted.dtype != self.model.dtype or converted.device != self.device:
-            raise ValueError(f"a grid's dtype and device are fixed when it starts (every stage computes in "
-                             f"{str(self.model.dtype).removeprefix('torch.')} on {self.device.type}); restart the "
-                             f"grid with another --dtype or --device")
+        # Every kind of tensor the model holds: an fp32 buffer of a bf16 model (RoPE's inv_freq)
+        # changes under .to(torch.bfloat16) too.
+        kinds = {(t.dtype, t.device) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        for dtype, device in kinds:
+            converted = convert(torch.empty(0, dtype=dtype, device=device))
+            if converted.dtype != dtype or converted.device != device:
+                raise ValueError(f"a grid's dtype and device are fixed when it starts (every stage computes in "
+                                 f"{str(self.model.dtype).removeprefix('torch.')} on {self.device.type}); restart "
+                                 f"the grid with another --dtype or --device")
 
     def set_linear_kernel(self, kind: str, chosen: bool = True) -> int:
         if kind != self.linear_kernel:
@@ -151,7 +156,7 @@ class GridRunner(PagedModelRunner):
         if self.config.num_hidden_layers != len(self.model.model.layers):
             raise ValueError("a grid runs every layer of the model on its stages: a forward with another "
                              "config.num_hidden_layers (assistant_early_exit drafts with one) is not served")
-        if self.long_rope_forward(seqs):
+        if self.long_rope_forward(len(seq.token_ids) for seq in seqs):
             for seq in seqs:
                 seq.shareable = False
         with self.lock:

@@ -17,7 +17,7 @@ import os
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -309,11 +309,11 @@ class PagedModelRunner:
                          layer_ids=self.layer_ids())
 
     def _kv_budget(self) -> int:
-        """``default_kv_cache_memory``; on the CPU read once per device and settings: a pool rebuilt
+        """``default_kv_cache_memory``; off CUDA read once per device and settings: a pool rebuilt
         (new weights, dtype) is sized while the old one still holds its memory, which would shrink
         it at every rebuild. (A GPU's budget is half its free memory: asked for again beside the old
         pool, which the engine may still hold, it could not be had, so a GPU reads it afresh.)"""
-        if self.device.type != "cpu":
+        if self.device.type == "cuda":
             return default_kv_cache_memory(self.device)
         if self._default_budget is None or self._default_budget[0] != self.device:
             self._default_budget = (self.device, default_kv_cache_memory(self.device))
@@ -361,16 +361,17 @@ class PagedModelRunner:
                              "of every token and keeps them for later forwards, which cached K/V cannot follow; pass "
                              f"positions below {limit}")
 
-    def long_rope_forward(self, seqs: Sequence[PagedSequence]) -> bool:
-        """Whether LongRoPE runs a forward over ``seqs`` at its long-context frequencies: a token at
-        or past ``original_max_position_embeddings`` (a draft ``generate()`` discards may reach
-        there, within ``max_positions`` for what it keeps), and transformers then rotates every
-        token of that forward so. Those K/V are not what a cold forward of the same tokens
-        computes: its sessions share nothing. (Caller positions make sessions unshareable anyway.)"""
+    def long_rope_forward(self, lengths: Iterable[int]) -> bool:
+        """Whether LongRoPE runs a forward over sequences of these lengths at its long-context
+        frequencies: a token at or past ``original_max_position_embeddings`` (a prompt-lookup draft
+        that ``generate()`` discards may reach there, within ``max_positions`` for what it keeps),
+        and transformers then rotates every token of that forward so, cached ones included. Such
+        a forward reuses no cached K/V, and its sessions share none (``forward_rows``, ``forward``).
+        (Caller positions make sessions private anyway.)"""
         if getattr(self.model.model.rotary_emb, "rope_type", None) != "longrope":
             return False
         original = self.config.rope_parameters["original_max_position_embeddings"]
-        return any(len(seq.token_ids) > original for seq in seqs)
+        return any(length > original for length in lengths)
 
     def drops_out(self) -> bool:
         """Whether a forward now would drop activations at random: a module in training mode with
@@ -409,7 +410,8 @@ class PagedModelRunner:
         refuse_autocast(self.device, self.model.dtype)
         with self.lock:
             random = self.drops_out()
-            if random or self.config.num_hidden_layers < len(manager.pool.layers) or self.long_rope_forward(seqs):
+            if (random or self.config.num_hidden_layers < len(manager.pool.layers)
+                    or self.long_rope_forward(len(seq.token_ids) for seq in seqs)):
                 for seq in seqs:
                     seq.shareable = False
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
@@ -457,13 +459,14 @@ class PagedModelRunner:
         Caller-given ``positions`` or ``inputs_embeds`` (``rows`` then only count the tokens) make
         K/V that a later prompt of the same token ids would not reproduce: those sessions reuse
         nothing and are never cached. So does a forward that tracks gradients, whose attention must
-        see every key as a function of the parameters.
+        see every key as a function of the parameters; and a first forward that LongRoPE computes
+        at its long frequencies (``long_rope_forward``) reuses nothing.
         """
         with self.lock:  # (forward reads drops_out again under the same hold: the two agree)
             private = positions is not None or inputs_embeds is not None or self.drops_out()
             fresh = not seqs
             if fresh:
-                if private or self.tracks_gradients():
+                if private or self.tracks_gradients() or self.long_rope_forward(len(row) for row in rows):
                     max_reuse = [0] * len(rows)
                 with manager.lock:  # the sessions in the caller's list before a Ctrl-C the admission held back
                     seqs[:] = manager.admit_batch(rows, max_reuse if max_reuse is not None else [len(r) for r in rows])
