@@ -376,9 +376,10 @@ def run_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def check_prefix_cache_option(parser: argparse.ArgumentParser, path: str | None) -> None:
     """``--prefix-cache``: saved at the end, so checked before anything runs."""
+    if not path:
+        return
     try:
-        if path:
-            check_save_path(path)
+        check_save_path(path)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(f"--prefix-cache {path}: no file can be saved there ({exc})")
 

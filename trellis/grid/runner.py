@@ -156,9 +156,7 @@ class GridRunner(PagedModelRunner):
         if self.config.num_hidden_layers != len(self.model.model.layers):
             raise ValueError("a grid runs every layer of the model on its stages: a forward with another "
                              "config.num_hidden_layers (assistant_early_exit drafts with one) is not served")
-        if self.long_rope_forward(len(seq.token_ids) for seq in seqs):
-            for seq in seqs:
-                seq.shareable = False
+        self.mark_unshareable(manager, seqs, random=False)  # (dropout and early exit refused above)
         with self.lock:
             self._check_alive()
             # One more step than there are stages would deadlock the ring: each stage would wait

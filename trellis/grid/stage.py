@@ -41,14 +41,11 @@ def stage_state_dict(path: str, layers: range, first: bool, last: bool, load_kwa
     files = safetensors_files(path) if not load_kwargs.get("gguf_file") else None
     state: dict[str, torch.Tensor] = {}
     if files is not None:
-        names = {}
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                names[file] = list(f.keys())
-        prefix = missing_base_prefix(name for file_names in names.values() for name in file_names)
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                for name in names[file]:
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(file, framework="pt")) for file in files]
+            prefix = missing_base_prefix(name for f in handles for name in f.keys())  # noqa: SIM118 -- handles, not dicts
+            for f in handles:
+                for name in f.keys():  # noqa: SIM118 -- a safe_open handle, not a dict
                     if (local := wanted(prefix + name)) is not None:
                         state[local] = f.get_tensor(name)
         return state

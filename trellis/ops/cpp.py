@@ -5,8 +5,8 @@ tensors; ``KERNELS`` (``torch.ops.trellis_cpp``) is how Trellis calls them. It u
 built ahead of time by setup.py (``cpp_extension()``) when one for this CPU is installed in the
 package, otherwise compiles the sources once with ``torch.utils.cpp_extension.load`` (cached by
 torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, in a folder of each
-checkout's own, ``build_name()``; ninja rebuilds when a source or header changes). A prebuilt library wins over the sources: rebuild or delete it
-after editing ``kernels/``. Importing this module builds nothing.
+checkout's own, ``build_name()``; ninja rebuilds when a source or header changes). A prebuilt
+library wins over the sources: rebuild or delete it after editing ``kernels/``. Importing this module builds nothing.
 
 The sources are the package ``trellis.kernels``: setup.py maps it to ``kernels/``, which an
 editable install and a wheel both serve (``pip install -e .`` in a checkout).

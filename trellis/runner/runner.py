@@ -361,6 +361,15 @@ class PagedModelRunner:
                              "of every token and keeps them for later forwards, which cached K/V cannot follow; pass "
                              f"positions below {limit}")
 
+    def mark_unshareable(self, manager: KVCacheManager, seqs: Sequence[PagedSequence], random: bool) -> None:
+        """Sessions whose next forward computes K/V that a later prompt of the same tokens would
+        not get share none of them: one with dropout (``random``), one over fewer layers than the
+        pool holds (an early-exit draft's), one at LongRoPE's long frequencies."""
+        if (random or self.config.num_hidden_layers < len(manager.pool.layers)
+                or self.long_rope_forward(len(seq.token_ids) for seq in seqs)):
+            for seq in seqs:
+                seq.shareable = False
+
     def long_rope_forward(self, lengths: Iterable[int]) -> bool:
         """Whether LongRoPE runs a forward over sequences of these lengths at its long-context
         frequencies: a token at or past ``original_max_position_embeddings`` (a prompt-lookup draft
@@ -410,10 +419,7 @@ class PagedModelRunner:
         refuse_autocast(self.device, self.model.dtype)
         with self.lock:
             random = self.drops_out()
-            if (random or self.config.num_hidden_layers < len(manager.pool.layers)
-                    or self.long_rope_forward(len(seq.token_ids) for seq in seqs)):
-                for seq in seqs:
-                    seq.shareable = False
+            self.mark_unshareable(manager, seqs, random)
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
                                 positions)
             replayed = inputs_embeds is None and not _asks(kwargs) and not random
