@@ -32,7 +32,7 @@ from common import RESULTS, Workload, environment, markdown_table
 
 from trellis import Engine, SamplingParams
 from trellis.grid import GridOptions, GridRunner, LocalGrid, shared_host_environment
-from trellis.grid.launch import SHARED_HOST_SPIN_COUNT
+from trellis.grid.shared_host import SHARED_HOST_SPIN_COUNT
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 

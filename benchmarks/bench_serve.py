@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from common import RESULTS, caption, describe, markdown_table, rotated
 from transformers import AutoTokenizer
 
 from trellis.engine import Engine, SamplingParams
+from trellis.grid.rendezvous import free_port
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 from trellis.runner import LINEAR_KERNELS
@@ -149,12 +149,6 @@ async def run_http(url: str, model: str, k: int, args: argparse.Namespace, seed:
         began = time.perf_counter()
         records = [r for rs in await asyncio.gather(*(client_loop(c) for c in range(k))) for r in rs]
         return records, time.perf_counter() - began
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(command: list[str], port: int, log: Path) -> subprocess.Popen | None:

@@ -41,17 +41,11 @@ from trellis.grid import (
     shared_host_environment,
     split_by_memory,
 )
+from trellis.grid import local as local_grid
 from trellis.grid import stage as stage_module
-from trellis.grid.launch import (
-    SHARED_HOST_SPIN_COUNT,
-    Endpoint,
-    StageIdentity,
-    connect,
-    free_port,
-    identity,
-    plan_grid,
-    start_stage,
-)
+from trellis.grid.launch import StageIdentity, identity, plan_grid, start_stage
+from trellis.grid.rendezvous import Endpoint, connect, free_port
+from trellis.grid.shared_host import SHARED_HOST_SPIN_COUNT
 from trellis.grid.stage import load_stage_model, run_stage, stage_state_dict
 from trellis.grid.transport import StepPlan
 from trellis.models.embedded import embedded_gguf_path
@@ -284,7 +278,7 @@ def test_a_lost_stage_fails_the_requests_in_time_and_a_new_grid_serves(tiny_dir,
         started = time.monotonic()
         codes = grid.stop()  # the lost stage is not waited for the full 30 s
         stop_seconds = time.monotonic() - started
-    assert stop_seconds < launch.FAILED_GRID_GRACE + 3 and codes == [-signal.SIGKILL]
+    assert stop_seconds < local_grid.FAILED_GRID_GRACE + 3 and codes == [-signal.SIGKILL]
     with LocalGrid(options(tiny_dir), stages=2) as runner:  # a restarted grid serves again
         single = TrellisLlama.from_pretrained(tiny_dir, device="cpu", block_size=BLOCK, num_blocks=256)
         assert run_engine(runner, prompts, 5)[0] == run_engine(single, prompts, 5)[0]
@@ -552,7 +546,7 @@ def test_a_grid_whose_port_another_program_holds_fails_to_start_in_time(tiny_dir
         started = time.monotonic()
         with pytest.raises(torch.distributed.DistNetworkError, match="EADDRINUSE"):  # (the command says it in a line)
             grid.__enter__()
-        assert time.monotonic() - started < launch.FAILED_GRID_GRACE + 10
+        assert time.monotonic() - started < local_grid.FAILED_GRID_GRACE + 10
         assert all(p.poll() is not None for p in grid.processes)
 
 

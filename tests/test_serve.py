@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerFast
 from tests.conftest import installed
 from tests.models import smollm2_dir, smollm2_tokenizer, smollm2_trellis, tiny_pair
 from trellis.engine import Engine, QueueFullError, SamplingParams
+from trellis.grid.rendezvous import free_port
 from trellis.models.llama import TrellisLlama
 from trellis.models.loading import preferred_dtype
 from trellis.serve import ServeConfig, create_app
@@ -840,12 +841,6 @@ def test_lm_eval_local_completions_scores_as_trellis_eval(smollm2):
         assert logprob == pytest.approx(want_logprob, abs=1e-4) and greedy == want_greedy
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize(("grid", "stop"), [(None, signal.SIGINT), (None, signal.SIGTERM), ("stages", signal.SIGTERM),
                                             ("world-size", signal.SIGTERM)],
                          ids=["serve-ctrl-c", "serve-sigterm", "grid-sigterm", "grid-two-commands"])
@@ -857,7 +852,7 @@ def test_the_command_serves_and_stops_cleanly(tmp_path, grid, stop):
     model = tiny_pair()[1]
     model.save_pretrained(tmp_path)
     char_tokenizer().save_pretrained(tmp_path)
-    port, master = _free_port(), ["--master-port", str(_free_port())]
+    port, master = free_port(), ["--master-port", str(free_port())]
     where = {None: ["serve"], "stages": ["grid", "serve", "--stages", "2", *master],
              "world-size": ["grid", "serve", "--world-size", "2", *master]}[grid]
     command = [sys.executable, "-m", "trellis", *where, "--model", str(tmp_path), "--port", str(port),

@@ -7,16 +7,12 @@ prefix hit saves work on every stage. Steps travel the ring over ``torch.distrib
 point-to-point messages (gloo on CPU, NCCL on CUDA). See docs/grid.md.
 """
 
-from trellis.grid.launch import (
-    Endpoint,
-    GridOptions,
-    LocalGrid,
-    shared_host_environment,
-    start_coordinator,
-    start_stage,
-)
+from trellis.grid.launch import GridOptions, start_coordinator, start_stage
+from trellis.grid.local import LocalGrid
 from trellis.grid.placement import Placement, parse_layers, split_by_memory
+from trellis.grid.rendezvous import Endpoint
 from trellis.grid.runner import GridRunner
+from trellis.grid.shared_host import shared_host_environment
 from trellis.grid.stage import run_stage
 from trellis.grid.transport import GridError
 

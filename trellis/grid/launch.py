@@ -1,41 +1,35 @@
-"""Starting a grid: the rendezvous, the start-up handshake, and each rank's part.
+"""Starting a grid: the start-up handshake and each rank's part.
 
-Every rank connects to one ``torch.distributed.TCPStore`` (rank 0 hosts it at ``master_addr:
-master_port``, or torchrun's agent does), publishes who it is — Trellis, torch and transformers
-versions, a digest of the model files, dtype, block size, device, free memory — and waits for the
-coordinator's verdict. The coordinator refuses a grid whose stages differ, naming the difference;
-otherwise it places the layers (``--layers`` or in proportion to free memory), agrees the pool
-size (the most blocks every stage can hold for its layers) and publishes both. Then every rank
-loads its share of the model and joins the gloo (CPU) or NCCL (CUDA) process group.
+Every rank connects to the rendezvous (``rendezvous.py``), publishes who it is — Trellis, torch
+and transformers versions, a digest of the model files, dtype, block size, device, free memory —
+and waits for the coordinator's verdict. The coordinator refuses a grid whose stages differ,
+naming the difference; otherwise it places the layers (``--layers`` or in proportion to free
+memory), agrees the pool size (the most blocks every stage can hold for its layers) and publishes
+both. Then every rank loads its share of the model and joins the gloo (CPU) or NCCL (CUDA)
+process group. ``local.py`` starts a whole grid on one machine.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import importlib.metadata
 import json
 import logging
 import math
 import os
-import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import torch
-import torch.distributed as dist
 import transformers
 
 from trellis.cache.block_pool import BlockPool
-from trellis.grid.devices import check_grid_device, check_local_stages, stage_device
+from trellis.grid.devices import check_grid_device, stage_device
 from trellis.grid.placement import Placement, parse_layers, split_by_memory
+from trellis.grid.rendezvous import Endpoint, connect, process_group, wait_for, wait_for_plan_read
 from trellis.grid.runner import GridRunner
+from trellis.grid.shared_host import default_micro_batches, warn_if_spinning
 from trellis.grid.stage import StageWorker, first_floating_dtype, load_stage_model, safetensors_files
 from trellis.grid.transport import GridError, Link
 from trellis.models.embedded import embedded_model_dir
@@ -43,21 +37,9 @@ from trellis.models.loading import device_named, load_llama_config, preferred_dt
 from trellis.runner.runner import CacheSettings, default_kv_cache_memory, free_memory
 from trellis.utils import head_dim_of
 
-T = TypeVar("T")
-
 log = logging.getLogger("trellis.grid")
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
-
-# Stages on one machine take turns on its cores. After each parallel region, libgomp's worker
-# threads spin for GOMP_SPINCOUNT iterations (300,000 by default, ~10 ms here) before they sleep,
-# so a stage that has handed its step on keeps a core busy while the next stage computes. A short
-# spin (~0.3 ms) keeps a stage's own back-to-back regions warm and frees the cores at a hand-over
-# (docs/grid.md has the measurements). libgomp reads it when it loads, so it is set per process.
-SHARED_HOST_SPIN_COUNT = "10000"
-# Seconds LocalGrid.stop waits for the stages of a failed grid: the healthy ones exit within it.
-FAILED_GRID_GRACE = 5.0
-OPENMP_WAIT_SETTINGS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
 @dataclass
@@ -103,31 +85,6 @@ class GridOptions:
 
     def load_kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-
-@dataclass
-class Endpoint:
-    """Where this rank sits and how to reach the rendezvous."""
-
-    rank: int
-    world_size: int
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-
-    def __post_init__(self) -> None:
-        if self.world_size < 2:
-            raise ValueError(f"a grid needs at least 2 stages, got {self.world_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not in a grid of {self.world_size} stages (ranks 0 to "
-                             f"{self.world_size - 1})")
-
-    @staticmethod
-    def from_env() -> Endpoint | None:
-        """The endpoint torchrun (or any ``env://`` launcher) gives this process, if any."""
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            return None
-        return Endpoint(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                        os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")))
 
 
 @dataclass(frozen=True)
@@ -203,101 +160,6 @@ def identity(options: GridOptions, device: torch.device, world_size: int) -> Sta
         host=os.uname().nodename)
 
 
-def connect(endpoint: Endpoint, timeout: float) -> dist.Store:
-    """The rendezvous store, namespaced per launch attempt (torchrun restarts reuse its store)."""
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
-    hosts = endpoint.rank == 0 and not agent_store
-    deadline = time.monotonic() + timeout
-    if not hosts:
-        wait_for_listener(endpoint.master_addr, endpoint.master_port, timeout)
-
-    def open_store() -> dist.TCPStore:
-        return dist.TCPStore(endpoint.master_addr, endpoint.master_port, endpoint.world_size, is_master=hosts,
-                             timeout=datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0)),
-                             wait_for_workers=False)
-
-    store = open_store() if hosts else within(deadline - time.monotonic(), open_store, lambda: GridError(
-        f"no Trellis rendezvous answered at --master-addr {endpoint.master_addr} --master-port "
-        f"{endpoint.master_port} within {timeout:.0f} s: something else accepts connections there"))
-    return dist.PrefixStore(f"trellis-grid/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-
-
-def within(seconds: float, call: Callable[[], T], failure: Callable[[], Exception]) -> T:
-    """``call()``, or ``failure()`` raised after ``seconds``: TCPStore's client waits for the store's
-    answer without a limit once something has accepted its connection (another program's port)."""
-    outcome: list = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name="trellis-grid-rendezvous", daemon=True)  # left behind if it hangs
-    thread.start()
-    thread.join(max(seconds, 1.0))
-    if not outcome:
-        raise failure()
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise value
-    return value
-
-
-def wait_for_listener(host: str, port: int, timeout: float) -> None:
-    """Wait until something accepts connections at ``host:port`` (the store), else a GridError after
-    ``timeout`` seconds. TCPStore's own wait for a store that is not up yet logs a C++ stack trace
-    at every attempt; a plain connection that closes at once costs the store nothing."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=max(min(deadline - time.monotonic(), 2.0), 0.05)):
-                return
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                raise GridError(f"cannot open the rendezvous at --master-addr {host} --master-port {port}: nothing "
-                                f"accepted a connection there within {timeout:.0f} s (is the coordinator, rank 0, "
-                                f"started?): {exc}") from None
-            time.sleep(0.1)
-
-
-def process_group(store: dist.Store, endpoint: Endpoint, device: torch.device, timeout: float) -> dist.ProcessGroup:
-    """This grid's own process group (not the global default one): gloo on CPU, NCCL on CUDA."""
-    wait = datetime.timedelta(seconds=timeout)
-    if device.type == "cuda":
-        return dist.ProcessGroupNCCL(store, endpoint.rank, endpoint.world_size, dist.ProcessGroupNCCL.Options())
-    return dist.ProcessGroupGloo(store, endpoint.rank, endpoint.world_size, wait)
-
-
-def wait_setting_chosen(environ: Mapping[str, str]) -> bool:
-    """Whether ``environ`` sets how OpenMP threads wait (then Trellis leaves it as it is)."""
-    return any(name in environ for name in OPENMP_WAIT_SETTINGS)
-
-
-def shared_host_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """``environ`` (default: this process's) for a grid process that shares its machine with other
-    stages: a short OpenMP spin, unless the user chose a wait setting."""
-    environ = dict(os.environ if environ is None else environ)
-    if not wait_setting_chosen(environ):
-        environ["GOMP_SPINCOUNT"] = SHARED_HOST_SPIN_COUNT
-    return environ
-
-
-def warn_if_spinning(stages: list[StageIdentity]) -> None:
-    """Warn when this process shares its machine with other stages under libgomp's long default spin."""
-    if len({s.host for s in stages}) < len(stages) and not wait_setting_chosen(os.environ):
-        log.warning("stages share a machine, and this process's OpenMP threads spin for ~10 ms after each step, "
-                    "slowing the next stage; start it with GOMP_SPINCOUNT=%s (trellis grid --stages does)",
-                    SHARED_HOST_SPIN_COUNT)
-
-
-def default_micro_batches(stages: list[StageIdentity]) -> int:
-    """One step in flight per machine. Stages that share a machine share its cores and memory
-    bandwidth: more micro-batches there would only split each decode step's batch, and every
-    extra micro-batch reads all of a stage's weights again (decode is memory-bound)."""
-    return len({s.host for s in stages})
-
-
 def kv_bytes_per_block(config, block_size: int, num_layers: int, dtype: torch.dtype) -> int:
     return BlockPool.bytes_per_block(block_size, num_layers, config.num_key_value_heads, head_dim_of(config), dtype)
 
@@ -330,37 +192,6 @@ def plan_grid(options: GridOptions, config, identities: list[StageIdentity]) -> 
     return placement, num_blocks
 
 
-STORE_POLL_S = 0.1  # how often the coordinator looks for the stages' keys while they start
-
-
-def wait_for(store: dist.Store, keys: list[str], timeout: float, lost: Callable[[], str | None], what: str) -> list:
-    """The JSON values of ``keys`` once all are set. Polls, so that ``lost`` (a ``LocalGrid``'s
-    look at its stage processes) can end the wait at once with a GridError saying why; ``what``
-    names the wait in the GridError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not store.check(keys):
-        gone = lost()
-        if gone is not None:
-            raise GridError(gone)
-        if time.monotonic() >= deadline:
-            missing = [key for key in keys if not store.check([key])]
-            raise GridError(f"{what} within {timeout:.0f} s (no {', '.join(missing)})")
-        time.sleep(STORE_POLL_S)
-    return [json.loads(store.get(key)) for key in keys]
-
-
-PLAN_READ_GRACE_S = 10.0  # how long a refusing coordinator keeps its rendezvous up for the stages to read why
-
-
-def wait_for_plan_read(store: dist.Store, ranks: range) -> None:
-    """Keep the rendezvous, which this process hosts, until every stage has read the plan (a
-    refusal's reason) or ``PLAN_READ_GRACE_S`` passed: exiting at once would close it under a
-    stage about to read, which would then report a lost connection instead of the reason."""
-    deadline = time.monotonic() + PLAN_READ_GRACE_S
-    while not store.check([f"plan_read/{r}" for r in ranks]) and time.monotonic() < deadline:
-        time.sleep(STORE_POLL_S)
-
-
 def start_coordinator(options: GridOptions, endpoint: Endpoint,
                       lost: Callable[[], str | None] = lambda: None) -> GridRunner:
     """Rank 0: check the stages, place the layers, load stage 0 and return the grid's runner
@@ -384,7 +215,8 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint,
         if problems:
             raise GridError("the stages differ, so the grid would not compute what one model does:\n  "
                             + "\n  ".join(problems))
-        warn_if_spinning(stages)
+        hosts = [s.host for s in stages]
+        warn_if_spinning(hosts)
         placement, num_blocks = plan_grid(options, config, stages)
     except (GridError, ValueError) as exc:
         store.set("plan", json.dumps({"error": str(exc)}))
@@ -403,7 +235,7 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint,
     group = process_group(store, endpoint, device, options.start_timeout)
     link = Link(group, 0, endpoint.world_size, config.hidden_size, options.torch_dtype, device, options.step_timeout)
     settings = CacheSettings(options.block_size, num_blocks=num_blocks)
-    runner = GridRunner(model, settings, link, placement, options.micro_batches or default_micro_batches(stages))
+    runner = GridRunner(model, settings, link, placement, options.micro_batches or default_micro_batches(hosts))
     model.runner = runner
     kv_bytes = num_blocks * kv_bytes_per_block(config, options.block_size, len(placement.ranges[0]), options.torch_dtype)
     runner.stage_memory = [{"weight_bytes": weight_bytes(model), "kv_bytes": kv_bytes}, *loaded]
@@ -454,83 +286,3 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def _set_threads(options: GridOptions) -> None:
     if options.threads is not None:
         torch.set_num_threads(options.threads)
-
-
-def stage_command(options: GridOptions, endpoint: Endpoint) -> list[str]:
-    """The ``trellis grid stage`` command line that starts ``endpoint``'s rank with ``options``."""
-    command = [sys.executable, "-m", "trellis", "grid", "stage", "--rank", str(endpoint.rank), "--world-size",
-               str(endpoint.world_size), "--master-addr", endpoint.master_addr, "--master-port", str(endpoint.master_port)]
-    for name, value in asdict(options).items():
-        if value is not None:
-            command += [f"--{name.replace('_', '-')}", str(value)]
-    return command
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalGrid:
-    """A grid of ``stages`` processes on this machine: the coordinator in this process, the other
-    stages as ``trellis grid stage`` child processes over loopback (``stage_options`` lets them
-    differ, e.g. in threads). ``with LocalGrid(...) as runner:`` stops them all at the end."""
-
-    def __init__(self, options: GridOptions, stages: int, stage_options: GridOptions | None = None,
-                 port: int | None = None) -> None:
-        self.options, self.stage_options = options, stage_options or options
-        self.endpoint = Endpoint(0, stages, "127.0.0.1", port or free_port())
-        self.processes: list[subprocess.Popen] = []
-        self.runner: GridRunner | None = None
-        self._threads = torch.get_num_threads()  # the coordinator's --threads last as long as the grid
-
-    def __enter__(self) -> GridRunner:
-        layers = load_llama_config(self.options.model_path, self.options.load_kwargs()).num_hidden_layers
-        if self.endpoint.world_size > layers:  # refused before any stage process starts
-            raise ValueError(f"{self.endpoint.world_size} stages for a model of {layers} layers: each stage needs "
-                             "a layer")
-        if self.options.layers:  # likewise: the coordinator would find it only once every stage joined
-            parse_layers(self.options.layers, layers, self.endpoint.world_size)
-        for options in (self.options, self.stage_options):  # likewise: NCCL would refuse a shared GPU at the end
-            check_local_stages(options.device, self.endpoint.world_size)
-        for rank in range(1, self.endpoint.world_size):
-            endpoint = Endpoint(rank, self.endpoint.world_size, self.endpoint.master_addr, self.endpoint.master_port)
-            # A session of their own: Ctrl-C reaches the coordinator only, which then stops them in order.
-            # LOCAL_RANK: stage r runs on cuda:r under a plain --device cuda, as under torchrun.
-            self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint), start_new_session=True,
-                                                   env={**shared_host_environment(), "LOCAL_RANK": str(rank)}))
-        try:
-            self.runner = start_coordinator(self.options, self.endpoint, self._lost_stage)
-        except BaseException:
-            self.stop(FAILED_GRID_GRACE)  # a stage waiting for a coordinator that never came would hold it 30 s
-            raise
-        return self.runner
-
-    def _lost_stage(self) -> str | None:
-        """Why the grid cannot start, if a stage process has exited."""
-        for rank, process in enumerate(self.processes, 1):
-            if process.poll() is not None:
-                return f"stage {rank} exited with status {process.returncode} before the grid started"
-        return None
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def stop(self, timeout: float = 30.0) -> list[int | None]:
-        """Close the grid and wait for the stage processes, ``timeout`` seconds in all (at most
-        ``FAILED_GRID_GRACE`` once the grid has failed: a lost or hung stage does not exit on its
-        own), then kill those left; their exit statuses."""
-        if self.runner is not None:
-            self.runner.close()
-            if self.runner.failure is not None:
-                timeout = min(timeout, FAILED_GRID_GRACE)
-        torch.set_num_threads(self._threads)
-        deadline = time.monotonic() + timeout
-        for process in self.processes:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return [p.returncode for p in self.processes]
