@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager
-from trellis.cache.radix import RadixCache, RadixNode, TailMatch
+from trellis.cache.radix import RadixCache, TailMatch
 from trellis.utils import outside_vocabulary
 
 FORMAT = "trellis-prefix-cache/6"
@@ -232,7 +232,7 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
             for node in pins:
                 radix.unlock(node)
         slot = dict(zip(new, blocks))  # the file's block -> the pool's
-        before = _tree_state(radix)
+        before = radix.snapshot()
         replaced: list[int] = []  # the blocks of the tails the file's replace or cover: the tree's references, held
         try:
             manager.pool.write_blocks(blocks, tensors["kv"][:, :, new])
@@ -244,7 +244,7 @@ def load_prefix_cache(manager: KVCacheManager, path: str | os.PathLike, fingerpr
                 assert node is not None, "a tail's node path was inserted above"
                 replaced += radix.add_tail(node, tokens, slot[first_tail + t], release=False)
         except BaseException:
-            _restore_tree(before)  # the replaced tails come back with the references kept for them
+            radix.restore(before)  # the replaced tails come back with the references kept for them
             # Freshly allocated blocks have no holder but us and, once adopted, the tree.
             manager.pool.decref([b for b in blocks if manager.pool.ref_counts[b] > 1])
             manager.pool.decref(blocks)
@@ -379,21 +379,3 @@ def _tails(tensors: Mapping[str, torch.Tensor], num_nodes: int, block_size: int,
         raise refuse(problem)
     starts = [0, *itertools.accumulate(lengths)]
     return [(node, tokens[start : start + length]) for node, start, length in zip(nodes, starts, lengths)]
-
-
-# Undoing insertions: ``RadixCache.insert`` and ``node_at`` only add nodes, split edges and touch LRU
-# times, and ``add_tail`` only adds tails, or replaces some whose references it then hands back
-# (``release=False``), so restoring every existing node's links, edge and tails puts the tree back
-# as it was.
-_NodeState = tuple[RadixNode, RadixNode | None, tuple[int, ...], list[int], dict, dict, int]
-
-
-def _tree_state(radix: RadixCache) -> list[_NodeState]:
-    return [(node, node.parent, node.tokens, list(node.blocks), dict(node.children), dict(node.tails),
-             node.last_access) for node in [radix.root, *radix.nodes()]]
-
-
-def _restore_tree(state: list[_NodeState]) -> None:
-    for node, parent, tokens, blocks, children, tails, last_access in state:
-        node.parent, node.tokens, node.blocks, node.children, node.tails, node.last_access = (
-            parent, tokens, blocks, children, tails, last_access)

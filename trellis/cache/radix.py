@@ -47,6 +47,10 @@ class RadixNode:
         self.last_access = 0
 
 
+# Each node's (node, parent, edge tokens, blocks, children, tails, last access): ``RadixCache.snapshot``.
+TreeSnapshot = list[tuple[RadixNode, RadixNode | None, tuple[int, ...], list[int], dict, dict, int]]
+
+
 @dataclass
 class TailMatch:
     """A cached block whose first ``num_tokens`` (fewer than a block) continue a matched prefix."""
@@ -381,6 +385,25 @@ class RadixCache:
             self.pool.decref(list(node.tails.values()))
         self.root = RadixNode(None, (), [])
         self.root.lock_count = 1
+
+    # --- undo ------------------------------------------------------------------------------
+
+    def snapshot(self) -> TreeSnapshot:
+        """The tree's shape, for ``restore`` to undo insertions with (a prefix cache file's load).
+        ``insert`` and ``node_at`` only add nodes, split edges and touch LRU times, and ``add_tail``
+        only adds tails, or replaces some whose references it hands back (``release=False``), so
+        restoring every existing node's links, edge and tails puts the tree back as it was. Not for
+        undoing evictions or lock changes."""
+        return [(node, node.parent, node.tokens, list(node.blocks), dict(node.children), dict(node.tails),
+                 node.last_access) for node in self.every_node()]
+
+    def restore(self, snapshot: TreeSnapshot) -> None:
+        """Put the tree back as ``snapshot`` found it (the caller settles the references of blocks
+        the insertions since took or handed back)."""
+        self._version += 1
+        for node, parent, tokens, blocks, children, tails, last_access in snapshot:
+            node.parent, node.tokens, node.blocks, node.children, node.tails, node.last_access = (
+                parent, tokens, blocks, children, tails, last_access)
 
     # --- introspection -------------------------------------------------------------------
 
