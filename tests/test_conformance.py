@@ -611,7 +611,8 @@ def test_every_generation_length_is_checked_against_the_positions_before_anythin
 
     embeds = model.model.embed_tokens(IDS).detach()
     calls = [lambda: model.generate(IDS, max_length=18, min_length=18, streamer=Counter()),
-             lambda: model.generate(inputs_embeds=embeds, max_new_tokens=NEW, streamer=Counter())]
+             lambda: model.generate(inputs_embeds=embeds, max_new_tokens=NEW, streamer=Counter()),
+             lambda: model.generate(inputs_embeds=embeds, max_length=18, min_length=18, streamer=Counter())]
     for call in calls:
         with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
             call()
@@ -619,6 +620,14 @@ def test_every_generation_length_is_checked_against_the_positions_before_anythin
     with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
         model.generate(IDS, streamer=Counter())
     assert generated == [] and model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_max_length_counts_an_inputs_embeds_prompt_as_transformers_does():
+    ref, model = tiny_pair(config=tiny_config(max_position_embeddings=16))
+    embeds = model.model.embed_tokens(IDS[:, :12]).detach()
+    want = ref.generate(inputs_embeds=embeds, max_length=17, min_length=17, do_sample=False)
+    assert want.shape[1] == 5  # new tokens only: the 12 embeddings count towards max_length
+    assert torch.equal(model.generate(inputs_embeds=embeds, max_length=17, min_length=17, do_sample=False), want)
 
 
 def test_the_models_own_generation_config_decides_use_cache_and_cache_implementation():

@@ -4,6 +4,7 @@ import gc
 import inspect
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -735,6 +736,36 @@ def test_an_engine_stepping_in_one_thread_while_generate_runs_in_another():
     assert stepped == [reference(ref, p, 8) for p in PROMPTS[:3]]
     assert generated == [reference(ref, p, 8) for p in PROMPTS[1:]]
     model.prefix_cache.check_integrity()
+
+
+def test_abort_from_another_thread_waits_for_the_step_in_progress():
+    """``abort`` from a watchdog thread while a step is between its forward and its commit: it waits
+    for that step (the runner's lock), so no block it gives back is still being written or committed
+    (it gave them back under the step: 'incref of free block', sessions FINISHED with an error)."""
+    ref, model = tiny_pair(num_blocks=256)
+    engine = Engine(model)
+    mid_step, steps = threading.Event(), [0]
+
+    def slow_third_step(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        steps[0] += 1
+        if steps[0] == 3:
+            mid_step.set()
+            time.sleep(0.3)  # the watchdog's abort arrives now
+        return scores
+
+    sessions = [engine.add(PROMPTS[0], SamplingParams(max_new_tokens=40), logits_processor=slow_third_step)]
+    sessions += [engine.add(p, SamplingParams(max_new_tokens=40)) for p in PROMPTS[1:]]
+
+    def watchdog() -> None:
+        assert mid_step.wait(60)
+        engine.abort("watchdog")
+
+    run_in_threads([engine.run, watchdog])
+    assert all(s.status == RequestStatus.FAILED and s.error == "watchdog" for s in sessions)
+    assert not engine.has_work and model.prefix_cache.stats()["live_sessions"] == 0
+    model.prefix_cache.check_integrity()
+    assert [s.generated for s in Engine(model).generate(PROMPTS, SamplingParams(max_new_tokens=6))] == \
+        [reference(ref, p, 6) for p in PROMPTS]
 
 
 def test_eviction_of_cached_prefixes_while_sessions_decode():

@@ -21,6 +21,7 @@ from trellis.eval import (
     loglikelihood_rolling,
     rolling_loglikelihood,
     score_continuations,
+    scoring,
 )
 from trellis.eval.requests import encode, encode_pair, rolling_windows
 from trellis.models.loading import resolve_device
@@ -101,6 +102,31 @@ def test_threads_scoring_at_once_get_the_sequential_scores():
         assert_scores_match(got[i], want[i])
     model.prefix_cache.check_integrity()
     assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_weights_changed_between_chunks_score_the_later_chunks_on_the_new_weights(monkeypatch):
+    """Between two chunks another thread may change the weights, which rebuilds the cache: the later
+    chunks run on the cache as it is then (they ran on the old one: scores 0.5 off the new weights')."""
+    ref, model = tiny_pair()
+    requests = multiple_choice(ref, seed=2)
+    before = plain_scores(ref, requests)
+    score_chunk, first_chunk = scoring._score_chunk, []
+
+    def edit_after_the_first(runner, manager, chunk, *args) -> None:
+        score_chunk(runner, manager, chunk, *args)
+        if not first_chunk:
+            first_chunk.extend(i for group in chunk for i in group.members)
+            with torch.no_grad():
+                for m in (ref, model):
+                    m.model.layers[0].mlp.down_proj.weight.mul_(2.0)
+
+    monkeypatch.setattr(scoring, "_score_chunk", edit_after_the_first)
+    got = score_continuations(model, requests, max_batch_tokens=12)
+    after = plain_scores(ref, requests)
+    later = [i for i in range(len(requests)) if i not in first_chunk]
+    assert first_chunk and later
+    assert_scores_match([got[i] for i in first_chunk], [before[i] for i in first_chunk])
+    assert_scores_match([got[i] for i in later], [after[i] for i in later])
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 32])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, installed
 from tests.models import tiny_config, tiny_pair
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache
@@ -206,10 +206,15 @@ def test_speculative_decoding_matches_and_rolls_back_rejected_drafts(draft, monk
         kwargs["assistant_model"].prefix_cache.check_integrity()
 
 
-def test_two_models_drafting_for_each_other_from_two_threads_do_not_deadlock():
+@pytest.mark.parametrize("wrapper", [None, "peft"])
+def test_two_models_drafting_for_each_other_from_two_threads_do_not_deadlock(wrapper):
     """Each generate() holds its model's lock, and a TrellisLlama assistant's generate() takes the
-    assistant's: both are taken in one order, or two threads that swap the roles wait for ever."""
+    assistant's: both are taken in one order, or two threads that swap the roles wait for ever. So
+    with an assistant that wraps a TrellisLlama (a PEFT model, whose adapters start as no-ops)."""
     (ref_a, a), (ref_b, b) = tiny_pair(seed=0), tiny_pair(seed=1)
+    if wrapper == "peft":
+        peft = installed("peft")
+        a, b = (peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=["q_proj"])) for m in (a, b))
     head = prompt(9, 30)
     ids = torch.cat([head, head[:, :20], head], 1)
     want = {id(a): ref_a.generate(ids, max_new_tokens=12, do_sample=False),
@@ -233,6 +238,59 @@ def test_two_models_drafting_for_each_other_from_two_threads_do_not_deadlock():
     assert not errors and results == [True] * 8
     for model in (a, b):
         model.prefix_cache.check_integrity()
+
+
+def test_a_conversion_from_another_thread_waits_for_the_generation_in_progress():
+    """``model.to(bf16)`` while another thread's generate() is between two forwards: it waits for
+    that call (the runner's lock), which ends on the fp32 weights it began with (it converted them
+    under it: the next forward failed on mixed dtypes)."""
+    ref, model = tiny_pair()
+    ids = prompt(5, 20)
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    mid_generation, steps, got = threading.Event(), [0], []
+
+    def slow_third_step(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        steps[0] += 1
+        if steps[0] == 3:
+            mid_generation.set()
+            time.sleep(0.3)  # the conversion arrives now
+        return scores
+
+    def generate() -> None:
+        got.append(model.generate(ids, max_new_tokens=8, do_sample=False, logits_processor=[slow_third_step]))
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    assert mid_generation.wait(60)
+    model.to(torch.bfloat16)
+    thread.join(60)
+    assert len(got) == 1 and torch.equal(got[0], want)
+    assert model.dtype == torch.bfloat16 and model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_a_prefix_cache_reset_from_another_thread_waits_for_the_generation_in_progress():
+    """``prefix_cache.reset()`` makes the packed weight copies afresh, which forwards read: from
+    another thread it waits for the call in progress (the runner's lock) before it does."""
+    ref, model = tiny_pair()
+    ids = prompt(6, 20)
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    mid_generation, steps, got = threading.Event(), [0], []
+
+    def slow_third_step(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        steps[0] += 1
+        if steps[0] == 3:
+            mid_generation.set()
+            time.sleep(0.3)  # the reset arrives now
+        return scores
+
+    thread = threading.Thread(target=lambda: got.append(model.generate(
+        ids, max_new_tokens=8, do_sample=False, logits_processor=[slow_third_step])), daemon=True)
+    thread.start()
+    assert mid_generation.wait(60)
+    model.prefix_cache.reset()
+    assert len(got) == 1 and torch.equal(got[0], want)  # the generation had ended
+    thread.join(60)
+    assert model.prefix_cache.stats()["cached_blocks"] == 0
 
 
 def test_drafts_past_the_last_position_are_computed_as_transformers_computes_them():

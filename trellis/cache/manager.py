@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
@@ -67,15 +68,17 @@ class KVCacheManager:
     the cache is saved.
     """
 
-    def __init__(self, pool: BlockPool) -> None:
+    def __init__(self, pool: BlockPool, owner_lock: AbstractContextManager | None = None) -> None:
         self.pool = pool
         self.radix = RadixCache(pool)
         self.block_size = pool.block_size
         self.lock = InterruptDeferringLock()  # re-entrant; Ctrl-C waits for a change to be whole
         self.live: set[PagedSequence] = set()
         self._pending: deque[tuple[PagedSequence, bool]] = deque()  # (session, commit)
-        # Run by ``reset``: the owner drops what it derived alongside the cached K/V (packed weights).
+        # Run by ``reset``: the owner drops what it derived alongside the cached K/V (packed weights),
+        # under ``owner_lock`` (taken before this lock): the runner's, under which forwards read them.
         self.on_reset: list[Callable[[], None]] = []
+        self.owner_lock = owner_lock if owner_lock is not None else nullcontext()
 
     # --- session lifecycle ---------------------------------------------------------------
 
@@ -428,8 +431,9 @@ class KVCacheManager:
 
     def reset(self) -> None:
         """Forget every cached prefix (live sessions keep working), then run ``on_reset`` (the
-        runner makes what it derives from the weights afresh: weights written in place)."""
-        with self.lock:
+        runner makes what it derives from the weights afresh: weights written in place). From
+        another thread it waits for the owner's forward in progress (``owner_lock``)."""
+        with self.owner_lock, self.lock:
             self.clear()
             for callback in self.on_reset:
                 callback()

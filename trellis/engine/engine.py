@@ -411,7 +411,13 @@ class Engine:
             session.prompt_logprobs += token_logprobs(logits, chunk, session.params.prompt_logprobs)
 
     def abort(self, reason: str) -> None:
-        """Fail every session not yet finished and give its blocks back, committing nothing."""
+        """Fail every session not yet finished and give its blocks back, committing nothing. From
+        another thread it waits for the step in progress (under the runner's lock, as ``step``), so
+        that no forward still writes into the blocks it gives back."""
+        with self.runner.lock:
+            self._abort(reason)
+
+    def _abort(self, reason: str) -> None:
         with self._inbox_lock:
             inbox, self._inbox = self._inbox, deque()  # (an interrupt cannot leave a session in both)
             self.waiting.extend(inbox)

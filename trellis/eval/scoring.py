@@ -76,7 +76,7 @@ def score_continuations(
     max_length = max_length_for(model, max_length)
     check_max_batch_tokens(max_batch_tokens)
     runner = runner_of(model)
-    manager = runner.prefix_cache
+    manager = runner.prefix_cache  # (its geometry; each chunk takes the cache as it is then)
     groups: dict[tuple[int, ...], _Group] = {}
     continuations: list[list[int]] = []
     for i, request in enumerate(requests):
@@ -117,6 +117,8 @@ def score_continuations(
             # One forward at a time on the shared pool, as the engine does; planned under the same
             # lock, so the plan sees the pool as its forwards will.
             with runner.lock:
+                # Read again: weights changed between chunks (another thread's) rebuild the cache.
+                manager = runner.prefix_cache
                 chunk = _next_chunk(pending, manager, continuations, max_batch_tokens)
                 _score_chunk(runner, manager, chunk, continuations, scores, max_batch_tokens)
             bar.update(sum(len(group.members) for group in chunk))

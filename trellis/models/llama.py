@@ -77,13 +77,15 @@ class TrellisLlama(LlamaForCausalLM):
         """``.to()``, ``.bfloat16()``, ``.float()``, ...: the linear kernel follows the new dtype
         unless the user chose one (``set_linear_kernel``), and the weights take its layout. A dtype
         that layers kept quantized cannot run on, or a grid's new dtype or device (its stages keep
-        theirs), is refused before anything is converted."""
-        if "runner" in self.__dict__:
+        theirs), is refused before anything is converted. It waits for another thread's call in
+        progress (the runner's lock), which ends on the weights it began with."""
+        if "runner" not in self.__dict__:  # while transformers builds the model
+            return super()._apply(fn, recurse)
+        with self.runner.lock:
             if any(isinstance(m, QuantizedLinear) for m in self.modules()):
                 check_activation_dtype(fn(torch.empty(0, dtype=self.dtype, device=self.device)).dtype)  # fn's dtype
             self.runner.check_conversion(fn)
-        super()._apply(fn, recurse)
-        if "runner" in self.__dict__:  # not while transformers builds the model
+            super()._apply(fn, recurse)
             self.runner.follow_dtype()
         return self
 
@@ -436,11 +438,11 @@ class TrellisLlama(LlamaForCausalLM):
             raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")  # generate() would pick one
         given = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
         # The whole call holds the lock: transformers' early-exit drafter lowers the layer count for
-        # a while, which no other thread's forward may see. A TrellisLlama assistant's lock is taken
-        # with it, both in one order: two models drafting for each other from two threads would
-        # otherwise each hold its own lock and wait for the other's.
-        assistant = kwargs.get("assistant_model")
-        models = [self, *([assistant] if isinstance(assistant, TrellisLlama) and assistant is not self else [])]
+        # a while, which no other thread's forward may see. The lock of a TrellisLlama assistant (or
+        # of the one it wraps: a PEFT model) is taken with it, both in one order: two models drafting
+        # for each other from two threads would otherwise each hold its own lock and wait for the other's.
+        assistant = _trellis_model_in(kwargs.get("assistant_model"))
+        models = [self, *([assistant] if assistant is not None and assistant is not self else [])]
         with contextlib.ExitStack() as locks:
             for model in sorted(models, key=id):
                 locks.enter_context(model.runner.lock)
@@ -554,9 +556,9 @@ class TrellisLlama(LlamaForCausalLM):
         # The last new token is never fed back: it needs no position.
         if max_new is not None:
             self.runner.check_positions(longest + max_new - 1)
-        elif input_ids is not None and ("max_length" in kwargs or generation_config is not None):
-            # max_length counts the prompt's columns; only one set for this call (the model's own
-            # default may exceed its positions for prompts that stop early)
+        elif "max_length" in kwargs or generation_config is not None:
+            # max_length counts the prompt's columns (embeddings too); only one set for this call (the
+            # model's own default may exceed its positions for prompts that stop early)
             self.runner.check_positions(self._generation_setting("max_length", generation_config, kwargs)
                                         - (prompt.shape[1] - longest) - 1)
 
@@ -574,6 +576,13 @@ class TrellisLlama(LlamaForCausalLM):
 
         return generate_batch(self, inputs, generation_config, continuous_batching_config, record_timestamps,
                               progress_bar, **kwargs)
+
+
+def _trellis_model_in(model: object) -> TrellisLlama | None:
+    """The ``TrellisLlama`` that ``model`` is, or wraps (a PEFT model over one); None if neither."""
+    if isinstance(model, TrellisLlama) or not isinstance(model, torch.nn.Module):
+        return model if isinstance(model, TrellisLlama) else None
+    return next((m for m in model.modules() if isinstance(m, TrellisLlama)), None)
 
 
 def _errors_named_as_the_drafters(get_candidates: Callable[..., Any], drafter: str) -> Callable[..., Any]:

@@ -249,7 +249,7 @@ class PagedModelRunner:
                 for layer in self.weights_watcher.adapter_layers:
                     cpu_linear.drop_packed(layer)
                 self._decode_graphs = None  # they read the old pool (and the old weights)
-                self._manager, self._manager_key = KVCacheManager(self._new_pool()), key
+                self._manager, self._manager_key = KVCacheManager(self._new_pool(), self.lock), key
                 self._manager.on_reset.append(self._forget_derived_state)
             return self._manager
 
