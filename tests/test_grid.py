@@ -595,7 +595,8 @@ def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):
     ({"micro_batches": 0}, "micro_batches"), ({"threads": 0}, "threads"), ({"step_timeout": -5}, "step_timeout"),
     ({"num_blocks": 0}, "num_blocks"),
     ({"step_timeout": float("inf")}, "step_timeout.*finite"), ({"start_timeout": float("nan")}, "start_timeout"), ({"device": "mps"}, "cannot run on MPS.*gloo"),
-    ({"device": "gpu"}, "--device 'gpu' names no device")])
+    ({"device": "gpu"}, "--device 'gpu' names no device"), ({"dtype": "fp16"}, "unknown dtype 'fp16'"),
+    ({"dtype": "int8"}, "unknown dtype 'int8'")])
 def test_bad_options_are_refused_before_any_stage_starts(tiny_dir, override, message):
     with pytest.raises(ValueError, match=message):
         options(tiny_dir, **override)

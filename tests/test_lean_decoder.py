@@ -159,6 +159,39 @@ def test_replaced_modules_are_checked_again():
     assert ran == [True, False, True]
 
 
+@pytest.mark.parametrize("converted", ["every norm", "the final norm"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_norms_converted_alone_fall_back_as_transformers_runs_them(converted, warm):
+    """Norms in another dtype than the residual stream (transformers' RMSNorm promotes): the fused
+    ops take one dtype, so the lean path steps aside, also when the conversion comes after a
+    forward (it judged on the first norm's dtype alone, then failed in add_rms_norm)."""
+    ref, model = tiny_pair()
+    ids = prompt(7, 9)
+    with torch.no_grad(), lean_steps(model) as ran:
+        if warm:
+            model(ids)
+        for m in (ref, model):
+            norms = [mod for name, mod in m.named_modules() if name.endswith("norm")]
+            for norm in norms if converted == "every norm" else [m.model.norm]:
+                norm.to(torch.bfloat16)
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+        for m in (ref, model):
+            m.float()
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+    assert ran == [True] * warm + [False, True]
+
+
+def test_an_embedding_converted_alone_is_refused_by_name():
+    """The KV cache takes the model's dtype, which is the embedding's (its first parameter's): K/V
+    projections of another dtype are refused before anything runs (a kernel's dtype error before)."""
+    _, model = tiny_pair()
+    model.model.embed_tokens.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"compute K/V in torch.float32, but the model's dtype .* is torch.bfloat16"):
+        model(prompt(8, 9))
+    model.float()
+    assert model(prompt(8, 9)).logits.dtype == torch.float32
+
+
 def test_peft_adapters_fall_back():
     peft = installed("peft")
     ref, model = tiny_pair()

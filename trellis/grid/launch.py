@@ -33,7 +33,7 @@ from trellis.grid.shared_host import default_micro_batches, warn_if_spinning
 from trellis.grid.stage import StageWorker, first_floating_dtype, load_stage_model, safetensors_files
 from trellis.grid.transport import GridError, Link
 from trellis.models.embedded import embedded_model_dir
-from trellis.models.loading import device_named, load_llama_config, preferred_dtype
+from trellis.models.loading import DTYPES, device_named, load_llama_config, preferred_dtype
 from trellis.runner.runner import CacheSettings, default_kv_cache_memory, free_memory
 from trellis.utils import head_dim_of
 
@@ -65,6 +65,8 @@ class GridOptions:
         the coordinator waits for it to join."""
         CacheSettings(self.block_size, self.num_blocks, self.kv_cache_memory)  # the pool's own checks
         check_grid_device(self.device)
+        if self.dtype != "auto" and self.dtype not in DTYPES:  # (a stage would refuse it only once started)
+            raise ValueError(f"unknown dtype {self.dtype!r} (--dtype); choose 'auto' or one of {', '.join(DTYPES)}")
         if self.dtype == "auto":
             self.dtype = grid_dtype(self.device, self.model_path, self.load_kwargs())
         for name in ("micro_batches", "threads", "step_timeout", "start_timeout"):

@@ -9,7 +9,7 @@ Shapes (T packed query tokens, B sequences, N blocks of S tokens):
   slot_mapping      [T] int64               where token t's K/V go: block * S + offset
 
 Masking is bottom-right causal: query i of a sequence with q_len new tokens and kv_len keys
-sees keys 0 .. kv_len - q_len + i. Scores and softmax are computed in fp32.
+sees keys 0 .. kv_len - q_len + i. Scores, softmax and P @ V are computed in fp32 (in fp64 for fp64 inputs).
 
 A plan (``plan_paged_attention``) only saves a backend work that every layer of a forward would
 repeat; the reference needs none, and ignores one.
@@ -44,15 +44,16 @@ def paged_attention(
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     group = q.shape[1] // num_kv_heads
     cu = cu_seqlens_q.tolist()
+    compute = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for a float64 model
     for i, kv_len in enumerate(seq_lens.tolist()):
         q_start, q_end = cu[i], cu[i + 1]
         q_len = q_end - q_start
         if q_len == 0:
             continue
         blocks = block_table[i, : cdiv(kv_len, block_size)].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len].float()  # [L, Hkv, D]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len].float()  # [L, Hkv, D]
-        qi = q[q_start:q_end].float().view(q_len, num_kv_heads, group, head_dim)  # [Q, Hkv, G, D]
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len].to(compute)  # [L, Hkv, D]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len].to(compute)  # [L, Hkv, D]
+        qi = q[q_start:q_end].to(compute).view(q_len, num_kv_heads, group, head_dim)  # [Q, Hkv, G, D]
         scores = torch.einsum("qhgd,khd->hgqk", qi, k) * scale  # [Hkv, G, Q, L]
         query_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
         key_pos = torch.arange(kv_len, device=q.device)

@@ -17,7 +17,7 @@ Each fused op rounds as transformers' modules do: in fp32 the results are transf
 bit, in bf16 and fp16 up to the order of the RMSNorm's sum of squares (docs/decode-step.md).
 
 It runs only a model whose forward it reproduces exactly (``_check``: transformers' own Llama
-classes, no hooks, no adapters, no overridden forward, SiLU, norms in the model's dtype, on the
+classes, no hooks, no adapters, no overridden forward, SiLU, norms and embedding in one dtype, on the
 CPU), and only for a step that asks for nothing else (no gradients, no hidden states or attention
 weights) over inputs in the weights' dtype. Anything else runs transformers' forward, so hooks
 and adapters keep working. The verdict is cached: a step reads a registration count, the
@@ -73,7 +73,8 @@ class LeanDecoder:
         self.checks = 0  # how often the model was checked (tests check it stays rare)
         self._lean_layers: list[_LeanLayer] = []  # the decoder layers a forward runs, as it calls them
         self._structure = ModelStructure()  # every module a lean forward runs or skips
-        self._first_norm: dict = {}  # the first norm's parameters: ``_state`` reads the weights' dtype there
+        self._first_norm: dict = {}  # the first norm's parameters: ``_state`` reads the weights' device there
+        self._dtype_parameters: list[dict] = []  # the norms' and the embedding's: ``_state`` reads their dtypes
         self._stock = False  # the decoder is transformers' as built (``stock``)
 
     def run(self, batch: PagedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -189,19 +190,20 @@ class LeanDecoder:
         """What the verdict was reached on, in tens of µs on SmolLM2: the registration count (modules
         and parameters replaced, adapters injected), the modules' structure (hooks, classes,
         forwards set on instances, containers' members) (these two first: ``modules_state``), the
-        settings a step reads, and the dtype and device of the weights (``.to()``)."""
+        settings a step reads, and the device of the weights and the dtypes of the norms and the
+        embedding (``.to()``, of the whole model or of some modules)."""
         config = vars(self.model.config)
         weight = self._first_norm.get("weight")
         return (registration_count(), self._structure.state(),
                 config.get("output_hidden_states"), config.get("output_attentions"),
                 config.get("_attn_implementation_internal"), config.get("num_hidden_layers"),
-                None if weight is None else (weight.dtype, weight.device))
+                None if weight is None else weight.device, tuple(p["weight"].dtype for p in self._dtype_parameters))
 
     def _check(self) -> bool:
         """List the modules a lean forward runs and check each is what it reproduces."""
         model, config = self.model, self.model.config
         decoder = getattr(model, "model", None)
-        self._lean_layers, self._first_norm, self._stock = [], {}, False
+        self._lean_layers, self._first_norm, self._dtype_parameters, self._stock = [], {}, [], False
         self._structure.watch([])
         if type(decoder) is not LlamaModel:
             return False
@@ -221,6 +223,9 @@ class LeanDecoder:
         weight = self._first_norm["weight"]
         norms = [*chain.from_iterable((la.input_layernorm, la.post_attention_layernorm) for la in layers),
                  *([] if isinstance(decoder.norm, torch.nn.Identity) else [decoder.norm])]
+        # The residual stream's dtype is the embedding's; transformers' norms promote it to theirs.
+        self._dtype_parameters = [n._parameters for n in norms] + (
+            [] if decoder.embed_tokens is None else [decoder.embed_tokens._parameters])
         self._stock = (
             config._attn_implementation == ATTN_IMPLEMENTATION
             and (getattr(config, "pretraining_tp", 1) or 1) <= 1
@@ -233,7 +238,7 @@ class LeanDecoder:
             self._stock
             and weight.device.type == "cpu"
             and weight.dtype in FUSED_DTYPES  # (fp64 runs transformers' forward)
-            and all(n.weight.dtype == weight.dtype for n in norms)  # the fused ops take one dtype
+            and all(p["weight"].dtype == weight.dtype for p in self._dtype_parameters)  # the fused ops take one dtype
         )
         self._lean_layers = [_LeanLayer(layer) for layer in layers] if eligible else []
         return eligible

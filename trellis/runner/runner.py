@@ -248,6 +248,7 @@ class PagedModelRunner:
                 # would take seconds on SmolLM2.)
                 for layer in self.weights_watcher.adapter_layers:
                     cpu_linear.drop_packed(layer)
+                self._check_kv_dtype()
                 self._decode_graphs = None  # they read the old pool (and the old weights)
                 self._manager, self._manager_key = KVCacheManager(self._new_pool(), self.lock), key
                 self._manager.on_reset.append(self._forget_derived_state)
@@ -266,6 +267,19 @@ class PagedModelRunner:
         (Reading the state again costs 0.2-0.5 ms a SmolLM2 step, with the caches cold after a forward.)"""
         key = self._manager_key
         return key[-1] if key is not None else self.weights_watcher.state()
+
+    def _check_kv_dtype(self) -> None:
+        """The pool keeps K/V in the model's dtype (transformers' ``model.dtype``: its first
+        parameter's, the embedding's); refuse a model whose K/V projections compute another."""
+        dtype = self.model.dtype
+        for layer in self.model.model.layers:
+            attn = getattr(layer, "self_attn", None)
+            for projection in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)):
+                weight = getattr(projection, "weight", None)
+                if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dtype != dtype:
+                    raise ValueError(f"the decoder layers compute K/V in {weight.dtype}, but the model's dtype (its "
+                                     f"first parameter's, the embedding's) is {dtype}, which the KV cache takes: "
+                                     f"convert the whole model (model.to({weight.dtype}))")
 
     def _forget_derived_state(self) -> None:
         """What ``prefix_cache.reset()`` forgets besides the cached prefixes: the packed weight
