@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import httpx2 as httpx
 import openai
@@ -721,11 +722,27 @@ def test_stages_sharing_the_machine_spin_briefly(tiny_dir, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["trellis", "grid", "serve", "--stages", "2"])
     cli.restart_with_short_spin()
     ((argv, env),) = calls
-    assert argv[1:] == ["-m", "trellis", "grid", "serve", "--stages", "2"]
+    assert argv == local_grid.trellis_command("grid", "serve", "--stages", "2")
     assert env["GOMP_SPINCOUNT"] == SHARED_HOST_SPIN_COUNT
     monkeypatch.setenv("GOMP_SPINCOUNT", "5")
     cli.restart_with_short_spin()
     assert len(calls) == 1  # set already: no restart
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P (the working directory off sys.path) is 3.11's")
+def test_child_processes_run_this_trellis_not_one_in_their_working_directory(tmp_path, monkeypatch):
+    """Stages and a grid's restart run ``python -m trellis``, which would import a ``trellis`` lying in
+    the working directory (a checkout beside an installed copy) before this process's."""
+    (tmp_path / "trellis").mkdir()
+    (tmp_path / "trellis" / "__init__.py").write_text("raise SystemExit('the wrong trellis')\n")
+    monkeypatch.chdir(tmp_path)
+    run = subprocess.run(local_grid.trellis_command("--help"), env=local_grid.trellis_environment(os.environ),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0 and "usage: trellis" in run.stdout, run.stderr[-2000:]
+    # Run from the folder this trellis came from (a checkout, maybe not installed), the child finds it there.
+    root = Path(local_grid.__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    assert local_grid.trellis_environment({"PYTHONPATH": "/elsewhere"})["PYTHONPATH"] == f"{root}{os.pathsep}/elsewhere"
 
 
 def test_grid_cli_under_torchrun(tmp_path):

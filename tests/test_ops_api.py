@@ -211,6 +211,19 @@ def test_torch_ops_on_cpu_fall_back_to_the_reference_without_a_compiler(tmp_path
     assert result["attention_error"] <= 2e-5 and result["stored"]
 
 
+def test_a_prebuilt_library_that_does_not_load_gives_way_to_a_build(tmp_path, monkeypatch):
+    """A prebuilt library built against another torch (upgraded since the install) fails to load:
+    the kernels are built from the shipped sources instead of falling back to the reference."""
+    stale = tmp_path / cpp.library_name()
+    stale.write_bytes(b"not a shared library")
+    built = []
+    monkeypatch.setattr(cpp, "prebuilt_library", lambda: stale)
+    monkeypatch.setattr(cpp, "jit_build", lambda: built.append(True))
+    with pytest.warns(UserWarning, match=r"prebuilt C\+\+ kernels .* do not load .*building them from the kernel"):
+        assert cpp.load.__wrapped__()
+    assert built == [True]
+
+
 def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
     """torch's build lock (the file ``lock`` in the build directory) outlives a build whose process
     was killed, and torch then waits for it forever; Trellis' own lock tells a dead build's from a

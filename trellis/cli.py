@@ -33,6 +33,7 @@ from trellis.grid import (
     start_coordinator,
     start_stage,
 )
+from trellis.grid.local import trellis_command, trellis_environment
 from trellis.model_options import (
     LINEAR_KERNEL_HELP,
     THREADS_HELP,
@@ -390,7 +391,7 @@ def restart_with_short_spin() -> None:
     environ = shared_host_environment()
     if environ != os.environ:
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "trellis", *sys.argv[1:]], environ)
+        os.execve(sys.executable, trellis_command(*sys.argv[1:]), trellis_environment(environ))
 
 
 def main(argv: list[str] | None = None) -> None:

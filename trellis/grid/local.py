@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -21,10 +24,28 @@ from trellis.models.loading import load_llama_config
 FAILED_GRID_GRACE = 5.0
 
 
+def trellis_command(*args: str) -> list[str]:
+    """``python -m trellis *args`` for a child process that runs this process's Trellis: with -P
+    (Python 3.11 on), which keeps the working directory off ``sys.path``, where ``python -m`` would
+    import a ``trellis`` checkout lying there rather than the installed copy."""
+    return [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "trellis", *args]
+
+
+def trellis_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` for such a child. Where this process took Trellis from its working directory
+    (``python -m trellis`` in a checkout that is not installed), that directory leads PYTHONPATH,
+    so that the child finds it there too."""
+    environ = dict(environ)
+    root = Path(__file__).resolve().parents[2]  # the folder holding this trellis package
+    if root == Path.cwd().resolve():
+        environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), environ.get("PYTHONPATH")]))
+    return environ
+
+
 def stage_command(options: GridOptions, endpoint: Endpoint) -> list[str]:
     """The ``trellis grid stage`` command line that starts ``endpoint``'s rank with ``options``."""
-    command = [sys.executable, "-m", "trellis", "grid", "stage", "--rank", str(endpoint.rank), "--world-size",
-               str(endpoint.world_size), "--master-addr", endpoint.master_addr, "--master-port", str(endpoint.master_port)]
+    command = trellis_command("grid", "stage", "--rank", str(endpoint.rank), "--world-size", str(endpoint.world_size),
+                              "--master-addr", endpoint.master_addr, "--master-port", str(endpoint.master_port))
     for name, value in asdict(options).items():
         if value is not None:
             command += [f"--{name.replace('_', '-')}", str(value)]
@@ -58,7 +79,8 @@ class LocalGrid:
             # A session of their own: Ctrl-C reaches the coordinator only, which then stops them in order.
             # LOCAL_RANK: stage r runs on cuda:r under a plain --device cuda, as under torchrun.
             self.processes.append(subprocess.Popen(stage_command(self.stage_options, endpoint), start_new_session=True,
-                                                   env={**shared_host_environment(), "LOCAL_RANK": str(rank)}))
+                                                   env=trellis_environment({**shared_host_environment(),
+                                                                            "LOCAL_RANK": str(rank)})))
         try:
             self.runner = start_coordinator(self.options, self.endpoint, self._lost_stage)
         except BaseException:

@@ -182,10 +182,16 @@ def runs_on(device: torch.device) -> bool:
 
 @functools.cache
 def load() -> bool:
-    """Load the C++ kernels (``KERNELS``); raises with the reason if they cannot be built."""
+    """Load the C++ kernels (``KERNELS``); raises with the reason if they cannot be built. A prebuilt
+    library that does not load (built against another torch, which has since been upgraded) gives
+    way to a build from the shipped sources."""
     prebuilt = prebuilt_library()
     if prebuilt is not None:
-        torch.ops.load_library(str(prebuilt))
-    else:
-        jit_build()
+        try:
+            torch.ops.load_library(str(prebuilt))
+            return True
+        except OSError as exc:  # (torch keeps the loader's own message, an undefined symbol, as the cause)
+            warnings.warn(f"trellis: the prebuilt C++ kernels {prebuilt} do not load ({exc.__cause__ or exc}); "
+                          "building them from the kernel sources instead", stacklevel=2)
+    jit_build()
     return True
