@@ -366,7 +366,10 @@ def main() -> None:
                                                                 if not any(r["system"] == s for r in rows)]},
               "runs": rows}
     stem = ("serve_quick" if args.quick else "serve") + (f"_{args.linear_kernel}" if args.linear_kernel else "")
-    json_path, png_path = args.json or RESULTS / f"{stem}.json", args.plot or DOCS / f"{stem.replace('serve', 'serving')}.png"
+    json_path = args.json or RESULTS / f"{stem}.json"
+    # The docs' figure by default; beside a JSON given elsewhere (a trial run leaves docs/ alone).
+    default_png = json_path.with_suffix(".png") if args.json else DOCS / f"{stem.replace('serve', 'serving')}.png"
+    png_path = args.plot or default_png
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2))
     if rows:

@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--suffix", type=int, default=51, help="new tokens of the extend after a cached prefix")
     args = p.parse_args()
     args.context = args.context or (128 if args.quick else 512)
+    if args.context < 3 * 32:  # the extend runs over the context's whole 32-token blocks but the last 2
+        p.error(f"--context must be at least 96 tokens (the extend needs a cached block), got {args.context}")
     args.steps = args.steps or (4 if args.quick else 32)
     args.repeats = args.repeats or (1 if args.quick else 3)
     if args.threads:

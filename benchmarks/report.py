@@ -236,7 +236,9 @@ def targets_table(results: Results, directory: Path) -> str:
                          *(pm(by[n]["tokens_per_s"]) if n in by else "—" for n in names),
                          *(times(per_op, mean(by[n]["tokens_per_s"])) if n in by else "—" for n in RATIOS if n in names),
                          times(warm, mean(by["hf_generate"]["session_tokens_per_s"]))])
-    return ("N=4 sessions, L=512, D=16, tokens/s per op (mean ± std); the last column leaves the warm-up out. "
+    shapes = sorted({(p["N"], p["L"], p["D"]) for data in results.values() if "targets" in data for p in data["targets"]})
+    workload = "; ".join(f"N={n} sessions, L={length}, D={d}" for n, length, d in shapes)
+    return (f"{workload}, tokens/s per op (mean ± std); the last column leaves the warm-up out. "
             "The peers always run transformers' own linear layers.\n\n"
             + table(["file", "Trellis linear kernel", "ops", *speed_header(names), "warm: Trellis / generate()"], rows))
 
@@ -602,7 +604,7 @@ def kind_of(data: dict) -> str:
     if "points" in data:
         first = data["points"][0]
         return "block_size" if "block_size" in first else "throughput" if "tokens_per_s" in first else "ttft"
-    return "targets"
+    return "targets" if "targets" in data else "elsewhere"
 
 
 # kind -> (section title, renderers of one file); the N=4 targets are one table over every file.
@@ -624,6 +626,7 @@ SECTIONS: dict[str, tuple[str, list[Callable[[dict], str]]]] = {
     "bf16_parity": ("bf16 parity", [bf16_parity_table]),
     "chat": ("A chat's next turn", [chat_table]),
     "peers": ("CPU peers", [peers_tables]),
+    "elsewhere": ("Rendered in the docs", []),  # no table of their own here: listed with the pages quoting them
 }
 
 
@@ -647,10 +650,22 @@ def machine_section(directory: Path) -> str:
         names = [n for n, k in kinds.items() if k == kind]
         if kind == "targets" and any("targets" in data for data in results.values()):
             parts += [f"#### {title}", targets_table(results, directory)]
+        if kind == "elsewhere" and names:
+            parts += [f"#### {title}", "\n".join(f"- {source(name.split(' ')[0], directory)}: {quoted_in(directory / name)}"
+                                                  for name in names)]
         for name in names if renderers else []:
             parts.append(f"#### {title}: {source(name.split(' ')[0], directory)}")
             parts += [render(results[name]) for render in renderers]
     return "\n\n".join(parts)
+
+
+def quoted_in(path: Path) -> str:
+    """The docs pages (results.md aside) that name ``path``, as links; what a results file without a
+    table of its own here is rendered by."""
+    relative = path.relative_to(ROOT).as_posix()
+    pages = [page for page in sorted((ROOT / "docs").glob("*.md"))
+             if page.name != "results.md" and relative.removeprefix("benchmarks/") in page.read_text()]
+    return ", ".join(f"[{page.name}]({page.name})" for page in pages) or "quoted by no page"
 
 
 def results_section() -> str:

@@ -278,3 +278,29 @@ def test_every_benchmark_takes_its_options(script, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main()
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_the_seed_suite_gives_each_figure_what_its_benchmark_reads(tmp_path, monkeypatch):
+    """bench_prefix runs three benchmarks on the shared options alone: each figure's arguments carry
+    the options only its benchmark adds (it crashed at the first: no ``phis``), and with ``--json``
+    its files go beside that file rather than over the committed results."""
+    bench_prefix = importlib.import_module("bench_prefix")
+    monkeypatch.setattr(sys, "argv", ["bench_prefix.py", "--quick", "--json", str(tmp_path / "suite.json")])
+    args = common.parser(bench_prefix.__doc__).parse_args()
+    for stem, bench in bench_prefix.FIGURES:
+        figure = bench_prefix.figure_arguments(args, stem)
+        assert figure.json == tmp_path / f"suite_{stem}.json" and figure.plot is None
+        assert figure.phis is None and figure.granule == common.SEED_BLOCK
+        if hasattr(bench, "settings"):
+            assert bench.settings(figure)["phis"] == [0.0, 0.5, 0.9]
+    assert bench_prefix.figure_arguments(common.parser("").parse_args([]), "ttft").json is None  # the default files
+
+
+def test_results_without_a_table_of_their_own_are_listed_with_the_pages_quoting_them():
+    """Every results file reaches results.md: a kind the report has no table for (bench_serve's,
+    bench_grid's) is listed with the docs pages that render it, not taken for the N=4 targets."""
+    assert report.kind_of({"environment": {}, "runs": []}) == "elsewhere"
+    assert report.kind_of({"info": {}, "targets": []}) == "targets"
+    assert report.quoted_in(report.RESULTS / "serve.json") == "[serving.md](serving.md)"
+    assert "- [`serve.json`](../benchmarks/results/serve.json): [serving.md](serving.md)" in report.machine_section(
+        report.RESULTS)
