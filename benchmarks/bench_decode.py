@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from common import describe, load_model, parser, rotated
+from common import describe, load_model, parser, refuse_unused, rotated
 from systems import attention
 from transformers import LlamaForCausalLM
 
@@ -48,6 +48,7 @@ def step_times_ms(model: LlamaForCausalLM, prompt: torch.Tensor, steps: int) -> 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     args = p.parse_args()
+    refuse_unused(p, args, 'plot')
     model = load_model(args)
     contexts, steps, repeats = ([512], 16, 2) if args.quick else ([128, 512, 1024, 2048], 32, args.repeats or 4)
     names = list(SYSTEMS)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import gguf
 import torch
-from common import add_cpu_time_option, attention, chosen_clock, describe, load_model, parser, rotated
+from common import add_cpu_time_option, attention, chosen_clock, describe, load_model, parser, refuse_unused, rotated
 
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--defaults-only", action="store_true", help="only each dtype's default system")
     add_cpu_time_option(p)
     args = p.parse_args()
+    refuse_unused(p, args, 'plot', 'dtype')
     clock = chosen_clock(args, p)
     repeats = 1 if args.quick else args.repeats or 5
     # The quantized models first: each lets its fp32 weights go before the other models load.

@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from common import describe, load_model, parser, rotated
+from common import describe, load_model, parser, refuse_unused, rotated
 from systems import attention
 from transformers import AutoTokenizer
 
@@ -50,6 +50,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--new-tokens", type=int, default=128, help="D, tokens generated per call")
     args = p.parse_args()
+    refuse_unused(p, args, 'plot')
     if args.model != "smollm2":
         p.error("prompt lookup needs real text: this benchmark runs on the embedded SmolLM2 only")
     model = load_model(args)

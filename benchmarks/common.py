@@ -83,6 +83,14 @@ def chosen_clock(args: argparse.Namespace, p: argparse.ArgumentParser) -> Callab
     return time.thread_time if args.cpu_time else time.perf_counter
 
 
+def refuse_unused(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Refuse the shared options ``names`` where given: this benchmark does not read them (a run
+    asked for bf16 or a figure must not quietly measure or draw something else)."""
+    given = [name for name in names if getattr(args, name) != p.get_default(name)]
+    if given:
+        p.error(f"{', '.join('--' + n.replace('_', '-') for n in given)}: not used by this benchmark")
+
+
 def load_model(args: argparse.Namespace) -> TrellisLlama:
     """One model's weights serve every system: the peers run them in transformers' own model (``attention``)."""
     if args.threads:

@@ -304,3 +304,14 @@ def test_results_without_a_table_of_their_own_are_listed_with_the_pages_quoting_
     assert report.quoted_in(report.RESULTS / "serve.json") == "[serving.md](serving.md)"
     assert "- [`serve.json`](../benchmarks/results/serve.json): [serving.md](serving.md)" in report.machine_section(
         report.RESULTS)
+
+
+@pytest.mark.parametrize(("script", "option"), [("bench_step", ["--dtype", "bfloat16"]), ("bench_quant", ["--model", "tinyllama"]),
+                                                ("bench_bf16_parity", ["--quick"]), ("bench_decode", ["--plot", "x.png"])])
+def test_shared_options_a_benchmark_does_not_read_are_refused(script, option, monkeypatch, capsys):
+    """A run asked for bf16, another model or a figure must not quietly measure or draw something else."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *option])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2 and f"{option[0]}: not used by this benchmark" in capsys.readouterr().err
