@@ -112,6 +112,16 @@ def test_split_by_memory_weighs_the_embedding_and_the_memory():
         split_by_memory(2, 10, 0, [1, 1, 1])
 
 
+def test_a_stage_running_other_trellis_sources_is_named():
+    """Checkouts at other commits share a version string: the stages compare their sources' digest."""
+    mine = identity(GridOptions(block_size=BLOCK, num_blocks=64), torch.device("cpu"), 2)
+    assert mine.code_digest == identity(GridOptions(block_size=BLOCK, num_blocks=64), torch.device("cpu"), 2).code_digest
+    other = dataclasses.replace(mine, code_digest="0" * 32)
+    (difference,) = mine.differences(other)
+    assert difference.startswith(f"code_digest: {mine.code_digest} on the coordinator, {'0' * 32} here (the stages "
+                                 "run other Trellis sources")
+
+
 def test_stages_on_one_machine_split_the_layers_alike_whenever_they_read_its_memory():
     """Each stage process reads free memory at its own moment; on one machine they share it, so
     the split takes one reading for all of them and does not change from launch to launch."""
@@ -119,7 +129,7 @@ def test_stages_on_one_machine_split_the_layers_alike_whenever_they_read_its_mem
     options = GridOptions(block_size=BLOCK, num_blocks=64)
 
     def stage(host: str, free: int) -> StageIdentity:
-        return StageIdentity("t", "t", "t", "d", "float32", BLOCK, "cpu", world_size=2, linear_kernel=None, layers=None, num_blocks=None,
+        return StageIdentity("t", "c", "t", "t", "d", "float32", BLOCK, "cpu", world_size=2, linear_kernel=None, layers=None, num_blocks=None,
                              free_memory=free, kv_budget=1 << 30, host=host)
 
     alike = plan_grid(options, config, [stage("a", 1000), stage("a", 1000)])[0]

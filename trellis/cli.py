@@ -55,6 +55,7 @@ from trellis.models.loading import DTYPES
 from trellis.runner import LINEAR_KERNELS
 from trellis.serve import ServeConfig, serve
 from trellis.serve.server import check_address
+from trellis.utils import package_version
 
 SYSTEM_PROMPT = (
     "You are Trellis, a concise assistant running entirely on the user's own computer. "
@@ -396,6 +397,7 @@ def restart_with_short_spin() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="trellis", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"trellis {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="chat with the embedded model and watch the prefix cache")
     add_model_arguments(demo)

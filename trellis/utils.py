@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import operator
 import os
 from collections.abc import Iterable, Sequence
@@ -66,3 +67,12 @@ def outside_vocabulary(tokens: Sequence[int], vocab_size: int) -> str | None:
         return None
     bad = next(t for t in tokens if not 0 <= t < vocab_size)
     return f"token id {bad} is outside the vocabulary [0, {vocab_size})"
+
+
+def package_version() -> str:
+    """Trellis' version as installed (its metadata); "unknown" where it runs uninstalled, from a
+    checkout on ``PYTHONPATH``."""
+    try:
+        return importlib.metadata.version("trellis")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -12,7 +12,6 @@ process group. ``local.py`` starts a whole grid on one machine.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -34,8 +33,9 @@ from trellis.grid.stage import StageWorker, first_floating_dtype, load_stage_mod
 from trellis.grid.transport import GridError, Link
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.loading import DTYPES, device_named, load_llama_config, preferred_dtype
+from trellis.ops import cpp
 from trellis.runner.runner import CacheSettings, default_kv_cache_memory, free_memory
-from trellis.utils import head_dim_of
+from trellis.utils import head_dim_of, package_version
 
 log = logging.getLogger("trellis.grid")
 
@@ -94,6 +94,7 @@ class StageIdentity:
     """What must agree across the stages for the grid to compute what one process would."""
 
     trellis: str
+    code_digest: str  # the source itself: checkouts at other commits share a version string
     torch: str
     transformers: str
     model_digest: str
@@ -113,7 +114,8 @@ class StageIdentity:
         mine, theirs = asdict(self), asdict(other)
         names = [f.name for f in self.__dataclass_fields__.values() if f.compare
                  and not (f.name in ("layers", "num_blocks") and theirs[f.name] is None)]
-        hints = {"dtype": " (--dtype auto chooses for each machine: give every stage one --dtype)",
+        hints = {"code_digest": " (the stages run other Trellis sources: install one commit everywhere)",
+                 "dtype": " (--dtype auto chooses for each machine: give every stage one --dtype)",
                  "layers": " (the coordinator places the layers: give it --layers, and the stages the same or none)",
                  "num_blocks": " (the coordinator sizes every stage's pool: give it --num-blocks, and the stages "
                                "the same or none)"}
@@ -151,9 +153,27 @@ def model_digest(path: str, gguf_file: str | None = None) -> str:
     return digest.hexdigest()
 
 
+def code_digest() -> str:
+    """BLAKE2b of the Trellis sources this process runs: its Python modules and, where found, the
+    C++ kernel sources (what a stage that builds them compiles)."""
+    package = Path(__file__).resolve().parents[1]
+    files = {path.relative_to(package).as_posix(): path for path in package.rglob("*.py")
+             if path.relative_to(package).parts[0] != "kernels"}  # (a wheel's copy of kernels/: below)
+    try:
+        files.update({f"kernels/{p.name}": p for p in cpp.kernel_dir().iterdir() if p.suffix in (".cpp", ".h")})
+    except cpp.BuildToolsMissing:  # (a bare PYTHONPATH: this stage runs the reference kernels)
+        pass
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(files):
+        digest.update(f"{name}:".encode())
+        digest.update(files[name].read_bytes())
+    return digest.hexdigest()
+
+
 def identity(options: GridOptions, device: torch.device, world_size: int) -> StageIdentity:
     return StageIdentity(
-        trellis=importlib.metadata.version("trellis"), torch=torch.__version__, transformers=transformers.__version__,
+        trellis=package_version(), code_digest=code_digest(), torch=torch.__version__,
+        transformers=transformers.__version__,
         model_digest=model_digest(options.model_path, options.gguf_file), dtype=options.dtype,
         block_size=options.block_size, device_type=device.type, world_size=world_size,
         linear_kernel=options.linear_kernel, layers="".join(options.layers.split()) if options.layers else None,
