@@ -1,8 +1,8 @@
 """Starting a grid: the start-up handshake and each rank's part.
 
-Every rank connects to the rendezvous (``rendezvous.py``), publishes who it is — Trellis, torch
-and transformers versions, a digest of the model files, dtype, block size, device, free memory —
-and waits for the coordinator's verdict. The coordinator refuses a grid whose stages differ,
+Every rank connects to the rendezvous (``rendezvous.py``), publishes who it is — Trellis (version
+and sources), torch and transformers versions, a digest of the model files, dtype, block size,
+device, free memory — and waits for the coordinator's verdict. The coordinator refuses a grid whose stages differ,
 naming the difference; otherwise it places the layers (``--layers`` or in proportion to free
 memory), agrees the pool size (the most blocks every stage can hold for its layers) and publishes
 both. Then every rank loads its share of the model and joins the gloo (CPU) or NCCL (CUDA)
