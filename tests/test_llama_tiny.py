@@ -293,6 +293,27 @@ def test_a_prefix_cache_reset_from_another_thread_waits_for_the_generation_in_pr
     assert model.prefix_cache.stats()["cached_blocks"] == 0
 
 
+def test_prompt_lookup_with_a_wrapped_rotary_embedding_matches_transformers():
+    """A rotary embedding wrapped in another module (no ``rope_type`` of its own) is the default
+    kind to Trellis' RoPE checks (prompt lookup read the attribute bare, and failed)."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    ref, model = tiny_pair()
+    for m in (ref, model):
+        m.model.rotary_emb = Wrapped(m.model.rotary_emb)
+    head = prompt(9, 20)
+    ids = torch.cat([head, head, head[:, :10]], 1)
+    want = ref.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4), want)
+
+
 def test_drafts_past_the_last_position_are_computed_as_transformers_computes_them():
     """Prompt lookup copies up to ``prompt_lookup_num_tokens`` drafts however little room the
     generation has left, so its verifying forward runs past ``max_position_embeddings``;

@@ -33,6 +33,7 @@ from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argum
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
 from trellis.runner.cpu_linear import rounding_identity
 from trellis.runner.quantized_linear import QuantizedLinear
+from trellis.runner.rope import dynamic_rope
 from trellis.runner.weights_watcher import module_identity
 
 
@@ -497,7 +498,7 @@ class TrellisLlama(LlamaForCausalLM):
                                  "with padding (zeros in attention_mask, or pad_token_id inside input_ids): "
                                  "transformers runs its first forward over the whole input again and its mask then "
                                  "masks other tokens; continue without drafts, or start from no past_key_values")
-            if "dynamic" not in self.model.rotary_emb.rope_type:
+            if not dynamic_rope(self):
                 # The last kept column's token is never fed back: what a forward computes there is
                 # discarded too.
                 cache.discard_from = generation_config.max_length - 1

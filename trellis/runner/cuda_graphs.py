@@ -31,6 +31,7 @@ import torch
 
 from trellis.cache.block_pool import BlockPool
 from trellis.runner.batch import PagedBatch
+from trellis.runner.rope import rope_types
 from trellis.utils import cdiv
 
 # Records ``step`` (a function of the static buffers) on a device, its tensors in a memory pool
@@ -66,9 +67,7 @@ def capture_cuda_graph(step: Callable[[], None], device: torch.device, memory_po
 
 def host_rope(model: torch.nn.Module) -> bool:
     """Whether the model's RoPE reads the positions on the host (``dynamic_rope_update``)."""
-    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
-    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
-    return any(kind in t for t in types for kind in _HOST_ROPE)
+    return any(kind in t for t in rope_types(model) for kind in _HOST_ROPE)
 
 
 def is_decode_step(batch: PagedBatch) -> bool:

@@ -35,6 +35,7 @@ from trellis.runner.batch import PagedBatch, build_batch
 from trellis.runner.decoder import LeanDecoder
 from trellis.runner.host_memory import keep_freed_memory
 from trellis.runner.huge_pages import place_on_huge_pages
+from trellis.runner.rope import dynamic_rope, long_rope
 from trellis.runner.weights_watcher import WeightsWatcher, registration_count, watch_registrations
 from trellis.utils import head_dim_of, is_positive_int, outside_vocabulary
 
@@ -348,7 +349,7 @@ class PagedModelRunner:
         the steps of a generation, sessions of other lengths in one batch) would not be the K/V
         that transformers' forward over the whole sequence computes."""
         limit = self.config.max_position_embeddings
-        if getattr(self.model.model.rotary_emb, "rope_type", None) == "longrope":  # as longrope_frequency_update reads it
+        if long_rope(self.model):  # as longrope_frequency_update reads it
             limit = min(limit, self.config.rope_parameters["original_max_position_embeddings"])
         return limit
 
@@ -369,7 +370,7 @@ class PagedModelRunner:
         ``inv_freq`` that neither cached K/V nor other sessions follow."""
         limit = self.config.max_position_embeddings
         highest = max((max(row) for row in positions if row), default=-1)
-        if highest >= limit and "dynamic" in str(getattr(self.model.model.rotary_emb, "rope_type", "")):
+        if highest >= limit and dynamic_rope(self.model):
             raise ValueError(f"position_ids reach {highest}, past the model's {limit} positions "
                              "(max_position_embeddings): with dynamic RoPE transformers then rescales the frequencies "
                              "of every token and keeps them for later forwards, which cached K/V cannot follow; pass "
@@ -391,7 +392,7 @@ class PagedModelRunner:
         and transformers then rotates every token of that forward so, cached ones included. Such
         a forward reuses no cached K/V, and its sessions share none (``forward_rows``, ``forward``).
         (Caller positions make sessions private anyway.)"""
-        if getattr(self.model.model.rotary_emb, "rope_type", None) != "longrope":
+        if not long_rope(self.model):
             return False
         original = self.config.rope_parameters["original_max_position_embeddings"]
         return any(length > original for length in lengths)
