@@ -389,6 +389,20 @@ class KVCacheManager:
                 raise
             return child
 
+    def fork_all(self, seqs: Sequence[PagedSequence]) -> list[PagedSequence]:
+        """``fork`` of each of ``seqs`` (one may repeat), all or none: where one fork fails (out of
+        blocks for a tail's copy), the others made before it are released."""
+        forks: list[PagedSequence] = []
+        with self.lock:
+            try:
+                for seq in seqs:
+                    forks.append(self.fork(seq))
+            except BaseException:
+                for fork in forks:
+                    self.release(fork, commit=False)
+                raise
+        return forks
+
     def _copies(self, blocks: Sequence[int]) -> list[int]:
         """New blocks holding copies of ``blocks``' K/V; if a copy fails, none (the new blocks go back)."""
         copies = self.allocate(len(blocks))

@@ -126,8 +126,8 @@ class PagedKVCache(Cache):
         partial tail block copied), as transformers' recipe of reusing one prefilled prompt
         cache for several continuations expects of ``copy.deepcopy``."""
         copy = PagedKVCache(self.manager)
-        with self.manager.lock:
-            copy.seqs.extend(self.manager.fork(seq) for seq in self.seqs)
+        with self.manager.lock:  # (a Ctrl-C waits for it: the forks reach the copy)
+            copy.seqs.extend(self.manager.fork_all(self.seqs))
         copy.seen_columns, copy.num_layers, copy.past_real = self.seen_columns, self.num_layers, self.past_real
         return copy
 
@@ -166,14 +166,7 @@ class PagedKVCache(Cache):
             rows = beam_idx.tolist()
             if any(not 0 <= i < len(self.seqs) for i in rows):
                 raise IndexError(f"row indices {rows} for a cache of {len(self.seqs)} rows")
-            forks: list[PagedSequence] = []
-            try:
-                for i in rows:
-                    forks.append(self.manager.fork(self.seqs[i]))
-            except BaseException:  # out of blocks part way: the rows keep their sessions, no fork is left
-                for fork in forks:
-                    self.manager.release(fork, commit=False)
-                raise
+            forks = self.manager.fork_all([self.seqs[i] for i in rows])  # (out of blocks: the rows keep theirs)
             old, self.seqs[:] = list(self.seqs), forks  # the forks held by the cache before anything is let go
             if self.past_real is not None:
                 self.past_real = self.past_real[beam_idx.to(self.past_real.device)]
