@@ -122,6 +122,30 @@ def test_a_stage_running_other_trellis_sources_is_named():
                                  "run other Trellis sources")
 
 
+def test_a_cuda_stage_pool_leaves_room_for_the_stage_weights():
+    """A stage reports its free memory before it loads its layers; on CUDA the default KV budget is
+    half of what is free once the weights are in (as in one process), so the plan takes each
+    stage's weights off first (it sized the pools from the memory before loading: a pool and the
+    weights could exceed the GPU)."""
+    config = tiny_config(num_hidden_layers=6)
+    options = GridOptions(block_size=BLOCK, device="cpu")  # (the options' device is not what is planned)
+    dtype_bytes = 4
+    free = 4 << 20
+
+    def stage(host: str, device_type: str) -> StageIdentity:
+        return StageIdentity("t", "c", "t", "t", "d", "float32", BLOCK, device_type, world_size=2, linear_kernel=None,
+                             layers=None, num_blocks=None, free_memory=free, kv_budget=free // 2, host=host)
+
+    placement, num_blocks = plan_grid(options, config, [stage("a", "cuda"), stage("b", "cuda")])
+    per_block = [launch.kv_bytes_per_block(config, BLOCK, len(r), torch.float32) for r in placement.ranges]
+    stage0 = sum(p.numel() for n, p in LlamaForCausalLM(config).named_parameters()
+                 if n.startswith(("model.embed_tokens", "lm_head")) or any(f"layers.{i}." in n for i in placement.ranges[0]))
+    assert stage0 * dtype_bytes + num_blocks * per_block[0] <= free
+    assert num_blocks * per_block[0] <= (free - stage0 * dtype_bytes) // 2 + per_block[0]  # half of what is left
+    # On the CPU the reported budget stands (its default is capped and read as one process reads it).
+    assert plan_grid(options, config, [stage("a", "cpu"), stage("b", "cpu")])[1] == (free // 2) // max(per_block)
+
+
 def test_stages_on_one_machine_split_the_layers_alike_whenever_they_read_its_memory():
     """Each stage process reads free memory at its own moment; on one machine they share it, so
     the split takes one reading for all of them and does not change from launch to launch."""

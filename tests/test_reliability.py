@@ -129,6 +129,16 @@ def test_attention_kernels_that_cannot_take_the_dtype_are_refused_at_load(tmp_pa
             TrellisLlama.from_pretrained(tmp_path, device="cuda")
 
 
+def test_a_cuda_device_index_the_machine_lacks_is_refused_before_the_weights_load(monkeypatch):
+    from trellis.models import loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert loading.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="device 'cuda:2' is not available here: this machine has 2 CUDA devices"):
+        loading.resolve_device("cuda:2")
+
+
 def test_a_device_map_over_several_devices_is_refused_at_load(tmp_path):
     """The KV pool lives on the model's one device: layers placed elsewhere (another GPU, the CPU
     beside a GPU, or disk) would fail at their first forward, so such a map is refused by name."""

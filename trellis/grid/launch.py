@@ -189,26 +189,34 @@ def kv_bytes_per_block(config, block_size: int, num_layers: int, dtype: torch.dt
 def plan_grid(options: GridOptions, config, identities: list[StageIdentity]) -> tuple[Placement, int]:
     """The coordinator's decision: the layers of each stage and the blocks of every pool."""
     world = len(identities)
+    dtype_bytes = torch.empty((), dtype=options.torch_dtype).element_size()
+    hidden, inter = config.hidden_size, config.intermediate_size
+    attn = hidden * head_dim_of(config) * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    layer_bytes = (attn + 3 * hidden * inter + 2 * hidden) * dtype_bytes
+    head_bytes = (1 if config.tie_word_embeddings else 2) * config.vocab_size * hidden * dtype_bytes  # on stage 0
     if options.layers:
         placement = parse_layers(options.layers, config.num_hidden_layers, world)
     else:
-        dtype_bytes = torch.empty((), dtype=options.torch_dtype).element_size()
-        hidden, inter = config.hidden_size, config.intermediate_size
-        head_dim = head_dim_of(config)
-        attn = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-        layer_bytes = (attn + 3 * hidden * inter + 2 * hidden) * dtype_bytes
-        heads = 1 if config.tie_word_embeddings else 2
         # Stages on one machine share its memory: one reading (the first rank's) for all of them,
         # so that their split does not follow the moments at which each process read it.
         memory_of_host: dict[str, int] = {}
         for s in identities:
             memory_of_host.setdefault(s.host, s.free_memory)
-        placement = split_by_memory(config.num_hidden_layers, layer_bytes,
-                                    heads * config.vocab_size * hidden * dtype_bytes,
+        placement = split_by_memory(config.num_hidden_layers, layer_bytes, head_bytes,
                                     [memory_of_host[s.host] for s in identities])
+
+    def kv_budget(rank: int, stage: StageIdentity) -> int:
+        """A stage's KV budget. On CUDA the default is half of what the GPU has free once the weights
+        are loaded, as in one process; a stage reported its free memory before loading, so its
+        share of the weights is taken off here. (The CPU's default is capped: as reported.)"""
+        if stage.device_type != "cuda" or options.kv_cache_memory:
+            return stage.kv_budget
+        weights = len(placement.ranges[rank]) * layer_bytes + (head_bytes if rank == 0 else 0)
+        return max(stage.free_memory - weights, 0) // 2
+
     num_blocks = options.num_blocks or min(
-        s.kv_budget // kv_bytes_per_block(config, options.block_size, len(r), options.torch_dtype)
-        for s, r in zip(identities, placement.ranges))
+        kv_budget(rank, s) // kv_bytes_per_block(config, options.block_size, len(r), options.torch_dtype)
+        for rank, (s, r) in enumerate(zip(identities, placement.ranges)))
     if num_blocks < 1:
         raise GridError("a stage's KV budget cannot hold one block; raise --kv-cache-memory")
     return placement, num_blocks

@@ -30,6 +30,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if available is not None and not available():
         raise ValueError(f"device {str(device)!r} is not available here (this PyTorch build or machine has no "
                          f"{device.type.upper()} device); use device='auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} is not available here: this machine has {torch.cuda.device_count()} "
+                         "CUDA devices (cuda:0 on)")
     return device
 
 

@@ -54,8 +54,10 @@ def capture_cuda_graph(step: Callable[[], None], device: torch.device, memory_po
             step()
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls another thread makes meanwhile (a second model) are not captured
-        with torch.cuda.graph(graph, pool=memory_pool, capture_error_mode="thread_local"):
+        # thread_local: CUDA calls another thread makes meanwhile (a second model) are not captured.
+        # On this device's side stream: torch's default capture stream is one per process, made on
+        # whichever device captured first (a model moved to another GPU would record nothing).
+        with torch.cuda.graph(graph, pool=memory_pool, stream=side, capture_error_mode="thread_local"):
             step()
 
     def replay() -> None:
