@@ -108,7 +108,9 @@ def process_group(store: dist.Store, endpoint: Endpoint, device: torch.device, t
     """This grid's own process group (not the global default one): gloo on CPU, NCCL on CUDA."""
     wait = datetime.timedelta(seconds=timeout)
     if device.type == "cuda":
-        return dist.ProcessGroupNCCL(store, endpoint.rank, endpoint.world_size, dist.ProcessGroupNCCL.Options())
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = wait  # as gloo's (NCCL's own default is 10 minutes); torch sets it so itself
+        return dist.ProcessGroupNCCL(store, endpoint.rank, endpoint.world_size, options)
     return dist.ProcessGroupGloo(store, endpoint.rank, endpoint.world_size, wait)
 
 
