@@ -181,6 +181,31 @@ def test_norms_converted_alone_fall_back_as_transformers_runs_them(converted, wa
     assert ran == [True] * warm + [False, True]
 
 
+@pytest.mark.parametrize("wrapper", ["lora", "parametrization"])
+def test_a_wrapped_embedding_falls_back(wrapper):
+    """An embedding that is not ``nn.Embedding`` as built (PEFT's LoRA on it, a parametrized weight)
+    runs transformers' forward; its lack of a plain ``weight`` parameter must not fail the check."""
+    ref, model = tiny_pair()
+    ids = prompt(9, 9)
+    if wrapper == "lora":
+        peft = installed("peft")
+        lora = peft.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False)
+        torch.manual_seed(0)
+        ref = peft.get_peft_model(ref, copy.deepcopy(lora))
+        torch.manual_seed(0)
+        model = peft.get_peft_model(model, copy.deepcopy(lora))
+    else:
+        class Scale(torch.nn.Module):
+            def forward(self, weight: torch.Tensor) -> torch.Tensor:
+                return weight * 1.5
+
+        for m in (ref, model):
+            torch.nn.utils.parametrize.register_parametrization(m.model.embed_tokens, "weight", Scale())
+    with torch.no_grad(), lean_steps(model.get_base_model() if wrapper == "lora" else model) as ran:
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+    assert ran == [False]
+
+
 def test_an_embedding_converted_alone_is_refused_by_name():
     """The KV cache takes the model's dtype, which is the embedding's (its first parameter's): K/V
     projections of another dtype are refused before anything runs (a kernel's dtype error before)."""

@@ -224,8 +224,9 @@ class LeanDecoder:
         norms = [*chain.from_iterable((la.input_layernorm, la.post_attention_layernorm) for la in layers),
                  *([] if isinstance(decoder.norm, torch.nn.Identity) else [decoder.norm])]
         # The residual stream's dtype is the embedding's; transformers' norms promote it to theirs.
+        # (An embedding of another kind, PEFT's or a parametrized one, has no "weight" there: not stock.)
         self._dtype_parameters = [n._parameters for n in norms] + (
-            [] if decoder.embed_tokens is None else [decoder.embed_tokens._parameters])
+            [decoder.embed_tokens._parameters] if type(decoder.embed_tokens) is torch.nn.Embedding else [])
         self._stock = (
             config._attn_implementation == ATTN_IMPLEMENTATION
             and (getattr(config, "pretraining_tp", 1) or 1) <= 1

@@ -271,16 +271,18 @@ class PagedModelRunner:
 
     def _check_kv_dtype(self) -> None:
         """The pool keeps K/V in the model's dtype (transformers' ``model.dtype``: its first
-        parameter's, the embedding's); refuse a model whose K/V projections compute another."""
+        parameter's, the embedding's on the first stage); refuse a model whose K/V projections
+        compute another. (Weights of a byte, fp8 ones, compute in their layer's activation dtype.)"""
         dtype = self.model.dtype
         for layer in self.model.model.layers:
             attn = getattr(layer, "self_attn", None)
             for projection in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)):
                 weight = getattr(projection, "weight", None)
-                if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dtype != dtype:
+                if (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.element_size() > 1
+                        and weight.dtype != dtype):
                     raise ValueError(f"the decoder layers compute K/V in {weight.dtype}, but the model's dtype (its "
-                                     f"first parameter's, the embedding's) is {dtype}, which the KV cache takes: "
-                                     f"convert the whole model (model.to({weight.dtype}))")
+                                     f"first parameter's) is {dtype}, which the KV cache takes: convert the whole "
+                                     f"model (model.to({weight.dtype}))")
 
     def _forget_derived_state(self) -> None:
         """What ``prefix_cache.reset()`` forgets besides the cached prefixes: the packed weight
