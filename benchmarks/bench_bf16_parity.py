@@ -105,7 +105,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--new-tokens", type=int, default=16, help="tokens each prompt generates")
     args = p.parse_args()
-    refuse_unused(p, args, 'quick', 'plot', 'model', 'backend', 'repeats', 'dtype', 'linear_kernel')
+    refuse_unused(p, args, "quick", "plot", "model", "backend", "repeats", "dtype", "linear_kernel")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args.new_tokens)

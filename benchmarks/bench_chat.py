@@ -70,7 +70,8 @@ def hf_turn(model: TrellisLlama, prompt: list[int], answer: int, message: list[i
 
 
 def run(model: TrellisLlama, args: argparse.Namespace) -> dict:
-    prompt_len, answer, message_len = (64, 8, 8) if args.quick else (args.prompt, args.answer, args.message)
+    sizes = (64, 8, 8) if args.quick else (300, 20, 20)  # what a size left unset takes
+    prompt_len, answer, message_len = (given or size for given, size in zip((args.prompt, args.answer, args.message), sizes))
     repeats = args.repeats or (1 if args.quick else 5)
     points = {name: {"system": name, "ttft": [], "reused": [], "turn_tokens": []} for name in SYSTEMS}
     generator = torch.Generator().manual_seed(0)
@@ -112,9 +113,9 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--prompt", type=int, default=300, help="turn 1's prompt tokens")
-    p.add_argument("--answer", type=int, default=20, help="turn 1's answer tokens")
-    p.add_argument("--message", type=int, default=20, help="turn 2's new tokens")
+    p.add_argument("--prompt", type=int, help="turn 1's prompt tokens (default 300; --quick: 64)")
+    p.add_argument("--answer", type=int, help="turn 1's answer tokens (default 20; --quick: 8)")
+    p.add_argument("--message", type=int, help="turn 2's new tokens (default 20; --quick: 8)")
     args = p.parse_args()
     for name in ("prompt", "answer", "message"):
         if getattr(args, name) < 1:

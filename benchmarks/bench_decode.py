@@ -48,9 +48,10 @@ def step_times_ms(model: LlamaForCausalLM, prompt: torch.Tensor, steps: int) -> 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     args = p.parse_args()
-    refuse_unused(p, args, 'plot')
+    refuse_unused(p, args, "plot")
     model = load_model(args)
-    contexts, steps, repeats = ([512], 16, 2) if args.quick else ([128, 512, 1024, 2048], 32, args.repeats or 4)
+    contexts, steps = ([512], 16) if args.quick else ([128, 512, 1024, 2048], 32)
+    repeats = args.repeats or (2 if args.quick else 4)
     names = list(SYSTEMS)
     rows = []
     print(f"{describe(model, args.model)}\n{'L':>6} " + " ".join(f"{name:>22}" for name in names)

@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--defaults-only", action="store_true", help="only each dtype's default system")
     add_cpu_time_option(p)
     args = p.parse_args()
-    refuse_unused(p, args, 'plot', 'dtype')
+    refuse_unused(p, args, "plot", "dtype")
     clock = chosen_clock(args, p)
     repeats = 1 if args.quick else args.repeats or 5
     # The quantized models first: each lets its fp32 weights go before the other models load.

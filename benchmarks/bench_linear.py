@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", help="row counts (default: 1 2 4 8 16 64 512; --quick: 1 64)")
     add_cpu_time_option(p)
     args = p.parse_args()
-    refuse_unused(p, args, 'plot')
+    refuse_unused(p, args, "plot")
     args.rows = args.rows or ([1, 64] if args.quick else [1, 2, 4, 8, 16, 64, 512])
     args.repeats = args.repeats or (1 if args.quick else 7)
     clock = chosen_clock(args, p)

@@ -106,7 +106,7 @@ def decode_rows(prompt_len: int, steps: int, repeats: int) -> tuple[dict, dict]:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     args = p.parse_args()
-    refuse_unused(p, args, 'plot', 'model', 'backend', 'dtype', 'linear_kernel')
+    refuse_unused(p, args, "plot", "model", "backend", "dtype", "linear_kernel")
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)

@@ -54,7 +54,7 @@ def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=24, help="tokens each session generates (D)")
     args = p.parse_args()
-    refuse_unused(p, args, 'plot')
+    refuse_unused(p, args, "plot")
     model = load_model(args)
     configs = QUICK if args.quick else CONFIGS
     repeats = args.repeats or (1 if args.quick else 3)

@@ -48,14 +48,15 @@ def timed_generate(model: TrellisLlama, ids: torch.Tensor, new_tokens: int, look
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--new-tokens", type=int, default=128, help="D, tokens generated per call")
+    p.add_argument("--new-tokens", type=int, help="D, tokens generated per call (default 128; --quick: 32)")
     args = p.parse_args()
-    refuse_unused(p, args, 'plot')
+    refuse_unused(p, args, "plot")
     if args.model != "smollm2":
         p.error("prompt lookup needs real text: this benchmark runs on the embedded SmolLM2 only")
     model = load_model(args)
     tok = AutoTokenizer.from_pretrained(model.name_or_path)
-    new_tokens, repeats = (32, 1) if args.quick else (args.new_tokens, args.repeats or 3)
+    new_tokens = args.new_tokens or (32 if args.quick else 128)
+    repeats = args.repeats or (1 if args.quick else 3)
     names = list(SYSTEMS)
     info = describe(model, args.model)
     print(f"{info}\nD={new_tokens}, median s per generate() over {repeats} repeats\n")

@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="decode steps per measurement (default 32; --quick: 4)")
     p.add_argument("--suffix", type=int, default=51, help="new tokens of the extend after a cached prefix")
     args = p.parse_args()
-    refuse_unused(p, args, 'plot', 'model', 'backend', 'dtype', 'linear_kernel')
+    refuse_unused(p, args, "plot", "model", "backend", "dtype", "linear_kernel")
     args.context = args.context or (128 if args.quick else 512)
     if args.context < 3 * 32:  # the extend runs over the context's whole 32-token blocks but the last 2
         p.error(f"--context must be at least 96 tokens (the extend needs a cached block), got {args.context}")

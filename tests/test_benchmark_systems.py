@@ -102,7 +102,7 @@ def test_the_chat_benchmark_times_each_system_over_its_own_next_turn(model):
     """bench_chat.py: Trellis' second turn reuses all its first turn computed (the prompt and the
     answer but its last token), as transformers continuing its returned cache does; plain
     ``generate()`` reuses nothing."""
-    args = SimpleNamespace(quick=True, repeats=2, model="tiny")
+    args = SimpleNamespace(quick=True, repeats=2, model="tiny", prompt=None, answer=None, message=None)
     result = bench_chat.run(model, args)
     rows = {row["system"]: row for row in result["rows"]}
     assert set(rows) == set(bench_chat.SYSTEMS) and all(len(row["ttft"]) == 2 for row in rows.values())
