@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -246,25 +247,29 @@ class Engine:
         try:
             sessions = self.scheduler.schedule(self.waiting, running, manager, others, max_admit=max(share, 0))
         finally:
-            self._count_admitted(manager, running, before)
+            self._record_admissions(manager, running, before)
         if not sessions:
             return ended
         if len(self.lanes) > 1:
-            try:
+            with self._aborting_on_failure():
                 self._in_flight[lane] = (sessions, self.runner.submit(manager, [s.seq for s in sessions]))
-            except BaseException as exc:
-                self.abort(f"forward failed: {exc!r}")
-                raise
             return ended
-        try:
+        with self._aborting_on_failure():
             steps = self._forward(manager, sessions, ended)
+        for part, step in steps:
+            self._complete(manager, part, step, running, ended)
+        _drop_done(running)
+        return ended
+
+    @contextlib.contextmanager
+    def _aborting_on_failure(self) -> Iterator[None]:
+        """A forward, whose failure (an interrupt included) fails every unfinished session (``abort``)
+        before it propagates."""
+        try:
+            yield
         except BaseException as exc:
             self.abort(f"forward failed: {exc!r}")
             raise
-        for part, step in steps:
-            self._complete(manager, part, step, running, ended)
-        running[:] = [s for s in running if not s.done]
-        return ended
 
     def _finish(self, manager: KVCacheManager, lane: int, ended: list[Session]) -> None:
         """Wait for the lane's forward in flight, if any, and sample its sessions' tokens; appends
@@ -273,16 +278,15 @@ class Engine:
         if flight is None:
             return
         sessions, pending = flight
-        try:
+        with self._aborting_on_failure():
             step = pending.result()
-        except BaseException as exc:
-            self.abort(f"forward failed: {exc!r}")
-            raise
         running = self.lanes[lane]
         self._complete(manager, sessions, step, running, ended)
-        running[:] = [s for s in running if not s.done]
+        _drop_done(running)
 
-    def _count_admitted(self, manager: KVCacheManager, running: list[Session], before: set[int]) -> None:
+    def _record_admissions(self, manager: KVCacheManager, running: list[Session], before: set[int]) -> None:
+        """Stamp the sessions admitted since ``before`` (ids of those running then), count the blocks
+        they took fresh, and the peak of blocks the running sessions hold."""
         now = time.perf_counter()
         for session in running:
             if id(session) not in before:
@@ -301,7 +305,7 @@ class Engine:
         for session in [s for s in running if s.cancel_requested]:
             manager.release(session.seq)  # its computed full blocks stay cached
             ended += self._end(session, "cancelled")
-        running[:] = [s for s in running if not s.done]
+        _drop_done(running)
         return ended
 
     def _end(self, session: Session, reason: str, error: str | None = None) -> list[Session]:
@@ -441,6 +445,11 @@ class Engine:
             lane.clear()
         self.waiting = deque()
 
+
+
+def _drop_done(running: list[Session]) -> None:
+    """Keep the sessions of a lane that have not ended."""
+    running[:] = [s for s in running if not s.done]
 
 def release_dropped(runner: PagedModelRunner, lanes: list[list[Session]]) -> None:
     """Queue the running sessions of a collected engine for release, committing nothing (as
