@@ -240,6 +240,25 @@ def test_two_models_drafting_for_each_other_from_two_threads_do_not_deadlock(wra
         model.prefix_cache.check_integrity()
 
 
+def generation_paused_midway(model: TrellisLlama, ids: torch.Tensor) -> tuple[threading.Thread, list[torch.Tensor]]:
+    """A greedy generate() of 8 tokens started in another thread, and paused 0.3 s in its third
+    step (a logits processor) by the time this returns: the thread and, once it ends, its output."""
+    mid_generation, steps, got = threading.Event(), [0], []
+
+    def slow_third_step(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        steps[0] += 1
+        if steps[0] == 3:
+            mid_generation.set()
+            time.sleep(0.3)  # what the test does next arrives now
+        return scores
+
+    thread = threading.Thread(target=lambda: got.append(model.generate(
+        ids, max_new_tokens=8, do_sample=False, logits_processor=[slow_third_step])), daemon=True)
+    thread.start()
+    assert mid_generation.wait(60)
+    return thread, got
+
+
 def test_a_conversion_from_another_thread_waits_for_the_generation_in_progress():
     """``model.to(bf16)`` while another thread's generate() is between two forwards: it waits for
     that call (the runner's lock), which ends on the fp32 weights it began with (it converted them
@@ -247,21 +266,7 @@ def test_a_conversion_from_another_thread_waits_for_the_generation_in_progress()
     ref, model = tiny_pair()
     ids = prompt(5, 20)
     want = ref.generate(ids, max_new_tokens=8, do_sample=False)
-    mid_generation, steps, got = threading.Event(), [0], []
-
-    def slow_third_step(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        steps[0] += 1
-        if steps[0] == 3:
-            mid_generation.set()
-            time.sleep(0.3)  # the conversion arrives now
-        return scores
-
-    def generate() -> None:
-        got.append(model.generate(ids, max_new_tokens=8, do_sample=False, logits_processor=[slow_third_step]))
-
-    thread = threading.Thread(target=generate, daemon=True)
-    thread.start()
-    assert mid_generation.wait(60)
+    thread, got = generation_paused_midway(model, ids)
     model.to(torch.bfloat16)
     thread.join(60)
     assert len(got) == 1 and torch.equal(got[0], want)
@@ -274,19 +279,7 @@ def test_a_prefix_cache_reset_from_another_thread_waits_for_the_generation_in_pr
     ref, model = tiny_pair()
     ids = prompt(6, 20)
     want = ref.generate(ids, max_new_tokens=8, do_sample=False)
-    mid_generation, steps, got = threading.Event(), [0], []
-
-    def slow_third_step(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        steps[0] += 1
-        if steps[0] == 3:
-            mid_generation.set()
-            time.sleep(0.3)  # the reset arrives now
-        return scores
-
-    thread = threading.Thread(target=lambda: got.append(model.generate(
-        ids, max_new_tokens=8, do_sample=False, logits_processor=[slow_third_step])), daemon=True)
-    thread.start()
-    assert mid_generation.wait(60)
+    thread, got = generation_paused_midway(model, ids)
     model.prefix_cache.reset()
     assert len(got) == 1 and torch.equal(got[0], want)  # the generation had ended
     thread.join(60)
