@@ -184,7 +184,7 @@ def test_token_ids_become_plain_ints_and_bad_ones_are_refused():
         with pytest.raises(error, match=message):
             score_continuations(model, [(bad, [8])])
     for bad in (None, [context], (context, continuation, [1])):  # not a pair
-        with pytest.raises(TypeError, match=r"request 1 must be a \(context, continuation\) pair of token id sequences"):
+        with pytest.raises(TypeError, match=r"request 1 must be a \(context, continuation\) pair, got"):
             score_continuations(model, [(context, continuation), bad])
     for bad in (0, True, 2.0):
         with pytest.raises(ValueError, match="max_length must be a positive integer"):

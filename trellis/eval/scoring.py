@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import KVCacheManager, PagedSequence, blocks_for_fork
 from trellis.cache.radix import shared_whole_blocks
+from trellis.eval.requests import request_pairs
 from trellis.models.llama import TrellisLlama
 from trellis.runner import PagedModelRunner, runner_of
 from trellis.utils import cdiv, is_positive_int, token_ids
@@ -79,12 +80,7 @@ def score_continuations(
     manager = runner.prefix_cache  # (its geometry; each chunk takes the cache as it is then)
     groups: dict[tuple[int, ...], _Group] = {}
     continuations: list[list[int]] = []
-    for i, request in enumerate(requests):
-        try:
-            context, continuation = request
-        except (TypeError, ValueError):
-            raise TypeError(f"request {i} must be a (context, continuation) pair of token id sequences, "
-                            f"got {request!r}") from None
+    for i, (context, continuation) in enumerate(request_pairs(requests, "continuation")):
         # Plain ints: they become the prefix cache's keys (a float or a tensor there would never match).
         context = token_ids(context, f"request {i}: context")
         continuation = token_ids(continuation, f"request {i}: continuation")
