@@ -7,6 +7,7 @@ import torch
 
 from tests.models import tiny_config, tiny_pair
 from trellis.cache.block_pool import OutOfBlocksError
+from trellis.engine import Engine
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
 
@@ -189,11 +190,56 @@ def test_crop_refuses_what_it_cannot_do_and_changes_nothing():
         handle.crop(2)  # transformers' old absolute-length convention
     with pytest.raises(ValueError, match=f"shortest row holds {len(tokens)}"):
         handle.crop(-len(tokens) - 1)
+    with pytest.raises(TypeError, match="an integer"):
+        handle.crop(-1.5)
     assert handle.seqs[0].token_ids == tokens and handle.get_seq_length() == columns
-    handle.crop(-4)
+    handle.crop(torch.tensor(-2))  # as transformers' caches take it (a 0-d tensor broke every later release)
+    handle.crop(-2)
     assert handle.seqs[0].token_ids == tokens[:-4] and handle.get_seq_length() == columns - 4
     handle.release()
     model.prefix_cache.check_integrity()
+    assert model.prefix_cache.stats()["live_sessions"] == 0
+
+
+def test_another_caches_session_is_refused_and_changes_nothing():
+    """A session holds block ids of its own pool: releasing, forking, truncating or extending it
+    through another model's cache would free or share that cache's blocks (double frees after)."""
+    ref, model = tiny_pair()
+    _, other = tiny_pair()
+    ids = warm(model, ref)
+    before = model.prefix_cache.stats()
+    foreign = other.prefix_cache.admit(list(range(100, 130)))
+    manager = model.prefix_cache
+    for call in (lambda: manager.release(foreign), lambda: manager.fork(foreign),
+                 lambda: manager.truncate([foreign], [4]), lambda: manager.append(foreign, [5])):
+        with pytest.raises(ValueError, match="belongs to another KV cache"):
+            call()
+    other.prefix_cache.release(foreign)
+    other.prefix_cache.check_integrity()
+    still_works(model, ref, ids, before)
+
+
+def test_other_malformed_forward_inputs_are_named():
+    ref, model = tiny_pair()
+    ids = warm(model, ref)
+    before = model.prefix_cache.stats()
+    prompt = torch.arange(3, 7)[None]
+    with torch.no_grad():
+        # transformers reads such a mask from its first columns, Trellis read its last: refused instead
+        with pytest.raises(ValueError, match="attention_mask has 6 columns, more than the cache's 0 and the input's 4"):
+            model(prompt, attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1]]))
+        with pytest.raises(TypeError, match="position_ids must hold integer positions, got torch.float32"):
+            model(prompt, position_ids=torch.tensor([[0.0, 1.5, 2.0, 3.0]]))
+    with pytest.raises(TypeError, match="not bytes: tokenize it first"):
+        Engine(model).add(b"abc")
+    with pytest.raises(TypeError, match="got a set, which has no order"):
+        model.generate_batch([{5, 6, 7}], max_new_tokens=2)
+    still_works(model, ref, ids, before)
+    manager = model.prefix_cache
+    with pytest.raises(ValueError, match="the cpp kernels take float32, float16 and bfloat16, not float64"):
+        model.double().configure_cache(backend="cpp")
+    assert model.prefix_cache is not manager  # (the conversion's rebuild) and the settings unchanged:
+    assert model.runner.settings.backend is None
 
 
 # --- the cache handle transformers holds ---------------------------------------------------------
@@ -238,6 +284,14 @@ def test_rows_selected_or_repeated_continue_as_transformers_caches_do():
     ref, model = tiny_pair()
     ids, nxt = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(1)), torch.tensor([[7], [9]])
     cache, ref_cache = _prefilled(model, ref, ids)
+    mask_cache, ref_mask_cache = _prefilled(model, ref, ids)
+    for handle in (mask_cache, ref_mask_cache):  # a boolean mask keeps the rows it marks
+        handle.batch_select_indices(torch.tensor([False, True]))
+    with torch.no_grad():
+        got, want = model(nxt[1:], **{CACHE_ARG: mask_cache}).logits, ref(nxt[1:], **{CACHE_ARG: ref_mask_cache}).logits
+    assert got.shape == want.shape == (1, 1, 256)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    del mask_cache
     for handle in (cache, ref_cache):
         handle.batch_select_indices(torch.tensor([1, 0]))
     with torch.no_grad():

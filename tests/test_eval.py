@@ -327,6 +327,9 @@ def test_text_that_starts_with_bos_gets_no_second_one(smollm2):
     finally:
         del model.generate
     assert prompts == [plain.encode(chat)]
+    for bad in (0, -1, 1.5, "2"):  # (-1 returned empty strings; the others failed inside range())
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {bad!r}"):
+            generate_until(model, tok, [(chat, {"max_gen_toks": 1})], batch_size=bad)
 
 
 def test_smollm2_loglikelihood_matches_plain_transformers(smollm2):

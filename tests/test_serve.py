@@ -455,6 +455,7 @@ COMPLETIONS = "/v1/completions"
 HELLO = [{"role": "user", "content": "hello"}]
 BAD_REQUESTS = [
     (CHAT, b'{"messages": [', 400, "not valid JSON"),
+    (CHAT, b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),  # past Python's 4300-digit limit
     (CHAT, b"[1, 2]", 400, "must be a JSON object"),
     (CHAT, {"messages": HELLO, "frequency_penalty": 0.5}, 400, "frequency_penalty: only 0 (or null) is supported"),
     (CHAT, {"messages": HELLO, "tools": []}, 400, "unknown or unsupported parameter 'tools'"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import operator
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 
 def cdiv(a: int, b: int) -> int:
@@ -37,8 +37,10 @@ def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:
     a 1-D integer tensor or array. Anything else (floats, which would be truncated; strings; None;
     bools, which Python counts as ints: an attention mask passed for the ids) is a ``TypeError``
     naming ``what``."""
-    if isinstance(tokens, str):
-        raise TypeError(f"{what} must be token ids, not a string: tokenize it first")
+    if isinstance(tokens, (str, bytes, bytearray)):
+        raise TypeError(f"{what} must be token ids, not {type(tokens).__name__}: tokenize it first")
+    if isinstance(tokens, (set, frozenset, Mapping)):
+        raise TypeError(f"{what} must be a sequence of token ids, got a {type(tokens).__name__}, which has no order")
     if hasattr(tokens, "tolist"):  # a tensor or array: one conversion, not one object per element
         tokens = tokens.tolist()
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from trellis.cache.block_pool import BlockPool, OutOfBlocksError
 from trellis.cache.interrupts import InterruptDeferringLock
 from trellis.cache.radix import PrefixMatch, RadixCache, RadixNode, TailMatch
-from trellis.utils import cdiv
+from trellis.utils import cdiv, is_int
 
 
 def blocks_for_fork(computed_tokens: int, kv_tokens: int, block_size: int) -> int:
@@ -203,11 +203,19 @@ class KVCacheManager:
                 raise
         return seqs
 
+    def _check_held(self, seq: PagedSequence) -> None:
+        """Refuse a session this cache does not hold: released, or another cache's (its block ids
+        index another pool: changing it here would free or share this pool's blocks)."""
+        if seq.released:
+            raise RuntimeError("session already released")
+        if seq not in self.live:
+            raise ValueError("this session belongs to another KV cache (another model's, or this model's before it "
+                             "was rebuilt)")
+
     def append(self, seq: PagedSequence, tokens: Sequence[int]) -> None:
         """Add tokens to a session and make room for their K/V."""
         with self.lock:
-            if seq.released:
-                raise RuntimeError("session already released")
+            self._check_held(seq)
             before = len(seq.token_ids)
             seq.token_ids.extend(tokens)
             try:
@@ -303,9 +311,8 @@ class KVCacheManager:
         with self.lock:
             self.release_pending()
             for seq, length in zip(seqs, lengths, strict=True):
-                if seq.released:
-                    raise RuntimeError("session already released")
-                if not 0 <= length <= len(seq.token_ids):
+                self._check_held(seq)
+                if not is_int(length) or not 0 <= length <= len(seq.token_ids):
                     raise ValueError(f"cannot truncate a session of {len(seq.token_ids)} tokens to {length}")
             shared_tail = [length % self.block_size > 0
                            and self.pool.ref_counts[seq.block_ids[length // self.block_size]] > 1
@@ -340,6 +347,7 @@ class KVCacheManager:
         with self.lock:
             if seq.released:
                 return
+            self._check_held(seq)
             if commit:
                 self.commit(seq)
                 full, rest = divmod(seq.num_cached, self.block_size)
@@ -368,6 +376,7 @@ class KVCacheManager:
         with self.lock:
             if seq.released:
                 raise RuntimeError("session already released: it cannot be forked")
+            self._check_held(seq)
             self.release_pending()
             full = seq.num_cached // self.block_size
             child = PagedSequence(  # holds nothing yet; each hold is recorded as it is taken

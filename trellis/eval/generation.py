@@ -39,6 +39,8 @@ def generate_until(
     ``max_length - max_gen_toks`` tokens loses tokens on the left. Contexts are tokenized as
     ``requests.encode`` does it.
     """
+    if not is_positive_int(batch_size):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     requests = request_pairs(requests, "gen_kwargs")
     max_length = max_length_for(model, max_length)
     completions = [""] * len(requests)

@@ -377,6 +377,8 @@ class TrellisLlama(LlamaForCausalLM):
         (each row's real tokens counted on from its past, as ``generate()`` also passes them)."""
         if position_ids is None:
             return None
+        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex:
+            raise TypeError(f"position_ids must hold integer positions, got {position_ids.dtype}")
         if position_ids.dim() != 2 or position_ids.shape[1] != num_cols or position_ids.shape[0] not in (1, num_rows):
             raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} do not match the input "
                              f"({num_rows}, {num_cols})")

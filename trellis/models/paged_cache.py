@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -89,7 +90,11 @@ class PagedKVCache(Cache):
     def check_past_mask(self, attention_mask: torch.Tensor | None, num_cols: int) -> None:
         """Refuse an ``attention_mask`` whose columns before the last ``num_cols`` mark the columns
         this cache holds otherwise than the forwards that computed them: transformers would mask
-        those keys anew, while the sessions hold K/V of the real tokens alone."""
+        those keys anew, while the sessions hold K/V of the real tokens alone; and a mask wider than
+        those columns and the new ones (which transformers would read from its first columns)."""
+        if attention_mask is not None and attention_mask.shape[1] > self.seen_columns + num_cols:
+            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns, more than the cache's "
+                             f"{self.seen_columns} and the input's {num_cols}: pass the mask of those columns")
         past_cols = 0 if attention_mask is None else min(attention_mask.shape[1] - num_cols, self.seen_columns)
         if past_cols <= 0:
             return
@@ -146,9 +151,14 @@ class PagedKVCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens of every row (transformers passes a negative
         count, as to its own caches); ``KVCacheManager.truncate`` does the rollback."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}")
-        remove = -tokens_to_remove
+        try:
+            count = operator.index(tokens_to_remove)  # an int, a NumPy int or a 0-d integer tensor
+        except TypeError:
+            raise TypeError(f"crop takes minus the number of tokens to remove (an integer), got {tokens_to_remove!r}") \
+                from None
+        if count > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, got {count}")
+        remove = -count
         if remove == 0:
             return
         shortest = min((len(seq.token_ids) for seq in self.seqs), default=0)
@@ -174,8 +184,12 @@ class PagedKVCache(Cache):
                 self.manager.release(seq, commit=False)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the rows ``indices`` (in that order), as transformers' caches do (contrastive search)."""
-        self.reorder_cache(torch.as_tensor(indices).long())
+        """Keep the rows ``indices`` (in that order; a boolean mask keeps the rows it marks), as
+        transformers' caches do (contrastive search)."""
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self.reorder_cache(indices.long())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row ``repeats`` times in a row, as transformers' caches do (expanding for sampling)."""

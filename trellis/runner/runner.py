@@ -131,9 +131,16 @@ class PagedModelRunner:
         return self.model.device
 
     def configure(self, settings: CacheSettings) -> None:
-        """New pool geometry or kernels; takes effect, with an empty cache, at the next forward."""
+        """New pool geometry or kernels; takes effect, with an empty cache, at the next forward. A
+        backend that cannot run this model here is refused first, and nothing changes."""
         with self.lock, self._cache_lock:
-            self.settings, self._manager, self._decode_graphs = settings, None, None
+            old, self.settings = self.settings, settings
+            try:
+                self.attention_backend()
+            except BaseException:
+                self.settings = old
+                raise
+            self._manager, self._decode_graphs = None, None
             self._default_budget = None
 
     def set_linear_kernel(self, kind: str, chosen: bool = True) -> int:

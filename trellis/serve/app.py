@@ -113,7 +113,7 @@ def create_app(model: object, tokenizer: PreTrainedTokenizerBase, config: ServeC
         body = reading.result()
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # (JSONDecodeError, UnicodeDecodeError; an int of >4300 digits)
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
         try:
             json.dumps(data, ensure_ascii=False).encode()  # JSON escapes half a UTF-16 pair ("\ud800") too
