@@ -312,10 +312,10 @@ def test_a_head_size_the_kernels_cannot_take_is_refused_at_load(monkeypatch):
 
     config = tiny_config(hidden_size=96, num_attention_heads=2, num_key_value_heads=1)  # head_dim 48
     _, model = tiny_pair(config=config)
-    model.configure_cache(block_size=4, num_blocks=64, backend="triton")
     with pytest.raises(ValueError, match="the triton kernels need a power-of-two head_dim from 16 to 256, this "
                                          "model's is 48: use backend='reference'"):
-        model.attention_backend()
+        model.configure_cache(block_size=4, num_blocks=64, backend="triton")  # refused as configured
+    assert model.runner.settings.backend is None
     model.configure_cache(block_size=4, num_blocks=64)
     assert model.attention_backend() == ops.default_backend(model.device)
     monkeypatch.setattr(ops, "default_backend", lambda device: "triton")  # as on CUDA

@@ -38,7 +38,8 @@ def token_ids(tokens: Iterable, what: str = "prompt") -> list[int]:
     bools, which Python counts as ints: an attention mask passed for the ids) is a ``TypeError``
     naming ``what``."""
     if isinstance(tokens, (str, bytes, bytearray)):
-        raise TypeError(f"{what} must be token ids, not {type(tokens).__name__}: tokenize it first")
+        kind = "a string" if isinstance(tokens, str) else type(tokens).__name__
+        raise TypeError(f"{what} must be token ids, not {kind}: tokenize it first")
     if isinstance(tokens, (set, frozenset, Mapping)):
         raise TypeError(f"{what} must be a sequence of token ids, got a {type(tokens).__name__}, which has no order")
     if hasattr(tokens, "tolist"):  # a tensor or array: one conversion, not one object per element
