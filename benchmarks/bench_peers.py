@@ -71,7 +71,9 @@ class Peer:
         note = self.venv / "UNAVAILABLE"
         if note.is_file():
             return note.read_text().strip()
-        return f"not set up: run scripts/setup_peers.sh {self.setup or ''}".strip()
+        if self.setup is None:  # Trellis and transformers run in the project's own environment
+            return "not set up: run make setup"
+        return f"not set up: run scripts/setup_peers.sh {self.setup}"
 
 
 def peers(threads: int, vllm_block_size: int | None, vllm_kv_space: int) -> list[Peer]:

@@ -331,8 +331,10 @@ def main() -> None:
     path = str(embedded_model_dir())
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the servers' torch threads
-    trellis_command = [sys.executable, "-m", "trellis", "serve", "--model", path, "--max-batch-tokens",
-                       str(args.max_batch_tokens), "--served-model-name", "smollm2", "--log-level", "warning",
+    # Every system in fp32 (the server's own default, --dtype auto, is bf16 where the CPU has bf16 dot products).
+    trellis_command = [sys.executable, "-m", "trellis", "serve", "--model", path, "--dtype", "float32",
+                       "--max-batch-tokens", str(args.max_batch_tokens), "--served-model-name", "smollm2",
+                       "--log-level", "warning",
                        *(["--linear-kernel", args.linear_kernel] if args.linear_kernel else [])]
     # Trellis' block size and step budget, so both share prefixes at the same granularity.
     transformers_command = [str(Path(sys.executable).with_name("transformers")), "serve", path, "--continuous-batching",

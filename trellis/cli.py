@@ -222,7 +222,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser, pool_options: bool = Tru
                              "with native bf16 dot products, else fp32; the checkpoint's dtype on CUDA), and "
                              "stages that choose differently are refused at start")
     parser.add_argument("--device", default=defaults.device, type=device,
-                        help="auto (CUDA, else CPU), cpu, cuda: the grid does not run on MPS (on a Mac, give cpu)")
+                        help="auto (CUDA, then MPS, then CPU: refused on a Mac, whose auto is MPS), cpu, cuda: the grid "
+                             "does not run on MPS (on a Mac, give cpu)")
     parser.add_argument("--block-size", type=block_size, default=defaults.block_size, help="KV cache block size in tokens")
     if pool_options:
         parser.add_argument("--num-blocks", type=int, help="KV pool size in blocks, on every stage (default: what "
