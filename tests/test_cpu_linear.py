@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaForCausalLM
 
 from tests.models import smollm2_reference, smollm2_tokenizer, smollm2_trellis, tiny_config, tiny_pair
 from trellis import ops
@@ -315,6 +316,16 @@ def test_bad_kinds_are_refused_and_nothing_changes(monkeypatch):
         model.set_linear_kernel("packed")
     assert model.linear_kernel == kind and linear_kernel_of(model.lm_head) == kind
     assert cpu_linear.default_linear_kernel() == "blas"
+
+
+def test_a_bad_kind_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    _, model = tiny_pair()
+    model.save_pretrained(tmp_path)
+    loads = []
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    with pytest.raises(ValueError, match="unknown linear kernel 'fpga'"):
+        TrellisLlama.from_pretrained(tmp_path, device="cpu", linear_kernel="fpga")
+    assert loads == []
 
 
 @needs_onednn

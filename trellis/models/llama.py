@@ -31,7 +31,7 @@ from trellis.models.loading import (
 )
 from trellis.models.paged_cache import CACHE_ARG, PagedKVCache, take_cache_argument
 from trellis.runner import ATTN_IMPLEMENTATION, CacheSettings, PagedModelRunner
-from trellis.runner.cpu_linear import rounding_identity
+from trellis.runner.cpu_linear import check_linear_kernel, rounding_identity
 from trellis.runner.quantized_linear import QuantizedLinear
 from trellis.runner.rope import dynamic_rope
 from trellis.runner.weights_watcher import module_identity
@@ -113,6 +113,8 @@ class TrellisLlama(LlamaForCausalLM):
         no path, the embedded model's (see ``trellis.models.gguf_quantized``).
         """
         settings = CacheSettings(block_size, num_blocks, kv_cache_memory, backend)  # checked before loading
+        if linear_kernel is not None:
+            check_linear_kernel(linear_kernel)
         target = None if "device_map" in kwargs else resolve_device(device)
         if isinstance(kwargs.get("device_map"), Mapping):  # refused before loading; "auto" & co. once placed
             check_one_device(kwargs["device_map"])

@@ -388,17 +388,22 @@ class CPULinear(torch.nn.Linear):
         return state
 
 
+def check_linear_kernel(kind: str) -> None:
+    """Refuse a kind that is not one of ``LINEAR_KERNELS``, or that this machine cannot run."""
+    if kind not in LINEAR_KERNELS:
+        raise ValueError(f"unknown linear kernel {kind!r}; choose one of {LINEAR_KERNELS}")
+    if kind != "blas" and not onednn_available():
+        raise RuntimeError(f"the {kind!r} linear kernel needs oneDNN on an x86-64 CPU (torch.backends.mkldnn), "
+                           f"which this machine or PyTorch build lacks; use 'blas'")
+
+
 def set_linear_kernel(model: torch.nn.Module, kind: str) -> int:
     """Run every plain ``nn.Linear`` of ``model`` on ``kind`` (one of ``LINEAR_KERNELS``) and give
     its CPU weight the layout that kind reads fastest in its dtype; returns how many layers changed kind.
     Idempotent: calling it again after weights were loaded or replaced only fixes their layout.
     Subclasses of ``nn.Linear`` (adapter layers, quantized layers) are left alone: their forward is
     not plain ``F.linear``. An adapter's base layer, a plain ``nn.Linear``, is included."""
-    if kind not in LINEAR_KERNELS:
-        raise ValueError(f"unknown linear kernel {kind!r}; choose one of {LINEAR_KERNELS}")
-    if kind != "blas" and not onednn_available():
-        raise RuntimeError(f"the {kind!r} linear kernel needs oneDNN on an x86-64 CPU (torch.backends.mkldnn), "
-                           f"which this machine or PyTorch build lacks; use 'blas'")
+    check_linear_kernel(kind)
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     changed = 0
     for module in model.modules():
