@@ -585,9 +585,9 @@ class TrellisLlama(LlamaForCausalLM):
 
 def _trellis_model_in(model: object) -> TrellisLlama | None:
     """The ``TrellisLlama`` that ``model`` is, or wraps (a PEFT model over one); None if neither."""
-    if isinstance(model, TrellisLlama) or not isinstance(model, torch.nn.Module):
-        return model if isinstance(model, TrellisLlama) else None
-    return next((m for m in model.modules() if isinstance(m, TrellisLlama)), None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return next((m for m in model.modules() if isinstance(m, TrellisLlama)), None)  # (itself first)
 
 
 def _errors_named_as_the_drafters(get_candidates: Callable[..., Any], drafter: str) -> Callable[..., Any]:
