@@ -193,7 +193,8 @@ def test_lora_dropout_in_training_mode_keeps_its_kv_out_of_the_cache():
 @pytest.mark.parametrize("tuning", ["prompt", "prefix"])
 def test_peft_prompt_learning_generates_or_is_refused_by_name(tuning):
     """PEFT's prompt tuning hides forward's arguments behind its own, so generate() checks the cache
-    argument against forward's names: it must be one. Prefix tuning brings a cache of its own."""
+    argument against forward's names: it must be one. Prefix tuning brings a cache of its own: refused
+    by name before generate() starts (peft would read settings the paged cache has not), and in a forward."""
     peft = installed("peft")
     ref, model = tiny_pair()
     config = (peft.PromptTuningConfig if tuning == "prompt" else peft.PrefixTuningConfig)(
@@ -207,8 +208,10 @@ def test_peft_prompt_learning_generates_or_is_refused_by_name(tuning):
     with torch.no_grad():
         expected = tuned[0].generate(**inputs)
         if tuning == "prefix":
-            with pytest.raises(TypeError, match="a DynamicCache came beside the paged cache"):
+            with pytest.raises(TypeError, match="peft's prefix tuning is not supported"):
                 tuned[1].generate(**inputs)
+            with pytest.raises(TypeError, match="must be a PagedKVCache from this model, got DynamicCache"):
+                tuned[1](input_ids=IDS[:, :10])
             return
         assert torch.equal(tuned[1].generate(**inputs), expected)
         assert torch.equal(tuned[1].generate(**inputs), expected)  # over its cached prefix

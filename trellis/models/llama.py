@@ -437,6 +437,7 @@ class TrellisLlama(LlamaForCausalLM):
                              "drop cache_implementation, or load the model with attn_implementation='sdpa'")
         if self.config._attn_implementation != ATTN_IMPLEMENTATION:
             return super().generate(inputs, generation_config, **kwargs)
+        _refuse_virtual_token_caches(self.prepare_inputs_for_generation)
         self._check_generation_inputs(inputs if inputs is not None else kwargs.get("input_ids"),
                                       kwargs.get("attention_mask"), generation_config, kwargs)
         if CACHE_ARG == "cache" and kwargs.get("cache") is not None and kwargs.get("past_key_values") is not None:
@@ -611,6 +612,19 @@ def _errors_named_as_the_drafters(get_candidates: Callable[..., Any], drafter: s
             raise
 
     return drafting
+
+
+def _refuse_virtual_token_caches(prepare_inputs: Callable[..., dict]) -> None:
+    """Refuse generating under a peft method that feeds the model K/V of virtual tokens (prefix
+    tuning, cartridges): ``PeftModel.generate`` points this model's ``prepare_inputs_for_generation``
+    at its own, which swaps the cache for one holding those K/V. Trellis computes every K/V it
+    attends over from the tokens in its paged cache."""
+    config = getattr(getattr(prepare_inputs, "__self__", None), "active_peft_config", None)
+    method = getattr(config, "peft_type", None)
+    if method in ("PREFIX_TUNING", "CARTRIDGE"):  # peft's PeftType is a str enum
+        raise TypeError(f"peft's {method.lower().replace('_', ' ')} is not supported: it attends over K/V of "
+                        "virtual tokens in a cache of its own, and Trellis keeps every K/V in its paged cache; "
+                        "prompt tuning (virtual tokens as input embeddings) and LoRA are supported")
 
 
 def _refuse_adapters_per_row(adapter_layers: list[torch.nn.Module]) -> None:
