@@ -600,7 +600,9 @@ def test_the_cpp_loops_listed_layers_follow_the_model(monkeypatch, load, session
         before = logits()
         assert loops.count("cpp") >= 5 and len(listed) <= 2  # five decode steps; a prefill's rows, a step's
         listed.clear()
-        torch.testing.assert_close(logits(), before)  # a prefix cache hit: fewer prefill rows
+        # A prefix cache hit: fewer prefill rows, which may run another kernel (a few fp32 rows stream
+        # on an AVX2 CPU, the whole prompt's ran BLAS) and sum in another order: the suite's fp32 tolerance.
+        torch.testing.assert_close(logits(), before, atol=1e-4, rtol=0)
         assert not listed
         change(model)
         loops.clear()
