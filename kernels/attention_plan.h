@@ -11,8 +11,9 @@
 // cannot vouch for them: over those the kernel validates and plans again, as without a plan.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstring>
 

@@ -12,8 +12,10 @@
 // weights' out_features from `out_features`), "linear" (at::linear per weight, bias-free: what
 // F.linear runs for a layer on the BLAS), "onednn" (oneDNN's matmul per weight, bias-free: what
 // CPULinear.forward runs on oneDNN), else a quant_linear_group qtype.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <optional>

@@ -9,11 +9,13 @@
 // separate ops do. In fp32 the RMSNorm's mean of squares is ATen's own reduction too, so fp32
 // results are transformers' bit for bit; in bf16 and fp16 the kernel sums the squares in its own
 // order (a difference far below those dtypes' rounding).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>

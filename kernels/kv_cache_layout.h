@@ -2,7 +2,7 @@
 // [num_blocks, block_size, num_kv_heads, head_dim], contiguous, same shape and dtype.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace trellis {
 

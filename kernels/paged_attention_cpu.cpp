@@ -3,8 +3,9 @@
 // of split items, the plan op, and the registration for the CPU dispatch key of trellis_cpp::
 // (the C++ library's own namespace; trellis/ops/schema.py defines it). attention_plan.h plans
 // the work, once per forward when the caller passes a plan.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <atomic>

@@ -29,8 +29,11 @@
 // fp32) the op computes the same sums through ATen (unpacked weights, fp32 matmul, per call).
 // Trellis packs panels only where the kernel runs (cpu_linear.panels_serve), so that path serves
 // direct calls, and builds whose compiler lacks the intrinsics (GCC < 11, clang < 12), where it is slow.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 

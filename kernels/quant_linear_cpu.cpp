@@ -10,9 +10,10 @@
 //   - blocked (prefill): for each chunk of K, threads take panels of kNR output features, unpack
 //     the panel into an fp32 tile [Kc][kNR] (each weight once per call), and run a register-
 //     blocked kMR x kNR outer-product micro-kernel over every kMR rows of x, accumulating into y.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 

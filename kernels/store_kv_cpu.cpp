@@ -1,8 +1,8 @@
 // trellis::store_kv on CPU (registered as trellis_cpp::store_kv): copy each new token's K/V rows
 // [Hkv, D] into its cache slot. A plain byte copy, so every dtype works; slots are checked
 // against the cache size.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstring>
