@@ -2,8 +2,10 @@
 arguments and texts the scripts refuse before loading a model."""
 
 import json
-import subprocess
+import runpy
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,8 +68,31 @@ def test_accuracy_refuses_mismatched_scores():
         accuracy([Question("x", ["a", "b"], 0)], [-1.0, -2.0, -3.0])
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys) -> Callable[..., Run]:
+    """``python <script> <args>`` from the repository root, run in this process (a child would
+    spend seconds importing torch and transformers for an argument error)."""
+    monkeypatch.chdir(ROOT)
+
+    def run(script: str, *args: str) -> Run:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        capsys.readouterr()
+        try:
+            runpy.run_path(script, run_name="__main__")
+            returncode = 0
+        except SystemExit as exit:
+            returncode = exit.code if isinstance(exit.code, int) else 1
+        out = capsys.readouterr()
+        return Run(returncode, out.out, out.err)
+
+    return run
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -81,13 +106,13 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     (["scripts/perplexity.py", "--text", "missing.txt"], "argument --text: no file 'missing.txt'"),
     (["scripts/eval_multiple_choice.py", "--data", "missing.jsonl"], "argument --data: no file 'missing.jsonl'"),
 ])
-def test_scripts_refuse_bad_numbers_as_argparse_errors(args, message):
+def test_scripts_refuse_bad_numbers_as_argparse_errors(run_script, args, message):
     done = run_script(*args)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("text", ["", " \n\t\n"])
-def test_perplexity_refuses_a_text_without_words(tmp_path, text):
+def test_perplexity_refuses_a_text_without_words(run_script, tmp_path, text):
     path = tmp_path / "blank.txt"
     path.write_text(text)
     done = run_script("scripts/perplexity.py", "--text", str(path))
@@ -95,7 +120,7 @@ def test_perplexity_refuses_a_text_without_words(tmp_path, text):
     assert "Traceback" not in done.stderr
 
 
-def test_perplexity_counts_words_as_lm_eval(tmp_path):
+def test_perplexity_counts_words_as_lm_eval(run_script, tmp_path):
     """lm-eval's count_words is ``len(re.split(r"\\s+", text))``: the trailing newline ends a third, empty word."""
     path = tmp_path / "two.txt"
     path.write_text("Hello  world\n")
@@ -104,7 +129,7 @@ def test_perplexity_counts_words_as_lm_eval(tmp_path):
     assert "3 words, 13 bytes" in done.stdout
 
 
-def test_multiple_choice_script_takes_questions_of_different_sizes(tmp_path):
+def test_multiple_choice_script_takes_questions_of_different_sizes(run_script, tmp_path):
     data = write_jsonl(tmp_path / "q.jsonl", GOOD, {"context": "Is the sky blue?", "choices": ["yes", "no", "green"],
                                                     "answer": 0})
     done = run_script("scripts/eval_multiple_choice.py", "--data", str(data))
@@ -112,7 +137,7 @@ def test_multiple_choice_script_takes_questions_of_different_sizes(tmp_path):
     assert "2 questions, 5 requests, 0-shot" in done.stdout and "for all its choices" in done.stdout
 
 
-def test_multiple_choice_script_names_a_malformed_line_without_a_traceback(tmp_path):
+def test_multiple_choice_script_names_a_malformed_line_without_a_traceback(run_script, tmp_path):
     data = tmp_path / "q.jsonl"
     data.write_text('{"context": "x"\n')
     done = run_script("scripts/eval_multiple_choice.py", "--data", str(data))
