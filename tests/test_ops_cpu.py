@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from tests.attention_cases import (
     SHAPES,
@@ -23,6 +22,7 @@ from tests.attention_cases import (
     tiled_bf16_attention,
     tolerance,
 )
+from tests.kernel_builds import kernels_for, rerun_over
 from trellis import ops
 from trellis.ops import cpp
 
@@ -45,33 +45,9 @@ def torch_threads(n: int):
         torch.set_num_threads(previous)
 
 
-# Set for the child run of test_kernels_pass_under_address_sanitizer: where to build the
-# sanitized kernels, which then stand in for the usual ones.
-ASAN_BUILD_DIR = "TRELLIS_TEST_ASAN_BUILD_DIR"
-# -O1 -g for readable reports. Workspace vectors are sized exactly per item, and libstdc++'s
-# annotations report an access between a vector's size and its capacity.
-SANITIZE_CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-D_GLIBCXX_SANITIZE_VECTOR",
-                   "-DTRELLIS_EXACT_WORKSPACE"]
-# The sources of the ops this file tests (each registers its own): the others' build would double
-# the sanitized build's time and run nothing.
-SANITIZED_SOURCES = ("store_kv_cpu.cpp", "paged_attention_cpu.cpp", "panel_linear_cpu.cpp")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cpp_kernels():
-    build_dir = os.environ.get(ASAN_BUILD_DIR)
-    with pytest.MonkeyPatch.context() as patch:
-        try:
-            if build_dir is None:
-                cpp.load()
-            else:
-                cpp.jit_build(f"{cpp.build_name()}_asan", SANITIZE_CFLAGS, ["-fsanitize=address"], build_dir,
-                              SANITIZED_SOURCES)
-                patch.setattr(cpp, "load", lambda: True)  # the cpp backend is now the sanitized library
-        except cpp.BuildToolsMissing as exc:
-            if os.environ.get("CI"):
-                raise  # CI builds the C++ backend: a missing tool there is a failure
-            pytest.skip(f"the C++ kernels cannot be built here: {exc}")
+    with kernels_for(("store_kv_cpu.cpp", "paged_attention_cpu.cpp", "panel_linear_cpu.cpp")):
         yield
 
 
@@ -508,27 +484,14 @@ def test_kernels_pass_under_address_sanitizer():
     """Every other test of this file, over the kernels built with -fsanitize=address: a read or
     write past a workspace, the cache or an output aborts the run with a report, where the
     optimised build may corrupt the heap silently (as it once did; see test_llama_smollm2)."""
-    if os.environ.get(ASAN_BUILD_DIR):
-        pytest.skip("this is the sanitized run")
     # Python is not built with the sanitizer, so its runtime is preloaded; libstdc++ right after it,
     # or the runtime cannot find the real __cxa_throw when a kernel's argument check throws.
     runtime = [compiler_library(name) for name in ("libasan.so", "libstdc++.so")]
     if not sys.platform.startswith("linux") or None in runtime:
         pytest.skip("no AddressSanitizer runtime for the C++ compiler here")
-    # Built in torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), kept
-    # across runs with or without pytest's cache, so ninja rebuilds only what changed since: the
-    # whole build takes ~1.5 min on 2 cores.
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    build_dir = Path(root) / f"{cpp.build_name()}_asan"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, ASAN_BUILD_DIR: str(build_dir), "ASAN_OPTIONS": "detect_leaks=0",  # Python's own
+    env = {"ASAN_OPTIONS": "detect_leaks=0",  # Python's own
            "LD_PRELOAD": " ".join(filter(None, [*runtime, os.environ.get("LD_PRELOAD")]))}
-    # --capture=no: a report is written to fd 2 just before the process aborts.
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "--capture=no", "-p", "no:cacheprovider", __file__,
-                          "-k", "not address_sanitizer"], env=env, cwd=Path(__file__).parents[1], capture_output=True,
-                         text=True, timeout=900, check=False)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
-    assert "AddressSanitizer" not in run.stderr
+    assert "AddressSanitizer" not in rerun_over("sanitized", __file__, "not address_sanitizer", env)
 
 
 def compiler_library(name: str) -> str | None:

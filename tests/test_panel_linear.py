@@ -3,20 +3,22 @@ trellis/ops/panels.py), multiplied by the C++ kernel (bf16 on AMX tiles or AVX51
 fp32 on AVX-512 fused multiply-adds, where the CPU has them) with the reference's results up to
 fp32 summation order."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.kernel_builds import kernels_for, rerun_at_simd_level
 from trellis import ops
-from trellis.ops import cpp
 from trellis.ops.panels import pack_panels, unpack_panels
 
 DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_kernels():
+    with kernels_for(("panel_linear_cpu.cpp",)):
+        yield
 
 
 def bf16(*shape: int) -> torch.Tensor:
@@ -115,15 +117,7 @@ def test_kernel_takes_leading_dims_strided_and_empty_inputs(dtype):
 def test_kernel_at_lower_simd_levels(capability):
     """The kernel tests again over the kernels built for AVX2 and for no SIMD extension
     (ATEN_CPU_CAPABILITY), in a child process: there the op computes through ATen."""
-    if os.environ.get("ATEN_CPU_CAPABILITY"):
-        pytest.skip("this is the child run")
-    if cpp.capability() == capability.upper():
-        pytest.skip(f"{capability} is this machine's own level: the other tests cover it")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "kernel and not simd_levels"], env=env, cwd=Path(__file__).parents[1], capture_output=True,
-                         text=True, timeout=900, check=False)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    rerun_at_simd_level(capability, __file__, "kernel and not simd_levels")
 
 
 @pytest.mark.parametrize("rows", [1, 4, 13, 64])

@@ -6,21 +6,18 @@ against transformers' own dequantized load of the same GGUF: a tiny random Llama
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from tests.kernel_builds import kernels_for, rerun_at_simd_level
 from trellis import TrellisLlama, ops
 from trellis.models import gguf_quantized
 from trellis.models.embedded import embedded_model_dir
-from trellis.ops import cpp, quant
+from trellis.ops import quant
 from trellis.runner.quantized_linear import QuantizedLinear
 
 gguf = pytest.importorskip("gguf")
@@ -30,12 +27,8 @@ QTYPES = quant.QTYPES
 
 @pytest.fixture(scope="module", autouse=True)
 def cpp_kernels():
-    try:
-        cpp.load()
-    except cpp.BuildToolsMissing as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"the C++ kernels cannot be built here: {exc}")
+    with kernels_for(("quant_linear_cpu.cpp",)):
+        yield
 
 
 def quantized(out_features: int, in_features: int, qtype: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,17 +132,7 @@ def test_group_refuses_weights_of_another_width():
 def test_kernels_at_lower_simd_levels(capability):
     """The kernel tests of this file again, over the kernels built for AVX2 and for no SIMD
     extension (ATEN_CPU_CAPABILITY), in a child process: a run uses its machine's best level."""
-    if os.environ.get("ATEN_CPU_CAPABILITY"):
-        pytest.skip("this is the child run")
-    if cpp.capability() == capability.upper():
-        pytest.skip(f"{capability} is this machine's own level: the other tests cover it")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    check = f"from trellis.ops import cpp; assert cpp.capability() == {capability.upper()!r}, cpp.capability()"
-    subprocess.run([sys.executable, "-c", check], env=env, check=True)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "kernel and not simd_levels"], env=env, cwd=Path(__file__).parents[1], capture_output=True,
-                         text=True, timeout=900, check=False)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    rerun_at_simd_level(capability, __file__, "kernel and not simd_levels")
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
