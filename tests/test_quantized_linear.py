@@ -17,6 +17,7 @@ from tests.kernel_builds import kernels_for, rerun_at_simd_level
 from trellis import TrellisLlama, ops
 from trellis.models import gguf_quantized
 from trellis.models.embedded import embedded_model_dir
+from trellis.models.gguf_reading import gguf_parsed_once
 from trellis.ops import quant
 from trellis.runner.quantized_linear import QuantizedLinear
 
@@ -279,6 +280,23 @@ def test_tiny_gguf_kept_quantized_matches_transformers(tmp_path):
     ids = torch.randint(0, TINY["vocab"], (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_gguf_load_parses_the_file_once(tmp_path, monkeypatch):
+    """transformers parses a GGUF for the config and for the weights, and keep_quantized reads its
+    blocks: one parse in all, and gguf's own reader back afterwards (a rewritten file is parsed anew)."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    parsed, parse, reader_class = [], gguf.GGUFReader.__init__, gguf.GGUFReader
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, path, *args: parsed.append(path) or
+                        parse(self, path, *args))
+    TrellisLlama.from_pretrained(tmp_path, gguf_file="tiny.gguf", keep_quantized=True, device="cpu")
+    assert len(parsed) == 1 and gguf.GGUFReader is reader_class
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(tmp_path / "tiny.gguf")
+        assert gguf.GGUFReader(str(tmp_path / "tiny.gguf")) is first
+        write_tiny_gguf(tmp_path / "tiny.gguf", seed=1)
+        assert gguf.GGUFReader(tmp_path / "tiny.gguf") is not first
+    assert len(parsed) == 3
 
 
 def test_a_gguf_without_its_kv_head_count_keeps_q_and_k_as_transformers_loads_them(tmp_path):

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from trellis.cache.block_pool import check_block_size
 from trellis.models.embedded import embedded_model_dir
+from trellis.models.gguf_reading import gguf_parsed_once
 from trellis.models.llama import TrellisLlama
 from trellis.models.loading import DTYPES, choose_dtype, resolve_device
 from trellis.runner import LINEAR_KERNELS
@@ -184,11 +185,13 @@ def load_model(args: argparse.Namespace) -> tuple[TrellisLlama, PreTrainedTokeni
         torch.set_num_threads(args.threads)
     gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     choice = choose_dtype(args.dtype, args.device)
-    # The model first: its loading names a damaged file and what is wrong with a config.
-    model = TrellisLlama.from_pretrained(args.model, dtype=choice.dtype, device=args.device,
-                                         block_size=args.block_size, linear_kernel=args.linear_kernel,
-                                         keep_quantized=args.keep_quantized, **gguf)
-    tokenizer = load_tokenizer(args)
+    # The model first: its loading names a damaged file and what is wrong with a config. A GGUF's
+    # tokenizer is read from the model's parse of the file.
+    with gguf_parsed_once():
+        model = TrellisLlama.from_pretrained(args.model, dtype=choice.dtype, device=args.device,
+                                             block_size=args.block_size, linear_kernel=args.linear_kernel,
+                                             keep_quantized=args.keep_quantized, **gguf)
+        tokenizer = load_tokenizer(args)
     print(f"dtype {str(model.dtype).removeprefix('torch.')} (--dtype {args.dtype}: {choice.reason}); "
           f"linear layers: {'GGUF blocks kept quantized' if args.keep_quantized else model.linear_kernel}", flush=True)
     return model, tokenizer

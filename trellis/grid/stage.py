@@ -24,6 +24,7 @@ from transformers import GenerationConfig
 
 from trellis.cache.block_pool import BlockPool
 from trellis.grid.transport import PING, STOP, GridError, Link, StepPlan
+from trellis.models.gguf_reading import gguf_parsed_once
 from trellis.models.llama import TrellisLlama, check_weights_loaded
 from trellis.models.loading import load_llama_config
 from trellis.runner.batch import plan_batch
@@ -108,12 +109,13 @@ def load_stage_model(path: str, layers: range, first: bool, last: bool, dtype: t
                      linear_kernel: str | None = None, **load_kwargs) -> TrellisLlama:
     """The model of one stage: its layers (and the embedding and LM head on the first, the final
     norm on the last), loaded from ``path`` without the rest of the weights where the format allows."""
-    config = load_llama_config(path, load_kwargs)
+    with gguf_parsed_once():  # a GGUF's config and its whole model from one parse of the file
+        config = load_llama_config(path, load_kwargs)
+        state = stage_state_dict(path, layers, first, last, {"dtype": dtype, **load_kwargs})
     stage_config = copy.deepcopy(config)
     stage_config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         stage_config.layer_types = list(config.layer_types)[layers.start:layers.stop]
-    state = stage_state_dict(path, layers, first, last, {"dtype": dtype, **load_kwargs})
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the other stages' tensors are missing on purpose
     try:

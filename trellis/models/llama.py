@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from trellis.cache.manager import KVCacheManager
 from trellis.cache.persist import load_prefix_cache, model_fingerprint, save_prefix_cache
 from trellis.models.gguf_quantized import check_activation_dtype, keep_gguf_quantized, quantized_gguf
+from trellis.models.gguf_reading import gguf_parsed_once
 from trellis.models.loading import (
     check_full_attention,
     check_one_device,
@@ -123,26 +124,28 @@ class TrellisLlama(LlamaForCausalLM):
             from trellis.models.embedded import embedded_model_dir
 
             pretrained_model_name_or_path = embedded_model_dir()
-        if kwargs.get("config") is None:
-            kwargs["config"] = load_llama_config(pretrained_model_name_or_path, kwargs)
-        wants_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                  output_loading_info=True, **kwargs)
-        except SafetensorError as exc:  # a damaged checkpoint: an OSError, as a missing file is
-            raise OSError(f"cannot read the weights in {pretrained_model_name_or_path}: {exc}") from exc
-        except (OSError, ValueError):
-            raise
-        except Exception as exc:  # a GGUF whose tensors disagree with its metadata: transformers' RuntimeError
-            if kwargs.get("gguf_file") is None:
+        reads_gguf = kwargs.get("gguf_file") is not None or quantized_from is not None
+        with gguf_parsed_once() if reads_gguf else contextlib.nullcontext():  # (config, weights, blocks)
+            if kwargs.get("config") is None:
+                kwargs["config"] = load_llama_config(pretrained_model_name_or_path, kwargs)
+            wants_info = kwargs.pop("output_loading_info", False)
+            try:
+                model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                      output_loading_info=True, **kwargs)
+            except SafetensorError as exc:  # a damaged checkpoint: an OSError, as a missing file is
+                raise OSError(f"cannot read the weights in {pretrained_model_name_or_path}: {exc}") from exc
+            except (OSError, ValueError):
                 raise
-            raise ValueError(f"cannot load the GGUF file {kwargs['gguf_file']} of {pretrained_model_name_or_path} "
-                             f"(its tensors do not fit the model its metadata describes): {exc}") from exc
-        if kwargs.get("state_dict") is None:  # a caller's own state dict may leave weights out (a grid stage's)
-            check_weights_loaded(pretrained_model_name_or_path, info)
-        check_one_device(getattr(model, "hf_device_map", {}))  # set by accelerate where it placed modules apart
-        if quantized_from is not None:
-            keep_gguf_quantized(model, quantized_from)
+            except Exception as exc:  # a GGUF whose tensors disagree with its metadata: transformers' RuntimeError
+                if kwargs.get("gguf_file") is None:
+                    raise
+                raise ValueError(f"cannot load the GGUF file {kwargs['gguf_file']} of {pretrained_model_name_or_path} "
+                                 f"(its tensors do not fit the model its metadata describes): {exc}") from exc
+            if kwargs.get("state_dict") is None:  # a caller's own state dict may leave weights out (a grid stage's)
+                check_weights_loaded(pretrained_model_name_or_path, info)
+            check_one_device(getattr(model, "hf_device_map", {}))  # set by accelerate where it placed modules apart
+            if quantized_from is not None:
+                keep_gguf_quantized(model, quantized_from)
         model.runner.configure(settings)
         if target is not None:
             model.to(target)
