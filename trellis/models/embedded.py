@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from trellis.models.gguf_reading import gguf_parsed_once
+
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
@@ -62,8 +64,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise a Llama GGUF and save it as a float32 safetensors checkpoint with its tokenizer."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # A GGUF-loaded model cannot be saved as is; a fresh model with its weights can.
     config = loaded.config
     # The weights are plain floats now; a stale GGUF quantization note would make later loads ask for the GGUF.
