@@ -44,7 +44,7 @@ def kernels_for(sources: Sequence[str]) -> Iterator[None]:
                     assert cpp.capability() == os.environ["ATEN_CPU_CAPABILITY"].upper(), cpp.capability()
                 cflags, ldflags = BUILD_FLAGS[build]
                 parts = "_".join(Path(source).stem.removesuffix("_cpu") for source in sources)
-                cpp.jit_build(f"{cpp.build_name()}_{build}_{parts}", cflags, ldflags, source_names=sources)
+                cpp.jit_build(f"{cpp.build_name()}_{build}_{parts}", cflags, ldflags, sources)
                 patch.setattr(cpp, "load", lambda: True)
         except cpp.BuildToolsMissing as exc:
             if os.environ.get("CI"):

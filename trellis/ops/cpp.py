@@ -120,7 +120,7 @@ def kernel_dir() -> Path:
 
 
 def jit_build(name: str | None = None, extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = (),
-              build_directory: str | None = None, source_names: Sequence[str] = SOURCES) -> None:
+              source_names: Sequence[str] = SOURCES) -> None:
     """Compile the sources with ninja (cached by torch; see the module docstring) and load the
     library. ``name``, the extra flags and fewer ``source_names`` (each registers its own ops)
     make a variant (the tests' sanitized build): the flags come after the usual ones, so a later
@@ -138,7 +138,7 @@ def jit_build(name: str | None = None, extra_cflags: Sequence[str] = (), extra_l
         raise BuildToolsMissing(f"kernel sources not found in {directory} and no prebuilt {library_name()} library")
     compile_flags, link_flags = build_flags()
     name = name or build_name()
-    build_directory = build_directory or cpp_extension._get_build_directory(name, verbose=False)
+    build_directory = cpp_extension._get_build_directory(name, verbose=False)
     with build_lock(Path(build_directory)):
         cpp_extension.load(
             name=name,
