@@ -446,10 +446,10 @@ class Engine:
         self.waiting = deque()
 
 
-
 def _drop_done(running: list[Session]) -> None:
     """Keep the sessions of a lane that have not ended."""
     running[:] = [s for s in running if not s.done]
+
 
 def release_dropped(runner: PagedModelRunner, lanes: list[list[Session]]) -> None:
     """Queue the running sessions of a collected engine for release, committing nothing (as

@@ -5,7 +5,7 @@ and ``keep_quantized=True`` reads its blocks a third time; each parse walks ever
 (a tokenizer's vocabulary and merges: SmolLM2's take ~5 s on 2 cores). transformers also rebuilds
 gguf's tensor-name map for each of the model's modules (~400 maps of ~18 ms). Within
 ``gguf_parsed_once()`` a file is parsed once and a map made once per architecture and layer count:
-a load of the embedded model kept quantized takes 33 s without it on a 2-core Zen 3, 12 s with it.
+a load of the embedded model kept quantized takes 21-28 s without it on a 2-core Zen 3, 8-11 s with it.
 """
 
 from __future__ import annotations
