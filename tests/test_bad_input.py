@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +129,18 @@ def test_logits_to_keep_out_of_range_or_malformed_is_named(keep, message):
     before = model.prefix_cache.stats()
     with pytest.raises(ValueError, match=message):
         model(ids, logits_to_keep=keep)
+    still_works(model, ref, ids, before)
+
+
+def test_a_numpy_logits_to_keep_is_refused():
+    """transformers reads an int as a count of last columns, but indexes with anything else: a NumPy
+    integer k would give column k's logits alone, [B, V]. Trellis refuses it, not guessing which was meant."""
+    ref, model = tiny_pair()
+    ids = warm(model, ref)
+    before = model.prefix_cache.stats()
+    assert ref(ids, logits_to_keep=np.int64(2)).logits.shape == (1, 256)  # what transformers makes of it
+    with pytest.raises(TypeError, match=r"logits_to_keep must be an int or a tensor, got int64 np.int64\(2\)"):
+        model(ids, logits_to_keep=np.int64(2))
     still_works(model, ref, ids, before)
 
 @pytest.mark.parametrize("bad_id", [-1, 256, 10_000])

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from transformers import ContinuousBatchingConfig
@@ -278,6 +279,27 @@ def test_extreme_but_valid_filters_and_seeds_sample_as_transformers_and_torch_ta
             SamplingParams(temperature=temperature)
 
 
+def test_numpy_integers_count_as_integers():
+    """NumPy integers (as a script reading counts from an array passes them, and as transformers takes
+    them) are taken as the ints they are, and kept as Python ints: a seed at 2**64 - 1 as a uint64
+    seeds as that int does; NumPy's bool is no integer, as Python's is none."""
+    params = SamplingParams(max_new_tokens=np.int64(3), do_sample=True, top_k=np.int32(5), seed=np.uint64(2**64 - 1),
+                            stop_token_ids=[np.int64(2)], logprobs=np.int8(1), prompt_logprobs=np.int16(0))
+    assert params == SamplingParams(max_new_tokens=3, do_sample=True, top_k=5, seed=2**64 - 1, stop_token_ids=(2,),
+                                    logprobs=1, prompt_logprobs=0)
+    assert all(type(value) is int for value in (params.max_new_tokens, params.top_k, params.seed, *params.stop_token_ids))
+    drawn = torch.rand(4, generator=params.make_generator(torch.device("cpu")))
+    assert torch.equal(drawn, torch.rand(4, generator=torch.Generator().manual_seed(2**64 - 1)))
+    assert Scheduler(max_batch_tokens=np.int64(64), max_running=np.uint8(2)) == Scheduler(64, 2)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got np.True_"):
+        SamplingParams(max_new_tokens=np.bool_(True))
+    ref, model = tiny_pair()
+    engine = Engine(model)
+    session = engine.add(np.array(PROMPTS[0]), SamplingParams(max_new_tokens=np.int64(3)), n=np.int64(1))
+    engine.run()
+    assert session.generated == reference(ref, PROMPTS[0], 3)
+
+
 def test_sampling_draws_from_transformers_warped_distribution():
     """Each draw reports the log-probability transformers' warpers give its token, and the draws'
     frequencies follow that distribution."""
@@ -356,6 +378,9 @@ def test_a_session_whose_sampling_fails_ends_alone_with_its_error():
     for warper in ({"top_k": 1}, {"top_p": 0.5}, {"temperature": 0.7}):
         with pytest.raises(ValueError, match="put the warpers in the processor"):
             engine.add(PROMPTS[1], SamplingParams(max_new_tokens=6, do_sample=True, **warper), logits_processor=failing)
+    for not_callable in ("abc", [failing]):  # refused when added, not at its first step
+        with pytest.raises(TypeError, match="logits_processor must be a callable"):
+            engine.add(PROMPTS[1], SamplingParams(max_new_tokens=6), logits_processor=not_callable)
     assert not engine.has_work
     # Greedy search ignores the warpers' settings whatever they are, with a processor too.
     engine.add(PROMPTS[1], SamplingParams(max_new_tokens=2, temperature=0.0), logits_processor=lambda ids, s: s)

@@ -127,6 +127,11 @@ def test_attention_kernels_that_cannot_take_the_dtype_are_refused_at_load(tmp_pa
     if not torch.cuda.is_available():  # refused before the weights load
         with pytest.raises(ValueError, match="device 'cuda' is not available here"):
             TrellisLlama.from_pretrained(tmp_path, device="cuda")
+    with pytest.raises(ValueError, match="device 'meta' holds no weights or K/V to compute with"):
+        TrellisLlama.from_pretrained(tmp_path, device="meta")
+    for keep_quantized in ("yes", "no", 1, None):  # a string "no" would have been true
+        with pytest.raises(TypeError, match=f"keep_quantized must be True or False, got {keep_quantized!r}"):
+            TrellisLlama.from_pretrained(tmp_path, device="cpu", keep_quantized=keep_quantized)
 
 
 def test_a_cuda_device_index_the_machine_lacks_is_refused_before_the_weights_load(monkeypatch):

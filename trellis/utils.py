@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import numbers
 import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,8 +15,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 def is_int(value: object) -> bool:
-    """An ``int`` that is not a ``bool``: Python counts ``True`` as 1, never a size, count or id here."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (a Python or NumPy one, as transformers takes) that is not a ``bool``: Python
+    counts ``True`` as 1, never a size, count or id here. Keep ``int(value)`` of what passes: a
+    NumPy integer overflows at 64 bits where a Python one does not."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_positive_int(value: object) -> bool:

@@ -40,8 +40,9 @@ class BlockPool:
         layer_ids: Sequence[int] | None = None,
     ) -> None:
         check_block_size(block_size)
-        if not isinstance(num_blocks, int) or num_blocks <= 0:
+        if not is_positive_int(num_blocks):
             raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        num_blocks, block_size = int(num_blocks), int(block_size)
         layer_ids = range(num_layers) if layer_ids is None else layer_ids
         if len(layer_ids) != num_layers or len(set(layer_ids)) != num_layers:
             raise ValueError(f"layer_ids must name {num_layers} distinct layers, got {list(layer_ids)}")

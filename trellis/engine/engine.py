@@ -140,6 +140,10 @@ class Engine:
             raise ValueError("cannot generate from an empty prompt")
         if not is_positive_int(n):
             raise ValueError(f"n must be a positive integer, got {n!r}")
+        if logits_processor is not None and not callable(logits_processor):
+            raise TypeError(f"logits_processor must be a callable (input_ids, scores) -> scores, "
+                            f"got {type(logits_processor).__name__} {logits_processor!r}")
+        n = int(n)
         if n > 1 and logits_processor is not None:
             raise ValueError("a logits processor may keep state per session: it cannot serve n > 1 choices")
         warpers = {name: getattr(params, name) for name in NO_WARPERS}

@@ -83,13 +83,16 @@ class SamplingParams:
         if isinstance(stops, (str, bytes)) or not isinstance(stops, (tuple, list)) or not all(
                 is_int(t) and t >= 0 for t in stops):
             raise ValueError(f"stop_token_ids must be a tuple of token ids (ints >= 0), got {stops!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(stops))  # (a list too; kept hashable)
         if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 0):
                 raise ValueError(f"{name} must be None or a number of alternatives >= 0, got {value!r}")
+        for name in ("max_new_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):  # NumPy ints as ints
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))  # (a list too; kept hashable)
 
     @classmethod
     def from_generation_config(cls, config: GenerationConfig, seed: int | None = None) -> SamplingParams:
@@ -98,7 +101,7 @@ class SamplingParams:
         they are), and a ``top_p`` of 1 or more as no cut. Its ``eos_token_id`` (an int or a list;
         negative ids mean none) become the stop tokens."""
         eos = config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        eos = [] if eos is None else [eos] if is_int(eos) else list(eos)
         warpers = {}
         if config.do_sample:
             warpers = {"temperature": config.temperature if config.temperature is not None else 1.0,

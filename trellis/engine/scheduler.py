@@ -51,6 +51,7 @@ class Scheduler:
             if not is_int(value) or value < least:
                 kind = "a positive" if least else "a non-negative"
                 raise ValueError(f"{name} must be {kind} integer, got {value!r}")
+            setattr(self, name, int(value))
 
     def schedule(self, waiting: deque[Session], running: list[Session], manager: KVCacheManager,
                  others: Sequence[Session] = (), max_admit: int | None = None) -> list[Session]:

@@ -59,7 +59,7 @@ def _question(record: object, where: str) -> Question:
     if not is_int(answer) or not 0 <= answer < len(choices):
         raise ValueError(f"{where}: 'answer' must be the index of a choice (an integer from 0 to "
                          f"{len(choices) - 1}), got {answer!r}")
-    return Question(context, choices, answer)
+    return Question(context, choices, int(answer))
 
 
 def fewshot_prefix(examples: list[Question], delimiter: str = TARGET_DELIMITER) -> str:

@@ -114,6 +114,8 @@ class TrellisLlama(LlamaForCausalLM):
         no path, the embedded model's (see ``trellis.models.gguf_quantized``).
         """
         settings = CacheSettings(block_size, num_blocks, kv_cache_memory, backend)  # checked before loading
+        if not isinstance(keep_quantized, bool):  # a string "no" would be true
+            raise TypeError(f"keep_quantized must be True or False, got {keep_quantized!r}")
         if linear_kernel is not None:
             check_linear_kernel(linear_kernel)
         target = None if "device_map" in kwargs else resolve_device(device)
@@ -409,7 +411,10 @@ class TrellisLlama(LlamaForCausalLM):
         """The columns ``[B, K]`` whose logits ``logits_to_keep`` asks for, as transformers'
         ``slice_logits_to_keep`` reads it, and for a boolean ``[B, S]`` mask the mask over those
         columns (the logits are then the kept positions', flattened ``[N, V]``), else None."""
-        if not isinstance(logits_to_keep, torch.Tensor):
+        if not isinstance(logits_to_keep, (int, torch.Tensor)):  # (a NumPy int indexes one column in transformers)
+            raise TypeError(f"logits_to_keep must be an int or a tensor, got {type(logits_to_keep).__name__} "
+                            f"{logits_to_keep!r}: pass int() of a count of last columns, or a tensor of columns")
+        if isinstance(logits_to_keep, int):
             # transformers' slice(-k, None): 0 keeps every column, k > 0 the last k, k < 0 all but the first -k.
             return torch.arange(num_cols, device=device)[-logits_to_keep:].expand(num_rows, -1), None
         keep = logits_to_keep.to(device)

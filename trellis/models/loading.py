@@ -24,8 +24,12 @@ NATIVE_BF16 = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512_BF16", "bf16": "AR
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA, then MPS, then CPU; a device this machine lacks is refused."""
+    """``"auto"`` picks CUDA, then MPS, then CPU; a device this machine lacks is refused, as is
+    ``"meta"`` (tensors without data: nothing could run)."""
     device = device_named(device)
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no weights or K/V to compute with: give a device that computes "
+                         "('cpu', 'cuda', 'mps' or 'auto')")
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
     if available is not None and not available():
         raise ValueError(f"device {str(device)!r} is not available here (this PyTorch build or machine has no "

@@ -61,6 +61,9 @@ class CacheSettings:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
         if self.backend is not None and self.backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {ops.BACKENDS}")
+        for name in ("block_size", "num_blocks", "kv_cache_memory"):  # NumPy ints as ints
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
 
 def free_memory(device: torch.device) -> int:
