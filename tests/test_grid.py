@@ -19,6 +19,7 @@ import time
 import weakref
 from pathlib import Path
 
+import gguf
 import httpx2 as httpx
 import openai
 import pytest
@@ -472,15 +473,20 @@ def test_a_checkpoint_saved_from_the_base_model_gives_each_stage_its_own_layers(
         assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]
 
 
-def test_a_gguf_grid_serves_what_one_process_does_and_reads_no_generation_config(tmp_path):
+def test_a_gguf_grid_serves_what_one_process_does_and_reads_no_generation_config(tmp_path, monkeypatch):
     """A GGUF's stages cut the whole model down; stop tokens and sampling defaults come from its
-    metadata alone, as transformers reads them (no generation_config.json beside it)."""
+    metadata alone, as transformers reads them (no generation_config.json beside it). The
+    coordinator parses the file once, for the config and its layers' weights."""
     write_tiny_gguf(tmp_path / "tiny.gguf")
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 50], "temperature": 0.7}))
     single = TrellisLlama.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", device="cpu", block_size=BLOCK,
                                           num_blocks=256)
     prompts = shared_prefix_prompts(2, 12, 5, 96, seed=5)
+    parsed, parse = [], gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, path, *args: parsed.append(path) or
+                        parse(self, path, *args))
     with LocalGrid(options(str(tmp_path), gguf_file="tiny.gguf"), stages=2) as runner:
+        assert len(parsed) == 2  # LocalGrid's check of the layer count, then the coordinator's one parse
         got, want = runner.model.generation_config, single.generation_config
         assert (got.eos_token_id, got.temperature) == (want.eos_token_id, want.temperature) != ([2, 50], 0.7)
         assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]

@@ -11,6 +11,7 @@ process group. ``local.py`` starts a whole grid on one machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from trellis.grid.shared_host import default_micro_batches, warn_if_spinning
 from trellis.grid.stage import StageWorker, first_floating_dtype, load_stage_model, safetensors_files
 from trellis.grid.transport import GridError, Link
 from trellis.models.embedded import embedded_model_dir
+from trellis.models.gguf_reading import gguf_parsed_once
 from trellis.models.loading import DTYPES, device_named, load_llama_config, preferred_dtype
 from trellis.ops import cpp
 from trellis.runner.runner import CacheSettings, default_kv_cache_memory, free_memory
@@ -235,7 +237,44 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint,
     ranks = range(1, endpoint.world_size)
     joined = wait_for(store, [f"identity/{r}" for r in ranks], options.start_timeout, lost,
                       "not every stage joined")
-    config = load_llama_config(options.model_path, options.load_kwargs())
+    with _one_parse(options):  # (the config and the weights of a GGUF)
+        config = load_llama_config(options.model_path, options.load_kwargs())
+        stages = publish_plan(store, options, config, mine, joined)
+        model = load_stage_model(options.model_path, stages.placement.ranges[0], first=True, last=False,
+                                 dtype=options.torch_dtype, device=device, linear_kernel=options.linear_kernel,
+                                 **options.load_kwargs())
+    model.requires_grad_(False)
+    # Every stage has loaded before the process group forms, whose own wait cannot be cut short.
+    loaded = wait_for(store, [f"loaded/{r}" for r in ranks], options.start_timeout, lost,
+                      "not every stage loaded its layers")
+    group = process_group(store, endpoint, device, options.start_timeout)
+    link = Link(group, 0, endpoint.world_size, config.hidden_size, options.torch_dtype, device, options.step_timeout)
+    settings = CacheSettings(options.block_size, num_blocks=stages.num_blocks)
+    runner = GridRunner(model, settings, link, stages.placement,
+                        options.micro_batches or default_micro_batches(stages.hosts))
+    model.runner = runner
+    kv_bytes = stages.num_blocks * kv_bytes_per_block(config, options.block_size, len(stages.placement.ranges[0]),
+                                                      options.torch_dtype)
+    runner.stage_memory = [{"weight_bytes": weight_bytes(model), "kv_bytes": kv_bytes}, *loaded]
+    for r, memory in enumerate(runner.stage_memory):
+        log.info("stage %d holds %.0f MB of weights and %.0f MB of KV pool", r, memory["weight_bytes"] / 1e6,
+                 memory["kv_bytes"] / 1e6)
+    return runner
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """What the coordinator decided: where the layers go, the pool's size, and each stage's machine."""
+
+    placement: Placement
+    num_blocks: int
+    hosts: list[str]
+
+
+def publish_plan(store, options: GridOptions, config, mine: StageIdentity, joined: list[dict]) -> GridPlan:
+    """Check the stages that ``joined`` against the coordinator (``mine``), plan the grid and publish
+    the plan, or publish the refusal (and wait for the stages to read it) and raise it as a GridError."""
+    ranks = range(1, len(joined) + 1)
     try:
         # (A stage of another Trellis release may report other fields: named as a difference.)
         stages = [mine] + [StageIdentity(**fields) if fields.keys() == asdict(mine).keys() else None for fields in joined]
@@ -253,26 +292,9 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint,
         wait_for_plan_read(store, ranks)
         raise GridError(str(exc)) from exc
     store.set("plan", json.dumps({"layers": placement.spec(), "num_blocks": num_blocks}))
-    log.info("grid of %d stages, %d KV blocks of %d tokens each:\n%s", endpoint.world_size, num_blocks,
+    log.info("grid of %d stages, %d KV blocks of %d tokens each:\n%s", len(stages), num_blocks,
              options.block_size, placement.describe())
-    model = load_stage_model(options.model_path, placement.ranges[0], first=True, last=False,
-                             dtype=options.torch_dtype, device=device, linear_kernel=options.linear_kernel,
-                             **options.load_kwargs())
-    model.requires_grad_(False)
-    # Every stage has loaded before the process group forms, whose own wait cannot be cut short.
-    loaded = wait_for(store, [f"loaded/{r}" for r in ranks], options.start_timeout, lost,
-                      "not every stage loaded its layers")
-    group = process_group(store, endpoint, device, options.start_timeout)
-    link = Link(group, 0, endpoint.world_size, config.hidden_size, options.torch_dtype, device, options.step_timeout)
-    settings = CacheSettings(options.block_size, num_blocks=num_blocks)
-    runner = GridRunner(model, settings, link, placement, options.micro_batches or default_micro_batches(hosts))
-    model.runner = runner
-    kv_bytes = num_blocks * kv_bytes_per_block(config, options.block_size, len(placement.ranges[0]), options.torch_dtype)
-    runner.stage_memory = [{"weight_bytes": weight_bytes(model), "kv_bytes": kv_bytes}, *loaded]
-    for r, memory in enumerate(runner.stage_memory):
-        log.info("stage %d holds %.0f MB of weights and %.0f MB of KV pool", r, memory["weight_bytes"] / 1e6,
-                 memory["kv_bytes"] / 1e6)
-    return runner
+    return GridPlan(placement, num_blocks, hosts)
 
 
 def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
@@ -289,11 +311,12 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
                         f"closed first (see the coordinator's log: it may have refused this stage): {exc}") from exc
     if "error" in plan:
         raise GridError(f"the coordinator refused this grid: {plan['error']}")
-    config = load_llama_config(options.model_path, options.load_kwargs())
-    layers = parse_layers(plan["layers"], config.num_hidden_layers, endpoint.world_size).ranges[endpoint.rank]
-    last = endpoint.rank == endpoint.world_size - 1
-    model = load_stage_model(options.model_path, layers, first=False, last=last, dtype=options.torch_dtype,
-                             device=device, linear_kernel=options.linear_kernel, **options.load_kwargs())
+    with _one_parse(options):
+        config = load_llama_config(options.model_path, options.load_kwargs())
+        layers = parse_layers(plan["layers"], config.num_hidden_layers, endpoint.world_size).ranges[endpoint.rank]
+        last = endpoint.rank == endpoint.world_size - 1
+        model = load_stage_model(options.model_path, layers, first=False, last=last, dtype=options.torch_dtype,
+                                 device=device, linear_kernel=options.linear_kernel, **options.load_kwargs())
     model.requires_grad_(False)
     pool = BlockPool(plan["num_blocks"], options.block_size, len(layers), config.num_key_value_heads,
                      head_dim_of(config), dtype=options.torch_dtype, device=device, layer_ids=layers)
@@ -304,6 +327,11 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     link = Link(group, endpoint.rank, endpoint.world_size, config.hidden_size, options.torch_dtype, device,
                 options.step_timeout)
     return StageWorker(model, pool, link)
+
+
+def _one_parse(options: GridOptions) -> contextlib.AbstractContextManager:
+    """Where the model is a GGUF, one parse of it for the config and the weights (``gguf_parsed_once``)."""
+    return gguf_parsed_once() if options.gguf_file else contextlib.nullcontext()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
