@@ -45,7 +45,7 @@ from trellis.grid import (
 )
 from trellis.grid import local as local_grid
 from trellis.grid import stage as stage_module
-from trellis.grid.launch import StageIdentity, identity, plan_grid, start_stage
+from trellis.grid.launch import StageIdentity, identity, plan_grid, start_coordinator, start_stage
 from trellis.grid.rendezvous import Endpoint, connect, free_port
 from trellis.grid.shared_host import SHARED_HOST_SPIN_COUNT
 from trellis.grid.stage import load_stage_model, run_stage, stage_state_dict
@@ -372,10 +372,38 @@ DTYPE_REFUSAL = ("dtype: float32 on the coordinator, bfloat16 here (--dtype auto
     ("num_blocks", 8, "num_blocks: 256 on the coordinator, 8 here (the coordinator sizes every stage's pool"),
 ])
 def test_a_mismatched_stage_is_refused(tiny_dir, field, value, named):
-    grid = LocalGrid(options(tiny_dir), stages=2, stage_options=dataclasses.replace(options(tiny_dir), **{field: value}))
+    stage_options = dataclasses.replace(options(tiny_dir), **{field: value})
+    if field != "dtype":  # the coordinator and the stage in this process: the handshake is what is tested
+        refusal, stage_refusal = refused_in_process(options(tiny_dir), stage_options)
+        assert named in refusal and stage_refusal == f"the coordinator refused this grid: {refusal}"
+        return
+    grid = LocalGrid(options(tiny_dir), stages=2, stage_options=stage_options)
     with pytest.raises(GridError, match=re.escape(named)):
         grid.__enter__()
-    assert grid.stop(timeout=30) == [2]  # the stage refused too (the command's usage-error status)
+    assert grid.stop(timeout=30) == [2]  # the stage command refused too (its usage-error status)
+
+
+def refused_in_process(coordinator: GridOptions, stage: GridOptions) -> tuple[str, str]:
+    """The refusals of a two-stage grid by its coordinator and by its stage, both started in this
+    process (the stage in a thread): the handshake without a stage process's start-up."""
+    endpoint, threads, refusals = Endpoint(0, 2, "127.0.0.1", free_port()), torch.get_num_threads(), []
+
+    def join() -> None:
+        try:
+            start_stage(stage, Endpoint(1, 2, "127.0.0.1", endpoint.master_port))
+        except GridError as exc:
+            refusals.append(str(exc))
+
+    thread = threading.Thread(target=join)
+    thread.start()
+    try:
+        with pytest.raises(GridError) as refused:
+            start_coordinator(coordinator, endpoint)
+    finally:
+        thread.join(60)
+        torch.set_num_threads(threads)  # (--threads set it for both)
+    assert not thread.is_alive() and len(refusals) == 1, refusals
+    return str(refused.value), refusals[0]
 
 
 def test_a_stage_of_another_grid_size_is_named_and_a_restarted_stage_joins(tiny_dir):
@@ -625,10 +653,8 @@ def test_an_interrupted_step_fails_the_grid_at_once(tiny_dir):
 
 
 def test_a_stage_with_other_weights_is_refused(tiny_dir, other_tiny_dir):
-    grid = LocalGrid(options(tiny_dir), stages=2, stage_options=options(other_tiny_dir))
-    with pytest.raises(GridError, match="model_digest"):
-        grid.__enter__()
-    assert grid.stop(timeout=30) == [2]
+    refusal, _ = refused_in_process(options(tiny_dir), options(other_tiny_dir))
+    assert re.search(r"stage 1 \(.*\): model_digest: \w+ on the coordinator, \w+ here", refusal), refusal
 
 
 @pytest.mark.parametrize(("override", "message"), [
