@@ -224,6 +224,19 @@ def test_a_prebuilt_library_that_does_not_load_gives_way_to_a_build(tmp_path, mo
     assert built == [True]
 
 
+def test_an_environment_reached_by_a_link_builds_apart(tmp_path, monkeypatch):
+    """ninja's build file holds torch's include paths as this interpreter spells them: one
+    environment reached through a symbolic link (a linked .venv) would rewrite the other's build
+    file at each turn, recompiling every kernel, if both shared a build folder."""
+    try:
+        name = cpp.build_name()
+    except cpp.BuildToolsMissing as exc:  # no kernel sources (a bare PYTHONPATH)
+        pytest.skip(str(exc))
+    (tmp_path / "linked").symlink_to(Path(torch.__file__).parent.parent)
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "linked" / "torch" / "__init__.py"))
+    assert cpp.build_name() != name and cpp.build_name().startswith(cpp.library_name())
+
+
 def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
     """torch's build lock (the file ``lock`` in the build directory) outlives a build whose process
     was killed, and torch then waits for it forever; Trellis' own lock tells a dead build's from a

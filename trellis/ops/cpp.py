@@ -67,8 +67,9 @@ def build_name() -> str:
     """The name of this checkout's build in torch's extension cache: the library's, and a digest
     of where its sources and torch lie. ninja's build file holds those absolute paths, so two
     checkouts (or virtual environments) sharing one folder would rebuild each other's kernels
-    whenever they took turns."""
-    where = f"{kernel_dir().resolve()}\n{Path(torch.__file__).resolve().parent}\n{torch.__version__}"
+    whenever they took turns. The paths as the build spells them, symbolic links unresolved: one
+    environment reached by two paths (a linked ``.venv``) writes two build files."""
+    where = f"{kernel_dir().absolute()}\n{Path(os.path.abspath(torch.__file__)).parent}\n{torch.__version__}"
     return f"{library_name()}_{hashlib.blake2b(where.encode(), digest_size=4).hexdigest()}"
 
 
