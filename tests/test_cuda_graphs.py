@@ -86,7 +86,7 @@ def test_replayed_decode_steps_give_the_eager_results(recorder, dtype):
     """Three sessions of different lengths, finishing at different steps (3, 2, then 1 sequences a
     step: a graph for each), with graphs on and off: the same tokens and log-probabilities."""
     model = model_on(dtype)
-    batch, lengths = prompts(3, 9), [4, 7, 10]
+    batch, lengths = prompts(3, 9), [2, 3, 4]
     eager = generate(model, batch, lengths, graphs=False)
     assert model.runner._decode_graphs is None
     replayed = generate(model, batch, lengths, graphs=True)
@@ -133,12 +133,12 @@ def test_graphs_follow_the_decoder_and_the_pool(recorder):
     called each time. Fewer layers (an early-exit drafter's forward): graphs of that depth beside the
     others, the eager results at each depth. A reset of the cache or new cache settings drop the graphs."""
     model = model_on()
-    batch, lengths = prompts(2, 7), [5, 5]
+    batch, lengths = prompts(2, 7), [3, 3]
     eager = generate(model, batch, lengths, graphs=False)
     calls = []
     handle = model.model.layers[1].register_forward_hook(lambda *args: calls.append(1))
     assert generate(model, batch, lengths, graphs=True) == eager
-    assert model.runner._decode_graphs is None and len(calls) == 5  # a prefill and four decode steps
+    assert model.runner._decode_graphs is None and len(calls) == 3  # a prefill and two decode steps
     handle.remove()
 
     model.config.num_hidden_layers = 1
@@ -198,10 +198,10 @@ def test_early_exit_drafting_gives_the_eager_tokens(recorder):
     ids = torch.tensor(prompts(1, 10), device=model.device)
     with torch.no_grad():
         model.runner.use_cuda_graphs = False
-        eager = model.generate(ids, max_new_tokens=24, do_sample=False, assistant_early_exit=1)
+        eager = model.generate(ids, max_new_tokens=12, do_sample=False, assistant_early_exit=1)
         model.prefix_cache.reset()
         model.runner.use_cuda_graphs = True
-        replayed = model.generate(ids, max_new_tokens=24, do_sample=False, assistant_early_exit=1)
+        replayed = model.generate(ids, max_new_tokens=12, do_sample=False, assistant_early_exit=1)
     assert torch.equal(replayed, eager)
     graphs = model.runner._decode_graphs
     assert graphs is not None and graphs.captures == 1
