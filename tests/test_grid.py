@@ -1,6 +1,8 @@
 """The grid: stages in separate processes over loopback (gloo, one thread each) compute what one
 process does — the same greedy tokens, scores and prefix hits — and fail cleanly when a stage
-dies, hangs or differs."""
+dies, hangs or differs. Tests of what a grid computes run its stages as threads of the test
+process (``grid_in_process``), over the same loopback; those of the stage processes, their
+commands and their failures start them (``LocalGrid``)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -36,6 +39,7 @@ from trellis.eval.scoring import score_continuations
 from trellis.grid import (
     GridError,
     GridOptions,
+    GridRunner,
     LocalGrid,
     devices,
     launch,
@@ -89,6 +93,47 @@ def run_engine(runner_or_model, prompts, max_new_tokens: int) -> tuple[list[list
 def options(path: str, **overrides) -> GridOptions:
     settings = {"block_size": BLOCK, "num_blocks": 256, "threads": 1, "step_timeout": 20, "start_timeout": 120}
     return GridOptions(model=path, **{**settings, **overrides})
+
+
+@contextlib.contextmanager
+def grid_in_process(options: GridOptions, stages: int) -> Iterator[GridRunner]:
+    """A grid whose stages are threads of this process, over loopback as a ``LocalGrid``'s: for the
+    tests of what a grid computes, without a stage process's start-up (~5 s of imports each). The
+    stage processes themselves are tested with ``LocalGrid``."""
+    endpoint, threads, failures = Endpoint(0, stages, "127.0.0.1", free_port()), torch.get_num_threads(), []
+    # One stage loads at a time: transformers' from_pretrained is not thread-safe (it patches how
+    # every module is built, process-wide, to build on the meta device while it loads).
+    load, loading = launch.load_stage_model, threading.Lock()
+
+    def load_alone(*args, **kwargs) -> TrellisLlama:
+        with loading:
+            return load(*args, **kwargs)
+
+    def serve(rank: int) -> None:
+        try:
+            code = run_stage(start_stage(options, Endpoint(rank, stages, "127.0.0.1", endpoint.master_port)))
+        except Exception as exc:  # noqa: BLE001 -- reported by the test, not lost in a thread
+            failures.append(f"stage {rank}: {type(exc).__name__}: {exc}")
+        else:
+            if code != 0:
+                failures.append(f"stage {rank} stopped with status {code}")
+
+    workers = [threading.Thread(target=serve, args=(rank,), daemon=True) for rank in range(1, stages)]
+    launch.load_stage_model = load_alone
+    for worker in workers:
+        worker.start()
+    runner = None
+    try:
+        runner = start_coordinator(options, endpoint)
+        yield runner
+    finally:
+        if runner is not None:
+            runner.close()
+        for worker in workers:
+            worker.join(30)
+        torch.set_num_threads(threads)  # (--threads set it for every stage)
+        launch.load_stage_model = load
+    assert not failures and not any(worker.is_alive() for worker in workers), failures
 
 
 # --- placement and messages ------------------------------------------------------------------
@@ -211,7 +256,7 @@ def test_prefix_hits_count_as_in_one_process(tiny_dir):
     single = TrellisLlama.from_pretrained(tiny_dir, device="cpu", block_size=BLOCK, num_blocks=256)
     run_engine(single, prompts, 4)
     run_engine(single, prompts[:2], 4)
-    with LocalGrid(options(tiny_dir, micro_batches=1), stages=2) as runner:
+    with grid_in_process(options(tiny_dir, micro_batches=1), stages=2) as runner:
         run_engine(runner, prompts, 4)
         run_engine(runner, prompts[:2], 4)
         grid, one = runner.prefix_cache.stats(), single.prefix_cache.stats()
@@ -229,7 +274,7 @@ def test_more_steps_than_stages_wait_their_turn_and_prefix_files_are_refused(tin
     want, _ = run_engine(single, prompts, 8)
     with torch.no_grad():
         want_logits = single(torch.tensor([[5, 6, 7]])).logits
-    with LocalGrid(options(tiny_dir, micro_batches=3, step_timeout=10), stages=2) as runner:
+    with grid_in_process(options(tiny_dir, micro_batches=3, step_timeout=10), stages=2) as runner:
         got, _ = run_engine(runner, prompts, 8)
         assert got == want
         engine = Engine(runner)
@@ -268,7 +313,7 @@ def smollm2_answers() -> tuple[list[list[int]], list[list[int]], int]:
 @pytest.mark.parametrize("stages", [2, 3])
 def test_smollm2_grid_matches_one_process(smollm2_answers, stages):
     prompts, want, hits = smollm2_answers
-    with LocalGrid(GridOptions(num_blocks=64, threads=1, step_timeout=60), stages=stages) as runner:
+    with grid_in_process(GridOptions(num_blocks=64, threads=1, step_timeout=60), stages=stages) as runner:
         got, _ = run_engine(runner, prompts, 12)
         assert got == want
         assert runner.prefix_cache.stats()["hit_tokens"] == hits
@@ -356,7 +401,7 @@ def test_dtype_auto_is_what_each_stage_runs_fastest(tiny_dir, tmp_path, monkeypa
     prompts = shared_prefix_prompts(2, 40, 5, 256, seed=3)
     single = TrellisLlama.from_pretrained(tiny_dir, dtype=getattr(torch, here), device="cpu", block_size=BLOCK,
                                           num_blocks=256)
-    with LocalGrid(options(tiny_dir, dtype="auto", device="cpu"), stages=2) as runner:
+    with grid_in_process(options(tiny_dir, dtype="auto", device="cpu"), stages=2) as runner:
         assert runner.model.dtype == getattr(torch, here)
         assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]
 
@@ -479,7 +524,7 @@ def test_the_coordinator_reads_the_checkpoints_generation_config(tiny_dir, tmp_p
                                                              "pad_token_id": 0, "temperature": 0.7}))
     single = TrellisLlama.from_pretrained(str(path), device="cpu")
     assert single.generation_config.eos_token_id == [1, 175]
-    with LocalGrid(options(str(path)), stages=2) as runner:
+    with grid_in_process(options(str(path)), stages=2) as runner:
         got = runner.model.generation_config
         assert (got.eos_token_id, got.temperature) == ([1, 175], 0.7) == \
             (single.generation_config.eos_token_id, single.generation_config.temperature)
@@ -495,7 +540,7 @@ def test_a_checkpoint_saved_from_the_base_model_gives_each_stage_its_own_layers(
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         want = single(ids).logits
-    with LocalGrid(options(str(tmp_path)), stages=2) as runner:
+    with grid_in_process(options(str(tmp_path)), stages=2) as runner:
         with torch.no_grad():
             torch.testing.assert_close(runner.model(ids).logits, want, rtol=1e-5, atol=1e-5)
         assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]
@@ -503,8 +548,8 @@ def test_a_checkpoint_saved_from_the_base_model_gives_each_stage_its_own_layers(
 
 def test_a_gguf_grid_serves_what_one_process_does_and_reads_no_generation_config(tmp_path, monkeypatch):
     """A GGUF's stages cut the whole model down; stop tokens and sampling defaults come from its
-    metadata alone, as transformers reads them (no generation_config.json beside it). The
-    coordinator parses the file once, for the config and its layers' weights."""
+    metadata alone, as transformers reads them (no generation_config.json beside it). Each stage
+    parses the file once, for the config and its layers' weights."""
     write_tiny_gguf(tmp_path / "tiny.gguf")
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 50], "temperature": 0.7}))
     single = TrellisLlama.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", device="cpu", block_size=BLOCK,
@@ -513,8 +558,8 @@ def test_a_gguf_grid_serves_what_one_process_does_and_reads_no_generation_config
     parsed, parse = [], gguf.GGUFReader.__init__
     monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, path, *args: parsed.append(path) or
                         parse(self, path, *args))
-    with LocalGrid(options(str(tmp_path), gguf_file="tiny.gguf"), stages=2) as runner:
-        assert len(parsed) == 2  # LocalGrid's check of the layer count, then the coordinator's one parse
+    with grid_in_process(options(str(tmp_path), gguf_file="tiny.gguf"), stages=2) as runner:
+        assert len(parsed) == 2  # one for each stage (here both in this process)
         got, want = runner.model.generation_config, single.generation_config
         assert (got.eos_token_id, got.temperature) == (want.eos_token_id, want.temperature) != ([2, 50], 0.7)
         assert run_engine(runner, prompts, 6)[0] == run_engine(single, prompts, 6)[0]
@@ -716,7 +761,7 @@ def test_local_cuda_stages_without_a_gpu_each_are_refused_before_any_stage_start
 
 
 def test_grid_refuses_what_it_cannot_compute(tiny_dir):
-    with LocalGrid(options(tiny_dir, linear_kernel="blas"), stages=2) as runner:  # a kernel chosen, not the default
+    with grid_in_process(options(tiny_dir, linear_kernel="blas"), stages=2) as runner:  # a kernel chosen, not the default
         with pytest.raises(ValueError, match="fixed when the grid starts"):
             runner.configure(runner.settings)
         with pytest.raises(ValueError, match="output_hidden_states"):
@@ -758,12 +803,12 @@ def test_a_longrope_grid_shares_no_long_frequency_forward_and_keeps_every_buffer
     ref = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     prompt = torch.tensor([[5, 9, 13, 17, 21, 25] * 3])
     drafted = {"max_new_tokens": 7, "do_sample": False, "prompt_lookup_num_tokens": 10}
-    with LocalGrid(options(str(tmp_path)), stages=2) as runner, torch.no_grad():
+    with grid_in_process(options(str(tmp_path)), stages=2) as runner, torch.no_grad():
         assert torch.equal(runner.model.generate(prompt, **drafted), ref.generate(prompt, **drafted))
         assert runner.prefix_cache.stats()["cached_blocks"] == 0
         torch.testing.assert_close(runner.model(prompt, logits_to_keep=1).logits, ref(prompt).logits[:, -1:],
                                    rtol=1e-5, atol=1e-5)
-    with LocalGrid(options(str(tmp_path), dtype="bfloat16"), stages=2) as runner:
+    with grid_in_process(options(str(tmp_path), dtype="bfloat16"), stages=2) as runner:
         assert runner.model.model.rotary_emb.inv_freq.dtype == torch.float32
         with pytest.raises(ValueError, match="dtype and device are fixed when it starts"):
             runner.model.to(torch.bfloat16)
