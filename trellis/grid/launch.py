@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import transformers
+from transformers import PretrainedConfig
 
 from trellis.cache.block_pool import BlockPool
 from trellis.grid.devices import check_grid_device, stage_device
@@ -239,8 +241,8 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint,
                       "not every stage joined")
     with _one_parse(options):  # (the config and the weights of a GGUF)
         config = load_llama_config(options.model_path, options.load_kwargs())
-        stages = publish_plan(store, options, config, mine, joined)
-        model = load_stage_model(options.model_path, stages.placement.ranges[0], first=True, last=False,
+        plan = publish_plan(store, options, config, mine, joined)
+        model = load_stage_model(options.model_path, plan.placement.ranges[0], first=True, last=False,
                                  dtype=options.torch_dtype, device=device, linear_kernel=options.linear_kernel,
                                  **options.load_kwargs())
     model.requires_grad_(False)
@@ -249,12 +251,12 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint,
                       "not every stage loaded its layers")
     group = process_group(store, endpoint, device, options.start_timeout)
     link = Link(group, 0, endpoint.world_size, config.hidden_size, options.torch_dtype, device, options.step_timeout)
-    settings = CacheSettings(options.block_size, num_blocks=stages.num_blocks)
-    runner = GridRunner(model, settings, link, stages.placement,
-                        options.micro_batches or default_micro_batches(stages.hosts))
+    settings = CacheSettings(options.block_size, num_blocks=plan.num_blocks)
+    runner = GridRunner(model, settings, link, plan.placement,
+                        options.micro_batches or default_micro_batches(plan.hosts))
     model.runner = runner
-    kv_bytes = stages.num_blocks * kv_bytes_per_block(config, options.block_size, len(stages.placement.ranges[0]),
-                                                      options.torch_dtype)
+    kv_bytes = plan.num_blocks * kv_bytes_per_block(config, options.block_size, len(plan.placement.ranges[0]),
+                                                    options.torch_dtype)
     runner.stage_memory = [{"weight_bytes": weight_bytes(model), "kv_bytes": kv_bytes}, *loaded]
     for r, memory in enumerate(runner.stage_memory):
         log.info("stage %d holds %.0f MB of weights and %.0f MB of KV pool", r, memory["weight_bytes"] / 1e6,
@@ -271,7 +273,8 @@ class GridPlan:
     hosts: list[str]
 
 
-def publish_plan(store, options: GridOptions, config, mine: StageIdentity, joined: list[dict]) -> GridPlan:
+def publish_plan(store: dist.Store, options: GridOptions, config: PretrainedConfig, mine: StageIdentity,
+                 joined: list[dict]) -> GridPlan:
     """Check the stages that ``joined`` against the coordinator (``mine``), plan the grid and publish
     the plan, or publish the refusal (and wait for the stages to read it) and raise it as a GridError."""
     ranks = range(1, len(joined) + 1)
