@@ -11,7 +11,6 @@ process group. ``local.py`` starts a whole grid on one machine.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -239,7 +238,7 @@ def start_coordinator(options: GridOptions, endpoint: Endpoint,
     ranks = range(1, endpoint.world_size)
     joined = wait_for(store, [f"identity/{r}" for r in ranks], options.start_timeout, lost,
                       "not every stage joined")
-    with _one_parse(options):  # (the config and the weights of a GGUF)
+    with gguf_parsed_once():  # (a GGUF's config and weights from one parse, as load_stage_model reads them)
         config = load_llama_config(options.model_path, options.load_kwargs())
         plan = publish_plan(store, options, config, mine, joined)
         model = load_stage_model(options.model_path, plan.placement.ranges[0], first=True, last=False,
@@ -314,7 +313,7 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
                         f"closed first (see the coordinator's log: it may have refused this stage): {exc}") from exc
     if "error" in plan:
         raise GridError(f"the coordinator refused this grid: {plan['error']}")
-    with _one_parse(options):
+    with gguf_parsed_once():
         config = load_llama_config(options.model_path, options.load_kwargs())
         layers = parse_layers(plan["layers"], config.num_hidden_layers, endpoint.world_size).ranges[endpoint.rank]
         last = endpoint.rank == endpoint.world_size - 1
@@ -330,11 +329,6 @@ def start_stage(options: GridOptions, endpoint: Endpoint) -> StageWorker:
     link = Link(group, endpoint.rank, endpoint.world_size, config.hidden_size, options.torch_dtype, device,
                 options.step_timeout)
     return StageWorker(model, pool, link)
-
-
-def _one_parse(options: GridOptions) -> contextlib.AbstractContextManager:
-    """Where the model is a GGUF, one parse of it for the config and the weights (``gguf_parsed_once``)."""
-    return gguf_parsed_once() if options.gguf_file else contextlib.nullcontext()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
