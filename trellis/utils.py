@@ -21,6 +21,14 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def store_as_ints(instance: object, names: Iterable[str]) -> None:
+    """Set each of ``instance``'s attributes ``names`` that is not None to ``int()`` of itself (a
+    frozen dataclass's too): what ``is_int`` passed, NumPy integers included, kept as Python ints."""
+    for name in names:
+        if getattr(instance, name) is not None:
+            object.__setattr__(instance, name, int(getattr(instance, name)))
+
+
 def is_positive_int(value: object) -> bool:
     """An ``int`` above zero (``is_int``)."""
     return is_int(value) and value > 0

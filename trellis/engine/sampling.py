@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from trellis.utils import is_int, is_positive_int
+from trellis.utils import is_int, is_positive_int, store_as_ints
 
 # A session's logits processor, with transformers' contract: (input_ids [1, L] int64, scores [1, V]
 # float32) -> scores [1, V]; it may modify ``scores`` in place.
@@ -89,9 +89,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 0):
                 raise ValueError(f"{name} must be None or a number of alternatives >= 0, got {value!r}")
-        for name in ("max_new_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):  # NumPy ints as ints
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, int(getattr(self, name)))
+        store_as_ints(self, ("max_new_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))  # (a list too; kept hashable)
 
     @classmethod

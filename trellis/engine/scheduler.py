@@ -30,7 +30,7 @@ from trellis.cache.block_pool import OutOfBlocksError
 from trellis.cache.manager import AdmissionCost, KVCacheManager, blocks_for_fork
 from trellis.cache.radix import shared_whole_blocks
 from trellis.engine.session import Session
-from trellis.utils import is_int
+from trellis.utils import is_int, store_as_ints
 
 LOOKAHEAD = 8  # waiting sessions that must wait, passed over in one step before admission stops looking
 
@@ -51,7 +51,7 @@ class Scheduler:
             if not is_int(value) or value < least:
                 kind = "a positive" if least else "a non-negative"
                 raise ValueError(f"{name} must be {kind} integer, got {value!r}")
-            setattr(self, name, int(value))
+        store_as_ints(self, ("max_batch_tokens", "max_running", "max_overtakes"))
 
     def schedule(self, waiting: deque[Session], running: list[Session], manager: KVCacheManager,
                  others: Sequence[Session] = (), max_admit: int | None = None) -> list[Session]:

@@ -37,7 +37,7 @@ from trellis.runner.host_memory import keep_freed_memory
 from trellis.runner.huge_pages import place_on_huge_pages
 from trellis.runner.rope import dynamic_rope, long_rope
 from trellis.runner.weights_watcher import WeightsWatcher, registration_count, watch_registrations
-from trellis.utils import head_dim_of, is_positive_int, outside_vocabulary
+from trellis.utils import head_dim_of, is_positive_int, outside_vocabulary, store_as_ints
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled attention kernels take
 LM_HEAD_ROWS = 256  # rows per LM head matmul when scoring many positions: keeps the [rows, vocab] logits small
@@ -61,9 +61,7 @@ class CacheSettings:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
         if self.backend is not None and self.backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {ops.BACKENDS}")
-        for name in ("block_size", "num_blocks", "kv_cache_memory"):  # NumPy ints as ints
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, int(getattr(self, name)))
+        store_as_ints(self, ("block_size", "num_blocks", "kv_cache_memory"))
 
 
 def free_memory(device: torch.device) -> int:
