@@ -2,7 +2,8 @@
 
 Kernels: y = x @ W^T at TinyLlama-1.1B's shapes (2048x2048, 5632x2048, 2048x5632) and SmolLM2's
 (576x576, 1536x576, 576x1536 and the 49152x576 LM head), for Q4_0, Q4_1 and Q8_0 weights and
-M = 1, 4 (decode) and 512 (prefill) rows. Each variant cycles through enough copies of its
+M = 1, 4 (decode) and 512 (prefill) rows, with x as it is and rounded to 8-bit blocks
+(``quantize_x``: integer dot products). Each variant cycles through enough copies of its
 weight (~192 MB) that the weights stream from memory, as in a forward, rather than from the
 last-level cache. Reported: ms per call, GB/s of weight bytes read (the figure that bounds
 decode) and GFLOP/s (the one that bounds prefill); fp32 ``F.linear`` (PyTorch's BLAS) and
@@ -58,7 +59,8 @@ def kernel_rows(rows: list[int], repeats: int, quick: bool) -> list[dict]:
     results = []
     rng = np.random.default_rng(0)
     print("| shape (N x K) | M | format | quant ms | quant GB/s | fp32 F.linear ms | fp32 GB/s | oneDNN fp32 ms "
-          "| speed-up vs best fp32 | quant GFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| speed-up vs best fp32 | quant GFLOP/s | 8-bit x ms | 8-bit x GB/s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, shapes in SHAPES.items():
         for n, k in shapes[:1] if quick else shapes:
             weight = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32))
@@ -71,17 +73,19 @@ def kernel_rows(rows: list[int], repeats: int, quick: bool) -> list[dict]:
                     x = torch.randn(m, k)
                     with torch.no_grad():
                         t_quant = time_per_call(lambda w, x=x, qtype=qtype: ops.quant_linear(x, w, qtype), pool, repeats)
+                        t_q8 = time_per_call(lambda w, x=x, qtype=qtype: ops.quant_linear(x, w, qtype, True), pool, repeats)
                         t_blas = time_per_call(lambda w, x=x: F.linear(x, w), fp32, repeats)
                         t_dnn = time_per_call(lambda w, x=x: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
                                               onednn, repeats)
                     row = {"model": model, "N": n, "K": k, "M": m, "qtype": qtype, "quant_ms": t_quant,
                            "quant_GBps": blocks.numel() / t_quant / 1e6, "fp32_blas_ms": t_blas,
                            "fp32_GBps": weight.numel() * 4 / t_blas / 1e6, "fp32_onednn_ms": t_dnn,
-                           "quant_GFLOPs": 2 * m * n * k / t_quant / 1e6}
+                           "quant_GFLOPs": 2 * m * n * k / t_quant / 1e6, "quantize_x_ms": t_q8,
+                           "quantize_x_GBps": blocks.numel() / t_q8 / 1e6}
                     results.append(row)
                     print(f"| {n}x{k} | {m} | {qtype} | {t_quant:.3f} | {row['quant_GBps']:.1f} | {t_blas:.3f} | "
                           f"{row['fp32_GBps']:.1f} | {t_dnn:.3f} | {min(t_blas, t_dnn) / t_quant:.2f}x | "
-                          f"{row['quant_GFLOPs']:.0f} |", flush=True)
+                          f"{row['quant_GFLOPs']:.0f} | {t_q8:.3f} | {row['quantize_x_GBps']:.1f} |", flush=True)
     return results
 
 

@@ -44,7 +44,7 @@ struct LayerOps {
                          const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
                          const std::optional<at::Tensor>&);
   using SiluMul = at::Tensor(const at::Tensor&, const at::Tensor&);
-  using QuantGroup = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, c10::string_view);
+  using QuantGroup = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, c10::string_view, bool);
   using PanelGroup = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::IntArrayRef);
 
   c10::TypedOperatorHandle<Norm> add_rms_norm = find_op<Norm>("trellis_cpp::add_rms_norm");
@@ -109,7 +109,7 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
         outputs.push_back(kind == "linear" ? at::linear(x, weight) : onednn_linear(x, weight));
       return outputs;
     }
-    return ops.quant_linear_group.call(x, group, kind);
+    return ops.quant_linear_group.call(x, group, kind, /*quantize_x=*/false);
   };
   std::optional<at::Tensor> update;  // what the last sublayer adds to the stream
   for (int64_t l = 0; l < layers; ++l) try {

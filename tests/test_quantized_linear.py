@@ -129,6 +129,82 @@ def test_group_refuses_weights_of_another_width():
                                backend="reference")
 
 
+# --- x rounded to 8-bit blocks (quantize_x) -------------------------------------------------------
+
+QUANTIZED = quant.QUANTIZED_QTYPES
+
+
+def test_round_to_q8_is_integers_times_a_block_scale():
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 1e-3, 50.0]).repeat_interleave(32)
+    x[1, 32:64] = 0  # a block of zeros stays zero
+    rounded = quant.round_to_q8(x).reshape(3, 3, 32)
+    scale = x.reshape(3, 3, 32).abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, rounded / scale, 0)  # (the division rounds)
+    assert (q - q.round()).abs().max() < 1e-4 and q.round().abs().max() == 127
+    assert torch.equal(rounded[1, 1], torch.zeros(32))
+    assert ((rounded - x.reshape(3, 3, 32)).abs() <= scale / 2 * (1 + 1e-6)).all()
+    # halves round to even: a block whose max is 127 has the scale 1
+    ties = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 126.5] + [0.0] * 24)
+    assert quant.round_to_q8(ties)[:8].tolist() == [127, 0, 2, 2, 0, -2, 4, 126]
+    assert quant.round_to_q8(x.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9, 40])  # the integer decode path and the blocked path
+def test_kernel_quantize_x_rounds_as_the_reference(rows):
+    """An identity weight (Q8_0, scale 1) gives back x as the kernel rounded it, exactly: the
+    integers and scales of ``round_to_q8``, ties and all; a block with an inf or NaN gives NaN."""
+    blocks = torch.zeros(64, 2, 34, dtype=torch.uint8)  # [rows, blocks, d and 32 q]
+    blocks[..., :2] = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
+    for j in range(64):
+        blocks[j, j // 32, 2 + j % 32] = 1
+    blocks = blocks.reshape(64, 68)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)) * 3
+    x[0, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 126.5])
+    x[0, 8:32] = 0
+    for backend in ("cpp", "reference"):
+        assert torch.equal(ops.quant_linear(x, blocks, "Q8_0", True, backend=backend), quant.round_to_q8(x))
+    x[-1, 40], x[0, 33] = float("nan"), float("inf")
+    y = ops.quant_linear(x, blocks, "Q8_0", True)
+    assert y[-1].isnan().all() and y[0].isnan().all() and not y[1:-1].isnan().any()
+
+
+def check_close_rounded(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Within fp32 error of the exact product of x rounded to 8-bit blocks."""
+    check_close(y, quant.round_to_q8(x), weight)
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 33])
+def test_kernel_quantize_x_matches_the_rounded_matmul(qtype, rows):
+    # 131 = 4 * 32 + 3 features: every variant of weight rows per step, and single rows after.
+    blocks, weight = quantized(131, 352, qtype, seed=rows)
+    x = torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
+    for backend in ("cpp", "reference"):
+        check_close_rounded(ops.quant_linear(x, blocks, qtype, True, backend=backend), x, weight)
+    y = ops.quant_linear(x.bfloat16(), blocks, qtype, True)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ops.quant_linear(x.bfloat16().float(), blocks, qtype, True).bfloat16())
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED)
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_kernel_quantize_x_group_is_each_weight_alone(qtype, rows):
+    weights = [quantized(n, 352, qtype, seed=n)[0] for n in (131, 7, 64)]
+    x = torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
+    group = ops.quant_linear_group(x, weights, qtype, True)
+    assert all(torch.equal(g, ops.quant_linear(x, w, qtype, True)) for g, w in zip(group, weights, strict=True))
+    for y, want in zip(group, ops.quant_linear_group(x, weights, qtype, True, backend="reference"), strict=True):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("qtype", ["BF16", "F32"])
+def test_kernel_quantize_x_is_refused_for_plain_weights(backend, qtype):
+    weight = torch.randn(8, 64).to(quant.PLAIN_DTYPES[qtype])
+    with pytest.raises(ValueError, match=f"quantize_x rounds x for block-quantized weights .*, not {qtype}"):
+        ops.quant_linear(torch.randn(2, 64), weight, qtype, True, backend=backend)
+
+
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_kernels_at_lower_simd_levels(capability):
     """The kernel tests of this file again, over the kernels built for AVX2 and for no SIMD
@@ -158,6 +234,7 @@ def test_op_schema_and_fake_kernel():
     x = torch.randn(3, 64)
     torch.testing.assert_close(compiled(x), 2 * ops.quant_linear(x, blocks, "Q4_0"))
     torch.library.opcheck(torch.ops.trellis.quant_linear_group.default, (torch.randn(3, 64), [blocks, blocks], "Q4_0"))
+    torch.library.opcheck(torch.ops.trellis.quant_linear_group.default, (torch.randn(3, 64), [blocks], "Q4_0", True))
     plain, x16 = torch.randn(40, 64, dtype=torch.bfloat16), torch.randn(3, 64, dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.trellis.quant_linear.default, (x16, plain, "BF16"))  # a plain weight as its blocks
 

@@ -4,8 +4,8 @@
     plan = plan_attention(block_table, seq_lens, cu_seqlens_q, ...)      once per forward
     out = run_attention(plan, q, k_cache, v_cache, scale)                in every layer
     out = paged_attention(q, k_cache, v_cache, block_table, ...)         plan and run, in one call
-    y = quant_linear(x, weight, qtype)                                   x @ W^T, W in GGUF blocks
-    ys = quant_linear_group(x, weights, qtype)                           x @ W^T for each W, one call
+    y = quant_linear(x, weight, qtype, quantize_x=False)                 x @ W^T, W in GGUF blocks (x in 8 bits)
+    ys = quant_linear_group(x, weights, qtype, quantize_x=False)         x @ W^T for each W, one call
     y = panel_linear(x, panels, bias, out_features)                      x @ W^T + bias, bf16/fp32 W in panels
     ys = panel_linear_group(x, panels, out_features)                     each bias-free W, one call
     y = add_rms_norm(x, residual, weight, eps)                           x += residual; RMSNorm(x)

@@ -161,28 +161,32 @@ def _attend(
     return out
 
 
-def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str, backend: str | None = None) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str, quantize_x: bool = False,
+                 backend: str | None = None) -> torch.Tensor:
     """``x [..., K] @ W^T -> [..., N]`` for ``W`` held as GGUF blocks: ``weight`` uint8
     ``[N, K / 32 * block bytes]`` of ``qtype`` (``Q8_0``, ``Q4_0``, ``Q4_1``; see ``quant.py``), or
     for ``BF16`` and ``F32`` the plain ``[N, K]`` weight itself (or its bytes). ``x`` fp32 or bf16,
-    accumulated in fp32, returned in ``x``'s dtype. The C++ kernel on CPU; the reference
-    (dequantize, then ``F.linear``) on other devices, and where the backend is ``reference``."""
+    accumulated in fp32, returned in ``x``'s dtype; with ``quantize_x`` (block formats only), ``x``
+    rounded to 8-bit blocks first, as llama.cpp does (``quant.round_to_q8``). The C++ kernel on
+    CPU; the reference (dequantize, then ``F.linear``) on other devices, and where the backend is
+    ``reference``."""
     if resolve_backend(backend, x.device) == "cpp":
-        return kernels("cpp").quant_linear(x, weight, qtype)
-    quant.check_quant_linear(x, weight, qtype)
-    return quant.quant_linear(x, weight, qtype)
+        return kernels("cpp").quant_linear(x, weight, qtype, quantize_x)
+    quant.check_quant_linear(x, weight, qtype, quantize_x)
+    return quant.quant_linear(x, weight, qtype, quantize_x)
 
 
-def quant_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], qtype: str,
+def quant_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], qtype: str, quantize_x: bool = False,
                        backend: str | None = None) -> list[torch.Tensor]:
-    """``quant_linear(x, weight, qtype)`` for each of ``weights`` (one qtype, the same input width:
-    a layer's q/k/v or gate/up projections), as one call: on CPU a decode step's few rows of ``x``
-    stream every weight in one parallel region, where separate calls would each wake the threads."""
+    """``quant_linear(x, weight, qtype, quantize_x)`` for each of ``weights`` (one qtype, the same
+    input width: a layer's q/k/v or gate/up projections), as one call: on CPU a decode step's few
+    rows of ``x`` stream every weight in one parallel region, where separate calls would each wake
+    the threads (and ``x`` is rounded once)."""
     if resolve_backend(backend, x.device) == "cpp":
-        return kernels("cpp").quant_linear_group(x, list(weights), qtype)
+        return kernels("cpp").quant_linear_group(x, list(weights), qtype, quantize_x)
     for weight in weights:
-        quant.check_quant_linear(x, weight, qtype)
-    return quant.quant_linear_group(x, list(weights), qtype)
+        quant.check_quant_linear(x, weight, qtype, quantize_x)
+    return quant.quant_linear_group(x, list(weights), qtype, quantize_x)
 
 
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int,

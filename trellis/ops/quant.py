@@ -17,6 +17,11 @@ where ``n_i`` is the low nibble of byte ``i`` for ``i < 16`` and the high nibble
 same in fp32): the kernels stream it at one or a few rows, where oneDNN's bf16 matmul reads it
 slower. It is passed as it is, ``[out_features, in_features]`` in its dtype, or seen as bytes
 (``weight.view(torch.uint8)``). Activations are fp32 or bf16, and the product is computed in fp32.
+
+With ``quantize_x=True`` (block-quantized weights only), ``x`` is first rounded to 8-bit blocks
+as llama.cpp's CPU matmuls round it (``round_to_q8``): each block of 32 values becomes
+``q_i * d`` with ``d = max|x| / 127`` and ``q_i`` an integer in [-127, 127]. The product is then
+that of the rounded ``x``, which the CPU kernels compute with integer dot products per block.
 """
 
 from __future__ import annotations
@@ -55,13 +60,15 @@ def check_weight(weight: torch.Tensor, qtype: str, in_features: int) -> None:
             f"do not hold {in_features} {qtype} weights ({row_bytes(in_features, qtype)} bytes)")
 
 
-def check_quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str) -> None:
+def check_quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str, quantize_x: bool = False) -> None:
     """The arguments of ``quant_linear``, with the C++ kernel's errors (it checks its own)."""
     if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"quant_linear: x must be float32 or bfloat16, got {x.dtype}")
     require(x.dim() >= 1, "quant_linear: x must have at least one dimension")
     check_weight(weight, qtype, x.shape[-1])
     require(x.device == weight.device, f"quant_linear: x is on {x.device} but weight on {weight.device}")
+    require(not quantize_x or qtype in QUANTIZED_QTYPES, f"quant_linear: quantize_x rounds x for block-quantized "
+            f"weights ({', '.join(QUANTIZED_QTYPES)}), not {qtype}")
 
 
 def dequantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -84,11 +91,25 @@ def dequantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     return (d * nibbles + m).reshape(shape)
 
 
-def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str) -> torch.Tensor:
-    """``x [..., K] @ dequantize(weight)^T -> [..., N]`` in fp32, returned in ``x``'s dtype."""
-    return F.linear(x.float(), dequantize(weight, qtype)).to(x.dtype)
+def round_to_q8(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` (``K`` a multiple of 32) in fp32, each block of 32 values rounded to 8 bits:
+    ``q_i * d`` where ``d = amax / 127`` and ``q_i = round(x_i * (127 / amax))`` (half to even;
+    ``amax = max |x_i|``, a block of zeros stays zero). The C++ kernels round with these very fp32
+    operations, so both see the same integers and scales."""
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inverse) * (amax / 127.0)).reshape(x.shape)
 
 
-def quant_linear_group(x: torch.Tensor, weights: list[torch.Tensor], qtype: str) -> list[torch.Tensor]:
-    """``quant_linear(x, weight, qtype)`` for each of ``weights``."""
-    return [quant_linear(x, weight, qtype) for weight in weights]
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, qtype: str, quantize_x: bool = False) -> torch.Tensor:
+    """``x [..., K] @ dequantize(weight)^T -> [..., N]`` in fp32, returned in ``x``'s dtype; with
+    ``quantize_x``, of ``round_to_q8(x)``."""
+    xf = round_to_q8(x) if quantize_x else x.float()
+    return F.linear(xf, dequantize(weight, qtype)).to(x.dtype)
+
+
+def quant_linear_group(x: torch.Tensor, weights: list[torch.Tensor], qtype: str,
+                       quantize_x: bool = False) -> list[torch.Tensor]:
+    """``quant_linear(x, weight, qtype, quantize_x)`` for each of ``weights``."""
+    return [quant_linear(x, weight, qtype, quantize_x) for weight in weights]

@@ -5,8 +5,11 @@
     plan_paged_attention(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len)
         -> plan: what every layer of one forward shares, precomputed by the backend (a CPU int64
            tensor, opaque; empty where the backend needs none)
-    quant_linear(x, weight, qtype) -> y                x @ W^T, W in GGUF blocks (quant.py)
-    quant_linear_group(x, weights, qtype) -> ys        x @ W^T for each W (q/k/v, gate/up) in one call
+    quant_linear(x, weight, qtype, quantize_x=False) -> y
+                                                       x @ W^T, W in GGUF blocks (quant.py); x rounded
+                                                       to 8-bit blocks first with quantize_x
+    quant_linear_group(x, weights, qtype, quantize_x=False) -> ys
+                                                       x @ W^T for each W (q/k/v, gate/up) in one call
     panel_linear(x, panels, bias, out_features) -> y   x @ W^T + bias, bf16 / fp32 W in panels (panels.py)
     panel_linear_group(x, panels, out_features) -> ys  x @ W^T for each bias-free W, in one call
 
@@ -49,8 +52,8 @@ SCHEMAS = {
         "(Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, int num_q_heads, "
         "int max_q_len, int max_kv_len) -> Tensor"
     ),
-    "quant_linear": "(Tensor x, Tensor weight, str qtype) -> Tensor",
-    "quant_linear_group": "(Tensor x, Tensor[] weights, str qtype) -> Tensor[]",
+    "quant_linear": "(Tensor x, Tensor weight, str qtype, bool quantize_x=False) -> Tensor",
+    "quant_linear_group": "(Tensor x, Tensor[] weights, str qtype, bool quantize_x=False) -> Tensor[]",
     "panel_linear": "(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor",
     "panel_linear_group": "(Tensor x, Tensor[] panels, int[] out_features) -> Tensor[]",
     "add_rms_norm": "(Tensor(a!) x, Tensor? residual, Tensor weight, float eps) -> Tensor",
@@ -84,11 +87,11 @@ def _plan_paged_attention_fake(k_cache, block_table, seq_lens, cu_seqlens_q, num
     return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
-def _quant_linear_fake(x, weight, qtype):
+def _quant_linear_fake(x, weight, qtype, quantize_x=False):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _quant_linear_group_fake(x, weights, qtype):
+def _quant_linear_group_fake(x, weights, qtype, quantize_x=False):
     return [_quant_linear_fake(x, weight, qtype) for weight in weights]
 
 
