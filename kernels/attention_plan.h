@@ -99,7 +99,7 @@ inline void check_sequences(const int32_t* cu, const int32_t* kv_lens, const int
 
 // Validates the sequences described by `f` and cuts their work for this call's threads.
 inline WorkPlan make_plan(const PlanFacts& f, const at::Tensor& block_table, const at::Tensor& seq_lens,
-                          const at::Tensor& cu_seqlens_q) {
+                          const at::Tensor& cu_seqlens_q, bool batch_invariant) {
   const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
   const int32_t* kv_lens = seq_lens.const_data_ptr<int32_t>();
   check_sequences(cu, kv_lens, block_table.const_data_ptr<int32_t>(), f);
@@ -111,14 +111,14 @@ inline WorkPlan make_plan(const PlanFacts& f, const at::Tensor& block_table, con
   const int64_t threads = work < kMinParallelWork ? 1 : at::get_num_threads();
   const int64_t max_heads = std::max<int64_t>(1, kStagedBytes / (kKeyTile * f.head_dim * sizeof(float)));
   return plan_work(cu, kv_lens, block_table.const_data_ptr<int32_t>(), f.max_blocks, f.block_size, f.batch, f.kv_heads,
-                   f.q_heads / f.kv_heads, kMaxRows, Vec::size(), max_heads, kKeyTile, threads);
+                   f.q_heads / f.kv_heads, kMaxRows, Vec::size(), max_heads, kKeyTile, threads, batch_invariant);
 }
 
 // An encoded plan: this header, then the items, the merge groups and their parts as they lie in memory.
 struct PlanHeader {
   int64_t magic;
   PlanFacts facts;
-  int64_t threads, partials, partial_rows, items, splits, parts;
+  int64_t threads, partials, partial_rows, items, splits, parts, batch_invariant;
 };
 constexpr int64_t kPlanMagic = 0x4e414c5053525424;  // "$TRSPLAN": a plan from plan_paged_attention
 static_assert(sizeof(PlanHeader) % sizeof(int64_t) == 0 && sizeof(WorkItem) % sizeof(int64_t) == 0 &&
@@ -132,7 +132,8 @@ inline at::Tensor encode_plan(const PlanFacts& facts, const WorkPlan& work) {
                           work.partial_rows,
                           static_cast<int64_t>(work.items.size()),
                           static_cast<int64_t>(work.splits.size()),
-                          static_cast<int64_t>(work.parts.size())};
+                          static_cast<int64_t>(work.parts.size()),
+                          work.batch_invariant};
   const size_t item_bytes = work.items.size() * sizeof(WorkItem), split_bytes = work.splits.size() * sizeof(SplitGroup),
                part_bytes = work.parts.size() * sizeof(MergePart);
   at::Tensor encoded =
@@ -211,6 +212,7 @@ inline WorkPlan decode_plan(const at::Tensor& encoded, const PlanFacts& given) {
   work.threads = header.threads;
   work.partials = header.partials;
   work.partial_rows = header.partial_rows;
+  work.batch_invariant = header.batch_invariant != 0;
   work.items.resize(items);
   work.splits.resize(splits);
   work.parts.resize(parts);

@@ -36,6 +36,7 @@ struct Problem {
   float* partial_out;    // [partials, partial_rows, D]
   float* partial_lse;    // [partials, partial_rows]
   int64_t num_blocks = 0;  // N: the cache's blocks
+  bool batch_invariant = false;  // every item on fp32 row vectors (work_plan.h)
 
   // Row `r` of KV head `h` in an item: token r / group, query head h * group + r % group.
   int64_t q_offset(const WorkItem& w, int64_t h, int64_t r) const {
@@ -131,10 +132,11 @@ struct ItemLayout {
   // decode's few rows keep one, as longer tiles' V^T pairs outgrow L1 for them.
   int64_t tile_runs;
 
-  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores scores)
+  // `pairs`: whether few rows may take the paired layout (which sums a score in another order).
+  ItemLayout(const WorkItem& w, int64_t group, int64_t head_dim, Scores scores, bool pairs)
       : heads(w.kv_heads),
         rows(w.q_tokens * group),
-        ldq(scores == Scores::vectors     ? score_stride(rows, head_dim)
+        ldq(scores == Scores::vectors     ? (pairs ? score_stride(rows, head_dim) : row_vectors(rows))
             : scores == Scores::key_lanes ? rows
                                           : row_vectors(rows)),
         lanes(scores == Scores::key_lanes ? rows : stat_lanes(ldq)),
@@ -461,7 +463,11 @@ void finish_item(const Problem<T>& p, const WorkItem& w, const ItemLayout& L, co
 
 template <typename T>
 void run_item(const Problem<T>& p, const WorkItem& w, Workspace& ws) {
-  const ItemLayout layout(w, p.group, p.head_dim, item_scores<T>(p.head_dim, w.q_tokens * p.group));
+  // A batch-invariant plan's rows all take fp32 row vectors, where a row's score, softmax and
+  // P @ V run lane by lane in one order however many rows share the item.
+  const ItemLayout layout(w, p.group, p.head_dim,
+                          p.batch_invariant ? Scores::vectors : item_scores<T>(p.head_dim, w.q_tokens * p.group),
+                          !p.batch_invariant);
   ws.reserve(layout.heads, layout.ldq, layout.lanes, p.head_dim, layout.tile_keys(), layout.scores);
   begin_item(p, w, layout, ws);
 #if defined(TRELLIS_BF16_DOTS)
@@ -542,7 +548,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t kv_heads = k_cache.size(2), group = q.size(1) / kv_heads;
   Problem<T> p{q.const_data_ptr<T>(), k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(), out.data_ptr<T>(),
                block_table.const_data_ptr<int32_t>(), block_table.size(1), q.size(1), kv_heads, group, q.size(2),
-               k_cache.size(1), static_cast<float>(scale), plan.partial_rows, nullptr, nullptr, k_cache.size(0)};
+               k_cache.size(1), static_cast<float>(scale), plan.partial_rows, nullptr, nullptr, k_cache.size(0),
+               plan.batch_invariant};
   at::Tensor scratch;
   if (plan.partials > 0) {  // [partials, partial_rows, D] outputs, then [partials, partial_rows] log-sum-exps
     scratch = at::empty({plan.partials * p.partial_rows * (p.head_dim + 1)}, q.options().dtype(at::kFloat));
@@ -567,7 +574,8 @@ void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   const PlanFacts facts = facts_of(q.size(0), q.size(1), k_cache, block_table, seq_lens, cu_seqlens_q);
   WorkPlan work;
   if (plan.has_value()) work = decode_plan(*plan, facts);  // refuses a plan made for other tensors
-  if (!plan.has_value() || !facts.tracked()) work = make_plan(facts, block_table, seq_lens, cu_seqlens_q);
+  if (!plan.has_value() || !facts.tracked())  // (a plan over inference tensors: planned again, as it was asked for)
+    work = make_plan(facts, block_table, seq_lens, cu_seqlens_q, work.batch_invariant);
   switch (q.scalar_type()) {
     case at::kFloat: return run<float>(q, k_cache, v_cache, block_table, scale, out, work);
     case at::kHalf: return run<at::Half>(q, k_cache, v_cache, block_table, scale, out, work);
@@ -579,7 +587,7 @@ void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
 // max_kv_len are not needed here, but must be right: the Triton backend sizes its grid by them.
 at::Tensor plan_paged_attention_cpu(const at::Tensor& k_cache, const at::Tensor& block_table,
                                     const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, int64_t num_q_heads,
-                                    int64_t max_q_len, int64_t max_kv_len) {
+                                    int64_t max_q_len, int64_t max_kv_len, bool batch_invariant) {
   check_sequence_tensors(block_table, seq_lens, cu_seqlens_q);
   TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got ", k_cache.sizes());
   check_heads(num_q_heads, k_cache);
@@ -587,7 +595,7 @@ at::Tensor plan_paged_attention_cpu(const at::Tensor& k_cache, const at::Tensor&
   const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
   const int32_t* kv_lens = seq_lens.const_data_ptr<int32_t>();
   const PlanFacts facts = facts_of(cu[batch], num_q_heads, k_cache, block_table, seq_lens, cu_seqlens_q);
-  const WorkPlan work = make_plan(facts, block_table, seq_lens, cu_seqlens_q);
+  const WorkPlan work = make_plan(facts, block_table, seq_lens, cu_seqlens_q, batch_invariant);
   int64_t longest_q = 0, longest_kv = 0;
   for (int64_t s = 0; s < batch; ++s) {
     longest_q = std::max<int64_t>(longest_q, cu[s + 1] - cu[s]);

@@ -12,6 +12,12 @@
 // few to keep every thread busy (decode of a few sequences), key ranges are split ("flash
 // decoding"): split items leave normalised partial outputs and their log-sum-exps, merged
 // afterwards. Threads pull items costliest first.
+//
+// A batch-invariant plan sums each query row in one order whatever else the call holds: no
+// shared-prefix items, and every item's keys split at the same absolute positions (multiples of
+// kInvariantSplitKeys), whatever the thread count. A row's keys then fall into the same pieces,
+// tile for tile, in a decode step and in a prefill (where a piece past a row's causal limit adds
+// nothing: its weight is exp(-inf) = 0), and merging one piece gives back its output exactly.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +29,7 @@ namespace trellis {
 constexpr int64_t kItemsPerThread = 4;  // split keys until there are this many items per thread
 constexpr int64_t kMinSplitKeys = 256;  // ... but never into chunks shorter than this
 constexpr int64_t kMinSharedKeys = 32;  // shared prefixes shorter than this run per sequence
+constexpr int64_t kInvariantSplitKeys = 256;  // a batch-invariant plan's key pieces
 
 struct WorkItem {
   int64_t seq;          // the sequence whose block table the item reads
@@ -61,6 +68,7 @@ struct WorkPlan {
   int64_t threads = 1;       // the threads the work was cut for
   int64_t partials = 0;      // items writing partial outputs
   int64_t partial_rows = 0;  // query rows of the largest of those
+  bool batch_invariant = false;
 };
 
 // Keys [0, n) that sequences a and b read from the same cache slots: their leading common blocks.
@@ -133,12 +141,14 @@ inline std::vector<int64_t> query_tiles(int64_t q_len, int64_t group, int64_t ma
 // `max_rows`: query rows (tokens x query heads) one item may hold, in vectors of `lanes` rows;
 // `max_heads`: KV heads whose staged tile fits the cache. `key_tile`: split points are multiples
 // of it. `table`: the block table [batch, max_blocks] of blocks of `block_size` keys (which
-// sequences share a prefix).
+// sequences share a prefix). `batch_invariant`: see above.
 inline WorkPlan plan_work(const int32_t* cu_seqlens_q, const int32_t* seq_lens, const int32_t* table,
                           int64_t max_blocks, int64_t block_size, int64_t batch, int64_t kv_heads, int64_t group,
-                          int64_t max_rows, int64_t lanes, int64_t max_heads, int64_t key_tile, int64_t threads) {
+                          int64_t max_rows, int64_t lanes, int64_t max_heads, int64_t key_tile, int64_t threads,
+                          bool batch_invariant) {
   WorkPlan plan;
   plan.threads = threads;
+  plan.batch_invariant = batch_invariant;
   auto heads_for = [&](int64_t rows_per_head) {  // few rows (decode): several KV heads, read contiguously
     return std::clamp<int64_t>(max_rows / rows_per_head, 1, std::min(max_heads, kv_heads));
   };
@@ -151,8 +161,9 @@ inline WorkPlan plan_work(const int32_t* cu_seqlens_q, const int32_t* seq_lens, 
   std::vector<Base> base;
   std::vector<WorkItem> merged;  // each decode token (x KV heads) of a shared run
   std::vector<std::vector<MergePart>> merged_parts;
-  const std::vector<SharedRun> runs = shared_runs(cu_seqlens_q, seq_lens, table, max_blocks, block_size, batch, group,
-                                                  max_rows);
+  const std::vector<SharedRun> runs =
+      batch_invariant ? std::vector<SharedRun>{}
+                      : shared_runs(cu_seqlens_q, seq_lens, table, max_blocks, block_size, batch, group, max_rows);
   size_t next_run = 0;
   for (int64_t s = 0; s < batch;) {
     if (next_run < runs.size() && runs[next_run].first == s) {
@@ -197,9 +208,10 @@ inline WorkPlan plan_work(const int32_t* cu_seqlens_q, const int32_t* seq_lens, 
   for (const Base& b : base) {
     const WorkItem& w = b.item;
     const int64_t keys = w.kv_end - w.kv_begin;
-    const int64_t per_split = std::max(kMinSplitKeys, (keys + splits - 1) / splits);
+    const int64_t per_split =
+        batch_invariant ? kInvariantSplitKeys : std::max(kMinSplitKeys, (keys + splits - 1) / splits);
     const int64_t chunk = (per_split + key_tile - 1) / key_tile * key_tile;
-    const int64_t count = splits == 1 ? 1 : (keys + chunk - 1) / chunk;
+    const int64_t count = splits == 1 && !batch_invariant ? 1 : (keys + chunk - 1) / chunk;
     if (count <= 1 && b.into.empty()) {
       plan.items.push_back(w);
       continue;

@@ -39,7 +39,7 @@ class PagedCase:
         fresh = [torch.randn(t.shape, generator=g).to(t.dtype).to(t.device) for t in (self.q, self.k_cache, self.v_cache)]
         return PagedCase(*fresh, self.block_table, self.seq_lens, self.cu_seqlens_q, self.scale)
 
-    def plan(self, backend: str | None = None) -> ops.AttentionPlan:
+    def plan(self, backend: str | None = None, batch_invariant: bool = False) -> ops.AttentionPlan:
         """``ops.plan_attention`` for this batch, with the host numbers a model knows."""
         q_lens = (self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).tolist()
         return ops.plan_attention(
@@ -51,6 +51,7 @@ class PagedCase:
             k_cache=self.k_cache,
             max_q_len=max(q_lens, default=0),
             max_kv_len=max(self.seq_lens.tolist(), default=0),
+            batch_invariant=batch_invariant,
             backend=backend,
         )
 

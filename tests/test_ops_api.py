@@ -83,10 +83,11 @@ def test_cpp_plan_refuses_block_ids_written_past_the_version_counter():
 
 
 # An encoded C++ plan (kernels/attention_plan.h) as int64 words: the header (magic, 14 facts,
-# threads, split slots, their rows, and the counts of items, merges and parts), then the items (9
+# threads, split slots, their rows, the counts of items, merges and parts, and whether the plan is
+# batch-invariant), then the items (9
 # words: seq, kv_head, kv_heads, q_begin, q_tokens, first_limit, kv_begin, kv_end, partial), the
 # merges (an item, first_part, count) and the parts (partial, rows, offset).
-HEADER_WORDS, ITEM_WORDS, MERGE_WORDS = 21, 9, 11
+HEADER_WORDS, ITEM_WORDS, MERGE_WORDS = 22, 9, 11
 EDITS = {  # name: (the word's index given the counts of items and merges, the value written)
     "no threads": (lambda items, merges: 15, 0),
     "split slots beyond the items": (lambda items, merges: 16, 10**9),

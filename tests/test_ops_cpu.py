@@ -151,6 +151,57 @@ def test_split_keys_match_unsplit(q_len):
     assert_matches_oracle(alone)
 
 
+def invariant_attend(case: PagedCase) -> torch.Tensor:
+    plan = case.plan("cpp", batch_invariant=True)
+    return ops.run_attention(plan, case.q, case.k_cache, case.v_cache, case.scale)
+
+
+def one_token(case: PagedCase, token: int, seq: int = 0) -> PagedCase:
+    """Query token ``token`` (a packed index) of sequence ``seq`` alone: a decode step over the
+    keys it sees, on the same cache."""
+    q_len = int(case.cu_seqlens_q[seq + 1] - case.cu_seqlens_q[seq])
+    keys = int(case.seq_lens[seq]) - q_len + (token - int(case.cu_seqlens_q[seq])) + 1
+    return PagedCase(case.q[token : token + 1], case.k_cache, case.v_cache, case.block_table[seq : seq + 1].clone(),
+                     torch.tensor([keys], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), case.scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("kv_len", "q_len", "block_size"), [(600, 120, 32), (300, 300, 16), (40, 7, 4), (1100, 2, 32)])
+def test_a_batch_invariant_plan_computes_a_row_alike_in_any_batch(dtype, threads, kv_len, q_len, block_size):
+    """A prefill's rows equal, bit for bit, those of each token decoded alone over the keys it
+    sees (pieces of 256 keys, causal limits inside and across them), and those of the same tokens
+    in a batch beside other sequences (decodes sharing the prompt's blocks, another prefill),
+    whatever the thread count; and they match the oracle."""
+    case = make_case([q_len], [kv_len], num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=block_size,
+                     dtype=dtype, spare_blocks=80)
+    with torch_threads(threads):
+        rows = invariant_attend(case)
+        for token in sorted({0, q_len // 2, q_len - 1, *range(0, q_len, 37)}):
+            assert torch.equal(invariant_attend(one_token(case, token)), rows[token : token + 1]), token
+        # Beside others: the first and last tokens decoded over the same blocks (sessions sharing a
+        # prompt, which a batch-invariant plan does not read as one) and a prefill of 5 tokens.
+        other = torch.randn(5, 9, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+        mixed = PagedCase(torch.cat([case.q[:1], case.q, case.q[-1:], other]), case.k_cache, case.v_cache,
+                          case.block_table.repeat(4, 1),
+                          torch.tensor([kv_len - q_len + 1, kv_len, kv_len, min(kv_len, 20)], dtype=torch.int32),
+                          torch.tensor([0, 1, 1 + q_len, 2 + q_len, 7 + q_len], dtype=torch.int32), case.scale)
+        together = invariant_attend(mixed)
+        assert torch.equal(together[1 : 1 + q_len], rows)
+        assert torch.equal(together[:1], rows[:1]) and torch.equal(together[1 + q_len : 2 + q_len], rows[-1:])
+    if dtype == torch.float32:
+        assert (rows.double() - naive_attention(case)).abs().max().item() <= tolerance(torch.float32)
+
+
+def test_a_batch_invariant_plan_is_the_cpp_backends_alone():
+    case = make_case([3], [9])
+    with pytest.raises(ValueError, match="a batch-invariant plan .* is the C\\+\\+ CPU backend's alone"):
+        case.plan("reference", batch_invariant=True)
+    torch.library.opcheck(torch.ops.trellis.plan_paged_attention.default,  # (its checks that can hold: opcheck_ops)
+                          (case.k_cache, case.block_table, case.seq_lens, case.cu_seqlens_q, 4, 3, 9, True),
+                          test_utils=("test_autograd_registration", "test_faketensor"))
+
+
 def shared_prefix_case(own_keys: list[int], shared_blocks: int, block_size: int = 4, dtype=torch.float32,
                        q_lens: list[int] | None = None, sharing: list[bool | int] | None = None) -> PagedCase:
     """Sequences whose block tables begin with the same ``shared_blocks`` blocks (sessions over one
@@ -179,11 +230,11 @@ class PlanItem:
 def plan_items(case: PagedCase) -> tuple[list[PlanItem], int]:
     """The work items of the C++ plan for ``case``, and how many outputs it merges, read from the
     encoded plan: kernels/attention_plan.h's PlanHeader (a magic number, 14 facts, then threads,
-    partials, partial_rows and the counts of items, merge groups and parts), then the items as
-    kernels/work_plan.h's WorkItem (nine int64 each)."""
+    partials, partial_rows, the counts of items, merge groups and parts, and batch_invariant),
+    then the items as kernels/work_plan.h's WorkItem (nine int64 each)."""
     encoded = case.plan("cpp").backend_plan.tolist()
     items, groups = encoded[18], encoded[19]
-    rows = [encoded[21 + 9 * i : 30 + 9 * i] for i in range(items)]
+    rows = [encoded[22 + 9 * i : 31 + 9 * i] for i in range(items)]
     return [PlanItem(seq=r[0], q_tokens=r[4], kv_begin=r[6], kv_end=r[7]) for r in rows], groups
 
 

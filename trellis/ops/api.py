@@ -78,6 +78,7 @@ def plan_attention(
     k_cache: torch.Tensor,
     max_q_len: int,
     max_kv_len: int,
+    batch_invariant: bool = False,
     backend: str | None = None,
 ) -> AttentionPlan:
     """Plan the attention of one forward over the sequences ``block_table [B, max_blocks]``,
@@ -88,6 +89,9 @@ def plan_attention(
     and context) are host numbers the caller knows: planning reads nothing back from the device.
     The C++ backend validates the sequences here (every block id the kernel will read), once;
     Triton's trusts them, and the two maxima within the bounds the shapes set (``triton``).
+    ``batch_invariant`` (the C++ backend only) asks that each query row's output be the same,
+    bit for bit, whatever else the forward computes (what layers that round their inputs to 8
+    bits need: a cache hit must not tip a rounding).
     """
     if not (0 <= max_q_len <= num_tokens and (max_q_len > 0) == (num_tokens > 0)):
         raise ValueError(f"max_q_len = {max_q_len} does not fit {num_tokens} query tokens: the longest query "
@@ -96,9 +100,11 @@ def plan_attention(
     backend_plan = None
     if name == "reference":
         check_plan(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads)
+        reference.plan_paged_attention(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len,
+                                       max_kv_len, batch_invariant)  # (refuses batch_invariant)
     else:
         backend_plan = kernels(name).plan_paged_attention(
-            k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len
+            k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len, batch_invariant
         )
     return AttentionPlan(
         name, block_table, seq_lens, cu_seqlens_q, num_tokens, num_q_heads, max_q_len, max_kv_len, backend_plan

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from trellis.ops.checks import require
 from trellis.utils import cdiv
 
 
@@ -71,7 +72,10 @@ def plan_paged_attention(
     num_q_heads: int,
     max_q_len: int,
     max_kv_len: int,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
+    require(not batch_invariant, "a batch-invariant plan (every query row summed in one order in any batch) is the C++ "
+            "CPU backend's alone")
     return torch.empty(0, dtype=torch.int64)  # no plan
 
 

@@ -2,9 +2,11 @@
 
     store_kv(k, v, k_cache!, v_cache!, slot_mapping)                                   new K/V into the cache
     paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out!, plan=None)
-    plan_paged_attention(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len)
+    plan_paged_attention(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len,
+                         batch_invariant=False)
         -> plan: what every layer of one forward shares, precomputed by the backend (a CPU int64
-           tensor, opaque; empty where the backend needs none)
+           tensor, opaque; empty where the backend needs none); batch_invariant (C++ only): each
+           query row's output the same, bit for bit, in any batch (a decode step, a prefill)
     quant_linear(x, weight, qtype, quantize_x=False) -> y
                                                        x @ W^T, W in GGUF blocks (quant.py); x rounded
                                                        to 8-bit blocks first with quantize_x
@@ -50,7 +52,7 @@ SCHEMAS = {
     ),
     "plan_paged_attention": (
         "(Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, int num_q_heads, "
-        "int max_q_len, int max_kv_len) -> Tensor"
+        "int max_q_len, int max_kv_len, bool batch_invariant=False) -> Tensor"
     ),
     "quant_linear": "(Tensor x, Tensor weight, str qtype, bool quantize_x=False) -> Tensor",
     "quant_linear_group": "(Tensor x, Tensor[] weights, str qtype, bool quantize_x=False) -> Tensor[]",
@@ -82,7 +84,8 @@ def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
     return None
 
 
-def _plan_paged_attention_fake(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len):
+def _plan_paged_attention_fake(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len,
+                               batch_invariant=False):
     # Its length depends on the values of the sequence tensors.
     return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 

@@ -104,10 +104,13 @@ def plan_paged_attention(
     num_q_heads: int,
     max_q_len: int,
     max_kv_len: int,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """``trellis::plan_paged_attention``: the launch numbers, CPU int64 ``[max_q_len, num_splits]``.
     ``max_q_len`` and ``max_kv_len`` are trusted within the bounds the shapes set (reading the
     lengths would stall the device): one too small leaves query rows unwritten."""
+    require(not batch_invariant, "a batch-invariant plan (every query row summed in one order in any batch) is the C++ "
+            "CPU backend's alone")
     check_plan(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads)
     capacity = block_table.shape[1] * k_cache.shape[1]
     require(0 <= max_q_len <= max_kv_len <= capacity, "max_q_len, max_kv_len = ", max_q_len, ", ", max_kv_len,
