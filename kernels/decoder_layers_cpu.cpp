@@ -11,7 +11,8 @@
 // q, k, v | o | gate, up | down, group g running on kinds[4l+g]: "panels" (panel_linear_group, the
 // weights' out_features from `out_features`), "linear" (at::linear per weight, bias-free: what
 // F.linear runs for a layer on the BLAS), "onednn" (oneDNN's matmul per weight, bias-free: what
-// CPULinear.forward runs on oneDNN), else a quant_linear_group qtype.
+// CPULinear.forward runs on oneDNN), else a quant_linear_group qtype, followed by "@q8" where the
+// group rounds x to 8-bit blocks (quantize_x).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty_like.h>
@@ -29,6 +30,7 @@ constexpr int64_t kWeightsPerLayer = 7;  // q, k, v, o, gate, up, down
 constexpr int64_t kGroupsPerLayer = 4;   // q/k/v, o, gate/up, down
 constexpr int64_t kGroupStart[kGroupsPerLayer] = {0, 3, 4, 6};
 constexpr int64_t kGroupSize[kGroupsPerLayer] = {3, 1, 2, 1};
+const std::string kQ8Suffix = "@q8";  // a quantized group's kind that rounds x to 8-bit blocks
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
@@ -109,7 +111,10 @@ at::Tensor decoder_layers_cpu(const at::Tensor& hidden, at::TensorList norms, at
         outputs.push_back(kind == "linear" ? at::linear(x, weight) : onednn_linear(x, weight));
       return outputs;
     }
-    return ops.quant_linear_group.call(x, group, kind, /*quantize_x=*/false);
+    const bool quantize_x = kind.size() > kQ8Suffix.size() &&
+                            kind.compare(kind.size() - kQ8Suffix.size(), kQ8Suffix.size(), kQ8Suffix) == 0;
+    const std::string qtype = quantize_x ? kind.substr(0, kind.size() - kQ8Suffix.size()) : kind;
+    return ops.quant_linear_group.call(x, group, qtype, quantize_x);
   };
   std::optional<at::Tensor> update;  // what the last sublayer adds to the stream
   for (int64_t l = 0; l < layers; ++l) try {

@@ -84,6 +84,13 @@ def test_the_demo_runs_a_gguf_kept_quantized_as_the_embedded_one(tmp_path, capsy
     assert answer and answer == [line for line in embedded.splitlines() if line.startswith("assistant:")]
 
 
+def test_q8_activations_need_layers_kept_quantized(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--q8-activations"])
+    assert exit_info.value.code == 2
+    assert "--q8-activations rounds the inputs of layers kept quantized: add --keep-quantized" in capsys.readouterr().err
+
+
 def test_threads_are_set_before_the_model_loads(monkeypatch, capsys):
     threads_at_load = []
 

@@ -282,9 +282,9 @@ def group_calls(monkeypatch) -> Iterator[list[tuple[int, int, str]]]:
     def recording_ops(backend: str) -> ops.DecoderOps:
         bound = decoder_ops(backend)
 
-        def group(x, weights, qtype):
-            calls.append((x.shape[0], len(weights), qtype))
-            return bound.quant_linear_group(x, weights, qtype)
+        def group(x, weights, qtype, quantize_x=False):
+            calls.append((x.shape[0], len(weights), qtype + ("@q8" if quantize_x else "")))
+            return bound.quant_linear_group(x, weights, qtype, quantize_x)
 
         def panel_group(x, panels, out_features):
             calls.append((x.shape[0], len(panels), "panels"))

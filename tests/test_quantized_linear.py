@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from tests.kernel_builds import kernels_for, rerun_at_simd_level
-from trellis import TrellisLlama, ops
+from trellis import PrefixCacheFileError, TrellisLlama, ops
 from trellis.models import gguf_quantized
 from trellis.models.embedded import embedded_model_dir
 from trellis.models.gguf_reading import gguf_parsed_once
@@ -279,6 +279,21 @@ def test_quantized_linear_module():
         QuantizedLinear(64, 25, "Q8_0", blocks)
 
 
+def test_quantized_linear_module_rounding_its_input():
+    blocks, weight = quantized(24, 64, "Q4_1")
+    layer = QuantizedLinear(64, 24, "Q4_1", blocks, q8_activations=True)
+    assert "q8_activations=True" in repr(layer)
+    x = torch.randn(3, 64)
+    check_close_rounded(layer(x), x, weight)
+    x.requires_grad_(True)
+    y = layer(x)  # the rounded values; the gradient of the layer without the rounding
+    torch.testing.assert_close(y, quant.round_to_q8(x) @ weight.T)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, 64))
+    with pytest.raises(TypeError, match="q8_activations must be True or False, got 'yes'"):
+        QuantizedLinear(64, 24, "Q4_1", blocks, q8_activations="yes")
+
+
 # --- models ---------------------------------------------------------------------------------------
 
 TINY = {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 96}
@@ -359,6 +374,68 @@ def test_tiny_gguf_kept_quantized_matches_transformers(tmp_path):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def round_inputs_to_q8(reference: torch.nn.Module, names) -> list:
+    """transformers' model computing what layers kept with ``q8_activations`` compute: the inputs
+    of the layers ``names`` rounded to 8-bit blocks. Returns the hooks' handles."""
+    modules = dict(reference.named_modules())
+    return [modules[name].register_forward_pre_hook(lambda module, args: (quant.round_to_q8(args[0]),))
+            for name in names]
+
+
+def test_tiny_gguf_with_q8_activations_matches_transformers_rounding_the_same_inputs(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = TrellisLlama.from_pretrained(tmp_path, gguf_file="tiny.gguf", keep_quantized=True, q8_activations=True,
+                                         device="cpu")
+    plain = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    rounding = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    kept = quantized_layers(model)
+    assert len(kept) == 7 * TINY["layers"] and all(layer.q8_activations for layer in kept.values())
+    round_inputs_to_q8(rounding, kept)
+    ids = torch.randint(0, TINY["vocab"], (2, 40), generator=torch.Generator().manual_seed(0))
+    settings = {"max_new_tokens": 10, "do_sample": False}
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, rounding(ids).logits, rtol=1e-4, atol=1e-4)
+        assert (logits - plain(ids).logits).abs().max() > 1e-3  # (the rounding shows)
+        out = model.generate(ids[:1], **settings)  # decode steps: the integer kernels
+        assert torch.equal(out, rounding.generate(ids[:1], **settings))
+        assert_cache_hits_change_nothing(model, torch.cat([out, ids[1:, :7]], dim=1))
+        # A setting the prefix cache watches: turned off, the layers answer as transformers' own.
+        state = model.runner.weights_watcher.state()
+        for layer in kept.values():
+            layer.q8_activations = False
+        assert model.runner.weights_watcher.state() != state
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def assert_cache_hits_change_nothing(model: TrellisLlama, prompt: torch.Tensor) -> None:
+    """``prompt`` continued from the cache as it is (its prefix computed in earlier calls, decoded
+    tokens among them) and from an empty one: the same logits, bit for bit. With inputs rounded
+    to 8 bits, a last-bit difference (a token's attention or projections summed in another order
+    in a decode step than in a prefill) could tip a rounding and change the answer."""
+    settings = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    hits = model.prefix_cache.stats()["hit_tokens"]
+    warm = model.generate(prompt, **settings)
+    assert model.prefix_cache.stats()["hit_tokens"] - hits >= 32
+    model.prefix_cache.reset()
+    cold = model.generate(prompt, **settings)
+    assert torch.equal(warm.sequences, cold.sequences)
+    assert all(torch.equal(w, c) for w, c in zip(warm.logits, cold.logits, strict=True))
+
+
+def test_a_prefix_cache_saved_with_q8_activations_is_refused_without(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = TrellisLlama.from_pretrained(tmp_path, gguf_file="tiny.gguf", keep_quantized=True, q8_activations=True,
+                                         device="cpu")
+    with torch.no_grad():
+        model(torch.arange(40)[None] % TINY["vocab"])
+    model.save_prefix_cache(tmp_path / "cache.safetensors")
+    plain = TrellisLlama.from_pretrained(tmp_path, gguf_file="tiny.gguf", keep_quantized=True, device="cpu")
+    with pytest.raises(PrefixCacheFileError, match="other modules"):
+        plain.load_prefix_cache(tmp_path / "cache.safetensors")
+    model.load_prefix_cache(tmp_path / "cache.safetensors")  # (its own file is taken)
+
+
 def test_a_gguf_load_parses_the_file_once(tmp_path, monkeypatch):
     """transformers parses a GGUF for the config and for the weights, and keep_quantized reads its
     blocks: one parse in all, and gguf's own reader back afterwards (a rewritten file is parsed anew)."""
@@ -405,6 +482,14 @@ def test_a_kept_layer_that_would_differ_from_transformers_weight_is_refused(tmp_
 def test_keep_quantized_needs_a_gguf_and_fp32_or_bf16(tmp_path):
     with pytest.raises(ValueError, match="keep_quantized=True keeps the quantized weights of a GGUF"):
         TrellisLlama.from_pretrained(embedded_model_dir(), keep_quantized=True)
+    with pytest.raises(ValueError, match="q8_activations=True rounds the inputs of layers kept quantized: pass "
+                                         "keep_quantized=True"):
+        TrellisLlama.from_pretrained(tmp_path, q8_activations=True)
+    with pytest.raises(TypeError, match="q8_activations must be True or False, got 1"):
+        TrellisLlama.from_pretrained(tmp_path, keep_quantized=True, q8_activations=1)
+    with pytest.raises(ValueError, match="round their inputs to 8 bits \\(q8_activations\\) run on the C\\+\\+ CPU "
+                                         "kernels only; this model runs attention on 'reference'"):
+        TrellisLlama.from_pretrained(keep_quantized=True, q8_activations=True, backend="reference", device="cpu")
     with pytest.raises(ValueError, match="float32 or bfloat16 activations, not float16"):
         TrellisLlama.from_pretrained(keep_quantized=True, dtype=torch.float16, device="cpu")
 
@@ -459,6 +544,28 @@ def test_embedded_model_kept_quantized_matches_transformers(smollm2):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-3 * expected.abs().max().item())
     settings = {"max_new_tokens": 12, "do_sample": False}
     assert torch.equal(model.generate(prompt, **settings), reference.generate(prompt, **settings))
+
+
+def test_embedded_model_with_q8_activations_answers_alike_from_the_cache(smollm2):
+    """SmolLM2 rounding its layers' inputs: the greedy answer of transformers rounding the same
+    inputs, and, whatever the cache held (prompts, decoded tokens), the same logits bit for bit.
+    (Not the same logits as transformers': 30 layers of rounding tip a few values apart where the
+    sums round differently, so logits differ by up to ~1 where the prompt's do not decide.)"""
+    _, reference = smollm2
+    model = TrellisLlama.from_pretrained(keep_quantized=True, q8_activations=True, device="cpu")
+    hooks = round_inputs_to_q8(reference, quantized_layers(model))
+    try:
+        prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 378, 3458, 282, 4649]])
+        settings = {"max_new_tokens": 12, "do_sample": False}
+        assert torch.equal(model.generate(prompt, **settings), reference.generate(prompt, **settings))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ids = torch.randint(100, 40000, (1, 70), generator=torch.Generator().manual_seed(1))
+    for new_tokens in (8, 11):
+        model.prefix_cache.reset()
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)  # decoded K/V, cached
+        assert_cache_hits_change_nothing(model, torch.cat([out, ids[:, :30]], dim=1))
 
 
 def test_embedded_model_prefix_hit_gives_the_same_answer(smollm2):

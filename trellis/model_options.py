@@ -142,6 +142,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "a
     parser.add_argument("--keep-quantized", action="store_true",
                         help="keep the GGUF's Q8_0 / Q4_0 / Q4_1 weights quantized and run them on Trellis' "
                              "kernels (without --model: the embedded model's Q4_1 GGUF)")
+    parser.add_argument("--q8-activations", action="store_true",
+                        help="with --keep-quantized: round those layers' inputs to 8-bit blocks and multiply "
+                             "integers, as llama.cpp does (faster without AVX-512; llama.cpp's numerics)")
     parser.add_argument("--device", default="auto", type=device, help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     parser.add_argument("--dtype", default=default_dtype, choices=["auto", *DTYPES],
                         help="default: %(default)s. auto: bfloat16 on a CPU with native bf16 dot products "
@@ -154,6 +157,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "a
 
 def check_model_arguments(args: argparse.Namespace) -> None:
     """What the options' types cannot check alone; a ValueError naming the option."""
+    if getattr(args, "q8_activations", False) and not args.keep_quantized:
+        raise ValueError("--q8-activations rounds the inputs of layers kept quantized: add --keep-quantized")
     if args.gguf_file is not None:
         if args.model is None:
             raise ValueError("--gguf-file names a file inside --model: give --model too")
@@ -190,8 +195,12 @@ def load_model(args: argparse.Namespace) -> tuple[TrellisLlama, PreTrainedTokeni
     with gguf_parsed_once():
         model = TrellisLlama.from_pretrained(args.model, dtype=choice.dtype, device=args.device,
                                              block_size=args.block_size, linear_kernel=args.linear_kernel,
-                                             keep_quantized=args.keep_quantized, **gguf)
+                                             keep_quantized=args.keep_quantized,
+                                             q8_activations=args.q8_activations, **gguf)
         tokenizer = load_tokenizer(args)
+    linears = model.linear_kernel
+    if args.keep_quantized:
+        linears = "GGUF blocks kept quantized" + (", inputs rounded to 8-bit blocks" if args.q8_activations else "")
     print(f"dtype {str(model.dtype).removeprefix('torch.')} (--dtype {args.dtype}: {choice.reason}); "
-          f"linear layers: {'GGUF blocks kept quantized' if args.keep_quantized else model.linear_kernel}", flush=True)
+          f"linear layers: {linears}", flush=True)
     return model, tokenizer

@@ -81,9 +81,10 @@ def check_activation_dtype(dtype: torch.dtype) -> None:
                          f"{str(dtype).removeprefix('torch.')}: use dtype torch.float32 or torch.bfloat16")
 
 
-def keep_gguf_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Counter:
+def keep_gguf_quantized(model: torch.nn.Module, path: str | os.PathLike, q8_activations: bool = False) -> Counter:
     """Replace ``model``'s linear layers whose weights ``path`` holds as Q8_0, Q4_0 or Q4_1 by
-    ``QuantizedLinear`` layers over those blocks; returns how many layers of each format."""
+    ``QuantizedLinear`` layers over those blocks (rounding their inputs to 8-bit blocks with
+    ``q8_activations``); returns how many layers of each format."""
     from gguf import GGUFReader
 
     check_activation_dtype(model.dtype)  # what the kernels take: refused now, not at the first forward
@@ -101,7 +102,7 @@ def keep_gguf_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Coun
             blocks = unpermute_rows(blocks, num_heads)
         if blocks.shape[0] != linear.out_features:
             raise ValueError(f"{path}: {name} has {blocks.shape[0]} rows; the model's layer has {linear.out_features}")
-        layer = QuantizedLinear.from_linear(linear, tensor.tensor_type.name, blocks)
+        layer = QuantizedLinear.from_linear(linear, tensor.tensor_type.name, blocks, q8_activations)
         if not torch.equal(layer.dequantized_weight().to(linear.weight.dtype), linear.weight):
             raise ValueError(f"{path}: {name} ({tensor.tensor_type.name}) does not hold the weight transformers loaded "
                              f"for it, so it cannot be kept quantized; load without keep_quantized=True")

@@ -100,7 +100,8 @@ class TrellisLlama(LlamaForCausalLM):
     def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, block_size: int = 32,
                         num_blocks: int | None = None, kv_cache_memory: int | None = None,
                         backend: str | None = None, device: str | torch.device = "auto",
-                        linear_kernel: str | None = None, keep_quantized: bool = False, **kwargs):
+                        linear_kernel: str | None = None, keep_quantized: bool = False,
+                        q8_activations: bool = False, **kwargs):
         """Load like ``LlamaForCausalLM.from_pretrained`` (local dirs, hub ids, ``gguf_file=``, ``dtype=``).
 
         With no path, loads the embedded SmolLM2-135M-Instruct. ``device="auto"`` picks CUDA,
@@ -111,11 +112,18 @@ class TrellisLlama(LlamaForCausalLM):
         free memory.
         ``keep_quantized=True`` keeps the
         GGUF's Q8_0 / Q4_0 / Q4_1 linear weights quantized and runs them on Trellis' kernels; with
-        no path, the embedded model's (see ``trellis.models.gguf_quantized``).
+        no path, the embedded model's (see ``trellis.models.gguf_quantized``). With it,
+        ``q8_activations=True`` rounds the inputs of those layers to 8-bit blocks, as llama.cpp's
+        CPU matmuls do, and multiplies integers: faster on CPUs without AVX-512, with llama.cpp's
+        numerics rather than transformers' (docs/quantized.md).
         """
         settings = CacheSettings(block_size, num_blocks, kv_cache_memory, backend)  # checked before loading
         if not isinstance(keep_quantized, bool):  # a string "no" would be true
             raise TypeError(f"keep_quantized must be True or False, got {keep_quantized!r}")
+        if not isinstance(q8_activations, bool):
+            raise TypeError(f"q8_activations must be True or False, got {q8_activations!r}")
+        if q8_activations and not keep_quantized:
+            raise ValueError("q8_activations=True rounds the inputs of layers kept quantized: pass keep_quantized=True")
         if linear_kernel is not None:
             check_linear_kernel(linear_kernel)
         target = None if "device_map" in kwargs else resolve_device(device)
@@ -147,11 +155,12 @@ class TrellisLlama(LlamaForCausalLM):
                 check_weights_loaded(pretrained_model_name_or_path, info)
             check_one_device(getattr(model, "hf_device_map", {}))  # set by accelerate where it placed modules apart
             if quantized_from is not None:
-                keep_gguf_quantized(model, quantized_from)
+                keep_gguf_quantized(model, quantized_from, q8_activations)
         model.runner.configure(settings)
         if target is not None:
             model.to(target)
         model.attention_backend()  # load (or build) the kernels, or refuse ones that cannot run: now, not in a request
+        model.runner.batch_invariant()  # (refuses q8_activations off the C++ CPU kernels, now too)
         model.runner.choose_linear_kernel(linear_kernel)  # also lays out the loaded weights
         model.eval()
         return (model, info) if wants_info else model

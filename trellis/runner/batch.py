@@ -36,10 +36,11 @@ class PagedBatch:
 
 
 def build_batch(seqs: Sequence[PagedSequence], pool: BlockPool, num_q_heads: int, backend: str | None = None,
-                positions: Sequence[Sequence[int]] | None = None) -> PagedBatch:
+                positions: Sequence[Sequence[int]] | None = None, batch_invariant: bool = False) -> PagedBatch:
     """Pack the uncomputed tokens of ``seqs`` (each must have blocks reserved for them in ``pool``)
-    and plan their attention; ``backend`` None means the fastest for the pool's device. Sequence
-    ``i``'s new tokens sit at ``positions[i]``, by default right after its computed ones."""
+    and plan their attention (``batch_invariant``: see ``ops.plan_attention``); ``backend`` None
+    means the fastest for the pool's device. Sequence ``i``'s new tokens sit at ``positions[i]``,
+    by default right after its computed ones."""
     block_size = pool.block_size
     ids: list[int] = []
     packed_positions: list[int] = []
@@ -59,12 +60,12 @@ def build_batch(seqs: Sequence[PagedSequence], pool: BlockPool, num_q_heads: int
     as_tensor = functools.partial(torch.tensor, device=device)
     return plan_batch(as_tensor(ids, dtype=torch.int64), as_tensor(packed_positions, dtype=torch.int64),
                       as_tensor(slots, dtype=torch.int64), as_tensor(table, dtype=torch.int32), cu,
-                      [len(seq.token_ids) for seq in seqs], pool, num_q_heads, backend)
+                      [len(seq.token_ids) for seq in seqs], pool, num_q_heads, backend, batch_invariant)
 
 
 def plan_batch(input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
                cu_seqlens_q: list[int], seq_lens: list[int], pool: BlockPool, num_q_heads: int,
-               backend: str | None = None) -> PagedBatch:
+               backend: str | None = None, batch_invariant: bool = False) -> PagedBatch:
     """A batch from its packed tensors (on the pool's device) and its host-side sequence bounds,
     with attention planned for ``pool`` (which may hold a range of the model's layers only)."""
     device = pool.kv.device
@@ -73,7 +74,7 @@ def plan_batch(input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: t
     plan = ops.plan_attention(block_table, seq_lens_t, cu_t, num_tokens=input_ids.shape[0], num_q_heads=num_q_heads,
                               k_cache=pool.kv[0, 0],  # any layer's: they share one geometry
                               max_q_len=max(end - start for start, end in pairwise(cu_seqlens_q)),
-                              max_kv_len=max(seq_lens), backend=backend)
+                              max_kv_len=max(seq_lens), batch_invariant=batch_invariant, backend=backend)
     return PagedBatch(
         input_ids=input_ids,
         positions=positions,

@@ -305,6 +305,9 @@ class _LoopLayers:
 PANELS = "panels"  # a group's kind where ``panel_linear_group`` computes it (else a ``quant_linear`` qtype)
 LINEAR = "linear"  # where each layer's own forward is bias-free ``F.linear``: the C++ loop calls ``at::linear``
 ONEDNN = "onednn"  # where it is oneDNN's matmul without a bias: the C++ loop calls ``mkldnn::_linear_pointwise``
+# Follows the qtype of a quantized group whose layers round x to 8-bit blocks (``q8_activations``);
+# kernels/decoder_layers_cpu.cpp reads it so.
+Q8_X = "@q8"
 
 
 class _Projections:
@@ -321,29 +324,26 @@ class _Projections:
     def __init__(self, *linears: torch.nn.Module) -> None:
         self.linears = linears
         self.out_features = [linear.out_features for linear in linears]
-        # Bias-free quantized layers always stream: grouped by qtype once (a bias or the blocks
-        # replaced is a registration, and makes the lean path list its layers again).
-        by_qtype: dict[str, list[int]] = {}
-        for i, linear in enumerate(linears):
-            if type(linear) is QuantizedLinear and linear.bias is None:
-                by_qtype.setdefault(linear.qtype, []).append(i)
-        self.quantized = list(by_qtype.items())
+        # Bias-free quantized layers always stream (a bias or the blocks replaced is a registration,
+        # and makes the lean path list its layers again), grouped by qtype and by whether they
+        # round x (``q8_activations``, read at each call: a setting, not a registration).
+        self.quantized = [i for i, linear in enumerate(linears) if type(linear) is QuantizedLinear and linear.bias is None]
         # bf16 and fp32 layers stream a decode step's rows only, which each call checks.
         self.plain = [i for i, linear in enumerate(linears) if type(linear) is CPULinear]
-        # All quantized in one qtype (a GGUF's layers, mostly): one call, nothing to sort.
-        one = len(self.quantized) == 1 and len(self.quantized[0][1]) == len(linears)
-        self.one_qtype = self.quantized[0][0] if one else None
         self.all = list(range(len(linears)))
 
     def groups(self, rows: int, dtype: torch.dtype) -> list[tuple[str, list[int], list[torch.Tensor]]]:
         """The C++ group calls that compute these layers for an inference input of ``rows`` rows in
-        ``dtype``: each its kind (``PANELS``, ``LINEAR``, ``ONEDNN`` or a qtype), its members (indices into
+        ``dtype``: each its kind (``PANELS``, ``LINEAR``, ``ONEDNN`` or a qtype, ``Q8_X`` after it where
+        the layers round x), its members (indices into
         ``linears``) and their weights as the call takes them. A layer in none runs its own forward."""
         linears = self.linears
-        if self.one_qtype is not None:
-            return [(self.one_qtype, self.all, [linear._buffers["weight_blocks"] for linear in linears])]
-        groups = {qtype: (list(members), [linears[i]._buffers["weight_blocks"] for i in members])
-                  for qtype, members in self.quantized}
+        groups: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
+        for i in self.quantized:
+            linear = linears[i]
+            members, weights = groups.setdefault(linear.qtype + Q8_X if linear.q8_activations else linear.qtype, ([], []))
+            members.append(i)
+            weights.append(linear._buffers["weight_blocks"])
         for i in self.plain:
             found = linears[i].streamed_weight(rows, dtype, "cpp")
             kind, weight = (found[1], found[0]) if found is not None else (PANELS, linears[i].grouped_panels(dtype))
@@ -375,7 +375,7 @@ class _Projections:
             if kind == PANELS:
                 ys = run.panel_linear_group(x, weights, [self.out_features[i] for i in members])
             else:
-                ys = run.quant_linear_group(x, weights, kind)
+                ys = run.quant_linear_group(x, weights, kind.removesuffix(Q8_X), kind.endswith(Q8_X))
             for i, y in zip(members, ys, strict=True):
                 outputs[i] = y
         return [linear.forward(x) if y is None else y for linear, y in zip(linears, outputs, strict=True)]

@@ -35,6 +35,7 @@ from trellis.runner.batch import PagedBatch, build_batch
 from trellis.runner.decoder import LeanDecoder
 from trellis.runner.host_memory import keep_freed_memory
 from trellis.runner.huge_pages import place_on_huge_pages
+from trellis.runner.quantized_linear import QuantizedLinear
 from trellis.runner.rope import dynamic_rope, long_rope
 from trellis.runner.weights_watcher import WeightsWatcher, registration_count, watch_registrations
 from trellis.utils import head_dim_of, is_positive_int, outside_vocabulary, store_as_ints
@@ -107,6 +108,7 @@ class PagedModelRunner:
         self._cache_lock = InterruptDeferringLock()
         self._manager: KVCacheManager | None = None
         self._manager_key: tuple | None = None  # what the cached K/V were computed with
+        self._invariant, self._invariant_key = False, None  # batch_invariant(), and the weights state it read
         self._default_budget: tuple[torch.device, int] | None = None  # (device, bytes): _kv_budget's reading
         self.weights_watcher = WeightsWatcher(model)
         self.lean = LeanDecoder(model, self.checked_weights_state)
@@ -268,6 +270,23 @@ class PagedModelRunner:
         """The cache as last built, without the weights check of ``prefix_cache`` (which may rebuild
         it): what a finalizer may touch. None before the first."""
         return self._manager
+
+    def batch_invariant(self) -> bool:
+        """Whether a forward must compute each token the same, bit for bit, whatever else it holds:
+        where a layer rounds its input to 8 bits (``QuantizedLinear.q8_activations``), a last-bit
+        difference (a token's attention summed in another order in a decode step than in a
+        prefill) can tip a rounding, and a cache hit would change an answer. Its linear layers
+        compute a row alike in any batch; attention then runs a batch-invariant plan, which only
+        the C++ backend makes. Read again when the weights watcher's state (which watches the
+        setting) changes."""
+        state = self.checked_weights_state()
+        if state != self._invariant_key:
+            self._invariant = any(isinstance(m, QuantizedLinear) and m.q8_activations for m in self.model.modules())
+            self._invariant_key = state
+        if self._invariant and (backend := self.attention_backend()) != "cpp":
+            raise ValueError(f"layers that round their inputs to 8 bits (q8_activations) run on the C++ CPU kernels "
+                             f"only; this model runs attention on {backend!r}")
+        return self._invariant
 
     def checked_weights_state(self) -> int:
         """The weights watcher's state as ``prefix_cache`` last checked it: a forward runs on the
@@ -446,7 +465,7 @@ class PagedModelRunner:
             random = self.drops_out()
             self.mark_unshareable(manager, seqs, random)
             batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
-                                positions)
+                                positions, self.batch_invariant())
             replayed = inputs_embeds is None and not _asks(kwargs) and not random
             hidden = self.replay_decode(manager.pool, batch) if replayed else None
             hidden_states = None

@@ -58,7 +58,7 @@ from torch.utils.hooks import RemovableHandle
 # Attributes that transformers' Llama modules read in their forward and that can be changed on a
 # built model: RMSNorm's eps, attention's softmax scale, the rotary embedding's scaling and type.
 # (peft's LoRA layers keep their per-adapter scales in a ``scaling`` dict; see ``_adapter_state``.)
-_MODULE_SETTINGS = ("variance_epsilon", "scaling", "attention_scaling", "rope_type")
+_MODULE_SETTINGS = ("variance_epsilon", "scaling", "attention_scaling", "rope_type", "q8_activations")
 # Config fields the layers and the KV pool are shaped by; transformers also reads LongRoPE's
 # parameters at every forward. A change means another model than the K/V came from. Not the layer
 # count: a forward runs the first ``num_hidden_layers`` layers, and a layer's K/V depend on the
