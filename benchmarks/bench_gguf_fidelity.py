@@ -1,9 +1,10 @@
 """The embedded GGUF kept quantized, against llama.cpp on the same file: perplexity and greedy tokens.
 
-Three systems score the same token ids (bench_peers' workers, each in its own process): Trellis
-with the GGUF's Q4_1 layers and Q8_0 head kept quantized (fp32 activations), llama.cpp on the same
-file (its quantized dot products), and Trellis fp32 on the file's weights dequantized once (the
-converted safetensors: the model both quantized systems approximate). Per system:
+Four systems score the same token ids (bench_peers' workers, each in its own process): Trellis
+with the GGUF's Q4_1 layers and Q8_0 head kept quantized (fp32 activations), the same with those
+layers' inputs rounded to 8 bits (``q8_activations``, as llama.cpp rounds them), llama.cpp on the
+same file (its quantized dot products), and Trellis fp32 on the file's weights dequantized once
+(the converted safetensors: the model the quantized systems approximate). Per system:
 
 - perplexity of ``scripts/data/sample_text.txt`` (the embedded tokenizer's ids, in disjoint windows
   of at most ``--window`` tokens, each token scored given the ones before it in its window);
@@ -27,7 +28,7 @@ from transformers import AutoTokenizer
 
 from trellis.models.embedded import embedded_model_dir
 
-SYSTEMS = ("trellis_gguf", "llamacpp", "trellis_fp32")
+SYSTEMS = ("trellis_gguf", "trellis_gguf_q8", "llamacpp", "trellis_fp32")
 QUESTIONS = ("What is a radix tree?", "Why is the sky blue?", "Who built the first mechanical computer?",
              "How does caching make programs faster?")
 
@@ -41,7 +42,8 @@ def summarize(replies: dict[str, dict], new_tokens: int) -> dict:
     for name, reply in replies.items():
         logprobs = [lp for window in reply["logprobs"] for lp in window]
         out["perplexity"][name] = math.exp(-sum(logprobs) / len(logprobs))
-    for a, b in (("trellis_gguf", "llamacpp"), ("trellis_gguf", "trellis_fp32"), ("llamacpp", "trellis_fp32")):
+    for a, b in (("trellis_gguf", "llamacpp"), ("trellis_gguf", "trellis_fp32"), ("llamacpp", "trellis_fp32"),
+                 ("trellis_gguf_q8", "llamacpp"), ("trellis_gguf_q8", "trellis_fp32")):
         if a in replies and b in replies:
             shared = [common_prefix(x, y) for x, y in zip(replies[a]["continuations"], replies[b]["continuations"])]
             out["agreement"][f"{a} / {b}"] = {"leading_tokens": shared, "identical": sum(s == new_tokens for s in shared)}

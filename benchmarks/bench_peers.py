@@ -93,6 +93,8 @@ def peers(threads: int, vllm_block_size: int | None, vllm_kv_space: int) -> list
         Peer("trellis_fp32", "Trellis fp32", main, "trellis_worker.py", ("--variant", "fp32", *t), "float32"),
         Peer("trellis_bf16", "Trellis bf16", main, "trellis_worker.py", ("--variant", "bf16", *t), "bfloat16"),
         Peer("trellis_gguf", f"Trellis GGUF {quant}", main, "trellis_worker.py", ("--variant", "gguf", *t), quant),
+        Peer("trellis_gguf_q8", f"Trellis GGUF {quant}, 8-bit activations", main, "trellis_worker.py",
+             ("--variant", "gguf_q8", *t), quant),
         Peer("llamacpp", f"llama.cpp {quant}", PEERS_DIR / "llamacpp", "llamacpp_worker.py", ("--gguf", str(gguf), *t),
              quant, setup="llamacpp"),
         Peer("vllm_fp32", "vLLM CPU fp32", vllm_venv, "vllm_worker.py",

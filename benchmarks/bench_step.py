@@ -1,7 +1,8 @@
 """Where one session's decode step goes: matmuls, attention and everything else (issue #18).
 
-SmolLM2-135M (the embedded model) in fp32, bf16 and with its GGUF Q4_1 weights kept quantized,
-one session decoding at a ``--context``-token context. Per configuration and decoder path, the
+SmolLM2-135M (the embedded model) in fp32, bf16 and with its GGUF Q4_1 weights kept quantized
+(``q4_1``; ``q4_1_q8``: their inputs rounded to 8 bits, ``q8_activations``), one session
+decoding at a ``--context``-token context. Per configuration and decoder path, the
 step's wall time is the median of ``--steps`` unprofiled greedy steps; a second, profiled run of
 the same steps splits it: matmuls are the top-level linear ops (``aten::linear``, oneDNN's
 ``mkldnn::_linear_pointwise``, ``trellis_cpp::quant_linear``, ``quant_linear_group``, ``panel_linear``
@@ -18,7 +19,7 @@ The paths: ``lean`` runs the decoder layers directly over the packed batch with 
 ops (``trellis/runner/decoder.py``), ``transformers`` runs transformers' own decoder forward (the
 fallback, and the only path before the lean one).
 
-    .venv/bin/python benchmarks/bench_step.py --threads 2 [--repeats 3] [--configs fp32 bf16 q4_1] [--json PATH]
+    .venv/bin/python benchmarks/bench_step.py --threads 2 [--repeats 3] [--configs fp32 bf16 q4_1 q4_1_q8] [--json PATH]
 
 (results of the 2-core AMX Xeon: benchmarks/results/xeon-amx/step.json, and step_before.json from before the lean path)
 """
@@ -37,7 +38,7 @@ from trellis.models.embedded import embedded_model_dir
 from trellis.models.llama import TrellisLlama
 from trellis.models.paged_cache import CACHE_ARG
 
-CONFIGS = ("fp32", "bf16", "q4_1")
+CONFIGS = ("fp32", "bf16", "q4_1", "q4_1_q8")
 PATHS = ("transformers", "lean")
 MATMULS = frozenset({"aten::linear", "mkldnn::_linear_pointwise", "trellis_cpp::quant_linear",
                      "trellis_cpp::quant_linear_group", "trellis_cpp::panel_linear", "trellis_cpp::panel_linear_group",
@@ -46,8 +47,9 @@ ATTENTION = frozenset({"trellis_cpp::paged_attention"})
 
 
 def load(config: str) -> TrellisLlama:
-    if config == "q4_1":  # Q4_1 layers, Q8_0 LM head (docs/quantized.md)
-        return TrellisLlama.from_pretrained(keep_quantized=True, device="cpu", num_blocks=64)
+    if config.startswith("q4_1"):  # Q4_1 layers, Q8_0 LM head (docs/quantized.md); q8: inputs rounded to 8 bits
+        return TrellisLlama.from_pretrained(keep_quantized=True, q8_activations=config == "q4_1_q8", device="cpu",
+                                            num_blocks=64)
     dtype = torch.float32 if config == "fp32" else torch.bfloat16
     return TrellisLlama.from_pretrained(embedded_model_dir(), dtype=dtype, device="cpu", num_blocks=64)
 

@@ -516,7 +516,7 @@ def peers_ratios(result: dict) -> list[tuple[str, float]]:
     out = []
     for trellis in [n for n in summary if n.startswith("trellis")]:
         if "llamacpp" in summary and "decode_ms_per_token" in summary[trellis]:
-            out.append((f"decode ms/token, llama.cpp / {trellis} (target ≥ 1 for trellis_gguf)",
+            out.append((f"decode ms/token, llama.cpp / {trellis} (target ≥ 1 for the trellis_gguf systems)",
                         summary["llamacpp"]["decode_ms_per_token"] / summary[trellis]["decode_ms_per_token"]))
         for vllm in [n for n in summary if n.startswith("vllm") and weights[n] == weights[trellis]]:
             for op in sorted(k for k in summary[trellis] if k.startswith("op_D") and k in summary[vllm]):
@@ -580,8 +580,9 @@ def peers_runs_table(results: Results, directory: Path) -> str:
         rows.append([source(name, directory), commit,
                      *(ratio(summary, f"trellis_{w}", f"vllm_{w}", f"op_D{D}") for w in ("bf16", "fp32") for D in (16, 64)),
                      ratio(summary, "trellis_gguf", "llamacpp", "decode_ms_per_token"),
+                     ratio(summary, "trellis_gguf_q8", "llamacpp", "decode_ms_per_token"),
                      share(summary.get("trellis_bf16")), share(summary.get("trellis_fp32")), share(summary.get("vllm_bf16"))])
-    return table(["run", "Trellis at", "bf16 D=16", "bf16 D=64", "fp32 D=16", "fp32 D=64", "GGUF decode",
+    return table(["run", "Trellis at", "bf16 D=16", "bf16 D=64", "fp32 D=16", "fp32 D=64", "GGUF decode", "8-bit x",
                   "TTFT ratio bf16", "fp32", "vLLM bf16"], rows)
 
 

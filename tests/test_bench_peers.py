@@ -99,7 +99,7 @@ def test_runs_table_orders_runs_by_date_and_states_each_target_ratio():
     rows = report.peers_runs_table(results, report.RESULTS).splitlines()[2:]
     assert [row.split("`")[1] for row in rows] == ["peers_a.json", "peers_c.json", "peers_b.json"]  # undated first
     cells = [c.strip() for c in rows[2].split("|")]
-    assert cells[2:5] == ["abcdef1", "1.50×", "—"] and cells[8] == "0.150"  # vLLM's 0.6 s over 0.4; no D=64; TTFT
+    assert cells[2:5] == ["abcdef1", "1.50×", "—"] and cells[9] == "0.150"  # vLLM's 0.6 s over 0.4; no D=64; TTFT
 
 def test_fidelity_scores_every_text_and_continues_every_prompt():
     reply = FakeSystem([0.0]).fidelity(texts=[[1, 2, 3], [4, 5]], prompts=[[7, 8], [9]], max_new_tokens=2)

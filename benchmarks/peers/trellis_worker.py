@@ -3,7 +3,7 @@ converted safetensors, or with the GGUF's linear weights kept quantized; Trellis
 default kernels. Each op starts from an empty prefix cache over the same pool
 (``systems.engine_over_empty_cache``), as vLLM's ``reset_prefix_cache`` keeps its KV memory.
 
-    .venv/bin/python benchmarks/peers/trellis_worker.py --variant fp32|bf16|gguf --threads 2
+    .venv/bin/python benchmarks/peers/trellis_worker.py --variant fp32|bf16|gguf|gguf_q8 --threads 2
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ POOL_BLOCKS = 256  # 8192 tokens: every session of the largest request at once
 class TrellisWorker(protocol.Worker):
     def __init__(self, variant: str, threads: int) -> None:
         self.variant = variant
-        if variant == "gguf":
+        if variant.startswith("gguf"):  # gguf_q8: inputs rounded to 8 bits, as llama.cpp rounds them
             torch.set_num_threads(threads)
-            self.model = TrellisLlama.from_pretrained(keep_quantized=True, device="cpu")
+            self.model = TrellisLlama.from_pretrained(keep_quantized=True, q8_activations=variant == "gguf_q8",
+                                                      device="cpu")
             self.model.generation_config.eos_token_id = None
         else:
             dtype = {"fp32": "float32", "bf16": "bfloat16"}[variant]
@@ -43,7 +44,8 @@ class TrellisWorker(protocol.Worker):
 
     def info(self) -> dict:
         return {**environment(self.model.dtype, self.model.linear_kernel),
-                "model": f"{EMBEDDED_GGUF} kept quantized" if self.variant == "gguf"
+                "model": f"{EMBEDDED_GGUF} kept quantized" + (", 8-bit activations" if self.variant == "gguf_q8" else "")
+                if self.variant.startswith("gguf")
                 else f"{embedded_model_dir()} (safetensors)",
                 "attention_backend": self.model.attention_backend(), "block_size": BLOCK_SIZE}
 
@@ -74,7 +76,7 @@ class TrellisWorker(protocol.Worker):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variant", choices=("fp32", "bf16", "gguf"), required=True)
+    p.add_argument("--variant", choices=("fp32", "bf16", "gguf", "gguf_q8"), required=True)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     protocol.serve(lambda: TrellisWorker(args.variant, args.threads))
