@@ -49,7 +49,7 @@ struct Problem {
   const float* x;     // [M, K]
   float* y;           // [M, N]
   int64_t m, n, k, row_bytes;
-  const Q8Rows* xq;   // x in 8-bit blocks, for the small-M integer path; else null
+  const Q8Rows* xq;   // x in 8-bit blocks, for the integer path (quantize_x); else null
 };
 
 // --- small M ------------------------------------------------------------------------------------
@@ -332,6 +332,8 @@ QType parse_qtype(c10::string_view name) {
 std::vector<at::Tensor> linear_group(const char* op, const at::Tensor& x, at::TensorList weights,
                                      c10::string_view qtype, bool quantize_x) {
   const QType q = parse_qtype(qtype);
+  TORCH_CHECK_VALUE(!quantize_x || q == QType::Q8_0 || q == QType::Q4_0 || q == QType::Q4_1, op,
+                    ": quantize_x rounds x for block-quantized weights (Q8_0, Q4_0, Q4_1), not ", qtype);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
                    ": x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
@@ -362,8 +364,6 @@ std::vector<at::Tensor> linear_group(const char* op, const at::Tensor& x, at::Te
     xf = at::empty({m, k}, xc.options().dtype(at::kFloat));
     at::vec::convert(xc.const_data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), m * k);
   }
-  TORCH_CHECK_VALUE(!quantize_x || q == QType::Q8_0 || q == QType::Q4_0 || q == QType::Q4_1, op,
-                    ": quantize_x rounds x for block-quantized weights (Q8_0, Q4_0, Q4_1), not ", qtype);
   Q8Rows xq;  // x in 8-bit blocks, whose integers the kernels multiply
   if (quantize_x && m > 0) round_rows(xf.const_data_ptr<float>(), m, k, xq);
   std::vector<at::Tensor> contiguous, outputs;
