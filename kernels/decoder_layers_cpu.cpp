@@ -1,7 +1,8 @@
 // trellis_cpp::decoder_layers on CPU: the lean decoder's loop over its layers (the Python loop in
 // trellis/runner/decoder.py is the spec), for layers whose projections all run as one of the
-// group kinds below (Trellis' panels or quantized blocks, at::linear, oneDNN). Each op below is the one the Python loop calls, in the same order on the same
-// tensors, so the results are the loop's bit for bit; what this saves is the loop itself: per
+// group kinds below (Trellis' panels or quantized blocks, at::linear, oneDNN). Each op below is
+// the one the Python loop calls, in the same order on the same tensors, so the results are the
+// loop's bit for bit; what this saves is the loop itself: per
 // decode step of SmolLM2, ~270 calls from Python into the dispatcher and the Python around them
 // (2.5-4 ms a token on a 2-core EPYC, docs/decode-step.md), where a call from here costs well under
 // a µs.

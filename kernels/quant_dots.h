@@ -54,9 +54,9 @@ inline void round_block(const float* x, int8_t* q, float* d, float* s) {
   float inverse;
   block_scale(_mm_cvtss_f32(m4), _mm256_movemask_ps(nonfinite) == 0, d, &inverse);
   const __m256 factor = _mm256_set1_ps(inverse);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // half to even, as nearbyint rounds
   __m256i ints[4];
-  for (int i = 0; i < 4; ++i)  // x * inverse, rounded half to even, as nearbyint does
-    ints[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], factor), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (int i = 0; i < 4; ++i) ints[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], factor), kNearest));
   // Narrowed to bytes: the packs work within 128-bit lanes, the permute puts the eight groups of four back in order.
   const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
