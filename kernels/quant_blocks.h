@@ -82,8 +82,7 @@ inline void prefetch(const void* p) {
 enum class QType { Q8_0, Q4_0, Q4_1, BF16, F32 };
 
 // The formats of scaled integers (the others are plain floats).
-template <QType Q>
-constexpr bool kBlockQuantized = Q == QType::Q8_0 || Q == QType::Q4_0 || Q == QType::Q4_1;
+constexpr bool block_quantized(QType q) { return q == QType::Q8_0 || q == QType::Q4_0 || q == QType::Q4_1; }
 
 constexpr int kBlock = 32;                             // weights per block, in every format
 constexpr int kBlockRegs = kBlock / kLanes;           // registers per block: 2 (AVX-512), 4 (AVX2, portable)

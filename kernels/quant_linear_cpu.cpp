@@ -54,6 +54,26 @@ struct Problem {
 
 // --- small M ------------------------------------------------------------------------------------
 
+// While a step reads its NR weight rows from `row` on, the NR-row group `ahead` bytes on is
+// prefetched, block by block, linearly (the rows of a group lie one after another: NR * kBytes
+// bytes per block). A thread's task is a run of rows, so that group is the one it reads next (or,
+// near its end, a neighbour's).
+template <QType Q, int NR>
+struct GroupPrefetch {
+  static constexpr int64_t kBytes = block_bytes(Q);
+  static constexpr int kLines = (NR * kBytes + 63) / 64;  // lines per block, rounded up
+  const uint8_t* ahead;
+
+  GroupPrefetch(const Problem& p, const uint8_t* row) {
+    const int64_t group = NR * p.row_bytes;
+    ahead = row + (kPrefetchAhead + group - 1) / group * group;
+  }
+  void operator()(int64_t b) const {
+#pragma GCC unroll 4
+    for (int l = 0; l < kLines; ++l) prefetch(ahead + b * NR * kBytes + 64 * l);
+  }
+};
+
 // Weight rows per step of the small-M path for M rows of x: as many as keep the accumulators (M
 // * NR of them) in registers; more rows than 1 share each load of x, and give the dequantization
 // independent work beside the FMAs.
@@ -72,16 +92,9 @@ inline void gemv_rows(const Problem& p, int64_t n0) {
 #pragma GCC unroll 64
   for (int a = 0; a < NR * M * kAcc; ++a) acc[a] = splat(0.0f);
   const uint8_t* row = p.w + n0 * p.row_bytes;
-  // While it reads these NR rows, it prefetches the NR-row group `ahead` bytes on, linearly (the
-  // rows of a group lie one after another: NR * kBytes bytes per block). A thread's task is a run
-  // of rows, so that group is the one it reads next (or, near its end, a neighbour's).
-  constexpr int kPrefetchLines = (NR * kBytes + 63) / 64;  // lines per block, rounded up
-  const int64_t group = NR * p.row_bytes;
-  const int64_t ahead = (kPrefetchAhead + group - 1) / group * group;
+  const GroupPrefetch<Q, NR> prefetch_group(p, row);
   for (int64_t b = 0; b < p.k / kBlock; ++b) {
-    const uint8_t* next = row + ahead + b * NR * kBytes;
-#pragma GCC unroll 4
-    for (int l = 0; l < kPrefetchLines; ++l) prefetch(next + 64 * l);
+    prefetch_group(b);
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       Reg w[kBlockRegs];
@@ -125,13 +138,9 @@ inline void gemv_rows_q8(const Problem& p, int64_t n0, int64_t m0) {
     offset[a] = 0.0f;
   }
   const uint8_t* row = p.w + n0 * p.row_bytes;
-  constexpr int kPrefetchLines = (NR * kBytes + 63) / 64;
-  const int64_t group = NR * p.row_bytes;
-  const int64_t ahead = (kPrefetchAhead + group - 1) / group * group;
+  const GroupPrefetch<Q, NR> prefetch_group(p, row);
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* next = row + ahead + b * NR * kBytes;
-#pragma GCC unroll 4
-    for (int l = 0; l < kPrefetchLines; ++l) prefetch(next + 64 * l);
+    prefetch_group(b);
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       const uint8_t* block = row + r * p.row_bytes + b * kBytes;
@@ -308,7 +317,7 @@ void blocked(const Problem& p) {
 template <QType Q>
 void run(const std::vector<Problem>& group) {
   const int64_t m = group.front().m;
-  if constexpr (kBlockQuantized<Q>) {
+  if constexpr (block_quantized(Q)) {
     if (group.front().xq != nullptr) return q8_linear<Q>(group);
   }
   if (m > kSmallM) {
@@ -332,7 +341,7 @@ QType parse_qtype(c10::string_view name) {
 std::vector<at::Tensor> linear_group(const char* op, const at::Tensor& x, at::TensorList weights,
                                      c10::string_view qtype, bool quantize_x) {
   const QType q = parse_qtype(qtype);
-  TORCH_CHECK_VALUE(!quantize_x || q == QType::Q8_0 || q == QType::Q4_0 || q == QType::Q4_1, op,
+  TORCH_CHECK_VALUE(!quantize_x || block_quantized(q), op,
                     ": quantize_x rounds x for block-quantized weights (Q8_0, Q4_0, Q4_1), not ", qtype);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
                    ": x must be float32 or bfloat16, got ", x.scalar_type());
