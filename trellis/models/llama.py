@@ -159,8 +159,9 @@ class TrellisLlama(LlamaForCausalLM):
         model.runner.configure(settings)
         if target is not None:
             model.to(target)
-        model.attention_backend()  # load (or build) the kernels, or refuse ones that cannot run: now, not in a request
-        model.runner.batch_invariant()  # (refuses q8_activations off the C++ CPU kernels, now too)
+        # Load (or build) the kernels, or refuse ones that cannot run (q8_activations off the C++ CPU
+        # kernels too): now, not in a request.
+        model.runner.batch_invariant(model.attention_backend())
         model.runner.choose_linear_kernel(linear_kernel)  # also lays out the loaded weights
         model.eval()
         return (model, info) if wants_info else model

@@ -29,6 +29,7 @@ from trellis.ops.checks import (
     check_rope_store_kv,
     check_silu_mul,
     check_store_kv,
+    refuse_batch_invariant,
 )
 
 
@@ -100,8 +101,7 @@ def plan_attention(
     backend_plan = None
     if name == "reference":
         check_plan(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads)
-        reference.plan_paged_attention(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len,
-                                       max_kv_len, batch_invariant)  # (refuses batch_invariant)
+        refuse_batch_invariant(batch_invariant)
     else:
         backend_plan = kernels(name).plan_paged_attention(
             k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads, max_q_len, max_kv_len, batch_invariant

@@ -15,6 +15,12 @@ def require(cond: bool, *message: object) -> None:
         raise ValueError("".join(map(str, message)))
 
 
+def refuse_batch_invariant(batch_invariant: bool) -> None:
+    """The plans of the backends other than C++'s, which sum a query row in an order that depends on the batch."""
+    require(not batch_invariant, "a batch-invariant plan (every query row summed in one order in any batch) is the C++ "
+            "CPU backend's alone")
+
+
 def check_cache_heads(k_cache: torch.Tensor) -> None:
     require(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got ", tuple(k_cache.shape))
     require(k_cache.shape[2] > 0 and k_cache.shape[3] > 0, "the cache needs a KV head and a head_dim of 1 or more, got ",

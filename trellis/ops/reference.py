@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from trellis.ops.checks import require
+from trellis.ops.checks import refuse_batch_invariant
 from trellis.utils import cdiv
 
 
@@ -74,8 +74,7 @@ def plan_paged_attention(
     max_kv_len: int,
     batch_invariant: bool = False,
 ) -> torch.Tensor:
-    require(not batch_invariant, "a batch-invariant plan (every query row summed in one order in any batch) is the C++ "
-            "CPU backend's alone")
+    refuse_batch_invariant(batch_invariant)
     return torch.empty(0, dtype=torch.int64)  # no plan
 
 

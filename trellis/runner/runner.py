@@ -271,19 +271,19 @@ class PagedModelRunner:
         it): what a finalizer may touch. None before the first."""
         return self._manager
 
-    def batch_invariant(self) -> bool:
+    def batch_invariant(self, backend: str) -> bool:
         """Whether a forward must compute each token the same, bit for bit, whatever else it holds:
         where a layer rounds its input to 8 bits (``QuantizedLinear.q8_activations``), a last-bit
         difference (a token's attention summed in another order in a decode step than in a
         prefill) can tip a rounding, and a cache hit would change an answer. Its linear layers
         compute a row alike in any batch; attention then runs a batch-invariant plan, which only
-        the C++ backend makes. Read again when the weights watcher's state (which watches the
-        setting) changes."""
+        the C++ backend makes (``backend``: the one attention runs on, ``attention_backend()``).
+        Read again when the weights watcher's state (which watches the setting) changes."""
         state = self.checked_weights_state()
         if state != self._invariant_key:
             self._invariant = any(isinstance(m, QuantizedLinear) and m.q8_activations for m in self.model.modules())
             self._invariant_key = state
-        if self._invariant and (backend := self.attention_backend()) != "cpp":
+        if self._invariant and backend != "cpp":
             raise ValueError(f"layers that round their inputs to 8 bits (q8_activations) run on the C++ CPU kernels "
                              f"only; this model runs attention on {backend!r}")
         return self._invariant
@@ -464,8 +464,9 @@ class PagedModelRunner:
         with self.lock:
             random = self.drops_out()
             self.mark_unshareable(manager, seqs, random)
-            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, self.attention_backend(),
-                                positions, self.batch_invariant())
+            backend = self.attention_backend()
+            batch = build_batch(seqs, manager.pool, self.config.num_attention_heads, backend, positions,
+                                self.batch_invariant(backend))
             replayed = inputs_embeds is None and not _asks(kwargs) and not random
             hidden = self.replay_decode(manager.pool, batch) if replayed else None
             hidden_states = None

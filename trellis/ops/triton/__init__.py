@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from trellis.ops.checks import check_paged_attention, check_plan, check_store_kv, require
+from trellis.ops.checks import check_paged_attention, check_plan, check_store_kv, refuse_batch_invariant, require
 from trellis.utils import cdiv
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -109,8 +109,7 @@ def plan_paged_attention(
     """``trellis::plan_paged_attention``: the launch numbers, CPU int64 ``[max_q_len, num_splits]``.
     ``max_q_len`` and ``max_kv_len`` are trusted within the bounds the shapes set (reading the
     lengths would stall the device): one too small leaves query rows unwritten."""
-    require(not batch_invariant, "a batch-invariant plan (every query row summed in one order in any batch) is the C++ "
-            "CPU backend's alone")
+    refuse_batch_invariant(batch_invariant)
     check_plan(k_cache, block_table, seq_lens, cu_seqlens_q, num_q_heads)
     capacity = block_table.shape[1] * k_cache.shape[1]
     require(0 <= max_q_len <= max_kv_len <= capacity, "max_q_len, max_kv_len = ", max_q_len, ", ", max_kv_len,
